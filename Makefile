@@ -1,0 +1,91 @@
+# meshllm — the two commands a user needs are `make run` and `make test`.
+# Both install what they need (apt, pip, cargo) and are safe to repeat.
+
+SHELL      := /bin/bash
+TARGET     := wasm32-wasip1
+WASM       := target/$(TARGET)/release/meshllm.wasm
+VENV       := .venv
+PY         := $(VENV)/bin/python
+PORT       ?= 10000
+# Debian's packages carry a rustc that can build std for wasm32 from source,
+# the route used where `rustup target add` cannot download.
+DEB_WASM_PKGS := rustc-web cargo-web rust-web-src lld-22 wasi-libc
+
+.PHONY: all build run test test-unit test-integration lint fmt deps venv wasm-toolchain envoy-config clean
+
+all: build
+
+# --- toolchains -------------------------------------------------------------
+
+# Use an installed rustup target when there is one; otherwise Debian's route.
+wasm-toolchain:
+	@if rustup target list --installed 2>/dev/null | grep -qx '$(TARGET)'; then \
+	  echo "wasm toolchain: rustup target $(TARGET)"; \
+	elif [ -x /usr/bin/rustc ] && [ -d /usr/lib/rustlib/src/rust/library ] \
+	     && [ -x /usr/bin/rust-lld ] && [ -f /usr/lib/wasm32-wasi/libc.a ]; then \
+	  echo "wasm toolchain: Debian rustc with build-std"; \
+	else \
+	  echo "wasm toolchain: installing $(DEB_WASM_PKGS)"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(DEB_WASM_PKGS) >/dev/null; \
+	fi
+
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+$(VENV)/.installed: tests/requirements.txt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r tests/requirements.txt
+	@touch $@
+
+venv: $(VENV)/.installed
+
+deps: wasm-toolchain venv
+
+# --- build ------------------------------------------------------------------
+
+build: wasm-toolchain
+	@if rustup target list --installed 2>/dev/null | grep -qx '$(TARGET)'; then \
+	  cargo build --release --target $(TARGET); \
+	else \
+	  RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 RUSTFLAGS="-L /usr/lib/wasm32-wasi" \
+	  CARGO_TARGET_DIR=target/wasm-build \
+	  /usr/bin/cargo build --release --target $(TARGET) -Zbuild-std=std,panic_abort && \
+	  mkdir -p $(dir $(WASM)) && \
+	  cp target/wasm-build/$(TARGET)/release/meshllm.wasm $(WASM); \
+	fi
+	@ls -l $(WASM)
+
+# --- run --------------------------------------------------------------------
+
+# Envoy with the filter on 127.0.0.1:$(PORT). Providers whose API key is set in
+# the environment are used for real; the others are answered by the demo
+# provider that this command starts beside Envoy.
+run: build venv
+	$(PY) envoy/tools/run.py --port $(PORT) --wasm $(WASM)
+
+# --- checks -----------------------------------------------------------------
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+	cargo clippy --lib -- -D warnings -D clippy::unwrap_used -D clippy::expect_used -D clippy::panic
+
+fmt:
+	cargo fmt --all
+
+test-unit:
+	cargo test
+
+test-integration: build venv
+	$(PY) -m pytest -q tests
+
+test: deps lint test-unit test-integration
+
+# envoy/envoy.yaml is generated from envoy/meshllm.json; tests check it is current.
+envoy-config: venv
+	$(PY) envoy/tools/render.py envoy/meshllm.json > envoy/envoy.yaml
+
+clean:
+	cargo clean
+	rm -rf $(VENV)

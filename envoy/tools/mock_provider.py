@@ -1,0 +1,254 @@
+#!/usr/bin/env python3
+"""An OpenAI-compatible mock provider: the demo upstream of `make run` and
+the recording upstream of the integration tests.
+
+It answers chat completions (streamed and not, with usage) and embeddings on
+any path ending in /chat/completions or /embeddings (so Azure deployment
+paths work too), and records every request it receives.
+
+Behaviour is chosen by the upstream model name, so tests can script it:
+  mock-429        429, OpenAI-shaped rate-limit error with retry-after
+  mock-500-text   500 with a plain-text body
+  mock-400-detail 400 with a FastAPI-style {"detail": ...} body
+  mock-echo-key   401 whose message quotes the credential it received
+  mock-gated      streams its first chunk, then waits for release() before
+                  sending the rest (proves the gateway does not buffer)
+Anything else gets a normal answer.
+"""
+
+import argparse
+import hashlib
+import json
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def words(text):
+    return max(1, len(str(text).split()))
+
+
+def last_user_text(messages):
+    for m in reversed(messages or []):
+        if m.get("role") == "user":
+            c = m.get("content")
+            if isinstance(c, list):
+                return " ".join(p.get("text", "") for p in c if isinstance(p, dict))
+            return str(c)
+    return ""
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "mock-provider"
+
+    def log_message(self, fmt, *args):
+        if self.server.verbose:
+            sys.stderr.write("mock: " + fmt % args + "\n")
+
+    # --- request reading -------------------------------------------------
+    def read_body(self):
+        if "chunked" in self.headers.get("transfer-encoding", "").lower():
+            out = b""
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return out
+                out += self.rfile.read(size)
+                self.rfile.readline()
+        n = int(self.headers.get("content-length") or 0)
+        return self.rfile.read(n) if n else b""
+
+    def record(self, body):
+        entry = {
+            "method": self.command,
+            "path": self.path,
+            "headers": {k.lower(): v for k, v in self.headers.items()},
+            "body": body.decode("utf-8", "replace"),
+        }
+        with self.server.lock:
+            self.server.requests.append(entry)
+            del self.server.requests[:-1000]
+
+    # --- responses -------------------------------------------------------
+    def send_json(self, status, obj, extra=None):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_text(self, status, text):
+        data = text.encode()
+        self.send_response(status)
+        self.send_header("content-type", "text/plain")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path == "/__mock/requests":
+            with self.server.lock:
+                return self.send_json(200, list(self.server.requests))
+        self.record(b"")
+        self.send_json(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
+
+    def do_DELETE(self):
+        if self.path == "/__mock/requests":
+            with self.server.lock:
+                self.server.requests.clear()
+            return self.send_json(200, {})
+        self.send_json(404, {})
+
+    def do_POST(self):
+        body = self.read_body()
+        self.record(body)
+        path = self.path.split("?")[0]
+        try:
+            req = json.loads(body or b"{}")
+        except ValueError:
+            return self.send_json(400, {"error": {"message": "bad json", "type": "invalid_request_error"}})
+        model = req.get("model", "")
+        if model == "mock-429":
+            return self.send_json(
+                429,
+                {"error": {"message": "Rate limit reached for requests", "type": "requests",
+                           "param": None, "code": "rate_limit_exceeded"}},
+                {"retry-after": "1"},
+            )
+        if model == "mock-500-text":
+            return self.send_text(500, "upstream exploded")
+        if model == "mock-400-detail":
+            return self.send_json(400, {"detail": "temperature must be <= 2"})
+        if model == "mock-echo-key":
+            cred = self.headers.get("authorization") or self.headers.get("api-key") or ""
+            return self.send_json(401, {"error": {"message": f"Incorrect API key provided: {cred}",
+                                                  "type": "invalid_request_error", "param": None,
+                                                  "code": "invalid_api_key"}})
+        if path.endswith("/chat/completions"):
+            return self.chat(req)
+        if path.endswith("/embeddings"):
+            return self.embeddings(req)
+        self.send_json(404, {"error": {"message": f"unknown path {path}", "type": "invalid_request_error"}})
+
+    def chat(self, req):
+        said = last_user_text(req.get("messages"))
+        text = f"Hello from the {self.server.label} provider! You said: {said}"
+        usage = {
+            "prompt_tokens": sum(words(last_user_text([m])) for m in req.get("messages") or []),
+            "completion_tokens": words(text),
+        }
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        cid = "chatcmpl-" + hashlib.sha1(text.encode()).hexdigest()[:12]
+        created = int(time.time())
+        model = req.get("model")
+        if not req.get("stream"):
+            return self.send_json(200, {
+                "id": cid, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": None, "finish_reason": "stop"}],
+                "usage": usage,
+            })
+        include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
+
+        def chunk(delta, finish=None, choices=True, usage_value=None):
+            obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                "finish_reason": finish}] if choices else []}
+            if include_usage:
+                obj["usage"] = usage_value
+            return f"data: {json.dumps(obj)}\n\n"
+
+        pieces = text.split(" ")
+        events = [chunk({"role": "assistant", "content": ""})]
+        events += [chunk({"content": (p if i == 0 else " " + p)}) for i, p in enumerate(pieces)]
+        events.append(chunk({}, finish="stop"))
+        if include_usage:
+            events.append(chunk(None, choices=False, usage_value=usage))
+        events.append("data: [DONE]\n\n")
+
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        for i, ev in enumerate(events):
+            data = ev.encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+            if i == 0 and model == "mock-gated":
+                self.server.gate.wait(timeout=30)
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def embeddings(self, req):
+        inputs = req.get("input")
+        inputs = inputs if isinstance(inputs, list) else [inputs]
+        data = []
+        for i, item in enumerate(inputs):
+            digest = hashlib.sha256(json.dumps(item).encode()).digest()
+            data.append({"object": "embedding", "index": i,
+                         "embedding": [round(b / 255.0, 4) for b in digest[:8]]})
+        tokens = sum(words(x) for x in inputs)
+        self.send_json(200, {"object": "list", "data": data, "model": req.get("model"),
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+class MockProvider(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, port=0, label="mock", verbose=False):
+        super().__init__(("127.0.0.1", port), Handler)
+        self.label = label
+        self.verbose = verbose
+        self.requests = []
+        self.lock = threading.Lock()
+        self.gate = threading.Event()
+        self.thread = None
+
+    @property
+    def port(self):
+        return self.server_address[1]
+
+    def start(self):
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.gate.set()
+        self.shutdown()
+        self.server_close()
+
+    def release(self):
+        self.gate.set()
+
+    def take(self):
+        """Returns and forgets the requests recorded so far."""
+        with self.lock:
+            out, self.requests = self.requests, []
+        return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description="OpenAI-compatible demo/mock provider")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--label", default="demo")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args()
+    server = MockProvider(args.port, args.label, args.verbose)
+    print(f"mock provider listening on 127.0.0.1:{server.port}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

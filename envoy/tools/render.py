@@ -1,0 +1,268 @@
+#!/usr/bin/env python3
+"""Render a complete Envoy bootstrap for meshllm from a plugin config.
+
+One generator serves `make run`, the integration tests and the checked-in
+example (envoy/envoy.yaml), so what is tested is what is shipped:
+
+    python3 envoy/tools/render.py envoy/meshllm.json > envoy/envoy.yaml
+
+Each provider in the plugin config becomes one Envoy cluster (named by its
+`cluster`, default its `name`), addressed and TLS-configured from its
+`base_url`. `upstreams` (tests) can point a cluster at another address while
+the filter keeps sending the provider's real `:authority`.
+"""
+
+import argparse
+import json
+import sys
+from urllib.parse import urlsplit
+
+WASM_DEFAULT = "target/wasm32-wasip1/release/meshllm.wasm"
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+CLUSTER_HEADER = "x-meshllm-cluster"
+
+# Labels travel in metric names as ";key=value"; Envoy cuts them out again.
+METRIC_LABELS = ["provider", "model", "status_class"]
+
+
+def stats_tags():
+    return [
+        {"tag_name": label, "regex": f"(;{label}=([^;]*))"} for label in METRIC_LABELS
+    ]
+
+
+def provider_endpoint(provider):
+    """(host, port, tls) of a provider, from its base_url."""
+    url = provider.get("base_url")
+    if url is None and provider.get("kind") == "openai":
+        url = "https://api.openai.com/v1"
+    parts = urlsplit(url)
+    tls = parts.scheme == "https"
+    return parts.hostname, parts.port or (443 if tls else 80), tls
+
+
+def cluster(name, host, port, tls, sni=None, connect_timeout="5s"):
+    is_ip = all(c.isdigit() or c == "." for c in host) or ":" in host
+    c = {
+        "name": name,
+        "type": "STATIC" if is_ip else "LOGICAL_DNS",
+        "connect_timeout": connect_timeout,
+        "dns_lookup_family": "V4_PREFERRED",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {"address": host, "port_value": port}
+                                }
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+    if is_ip:
+        del c["dns_lookup_family"]
+    if tls:
+        c["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": sni or host,
+                "common_tls_context": {
+                    "validation_context": {
+                        "trusted_ca": {"filename": CA_BUNDLE},
+                        "match_typed_subject_alt_names": [
+                            {"san_type": "DNS", "matcher": {"exact": sni or host}}
+                        ],
+                    }
+                },
+            },
+        }
+    return c
+
+
+def render(
+    plugin_config,
+    *,
+    wasm=WASM_DEFAULT,
+    port=10000,
+    admin_port=9901,
+    address="127.0.0.1",
+    upstreams=None,
+    route_timeout="600s",
+    access_log_path=None,
+):
+    """The Envoy bootstrap (a dict) for `plugin_config` (a dict)."""
+    upstreams = upstreams or {}
+    max_body = plugin_config.get("max_request_bytes", 10 * 1024 * 1024)
+    clusters = []
+    env_keys = []
+    seen = set()
+    for p in plugin_config["providers"]:
+        name = p.get("cluster", p["name"])
+        if p.get("api_key_env") and p["api_key_env"] not in env_keys:
+            env_keys.append(p["api_key_env"])
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in upstreams:
+            host, uport = upstreams[name]
+            clusters.append(cluster(name, host, uport, False))
+        else:
+            host, hport, tls = provider_endpoint(p)
+            clusters.append(cluster(name, host, hport, tls))
+
+    vm_config = {
+        "vm_id": "meshllm",
+        "runtime": "envoy.wasm.runtime.v8",
+        "code": {"local": {"filename": wasm}},
+    }
+    if env_keys:
+        # Provider keys reach the VM from the proxy's environment, never
+        # from the plugin config.
+        vm_config["environment_variables"] = {"host_env_keys": env_keys}
+
+    wasm_filter = {
+        "name": "envoy.filters.http.wasm",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": "meshllm",
+                "root_id": "meshllm",
+                # The filter reads the body before it rewrites headers.
+                "allow_on_headers_stop_iteration": True,
+                "fail_open": False,
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": json.dumps(plugin_config, separators=(",", ":")),
+                },
+                "vm_config": vm_config,
+            },
+        },
+    }
+    not_routed = json.dumps(
+        {
+            "error": {
+                "message": "The request was not routed by meshllm.",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "not_routed",
+            }
+        }
+    )
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "meshllm",
+        "codec_type": "AUTO",
+        "route_config": {
+            "name": "meshllm",
+            "virtual_hosts": [
+                {
+                    "name": "llm",
+                    "domains": ["*"],
+                    "routes": [
+                        {
+                            # The filter names the provider's cluster in a header.
+                            "match": {
+                                "prefix": "/",
+                                "headers": [{"name": CLUSTER_HEADER, "present_match": True}],
+                            },
+                            "route": {
+                                "cluster_header": CLUSTER_HEADER,
+                                "timeout": route_timeout,
+                            },
+                            "request_headers_to_remove": [CLUSTER_HEADER],
+                        },
+                        {
+                            "match": {"prefix": "/"},
+                            "direct_response": {
+                                "status": 404,
+                                "body": {"inline_string": not_routed},
+                            },
+                        },
+                    ],
+                }
+            ],
+        },
+        "http_filters": [
+            wasm_filter,
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+                    # Providers need not see Envoy's internal x-envoy-* headers.
+                    "suppress_envoy_headers": True,
+                },
+            },
+        ],
+    }
+    if access_log_path:
+        hcm["access_log"] = [
+            {
+                "name": "envoy.access_loggers.file",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                    "path": access_log_path,
+                },
+            }
+        ]
+    return {
+        "admin": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
+        },
+        "stats_config": {"stats_tags": stats_tags()},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "meshllm",
+                    "address": {"socket_address": {"address": address, "port_value": port}},
+                    # Above the filter's own limit, so its clear 413 wins.
+                    "per_connection_buffer_limit_bytes": max_body + 1024 * 1024,
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": hcm,
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": clusters,
+        },
+    }
+
+
+def to_yaml(doc):
+    import yaml
+
+    header = (
+        "# Generated by envoy/tools/render.py from envoy/meshllm.json; do not edit.\n"
+        "# Regenerate: make envoy-config\n"
+    )
+    return header + yaml.safe_dump(doc, sort_keys=False, width=100)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("plugin_config", help="meshllm plugin config (JSON)")
+    ap.add_argument("--wasm", default=WASM_DEFAULT)
+    ap.add_argument("--port", type=int, default=10000)
+    ap.add_argument("--admin-port", type=int, default=9901)
+    ap.add_argument("--json", action="store_true", help="emit JSON instead of YAML")
+    args = ap.parse_args(argv)
+    with open(args.plugin_config) as f:
+        cfg = json.load(f)
+    doc = render(cfg, wasm=args.wasm, port=args.port, admin_port=args.admin_port)
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n" if args.json else to_yaml(doc))
+
+
+if __name__ == "__main__":
+    main()

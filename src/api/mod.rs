@@ -1,0 +1,3 @@
+//! Wire shapes of the APIs the gateway speaks to callers.
+
+pub mod openai;

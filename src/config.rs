@@ -1,0 +1,853 @@
+//! Plugin configuration: one JSON document, validated and compiled once.
+//!
+//! `compile` turns the document into the runtime `Config` the request path
+//! reads: providers with their precomputed authority, paths and auth header,
+//! and a model table keyed by every public name and alias. Any problem is
+//! reported with the field path it concerns, and nothing is half-applied.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::json::quote;
+
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 10 * 1024 * 1024;
+const MAX_MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    OpenAi,
+    AzureOpenAi,
+    OpenAiCompatible,
+}
+
+impl ProviderKind {
+    const NAMES: &'static str = "openai, azure_openai, openai_compatible";
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "openai" => Some(ProviderKind::OpenAi),
+            "azure_openai" => Some(ProviderKind::AzureOpenAi),
+            "openai_compatible" => Some(ProviderKind::OpenAiCompatible),
+            _ => None,
+        }
+    }
+}
+
+/// Which inbound API operation a request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    ChatCompletions,
+    Embeddings,
+}
+
+#[derive(Debug, Clone)]
+pub struct Provider {
+    pub name: String,
+    pub kind: ProviderKind,
+    /// Envoy cluster the request is sent to.
+    pub cluster: String,
+    /// Value for `:authority` (host, and port when not the scheme's default).
+    pub authority: String,
+    pub api_key_env: Option<String>,
+    /// The provider's credential header, ready to set; None when the provider
+    /// takes no key or its variable is not set (see `key_missing`).
+    pub auth_header: Option<(&'static str, String)>,
+    /// The key variable is configured but was empty or unset at load time.
+    pub key_missing: bool,
+    /// The raw key, kept only to scrub it from anything echoed to a client.
+    pub api_key: Option<String>,
+    pub extra_headers: Vec<(String, String)>,
+    /// Path prefix from `base_url` (no trailing slash).
+    pub base_path: String,
+    pub api_version: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelRoute {
+    /// The public name callers use.
+    pub name: String,
+    pub provider: usize,
+    pub upstream_model: String,
+    /// `upstream_model` as a JSON string literal, ready to splice into bodies.
+    pub upstream_model_json: String,
+    pub chat_path: String,
+    pub embeddings_path: String,
+}
+
+impl ModelRoute {
+    pub fn path(&self, op: Operation) -> &str {
+        match op {
+            Operation::ChatCompletions => &self.chat_path,
+            Operation::Embeddings => &self.embeddings_path,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Config {
+    pub providers: Vec<Provider>,
+    pub models: Vec<ModelRoute>,
+    by_name: HashMap<String, usize>,
+    pub max_request_bytes: usize,
+    /// The `GET /v1/models` answer, built once.
+    pub models_list_body: Vec<u8>,
+    /// `GET /v1/models/{id}` answers, built once.
+    model_bodies: HashMap<String, Vec<u8>>,
+}
+
+impl Config {
+    /// The route for a public model name or alias.
+    pub fn route(&self, model: &str) -> Option<&ModelRoute> {
+        self.route_index(model).map(|i| &self.models[i])
+    }
+
+    pub fn route_index(&self, model: &str) -> Option<usize> {
+        self.by_name.get(model).copied()
+    }
+
+    pub fn model_body(&self, id: &str) -> Option<&[u8]> {
+        self.model_bodies.get(id).map(Vec::as_slice)
+    }
+
+    /// Every public name and alias, in configuration order.
+    pub fn public_names(&self) -> impl Iterator<Item = &str> {
+        let mut names: Vec<(&str, usize)> =
+            self.by_name.iter().map(|(k, &v)| (k.as_str(), v)).collect();
+        names.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(b.0)));
+        names.into_iter().map(|(k, _)| k)
+    }
+}
+
+#[derive(Debug)]
+pub struct Compiled {
+    pub config: Config,
+    /// Problems worth a log line that do not stop the filter.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    name: String,
+    kind: String,
+    #[serde(default)]
+    base_url: Option<String>,
+    #[serde(default)]
+    cluster: Option<String>,
+    #[serde(default)]
+    api_key_env: Option<String>,
+    #[serde(default)]
+    api_version: Option<String>,
+    #[serde(default)]
+    headers: Option<HashMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    name: String,
+    provider: String,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    deployment: Option<String>,
+    #[serde(default)]
+    aliases: Vec<String>,
+}
+
+const TOP_LEVEL_FIELDS: &[&str] = &["providers", "models", "max_request_bytes"];
+
+/// A parsed `base_url`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BaseUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    pub path: String,
+}
+
+impl BaseUrl {
+    pub fn parse(url: &str) -> Result<BaseUrl, String> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("http://") {
+            (false, r)
+        } else {
+            return Err(format!("{url:?} must start with https:// or http://"));
+        };
+        if rest.contains(['?', '#']) {
+            return Err(format!("{url:?} must not have a query or fragment"));
+        }
+        let (hostport, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
+            None => (rest, ""),
+        };
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+                let port = p
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|&p| p != 0)
+                    .ok_or_else(|| format!("{url:?} has an invalid port {p:?}"))?;
+                (h, port)
+            }
+            _ => (hostport, if tls { 443 } else { 80 }),
+        };
+        let host_ok = !host.is_empty()
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '[' | ']' | ':'));
+        if !host_ok {
+            return Err(format!("{url:?} has no valid host"));
+        }
+        Ok(BaseUrl {
+            tls,
+            host: host.to_ascii_lowercase(),
+            port,
+            path: path.to_string(),
+        })
+    }
+
+    pub fn authority(&self) -> String {
+        let default = if self.tls { 443 } else { 80 };
+        if self.port == default {
+            self.host.clone()
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+/// Model names appear in URLs, metrics and logs: printable ASCII without
+/// characters that would need escaping there.
+fn valid_model_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 256
+        && s.chars()
+            .all(|c| c.is_ascii_graphic() && !matches!(c, '"' | '\\' | '?' | '#' | ';' | '='))
+}
+
+fn valid_env_name(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn valid_header_name(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with(':')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn deserialize_at<T: for<'de> Deserialize<'de>>(path: &str, v: &Value) -> Result<T, ConfigError> {
+    T::deserialize(v).map_err(|e| ConfigError::new(path, e.to_string()))
+}
+
+/// Parses, validates and compiles a plugin configuration document.
+/// `env` looks up environment variables (the proxy's, in the VM).
+pub fn compile(doc: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Compiled, ConfigError> {
+    let root: Value = serde_json::from_slice(doc)
+        .map_err(|e| ConfigError::new("", format!("configuration is not valid JSON: {e}")))?;
+    let obj: &Map<String, Value> = root
+        .as_object()
+        .ok_or_else(|| ConfigError::new("", "configuration must be a JSON object"))?;
+    for key in obj.keys() {
+        if !TOP_LEVEL_FIELDS.contains(&key.as_str()) {
+            return Err(ConfigError::new(
+                key.as_str(),
+                format!(
+                    "unknown field (expected one of: {})",
+                    TOP_LEVEL_FIELDS.join(", ")
+                ),
+            ));
+        }
+    }
+
+    let max_request_bytes = match obj.get("max_request_bytes") {
+        None => DEFAULT_MAX_REQUEST_BYTES,
+        Some(v) => match v.as_u64() {
+            Some(n) if n > 0 && n <= MAX_MAX_REQUEST_BYTES as u64 => n as usize,
+            _ => {
+                return Err(ConfigError::new(
+                    "max_request_bytes",
+                    format!("must be a whole number from 1 to {MAX_MAX_REQUEST_BYTES}"),
+                ))
+            }
+        },
+    };
+
+    let mut warnings = Vec::new();
+    let providers = compile_providers(obj.get("providers"), env, &mut warnings)?;
+    let (models, by_name) = compile_models(obj.get("models"), &providers)?;
+
+    let (models_list_body, model_bodies) = model_listing(&models, &providers, &by_name);
+    Ok(Compiled {
+        config: Config {
+            providers,
+            models,
+            by_name,
+            max_request_bytes,
+            models_list_body,
+            model_bodies,
+        },
+        warnings,
+    })
+}
+
+fn compile_providers(
+    value: Option<&Value>,
+    env: &dyn Fn(&str) -> Option<String>,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<Provider>, ConfigError> {
+    let list = match value {
+        Some(Value::Array(list)) if !list.is_empty() => list,
+        Some(Value::Array(_)) | None => {
+            return Err(ConfigError::new(
+                "providers",
+                "at least one provider is required",
+            ))
+        }
+        Some(_) => return Err(ConfigError::new("providers", "must be an array")),
+    };
+    let mut providers: Vec<Provider> = Vec::with_capacity(list.len());
+    for (i, v) in list.iter().enumerate() {
+        let at = format!("providers[{i}]");
+        let raw: RawProvider = deserialize_at(&at, v)?;
+        if !valid_name(&raw.name) {
+            return Err(ConfigError::new(
+                format!("{at}.name"),
+                format!(
+                    "{:?} is not a valid name (letters, digits, '-', '_', '.')",
+                    raw.name
+                ),
+            ));
+        }
+        if providers.iter().any(|p| p.name == raw.name) {
+            return Err(ConfigError::new(
+                format!("{at}.name"),
+                format!("duplicate provider name {:?}", raw.name),
+            ));
+        }
+        let kind = ProviderKind::parse(&raw.kind).ok_or_else(|| {
+            ConfigError::new(
+                format!("{at}.kind"),
+                format!(
+                    "unknown provider kind {:?} (expected one of: {})",
+                    raw.kind,
+                    ProviderKind::NAMES
+                ),
+            )
+        })?;
+        let base_url = match (kind, raw.base_url.as_deref()) {
+            (_, Some(url)) => url,
+            (ProviderKind::OpenAi, None) => "https://api.openai.com/v1",
+            (_, None) => {
+                return Err(ConfigError::new(
+                    format!("{at}.base_url"),
+                    format!("required for kind {:?}", raw.kind),
+                ))
+            }
+        };
+        let url =
+            BaseUrl::parse(base_url).map_err(|e| ConfigError::new(format!("{at}.base_url"), e))?;
+        match (kind, &raw.api_version) {
+            (ProviderKind::AzureOpenAi, None) => {
+                return Err(ConfigError::new(
+                    format!("{at}.api_version"),
+                    "required for kind \"azure_openai\" (for example \"2024-10-21\")",
+                ))
+            }
+            (ProviderKind::AzureOpenAi, Some(v)) if !valid_model_name(v) => {
+                return Err(ConfigError::new(
+                    format!("{at}.api_version"),
+                    format!("{v:?} is not a valid API version"),
+                ))
+            }
+            (ProviderKind::AzureOpenAi, Some(_)) | (_, None) => {}
+            (_, Some(_)) => {
+                return Err(ConfigError::new(
+                    format!("{at}.api_version"),
+                    "only applies to kind \"azure_openai\"",
+                ))
+            }
+        }
+        let cluster = raw.cluster.clone().unwrap_or_else(|| raw.name.clone());
+        if !valid_name(&cluster) {
+            return Err(ConfigError::new(
+                format!("{at}.cluster"),
+                format!("{cluster:?} is not a valid cluster name"),
+            ));
+        }
+        let mut api_key = None;
+        let mut key_missing = false;
+        if let Some(var) = &raw.api_key_env {
+            if !valid_env_name(var) {
+                return Err(ConfigError::new(
+                    format!("{at}.api_key_env"),
+                    format!("{var:?} is not a valid environment variable name"),
+                ));
+            }
+            match env(var).map(|k| k.trim().to_string()) {
+                Some(k) if !k.is_empty() => api_key = Some(k),
+                _ => {
+                    key_missing = true;
+                    warnings.push(format!(
+                        "{at}.api_key_env: environment variable {var} is not set in the proxy; \
+                         requests routed to provider {:?} will fail until it is",
+                        raw.name
+                    ));
+                }
+            }
+        }
+        let auth_header = api_key.as_ref().map(|k| match kind {
+            ProviderKind::AzureOpenAi => ("api-key", k.clone()),
+            _ => ("authorization", format!("Bearer {k}")),
+        });
+        let mut extra_headers: Vec<(String, String)> = Vec::new();
+        if let Some(h) = &raw.headers {
+            for (name, value) in h {
+                let lower = name.to_ascii_lowercase();
+                if !valid_header_name(name) || value.contains(['\r', '\n', '\0']) {
+                    return Err(ConfigError::new(
+                        format!("{at}.headers.{name}"),
+                        "invalid header name or value",
+                    ));
+                }
+                if matches!(
+                    lower.as_str(),
+                    "authorization" | "api-key" | "host" | "content-length" | "x-meshllm-cluster"
+                ) {
+                    return Err(ConfigError::new(
+                        format!("{at}.headers.{name}"),
+                        "this header is set by the gateway and cannot be configured",
+                    ));
+                }
+                extra_headers.push((lower, value.clone()));
+            }
+            extra_headers.sort();
+        }
+        providers.push(Provider {
+            name: raw.name,
+            kind,
+            cluster,
+            authority: url.authority(),
+            api_key_env: raw.api_key_env,
+            auth_header,
+            key_missing,
+            api_key,
+            extra_headers,
+            base_path: url.path,
+            api_version: raw.api_version,
+        });
+    }
+    Ok(providers)
+}
+
+type ModelTable = (Vec<ModelRoute>, HashMap<String, usize>);
+
+fn compile_models(
+    value: Option<&Value>,
+    providers: &[Provider],
+) -> Result<ModelTable, ConfigError> {
+    let list = match value {
+        Some(Value::Array(list)) if !list.is_empty() => list,
+        Some(Value::Array(_)) | None => {
+            return Err(ConfigError::new("models", "at least one model is required"))
+        }
+        Some(_) => return Err(ConfigError::new("models", "must be an array")),
+    };
+    let mut models = Vec::with_capacity(list.len());
+    let mut by_name: HashMap<String, usize> = HashMap::new();
+    for (i, v) in list.iter().enumerate() {
+        let at = format!("models[{i}]");
+        let raw: RawModel = deserialize_at(&at, v)?;
+        let provider = providers
+            .iter()
+            .position(|p| p.name == raw.provider)
+            .ok_or_else(|| {
+                let known: Vec<&str> = providers.iter().map(|p| p.name.as_str()).collect();
+                ConfigError::new(
+                    format!("{at}.provider"),
+                    format!(
+                        "unknown provider {:?} (configured: {})",
+                        raw.provider,
+                        known.join(", ")
+                    ),
+                )
+            })?;
+        let kind = providers[provider].kind;
+        for (field, name) in std::iter::once(("name".to_string(), &raw.name)).chain(
+            raw.aliases
+                .iter()
+                .enumerate()
+                .map(|(j, a)| (format!("aliases[{j}]"), a)),
+        ) {
+            if !valid_model_name(name) {
+                return Err(ConfigError::new(
+                    format!("{at}.{field}"),
+                    format!("{name:?} is not a valid model name"),
+                ));
+            }
+            if by_name.insert(name.clone(), i).is_some() {
+                return Err(ConfigError::new(
+                    format!("{at}.{field}"),
+                    format!("model name {name:?} is already used by another entry"),
+                ));
+            }
+        }
+        let upstream_model = raw.model.clone().unwrap_or_else(|| raw.name.clone());
+        if upstream_model.is_empty() || upstream_model.len() > 256 {
+            return Err(ConfigError::new(
+                format!("{at}.model"),
+                "must be a non-empty upstream model name",
+            ));
+        }
+        let base_path = &providers[provider].base_path;
+        let (chat_path, embeddings_path) = match kind {
+            ProviderKind::AzureOpenAi => {
+                let deployment = raw
+                    .deployment
+                    .clone()
+                    .unwrap_or_else(|| upstream_model.clone());
+                if !valid_model_name(&deployment) || deployment.contains('/') {
+                    return Err(ConfigError::new(
+                        format!("{at}.deployment"),
+                        format!("{deployment:?} is not a valid deployment name"),
+                    ));
+                }
+                let version = providers[provider]
+                    .api_version
+                    .as_deref()
+                    .unwrap_or_default();
+                let prefix = format!("{base_path}/openai/deployments/{deployment}");
+                (
+                    format!("{prefix}/chat/completions?api-version={version}"),
+                    format!("{prefix}/embeddings?api-version={version}"),
+                )
+            }
+            _ => {
+                if raw.deployment.is_some() {
+                    return Err(ConfigError::new(
+                        format!("{at}.deployment"),
+                        "only applies to providers of kind \"azure_openai\"",
+                    ));
+                }
+                (
+                    format!("{base_path}/chat/completions"),
+                    format!("{base_path}/embeddings"),
+                )
+            }
+        };
+        models.push(ModelRoute {
+            name: raw.name,
+            provider,
+            upstream_model_json: quote(&upstream_model),
+            upstream_model,
+            chat_path,
+            embeddings_path,
+        });
+    }
+    Ok((models, by_name))
+}
+
+fn model_object(id: &str, owner: &str) -> Value {
+    serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": owner})
+}
+
+fn model_listing(
+    models: &[ModelRoute],
+    providers: &[Provider],
+    by_name: &HashMap<String, usize>,
+) -> (Vec<u8>, HashMap<String, Vec<u8>>) {
+    let mut names: Vec<(&String, &usize)> = by_name.iter().collect();
+    names.sort_by(|a, b| a.1.cmp(b.1).then(a.0.cmp(b.0)));
+    let mut data = Vec::with_capacity(names.len());
+    let mut bodies = HashMap::with_capacity(names.len());
+    for (name, &i) in names {
+        let owner = &providers[models[i].provider].name;
+        let obj = model_object(name, owner);
+        bodies.insert(name.clone(), obj.to_string().into_bytes());
+        data.push(obj);
+    }
+    let list = serde_json::json!({"object": "list", "data": data});
+    (list.to_string().into_bytes(), bodies)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(var: &str) -> Option<String> {
+        match var {
+            "OPENAI_API_KEY" => Some("sk-test-openai".into()),
+            "AZURE_KEY" => Some("az-secret".into()),
+            "EMPTY" => Some("  ".into()),
+            _ => None,
+        }
+    }
+
+    fn ok(doc: &str) -> Compiled {
+        compile(doc.as_bytes(), &env).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn err(doc: &str) -> String {
+        compile(doc.as_bytes(), &env).unwrap_err().to_string()
+    }
+
+    const GOOD: &str = r#"{
+      "providers": [
+        {"name": "openai", "kind": "openai", "api_key_env": "OPENAI_API_KEY"},
+        {"name": "azure", "kind": "azure_openai", "base_url": "https://res.openai.azure.com",
+         "api_version": "2024-10-21", "api_key_env": "AZURE_KEY"},
+        {"name": "groq", "kind": "openai_compatible", "base_url": "https://api.groq.com/openai/v1/",
+         "api_key_env": "GROQ_API_KEY", "headers": {"X-Title": "meshllm"}},
+        {"name": "ollama", "kind": "openai_compatible", "base_url": "http://ollama.local:11434/v1",
+         "cluster": "ollama_local"}
+      ],
+      "models": [
+        {"name": "gpt-4o-mini", "provider": "openai", "aliases": ["mini"]},
+        {"name": "gpt-4o", "provider": "azure", "deployment": "gpt4o-prod"},
+        {"name": "fast", "provider": "groq", "model": "llama-3.1-8b-instant"},
+        {"name": "local", "provider": "ollama", "model": "llama3.2"}
+      ],
+      "max_request_bytes": 1048576
+    }"#;
+
+    #[test]
+    fn compiles_a_complete_document() {
+        let c = ok(GOOD);
+        let cfg = &c.config;
+        assert_eq!(cfg.max_request_bytes, 1048576);
+
+        let openai = &cfg.providers[0];
+        assert_eq!(openai.authority, "api.openai.com");
+        assert_eq!(openai.cluster, "openai");
+        assert_eq!(
+            openai.auth_header,
+            Some(("authorization", "Bearer sk-test-openai".to_string()))
+        );
+        let mini = cfg.route("mini").unwrap();
+        assert_eq!(mini.name, "gpt-4o-mini");
+        assert_eq!(mini.upstream_model_json, "\"gpt-4o-mini\"");
+        assert_eq!(mini.chat_path, "/v1/chat/completions");
+        assert_eq!(mini.embeddings_path, "/v1/embeddings");
+
+        let azure = cfg.route("gpt-4o").unwrap();
+        assert_eq!(
+            azure.chat_path,
+            "/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21"
+        );
+        assert_eq!(
+            cfg.providers[1].auth_header,
+            Some(("api-key", "az-secret".to_string()))
+        );
+
+        let fast = cfg.route("fast").unwrap();
+        assert_eq!(fast.upstream_model, "llama-3.1-8b-instant");
+        assert_eq!(fast.chat_path, "/openai/v1/chat/completions");
+        assert_eq!(cfg.providers[2].authority, "api.groq.com");
+        assert_eq!(
+            cfg.providers[2].extra_headers,
+            vec![("x-title".to_string(), "meshllm".to_string())]
+        );
+        // Missing key: warned, not fatal; no auth header.
+        assert!(cfg.providers[2].key_missing);
+        assert!(cfg.providers[2].auth_header.is_none());
+        assert_eq!(c.warnings.len(), 1);
+        assert!(c.warnings[0].contains("GROQ_API_KEY"));
+        assert!(!c.warnings[0].contains("sk-"));
+
+        let local = &cfg.providers[3];
+        assert_eq!(local.authority, "ollama.local:11434");
+        assert_eq!(local.cluster, "ollama_local");
+        assert!(!local.key_missing);
+        assert!(local.auth_header.is_none());
+
+        assert!(cfg.route("llama3.2").is_none());
+        let names: Vec<&str> = cfg.public_names().collect();
+        assert_eq!(names, ["gpt-4o-mini", "mini", "gpt-4o", "fast", "local"]);
+    }
+
+    #[test]
+    fn models_listing_is_openai_shaped() {
+        let c = ok(GOOD);
+        let v: Value = serde_json::from_slice(&c.config.models_list_body).unwrap();
+        assert_eq!(v["object"], "list");
+        let ids: Vec<&str> = v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, ["gpt-4o-mini", "mini", "gpt-4o", "fast", "local"]);
+        assert_eq!(v["data"][0]["object"], "model");
+        assert_eq!(v["data"][0]["owned_by"], "openai");
+        let one: Value = serde_json::from_slice(c.config.model_body("fast").unwrap()).unwrap();
+        assert_eq!(one["id"], "fast");
+        assert_eq!(one["owned_by"], "groq");
+        // No secret ends up in any listing.
+        let all = String::from_utf8(c.config.models_list_body.clone()).unwrap();
+        assert!(!all.contains("sk-test") && !all.contains("az-secret"));
+    }
+
+    #[test]
+    fn blank_key_counts_as_missing() {
+        let c = ok(
+            r#"{"providers":[{"name":"o","kind":"openai","api_key_env":"EMPTY"}],
+                      "models":[{"name":"m","provider":"o"}]}"#,
+        );
+        assert!(c.config.providers[0].key_missing);
+    }
+
+    #[test]
+    fn invalid_documents_name_the_field() {
+        let cases: &[(&str, &str)] = &[
+            ("[]", "configuration must be a JSON object"),
+            ("{", "configuration is not valid JSON"),
+            (r#"{"providerz":[]}"#, "providerz: unknown field"),
+            (
+                r#"{"models":[]}"#,
+                "providers: at least one provider is required",
+            ),
+            (r#"{"providers":{}}"#, "providers: must be an array"),
+            (
+                r#"{"providers":[{"name":"a","kind":"anthropc"}],"models":[]}"#,
+                "providers[0].kind: unknown provider kind \"anthropc\"",
+            ),
+            (
+                r#"{"providers":[{"name":"a","kind":"openai","kin":"x"}]}"#,
+                "providers[0]: unknown field `kin`",
+            ),
+            (
+                r#"{"providers":[{"name":"a","kind":"openai_compatible"}]}"#,
+                "providers[0].base_url: required",
+            ),
+            (
+                r#"{"providers":[{"name":"a","kind":"openai","base_url":"ftp://x"}]}"#,
+                "providers[0].base_url: \"ftp://x\" must start with https:// or http://",
+            ),
+            (
+                r#"{"providers":[{"name":"a","kind":"openai","base_url":"https://x:99999"}]}"#,
+                "providers[0].base_url: \"https://x:99999\" has an invalid port",
+            ),
+            (
+                r#"{"providers":[{"name":"a","kind":"azure_openai","base_url":"https://x"}]}"#,
+                "providers[0].api_version: required",
+            ),
+            (
+                r#"{"providers":[{"name":"a","kind":"openai","api_version":"1"}]}"#,
+                "providers[0].api_version: only applies",
+            ),
+            (
+                r#"{"providers":[{"name":"a","kind":"openai"},{"name":"a","kind":"openai"}]}"#,
+                "providers[1].name: duplicate provider name \"a\"",
+            ),
+            (
+                r#"{"providers":[{"name":"a b","kind":"openai"}]}"#,
+                "providers[0].name: \"a b\" is not a valid name",
+            ),
+            (
+                r#"{"providers":[{"name":"a","kind":"openai","api_key_env":"1X"}]}"#,
+                "providers[0].api_key_env: \"1X\" is not a valid environment variable name",
+            ),
+            (
+                r#"{"providers":[{"name":"a","kind":"openai","headers":{"Authorization":"x"}}]}"#,
+                "providers[0].headers.Authorization: this header is set by the gateway",
+            ),
+            (
+                r#"{"providers":[{"name":"a","kind":"openai"}]}"#,
+                "models: at least one model is required",
+            ),
+            (
+                r#"{"providers":[{"name":"a","kind":"openai"}],"models":[{"name":"m","provider":"a"},{"name":"n","provider":"anthropc"}]}"#,
+                "models[1].provider: unknown provider \"anthropc\" (configured: a)",
+            ),
+            (
+                r#"{"providers":[{"name":"a","kind":"openai"}],"models":[{"name":"m","provider":"a"},{"name":"n","provider":"a","aliases":["m"]}]}"#,
+                "models[1].aliases[0]: model name \"m\" is already used",
+            ),
+            (
+                r#"{"providers":[{"name":"a","kind":"openai"}],"models":[{"name":"m","provider":"a","deployment":"d"}]}"#,
+                "models[0].deployment: only applies",
+            ),
+            (
+                r#"{"providers":[{"name":"a","kind":"openai"}],"models":[{"name":"bad name","provider":"a"}]}"#,
+                "models[0].name: \"bad name\" is not a valid model name",
+            ),
+            (
+                r#"{"providers":[{"name":"a","kind":"openai"}],"models":[{"name":"m","provider":"a","aliases":"x"}]}"#,
+                "models[0]: invalid type",
+            ),
+            (
+                r#"{"providers":[{"name":"a","kind":"openai"}],"models":[{"name":"m","provider":"a"}],"max_request_bytes":0}"#,
+                "max_request_bytes: must be a whole number",
+            ),
+        ];
+        for (doc, want) in cases {
+            let got = err(doc);
+            assert!(
+                got.starts_with(want),
+                "for {doc}\n got: {got}\nwant: {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn base_url_parsing() {
+        let u = BaseUrl::parse("https://API.example.com:8443/v1/").unwrap();
+        assert_eq!(
+            u,
+            BaseUrl {
+                tls: true,
+                host: "api.example.com".into(),
+                port: 8443,
+                path: "/v1".into()
+            }
+        );
+        assert_eq!(u.authority(), "api.example.com:8443");
+        let u = BaseUrl::parse("http://127.0.0.1").unwrap();
+        assert_eq!(
+            (u.port, u.path.as_str(), u.authority().as_str()),
+            (80, "", "127.0.0.1")
+        );
+        assert!(BaseUrl::parse("https://").is_err());
+        assert!(BaseUrl::parse("https://x/v1?a=b").is_err());
+        assert!(BaseUrl::parse("https://x y/").is_err());
+    }
+}

@@ -1,0 +1,468 @@
+//! The per-request logic of the gateway, written against `Host`.
+//!
+//! Request side: recognise the OpenAI endpoint, answer `/v1/models` locally,
+//! buffer the JSON body of chat/embeddings calls, pick the model's route,
+//! rewrite `model` in place and point the request at the provider.
+//! Response side: pass successful answers through untouched (streams chunk by
+//! chunk) and turn error replies into OpenAI's error shape.
+
+use std::rc::Rc;
+
+use crate::api::openai::{normalise_error, ApiError, ErrorOrigin};
+use crate::config::{Config, ModelRoute, Operation, Provider};
+use crate::host::{Host, HostResult};
+use crate::json::{splice, Kind, TopLevel};
+use crate::metrics;
+
+/// The header the Envoy route reads to pick the provider's cluster.
+pub const CLUSTER_HEADER: &str = "x-meshllm-cluster";
+pub const PROVIDER_RESPONSE_HEADER: &str = "x-meshllm-provider";
+pub const MODEL_RESPONSE_HEADER: &str = "x-meshllm-model";
+
+/// Client headers that carry credentials or account selection; a provider
+/// must never see them (the gateway's own key is used instead).
+const CLIENT_CREDENTIAL_HEADERS: &[&str] = &[
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "x-goog-api-key",
+    "openai-organization",
+    "openai-project",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Pause,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Nothing decided yet.
+    Start,
+    /// Buffering the request body of an LLM call.
+    ReadingBody,
+    /// Sent to a provider.
+    Forwarded,
+    /// Answered by the filter itself.
+    Answered,
+}
+
+pub struct RequestFilter {
+    config: Rc<Config>,
+    phase: Phase,
+    operation: Option<Operation>,
+    route: Option<usize>,
+    status: u16,
+    /// The error reply must be rewritten once its body is complete.
+    error_origin: Option<ErrorOrigin>,
+}
+
+enum Endpoint {
+    Models,
+    Model(String),
+    Call(Operation),
+}
+
+fn match_endpoint(path: &str) -> Option<(Endpoint, &'static str)> {
+    let path = path.split_once('?').map_or(path, |(p, _)| p);
+    let path = path.strip_suffix('/').unwrap_or(path);
+    match path {
+        "/v1/chat/completions" => Some((Endpoint::Call(Operation::ChatCompletions), "POST")),
+        "/v1/embeddings" => Some((Endpoint::Call(Operation::Embeddings), "POST")),
+        "/v1/models" => Some((Endpoint::Models, "GET")),
+        _ => {
+            let id = path.strip_prefix("/v1/models/")?;
+            (!id.is_empty()).then(|| (Endpoint::Model(id.to_string()), "GET"))
+        }
+    }
+}
+
+impl RequestFilter {
+    pub fn new(config: Rc<Config>) -> Self {
+        RequestFilter {
+            config,
+            phase: Phase::Start,
+            operation: None,
+            route: None,
+            status: 0,
+            error_origin: None,
+        }
+    }
+
+    fn route(&self) -> Option<&ModelRoute> {
+        self.route.map(|i| &self.config.models[i])
+    }
+
+    fn provider(&self) -> Option<&Provider> {
+        self.route().map(|r| &self.config.providers[r.provider])
+    }
+
+    fn reply(
+        &mut self,
+        host: &mut dyn Host,
+        status: u16,
+        extra: &[(&str, &str)],
+        body: &[u8],
+    ) -> Flow {
+        let mut headers: Vec<(&str, &str)> = Vec::with_capacity(extra.len() + 1);
+        headers.push(("content-type", "application/json"));
+        headers.extend_from_slice(extra);
+        if let Err(e) = host.send_response(status, &headers, body) {
+            log::error!("could not send a local reply: {e}");
+        }
+        self.phase = Phase::Answered;
+        self.status = status;
+        Flow::Pause
+    }
+
+    fn reject(&mut self, host: &mut dyn Host, error: ApiError) -> Flow {
+        let body = error.body();
+        self.reply(host, error.status, &[], &body)
+    }
+
+    pub fn on_request_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
+        // Routing is the filter's decision alone; a client cannot pick a cluster.
+        if host.request_header(CLUSTER_HEADER).is_some() {
+            let _ = host.remove_request_header(CLUSTER_HEADER);
+        }
+        let method = host.request_header(":method").unwrap_or_default();
+        let path = host.request_header(":path").unwrap_or_default();
+        let Some((endpoint, allowed)) = match_endpoint(&path) else {
+            let shown = path.split_once('?').map_or(path.as_str(), |(p, _)| p);
+            return self.reject(
+                host,
+                ApiError::new(
+                    404,
+                    "invalid_request_error",
+                    Some("unknown_url"),
+                    format!(
+                        "Unknown request URL: {method} {shown}. This gateway serves \
+                         POST /v1/chat/completions, POST /v1/embeddings and GET /v1/models."
+                    ),
+                ),
+            );
+        };
+        if method != allowed {
+            let error = ApiError::new(
+                405,
+                "invalid_request_error",
+                Some("method_not_allowed"),
+                format!("Method {method} is not allowed on this URL; use {allowed}."),
+            );
+            let body = error.body();
+            return self.reply(host, 405, &[("allow", allowed)], &body);
+        }
+        match endpoint {
+            Endpoint::Models => {
+                let config = Rc::clone(&self.config);
+                self.reply(host, 200, &[], &config.models_list_body)
+            }
+            Endpoint::Model(id) => {
+                let config = Rc::clone(&self.config);
+                match config.model_body(&id) {
+                    Some(body) => self.reply(host, 200, &[], body),
+                    None => self.reject(host, model_not_found(&id)),
+                }
+            }
+            Endpoint::Call(op) => {
+                self.operation = Some(op);
+                if end_of_stream {
+                    return self.reject(
+                        host,
+                        ApiError::invalid_request(
+                            Some("missing_body"),
+                            "The request has no body; send a JSON object.".into(),
+                        ),
+                    );
+                }
+                self.phase = Phase::ReadingBody;
+                Flow::Pause
+            }
+        }
+    }
+
+    pub fn on_request_body(
+        &mut self,
+        host: &mut dyn Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Flow {
+        if self.phase != Phase::ReadingBody {
+            return Flow::Continue;
+        }
+        let limit = self.config.max_request_bytes;
+        if body_size > limit {
+            return self.reject(
+                host,
+                ApiError::new(
+                    413,
+                    "invalid_request_error",
+                    Some("request_too_large"),
+                    format!(
+                        "The request body is larger than this gateway's limit of {limit} bytes."
+                    ),
+                ),
+            );
+        }
+        if !end_of_stream {
+            return Flow::Pause;
+        }
+        self.finish_request(host, body_size)
+    }
+
+    /// Trailers end a request whose last body chunk was not marked final.
+    pub fn on_request_trailers(&mut self, host: &mut dyn Host, body_size: usize) -> Flow {
+        if self.phase != Phase::ReadingBody {
+            return Flow::Continue;
+        }
+        self.finish_request(host, body_size)
+    }
+
+    fn finish_request(&mut self, host: &mut dyn Host, body_size: usize) -> Flow {
+        let body = match host.request_body(body_size) {
+            Ok(b) => b,
+            Err(e) => {
+                return self.reject(
+                    host,
+                    internal(format!("could not read the request body: {e}")),
+                )
+            }
+        };
+        match self.route_request(host, &body) {
+            Ok(()) => {
+                self.phase = Phase::Forwarded;
+                Flow::Continue
+            }
+            Err(error) => self.reject(host, error),
+        }
+    }
+
+    fn route_request(&mut self, host: &mut dyn Host, body: &[u8]) -> Result<(), ApiError> {
+        let op = self.operation.unwrap_or(Operation::ChatCompletions);
+        let doc = TopLevel::parse(body).map_err(|e| {
+            ApiError::invalid_request(
+                Some("invalid_json"),
+                format!("The request body is not a valid JSON object: {e}."),
+            )
+        })?;
+        let field = |name: &'static str| {
+            doc.get(name).map_err(|_| {
+                ApiError::invalid_request(
+                    Some("duplicate_parameter"),
+                    format!("The parameter '{name}' is given more than once."),
+                )
+                .with_param(name)
+            })
+        };
+        let model_field = field("model")?.ok_or_else(|| {
+            ApiError::invalid_request(
+                Some("missing_required_parameter"),
+                "You must provide a model parameter.".into(),
+            )
+            .with_param("model")
+        })?;
+        let model = doc
+            .str_value(model_field)
+            .ok_or_else(|| invalid_type("model", "a string", model_field.kind))?;
+        let (required, want) = match op {
+            Operation::ChatCompletions => ("messages", Some(Kind::Array)),
+            Operation::Embeddings => ("input", None),
+        };
+        let required_field = field(required)?.ok_or_else(|| {
+            ApiError::invalid_request(
+                Some("missing_required_parameter"),
+                format!("Missing required parameter: '{required}'."),
+            )
+            .with_param(required)
+        })?;
+        if let Some(kind) = want {
+            if required_field.kind != kind {
+                return Err(invalid_type(required, kind.name(), required_field.kind));
+            }
+        }
+        if let Some(stream) = field("stream")? {
+            if !matches!(stream.kind, Kind::Bool | Kind::Null) {
+                return Err(invalid_type("stream", "a boolean", stream.kind));
+            }
+        }
+
+        let config = Rc::clone(&self.config);
+        let route_index = config
+            .route_index(&model)
+            .ok_or_else(|| model_not_found(&model))?;
+        let route = &config.models[route_index];
+        self.route = Some(route_index);
+        let provider = &config.providers[route.provider];
+        if provider.key_missing {
+            return Err(ApiError::new(
+                500,
+                "server_error",
+                Some("provider_key_missing"),
+                format!(
+                    "The gateway has no API key for provider {:?}: the proxy's environment \
+                     variable {} is not set.",
+                    provider.name,
+                    provider.api_key_env.as_deref().unwrap_or_default()
+                ),
+            ));
+        }
+
+        let new_body = (*model != *route.upstream_model).then(|| {
+            splice(
+                body,
+                model_field.value.clone(),
+                route.upstream_model_json.as_bytes(),
+            )
+        });
+        point_at_provider(
+            host,
+            provider,
+            route.path(op),
+            new_body.as_deref().map_or(body.len(), <[u8]>::len),
+        )
+        .map_err(|e| internal(format!("could not rewrite the request headers: {e}")))?;
+        if let Some(new_body) = &new_body {
+            host.replace_request_body(body.len(), new_body)
+                .map_err(|e| internal(format!("could not rewrite the request body: {e}")))?;
+        }
+        Ok(())
+    }
+
+    pub fn on_response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
+        if self.phase == Phase::Answered {
+            return Flow::Continue;
+        }
+        self.status = host
+            .response_header(":status")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        if self.phase == Phase::Forwarded {
+            if let (Some(provider), Some(route)) = (self.provider(), self.route()) {
+                let (name, model) = (provider.name.clone(), route.upstream_model.clone());
+                let _ = host.set_response_header(PROVIDER_RESPONSE_HEADER, &name);
+                let _ = host.set_response_header(MODEL_RESPONSE_HEADER, &model);
+            }
+        }
+        if self.status >= 400 && !end_of_stream {
+            // `via_upstream` means the provider answered; any other detail
+            // means Envoy did (connect failure, timeout, overflow, ...).
+            self.error_origin = Some(match host.response_code_details().as_deref() {
+                Some("via_upstream") | None => ErrorOrigin::Provider,
+                Some(_) => ErrorOrigin::Proxy,
+            });
+            // The body is replaced once complete; its length will change.
+            let _ = host.remove_response_header("content-length");
+            let _ = host.set_response_header("content-type", "application/json");
+        }
+        Flow::Continue
+    }
+
+    pub fn on_response_body(
+        &mut self,
+        host: &mut dyn Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Flow {
+        let Some(origin) = self.error_origin else {
+            return Flow::Continue;
+        };
+        if !end_of_stream {
+            return Flow::Pause;
+        }
+        self.error_origin = None;
+        let body = match host.response_body(body_size) {
+            Ok(b) => b,
+            Err(e) => {
+                log::warn!("could not read an error reply: {e}");
+                return Flow::Continue;
+            }
+        };
+        let provider = self.provider().map_or("none", |p| p.name.as_str());
+        let secrets: Vec<&str> = self
+            .provider()
+            .and_then(|p| p.api_key.as_deref())
+            .into_iter()
+            .collect();
+        if let Some(new_body) = normalise_error(self.status, &body, provider, origin, &secrets) {
+            if let Err(e) = host.replace_response_body(body_size, &new_body) {
+                log::warn!("could not rewrite an error reply: {e}");
+            }
+        }
+        Flow::Continue
+    }
+
+    /// The request is over (answered, failed or abandoned).
+    pub fn on_done(&mut self, host: &mut dyn Host) {
+        let (provider, model) = match (self.provider(), self.route()) {
+            (Some(p), Some(r)) => (p.name.as_str(), r.name.as_str()),
+            _ => ("none", "none"),
+        };
+        let name = metrics::requests_total(provider, model, self.status);
+        host.count(&name, 1);
+    }
+}
+
+fn point_at_provider(
+    host: &mut dyn Host,
+    provider: &Provider,
+    path: &str,
+    body_len: usize,
+) -> HostResult {
+    for name in CLIENT_CREDENTIAL_HEADERS {
+        if host.request_header(name).is_some() {
+            host.remove_request_header(name)?;
+        }
+    }
+    // Error replies and (later) usage must be readable: ask for identity encoding.
+    host.remove_request_header("accept-encoding")?;
+    host.set_request_header(":authority", &provider.authority)?;
+    host.set_request_header(":path", path)?;
+    host.set_request_header(CLUSTER_HEADER, &provider.cluster)?;
+    if let Some((name, value)) = &provider.auth_header {
+        host.set_request_header(name, value)?;
+    }
+    for (name, value) in &provider.extra_headers {
+        host.set_request_header(name, value)?;
+    }
+    host.set_request_header("content-length", &body_len.to_string())?;
+    Ok(())
+}
+
+fn model_not_found(model: &str) -> ApiError {
+    ApiError::new(
+        404,
+        "invalid_request_error",
+        Some("model_not_found"),
+        format!(
+            "The model `{model}` does not exist or you do not have access to it. \
+             GET /v1/models lists the models this gateway serves."
+        ),
+    )
+    .with_param("model")
+}
+
+fn invalid_type(param: &'static str, want: &str, got: Kind) -> ApiError {
+    ApiError::invalid_request(
+        Some("invalid_type"),
+        format!(
+            "Invalid type for '{param}': expected {want}, but got {}.",
+            got.name()
+        ),
+    )
+    .with_param(param)
+}
+
+fn internal(message: String) -> ApiError {
+    log::error!("{message}");
+    ApiError::new(
+        500,
+        "server_error",
+        Some("gateway_error"),
+        format!("Gateway error: {message}."),
+    )
+}
+
+#[cfg(test)]
+#[path = "filter_tests.rs"]
+mod tests;

@@ -1,0 +1,1 @@
+//! Native tests of the filter against a mocked host (see filter.rs).

@@ -1,0 +1,44 @@
+//! The narrow interface between the filter logic and the proxy.
+//!
+//! Everything the request path needs from Envoy goes through `Host`, so the
+//! logic compiles and is tested natively against a mock, and the proxy-wasm
+//! glue stays a thin adapter that handles every host-call result.
+
+use std::fmt;
+
+/// A host call failed; the proxy refused or could not perform it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostError(pub String);
+
+impl fmt::Display for HostError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+pub type HostResult<T = ()> = Result<T, HostError>;
+
+pub trait Host {
+    fn request_header(&self, name: &str) -> Option<String>;
+    fn set_request_header(&mut self, name: &str, value: &str) -> HostResult;
+    fn remove_request_header(&mut self, name: &str) -> HostResult;
+    /// The buffered request body (the first `size` bytes).
+    fn request_body(&self, size: usize) -> HostResult<Vec<u8>>;
+    /// Replaces the first `old_size` buffered bytes of the request body.
+    fn replace_request_body(&mut self, old_size: usize, body: &[u8]) -> HostResult;
+
+    fn response_header(&self, name: &str) -> Option<String>;
+    fn set_response_header(&mut self, name: &str, value: &str) -> HostResult;
+    fn remove_response_header(&mut self, name: &str) -> HostResult;
+    fn response_body(&self, size: usize) -> HostResult<Vec<u8>>;
+    fn replace_response_body(&mut self, old_size: usize, body: &[u8]) -> HostResult;
+    /// Envoy's `response.code_details`: `via_upstream` when the provider
+    /// answered, something else when Envoy itself did.
+    fn response_code_details(&self) -> Option<String>;
+
+    /// Answers the request from the filter; nothing is sent upstream.
+    fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) -> HostResult;
+
+    /// Adds `delta` to the counter called `name`.
+    fn count(&mut self, name: &str, delta: u64);
+}

