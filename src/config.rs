@@ -829,6 +829,20 @@ mod tests {
     }
 
     #[test]
+    fn documented_examples_compile() {
+        let reference = include_str!("../envoy/README.md");
+        let mut n = 0;
+        for block in reference.split("```json").skip(1) {
+            let doc = block.split("```").next().unwrap();
+            compile(doc.as_bytes(), &env).unwrap_or_else(|e| panic!("{e}\n{doc}"));
+            n += 1;
+        }
+        assert_eq!(n, 11, "one example per documented provider");
+        let shipped = ok(include_str!("../envoy/meshllm.json"));
+        assert_eq!(shipped.config.providers.len(), 6);
+    }
+
+    #[test]
     fn base_url_parsing() {
         let u = BaseUrl::parse("https://API.example.com:8443/v1/").unwrap();
         assert_eq!(

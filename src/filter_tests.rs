@@ -1,1 +1,1722 @@
 //! Native tests of the filter against a mocked host (see filter.rs).
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use serde_json::Value;
+
+use super::*;
+use crate::config::compile;
+use crate::host::HostError;
+
+// ---------------------------------------------------------------------------
+// The mock host
+// ---------------------------------------------------------------------------
+
+/// One `send_response` call.
+#[derive(Debug, Clone)]
+struct Sent {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Sent {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("local reply is not JSON ({e}): {:?}", self.text()))
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Host operations that can be made to fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    SetRequestHeader,
+    RemoveRequestHeader,
+    RequestBody,
+    ReplaceRequestBody,
+    SetResponseHeader,
+    RemoveResponseHeader,
+    ResponseBody,
+    ReplaceResponseBody,
+    SendResponse,
+}
+
+const SETTERS: &[Op] = &[
+    Op::SetRequestHeader,
+    Op::RemoveRequestHeader,
+    Op::ReplaceRequestBody,
+    Op::SetResponseHeader,
+    Op::RemoveResponseHeader,
+    Op::ReplaceResponseBody,
+];
+
+#[derive(Debug, Default)]
+struct MockHost {
+    /// Lowercase names, in order; a name may appear more than once.
+    request_headers: Vec<(String, String)>,
+    response_headers: Vec<(String, String)>,
+    request_body: Vec<u8>,
+    response_body: Vec<u8>,
+    sent: Vec<Sent>,
+    code_details: Option<String>,
+    counters: HashMap<String, u64>,
+    /// Operations that return `Err(HostError)`.
+    failing: Vec<Op>,
+    /// Successful calls of `replace_request_body` / `replace_response_body`.
+    request_body_replacements: usize,
+    response_body_replacements: usize,
+}
+
+fn get(headers: &[(String, String)], name: &str) -> Option<String> {
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.clone())
+}
+
+fn set(headers: &mut Vec<(String, String)>, name: &str, value: &str) {
+    let name = name.to_ascii_lowercase();
+    match headers.iter().position(|(n, _)| *n == name) {
+        Some(i) => {
+            headers[i].1 = value.to_string();
+            // Like Envoy's replace: one value remains.
+            let mut seen = false;
+            headers.retain(|(n, _)| {
+                if *n != name {
+                    return true;
+                }
+                let keep = !seen;
+                seen = true;
+                keep
+            });
+        }
+        None => headers.push((name, value.to_string())),
+    }
+}
+
+fn remove(headers: &mut Vec<(String, String)>, name: &str) {
+    headers.retain(|(n, _)| n != name);
+}
+
+impl MockHost {
+    fn new(method: &str, path: &str) -> Self {
+        MockHost {
+            request_headers: vec![
+                (":method".into(), method.into()),
+                (":path".into(), path.into()),
+                (":authority".into(), "gateway.local".into()),
+                (":scheme".into(), "http".into()),
+            ],
+            ..MockHost::default()
+        }
+    }
+
+    fn with_header(mut self, name: &str, value: &str) -> Self {
+        self.request_headers.push((name.into(), value.into()));
+        self
+    }
+
+    fn with_body(mut self, body: &[u8]) -> Self {
+        self.request_body = body.to_vec();
+        self
+    }
+
+    fn fail(&mut self, ops: &[Op]) {
+        self.failing.extend_from_slice(ops);
+    }
+
+    fn check(&self, op: Op) -> HostResult {
+        if self.failing.contains(&op) {
+            Err(HostError(format!("{op:?} refused by the mock")))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn req(&self, name: &str) -> Option<String> {
+        get(&self.request_headers, name)
+    }
+
+    fn resp(&self, name: &str) -> Option<String> {
+        get(&self.response_headers, name)
+    }
+
+    /// The one local reply; panics unless exactly one was sent.
+    fn reply(&self) -> &Sent {
+        assert_eq!(
+            self.sent.len(),
+            1,
+            "expected exactly one local reply: {:?}",
+            self.sent
+        );
+        &self.sent[0]
+    }
+
+    fn respond(
+        &mut self,
+        status: u16,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        details: Option<&str>,
+    ) {
+        self.response_headers = vec![(":status".into(), status.to_string())];
+        for (n, v) in headers {
+            self.response_headers.push((n.to_string(), v.to_string()));
+        }
+        self.response_body = body.to_vec();
+        self.code_details = details.map(str::to_string);
+    }
+}
+
+impl Host for MockHost {
+    fn request_header(&self, name: &str) -> Option<String> {
+        self.req(name)
+    }
+    fn set_request_header(&mut self, name: &str, value: &str) -> HostResult {
+        self.check(Op::SetRequestHeader)?;
+        set(&mut self.request_headers, name, value);
+        Ok(())
+    }
+    fn remove_request_header(&mut self, name: &str) -> HostResult {
+        self.check(Op::RemoveRequestHeader)?;
+        remove(&mut self.request_headers, name);
+        Ok(())
+    }
+    fn request_body(&self, size: usize) -> HostResult<Vec<u8>> {
+        self.check(Op::RequestBody)?;
+        Ok(self.request_body[..size.min(self.request_body.len())].to_vec())
+    }
+    fn replace_request_body(&mut self, old_size: usize, body: &[u8]) -> HostResult {
+        self.check(Op::ReplaceRequestBody)?;
+        let end = old_size.min(self.request_body.len());
+        self.request_body.splice(..end, body.iter().copied());
+        self.request_body_replacements += 1;
+        Ok(())
+    }
+    fn response_header(&self, name: &str) -> Option<String> {
+        self.resp(name)
+    }
+    fn set_response_header(&mut self, name: &str, value: &str) -> HostResult {
+        self.check(Op::SetResponseHeader)?;
+        set(&mut self.response_headers, name, value);
+        Ok(())
+    }
+    fn remove_response_header(&mut self, name: &str) -> HostResult {
+        self.check(Op::RemoveResponseHeader)?;
+        remove(&mut self.response_headers, name);
+        Ok(())
+    }
+    fn response_body(&self, size: usize) -> HostResult<Vec<u8>> {
+        self.check(Op::ResponseBody)?;
+        Ok(self.response_body[..size.min(self.response_body.len())].to_vec())
+    }
+    fn replace_response_body(&mut self, old_size: usize, body: &[u8]) -> HostResult {
+        self.check(Op::ReplaceResponseBody)?;
+        let end = old_size.min(self.response_body.len());
+        self.response_body.splice(..end, body.iter().copied());
+        self.response_body_replacements += 1;
+        Ok(())
+    }
+    fn response_code_details(&self) -> Option<String> {
+        self.code_details.clone()
+    }
+    fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) -> HostResult {
+        self.check(Op::SendResponse)?;
+        self.sent.push(Sent {
+            status,
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
+            body: body.to_vec(),
+        });
+        Ok(())
+    }
+    fn count(&mut self, name: &str, delta: u64) {
+        *self.counters.entry(name.to_string()).or_default() += delta;
+    }
+}
+
+#[test]
+fn mock_host_behaves_like_a_header_map_and_buffer() {
+    let mut h = MockHost::new("GET", "/")
+        .with_header("x-a", "1")
+        .with_header("x-a", "2");
+    h.set_request_header("X-A", "3").unwrap();
+    assert_eq!(
+        h.request_headers.iter().filter(|(n, _)| n == "x-a").count(),
+        1
+    );
+    assert_eq!(h.req("x-a").as_deref(), Some("3"));
+    h.remove_request_header("x-a").unwrap();
+    assert_eq!(h.req("x-a"), None);
+    h.request_body = b"hello world".to_vec();
+    assert_eq!(h.request_body(5).unwrap(), b"hello");
+    h.replace_request_body(5, b"bye").unwrap();
+    assert_eq!(h.request_body, b"bye world");
+    h.fail(SETTERS);
+    assert!(h.set_request_header("x", "y").is_err());
+    assert!(h.remove_request_header(":path").is_err());
+    assert_eq!(h.req(":path").as_deref(), Some("/"));
+    assert!(h.send_response(200, &[], b"").is_ok());
+}
+
+// ---------------------------------------------------------------------------
+// Configuration and drivers
+// ---------------------------------------------------------------------------
+
+const OPENAI_KEY: &str = "sk-test-openai";
+const AZURE_KEY: &str = "az-test-secret";
+const GROQ_KEY: &str = "gsk-test-groq";
+const MAX_BYTES: usize = 4096;
+
+const CONFIG: &str = r#"{
+  "providers": [
+    {"name": "openai", "kind": "openai", "api_key_env": "OPENAI_API_KEY"},
+    {"name": "azure", "kind": "azure_openai", "base_url": "https://res.openai.azure.com",
+     "api_version": "2024-10-21", "api_key_env": "AZURE_KEY"},
+    {"name": "groq", "kind": "openai_compatible", "base_url": "https://api.groq.com/openai/v1",
+     "api_key_env": "GROQ_API_KEY",
+     "headers": {"X-Title": "meshllm", "HTTP-Referer": "https://example.test"}},
+    {"name": "nokey", "kind": "openai_compatible", "base_url": "https://nokey.example/v1",
+     "api_key_env": "NOKEY_API_KEY"},
+    {"name": "ollama", "kind": "openai_compatible", "base_url": "http://ollama.local:11434/v1",
+     "cluster": "ollama_local"}
+  ],
+  "models": [
+    {"name": "gpt-4o-mini", "provider": "openai", "aliases": ["mini"]},
+    {"name": "smart", "provider": "openai", "model": "gpt-4.1"},
+    {"name": "text-embedding-3-small", "provider": "openai"},
+    {"name": "azure-gpt-4o", "provider": "azure", "model": "gpt-4o", "deployment": "gpt4o-prod"},
+    {"name": "fast", "provider": "groq", "model": "llama-3.1-8b-instant"},
+    {"name": "broken", "provider": "nokey"},
+    {"name": "local", "provider": "ollama", "model": "llama3.2"}
+  ],
+  "max_request_bytes": 4096
+}"#;
+
+fn fake_env(var: &str) -> Option<String> {
+    match var {
+        "OPENAI_API_KEY" => Some(OPENAI_KEY.into()),
+        "AZURE_KEY" => Some(AZURE_KEY.into()),
+        "GROQ_API_KEY" => Some(GROQ_KEY.into()),
+        _ => None,
+    }
+}
+
+fn config_from(doc: &str) -> Rc<Config> {
+    let compiled =
+        compile(doc.as_bytes(), &fake_env).unwrap_or_else(|e| panic!("bad test config: {e}"));
+    Rc::new(compiled.config)
+}
+
+fn config() -> Rc<Config> {
+    config_from(CONFIG)
+}
+
+/// A POST as a client sends it: credentials, compression, a forged cluster.
+fn client_post(path: &str, body: &[u8]) -> MockHost {
+    MockHost::new("POST", path)
+        .with_header("content-type", "application/json")
+        .with_header("content-length", &body.len().to_string())
+        .with_header("authorization", "Bearer client-secret")
+        .with_header("x-api-key", "client-x-api-key")
+        .with_header("api-key", "client-api-key")
+        .with_header("openai-organization", "org-client")
+        .with_header("accept-encoding", "gzip, br")
+        .with_header(CLUSTER_HEADER, "attacker_cluster")
+        .with_header("user-agent", "test-sdk/1.0")
+        .with_body(body)
+}
+
+/// Runs the request callbacks for a POST whose body arrives in one final chunk.
+fn post(path: &str, body: &[u8]) -> (RequestFilter, MockHost, Flow) {
+    let mut host = client_post(path, body);
+    let mut f = RequestFilter::new(config());
+    assert_eq!(
+        f.on_request_headers(&mut host, false),
+        Flow::Pause,
+        "headers of POST {path}"
+    );
+    let flow = f.on_request_body(&mut host, body.len(), true);
+    (f, host, flow)
+}
+
+/// Runs the request headers callback for a request without a body.
+fn bodiless(method: &str, path: &str) -> (RequestFilter, MockHost, Flow) {
+    let mut host = MockHost::new(method, path).with_header(CLUSTER_HEADER, "attacker_cluster");
+    let mut f = RequestFilter::new(config());
+    let flow = f.on_request_headers(&mut host, true);
+    (f, host, flow)
+}
+
+/// A chat request for `model` that has been forwarded.
+fn forwarded(model: &str) -> (RequestFilter, MockHost) {
+    let body = chat_body(&quote(model));
+    let (f, host, flow) = post("/v1/chat/completions", body.as_bytes());
+    assert_eq!(
+        flow,
+        Flow::Continue,
+        "request for {model} was not forwarded: {:?}",
+        host.sent
+    );
+    assert!(host.sent.is_empty());
+    (f, host)
+}
+
+fn quote(s: &str) -> String {
+    crate::json::quote(s)
+}
+
+/// A chat body with `model_json` spliced in as the model's value; the other
+/// fields mention model names too, so a sloppy rewrite would show.
+fn chat_body(model_json: &str) -> String {
+    CHAT_TEMPLATE.replace("{MODEL}", model_json)
+}
+
+const CHAT_TEMPLATE: &str = "{ \"messages\": [{\"role\": \"user\", \"content\": \"Are you smart or mini? \\u00e9t\u{e9} \\\"model\\\"\"}],\n  \"model\" :  {MODEL} , \"temperature\": 0.25,\n  \"metadata\": {\"model\": \"mini\"}, \"stream\": false }";
+
+const EMBED_TEMPLATE: &str =
+    r#"{"input": ["smart", "mini"], "model": {MODEL}, "encoding_format": "float"}"#;
+
+/// The error object of an OpenAI-shaped error body.
+#[derive(Debug)]
+struct ErrorFields {
+    message: String,
+    kind: String,
+    param: Option<String>,
+    code: Option<String>,
+}
+
+fn error_fields(body: &[u8]) -> ErrorFields {
+    let v: Value = serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(body)));
+    let e = v
+        .get("error")
+        .and_then(Value::as_object)
+        .unwrap_or_else(|| panic!("no error object in {v}"));
+    for key in ["message", "type", "param", "code"] {
+        assert!(e.contains_key(key), "error object lacks {key:?}: {v}");
+    }
+    ErrorFields {
+        message: e["message"]
+            .as_str()
+            .expect("message is a string")
+            .to_string(),
+        kind: e["type"].as_str().expect("type is a string").to_string(),
+        param: e["param"].as_str().map(str::to_string),
+        code: e["code"].as_str().map(str::to_string),
+    }
+}
+
+/// Asserts the request was not pointed anywhere.
+fn assert_not_routed(host: &MockHost, original_path: &str) {
+    assert_eq!(host.req(":path").as_deref(), Some(original_path));
+    assert_eq!(host.req(":authority").as_deref(), Some("gateway.local"));
+    assert_eq!(
+        host.req(CLUSTER_HEADER),
+        None,
+        "cluster header left on {original_path}"
+    );
+    assert_eq!(host.request_body_replacements, 0);
+}
+
+// ---------------------------------------------------------------------------
+// Local answers: /v1/models, unknown URLs, wrong methods
+// ---------------------------------------------------------------------------
+
+#[test]
+fn models_list_is_answered_locally() {
+    let cfg = config();
+    for path in [
+        "/v1/models",
+        "/v1/models/",
+        "/v1/models?limit=5",
+        "/v1/models/?a=b&c=d",
+    ] {
+        let (_, host, flow) = bodiless("GET", path);
+        assert_eq!(flow, Flow::Pause, "{path}");
+        let sent = host.reply();
+        assert_eq!(sent.status, 200, "{path}");
+        assert_eq!(sent.body, cfg.models_list_body, "{path}");
+        assert_eq!(
+            sent.headers,
+            vec![("content-type".to_string(), "application/json".to_string())],
+            "{path}"
+        );
+        assert_eq!(sent.json()["object"], "list");
+        assert_eq!(host.req(CLUSTER_HEADER), None, "{path}");
+    }
+}
+
+#[test]
+fn single_models_are_answered_locally() {
+    let cfg = config();
+    let cases: &[(&str, &str)] = &[
+        ("/v1/models/gpt-4o-mini", "gpt-4o-mini"),
+        ("/v1/models/mini", "mini"),
+        ("/v1/models/fast/", "fast"),
+        ("/v1/models/azure-gpt-4o?x=1", "azure-gpt-4o"),
+        ("/v1/models/local/?x=1", "local"),
+    ];
+    for (path, id) in cases {
+        let (_, host, flow) = bodiless("GET", path);
+        assert_eq!(flow, Flow::Pause, "{path}");
+        let sent = host.reply();
+        assert_eq!(sent.status, 200, "{path}");
+        assert_eq!(Some(sent.body.as_slice()), cfg.model_body(id), "{path}");
+        assert_eq!(sent.header("content-type"), Some("application/json"));
+        assert_eq!(sent.json()["id"], *id);
+    }
+}
+
+#[test]
+fn unknown_single_model_is_404_model_not_found() {
+    for (path, id) in [
+        ("/v1/models/gpt-5", "gpt-5"),
+        ("/v1/models/llama-3.1-8b-instant", "llama-3.1-8b-instant"),
+        ("/v1/models/GPT-4O-MINI/", "GPT-4O-MINI"),
+    ] {
+        let (_, host, flow) = bodiless("GET", path);
+        assert_eq!(flow, Flow::Pause);
+        let sent = host.reply();
+        assert_eq!(sent.status, 404, "{path}");
+        assert_eq!(sent.header("content-type"), Some("application/json"));
+        let e = error_fields(&sent.body);
+        assert_eq!(e.code.as_deref(), Some("model_not_found"), "{path}");
+        assert_eq!(e.param.as_deref(), Some("model"));
+        assert_eq!(e.kind, "invalid_request_error");
+        assert!(e.message.contains(&format!("`{id}`")), "{}", e.message);
+    }
+}
+
+#[test]
+fn unknown_urls_are_404_unknown_url() {
+    for (method, path, shown) in [
+        ("GET", "/", "/"),
+        ("POST", "/v1/completions", "/v1/completions"),
+        ("POST", "/v2/chat/completions", "/v2/chat/completions"),
+        (
+            "POST",
+            "/v1/chat/completions/extra",
+            "/v1/chat/completions/extra",
+        ),
+        ("GET", "/v1/models//", "/v1/models//"),
+        ("GET", "/v1/model", "/v1/model"),
+        ("POST", "/V1/CHAT/COMPLETIONS", "/V1/CHAT/COMPLETIONS"),
+        ("GET", "/v1/unknown?api_key=query-secret", "/v1/unknown"),
+    ] {
+        let (_, host, flow) = bodiless(method, path);
+        assert_eq!(flow, Flow::Pause, "{method} {path}");
+        let sent = host.reply();
+        assert_eq!(sent.status, 404, "{method} {path}");
+        assert_eq!(sent.header("content-type"), Some("application/json"));
+        let e = error_fields(&sent.body);
+        assert_eq!(e.code.as_deref(), Some("unknown_url"), "{method} {path}");
+        assert_eq!(e.kind, "invalid_request_error");
+        assert_eq!(e.param, None);
+        assert!(
+            e.message.contains(&format!("{method} {shown}.")),
+            "{method} {path}: {}",
+            e.message
+        );
+        // The query string is not echoed back.
+        assert!(!e.message.contains("query-secret"), "{}", e.message);
+        assert_not_routed(&host, path);
+    }
+}
+
+#[test]
+fn missing_path_and_method_are_404() {
+    let mut host = MockHost::default();
+    let mut f = RequestFilter::new(config());
+    assert_eq!(f.on_request_headers(&mut host, true), Flow::Pause);
+    let sent = host.reply();
+    assert_eq!(sent.status, 404);
+    assert_eq!(
+        error_fields(&sent.body).code.as_deref(),
+        Some("unknown_url")
+    );
+}
+
+#[test]
+fn wrong_method_is_405_with_allow() {
+    for (method, path, allow) in [
+        ("GET", "/v1/chat/completions", "POST"),
+        ("PUT", "/v1/chat/completions?x=1", "POST"),
+        ("GET", "/v1/embeddings/", "POST"),
+        ("POST", "/v1/models", "GET"),
+        ("HEAD", "/v1/models", "GET"),
+        ("DELETE", "/v1/models/mini", "GET"),
+        ("post", "/v1/chat/completions", "POST"),
+    ] {
+        let (_, host, flow) = bodiless(method, path);
+        assert_eq!(flow, Flow::Pause, "{method} {path}");
+        let sent = host.reply();
+        assert_eq!(sent.status, 405, "{method} {path}");
+        assert_eq!(
+            sent.headers,
+            vec![
+                ("content-type".to_string(), "application/json".to_string()),
+                ("allow".to_string(), allow.to_string()),
+            ]
+        );
+        let e = error_fields(&sent.body);
+        assert_eq!(e.code.as_deref(), Some("method_not_allowed"));
+        assert!(
+            e.message.contains(method) && e.message.contains(allow),
+            "{}",
+            e.message
+        );
+        assert_not_routed(&host, path);
+    }
+}
+
+#[test]
+fn llm_call_without_body_is_400_missing_body() {
+    for path in ["/v1/chat/completions", "/v1/embeddings"] {
+        let (_, host, flow) = bodiless("POST", path);
+        assert_eq!(flow, Flow::Pause);
+        let sent = host.reply();
+        assert_eq!(sent.status, 400, "{path}");
+        let e = error_fields(&sent.body);
+        assert_eq!(e.code.as_deref(), Some("missing_body"));
+        assert_eq!(e.kind, "invalid_request_error");
+        assert_not_routed(&host, path);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Request body flow
+// ---------------------------------------------------------------------------
+
+#[test]
+fn body_is_buffered_until_end_of_stream() {
+    let body = chat_body("\"mini\"");
+    let mut host = client_post("/v1/chat/completions", body.as_bytes());
+    let mut f = RequestFilter::new(config());
+    assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
+    assert!(host.sent.is_empty());
+    assert_eq!(f.on_request_body(&mut host, 10, false), Flow::Pause);
+    assert_eq!(f.on_request_body(&mut host, 40, false), Flow::Pause);
+    // Nothing decided while the body is incomplete.
+    assert_eq!(host.req(":path").as_deref(), Some("/v1/chat/completions"));
+    assert_eq!(
+        host.req("authorization").as_deref(),
+        Some("Bearer client-secret")
+    );
+    assert_eq!(
+        f.on_request_body(&mut host, body.len(), true),
+        Flow::Continue
+    );
+    assert!(host.sent.is_empty());
+    assert_eq!(host.req(CLUSTER_HEADER).as_deref(), Some("openai"));
+    // Later callbacks pass through.
+    assert_eq!(
+        f.on_request_body(&mut host, body.len(), true),
+        Flow::Continue
+    );
+    assert_eq!(f.on_request_trailers(&mut host, body.len()), Flow::Continue);
+    assert_eq!(host.request_body_replacements, 1);
+}
+
+#[test]
+fn body_over_the_limit_is_413() {
+    // Over the limit on a partial chunk: rejected before the body is complete.
+    for (size, end) in [
+        (MAX_BYTES + 1, false),
+        (MAX_BYTES + 1, true),
+        (10 * MAX_BYTES, false),
+    ] {
+        let body = vec![b' '; size];
+        let mut host = client_post("/v1/chat/completions", &body);
+        let mut f = RequestFilter::new(config());
+        assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
+        assert_eq!(
+            f.on_request_body(&mut host, size, end),
+            Flow::Pause,
+            "{size} {end}"
+        );
+        let sent = host.reply();
+        assert_eq!(sent.status, 413);
+        let e = error_fields(&sent.body);
+        assert_eq!(e.code.as_deref(), Some("request_too_large"));
+        assert!(e.message.contains("4096 bytes"), "{}", e.message);
+        // Later chunks are let through untouched; no second reply.
+        assert_eq!(
+            f.on_request_body(&mut host, size + 10, true),
+            Flow::Continue
+        );
+        assert_eq!(host.sent.len(), 1);
+        assert_not_routed(&host, "/v1/chat/completions");
+        f.on_done(&mut host);
+        assert_eq!(
+            host.counters
+                .get("meshllm_requests_total;provider=none;model=none;status_class=4xx"),
+            Some(&1)
+        );
+    }
+}
+
+#[test]
+fn body_exactly_at_the_limit_is_accepted() {
+    let head = r#"{"model":"gpt-4o-mini","messages":[],"pad":""#;
+    let tail = r#""}"#;
+    let pad = "x".repeat(MAX_BYTES - head.len() - tail.len());
+    let body = format!("{head}{pad}{tail}");
+    assert_eq!(body.len(), MAX_BYTES);
+    let (_, host, flow) = post("/v1/chat/completions", body.as_bytes());
+    assert_eq!(flow, Flow::Continue, "{:?}", host.sent);
+    assert!(host.sent.is_empty());
+    assert_eq!(host.req(CLUSTER_HEADER).as_deref(), Some("openai"));
+}
+
+#[test]
+fn trailers_end_the_request() {
+    let body = EMBED_TEMPLATE.replace("{MODEL}", "\"mini\"");
+    let mut host = client_post("/v1/embeddings", body.as_bytes());
+    let mut f = RequestFilter::new(config());
+    assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
+    assert_eq!(f.on_request_body(&mut host, body.len(), false), Flow::Pause);
+    assert_eq!(host.req(CLUSTER_HEADER), None);
+    assert_eq!(f.on_request_trailers(&mut host, body.len()), Flow::Continue);
+    assert!(host.sent.is_empty(), "{:?}", host.sent);
+    assert_eq!(host.req(CLUSTER_HEADER).as_deref(), Some("openai"));
+    assert_eq!(host.req(":path").as_deref(), Some("/v1/embeddings"));
+    assert_eq!(host.req(":authority").as_deref(), Some("api.openai.com"));
+    let want = EMBED_TEMPLATE.replace("{MODEL}", "\"gpt-4o-mini\"");
+    assert_eq!(String::from_utf8(host.request_body.clone()).unwrap(), want);
+    assert_eq!(host.req("content-length"), Some(want.len().to_string()));
+}
+
+#[test]
+fn trailers_with_a_bad_body_are_rejected() {
+    let body = br#"{"model":"mini"}"#;
+    let mut host = client_post("/v1/chat/completions", body);
+    let mut f = RequestFilter::new(config());
+    assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
+    assert_eq!(f.on_request_body(&mut host, body.len(), false), Flow::Pause);
+    assert_eq!(f.on_request_trailers(&mut host, body.len()), Flow::Pause);
+    let e = error_fields(&host.reply().body);
+    assert_eq!(e.param.as_deref(), Some("messages"));
+}
+
+#[test]
+fn trailers_outside_a_body_read_pass() {
+    let (mut f, mut host) = forwarded("mini");
+    let before = host.request_headers.clone();
+    assert_eq!(f.on_request_trailers(&mut host, 0), Flow::Continue);
+    assert_eq!(host.request_headers, before);
+    let (mut f, mut host, _) = bodiless("GET", "/v1/models");
+    assert_eq!(f.on_request_trailers(&mut host, 0), Flow::Continue);
+    assert_eq!(host.sent.len(), 1);
+}
+
+// ---------------------------------------------------------------------------
+// Request validation
+// ---------------------------------------------------------------------------
+
+/// (path, body, status, code, param, text in the message)
+type BadBody = (
+    &'static str,
+    &'static str,
+    u16,
+    &'static str,
+    Option<&'static str>,
+    &'static str,
+);
+
+#[test]
+fn invalid_bodies_are_rejected_in_openai_shape() {
+    const CHAT: &str = "/v1/chat/completions";
+    const EMB: &str = "/v1/embeddings";
+    #[rustfmt::skip]
+    let cases: &[BadBody] = &[
+        (CHAT, "", 400, "invalid_json", None, "not a valid JSON object"),
+        (CHAT, r#"{"model":"#, 400, "invalid_json", None, "not a valid JSON object"),
+        (CHAT, "model=mini", 400, "invalid_json", None, "not a valid JSON object"),
+        (CHAT, r#"[{"model":"mini"}]"#, 400, "invalid_json", None, "not a valid JSON object"),
+        (CHAT, r#"{"model":"mini","messages":[]} {}"#, 400, "invalid_json", None, "not a valid JSON object"),
+        (CHAT, r#"{"model":"mini","messages":[],}"#, 400, "invalid_json", None, "not a valid JSON object"),
+        (CHAT, "{}", 400, "missing_required_parameter", Some("model"), "model parameter"),
+        (CHAT, r#"{"messages":[]}"#, 400, "missing_required_parameter", Some("model"), "model parameter"),
+        (CHAT, r#"{"messages":[],"metadata":{"model":"mini"}}"#, 400, "missing_required_parameter", Some("model"), "model parameter"),
+        (CHAT, r#"{"model":5,"messages":[]}"#, 400, "invalid_type", Some("model"), "expected a string, but got a number"),
+        (CHAT, r#"{"model":null,"messages":[]}"#, 400, "invalid_type", Some("model"), "got null"),
+        (CHAT, r#"{"model":["mini"],"messages":[]}"#, 400, "invalid_type", Some("model"), "got an array"),
+        (CHAT, r#"{"model":"mini"}"#, 400, "missing_required_parameter", Some("messages"), "'messages'"),
+        (CHAT, r#"{"model":"mini","messages":"hi"}"#, 400, "invalid_type", Some("messages"), "expected an array, but got a string"),
+        (CHAT, r#"{"model":"mini","messages":{"role":"user"}}"#, 400, "invalid_type", Some("messages"), "got an object"),
+        (EMB, r#"{"model":"text-embedding-3-small"}"#, 400, "missing_required_parameter", Some("input"), "'input'"),
+        (EMB, r#"{"input":"hi"}"#, 400, "missing_required_parameter", Some("model"), "model parameter"),
+        (CHAT, r#"{"model":"mini","model":"fast","messages":[]}"#, 400, "duplicate_parameter", Some("model"), "'model' is given more than once"),
+        (CHAT, r#"{"model":"mini","mod\u0065l":"fast","messages":[]}"#, 400, "duplicate_parameter", Some("model"), "'model' is given more than once"),
+        (CHAT, r#"{"model":"mini","messages":[],"messages":[]}"#, 400, "duplicate_parameter", Some("messages"), "'messages'"),
+        (CHAT, r#"{"model":"mini","messages":[],"stream":"true"}"#, 400, "invalid_type", Some("stream"), "expected a boolean, but got a string"),
+        (CHAT, r#"{"model":"mini","messages":[],"stream":1}"#, 400, "invalid_type", Some("stream"), "got a number"),
+        (CHAT, r#"{"model":"mini","messages":[],"stream":true,"stream":false}"#, 400, "duplicate_parameter", Some("stream"), "'stream'"),
+        (CHAT, r#"{"model":"gpt-5","messages":[]}"#, 404, "model_not_found", Some("model"), "`gpt-5` does not exist"),
+        (CHAT, r#"{"model":"llama-3.1-8b-instant","messages":[]}"#, 404, "model_not_found", Some("model"), "`llama-3.1-8b-instant`"),
+        (CHAT, r#"{"model":"","messages":[]}"#, 404, "model_not_found", Some("model"), "``"),
+        (CHAT, r#"{"model":"Mini","messages":[]}"#, 404, "model_not_found", Some("model"), "`Mini`"),
+        (EMB, r#"{"model":"nope","input":"x"}"#, 404, "model_not_found", Some("model"), "`nope`"),
+    ];
+    for &(path, body, status, code, param, message) in cases {
+        let (mut f, mut host, flow) = post(path, body.as_bytes());
+        let what = format!("{path} {body}");
+        assert_eq!(flow, Flow::Pause, "{what}");
+        let sent = host.reply().clone();
+        assert_eq!(sent.status, status, "{what}: {}", sent.text());
+        assert_eq!(
+            sent.header("content-type"),
+            Some("application/json"),
+            "{what}"
+        );
+        let e = error_fields(&sent.body);
+        assert_eq!(e.code.as_deref(), Some(code), "{what}: {e:?}");
+        assert_eq!(e.param.as_deref(), param, "{what}: {e:?}");
+        assert_eq!(e.kind, "invalid_request_error", "{what}");
+        assert!(e.message.contains(message), "{what}: {:?}", e.message);
+        // Nothing forwarded, the client's own headers untouched except the
+        // forged cluster.
+        assert_not_routed(&host, path);
+        assert_eq!(
+            host.req("authorization").as_deref(),
+            Some("Bearer client-secret")
+        );
+        assert_eq!(host.request_body, body.as_bytes(), "{what}");
+        // Response callbacks for the local reply change nothing.
+        host.respond(
+            status,
+            &[("content-type", "application/json")],
+            &sent.body,
+            Some("wasm"),
+        );
+        assert_eq!(f.on_response_headers(&mut host, false), Flow::Continue);
+        let len = host.response_body.len();
+        assert_eq!(f.on_response_body(&mut host, len, true), Flow::Continue);
+        assert_eq!(host.response_body_replacements, 0);
+        f.on_done(&mut host);
+        let name = "meshllm_requests_total;provider=none;model=none;status_class=4xx".to_string();
+        assert_eq!(host.counters, HashMap::from([(name, 1)]), "{what}");
+    }
+}
+
+#[test]
+fn valid_variations_are_accepted() {
+    for (path, body) in [
+        (
+            "/v1/chat/completions",
+            r#"{"model":"mini","messages":[],"stream":true}"#,
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"mini","messages":[],"stream":null}"#,
+        ),
+        (
+            "/v1/chat/completions",
+            "\n\t {\"model\":\"mini\",\"messages\":[]}  \r\n",
+        ),
+        (
+            "/v1/chat/completions?api-version=x",
+            r#"{"model":"mini","messages":[]}"#,
+        ),
+        ("/v1/chat/completions/", r#"{"model":"mini","messages":[]}"#),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"m\u0069ni","messages":[]}"#,
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"metadata":{"model":"x","model":"y"},"model":"mini","messages":[]}"#,
+        ),
+        ("/v1/embeddings", r#"{"model":"mini","input":"hello"}"#),
+        ("/v1/embeddings", r#"{"model":"mini","input":[[1,2,3]]}"#),
+    ] {
+        let (_, host, flow) = post(path, body.as_bytes());
+        assert_eq!(
+            flow,
+            Flow::Continue,
+            "{path} {body}: {:?}",
+            host.sent.first().map(Sent::text)
+        );
+        assert!(host.sent.is_empty());
+        assert_eq!(host.req(CLUSTER_HEADER).as_deref(), Some("openai"));
+        let want_path = if path.starts_with("/v1/embeddings") {
+            "/v1/embeddings"
+        } else {
+            "/v1/chat/completions"
+        };
+        assert_eq!(
+            host.req(":path").as_deref(),
+            Some(want_path),
+            "{path} {body}"
+        );
+        let v: Value = serde_json::from_slice(&host.request_body).unwrap();
+        assert_eq!(v["model"], "gpt-4o-mini", "{body}");
+    }
+}
+
+#[test]
+fn provider_without_its_key_is_500_naming_the_variable() {
+    let (mut f, mut host, flow) = post(
+        "/v1/chat/completions",
+        br#"{"model":"broken","messages":[]}"#,
+    );
+    assert_eq!(flow, Flow::Pause);
+    let sent = host.reply();
+    assert_eq!(sent.status, 500);
+    let e = error_fields(&sent.body);
+    assert_eq!(e.code.as_deref(), Some("provider_key_missing"));
+    assert_eq!(e.kind, "server_error");
+    assert!(e.message.contains("NOKEY_API_KEY"), "{}", e.message);
+    assert!(e.message.contains("\"nokey\""), "{}", e.message);
+    assert_not_routed(&host, "/v1/chat/completions");
+    f.on_done(&mut host);
+    assert_eq!(
+        host.counters,
+        HashMap::from([(
+            "meshllm_requests_total;provider=nokey;model=broken;status_class=5xx".to_string(),
+            1
+        )])
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Routing
+// ---------------------------------------------------------------------------
+
+struct Route {
+    path: &'static str,
+    template: &'static str,
+    requested: &'static str,
+    upstream_model: &'static str,
+    authority: &'static str,
+    upstream_path: &'static str,
+    cluster: &'static str,
+    auth: Option<(&'static str, &'static str)>,
+    extra: &'static [(&'static str, &'static str)],
+}
+
+const ROUTES: &[Route] = &[
+    // openai, model renamed
+    Route {
+        path: "/v1/chat/completions",
+        template: CHAT_TEMPLATE,
+        requested: "smart",
+        upstream_model: "gpt-4.1",
+        authority: "api.openai.com",
+        upstream_path: "/v1/chat/completions",
+        cluster: "openai",
+        auth: Some(("authorization", "Bearer sk-test-openai")),
+        extra: &[],
+    },
+    // openai, through an alias
+    Route {
+        path: "/v1/chat/completions",
+        template: CHAT_TEMPLATE,
+        requested: "mini",
+        upstream_model: "gpt-4o-mini",
+        authority: "api.openai.com",
+        upstream_path: "/v1/chat/completions",
+        cluster: "openai",
+        auth: Some(("authorization", "Bearer sk-test-openai")),
+        extra: &[],
+    },
+    // azure_openai: deployment path, api-version, api-key header
+    Route {
+        path: "/v1/chat/completions",
+        template: CHAT_TEMPLATE,
+        requested: "azure-gpt-4o",
+        upstream_model: "gpt-4o",
+        authority: "res.openai.azure.com",
+        upstream_path: "/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21",
+        cluster: "azure",
+        auth: Some(("api-key", AZURE_KEY)),
+        extra: &[],
+    },
+    // openai_compatible with a base path and extra headers
+    Route {
+        path: "/v1/chat/completions",
+        template: CHAT_TEMPLATE,
+        requested: "fast",
+        upstream_model: "llama-3.1-8b-instant",
+        authority: "api.groq.com",
+        upstream_path: "/openai/v1/chat/completions",
+        cluster: "groq",
+        auth: Some(("authorization", "Bearer gsk-test-groq")),
+        extra: &[
+            ("x-title", "meshllm"),
+            ("http-referer", "https://example.test"),
+        ],
+    },
+    // openai_compatible without a key, port in the authority, own cluster
+    Route {
+        path: "/v1/chat/completions?debug=1",
+        template: CHAT_TEMPLATE,
+        requested: "local",
+        upstream_model: "llama3.2",
+        authority: "ollama.local:11434",
+        upstream_path: "/v1/chat/completions",
+        cluster: "ollama_local",
+        auth: None,
+        extra: &[],
+    },
+    // embeddings
+    Route {
+        path: "/v1/embeddings",
+        template: EMBED_TEMPLATE,
+        requested: "mini",
+        upstream_model: "gpt-4o-mini",
+        authority: "api.openai.com",
+        upstream_path: "/v1/embeddings",
+        cluster: "openai",
+        auth: Some(("authorization", "Bearer sk-test-openai")),
+        extra: &[],
+    },
+    Route {
+        path: "/v1/embeddings",
+        template: EMBED_TEMPLATE,
+        requested: "fast",
+        upstream_model: "llama-3.1-8b-instant",
+        authority: "api.groq.com",
+        upstream_path: "/openai/v1/embeddings",
+        cluster: "groq",
+        auth: Some(("authorization", "Bearer gsk-test-groq")),
+        extra: &[
+            ("x-title", "meshllm"),
+            ("http-referer", "https://example.test"),
+        ],
+    },
+    Route {
+        path: "/v1/embeddings/",
+        template: EMBED_TEMPLATE,
+        requested: "azure-gpt-4o",
+        upstream_model: "gpt-4o",
+        authority: "res.openai.azure.com",
+        upstream_path: "/openai/deployments/gpt4o-prod/embeddings?api-version=2024-10-21",
+        cluster: "azure",
+        auth: Some(("api-key", AZURE_KEY)),
+        extra: &[],
+    },
+];
+
+const REMOVED_CLIENT_HEADERS: &[&str] = &[
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "openai-organization",
+    "accept-encoding",
+];
+
+#[test]
+fn requests_are_pointed_at_their_provider() {
+    for r in ROUTES {
+        let original = r.template.replace("{MODEL}", &quote(r.requested));
+        let want_body = r.template.replace("{MODEL}", &quote(r.upstream_model));
+        assert_ne!(original, want_body);
+        let what = format!("{} {}", r.path, r.requested);
+
+        let (_, host, flow) = post(r.path, original.as_bytes());
+        assert_eq!(
+            flow,
+            Flow::Continue,
+            "{what}: {:?}",
+            host.sent.first().map(Sent::text)
+        );
+        assert!(host.sent.is_empty(), "{what}");
+
+        assert_eq!(
+            host.req(":authority").as_deref(),
+            Some(r.authority),
+            "{what}"
+        );
+        assert_eq!(
+            host.req(":path").as_deref(),
+            Some(r.upstream_path),
+            "{what}"
+        );
+        assert_eq!(host.req(":method").as_deref(), Some("POST"));
+        assert_eq!(
+            host.req(CLUSTER_HEADER).as_deref(),
+            Some(r.cluster),
+            "{what}"
+        );
+        // Exactly one cluster header: the forged one is gone.
+        assert_eq!(
+            host.request_headers
+                .iter()
+                .filter(|(n, _)| n == CLUSTER_HEADER)
+                .count(),
+            1
+        );
+        for name in REMOVED_CLIENT_HEADERS {
+            let want = r
+                .auth
+                .filter(|(n, _)| n == name)
+                .map(|(_, v)| v.to_string());
+            assert_eq!(host.req(name), want, "{what}: header {name}");
+        }
+        if let Some((name, value)) = r.auth {
+            assert_eq!(host.req(name).as_deref(), Some(value), "{what}");
+        }
+        for (name, value) in r.extra {
+            assert_eq!(host.req(name).as_deref(), Some(*value), "{what}");
+        }
+        // Unrelated client headers survive.
+        assert_eq!(host.req("user-agent").as_deref(), Some("test-sdk/1.0"));
+        assert_eq!(
+            host.req("content-type").as_deref(),
+            Some("application/json")
+        );
+
+        // Only the model's value changed, byte for byte.
+        assert_eq!(
+            String::from_utf8(host.request_body.clone()).unwrap(),
+            want_body,
+            "{what}"
+        );
+        assert_eq!(host.request_body_replacements, 1, "{what}");
+        assert_eq!(
+            host.req("content-length"),
+            Some(want_body.len().to_string()),
+            "{what}"
+        );
+    }
+}
+
+#[test]
+fn body_is_untouched_when_the_name_is_the_upstream_model() {
+    for (path, template) in [
+        ("/v1/chat/completions", CHAT_TEMPLATE),
+        ("/v1/embeddings", EMBED_TEMPLATE),
+    ] {
+        for model in ["gpt-4o-mini", "text-embedding-3-small"] {
+            let body = template.replace("{MODEL}", &quote(model));
+            let (_, host, flow) = post(path, body.as_bytes());
+            assert_eq!(flow, Flow::Continue);
+            assert_eq!(host.request_body_replacements, 0, "{path} {model}");
+            assert_eq!(host.request_body, body.as_bytes());
+            assert_eq!(host.req("content-length"), Some(body.len().to_string()));
+            assert_eq!(host.req(CLUSTER_HEADER).as_deref(), Some("openai"));
+            assert_eq!(host.req(":path").as_deref(), Some(path));
+        }
+    }
+}
+
+#[test]
+fn escaped_model_names_are_decoded_and_rewritten() {
+    // "sm\u0061rt" is "smart": routed, and replaced by the upstream literal.
+    let original = CHAT_TEMPLATE.replace("{MODEL}", r#""sm\u0061rt""#);
+    let (_, host, flow) = post("/v1/chat/completions", original.as_bytes());
+    assert_eq!(flow, Flow::Continue, "{:?}", host.sent);
+    assert_eq!(
+        String::from_utf8(host.request_body.clone()).unwrap(),
+        CHAT_TEMPLATE.replace("{MODEL}", "\"gpt-4.1\"")
+    );
+}
+
+#[test]
+fn forged_cluster_header_is_removed_everywhere() {
+    // Local answers of every kind.
+    for (method, path) in [
+        ("GET", "/v1/nothing-here"),
+        ("GET", "/v1/models"),
+        ("GET", "/v1/chat/completions"),
+        ("POST", "/v1/chat/completions"),
+    ] {
+        let (_, host, _) = bodiless(method, path);
+        assert_eq!(host.req(CLUSTER_HEADER), None, "{method} {path}");
+        assert_eq!(host.sent.len(), 1);
+    }
+    // While the body is being read.
+    let mut host = client_post("/v1/chat/completions", b"{}");
+    let mut f = RequestFilter::new(config());
+    assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
+    assert_eq!(host.req(CLUSTER_HEADER), None);
+}
+
+#[test]
+fn client_credentials_never_reach_a_keyless_provider() {
+    let (_, host) = forwarded("local");
+    for name in [
+        "authorization",
+        "x-api-key",
+        "api-key",
+        "openai-organization",
+    ] {
+        assert_eq!(host.req(name), None, "{name}");
+    }
+    let mut host = MockHost::new("POST", "/v1/chat/completions")
+        .with_header("x-goog-api-key", "g")
+        .with_header("openai-project", "p")
+        .with_body(br#"{"model":"local","messages":[]}"#);
+    let mut f = RequestFilter::new(config());
+    assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
+    let len = host.request_body.len();
+    assert_eq!(f.on_request_body(&mut host, len, true), Flow::Continue);
+    assert_eq!(host.req("x-goog-api-key"), None);
+    assert_eq!(host.req("openai-project"), None);
+}
+
+// ---------------------------------------------------------------------------
+// Host failures
+// ---------------------------------------------------------------------------
+
+#[test]
+fn failing_header_setters_become_a_500_gateway_error() {
+    let cases: &[&[Op]] = &[
+        SETTERS,
+        &[Op::SetRequestHeader],
+        &[Op::RemoveRequestHeader],
+        &[Op::ReplaceRequestBody],
+    ];
+    for ops in cases {
+        let body = chat_body("\"smart\"");
+        let mut host = client_post("/v1/chat/completions", body.as_bytes());
+        let mut f = RequestFilter::new(config());
+        assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
+        host.fail(ops);
+        assert_eq!(
+            f.on_request_body(&mut host, body.len(), true),
+            Flow::Pause,
+            "{ops:?}"
+        );
+        let sent = host.reply();
+        assert_eq!(sent.status, 500, "{ops:?}");
+        let e = error_fields(&sent.body);
+        assert_eq!(e.code.as_deref(), Some("gateway_error"), "{ops:?}");
+        assert_eq!(e.kind, "server_error");
+        assert!(
+            e.message.contains("could not rewrite the request"),
+            "{}",
+            e.message
+        );
+        assert!(!e.message.contains(OPENAI_KEY), "{}", e.message);
+        assert_eq!(host.request_body, body.as_bytes(), "{ops:?}");
+        // The reply is final.
+        assert_eq!(
+            f.on_request_body(&mut host, body.len(), true),
+            Flow::Continue
+        );
+        assert_eq!(host.sent.len(), 1);
+    }
+}
+
+#[test]
+fn unreadable_request_body_is_a_500_gateway_error() {
+    let body = chat_body("\"mini\"");
+    let mut host = client_post("/v1/chat/completions", body.as_bytes());
+    let mut f = RequestFilter::new(config());
+    assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
+    host.fail(&[Op::RequestBody]);
+    assert_eq!(f.on_request_body(&mut host, body.len(), true), Flow::Pause);
+    let e = error_fields(&host.reply().body);
+    assert_eq!(e.code.as_deref(), Some("gateway_error"));
+    assert!(
+        e.message.contains("could not read the request body"),
+        "{}",
+        e.message
+    );
+    assert_not_routed(&host, "/v1/chat/completions");
+}
+
+#[test]
+fn failing_setter_while_removing_the_forged_cluster_is_harmless() {
+    // The removal in on_request_headers fails; routing must still overwrite it.
+    let body = chat_body("\"fast\"");
+    let mut host = client_post("/v1/chat/completions", body.as_bytes());
+    host.fail(&[Op::RemoveRequestHeader]);
+    let mut f = RequestFilter::new(config());
+    assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
+    host.failing.clear();
+    assert_eq!(
+        f.on_request_body(&mut host, body.len(), true),
+        Flow::Continue
+    );
+    assert_eq!(host.req(CLUSTER_HEADER).as_deref(), Some("groq"));
+}
+
+// ---------------------------------------------------------------------------
+// Response side
+// ---------------------------------------------------------------------------
+
+#[test]
+fn successful_response_is_tagged_and_passed_through() {
+    let (mut f, mut host) = forwarded("smart");
+    let body = br#"{"id":"chatcmpl-1","object":"chat.completion","choices":[]}"#;
+    host.respond(
+        200,
+        &[
+            ("content-type", "application/json"),
+            ("content-length", &body.len().to_string()),
+        ],
+        body,
+        Some("via_upstream"),
+    );
+    assert_eq!(f.on_response_headers(&mut host, false), Flow::Continue);
+    assert_eq!(
+        host.resp(PROVIDER_RESPONSE_HEADER).as_deref(),
+        Some("openai")
+    );
+    assert_eq!(host.resp(MODEL_RESPONSE_HEADER).as_deref(), Some("gpt-4.1"));
+    assert_eq!(host.resp("content-length"), Some(body.len().to_string()));
+    assert_eq!(
+        host.resp("content-type").as_deref(),
+        Some("application/json")
+    );
+    assert_eq!(f.on_response_body(&mut host, 10, false), Flow::Continue);
+    assert_eq!(
+        f.on_response_body(&mut host, body.len(), true),
+        Flow::Continue
+    );
+    assert_eq!(host.response_body, body);
+    assert_eq!(host.response_body_replacements, 0);
+    f.on_done(&mut host);
+    assert_eq!(
+        host.counters,
+        HashMap::from([(
+            "meshllm_requests_total;provider=openai;model=smart;status_class=2xx".to_string(),
+            1
+        )])
+    );
+}
+
+#[test]
+fn streamed_response_chunks_are_not_buffered() {
+    let (mut f, mut host) = forwarded("fast");
+    host.respond(
+        200,
+        &[("content-type", "text/event-stream")],
+        b"data: {}\n\n",
+        Some("via_upstream"),
+    );
+    assert_eq!(f.on_response_headers(&mut host, false), Flow::Continue);
+    assert_eq!(host.resp(PROVIDER_RESPONSE_HEADER).as_deref(), Some("groq"));
+    assert_eq!(
+        host.resp(MODEL_RESPONSE_HEADER).as_deref(),
+        Some("llama-3.1-8b-instant")
+    );
+    assert_eq!(
+        host.resp("content-type").as_deref(),
+        Some("text/event-stream")
+    );
+    for _ in 0..3 {
+        assert_eq!(f.on_response_body(&mut host, 10, false), Flow::Continue);
+    }
+    assert_eq!(f.on_response_body(&mut host, 10, true), Flow::Continue);
+    assert_eq!(host.response_body, b"data: {}\n\n");
+}
+
+#[test]
+fn alias_metrics_use_the_public_name() {
+    let (mut f, mut host) = forwarded("mini");
+    host.respond(200, &[], b"{}", Some("via_upstream"));
+    f.on_response_headers(&mut host, false);
+    f.on_done(&mut host);
+    assert_eq!(
+        host.counters,
+        HashMap::from([(
+            "meshllm_requests_total;provider=openai;model=gpt-4o-mini;status_class=2xx".to_string(),
+            1
+        )])
+    );
+}
+
+#[test]
+fn plain_text_upstream_error_is_rewritten_to_openai_shape() {
+    let (mut f, mut host) = forwarded("fast");
+    let body = b"Internal Server Error: the GPU caught fire";
+    host.respond(
+        500,
+        &[
+            ("content-type", "text/plain"),
+            ("content-length", &body.len().to_string()),
+        ],
+        body,
+        Some("via_upstream"),
+    );
+    assert_eq!(f.on_response_headers(&mut host, false), Flow::Continue);
+    assert_eq!(host.resp("content-length"), None);
+    assert_eq!(
+        host.resp("content-type").as_deref(),
+        Some("application/json")
+    );
+    assert_eq!(host.resp(PROVIDER_RESPONSE_HEADER).as_deref(), Some("groq"));
+    // Buffered until complete.
+    assert_eq!(f.on_response_body(&mut host, 8, false), Flow::Pause);
+    assert_eq!(f.on_response_body(&mut host, 20, false), Flow::Pause);
+    assert_eq!(host.response_body, body);
+    assert_eq!(
+        f.on_response_body(&mut host, body.len(), true),
+        Flow::Continue
+    );
+    assert_eq!(host.response_body_replacements, 1);
+    let e = error_fields(&host.response_body);
+    assert!(e.message.contains("Provider \"groq\""), "{}", e.message);
+    assert!(e.message.contains("GPU caught fire"), "{}", e.message);
+    assert!(e.message.contains("(500)"), "{}", e.message);
+    assert_eq!(e.kind, "server_error");
+    f.on_done(&mut host);
+    assert_eq!(
+        host.counters,
+        HashMap::from([(
+            "meshllm_requests_total;provider=groq;model=fast;status_class=5xx".to_string(),
+            1
+        )])
+    );
+}
+
+#[test]
+fn other_json_error_shapes_are_rewritten() {
+    let (mut f, mut host) = forwarded("local");
+    let body = br#"{"error":"model 'llama3.2' not found, try pulling it first"}"#;
+    host.respond(
+        404,
+        &[("content-type", "application/json")],
+        body,
+        Some("via_upstream"),
+    );
+    assert_eq!(f.on_response_headers(&mut host, false), Flow::Continue);
+    assert_eq!(
+        f.on_response_body(&mut host, body.len(), true),
+        Flow::Continue
+    );
+    let e = error_fields(&host.response_body);
+    assert!(e.message.contains("Provider \"ollama\""), "{}", e.message);
+    assert!(e.message.contains("try pulling it first"), "{}", e.message);
+    assert_eq!(e.kind, "not_found_error");
+}
+
+#[test]
+fn openai_shaped_upstream_error_is_left_untouched() {
+    let (mut f, mut host) = forwarded("smart");
+    let body = br#"{"error":{"message":"Rate limit reached for gpt-4.1","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#;
+    host.respond(
+        429,
+        &[
+            ("content-type", "application/json"),
+            ("content-length", &body.len().to_string()),
+        ],
+        body,
+        Some("via_upstream"),
+    );
+    assert_eq!(f.on_response_headers(&mut host, false), Flow::Continue);
+    assert_eq!(
+        f.on_response_body(&mut host, body.len() / 2, false),
+        Flow::Pause
+    );
+    assert_eq!(
+        f.on_response_body(&mut host, body.len(), true),
+        Flow::Continue
+    );
+    assert_eq!(host.response_body, body);
+    assert_eq!(host.response_body_replacements, 0);
+    assert_eq!(
+        host.resp("content-type").as_deref(),
+        Some("application/json")
+    );
+    f.on_done(&mut host);
+    assert_eq!(
+        host.counters,
+        HashMap::from([(
+            "meshllm_requests_total;provider=openai;model=smart;status_class=4xx".to_string(),
+            1
+        )])
+    );
+}
+
+#[test]
+fn provider_key_in_an_error_reply_is_redacted() {
+    for (model, key, body) in [
+        (
+            "smart",
+            OPENAI_KEY,
+            format!(
+                r#"{{"error":{{"message":"Incorrect API key provided: {OPENAI_KEY}.","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}}}"#
+            ),
+        ),
+        (
+            "azure-gpt-4o",
+            AZURE_KEY,
+            format!("bad key {AZURE_KEY} for deployment"),
+        ),
+        (
+            "fast",
+            GROQ_KEY,
+            format!(r#"{{"detail":"Bearer {GROQ_KEY} rejected"}}"#),
+        ),
+    ] {
+        let (mut f, mut host) = forwarded(model);
+        host.respond(
+            401,
+            &[("content-type", "application/json")],
+            body.as_bytes(),
+            Some("via_upstream"),
+        );
+        assert_eq!(f.on_response_headers(&mut host, false), Flow::Continue);
+        assert_eq!(
+            f.on_response_body(&mut host, body.len(), true),
+            Flow::Continue
+        );
+        let text = String::from_utf8(host.response_body.clone()).unwrap();
+        assert!(!text.contains(key), "{model}: {text}");
+        assert!(text.contains("[redacted]"), "{model}: {text}");
+        let e = error_fields(&host.response_body);
+        assert!(e.message.contains("(401)"), "{}", e.message);
+    }
+}
+
+#[test]
+fn envoy_connection_failure_is_provider_unavailable() {
+    let (mut f, mut host) = forwarded("smart");
+    let body = b"upstream connect error or disconnect/reset before headers. reset reason: connection failure";
+    host.respond(
+        503,
+        &[
+            ("content-type", "text/plain"),
+            ("content-length", &body.len().to_string()),
+        ],
+        body,
+        Some("upstream_reset_before_response_started{connection_failure}"),
+    );
+    assert_eq!(f.on_response_headers(&mut host, false), Flow::Continue);
+    assert_eq!(host.resp("content-length"), None);
+    assert_eq!(
+        host.resp("content-type").as_deref(),
+        Some("application/json")
+    );
+    assert_eq!(
+        f.on_response_body(&mut host, body.len(), false),
+        Flow::Pause
+    );
+    assert_eq!(
+        f.on_response_body(&mut host, body.len(), true),
+        Flow::Continue
+    );
+    let e = error_fields(&host.response_body);
+    assert_eq!(e.code.as_deref(), Some("provider_unavailable"));
+    assert_eq!(e.kind, "server_error");
+    assert!(
+        e.message
+            .contains("Provider \"openai\" could not be reached"),
+        "{}",
+        e.message
+    );
+    assert!(e.message.contains("connection failure"), "{}", e.message);
+}
+
+#[test]
+fn envoy_timeout_is_provider_timeout() {
+    let (mut f, mut host) = forwarded("mini");
+    let body = b"upstream request timeout";
+    host.respond(
+        504,
+        &[("content-type", "text/plain")],
+        body,
+        Some("upstream_response_timeout"),
+    );
+    assert_eq!(f.on_response_headers(&mut host, false), Flow::Continue);
+    assert_eq!(
+        f.on_response_body(&mut host, body.len(), true),
+        Flow::Continue
+    );
+    let e = error_fields(&host.response_body);
+    assert_eq!(e.code.as_deref(), Some("provider_timeout"));
+    assert!(
+        e.message.contains("did not answer in time"),
+        "{}",
+        e.message
+    );
+}
+
+#[test]
+fn openai_shaped_body_from_envoy_is_still_rewritten() {
+    // An OpenAI-shaped body is only trusted when the provider sent it.
+    let (mut f, mut host) = forwarded("mini");
+    let body = br#"{"error":{"message":"overflow","type":"x","param":null,"code":null}}"#;
+    host.respond(
+        503,
+        &[],
+        body,
+        Some("upstream_reset_before_response_started{overflow}"),
+    );
+    f.on_response_headers(&mut host, false);
+    assert_eq!(
+        f.on_response_body(&mut host, body.len(), true),
+        Flow::Continue
+    );
+    assert_eq!(host.response_body_replacements, 1);
+    assert_eq!(
+        error_fields(&host.response_body).code.as_deref(),
+        Some("provider_unavailable")
+    );
+}
+
+#[test]
+fn missing_code_details_count_as_the_provider() {
+    let (mut f, mut host) = forwarded("mini");
+    let body = br#"{"error":{"message":"nope","type":"x","param":null,"code":null}}"#;
+    host.respond(400, &[], body, None);
+    f.on_response_headers(&mut host, false);
+    assert_eq!(
+        f.on_response_body(&mut host, body.len(), true),
+        Flow::Continue
+    );
+    assert_eq!(host.response_body, body);
+}
+
+#[test]
+fn error_headers_only_response_is_left_alone() {
+    let (mut f, mut host) = forwarded("mini");
+    host.respond(429, &[("content-length", "0")], b"", Some("via_upstream"));
+    assert_eq!(f.on_response_headers(&mut host, true), Flow::Continue);
+    assert_eq!(host.resp("content-length").as_deref(), Some("0"));
+    assert_eq!(host.resp("content-type"), None);
+    assert_eq!(
+        host.resp(PROVIDER_RESPONSE_HEADER).as_deref(),
+        Some("openai")
+    );
+    f.on_done(&mut host);
+    assert_eq!(
+        host.counters,
+        HashMap::from([(
+            "meshllm_requests_total;provider=openai;model=gpt-4o-mini;status_class=4xx".to_string(),
+            1
+        )])
+    );
+}
+
+#[test]
+fn failing_response_host_calls_do_not_break_the_response() {
+    // Unreadable error body: passed on as it is.
+    let (mut f, mut host) = forwarded("mini");
+    host.respond(500, &[], b"oops", Some("via_upstream"));
+    assert_eq!(f.on_response_headers(&mut host, false), Flow::Continue);
+    host.fail(&[Op::ResponseBody]);
+    assert_eq!(f.on_response_body(&mut host, 4, true), Flow::Continue);
+    assert_eq!(host.response_body, b"oops");
+    // Setters refused: still Continue, nothing panics.
+    let (mut f, mut host) = forwarded("mini");
+    host.respond(
+        500,
+        &[("content-length", "4")],
+        b"oops",
+        Some("via_upstream"),
+    );
+    host.fail(SETTERS);
+    assert_eq!(f.on_response_headers(&mut host, false), Flow::Continue);
+    assert_eq!(f.on_response_body(&mut host, 4, true), Flow::Continue);
+    assert_eq!(host.response_body, b"oops");
+    assert_eq!(host.resp("content-length").as_deref(), Some("4"));
+}
+
+#[test]
+fn local_replies_are_not_touched_on_the_way_out() {
+    // A 200 (models list) and a 404 (unknown model) answered by the filter.
+    for path in ["/v1/models", "/v1/models/nope"] {
+        let (mut f, mut host, _) = bodiless("GET", path);
+        let sent = host.reply().clone();
+        let len = sent.body.len().to_string();
+        host.respond(
+            sent.status,
+            &[
+                ("content-type", "application/json"),
+                ("content-length", &len),
+            ],
+            &sent.body,
+            Some("wasm_local_reply"),
+        );
+        let before = host.response_headers.clone();
+        assert_eq!(
+            f.on_response_headers(&mut host, false),
+            Flow::Continue,
+            "{path}"
+        );
+        assert_eq!(host.response_headers, before, "{path}");
+        assert_eq!(f.on_response_body(&mut host, 3, false), Flow::Continue);
+        assert_eq!(
+            f.on_response_body(&mut host, sent.body.len(), true),
+            Flow::Continue
+        );
+        assert_eq!(host.response_body, sent.body);
+        assert_eq!(host.response_body_replacements, 0);
+        // Status for the metrics is the local reply's, not re-read.
+        host.response_headers = vec![(":status".into(), "502".into())];
+        f.on_done(&mut host);
+        let class = if sent.status == 200 { "2xx" } else { "4xx" };
+        assert_eq!(
+            host.counters,
+            HashMap::from([(
+                format!("meshllm_requests_total;provider=none;model=none;status_class={class}"),
+                1
+            )]),
+            "{path}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Metrics
+// ---------------------------------------------------------------------------
+
+#[test]
+fn on_done_counts_exactly_one_request() {
+    // Routed and answered 200.
+    let (mut f, mut host) = forwarded("gpt-4o-mini");
+    host.respond(200, &[], b"{}", Some("via_upstream"));
+    f.on_response_headers(&mut host, false);
+    f.on_done(&mut host);
+    assert_eq!(
+        host.counters,
+        HashMap::from([(
+            "meshllm_requests_total;provider=openai;model=gpt-4o-mini;status_class=2xx".to_string(),
+            1
+        )])
+    );
+    // Unknown URL.
+    let (mut f, mut host, _) = bodiless("GET", "/nope");
+    f.on_done(&mut host);
+    assert_eq!(
+        host.counters,
+        HashMap::from([(
+            "meshllm_requests_total;provider=none;model=none;status_class=4xx".to_string(),
+            1
+        )])
+    );
+    // Unknown model in the body: 404, no labels from the client's input.
+    let (mut f, mut host, _) = post(
+        "/v1/chat/completions",
+        br#"{"model":"evil;provider=x","messages":[]}"#,
+    );
+    f.on_done(&mut host);
+    assert_eq!(
+        host.counters,
+        HashMap::from([(
+            "meshllm_requests_total;provider=none;model=none;status_class=4xx".to_string(),
+            1
+        )])
+    );
+    // Forwarded but abandoned before any response: no status class.
+    let (mut f, mut host) = forwarded("fast");
+    f.on_done(&mut host);
+    assert_eq!(
+        host.counters,
+        HashMap::from([(
+            "meshllm_requests_total;provider=groq;model=fast;status_class=none".to_string(),
+            1
+        )])
+    );
+}
