@@ -72,10 +72,32 @@ fn match_endpoint(path: &str) -> Option<(Endpoint, &'static str)> {
         "/v1/embeddings" => Some((Endpoint::Call(Operation::Embeddings), "POST")),
         "/v1/models" => Some((Endpoint::Models, "GET")),
         _ => {
-            let id = path.strip_prefix("/v1/models/")?;
-            (!id.is_empty()).then(|| (Endpoint::Model(id.to_string()), "GET"))
+            let id = percent_decode(path.strip_prefix("/v1/models/")?)?;
+            (!id.is_empty()).then_some((Endpoint::Model(id), "GET"))
         }
     }
+}
+
+/// Decodes `%XX` escapes (SDKs encode the `/` of ids like `org/model`).
+/// None when an escape is malformed or the result is not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    if !s.contains('%') {
+        return Some(s.to_string());
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 impl RequestFilter {
@@ -339,9 +361,8 @@ impl RequestFilter {
             .unwrap_or(0);
         if self.phase == Phase::Forwarded {
             if let (Some(provider), Some(route)) = (self.provider(), self.route()) {
-                let (name, model) = (provider.name.clone(), route.upstream_model.clone());
-                let _ = host.set_response_header(PROVIDER_RESPONSE_HEADER, &name);
-                let _ = host.set_response_header(MODEL_RESPONSE_HEADER, &model);
+                let _ = host.set_response_header(PROVIDER_RESPONSE_HEADER, &provider.name);
+                let _ = host.set_response_header(MODEL_RESPONSE_HEADER, &route.upstream_model);
             }
         }
         if self.status >= 400 && !end_of_stream {
@@ -353,6 +374,7 @@ impl RequestFilter {
             });
             // The body is replaced once complete; its length will change.
             let _ = host.remove_response_header("content-length");
+            let _ = host.remove_response_header("content-encoding");
             let _ = host.set_response_header("content-type", "application/json");
         }
         Flow::Continue
@@ -378,7 +400,7 @@ impl RequestFilter {
                 return Flow::Continue;
             }
         };
-        let provider = self.provider().map_or("none", |p| p.name.as_str());
+        let provider = self.provider().map(|p| p.name.as_str());
         let secrets: Vec<&str> = self
             .provider()
             .and_then(|p| p.api_key.as_deref())
@@ -414,8 +436,9 @@ fn point_at_provider(
             host.remove_request_header(name)?;
         }
     }
-    // Error replies and (later) usage must be readable: ask for identity encoding.
-    host.remove_request_header("accept-encoding")?;
+    // Error replies and (later) usage must be readable. No accept-encoding
+    // at all would allow any encoding, so ask for identity explicitly.
+    host.set_request_header("accept-encoding", "identity")?;
     host.set_request_header(":authority", &provider.authority)?;
     host.set_request_header(":path", path)?;
     host.set_request_header(CLUSTER_HEADER, &provider.cluster)?;

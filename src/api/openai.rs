@@ -109,7 +109,7 @@ pub enum ErrorOrigin {
 pub fn normalise_error(
     status: u16,
     body: &[u8],
-    provider: &str,
+    provider: Option<&str>,
     origin: ErrorOrigin,
     secrets: &[&str],
 ) -> Option<Vec<u8>> {
@@ -148,10 +148,12 @@ pub fn normalise_error(
             } else {
                 "could not be reached"
             };
-            (
-                format!("Provider {provider:?} {what} ({status}: {text})."),
-                Some(code),
-            )
+            let message = match provider {
+                Some(p) => format!("Provider {p:?} {what} ({status}: {text})."),
+                // Envoy answered before any provider was chosen.
+                None => format!("The gateway's proxy rejected the request ({status}: {text})."),
+            };
+            (message, Some(code))
         }
         ErrorOrigin::Provider => {
             let text = if text.is_empty() {
@@ -160,7 +162,10 @@ pub fn normalise_error(
                 text
             };
             (
-                format!("Provider {provider:?} returned an error ({status}): {text}"),
+                format!(
+                    "Provider {:?} returned an error ({status}): {text}",
+                    provider.unwrap_or("none")
+                ),
                 provider_error_code(parsed.as_ref()),
             )
         }
@@ -248,13 +253,13 @@ mod tests {
     fn openai_shaped_errors_pass_untouched() {
         let body = br#"{"error":{"message":"Rate limit reached","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#;
         assert_eq!(
-            normalise_error(429, body, "openai", ErrorOrigin::Provider, &["sk-1"]),
+            normalise_error(429, body, Some("openai"), ErrorOrigin::Provider, &["sk-1"]),
             None
         );
         // Azure's shape has a message but no type: still fine for SDKs.
         let body = br#"{"error":{"code":"DeploymentNotFound","message":"The API deployment does not exist."}}"#;
         assert_eq!(
-            normalise_error(404, body, "azure", ErrorOrigin::Provider, &[]),
+            normalise_error(404, body, Some("azure"), ErrorOrigin::Provider, &[]),
             None
         );
     }
@@ -295,7 +300,8 @@ mod tests {
             ),
         ];
         for (status, body, text, kind) in table {
-            let out = normalise_error(*status, body, "p", ErrorOrigin::Provider, &[]).unwrap();
+            let out =
+                normalise_error(*status, body, Some("p"), ErrorOrigin::Provider, &[]).unwrap();
             let v = parse(&out);
             let msg = v["error"]["message"].as_str().unwrap();
             assert!(msg.contains(text), "{msg}");
@@ -309,7 +315,7 @@ mod tests {
         let out = normalise_error(
             503,
             b"upstream connect error or disconnect/reset before headers. reset reason: connection refused",
-            "openai",
+            Some("openai"),
             ErrorOrigin::Proxy,
             &[],
         )
@@ -327,7 +333,7 @@ mod tests {
             &normalise_error(
                 504,
                 b"upstream request timeout",
-                "x",
+                Some("x"),
                 ErrorOrigin::Proxy,
                 &[],
             )
@@ -342,7 +348,7 @@ mod tests {
         let out = normalise_error(
             401,
             body,
-            "openai",
+            Some("openai"),
             ErrorOrigin::Provider,
             &["sk-secret-123"],
         )
@@ -358,7 +364,7 @@ mod tests {
     #[test]
     fn long_text_bodies_are_truncated() {
         let body = vec![b'x'; 10_000];
-        let out = normalise_error(500, &body, "p", ErrorOrigin::Provider, &[]).unwrap();
+        let out = normalise_error(500, &body, Some("p"), ErrorOrigin::Provider, &[]).unwrap();
         assert!(out.len() < 1_000);
     }
 }
