@@ -12,8 +12,10 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::json::quote;
+use crate::translate::anthropic::DEFAULT_ANTHROPIC_VERSION;
 
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 10 * 1024 * 1024;
+pub const DEFAULT_MAX_TOKENS: u64 = 4096;
 const MAX_MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,16 +48,19 @@ pub enum ProviderKind {
     OpenAi,
     AzureOpenAi,
     OpenAiCompatible,
+    /// Anthropic Messages API; OpenAI chat calls are translated.
+    Anthropic,
 }
 
 impl ProviderKind {
-    const NAMES: &'static str = "openai, azure_openai, openai_compatible";
+    const NAMES: &'static str = "openai, azure_openai, openai_compatible, anthropic";
 
     fn parse(s: &str) -> Option<Self> {
         match s {
             "openai" => Some(ProviderKind::OpenAi),
             "azure_openai" => Some(ProviderKind::AzureOpenAi),
             "openai_compatible" => Some(ProviderKind::OpenAiCompatible),
+            "anthropic" => Some(ProviderKind::Anthropic),
             _ => None,
         }
     }
@@ -88,25 +93,35 @@ pub struct Provider {
     /// Path prefix from `base_url` (no trailing slash).
     pub base_path: String,
     pub api_version: Option<String>,
+    /// `max_tokens` sent to Anthropic when the caller gave none (it is required there).
+    pub default_max_tokens: u64,
 }
 
 #[derive(Debug, Clone)]
 pub struct ModelRoute {
     /// The public name callers use.
     pub name: String,
+    /// More public names for the same route.
+    pub aliases: Vec<String>,
     pub provider: usize,
     pub upstream_model: String,
     /// `upstream_model` as a JSON string literal, ready to splice into bodies.
     pub upstream_model_json: String,
     pub chat_path: String,
-    pub embeddings_path: String,
+    /// None when the provider has no embeddings API.
+    pub embeddings_path: Option<String>,
 }
 
 impl ModelRoute {
-    pub fn path(&self, op: Operation) -> &str {
+    /// The name, then the aliases, as configured.
+    pub fn public_names(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.name.as_str()).chain(self.aliases.iter().map(String::as_str))
+    }
+
+    pub fn path(&self, op: Operation) -> Option<&str> {
         match op {
-            Operation::ChatCompletions => &self.chat_path,
-            Operation::Embeddings => &self.embeddings_path,
+            Operation::ChatCompletions => Some(&self.chat_path),
+            Operation::Embeddings => self.embeddings_path.as_deref(),
         }
     }
 }
@@ -139,10 +154,7 @@ impl Config {
 
     /// Every public name and alias, in configuration order.
     pub fn public_names(&self) -> impl Iterator<Item = &str> {
-        let mut names: Vec<(&str, usize)> =
-            self.by_name.iter().map(|(k, &v)| (k.as_str(), v)).collect();
-        names.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(b.0)));
-        names.into_iter().map(|(k, _)| k)
+        self.models.iter().flat_map(ModelRoute::public_names)
     }
 }
 
@@ -168,6 +180,10 @@ struct RawProvider {
     api_version: Option<String>,
     #[serde(default)]
     headers: Option<HashMap<String, String>>,
+    #[serde(default)]
+    anthropic_version: Option<String>,
+    #[serde(default)]
+    default_max_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -316,7 +332,7 @@ pub fn compile(doc: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Compi
     let providers = compile_providers(obj.get("providers"), env, &mut warnings)?;
     let (models, by_name) = compile_models(obj.get("models"), &providers)?;
 
-    let (models_list_body, model_bodies) = model_listing(&models, &providers, &by_name);
+    let (models_list_body, model_bodies) = model_listing(&models, &providers);
     Ok(Compiled {
         config: Config {
             providers,
@@ -377,6 +393,7 @@ fn compile_providers(
         let base_url = match (kind, raw.base_url.as_deref()) {
             (_, Some(url)) => url,
             (ProviderKind::OpenAi, None) => "https://api.openai.com/v1",
+            (ProviderKind::Anthropic, None) => "https://api.anthropic.com/v1",
             (_, None) => {
                 return Err(ConfigError::new(
                     format!("{at}.base_url"),
@@ -437,6 +454,7 @@ fn compile_providers(
         }
         let auth_header = api_key.as_ref().map(|k| match kind {
             ProviderKind::AzureOpenAi => ("api-key", k.clone()),
+            ProviderKind::Anthropic => ("x-api-key", k.clone()),
             _ => ("authorization", format!("Bearer {k}")),
         });
         let mut extra_headers: Vec<(String, String)> = Vec::new();
@@ -451,7 +469,12 @@ fn compile_providers(
                 }
                 if matches!(
                     lower.as_str(),
-                    "authorization" | "api-key" | "host" | "content-length" | "x-meshllm-cluster"
+                    "authorization"
+                        | "api-key"
+                        | "x-api-key"
+                        | "host"
+                        | "content-length"
+                        | "x-meshllm-cluster"
                 ) {
                     return Err(ConfigError::new(
                         format!("{at}.headers.{name}"),
@@ -460,8 +483,42 @@ fn compile_providers(
                 }
                 extra_headers.push((lower, value.clone()));
             }
-            extra_headers.sort();
         }
+        let anthropic_only = |field: &str| {
+            ConfigError::new(
+                format!("{at}.{field}"),
+                "only applies to providers of kind \"anthropic\"",
+            )
+        };
+        let mut default_max_tokens = DEFAULT_MAX_TOKENS;
+        if kind == ProviderKind::Anthropic {
+            let version = raw
+                .anthropic_version
+                .clone()
+                .unwrap_or_else(|| DEFAULT_ANTHROPIC_VERSION.to_string());
+            if !valid_model_name(&version) {
+                return Err(ConfigError::new(
+                    format!("{at}.anthropic_version"),
+                    format!("{version:?} is not a valid version"),
+                ));
+            }
+            extra_headers.retain(|(n, _)| n != "anthropic-version");
+            extra_headers.push(("anthropic-version".to_string(), version));
+            if let Some(n) = raw.default_max_tokens {
+                if n == 0 || n > 1_000_000 {
+                    return Err(ConfigError::new(
+                        format!("{at}.default_max_tokens"),
+                        "must be a whole number from 1 to 1000000",
+                    ));
+                }
+                default_max_tokens = n;
+            }
+        } else if raw.anthropic_version.is_some() {
+            return Err(anthropic_only("anthropic_version"));
+        } else if raw.default_max_tokens.is_some() {
+            return Err(anthropic_only("default_max_tokens"));
+        }
+        extra_headers.sort();
         providers.push(Provider {
             name: raw.name,
             kind,
@@ -474,6 +531,7 @@ fn compile_providers(
             extra_headers,
             base_path: url.path,
             api_version: raw.api_version,
+            default_max_tokens,
         });
     }
     Ok(providers)
@@ -558,24 +616,24 @@ fn compile_models(
                 let prefix = format!("{base_path}/openai/deployments/{deployment}");
                 (
                     format!("{prefix}/chat/completions?api-version={version}"),
-                    format!("{prefix}/embeddings?api-version={version}"),
+                    Some(format!("{prefix}/embeddings?api-version={version}")),
                 )
             }
-            _ => {
-                if raw.deployment.is_some() {
-                    return Err(ConfigError::new(
-                        format!("{at}.deployment"),
-                        "only applies to providers of kind \"azure_openai\"",
-                    ));
-                }
-                (
-                    format!("{base_path}/chat/completions"),
-                    format!("{base_path}/embeddings"),
-                )
+            _ if raw.deployment.is_some() => {
+                return Err(ConfigError::new(
+                    format!("{at}.deployment"),
+                    "only applies to providers of kind \"azure_openai\"",
+                ))
             }
+            ProviderKind::Anthropic => (format!("{base_path}/messages"), None),
+            ProviderKind::OpenAi | ProviderKind::OpenAiCompatible => (
+                format!("{base_path}/chat/completions"),
+                Some(format!("{base_path}/embeddings")),
+            ),
         };
         models.push(ModelRoute {
             name: raw.name,
+            aliases: raw.aliases,
             provider,
             upstream_model_json: quote(&upstream_model),
             upstream_model,
@@ -593,17 +651,16 @@ fn model_object(id: &str, owner: &str) -> Value {
 fn model_listing(
     models: &[ModelRoute],
     providers: &[Provider],
-    by_name: &HashMap<String, usize>,
 ) -> (Vec<u8>, HashMap<String, Vec<u8>>) {
-    let mut names: Vec<(&String, &usize)> = by_name.iter().collect();
-    names.sort_by(|a, b| a.1.cmp(b.1).then(a.0.cmp(b.0)));
-    let mut data = Vec::with_capacity(names.len());
-    let mut bodies = HashMap::with_capacity(names.len());
-    for (name, &i) in names {
-        let owner = &providers[models[i].provider].name;
-        let obj = model_object(name, owner);
-        bodies.insert(name.clone(), obj.to_string().into_bytes());
-        data.push(obj);
+    let mut data = Vec::new();
+    let mut bodies = HashMap::new();
+    for route in models {
+        let owner = &providers[route.provider].name;
+        for name in route.public_names() {
+            let obj = model_object(name, owner);
+            bodies.insert(name.to_string(), obj.to_string().into_bytes());
+            data.push(obj);
+        }
     }
     let list = serde_json::json!({"object": "list", "data": data});
     (list.to_string().into_bytes(), bodies)
@@ -666,7 +723,7 @@ mod tests {
         assert_eq!(mini.name, "gpt-4o-mini");
         assert_eq!(mini.upstream_model_json, "\"gpt-4o-mini\"");
         assert_eq!(mini.chat_path, "/v1/chat/completions");
-        assert_eq!(mini.embeddings_path, "/v1/embeddings");
+        assert_eq!(mini.embeddings_path.as_deref(), Some("/v1/embeddings"));
 
         let azure = cfg.route("gpt-4o").unwrap();
         assert_eq!(
@@ -837,9 +894,9 @@ mod tests {
             compile(doc.as_bytes(), &env).unwrap_or_else(|e| panic!("{e}\n{doc}"));
             n += 1;
         }
-        assert_eq!(n, 11, "one example per documented provider");
+        assert_eq!(n, 12, "one example per documented provider");
         let shipped = ok(include_str!("../envoy/meshllm.json"));
-        assert_eq!(shipped.config.providers.len(), 6);
+        assert_eq!(shipped.config.providers.len(), 7);
     }
 
     #[test]

@@ -8,11 +8,12 @@
 
 use std::rc::Rc;
 
-use crate::api::openai::{normalise_error, ApiError, ErrorOrigin};
-use crate::config::{Config, ModelRoute, Operation, Provider};
+use crate::api::openai::{normalise_error, redact, ApiError, ErrorOrigin};
+use crate::config::{Config, ModelRoute, Operation, Provider, ProviderKind};
 use crate::host::{Host, HostResult};
 use crate::json::{splice, Kind, TopLevel};
 use crate::metrics;
+use crate::translate::anthropic::{self, MessagesStreamToChat};
 
 /// The header the Envoy route reads to pick the provider's cluster.
 pub const CLUSTER_HEADER: &str = "x-meshllm-cluster";
@@ -54,8 +55,23 @@ pub struct RequestFilter {
     operation: Option<Operation>,
     route: Option<usize>,
     status: u16,
-    /// The error reply must be rewritten once its body is complete.
-    error_origin: Option<ErrorOrigin>,
+    /// The request was translated to Anthropic's Messages API.
+    anthropic: Option<anthropic::ChatRequestInfo>,
+    response: ResponseMode,
+}
+
+/// What the response side does with the provider's answer.
+enum ResponseMode {
+    /// Forward untouched (streams chunk by chunk).
+    PassThrough,
+    /// Buffer an error reply and rewrite it into OpenAI's shape.
+    NormaliseError(ErrorOrigin),
+    /// Buffer an Anthropic error reply and translate it.
+    AnthropicError,
+    /// Buffer an Anthropic message and translate it (headers held meanwhile).
+    AnthropicMessage,
+    /// Translate Anthropic's event stream event by event.
+    AnthropicStream(Box<MessagesStreamToChat>),
 }
 
 enum Endpoint {
@@ -108,7 +124,8 @@ impl RequestFilter {
             operation: None,
             route: None,
             status: 0,
-            error_origin: None,
+            anthropic: None,
+            response: ResponseMode::PassThrough,
         }
     }
 
@@ -330,17 +347,37 @@ impl RequestFilter {
             ));
         }
 
-        let new_body = (*model != *route.upstream_model).then(|| {
-            splice(
-                body,
-                model_field.value.clone(),
-                route.upstream_model_json.as_bytes(),
+        let path = route.path(op).ok_or_else(|| {
+            ApiError::invalid_request(
+                Some("unsupported_operation"),
+                format!(
+                    "The model `{model}` is served by provider {:?}, which has no embeddings API.",
+                    provider.name
+                ),
             )
-        });
+            .with_param("model")
+        })?;
+        let new_body = if provider.kind == ProviderKind::Anthropic {
+            let (translated, info) = anthropic::chat_request_to_messages(
+                body,
+                &route.upstream_model,
+                provider.default_max_tokens,
+            )?;
+            self.anthropic = Some(info);
+            Some(translated)
+        } else {
+            (*model != *route.upstream_model).then(|| {
+                splice(
+                    body,
+                    model_field.value.clone(),
+                    route.upstream_model_json.as_bytes(),
+                )
+            })
+        };
         point_at_provider(
             host,
             provider,
-            route.path(op),
+            path,
             new_body.as_deref().map_or(body.len(), <[u8]>::len),
         )
         .map_err(|e| internal(format!("could not rewrite the request headers: {e}")))?;
@@ -365,13 +402,49 @@ impl RequestFilter {
                 let _ = host.set_response_header(MODEL_RESPONSE_HEADER, &route.upstream_model);
             }
         }
-        if self.status >= 400 && !end_of_stream {
-            // `via_upstream` means the provider answered; any other detail
-            // means Envoy did (connect failure, timeout, overflow, ...).
-            self.error_origin = Some(match host.response_code_details().as_deref() {
-                Some("via_upstream") | None => ErrorOrigin::Provider,
-                Some(_) => ErrorOrigin::Proxy,
-            });
+        // `via_upstream` means the provider answered; any other detail means
+        // Envoy did (connect failure, timeout, overflow, ...).
+        let via_upstream = matches!(
+            host.response_code_details().as_deref(),
+            Some("via_upstream") | None
+        );
+        let translated = self.phase == Phase::Forwarded && self.anthropic.is_some();
+        self.response = match (self.status, translated, via_upstream) {
+            (400.., _, _) if end_of_stream => ResponseMode::PassThrough,
+            (400.., true, true) => {
+                let caller = anthropic::caller_status(self.status);
+                if caller != self.status {
+                    let _ = host.set_response_header(":status", &caller.to_string());
+                }
+                ResponseMode::AnthropicError
+            }
+            (400.., _, true) => ResponseMode::NormaliseError(ErrorOrigin::Provider),
+            (400.., _, false) => ResponseMode::NormaliseError(ErrorOrigin::Proxy),
+            (200..=299, true, _) if !end_of_stream => {
+                let stream = self.anthropic.as_ref().is_some_and(|a| a.stream);
+                let include_usage = self.anthropic.as_ref().is_some_and(|a| a.include_usage);
+                let _ = host.remove_response_header("content-length");
+                let _ = host.remove_response_header("content-encoding");
+                if stream {
+                    let _ = host.set_response_header("content-type", "text/event-stream");
+                    ResponseMode::AnthropicStream(Box::new(MessagesStreamToChat::new(
+                        include_usage,
+                        host.now_unix_seconds(),
+                    )))
+                } else {
+                    let _ = host.set_response_header("content-type", "application/json");
+                    // Hold the headers: a message that cannot be translated
+                    // must not go out as a 200.
+                    self.response = ResponseMode::AnthropicMessage;
+                    return Flow::Pause;
+                }
+            }
+            _ => ResponseMode::PassThrough,
+        };
+        if matches!(
+            self.response,
+            ResponseMode::NormaliseError(_) | ResponseMode::AnthropicError
+        ) {
             // The body is replaced once complete; its length will change.
             let _ = host.remove_response_header("content-length");
             let _ = host.remove_response_header("content-encoding");
@@ -386,29 +459,68 @@ impl RequestFilter {
         body_size: usize,
         end_of_stream: bool,
     ) -> Flow {
-        let Some(origin) = self.error_origin else {
+        if let ResponseMode::AnthropicStream(translator) = &mut self.response {
+            return translate_stream_chunk(host, translator, body_size, end_of_stream);
+        }
+        if matches!(self.response, ResponseMode::PassThrough) {
             return Flow::Continue;
-        };
+        }
         if !end_of_stream {
             return Flow::Pause;
         }
-        self.error_origin = None;
+        let mode = std::mem::replace(&mut self.response, ResponseMode::PassThrough);
         let body = match host.response_body(body_size) {
             Ok(b) => b,
             Err(e) => {
-                log::warn!("could not read an error reply: {e}");
+                log::warn!("could not read a response body: {e}");
                 return Flow::Continue;
             }
         };
-        let provider = self.provider().map(|p| p.name.as_str());
-        let secrets: Vec<&str> = self
-            .provider()
+        let config = Rc::clone(&self.config);
+        let provider_entry = self
+            .route
+            .map(|i| &config.providers[config.models[i].provider]);
+        let provider = provider_entry.map(|p| p.name.as_str());
+        let secrets: Vec<&str> = provider_entry
             .and_then(|p| p.api_key.as_deref())
             .into_iter()
             .collect();
-        if let Some(new_body) = normalise_error(self.status, &body, provider, origin, &secrets) {
+        let new_body = match mode {
+            ResponseMode::NormaliseError(origin) => {
+                normalise_error(self.status, &body, provider, origin, &secrets)
+            }
+            ResponseMode::AnthropicError => {
+                let translated = anthropic::messages_error_to_chat(self.status, &body);
+                Some(redact(&String::from_utf8_lossy(&translated), &secrets).into_bytes())
+            }
+            ResponseMode::AnthropicMessage => {
+                match anthropic::messages_response_to_chat(&body, host.now_unix_seconds()) {
+                    Ok(translated) => Some(translated),
+                    Err(e) => {
+                        log::warn!("could not translate a provider answer: {e}");
+                        self.status = 502;
+                        let _ = host.set_response_header(":status", "502");
+                        Some(
+                            ApiError::new(
+                                502,
+                                "server_error",
+                                Some("invalid_provider_response"),
+                                format!(
+                                    "Provider {:?} sent an answer the gateway could not \
+                                     translate: {e}.",
+                                    provider.unwrap_or("none")
+                                ),
+                            )
+                            .body(),
+                        )
+                    }
+                }
+            }
+            ResponseMode::PassThrough | ResponseMode::AnthropicStream(_) => None,
+        };
+        if let Some(new_body) = new_body {
             if let Err(e) = host.replace_response_body(body_size, &new_body) {
-                log::warn!("could not rewrite an error reply: {e}");
+                log::warn!("could not rewrite a response body: {e}");
             }
         }
         Flow::Continue
@@ -423,6 +535,32 @@ impl RequestFilter {
         let name = metrics::requests_total(provider, model, self.status);
         host.count(&name, 1);
     }
+}
+
+/// Replaces one chunk of an Anthropic event stream with its translation:
+/// every event the chunk completes goes out now, partial ones wait.
+fn translate_stream_chunk(
+    host: &mut dyn Host,
+    translator: &mut MessagesStreamToChat,
+    body_size: usize,
+    end_of_stream: bool,
+) -> Flow {
+    let chunk = match host.response_body(body_size) {
+        Ok(c) => c,
+        Err(e) => {
+            log::warn!("could not read a stream chunk: {e}");
+            Vec::new()
+        }
+    };
+    let mut out = Vec::with_capacity(chunk.len() + 64);
+    translator.push(&chunk, &mut out);
+    if end_of_stream {
+        translator.finish(&mut out);
+    }
+    if let Err(e) = host.replace_response_body(body_size, &out) {
+        log::warn!("could not rewrite a stream chunk: {e}");
+    }
+    Flow::Continue
 }
 
 fn point_at_provider(

@@ -244,6 +244,9 @@ impl Host for MockHost {
         });
         Ok(())
     }
+    fn now_unix_seconds(&self) -> u64 {
+        1_700_000_000
+    }
     fn count(&mut self, name: &str, delta: u64) {
         *self.counters.entry(name.to_string()).or_default() += delta;
     }

@@ -241,6 +241,12 @@ impl Host for ProxyHost {
         hostcalls::send_http_response(u32::from(status), headers.to_vec(), Some(body))
             .map_err(|s| host_error("send local reply", s))
     }
+    fn now_unix_seconds(&self) -> u64 {
+        hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs())
+    }
     fn count(&mut self, name: &str, delta: u64) {
         let id = METRICS.with(|m| {
             let mut m = m.borrow_mut();

@@ -39,6 +39,9 @@ pub trait Host {
     /// Answers the request from the filter; nothing is sent upstream.
     fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) -> HostResult;
 
+    /// Seconds since the Unix epoch, from the proxy's clock.
+    fn now_unix_seconds(&self) -> u64;
+
     /// Adds `delta` to the counter called `name`.
     fn count(&mut self, name: &str, delta: u64);
 }

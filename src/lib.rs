@@ -15,6 +15,8 @@ pub mod filter;
 pub mod host;
 pub mod json;
 pub mod metrics;
+pub mod sse;
+pub mod translate;
 
 // The host ABI only exists inside the VM: native test binaries never link the
 // glue, but clippy checks it everywhere.

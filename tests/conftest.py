@@ -31,6 +31,7 @@ KEYS = {
     "OPENAI_API_KEY": "sk-test-openai-123",
     "AZURE_OPENAI_API_KEY": "az-test-456",
     "GROQ_API_KEY": "gsk-test-789",
+    "ANTHROPIC_API_KEY": "sk-ant-test-012",
 }
 
 
@@ -182,6 +183,8 @@ def gateway_plugin_config(dead_port, max_request_bytes=262144):
         {"name": "leak", "provider": "openai", "model": "mock-echo-key"},
         {"name": "gated", "provider": "openai", "model": "mock-gated"},
         {"name": "dead-model", "provider": "deadend", "model": "x"},
+        {"name": "claude-overloaded", "provider": "anthropic", "model": "mock-overloaded"},
+        {"name": "claude-cut", "provider": "anthropic", "model": "mock-cut"},
     ]
     return cfg
 
@@ -199,6 +202,7 @@ def mocks():
         "openai": MockProvider(label="openai").start(),
         "azure": MockProvider(label="azure").start(),
         "groq": MockProvider(label="groq").start(),
+        "anthropic": MockProvider(label="anthropic").start(),
     }
     yield servers
     for s in servers.values():

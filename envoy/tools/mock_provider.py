@@ -13,7 +13,15 @@ Behaviour is chosen by the upstream model name, so tests can script it:
   mock-echo-key   401 whose message quotes the credential it received
   mock-gated      streams its first chunk, then waits for release() before
                   sending the rest (proves the gateway does not buffer)
+  mock-overloaded (Anthropic) 529 overloaded_error
+  mock-cut        (Anthropic, streamed) ends the HTTP response cleanly but
+                  without message_stop, like a provider that broke off
 Anything else gets a normal answer.
+
+Paths ending in /messages speak Anthropic's Messages API (x-api-key and
+anthropic-version required; event-stream framing when streamed; tool_use
+blocks for each offered tool, up to two, unless the last turn holds tool
+results).
 """
 
 import argparse
@@ -131,6 +139,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_json(401, {"error": {"message": f"Incorrect API key provided: {cred}",
                                                   "type": "invalid_request_error", "param": None,
                                                   "code": "invalid_api_key"}})
+        if path.endswith("/messages"):
+            return self.anthropic(req)
         if path.endswith("/chat/completions"):
             return self.chat(req)
         if path.endswith("/embeddings"):
@@ -183,6 +193,90 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             if i == 0 and model == "mock-gated":
                 self.server.gate.wait(timeout=30)
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def anthropic_error(self, status, kind, message):
+        return self.send_json(status, {"type": "error", "error": {"type": kind, "message": message}})
+
+    def anthropic(self, req):
+        if not self.headers.get("x-api-key"):
+            return self.anthropic_error(401, "authentication_error", "x-api-key header is required")
+        if not self.headers.get("anthropic-version"):
+            return self.anthropic_error(400, "invalid_request_error", "anthropic-version header is required")
+        if not isinstance(req.get("max_tokens"), int):
+            return self.anthropic_error(400, "invalid_request_error", "max_tokens: Field required")
+        model = req.get("model", "")
+        if model == "mock-overloaded":
+            return self.anthropic_error(529, "overloaded_error", "Overloaded")
+        messages = req.get("messages") or []
+        last = messages[-1] if messages else {}
+        last_blocks = last.get("content") if isinstance(last.get("content"), list) else []
+        tool_results = [b for b in last_blocks if b.get("type") == "tool_result"]
+        said = " ".join(
+            (b.get("text", "") for b in last_blocks if b.get("type") == "text")
+        ) if last_blocks else str(last.get("content", ""))
+        blocks = []
+        if req.get("tools") and not tool_results:
+            for i, tool in enumerate(req["tools"][:2]):
+                blocks.append({"type": "tool_use", "id": f"toolu_mock{i}", "name": tool["name"],
+                               "input": {"query": said, "n": i}})
+            stop = "tool_use"
+        else:
+            if tool_results:
+                text = "Tools said: " + "; ".join(str(t.get("content")) for t in tool_results)
+            else:
+                text = f"Hello from the {self.server.label} provider! You said: {said}"
+            blocks.append({"type": "text", "text": text})
+            stop = "end_turn"
+        usage = {"input_tokens": sum(words(json.dumps(m.get("content"))) for m in messages),
+                 "output_tokens": sum(words(json.dumps(b)) for b in blocks),
+                 "cache_read_input_tokens": 2, "cache_creation_input_tokens": 0}
+        msg_id = "msg_" + hashlib.sha1(json.dumps(blocks).encode()).hexdigest()[:12]
+        if not req.get("stream"):
+            return self.send_json(200, {"id": msg_id, "type": "message", "role": "assistant",
+                                        "model": model, "content": blocks, "stop_reason": stop,
+                                        "stop_sequence": None, "usage": usage})
+
+        def ev(name, data):
+            return f"event: {name}\ndata: {json.dumps(data)}\n\n"
+
+        events = [ev("message_start", {"type": "message_start", "message": {
+            "id": msg_id, "type": "message", "role": "assistant", "model": model, "content": [],
+            "stop_reason": None, "stop_sequence": None,
+            "usage": {**usage, "output_tokens": 1}}}), ": keep-alive comment\n\n",
+            ev("ping", {"type": "ping"})]
+        for i, b in enumerate(blocks):
+            if b["type"] == "text":
+                events.append(ev("content_block_start", {"type": "content_block_start", "index": i,
+                                                         "content_block": {"type": "text", "text": ""}}))
+                for j, piece in enumerate(b["text"].split(" ")):
+                    events.append(ev("content_block_delta", {
+                        "type": "content_block_delta", "index": i,
+                        "delta": {"type": "text_delta", "text": piece if j == 0 else " " + piece}}))
+            else:
+                events.append(ev("content_block_start", {"type": "content_block_start", "index": i,
+                                                         "content_block": {**b, "input": {}}}))
+                args = json.dumps(b["input"])
+                for piece in (args[:5], args[5:]):
+                    events.append(ev("content_block_delta", {
+                        "type": "content_block_delta", "index": i,
+                        "delta": {"type": "input_json_delta", "partial_json": piece}}))
+            events.append(ev("content_block_stop", {"type": "content_block_stop", "index": i}))
+        events.append(ev("message_delta", {"type": "message_delta",
+                                           "delta": {"stop_reason": stop, "stop_sequence": None},
+                                           "usage": {"output_tokens": usage["output_tokens"]}}))
+        events.append(ev("message_stop", {"type": "message_stop"}))
+        if model == "mock-cut":
+            events = events[:5]
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        for e in events:
+            data = e.encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 

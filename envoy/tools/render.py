@@ -31,12 +31,20 @@ def stats_tags():
     ]
 
 
+DEFAULT_BASE_URLS = {
+    "openai": "https://api.openai.com/v1",
+    "anthropic": "https://api.anthropic.com/v1",
+}
+
+
+def provider_url(provider):
+    """A provider's base_url, with the kind's default filled in."""
+    return provider.get("base_url") or DEFAULT_BASE_URLS.get(provider.get("kind"))
+
+
 def provider_endpoint(provider):
     """(host, port, tls) of a provider, from its base_url."""
-    url = provider.get("base_url")
-    if url is None and provider.get("kind") == "openai":
-        url = "https://api.openai.com/v1"
-    parts = urlsplit(url)
+    parts = urlsplit(provider_url(provider))
     tls = parts.scheme == "https"
     return parts.hostname, parts.port or (443 if tls else 80), tls
 

@@ -75,7 +75,7 @@ def main():
             real.append(p["name"])
         else:
             # Served by the demo provider: plain HTTP on loopback, no key.
-            path = urlsplit(p.get("base_url") or "https://api.openai.com/v1").path
+            path = urlsplit(render.provider_url(p)).path
             p["base_url"] = f"http://127.0.0.1:{demo_port}{path.rstrip('/')}"
             p.pop("api_key_env", None)
             demo.append(p["name"])
