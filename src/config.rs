@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::json::quote;
-use crate::translate::anthropic::DEFAULT_ANTHROPIC_VERSION;
+use crate::translate::openai_anthropic::DEFAULT_ANTHROPIC_VERSION;
 
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 10 * 1024 * 1024;
 pub const DEFAULT_MAX_TOKENS: u64 = 4096;

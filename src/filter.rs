@@ -13,7 +13,8 @@ use crate::config::{Config, ModelRoute, Operation, Provider, ProviderKind};
 use crate::host::{Host, HostResult};
 use crate::json::{splice, Kind, TopLevel};
 use crate::metrics;
-use crate::translate::anthropic::{self, MessagesStreamToChat};
+use crate::translate::openai_anthropic::{self, MessagesStreamToChat};
+use crate::translate::StreamTranslator;
 
 /// The header the Envoy route reads to pick the provider's cluster.
 pub const CLUSTER_HEADER: &str = "x-meshllm-cluster";
@@ -56,7 +57,7 @@ pub struct RequestFilter {
     route: Option<usize>,
     status: u16,
     /// The request was translated to Anthropic's Messages API.
-    anthropic: Option<anthropic::ChatRequestInfo>,
+    anthropic: Option<openai_anthropic::ChatRequestInfo>,
     response: ResponseMode,
 }
 
@@ -358,7 +359,7 @@ impl RequestFilter {
             .with_param("model")
         })?;
         let new_body = if provider.kind == ProviderKind::Anthropic {
-            let (translated, info) = anthropic::chat_request_to_messages(
+            let (translated, info) = openai_anthropic::chat_request_to_messages(
                 body,
                 &route.upstream_model,
                 provider.default_max_tokens,
@@ -412,7 +413,7 @@ impl RequestFilter {
         self.response = match (self.status, translated, via_upstream) {
             (400.., _, _) if end_of_stream => ResponseMode::PassThrough,
             (400.., true, true) => {
-                let caller = anthropic::caller_status(self.status);
+                let caller = openai_anthropic::caller_status(self.status);
                 if caller != self.status {
                     let _ = host.set_response_header(":status", &caller.to_string());
                 }
@@ -490,11 +491,11 @@ impl RequestFilter {
                 normalise_error(self.status, &body, provider, origin, &secrets)
             }
             ResponseMode::AnthropicError => {
-                let translated = anthropic::messages_error_to_chat(self.status, &body);
+                let translated = openai_anthropic::messages_error_to_chat(self.status, &body);
                 Some(redact(&String::from_utf8_lossy(&translated), &secrets).into_bytes())
             }
             ResponseMode::AnthropicMessage => {
-                match anthropic::messages_response_to_chat(&body, host.now_unix_seconds()) {
+                match openai_anthropic::messages_response_to_chat(&body, host.now_unix_seconds()) {
                     Ok(translated) => Some(translated),
                     Err(e) => {
                         log::warn!("could not translate a provider answer: {e}");

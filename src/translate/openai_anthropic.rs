@@ -12,6 +12,7 @@ use serde_json::{json, Map, Value};
 
 use crate::api::openai::{error_type_for_status, ApiError};
 use crate::sse::{SseEvent, SseParser};
+use crate::translate::{StreamTranslator, Usage};
 
 /// The `anthropic-version` header value the gateway sends.
 pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
@@ -711,18 +712,6 @@ pub fn chat_request_to_messages(
 // Responses: Anthropic -> OpenAI
 // ---------------------------------------------------------------------------
 
-/// Token counts of one exchange, in OpenAI's terms: `input_tokens` counts
-/// every prompt token, cached ones (read or written) included, and
-/// `cached_input_tokens` those read from the cache. Anthropic does not count
-/// thinking tokens apart from output, so `reasoning_tokens` stays 0.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Usage {
-    pub input_tokens: u64,
-    pub output_tokens: u64,
-    pub cached_input_tokens: u64,
-    pub reasoning_tokens: u64,
-}
-
 /// Anthropic's own usage fields as reported.
 #[derive(Debug, Clone, Copy, Default)]
 struct RawUsage {
@@ -1064,23 +1053,9 @@ fn write_data(out: &mut Vec<u8>, json: &[u8]) {
     out.extend_from_slice(b"\n\n");
 }
 
-impl MessagesStreamToChat {
-    pub fn new(include_usage: bool, created: u64) -> Self {
-        MessagesStreamToChat {
-            parser: SseParser::default(),
-            include_usage,
-            created,
-            id: String::new(),
-            model: String::new(),
-            tool_blocks: Vec::new(),
-            usage: RawUsage::default(),
-            usage_seen: false,
-            state: StreamState::Open,
-        }
-    }
-
+impl StreamTranslator for MessagesStreamToChat {
     /// Appends to `out` the translation of every upstream event completed by `chunk`.
-    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
         if self.state != StreamState::Open {
             return;
         }
@@ -1094,7 +1069,7 @@ impl MessagesStreamToChat {
     /// Upstream ended. If the stream finished properly (message_stop seen), nothing more
     /// (the [DONE] was already written at message_stop). Otherwise append an OpenAI error
     /// event and NO [DONE]: a broken stream must never look complete.
-    pub fn finish(&mut self, out: &mut Vec<u8>) {
+    fn finish(&mut self, out: &mut Vec<u8>) {
         if self.state != StreamState::Open {
             return;
         }
@@ -1109,8 +1084,24 @@ impl MessagesStreamToChat {
     }
 
     /// Token counts seen so far, once the upstream has reported any.
-    pub fn usage(&self) -> Option<Usage> {
+    fn usage(&self) -> Option<Usage> {
         self.usage_seen.then(|| self.usage.usage())
+    }
+}
+
+impl MessagesStreamToChat {
+    pub fn new(include_usage: bool, created: u64) -> Self {
+        MessagesStreamToChat {
+            parser: SseParser::default(),
+            include_usage,
+            created,
+            id: String::new(),
+            model: String::new(),
+            tool_blocks: Vec::new(),
+            usage: RawUsage::default(),
+            usage_seen: false,
+            state: StreamState::Open,
+        }
     }
 
     fn emit(&self, out: &mut Vec<u8>, delta: Delta<'_>, finish: Option<&'static str>) {
