@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 
 use crate::json::quote;
 use crate::translate::openai_anthropic::DEFAULT_ANTHROPIC_VERSION;
+use crate::translate::Schema;
 
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 10 * 1024 * 1024;
 pub const DEFAULT_MAX_TOKENS: u64 = 4096;
@@ -48,12 +49,20 @@ pub enum ProviderKind {
     OpenAi,
     AzureOpenAi,
     OpenAiCompatible,
-    /// Anthropic Messages API; OpenAI chat calls are translated.
+    /// Anthropic Messages API.
     Anthropic,
+    /// Google Gemini API (generativelanguage.googleapis.com).
+    Gemini,
+    /// Google Vertex AI: Gemini models, and Anthropic models through
+    /// `rawPredict`, under a project and region.
+    VertexAi,
+    /// AWS Bedrock Converse / ConverseStream, signed with SigV4.
+    Bedrock,
 }
 
 impl ProviderKind {
-    const NAMES: &'static str = "openai, azure_openai, openai_compatible, anthropic";
+    const NAMES: &'static str =
+        "openai, azure_openai, openai_compatible, anthropic, gemini, vertex_ai, bedrock";
 
     fn parse(s: &str) -> Option<Self> {
         match s {
@@ -61,6 +70,9 @@ impl ProviderKind {
             "azure_openai" => Some(ProviderKind::AzureOpenAi),
             "openai_compatible" => Some(ProviderKind::OpenAiCompatible),
             "anthropic" => Some(ProviderKind::Anthropic),
+            "gemini" => Some(ProviderKind::Gemini),
+            "vertex_ai" => Some(ProviderKind::VertexAi),
+            "bedrock" => Some(ProviderKind::Bedrock),
             _ => None,
         }
     }
@@ -95,6 +107,39 @@ pub struct Provider {
     pub api_version: Option<String>,
     /// `max_tokens` sent to Anthropic when the caller gave none (it is required there).
     pub default_max_tokens: u64,
+    /// Vertex AI: the Google Cloud project.
+    pub project: Option<String>,
+    /// Vertex AI location or AWS region.
+    pub region: Option<String>,
+    /// Bedrock without an API key: SigV4 credentials read from the environment.
+    pub aws_credentials: Option<AwsCredentials>,
+}
+
+/// AWS credentials for SigV4, read once from the proxy's environment.
+#[derive(Clone)]
+pub struct AwsCredentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: Option<String>,
+}
+
+// Never print the secrets, even in debug output.
+impl fmt::Debug for AwsCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AwsCredentials({})", self.access_key_id)
+    }
+}
+
+impl Provider {
+    /// Values that must never be echoed to a client (scrubbed from errors).
+    pub fn secrets(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = self.api_key.as_deref().into_iter().collect();
+        if let Some(c) = &self.aws_credentials {
+            out.push(&c.secret_access_key);
+            out.extend(c.session_token.as_deref());
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -107,9 +152,17 @@ pub struct ModelRoute {
     pub upstream_model: String,
     /// `upstream_model` as a JSON string literal, ready to splice into bodies.
     pub upstream_model_json: String,
+    /// The API schema the provider speaks for this model.
+    pub schema: Schema,
     pub chat_path: String,
+    /// Where streamed chat calls go (Gemini, Vertex and Bedrock use another
+    /// method); the same as `chat_path` otherwise.
+    pub chat_stream_path: String,
     /// None when the provider has no embeddings API.
     pub embeddings_path: Option<String>,
+    /// Vertex AI's Anthropic models take the model from the URL and an
+    /// `anthropic_version` in the body instead.
+    pub vertex_anthropic: bool,
 }
 
 impl ModelRoute {
@@ -118,8 +171,9 @@ impl ModelRoute {
         std::iter::once(self.name.as_str()).chain(self.aliases.iter().map(String::as_str))
     }
 
-    pub fn path(&self, op: Operation) -> Option<&str> {
+    pub fn path(&self, op: Operation, stream: bool) -> Option<&str> {
         match op {
+            Operation::ChatCompletions if stream => Some(&self.chat_stream_path),
             Operation::ChatCompletions => Some(&self.chat_path),
             Operation::Embeddings => self.embeddings_path.as_deref(),
         }
@@ -184,6 +238,16 @@ struct RawProvider {
     anthropic_version: Option<String>,
     #[serde(default)]
     default_max_tokens: Option<u64>,
+    #[serde(default)]
+    project: Option<String>,
+    #[serde(default)]
+    region: Option<String>,
+    #[serde(default)]
+    aws_access_key_id_env: Option<String>,
+    #[serde(default)]
+    aws_secret_access_key_env: Option<String>,
+    #[serde(default)]
+    aws_session_token_env: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -197,6 +261,8 @@ struct RawModel {
     deployment: Option<String>,
     #[serde(default)]
     aliases: Vec<String>,
+    #[serde(default)]
+    publisher: Option<String>,
 }
 
 const TOP_LEVEL_FIELDS: &[&str] = &["providers", "models", "max_request_bytes"];
@@ -390,19 +456,40 @@ fn compile_providers(
                 ),
             )
         })?;
-        let base_url = match (kind, raw.base_url.as_deref()) {
-            (_, Some(url)) => url,
-            (ProviderKind::OpenAi, None) => "https://api.openai.com/v1",
-            (ProviderKind::Anthropic, None) => "https://api.anthropic.com/v1",
-            (_, None) => {
+        let region = compile_region(&at, kind, &raw)?;
+        let project = match (kind, &raw.project) {
+            (ProviderKind::VertexAi, Some(p)) if valid_name(p) => Some(p.clone()),
+            (ProviderKind::VertexAi, Some(p)) => {
                 return Err(ConfigError::new(
-                    format!("{at}.base_url"),
-                    format!("required for kind {:?}", raw.kind),
+                    format!("{at}.project"),
+                    format!("{p:?} is not a valid Google Cloud project id"),
                 ))
             }
+            (ProviderKind::VertexAi, None) => {
+                return Err(ConfigError::new(
+                    format!("{at}.project"),
+                    "required for kind \"vertex_ai\"",
+                ))
+            }
+            (_, Some(_)) => {
+                return Err(ConfigError::new(
+                    format!("{at}.project"),
+                    "only applies to kind \"vertex_ai\"",
+                ))
+            }
+            (_, None) => None,
+        };
+        let base_url = match (kind, raw.base_url.clone()) {
+            (_, Some(url)) => url,
+            (_, None) => default_base_url(kind, region.as_deref()).ok_or_else(|| {
+                ConfigError::new(
+                    format!("{at}.base_url"),
+                    format!("required for kind {:?}", raw.kind),
+                )
+            })?,
         };
         let url =
-            BaseUrl::parse(base_url).map_err(|e| ConfigError::new(format!("{at}.base_url"), e))?;
+            BaseUrl::parse(&base_url).map_err(|e| ConfigError::new(format!("{at}.base_url"), e))?;
         match (kind, &raw.api_version) {
             (ProviderKind::AzureOpenAi, None) => {
                 return Err(ConfigError::new(
@@ -433,6 +520,8 @@ fn compile_providers(
         }
         let mut api_key = None;
         let mut key_missing = false;
+        let aws_credentials =
+            compile_aws_credentials(&at, kind, &raw, env, warnings, &mut key_missing)?;
         if let Some(var) = &raw.api_key_env {
             if !valid_env_name(var) {
                 return Err(ConfigError::new(
@@ -455,6 +544,8 @@ fn compile_providers(
         let auth_header = api_key.as_ref().map(|k| match kind {
             ProviderKind::AzureOpenAi => ("api-key", k.clone()),
             ProviderKind::Anthropic => ("x-api-key", k.clone()),
+            ProviderKind::Gemini => ("x-goog-api-key", k.clone()),
+            // OpenAI and compatibles; Vertex AI access tokens; Bedrock API keys.
             _ => ("authorization", format!("Bearer {k}")),
         });
         let mut extra_headers: Vec<(String, String)> = Vec::new();
@@ -472,6 +563,10 @@ fn compile_providers(
                     "authorization"
                         | "api-key"
                         | "x-api-key"
+                        | "x-goog-api-key"
+                        | "x-amz-date"
+                        | "x-amz-security-token"
+                        | "x-amz-content-sha256"
                         | "host"
                         | "content-length"
                         | "x-meshllm-cluster"
@@ -532,9 +627,152 @@ fn compile_providers(
             base_path: url.path,
             api_version: raw.api_version,
             default_max_tokens,
+            project,
+            region,
+            aws_credentials,
         });
     }
     Ok(providers)
+}
+
+/// The base URL a kind uses when `base_url` is not set.
+pub fn default_base_url(kind: ProviderKind, region: Option<&str>) -> Option<String> {
+    match (kind, region) {
+        (ProviderKind::OpenAi, _) => Some("https://api.openai.com/v1".into()),
+        (ProviderKind::Anthropic, _) => Some("https://api.anthropic.com/v1".into()),
+        (ProviderKind::Gemini, _) => {
+            Some("https://generativelanguage.googleapis.com/v1beta".into())
+        }
+        (ProviderKind::VertexAi, Some("global")) => {
+            Some("https://aiplatform.googleapis.com/v1".into())
+        }
+        (ProviderKind::VertexAi, Some(r)) => {
+            Some(format!("https://{r}-aiplatform.googleapis.com/v1"))
+        }
+        (ProviderKind::Bedrock, Some(r)) => {
+            Some(format!("https://bedrock-runtime.{r}.amazonaws.com"))
+        }
+        _ => None,
+    }
+}
+
+fn compile_region(
+    at: &str,
+    kind: ProviderKind,
+    raw: &RawProvider,
+) -> Result<Option<String>, ConfigError> {
+    let needs = matches!(kind, ProviderKind::VertexAi | ProviderKind::Bedrock);
+    match &raw.region {
+        None if needs => Err(ConfigError::new(
+            format!("{at}.region"),
+            format!(
+                "required for kind {:?} (for example {})",
+                raw.kind,
+                if kind == ProviderKind::Bedrock {
+                    "\"us-east-1\""
+                } else {
+                    "\"us-central1\" or \"global\""
+                }
+            ),
+        )),
+        None => Ok(None),
+        Some(_) if !needs => Err(ConfigError::new(
+            format!("{at}.region"),
+            "only applies to kinds \"vertex_ai\" and \"bedrock\"",
+        )),
+        Some(r)
+            if !r.is_empty()
+                && r.len() <= 64
+                && r.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') =>
+        {
+            Ok(Some(r.clone()))
+        }
+        Some(r) => Err(ConfigError::new(
+            format!("{at}.region"),
+            format!("{r:?} is not a valid region name"),
+        )),
+    }
+}
+
+const AWS_ENV_DEFAULTS: [(&str, &str); 3] = [
+    ("aws_access_key_id_env", "AWS_ACCESS_KEY_ID"),
+    ("aws_secret_access_key_env", "AWS_SECRET_ACCESS_KEY"),
+    ("aws_session_token_env", "AWS_SESSION_TOKEN"),
+];
+
+/// Bedrock signs with SigV4 unless an API key (`api_key_env`, sent as a
+/// bearer token) is configured instead.
+fn compile_aws_credentials(
+    at: &str,
+    kind: ProviderKind,
+    raw: &RawProvider,
+    env: &dyn Fn(&str) -> Option<String>,
+    warnings: &mut Vec<String>,
+    key_missing: &mut bool,
+) -> Result<Option<AwsCredentials>, ConfigError> {
+    let given = [
+        &raw.aws_access_key_id_env,
+        &raw.aws_secret_access_key_env,
+        &raw.aws_session_token_env,
+    ];
+    if kind != ProviderKind::Bedrock || raw.api_key_env.is_some() {
+        for ((field, _), value) in AWS_ENV_DEFAULTS.iter().zip(given) {
+            if value.is_some() {
+                return Err(ConfigError::new(
+                    format!("{at}.{field}"),
+                    if kind == ProviderKind::Bedrock {
+                        "cannot be combined with api_key_env (a Bedrock API key replaces SigV4)"
+                    } else {
+                        "only applies to kind \"bedrock\""
+                    },
+                ));
+            }
+        }
+        return Ok(None);
+    }
+    let mut values: Vec<Option<String>> = Vec::with_capacity(3);
+    for ((field, default), value) in AWS_ENV_DEFAULTS.iter().zip(given) {
+        let var = value.as_deref().unwrap_or(default);
+        if !valid_env_name(var) {
+            return Err(ConfigError::new(
+                format!("{at}.{field}"),
+                format!("{var:?} is not a valid environment variable name"),
+            ));
+        }
+        values.push(
+            env(var)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty()),
+        );
+    }
+    let mut values = values.into_iter();
+    match (
+        values.next().flatten(),
+        values.next().flatten(),
+        values.next().flatten(),
+    ) {
+        (Some(access_key_id), Some(secret_access_key), session_token) => Ok(Some(AwsCredentials {
+            access_key_id,
+            secret_access_key,
+            session_token,
+        })),
+        _ => {
+            *key_missing = true;
+            warnings.push(format!(
+                "{at}: AWS credentials ({} and {}) are not set in the proxy; requests routed to \
+                 provider {:?} will fail until they are",
+                raw.aws_access_key_id_env
+                    .as_deref()
+                    .unwrap_or(AWS_ENV_DEFAULTS[0].1),
+                raw.aws_secret_access_key_env
+                    .as_deref()
+                    .unwrap_or(AWS_ENV_DEFAULTS[1].1),
+                raw.name
+            ));
+            Ok(None)
+        }
+    }
 }
 
 type ModelTable = (Vec<ModelRoute>, HashMap<String, usize>);
@@ -596,7 +834,8 @@ fn compile_models(
                 "must be a non-empty upstream model name",
             ));
         }
-        let base_path = &providers[provider].base_path;
+        let p = &providers[provider];
+        let base_path = &p.base_path;
         let (chat_path, embeddings_path) = match kind {
             ProviderKind::AzureOpenAi => {
                 let deployment = raw
@@ -609,10 +848,7 @@ fn compile_models(
                         format!("{deployment:?} is not a valid deployment name"),
                     ));
                 }
-                let version = providers[provider]
-                    .api_version
-                    .as_deref()
-                    .unwrap_or_default();
+                let version = p.api_version.as_deref().unwrap_or_default();
                 let prefix = format!("{base_path}/openai/deployments/{deployment}");
                 (
                     format!("{prefix}/chat/completions?api-version={version}"),
@@ -625,10 +861,72 @@ fn compile_models(
                     "only applies to providers of kind \"azure_openai\"",
                 ))
             }
-            ProviderKind::Anthropic => (format!("{base_path}/messages"), None),
             ProviderKind::OpenAi | ProviderKind::OpenAiCompatible => (
                 format!("{base_path}/chat/completions"),
                 Some(format!("{base_path}/embeddings")),
+            ),
+            ProviderKind::Anthropic => (format!("{base_path}/messages"), None),
+            ProviderKind::Gemini | ProviderKind::VertexAi | ProviderKind::Bedrock => {
+                (String::new(), None)
+            }
+        };
+        if raw.publisher.is_some() && kind != ProviderKind::VertexAi {
+            return Err(ConfigError::new(
+                format!("{at}.publisher"),
+                "only applies to providers of kind \"vertex_ai\"",
+            ));
+        }
+        // Model ids go into URL paths for these kinds.
+        let in_path = percent_encode_segment(&upstream_model);
+        let (schema, chat_path, chat_stream_path, vertex_anthropic) = match kind {
+            ProviderKind::OpenAi | ProviderKind::OpenAiCompatible | ProviderKind::AzureOpenAi => {
+                (Schema::OpenAi, chat_path.clone(), chat_path, false)
+            }
+            ProviderKind::Anthropic => (Schema::Anthropic, chat_path.clone(), chat_path, false),
+            ProviderKind::Gemini => (
+                Schema::Gemini,
+                format!("{base_path}/models/{in_path}:generateContent"),
+                format!("{base_path}/models/{in_path}:streamGenerateContent?alt=sse"),
+                false,
+            ),
+            ProviderKind::VertexAi => {
+                let publisher = match raw.publisher.as_deref() {
+                    Some(p @ ("google" | "anthropic")) => p,
+                    Some(other) => {
+                        return Err(ConfigError::new(
+                            format!("{at}.publisher"),
+                            format!("{other:?} is not supported (expected google or anthropic)"),
+                        ))
+                    }
+                    None if upstream_model.starts_with("claude") => "anthropic",
+                    None => "google",
+                };
+                let prefix = format!(
+                    "{base_path}/projects/{}/locations/{}/publishers/{publisher}/models/{in_path}",
+                    p.project.as_deref().unwrap_or_default(),
+                    p.region.as_deref().unwrap_or_default(),
+                );
+                if publisher == "anthropic" {
+                    (
+                        Schema::Anthropic,
+                        format!("{prefix}:rawPredict"),
+                        format!("{prefix}:streamRawPredict"),
+                        true,
+                    )
+                } else {
+                    (
+                        Schema::Gemini,
+                        format!("{prefix}:generateContent"),
+                        format!("{prefix}:streamGenerateContent?alt=sse"),
+                        false,
+                    )
+                }
+            }
+            ProviderKind::Bedrock => (
+                Schema::Converse,
+                format!("{base_path}/model/{in_path}/converse"),
+                format!("{base_path}/model/{in_path}/converse-stream"),
+                false,
             ),
         };
         models.push(ModelRoute {
@@ -637,11 +935,28 @@ fn compile_models(
             provider,
             upstream_model_json: quote(&upstream_model),
             upstream_model,
+            schema,
             chat_path,
+            chat_stream_path,
             embeddings_path,
+            vertex_anthropic,
         });
     }
     Ok((models, by_name))
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters, for a
+/// model id placed in one URL path segment (Bedrock ids carry ':' and ARNs '/').
+pub fn percent_encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 fn model_object(id: &str, owner: &str) -> Value {

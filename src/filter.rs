@@ -348,7 +348,7 @@ impl RequestFilter {
             ));
         }
 
-        let path = route.path(op).ok_or_else(|| {
+        let path = route.path(op, false).ok_or_else(|| {
             ApiError::invalid_request(
                 Some("unsupported_operation"),
                 format!(

@@ -21,6 +21,20 @@
 //! `[DONE]`) into its own schema's error event.
 
 pub mod openai_anthropic;
+pub mod openai_usage;
+
+/// The API schemas the gateway speaks, on either side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schema {
+    /// OpenAI Chat Completions (also Azure OpenAI and OpenAI-compatibles).
+    OpenAi,
+    /// Anthropic Messages (also on Vertex AI).
+    Anthropic,
+    /// Google Gemini generateContent (also on Vertex AI).
+    Gemini,
+    /// AWS Bedrock Converse.
+    Converse,
+}
 
 /// Token counts of one exchange, in OpenAI's terms: `input_tokens` counts
 /// every prompt token, cached ones (read or written) included;

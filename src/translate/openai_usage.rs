@@ -1,0 +1,306 @@
+//! OpenAI callers reaching OpenAI-shaped providers, streamed: the gateway
+//! needs the token counts (quotas, metrics), which OpenAI only reports in a
+//! stream when asked with `stream_options.include_usage`.
+//!
+//! * [`request_usage`] asks for usage in the request, keeping every other
+//!   byte, and says whether the caller had asked for it.
+//! * [`OpenAiStreamUsage`] reads usage from the stream. When the caller did
+//!   not ask, it hides what asking changed: the final `choices: []` chunk and
+//!   the `"usage": null` field of the others. When the caller asked, the
+//!   stream passes byte for byte.
+
+use serde_json::Value;
+
+use crate::api::openai::ApiError;
+use crate::json::{splice, Kind, TopLevel};
+use crate::sse::SseParser;
+use crate::translate::{StreamTranslator, Usage};
+
+const INCLUDE_USAGE: &[u8] = br#"{"include_usage":true}"#;
+
+fn invalid_json(e: impl std::fmt::Display) -> ApiError {
+    ApiError::invalid_request(
+        Some("invalid_json"),
+        format!("The request body is not a valid JSON object: {e}."),
+    )
+}
+
+/// Makes a streamed chat request ask for usage. Returns the new body (None
+/// when the caller already asked) and whether the caller asked.
+pub fn request_usage(body: &[u8]) -> Result<(Option<Vec<u8>>, bool), ApiError> {
+    let doc = TopLevel::parse(body).map_err(invalid_json)?;
+    let field = doc.get("stream_options").map_err(|_| {
+        ApiError::invalid_request(
+            Some("duplicate_parameter"),
+            "The parameter 'stream_options' is given more than once.".into(),
+        )
+        .with_param("stream_options")
+    })?;
+    let Some(field) = field else {
+        // Insert before the closing brace; an empty object takes no comma.
+        let close = body.iter().rposition(|&b| b == b'}').unwrap_or(body.len());
+        let insert: &[u8] = if doc.fields().is_empty() {
+            br#""stream_options":{"include_usage":true}"#
+        } else {
+            br#","stream_options":{"include_usage":true}"#
+        };
+        return Ok((Some(splice(body, close..close, insert)), false));
+    };
+    match field.kind {
+        Kind::Null => Ok((
+            Some(splice(body, field.value.clone(), INCLUDE_USAGE)),
+            false,
+        )),
+        Kind::Object => {
+            let mut options: serde_json::Map<String, Value> =
+                serde_json::from_slice(doc.raw(field)).map_err(invalid_json)?;
+            match options.get("include_usage") {
+                Some(Value::Bool(true)) => Ok((None, true)),
+                None | Some(Value::Null) | Some(Value::Bool(false)) => {
+                    options.insert("include_usage".into(), Value::Bool(true));
+                    let value = serde_json::to_vec(&options).map_err(invalid_json)?;
+                    Ok((Some(splice(body, field.value.clone(), &value)), false))
+                }
+                Some(_) => Err(ApiError::invalid_request(
+                    Some("invalid_type"),
+                    "Invalid type for 'stream_options.include_usage': expected a boolean.".into(),
+                )
+                .with_param("stream_options")),
+            }
+        }
+        other => Err(ApiError::invalid_request(
+            Some("invalid_type"),
+            format!(
+                "Invalid type for 'stream_options': expected an object, but got {}.",
+                other.name()
+            ),
+        )
+        .with_param("stream_options")),
+    }
+}
+
+/// Usage from an OpenAI `usage` object.
+pub fn parse_usage(usage: &Value) -> Option<Usage> {
+    let n = |v: Option<&Value>| v.and_then(Value::as_u64).unwrap_or(0);
+    usage.is_object().then(|| Usage {
+        input_tokens: n(usage.get("prompt_tokens")),
+        output_tokens: n(usage.get("completion_tokens")),
+        cached_input_tokens: n(usage
+            .get("prompt_tokens_details")
+            .and_then(|d| d.get("cached_tokens"))),
+        reasoning_tokens: n(usage
+            .get("completion_tokens_details")
+            .and_then(|d| d.get("reasoning_tokens"))),
+    })
+}
+
+/// Reads usage from an OpenAI chunk stream; hides it when the caller did not ask.
+pub struct OpenAiStreamUsage {
+    parser: SseParser,
+    hide: bool,
+    usage: Option<Usage>,
+}
+
+impl OpenAiStreamUsage {
+    pub fn new(hide: bool) -> Self {
+        OpenAiStreamUsage {
+            parser: SseParser::default(),
+            hide,
+            usage: None,
+        }
+    }
+}
+
+/// The chunk without its `usage` field, or None to drop the chunk (the
+/// usage-only one). Also returns the usage when present.
+fn strip_usage(data: &str) -> (Option<Vec<u8>>, Option<Usage>) {
+    let bytes = data.as_bytes();
+    let Ok(doc) = TopLevel::parse(bytes) else {
+        return (Some(bytes.to_vec()), None);
+    };
+    let Ok(Some(field)) = doc.get("usage") else {
+        return (Some(bytes.to_vec()), None);
+    };
+    let usage = if field.kind == Kind::Object {
+        serde_json::from_slice::<Value>(doc.raw(field))
+            .ok()
+            .as_ref()
+            .and_then(parse_usage)
+    } else {
+        None
+    };
+    let no_choices = matches!(doc.get("choices"), Ok(Some(c)) if c.kind == Kind::Array
+        && doc.raw(c).iter().filter(|b| !b.is_ascii_whitespace()).eq(b"[]".iter()));
+    if usage.is_some() && no_choices {
+        return (None, usage);
+    }
+    (
+        Some(remove_field(bytes, field.key.start - 1, field.value.end)),
+        usage,
+    )
+}
+
+/// Removes the member spanning `start..end` (key quote to value end) and one
+/// adjacent comma.
+fn remove_field(doc_bytes: &[u8], start: usize, end: usize) -> Vec<u8> {
+    let before = doc_bytes[..start]
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace());
+    if let Some(i) = before.filter(|&i| doc_bytes[i] == b',') {
+        return splice(doc_bytes, i..end, b"");
+    }
+    let after = doc_bytes[end..]
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .map(|i| end + i);
+    match after.filter(|&i| doc_bytes[i] == b',') {
+        Some(i) => splice(doc_bytes, start..i + 1, b""),
+        None => splice(doc_bytes, start..end, b""),
+    }
+}
+
+impl StreamTranslator for OpenAiStreamUsage {
+    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        let hide = self.hide;
+        let mut found = None;
+        if !hide {
+            out.extend_from_slice(chunk);
+        }
+        self.parser.push(chunk, &mut |event| {
+            // Only chunks that mention usage need a closer look.
+            let mentions = event.data.contains("\"usage\"");
+            if !hide {
+                if mentions {
+                    if let Ok(v) = serde_json::from_str::<Value>(&event.data) {
+                        if let Some(u) = v.get("usage").and_then(parse_usage) {
+                            found = Some(u);
+                        }
+                    }
+                }
+                return;
+            }
+            let (kept, usage) = if mentions {
+                strip_usage(&event.data)
+            } else {
+                (Some(event.data.into_bytes()), None)
+            };
+            if usage.is_some() {
+                found = usage;
+            }
+            if let Some(data) = kept {
+                out.extend_from_slice(b"data: ");
+                out.extend_from_slice(&data);
+                out.extend_from_slice(b"\n\n");
+            }
+        });
+        if found.is_some() {
+            self.usage = found;
+        }
+    }
+
+    /// OpenAI streams carry their own end (`[DONE]`) or error events; the
+    /// filter passes an abrupt end through as the provider sent it.
+    fn finish(&mut self, _out: &mut Vec<u8>) {}
+
+    fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn asks_for_usage_keeping_other_bytes() {
+        let (body, asked) = request_usage(br#"{"model":"m", "stream": true}"#).unwrap();
+        assert!(!asked);
+        assert_eq!(
+            body.unwrap(),
+            br#"{"model":"m", "stream": true,"stream_options":{"include_usage":true}}"#
+        );
+        let (body, asked) =
+            request_usage(br#"{"stream":true,"stream_options":{"include_usage":true}}"#).unwrap();
+        assert!(asked);
+        assert!(body.is_none());
+        let (body, asked) =
+            request_usage(br#"{"stream":true,"stream_options":{"include_usage":false}}"#).unwrap();
+        assert!(!asked);
+        assert_eq!(
+            body.unwrap(),
+            br#"{"stream":true,"stream_options":{"include_usage":true}}"#
+        );
+        let (body, _) = request_usage(br#"{"stream_options":null}"#).unwrap();
+        assert_eq!(
+            body.unwrap(),
+            br#"{"stream_options":{"include_usage":true}}"#
+        );
+        let (body, _) = request_usage(b"{ }").unwrap();
+        assert_eq!(
+            body.unwrap(),
+            br#"{ "stream_options":{"include_usage":true}}"#
+        );
+        let e = request_usage(br#"{"stream_options":3}"#).unwrap_err();
+        assert_eq!((e.status, e.param), (400, Some("stream_options")));
+    }
+
+    const STREAM: &str = concat!(
+        "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c\",\"usage\":null,\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+        "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2,",
+        "\"total_tokens\":11,\"prompt_tokens_details\":{\"cached_tokens\":4},",
+        "\"completion_tokens_details\":{\"reasoning_tokens\":1}}}\n\n",
+        "data: [DONE]\n\n"
+    );
+
+    fn run(hide: bool, pieces: &[&[u8]]) -> (String, Option<Usage>) {
+        let mut t = OpenAiStreamUsage::new(hide);
+        let mut out = Vec::new();
+        for p in pieces {
+            t.push(p, &mut out);
+        }
+        t.finish(&mut out);
+        (String::from_utf8(out).unwrap(), t.usage())
+    }
+
+    #[test]
+    fn hides_usage_from_callers_who_did_not_ask() {
+        let want = Usage {
+            input_tokens: 9,
+            output_tokens: 2,
+            cached_input_tokens: 4,
+            reasoning_tokens: 1,
+        };
+        let expected = concat!(
+            "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+            "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+            "data: [DONE]\n\n"
+        );
+        let whole = run(true, &[STREAM.as_bytes()]);
+        assert_eq!(whole, (expected.to_string(), Some(want)));
+        let bytes: Vec<&[u8]> = STREAM.as_bytes().chunks(1).collect();
+        assert_eq!(run(true, &bytes), (expected.to_string(), Some(want)));
+        let crlf = STREAM.replace('\n', "\r\n");
+        assert_eq!(
+            run(true, &[crlf.as_bytes()]),
+            (expected.to_string(), Some(want))
+        );
+    }
+
+    #[test]
+    fn passes_usage_through_byte_for_byte_when_asked() {
+        let bytes: Vec<&[u8]> = STREAM.as_bytes().chunks(7).collect();
+        let (out, usage) = run(false, &bytes);
+        assert_eq!(out, STREAM);
+        assert_eq!(usage.unwrap().input_tokens, 9);
+    }
+
+    #[test]
+    fn removes_a_leading_usage_member() {
+        let (kept, usage) = strip_usage(r#"{"usage": null , "id":"x"}"#);
+        assert_eq!(kept.unwrap(), br#"{ "id":"x"}"#);
+        assert!(usage.is_none());
+        let (kept, _) = strip_usage(r#"{"usage":null}"#);
+        assert_eq!(kept.unwrap(), b"{}");
+    }
+}
