@@ -1211,7 +1211,7 @@ mod tests {
         }
         assert_eq!(n, 12, "one example per documented provider");
         let shipped = ok(include_str!("../envoy/meshllm.json"));
-        assert_eq!(shipped.config.providers.len(), 7);
+        assert_eq!(shipped.config.providers.len(), 10);
     }
 
     #[test]

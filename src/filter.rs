@@ -8,13 +8,14 @@
 
 use std::rc::Rc;
 
-use crate::api::openai::{normalise_error, redact, ApiError, ErrorOrigin};
+use crate::api::openai::ApiError;
+use crate::aws::sigv4;
 use crate::config::{Config, ModelRoute, Operation, Provider, ProviderKind};
+use crate::exchange::{self, ErrorReply, Exchange, Inbound};
 use crate::host::{Host, HostResult};
-use crate::json::{splice, Kind, TopLevel};
+use crate::json::{Kind, TopLevel};
 use crate::metrics;
-use crate::translate::openai_anthropic::{self, MessagesStreamToChat};
-use crate::translate::StreamTranslator;
+use crate::translate::{Schema, StreamTranslator};
 
 /// The header the Envoy route reads to pick the provider's cluster.
 pub const CLUSTER_HEADER: &str = "x-meshllm-cluster";
@@ -30,7 +31,11 @@ const CLIENT_CREDENTIAL_HEADERS: &[&str] = &[
     "x-goog-api-key",
     "openai-organization",
     "openai-project",
+    "x-amz-security-token",
 ];
+
+/// Anthropic API options a caller sends; they only mean something to Anthropic.
+const ANTHROPIC_HEADERS: &[&str] = &["anthropic-version", "anthropic-beta"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
@@ -53,11 +58,14 @@ enum Phase {
 pub struct RequestFilter {
     config: Rc<Config>,
     phase: Phase,
+    /// The API the caller speaks; errors go back in its shape.
+    caller: Schema,
     operation: Option<Operation>,
+    /// Gemini callers name the model and streaming in the URL.
+    gemini_call: Option<(String, bool)>,
     route: Option<usize>,
     status: u16,
-    /// The request was translated to Anthropic's Messages API.
-    anthropic: Option<openai_anthropic::ChatRequestInfo>,
+    exchange: Option<Exchange>,
     response: ResponseMode,
 }
 
@@ -65,33 +73,73 @@ pub struct RequestFilter {
 enum ResponseMode {
     /// Forward untouched (streams chunk by chunk).
     PassThrough,
-    /// Buffer an error reply and rewrite it into OpenAI's shape.
-    NormaliseError(ErrorOrigin),
-    /// Buffer an Anthropic error reply and translate it.
-    AnthropicError,
-    /// Buffer an Anthropic message and translate it (headers held meanwhile).
-    AnthropicMessage,
-    /// Translate Anthropic's event stream event by event.
-    AnthropicStream(Box<MessagesStreamToChat>),
+    /// Buffer an error reply and rewrite it into the caller's shape.
+    Error {
+        status: u16,
+        via_upstream: bool,
+        error_type: Option<String>,
+    },
+    /// Buffer a complete answer and translate it (headers held meanwhile).
+    Translate,
+    /// Translate a stream event by event.
+    Stream(Box<dyn StreamTranslator>),
 }
 
 enum Endpoint {
     Models,
     Model(String),
-    Call(Operation),
+    Call(Operation, Schema),
+    /// `models/{model}:generateContent` or `:streamGenerateContent`.
+    Gemini(String, bool),
 }
 
 fn match_endpoint(path: &str) -> Option<(Endpoint, &'static str)> {
     let path = path.split_once('?').map_or(path, |(p, _)| p);
     let path = path.strip_suffix('/').unwrap_or(path);
     match path {
-        "/v1/chat/completions" => Some((Endpoint::Call(Operation::ChatCompletions), "POST")),
-        "/v1/embeddings" => Some((Endpoint::Call(Operation::Embeddings), "POST")),
+        "/v1/chat/completions" => Some((
+            Endpoint::Call(Operation::ChatCompletions, Schema::OpenAi),
+            "POST",
+        )),
+        "/v1/embeddings" => Some((Endpoint::Call(Operation::Embeddings, Schema::OpenAi), "POST")),
+        "/v1/messages" => Some((
+            Endpoint::Call(Operation::ChatCompletions, Schema::Anthropic),
+            "POST",
+        )),
         "/v1/models" => Some((Endpoint::Models, "GET")),
         _ => {
-            let id = percent_decode(path.strip_prefix("/v1/models/")?)?;
+            let rest = path
+                .strip_prefix("/v1beta/models/")
+                .or_else(|| path.strip_prefix("/v1/models/"))?;
+            let gemini = rest
+                .rsplit_once(':')
+                .and_then(|(model, method)| match method {
+                    "generateContent" => Some((model, false)),
+                    "streamGenerateContent" => Some((model, true)),
+                    _ => None,
+                });
+            if let Some((model, stream)) = gemini {
+                let model = percent_decode(model)?;
+                return (!model.is_empty()).then_some((Endpoint::Gemini(model, stream), "POST"));
+            }
+            if path.starts_with("/v1beta/") {
+                return None;
+            }
+            let id = percent_decode(rest)?;
             (!id.is_empty()).then_some((Endpoint::Model(id), "GET"))
         }
+    }
+}
+
+/// The caller's API as far as the URL tells, for errors raised before the
+/// endpoint is known.
+fn caller_of_path(path: &str) -> Schema {
+    if path.starts_with("/v1beta/") || path.contains(":generateContent") || path.contains(":streamGenerateContent") {
+        Schema::Gemini
+    } else if path.starts_with("/v1/messages") {
+        Schema::Anthropic
+    } else {
+        Schema::OpenAi
     }
 }
 
@@ -122,10 +170,12 @@ impl RequestFilter {
         RequestFilter {
             config,
             phase: Phase::Start,
+            caller: Schema::OpenAi,
             operation: None,
+            gemini_call: None,
             route: None,
             status: 0,
-            anthropic: None,
+            exchange: None,
             response: ResponseMode::PassThrough,
         }
     }
@@ -157,7 +207,7 @@ impl RequestFilter {
     }
 
     fn reject(&mut self, host: &mut dyn Host, error: ApiError) -> Flow {
-        let body = error.body();
+        let body = exchange::error_body(self.caller, &error);
         self.reply(host, error.status, &[], &body)
     }
 
@@ -168,6 +218,7 @@ impl RequestFilter {
         }
         let method = host.request_header(":method").unwrap_or_default();
         let path = host.request_header(":path").unwrap_or_default();
+        self.caller = caller_of_path(&path);
         let Some((endpoint, allowed)) = match_endpoint(&path) else {
             let shown = path.split_once('?').map_or(path.as_str(), |(p, _)| p);
             return self.reject(
@@ -178,7 +229,9 @@ impl RequestFilter {
                     Some("unknown_url"),
                     format!(
                         "Unknown request URL: {method} {shown}. This gateway serves \
-                         POST /v1/chat/completions, POST /v1/embeddings and GET /v1/models."
+                         POST /v1/chat/completions, POST /v1/embeddings, GET /v1/models, \
+                         POST /v1/messages and POST /v1beta/models/{{model}}:generateContent \
+                         (and :streamGenerateContent)."
                     ),
                 ),
             );
@@ -190,7 +243,7 @@ impl RequestFilter {
                 Some("method_not_allowed"),
                 format!("Method {method} is not allowed on this URL; use {allowed}."),
             );
-            let body = error.body();
+            let body = exchange::error_body(self.caller, &error);
             return self.reply(host, 405, &[("allow", allowed)], &body);
         }
         match endpoint {
@@ -205,21 +258,31 @@ impl RequestFilter {
                     None => self.reject(host, model_not_found(&id)),
                 }
             }
-            Endpoint::Call(op) => {
-                self.operation = Some(op);
-                if end_of_stream {
-                    return self.reject(
-                        host,
-                        ApiError::invalid_request(
-                            Some("missing_body"),
-                            "The request has no body; send a JSON object.".into(),
-                        ),
-                    );
-                }
-                self.phase = Phase::ReadingBody;
-                Flow::Pause
+            Endpoint::Call(op, caller) => {
+                self.caller = caller;
+                self.start_call(host, op, end_of_stream)
+            }
+            Endpoint::Gemini(model, stream) => {
+                self.caller = Schema::Gemini;
+                self.gemini_call = Some((model, stream));
+                self.start_call(host, Operation::ChatCompletions, end_of_stream)
             }
         }
+    }
+
+    fn start_call(&mut self, host: &mut dyn Host, op: Operation, end_of_stream: bool) -> Flow {
+        self.operation = Some(op);
+        if end_of_stream {
+            return self.reject(
+                host,
+                ApiError::invalid_request(
+                    Some("missing_body"),
+                    "The request has no body; send a JSON object.".into(),
+                ),
+            );
+        }
+        self.phase = Phase::ReadingBody;
+        Flow::Pause
     }
 
     pub fn on_request_body(
@@ -295,37 +358,47 @@ impl RequestFilter {
                 .with_param(name)
             })
         };
-        let model_field = field("model")?.ok_or_else(|| {
-            ApiError::invalid_request(
-                Some("missing_required_parameter"),
-                "You must provide a model parameter.".into(),
-            )
-            .with_param("model")
-        })?;
-        let model = doc
-            .str_value(model_field)
-            .ok_or_else(|| invalid_type("model", "a string", model_field.kind))?;
-        let (required, want) = match op {
-            Operation::ChatCompletions => ("messages", Some(Kind::Array)),
-            Operation::Embeddings => ("input", None),
+        let (model, model_span, stream) = match self.gemini_call.clone() {
+            Some((model, stream)) => (model, None, stream),
+            None => {
+                let model_field = field("model")?.ok_or_else(|| {
+                    ApiError::invalid_request(
+                        Some("missing_required_parameter"),
+                        "You must provide a model parameter.".into(),
+                    )
+                    .with_param("model")
+                })?;
+                let model = doc
+                    .str_value(model_field)
+                    .ok_or_else(|| invalid_type("model", "a string", model_field.kind))?
+                    .into_owned();
+                let (required, want) = match op {
+                    Operation::ChatCompletions => ("messages", Some(Kind::Array)),
+                    Operation::Embeddings => ("input", None),
+                };
+                let required_field = field(required)?.ok_or_else(|| {
+                    ApiError::invalid_request(
+                        Some("missing_required_parameter"),
+                        format!("Missing required parameter: '{required}'."),
+                    )
+                    .with_param(required)
+                })?;
+                if let Some(kind) = want {
+                    if required_field.kind != kind {
+                        return Err(invalid_type(required, kind.name(), required_field.kind));
+                    }
+                }
+                let stream = match field("stream")? {
+                    None => false,
+                    Some(s) => match s.kind {
+                        Kind::Bool => doc.bool_value(s).unwrap_or(false),
+                        Kind::Null => false,
+                        other => return Err(invalid_type("stream", "a boolean", other)),
+                    },
+                };
+                (model, Some(model_field.value.clone()), stream)
+            }
         };
-        let required_field = field(required)?.ok_or_else(|| {
-            ApiError::invalid_request(
-                Some("missing_required_parameter"),
-                format!("Missing required parameter: '{required}'."),
-            )
-            .with_param(required)
-        })?;
-        if let Some(kind) = want {
-            if required_field.kind != kind {
-                return Err(invalid_type(required, kind.name(), required_field.kind));
-            }
-        }
-        if let Some(stream) = field("stream")? {
-            if !matches!(stream.kind, Kind::Bool | Kind::Null) {
-                return Err(invalid_type("stream", "a boolean", stream.kind));
-            }
-        }
 
         let config = Rc::clone(&self.config);
         let route_index = config
@@ -335,20 +408,24 @@ impl RequestFilter {
         self.route = Some(route_index);
         let provider = &config.providers[route.provider];
         if provider.key_missing {
+            let variable = match (&provider.api_key_env, provider.kind) {
+                (Some(var), _) => var.clone(),
+                (None, ProviderKind::Bedrock) => "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY".into(),
+                (None, _) => String::new(),
+            };
             return Err(ApiError::new(
                 500,
                 "server_error",
                 Some("provider_key_missing"),
                 format!(
-                    "The gateway has no API key for provider {:?}: the proxy's environment \
-                     variable {} is not set.",
+                    "The gateway has no credentials for provider {:?}: the proxy's environment \
+                     variable {variable} is not set.",
                     provider.name,
-                    provider.api_key_env.as_deref().unwrap_or_default()
                 ),
             ));
         }
 
-        let path = route.path(op, false).ok_or_else(|| {
+        let path = route.path(op, stream).ok_or_else(|| {
             ApiError::invalid_request(
                 Some("unsupported_operation"),
                 format!(
@@ -358,34 +435,55 @@ impl RequestFilter {
             )
             .with_param("model")
         })?;
-        let new_body = if provider.kind == ProviderKind::Anthropic {
-            let (translated, info) = openai_anthropic::chat_request_to_messages(
-                body,
-                &route.upstream_model,
-                provider.default_max_tokens,
-            )?;
-            self.anthropic = Some(info);
-            Some(translated)
-        } else {
-            (*model != *route.upstream_model).then(|| {
-                splice(
+        let (new_body, exchange) = if op == Operation::Embeddings {
+            // Embeddings only exist between OpenAI-shaped ends.
+            let new_body = (model != route.upstream_model).then(|| {
+                crate::json::splice(
                     body,
-                    model_field.value.clone(),
+                    model_span.clone().unwrap_or(0..0),
                     route.upstream_model_json.as_bytes(),
                 )
-            })
+            });
+            (new_body, None)
+        } else {
+            let inbound = Inbound {
+                caller: self.caller,
+                body,
+                model_span,
+                model: &model,
+                stream,
+            };
+            let (b, x) = exchange::translate_request(&inbound, route, provider)?;
+            (b, Some(x))
         };
-        point_at_provider(
-            host,
-            provider,
-            path,
-            new_body.as_deref().map_or(body.len(), <[u8]>::len),
-        )
-        .map_err(|e| internal(format!("could not rewrite the request headers: {e}")))?;
+        // The provider may stream on another URL than the caller asked for.
+        let path = match &exchange {
+            Some(x) => route.path(op, x.stream).unwrap_or(path),
+            None => path,
+        };
+        let sent_body = new_body.as_deref().unwrap_or(body);
+        point_at_provider(host, provider, path, sent_body.len())
+            .map_err(|e| internal(format!("could not rewrite the request headers: {e}")))?;
+        if route.schema != Schema::Anthropic {
+            for name in ANTHROPIC_HEADERS {
+                if host.request_header(name).is_some() {
+                    let _ = host.remove_request_header(name);
+                }
+            }
+        }
+        if new_body.is_some() {
+            host.set_request_header("content-type", "application/json")
+                .map_err(|e| internal(format!("could not rewrite the request headers: {e}")))?;
+        }
+        if let Some(creds) = &provider.aws_credentials {
+            sign_for_bedrock(host, provider, path, sent_body, creds)
+                .map_err(|e| internal(format!("could not sign the request: {e}")))?;
+        }
         if let Some(new_body) = &new_body {
             host.replace_request_body(body.len(), new_body)
                 .map_err(|e| internal(format!("could not rewrite the request body: {e}")))?;
         }
+        self.exchange = exchange;
         Ok(())
     }
 
@@ -409,47 +507,54 @@ impl RequestFilter {
             host.response_code_details().as_deref(),
             Some("via_upstream") | None
         );
-        let translated = self.phase == Phase::Forwarded && self.anthropic.is_some();
-        self.response = match (self.status, translated, via_upstream) {
-            (400.., _, _) if end_of_stream => ResponseMode::PassThrough,
-            (400.., true, true) => {
-                let caller = openai_anthropic::caller_status(self.status);
-                if caller != self.status {
-                    let _ = host.set_response_header(":status", &caller.to_string());
-                }
-                ResponseMode::AnthropicError
+        if self.status >= 400 {
+            if end_of_stream {
+                self.response = ResponseMode::PassThrough;
+                return Flow::Continue;
             }
-            (400.., _, true) => ResponseMode::NormaliseError(ErrorOrigin::Provider),
-            (400.., _, false) => ResponseMode::NormaliseError(ErrorOrigin::Proxy),
-            (200..=299, true, _) if !end_of_stream => {
-                let stream = self.anthropic.as_ref().is_some_and(|a| a.stream);
-                let include_usage = self.anthropic.as_ref().is_some_and(|a| a.include_usage);
-                let _ = host.remove_response_header("content-length");
-                let _ = host.remove_response_header("content-encoding");
-                if stream {
-                    let _ = host.set_response_header("content-type", "text/event-stream");
-                    ResponseMode::AnthropicStream(Box::new(MessagesStreamToChat::new(
-                        include_usage,
-                        host.now_unix_seconds(),
-                    )))
-                } else {
-                    let _ = host.set_response_header("content-type", "application/json");
-                    // Hold the headers: a message that cannot be translated
-                    // must not go out as a 200.
-                    self.response = ResponseMode::AnthropicMessage;
-                    return Flow::Pause;
-                }
+            let error_type = host.response_header("x-amzn-errortype");
+            let caller_status = match (&self.exchange, via_upstream) {
+                (Some(x), true) => exchange::caller_status(x, self.status, error_type.as_deref()),
+                _ => self.status,
+            };
+            if caller_status != self.status {
+                let _ = host.set_response_header(":status", &caller_status.to_string());
             }
-            _ => ResponseMode::PassThrough,
-        };
-        if matches!(
-            self.response,
-            ResponseMode::NormaliseError(_) | ResponseMode::AnthropicError
-        ) {
+            self.response = ResponseMode::Error {
+                status: self.status,
+                via_upstream,
+                error_type,
+            };
+            self.status = caller_status;
             // The body is replaced once complete; its length will change.
             let _ = host.remove_response_header("content-length");
             let _ = host.remove_response_header("content-encoding");
             let _ = host.set_response_header("content-type", "application/json");
+            return Flow::Continue;
+        }
+        let Some(x) = self.exchange.as_ref().filter(|_| self.phase == Phase::Forwarded) else {
+            return Flow::Continue;
+        };
+        if !(200..300).contains(&self.status) || end_of_stream {
+            return Flow::Continue;
+        }
+        if x.stream {
+            if let Some(translator) = exchange::stream_translator(x, host.now_unix_seconds()) {
+                let _ = host.remove_response_header("content-length");
+                let _ = host.remove_response_header("content-encoding");
+                let _ = host.set_response_header("content-type", "text/event-stream");
+                self.response = ResponseMode::Stream(translator);
+            }
+            return Flow::Continue;
+        }
+        if exchange::translates_response(x) {
+            let _ = host.remove_response_header("content-length");
+            let _ = host.remove_response_header("content-encoding");
+            let _ = host.set_response_header("content-type", "application/json");
+            // Hold the headers: an answer that cannot be translated must not
+            // go out as a 200.
+            self.response = ResponseMode::Translate;
+            return Flow::Pause;
         }
         Flow::Continue
     }
@@ -460,8 +565,8 @@ impl RequestFilter {
         body_size: usize,
         end_of_stream: bool,
     ) -> Flow {
-        if let ResponseMode::AnthropicStream(translator) = &mut self.response {
-            return translate_stream_chunk(host, translator, body_size, end_of_stream);
+        if let ResponseMode::Stream(translator) = &mut self.response {
+            return translate_stream_chunk(host, translator.as_mut(), body_size, end_of_stream);
         }
         if matches!(self.response, ResponseMode::PassThrough) {
             return Flow::Continue;
@@ -482,42 +587,49 @@ impl RequestFilter {
             .route
             .map(|i| &config.providers[config.models[i].provider]);
         let provider = provider_entry.map(|p| p.name.as_str());
-        let secrets: Vec<&str> = provider_entry
-            .and_then(|p| p.api_key.as_deref())
-            .into_iter()
-            .collect();
+        let secrets: Vec<&str> = provider_entry.map(Provider::secrets).unwrap_or_default();
         let new_body = match mode {
-            ResponseMode::NormaliseError(origin) => {
-                normalise_error(self.status, &body, provider, origin, &secrets)
+            ResponseMode::Error {
+                status,
+                via_upstream,
+                error_type,
+            } => {
+                let reply = ErrorReply {
+                    status,
+                    body: &body,
+                    error_type: error_type.as_deref(),
+                    via_upstream,
+                    provider,
+                    secrets: &secrets,
+                };
+                exchange::translate_error(self.caller, self.exchange.as_ref(), &reply)
             }
-            ResponseMode::AnthropicError => {
-                let translated = openai_anthropic::messages_error_to_chat(self.status, &body);
-                Some(redact(&String::from_utf8_lossy(&translated), &secrets).into_bytes())
-            }
-            ResponseMode::AnthropicMessage => {
-                match openai_anthropic::messages_response_to_chat(&body, host.now_unix_seconds()) {
-                    Ok(translated) => Some(translated),
+            ResponseMode::Translate => {
+                let translated = match &self.exchange {
+                    Some(x) => exchange::translate_response(x, &body, host.now_unix_seconds()),
+                    None => Ok(None),
+                };
+                match translated {
+                    Ok(b) => b,
                     Err(e) => {
                         log::warn!("could not translate a provider answer: {e}");
                         self.status = 502;
                         let _ = host.set_response_header(":status", "502");
-                        Some(
-                            ApiError::new(
-                                502,
-                                "server_error",
-                                Some("invalid_provider_response"),
-                                format!(
-                                    "Provider {:?} sent an answer the gateway could not \
-                                     translate: {e}.",
-                                    provider.unwrap_or("none")
-                                ),
-                            )
-                            .body(),
-                        )
+                        let error = ApiError::new(
+                            502,
+                            "server_error",
+                            Some("invalid_provider_response"),
+                            format!(
+                                "Provider {:?} sent an answer the gateway could not \
+                                 translate: {e}.",
+                                provider.unwrap_or("none")
+                            ),
+                        );
+                        Some(exchange::error_body(self.caller, &error))
                     }
                 }
             }
-            ResponseMode::PassThrough | ResponseMode::AnthropicStream(_) => None,
+            ResponseMode::PassThrough | ResponseMode::Stream(_) => None,
         };
         if let Some(new_body) = new_body {
             if let Err(e) = host.replace_response_body(body_size, &new_body) {
@@ -538,11 +650,11 @@ impl RequestFilter {
     }
 }
 
-/// Replaces one chunk of an Anthropic event stream with its translation:
-/// every event the chunk completes goes out now, partial ones wait.
+/// Replaces one chunk of a provider stream with its translation: every
+/// event the chunk completes goes out now, partial ones wait.
 fn translate_stream_chunk(
     host: &mut dyn Host,
-    translator: &mut MessagesStreamToChat,
+    translator: &mut dyn StreamTranslator,
     body_size: usize,
     end_of_stream: bool,
 ) -> Flow {
@@ -562,6 +674,38 @@ fn translate_stream_chunk(
         log::warn!("could not rewrite a stream chunk: {e}");
     }
     Flow::Continue
+}
+
+/// Adds the SigV4 headers Bedrock requires, over the body as sent.
+fn sign_for_bedrock(
+    host: &mut dyn Host,
+    provider: &Provider,
+    path: &str,
+    body: &[u8],
+    creds: &crate::config::AwsCredentials,
+) -> HostResult {
+    let (path_only, query) = path.split_once('?').unwrap_or((path, ""));
+    let credentials = sigv4::Credentials {
+        access_key_id: creds.access_key_id.clone(),
+        secret_access_key: creds.secret_access_key.clone(),
+        session_token: creds.session_token.clone(),
+    };
+    let headers = sigv4::sign(
+        "POST",
+        path_only,
+        query,
+        &provider.authority,
+        "application/json",
+        body,
+        provider.region.as_deref().unwrap_or_default(),
+        "bedrock",
+        &credentials,
+        host.now_unix_seconds(),
+    );
+    for (name, value) in &headers {
+        host.set_request_header(name, value)?;
+    }
+    Ok(())
 }
 
 fn point_at_provider(

@@ -10,7 +10,9 @@
 )]
 
 pub mod api;
+pub mod aws;
 pub mod config;
+pub mod exchange;
 pub mod filter;
 pub mod host;
 pub mod json;

@@ -33,7 +33,15 @@ KEYS = {
     "AZURE_OPENAI_API_KEY": "az-test-456",
     "GROQ_API_KEY": "gsk-test-789",
     "ANTHROPIC_API_KEY": "sk-ant-test-012",
+    "GEMINI_API_KEY": "AIza-test-345",
+    "VERTEX_ACCESS_TOKEN": "ya29.test-678",
+    "AWS_ACCESS_KEY_ID": "AKIDTEST901",
+    "AWS_SECRET_ACCESS_KEY": "aws-secret-test-234",
+    "AWS_SESSION_TOKEN": "aws-session-test-567",
 }
+
+# Environment variables that carry provider credentials: never inherited.
+CREDENTIAL_VARS = re.compile(r"(_API_KEY|_ACCESS_TOKEN)$|^AWS_")
 
 
 def http(method, url, body=None, headers=None, timeout=15):
@@ -70,7 +78,7 @@ class Envoy:
         with open(self.config_path, "w") as f:
             json.dump(bootstrap, f, indent=1)
         # Only the keys we choose: nothing leaks in from the outer environment.
-        clean = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+        clean = {k: v for k, v in os.environ.items() if not CREDENTIAL_VARS.search(k)}
         clean.update(env or {})
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
@@ -172,6 +180,10 @@ def gateway_plugin_config(dead_port, max_request_bytes=262144):
         {"name": "dead-model", "provider": "deadend", "model": "x"},
         {"name": "claude-overloaded", "provider": "anthropic", "model": "mock-overloaded"},
         {"name": "claude-cut", "provider": "anthropic", "model": "mock-cut"},
+        {"name": "gemini-429", "provider": "gemini", "model": "mock-429"},
+        {"name": "gemini-cut", "provider": "gemini", "model": "mock-cut"},
+        {"name": "bedrock-429", "provider": "bedrock", "model": "mock-429"},
+        {"name": "bedrock-cut", "provider": "bedrock", "model": "mock-cut"},
     ]
     return cfg
 
@@ -190,6 +202,11 @@ def mocks():
         "azure": MockProvider(label="azure").start(),
         "groq": MockProvider(label="groq").start(),
         "anthropic": MockProvider(label="anthropic").start(),
+        "gemini": MockProvider(label="gemini").start(),
+        "vertex": MockProvider(label="vertex").start(),
+        "bedrock": MockProvider(label="bedrock", aws_key_id=KEYS["AWS_ACCESS_KEY_ID"],
+                                aws_secret=KEYS["AWS_SECRET_ACCESS_KEY"],
+                                aws_token=KEYS["AWS_SESSION_TOKEN"]).start(),
     }
     yield servers
     for s in servers.values():

@@ -34,12 +34,40 @@ def stats_tags():
 DEFAULT_BASE_URLS = {
     "openai": "https://api.openai.com/v1",
     "anthropic": "https://api.anthropic.com/v1",
+    "gemini": "https://generativelanguage.googleapis.com/v1beta",
+}
+
+# The environment variables a Bedrock provider signs with, unless it uses an
+# API key (api_key_env) instead. Mirrors src/config.rs.
+AWS_ENV_DEFAULTS = {
+    "aws_access_key_id_env": "AWS_ACCESS_KEY_ID",
+    "aws_secret_access_key_env": "AWS_SECRET_ACCESS_KEY",
+    "aws_session_token_env": "AWS_SESSION_TOKEN",
 }
 
 
 def provider_url(provider):
-    """A provider's base_url, with the kind's default filled in."""
-    return provider.get("base_url") or DEFAULT_BASE_URLS.get(provider.get("kind"))
+    """A provider's base_url, with the kind's default filled in (mirrors
+    default_base_url in src/config.rs)."""
+    if provider.get("base_url"):
+        return provider["base_url"]
+    kind, region = provider.get("kind"), provider.get("region")
+    if kind == "vertex_ai":
+        if region == "global":
+            return "https://aiplatform.googleapis.com/v1"
+        return f"https://{region}-aiplatform.googleapis.com/v1"
+    if kind == "bedrock":
+        return f"https://bedrock-runtime.{region}.amazonaws.com"
+    return DEFAULT_BASE_URLS.get(kind)
+
+
+def provider_env_keys(provider):
+    """The environment variables a provider's credentials come from."""
+    if provider.get("api_key_env"):
+        return [provider["api_key_env"]]
+    if provider.get("kind") == "bedrock":
+        return [provider.get(field, default) for field, default in AWS_ENV_DEFAULTS.items()]
+    return []
 
 
 def provider_endpoint(provider):
@@ -113,8 +141,9 @@ def render(
     seen = set()
     for p in plugin_config["providers"]:
         name = p.get("cluster", p["name"])
-        if p.get("api_key_env") and p["api_key_env"] not in env_keys:
-            env_keys.append(p["api_key_env"])
+        for key in provider_env_keys(p):
+            if key not in env_keys:
+                env_keys.append(key)
         if name in seen:
             continue
         seen.add(name)

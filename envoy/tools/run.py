@@ -22,6 +22,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
+# The demo provider only checks that a credential is present.
+DEMO_KEY_VAR = "MESHLLM_DEMO_KEY"
 sys.path.insert(0, str(HERE))
 
 import render  # noqa: E402
@@ -70,14 +72,17 @@ def main():
     demo_port = free_port()
     real, demo = [], []
     for p in cfg["providers"]:
-        var = p.get("api_key_env")
-        if var and os.environ.get(var, "").strip():
+        keys = render.provider_env_keys(p)
+        if keys and all(os.environ.get(k, "").strip() for k in keys[:2]):
             real.append(p["name"])
         else:
-            # Served by the demo provider: plain HTTP on loopback, no key.
+            # Served by the demo provider: plain HTTP on loopback, with a
+            # demo key (the mock checks that a credential is present).
             path = urlsplit(render.provider_url(p)).path
             p["base_url"] = f"http://127.0.0.1:{demo_port}{path.rstrip('/')}"
-            p.pop("api_key_env", None)
+            for field in render.AWS_ENV_DEFAULTS:
+                p.pop(field, None)
+            p["api_key_env"] = DEMO_KEY_VAR
             demo.append(p["name"])
 
     workdir = tempfile.mkdtemp(prefix="meshllm-run-")
@@ -109,7 +114,8 @@ def main():
              "--label", "demo"],
             stdout=subprocess.DEVNULL))
     envoy = subprocess.Popen([envoy_binary(), "-c", config_path, "-l", "warning",
-                              "--component-log-level", "wasm:info"])
+                              "--component-log-level", "wasm:info"],
+                             env={**os.environ, DEMO_KEY_VAR: "demo-key"})
     procs.append(envoy)
     if not wait_http(f"http://127.0.0.1:{args.admin_port}/ready", 30, envoy):
         print("meshllm: Envoy did not start; see its log above.", file=sys.stderr)
