@@ -981,6 +981,32 @@ pub fn chat_error_to_messages(status: u16, openai_error_body: &[u8]) -> Vec<u8> 
 // ---------------------------------------------------------------------------
 
 #[derive(Serialize)]
+struct MessageStart<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    message: StartMessage<'a>,
+}
+
+#[derive(Serialize)]
+struct StartMessage<'a> {
+    id: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    role: &'static str,
+    model: &'a str,
+    content: [(); 0],
+    stop_reason: (),
+    stop_sequence: (),
+    usage: StartUsage,
+}
+
+#[derive(Serialize)]
+struct StartUsage {
+    input_tokens: u64,
+    output_tokens: u64,
+}
+
+#[derive(Serialize)]
 struct BlockStart<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
@@ -1194,19 +1220,22 @@ impl ChatStreamToMessages {
             .pointer("/usage/prompt_tokens")
             .and_then(Value::as_u64)
             .unwrap_or(0);
-        let message = json!({
-            "type": "message_start",
-            "message": {
-                "id": message_id(str_field(chunk, "id").unwrap_or_default()),
-                "type": "message",
-                "role": "assistant",
-                "model": str_field(chunk, "model").unwrap_or_default(),
-                "content": [],
-                "stop_reason": null,
-                "stop_sequence": null,
-                "usage": {"input_tokens": input_tokens, "output_tokens": 0}
-            }
-        });
+        let message = MessageStart {
+            kind: "message_start",
+            message: StartMessage {
+                id: message_id(str_field(chunk, "id").unwrap_or_default()),
+                kind: "message",
+                role: "assistant",
+                model: str_field(chunk, "model").unwrap_or_default(),
+                content: [],
+                stop_reason: (),
+                stop_sequence: (),
+                usage: StartUsage {
+                    input_tokens,
+                    output_tokens: 0,
+                },
+            },
+        };
         write_event(out, "message_start", &message);
     }
 
@@ -1367,5 +1396,1117 @@ impl ChatStreamToMessages {
         write_event(out, "message_delta", &delta);
         write_raw(out, "message_stop", br#"{"type":"message_stop"}"#);
         self.state = StreamState::Done;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT_STREAM: &str =
+        include_str!("../../tests/fixtures/openai/anthropic_caller_text_stream.sse");
+    const TOOL_STREAM: &str =
+        include_str!("../../tests/fixtures/openai/anthropic_caller_tool_stream.sse");
+    const TOOL_RESPONSE: &str =
+        include_str!("../../tests/fixtures/openai/anthropic_caller_response_tool.json");
+    const AGENT_REQUEST: &str =
+        include_str!("../../tests/fixtures/anthropic/anthropic_caller_request_agent.json");
+
+    // ----- requests --------------------------------------------------------
+
+    fn translate(req: &Value) -> (Value, MessagesRequestInfo) {
+        let body = serde_json::to_vec(req).unwrap();
+        let (out, info) = messages_request_to_chat(&body, "gpt-4o").unwrap();
+        (serde_json::from_slice(&out).unwrap(), info)
+    }
+
+    fn translate_err(req: &Value) -> ApiError {
+        let body = serde_json::to_vec(req).unwrap();
+        messages_request_to_chat(&body, "gpt-4o").unwrap_err()
+    }
+
+    /// A minimal valid request with `extra` fields merged in.
+    fn req(extra: Value) -> Value {
+        let mut base = json!({"model": "claude-sonnet-4-5", "max_tokens": 100,
+                              "messages": [{"role": "user", "content": "Hi"}]});
+        base.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        base
+    }
+
+    #[test]
+    fn request_table() {
+        let schema = json!({"type": "object", "properties": {"q": {"type": "string"}}});
+        let table: Vec<(&str, Value, Value)> = vec![
+            (
+                "plain text",
+                req(json!({})),
+                json!({"model": "gpt-4o", "max_tokens": 100, "stream": false,
+                       "messages": [{"role": "user", "content": "Hi"}]}),
+            ),
+            (
+                "system string, multi-turn, sampling, stop sequences, user; hints dropped",
+                req(json!({
+                    "system": "Be terse.",
+                    "messages": [
+                        {"role": "user", "content": "What is 2+2?"},
+                        {"role": "assistant", "content": "4"},
+                        {"role": "user", "content": [{"type": "text", "text": "Times 3?",
+                                                      "cache_control": {"type": "ephemeral"}}]}],
+                    "temperature": 0.2, "top_p": 0.9, "top_k": null,
+                    "stop_sequences": ["END"], "metadata": {"user_id": "u-1"},
+                    "service_tier": "standard_only", "mcp_servers": []})),
+                json!({"model": "gpt-4o", "max_tokens": 100, "stream": false,
+                       "messages": [
+                           {"role": "system", "content": "Be terse."},
+                           {"role": "user", "content": "What is 2+2?"},
+                           {"role": "assistant", "content": "4"},
+                           {"role": "user", "content": "Times 3?"}],
+                       "temperature": 0.2, "top_p": 0.9, "stop": ["END"], "user": "u-1"}),
+            ),
+            (
+                "streaming always asks for usage; empty system and null metadata user skipped",
+                req(json!({"stream": true, "system": "", "metadata": {"user_id": null}})),
+                json!({"model": "gpt-4o", "max_tokens": 100, "stream": true,
+                       "stream_options": {"include_usage": true},
+                       "messages": [{"role": "user", "content": "Hi"}]}),
+            ),
+            (
+                "several user blocks stay content parts; assistant-only thinking turn dropped",
+                req(json!({"messages": [
+                    {"role": "user", "content": [
+                        {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                    {"role": "assistant", "content": [
+                        {"type": "redacted_thinking", "data": "EmwKAhgB"}]},
+                    {"role": "user", "content": "c"}]})),
+                json!({"model": "gpt-4o", "max_tokens": 100, "stream": false,
+                       "messages": [
+                           {"role": "user", "content": [
+                               {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                           {"role": "user", "content": "c"}]}),
+            ),
+            (
+                "thinking: max_completion_tokens and reasoning_effort",
+                req(
+                    json!({"thinking": {"type": "enabled", "budget_tokens": 8000},
+                           "max_tokens": 16000}),
+                ),
+                json!({"model": "gpt-4o", "max_completion_tokens": 16000,
+                       "reasoning_effort": "medium", "stream": false,
+                       "messages": [{"role": "user", "content": "Hi"}]}),
+            ),
+            (
+                "thinking disabled is plain max_tokens",
+                req(json!({"thinking": {"type": "disabled"}})),
+                json!({"model": "gpt-4o", "max_tokens": 100, "stream": false,
+                       "messages": [{"role": "user", "content": "Hi"}]}),
+            ),
+            (
+                "tool_choice any -> required; strict passed on",
+                req(
+                    json!({"tools": [{"name": "search", "input_schema": schema, "strict": true}],
+                           "tool_choice": {"type": "any"}}),
+                ),
+                json!({"model": "gpt-4o", "max_tokens": 100, "stream": false,
+                       "messages": [{"role": "user", "content": "Hi"}],
+                       "tools": [{"type": "function", "function": {"name": "search",
+                                  "parameters": schema, "strict": true}}],
+                       "tool_choice": "required"}),
+            ),
+            (
+                "tool_choice tool -> function; parallel calls off",
+                req(
+                    json!({"tools": [{"name": "search", "input_schema": schema}],
+                           "tool_choice": {"type": "tool", "name": "search",
+                                           "disable_parallel_tool_use": true}}),
+                ),
+                json!({"model": "gpt-4o", "max_tokens": 100, "stream": false,
+                       "messages": [{"role": "user", "content": "Hi"}],
+                       "tools": [{"type": "function", "function": {"name": "search",
+                                  "parameters": schema}}],
+                       "tool_choice": {"type": "function", "function": {"name": "search"}},
+                       "parallel_tool_calls": false}),
+            ),
+            (
+                "tool_choice none kept with tools",
+                req(
+                    json!({"tools": [{"name": "search", "input_schema": schema}],
+                           "tool_choice": {"type": "none"}}),
+                ),
+                json!({"model": "gpt-4o", "max_tokens": 100, "stream": false,
+                       "messages": [{"role": "user", "content": "Hi"}],
+                       "tools": [{"type": "function", "function": {"name": "search",
+                                  "parameters": schema}}],
+                       "tool_choice": "none"}),
+            ),
+            (
+                "tool_choice auto without tools: nothing sent, parallel flag ignored",
+                req(json!({"tools": [], "tool_choice": {"type": "auto",
+                                                        "disable_parallel_tool_use": true}})),
+                json!({"model": "gpt-4o", "max_tokens": 100, "stream": false,
+                       "messages": [{"role": "user", "content": "Hi"}]}),
+            ),
+            (
+                "tool result with no content and one before text; final assistant prefill kept",
+                req(json!({"messages": [
+                    {"role": "user", "content": "Ping it"},
+                    {"role": "assistant", "content": [
+                        {"type": "tool_use", "id": "toolu_1", "name": "ping", "input": {}}]},
+                    {"role": "user", "content": [
+                        {"type": "text", "text": "Here:"},
+                        {"type": "tool_result", "tool_use_id": "toolu_1"}]},
+                    {"role": "assistant", "content": "{"}]})),
+                json!({"model": "gpt-4o", "max_tokens": 100, "stream": false,
+                       "messages": [
+                           {"role": "user", "content": "Ping it"},
+                           {"role": "assistant", "content": null, "tool_calls": [
+                               {"id": "toolu_1", "type": "function",
+                                "function": {"name": "ping", "arguments": "{}"}}]},
+                           {"role": "tool", "tool_call_id": "toolu_1", "content": ""},
+                           {"role": "user", "content": "Here:"},
+                           {"role": "assistant", "content": "{"}]}),
+            ),
+        ];
+        for (name, input, expected) in table {
+            assert_eq!(translate(&input).0, expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn agent_request_fixture() {
+        let body = AGENT_REQUEST.as_bytes();
+        let (out, info) = messages_request_to_chat(body, "gpt-4.1").unwrap();
+        assert_eq!(info, MessagesRequestInfo { stream: true });
+        let out: Value = serde_json::from_slice(&out).unwrap();
+        let expected = json!({
+            "model": "gpt-4.1",
+            "max_tokens": 2048,
+            "messages": [
+                {"role": "system",
+                 "content": "You are a travel assistant.\n\nUse the tools when useful."},
+                {"role": "user", "content": [
+                    {"type": "text", "text": "What is in this picture, and what's the weather there?"},
+                    {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,/9j/4AAQSkZJRg=="}},
+                    {"type": "image_url", "image_url": {"url": "https://upload.wikimedia.org/eiffel.jpg"}}]},
+                {"role": "assistant",
+                 "content": "That is the Eiffel Tower. Let me check.",
+                 "tool_calls": [
+                     {"id": "toolu_01A09q90qw90lq917835lq9", "type": "function",
+                      "function": {"name": "get_weather", "arguments": "{\"location\":\"Paris, France\"}"}},
+                     {"id": "toolu_01B18r81rx81mr826724mr8", "type": "function",
+                      "function": {"name": "get_time", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "toolu_01A09q90qw90lq917835lq9",
+                 "content": "18°C, cloudy"},
+                {"role": "tool", "tool_call_id": "toolu_01B18r81rx81mr826724mr8",
+                 "content": "Error: timezone unknown"},
+                {"role": "user", "content": "Thanks! Summarise."}],
+            "temperature": 0.3,
+            "top_p": 0.9,
+            "stop": ["\n\nHuman:", "END"],
+            "user": "user-8f2c",
+            "tools": [
+                {"type": "function", "function": {"name": "get_weather",
+                    "description": "Current weather for a location",
+                    "parameters": {"type": "object",
+                                   "properties": {"location": {"type": "string"}},
+                                   "required": ["location"]}}},
+                {"type": "function", "function": {"name": "get_time",
+                    "parameters": {"type": "object", "properties": {}}}}],
+            "tool_choice": "auto",
+            "parallel_tool_calls": false,
+            "stream": true,
+            "stream_options": {"include_usage": true}
+        });
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn thinking_budgets_map_to_efforts() {
+        for (budget, effort) in [
+            (1024, "low"),
+            (EFFORT_MEDIUM_FROM - 1, "low"),
+            (EFFORT_MEDIUM_FROM, "medium"),
+            (EFFORT_HIGH_FROM - 1, "medium"),
+            (EFFORT_HIGH_FROM, "high"),
+            (64000, "high"),
+        ] {
+            let (out, _) = translate(&req(json!({
+                "max_tokens": 100000,
+                "thinking": {"type": "enabled", "budget_tokens": budget}})));
+            assert_eq!(out["reasoning_effort"], effort, "{budget}");
+            assert!(out.get("max_tokens").is_none());
+        }
+    }
+
+    #[test]
+    fn request_errors() {
+        let user =
+            |content: Value| req(json!({"messages": [{"role": "user", "content": content}]}));
+        let table: Vec<(&str, Value, &str, Option<&str>, &str)> = vec![
+            (
+                "missing max_tokens",
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}]}),
+                "missing_required_parameter",
+                Some("max_tokens"),
+                "max_tokens: Field required",
+            ),
+            (
+                "zero max_tokens",
+                req(json!({"max_tokens": 0})),
+                "invalid_type",
+                Some("max_tokens"),
+                "positive integer",
+            ),
+            (
+                "missing messages",
+                json!({"model": "m", "max_tokens": 5}),
+                "missing_required_parameter",
+                Some("messages"),
+                "messages: Field required",
+            ),
+            (
+                "empty messages",
+                req(json!({"messages": []})),
+                "invalid_value",
+                Some("messages"),
+                "at least one message",
+            ),
+            (
+                "top_k",
+                req(json!({"top_k": 40})),
+                "unsupported_parameter",
+                Some("top_k"),
+                "top_k is not supported",
+            ),
+            (
+                "document block",
+                user(json!([{"type": "document", "source": {"type": "base64",
+                    "media_type": "application/pdf", "data": "JVBERi0="}}])),
+                "unsupported_parameter",
+                Some("messages"),
+                "messages.0.content.0: content blocks of type 'document' are not supported",
+            ),
+            (
+                "image file source",
+                user(json!([{"type": "image", "source": {"type": "file", "file_id": "file_1"}}])),
+                "unsupported_parameter",
+                Some("messages"),
+                "image sources of type 'file'",
+            ),
+            (
+                "image without source",
+                user(json!([{"type": "image"}])),
+                "invalid_value",
+                Some("messages"),
+                "messages.0.content.0.source: Field required",
+            ),
+            (
+                "image in a tool result",
+                req(json!({"messages": [{"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "t", "content": [
+                        {"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}]}]}]})),
+                "unsupported_parameter",
+                Some("messages"),
+                "messages.0.content.0.content.0: tool results with 'image' blocks",
+            ),
+            (
+                "server tool",
+                req(json!({"tools": [{"type": "web_search_20250305", "name": "web_search"}]})),
+                "unsupported_parameter",
+                Some("tools"),
+                "server tool 'web_search_20250305'",
+            ),
+            (
+                "tool without input_schema",
+                req(json!({"tools": [{"name": "x"}]})),
+                "invalid_value",
+                Some("tools"),
+                "tools.0.input_schema: Field required",
+            ),
+            (
+                "forced tool without tools",
+                req(json!({"tool_choice": {"type": "any"}})),
+                "invalid_value",
+                Some("tool_choice"),
+                "requires a tool",
+            ),
+            (
+                "bad tool_choice type",
+                req(
+                    json!({"tools": [{"name": "x", "input_schema": {"type": "object"}}],
+                           "tool_choice": {"type": "required"}}),
+                ),
+                "invalid_value",
+                Some("tool_choice"),
+                "tool_choice.type",
+            ),
+            (
+                "system role in messages",
+                req(json!({"messages": [{"role": "system", "content": "x"}]})),
+                "invalid_value",
+                Some("messages"),
+                "messages.0.role: Input should be 'user' or 'assistant'",
+            ),
+            (
+                "empty user content",
+                user(json!([])),
+                "invalid_value",
+                Some("messages"),
+                "non-empty content",
+            ),
+            (
+                "tool_use input not an object",
+                req(json!({"messages": [{"role": "assistant", "content": [
+                    {"type": "tool_use", "id": "t", "name": "n", "input": [1]}]}]})),
+                "invalid_value",
+                Some("messages"),
+                "messages.0.content.0.input: Input should be an object",
+            ),
+            (
+                "thinking without budget",
+                req(json!({"thinking": {"type": "enabled"}})),
+                "invalid_value",
+                Some("thinking"),
+                "thinking.budget_tokens: Field required",
+            ),
+            (
+                "thinking of an unknown type",
+                req(json!({"thinking": {"type": "on"}})),
+                "invalid_value",
+                Some("thinking"),
+                "thinking.type",
+            ),
+            (
+                "non-text system block",
+                req(json!({"system": [{"type": "image"}]})),
+                "invalid_value",
+                Some("system"),
+                "system.0",
+            ),
+            (
+                "stream not a boolean",
+                req(json!({"stream": "yes"})),
+                "invalid_type",
+                Some("stream"),
+                "boolean",
+            ),
+            (
+                "temperature not a number",
+                req(json!({"temperature": "hot"})),
+                "invalid_type",
+                Some("temperature"),
+                "number",
+            ),
+            (
+                "mcp servers",
+                req(json!({"mcp_servers": [{"type": "url", "url": "https://mcp", "name": "m"}]})),
+                "unsupported_parameter",
+                Some("mcp_servers"),
+                "mcp_servers",
+            ),
+            (
+                "output_format",
+                req(json!({"output_format": {"type": "json_schema", "schema": {}}})),
+                "unsupported_parameter",
+                None,
+                "output_format",
+            ),
+        ];
+        for (name, input, code, param, text) in table {
+            let e = translate_err(&input);
+            assert_eq!(e.status, 400, "{name}");
+            assert_eq!(e.code, Some(code), "{name}: {}", e.message);
+            assert_eq!(e.param, param, "{name}");
+            assert!(e.message.contains(text), "{name}: {}", e.message);
+            // The caller sees it in Anthropic's shape.
+            let v: Value = serde_json::from_slice(&error_body(&e)).unwrap();
+            assert_eq!(v["type"], "error");
+            assert_eq!(v["error"]["type"], "invalid_request_error");
+            assert_eq!(v["error"]["message"], e.message.as_str());
+        }
+        for body in [&b"{not json"[..], b"[1]"] {
+            let e = messages_request_to_chat(body, "m").unwrap_err();
+            assert_eq!((e.status, e.code), (400, Some("invalid_json")));
+        }
+    }
+
+    // ----- responses -------------------------------------------------------
+
+    fn respond(body: &Value) -> Value {
+        let out = chat_response_to_messages(&serde_json::to_vec(body).unwrap()).unwrap();
+        serde_json::from_slice(&out).unwrap()
+    }
+
+    fn completion(message: Value, finish: &str) -> Value {
+        json!({"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m",
+               "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+               "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}})
+    }
+
+    #[test]
+    fn tool_response_fixture() {
+        let out: Value =
+            serde_json::from_slice(&chat_response_to_messages(TOOL_RESPONSE.as_bytes()).unwrap())
+                .unwrap();
+        assert_eq!(
+            out,
+            json!({
+                "id": "msg_chatcmpl-BZtq9aLkP2mXw3Rt6YbNc8Vd1EfGh",
+                "type": "message",
+                "role": "assistant",
+                "model": "gpt-4o-2024-08-06",
+                "content": [
+                    {"type": "text", "text": "Checking both."},
+                    {"type": "tool_use", "id": "call_Vx3bWq0yH6cKq9Jm2TfLzR1a",
+                     "name": "get_weather",
+                     "input": {"location": "Paris, France", "unit": "celsius"}},
+                    {"type": "tool_use", "id": "call_Qm8TnZ4pLs2RvW7yXc5dKe0b",
+                     "name": "get_time", "input": {"timezone": "Europe/Paris"}}],
+                "stop_reason": "tool_use",
+                "stop_sequence": null,
+                "usage": {"input_tokens": 328, "cache_creation_input_tokens": 0,
+                          "cache_read_input_tokens": 512, "output_tokens": 89}
+            })
+        );
+    }
+
+    #[test]
+    fn response_table() {
+        let table: Vec<(&str, Value, Value, &str)> = vec![
+            (
+                "plain text",
+                completion(json!({"role": "assistant", "content": "Hi!"}), "stop"),
+                json!([{"type": "text", "text": "Hi!"}]),
+                "end_turn",
+            ),
+            (
+                "reasoning first, then text",
+                completion(
+                    json!({"role": "assistant", "content": "42", "reasoning_content": "Think."}),
+                    "length",
+                ),
+                json!([{"type": "thinking", "thinking": "Think.", "signature": ""},
+                       {"type": "text", "text": "42"}]),
+                "max_tokens",
+            ),
+            (
+                "`reasoning` spelling",
+                completion(
+                    json!({"role": "assistant", "content": "ok", "reasoning": "Hmm."}),
+                    "stop",
+                ),
+                json!([{"type": "thinking", "thinking": "Hmm.", "signature": ""},
+                       {"type": "text", "text": "ok"}]),
+                "end_turn",
+            ),
+            (
+                "content filter",
+                completion(
+                    json!({"role": "assistant", "content": null}),
+                    "content_filter",
+                ),
+                json!([]),
+                "refusal",
+            ),
+            (
+                "refusal field",
+                completion(
+                    json!({"role": "assistant", "content": null, "refusal": "I can't help."}),
+                    "stop",
+                ),
+                json!([{"type": "text", "text": "I can't help."}]),
+                "refusal",
+            ),
+            (
+                "tool calls reported with finish_reason stop; bad and empty arguments -> {}",
+                completion(
+                    json!({"role": "assistant", "content": "", "tool_calls": [
+                        {"id": "c1", "type": "function",
+                         "function": {"name": "a", "arguments": "{\"x\": tru"}},
+                        {"id": "c2", "type": "function", "function": {"name": "b", "arguments": ""}},
+                        {"id": "c3", "type": "function", "function": {"name": "c", "arguments": "[1]"}}]}),
+                    "stop",
+                ),
+                json!([{"type": "tool_use", "id": "c1", "name": "a", "input": {}},
+                       {"type": "tool_use", "id": "c2", "name": "b", "input": {}},
+                       {"type": "tool_use", "id": "c3", "name": "c", "input": {}}]),
+                "tool_use",
+            ),
+            (
+                "unknown finish reason",
+                completion(json!({"role": "assistant", "content": "x"}), "eos"),
+                json!([{"type": "text", "text": "x"}]),
+                "end_turn",
+            ),
+        ];
+        for (name, input, content, stop) in table {
+            let out = respond(&input);
+            assert_eq!(out["content"], content, "{name}");
+            assert_eq!(out["stop_reason"], stop, "{name}");
+            assert!(out["stop_sequence"].is_null(), "{name}");
+            assert_eq!(out["id"], "msg_chatcmpl-1");
+            assert_eq!(
+                out["usage"],
+                json!({"input_tokens": 10, "cache_creation_input_tokens": 0,
+                       "cache_read_input_tokens": 0, "output_tokens": 5})
+            );
+        }
+    }
+
+    #[test]
+    fn response_ids_and_missing_usage() {
+        let mut body = completion(json!({"role": "assistant", "content": "x"}), "stop");
+        body["id"] = json!("msg_abc");
+        body.as_object_mut().unwrap().remove("usage");
+        let out = respond(&body);
+        assert_eq!(out["id"], "msg_abc");
+        assert_eq!(out["usage"]["input_tokens"], 0);
+        assert!(chat_response_to_messages(b"not json").is_err());
+        assert!(chat_response_to_messages(br#"{"choices": []}"#).is_err());
+    }
+
+    // ----- errors ----------------------------------------------------------
+
+    #[test]
+    fn error_types_follow_the_status() {
+        for (status, kind) in [
+            (400, "invalid_request_error"),
+            (401, "authentication_error"),
+            (402, "billing_error"),
+            (403, "permission_error"),
+            (404, "not_found_error"),
+            (413, "request_too_large"),
+            (422, "invalid_request_error"),
+            (429, "rate_limit_error"),
+            (500, "api_error"),
+            (502, "api_error"),
+            (503, "overloaded_error"),
+            (504, "timeout_error"),
+            (529, "overloaded_error"),
+            (418, "api_error"),
+        ] {
+            let e = ApiError::new(status, "whatever", None, "boom".into());
+            let v: Value = serde_json::from_slice(&error_body(&e)).unwrap();
+            assert_eq!(
+                v,
+                json!({"type": "error", "error": {"type": kind, "message": "boom"}}),
+                "{status}"
+            );
+        }
+    }
+
+    #[test]
+    fn provider_errors_are_reshaped() {
+        let table: &[(u16, &[u8], &str, &str)] = &[
+            (
+                429,
+                br#"{"error":{"message":"Rate limit reached","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#,
+                "rate_limit_error",
+                "Rate limit reached",
+            ),
+            (
+                401,
+                br#"{"error":{"message":"Incorrect API key provided: [redacted].","type":"invalid_request_error","code":"invalid_api_key"}}"#,
+                "authentication_error",
+                "Incorrect API key provided: [redacted].",
+            ),
+            (
+                500,
+                br#"{"error":{"message":"busy","type":"server_error","code":"overloaded"}}"#,
+                "overloaded_error",
+                "busy",
+            ),
+            (
+                502,
+                br#"{"error":{"message":"Provider \"x\" did not answer in time","type":"server_error","code":"provider_timeout"}}"#,
+                "timeout_error",
+                "did not answer in time",
+            ),
+            (
+                404,
+                br#"{"error":"model not found"}"#,
+                "not_found_error",
+                "model not found",
+            ),
+            (
+                502,
+                b"Bad Gateway",
+                "api_error",
+                "The provider returned HTTP 502: Bad Gateway",
+            ),
+            (503, b"", "overloaded_error", "HTTP 503 with no details"),
+        ];
+        for (status, body, kind, text) in table {
+            let v: Value = serde_json::from_slice(&chat_error_to_messages(*status, body)).unwrap();
+            assert_eq!(v["type"], "error");
+            assert_eq!(v["error"]["type"], *kind, "{status}");
+            let msg = v["error"]["message"].as_str().unwrap();
+            assert!(msg.contains(text), "{msg}");
+        }
+        let long = vec![b'x'; 10_000];
+        assert!(chat_error_to_messages(500, &long).len() < 1_000);
+    }
+
+    // ----- streaming -------------------------------------------------------
+
+    fn run_pieces(pieces: &[&[u8]]) -> Vec<u8> {
+        let mut t = ChatStreamToMessages::new();
+        let mut out = Vec::new();
+        for p in pieces {
+            t.push(p, &mut out);
+        }
+        t.finish(&mut out);
+        out
+    }
+
+    fn run(input: &[u8]) -> Vec<u8> {
+        run_pieces(&[input])
+    }
+
+    /// What an Anthropic SDK would make of the stream, checking the event
+    /// grammar as it goes: message_start first; blocks numbered from 0 in
+    /// order, one open at a time, each delta for the open block and of its
+    /// type; message_delta after the last block; message_stop or an error
+    /// last.
+    #[derive(Debug, Default)]
+    struct Assembled {
+        message: Value,
+        /// type, text (text or thinking or raw tool JSON), id, name
+        blocks: Vec<(String, String, String, String)>,
+        stop_reason: Option<String>,
+        delta_usage: Option<Value>,
+        stopped: bool,
+        error: Option<Value>,
+        names: Vec<String>,
+    }
+
+    fn assemble(out: &[u8]) -> Assembled {
+        let text = std::str::from_utf8(out).unwrap();
+        assert!(text.is_empty() || text.ends_with("\n\n"), "{text}");
+        let mut a = Assembled::default();
+        let mut open: Option<usize> = None;
+        for raw in text.split_terminator("\n\n") {
+            assert!(
+                a.error.is_none() && !a.stopped,
+                "event after the end: {raw}"
+            );
+            let (name_line, data_line) = raw.split_once('\n').unwrap();
+            let name = name_line.strip_prefix("event: ").unwrap();
+            let data: Value =
+                serde_json::from_str(data_line.strip_prefix("data: ").unwrap()).unwrap();
+            assert_eq!(data["type"], name, "{raw}");
+            a.names.push(name.to_string());
+            if name != "error" && name != "message_start" {
+                assert!(a.message.is_object(), "{name} before message_start");
+            }
+            match name {
+                "message_start" => {
+                    assert!(a.message.is_null(), "message_start twice");
+                    a.message = data["message"].clone();
+                    assert_eq!(a.message["type"], "message");
+                    assert_eq!(a.message["role"], "assistant");
+                    assert_eq!(a.message["content"], json!([]));
+                    assert!(a.message["id"].as_str().unwrap().starts_with("msg_"));
+                    assert!(a.message["usage"]["input_tokens"].is_u64());
+                }
+                "content_block_start" => {
+                    assert_eq!(open, None, "a block is still open: {raw}");
+                    let index = data["index"].as_u64().unwrap() as usize;
+                    assert_eq!(index, a.blocks.len(), "{raw}");
+                    let block = &data["content_block"];
+                    let kind = block["type"].as_str().unwrap().to_string();
+                    match kind.as_str() {
+                        "text" => assert_eq!(block["text"], ""),
+                        "thinking" => {
+                            assert_eq!(block["thinking"], "");
+                            assert!(block["signature"].is_string());
+                        }
+                        "tool_use" => assert_eq!(block["input"], json!({})),
+                        other => panic!("unexpected block {other}"),
+                    }
+                    let field = |n: &str| block[n].as_str().unwrap_or_default().to_string();
+                    a.blocks
+                        .push((kind, String::new(), field("id"), field("name")));
+                    open = Some(index);
+                }
+                "content_block_delta" => {
+                    let index = data["index"].as_u64().unwrap() as usize;
+                    assert_eq!(open, Some(index), "{raw}");
+                    let block = &mut a.blocks[index];
+                    let delta = &data["delta"];
+                    let (want, field) = match delta["type"].as_str().unwrap() {
+                        "text_delta" => ("text", "text"),
+                        "thinking_delta" => ("thinking", "thinking"),
+                        "input_json_delta" => ("tool_use", "partial_json"),
+                        other => panic!("unexpected delta {other}"),
+                    };
+                    assert_eq!(block.0, want, "{raw}");
+                    let piece = delta[field].as_str().unwrap();
+                    assert!(!piece.is_empty(), "{raw}");
+                    block.1.push_str(piece);
+                }
+                "content_block_stop" => {
+                    let index = data["index"].as_u64().unwrap() as usize;
+                    assert_eq!(open, Some(index), "{raw}");
+                    open = None;
+                }
+                "message_delta" => {
+                    assert_eq!(open, None, "message_delta with an open block");
+                    assert!(a.stop_reason.is_none(), "message_delta twice");
+                    a.stop_reason = Some(data["delta"]["stop_reason"].as_str().unwrap().into());
+                    assert!(data["delta"]["stop_sequence"].is_null());
+                    assert!(data["usage"]["output_tokens"].is_u64());
+                    a.delta_usage = Some(data["usage"].clone());
+                }
+                "message_stop" => {
+                    assert!(a.stop_reason.is_some(), "message_stop before message_delta");
+                    a.stopped = true;
+                }
+                "error" => a.error = Some(data["error"].clone()),
+                other => panic!("unexpected event {other}"),
+            }
+        }
+        a
+    }
+
+    /// All at once, event by event, byte by byte, split in two anywhere.
+    fn assert_chunking_invariant(input: &str) -> Vec<u8> {
+        let whole = run(input.as_bytes());
+        let events: Vec<&[u8]> = input.split_inclusive("\n\n").map(str::as_bytes).collect();
+        assert_eq!(run_pieces(&events), whole, "event by event");
+        let bytes: Vec<&[u8]> = input.as_bytes().chunks(1).collect();
+        assert_eq!(run_pieces(&bytes), whole, "byte by byte");
+        for at in 0..=input.len() {
+            let (a, b) = input.as_bytes().split_at(at);
+            assert_eq!(run_pieces(&[a, b]), whole, "split at {at}");
+        }
+        for ending in ["\r\n", "\r"] {
+            let converted = input.replace('\n', ending);
+            assert_eq!(run(converted.as_bytes()), whole, "{ending:?}");
+            let bytes: Vec<&[u8]> = converted.as_bytes().chunks(1).collect();
+            assert_eq!(run_pieces(&bytes), whole, "{ending:?} byte by byte");
+        }
+        whole
+    }
+
+    #[test]
+    fn text_stream_with_reasoning() {
+        let out = assert_chunking_invariant(TEXT_STREAM);
+        let a = assemble(&out);
+        assert_eq!(
+            a.message["id"],
+            "msg_chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG"
+        );
+        assert_eq!(a.message["model"], "deepseek-reasoner");
+        assert_eq!(
+            a.message["usage"],
+            json!({"input_tokens": 0, "output_tokens": 0})
+        );
+        let blocks: Vec<(&str, &str)> = a
+            .blocks
+            .iter()
+            .map(|b| (b.0.as_str(), b.1.as_str()))
+            .collect();
+        assert_eq!(
+            blocks,
+            vec![
+                ("thinking", "The user greets me. Answer briefly."),
+                (
+                    "text",
+                    "Hello, café ☕ — ça va? 👋\nSecond line with \"quotes\"."
+                ),
+            ]
+        );
+        assert_eq!(a.stop_reason.as_deref(), Some("end_turn"));
+        assert_eq!(
+            a.delta_usage,
+            Some(
+                json!({"input_tokens": 101, "cache_creation_input_tokens": 0,
+                        "cache_read_input_tokens": 1024, "output_tokens": 42})
+            )
+        );
+        assert!(a.stopped && a.error.is_none());
+        assert_eq!(a.names.last().map(String::as_str), Some("message_stop"));
+    }
+
+    #[test]
+    fn parallel_tool_stream_gets_one_block_per_call() {
+        let out = assert_chunking_invariant(TOOL_STREAM);
+        let a = assemble(&out);
+        assert_eq!(a.message["model"], "gpt-4o-2024-08-06");
+        assert_eq!(a.blocks.len(), 3);
+        assert_eq!(a.blocks[0].0, "text");
+        assert_eq!(a.blocks[0].1, "Checking both.");
+        let tools: Vec<(&str, &str, Value)> = a.blocks[1..]
+            .iter()
+            .map(|b| {
+                assert_eq!(b.0, "tool_use");
+                (
+                    b.2.as_str(),
+                    b.3.as_str(),
+                    serde_json::from_str(&b.1).unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            tools,
+            vec![
+                (
+                    "call_Vx3bWq0yH6cKq9Jm2TfLzR1a",
+                    "get_weather",
+                    json!({"location": "Paris, France", "unit": "celsius"})
+                ),
+                (
+                    "call_Qm8TnZ4pLs2RvW7yXc5dKe0b",
+                    "get_time",
+                    json!({"timezone": "Europe/Paris"})
+                ),
+            ]
+        );
+        assert_eq!(a.stop_reason.as_deref(), Some("tool_use"));
+        assert_eq!(
+            a.delta_usage,
+            Some(
+                json!({"input_tokens": 840, "cache_creation_input_tokens": 0,
+                        "cache_read_input_tokens": 0, "output_tokens": 89})
+            )
+        );
+        assert!(a.stopped);
+    }
+
+    #[test]
+    fn usage_is_reported_to_the_filter() {
+        let mut t = ChatStreamToMessages::new();
+        let mut out = Vec::new();
+        let (head, _) = TEXT_STREAM.split_at(TEXT_STREAM.find("\"choices\":[]").unwrap());
+        t.push(head.as_bytes(), &mut out);
+        assert_eq!(t.usage(), None);
+        t.push(&TEXT_STREAM.as_bytes()[head.len()..], &mut out);
+        assert_eq!(
+            t.usage(),
+            Some(Usage {
+                input_tokens: 1125,
+                output_tokens: 42,
+                cached_input_tokens: 1024,
+                reasoning_tokens: 12
+            })
+        );
+    }
+
+    /// Output appears as soon as the upstream event producing it completes.
+    #[test]
+    fn nothing_is_held_back() {
+        for fixture in [TEXT_STREAM, TOOL_STREAM] {
+            let full = run(fixture.as_bytes());
+            let mut t = ChatStreamToMessages::new();
+            let mut out = Vec::new();
+            for event in fixture.split_inclusive("\n\n") {
+                let before = out.len();
+                let (body, end) = event.split_at(event.len() - 1);
+                t.push(body.as_bytes(), &mut out);
+                assert_eq!(out.len(), before, "output before the event ended: {event}");
+                t.push(end.as_bytes(), &mut out);
+                assert!(full.starts_with(&out));
+            }
+            assert_eq!(out, full);
+        }
+    }
+
+    fn chunk(delta: Value, finish: Option<&str>) -> String {
+        let v = json!({"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1,
+                       "model": "m", "choices": [{"index": 0, "delta": delta,
+                                                  "finish_reason": finish}]});
+        format!("data: {v}\n\n")
+    }
+
+    #[test]
+    fn tool_calls_in_one_delta_and_without_ids() {
+        // Some servers send whole calls, several in one delta, ids missing.
+        let input = format!(
+            "{}{}data: [DONE]\n\n",
+            chunk(
+                json!({"role": "assistant", "tool_calls": [
+                    {"index": 0, "id": "c0", "type": "function",
+                     "function": {"name": "a", "arguments": "{\"x\":1}"}},
+                    {"index": 1, "type": "function",
+                     "function": {"name": "b", "arguments": "{}"}}]}),
+                None
+            ),
+            chunk(json!({}), Some("stop")),
+        );
+        let a = assemble(&run(input.as_bytes()));
+        assert_eq!(a.blocks.len(), 2);
+        assert_eq!(
+            (a.blocks[0].2.as_str(), a.blocks[0].1.as_str()),
+            ("c0", "{\"x\":1}")
+        );
+        assert_eq!(a.blocks[1].3, "b");
+        assert!(a.blocks[1].2.starts_with("toolu_"));
+        assert_eq!(
+            a.stop_reason.as_deref(),
+            Some("tool_use"),
+            "tool calls win over stop"
+        );
+        assert_eq!(a.delta_usage, Some(json!({"output_tokens": 0})));
+    }
+
+    #[test]
+    fn finish_reasons_map_to_stop_reasons() {
+        for (finish, stop) in [
+            (Some("stop"), "end_turn"),
+            (Some("length"), "max_tokens"),
+            (Some("content_filter"), "refusal"),
+            (Some("tool_calls"), "tool_use"),
+            (None, "end_turn"),
+        ] {
+            let input = format!(
+                "{}{}data: [DONE]\n\n",
+                chunk(json!({"content": "x"}), None),
+                chunk(json!({}), finish)
+            );
+            let a = assemble(&run(input.as_bytes()));
+            assert_eq!(a.stop_reason.as_deref(), Some(stop), "{finish:?}");
+            assert!(a.stopped);
+        }
+        let input = format!(
+            "{}{}data: [DONE]\n\n",
+            chunk(json!({"refusal": "No."}), None),
+            chunk(json!({}), Some("stop"))
+        );
+        let a = assemble(&run(input.as_bytes()));
+        assert_eq!(a.blocks[0].1, "No.");
+        assert_eq!(a.stop_reason.as_deref(), Some("refusal"));
+    }
+
+    #[test]
+    fn done_alone_is_a_complete_empty_message() {
+        let a = assemble(&run(b"data: [DONE]\n\n"));
+        assert!(a.message.is_object() && a.blocks.is_empty() && a.stopped);
+        assert_eq!(a.message["id"], "msg_gateway");
+        assert_eq!(a.stop_reason.as_deref(), Some("end_turn"));
+    }
+
+    #[test]
+    fn error_event_ends_the_stream() {
+        let head: String = TOOL_STREAM.split_inclusive("\n\n").take(5).collect();
+        let input = format!(
+            "{head}data: {{\"error\":{{\"message\":\"Overloaded\",\"type\":\"server_error\",\"param\":null,\"code\":\"overloaded\"}}}}\n\n{}data: [DONE]\n\n",
+            chunk(json!({"content": "late"}), None)
+        );
+        let mut t = ChatStreamToMessages::new();
+        let mut out = Vec::new();
+        t.push(input.as_bytes(), &mut out);
+        let a = assemble(&out);
+        assert_eq!(
+            a.error,
+            Some(json!({"type": "overloaded_error", "message": "Overloaded"}))
+        );
+        assert!(!a.stopped && a.stop_reason.is_none());
+        assert!(!a.blocks.iter().any(|b| b.1.contains("late")));
+        let len = out.len();
+        t.finish(&mut out);
+        t.push(b"data: [DONE]\n\n", &mut out);
+        assert_eq!(out.len(), len, "nothing after an error");
+
+        for (error, kind) in [
+            (
+                json!({"message": "slow down", "type": "rate_limit_error"}),
+                "rate_limit_error",
+            ),
+            (
+                json!({"message": "x", "type": "server_error", "code": "stream_interrupted"}),
+                "api_error",
+            ),
+            (
+                json!({"message": "bad", "type": "invalid_request_error"}),
+                "invalid_request_error",
+            ),
+            (json!("plain string"), "api_error"),
+        ] {
+            let input = format!("data: {}\n\n", json!({"error": error}));
+            let a = assemble(&run(input.as_bytes()));
+            assert_eq!(a.error.as_ref().unwrap()["type"], kind, "{error}");
+            assert!(a.message.is_null(), "an error first needs no message_start");
+        }
+    }
+
+    #[test]
+    fn truncated_stream_ends_with_an_error_event() {
+        let events: Vec<&str> = TOOL_STREAM.split_inclusive("\n\n").collect();
+        let cuts = [
+            0,
+            TOOL_STREAM.len() / 2,
+            // Everything but [DONE]: finish reason and usage came, not the end.
+            TOOL_STREAM.len() - events.last().unwrap().len(),
+            // Inside [DONE].
+            TOOL_STREAM.len() - 3,
+        ];
+        for cut in cuts {
+            let out = run(&TOOL_STREAM.as_bytes()[..cut]);
+            let a = assemble(&out);
+            assert!(!a.stopped, "cut {cut}");
+            assert!(a.stop_reason.is_none(), "cut {cut}");
+            let error = a.error.unwrap();
+            assert_eq!(error["type"], "api_error");
+            assert!(error["message"]
+                .as_str()
+                .unwrap()
+                .contains("ended before completion"));
+        }
+    }
+
+    #[test]
+    fn finish_is_idempotent_and_silent_after_done() {
+        let mut t = ChatStreamToMessages::new();
+        let mut out = Vec::new();
+        t.push(TEXT_STREAM.as_bytes(), &mut out);
+        let len = out.len();
+        assert!(out.ends_with(b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"));
+        t.finish(&mut out);
+        t.push(b"data: [DONE]\n\n", &mut out);
+        assert_eq!(out.len(), len);
+
+        let mut t = ChatStreamToMessages::new();
+        let mut out = Vec::new();
+        t.push(&TEXT_STREAM.as_bytes()[..700], &mut out);
+        t.finish(&mut out);
+        let len = out.len();
+        t.finish(&mut out);
+        t.push(&TEXT_STREAM.as_bytes()[700..], &mut out);
+        assert_eq!(out.len(), len, "nothing after the interruption error");
+    }
+
+    #[test]
+    fn comments_and_unparseable_events_are_ignored() {
+        let plain = run(TEXT_STREAM.as_bytes());
+        let noisy = TEXT_STREAM.replacen("data: ", ": keep-alive\n\ndata: not json\n\ndata: ", 2);
+        assert_ne!(noisy, TEXT_STREAM);
+        assert_eq!(run(noisy.as_bytes()), plain);
+    }
+
+    #[test]
+    fn late_fragment_for_a_closed_tool_block_still_reaches_it() {
+        let input = format!(
+            "{}{}{}{}data: [DONE]\n\n",
+            chunk(
+                json!({"tool_calls": [{"index": 0, "id": "a", "function": {"name": "f", "arguments": "{\"x\""}}]}),
+                None
+            ),
+            chunk(
+                json!({"tool_calls": [{"index": 1, "id": "b", "function": {"name": "g", "arguments": "{}"}}]}),
+                None
+            ),
+            chunk(
+                json!({"tool_calls": [{"index": 0, "function": {"arguments": ":1}"}}]}),
+                None
+            ),
+            chunk(json!({}), Some("tool_calls")),
+        );
+        let text = String::from_utf8(run(input.as_bytes())).unwrap();
+        assert!(text.contains(
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":":1}"}}"#
+        ));
+        assert!(text.ends_with("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"));
     }
 }
