@@ -529,8 +529,8 @@ pub fn messages_request_to_chat(
     }
     for name in ["container", "context_management", "output_format"] {
         if field(name).is_some() {
-            return Err(ApiError::invalid_request(
-                Some("unsupported_parameter"),
+            return Err(unsupported(
+                name,
                 format!("{name} is not supported by this provider through this gateway."),
             ));
         }
@@ -1809,7 +1809,7 @@ mod tests {
                 "output_format",
                 req(json!({"output_format": {"type": "json_schema", "schema": {}}})),
                 "unsupported_parameter",
-                None,
+                Some("output_format"),
                 "output_format",
             ),
         ];
