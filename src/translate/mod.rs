@@ -6,9 +6,10 @@
 //! N + M translators, not N × M. A caller and a provider that speak the same
 //! schema skip translation entirely (only `model` is rewritten).
 //!
-//! | module            | caller speaks | provider speaks          |
-//! |-------------------|---------------|--------------------------|
-//! | `openai_anthropic`| OpenAI        | Anthropic Messages       |
+//! | module            | caller speaks      | provider speaks          |
+//! |-------------------|--------------------|--------------------------|
+//! | `openai_anthropic`| OpenAI             | Anthropic Messages       |
+//! | `anthropic_openai`| Anthropic Messages | OpenAI (the pivot)       |
 //!
 //! Each module is pure: bytes in, bytes out, no host calls, so the filter
 //! decides when to call it and the logic is tested natively.
@@ -20,6 +21,7 @@
 //! from the pivot turns that error event (or a stream that ends without
 //! `[DONE]`) into its own schema's error event.
 
+pub mod anthropic_openai;
 pub mod openai_anthropic;
 pub mod openai_usage;
 
