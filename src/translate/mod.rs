@@ -6,10 +6,12 @@
 //! N + M translators, not N × M. A caller and a provider that speak the same
 //! schema skip translation entirely (only `model` is rewritten).
 //!
-//! | module            | caller speaks      | provider speaks          |
-//! |-------------------|--------------------|--------------------------|
-//! | `openai_anthropic`| OpenAI             | Anthropic Messages       |
-//! | `anthropic_openai`| Anthropic Messages | OpenAI (the pivot)       |
+//! | module            | caller speaks      | provider speaks                          |
+//! |-------------------|--------------------|------------------------------------------|
+//! | `openai_anthropic`| OpenAI             | Anthropic Messages (also on Vertex AI)   |
+//! | `openai_gemini`   | OpenAI             | Gemini `generateContent` (also Vertex AI)|
+//! | `openai_usage`    | OpenAI             | OpenAI (usage read from streams)         |
+//! | `anthropic_openai`| Anthropic Messages | OpenAI (the pivot)                       |
 //!
 //! Each module is pure: bytes in, bytes out, no host calls, so the filter
 //! decides when to call it and the logic is tested natively.
@@ -23,6 +25,7 @@
 
 pub mod anthropic_openai;
 pub mod openai_anthropic;
+pub mod openai_gemini;
 pub mod openai_usage;
 
 /// The API schemas the gateway speaks, on either side.
