@@ -10,6 +10,7 @@
 )]
 
 pub mod api;
+pub mod aws;
 pub mod config;
 pub mod filter;
 pub mod host;
