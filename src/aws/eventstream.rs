@@ -171,21 +171,29 @@ impl Decoder {
 
     /// Feeds bytes; returns every message they complete, in order. On a
     /// framing error (bad CRC, impossible length, malformed header) the
-    /// messages decoded before it are lost with it: the stream is corrupt.
+    /// messages completed before it in these bytes are dropped with it; use
+    /// [`Decoder::push_into`] to keep them.
     pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<Message>, String> {
+        let mut messages = Vec::new();
+        self.push_into(bytes, &mut messages)?;
+        Ok(messages)
+    }
+
+    /// Feeds bytes; appends to `out` every message they complete, in order,
+    /// up to a framing error if there is one (then returned).
+    pub fn push_into(&mut self, bytes: &[u8], out: &mut Vec<Message>) -> Result<(), String> {
         if let Some(e) = &self.error {
             return Err(e.clone());
         }
         self.buf.extend_from_slice(bytes);
-        let mut messages = Vec::new();
         let mut at = 0;
         let result = loop {
             match self.next_message(at) {
                 Ok(Some((message, len))) => {
-                    messages.push(message);
+                    out.push(message);
                     at += len;
                 }
-                Ok(None) => break Ok(messages),
+                Ok(None) => break Ok(()),
                 Err(e) => break Err(e),
             }
         };
@@ -423,6 +431,20 @@ mod tests {
             assert!(d.push(&bad).is_err(), "bit flip at {at} went unnoticed");
             assert!(d.push(&bytes).is_err(), "error is sticky");
         }
+    }
+
+    #[test]
+    fn push_into_keeps_the_messages_before_a_corrupt_one() {
+        let (mut bytes, want) = sample();
+        let second_start = encode(
+            &[(":event-type", "messageStart"), (":message-type", "event")],
+            br#"{"role":"assistant"}"#,
+        )
+        .len();
+        bytes[second_start + 13] ^= 1;
+        let mut got = Vec::new();
+        assert!(Decoder::new().push_into(&bytes, &mut got).is_err());
+        assert_eq!(got, want[..1]);
     }
 
     #[test]

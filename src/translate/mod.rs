@@ -9,6 +9,7 @@
 //! | module            | caller speaks | provider speaks          |
 //! |-------------------|---------------|--------------------------|
 //! | `openai_anthropic`| OpenAI        | Anthropic Messages       |
+//! | `openai_bedrock`  | OpenAI        | AWS Bedrock Converse     |
 //!
 //! Each module is pure: bytes in, bytes out, no host calls, so the filter
 //! decides when to call it and the logic is tested natively.
@@ -21,6 +22,7 @@
 //! `[DONE]`) into its own schema's error event.
 
 pub mod openai_anthropic;
+pub mod openai_bedrock;
 
 /// Token counts of one exchange, in OpenAI's terms: `input_tokens` counts
 /// every prompt token, cached ones (read or written) included;
