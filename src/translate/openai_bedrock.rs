@@ -46,6 +46,32 @@ pub struct ConverseRequestInfo {
     pub include_usage: bool,
 }
 
+/// The request path for a model id (a plain id, an inference profile id or
+/// an ARN): `/model/{id}/converse` or `/model/{id}/converse-stream`, the id
+/// percent-encoded whole (`:` -> `%3A`, `/` -> `%2F`; only RFC 3986
+/// unreserved characters stay). Sign exactly this path with
+/// [`crate::aws::sigv4::sign`].
+pub fn converse_path(model_id: &str, stream: bool) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
+    let mut path = String::with_capacity(model_id.len() + 24);
+    path.push_str("/model/");
+    for &b in model_id.as_bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            path.push(char::from(b));
+        } else {
+            path.push('%');
+            path.push(char::from(DIGITS[usize::from(b >> 4)]));
+            path.push(char::from(DIGITS[usize::from(b & 15)]));
+        }
+    }
+    path.push_str(if stream {
+        "/converse-stream"
+    } else {
+        "/converse"
+    });
+    path
+}
+
 // ---------------------------------------------------------------------------
 // Request: OpenAI chat completions -> Bedrock Converse
 // ---------------------------------------------------------------------------
@@ -1626,6 +1652,29 @@ mod tests {
     }
 
     #[test]
+    fn converse_paths() {
+        assert_eq!(
+            converse_path("anthropic.claude-3-5-sonnet-20240620-v1:0", false),
+            "/model/anthropic.claude-3-5-sonnet-20240620-v1%3A0/converse"
+        );
+        assert_eq!(
+            converse_path("us.meta.llama3-2-1b-instruct-v1:0", true),
+            "/model/us.meta.llama3-2-1b-instruct-v1%3A0/converse-stream"
+        );
+        assert_eq!(
+            converse_path(
+                "arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.x-v1:0",
+                false
+            ),
+            "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Ainference-profile%2Fus.x-v1%3A0/converse"
+        );
+        assert_eq!(
+            converse_path("a b?#%", false),
+            "/model/a%20b%3F%23%25/converse"
+        );
+    }
+
+    #[test]
     fn request_info_reports_stream_and_usage() {
         let base = with_messages(json!([{"role": "user", "content": "x"}]));
         let cases = [
@@ -2441,6 +2490,27 @@ mod tests {
             };
             assert_eq!(a.usage_chunks, expected_usage);
         }
+    }
+
+    /// tool_stream.bin was written by envoy/tools/eventstream.py from
+    /// tool_stream.json (compact JSON, sorted keys, UTF-8 kept: the same bytes
+    /// serde_json writes), so the Python mock encoder and this decoder agree:
+    ///
+    /// ```text
+    /// python3 -c 'import json,sys; sys.path.insert(0,"envoy/tools"); import eventstream as e
+    /// ev=json.load(open("tests/fixtures/bedrock/tool_stream.json"))
+    /// sys.stdout.buffer.write(b"".join(e.event(k, json.dumps(p, separators=(",",":"),
+    ///     sort_keys=True, ensure_ascii=False)) for k,p in ev))' > tests/fixtures/bedrock/tool_stream.bin
+    /// ```
+    #[test]
+    fn python_encoded_fixture_matches() {
+        let bin = include_bytes!("../../tests/fixtures/bedrock/tool_stream.bin");
+        let frames = frames(TOOL_STREAM);
+        // eventstream.event() orders headers as :event-type, :content-type,
+        // :message-type, like frames() here.
+        assert_eq!(bin.len(), frames.iter().map(Vec::len).sum::<usize>());
+        assert_eq!(&bin[..], &frames.concat()[..]);
+        assert_eq!(run(bin, true), run(&frames.concat(), true));
     }
 
     #[test]
