@@ -10,6 +10,7 @@
 //! |-------------------|--------------------|------------------------------------------|
 //! | `openai_anthropic`| OpenAI             | Anthropic Messages (also on Vertex AI)   |
 //! | `openai_gemini`   | OpenAI             | Gemini `generateContent` (also Vertex AI)|
+//! | `openai_bedrock`  | OpenAI             | AWS Bedrock Converse                     |
 //! | `openai_usage`    | OpenAI             | OpenAI (usage read from streams)         |
 //! | `anthropic_openai`| Anthropic Messages | OpenAI (the pivot)                       |
 //!
@@ -25,6 +26,7 @@
 
 pub mod anthropic_openai;
 pub mod openai_anthropic;
+pub mod openai_bedrock;
 pub mod openai_gemini;
 pub mod openai_usage;
 
