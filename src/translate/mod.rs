@@ -9,6 +9,7 @@
 //! | module            | caller speaks | provider speaks          |
 //! |-------------------|---------------|--------------------------|
 //! | `openai_anthropic`| OpenAI        | Anthropic Messages       |
+//! | `gemini_openai`   | Gemini        | OpenAI (pivot)           |
 //!
 //! Each module is pure: bytes in, bytes out, no host calls, so the filter
 //! decides when to call it and the logic is tested natively.
@@ -20,6 +21,7 @@
 //! from the pivot turns that error event (or a stream that ends without
 //! `[DONE]`) into its own schema's error event.
 
+pub mod gemini_openai;
 pub mod openai_anthropic;
 
 /// Token counts of one exchange, in OpenAI's terms: `input_tokens` counts
