@@ -13,6 +13,7 @@
 //! | `openai_bedrock`  | OpenAI             | AWS Bedrock Converse                     |
 //! | `openai_usage`    | OpenAI             | OpenAI (usage read from streams)         |
 //! | `anthropic_openai`| Anthropic Messages | OpenAI (the pivot)                       |
+//! | `gemini_openai`   | Gemini `generateContent` | OpenAI (the pivot)           |
 //!
 //! Each module is pure: bytes in, bytes out, no host calls, so the filter
 //! decides when to call it and the logic is tested natively.
@@ -24,6 +25,7 @@
 //! from the pivot turns that error event (or a stream that ends without
 //! `[DONE]`) into its own schema's error event.
 
+pub mod gemini_openai;
 pub mod anthropic_openai;
 pub mod openai_anthropic;
 pub mod openai_bedrock;
