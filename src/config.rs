@@ -876,8 +876,13 @@ fn compile_models(
                 "only applies to providers of kind \"vertex_ai\"",
             ));
         }
-        // Model ids go into URL paths for these kinds.
-        let in_path = percent_encode_segment(&upstream_model);
+        // Model ids go into URL paths for these kinds. Google writes
+        // versioned ids with a literal '@' (claude-sonnet-4-5@20250929).
+        let in_path = if kind == ProviderKind::Bedrock {
+            percent_encode_segment(&upstream_model)
+        } else {
+            percent_encode_segment(&upstream_model).replace("%40", "@")
+        };
         let (schema, chat_path, chat_stream_path, vertex_anthropic) = match kind {
             ProviderKind::OpenAi | ProviderKind::OpenAiCompatible | ProviderKind::AzureOpenAi => {
                 (Schema::OpenAi, chat_path.clone(), chat_path, false)

@@ -6,7 +6,7 @@
 use serde_json::{Map, Value};
 
 use crate::api::openai::{normalise_error, ApiError, ErrorOrigin};
-use crate::config::{ModelRoute, Provider};
+use crate::config::{ModelRoute, Provider, ProviderKind};
 use crate::json::splice;
 use crate::translate::openai_usage::{self, OpenAiStreamUsage};
 use crate::translate::{
@@ -81,9 +81,9 @@ pub fn translate_request(
     // Caller schema -> OpenAI pivot.
     let pivot: Option<Vec<u8>> = match inbound.caller {
         Schema::OpenAi => None,
-        Schema::Anthropic => Some(
-            anthropic_openai::messages_request_to_chat(body, &route.upstream_model)?.0,
-        ),
+        Schema::Anthropic => {
+            Some(anthropic_openai::messages_request_to_chat(body, &route.upstream_model)?.0)
+        }
         Schema::Gemini => Some(gemini_openai::gemini_request_to_chat(
             body,
             &route.upstream_model,
@@ -106,6 +106,14 @@ pub fn translate_request(
                 (None, false)
             };
             let out = with_usage.or(pivot).unwrap_or_else(|| body.to_vec());
+            let out = if matches!(
+                provider.kind,
+                ProviderKind::OpenAi | ProviderKind::AzureOpenAi
+            ) {
+                modern_token_limit(out)
+            } else {
+                out
+            };
             (out, inbound.stream, asked)
         }
         Schema::Anthropic => {
@@ -137,6 +145,20 @@ pub fn translate_request(
     // Non-OpenAI callers always get usage from the pivot; it is theirs to show.
     exchange.caller_wants_usage = inbound.caller == Schema::OpenAi && usage;
     Ok((Some(out), exchange))
+}
+
+/// OpenAI's reasoning models refuse `max_tokens`; OpenAI and Azure accept
+/// `max_completion_tokens` for every model, so translated requests use it
+/// there (OpenAI-compatible servers keep the older, more widely known name).
+fn modern_token_limit(body: Vec<u8>) -> Vec<u8> {
+    let renamed = match crate::json::TopLevel::parse(&body) {
+        Ok(doc) => match (doc.get("max_tokens"), doc.get("max_completion_tokens")) {
+            (Ok(Some(f)), Ok(None)) => Some(splice(&body, f.key.clone(), b"max_completion_tokens")),
+            _ => None,
+        },
+        Err(_) => None,
+    };
+    renamed.unwrap_or(body)
 }
 
 /// Vertex AI takes Anthropic models' name from the URL and wants its own
@@ -206,7 +228,11 @@ pub struct ErrorReply<'a> {
     pub secrets: &'a [&'a str],
 }
 
-pub fn translate_error(caller: Schema, exchange: Option<&Exchange>, reply: &ErrorReply<'_>) -> Option<Vec<u8>> {
+pub fn translate_error(
+    caller: Schema,
+    exchange: Option<&Exchange>,
+    reply: &ErrorReply<'_>,
+) -> Option<Vec<u8>> {
     let status = match exchange {
         Some(x) if reply.via_upstream => caller_status(x, reply.status, reply.error_type),
         _ => reply.status,
@@ -251,8 +277,8 @@ pub fn translate_error(caller: Schema, exchange: Option<&Exchange>, reply: &Erro
             openai_bedrock::converse_error_to_chat(status, reply.error_type, reply.body)
         }
     };
-    let openai = crate::api::openai::redact(&String::from_utf8_lossy(&openai), reply.secrets)
-        .into_bytes();
+    let openai =
+        crate::api::openai::redact(&String::from_utf8_lossy(&openai), reply.secrets).into_bytes();
     Some(openai_error_to_caller(caller, status, openai))
 }
 
@@ -270,7 +296,9 @@ pub fn translate_response(
     let pivot = match exchange.provider {
         Schema::OpenAi => None,
         Schema::Anthropic => Some(openai_anthropic::messages_response_to_chat(body, created)?),
-        Schema::Gemini => Some(openai_gemini::gemini_response_to_chat(body, model, created)?),
+        Schema::Gemini => Some(openai_gemini::gemini_response_to_chat(
+            body, model, created,
+        )?),
         Schema::Converse => Some(openai_bedrock::converse_response_to_chat(
             body, model, created,
         )?),

@@ -101,7 +101,10 @@ fn match_endpoint(path: &str) -> Option<(Endpoint, &'static str)> {
             Endpoint::Call(Operation::ChatCompletions, Schema::OpenAi),
             "POST",
         )),
-        "/v1/embeddings" => Some((Endpoint::Call(Operation::Embeddings, Schema::OpenAi), "POST")),
+        "/v1/embeddings" => Some((
+            Endpoint::Call(Operation::Embeddings, Schema::OpenAi),
+            "POST",
+        )),
         "/v1/messages" => Some((
             Endpoint::Call(Operation::ChatCompletions, Schema::Anthropic),
             "POST",
@@ -134,7 +137,10 @@ fn match_endpoint(path: &str) -> Option<(Endpoint, &'static str)> {
 /// The caller's API as far as the URL tells, for errors raised before the
 /// endpoint is known.
 fn caller_of_path(path: &str) -> Schema {
-    if path.starts_with("/v1beta/") || path.contains(":generateContent") || path.contains(":streamGenerateContent") {
+    if path.starts_with("/v1beta/")
+        || path.contains(":generateContent")
+        || path.contains(":streamGenerateContent")
+    {
         Schema::Gemini
     } else if path.starts_with("/v1/messages") {
         Schema::Anthropic
@@ -532,7 +538,11 @@ impl RequestFilter {
             let _ = host.set_response_header("content-type", "application/json");
             return Flow::Continue;
         }
-        let Some(x) = self.exchange.as_ref().filter(|_| self.phase == Phase::Forwarded) else {
+        let Some(x) = self
+            .exchange
+            .as_ref()
+            .filter(|_| self.phase == Phase::Forwarded)
+        else {
             return Flow::Continue;
         };
         if !(200..300).contains(&self.status) || end_of_stream {

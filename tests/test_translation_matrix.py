@@ -293,7 +293,9 @@ def test_anthropic_headers_do_not_reach_other_providers(clients, mocks):
     req, body = only(mocks["openai"])
     assert "anthropic-version" not in req["headers"]
     assert req["headers"]["authorization"] == "Bearer " + KEYS["OPENAI_API_KEY"]
-    assert body["model"] == "gpt-4o-mini" and body["max_tokens"] == 200
+    # OpenAI itself gets the limit under the name its reasoning models accept.
+    assert body["model"] == "gpt-4o-mini" and body["max_completion_tokens"] == 200
+    assert "max_tokens" not in body
 
 
 def test_openai_stream_usage_is_requested_but_hidden(gateway, mocks):

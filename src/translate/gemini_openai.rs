@@ -366,11 +366,12 @@ impl Conversation {
 
     fn function_response(&mut self, value: &Value, at: &str) -> Result<(), ApiError> {
         let Some(fr) = value.as_object() else {
-            return Err(bad_content(format!("{at}.functionResponse must be an object.")));
+            return Err(bad_content(format!(
+                "{at}.functionResponse must be an object."
+            )));
         };
-        let name = get_str(fr, "name").ok_or_else(|| {
-            bad_content(format!("{at}.functionResponse has no string 'name'."))
-        })?;
+        let name = get_str(fr, "name")
+            .ok_or_else(|| bad_content(format!("{at}.functionResponse has no string 'name'.")))?;
         if get(fr, "parts").is_some_and(|p| p.as_array().is_none_or(|a| !a.is_empty())) {
             return Err(unsupported(
                 "contents",
@@ -570,11 +571,7 @@ fn convert_contents(contents: &[Value], conv: &mut Conversation) -> Result<(), A
                     "contents[{i}].parts must not be empty."
                 )))
             }
-            _ => {
-                return Err(bad_content(format!(
-                    "contents[{i}] has no 'parts' array."
-                )))
-            }
+            _ => return Err(bad_content(format!("contents[{i}] has no 'parts' array."))),
         };
         // Gemini's default role is "user"; "function" is the older role of
         // turns holding function responses.
@@ -623,7 +620,11 @@ fn gemini_schema(schema: &Value) -> Value {
                     ),
                     other => other.clone(),
                 };
-                let key = if name == "defs" { "$defs" } else { name.as_ref() };
+                let key = if name == "defs" {
+                    "$defs"
+                } else {
+                    name.as_ref()
+                };
                 out.insert(key.to_string(), map);
             }
             "items" | "additionalProperties" | "not" => {
@@ -706,7 +707,10 @@ fn convert_tools(tools: &Value) -> Result<Vec<Value>, ApiError> {
     let mut out = Vec::new();
     for (i, tool) in tools.iter().enumerate() {
         let Some(tool) = tool.as_object() else {
-            return Err(invalid_value("tools", format!("tools[{i}] must be an object.")));
+            return Err(invalid_value(
+                "tools",
+                format!("tools[{i}] must be an object."),
+            ));
         };
         for (name, value) in fields(tool) {
             if name == "functionDeclarations" {
@@ -738,10 +742,7 @@ fn tool_name(tool: &Value) -> Option<&str> {
 }
 
 /// Applies `toolConfig` to the tools; returns the `tool_choice`.
-fn convert_tool_config(
-    config: &Value,
-    tools: &mut Vec<Value>,
-) -> Result<Option<Value>, ApiError> {
+fn convert_tool_config(config: &Value, tools: &mut Vec<Value>) -> Result<Option<Value>, ApiError> {
     let bad = |message: String| invalid_value("toolConfig", message);
     let Some(config) = config.as_object() else {
         return Err(bad("toolConfig must be an object.".into()));
@@ -753,7 +754,7 @@ fn convert_tool_config(
     };
     let Some(fcc) = fcc.as_object() else {
         return Err(bad(
-            "toolConfig.functionCallingConfig must be an object.".into(),
+            "toolConfig.functionCallingConfig must be an object.".into()
         ));
     };
     let mode = match get(fcc, "mode") {
@@ -821,9 +822,7 @@ fn convert_tool_config(
             )));
         }
         if let ([one], "ANY") = (allowed.as_slice(), mode.as_str()) {
-            return Ok(Some(
-                json!({"type": "function", "function": {"name": one}}),
-            ));
+            return Ok(Some(json!({"type": "function", "function": {"name": one}})));
         }
         tools.retain(|t| tool_name(t).is_some_and(|n| allowed.contains(&n)));
     }
@@ -871,7 +870,10 @@ fn positive(param: &'static str, what: &str, v: &Value) -> Result<u64, ApiError>
         .as_u64()
         .or_else(|| v.as_str().and_then(|s| s.parse().ok()));
     match n {
-        Some(0) => Err(invalid_value(param, format!("'{what}' must be at least 1."))),
+        Some(0) => Err(invalid_value(
+            param,
+            format!("'{what}' must be at least 1."),
+        )),
         Some(n) => Ok(n),
         None => Err(invalid_type(param, what, "a positive integer", v)),
     }
@@ -885,7 +887,12 @@ fn thinking_effort(config: &Value) -> Result<Option<&'static str>, ApiError> {
     let budget = match get(config, "thinkingBudget") {
         None => None,
         Some(v) => Some(v.as_i64().ok_or_else(|| {
-            invalid_type(P, "generationConfig.thinkingConfig.thinkingBudget", "an integer", v)
+            invalid_type(
+                P,
+                "generationConfig.thinkingConfig.thinkingBudget",
+                "an integer",
+                v,
+            )
         })?),
     };
     let level = match get(config, "thinkingLevel") {
@@ -952,25 +959,32 @@ fn convert_generation(config: &Value) -> Result<Generation<'_>, ApiError> {
                 g.presence_penalty = Some(number(P, "generationConfig.presencePenalty", value)?)
             }
             "frequencyPenalty" => {
-                g.frequency_penalty =
-                    Some(number(P, "generationConfig.frequencyPenalty", value)?)
+                g.frequency_penalty = Some(number(P, "generationConfig.frequencyPenalty", value)?)
             }
             "seed" => {
                 if value.as_i64().is_none() {
-                    return Err(invalid_type(P, "generationConfig.seed", "an integer", value));
+                    return Err(invalid_type(
+                        P,
+                        "generationConfig.seed",
+                        "an integer",
+                        value,
+                    ));
                 }
                 g.seed = Some(value);
             }
             "maxOutputTokens" => {
                 g.max_tokens = Some(positive(P, "generationConfig.maxOutputTokens", value)?)
             }
-            "candidateCount" => {
-                g.n = Some(positive(P, "generationConfig.candidateCount", value)?)
-            }
+            "candidateCount" => g.n = Some(positive(P, "generationConfig.candidateCount", value)?),
             "stopSequences" => {
                 let want = "an array of strings";
                 let Value::Array(items) = value else {
-                    return Err(invalid_type(P, "generationConfig.stopSequences", want, value));
+                    return Err(invalid_type(
+                        P,
+                        "generationConfig.stopSequences",
+                        want,
+                        value,
+                    ));
                 };
                 for item in items {
                     let s = item.as_str().ok_or_else(|| {
@@ -1632,7 +1646,6 @@ fn status_of_error_event(error: &Value) -> u16 {
     }
 }
 
-
 // ---------------------------------------------------------------------------
 // Streaming: OpenAI chat.completion.chunk SSE -> Gemini SSE
 // ---------------------------------------------------------------------------
@@ -1906,20 +1919,23 @@ impl ChatStreamToGemini {
     /// completes (those of the choice before it, when it starts a new one).
     fn tool_call_delta(&mut self, choice: u64, call: &Value) -> Option<FunctionCallOut> {
         let text = |path: &str| call.pointer(path).and_then(Value::as_str);
-        let index = call.get("index").and_then(Value::as_u64).unwrap_or_else(|| {
-            // No index: a new call when it brings an id, else the last one.
-            let last = self
-                .pending
-                .iter()
-                .filter(|c| c.choice == choice)
-                .map(|c| c.index)
-                .max();
-            match (text("/id"), last) {
-                (None, Some(last)) => last,
-                (Some(_), Some(last)) => last.saturating_add(1),
-                (_, None) => 0,
-            }
-        });
+        let index = call
+            .get("index")
+            .and_then(Value::as_u64)
+            .unwrap_or_else(|| {
+                // No index: a new call when it brings an id, else the last one.
+                let last = self
+                    .pending
+                    .iter()
+                    .filter(|c| c.choice == choice)
+                    .map(|c| c.index)
+                    .max();
+                match (text("/id"), last) {
+                    (None, Some(last)) => last,
+                    (Some(_), Some(last)) => last.saturating_add(1),
+                    (_, None) => 0,
+                }
+            });
         if let Some(pending) = self
             .pending
             .iter_mut()

@@ -25,8 +25,8 @@
 //! from the pivot turns that error event (or a stream that ends without
 //! `[DONE]`) into its own schema's error event.
 
-pub mod gemini_openai;
 pub mod anthropic_openai;
+pub mod gemini_openai;
 pub mod openai_anthropic;
 pub mod openai_bedrock;
 pub mod openai_gemini;
