@@ -25,6 +25,10 @@
 //! arguments and responses are kept verbatim).
 //!
 //! Decisions, where Gemini and OpenAI differ:
+//! * Consecutive `model` contents become one assistant message (text
+//!   concatenated, calls in order): google-genai's chat sessions record a
+//!   streamed answer as one content per chunk, and OpenAI wants an
+//!   assistant's tool calls in one message, right before their results.
 //! * `functionResponse` parts of a user turn become `tool` messages placed
 //!   before the turn's other parts (OpenAI wants tool results right after the
 //!   assistant message that called them). A response is matched to the call
@@ -453,6 +457,30 @@ impl Conversation {
         if text.is_none() && tool_calls.is_empty() {
             // Only thoughts: nothing OpenAI can take.
             return Ok(());
+        }
+        // google-genai records a streamed answer as one model content per
+        // chunk: consecutive model contents are one assistant message, or
+        // its tool calls would be split from their results.
+        if let Some(Value::Object(last)) = self.messages.last_mut() {
+            if last.get("role").and_then(Value::as_str) == Some("assistant") {
+                if let Some(t) = text {
+                    match last.get_mut("content") {
+                        Some(Value::String(s)) => s.push_str(&t),
+                        _ => {
+                            last.insert("content".into(), Value::String(t));
+                        }
+                    }
+                }
+                if !tool_calls.is_empty() {
+                    match last.get_mut("tool_calls") {
+                        Some(Value::Array(calls)) => calls.extend(tool_calls),
+                        _ => {
+                            last.insert("tool_calls".into(), Value::Array(tool_calls));
+                        }
+                    }
+                }
+                return Ok(());
+            }
         }
         let mut message = Map::new();
         message.insert("role".into(), Value::String("assistant".into()));
@@ -1980,6 +2008,8 @@ mod tests {
         include_str!("../../tests/fixtures/gemini/caller_request_tools.json");
     const IMAGES_REQUEST: &str =
         include_str!("../../tests/fixtures/gemini/caller_request_images.json");
+    const CHAT_HISTORY_REQUEST: &str =
+        include_str!("../../tests/fixtures/gemini/caller_request_chat_history.json");
     const TEXT_STREAM: &str =
         include_str!("../../tests/fixtures/openai/gemini_caller_text_stream.sse");
     const TOOL_STREAM: &str =
@@ -2071,6 +2101,45 @@ mod tests {
                 "tool_choice": {"type": "function", "function": {"name": "get_weather"}}
             })
         );
+    }
+
+    #[test]
+    fn google_genai_streamed_chat_history() {
+        // The third request of a google-genai chat whose first two answers
+        // were streamed (this module's own output for the two stream
+        // fixtures): one model content per chunk, merged back into one
+        // assistant message per turn.
+        let mut out = translate_bytes(CHAT_HISTORY_REQUEST.as_bytes(), true);
+        parsed_tool_contents(&mut out);
+        assert_eq!(
+            out["messages"],
+            json!([
+                {"role": "user", "content": "Hello!"},
+                {"role": "assistant",
+                 "content": "Bonjour, café ☕ — ça va? 👋\nSecond line with \"quotes\"."},
+                {"role": "user", "content": "Weather and time in Paris?"},
+                {"role": "assistant", "content": "Checking both.", "tool_calls": [
+                    {"id": "call_kIYtFDwOJSbsu6cyZ3uGnFsT", "type": "function", "function":
+                        {"name": "get_weather",
+                         "arguments": "{\"location\":\"Paris, France\",\"unit\":\"celsius\"}"}},
+                    {"id": "call_Xu2Aa2Lp5WbFm6gq0S3T8Mt1", "type": "function", "function":
+                        {"name": "get_time", "arguments": "{\"timezone\":\"Europe/Paris\"}"}}]},
+                {"role": "tool", "tool_call_id": "call_kIYtFDwOJSbsu6cyZ3uGnFsT",
+                 "content": {"output": {"temp_c": 18}}},
+                {"role": "tool", "tool_call_id": "call_Xu2Aa2Lp5WbFm6gq0S3T8Mt1",
+                 "content": {"output": "14:05"}}
+            ])
+        );
+        // Tools from Python functions: JSON schemas, output schemas dropped.
+        assert_eq!(
+            out["tools"][1],
+            json!({"type": "function", "function": {"name": "get_time",
+                "description": "Local time.",
+                "parameters": {"type": "object", "properties": {"timezone": {"type": "string"}},
+                               "required": ["timezone"]}}})
+        );
+        assert!(out.get("reasoning_effort").is_none());
+        assert_eq!(out["stream_options"], json!({"include_usage": true}));
     }
 
     #[test]
@@ -2179,6 +2248,24 @@ mod tests {
                          "function": {"name": "g", "arguments": "{\"q\":[1,null]}"}}]},
                     {"role": "tool", "tool_call_id": "call_1_0", "content": "{}"},
                     {"role": "user", "content": "here:"}]}),
+            ),
+            (
+                "consecutive model contents merge, thought-only ones in between too",
+                json!({"contents": [
+                    user("go"),
+                    {"role": "model", "parts": [{"functionCall": {"name": "f", "id": "a"}}]},
+                    {"role": "model", "parts": [{"text": "t", "thought": true}]},
+                    {"role": "model", "parts": [{"text": "after"}, {"functionCall": {"name": "f"}}]},
+                    {"role": "user", "parts": [{"functionResponse": {"name": "f", "response": {"r": 1}}},
+                                               {"functionResponse": {"name": "f", "response": {"r": 2}}}]}
+                ]}),
+                json!({"model": MODEL, "messages": [
+                    {"role": "user", "content": "go"},
+                    {"role": "assistant", "content": "after", "tool_calls": [
+                        {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+                        {"id": "call_3_0", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                    {"role": "tool", "tool_call_id": "a", "content": "{\"r\":1}"},
+                    {"role": "tool", "tool_call_id": "call_3_0", "content": "{\"r\":2}"}]}),
             ),
             (
                 "image URL without mime type, by extension; media resolution dropped",
