@@ -25,6 +25,10 @@
 //! arguments and responses are kept verbatim).
 //!
 //! Decisions, where Gemini and OpenAI differ:
+//! * Consecutive `model` contents become one assistant message (text
+//!   concatenated, calls in order): google-genai's chat sessions record a
+//!   streamed answer as one content per chunk, and OpenAI wants an
+//!   assistant's tool calls in one message, right before their results.
 //! * `functionResponse` parts of a user turn become `tool` messages placed
 //!   before the turn's other parts (OpenAI wants tool results right after the
 //!   assistant message that called them). A response is matched to the call
@@ -454,6 +458,30 @@ impl Conversation {
             // Only thoughts: nothing OpenAI can take.
             return Ok(());
         }
+        // google-genai records a streamed answer as one model content per
+        // chunk: consecutive model contents are one assistant message, or
+        // its tool calls would be split from their results.
+        if let Some(Value::Object(last)) = self.messages.last_mut() {
+            if last.get("role").and_then(Value::as_str) == Some("assistant") {
+                if let Some(t) = text {
+                    match last.get_mut("content") {
+                        Some(Value::String(s)) => s.push_str(&t),
+                        _ => {
+                            last.insert("content".into(), Value::String(t));
+                        }
+                    }
+                }
+                if !tool_calls.is_empty() {
+                    match last.get_mut("tool_calls") {
+                        Some(Value::Array(calls)) => calls.extend(tool_calls),
+                        _ => {
+                            last.insert("tool_calls".into(), Value::Array(tool_calls));
+                        }
+                    }
+                }
+                return Ok(());
+            }
+        }
         let mut message = Map::new();
         message.insert("role".into(), Value::String("assistant".into()));
         message.insert("content".into(), text.map_or(Value::Null, Value::String));
@@ -660,6 +688,11 @@ fn gemini_schema(schema: &Value) -> Value {
             out.insert("type".into(), json!([t, "null"]));
         } else if let Some(Value::Array(any)) = out.get_mut("anyOf") {
             any.push(json!({"type": "null"}));
+        }
+        if let Some(Value::Array(values)) = out.get_mut("enum") {
+            if !values.contains(&Value::Null) {
+                values.push(Value::Null);
+            }
         }
     }
     Value::Object(out)
@@ -1962,5 +1995,1555 @@ impl ChatStreamToGemini {
             arguments: text("/function/arguments").unwrap_or_default().to_string(),
         });
         done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::translate::openai_anthropic::MessagesStreamToChat;
+    use crate::translate::Chain;
+
+    const TOOLS_REQUEST: &str =
+        include_str!("../../tests/fixtures/gemini/caller_request_tools.json");
+    const IMAGES_REQUEST: &str =
+        include_str!("../../tests/fixtures/gemini/caller_request_images.json");
+    const CHAT_HISTORY_REQUEST: &str =
+        include_str!("../../tests/fixtures/gemini/caller_request_chat_history.json");
+    const TEXT_STREAM: &str =
+        include_str!("../../tests/fixtures/openai/gemini_caller_text_stream.sse");
+    const TOOL_STREAM: &str =
+        include_str!("../../tests/fixtures/openai/gemini_caller_tool_stream.sse");
+    const TOOL_RESPONSE: &str =
+        include_str!("../../tests/fixtures/openai/gemini_caller_response_tool.json");
+    const MODEL: &str = "gpt-4.1";
+
+    // ----- requests --------------------------------------------------------
+
+    fn translate_bytes(body: &[u8], stream: bool) -> Value {
+        let out = gemini_request_to_chat(body, MODEL, stream).unwrap();
+        serde_json::from_slice(&out).unwrap()
+    }
+
+    fn translate(req: &Value) -> Value {
+        translate_bytes(&serde_json::to_vec(req).unwrap(), false)
+    }
+
+    fn user(text: &str) -> Value {
+        json!({"role": "user", "parts": [{"text": text}]})
+    }
+
+    /// A request with one user turn and `extra` fields.
+    fn with(extra: Value) -> Value {
+        let mut req = json!({"contents": [user("x")]});
+        req.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        req
+    }
+
+    /// `tool` messages carry JSON text: compare it parsed.
+    fn parsed_tool_contents(out: &mut Value) {
+        for m in out["messages"].as_array_mut().unwrap() {
+            if m["role"] == "tool" {
+                let text = m["content"].as_str().unwrap().to_string();
+                m["content"] = serde_json::from_str(&text).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn google_genai_tool_conversation() {
+        // Captured from google-genai 3.4.0: camelCase fields, snake_case inside
+        // pass-through values, thought parts with signatures, calls with and
+        // without ids, responses matched by name.
+        let mut out = translate_bytes(TOOLS_REQUEST.as_bytes(), false);
+        parsed_tool_contents(&mut out);
+        let weather_schema = json!({
+            "type": "object",
+            "properties": {
+                "location": {"type": "string", "description": "City and country"},
+                "unit": {"type": ["string", "null"], "enum": ["celsius", "fahrenheit", null]},
+                "days": {"type": "array", "items": {"type": "integer"}, "maxItems": 3}
+            },
+            "required": ["location"]
+        });
+        assert_eq!(
+            out,
+            json!({
+                "model": MODEL,
+                "messages": [
+                    {"role": "system", "content": "You are a concise travel assistant."},
+                    {"role": "user", "content": "Weather in Paris and Tokyo, and the time in Paris?"},
+                    {"role": "assistant", "content": "Checking.", "tool_calls": [
+                        {"id": "call_abc", "type": "function", "function":
+                            {"name": "get_weather", "arguments": "{\"location\":\"Paris, France\"}"}},
+                        {"id": "call_1_1", "type": "function", "function":
+                            {"name": "get_weather", "arguments": "{\"location\":\"Tokyo, Japan\"}"}},
+                        {"id": "call_1_2", "type": "function", "function":
+                            {"name": "get_time", "arguments": "{\"timezone\":\"Europe/Paris\"}"}}]},
+                    {"role": "tool", "tool_call_id": "call_abc",
+                     "content": {"output": {"temp_c": 18, "sky": "cloudy"}}},
+                    {"role": "tool", "tool_call_id": "call_1_2", "content": {"result": "14:05"}},
+                    {"role": "tool", "tool_call_id": "call_1_1", "content": {"output": {"temp_c": 24}}}
+                ],
+                "temperature": 0.4, "top_p": 0.9, "max_tokens": 1024, "stop": ["END"], "n": 1,
+                "seed": 42, "presence_penalty": 0.1, "frequency_penalty": 0.2,
+                "reasoning_effort": "medium",
+                "tools": [
+                    {"type": "function", "function": {"name": "get_weather",
+                        "description": "Current weather in a city", "parameters": weather_schema}},
+                    {"type": "function", "function": {"name": "get_time", "description": "Local time",
+                        "parameters": {"type": "object",
+                                       "properties": {"timezone": {"type": "string"}},
+                                       "required": ["timezone"]}}}
+                ],
+                "tool_choice": {"type": "function", "function": {"name": "get_weather"}}
+            })
+        );
+    }
+
+    #[test]
+    fn google_genai_streamed_chat_history() {
+        // The third request of a google-genai chat whose first two answers
+        // were streamed (this module's own output for the two stream
+        // fixtures): one model content per chunk, merged back into one
+        // assistant message per turn.
+        let mut out = translate_bytes(CHAT_HISTORY_REQUEST.as_bytes(), true);
+        parsed_tool_contents(&mut out);
+        assert_eq!(
+            out["messages"],
+            json!([
+                {"role": "user", "content": "Hello!"},
+                {"role": "assistant",
+                 "content": "Bonjour, café ☕ — ça va? 👋\nSecond line with \"quotes\"."},
+                {"role": "user", "content": "Weather and time in Paris?"},
+                {"role": "assistant", "content": "Checking both.", "tool_calls": [
+                    {"id": "call_kIYtFDwOJSbsu6cyZ3uGnFsT", "type": "function", "function":
+                        {"name": "get_weather",
+                         "arguments": "{\"location\":\"Paris, France\",\"unit\":\"celsius\"}"}},
+                    {"id": "call_Xu2Aa2Lp5WbFm6gq0S3T8Mt1", "type": "function", "function":
+                        {"name": "get_time", "arguments": "{\"timezone\":\"Europe/Paris\"}"}}]},
+                {"role": "tool", "tool_call_id": "call_kIYtFDwOJSbsu6cyZ3uGnFsT",
+                 "content": {"output": {"temp_c": 18}}},
+                {"role": "tool", "tool_call_id": "call_Xu2Aa2Lp5WbFm6gq0S3T8Mt1",
+                 "content": {"output": "14:05"}}
+            ])
+        );
+        // Tools from Python functions: JSON schemas, output schemas dropped.
+        assert_eq!(
+            out["tools"][1],
+            json!({"type": "function", "function": {"name": "get_time",
+                "description": "Local time.",
+                "parameters": {"type": "object", "properties": {"timezone": {"type": "string"}},
+                               "required": ["timezone"]}}})
+        );
+        assert!(out.get("reasoning_effort").is_none());
+        assert_eq!(out["stream_options"], json!({"include_usage": true}));
+    }
+
+    #[test]
+    fn google_genai_images_and_response_schema() {
+        let out = translate_bytes(IMAGES_REQUEST.as_bytes(), false);
+        assert_eq!(
+            out,
+            json!({
+                "model": MODEL,
+                "messages": [{"role": "user", "content": [
+                    {"type": "text", "text": "Compare these images."},
+                    // google-genai's URL-safe base64, in the standard alphabet.
+                    {"type": "image_url", "image_url":
+                        {"url": "data:image/png;base64,+vv8/f7/iVBORw0KGgr//g=="}},
+                    {"type": "image_url", "image_url": {"url":
+                        "https://upload.wikimedia.org/wikipedia/commons/a/a7/Camponotus_flavomarginatus_ant.jpg"}}
+                ]}],
+                "response_format": {"type": "json_schema", "json_schema": {"name": "response",
+                    "schema": {"type": "object",
+                               "properties": {"same": {"type": "boolean"},
+                                              "reasons": {"type": "array", "items": {"type": "string"}}},
+                               "required": ["same"]}}}
+            })
+        );
+    }
+
+    #[test]
+    fn stream_flag_comes_from_the_caller() {
+        let body = br#"{"contents":[{"role":"user","parts":[{"text":"Hi"}]}]}"#;
+        assert_eq!(
+            translate_bytes(body, true),
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                   "stream": true, "stream_options": {"include_usage": true}})
+        );
+        assert_eq!(
+            translate_bytes(body, false),
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]})
+        );
+    }
+
+    #[test]
+    fn request_table() {
+        let table: Vec<(&str, Value, Value)> = vec![
+            (
+                "no role means user; several text parts stay parts",
+                json!({"contents": [{"parts": [{"text": "a"}, {"text": "b"}]}]}),
+                json!({"model": MODEL, "messages": [{"role": "user", "content": [
+                    {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}),
+            ),
+            (
+                "snake_case everywhere; system instruction as a string; parts joined",
+                json!({"system_instruction": {"parts": [{"text": "One."}, {"text": "Two."}]},
+                       "contents": [user("x")],
+                       "generation_config": {"max_output_tokens": "77", "stop_sequences": [],
+                                             "top_p": 1},
+                       "safety_settings": [{"category": "HARM_CATEGORY_HARASSMENT",
+                                            "threshold": "BLOCK_NONE"}]}),
+                json!({"model": MODEL, "messages": [
+                    {"role": "system", "content": "One.\nTwo."},
+                    {"role": "user", "content": "x"}], "max_tokens": 77, "top_p": 1}),
+            ),
+            (
+                "system instruction given as a plain string; nulls are absent",
+                json!({"systemInstruction": "Be brief.", "contents": [user("x")],
+                       "tools": null, "generationConfig": {"temperature": null}}),
+                json!({"model": MODEL, "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "x"}]}),
+            ),
+            (
+                "model turn of thoughts only is skipped; function role; ids matched first",
+                json!({"contents": [
+                    user("go"),
+                    {"role": "model", "parts": [{"text": "hmm", "thought": true,
+                                                 "thoughtSignature": "c2ln"}]},
+                    {"role": "model", "parts": [
+                        {"functionCall": {"name": "f", "args": {}, "id": "a"}},
+                        {"functionCall": {"name": "f"}, "thoughtSignature": "c2ln"}]},
+                    {"role": "function", "parts": [
+                        {"functionResponse": {"name": "f", "id": "call_2_1", "response": {"n": 2}}},
+                        {"functionResponse": {"name": "f", "response": {"n": 1}}},
+                        {"text": "and now?"}]}
+                ]}),
+                json!({"model": MODEL, "messages": [
+                    {"role": "user", "content": "go"},
+                    {"role": "assistant", "content": null, "tool_calls": [
+                        {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+                        {"id": "call_2_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                    {"role": "tool", "tool_call_id": "call_2_1", "content": "{\"n\":2}"},
+                    {"role": "tool", "tool_call_id": "a", "content": "{\"n\":1}"},
+                    {"role": "user", "content": "and now?"}]}),
+            ),
+            (
+                "tool results come before the turn's text, whatever the part order",
+                json!({"contents": [
+                    user("go"),
+                    {"role": "model", "parts": [{"text": "ok "}, {"text": "calling"},
+                                                {"functionCall": {"name": "g", "args": {"q": [1, null]}}}]},
+                    {"role": "user", "parts": [{"text": "here:"},
+                                               {"functionResponse": {"name": "g", "response": {}}}]}
+                ]}),
+                json!({"model": MODEL, "messages": [
+                    {"role": "user", "content": "go"},
+                    {"role": "assistant", "content": "ok calling", "tool_calls": [
+                        {"id": "call_1_0", "type": "function",
+                         "function": {"name": "g", "arguments": "{\"q\":[1,null]}"}}]},
+                    {"role": "tool", "tool_call_id": "call_1_0", "content": "{}"},
+                    {"role": "user", "content": "here:"}]}),
+            ),
+            (
+                "consecutive model contents merge, thought-only ones in between too",
+                json!({"contents": [
+                    user("go"),
+                    {"role": "model", "parts": [{"functionCall": {"name": "f", "id": "a"}}]},
+                    {"role": "model", "parts": [{"text": "t", "thought": true}]},
+                    {"role": "model", "parts": [{"text": "after"}, {"functionCall": {"name": "f"}}]},
+                    {"role": "user", "parts": [{"functionResponse": {"name": "f", "response": {"r": 1}}},
+                                               {"functionResponse": {"name": "f", "response": {"r": 2}}}]}
+                ]}),
+                json!({"model": MODEL, "messages": [
+                    {"role": "user", "content": "go"},
+                    {"role": "assistant", "content": "after", "tool_calls": [
+                        {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+                        {"id": "call_3_0", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                    {"role": "tool", "tool_call_id": "a", "content": "{\"r\":1}"},
+                    {"role": "tool", "tool_call_id": "call_3_0", "content": "{\"r\":2}"}]}),
+            ),
+            (
+                "image URL without mime type, by extension; media resolution dropped",
+                json!({"contents": [{"role": "user", "parts": [
+                    {"fileData": {"fileUri": "https://example.com/cat.PNG?size=2"}}]}],
+                       "generationConfig": {"mediaResolution": "MEDIA_RESOLUTION_HIGH"}}),
+                json!({"model": MODEL, "messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": "https://example.com/cat.PNG?size=2"}}]}]}),
+            ),
+            (
+                "plain JSON output; candidates and text modality",
+                with(
+                    json!({"generationConfig": {"responseMimeType": "application/json",
+                                                 "candidateCount": 2,
+                                                 "responseModalities": ["TEXT"]}}),
+                ),
+                json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 2,
+                       "response_format": {"type": "json_object"}}),
+            ),
+            (
+                "responseJsonSchema is passed as it is",
+                with(
+                    json!({"generationConfig": {"responseMimeType": "application/json",
+                    "responseJsonSchema": {"type": "object", "properties": {"a_b": {"type": "string"}},
+                                           "additionalProperties": false}}}),
+                ),
+                json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                       "response_format": {"type": "json_schema", "json_schema": {"name": "response",
+                           "schema": {"type": "object", "properties": {"a_b": {"type": "string"}},
+                                      "additionalProperties": false}}}}),
+            ),
+            (
+                "text/plain output is the default",
+                with(
+                    json!({"generationConfig": {"responseMimeType": "text/plain",
+                                                 "responseLogprobs": false}}),
+                ),
+                json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}]}),
+            ),
+        ];
+        for (name, input, expected) in table {
+            assert_eq!(translate(&input), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn gemini_schemas_become_json_schemas() {
+        let schema = json!({
+            "type": "OBJECT",
+            "title": "Order",
+            "properties": {
+                "max_items": {"type": "INTEGER", "minimum": 1, "format": "int32"},
+                "item_ids": {"type": "ARRAY", "items": {"type": "STRING"},
+                             "minItems": "1", "max_items": "5"},
+                "note": {"any_of": [{"type": "STRING"}, {"type": "NUMBER"}], "nullable": true},
+                "kind": {"type": "STRING", "enum": ["a", "b"], "nullable": false},
+                "meta": {"type": "OBJECT", "additional_properties": {"type": "BOOLEAN"},
+                         "property_ordering": []},
+                "anything": {"type": "TYPE_UNSPECIFIED", "description": "free"}
+            },
+            "required": ["max_items"],
+            "propertyOrdering": ["max_items", "item_ids"]
+        });
+        let req = with(json!({"tools": [{"function_declarations": [
+            {"name": "order", "parameters": schema}]}]}));
+        assert_eq!(
+            translate(&req)["tools"][0]["function"]["parameters"],
+            json!({
+                "type": "object",
+                "title": "Order",
+                "properties": {
+                    // Property names are data: never re-cased.
+                    "max_items": {"type": "integer", "minimum": 1, "format": "int32"},
+                    "item_ids": {"type": "array", "items": {"type": "string"},
+                                 "minItems": 1, "maxItems": 5},
+                    "note": {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "null"}]},
+                    "kind": {"type": "string", "enum": ["a", "b"]},
+                    "meta": {"type": "object", "additionalProperties": {"type": "boolean"}},
+                    "anything": {"description": "free"}
+                },
+                "required": ["max_items"]
+            })
+        );
+    }
+
+    #[test]
+    fn tool_config_table() {
+        let tools = json!([{"functionDeclarations": [
+            {"name": "a"}, {"name": "b"}, {"name": "c"}]}]);
+        let named = |n: &str| json!({"type": "function", "function": {"name": n}});
+        // (case, functionCallingConfig, tool_choice, tools left)
+        let table: Vec<(&str, Value, Value, Vec<&str>)> = vec![
+            ("absent", json!({}), Value::Null, vec!["a", "b", "c"]),
+            (
+                "unspecified",
+                json!({"mode": "MODE_UNSPECIFIED"}),
+                Value::Null,
+                vec!["a", "b", "c"],
+            ),
+            (
+                "auto",
+                json!({"mode": "AUTO"}),
+                json!("auto"),
+                vec!["a", "b", "c"],
+            ),
+            (
+                "lower-case mode",
+                json!({"mode": "auto"}),
+                json!("auto"),
+                vec!["a", "b", "c"],
+            ),
+            (
+                "none",
+                json!({"mode": "NONE"}),
+                json!("none"),
+                vec!["a", "b", "c"],
+            ),
+            (
+                "any",
+                json!({"mode": "ANY"}),
+                json!("required"),
+                vec!["a", "b", "c"],
+            ),
+            (
+                "validated",
+                json!({"mode": "VALIDATED"}),
+                json!("auto"),
+                vec!["a", "b", "c"],
+            ),
+            (
+                "any, one allowed: named choice",
+                json!({"mode": "ANY", "allowedFunctionNames": ["b"]}),
+                named("b"),
+                vec!["a", "b", "c"],
+            ),
+            (
+                "any, several allowed: tools narrowed, required",
+                json!({"mode": "ANY", "allowed_function_names": ["c", "a"]}),
+                json!("required"),
+                vec!["a", "c"],
+            ),
+            (
+                "validated, one allowed: narrowed, auto",
+                json!({"mode": "VALIDATED", "allowedFunctionNames": ["b"]}),
+                json!("auto"),
+                vec!["b"],
+            ),
+            (
+                "empty allowed list",
+                json!({"mode": "AUTO", "allowedFunctionNames": []}),
+                json!("auto"),
+                vec!["a", "b", "c"],
+            ),
+        ];
+        for (name, fcc, choice, left) in table {
+            let req = with(json!({"tools": tools, "toolConfig": {"functionCallingConfig": fcc}}));
+            let out = translate(&req);
+            assert_eq!(
+                out.get("tool_choice").cloned().unwrap_or(Value::Null),
+                choice,
+                "{name}"
+            );
+            let names: Vec<&str> = out["tools"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["function"]["name"].as_str().unwrap())
+                .collect();
+            assert_eq!(names, left, "{name}");
+        }
+        // Without tools, AUTO and NONE mean nothing to send.
+        for mode in ["AUTO", "NONE"] {
+            let req = with(json!({"toolConfig": {"functionCallingConfig": {"mode": mode}}}));
+            let out = translate(&req);
+            assert!(out.get("tool_choice").is_none(), "{mode}");
+            assert!(out.get("tools").is_none(), "{mode}");
+        }
+    }
+
+    #[test]
+    fn thinking_config_table() {
+        let table: Vec<(Value, Option<&str>)> = vec![
+            (json!({"thinkingBudget": 0}), None),
+            (json!({"thinkingBudget": -1}), None),
+            (json!({"thinking_budget": 1}), Some("low")),
+            (json!({"thinkingBudget": 1024}), Some("low")),
+            (json!({"thinkingBudget": 2048}), Some("low")),
+            (json!({"thinkingBudget": 2049}), Some("medium")),
+            (json!({"thinkingBudget": 4096}), Some("medium")),
+            (json!({"thinkingBudget": 8192}), Some("medium")),
+            (json!({"thinkingBudget": 8193}), Some("high")),
+            (
+                json!({"thinkingBudget": 24576, "includeThoughts": true}),
+                Some("high"),
+            ),
+            (json!({"includeThoughts": true}), None),
+            (json!({"thinkingLevel": "MINIMAL"}), Some("minimal")),
+            (json!({"thinking_level": "low"}), Some("low")),
+            (json!({"thinkingLevel": "MEDIUM"}), Some("medium")),
+            (json!({"thinkingLevel": "HIGH"}), Some("high")),
+            (json!({"thinkingLevel": "THINKING_LEVEL_UNSPECIFIED"}), None),
+        ];
+        for (config, effort) in table {
+            let out = translate(&with(
+                json!({"generationConfig": {"thinkingConfig": config}}),
+            ));
+            assert_eq!(
+                out.get("reasoning_effort").and_then(Value::as_str),
+                effort,
+                "{config}"
+            );
+        }
+    }
+
+    #[test]
+    fn request_error_table() {
+        let with_str =
+            |extra: &str| format!(r#"{{"contents":[{{"parts":[{{"text":"x"}}]}}],{extra}}}"#);
+        let parts = |parts: &str| format!(r#"{{"contents":[{{"role":"user","parts":{parts}}}]}}"#);
+        let model_then_user = |model: &str, user: &str| {
+            format!(
+                r#"{{"contents":[{{"role":"user","parts":[{{"text":"q"}}]}},{{"role":"model","parts":{model}}},{{"role":"user","parts":{user}}}]}}"#
+            )
+        };
+        let tools = r#""tools":[{"functionDeclarations":[{"name":"f"}]}]"#;
+        let unsupported = Some("unsupported_parameter");
+        let invalid = Some("invalid_value");
+        // (case, body, param, code)
+        let table: Vec<(&str, String, Option<&str>, Option<&str>)> = vec![
+            ("not json", "{".into(), None, Some("invalid_json")),
+            ("not an object", "[1]".into(), None, Some("invalid_json")),
+            (
+                "contents missing",
+                "{}".into(),
+                Some("contents"),
+                Some("missing_required_parameter"),
+            ),
+            (
+                "contents empty",
+                r#"{"contents":[]}"#.into(),
+                Some("contents"),
+                Some("missing_required_parameter"),
+            ),
+            (
+                "contents not an array",
+                r#"{"contents":"hi"}"#.into(),
+                Some("contents"),
+                Some("invalid_type"),
+            ),
+            (
+                "content not an object",
+                r#"{"contents":["hi"]}"#.into(),
+                Some("contents"),
+                invalid,
+            ),
+            (
+                "content without parts",
+                r#"{"contents":[{"role":"user"}]}"#.into(),
+                Some("contents"),
+                invalid,
+            ),
+            ("empty parts", parts("[]"), Some("contents"), invalid),
+            (
+                "unknown role",
+                r#"{"contents":[{"role":"system","parts":[{"text":"x"}]}]}"#.into(),
+                Some("contents"),
+                invalid,
+            ),
+            (
+                "part not an object",
+                parts(r#"["x"]"#),
+                Some("contents"),
+                invalid,
+            ),
+            (
+                "text not a string",
+                parts(r#"[{"text":1}]"#),
+                Some("contents"),
+                invalid,
+            ),
+            (
+                "inline audio",
+                parts(r#"[{"inlineData":{"mimeType":"audio/wav","data":"AA=="}}]"#),
+                Some("contents"),
+                unsupported,
+            ),
+            (
+                "inline pdf",
+                parts(r#"[{"inline_data":{"mime_type":"application/pdf","data":"AA=="}}]"#),
+                Some("contents"),
+                unsupported,
+            ),
+            (
+                "inline without data",
+                parts(r#"[{"inlineData":{"mimeType":"image/png"}}]"#),
+                Some("contents"),
+                invalid,
+            ),
+            (
+                "gs:// file",
+                parts(r#"[{"fileData":{"mimeType":"image/png","fileUri":"gs://b/cat.png"}}]"#),
+                Some("contents"),
+                unsupported,
+            ),
+            (
+                "Files API file",
+                parts(
+                    r#"[{"fileData":{"mimeType":"image/png","fileUri":"https://generativelanguage.googleapis.com/v1beta/files/abc"}}]"#,
+                ),
+                Some("contents"),
+                unsupported,
+            ),
+            (
+                "video file",
+                parts(
+                    r#"[{"fileData":{"mimeType":"video/mp4","fileUri":"https://www.youtube.com/watch?v=9hE5-98ZeCg"}}]"#,
+                ),
+                Some("contents"),
+                unsupported,
+            ),
+            (
+                "file of unknown kind",
+                parts(r#"[{"fileData":{"fileUri":"https://example.com/doc"}}]"#),
+                Some("contents"),
+                unsupported,
+            ),
+            (
+                "code execution part",
+                parts(r#"[{"executableCode":{"language":"PYTHON","code":"1"}}]"#),
+                Some("contents"),
+                unsupported,
+            ),
+            (
+                "video metadata",
+                parts(r#"[{"text":"x","videoMetadata":{"fps":1}}]"#),
+                Some("contents"),
+                unsupported,
+            ),
+            (
+                "call in a user turn",
+                parts(r#"[{"functionCall":{"name":"f","args":{}}}]"#),
+                Some("contents"),
+                invalid,
+            ),
+            (
+                "call without name",
+                model_then_user(r#"[{"functionCall":{"args":{}}}]"#, r#"[{"text":"x"}]"#),
+                Some("contents"),
+                invalid,
+            ),
+            (
+                "call args not an object",
+                model_then_user(
+                    r#"[{"functionCall":{"name":"f","args":[1]}}]"#,
+                    r#"[{"text":"x"}]"#,
+                ),
+                Some("contents"),
+                invalid,
+            ),
+            (
+                "response in a model turn",
+                model_then_user(
+                    r#"[{"functionResponse":{"name":"f","response":{}}}]"#,
+                    r#"[{"text":"x"}]"#,
+                ),
+                Some("contents"),
+                invalid,
+            ),
+            (
+                "image in a model turn",
+                model_then_user(
+                    r#"[{"inlineData":{"mimeType":"image/png","data":"AA=="}}]"#,
+                    r#"[{"text":"x"}]"#,
+                ),
+                Some("contents"),
+                unsupported,
+            ),
+            (
+                "response without a call",
+                parts(r#"[{"functionResponse":{"name":"f","response":{}}}]"#),
+                Some("contents"),
+                invalid,
+            ),
+            (
+                "response to an answered call",
+                model_then_user(
+                    r#"[{"functionCall":{"name":"f"}}]"#,
+                    r#"[{"functionResponse":{"name":"f","response":{}}},{"functionResponse":{"name":"f","response":{}}}]"#,
+                ),
+                Some("contents"),
+                invalid,
+            ),
+            (
+                "multimodal function response",
+                model_then_user(
+                    r#"[{"functionCall":{"name":"f"}}]"#,
+                    r#"[{"functionResponse":{"name":"f","response":{},"parts":[{"inlineData":{"mimeType":"image/png","data":"AA=="}}]}}]"#,
+                ),
+                Some("contents"),
+                unsupported,
+            ),
+            (
+                "system instruction with an image",
+                with_str(
+                    r#""systemInstruction":{"parts":[{"inlineData":{"mimeType":"image/png","data":"AA=="}}]}"#,
+                ),
+                Some("systemInstruction"),
+                unsupported,
+            ),
+            (
+                "system instruction of a number",
+                with_str(r#""systemInstruction":3"#),
+                Some("systemInstruction"),
+                Some("invalid_type"),
+            ),
+            (
+                "topK",
+                with_str(r#""generationConfig":{"topK":40}"#),
+                Some("generationConfig"),
+                unsupported,
+            ),
+            (
+                "top_k",
+                with_str(r#""generationConfig":{"top_k":40}"#),
+                Some("generationConfig"),
+                unsupported,
+            ),
+            (
+                "logprobs",
+                with_str(r#""generationConfig":{"responseLogprobs":true,"logprobs":3}"#),
+                Some("generationConfig"),
+                unsupported,
+            ),
+            (
+                "image output",
+                with_str(r#""generationConfig":{"responseModalities":["TEXT","IMAGE"]}"#),
+                Some("generationConfig"),
+                unsupported,
+            ),
+            (
+                "speech",
+                with_str(r#""generationConfig":{"speechConfig":{"voiceConfig":{}}}"#),
+                Some("generationConfig"),
+                unsupported,
+            ),
+            (
+                "enum output",
+                with_str(
+                    r#""generationConfig":{"responseMimeType":"text/x.enum","responseSchema":{"type":"STRING","enum":["a"]}}"#,
+                ),
+                Some("generationConfig"),
+                unsupported,
+            ),
+            (
+                "schema without json",
+                with_str(r#""generationConfig":{"responseSchema":{"type":"STRING"}}"#),
+                Some("generationConfig"),
+                invalid,
+            ),
+            (
+                "two schemas",
+                with_str(
+                    r#""generationConfig":{"responseMimeType":"application/json","responseSchema":{},"responseJsonSchema":{}}"#,
+                ),
+                Some("generationConfig"),
+                invalid,
+            ),
+            (
+                "zero output tokens",
+                with_str(r#""generationConfig":{"maxOutputTokens":0}"#),
+                Some("generationConfig"),
+                invalid,
+            ),
+            (
+                "output tokens as words",
+                with_str(r#""generationConfig":{"maxOutputTokens":"ten"}"#),
+                Some("generationConfig"),
+                Some("invalid_type"),
+            ),
+            (
+                "temperature as a string",
+                with_str(r#""generationConfig":{"temperature":"hot"}"#),
+                Some("generationConfig"),
+                Some("invalid_type"),
+            ),
+            (
+                "seed as a float",
+                with_str(r#""generationConfig":{"seed":1.5}"#),
+                Some("generationConfig"),
+                Some("invalid_type"),
+            ),
+            (
+                "stop sequence not a string",
+                with_str(r#""generationConfig":{"stopSequences":["a",1]}"#),
+                Some("generationConfig"),
+                Some("invalid_type"),
+            ),
+            (
+                "generation config not an object",
+                with_str(r#""generationConfig":[]"#),
+                Some("generationConfig"),
+                Some("invalid_type"),
+            ),
+            (
+                "budget and level",
+                with_str(
+                    r#""generationConfig":{"thinkingConfig":{"thinkingBudget":10,"thinkingLevel":"LOW"}}"#,
+                ),
+                Some("generationConfig.thinkingConfig"),
+                invalid,
+            ),
+            (
+                "unknown level",
+                with_str(r#""generationConfig":{"thinkingConfig":{"thinkingLevel":"MAX"}}"#),
+                Some("generationConfig.thinkingConfig"),
+                invalid,
+            ),
+            (
+                "negative budget",
+                with_str(r#""generationConfig":{"thinkingConfig":{"thinkingBudget":-5}}"#),
+                Some("generationConfig.thinkingConfig"),
+                invalid,
+            ),
+            (
+                "google search",
+                with_str(r#""tools":[{"googleSearch":{}}]"#),
+                Some("tools"),
+                unsupported,
+            ),
+            (
+                "code execution",
+                with_str(
+                    r#""tools":[{"functionDeclarations":[{"name":"f"}]},{"code_execution":{}}]"#,
+                ),
+                Some("tools"),
+                unsupported,
+            ),
+            (
+                "tools not an array",
+                with_str(r#""tools":{}"#),
+                Some("tools"),
+                Some("invalid_type"),
+            ),
+            (
+                "declaration without name",
+                with_str(r#""tools":[{"functionDeclarations":[{"description":"d"}]}]"#),
+                Some("tools"),
+                invalid,
+            ),
+            (
+                "both parameter schemas",
+                with_str(
+                    r#""tools":[{"functionDeclarations":[{"name":"f","parameters":{},"parametersJsonSchema":{}}]}]"#,
+                ),
+                Some("tools"),
+                invalid,
+            ),
+            (
+                "allowed names with AUTO",
+                with_str(&format!(
+                    r#"{tools},"toolConfig":{{"functionCallingConfig":{{"mode":"AUTO","allowedFunctionNames":["f"]}}}}"#
+                )),
+                Some("toolConfig"),
+                invalid,
+            ),
+            (
+                "allowed name not declared",
+                with_str(&format!(
+                    r#"{tools},"toolConfig":{{"functionCallingConfig":{{"mode":"ANY","allowedFunctionNames":["g"]}}}}"#
+                )),
+                Some("toolConfig"),
+                invalid,
+            ),
+            (
+                "unknown mode",
+                with_str(&format!(
+                    r#"{tools},"toolConfig":{{"functionCallingConfig":{{"mode":"SOMETIMES"}}}}"#
+                )),
+                Some("toolConfig"),
+                invalid,
+            ),
+            (
+                "ANY without tools",
+                with_str(r#""toolConfig":{"functionCallingConfig":{"mode":"ANY"}}"#),
+                Some("toolConfig"),
+                invalid,
+            ),
+            (
+                "cached content",
+                with_str(r#""cachedContent":"cachedContents/abc""#),
+                Some("cachedContent"),
+                unsupported,
+            ),
+            (
+                "unknown field",
+                with_str(r#""serviceTier":"flex""#),
+                None,
+                unsupported,
+            ),
+            (
+                "safety settings not an array",
+                with_str(r#""safetySettings":{}"#),
+                Some("safetySettings"),
+                Some("invalid_type"),
+            ),
+        ];
+        for (name, body, param, code) in table {
+            let err = gemini_request_to_chat(body.as_bytes(), MODEL, false).expect_err(name);
+            assert_eq!(err.status, 400, "{name}");
+            assert_eq!(err.kind, "invalid_request_error", "{name}");
+            assert_eq!(err.param, param, "{name}: {}", err.message);
+            assert_eq!(err.code, code, "{name}: {}", err.message);
+            assert!(!err.message.is_empty(), "{name}");
+        }
+    }
+
+    #[test]
+    fn error_messages_point_at_the_part() {
+        let body = br#"{"contents":[{"parts":[{"text":"a"}]},{"role":"model","parts":[{"text":"b"}]},{"parts":[{"text":"c"},{"inlineData":{"mimeType":"audio/mp3","data":"AA=="}}]}]}"#;
+        let err = gemini_request_to_chat(body, MODEL, false).unwrap_err();
+        assert!(
+            err.message.contains("contents[2].parts[1].inlineData"),
+            "{}",
+            err.message
+        );
+        assert!(err.message.contains("audio/mp3"), "{}", err.message);
+        let body = br#"{"contents":[{"parts":[{"text":"a"}]}],"generationConfig":{"topK":3}}"#;
+        let err = gemini_request_to_chat(body, MODEL, false).unwrap_err();
+        assert!(err.message.contains("topK"), "{}", err.message);
+    }
+
+    // ----- errors ------------------------------------------------------------
+
+    #[test]
+    fn gateway_errors_in_google_shape() {
+        let err = ApiError::invalid_request(
+            Some("unsupported_parameter"),
+            "generationConfig.topK is not supported.".into(),
+        )
+        .with_param("generationConfig");
+        let v: Value = serde_json::from_slice(&error_body(&err)).unwrap();
+        assert_eq!(
+            v,
+            json!({"error": {"code": 400, "message": "generationConfig.topK is not supported.",
+                             "status": "INVALID_ARGUMENT", "details": [{
+                                 "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                                 "reason": "UNSUPPORTED_PARAMETER", "domain": "meshllm",
+                                 "metadata": {"param": "generationConfig"}}]}})
+        );
+        let table = [
+            (400, "INVALID_ARGUMENT"),
+            (401, "UNAUTHENTICATED"),
+            (403, "PERMISSION_DENIED"),
+            (404, "NOT_FOUND"),
+            (409, "ABORTED"),
+            (413, "INVALID_ARGUMENT"),
+            (418, "FAILED_PRECONDITION"),
+            (429, "RESOURCE_EXHAUSTED"),
+            (500, "INTERNAL"),
+            (501, "UNIMPLEMENTED"),
+            (502, "UNAVAILABLE"),
+            (503, "UNAVAILABLE"),
+            (504, "DEADLINE_EXCEEDED"),
+            (507, "INTERNAL"),
+        ];
+        for (status, name) in table {
+            let err = ApiError::new(status, "server_error", None, "m".into());
+            let v: Value = serde_json::from_slice(&error_body(&err)).unwrap();
+            assert_eq!(
+                v,
+                json!({"error": {"code": status, "message": "m", "status": name}}),
+                "{status}"
+            );
+        }
+    }
+
+    #[test]
+    fn provider_errors_in_google_shape() {
+        let openai = br#"{"error":{"message":"Rate limit reached for gpt-4.1","type":"rate_limit_error","param":null,"code":"rate_limit_exceeded"}}"#;
+        let v: Value = serde_json::from_slice(&chat_error_to_gemini(429, openai)).unwrap();
+        assert_eq!(
+            v,
+            json!({"error": {"code": 429, "message": "Rate limit reached for gpt-4.1",
+                             "status": "RESOURCE_EXHAUSTED", "details": [{
+                                 "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                                 "reason": "RATE_LIMIT_EXCEEDED", "domain": "meshllm"}]}})
+        );
+        let v: Value = serde_json::from_slice(&chat_error_to_gemini(
+            401,
+            br#"{"error":{"message":"bad key","type":"authentication_error"}}"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            v,
+            json!({"error": {"code": 401, "message": "bad key", "status": "UNAUTHENTICATED"}})
+        );
+        let v: Value =
+            serde_json::from_slice(&chat_error_to_gemini(503, b"<html>upstream down</html>"))
+                .unwrap();
+        assert_eq!(v["error"]["status"], "UNAVAILABLE");
+        assert_eq!(
+            v["error"]["message"],
+            "The provider returned HTTP 503: <html>upstream down</html>"
+        );
+        let v: Value = serde_json::from_slice(&chat_error_to_gemini(500, b"")).unwrap();
+        assert_eq!(
+            v["error"]["message"],
+            "The provider returned HTTP 500 with no details."
+        );
+        let long = "é".repeat(1000);
+        let v: Value = serde_json::from_slice(&chat_error_to_gemini(502, long.as_bytes())).unwrap();
+        assert!(v["error"]["message"].as_str().unwrap().len() < 600);
+    }
+
+    // ----- non-streamed responses -----------------------------------------
+
+    fn respond(body: &Value) -> Value {
+        let out = chat_response_to_gemini(&serde_json::to_vec(body).unwrap()).unwrap();
+        serde_json::from_slice(&out).unwrap()
+    }
+
+    #[test]
+    fn text_response_maps_every_field() {
+        let openai = json!({
+            "id": "chatcmpl-123", "object": "chat.completion", "created": 1,
+            "model": "gpt-4.1-2025-04-14",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi there.",
+                                                  "refusal": null},
+                         "logprobs": null, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 6, "total_tokens": 18}
+        });
+        assert_eq!(
+            respond(&openai),
+            json!({
+                "candidates": [{"content": {"parts": [{"text": "Hi there."}], "role": "model"},
+                                "finishReason": "STOP", "index": 0}],
+                "usageMetadata": {"promptTokenCount": 12, "candidatesTokenCount": 6,
+                                  "totalTokenCount": 18},
+                "modelVersion": "gpt-4.1-2025-04-14",
+                "responseId": "chatcmpl-123"
+            })
+        );
+    }
+
+    #[test]
+    fn tool_response_with_reasoning_and_cached_usage() {
+        let out = respond(&serde_json::from_str(TOOL_RESPONSE).unwrap());
+        assert_eq!(
+            out,
+            json!({
+                "candidates": [{"content": {"parts": [
+                    {"text": "Two independent lookups; call both tools.", "thought": true},
+                    {"text": "I'll check both cities."},
+                    {"functionCall": {"id": "call_8JkV1rFq2cWmzYx0aQ4tLp3N", "name": "get_weather",
+                                      "args": {"location": "Paris, France", "unit": "celsius"}}},
+                    {"functionCall": {"id": "call_Q7sD2gHk9LmNp0Rt5VwXy1Zb", "name": "get_weather",
+                                      "args": {"location": "Tokyo, Japan"}}}
+                ], "role": "model"}, "finishReason": "STOP", "index": 0}],
+                "usageMetadata": {"promptTokenCount": 2006, "candidatesTokenCount": 44,
+                                  "cachedContentTokenCount": 1920, "thoughtsTokenCount": 256,
+                                  "totalTokenCount": 2306},
+                "modelVersion": "o4-mini-2025-04-16",
+                "responseId": "chatcmpl-BKwq1Zs3k0VAbCQx8sJ6Mnh2Xy4Pq"
+            })
+        );
+    }
+
+    #[test]
+    fn response_edge_cases() {
+        let openai = json!({
+            "id": "x", "model": "m",
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": null,
+                                         "refusal": "I can't help with that."},
+                 "finish_reason": "content_filter"},
+                {"index": 1, "message": {"role": "assistant", "content": [
+                    {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                 "finish_reason": "length"},
+                {"index": 2, "message": {"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": ""}},
+                    {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "{oops"}}]},
+                 "finish_reason": "tool_calls"},
+                {"index": 3, "message": {"role": "assistant", "content": "", "reasoning": "r"},
+                 "finish_reason": "something_new"},
+                {"index": 4, "message": {"role": "assistant", "content": ""}, "finish_reason": null}
+            ]
+        });
+        let out = respond(&openai);
+        assert_eq!(
+            out["candidates"],
+            json!([
+                {"content": {"parts": [{"text": "I can't help with that."}], "role": "model"},
+                 "finishReason": "SAFETY", "index": 0},
+                {"content": {"parts": [{"text": "ab"}], "role": "model"},
+                 "finishReason": "MAX_TOKENS", "index": 1},
+                {"content": {"parts": [
+                    {"functionCall": {"id": "c1", "name": "f", "args": {}}},
+                    {"functionCall": {"id": "c2", "name": "g", "args": {"arguments": "{oops"}}}],
+                 "role": "model"}, "finishReason": "STOP", "index": 2},
+                {"content": {"parts": [{"text": "r", "thought": true}], "role": "model"},
+                 "finishReason": "OTHER", "index": 3},
+                {"content": {"role": "model"}, "index": 4}
+            ])
+        );
+        assert!(out.get("usageMetadata").is_none());
+        assert!(chat_response_to_gemini(b"not json").is_err());
+        assert!(chat_response_to_gemini(br#"{"id":"x"}"#).is_err());
+    }
+
+    // ----- streaming ---------------------------------------------------------
+
+    fn run_pieces(pieces: &[&[u8]]) -> Vec<u8> {
+        let mut t = ChatStreamToGemini::new();
+        let mut out = Vec::new();
+        for piece in pieces {
+            t.push(piece, &mut out);
+        }
+        t.finish(&mut out);
+        out
+    }
+
+    fn run(input: &[u8]) -> Vec<u8> {
+        run_pieces(&[input])
+    }
+
+    /// The JSON of every event, checking Google's framing on the way.
+    fn parse_events(out: &[u8]) -> Vec<Value> {
+        let text = std::str::from_utf8(out).unwrap();
+        assert!(text.is_empty() || text.ends_with("\r\n\r\n"), "{text}");
+        text.split_terminator("\r\n\r\n")
+            .map(|e| {
+                let data = e.strip_prefix("data: ").unwrap_or_else(|| panic!("{e}"));
+                assert!(!data.contains('\n') && !data.contains('\r'), "{data}");
+                serde_json::from_str(data).unwrap()
+            })
+            .collect()
+    }
+
+    /// All at once, byte by byte, and split in two at every position.
+    fn assert_chunking_invariant(input: &[u8]) -> Vec<u8> {
+        let whole = run(input);
+        let bytes: Vec<&[u8]> = input.chunks(1).collect();
+        assert_eq!(run_pieces(&bytes), whole, "byte by byte");
+        for at in 0..=input.len() {
+            let (a, b) = input.split_at(at);
+            assert_eq!(run_pieces(&[a, b]), whole, "split at {at}");
+        }
+        whole
+    }
+
+    /// What google-genai's chat sessions need of every chunk to keep the
+    /// turn in their history: candidates[0].content.parts, none empty.
+    fn assert_chat_history_valid(events: &[Value]) {
+        for e in events {
+            if e.get("error").is_some() {
+                continue;
+            }
+            let parts = e["candidates"][0]["content"]["parts"].as_array();
+            let parts = parts.unwrap_or_else(|| panic!("no parts: {e}"));
+            assert!(!parts.is_empty(), "{e}");
+            for p in parts {
+                assert!(!p.as_object().unwrap().is_empty(), "{e}");
+            }
+            assert_eq!(e["candidates"][0]["content"]["role"], "model");
+        }
+    }
+
+    #[test]
+    fn text_stream_translates_identically_however_it_is_chunked() {
+        let out = assert_chunking_invariant(TEXT_STREAM.as_bytes());
+        let head = |parts: Value| {
+            json!({"candidates": [{"content": {"parts": parts, "role": "model"}, "index": 0}],
+                   "modelVersion": "o4-mini-2025-04-16",
+                   "responseId": "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG"})
+        };
+        let events = parse_events(&out);
+        assert_eq!(
+            events,
+            vec![
+                head(json!([{"text": "The user greets me. ", "thought": true}])),
+                head(json!([{"text": "Answer briefly.", "thought": true}])),
+                head(json!([{"text": "Bonjour, café ☕"}])),
+                head(json!([{"text": " — ça va? 👋\nSecond line with \"quotes\"."}])),
+                json!({"candidates": [{"content": {"parts": [{"text": ""}], "role": "model"},
+                                       "finishReason": "STOP", "index": 0}],
+                       "usageMetadata": {"promptTokenCount": 1125, "candidatesTokenCount": 50,
+                                         "cachedContentTokenCount": 1024,
+                                         "thoughtsTokenCount": 192, "totalTokenCount": 1367},
+                       "modelVersion": "o4-mini-2025-04-16",
+                       "responseId": "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG"}),
+            ]
+        );
+        assert_chat_history_valid(&events);
+    }
+
+    #[test]
+    fn tool_stream_sends_each_call_whole() {
+        let out = assert_chunking_invariant(TOOL_STREAM.as_bytes());
+        let events = parse_events(&out);
+        let candidates: Vec<&Value> = events.iter().map(|e| &e["candidates"][0]).collect();
+        assert_eq!(
+            candidates,
+            vec![
+                &json!({"content": {"parts": [{"text": "Checking both."}], "role": "model"},
+                        "index": 0}),
+                // Sent as soon as the second call starts.
+                &json!({"content": {"parts": [{"functionCall": {
+                            "id": "call_kIYtFDwOJSbsu6cyZ3uGnFsT", "name": "get_weather",
+                            "args": {"location": "Paris, France", "unit": "celsius"}}}],
+                        "role": "model"}, "index": 0}),
+                &json!({"content": {"parts": [{"functionCall": {
+                            "id": "call_Xu2Aa2Lp5WbFm6gq0S3T8Mt1", "name": "get_time",
+                            "args": {"timezone": "Europe/Paris"}}}],
+                        "role": "model"}, "finishReason": "STOP", "index": 0}),
+            ]
+        );
+        assert!(events[..2].iter().all(|e| e.get("usageMetadata").is_none()));
+        assert_eq!(
+            events[2]["usageMetadata"],
+            json!({"promptTokenCount": 840, "candidatesTokenCount": 89, "totalTokenCount": 929})
+        );
+        assert_chat_history_valid(&events);
+    }
+
+    #[test]
+    fn crlf_input_and_merged_events_give_the_same_output() {
+        for fixture in [TEXT_STREAM, TOOL_STREAM] {
+            let lf = run(fixture.as_bytes());
+            for ending in ["\r\n", "\r"] {
+                let converted = fixture.replace('\n', ending);
+                assert_eq!(run(converted.as_bytes()), lf, "{ending:?}");
+                let bytes: Vec<&[u8]> = converted.as_bytes().chunks(1).collect();
+                assert_eq!(run_pieces(&bytes), lf, "{ending:?} byte by byte");
+            }
+            // Several events per push, cut across event boundaries.
+            let groups: Vec<String> = fixture
+                .split_inclusive("\n\n")
+                .collect::<Vec<_>>()
+                .chunks(3)
+                .map(|c| c.concat())
+                .collect();
+            let pieces: Vec<&[u8]> = groups.iter().map(|g| g.as_bytes()).collect();
+            assert_eq!(run_pieces(&pieces), lf);
+            // Comments and keep-alives are ignored.
+            let noisy = fixture.replace("data: [DONE]", ": keep-alive\n\ndata: [DONE]");
+            assert_eq!(run(noisy.as_bytes()), lf);
+        }
+    }
+
+    /// Output appears as soon as the upstream event producing it completes;
+    /// only a finishing event waits for the next one (the usage) and tool
+    /// arguments for their call to complete.
+    #[test]
+    fn nothing_is_held_back_longer_than_needed() {
+        let upstream: Vec<&str> = TOOL_STREAM.split_inclusive("\n\n").collect();
+        let mut t = ChatStreamToGemini::new();
+        let mut out = Vec::new();
+        let mut produced = Vec::new();
+        for event in &upstream {
+            let before = out.len();
+            let (body, end) = event.split_at(event.len() - 1);
+            t.push(body.as_bytes(), &mut out);
+            assert_eq!(out.len(), before, "output before the event ended: {event}");
+            t.push(end.as_bytes(), &mut out);
+            produced.push(out.len() > before);
+        }
+        // role, text, call 0 start, 2 deltas, call 1 start (call 0 out),
+        // 2 deltas, finish (held), usage (finish + usage out), [DONE].
+        assert_eq!(
+            produced,
+            vec![false, true, false, false, false, false, true, false, false, false, true, false]
+        );
+        assert_eq!(out, run(TOOL_STREAM.as_bytes()));
+    }
+
+    #[test]
+    fn usage_is_reported_to_the_filter() {
+        let mut t = ChatStreamToGemini::new();
+        assert_eq!(t.usage(), None);
+        let mut out = Vec::new();
+        t.push(TEXT_STREAM.as_bytes(), &mut out);
+        assert_eq!(
+            t.usage(),
+            Some(Usage {
+                input_tokens: 1125,
+                output_tokens: 242,
+                cached_input_tokens: 1024,
+                reasoning_tokens: 192
+            })
+        );
+        let mut t = ChatStreamToGemini::new();
+        t.push(TOOL_STREAM.as_bytes(), &mut out);
+        assert_eq!(
+            t.usage(),
+            Some(Usage {
+                input_tokens: 840,
+                output_tokens: 89,
+                cached_input_tokens: 0,
+                reasoning_tokens: 0
+            })
+        );
+    }
+
+    #[test]
+    fn error_event_ends_the_stream() {
+        let head: String = TEXT_STREAM.split_inclusive("\n\n").take(4).collect();
+        let input = format!(
+            "{head}data: {{\"error\":{{\"message\":\"Rate limit reached\",\"type\":\"rate_limit_error\",\"param\":null,\"code\":\"rate_limit_exceeded\"}}}}\n\n\
+             data: {{\"id\":\"x\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"late\"}}}}]}}\n\ndata: [DONE]\n\n"
+        );
+        let mut t = ChatStreamToGemini::new();
+        let mut out = Vec::new();
+        t.push(input.as_bytes(), &mut out);
+        let len = out.len();
+        t.finish(&mut out);
+        t.push(b"data: [DONE]\n\n", &mut out);
+        assert_eq!(out.len(), len, "nothing after an error");
+        let events = parse_events(&out);
+        assert_eq!(events.len(), 4);
+        assert_eq!(
+            events[3],
+            json!({"error": {"code": 429, "message": "Rate limit reached",
+                             "status": "RESOURCE_EXHAUSTED", "details": [{
+                                 "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                                 "reason": "RATE_LIMIT_EXCEEDED", "domain": "meshllm"}]}})
+        );
+        assert!(!String::from_utf8_lossy(&out).contains("late"));
+    }
+
+    #[test]
+    fn error_event_statuses() {
+        let table = [
+            (
+                json!({"message": "m", "type": "server_error", "code": "stream_interrupted"}),
+                502,
+                "UNAVAILABLE",
+            ),
+            (
+                json!({"message": "m", "type": "server_error", "code": "overloaded"}),
+                503,
+                "UNAVAILABLE",
+            ),
+            (
+                json!({"message": "m", "type": "server_error", "code": "provider_timeout"}),
+                504,
+                "DEADLINE_EXCEEDED",
+            ),
+            (
+                json!({"message": "m", "type": "server_error", "code": null}),
+                500,
+                "INTERNAL",
+            ),
+            (
+                json!({"message": "m", "type": "invalid_request_error"}),
+                400,
+                "INVALID_ARGUMENT",
+            ),
+            (
+                json!({"message": "m", "type": "authentication_error"}),
+                401,
+                "UNAUTHENTICATED",
+            ),
+            (
+                json!({"message": "m", "type": "permission_error"}),
+                403,
+                "PERMISSION_DENIED",
+            ),
+            (
+                json!({"message": "m", "type": "not_found_error"}),
+                404,
+                "NOT_FOUND",
+            ),
+            (
+                json!({"message": "m", "code": 429}),
+                429,
+                "RESOURCE_EXHAUSTED",
+            ),
+            (json!({}), 500, "INTERNAL"),
+        ];
+        for (error, code, status) in table {
+            let input = format!("data: {}\n\n", json!({"error": error}));
+            let events = parse_events(&run(input.as_bytes()));
+            assert_eq!(events.len(), 1, "{error}");
+            assert_eq!(events[0]["error"]["code"], code, "{error}");
+            assert_eq!(events[0]["error"]["status"], status, "{error}");
+            assert!(events[0]["error"]["message"].is_string(), "{error}");
+        }
+    }
+
+    #[test]
+    fn truncated_stream_ends_with_an_error_event() {
+        for fixture in [TEXT_STREAM, TOOL_STREAM] {
+            let upstream: Vec<&str> = fixture.split_inclusive("\n\n").collect();
+            let done_len = upstream.last().unwrap().len();
+            let cuts = [
+                0,
+                fixture.len() / 2,
+                // Everything but [DONE]: finished and counted, yet not complete.
+                fixture.len() - done_len,
+                // Inside [DONE].
+                fixture.len() - 3,
+            ];
+            for cut in cuts {
+                let out = run(&fixture.as_bytes()[..cut]);
+                let events = parse_events(&out);
+                let last = events.last().unwrap();
+                assert_eq!(
+                    last,
+                    &json!({"error": {"code": 502,
+                        "message": "The provider's stream ended before completion; the answer is incomplete.",
+                        "status": "UNAVAILABLE", "details": [{
+                            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                            "reason": "STREAM_INTERRUPTED", "domain": "meshllm"}]}}),
+                    "cut {cut}"
+                );
+                assert_eq!(
+                    events.iter().filter(|e| e.get("error").is_some()).count(),
+                    1
+                );
+                assert_chat_history_valid(&events);
+            }
+        }
+        // Cut after the finish, before the usage: the held event still goes out first.
+        let upstream: Vec<&str> = TEXT_STREAM.split_inclusive("\n\n").collect();
+        let head: String = upstream[..6].concat();
+        let events = parse_events(&run(head.as_bytes()));
+        assert_eq!(events.len(), 6);
+        assert_eq!(events[4]["candidates"][0]["finishReason"], "STOP");
+        assert!(events[4].get("usageMetadata").is_none());
+        assert!(events[5].get("error").is_some());
+    }
+
+    #[test]
+    fn finish_is_idempotent_and_silent_after_done() {
+        let mut t = ChatStreamToGemini::new();
+        let mut out = Vec::new();
+        t.push(TEXT_STREAM.as_bytes(), &mut out);
+        let len = out.len();
+        t.finish(&mut out);
+        t.finish(&mut out);
+        t.push(TEXT_STREAM.as_bytes(), &mut out);
+        assert_eq!(out.len(), len);
+        assert!(!String::from_utf8_lossy(&out).contains("error"));
+
+        let mut t = ChatStreamToGemini::new();
+        let mut out = Vec::new();
+        t.finish(&mut out);
+        let len = out.len();
+        t.finish(&mut out);
+        assert_eq!(out.len(), len);
+    }
+
+    #[test]
+    fn unusual_streams() {
+        let chunk = |choices: Value| {
+            format!(
+                "data: {}\n\n",
+                json!({"id": "c", "model": "m", "choices": choices})
+            )
+        };
+        // Usage on the finishing chunk itself; several choices; calls
+        // without index; a call still open at [DONE]; a usage chunk with
+        // nothing to go with; non-JSON noise.
+        let input = [
+            chunk(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}},
+                         {"index": 1, "delta": {"role": "assistant", "content": "B"}}])),
+            "data: not json\n\n".to_string(),
+            chunk(json!([{"index": 0, "delta": {"tool_calls": [
+                {"id": "x1", "type": "function", "function": {"name": "f", "arguments": "{\"a\""}}]}}])),
+            chunk(json!([{"index": 0, "delta": {"tool_calls": [
+                {"function": {"arguments": ":1}"}}]}}])),
+            chunk(json!([{"index": 0, "delta": {"tool_calls": [
+                {"id": "x2", "type": "function", "function": {"name": "g", "arguments": "{}"}}]}}])),
+            chunk(json!([{"index": 1, "delta": {}, "finish_reason": "length"}])),
+            chunk(json!([{"index": 1, "delta": {"content": "late"}}])),
+            "data: [DONE]\n\n".to_string(),
+        ]
+        .concat();
+        let events = parse_events(&run(input.as_bytes()));
+        let candidates: Vec<&Value> = events.iter().map(|e| &e["candidates"]).collect();
+        assert_eq!(
+            candidates,
+            vec![
+                &json!([{"content": {"parts": [{"text": "B"}], "role": "model"}, "index": 1}]),
+                &json!([{"content": {"parts": [{"functionCall": {"id": "x1", "name": "f", "args": {"a": 1}}}],
+                         "role": "model"}, "index": 0}]),
+                // The finishing event of choice 1 waits, then goes out before more content.
+                &json!([{"content": {"parts": [{"text": ""}], "role": "model"},
+                         "finishReason": "MAX_TOKENS", "index": 1}]),
+                &json!([{"content": {"parts": [{"text": "late"}], "role": "model"}, "index": 1}]),
+                &json!([{"content": {"parts": [{"functionCall": {"id": "x2", "name": "g", "args": {}}}],
+                         "role": "model"}, "index": 0}]),
+            ]
+        );
+
+        let input = [
+            format!(
+                "data: {}\n\n",
+                json!({"id": "c", "model": "m", "choices": [
+                {"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
+            ),
+            format!(
+                "data: {}\n\n",
+                json!({"id": "c", "model": "m", "choices": [],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
+            ),
+            "data: [DONE]\n\n".to_string(),
+        ]
+        .concat();
+        let events = parse_events(&run(input.as_bytes()));
+        assert_eq!(events.len(), 2);
+        assert_eq!(
+            events[0]["candidates"],
+            json!([{"content": {"parts": [{"text": "hi"}], "role": "model"},
+                    "finishReason": "STOP", "index": 0}])
+        );
+        assert_eq!(events[0]["usageMetadata"]["totalTokenCount"], 4);
+        // A usage chunk with nothing waiting still carries a part.
+        assert_eq!(
+            events[1]["candidates"],
+            json!([{"content": {"parts": [{"text": ""}], "role": "model"}, "index": 0}])
+        );
+        assert_chat_history_valid(&events);
+    }
+
+    /// Anthropic provider -> pivot -> Gemini caller, as the filter chains them.
+    #[test]
+    fn chains_behind_a_provider_translator() {
+        let anthropic = include_str!("../../tests/fixtures/anthropic/tool_stream.sse");
+        let mut chain = Chain::new(
+            MessagesStreamToChat::new(true, 1),
+            ChatStreamToGemini::new(),
+        );
+        let mut out = Vec::new();
+        for piece in anthropic.as_bytes().chunks(7) {
+            chain.push(piece, &mut out);
+        }
+        chain.finish(&mut out);
+        let events = parse_events(&out);
+        assert_chat_history_valid(&events);
+        let parts: Vec<Value> = events
+            .iter()
+            .flat_map(|e| {
+                e["candidates"][0]["content"]["parts"]
+                    .as_array()
+                    .unwrap()
+                    .clone()
+            })
+            .collect();
+        let calls: Vec<&Value> = parts.iter().filter_map(|p| p.get("functionCall")).collect();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0]["name"], "get_weather");
+        assert_eq!(
+            calls[0]["args"],
+            json!({"location": "Paris, France", "unit": "celsius"})
+        );
+        assert_eq!(calls[1]["name"], "get_time");
+        let last = events.last().unwrap();
+        assert_eq!(last["candidates"][0]["finishReason"], "STOP");
+        assert!(last["usageMetadata"]["totalTokenCount"].as_u64().unwrap() > 0);
+        assert!(!String::from_utf8_lossy(&out).contains("\"error\""));
+
+        // Broken upstream: the Anthropic side's interruption surfaces once, in Google's shape.
+        let mut chain = Chain::new(
+            MessagesStreamToChat::new(true, 1),
+            ChatStreamToGemini::new(),
+        );
+        let mut out = Vec::new();
+        chain.push(&anthropic.as_bytes()[..anthropic.len() / 2], &mut out);
+        chain.finish(&mut out);
+        let events = parse_events(&out);
+        let last = events.last().unwrap();
+        assert_eq!(last["error"]["code"], 502);
+        assert_eq!(last["error"]["status"], "UNAVAILABLE");
+        assert_eq!(
+            events.iter().filter(|e| e.get("error").is_some()).count(),
+            1
+        );
     }
 }
