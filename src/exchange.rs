@@ -9,6 +9,7 @@ use crate::api::openai::{normalise_error, ApiError, ErrorOrigin};
 use crate::config::{ModelRoute, Provider, ProviderKind};
 use crate::json::splice;
 use crate::translate::openai_usage::{self, OpenAiStreamUsage};
+use crate::translate::passthrough::{AnthropicStreamWatch, GeminiStreamWatch};
 use crate::translate::{
     anthropic_openai, gemini_openai, openai_anthropic, openai_bedrock, openai_gemini, Chain,
     Schema, StreamTranslator,
@@ -316,14 +317,17 @@ pub fn translates_response(exchange: &Exchange) -> bool {
     exchange.caller != exchange.provider
 }
 
-/// The stream translator for a streamed answer; None: pass it unchanged.
+/// The stream translator (or watcher) for a streamed answer.
 pub fn stream_translator(exchange: &Exchange, created: u64) -> Option<Box<dyn StreamTranslator>> {
     let model = exchange.upstream_model.as_str();
     // A non-OpenAI caller's translator needs usage from the pivot.
     let pivot_usage = exchange.caller != Schema::OpenAi || exchange.caller_wants_usage;
     let provider_side: Option<Box<dyn StreamTranslator>> = match exchange.provider {
-        _ if exchange.caller == exchange.provider && exchange.provider != Schema::OpenAi => {
-            return None
+        Schema::Anthropic if exchange.caller == Schema::Anthropic => {
+            return Some(Box::new(AnthropicStreamWatch::new()))
+        }
+        Schema::Gemini if exchange.caller == Schema::Gemini => {
+            return Some(Box::new(GeminiStreamWatch::new()))
         }
         Schema::OpenAi if exchange.caller == Schema::OpenAi => Some(Box::new(
             OpenAiStreamUsage::new(!exchange.caller_wants_usage),

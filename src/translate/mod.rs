@@ -12,6 +12,7 @@
 //! | `openai_gemini`   | OpenAI             | Gemini `generateContent` (also Vertex AI)|
 //! | `openai_bedrock`  | OpenAI             | AWS Bedrock Converse                     |
 //! | `openai_usage`    | OpenAI             | OpenAI (usage read from streams)         |
+//! | `passthrough`     | Anthropic, Gemini  | the same schema (streams watched)        |
 //! | `anthropic_openai`| Anthropic Messages | OpenAI (the pivot)                       |
 //! | `gemini_openai`   | Gemini `generateContent` | OpenAI (the pivot)           |
 //!
@@ -31,6 +32,7 @@ pub mod openai_anthropic;
 pub mod openai_bedrock;
 pub mod openai_gemini;
 pub mod openai_usage;
+pub mod passthrough;
 
 /// The API schemas the gateway speaks, on either side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -99,6 +99,8 @@ pub struct OpenAiStreamUsage {
     parser: SseParser,
     hide: bool,
     usage: Option<Usage>,
+    /// `[DONE]` or an error event went by: the stream has its own end.
+    ended: bool,
 }
 
 impl OpenAiStreamUsage {
@@ -107,6 +109,7 @@ impl OpenAiStreamUsage {
             parser: SseParser::default(),
             hide,
             usage: None,
+            ended: false,
         }
     }
 }
@@ -163,10 +166,14 @@ impl StreamTranslator for OpenAiStreamUsage {
     fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
         let hide = self.hide;
         let mut found = None;
+        let mut ended = false;
         if !hide {
             out.extend_from_slice(chunk);
         }
         self.parser.push(chunk, &mut |event| {
+            if event.data == "[DONE]" || event.data.starts_with("{\"error\"") {
+                ended = true;
+            }
             // Only chunks that mention usage need a closer look.
             let mentions = event.data.contains("\"usage\"");
             if !hide {
@@ -196,11 +203,27 @@ impl StreamTranslator for OpenAiStreamUsage {
         if found.is_some() {
             self.usage = found;
         }
+        self.ended |= ended;
     }
 
-    /// OpenAI streams carry their own end (`[DONE]`) or error events; the
-    /// filter passes an abrupt end through as the provider sent it.
-    fn finish(&mut self, _out: &mut Vec<u8>) {}
+    /// A stream that stopped without `[DONE]` or an error event of its own
+    /// gets an OpenAI error event, so the SDK raises instead of accepting a
+    /// truncated answer.
+    fn finish(&mut self, out: &mut Vec<u8>) {
+        if self.ended {
+            return;
+        }
+        self.ended = true;
+        let error = ApiError::new(
+            502,
+            "server_error",
+            Some("stream_interrupted"),
+            "The provider's stream ended before completion; the answer is incomplete.".into(),
+        );
+        out.extend_from_slice(b"\n\ndata: ");
+        out.extend_from_slice(&error.body());
+        out.extend_from_slice(b"\n\n");
+    }
 
     fn usage(&self) -> Option<Usage> {
         self.usage
@@ -293,6 +316,17 @@ mod tests {
         let (out, usage) = run(false, &bytes);
         assert_eq!(out, STREAM);
         assert_eq!(usage.unwrap().input_tokens, 9);
+    }
+
+    #[test]
+    fn a_stream_cut_before_done_ends_with_an_error_event() {
+        let cut = &STREAM[..STREAM.find("data: [DONE]").unwrap()];
+        let (out, _) = run(false, &[cut.as_bytes()]);
+        let tail = out.strip_prefix(cut).unwrap();
+        let v: Value = serde_json::from_str(tail.trim().strip_prefix("data: ").unwrap()).unwrap();
+        assert_eq!(v["error"]["code"], "stream_interrupted");
+        let errored = "data: {\"error\":{\"message\":\"boom\"}}\n\n";
+        assert_eq!(run(true, &[errored.as_bytes()]).0, errored);
     }
 
     #[test]

@@ -214,7 +214,8 @@ mod tests {
 
     #[test]
     fn a_complete_anthropic_stream_passes_unchanged_with_its_usage() {
-        let full = format!("{ANTHROPIC}event: message_stop\ndata: {{\"type\":\"message_stop\"}}\n\n");
+        let full =
+            format!("{ANTHROPIC}event: message_stop\ndata: {{\"type\":\"message_stop\"}}\n\n");
         let mut w = AnthropicStreamWatch::new();
         assert_eq!(run(&mut w, &full), full);
         assert_eq!(
@@ -270,7 +271,8 @@ mod tests {
         );
         let mut cut = GeminiStreamWatch::new();
         let out = run(&mut cut, GEMINI);
-        let v: Value = serde_json::from_str(out[GEMINI.len()..].trim().trim_start_matches("data: ")).unwrap();
-        assert_eq!(v["error"]["status"], "INTERNAL");
+        let v: Value =
+            serde_json::from_str(out[GEMINI.len()..].trim().trim_start_matches("data: ")).unwrap();
+        assert_eq!(v["error"]["status"], "UNAVAILABLE");
     }
 }
