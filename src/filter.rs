@@ -270,6 +270,20 @@ impl RequestFilter {
             }
             Endpoint::Gemini(model, stream) => {
                 self.caller = Schema::Gemini;
+                let query = path.split_once('?').map_or("", |(_, q)| q);
+                if stream && !query.split('&').any(|p| p == "alt=sse") {
+                    // Google's other streaming form is one JSON array; the
+                    // gateway streams events, as every SDK asks for.
+                    return self.reject(
+                        host,
+                        ApiError::invalid_request(
+                            Some("unsupported_parameter"),
+                            "This gateway streams Gemini answers as server-sent events only: \
+                             add ?alt=sse to :streamGenerateContent."
+                                .into(),
+                        ),
+                    );
+                }
                 self.gemini_call = Some((model, stream));
                 self.start_call(host, Operation::ChatCompletions, end_of_stream)
             }

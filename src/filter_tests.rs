@@ -1849,3 +1849,122 @@ fn envoy_reply_before_routing_does_not_blame_a_provider() {
     assert!(!e.message.contains("Provider \"none\""), "{}", e.message);
     assert!(!e.message.contains("could not be reached"), "{}", e.message);
 }
+
+// --- other callers and provider kinds ------------------------------------------
+
+const MULTI_CONFIG: &str = r#"{
+  "providers": [
+    {"name": "openai", "kind": "openai", "api_key_env": "OPENAI_API_KEY"},
+    {"name": "bedrock", "kind": "bedrock", "region": "eu-west-1"},
+    {"name": "gemini", "kind": "gemini", "api_key_env": "GEMINI_API_KEY"}
+  ],
+  "models": [
+    {"name": "gpt", "provider": "openai", "model": "gpt-4.1"},
+    {"name": "nova", "provider": "bedrock", "model": "amazon.nova-pro-v1:0"},
+    {"name": "flash", "provider": "gemini", "model": "gemini-2.5-flash"}
+  ]
+}"#;
+
+fn multi_env(var: &str) -> Option<String> {
+    match var {
+        "AWS_ACCESS_KEY_ID" => Some("AKIDFILTERTEST".into()),
+        "AWS_SECRET_ACCESS_KEY" => Some("filter-secret".into()),
+        "GEMINI_API_KEY" => Some("gem-key".into()),
+        other => fake_env(other),
+    }
+}
+
+fn multi_post(path: &str, body: &[u8]) -> (RequestFilter, MockHost, Flow) {
+    let config = compile(MULTI_CONFIG.as_bytes(), &multi_env)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .config;
+    let mut host = client_post(path, body)
+        .with_header("x-goog-api-key", "client-goog")
+        .with_header("anthropic-version", "2023-06-01");
+    let mut f = RequestFilter::new(Rc::new(config));
+    if f.on_request_headers(&mut host, false) == Flow::Continue {
+        return (f, host, Flow::Continue);
+    }
+    if !host.sent.is_empty() {
+        return (f, host, Flow::Pause);
+    }
+    let flow = f.on_request_body(&mut host, body.len(), true);
+    (f, host, flow)
+}
+
+#[test]
+fn anthropic_callers_get_anthropic_shaped_errors() {
+    let (_, host, flow) = multi_post("/v1/messages", br#"{"model":"gpt","max_tokens":5}"#);
+    assert_eq!(flow, Flow::Pause);
+    let sent = host.reply();
+    assert_eq!(sent.status, 400);
+    let v = sent.json();
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert!(v["error"]["message"].as_str().unwrap().contains("messages"));
+}
+
+#[test]
+fn gemini_callers_get_gemini_shaped_errors() {
+    let body = br#"{"contents":[{"role":"user","parts":[{"text":"hi"}]}]}"#;
+    let (_, host, _) = multi_post("/v1beta/models/nope:generateContent", body);
+    let sent = host.reply();
+    assert_eq!(sent.status, 404);
+    assert_eq!(sent.json()["error"]["status"], "NOT_FOUND");
+    assert_eq!(sent.json()["error"]["code"], 404);
+
+    // Streaming needs alt=sse: Google's JSON-array form is not served.
+    let (_, host, _) = multi_post("/v1beta/models/flash:streamGenerateContent", body);
+    let sent = host.reply();
+    assert_eq!(sent.status, 400);
+    assert_eq!(sent.json()["error"]["status"], "INVALID_ARGUMENT");
+    assert!(sent.text().contains("alt=sse"));
+}
+
+#[test]
+fn gemini_to_gemini_keeps_the_body_and_swaps_credentials() {
+    let body = br#"{"contents":[{"role":"user","parts":[{"text":"hi"}]}]}"#;
+    let (_, host, flow) = multi_post("/v1/models/flash:streamGenerateContent?alt=sse", body);
+    assert_eq!(flow, Flow::Continue, "{:?}", host.sent);
+    assert_eq!(
+        host.req(":path").as_deref(),
+        Some("/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse")
+    );
+    assert_eq!(host.req("x-goog-api-key").as_deref(), Some("gem-key"));
+    assert_eq!(host.req("authorization"), None);
+    assert_eq!(host.req("anthropic-version"), None);
+    assert_eq!(host.request_body, body);
+}
+
+#[test]
+fn bedrock_requests_are_translated_and_signed() {
+    let body = br#"{"model":"nova","messages":[{"role":"user","content":"hi"}],"stream":true}"#;
+    let (_, host, flow) = multi_post("/v1/chat/completions", body);
+    assert_eq!(flow, Flow::Continue, "{:?}", host.sent);
+    assert_eq!(
+        host.req(":path").as_deref(),
+        Some("/model/amazon.nova-pro-v1%3A0/converse-stream")
+    );
+    assert_eq!(
+        host.req(":authority").as_deref(),
+        Some("bedrock-runtime.eu-west-1.amazonaws.com")
+    );
+    let auth = host.req("authorization").unwrap();
+    assert!(
+        auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIDFILTERTEST/"),
+        "{auth}"
+    );
+    assert!(auth.contains("/eu-west-1/bedrock/aws4_request"), "{auth}");
+    assert!(host.req("x-amz-date").is_some());
+    let sent: Value = serde_json::from_slice(&host.request_body).unwrap();
+    assert_eq!(sent["messages"][0]["content"][0]["text"], "hi");
+    assert_eq!(
+        host.req("x-amz-content-sha256").unwrap(),
+        crate::aws::sha256::hex(&crate::aws::sha256::sha256(&host.request_body))
+    );
+    assert_eq!(
+        host.req("content-length").unwrap(),
+        host.request_body.len().to_string()
+    );
+    assert!(!host.request_body.windows(6).any(|w| w == b"client"));
+}
