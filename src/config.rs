@@ -1214,7 +1214,7 @@ mod tests {
             compile(doc.as_bytes(), &env).unwrap_or_else(|e| panic!("{e}\n{doc}"));
             n += 1;
         }
-        assert_eq!(n, 12, "one example per documented provider");
+        assert_eq!(n, 16, "one example per documented provider");
         let shipped = ok(include_str!("../envoy/meshllm.json"));
         assert_eq!(shipped.config.providers.len(), 10);
     }
