@@ -7,14 +7,17 @@ import subprocess
 import sys
 import time
 
+import anthropic
 import openai
+from google import genai
+from google.genai import types
 
-from conftest import ROOT, WASM, free_port, http
+from conftest import CREDENTIAL_VARS, ROOT, WASM, free_port, http
 
 
 def test_run_serves_the_demo_and_stops_cleanly(wasm):
     port, admin = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    env = {k: v for k, v in os.environ.items() if not CREDENTIAL_VARS.search(k)}
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "envoy" / "tools" / "run.py"), "--port", str(port),
          "--admin-port", str(admin), "--wasm", str(WASM)],
@@ -45,6 +48,18 @@ def test_run_serves_the_demo_and_stops_cleanly(wasm):
                 messages=[{"role": "user", "content": "stream"}])
             if c.choices)
         assert text.endswith("You said: stream")
+
+        # The README's other SDKs, on every demo provider kind.
+        claude = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key="unused",
+                                     max_retries=0, timeout=15)
+        gemini = genai.Client(api_key="unused", http_options=types.HttpOptions(
+            base_url=f"http://127.0.0.1:{port}", api_version="v1beta", timeout=15000))
+        for model in ("gemini-flash", "vertex-claude", "bedrock-nova", "claude"):
+            m = claude.messages.create(model=model, max_tokens=50,
+                                       messages=[{"role": "user", "content": "hello"}])
+            assert m.content[0].text == "Hello from the demo provider! You said: hello", model
+            r = gemini.models.generate_content(model=model, contents="hello")
+            assert r.text == "Hello from the demo provider! You said: hello", model
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
