@@ -374,3 +374,63 @@ def test_broken_stream_ends_with_an_error_not_a_clean_end(clients, caller, model
         ask(clients, caller, model, "hi there", True)
     # The SDK raised an API error, not an assertion about missing data.
     assert not isinstance(e.value, (AssertionError, AttributeError, TypeError)), repr(e.value)
+
+
+# --- images and JSON modes: what each provider received -----------------------
+
+PIXEL = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
+
+
+def test_images_reach_each_provider_in_its_shape(clients, mocks):
+    content = [{"type": "text", "text": "what is this?"},
+               {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PIXEL}}]
+    for model in ("claude", "gemini-flash", "bedrock-claude"):
+        clients["openai"].chat.completions.create(
+            model=model, messages=[{"role": "user", "content": content}])
+    _, body = only(mocks["anthropic"])
+    assert body["messages"][0]["content"][1] == {
+        "type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PIXEL}}
+    _, body = only(mocks["gemini"])
+    assert body["contents"][0]["parts"][1] == {
+        "inlineData": {"mimeType": "image/png", "data": PIXEL}}
+    _, body = only(mocks["bedrock"])
+    assert body["messages"][0]["content"][1] == {
+        "image": {"format": "png", "source": {"bytes": PIXEL}}}
+
+    # An Anthropic caller's base64 image reaches Gemini too.
+    clients["anthropic"].messages.create(model="gemini-flash", max_tokens=20, messages=[
+        {"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": PIXEL}},
+            {"type": "text", "text": "what is this?"}]}])
+    _, body = only(mocks["gemini"])
+    assert {"inlineData": {"mimeType": "image/png", "data": PIXEL}} in body["contents"][0]["parts"]
+
+
+def test_json_schema_where_the_target_has_it_and_400_where_not(clients, mocks):
+    schema = {"type": "object", "properties": {"city": {"type": "string"}},
+              "required": ["city"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "place", "schema": schema}}
+    clients["openai"].chat.completions.create(
+        model="gemini-flash", response_format=fmt,
+        messages=[{"role": "user", "content": "a city"}])
+    _, body = only(mocks["gemini"])
+    assert body["generationConfig"]["responseMimeType"] == "application/json"
+    assert body["generationConfig"]["responseJsonSchema"] == schema
+    for model in ("claude", "bedrock-claude"):
+        with pytest.raises(openai.BadRequestError) as e:
+            clients["openai"].chat.completions.create(
+                model=model, response_format=fmt,
+                messages=[{"role": "user", "content": "a city"}])
+        assert e.value.body["code"] == "unsupported_parameter"
+        assert e.value.body["param"] == "response_format"
+    assert not mocks["anthropic"].take() and not mocks["bedrock"].take()
+
+    # A Gemini caller's JSON schema reaches an OpenAI provider as json_schema.
+    clients["gemini"].models.generate_content(
+        model="gpt-4o-mini", contents="a city",
+        config=types.GenerateContentConfig(response_mime_type="application/json",
+                                           response_json_schema=schema))
+    _, body = only(mocks["openai"])
+    assert body["response_format"]["type"] == "json_schema"
+    assert body["response_format"]["json_schema"]["schema"] == schema
