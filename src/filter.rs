@@ -17,6 +17,49 @@ use crate::json::{Kind, TopLevel};
 use crate::metrics;
 use crate::translate::{Schema, StreamTranslator};
 
+/// Model listings in the Anthropic and Gemini APIs' shapes (OpenAI's is
+/// built once with the configuration). Rare requests: built per call.
+mod listing {
+    use serde_json::{json, Value};
+
+    use crate::translate::Schema;
+
+    pub fn entry(caller: Schema, id: &str) -> Value {
+        match caller {
+            Schema::Gemini => json!({
+                "name": format!("models/{id}"),
+                "displayName": id,
+                "supportedGenerationMethods": ["generateContent", "streamGenerateContent"],
+            }),
+            _ => json!({
+                "type": "model",
+                "id": id,
+                "display_name": id,
+                "created_at": "1970-01-01T00:00:00Z",
+            }),
+        }
+    }
+
+    pub fn model(caller: Schema, id: &str) -> Vec<u8> {
+        entry(caller, id).to_string().into_bytes()
+    }
+
+    pub fn models<'a>(caller: Schema, names: impl Iterator<Item = &'a str>) -> Vec<u8> {
+        let names: Vec<&str> = names.collect();
+        let data: Vec<Value> = names.iter().map(|n| entry(caller, n)).collect();
+        let body = match caller {
+            Schema::Gemini => json!({ "models": data }),
+            _ => json!({
+                "data": data,
+                "has_more": false,
+                "first_id": names.first(),
+                "last_id": names.last(),
+            }),
+        };
+        body.to_string().into_bytes()
+    }
+}
+
 /// The header the Envoy route reads to pick the provider's cluster.
 pub const CLUSTER_HEADER: &str = "x-meshllm-cluster";
 pub const PROVIDER_RESPONSE_HEADER: &str = "x-meshllm-provider";
@@ -109,7 +152,7 @@ fn match_endpoint(path: &str) -> Option<(Endpoint, &'static str)> {
             Endpoint::Call(Operation::ChatCompletions, Schema::Anthropic),
             "POST",
         )),
-        "/v1/models" => Some((Endpoint::Models, "GET")),
+        "/v1/models" | "/v1beta/models" => Some((Endpoint::Models, "GET")),
         _ => {
             let rest = path
                 .strip_prefix("/v1beta/models/")
@@ -126,7 +169,9 @@ fn match_endpoint(path: &str) -> Option<(Endpoint, &'static str)> {
                 return (!model.is_empty()).then_some((Endpoint::Gemini(model, stream), "POST"));
             }
             if path.starts_with("/v1beta/") {
-                return None;
+                let id = percent_decode(rest)?;
+                return (!id.is_empty() && !id.contains(':'))
+                    .then_some((Endpoint::Model(id), "GET"));
             }
             let id = percent_decode(rest)?;
             (!id.is_empty()).then_some((Endpoint::Model(id), "GET"))
@@ -252,16 +297,41 @@ impl RequestFilter {
             let body = exchange::error_body(self.caller, &error);
             return self.reply(host, 405, &[("allow", allowed)], &body);
         }
+        // The Anthropic SDK lists models on the same URL as OpenAI's, and
+        // says who it is with `anthropic-version`.
+        if matches!(endpoint, Endpoint::Models | Endpoint::Model(_))
+            && host.request_header("anthropic-version").is_some()
+        {
+            self.caller = Schema::Anthropic;
+        }
         match endpoint {
             Endpoint::Models => {
                 let config = Rc::clone(&self.config);
-                self.reply(host, 200, &[], &config.models_list_body)
+                match self.caller {
+                    Schema::OpenAi | Schema::Converse => {
+                        self.reply(host, 200, &[], &config.models_list_body)
+                    }
+                    caller => {
+                        let body = listing::models(caller, config.public_names());
+                        self.reply(host, 200, &[], &body)
+                    }
+                }
             }
             Endpoint::Model(id) => {
                 let config = Rc::clone(&self.config);
-                match config.model_body(&id) {
-                    Some(body) => self.reply(host, 200, &[], body),
-                    None => self.reject(host, model_not_found(&id)),
+                let id = match self.caller {
+                    Schema::Gemini => id.strip_prefix("models/").unwrap_or(&id).to_string(),
+                    _ => id,
+                };
+                match (config.model_body(&id), self.caller) {
+                    (None, _) => self.reject(host, model_not_found(&id)),
+                    (Some(body), Schema::OpenAi | Schema::Converse) => {
+                        self.reply(host, 200, &[], body)
+                    }
+                    (Some(_), caller) => {
+                        let body = listing::model(caller, &id);
+                        self.reply(host, 200, &[], &body)
+                    }
                 }
             }
             Endpoint::Call(op, caller) => {

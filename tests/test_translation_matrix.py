@@ -434,3 +434,19 @@ def test_json_schema_where_the_target_has_it_and_400_where_not(clients, mocks):
     _, body = only(mocks["openai"])
     assert body["response_format"]["type"] == "json_schema"
     assert body["response_format"]["json_schema"]["schema"] == schema
+
+
+def test_each_sdk_lists_the_models_in_its_own_shape(clients, gateway):
+    names = [m["name"] for m in gateway.plugin_config["models"]]
+    listed = [m.id for m in clients["anthropic"].models.list()]
+    assert "claude" in listed and "gemini-flash" in listed and "vertex-claude" in listed
+    assert clients["anthropic"].models.retrieve("gemini-flash").id == "gemini-flash"
+    with pytest.raises(anthropic.NotFoundError):
+        clients["anthropic"].models.retrieve("nope")
+
+    listed = [m.name for m in clients["gemini"].models.list()]
+    assert "models/claude" in listed and "models/gpt-4o-mini" in listed
+    assert set(names) <= {n.removeprefix("models/") for n in listed}
+    got = clients["gemini"].models.get(model="claude")
+    assert got.name == "models/claude"
+    assert "generateContent" in got.supported_actions
