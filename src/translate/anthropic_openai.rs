@@ -33,6 +33,7 @@ use serde_json::{json, Map, Value};
 
 use crate::api::openai::ApiError;
 use crate::sse::{SseEvent, SseParser};
+use crate::translate::errors::{invalid_value, json_type, unsupported};
 use crate::translate::{StreamTranslator, Usage};
 
 /// Thinking budgets from this many tokens ask for `reasoning_effort: "medium"`.
@@ -52,31 +53,12 @@ pub struct MessagesRequestInfo {
 // Request: Anthropic messages -> OpenAI chat completions
 // ---------------------------------------------------------------------------
 
-fn json_type(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
 fn invalid_type(param: &'static str, want: &str, got: &Value) -> ApiError {
     ApiError::invalid_request(
         Some("invalid_type"),
         format!("{param}: Input should be {want}, not {}.", json_type(got)),
     )
     .with_param(param)
-}
-
-fn invalid_value(param: &'static str, message: String) -> ApiError {
-    ApiError::invalid_request(Some("invalid_value"), message).with_param(param)
-}
-
-fn unsupported(param: &'static str, message: String) -> ApiError {
-    ApiError::invalid_request(Some("unsupported_parameter"), message).with_param(param)
 }
 
 fn missing(param: &'static str) -> ApiError {

@@ -84,6 +84,7 @@ use serde_json::{json, Map, Value};
 
 use crate::api::openai::ApiError;
 use crate::sse::{SseEvent, SseParser};
+use crate::translate::errors::{invalid_value, json_type, unsupported};
 use crate::translate::{StreamTranslator, Usage};
 
 /// How far to quote a non-JSON error body.
@@ -143,17 +144,6 @@ fn get_str<'a>(o: &'a Map<String, Value>, name: &str) -> Option<&'a str> {
 // Caller errors
 // ---------------------------------------------------------------------------
 
-fn json_type(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
 fn invalid_type(param: &'static str, what: &str, want: &str, got: &Value) -> ApiError {
     ApiError::invalid_request(
         Some("invalid_type"),
@@ -163,14 +153,6 @@ fn invalid_type(param: &'static str, what: &str, want: &str, got: &Value) -> Api
         ),
     )
     .with_param(param)
-}
-
-fn invalid_value(param: &'static str, message: String) -> ApiError {
-    ApiError::invalid_request(Some("invalid_value"), message).with_param(param)
-}
-
-fn unsupported(param: &'static str, message: String) -> ApiError {
-    ApiError::invalid_request(Some("unsupported_parameter"), message).with_param(param)
 }
 
 fn bad_content(message: String) -> ApiError {

@@ -27,6 +27,7 @@
 //! `[DONE]`) into its own schema's error event.
 
 pub mod anthropic_openai;
+pub mod errors;
 pub mod gemini_openai;
 pub mod openai_anthropic;
 pub mod openai_bedrock;

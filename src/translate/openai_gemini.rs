@@ -99,6 +99,7 @@ use serde_json::{json, Map, Value};
 
 use crate::api::openai::{error_type_for_status, ApiError};
 use crate::sse::{SseEvent, SseParser};
+use crate::translate::errors::{invalid_type, invalid_value, json_type, unsupported};
 use crate::translate::{StreamTranslator, Usage};
 
 /// Thinking budgets for OpenAI's `reasoning_effort` values.
@@ -129,36 +130,6 @@ pub struct GeminiRequestInfo {
 // ---------------------------------------------------------------------------
 // Request: OpenAI chat completions -> Gemini generateContent
 // ---------------------------------------------------------------------------
-
-fn json_type(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-fn invalid_type(param: &'static str, want: &str, got: &Value) -> ApiError {
-    ApiError::invalid_request(
-        Some("invalid_type"),
-        format!(
-            "Invalid type for '{param}': expected {want}, but got {}.",
-            json_type(got)
-        ),
-    )
-    .with_param(param)
-}
-
-fn invalid_value(param: &'static str, message: String) -> ApiError {
-    ApiError::invalid_request(Some("invalid_value"), message).with_param(param)
-}
-
-fn unsupported(param: &'static str, message: String) -> ApiError {
-    ApiError::invalid_request(Some("unsupported_parameter"), message).with_param(param)
-}
 
 fn bad_message(message: String) -> ApiError {
     invalid_value("messages", message)
