@@ -1,3 +1,4 @@
 //! Wire shapes of the APIs the gateway speaks to callers.
 
+pub mod chat;
 pub mod openai;

@@ -33,15 +33,13 @@ use serde_json::{json, Map, Value};
 
 use crate::api::openai::ApiError;
 use crate::sse::{SseEvent, SseParser};
-use crate::translate::errors::{invalid_value, json_type, unsupported};
+use crate::translate::errors::{invalid_value, json_type, quoted, unsupported};
 use crate::translate::{StreamTranslator, Usage};
 
 /// Thinking budgets from this many tokens ask for `reasoning_effort: "medium"`.
 pub const EFFORT_MEDIUM_FROM: u64 = 4096;
 /// Thinking budgets from this many tokens ask for `reasoning_effort: "high"`.
 pub const EFFORT_HIGH_FROM: u64 = 16384;
-/// How far to quote a non-JSON error body.
-const MAX_QUOTED_BYTES: usize = 512;
 
 /// What the filter needs to know about a translated request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -911,17 +909,6 @@ fn anthropic_error(kind: &str, message: &str) -> Vec<u8> {
 /// from the status.
 pub fn error_body(error: &ApiError) -> Vec<u8> {
     anthropic_error(error_type_for_status(error.status), &error.message)
-}
-
-/// At most [`MAX_QUOTED_BYTES`] of `body` as text, cut at a character boundary.
-fn quoted(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    let text = text.trim();
-    let mut end = text.len().min(MAX_QUOTED_BYTES);
-    while !text.is_char_boundary(end) {
-        end = end.saturating_sub(1);
-    }
-    text.get(..end).unwrap_or_default().to_string()
 }
 
 /// An OpenAI-shaped error body (what the gateway normalises provider errors

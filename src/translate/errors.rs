@@ -1,5 +1,7 @@
-//! The caller mistakes every request translator reports the same way, in
-//! OpenAI's error shape (`param` names the field, `code` says what is wrong).
+//! What the translators share for reading their input: the caller mistakes
+//! they report the same way, in OpenAI's error shape (`param` names the
+//! field, `code` says what is wrong), and small readers of requests and
+//! provider error bodies.
 
 use serde_json::Value;
 
@@ -37,4 +39,46 @@ pub fn invalid_value(param: &'static str, message: String) -> ApiError {
 /// 400 `unsupported_parameter`: the target cannot do what `param` asks.
 pub fn unsupported(param: &'static str, message: String) -> ApiError {
     ApiError::invalid_request(Some("unsupported_parameter"), message).with_param(param)
+}
+
+/// 400 `invalid_value` about `messages`.
+pub fn bad_message(message: String) -> ApiError {
+    invalid_value("messages", message)
+}
+
+/// The text of an OpenAI message `content` (a string, or the text parts of
+/// an array) where the target only takes text.
+pub fn plain_text(content: &Value, i: usize) -> Result<String, ApiError> {
+    match content {
+        Value::Null => Ok(String::new()),
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(parts) => Ok(parts
+            .iter()
+            .filter(|p| p.get("type").and_then(Value::as_str) == Some("text"))
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect()),
+        other => Err(bad_message(format!(
+            "messages[{i}].content must be a string or an array of text parts, not {}.",
+            json_type(other)
+        ))),
+    }
+}
+
+/// `s` starts with `prefix`, ASCII case ignored (URL schemes, `data:`).
+pub fn has_prefix_ignore_case(s: &str, prefix: &str) -> bool {
+    s.get(..prefix.len())
+        .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
+}
+
+/// At most 512 bytes of a provider's error body as text, cut at a character
+/// boundary, for quoting in an error message.
+pub fn quoted(body: &[u8]) -> String {
+    const MAX_QUOTED_BYTES: usize = 512;
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    let mut end = text.len().min(MAX_QUOTED_BYTES);
+    while !text.is_char_boundary(end) {
+        end = end.saturating_sub(1);
+    }
+    text.get(..end).unwrap_or_default().to_string()
 }

@@ -84,11 +84,9 @@ use serde_json::{json, Map, Value};
 
 use crate::api::openai::ApiError;
 use crate::sse::{SseEvent, SseParser};
-use crate::translate::errors::{invalid_value, json_type, unsupported};
+use crate::translate::errors::{invalid_value, json_type, quoted, unsupported};
 use crate::translate::{StreamTranslator, Usage};
 
-/// How far to quote a non-JSON error body.
-const MAX_QUOTED_BYTES: usize = 512;
 /// The largest thinking budgets for the `low` and `medium` efforts.
 const LOW_BUDGET_MAX: i64 = 2048;
 const MEDIUM_BUDGET_MAX: i64 = 8192;
@@ -1591,17 +1589,6 @@ fn google_error(status: u16, message: &str, reason: Option<&str>, param: Option<
 /// (reason `UNSUPPORTED_PARAMETER`, metadata `{"param": ..}`).
 pub fn error_body(error: &ApiError) -> Vec<u8> {
     google_error(error.status, &error.message, error.code, error.param)
-}
-
-/// At most [`MAX_QUOTED_BYTES`] of `body` as text, cut at a character boundary.
-fn quoted(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    let text = text.trim();
-    let mut end = text.len().min(MAX_QUOTED_BYTES);
-    while !text.is_char_boundary(end) {
-        end = end.saturating_sub(1);
-    }
-    text.get(..end).unwrap_or_default().to_string()
 }
 
 /// The `code` of an OpenAI error object, when it is a string.

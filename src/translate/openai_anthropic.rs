@@ -10,9 +10,16 @@
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
+use crate::api::chat::{
+    write_data, CachedTokens, ChatCompletion, ChatMessage, ChatUsage, Choice, Chunk, ChunkChoice,
+    Delta, FunctionCall, FunctionDelta, ToolCall, ToolCallDelta,
+};
 use crate::api::openai::{error_type_for_status, ApiError};
 use crate::sse::{SseEvent, SseParser};
-use crate::translate::errors::{invalid_type, invalid_value, json_type, unsupported};
+use crate::translate::errors::{
+    bad_message, has_prefix_ignore_case, invalid_type, invalid_value, json_type, plain_text,
+    quoted, unsupported,
+};
 use crate::translate::{StreamTranslator, Usage};
 
 /// The `anthropic-version` header value the gateway sends.
@@ -22,8 +29,6 @@ pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
 const THINKING_BUDGETS: [(&str, u64); 3] = [("low", 1024), ("medium", 4096), ("high", 16384)];
 /// Room left for the answer when a thinking budget outgrows `max_tokens`.
 const THINKING_HEADROOM: u64 = 1024;
-/// How far to quote a non-JSON error body.
-const MAX_QUOTED_BYTES: usize = 512;
 
 /// What the filter needs to know about a translated request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,10 +41,6 @@ pub struct ChatRequestInfo {
 // ---------------------------------------------------------------------------
 // Request: OpenAI chat completions -> Anthropic messages
 // ---------------------------------------------------------------------------
-
-fn bad_message(message: String) -> ApiError {
-    invalid_value("messages", message)
-}
 
 /// A message's content on its way to Anthropic.
 enum Content {
@@ -83,29 +84,6 @@ fn push_turn(turns: &mut Vec<Turn>, role: &'static str, content: Content) {
         }
     }
     turns.push((role, content));
-}
-
-/// The text of a system, developer or tool message: a string, or the text
-/// parts of a content-part array, concatenated.
-fn plain_text(content: &Value, i: usize) -> Result<String, ApiError> {
-    match content {
-        Value::Null => Ok(String::new()),
-        Value::String(s) => Ok(s.clone()),
-        Value::Array(parts) => Ok(parts
-            .iter()
-            .filter(|p| p.get("type").and_then(Value::as_str) == Some("text"))
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect()),
-        other => Err(bad_message(format!(
-            "messages[{i}].content must be a string or an array of text parts, not {}.",
-            json_type(other)
-        ))),
-    }
-}
-
-fn has_prefix_ignore_case(s: &str, prefix: &str) -> bool {
-    s.get(..prefix.len())
-        .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
 }
 
 fn image_block(url: &str, i: usize, j: usize) -> Result<Value, ApiError> {
@@ -734,21 +712,9 @@ impl RawUsage {
             prompt_tokens_details: CachedTokens {
                 cached_tokens: self.cache_read,
             },
+            completion_tokens_details: None,
         }
     }
-}
-
-#[derive(Serialize)]
-struct ChatUsage {
-    prompt_tokens: u64,
-    completion_tokens: u64,
-    total_tokens: u64,
-    prompt_tokens_details: CachedTokens,
-}
-
-#[derive(Serialize)]
-struct CachedTokens {
-    cached_tokens: u64,
 }
 
 /// Anthropic `stop_reason` -> OpenAI `finish_reason`.
@@ -760,49 +726,6 @@ fn finish_reason(stop_reason: Option<&str>) -> &'static str {
         // end_turn, stop_sequence, pause_turn, unknown or absent.
         _ => "stop",
     }
-}
-
-#[derive(Serialize)]
-struct ChatCompletion<'a> {
-    id: &'a str,
-    object: &'static str,
-    created: u64,
-    model: &'a str,
-    choices: [Choice<'a>; 1],
-    usage: ChatUsage,
-}
-
-#[derive(Serialize)]
-struct Choice<'a> {
-    index: u32,
-    message: ChatMessage<'a>,
-    logprobs: (),
-    finish_reason: &'static str,
-}
-
-#[derive(Serialize)]
-struct ChatMessage<'a> {
-    role: &'static str,
-    content: Option<String>,
-    refusal: (),
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    tool_calls: Vec<ToolCall<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reasoning_content: Option<String>,
-}
-
-#[derive(Serialize)]
-struct ToolCall<'a> {
-    id: &'a str,
-    #[serde(rename = "type")]
-    kind: &'static str,
-    function: FunctionCall<'a>,
-}
-
-#[derive(Serialize)]
-struct FunctionCall<'a> {
-    name: &'a str,
-    arguments: String,
 }
 
 /// Anthropic Messages (non-streamed) response -> OpenAI chat.completion JSON.
@@ -902,17 +825,6 @@ fn map_error_type(kind: &str) -> Option<(&'static str, Option<&'static str>)> {
     })
 }
 
-/// At most [`MAX_QUOTED_BYTES`] of `body` as text, cut at a character boundary.
-fn quoted(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    let text = text.trim();
-    let mut end = text.len().min(MAX_QUOTED_BYTES);
-    while !text.is_char_boundary(end) {
-        end = end.saturating_sub(1);
-    }
-    text.get(..end).unwrap_or_default().to_string()
-}
-
 /// Anthropic error body {"type":"error","error":{"type","message"}} -> OpenAI error JSON
 /// {"error":{"message","type","param":null,"code"}}. Non-JSON bodies: quote the text (max 512 bytes).
 pub fn messages_error_to_chat(status: u16, body: &[u8]) -> Vec<u8> {
@@ -946,55 +858,6 @@ pub fn messages_error_to_chat(status: u16, body: &[u8]) -> Vec<u8> {
 // Streaming: Anthropic SSE -> OpenAI chat.completion.chunk SSE
 // ---------------------------------------------------------------------------
 
-#[derive(Serialize)]
-struct Chunk<'a> {
-    id: &'a str,
-    object: &'static str,
-    created: u64,
-    model: &'a str,
-    choices: &'a [ChunkChoice<'a>],
-    /// Absent without include_usage; null on content chunks; set on the last.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    usage: Option<Option<ChatUsage>>,
-}
-
-#[derive(Serialize)]
-struct ChunkChoice<'a> {
-    index: u32,
-    delta: Delta<'a>,
-    logprobs: (),
-    finish_reason: Option<&'static str>,
-}
-
-#[derive(Serialize, Default)]
-struct Delta<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    role: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    content: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reasoning_content: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tool_calls: Option<[ToolCallDelta<'a>; 1]>,
-}
-
-#[derive(Serialize)]
-struct ToolCallDelta<'a> {
-    index: usize,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<&'a str>,
-    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
-    kind: Option<&'static str>,
-    function: FunctionDelta<'a>,
-}
-
-#[derive(Serialize)]
-struct FunctionDelta<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    name: Option<&'a str>,
-    arguments: &'a str,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StreamState {
     Open,
@@ -1016,12 +879,6 @@ pub struct MessagesStreamToChat {
     usage: RawUsage,
     usage_seen: bool,
     state: StreamState,
-}
-
-fn write_data(out: &mut Vec<u8>, json: &[u8]) {
-    out.extend_from_slice(b"data: ");
-    out.extend_from_slice(json);
-    out.extend_from_slice(b"\n\n");
 }
 
 impl StreamTranslator for MessagesStreamToChat {
@@ -1179,6 +1036,7 @@ impl MessagesStreamToChat {
                         name: Some(field("name")),
                         arguments: "",
                     },
+                    extra_content: None,
                 };
                 let delta = Delta {
                     tool_calls: Some([call]),
@@ -1225,6 +1083,7 @@ impl MessagesStreamToChat {
                                 name: None,
                                 arguments: text("partial_json").unwrap_or_default(),
                             },
+                            extra_content: None,
                         };
                         let delta = Delta {
                             tool_calls: Some([call]),

@@ -29,14 +29,18 @@
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
+use crate::api::chat::{
+    write_data, CachedTokens, ChatCompletion, ChatMessage, ChatUsage, Choice, Chunk, ChunkChoice,
+    Delta, FunctionCall, FunctionDelta, ToolCall, ToolCallDelta,
+};
 use crate::api::openai::{error_type_for_status, ApiError};
 use crate::aws::eventstream::{Decoder, Message};
 use crate::aws::sha256::{hex, Sha256};
-use crate::translate::errors::{invalid_type, invalid_value, json_type, unsupported};
+use crate::translate::errors::{
+    bad_message, has_prefix_ignore_case, invalid_type, invalid_value, json_type, plain_text,
+    quoted, unsupported,
+};
 use crate::translate::{StreamTranslator, Usage};
-
-/// How far to quote a non-JSON error body.
-const MAX_QUOTED_BYTES: usize = 512;
 
 /// What the filter needs to know about a translated request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,10 +81,6 @@ pub fn converse_path(model_id: &str, stream: bool) -> String {
 // Request: OpenAI chat completions -> Bedrock Converse
 // ---------------------------------------------------------------------------
 
-fn bad_message(message: String) -> ApiError {
-    invalid_value("messages", message)
-}
-
 fn text_block(text: String) -> Value {
     json!({ "text": text })
 }
@@ -99,29 +99,6 @@ fn push_turn(turns: &mut Vec<Turn>, role: &'static str, blocks: Vec<Value>) {
         }
     }
     turns.push((role, blocks));
-}
-
-/// The text of a system, developer or tool message: a string, or the text
-/// parts of a content-part array, concatenated.
-fn plain_text(content: &Value, i: usize) -> Result<String, ApiError> {
-    match content {
-        Value::Null => Ok(String::new()),
-        Value::String(s) => Ok(s.clone()),
-        Value::Array(parts) => Ok(parts
-            .iter()
-            .filter(|p| p.get("type").and_then(Value::as_str) == Some("text"))
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect()),
-        other => Err(bad_message(format!(
-            "messages[{i}].content must be a string or an array of text parts, not {}.",
-            json_type(other)
-        ))),
-    }
-}
-
-fn has_prefix_ignore_case(s: &str, prefix: &str) -> bool {
-    s.get(..prefix.len())
-        .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
 }
 
 /// Converse's image `format` for a media type.
@@ -780,21 +757,9 @@ impl RawUsage {
             prompt_tokens_details: CachedTokens {
                 cached_tokens: self.cache_read,
             },
+            completion_tokens_details: None,
         }
     }
-}
-
-#[derive(Serialize)]
-struct ChatUsage {
-    prompt_tokens: u64,
-    completion_tokens: u64,
-    total_tokens: u64,
-    prompt_tokens_details: CachedTokens,
-}
-
-#[derive(Serialize)]
-struct CachedTokens {
-    cached_tokens: u64,
 }
 
 /// Converse `stopReason` -> OpenAI `finish_reason`.
@@ -806,49 +771,6 @@ fn finish_reason(stop_reason: Option<&str>) -> &'static str {
         // end_turn, stop_sequence, unknown or absent.
         _ => "stop",
     }
-}
-
-#[derive(Serialize)]
-struct ChatCompletion<'a> {
-    id: &'a str,
-    object: &'static str,
-    created: u64,
-    model: &'a str,
-    choices: [Choice<'a>; 1],
-    usage: ChatUsage,
-}
-
-#[derive(Serialize)]
-struct Choice<'a> {
-    index: u32,
-    message: ChatMessage<'a>,
-    logprobs: (),
-    finish_reason: &'static str,
-}
-
-#[derive(Serialize)]
-struct ChatMessage<'a> {
-    role: &'static str,
-    content: Option<String>,
-    refusal: (),
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    tool_calls: Vec<ToolCall<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reasoning_content: Option<String>,
-}
-
-#[derive(Serialize)]
-struct ToolCall<'a> {
-    id: &'a str,
-    #[serde(rename = "type")]
-    kind: &'static str,
-    function: FunctionCall<'a>,
-}
-
-#[derive(Serialize)]
-struct FunctionCall<'a> {
-    name: &'a str,
-    arguments: String,
 }
 
 /// `chatcmpl-` and 24 hex digits of SHA-256 over `parts`.
@@ -1057,17 +979,6 @@ pub fn caller_status(bedrock_status: u16, error_type: Option<&str>) -> u16 {
     }
 }
 
-/// At most [`MAX_QUOTED_BYTES`] of `body` as text, cut at a character boundary.
-fn quoted(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    let text = text.trim();
-    let mut end = text.len().min(MAX_QUOTED_BYTES);
-    while !text.is_char_boundary(end) {
-        end = end.saturating_sub(1);
-    }
-    text.get(..end).unwrap_or_default().to_string()
-}
-
 /// Bedrock error reply -> OpenAI error JSON `{"error":{"message","type","param":null,"code"}}`.
 /// `error_type` is the `x-amzn-errortype` response header value (e.g.
 /// "ThrottlingException:http://internal.amazon.com/coral/com.amazon.bedrock/"), if any;
@@ -1108,55 +1019,6 @@ pub fn converse_error_to_chat(status: u16, error_type: Option<&str>, body: &[u8]
 // Streaming: ConverseStream event-stream -> OpenAI chat.completion.chunk SSE
 // ---------------------------------------------------------------------------
 
-#[derive(Serialize)]
-struct Chunk<'a> {
-    id: &'a str,
-    object: &'static str,
-    created: u64,
-    model: &'a str,
-    choices: &'a [ChunkChoice<'a>],
-    /// Absent without include_usage; null on content chunks; set on the last.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    usage: Option<Option<ChatUsage>>,
-}
-
-#[derive(Serialize)]
-struct ChunkChoice<'a> {
-    index: u32,
-    delta: Delta<'a>,
-    logprobs: (),
-    finish_reason: Option<&'static str>,
-}
-
-#[derive(Serialize, Default)]
-struct Delta<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    role: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    content: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reasoning_content: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tool_calls: Option<[ToolCallDelta<'a>; 1]>,
-}
-
-#[derive(Serialize)]
-struct ToolCallDelta<'a> {
-    index: usize,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<&'a str>,
-    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
-    kind: Option<&'static str>,
-    function: FunctionDelta<'a>,
-}
-
-#[derive(Serialize)]
-struct FunctionDelta<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    name: Option<&'a str>,
-    arguments: &'a str,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StreamState {
     Open,
@@ -1164,12 +1026,6 @@ enum StreamState {
     Done,
     /// An error event was written; nothing may follow.
     Failed,
-}
-
-fn write_data(out: &mut Vec<u8>, json: &[u8]) {
-    out.extend_from_slice(b"data: ");
-    out.extend_from_slice(json);
-    out.extend_from_slice(b"\n\n");
 }
 
 /// Streaming: ConverseStream's `application/vnd.amazon.eventstream` bytes
@@ -1373,6 +1229,7 @@ impl ConverseStreamToChat {
                             name: Some(field("name")),
                             arguments: "",
                         },
+                        extra_content: None,
                     },
                 );
             }
@@ -1413,6 +1270,7 @@ impl ConverseStreamToChat {
                                 name: None,
                                 arguments: input,
                             },
+                            extra_content: None,
                         },
                     );
                 }

@@ -97,9 +97,16 @@
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
+use crate::api::chat::{
+    write_data, CachedTokens, ChatUsage, Chunk, ChunkChoice, Delta, FunctionDelta, ReasoningTokens,
+    ToolCallDelta,
+};
 use crate::api::openai::{error_type_for_status, ApiError};
 use crate::sse::{SseEvent, SseParser};
-use crate::translate::errors::{invalid_type, invalid_value, json_type, unsupported};
+use crate::translate::errors::{
+    bad_message, has_prefix_ignore_case, invalid_type, invalid_value, json_type, plain_text,
+    quoted, unsupported,
+};
 use crate::translate::{StreamTranslator, Usage};
 
 /// Thinking budgets for OpenAI's `reasoning_effort` values.
@@ -115,8 +122,6 @@ const THINKING_BUDGETS: [(&str, u64); 4] = [
 pub const DUMMY_THOUGHT_SIGNATURE: &str = "skip_thought_signature_validator";
 /// `fileData.mimeType` when a URL's extension does not tell.
 const DEFAULT_IMAGE_MIME: &str = "image/jpeg";
-/// How far to quote a non-JSON error body.
-const MAX_QUOTED_BYTES: usize = 512;
 
 /// What the filter needs to know about a translated request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,10 +135,6 @@ pub struct GeminiRequestInfo {
 // ---------------------------------------------------------------------------
 // Request: OpenAI chat completions -> Gemini generateContent
 // ---------------------------------------------------------------------------
-
-fn bad_message(message: String) -> ApiError {
-    invalid_value("messages", message)
-}
 
 /// One Gemini `Content`: a role (`user` or `model`) and its parts.
 #[derive(Serialize)]
@@ -159,29 +160,6 @@ fn push_turn(turns: &mut Vec<Turn>, role: &'static str, parts: Vec<Value>) {
 
 fn text_part(text: &str) -> Value {
     json!({ "text": text })
-}
-
-/// The text of a system, developer or tool message: a string, or the text
-/// parts of a content-part array, concatenated.
-fn plain_text(content: &Value, i: usize) -> Result<String, ApiError> {
-    match content {
-        Value::Null => Ok(String::new()),
-        Value::String(s) => Ok(s.clone()),
-        Value::Array(parts) => Ok(parts
-            .iter()
-            .filter(|p| p.get("type").and_then(Value::as_str) == Some("text"))
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect()),
-        other => Err(bad_message(format!(
-            "messages[{i}].content must be a string or an array of text parts, not {}.",
-            json_type(other)
-        ))),
-    }
-}
-
-fn has_prefix_ignore_case(s: &str, prefix: &str) -> bool {
-    s.get(..prefix.len())
-        .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
 }
 
 /// `data:<media type>[;params];base64,<data>` -> (media type, data).
@@ -962,30 +940,11 @@ impl RawUsage {
             prompt_tokens_details: CachedTokens {
                 cached_tokens: self.cached,
             },
-            completion_tokens_details: ReasoningTokens {
+            completion_tokens_details: Some(ReasoningTokens {
                 reasoning_tokens: self.thoughts,
-            },
+            }),
         }
     }
-}
-
-#[derive(Serialize)]
-struct ChatUsage {
-    prompt_tokens: u64,
-    completion_tokens: u64,
-    total_tokens: u64,
-    prompt_tokens_details: CachedTokens,
-    completion_tokens_details: ReasoningTokens,
-}
-
-#[derive(Serialize)]
-struct CachedTokens {
-    cached_tokens: u64,
-}
-
-#[derive(Serialize)]
-struct ReasoningTokens {
-    reasoning_tokens: u64,
 }
 
 /// Gemini `finishReason` -> OpenAI `finish_reason`.
@@ -1254,17 +1213,6 @@ fn map_error_status(
     })
 }
 
-/// At most [`MAX_QUOTED_BYTES`] of `body` as text, cut at a character boundary.
-fn quoted(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    let text = text.trim();
-    let mut end = text.len().min(MAX_QUOTED_BYTES);
-    while !text.is_char_boundary(end) {
-        end = end.saturating_sub(1);
-    }
-    text.get(..end).unwrap_or_default().to_string()
-}
-
 /// The `error` object of a Gemini error body (also inside a one-element
 /// array, as the non-SSE streaming endpoint sends it).
 fn error_object(v: &Value) -> Option<&Value> {
@@ -1314,57 +1262,6 @@ pub fn gemini_error_to_chat(status: u16, body: &[u8]) -> Vec<u8> {
 // Streaming: Gemini SSE -> OpenAI chat.completion.chunk SSE
 // ---------------------------------------------------------------------------
 
-#[derive(Serialize)]
-struct Chunk<'a> {
-    id: &'a str,
-    object: &'static str,
-    created: u64,
-    model: &'a str,
-    choices: &'a [ChunkChoice<'a>],
-    /// Absent without include_usage; null on content chunks; set on the last.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    usage: Option<Option<ChatUsage>>,
-}
-
-#[derive(Serialize)]
-struct ChunkChoice<'a> {
-    index: u64,
-    delta: Delta<'a>,
-    logprobs: (),
-    finish_reason: Option<&'static str>,
-}
-
-#[derive(Serialize, Default)]
-struct Delta<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    role: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    content: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reasoning_content: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    refusal: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tool_calls: Option<[ToolCallDelta<'a>; 1]>,
-}
-
-#[derive(Serialize)]
-struct ToolCallDelta<'a> {
-    index: usize,
-    id: &'a str,
-    #[serde(rename = "type")]
-    kind: &'static str,
-    function: FunctionDelta<'a>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    extra_content: Option<Value>,
-}
-
-#[derive(Serialize)]
-struct FunctionDelta<'a> {
-    name: &'a str,
-    arguments: &'a str,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StreamState {
     Open,
@@ -1393,12 +1290,6 @@ pub struct GeminiStreamToChat {
     candidates: Vec<CandidateState>,
     usage: Option<RawUsage>,
     state: StreamState,
-}
-
-fn write_data(out: &mut Vec<u8>, json: &[u8]) {
-    out.extend_from_slice(b"data: ");
-    out.extend_from_slice(json);
-    out.extend_from_slice(b"\n\n");
 }
 
 impl StreamTranslator for GeminiStreamToChat {
@@ -1604,10 +1495,10 @@ impl GeminiStreamToChat {
                 };
                 let call = ToolCallDelta {
                     index: n,
-                    id,
-                    kind: "function",
+                    id: Some(id),
+                    kind: Some("function"),
                     function: FunctionDelta {
-                        name,
+                        name: Some(name),
                         arguments: &arguments,
                     },
                     extra_content: extra,
