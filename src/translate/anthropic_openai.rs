@@ -33,7 +33,7 @@ use serde_json::{json, Map, Value};
 
 use crate::api::openai::ApiError;
 use crate::sse::{SseEvent, SseParser};
-use crate::translate::errors::{invalid_value, json_type, quoted, unsupported};
+use crate::translate::chat_input::{invalid_value, json_type, quoted, unsupported};
 use crate::translate::{StreamTranslator, Usage};
 
 /// Thinking budgets from this many tokens ask for `reasoning_effort: "medium"`.

@@ -84,7 +84,7 @@ use serde_json::{json, Map, Value};
 
 use crate::api::openai::ApiError;
 use crate::sse::{SseEvent, SseParser};
-use crate::translate::errors::{invalid_value, json_type, quoted, unsupported};
+use crate::translate::chat_input::{invalid_value, json_type, quoted, unsupported};
 use crate::translate::{StreamTranslator, Usage};
 
 /// The largest thinking budgets for the `low` and `medium` efforts.

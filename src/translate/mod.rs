@@ -27,7 +27,7 @@
 //! `[DONE]`) into its own schema's error event.
 
 pub mod anthropic_openai;
-pub mod errors;
+pub mod chat_input;
 pub mod gemini_openai;
 pub mod openai_anthropic;
 pub mod openai_bedrock;

@@ -36,9 +36,9 @@ use crate::api::chat::{
 use crate::api::openai::{error_type_for_status, ApiError};
 use crate::aws::eventstream::{Decoder, Message};
 use crate::aws::sha256::{hex, Sha256};
-use crate::translate::errors::{
-    bad_message, has_prefix_ignore_case, invalid_type, invalid_value, json_type, plain_text,
-    quoted, unsupported,
+use crate::translate::chat_input::{
+    assistant_blocks, bad_message, has_prefix_ignore_case, invalid_type, invalid_value, json_type,
+    plain_text, quoted, unsupported,
 };
 use crate::translate::{StreamTranslator, Usage};
 
@@ -193,96 +193,6 @@ fn user_blocks(content: &Value, i: usize) -> Result<Vec<Value>, ApiError> {
     }
 }
 
-fn tool_use_block(call: &Value, i: usize, j: usize) -> Result<Value, ApiError> {
-    let id = call
-        .get("id")
-        .and_then(Value::as_str)
-        .ok_or_else(|| bad_message(format!("messages[{i}].tool_calls[{j}] has no string 'id'.")))?;
-    let function = call.get("function");
-    let name = function
-        .and_then(|f| f.get("name"))
-        .and_then(Value::as_str)
-        .ok_or_else(|| {
-            bad_message(format!(
-                "messages[{i}].tool_calls[{j}] has no string 'function.name'."
-            ))
-        })?;
-    let input = match function.and_then(|f| f.get("arguments")) {
-        None | Some(Value::Null) => Value::Object(Map::new()),
-        Some(Value::String(s)) if s.trim().is_empty() => Value::Object(Map::new()),
-        Some(Value::String(s)) => serde_json::from_str(s).map_err(|e| {
-            bad_message(format!(
-                "messages[{i}].tool_calls[{j}].function.arguments is not valid JSON ({e}); \
-                 the Bedrock provider needs the arguments as a JSON object."
-            ))
-        })?,
-        Some(other) => other.clone(),
-    };
-    if !input.is_object() {
-        return Err(bad_message(format!(
-            "messages[{i}].tool_calls[{j}].function.arguments must encode a JSON object, \
-             not {}.",
-            json_type(&input)
-        )));
-    }
-    Ok(json!({"toolUse": {"toolUseId": id, "name": name, "input": input}}))
-}
-
-fn assistant_blocks(msg: &Map<String, Value>, i: usize) -> Result<Vec<Value>, ApiError> {
-    let mut blocks = Vec::new();
-    match msg.get("content").unwrap_or(&Value::Null) {
-        Value::Null => {}
-        Value::String(s) => {
-            if !s.is_empty() {
-                blocks.push(text_block(s.clone()));
-            }
-        }
-        Value::Array(parts) => {
-            for (j, part) in parts.iter().enumerate() {
-                let kind = part.get("type").and_then(Value::as_str).unwrap_or_default();
-                let key = match kind {
-                    "text" => "text",
-                    "refusal" => "refusal",
-                    _ => {
-                        return Err(bad_message(format!(
-                            "messages[{i}].content[{j}]: assistant content parts must be of \
-                             type 'text' or 'refusal'."
-                        )))
-                    }
-                };
-                let text = part.get(key).and_then(Value::as_str).ok_or_else(|| {
-                    bad_message(format!("messages[{i}].content[{j}] has no string '{key}'."))
-                })?;
-                if !text.is_empty() {
-                    blocks.push(text_block(text.to_string()));
-                }
-            }
-        }
-        other => {
-            return Err(bad_message(format!(
-                "messages[{i}].content must be a string, an array of content parts or null, \
-                 not {}.",
-                json_type(other)
-            )))
-        }
-    }
-    match msg.get("tool_calls").unwrap_or(&Value::Null) {
-        Value::Null => {}
-        Value::Array(calls) => {
-            for (j, call) in calls.iter().enumerate() {
-                blocks.push(tool_use_block(call, i, j)?);
-            }
-        }
-        other => {
-            return Err(bad_message(format!(
-                "messages[{i}].tool_calls must be an array, not {}.",
-                json_type(other)
-            )))
-        }
-    }
-    Ok(blocks)
-}
-
 /// `messages` split into Converse's `system` blocks and alternating turns;
 /// also whether any tool block was seen.
 fn convert_messages(messages: &[Value]) -> Result<(Vec<Value>, Vec<Turn>, bool), ApiError> {
@@ -310,7 +220,13 @@ fn convert_messages(messages: &[Value]) -> Result<(Vec<Value>, Vec<Turn>, bool),
             }
             "user" => push_turn(&mut turns, "user", user_blocks(content, i)?),
             "assistant" => {
-                let blocks = assistant_blocks(msg, i)?;
+                let blocks = assistant_blocks(
+                    msg,
+                    i,
+                    "Bedrock",
+                    text_block,
+                    |id, name, input| json!({"toolUse": {"toolUseId": id, "name": name, "input": input}}),
+                )?;
                 tool_blocks |= blocks.iter().any(|b| b.get("toolUse").is_some());
                 if !blocks.is_empty() {
                     push_turn(&mut turns, "assistant", blocks);

@@ -103,7 +103,7 @@ use crate::api::chat::{
 };
 use crate::api::openai::{error_type_for_status, ApiError};
 use crate::sse::{SseEvent, SseParser};
-use crate::translate::errors::{
+use crate::translate::chat_input::{
     bad_message, has_prefix_ignore_case, invalid_type, invalid_value, json_type, plain_text,
     quoted, unsupported,
 };
