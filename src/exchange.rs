@@ -5,9 +5,9 @@
 
 use serde_json::{Map, Value};
 
-use crate::api::openai::{normalise_error, ApiError, ErrorOrigin};
+use crate::api::openai::{contains, normalise_error, redact, ApiError, ErrorOrigin};
 use crate::config::{ModelRoute, Provider, ProviderKind};
-use crate::json::splice;
+use crate::json::{splice, splice_all, TopLevel};
 use crate::translate::openai_usage::{self, OpenAiStreamUsage};
 use crate::translate::passthrough::{AnthropicStreamWatch, GeminiStreamWatch};
 use crate::translate::{
@@ -22,6 +22,8 @@ pub const VERTEX_ANTHROPIC_VERSION: &str = "vertex-2023-10-16";
 pub struct Inbound<'a> {
     pub caller: Schema,
     pub body: &'a [u8],
+    /// `body` as the filter parsed it.
+    pub doc: &'a TopLevel<'a>,
     /// Where `model` sits in the body (OpenAI and Anthropic callers).
     pub model_span: Option<std::ops::Range<usize>>,
     /// The caller's model name.
@@ -57,22 +59,17 @@ pub fn translate_request(
     };
     let body = inbound.body;
     if inbound.caller == route.schema {
-        let mut out = match (&inbound.model_span, inbound.model == route.upstream_model) {
-            (Some(span), false) => Some(splice(
-                body,
-                span.clone(),
-                route.upstream_model_json.as_bytes(),
-            )),
-            _ => None,
-        };
-        if route.schema == Schema::OpenAi && inbound.stream {
-            let current = out.as_deref().unwrap_or(body);
-            let (with_usage, asked) = openai_usage::request_usage(current)?;
-            exchange.caller_wants_usage = asked;
-            if let Some(b) = with_usage {
-                out = Some(b);
-            }
+        // Every edit is made on the caller's bytes in one pass.
+        let mut edits = Vec::new();
+        if let (Some(span), false) = (&inbound.model_span, inbound.model == route.upstream_model) {
+            edits.push((span.clone(), route.upstream_model_json.as_bytes().to_vec()));
         }
+        if route.schema == Schema::OpenAi && inbound.stream {
+            let (edit, asked) = openai_usage::request_usage(body, inbound.doc)?;
+            exchange.caller_wants_usage = asked;
+            edits.extend(edit);
+        }
+        let mut out = (!edits.is_empty()).then(|| splice_all(body, edits));
         if route.vertex_anthropic {
             out = Some(for_vertex_anthropic(out.as_deref().unwrap_or(body))?);
         }
@@ -101,12 +98,8 @@ pub fn translate_request(
     // OpenAI pivot -> provider schema.
     let (out, stream, usage) = match route.schema {
         Schema::OpenAi => {
-            let (with_usage, asked) = if inbound.stream {
-                openai_usage::request_usage(pivot_body)?
-            } else {
-                (None, false)
-            };
-            let out = with_usage.or(pivot).unwrap_or_else(|| body.to_vec());
+            // The pivot translators ask for usage in streamed requests already.
+            let out = pivot.unwrap_or_else(|| body.to_vec());
             let out = if matches!(
                 provider.kind,
                 ProviderKind::OpenAi | ProviderKind::AzureOpenAi
@@ -115,7 +108,7 @@ pub fn translate_request(
             } else {
                 out
             };
-            (out, inbound.stream, asked)
+            (out, inbound.stream, false)
         }
         Schema::Anthropic => {
             let (b, info) = openai_anthropic::chat_request_to_messages(
@@ -257,11 +250,9 @@ pub fn translate_error(
         let leaks = reply
             .secrets
             .iter()
-            .any(|s| !s.is_empty() && reply.body.windows(s.len()).any(|w| w == s.as_bytes()));
-        return leaks.then(|| {
-            crate::api::openai::redact(&String::from_utf8_lossy(reply.body), reply.secrets)
-                .into_bytes()
-        });
+            .any(|s| contains(reply.body, s.as_bytes()));
+        return leaks
+            .then(|| redact(&String::from_utf8_lossy(reply.body), reply.secrets).into_bytes());
     }
     let openai = match exchange.provider {
         Schema::OpenAi => {
@@ -278,8 +269,7 @@ pub fn translate_error(
             openai_bedrock::converse_error_to_chat(status, reply.error_type, reply.body)
         }
     };
-    let openai =
-        crate::api::openai::redact(&String::from_utf8_lossy(&openai), reply.secrets).into_bytes();
+    let openai = redact(&String::from_utf8_lossy(&openai), reply.secrets).into_bytes();
     Some(openai_error_to_caller(caller, status, openai))
 }
 

@@ -539,6 +539,7 @@ impl RequestFilter {
             let inbound = Inbound {
                 caller: self.caller,
                 body,
+                doc: &doc,
                 model_span,
                 model: &model,
                 stream,

@@ -149,6 +149,22 @@ fn decode_string(doc: &[u8], span: Range<usize>) -> Option<Cow<'_, str>> {
     serde_json::from_slice::<String>(lit).ok().map(Cow::Owned)
 }
 
+/// Returns `doc` with several non-overlapping spans replaced at once (in any
+/// order), copying the untouched bytes only once.
+pub fn splice_all(doc: &[u8], mut edits: Vec<(Range<usize>, Vec<u8>)>) -> Vec<u8> {
+    edits.sort_by_key(|(span, _)| (span.start, span.end));
+    let added: usize = edits.iter().map(|(_, b)| b.len()).sum();
+    let mut out = Vec::with_capacity(doc.len() + added);
+    let mut at = 0;
+    for (span, bytes) in &edits {
+        out.extend_from_slice(doc.get(at..span.start).unwrap_or_default());
+        out.extend_from_slice(bytes);
+        at = at.max(span.end);
+    }
+    out.extend_from_slice(doc.get(at..).unwrap_or_default());
+    out
+}
+
 /// Returns `doc` with the bytes in `span` replaced by `replacement`.
 pub fn splice(doc: &[u8], span: Range<usize>, replacement: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(doc.len() + replacement.len());
@@ -521,5 +537,16 @@ mod tests {
             let v: serde_json::Value = serde_json::from_str(doc).unwrap();
             assert_eq!(t.fields().len(), v.as_object().unwrap().len());
         }
+    }
+
+    #[test]
+    fn splice_all_applies_edits_in_any_order() {
+        let doc = br#"{"model":"a","x":1}"#;
+        let out = splice_all(
+            doc,
+            vec![(18..18, b",\"y\":2".to_vec()), (9..12, b"\"bb\"".to_vec())],
+        );
+        assert_eq!(out, br#"{"model":"bb","x":1,"y":2}"#);
+        assert_eq!(splice_all(doc, Vec::new()), doc);
     }
 }

@@ -213,7 +213,8 @@ fn provider_error_code(v: Option<&Value>) -> Option<&'static str> {
     KNOWN.iter().copied().find(|k| *k == code)
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+/// `needle` occurs in `haystack` (an empty needle never does).
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
 

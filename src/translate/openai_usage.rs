@@ -9,10 +9,12 @@
 //!   the `"usage": null` field of the others. When the caller asked, the
 //!   stream passes byte for byte.
 
+use std::ops::Range;
+
 use serde_json::Value;
 
 use crate::api::openai::ApiError;
-use crate::json::{splice, Kind, TopLevel};
+use crate::json::{splice, Field, Kind, TopLevel};
 use crate::sse::SseParser;
 use crate::translate::{StreamTranslator, Usage};
 
@@ -25,10 +27,13 @@ fn invalid_json(e: impl std::fmt::Display) -> ApiError {
     )
 }
 
-/// Makes a streamed chat request ask for usage. Returns the new body (None
-/// when the caller already asked) and whether the caller asked.
-pub fn request_usage(body: &[u8]) -> Result<(Option<Vec<u8>>, bool), ApiError> {
-    let doc = TopLevel::parse(body).map_err(invalid_json)?;
+/// An edit of a request body: replace `span` with `bytes`.
+pub type Edit = (Range<usize>, Vec<u8>);
+
+/// Makes a streamed chat request ask for usage. `doc` is the parsed `body`.
+/// Returns the edit to apply (None when the caller already asked) and
+/// whether the caller asked.
+pub fn request_usage(body: &[u8], doc: &TopLevel<'_>) -> Result<(Option<Edit>, bool), ApiError> {
     let field = doc.get("stream_options").map_err(|_| {
         ApiError::invalid_request(
             Some("duplicate_parameter"),
@@ -44,13 +49,10 @@ pub fn request_usage(body: &[u8]) -> Result<(Option<Vec<u8>>, bool), ApiError> {
         } else {
             br#","stream_options":{"include_usage":true}"#
         };
-        return Ok((Some(splice(body, close..close, insert)), false));
+        return Ok((Some((close..close, insert.to_vec())), false));
     };
     match field.kind {
-        Kind::Null => Ok((
-            Some(splice(body, field.value.clone(), INCLUDE_USAGE)),
-            false,
-        )),
+        Kind::Null => Ok((Some((field.value.clone(), INCLUDE_USAGE.to_vec())), false)),
         Kind::Object => {
             let mut options: serde_json::Map<String, Value> =
                 serde_json::from_slice(doc.raw(field)).map_err(invalid_json)?;
@@ -59,7 +61,7 @@ pub fn request_usage(body: &[u8]) -> Result<(Option<Vec<u8>>, bool), ApiError> {
                 None | Some(Value::Null) | Some(Value::Bool(false)) => {
                     options.insert("include_usage".into(), Value::Bool(true));
                     let value = serde_json::to_vec(&options).map_err(invalid_json)?;
-                    Ok((Some(splice(body, field.value.clone(), &value)), false))
+                    Ok((Some((field.value.clone(), value)), false))
                 }
                 Some(_) => Err(ApiError::invalid_request(
                     Some("invalid_type"),
@@ -114,6 +116,21 @@ impl OpenAiStreamUsage {
     }
 }
 
+/// The usage a chunk reports. Every chunk of a stream that asked for usage
+/// carries `"usage": null`; only an object is worth parsing.
+fn usage_of(data: &[u8]) -> Option<Usage> {
+    let doc = TopLevel::parse(data).ok()?;
+    field_usage(&doc, doc.get("usage").ok()??)
+}
+
+fn field_usage(doc: &TopLevel<'_>, field: &Field) -> Option<Usage> {
+    if field.kind != Kind::Object {
+        return None;
+    }
+    let value: Value = serde_json::from_slice(doc.raw(field)).ok()?;
+    parse_usage(&value)
+}
+
 /// The chunk without its `usage` field, or None to drop the chunk (the
 /// usage-only one). Also returns the usage when present.
 fn strip_usage(data: &str) -> (Option<Vec<u8>>, Option<Usage>) {
@@ -124,14 +141,7 @@ fn strip_usage(data: &str) -> (Option<Vec<u8>>, Option<Usage>) {
     let Ok(Some(field)) = doc.get("usage") else {
         return (Some(bytes.to_vec()), None);
     };
-    let usage = if field.kind == Kind::Object {
-        serde_json::from_slice::<Value>(doc.raw(field))
-            .ok()
-            .as_ref()
-            .and_then(parse_usage)
-    } else {
-        None
-    };
+    let usage = field_usage(&doc, field);
     let no_choices = matches!(doc.get("choices"), Ok(Some(c)) if c.kind == Kind::Array
         && doc.raw(c).iter().filter(|b| !b.is_ascii_whitespace()).eq(b"[]".iter()));
     if usage.is_some() && no_choices {
@@ -178,10 +188,8 @@ impl StreamTranslator for OpenAiStreamUsage {
             let mentions = event.data.contains("\"usage\"");
             if !hide {
                 if mentions {
-                    if let Ok(v) = serde_json::from_str::<Value>(&event.data) {
-                        if let Some(u) = v.get("usage").and_then(parse_usage) {
-                            found = Some(u);
-                        }
+                    if let Some(u) = usage_of(event.data.as_bytes()) {
+                        found = Some(u);
                     }
                 }
                 return;
@@ -233,6 +241,13 @@ impl StreamTranslator for OpenAiStreamUsage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The request with the usage edit applied, as the filter sends it.
+    fn request_usage(body: &[u8]) -> Result<(Option<Vec<u8>>, bool), ApiError> {
+        let doc = TopLevel::parse(body).map_err(invalid_json)?;
+        let (edit, asked) = super::request_usage(body, &doc)?;
+        Ok((edit.map(|(span, bytes)| splice(body, span, &bytes)), asked))
+    }
 
     #[test]
     fn asks_for_usage_keeping_other_bytes() {
