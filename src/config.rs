@@ -13,7 +13,9 @@ use serde_json::{Map, Value};
 
 use crate::json::quote;
 use crate::translate::openai_anthropic::DEFAULT_ANTHROPIC_VERSION;
+use crate::translate::openai_bedrock::converse_path;
 use crate::translate::Schema;
+use crate::url::percent_encode;
 
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 10 * 1024 * 1024;
 pub const DEFAULT_MAX_TOKENS: u64 = 4096;
@@ -876,13 +878,10 @@ fn compile_models(
                 "only applies to providers of kind \"vertex_ai\"",
             ));
         }
-        // Model ids go into URL paths for these kinds. Google writes
-        // versioned ids with a literal '@' (claude-sonnet-4-5@20250929).
-        let in_path = if kind == ProviderKind::Bedrock {
-            percent_encode_segment(&upstream_model)
-        } else {
-            percent_encode_segment(&upstream_model).replace("%40", "@")
-        };
+        // Google paths take the model id percent-encoded, but write versioned
+        // ids with a literal '@' (claude-sonnet-4-5@20250929).
+
+        let in_path = percent_encode(&upstream_model).replace("%40", "@");
         let (schema, chat_path, chat_stream_path, vertex_anthropic) = match kind {
             ProviderKind::OpenAi | ProviderKind::OpenAiCompatible | ProviderKind::AzureOpenAi => {
                 (Schema::OpenAi, chat_path.clone(), chat_path, false)
@@ -929,8 +928,8 @@ fn compile_models(
             }
             ProviderKind::Bedrock => (
                 Schema::Converse,
-                format!("{base_path}/model/{in_path}/converse"),
-                format!("{base_path}/model/{in_path}/converse-stream"),
+                format!("{base_path}{}", converse_path(&upstream_model, false)),
+                format!("{base_path}{}", converse_path(&upstream_model, true)),
                 false,
             ),
         };
@@ -948,20 +947,6 @@ fn compile_models(
         });
     }
     Ok((models, by_name))
-}
-
-/// Percent-encodes everything but RFC 3986 unreserved characters, for a
-/// model id placed in one URL path segment (Bedrock ids carry ':' and ARNs '/').
-pub fn percent_encode_segment(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 fn model_object(id: &str, owner: &str) -> Value {

@@ -19,6 +19,7 @@ pub mod json;
 pub mod metrics;
 pub mod sse;
 pub mod translate;
+pub mod url;
 
 // The host ABI only exists inside the VM: native test binaries never link the
 // glue, but clippy checks it everywhere.

@@ -9,6 +9,7 @@
 //! Bedrock paths never hold those.
 
 use super::sha256::{hex, hmac_sha256, sha256};
+use crate::url::percent_encode_into;
 
 /// Long-term or temporary (STS) AWS credentials.
 #[derive(Clone, PartialEq, Eq)]
@@ -192,20 +193,6 @@ fn canonical_header_value(v: &str) -> String {
     out
 }
 
-/// RFC 3986 encoding: unreserved characters kept, every other byte `%XX`.
-fn uri_encode(bytes: &[u8], out: &mut String) {
-    const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
-    for &b in bytes {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push('%');
-            out.push(char::from(DIGITS[usize::from(b >> 4)]));
-            out.push(char::from(DIGITS[usize::from(b & 15)]));
-        }
-    }
-}
-
 /// Each segment of the wire path encoded again; `/` separators kept.
 fn canonical_uri(path: &str) -> String {
     if path.is_empty() {
@@ -216,7 +203,7 @@ fn canonical_uri(path: &str) -> String {
         if i > 0 {
             out.push('/');
         }
-        uri_encode(segment.as_bytes(), &mut out);
+        percent_encode_into(segment.as_bytes(), &mut out);
     }
     out
 }
@@ -259,9 +246,9 @@ fn canonical_query(query: &str) -> String {
         .map(|p| {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
             let mut key = String::new();
-            uri_encode(&percent_decode(k), &mut key);
+            percent_encode_into(&percent_decode(k), &mut key);
             let mut value = String::new();
-            uri_encode(&percent_decode(v), &mut value);
+            percent_encode_into(&percent_decode(v), &mut value);
             (key, value)
         })
         .collect();

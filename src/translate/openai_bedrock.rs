@@ -41,6 +41,7 @@ use crate::translate::chat_input::{
     plain_text, quoted, unsupported,
 };
 use crate::translate::{StreamTranslator, Usage};
+use crate::url::percent_encode;
 
 /// What the filter needs to know about a translated request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,24 +58,12 @@ pub struct ConverseRequestInfo {
 /// unreserved characters stay). Sign exactly this path with
 /// [`crate::aws::sigv4::sign`].
 pub fn converse_path(model_id: &str, stream: bool) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
-    let mut path = String::with_capacity(model_id.len() + 24);
-    path.push_str("/model/");
-    for &b in model_id.as_bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            path.push(char::from(b));
-        } else {
-            path.push('%');
-            path.push(char::from(DIGITS[usize::from(b >> 4)]));
-            path.push(char::from(DIGITS[usize::from(b & 15)]));
-        }
-    }
-    path.push_str(if stream {
-        "/converse-stream"
+    let method = if stream {
+        "converse-stream"
     } else {
-        "/converse"
-    });
-    path
+        "converse"
+    };
+    format!("/model/{}/{method}", percent_encode(model_id))
 }
 
 // ---------------------------------------------------------------------------
