@@ -24,10 +24,49 @@ fn n(v: Option<&Value>) -> Option<u64> {
     v.and_then(Value::as_u64)
 }
 
+/// What a watcher knows of one schema's stream.
+pub trait StreamEnd {
+    fn on_event(&mut self, event: SseEvent);
+    /// Appends the schema's error event unless the stream ended properly.
+    fn finish(&mut self, out: &mut Vec<u8>);
+    fn usage(&self) -> Option<Usage>;
+}
+
+/// Passes a stream byte for byte while `S` reads its events.
+#[derive(Default)]
+pub struct StreamWatch<S> {
+    parser: SseParser,
+    state: S,
+}
+
+impl<S: StreamEnd + Default> StreamWatch<S> {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl<S: StreamEnd> StreamTranslator for StreamWatch<S> {
+    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        out.extend_from_slice(chunk);
+        let state = &mut self.state;
+        self.parser.push(chunk, &mut |e| state.on_event(e));
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) {
+        self.state.finish(out);
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        self.state.usage()
+    }
+}
+
+pub type AnthropicStreamWatch = StreamWatch<AnthropicStreamEnd>;
+pub type GeminiStreamWatch = StreamWatch<GeminiStreamEnd>;
+
 /// Anthropic Messages events: complete at `message_stop`, failed at `error`.
 #[derive(Default)]
-pub struct AnthropicStreamWatch {
-    parser: SseParser,
+pub struct AnthropicStreamEnd {
     ended: bool,
     input: u64,
     cache_read: u64,
@@ -36,11 +75,7 @@ pub struct AnthropicStreamWatch {
     seen_usage: bool,
 }
 
-impl AnthropicStreamWatch {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
+impl AnthropicStreamEnd {
     fn take_usage(&mut self, usage: Option<&Value>) {
         let Some(u) = usage.filter(|u| u.is_object()) else {
             return;
@@ -59,7 +94,9 @@ impl AnthropicStreamWatch {
             self.output = x;
         }
     }
+}
 
+impl StreamEnd for AnthropicStreamEnd {
     fn on_event(&mut self, event: SseEvent) {
         let v: Option<Value> = serde_json::from_str(&event.data).ok();
         let kind = v
@@ -79,17 +116,6 @@ impl AnthropicStreamWatch {
                 self.take_usage(usage);
             }
             _ => {}
-        }
-    }
-}
-
-impl StreamTranslator for AnthropicStreamWatch {
-    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
-        out.extend_from_slice(chunk);
-        let mut events = Vec::new();
-        self.parser.push(chunk, &mut |e| events.push(e));
-        for e in events {
-            self.on_event(e);
         }
     }
 
@@ -121,18 +147,13 @@ impl StreamTranslator for AnthropicStreamWatch {
 /// candidate carries a `finishReason` (Gemini sends no end marker), failed
 /// at an `error` object.
 #[derive(Default)]
-pub struct GeminiStreamWatch {
-    parser: SseParser,
+pub struct GeminiStreamEnd {
     finished: bool,
     failed: bool,
     usage: Option<Usage>,
 }
 
-impl GeminiStreamWatch {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
+impl StreamEnd for GeminiStreamEnd {
     fn on_event(&mut self, event: SseEvent) {
         let Ok(v) = serde_json::from_str::<Value>(&event.data) else {
             return;
@@ -162,17 +183,6 @@ impl GeminiStreamWatch {
                 cached_input_tokens: n(u.get("cachedContentTokenCount")).unwrap_or(0),
                 reasoning_tokens: thoughts,
             });
-        }
-    }
-}
-
-impl StreamTranslator for GeminiStreamWatch {
-    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
-        out.extend_from_slice(chunk);
-        let mut events = Vec::new();
-        self.parser.push(chunk, &mut |e| events.push(e));
-        for e in events {
-            self.on_event(e);
         }
     }
 
