@@ -45,3 +45,13 @@ pub trait Host {
     /// Adds `delta` to the counter called `name`.
     fn count(&mut self, name: &str, delta: u64);
 }
+
+/// Proxy-wide key/value memory shared by every worker thread (proxy-wasm
+/// shared data). Values never expire, so callers keep their key sets bounded.
+pub trait SharedData {
+    /// The value under `key` and its compare-and-swap token.
+    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)>;
+    /// Stores `value`; with `cas`, only if nobody wrote since that token was
+    /// read. `Ok(false)` means another writer won and the caller should retry.
+    fn shared_set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> HostResult<bool>;
+}
