@@ -11,6 +11,10 @@ use std::fmt;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use crate::policy::{
+    compile_attributes, compile_failover, compile_routes, Failover, ModelAttributes, RawCapabilities,
+    RawPrice, RoutePolicy,
+};
 use crate::json::quote;
 use crate::translate::openai_anthropic::DEFAULT_ANTHROPIC_VERSION;
 use crate::translate::openai_bedrock::converse_path;
@@ -28,7 +32,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError {
             path: path.into(),
             message: message.into(),
@@ -165,6 +169,8 @@ pub struct ModelRoute {
     /// Vertex AI's Anthropic models take the model from the URL and an
     /// `anthropic_version` in the body instead.
     pub vertex_anthropic: bool,
+    /// Price, capabilities and quality, for routing decisions.
+    pub attributes: ModelAttributes,
 }
 
 impl ModelRoute {
@@ -188,6 +194,13 @@ pub struct Config {
     pub models: Vec<ModelRoute>,
     by_name: HashMap<String, usize>,
     pub max_request_bytes: usize,
+    /// Public names served by several targets under a strategy.
+    pub routes: Vec<RoutePolicy>,
+    route_by_name: HashMap<String, usize>,
+    pub failover: Failover,
+    /// Every header name a provider attempt may set (credentials, fixed
+    /// headers, signatures): a retry to another provider clears them first.
+    pub attempt_header_names: Vec<String>,
     /// The `GET /v1/models` answer, built once.
     pub models_list_body: Vec<u8>,
     /// `GET /v1/models/{id}` answers, built once.
@@ -204,13 +217,20 @@ impl Config {
         self.by_name.get(model).copied()
     }
 
+    pub fn routing_index(&self, name: &str) -> Option<usize> {
+        self.route_by_name.get(name).copied()
+    }
+
     pub fn model_body(&self, id: &str) -> Option<&[u8]> {
         self.model_bodies.get(id).map(Vec::as_slice)
     }
 
-    /// Every public name and alias, in configuration order.
+    /// Every public name and alias, in configuration order, then routes.
     pub fn public_names(&self) -> impl Iterator<Item = &str> {
-        self.models.iter().flat_map(ModelRoute::public_names)
+        self.models
+            .iter()
+            .flat_map(ModelRoute::public_names)
+            .chain(self.routes.iter().map(|r| r.name.as_str()))
     }
 }
 
@@ -265,9 +285,21 @@ struct RawModel {
     aliases: Vec<String>,
     #[serde(default)]
     publisher: Option<String>,
+    #[serde(default)]
+    price: Option<RawPrice>,
+    #[serde(default)]
+    capabilities: Option<RawCapabilities>,
+    #[serde(default)]
+    quality: Option<f64>,
 }
 
-const TOP_LEVEL_FIELDS: &[&str] = &["providers", "models", "max_request_bytes"];
+const TOP_LEVEL_FIELDS: &[&str] = &[
+    "providers",
+    "models",
+    "routes",
+    "failover",
+    "max_request_bytes",
+];
 
 /// A parsed `base_url`.
 #[derive(Debug, PartialEq, Eq)]
@@ -339,7 +371,7 @@ fn valid_name(s: &str) -> bool {
 
 /// Model names appear in URLs, metrics and logs: printable ASCII without
 /// characters that would need escaping there.
-fn valid_model_name(s: &str) -> bool {
+pub(crate) fn valid_model_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 256
         && s.chars()
@@ -400,13 +432,25 @@ pub fn compile(doc: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Compi
     let providers = compile_providers(obj.get("providers"), env, &mut warnings)?;
     let (models, by_name) = compile_models(obj.get("models"), &providers)?;
 
-    let (models_list_body, model_bodies) = model_listing(&models, &providers);
+    let routes = compile_routes(obj.get("routes"), &by_name)?;
+    let route_by_name = routes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.name.clone(), i))
+        .collect();
+    let failover = compile_failover(obj.get("failover"))?;
+    let attempt_header_names = attempt_header_names(&providers);
+    let (models_list_body, model_bodies) = model_listing(&models, &providers, &routes);
     Ok(Compiled {
         config: Config {
             providers,
             models,
             by_name,
             max_request_bytes,
+            routes,
+            route_by_name,
+            failover,
+            attempt_header_names,
             models_list_body,
             model_bodies,
         },
@@ -944,6 +988,13 @@ fn compile_models(
             chat_stream_path,
             embeddings_path,
             vertex_anthropic,
+            attributes: compile_attributes(
+                &at,
+                schema,
+                raw.price.as_ref(),
+                raw.capabilities.as_ref(),
+                raw.quality,
+            )?,
         });
     }
     Ok((models, by_name))
@@ -953,9 +1004,28 @@ fn model_object(id: &str, owner: &str) -> Value {
     serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": owner})
 }
 
+/// Header names any provider attempt may set, sorted and unique.
+fn attempt_header_names(providers: &[Provider]) -> Vec<String> {
+    let mut names: Vec<String> = ["x-amz-date", "x-amz-content-sha256", "x-amz-security-token"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for p in providers {
+        names.extend(p.auth_header.iter().map(|(n, _)| n.to_string()));
+        names.extend(p.extra_headers.iter().map(|(n, _)| n.clone()));
+        if p.aws_credentials.is_some() {
+            names.push("authorization".into());
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
 fn model_listing(
     models: &[ModelRoute],
     providers: &[Provider],
+    routes: &[RoutePolicy],
 ) -> (Vec<u8>, HashMap<String, Vec<u8>>) {
     let mut data = Vec::new();
     let mut bodies = HashMap::new();
@@ -966,6 +1036,12 @@ fn model_listing(
             bodies.insert(name.to_string(), obj.to_string().into_bytes());
             data.push(obj);
         }
+    }
+    // Routes are served by the gateway itself, across providers.
+    for route in routes {
+        let obj = model_object(&route.name, "meshllm");
+        bodies.insert(route.name.clone(), obj.to_string().into_bytes());
+        data.push(obj);
     }
     let list = serde_json::json!({"object": "list", "data": data});
     (list.to_string().into_bytes(), bodies)

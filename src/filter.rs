@@ -64,6 +64,52 @@ mod listing {
 pub const CLUSTER_HEADER: &str = "x-meshllm-cluster";
 pub const PROVIDER_RESPONSE_HEADER: &str = "x-meshllm-provider";
 pub const MODEL_RESPONSE_HEADER: &str = "x-meshllm-model";
+/// How many targets were tried, the one that answered included.
+pub const ATTEMPTS_RESPONSE_HEADER: &str = "x-meshllm-attempts";
+/// Why the route's targets were ordered as they were.
+pub const ROUTE_RESPONSE_HEADER: &str = "x-meshllm-route";
+/// A caller's own fallback chain: model names, comma-separated.
+pub const MODELS_REQUEST_HEADER: &str = "x-meshllm-models";
+/// The aggregate cluster whose position clusters hold every provider.
+pub const FAILOVER_CLUSTER: &str = "meshllm";
+/// Position headers: `x-meshllm-p<i>` names the provider of attempt i; Envoy
+/// turns them into load-balancer metadata (and removes them).
+pub const POSITION_HEADER_PREFIX: &str = "x-meshllm-p";
+/// Filter state the listener half leaves for the upstream half.
+pub const PLAN_PROPERTY: &str = "meshllm.plan";
+/// Where the upstream half finds the attempt's position in the chain.
+const HOST_POSITION: &[&str] = &[
+    "xds",
+    "upstream_host_metadata",
+    "filter_metadata",
+    "meshllm",
+    "position",
+];
+
+/// Which half of the gateway this filter instance is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// One listener filter does everything for one target (no failover).
+    Standalone,
+    /// The listener half: validates, picks the targets, hands Envoy the chain.
+    Router,
+    /// The upstream half: translates one attempt for its target.
+    Attempt,
+}
+
+/// What the listener half decided, for the upstream half of each attempt.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Plan {
+    caller: Schema,
+    embeddings: bool,
+    /// Gemini callers name the model and streaming in the URL.
+    gemini: Option<(String, bool)>,
+    /// Indices into `Config::models`, in attempt order.
+    chain: Vec<usize>,
+    reason: String,
+    /// The caller's Anthropic headers, for attempts that go to Anthropic.
+    anthropic: Vec<(String, String)>,
+}
 
 /// Client headers that carry credentials or account selection; a provider
 /// must never see them (the gateway's own key is used instead).
@@ -100,7 +146,14 @@ enum Phase {
 
 pub struct RequestFilter {
     config: Rc<Config>,
+    role: Role,
     phase: Phase,
+    /// Router and attempt roles: the chosen chain and why.
+    plan: Option<Plan>,
+    /// Router role: the provider and model that answered, as reported.
+    served: Option<(String, String)>,
+    /// Attempt role: which attempt of the request this is (1-based).
+    attempt: u32,
     /// The API the caller speaks; errors go back in its shape.
     caller: Schema,
     operation: Option<Operation>,
@@ -110,6 +163,13 @@ pub struct RequestFilter {
     status: u16,
     exchange: Option<Exchange>,
     response: ResponseMode,
+}
+
+/// The model and streaming choice read from a call's body (or URL).
+struct Call {
+    model: String,
+    model_span: Option<std::ops::Range<usize>>,
+    stream: bool,
 }
 
 /// What the response side does with the provider's answer.
@@ -217,10 +277,14 @@ fn percent_decode(s: &str) -> Option<String> {
 }
 
 impl RequestFilter {
-    pub fn new(config: Rc<Config>) -> Self {
+    pub fn new(config: Rc<Config>, role: Role) -> Self {
         RequestFilter {
             config,
+            role,
             phase: Phase::Start,
+            plan: None,
+            served: None,
+            attempt: 0,
             caller: Schema::OpenAi,
             operation: None,
             gemini_call: None,
@@ -246,9 +310,14 @@ impl RequestFilter {
         extra: &[(&str, &str)],
         body: &[u8],
     ) -> Flow {
-        let mut headers: Vec<(&str, &str)> = Vec::with_capacity(extra.len() + 1);
+        let mut headers: Vec<(&str, &str)> = Vec::with_capacity(extra.len() + 2);
         headers.push(("content-type", "application/json"));
         headers.extend_from_slice(extra);
+        // Tells the listener half the body is already in the caller's shape.
+        let attempt = self.attempt.to_string();
+        if self.role == Role::Attempt {
+            headers.push((ATTEMPTS_RESPONSE_HEADER, &attempt));
+        }
         if let Err(e) = host.send_response(status, &headers, body) {
             log::error!("could not send a local reply: {e}");
         }
@@ -263,6 +332,9 @@ impl RequestFilter {
     }
 
     pub fn on_request_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
+        if self.role == Role::Attempt {
+            return self.start_attempt(host, end_of_stream);
+        }
         // Routing is the filter's decision alone; a client cannot pick a cluster.
         if host.request_header(CLUSTER_HEADER).is_some() {
             let _ = host.remove_request_header(CLUSTER_HEADER);
@@ -358,6 +430,70 @@ impl RequestFilter {
                 self.start_call(host, Operation::ChatCompletions, end_of_stream)
             }
         }
+    }
+
+    /// Attempt role: finds this attempt's target from the plan and the host
+    /// Envoy picked, and clears what an earlier attempt set.
+    fn start_attempt(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
+        let plan: Option<Plan> = host
+            .property(&[PLAN_PROPERTY])
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let Some(plan) = plan else {
+            return self.reject(
+                host,
+                internal(
+                    "no routing plan reached the upstream filter; the meshllm listener \
+                     filter must run on this route"
+                        .into(),
+                ),
+            );
+        };
+        self.caller = plan.caller;
+        self.gemini_call = plan.gemini.clone();
+        self.attempt = host
+            .request_header("x-envoy-attempt-count")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        let position = host
+            .property(HOST_POSITION)
+            .and_then(|b| String::from_utf8(b).ok())
+            .and_then(|p| p.parse::<usize>().ok());
+        let Some(&target) = position.and_then(|p| plan.chain.get(p)) else {
+            return self.reject(
+                host,
+                internal(format!(
+                    "attempt {} reached an upstream host outside the plan (position {position:?})",
+                    self.attempt
+                )),
+            );
+        };
+        self.route = Some(target);
+        // Envoy hands every attempt the same header map: clear what an
+        // earlier attempt set for another provider.
+        let config = Rc::clone(&self.config);
+        let stale = config
+            .attempt_header_names
+            .iter()
+            .map(String::as_str)
+            .chain(ANTHROPIC_HEADERS.iter().copied())
+            .chain(["x-envoy-attempt-count", "x-envoy-expected-rq-timeout-ms"]);
+        for name in stale {
+            if host.request_header(name).is_some() {
+                let _ = host.remove_request_header(name);
+            }
+        }
+        if config.models[target].schema == Schema::Anthropic {
+            for (name, value) in &plan.anthropic {
+                let _ = host.set_request_header(name, value);
+            }
+        }
+        let op = if plan.embeddings {
+            Operation::Embeddings
+        } else {
+            Operation::ChatCompletions
+        };
+        self.plan = Some(plan);
+        self.start_call(host, op, end_of_stream)
     }
 
     fn start_call(&mut self, host: &mut dyn Host, op: Operation, end_of_stream: bool) -> Flow {
@@ -490,12 +626,97 @@ impl RequestFilter {
             }
         };
 
-        let config = Rc::clone(&self.config);
-        let route_index = config
-            .route_index(&model)
-            .ok_or_else(|| model_not_found(&model))?;
-        let route = &config.models[route_index];
-        self.route = Some(route_index);
+        let call = Call {
+            model,
+            model_span,
+            stream,
+        };
+        match self.role {
+            Role::Attempt => {
+                let target = self
+                    .route
+                    .ok_or_else(|| internal("the attempt has no target".into()))?;
+                self.prepare_attempt(host, body, &doc, op, &call, target)
+            }
+            Role::Standalone => {
+                // Named in metrics even when it turns out unusable.
+                self.route = self.expand(&call.model).ok().and_then(|(c, _)| c.first().copied());
+                let (chain, _) = self.choose_targets(host, &call.model, op)?;
+                let target = *chain
+                    .first()
+                    .ok_or_else(|| internal("no target was chosen".into()))?;
+                self.route = Some(target);
+                self.prepare_attempt(host, body, &doc, op, &call, target)
+            }
+            Role::Router => {
+                self.route = self.expand(&call.model).ok().and_then(|(c, _)| c.first().copied());
+                let (chain, reason) = self.choose_targets(host, &call.model, op)?;
+                self.hand_to_envoy(host, op, chain, reason)
+            }
+        }
+    }
+
+    /// The targets that may serve `model`, in attempt order, and why.
+    fn choose_targets(
+        &self,
+        host: &dyn Host,
+        model: &str,
+        op: Operation,
+    ) -> Result<(Vec<usize>, String), ApiError> {
+        let config = &self.config;
+        let (mut chain, mut reason) = self.expand(model)?;
+        if self.role == Role::Router {
+            if let Some(extra) = host.request_header(MODELS_REQUEST_HEADER) {
+                for name in extra.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                    let (more, _) = self.expand(name)?;
+                    for m in more {
+                        if !chain.contains(&m) {
+                            chain.push(m);
+                        }
+                    }
+                }
+                reason = format!("request;{reason}");
+            }
+        }
+        let first = chain.first().copied();
+        chain.retain(|&m| {
+            let route = &config.models[m];
+            !config.providers[route.provider].key_missing && route.path(op, false).is_some()
+        });
+        if chain.is_empty() {
+            // Explain why the first choice cannot serve.
+            if let Some(m) = first {
+                return Err(self.unusable(m, op, model));
+            }
+            return Err(model_not_found(model));
+        }
+        let limit = if self.role == Role::Router {
+            config.failover.max_attempts
+        } else {
+            1
+        };
+        chain.truncate(limit);
+        Ok((chain, reason))
+    }
+
+    /// A model name or route name as targets in order.
+    fn expand(&self, name: &str) -> Result<(Vec<usize>, String), ApiError> {
+        let config = &self.config;
+        if let Some(i) = config.route_index(name) {
+            return Ok((vec![i], "model".into()));
+        }
+        let policy = config
+            .routing_index(name)
+            .map(|r| &config.routes[r])
+            .ok_or_else(|| model_not_found(name))?;
+        let chain = policy.targets.iter().map(|t| t.model).collect();
+        Ok((chain, policy.strategy.name().to_string()))
+    }
+
+    /// Why target `m` cannot serve this request.
+    fn unusable(&self, m: usize, op: Operation, model: &str) -> ApiError {
+        let config = &self.config;
+        let route = &config.models[m];
         let provider = &config.providers[route.provider];
         if provider.key_missing {
             let variable = match (&provider.api_key_env, provider.kind) {
@@ -503,7 +724,7 @@ impl RequestFilter {
                 (None, ProviderKind::Bedrock) => "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY".into(),
                 (None, _) => String::new(),
             };
-            return Err(ApiError::new(
+            return ApiError::new(
                 500,
                 "server_error",
                 Some("provider_key_missing"),
@@ -512,9 +733,96 @@ impl RequestFilter {
                      variable {variable} is not set.",
                     provider.name,
                 ),
-            ));
+            );
         }
+        let what = match op {
+            Operation::Embeddings => "embeddings API",
+            Operation::ChatCompletions => "chat API",
+        };
+        ApiError::invalid_request(
+            Some("unsupported_operation"),
+            format!(
+                "The model `{model}` is served by provider {:?}, which has no {what}.",
+                provider.name
+            ),
+        )
+        .with_param("model")
+    }
 
+    /// Router role: leaves the plan for the upstream half and names each
+    /// attempt's provider for Envoy's load balancer.
+    fn hand_to_envoy(
+        &mut self,
+        host: &mut dyn Host,
+        op: Operation,
+        chain: Vec<usize>,
+        reason: String,
+    ) -> Result<(), ApiError> {
+        let rewrite = |e: crate::host::HostError| {
+            internal(format!("could not rewrite the request headers: {e}"))
+        };
+        let config = Rc::clone(&self.config);
+        let mut anthropic = Vec::new();
+        for name in ANTHROPIC_HEADERS {
+            if let Some(value) = host.request_header(name) {
+                anthropic.push((name.to_string(), value));
+                host.remove_request_header(name).map_err(rewrite)?;
+            }
+        }
+        for name in CLIENT_CREDENTIAL_HEADERS {
+            if host.request_header(name).is_some() {
+                host.remove_request_header(name).map_err(rewrite)?;
+            }
+        }
+        for position in 0..config.failover.max_attempts {
+            let provider = chain
+                .get(position)
+                .map_or("-", |&m| config.providers[config.models[m].provider].name.as_str());
+            host.set_request_header(&format!("{POSITION_HEADER_PREFIX}{position}"), provider)
+                .map_err(rewrite)?;
+        }
+        // Envoy retries onto the next position; one retry fewer than targets.
+        let retries = chain.len().saturating_sub(1).to_string();
+        host.set_request_header("x-envoy-max-retries", &retries)
+            .map_err(rewrite)?;
+        host.set_request_header(CLUSTER_HEADER, FAILOVER_CLUSTER)
+            .map_err(rewrite)?;
+        let plan = Plan {
+            caller: self.caller,
+            embeddings: op == Operation::Embeddings,
+            gemini: self.gemini_call.clone(),
+            chain,
+            reason,
+            anthropic,
+        };
+        let encoded = serde_json::to_vec(&plan)
+            .map_err(|e| internal(format!("could not encode the routing plan: {e}")))?;
+        host.set_property(&[PLAN_PROPERTY], &encoded)
+            .map_err(|e| internal(format!("could not store the routing plan: {e}")))?;
+        self.route = plan.chain.first().copied();
+        self.plan = Some(plan);
+        Ok(())
+    }
+
+    /// Translates the request for one target and points it there.
+    fn prepare_attempt(
+        &mut self,
+        host: &mut dyn Host,
+        body: &[u8],
+        doc: &TopLevel,
+        op: Operation,
+        call: &Call,
+        route_index: usize,
+    ) -> Result<(), ApiError> {
+        let config = Rc::clone(&self.config);
+        let route = &config.models[route_index];
+        self.route = Some(route_index);
+        let provider = &config.providers[route.provider];
+        let (model, stream) = (call.model.as_str(), call.stream);
+        let model_span = call.model_span.clone();
+        if provider.key_missing {
+            return Err(self.unusable(route_index, op, model));
+        }
         let path = route.path(op, stream).ok_or_else(|| {
             ApiError::invalid_request(
                 Some("unsupported_operation"),
@@ -539,9 +847,9 @@ impl RequestFilter {
             let inbound = Inbound {
                 caller: self.caller,
                 body,
-                doc: &doc,
+                doc,
                 model_span,
-                model: &model,
+                model,
                 stream,
             };
             let (b, x) = exchange::translate_request(&inbound, route, provider)?;
@@ -553,7 +861,13 @@ impl RequestFilter {
             None => path,
         };
         let sent_body = new_body.as_deref().unwrap_or(body);
-        point_at_provider(host, provider, path, sent_body.len())
+        point_at_provider(
+            host,
+            provider,
+            path,
+            sent_body.len(),
+            self.role == Role::Standalone,
+        )
             .map_err(|e| internal(format!("could not rewrite the request headers: {e}")))?;
         if route.schema != Schema::Anthropic {
             for name in ANTHROPIC_HEADERS {
@@ -586,10 +900,26 @@ impl RequestFilter {
             .response_header(":status")
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
-        if self.phase == Phase::Forwarded {
+        if self.role == Role::Router {
+            // The upstream half already answered in the caller's shape and
+            // named what served; only Envoy's own replies need work here.
+            if host.response_header(ATTEMPTS_RESPONSE_HEADER).is_some() {
+                self.served = host.response_header(PROVIDER_RESPONSE_HEADER).zip(
+                    host.response_header(MODEL_RESPONSE_HEADER),
+                );
+                self.response = ResponseMode::PassThrough;
+                return Flow::Continue;
+            }
+            self.exchange = None;
+        }
+        if self.phase == Phase::Forwarded && self.role != Role::Router {
             if let (Some(provider), Some(route)) = (self.provider(), self.route()) {
                 let _ = host.set_response_header(PROVIDER_RESPONSE_HEADER, &provider.name);
                 let _ = host.set_response_header(MODEL_RESPONSE_HEADER, &route.upstream_model);
+            }
+            if let Some(plan) = &self.plan {
+                let _ = host.set_response_header(ATTEMPTS_RESPONSE_HEADER, &self.attempt.to_string());
+                let _ = host.set_response_header(ROUTE_RESPONSE_HEADER, &plan.reason);
             }
         }
         // `via_upstream` means the provider answered; any other detail means
@@ -736,8 +1066,21 @@ impl RequestFilter {
 
     /// The request is over (answered, failed or abandoned).
     pub fn on_done(&mut self, host: &mut dyn Host) {
-        let (provider, model) = match (self.provider(), self.route()) {
-            (Some(p), Some(r)) => (p.name.as_str(), r.name.as_str()),
+        if self.role == Role::Attempt {
+            return;
+        }
+        let served = self.served.take();
+        let config = Rc::clone(&self.config);
+        // The public name of the target that answered.
+        let served_name = served.as_ref().and_then(|(p, upstream)| {
+            let chain = self.plan.as_ref()?.chain.iter();
+            chain.map(|&m| &config.models[m]).find(|r| {
+                r.upstream_model == *upstream && config.providers[r.provider].name == *p
+            })
+        });
+        let (provider, model) = match (&served, self.provider(), self.route()) {
+            (Some((p, _)), _, _) => (p.as_str(), served_name.map_or("unknown", |r| r.name.as_str())),
+            (None, Some(p), Some(r)) => (p.name.as_str(), r.name.as_str()),
             _ => ("none", "none"),
         };
         let name = metrics::requests_total(provider, model, self.status);
@@ -808,6 +1151,7 @@ fn point_at_provider(
     provider: &Provider,
     path: &str,
     body_len: usize,
+    name_cluster: bool,
 ) -> HostResult {
     for name in CLIENT_CREDENTIAL_HEADERS {
         if host.request_header(name).is_some() {
@@ -819,7 +1163,9 @@ fn point_at_provider(
     host.set_request_header("accept-encoding", "identity")?;
     host.set_request_header(":authority", &provider.authority)?;
     host.set_request_header(":path", path)?;
-    host.set_request_header(CLUSTER_HEADER, &provider.cluster)?;
+    if name_cluster {
+        host.set_request_header(CLUSTER_HEADER, &provider.cluster)?;
+    }
     if let Some((name, value)) = &provider.auth_header {
         host.set_request_header(name, value)?;
     }

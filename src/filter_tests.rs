@@ -77,6 +77,9 @@ struct MockHost {
     /// Successful calls of `replace_request_body` / `replace_response_body`.
     request_body_replacements: usize,
     response_body_replacements: usize,
+    properties: HashMap<String, Vec<u8>>,
+    shared: HashMap<String, (Vec<u8>, u32)>,
+    now_ms: u64,
 }
 
 fn get(headers: &[(String, String)], name: &str) -> Option<String> {
@@ -180,6 +183,20 @@ impl MockHost {
     }
 }
 
+impl crate::host::SharedData for MockHost {
+    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.shared.get(key).cloned()
+    }
+    fn shared_set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> HostResult<bool> {
+        let current = self.shared.get(key).map_or(0, |(_, c)| *c);
+        if cas.is_some_and(|c| c != current) {
+            return Ok(false);
+        }
+        self.shared.insert(key.to_string(), (value.to_vec(), current + 1));
+        Ok(true)
+    }
+}
+
 impl Host for MockHost {
     fn request_header(&self, name: &str) -> Option<String> {
         self.req(name)
@@ -244,8 +261,19 @@ impl Host for MockHost {
         });
         Ok(())
     }
-    fn now_unix_seconds(&self) -> u64 {
-        1_700_000_000
+    fn now_unix_millis(&self) -> u64 {
+        if self.now_ms == 0 {
+            1_700_000_000_000
+        } else {
+            self.now_ms
+        }
+    }
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        self.properties.get(&path.join(".")).cloned()
+    }
+    fn set_property(&mut self, path: &[&str], value: &[u8]) -> HostResult {
+        self.properties.insert(path.join("."), value.to_vec());
+        Ok(())
     }
     fn count(&mut self, name: &str, delta: u64) {
         *self.counters.entry(name.to_string()).or_default() += delta;
@@ -347,7 +375,7 @@ fn client_post(path: &str, body: &[u8]) -> MockHost {
 /// Runs the request callbacks for a POST whose body arrives in one final chunk.
 fn post(path: &str, body: &[u8]) -> (RequestFilter, MockHost, Flow) {
     let mut host = client_post(path, body);
-    let mut f = RequestFilter::new(config());
+    let mut f = RequestFilter::new(config(), Role::Standalone);
     assert_eq!(
         f.on_request_headers(&mut host, false),
         Flow::Pause,
@@ -360,7 +388,7 @@ fn post(path: &str, body: &[u8]) -> (RequestFilter, MockHost, Flow) {
 /// Runs the request headers callback for a request without a body.
 fn bodiless(method: &str, path: &str) -> (RequestFilter, MockHost, Flow) {
     let mut host = MockHost::new(method, path).with_header(CLUSTER_HEADER, "attacker_cluster");
-    let mut f = RequestFilter::new(config());
+    let mut f = RequestFilter::new(config(), Role::Standalone);
     let flow = f.on_request_headers(&mut host, true);
     (f, host, flow)
 }
@@ -544,7 +572,7 @@ fn unknown_urls_are_404_unknown_url() {
 #[test]
 fn missing_path_and_method_are_404() {
     let mut host = MockHost::default();
-    let mut f = RequestFilter::new(config());
+    let mut f = RequestFilter::new(config(), Role::Standalone);
     assert_eq!(f.on_request_headers(&mut host, true), Flow::Pause);
     let sent = host.reply();
     assert_eq!(sent.status, 404);
@@ -609,7 +637,7 @@ fn llm_call_without_body_is_400_missing_body() {
 fn body_is_buffered_until_end_of_stream() {
     let body = chat_body("\"mini\"");
     let mut host = client_post("/v1/chat/completions", body.as_bytes());
-    let mut f = RequestFilter::new(config());
+    let mut f = RequestFilter::new(config(), Role::Standalone);
     assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
     assert!(host.sent.is_empty());
     assert_eq!(f.on_request_body(&mut host, 10, false), Flow::Pause);
@@ -645,7 +673,7 @@ fn body_over_the_limit_is_413() {
     ] {
         let body = vec![b' '; size];
         let mut host = client_post("/v1/chat/completions", &body);
-        let mut f = RequestFilter::new(config());
+        let mut f = RequestFilter::new(config(), Role::Standalone);
         assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
         assert_eq!(
             f.on_request_body(&mut host, size, end),
@@ -690,7 +718,7 @@ fn body_exactly_at_the_limit_is_accepted() {
 fn trailers_end_the_request() {
     let body = EMBED_TEMPLATE.replace("{MODEL}", "\"mini\"");
     let mut host = client_post("/v1/embeddings", body.as_bytes());
-    let mut f = RequestFilter::new(config());
+    let mut f = RequestFilter::new(config(), Role::Standalone);
     assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
     assert_eq!(f.on_request_body(&mut host, body.len(), false), Flow::Pause);
     assert_eq!(host.req(CLUSTER_HEADER), None);
@@ -708,7 +736,7 @@ fn trailers_end_the_request() {
 fn trailers_with_a_bad_body_are_rejected() {
     let body = br#"{"model":"mini"}"#;
     let mut host = client_post("/v1/chat/completions", body);
-    let mut f = RequestFilter::new(config());
+    let mut f = RequestFilter::new(config(), Role::Standalone);
     assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
     assert_eq!(f.on_request_body(&mut host, body.len(), false), Flow::Pause);
     assert_eq!(f.on_request_trailers(&mut host, body.len()), Flow::Pause);
@@ -1145,7 +1173,7 @@ fn forged_cluster_header_is_removed_everywhere() {
     }
     // While the body is being read.
     let mut host = client_post("/v1/chat/completions", b"{}");
-    let mut f = RequestFilter::new(config());
+    let mut f = RequestFilter::new(config(), Role::Standalone);
     assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
     assert_eq!(host.req(CLUSTER_HEADER), None);
 }
@@ -1165,7 +1193,7 @@ fn client_credentials_never_reach_a_keyless_provider() {
         .with_header("x-goog-api-key", "g")
         .with_header("openai-project", "p")
         .with_body(br#"{"model":"local","messages":[]}"#);
-    let mut f = RequestFilter::new(config());
+    let mut f = RequestFilter::new(config(), Role::Standalone);
     assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
     let len = host.request_body.len();
     assert_eq!(f.on_request_body(&mut host, len, true), Flow::Continue);
@@ -1188,7 +1216,7 @@ fn failing_header_setters_become_a_500_gateway_error() {
     for ops in cases {
         let body = chat_body("\"smart\"");
         let mut host = client_post("/v1/chat/completions", body.as_bytes());
-        let mut f = RequestFilter::new(config());
+        let mut f = RequestFilter::new(config(), Role::Standalone);
         assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
         host.fail(ops);
         assert_eq!(
@@ -1221,7 +1249,7 @@ fn failing_header_setters_become_a_500_gateway_error() {
 fn unreadable_request_body_is_a_500_gateway_error() {
     let body = chat_body("\"mini\"");
     let mut host = client_post("/v1/chat/completions", body.as_bytes());
-    let mut f = RequestFilter::new(config());
+    let mut f = RequestFilter::new(config(), Role::Standalone);
     assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
     host.fail(&[Op::RequestBody]);
     assert_eq!(f.on_request_body(&mut host, body.len(), true), Flow::Pause);
@@ -1241,7 +1269,7 @@ fn failing_setter_while_removing_the_forged_cluster_is_harmless() {
     let body = chat_body("\"fast\"");
     let mut host = client_post("/v1/chat/completions", body.as_bytes());
     host.fail(&[Op::RemoveRequestHeader]);
-    let mut f = RequestFilter::new(config());
+    let mut f = RequestFilter::new(config(), Role::Standalone);
     assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
     host.failing.clear();
     assert_eq!(
@@ -1740,7 +1768,7 @@ const SLASHED_CONFIG: &str = r#"{
 fn model_ids_with_a_slash_are_found_unencoded() {
     let cfg = config_from(SLASHED_CONFIG);
     let mut host = MockHost::new("GET", "/v1/models/meta-llama/Llama-3.3-70B");
-    let mut f = RequestFilter::new(Rc::clone(&cfg));
+    let mut f = RequestFilter::new(Rc::clone(&cfg), Role::Standalone);
     assert_eq!(f.on_request_headers(&mut host, true), Flow::Pause);
     let sent = host.reply();
     assert_eq!(sent.status, 200, "{}", sent.text());
@@ -1758,7 +1786,7 @@ fn percent_encoded_model_ids_are_found() {
         "/v1/models/meta-llama%2fLlama-3.3-70B",
     ] {
         let mut host = MockHost::new("GET", path);
-        let mut f = RequestFilter::new(Rc::clone(&cfg));
+        let mut f = RequestFilter::new(Rc::clone(&cfg), Role::Standalone);
         assert_eq!(f.on_request_headers(&mut host, true), Flow::Pause);
         let sent = host.reply();
         assert_eq!(sent.status, 200, "{path}: {}", sent.text());
@@ -1803,7 +1831,7 @@ fn rewritten_error_reply_drops_content_encoding() {
 /// `max_request_bytes` is reached; no provider has been chosen yet.
 fn envoy_413_while_reading_body() -> (RequestFilter, MockHost) {
     let mut host = client_post("/v1/chat/completions", b"{");
-    let mut f = RequestFilter::new(config());
+    let mut f = RequestFilter::new(config(), Role::Standalone);
     assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
     assert_eq!(f.on_request_body(&mut host, 1, false), Flow::Pause);
     let body = b"Payload Too Large";
@@ -1881,7 +1909,7 @@ fn multi_post(path: &str, body: &[u8]) -> (RequestFilter, MockHost, Flow) {
     let mut host = client_post(path, body)
         .with_header("x-goog-api-key", "client-goog")
         .with_header("anthropic-version", "2023-06-01");
-    let mut f = RequestFilter::new(Rc::new(config));
+    let mut f = RequestFilter::new(Rc::new(config), Role::Standalone);
     if f.on_request_headers(&mut host, false) == Flow::Continue {
         return (f, host, Flow::Continue);
     }

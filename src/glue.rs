@@ -13,13 +13,13 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Metr
 
 use crate::api::openai::ApiError;
 use crate::config::{compile, Config};
-use crate::filter::{Flow, RequestFilter};
-use crate::host::{Host, HostError, HostResult};
+use crate::filter::{Flow, RequestFilter, Role};
+use crate::host::{Host, HostError, HostResult, SharedData};
 
 proxy_wasm::main! {{
     let _ = log::set_logger(&LOGGER);
     log::set_max_level(log::LevelFilter::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { config: None }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { config: None, upstream_half: false }) });
 }}
 
 struct HostLogger;
@@ -49,6 +49,8 @@ fn host_error(what: &str, status: Status) -> HostError {
 
 struct Root {
     config: Option<Rc<Config>>,
+    /// The upstream (cluster) half runs under a root id ending in ".upstream".
+    upstream_half: bool,
 }
 
 impl Context for Root {}
@@ -63,6 +65,10 @@ impl RootContext for Root {
                 return false;
             }
         };
+        self.upstream_half = hostcalls::get_property(vec!["plugin_root_id"])
+            .ok()
+            .flatten()
+            .is_some_and(|id| id.ends_with(b".upstream"));
         match compile(&doc, &|var| std::env::var(var).ok()) {
             Ok(compiled) => {
                 for warning in &compiled.warnings {
@@ -90,11 +96,23 @@ impl RootContext for Root {
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(match &self.config {
             Some(config) => Box::new(Http {
-                filter: RequestFilter::new(Rc::clone(config)),
+                filter: RequestFilter::new(Rc::clone(config), self.role(config)),
                 request_body_size: 0,
             }),
             None => Box::new(Unconfigured),
         })
+    }
+}
+
+impl Root {
+    fn role(&self, config: &Config) -> Role {
+        if self.upstream_half {
+            Role::Attempt
+        } else if config.failover.enabled {
+            Role::Router
+        } else {
+            Role::Standalone
+        }
     }
 }
 
@@ -181,6 +199,22 @@ thread_local! {
 
 struct ProxyHost;
 
+impl SharedData for ProxyHost {
+    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        match hostcalls::get_shared_data(key) {
+            Ok((Some(value), Some(cas))) => Some((value, cas)),
+            _ => None,
+        }
+    }
+    fn shared_set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> HostResult<bool> {
+        match hostcalls::set_shared_data(key, Some(value), cas) {
+            Ok(()) => Ok(true),
+            Err(Status::CasMismatch) => Ok(false),
+            Err(s) => Err(host_error("set shared data", s)),
+        }
+    }
+}
+
 impl ProxyHost {
     fn header(map: MapType, name: &str) -> Option<String> {
         hostcalls::get_map_value(map, name).ok().flatten()
@@ -241,11 +275,18 @@ impl Host for ProxyHost {
         hostcalls::send_http_response(u32::from(status), headers.to_vec(), Some(body))
             .map_err(|s| host_error("send local reply", s))
     }
-    fn now_unix_seconds(&self) -> u64 {
+    fn now_unix_millis(&self) -> u64 {
         hostcalls::get_current_time()
             .ok()
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_secs())
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        hostcalls::get_property(path.to_vec()).ok().flatten()
+    }
+    fn set_property(&mut self, path: &[&str], value: &[u8]) -> HostResult {
+        hostcalls::set_property(path.to_vec(), Some(value))
+            .map_err(|s| host_error("set property", s))
     }
     fn count(&mut self, name: &str, delta: u64) {
         let id = METRICS.with(|m| {

@@ -18,7 +18,7 @@ impl fmt::Display for HostError {
 
 pub type HostResult<T = ()> = Result<T, HostError>;
 
-pub trait Host {
+pub trait Host: SharedData {
     fn request_header(&self, name: &str) -> Option<String>;
     fn set_request_header(&mut self, name: &str, value: &str) -> HostResult;
     fn remove_request_header(&mut self, name: &str) -> HostResult;
@@ -40,7 +40,17 @@ pub trait Host {
     fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) -> HostResult;
 
     /// Seconds since the Unix epoch, from the proxy's clock.
-    fn now_unix_seconds(&self) -> u64;
+    fn now_unix_seconds(&self) -> u64 {
+        self.now_unix_millis() / 1000
+    }
+    fn now_unix_millis(&self) -> u64;
+
+    /// A stream property: filter state the other half of the filter set,
+    /// the chosen upstream host's metadata, ...
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
+    /// Sets filter state, which lives as long as the request and is seen by
+    /// the upstream half of the filter on every attempt.
+    fn set_property(&mut self, path: &[&str], value: &[u8]) -> HostResult;
 
     /// Adds `delta` to the counter called `name`.
     fn count(&mut self, name: &str, delta: u64);

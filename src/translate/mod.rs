@@ -36,7 +36,7 @@ pub mod openai_usage;
 pub mod passthrough;
 
 /// The API schemas the gateway speaks, on either side.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Schema {
     /// OpenAI Chat Completions (also Azure OpenAI and OpenAI-compatibles).
     OpenAi,

@@ -1,0 +1,438 @@
+//! Routing policy in the configuration: routes (public model names served
+//! by several targets under a strategy), each model's routing attributes
+//! (price, capabilities, quality), and the failover settings that the
+//! filter and the generated Envoy configuration share.
+//!
+//! Only parsing and validation live here; `route` makes the per-request
+//! decisions from what this module compiles.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::config::ConfigError;
+use crate::translate::Schema;
+
+/// Failover across targets, done by Envoy's retries with the filter's
+/// upstream half translating each attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failover {
+    /// False: a single listener filter serves each request from one target
+    /// (installs without an upstream filter).
+    pub enabled: bool,
+    /// The most targets one request may try; the Envoy configuration has one
+    /// position cluster per attempt.
+    pub max_attempts: usize,
+    /// Time allowed for each attempt to produce response headers.
+    pub per_try_timeout_ms: u64,
+}
+
+pub const MAX_ATTEMPTS_LIMIT: usize = 8;
+
+impl Default for Failover {
+    fn default() -> Self {
+        Failover {
+            enabled: true,
+            max_attempts: 3,
+            per_try_timeout_ms: 60_000,
+        }
+    }
+}
+
+/// What a model can do, for capability filtering.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Capabilities {
+    pub tools: bool,
+    pub vision: bool,
+    pub json_mode: bool,
+    pub context_window: Option<u64>,
+    pub region: Option<String>,
+    pub zero_retention: bool,
+}
+
+/// A model's routing attributes; prices in micro-dollars per million tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelAttributes {
+    pub input_price: Option<u64>,
+    pub output_price: Option<u64>,
+    pub cached_input_price: Option<u64>,
+    pub quality: Option<f64>,
+    pub caps: Capabilities,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum StrategyKind {
+    Ordered,
+    Weighted,
+    LowestCost,
+    LowestLatency,
+    Scored {
+        price: f64,
+        latency: f64,
+        quality: f64,
+    },
+    Auto,
+}
+
+impl StrategyKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            StrategyKind::Ordered => "ordered",
+            StrategyKind::Weighted => "weighted",
+            StrategyKind::LowestCost => "lowest_cost",
+            StrategyKind::LowestLatency => "lowest_latency",
+            StrategyKind::Scored { .. } => "scored",
+            StrategyKind::Auto => "auto",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TierKind {
+    Any,
+    Simple,
+    Hard,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteTarget {
+    /// Index into `Config::models`.
+    pub model: usize,
+    pub weight: u32,
+    pub tier: TierKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutePolicy {
+    pub name: String,
+    pub strategy: StrategyKind,
+    pub targets: Vec<RouteTarget>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFailover {
+    #[serde(default)]
+    enabled: Option<bool>,
+    #[serde(default)]
+    max_attempts: Option<u64>,
+    #[serde(default)]
+    per_try_timeout_ms: Option<u64>,
+}
+
+pub fn compile_failover(value: Option<&Value>) -> Result<Failover, ConfigError> {
+    let mut failover = Failover::default();
+    let Some(value) = value else {
+        return Ok(failover);
+    };
+    let raw: RawFailover = RawFailover::deserialize(value)
+        .map_err(|e| ConfigError::new("failover", e.to_string()))?;
+    if let Some(enabled) = raw.enabled {
+        failover.enabled = enabled;
+    }
+    if let Some(n) = raw.max_attempts {
+        if n == 0 || n > MAX_ATTEMPTS_LIMIT as u64 {
+            return Err(ConfigError::new(
+                "failover.max_attempts",
+                format!("must be from 1 to {MAX_ATTEMPTS_LIMIT}"),
+            ));
+        }
+        failover.max_attempts = n as usize;
+    }
+    if let Some(ms) = raw.per_try_timeout_ms {
+        if ms == 0 {
+            return Err(ConfigError::new(
+                "failover.per_try_timeout_ms",
+                "must be a positive number of milliseconds",
+            ));
+        }
+        failover.per_try_timeout_ms = ms;
+    }
+    Ok(failover)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrice {
+    input: f64,
+    output: f64,
+    #[serde(default)]
+    cached_input: Option<f64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawCapabilities {
+    #[serde(default)]
+    tools: Option<bool>,
+    #[serde(default)]
+    vision: Option<bool>,
+    #[serde(default)]
+    json_mode: Option<bool>,
+    #[serde(default)]
+    context_window: Option<u64>,
+    #[serde(default)]
+    region: Option<String>,
+    #[serde(default)]
+    zero_retention: Option<bool>,
+}
+
+/// Dollars per million tokens to integer micro-dollars per million tokens.
+fn micro_dollars(at: &str, dollars: f64) -> Result<u64, ConfigError> {
+    if !dollars.is_finite() || !(0.0..=1_000_000.0).contains(&dollars) {
+        return Err(ConfigError::new(
+            at,
+            "must be a price in dollars per million tokens, from 0 to 1000000",
+        ));
+    }
+    Ok((dollars * 1_000_000.0).round() as u64)
+}
+
+/// A model's attributes from its optional `price`, `capabilities` and
+/// `quality`. Unstated capabilities default to what the gateway can
+/// translate for the provider's API (JSON mode is refused for Anthropic and
+/// Bedrock models).
+pub fn compile_attributes(
+    at: &str,
+    schema: Schema,
+    price: Option<&RawPrice>,
+    caps: Option<&RawCapabilities>,
+    quality: Option<f64>,
+) -> Result<ModelAttributes, ConfigError> {
+    let (input_price, output_price, cached_input_price) = match price {
+        None => (None, None, None),
+        Some(p) => (
+            Some(micro_dollars(&format!("{at}.price.input"), p.input)?),
+            Some(micro_dollars(&format!("{at}.price.output"), p.output)?),
+            match p.cached_input {
+                Some(c) => Some(micro_dollars(&format!("{at}.price.cached_input"), c)?),
+                None => None,
+            },
+        ),
+    };
+    if let Some(q) = quality {
+        if !(0.0..=1.0).contains(&q) {
+            return Err(ConfigError::new(
+                format!("{at}.quality"),
+                "must be a score from 0 to 1",
+            ));
+        }
+    }
+    let default_json = matches!(schema, Schema::OpenAi | Schema::Gemini);
+    let empty = RawCapabilities::default();
+    let c = caps.unwrap_or(&empty);
+    if c.context_window == Some(0) {
+        return Err(ConfigError::new(
+            format!("{at}.capabilities.context_window"),
+            "must be a positive number of tokens",
+        ));
+    }
+    Ok(ModelAttributes {
+        input_price,
+        output_price,
+        cached_input_price,
+        quality,
+        caps: Capabilities {
+            tools: c.tools.unwrap_or(true),
+            vision: c.vision.unwrap_or(true),
+            json_mode: c.json_mode.unwrap_or(default_json),
+            context_window: c.context_window,
+            region: c.region.clone(),
+            zero_retention: c.zero_retention.unwrap_or(false),
+        },
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: String,
+    #[serde(default)]
+    strategy: Option<String>,
+    targets: Vec<RawTarget>,
+    #[serde(default)]
+    score_weights: Option<RawScoreWeights>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawTarget {
+    Name(String),
+    Detailed(RawDetailedTarget),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDetailedTarget {
+    model: String,
+    #[serde(default)]
+    weight: Option<u32>,
+    #[serde(default)]
+    tier: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScoreWeights {
+    #[serde(default)]
+    price: f64,
+    #[serde(default)]
+    latency: f64,
+    #[serde(default)]
+    quality: f64,
+}
+
+const STRATEGIES: &str = "ordered, weighted, lowest_cost, lowest_latency, scored, auto";
+
+/// Compiles `routes`. Route names share one namespace with model names and
+/// aliases (`model_names`); targets name models, not other routes.
+pub fn compile_routes(
+    value: Option<&Value>,
+    model_names: &HashMap<String, usize>,
+) -> Result<Vec<RoutePolicy>, ConfigError> {
+    let list = match value {
+        None => return Ok(Vec::new()),
+        Some(Value::Array(list)) => list,
+        Some(_) => return Err(ConfigError::new("routes", "must be an array")),
+    };
+    let mut routes: Vec<RoutePolicy> = Vec::with_capacity(list.len());
+    for (i, v) in list.iter().enumerate() {
+        let at = format!("routes[{i}]");
+        let raw = RawRoute::deserialize(v).map_err(|e| ConfigError::new(&at, e.to_string()))?;
+        if !crate::config::valid_model_name(&raw.name) {
+            return Err(ConfigError::new(
+                format!("{at}.name"),
+                format!("{:?} is not a valid model name", raw.name),
+            ));
+        }
+        if model_names.contains_key(&raw.name) || routes.iter().any(|r| r.name == raw.name) {
+            return Err(ConfigError::new(
+                format!("{at}.name"),
+                format!("model name {:?} is already used by another entry", raw.name),
+            ));
+        }
+        let strategy = match raw.strategy.as_deref().unwrap_or("ordered") {
+            "ordered" => StrategyKind::Ordered,
+            "weighted" => StrategyKind::Weighted,
+            "lowest_cost" => StrategyKind::LowestCost,
+            "lowest_latency" => StrategyKind::LowestLatency,
+            "auto" => StrategyKind::Auto,
+            "scored" => {
+                let w = raw.score_weights.as_ref().ok_or_else(|| {
+                    ConfigError::new(
+                        format!("{at}.score_weights"),
+                        "is required by the scored strategy (price, latency, quality)",
+                    )
+                })?;
+                let all = [w.price, w.latency, w.quality];
+                if all.iter().any(|x| !x.is_finite() || *x < 0.0) || all.iter().sum::<f64>() == 0.0
+                {
+                    return Err(ConfigError::new(
+                        format!("{at}.score_weights"),
+                        "weights must be non-negative numbers, not all zero",
+                    ));
+                }
+                StrategyKind::Scored {
+                    price: w.price,
+                    latency: w.latency,
+                    quality: w.quality,
+                }
+            }
+            other => {
+                return Err(ConfigError::new(
+                    format!("{at}.strategy"),
+                    format!("unknown strategy {other:?} (expected one of: {STRATEGIES})"),
+                ))
+            }
+        };
+        if raw.score_weights.is_some() && !matches!(strategy, StrategyKind::Scored { .. }) {
+            return Err(ConfigError::new(
+                format!("{at}.score_weights"),
+                "only applies to the scored strategy",
+            ));
+        }
+        if raw.targets.is_empty() {
+            return Err(ConfigError::new(
+                format!("{at}.targets"),
+                "at least one target is required",
+            ));
+        }
+        let mut targets = Vec::with_capacity(raw.targets.len());
+        for (j, t) in raw.targets.iter().enumerate() {
+            let tat = format!("{at}.targets[{j}]");
+            let (name, weight, tier) = match t {
+                RawTarget::Name(n) => (n.as_str(), None, None),
+                RawTarget::Detailed(d) => (d.model.as_str(), d.weight, d.tier.as_deref()),
+            };
+            let model = *model_names.get(name).ok_or_else(|| {
+                ConfigError::new(
+                    tat.clone(),
+                    format!("unknown model {name:?} (targets name entries of `models`)"),
+                )
+            })?;
+            if targets.iter().any(|x: &RouteTarget| x.model == model) {
+                return Err(ConfigError::new(
+                    tat,
+                    format!("model {name:?} is listed twice"),
+                ));
+            }
+            if weight.is_some() && strategy != StrategyKind::Weighted {
+                return Err(ConfigError::new(
+                    format!("{tat}.weight"),
+                    "only applies to the weighted strategy",
+                ));
+            }
+            let tier = match (tier, strategy) {
+                (None, StrategyKind::Auto) => {
+                    return Err(ConfigError::new(
+                        format!("{tat}.tier"),
+                        "the auto strategy needs each target's tier: \"simple\" or \"hard\"",
+                    ))
+                }
+                (None, _) => TierKind::Any,
+                (Some(_), s) if s != StrategyKind::Auto => {
+                    return Err(ConfigError::new(
+                        format!("{tat}.tier"),
+                        "only applies to the auto strategy",
+                    ))
+                }
+                (Some("simple"), _) => TierKind::Simple,
+                (Some("hard"), _) => TierKind::Hard,
+                (Some(other), _) => {
+                    return Err(ConfigError::new(
+                        format!("{tat}.tier"),
+                        format!("unknown tier {other:?} (expected simple or hard)"),
+                    ))
+                }
+            };
+            targets.push(RouteTarget {
+                model,
+                weight: weight.unwrap_or(1),
+                tier,
+            });
+        }
+        if strategy == StrategyKind::Weighted && targets.iter().all(|t| t.weight == 0) {
+            return Err(ConfigError::new(
+                format!("{at}.targets"),
+                "at least one target needs a positive weight",
+            ));
+        }
+        if strategy == StrategyKind::Auto {
+            for tier in [TierKind::Simple, TierKind::Hard] {
+                if !targets.iter().any(|t| t.tier == tier) {
+                    return Err(ConfigError::new(
+                        format!("{at}.targets"),
+                        "the auto strategy needs at least one simple and one hard target",
+                    ));
+                }
+            }
+        }
+        routes.push(RoutePolicy {
+            name: raw.name,
+            strategy,
+            targets,
+        });
+    }
+    Ok(routes)
+}
