@@ -11,11 +11,11 @@ use std::fmt;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::policy::{
-    compile_attributes, compile_failover, compile_routes, Failover, ModelAttributes, RawCapabilities,
-    RawPrice, RoutePolicy,
-};
 use crate::json::quote;
+use crate::policy::{
+    compile_attributes, compile_failover, compile_routes, Failover, ModelAttributes,
+    RawCapabilities, RawPrice, RoutePolicy,
+};
 use crate::translate::openai_anthropic::DEFAULT_ANTHROPIC_VERSION;
 use crate::translate::openai_bedrock::converse_path;
 use crate::translate::Schema;

@@ -640,7 +640,10 @@ impl RequestFilter {
             }
             Role::Standalone => {
                 // Named in metrics even when it turns out unusable.
-                self.route = self.expand(&call.model).ok().and_then(|(c, _)| c.first().copied());
+                self.route = self
+                    .expand(&call.model)
+                    .ok()
+                    .and_then(|(c, _)| c.first().copied());
                 let (chain, _) = self.choose_targets(host, &call.model, op)?;
                 let target = *chain
                     .first()
@@ -649,7 +652,10 @@ impl RequestFilter {
                 self.prepare_attempt(host, body, &doc, op, &call, target)
             }
             Role::Router => {
-                self.route = self.expand(&call.model).ok().and_then(|(c, _)| c.first().copied());
+                self.route = self
+                    .expand(&call.model)
+                    .ok()
+                    .and_then(|(c, _)| c.first().copied());
                 let (chain, reason) = self.choose_targets(host, &call.model, op)?;
                 self.hand_to_envoy(host, op, chain, reason)
             }
@@ -775,9 +781,9 @@ impl RequestFilter {
             }
         }
         for position in 0..config.failover.max_attempts {
-            let provider = chain
-                .get(position)
-                .map_or("-", |&m| config.providers[config.models[m].provider].name.as_str());
+            let provider = chain.get(position).map_or("-", |&m| {
+                config.providers[config.models[m].provider].name.as_str()
+            });
             host.set_request_header(&format!("{POSITION_HEADER_PREFIX}{position}"), provider)
                 .map_err(rewrite)?;
         }
@@ -868,7 +874,7 @@ impl RequestFilter {
             sent_body.len(),
             self.role == Role::Standalone,
         )
-            .map_err(|e| internal(format!("could not rewrite the request headers: {e}")))?;
+        .map_err(|e| internal(format!("could not rewrite the request headers: {e}")))?;
         if route.schema != Schema::Anthropic {
             for name in ANTHROPIC_HEADERS {
                 if host.request_header(name).is_some() {
@@ -904,9 +910,9 @@ impl RequestFilter {
             // The upstream half already answered in the caller's shape and
             // named what served; only Envoy's own replies need work here.
             if host.response_header(ATTEMPTS_RESPONSE_HEADER).is_some() {
-                self.served = host.response_header(PROVIDER_RESPONSE_HEADER).zip(
-                    host.response_header(MODEL_RESPONSE_HEADER),
-                );
+                self.served = host
+                    .response_header(PROVIDER_RESPONSE_HEADER)
+                    .zip(host.response_header(MODEL_RESPONSE_HEADER));
                 self.response = ResponseMode::PassThrough;
                 return Flow::Continue;
             }
@@ -918,7 +924,8 @@ impl RequestFilter {
                 let _ = host.set_response_header(MODEL_RESPONSE_HEADER, &route.upstream_model);
             }
             if let Some(plan) = &self.plan {
-                let _ = host.set_response_header(ATTEMPTS_RESPONSE_HEADER, &self.attempt.to_string());
+                let _ =
+                    host.set_response_header(ATTEMPTS_RESPONSE_HEADER, &self.attempt.to_string());
                 let _ = host.set_response_header(ROUTE_RESPONSE_HEADER, &plan.reason);
             }
         }
@@ -1074,12 +1081,15 @@ impl RequestFilter {
         // The public name of the target that answered.
         let served_name = served.as_ref().and_then(|(p, upstream)| {
             let chain = self.plan.as_ref()?.chain.iter();
-            chain.map(|&m| &config.models[m]).find(|r| {
-                r.upstream_model == *upstream && config.providers[r.provider].name == *p
-            })
+            chain
+                .map(|&m| &config.models[m])
+                .find(|r| r.upstream_model == *upstream && config.providers[r.provider].name == *p)
         });
         let (provider, model) = match (&served, self.provider(), self.route()) {
-            (Some((p, _)), _, _) => (p.as_str(), served_name.map_or("unknown", |r| r.name.as_str())),
+            (Some((p, _)), _, _) => (
+                p.as_str(),
+                served_name.map_or("unknown", |r| r.name.as_str()),
+            ),
             (None, Some(p), Some(r)) => (p.name.as_str(), r.name.as_str()),
             _ => ("none", "none"),
         };

@@ -192,7 +192,8 @@ impl crate::host::SharedData for MockHost {
         if cas.is_some_and(|c| c != current) {
             return Ok(false);
         }
-        self.shared.insert(key.to_string(), (value.to_vec(), current + 1));
+        self.shared
+            .insert(key.to_string(), (value.to_vec(), current + 1));
         Ok(true)
     }
 }

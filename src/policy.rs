@@ -126,8 +126,8 @@ pub fn compile_failover(value: Option<&Value>) -> Result<Failover, ConfigError> 
     let Some(value) = value else {
         return Ok(failover);
     };
-    let raw: RawFailover = RawFailover::deserialize(value)
-        .map_err(|e| ConfigError::new("failover", e.to_string()))?;
+    let raw: RawFailover =
+        RawFailover::deserialize(value).map_err(|e| ConfigError::new("failover", e.to_string()))?;
     if let Some(enabled) = raw.enabled {
         failover.enabled = enabled;
     }

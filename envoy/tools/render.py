@@ -20,6 +20,10 @@ from urllib.parse import urlsplit
 WASM_DEFAULT = "target/wasm32-wasip1/release/meshllm.wasm"
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 CLUSTER_HEADER = "x-meshllm-cluster"
+# Failover (mirrors src/policy.rs and src/filter.rs).
+FAILOVER_CLUSTER = "meshllm"
+POSITION_HEADER_PREFIX = "x-meshllm-p"
+FAILOVER_DEFAULTS = {"enabled": True, "max_attempts": 3, "per_try_timeout_ms": 60000}
 
 # Labels travel in metric names as ";key=value"; Envoy cuts them out again.
 METRIC_LABELS = ["provider", "model", "status_class"]
@@ -122,6 +126,178 @@ def cluster(name, host, port, tls, sni=None, connect_timeout="5s"):
     return c
 
 
+def failover_settings(plugin_config):
+    settings = dict(FAILOVER_DEFAULTS)
+    settings.update(plugin_config.get("failover", {}))
+    return settings
+
+
+def tls_socket(sni):
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": sni,
+            "common_tls_context": {
+                "validation_context": {
+                    "trusted_ca": {"filename": CA_BUNDLE},
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "DNS", "matcher": {"exact": sni}}
+                    ],
+                }
+            },
+        },
+    }
+
+
+def position_clusters(plugin_config, upstreams, max_attempts, connect_timeout="5s"):
+    """One cluster per attempt position, each holding every provider as an
+    endpoint, and the aggregate cluster that tries them in order.
+
+    The filter names each position's provider in a header; Envoy's
+    header_to_metadata filter turns it into load-balancer metadata, and each
+    position cluster's subset load balancer picks that provider. Retries move
+    to the next position (previous_priorities), so a request's own chain of
+    providers is tried in its own order.
+    """
+    providers = []
+    seen = set()
+    for p in plugin_config["providers"]:
+        if p["name"] not in seen:
+            seen.add(p["name"])
+            providers.append(p)
+    clusters = []
+    for i in range(max_attempts):
+        key = f"p{i}"
+        endpoints, matches, all_ip = [], [], True
+        for p in providers:
+            cluster_name = p.get("cluster", p["name"])
+            if cluster_name in upstreams:
+                (host, port), tls = upstreams[cluster_name], False
+            else:
+                host, port, tls = provider_endpoint(p)
+            all_ip = all_ip and (all(c.isdigit() or c == "." for c in host) or ":" in host)
+            metadata = {
+                "envoy.lb": {key: p["name"]},
+                "meshllm": {"provider": p["name"], "position": str(i)},
+            }
+            if tls:
+                metadata["envoy.transport_socket_match"] = {"provider": p["name"]}
+                matches.append(
+                    {"name": p["name"], "match": {"provider": p["name"]},
+                     "transport_socket": tls_socket(host)}
+                )
+            endpoints.append(
+                {
+                    "endpoint": {
+                        "address": {"socket_address": {"address": host, "port_value": port}}
+                    },
+                    "metadata": {"filter_metadata": metadata},
+                }
+            )
+        c = {
+            "name": f"{FAILOVER_CLUSTER}.{key}",
+            "type": "STATIC" if all_ip else "STRICT_DNS",
+            "connect_timeout": connect_timeout,
+            "lb_subset_config": {
+                "fallback_policy": "NO_FALLBACK",
+                "subset_selectors": [
+                    # The request names every position; this cluster reads its own.
+                    {
+                        "keys": [f"p{j}" for j in range(max_attempts)],
+                        "fallback_policy": "KEYS_SUBSET",
+                        "fallback_keys_subset": [key],
+                    }
+                    if max_attempts > 1
+                    else {"keys": [key]},
+                    {"keys": [key]},
+                ],
+            },
+            "load_assignment": {
+                "cluster_name": f"{FAILOVER_CLUSTER}.{key}",
+                "endpoints": [{"lb_endpoints": endpoints}],
+            },
+        }
+        if max_attempts == 1:
+            c["lb_subset_config"]["subset_selectors"] = [{"keys": [key]}]
+        if not all_ip:
+            c["dns_lookup_family"] = "V4_PREFERRED"
+        if matches:
+            c["transport_socket_matches"] = matches
+        clusters.append(c)
+    clusters.append(
+        {
+            "name": FAILOVER_CLUSTER,
+            "connect_timeout": connect_timeout,
+            "lb_policy": "CLUSTER_PROVIDED",
+            "cluster_type": {
+                "name": "envoy.clusters.aggregate",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig",
+                    "clusters": [f"{FAILOVER_CLUSTER}.p{i}" for i in range(max_attempts)],
+                },
+            },
+        }
+    )
+    return clusters
+
+
+def route_action(failover, route_timeout):
+    action = {"cluster_header": CLUSTER_HEADER, "timeout": route_timeout}
+    if failover["enabled"]:
+        action["retry_policy"] = {
+            # What makes an attempt move on to the next target. The filter
+            # sets the number of retries per request (x-envoy-max-retries).
+            "retry_on": "5xx,reset,connect-failure,retriable-status-codes",
+            "retriable_status_codes": [429],
+            "num_retries": 0,
+            "per_try_timeout": f"{failover['per_try_timeout_ms'] / 1000:g}s",
+            "retry_priority": {
+                "name": "envoy.retry_priorities.previous_priorities",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
+                    "update_frequency": 1,
+                },
+            },
+            # The next target is another provider: no reason to wait long.
+            "retry_back_off": {"base_interval": "0.005s", "max_interval": "0.02s"},
+        }
+    return action
+
+
+def position_metadata_filter(max_attempts):
+    """Turns the filter's position headers into load-balancer metadata."""
+    return {
+        "name": "envoy.filters.http.header_to_metadata",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.header_to_metadata.v3.Config",
+            "request_rules": [
+                {
+                    "header": f"{POSITION_HEADER_PREFIX}{i}",
+                    "on_header_present": {
+                        "metadata_namespace": "envoy.lb",
+                        "key": f"p{i}",
+                        "type": "STRING",
+                    },
+                    "remove": True,
+                }
+                for i in range(max_attempts)
+            ],
+        },
+    }
+
+
+def router_filter(upstream_filters):
+    config = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+        # Providers need not see Envoy's internal x-envoy-* headers.
+        "suppress_envoy_headers": True,
+    }
+    if upstream_filters:
+        config["upstream_http_filters"] = upstream_filters
+    return {"name": "envoy.filters.http.router", "typed_config": config}
+
+
 def render(
     plugin_config,
     *,
@@ -136,6 +312,7 @@ def render(
     """The Envoy bootstrap (a dict) for `plugin_config` (a dict)."""
     upstreams = upstreams or {}
     max_body = plugin_config.get("max_request_bytes", 10 * 1024 * 1024)
+    failover = failover_settings(plugin_config)
     clusters = []
     env_keys = []
     seen = set()
@@ -144,7 +321,7 @@ def render(
         for key in provider_env_keys(p):
             if key not in env_keys:
                 env_keys.append(key)
-        if name in seen:
+        if name in seen or failover["enabled"]:
             continue
         seen.add(name)
         if name in upstreams:
@@ -153,6 +330,8 @@ def render(
         else:
             host, hport, tls = provider_endpoint(p)
             clusters.append(cluster(name, host, hport, tls))
+    if failover["enabled"]:
+        clusters.extend(position_clusters(plugin_config, upstreams, failover["max_attempts"]))
 
     vm_config = {
         "vm_id": "meshllm",
@@ -182,6 +361,22 @@ def render(
             },
         },
     }
+    upstream_filters = []
+    if failover["enabled"]:
+        # The same module and policy again, as the upstream half: it
+        # translates each attempt for the provider Envoy picked.
+        upstream_wasm = json.loads(json.dumps(wasm_filter))
+        upstream_wasm["typed_config"]["config"]["name"] = "meshllm.upstream"
+        upstream_wasm["typed_config"]["config"]["root_id"] = "meshllm.upstream"
+        upstream_filters = [
+            upstream_wasm,
+            {
+                "name": "envoy.filters.http.upstream_codec",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"
+                },
+            },
+        ]
     not_routed = json.dumps(
         {
             "error": {
@@ -202,6 +397,8 @@ def render(
                 {
                     "name": "llm",
                     "domains": ["*"],
+                    # The upstream half learns which attempt it serves.
+                    "include_request_attempt_count": failover["enabled"],
                     "routes": [
                         {
                             # The filter names the provider's cluster in a header.
@@ -209,10 +406,7 @@ def render(
                                 "prefix": "/",
                                 "headers": [{"name": CLUSTER_HEADER, "present_match": True}],
                             },
-                            "route": {
-                                "cluster_header": CLUSTER_HEADER,
-                                "timeout": route_timeout,
-                            },
+                            "route": route_action(failover, route_timeout),
                             "request_headers_to_remove": [CLUSTER_HEADER],
                         },
                         {
@@ -226,17 +420,9 @@ def render(
                 }
             ],
         },
-        "http_filters": [
-            wasm_filter,
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
-                    # Providers need not see Envoy's internal x-envoy-* headers.
-                    "suppress_envoy_headers": True,
-                },
-            },
-        ],
+        "http_filters": [wasm_filter]
+        + ([position_metadata_filter(failover["max_attempts"])] if failover["enabled"] else [])
+        + [router_filter(upstream_filters)],
     }
     if access_log_path:
         hcm["access_log"] = [
