@@ -14,6 +14,7 @@ pub mod aws;
 pub mod config;
 pub mod exchange;
 pub mod filter;
+pub mod health;
 pub mod host;
 pub mod json;
 pub mod metrics;
