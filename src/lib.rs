@@ -17,6 +17,7 @@ pub mod filter;
 pub mod host;
 pub mod json;
 pub mod metrics;
+pub mod route;
 pub mod sse;
 pub mod translate;
 pub mod url;
