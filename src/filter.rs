@@ -12,9 +12,12 @@ use crate::api::openai::ApiError;
 use crate::aws::sigv4;
 use crate::config::{Config, ModelRoute, Operation, Provider, ProviderKind};
 use crate::exchange::{self, ErrorReply, Exchange, Inbound};
+use crate::health::{self, HealthPolicy, Outcome};
 use crate::host::{Host, HostResult};
 use crate::json::{Kind, TopLevel};
 use crate::metrics;
+use crate::policy::{RoutePolicy, StrategyKind, TierKind};
+use crate::route;
 use crate::translate::{Schema, StreamTranslator};
 
 /// Model listings in the Anthropic and Gemini APIs' shapes (OpenAI's is
@@ -154,6 +157,10 @@ pub struct RequestFilter {
     served: Option<(String, String)>,
     /// Attempt role: which attempt of the request this is (1-based).
     attempt: u32,
+    /// Attempt role: when the attempt started, and whether its outcome
+    /// reached the target's health record yet.
+    started_ms: u64,
+    outcome_recorded: bool,
     /// The API the caller speaks; errors go back in its shape.
     caller: Schema,
     operation: Option<Operation>,
@@ -163,6 +170,28 @@ pub struct RequestFilter {
     status: u16,
     exchange: Option<Exchange>,
     response: ResponseMode,
+}
+
+/// What routing decisions read from the request.
+#[derive(Clone, Copy)]
+struct Request<'a> {
+    host: &'a dyn Host,
+    body: &'a [u8],
+    stream: bool,
+}
+
+/// A well-mixed number per request for weighted choices (splitmix64 over
+/// the clock and a per-VM counter).
+fn next_roll(now_ms: u64) -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut z = now_ms
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(n.wrapping_mul(0xBF58_476D_1CE4_E5B9));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// The model and streaming choice read from a call's body (or URL).
@@ -285,6 +314,8 @@ impl RequestFilter {
             plan: None,
             served: None,
             attempt: 0,
+            started_ms: 0,
+            outcome_recorded: false,
             caller: Schema::OpenAi,
             operation: None,
             gemini_call: None,
@@ -468,6 +499,7 @@ impl RequestFilter {
             );
         };
         self.route = Some(target);
+        self.started_ms = host.now_unix_millis();
         // Envoy hands every attempt the same header map: clear what an
         // earlier attempt set for another provider.
         let config = Rc::clone(&self.config);
@@ -641,10 +673,15 @@ impl RequestFilter {
             Role::Standalone => {
                 // Named in metrics even when it turns out unusable.
                 self.route = self
-                    .expand(&call.model)
+                    .expand(&call.model, None)
                     .ok()
                     .and_then(|(c, _)| c.first().copied());
-                let (chain, _) = self.choose_targets(host, &call.model, op)?;
+                let request = Request {
+                    host: &*host,
+                    body,
+                    stream: call.stream,
+                };
+                let (chain, _) = self.choose_targets(request, &call.model, op)?;
                 let target = *chain
                     .first()
                     .ok_or_else(|| internal("no target was chosen".into()))?;
@@ -653,10 +690,15 @@ impl RequestFilter {
             }
             Role::Router => {
                 self.route = self
-                    .expand(&call.model)
+                    .expand(&call.model, None)
                     .ok()
                     .and_then(|(c, _)| c.first().copied());
-                let (chain, reason) = self.choose_targets(host, &call.model, op)?;
+                let request = Request {
+                    host: &*host,
+                    body,
+                    stream: call.stream,
+                };
+                let (chain, reason) = self.choose_targets(request, &call.model, op)?;
                 self.hand_to_envoy(host, op, chain, reason)
             }
         }
@@ -665,16 +707,17 @@ impl RequestFilter {
     /// The targets that may serve `model`, in attempt order, and why.
     fn choose_targets(
         &self,
-        host: &dyn Host,
+        request: Request,
         model: &str,
         op: Operation,
     ) -> Result<(Vec<usize>, String), ApiError> {
         let config = &self.config;
-        let (mut chain, mut reason) = self.expand(model)?;
+        let host = request.host;
+        let (mut chain, mut reason) = self.expand(model, Some(request))?;
         if self.role == Role::Router {
             if let Some(extra) = host.request_header(MODELS_REQUEST_HEADER) {
                 for name in extra.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-                    let (more, _) = self.expand(name)?;
+                    let (more, _) = self.expand(name, Some(request))?;
                     for m in more {
                         if !chain.contains(&m) {
                             chain.push(m);
@@ -705,8 +748,12 @@ impl RequestFilter {
         Ok((chain, reason))
     }
 
-    /// A model name or route name as targets in order.
-    fn expand(&self, name: &str) -> Result<(Vec<usize>, String), ApiError> {
+    /// A model name or route name as targets in order, and why.
+    fn expand(
+        &self,
+        name: &str,
+        request: Option<Request>,
+    ) -> Result<(Vec<usize>, String), ApiError> {
         let config = &self.config;
         if let Some(i) = config.route_index(name) {
             return Ok((vec![i], "model".into()));
@@ -715,8 +762,93 @@ impl RequestFilter {
             .routing_index(name)
             .map(|r| &config.routes[r])
             .ok_or_else(|| model_not_found(name))?;
-        let chain = policy.targets.iter().map(|t| t.model).collect();
-        Ok((chain, policy.strategy.name().to_string()))
+        match request {
+            Some(request) => self.decide(request, policy),
+            None => Ok((
+                policy.targets.iter().map(|t| t.model).collect(),
+                policy.strategy.name().to_string(),
+            )),
+        }
+    }
+
+    /// Orders a route's targets for this request: capabilities, health,
+    /// then the route's strategy.
+    fn decide(
+        &self,
+        request: Request,
+        policy: &RoutePolicy,
+    ) -> Result<(Vec<usize>, String), ApiError> {
+        let config = &self.config;
+        let Request { host, body, stream } = request;
+        let now = host.now_unix_millis();
+        let health_policy = HealthPolicy::default();
+        // Only routes read the body as a whole, and only once.
+        let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+        let mut needs = route::needs_from(self.caller, &value, stream);
+        needs.regions = policy.regions.clone();
+        needs.zero_retention = policy.zero_retention;
+        if policy.strategy == StrategyKind::Auto {
+            needs.auto_hard = Some(route::classify(&route::prompt_features(
+                self.caller,
+                &value,
+            )));
+        }
+        let candidates: Vec<route::Candidate> = policy
+            .targets
+            .iter()
+            .map(|t| {
+                let m = &config.models[t.model];
+                let h = health::snapshot(host, &m.name, now, &health_policy);
+                route::Candidate {
+                    id: t.model,
+                    name: &m.name,
+                    weight: t.weight,
+                    input_price: m.attributes.input_price,
+                    output_price: m.attributes.output_price,
+                    quality: m.attributes.quality,
+                    caps: m.attributes.caps.clone(),
+                    latency: h.latency_ms.map(|latency_ms| route::LatencyStats {
+                        latency_ms,
+                        ttft_ms: h.ttft_ms,
+                        samples: h.samples,
+                    }),
+                    available: h.available,
+                    tier: match t.tier {
+                        TierKind::Any => route::Tier::Any,
+                        TierKind::Simple => route::Tier::Simple,
+                        TierKind::Hard => route::Tier::Hard,
+                    },
+                }
+            })
+            .collect();
+        let strategy = match policy.strategy {
+            StrategyKind::Ordered => route::Strategy::Ordered,
+            StrategyKind::Weighted => route::Strategy::Weighted,
+            StrategyKind::LowestCost => route::Strategy::LowestCost,
+            StrategyKind::LowestLatency => route::Strategy::LowestLatency,
+            StrategyKind::Scored {
+                price,
+                latency,
+                quality,
+            } => route::Strategy::Scored(route::ScoreWeights {
+                price,
+                latency,
+                quality,
+            }),
+            StrategyKind::Auto => route::Strategy::Auto,
+        };
+        match route::decide(&strategy, &candidates, &needs, next_roll(now)) {
+            Ok(decision) => Ok((decision.order, decision.reason)),
+            Err(e @ route::NoTarget::Unsupported(_)) => Err(ApiError::invalid_request(
+                Some("no_capable_model"),
+                format!(
+                    "The model `{}` cannot serve this request: {e}.",
+                    policy.name
+                ),
+            )
+            .with_param("model")),
+            Err(e) => Err(internal(format!("route {:?}: {e}", policy.name))),
+        }
     }
 
     /// Why target `m` cannot serve this request.
@@ -906,6 +1038,9 @@ impl RequestFilter {
             .response_header(":status")
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
+        if self.role == Role::Attempt && self.phase == Phase::Forwarded {
+            self.record_outcome(host);
+        }
         if self.role == Role::Router {
             // The upstream half already answered in the caller's shape and
             // named what served; only Envoy's own replies need work here.
@@ -1071,9 +1206,42 @@ impl RequestFilter {
         Flow::Continue
     }
 
+    /// Attempt role: feeds the target's health record from the status
+    /// (or, with no response at all, a failure).
+    fn record_outcome(&mut self, host: &mut dyn Host) {
+        let Some(route) = self.route else { return };
+        self.outcome_recorded = true;
+        let now = host.now_unix_millis();
+        let outcome = match self.status {
+            200..=299 => {
+                let latency_ms = now.saturating_sub(self.started_ms);
+                let stream = self.exchange.as_ref().is_some_and(|x| x.stream);
+                Outcome::Success {
+                    latency_ms,
+                    ttft_ms: stream.then_some(latency_ms),
+                }
+            }
+            429 => Outcome::RateLimited {
+                retry_after_secs: host
+                    .response_header("retry-after")
+                    .and_then(|v| health::parse_retry_after(&v, now / 1000)),
+            },
+            0 | 500..=599 => Outcome::Failure,
+            // The caller's own mistakes say nothing about the target.
+            _ => return,
+        };
+        let name = self.config.models[route].name.clone();
+        health::record(host, &name, &outcome, now, &HealthPolicy::default());
+    }
+
     /// The request is over (answered, failed or abandoned).
     pub fn on_done(&mut self, host: &mut dyn Host) {
         if self.role == Role::Attempt {
+            // Reset, timed out or refused before any response.
+            if self.phase == Phase::Forwarded && !self.outcome_recorded {
+                self.status = 0;
+                self.record_outcome(host);
+            }
             return;
         }
         let served = self.served.take();

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::config::ConfigError;
+pub use crate::route::Capabilities;
 use crate::translate::Schema;
 
 /// Failover across targets, done by Envoy's retries with the filter's
@@ -38,17 +39,6 @@ impl Default for Failover {
             per_try_timeout_ms: 60_000,
         }
     }
-}
-
-/// What a model can do, for capability filtering.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Capabilities {
-    pub tools: bool,
-    pub vision: bool,
-    pub json_mode: bool,
-    pub context_window: Option<u64>,
-    pub region: Option<String>,
-    pub zero_retention: bool,
 }
 
 /// A model's routing attributes; prices in micro-dollars per million tokens.
@@ -108,6 +98,10 @@ pub struct RoutePolicy {
     pub name: String,
     pub strategy: StrategyKind,
     pub targets: Vec<RouteTarget>,
+    /// Data policy: only targets in these regions (None: any).
+    pub regions: Option<Vec<String>>,
+    /// Data policy: only targets that keep no data.
+    pub zero_retention: bool,
 }
 
 #[derive(Deserialize)]
@@ -253,6 +247,10 @@ struct RawRoute {
     targets: Vec<RawTarget>,
     #[serde(default)]
     score_weights: Option<RawScoreWeights>,
+    #[serde(default)]
+    regions: Option<Vec<String>>,
+    #[serde(default)]
+    zero_retention: bool,
 }
 
 #[derive(Deserialize)]
@@ -432,6 +430,8 @@ pub fn compile_routes(
             name: raw.name,
             strategy,
             targets,
+            regions: raw.regions,
+            zero_retention: raw.zero_retention,
         });
     }
     Ok(routes)
