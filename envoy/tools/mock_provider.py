@@ -14,6 +14,12 @@ Behaviour is chosen by the upstream model name, so tests can script it:
   mock-gated      streams its first chunk, then waits for release() before
                   sending the rest (proves the gateway does not buffer)
   mock-overloaded (Anthropic) 529 overloaded_error
+  mock-500        500 with an OpenAI-shaped error
+  mock-503        503 with an OpenAI-shaped error
+  mock-429-wait   429 with retry-after: 30
+  mock-reset      closes the connection without answering
+  mock-stall      waits 5 s before answering (longer than a test per-try timeout)
+  mock-slow       answers normally after 300 ms
   mock-cut        (Anthropic, streamed) ends the HTTP response cleanly but
                   without message_stop, like a provider that broke off
 Anything else gets a normal answer.
@@ -148,6 +154,8 @@ class Handler(BaseHTTPRequestHandler):
         if path.startswith("/model/") and (path.endswith("/converse") or path.endswith("/converse-stream")):
             return self.bedrock(req, body, path)
         model = req.get("model", "")
+        if self.failover_behaviour(model):
+            return None
         if model == "mock-429":
             return self.send_json(
                 429,
@@ -171,6 +179,31 @@ class Handler(BaseHTTPRequestHandler):
         if path.endswith("/embeddings"):
             return self.embeddings(req)
         self.send_json(404, {"error": {"message": f"unknown path {path}", "type": "invalid_request_error"}})
+
+    def failover_behaviour(self, model):
+        """Scripted failures for failover tests; True when handled."""
+        if model in ("mock-500", "mock-503"):
+            status = int(model[-3:])
+            self.send_json(status, {"error": {"message": f"scripted {status}", "type": "server_error",
+                                              "param": None, "code": None}})
+            return True
+        if model == "mock-429-wait":
+            self.send_json(429, {"error": {"message": "Rate limit reached", "type": "requests",
+                                           "param": None, "code": "rate_limit_exceeded"}},
+                           {"retry-after": "30"})
+            return True
+        if model == "mock-reset":
+            self.close_connection = True
+            try:
+                self.connection.shutdown(2)
+            except OSError:
+                pass
+            return True
+        if model == "mock-stall":
+            time.sleep(5)
+        if model == "mock-slow":
+            time.sleep(0.3)
+        return False
 
     def chat(self, req):
         messages = req.get("messages") or []
