@@ -1275,7 +1275,10 @@ mod tests {
             compile(doc.as_bytes(), &env).unwrap_or_else(|e| panic!("{e}\n{doc}"));
             n += 1;
         }
-        assert_eq!(n, 16, "one example per documented provider");
+        assert_eq!(
+            n, 17,
+            "one example per documented provider, and the routing example"
+        );
         let shipped = ok(include_str!("../envoy/meshllm.json"));
         assert_eq!(shipped.config.providers.len(), 10);
     }

@@ -436,3 +436,69 @@ pub fn compile_routes(
     }
     Ok(routes)
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::compile;
+
+    fn compile_err(extra: &str) -> String {
+        let doc = format!(
+            r#"{{"providers":[{{"name":"a","kind":"openai"}},{{"name":"b","kind":"anthropic"}}],
+            "models":[{{"name":"m","provider":"a","price":{{"input":1,"output":2}}}},
+                      {{"name":"n","provider":"b"}}]{extra}}}"#
+        );
+        match compile(doc.as_bytes(), &|_| None) {
+            Ok(_) => "ok".into(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn routing_configuration_errors_name_the_field() {
+        let cases = [
+            (r#","routes":[{"name":"r","targets":["m","n"]}]"#, "ok"),
+            (r#","routes":[{"name":"m","targets":["n"]}]"#, "routes[0].name: model name \"m\" is already used"),
+            (r#","routes":[{"name":"r","targets":[]}]"#, "routes[0].targets: at least one target is required"),
+            (r#","routes":[{"name":"r","targets":["x"]}]"#, "routes[0].targets[0]: unknown model \"x\""),
+            (r#","routes":[{"name":"r","targets":["m","m"]}]"#, "routes[0].targets[1]: model \"m\" is listed twice"),
+            (r#","routes":[{"name":"r","strategy":"fastest","targets":["m"]}]"#, "routes[0].strategy: unknown strategy \"fastest\""),
+            (r#","routes":[{"name":"r","targets":[{"model":"m","weight":2}]}]"#, "routes[0].targets[0].weight: only applies to the weighted strategy"),
+            (r#","routes":[{"name":"r","strategy":"weighted","targets":[{"model":"m","weight":0}]}]"#, "routes[0].targets: at least one target needs a positive weight"),
+            (r#","routes":[{"name":"r","strategy":"auto","targets":["m","n"]}]"#, "routes[0].targets[0].tier: the auto strategy needs each target's tier"),
+            (r#","routes":[{"name":"r","strategy":"auto","targets":[{"model":"m","tier":"simple"}]}]"#, "routes[0].targets: the auto strategy needs at least one simple and one hard target"),
+            (r#","routes":[{"name":"r","strategy":"scored","targets":["m"]}]"#, "routes[0].score_weights: is required by the scored strategy"),
+            (r#","routes":[{"name":"r","strategy":"scored","score_weights":{"price":0},"targets":["m"]}]"#, "routes[0].score_weights: weights must be non-negative numbers, not all zero"),
+            (r#","failover":{"max_attempts":9}"#, "failover.max_attempts: must be from 1 to 8"),
+            (r#","failover":{"per_try_timeout_ms":0}"#, "failover.per_try_timeout_ms: must be a positive"),
+            (r#","failover":{"retries":2}"#, "failover: unknown field `retries`"),
+        ];
+        for (extra, want) in cases {
+            let got = compile_err(extra);
+            assert!(got.starts_with(want), "{extra}\n got: {got}\nwant: {want}");
+        }
+    }
+
+    #[test]
+    fn model_attributes_compile_to_micro_dollars_and_defaults() {
+        let doc = br#"{"providers":[{"name":"a","kind":"openai"},{"name":"b","kind":"anthropic"}],
+            "models":[{"name":"m","provider":"a","price":{"input":2.5,"output":10,"cached_input":1.25},
+                       "capabilities":{"vision":false,"context_window":128000},"quality":0.8},
+                      {"name":"n","provider":"b"}]}"#;
+        let c = compile(doc, &|_| None).unwrap().config;
+        let m = &c.models[0].attributes;
+        assert_eq!(m.input_price, Some(2_500_000));
+        assert_eq!(m.output_price, Some(10_000_000));
+        assert_eq!(m.cached_input_price, Some(1_250_000));
+        assert!(!m.caps.vision && m.caps.tools && m.caps.json_mode);
+        assert_eq!(m.caps.context_window, Some(128_000));
+        // Anthropic models cannot do JSON mode through the gateway.
+        assert!(!c.models[1].attributes.caps.json_mode);
+        let bad = br#"{"providers":[{"name":"a","kind":"openai"}],
+            "models":[{"name":"m","provider":"a","quality":2}]}"#;
+        let e = compile(bad, &|_| None).unwrap_err().to_string();
+        assert!(
+            e.starts_with("models[0].quality: must be a score from 0 to 1"),
+            "{e}"
+        );
+    }
+}
