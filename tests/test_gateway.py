@@ -43,10 +43,12 @@ def test_models_list_is_answered_from_config(gateway, mocks):
     expected = []
     for m in gateway.plugin_config["models"]:
         expected += [m["name"]] + m.get("aliases", [])
+    expected += [r["name"] for r in gateway.plugin_config.get("routes", [])]
     assert ids == expected
     assert all(m["object"] == "model" and isinstance(m["created"], int) for m in doc["data"])
     owners = {m["id"]: m["owned_by"] for m in doc["data"]}
     assert owners["mini"] == "openai" and owners["llama-3.3-70b"] == "groq"
+    assert owners["smart"] == "meshllm"
     assert all(not m.take() for m in mocks.values())
 
 
