@@ -1997,3 +1997,99 @@ fn bedrock_requests_are_translated_and_signed() {
     );
     assert!(!host.request_body.windows(6).any(|w| w == b"client"));
 }
+
+// ---------------------------------------------------------------------------
+// The two halves: the listener half plans, the upstream half runs an attempt.
+
+const ROUTED_CONFIG: &str = r#"{
+  "providers": [
+    {"name": "azure", "kind": "azure_openai", "base_url": "https://res.openai.azure.com",
+     "api_version": "2024-10-21", "api_key_env": "AZURE_KEY"},
+    {"name": "groq", "kind": "openai_compatible", "base_url": "https://api.groq.com/openai/v1",
+     "api_key_env": "GROQ_API_KEY", "headers": {"X-Title": "meshllm"}},
+    {"name": "nokey", "kind": "openai_compatible", "base_url": "https://nokey.example/v1",
+     "api_key_env": "NOKEY_API_KEY"}
+  ],
+  "models": [
+    {"name": "azure-gpt-4o", "provider": "azure", "model": "gpt-4o", "deployment": "gpt4o-prod"},
+    {"name": "fast", "provider": "groq", "model": "llama-3.1-8b-instant"},
+    {"name": "broken", "provider": "nokey"}
+  ],
+  "routes": [{"name": "chain", "targets": ["broken", "azure-gpt-4o", "fast"]}]
+}"#;
+
+const POSITION_PROPERTY: &str = "xds.upstream_host_metadata.filter_metadata.meshllm.position";
+
+#[test]
+fn router_half_plans_the_chain_and_the_attempt_half_serves_its_position() {
+    let cfg = config_from(ROUTED_CONFIG);
+    let body = chat_body(&quote("chain"));
+    let mut host = client_post("/v1/chat/completions", body.as_bytes());
+    let mut router = RequestFilter::new(Rc::clone(&cfg), Role::Router);
+    assert_eq!(router.on_request_headers(&mut host, false), Flow::Pause);
+    assert_eq!(
+        router.on_request_body(&mut host, body.len(), true),
+        Flow::Continue
+    );
+    // The target without a key is dropped; the rest keep their order.
+    assert_eq!(host.req("x-meshllm-p0").as_deref(), Some("azure"));
+    assert_eq!(host.req("x-meshllm-p1").as_deref(), Some("groq"));
+    assert_eq!(host.req("x-meshllm-p2").as_deref(), Some("-"));
+    assert_eq!(host.req("x-envoy-max-retries").as_deref(), Some("1"));
+    assert_eq!(host.req(CLUSTER_HEADER).as_deref(), Some(FAILOVER_CLUSTER));
+    assert_eq!(host.req("authorization"), None);
+    assert_eq!(host.req("x-api-key"), None);
+    assert_eq!(
+        host.request_body,
+        body.as_bytes(),
+        "the listener half leaves the body"
+    );
+    assert!(host.properties.contains_key(PLAN_PROPERTY));
+
+    // Attempt 2 lands on position 1 with what attempt 1 left in the headers.
+    let mut up = MockHost::new("POST", "/openai/deployments/gpt4o-prod/chat/completions")
+        .with_body(body.as_bytes());
+    up.request_headers = host.request_headers.clone();
+    up.properties = host.properties.clone();
+    up.properties
+        .insert(POSITION_PROPERTY.into(), b"1".to_vec());
+    set(&mut up.request_headers, "api-key", AZURE_KEY);
+    set(&mut up.request_headers, "x-envoy-attempt-count", "2");
+    let mut attempt = RequestFilter::new(Rc::clone(&cfg), Role::Attempt);
+    assert_eq!(attempt.on_request_headers(&mut up, false), Flow::Pause);
+    assert_eq!(
+        attempt.on_request_body(&mut up, body.len(), true),
+        Flow::Continue
+    );
+    assert_eq!(up.req("api-key"), None, "attempt 1's Azure key is gone");
+    assert_eq!(up.req("authorization"), Some(format!("Bearer {GROQ_KEY}")));
+    assert_eq!(up.req(":authority").as_deref(), Some("api.groq.com"));
+    assert_eq!(
+        up.req(":path").as_deref(),
+        Some("/openai/v1/chat/completions")
+    );
+    assert_eq!(up.req("x-title").as_deref(), Some("meshllm"));
+    assert_eq!(up.req("x-envoy-attempt-count"), None);
+    let sent: Value = serde_json::from_slice(&up.request_body).unwrap();
+    assert_eq!(sent["model"], "llama-3.1-8b-instant");
+
+    set(&mut up.response_headers, ":status", "200");
+    assert_eq!(attempt.on_response_headers(&mut up, false), Flow::Continue);
+    assert_eq!(up.resp("x-meshllm-attempts").as_deref(), Some("2"));
+    assert_eq!(up.resp("x-meshllm-route").as_deref(), Some("ordered"));
+    assert_eq!(up.resp(PROVIDER_RESPONSE_HEADER).as_deref(), Some("groq"));
+    let health =
+        crate::health::snapshot(&up, "fast", up.now_unix_millis(), &HealthPolicy::default());
+    assert_eq!((health.requests, health.samples), (1, 1));
+}
+
+#[test]
+fn attempt_half_without_a_plan_or_position_fails_loudly() {
+    let cfg = config_from(ROUTED_CONFIG);
+    let mut up = MockHost::new("POST", "/v1/chat/completions");
+    let mut attempt = RequestFilter::new(Rc::clone(&cfg), Role::Attempt);
+    assert_eq!(attempt.on_request_headers(&mut up, false), Flow::Pause);
+    let sent = &up.sent[0];
+    assert_eq!(sent.status, 500);
+    assert!(String::from_utf8_lossy(&sent.body).contains("no routing plan"));
+}
