@@ -670,7 +670,7 @@ impl RequestFilter {
                     .ok_or_else(|| internal("the attempt has no target".into()))?;
                 self.prepare_attempt(host, body, &doc, op, &call, target)
             }
-            Role::Standalone => {
+            Role::Standalone | Role::Router => {
                 // Named in metrics even when it turns out unusable.
                 self.route = self
                     .expand(&call.model, None)
@@ -681,25 +681,15 @@ impl RequestFilter {
                     body,
                     stream: call.stream,
                 };
-                let (chain, _) = self.choose_targets(request, &call.model, op)?;
+                let (chain, reason) = self.choose_targets(request, &call.model, op)?;
+                if self.role == Role::Router {
+                    return self.hand_to_envoy(host, op, chain, reason);
+                }
                 let target = *chain
                     .first()
                     .ok_or_else(|| internal("no target was chosen".into()))?;
                 self.route = Some(target);
                 self.prepare_attempt(host, body, &doc, op, &call, target)
-            }
-            Role::Router => {
-                self.route = self
-                    .expand(&call.model, None)
-                    .ok()
-                    .and_then(|(c, _)| c.first().copied());
-                let request = Request {
-                    host: &*host,
-                    body,
-                    stream: call.stream,
-                };
-                let (chain, reason) = self.choose_targets(request, &call.model, op)?;
-                self.hand_to_envoy(host, op, chain, reason)
             }
         }
     }
