@@ -16,7 +16,7 @@ use crate::health::{self, HealthPolicy, Outcome};
 use crate::host::{Host, HostResult};
 use crate::json::{Kind, TopLevel};
 use crate::metrics;
-use crate::policy::{RoutePolicy, StrategyKind, TierKind};
+use crate::policy::RoutePolicy;
 use crate::route;
 use crate::translate::{Schema, StreamTranslator};
 
@@ -178,6 +178,8 @@ struct Request<'a> {
     host: &'a dyn Host,
     body: &'a [u8],
     stream: bool,
+    /// The body as a JSON value, parsed the first time a route needs it.
+    parsed: &'a std::cell::OnceCell<serde_json::Value>,
 }
 
 /// A well-mixed number per request for weighted choices (splitmix64 over
@@ -509,15 +511,23 @@ impl RequestFilter {
             .map(String::as_str)
             .chain(ANTHROPIC_HEADERS.iter().copied())
             .chain(["x-envoy-attempt-count", "x-envoy-expected-rq-timeout-ms"]);
+        let mut cleared: HostResult = Ok(());
         for name in stale {
             if host.request_header(name).is_some() {
-                let _ = host.remove_request_header(name);
+                cleared = cleared.and_then(|()| host.remove_request_header(name));
             }
         }
         if config.models[target].schema == Schema::Anthropic {
             for (name, value) in &plan.anthropic {
-                let _ = host.set_request_header(name, value);
+                cleared = cleared.and_then(|()| host.set_request_header(name, value));
             }
+        }
+        // A header left from another provider's attempt could carry its key.
+        if let Err(e) = cleared {
+            return self.reject(
+                host,
+                internal(format!("could not reset the request headers: {e}")),
+            );
         }
         let op = if plan.embeddings {
             Operation::Embeddings
@@ -672,14 +682,13 @@ impl RequestFilter {
             }
             Role::Standalone | Role::Router => {
                 // Named in metrics even when it turns out unusable.
-                self.route = self
-                    .expand(&call.model, None)
-                    .ok()
-                    .and_then(|(c, _)| c.first().copied());
+                self.route = self.first_target(&call.model);
+                let parsed = std::cell::OnceCell::new();
                 let request = Request {
                     host: &*host,
                     body,
                     stream: call.stream,
+                    parsed: &parsed,
                 };
                 let (chain, reason) = self.choose_targets(request, &call.model, op)?;
                 if self.role == Role::Router {
@@ -703,11 +712,11 @@ impl RequestFilter {
     ) -> Result<(Vec<usize>, String), ApiError> {
         let config = &self.config;
         let host = request.host;
-        let (mut chain, mut reason) = self.expand(model, Some(request))?;
+        let (mut chain, mut reason) = self.expand(model, request)?;
         if self.role == Role::Router {
             if let Some(extra) = host.request_header(MODELS_REQUEST_HEADER) {
                 for name in extra.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-                    let (more, _) = self.expand(name, Some(request))?;
+                    let (more, _) = self.expand(name, request)?;
                     for m in more {
                         if !chain.contains(&m) {
                             chain.push(m);
@@ -738,12 +747,18 @@ impl RequestFilter {
         Ok((chain, reason))
     }
 
+    /// The configured first target of a model or route name, to name the
+    /// request in metrics before (or without) a decision.
+    fn first_target(&self, name: &str) -> Option<usize> {
+        let config = &self.config;
+        config.route_index(name).or_else(|| {
+            let policy = &config.routes[config.routing_index(name)?];
+            policy.targets.first().map(|t| t.model)
+        })
+    }
+
     /// A model name or route name as targets in order, and why.
-    fn expand(
-        &self,
-        name: &str,
-        request: Option<Request>,
-    ) -> Result<(Vec<usize>, String), ApiError> {
+    fn expand(&self, name: &str, request: Request) -> Result<(Vec<usize>, String), ApiError> {
         let config = &self.config;
         if let Some(i) = config.route_index(name) {
             return Ok((vec![i], "model".into()));
@@ -752,13 +767,7 @@ impl RequestFilter {
             .routing_index(name)
             .map(|r| &config.routes[r])
             .ok_or_else(|| model_not_found(name))?;
-        match request {
-            Some(request) => self.decide(request, policy),
-            None => Ok((
-                policy.targets.iter().map(|t| t.model).collect(),
-                policy.strategy.name().to_string(),
-            )),
-        }
+        self.decide(request, policy)
     }
 
     /// Orders a route's targets for this request: capabilities, health,
@@ -769,19 +778,21 @@ impl RequestFilter {
         policy: &RoutePolicy,
     ) -> Result<(Vec<usize>, String), ApiError> {
         let config = &self.config;
-        let Request { host, body, stream } = request;
+        let Request {
+            host,
+            body,
+            stream,
+            parsed,
+        } = request;
         let now = host.now_unix_millis();
         let health_policy = HealthPolicy::default();
-        // Only routes read the body as a whole, and only once.
-        let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-        let mut needs = route::needs_from(self.caller, &value, stream);
+        // Only routes read the body as a whole, and only once per request.
+        let value = parsed.get_or_init(|| serde_json::from_slice(body).unwrap_or_default());
+        let mut needs = route::needs_from(self.caller, value, stream);
         needs.regions = policy.regions.clone();
         needs.zero_retention = policy.zero_retention;
-        if policy.strategy == StrategyKind::Auto {
-            needs.auto_hard = Some(route::classify(&route::prompt_features(
-                self.caller,
-                &value,
-            )));
+        if policy.strategy == route::Strategy::Auto {
+            needs.auto_hard = Some(route::classify(&route::prompt_features(self.caller, value)));
         }
         let candidates: Vec<route::Candidate> = policy
             .targets
@@ -803,31 +814,11 @@ impl RequestFilter {
                         samples: h.samples,
                     }),
                     available: h.available,
-                    tier: match t.tier {
-                        TierKind::Any => route::Tier::Any,
-                        TierKind::Simple => route::Tier::Simple,
-                        TierKind::Hard => route::Tier::Hard,
-                    },
+                    tier: t.tier,
                 }
             })
             .collect();
-        let strategy = match policy.strategy {
-            StrategyKind::Ordered => route::Strategy::Ordered,
-            StrategyKind::Weighted => route::Strategy::Weighted,
-            StrategyKind::LowestCost => route::Strategy::LowestCost,
-            StrategyKind::LowestLatency => route::Strategy::LowestLatency,
-            StrategyKind::Scored {
-                price,
-                latency,
-                quality,
-            } => route::Strategy::Scored(route::ScoreWeights {
-                price,
-                latency,
-                quality,
-            }),
-            StrategyKind::Auto => route::Strategy::Auto,
-        };
-        match route::decide(&strategy, &candidates, &needs, next_roll(now)) {
+        match route::decide(&policy.strategy, &candidates, &needs, next_roll(now)) {
             Ok(decision) => Ok((decision.order, decision.reason)),
             Err(e @ route::NoTarget::Unsupported(_)) => Err(ApiError::invalid_request(
                 Some("no_capable_model"),
@@ -1041,7 +1032,6 @@ impl RequestFilter {
                 self.response = ResponseMode::PassThrough;
                 return Flow::Continue;
             }
-            self.exchange = None;
         }
         if self.phase == Phase::Forwarded && self.role != Role::Router {
             if let (Some(provider), Some(route)) = (self.provider(), self.route()) {

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::config::ConfigError;
-pub use crate::route::Capabilities;
+pub use crate::route::{Capabilities, ScoreWeights, Strategy, Tier};
 use crate::translate::Schema;
 
 /// Failover across targets, done by Envoy's retries with the filter's
@@ -51,52 +51,18 @@ pub struct ModelAttributes {
     pub caps: Capabilities,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum StrategyKind {
-    Ordered,
-    Weighted,
-    LowestCost,
-    LowestLatency,
-    Scored {
-        price: f64,
-        latency: f64,
-        quality: f64,
-    },
-    Auto,
-}
-
-impl StrategyKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            StrategyKind::Ordered => "ordered",
-            StrategyKind::Weighted => "weighted",
-            StrategyKind::LowestCost => "lowest_cost",
-            StrategyKind::LowestLatency => "lowest_latency",
-            StrategyKind::Scored { .. } => "scored",
-            StrategyKind::Auto => "auto",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TierKind {
-    Any,
-    Simple,
-    Hard,
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouteTarget {
     /// Index into `Config::models`.
     pub model: usize,
     pub weight: u32,
-    pub tier: TierKind,
+    pub tier: Tier,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoutePolicy {
     pub name: String,
-    pub strategy: StrategyKind,
+    pub strategy: Strategy,
     pub targets: Vec<RouteTarget>,
     /// Data policy: only targets in these regions (None: any).
     pub regions: Option<Vec<String>>,
@@ -311,11 +277,11 @@ pub fn compile_routes(
             ));
         }
         let strategy = match raw.strategy.as_deref().unwrap_or("ordered") {
-            "ordered" => StrategyKind::Ordered,
-            "weighted" => StrategyKind::Weighted,
-            "lowest_cost" => StrategyKind::LowestCost,
-            "lowest_latency" => StrategyKind::LowestLatency,
-            "auto" => StrategyKind::Auto,
+            "ordered" => Strategy::Ordered,
+            "weighted" => Strategy::Weighted,
+            "lowest_cost" => Strategy::LowestCost,
+            "lowest_latency" => Strategy::LowestLatency,
+            "auto" => Strategy::Auto,
             "scored" => {
                 let w = raw.score_weights.as_ref().ok_or_else(|| {
                     ConfigError::new(
@@ -331,11 +297,11 @@ pub fn compile_routes(
                         "weights must be non-negative numbers, not all zero",
                     ));
                 }
-                StrategyKind::Scored {
+                Strategy::Scored(ScoreWeights {
                     price: w.price,
                     latency: w.latency,
                     quality: w.quality,
-                }
+                })
             }
             other => {
                 return Err(ConfigError::new(
@@ -344,7 +310,7 @@ pub fn compile_routes(
                 ))
             }
         };
-        if raw.score_weights.is_some() && !matches!(strategy, StrategyKind::Scored { .. }) {
+        if raw.score_weights.is_some() && !matches!(strategy, Strategy::Scored(_)) {
             return Err(ConfigError::new(
                 format!("{at}.score_weights"),
                 "only applies to the scored strategy",
@@ -375,28 +341,28 @@ pub fn compile_routes(
                     format!("model {name:?} is listed twice"),
                 ));
             }
-            if weight.is_some() && strategy != StrategyKind::Weighted {
+            if weight.is_some() && strategy != Strategy::Weighted {
                 return Err(ConfigError::new(
                     format!("{tat}.weight"),
                     "only applies to the weighted strategy",
                 ));
             }
             let tier = match (tier, strategy) {
-                (None, StrategyKind::Auto) => {
+                (None, Strategy::Auto) => {
                     return Err(ConfigError::new(
                         format!("{tat}.tier"),
                         "the auto strategy needs each target's tier: \"simple\" or \"hard\"",
                     ))
                 }
-                (None, _) => TierKind::Any,
-                (Some(_), s) if s != StrategyKind::Auto => {
+                (None, _) => Tier::Any,
+                (Some(_), s) if s != Strategy::Auto => {
                     return Err(ConfigError::new(
                         format!("{tat}.tier"),
                         "only applies to the auto strategy",
                     ))
                 }
-                (Some("simple"), _) => TierKind::Simple,
-                (Some("hard"), _) => TierKind::Hard,
+                (Some("simple"), _) => Tier::Simple,
+                (Some("hard"), _) => Tier::Hard,
                 (Some(other), _) => {
                     return Err(ConfigError::new(
                         format!("{tat}.tier"),
@@ -410,14 +376,14 @@ pub fn compile_routes(
                 tier,
             });
         }
-        if strategy == StrategyKind::Weighted && targets.iter().all(|t| t.weight == 0) {
+        if strategy == Strategy::Weighted && targets.iter().all(|t| t.weight == 0) {
             return Err(ConfigError::new(
                 format!("{at}.targets"),
                 "at least one target needs a positive weight",
             ));
         }
-        if strategy == StrategyKind::Auto {
-            for tier in [TierKind::Simple, TierKind::Hard] {
+        if strategy == Strategy::Auto {
+            for tier in [Tier::Simple, Tier::Hard] {
                 if !targets.iter().any(|t| t.tier == tier) {
                     return Err(ConfigError::new(
                         format!("{at}.targets"),

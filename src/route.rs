@@ -238,7 +238,7 @@ pub struct ScoreWeights {
     pub quality: f64,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Strategy {
     /// As configured.
     Ordered,

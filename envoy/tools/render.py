@@ -195,31 +195,27 @@ def position_clusters(plugin_config, upstreams, max_attempts, connect_timeout="5
                     "metadata": {"filter_metadata": metadata},
                 }
             )
+        # The request names every position; this cluster reads its own.
+        selectors = [{"keys": [key]}]
+        if max_attempts > 1:
+            selectors.insert(0, {
+                "keys": [f"p{j}" for j in range(max_attempts)],
+                "fallback_policy": "KEYS_SUBSET",
+                "fallback_keys_subset": [key],
+            })
         c = {
             "name": f"{FAILOVER_CLUSTER}.{key}",
             "type": "STATIC" if all_ip else "STRICT_DNS",
             "connect_timeout": connect_timeout,
             "lb_subset_config": {
                 "fallback_policy": "NO_FALLBACK",
-                "subset_selectors": [
-                    # The request names every position; this cluster reads its own.
-                    {
-                        "keys": [f"p{j}" for j in range(max_attempts)],
-                        "fallback_policy": "KEYS_SUBSET",
-                        "fallback_keys_subset": [key],
-                    }
-                    if max_attempts > 1
-                    else {"keys": [key]},
-                    {"keys": [key]},
-                ],
+                "subset_selectors": selectors,
             },
             "load_assignment": {
                 "cluster_name": f"{FAILOVER_CLUSTER}.{key}",
                 "endpoints": [{"lb_endpoints": endpoints}],
             },
         }
-        if max_attempts == 1:
-            c["lb_subset_config"]["subset_selectors"] = [{"keys": [key]}]
         if not all_ip:
             c["dns_lookup_family"] = "V4_PREFERRED"
         if matches:
