@@ -26,6 +26,10 @@ ROUTES = [
     {"name": "fastest", "strategy": "lowest_latency", "targets": ["slow", "fast"]},
     {"name": "cheapest", "strategy": "lowest_cost", "targets": ["gpt-4o", "gpt-4o-mini"]},
     {"name": "vision", "targets": ["text-only", "gpt-4o"]},
+    {"name": "best", "strategy": "scored", "score_weights": {"quality": 1},
+     "targets": ["gpt-4o", "claude-sonnet"]},
+    {"name": "us-only", "regions": ["us"], "targets": ["text-only", "vertex-gemini"]},
+    {"name": "eu-only", "regions": ["eu"], "targets": ["text-only", "vertex-gemini"]},
     {"name": "smart", "strategy": "auto",
      "targets": [{"model": "gpt-4o-mini", "tier": "simple"}, {"model": "claude-sonnet", "tier": "hard"}]},
 ]
@@ -58,6 +62,12 @@ def failover(wasm, mocks):
             m["price"] = {"input": 2.5, "output": 10}
         if m["name"] == "gpt-4o-mini":
             m["price"] = {"input": 0.15, "output": 0.6}
+        if m["name"] == "gpt-4o":
+            m["quality"] = 0.5
+        if m["name"] == "claude-sonnet":
+            m["quality"] = 0.95
+        if m["name"] == "vertex-gemini":
+            m["capabilities"] = {"region": "us"}
     cfg["routes"] = ROUTES
     cfg["failover"] = {"max_attempts": 3, "per_try_timeout_ms": 1500}
     upstreams = {name: ("127.0.0.1", m.port) for name, m in mocks.items()}
@@ -237,6 +247,24 @@ def test_capability_filter_skips_a_model_without_vision(failover, mocks):
     assert h["x-meshllm-model"] == "text-model"
 
 
+def test_scored_route_puts_the_best_score_first(failover, mocks):
+    status, h, body = chat(failover, "best", "score me")
+    assert status == 200, body
+    assert h["x-meshllm-provider"] == "anthropic" and h["x-meshllm-route"] == "scored"
+
+
+def test_region_policy_keeps_only_targets_in_allowed_regions(failover, mocks):
+    status, h, body = chat(failover, "us-only", "stay in the us")
+    assert status == 200, body
+    assert h["x-meshllm-provider"] == "vertex"
+    assert "filtered=text-only" in h["x-meshllm-route"]
+    status, h, body = chat(failover, "eu-only", "stay in the eu")
+    assert status == 400
+    assert body["error"]["code"] == "no_capable_model"
+    assert "eu-only" in body["error"]["message"]
+    assert mocks["groq"].take() == []
+
+
 def test_auto_router_sends_simple_and_hard_prompts_apart(failover, mocks):
     status, h, _ = chat(failover, "smart", "What is the capital of France?")
     assert status == 200 and h["x-meshllm-provider"] == "openai"
@@ -275,3 +303,35 @@ def test_openai_sdk_gets_one_normal_answer_across_a_failover(failover):
         model="chain-3", stream=True, messages=[{"role": "user", "content": "streamed"}])
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert "You said: streamed" in text
+
+
+@pytest.fixture(scope="module")
+def single_filter(wasm, mocks):
+    """`"failover": {"enabled": false}`: one listener filter, one cluster per provider."""
+    cfg = gateway_plugin_config(free_port())
+    cfg["models"].append({"name": "m500", "provider": "openai", "model": "mock-500"})
+    cfg["routes"] = [{"name": "chain-500", "targets": ["m500", "claude-sonnet"]}]
+    cfg["failover"] = {"enabled": False}
+    upstreams = {name: ("127.0.0.1", m.port) for name, m in mocks.items()}
+    env = Envoy(cfg, upstreams=upstreams, env=KEYS)
+    try:
+        env.wait_ready()
+        yield env
+    finally:
+        env.stop()
+
+
+def test_single_filter_mode_serves_and_translates_without_failover(single_filter, mocks):
+    status, h, body = chat(single_filter, "gpt-4o-mini", "single")
+    assert status == 200, body
+    assert h["x-meshllm-provider"] == "openai" and "x-meshllm-attempts" not in h
+    status, h, body = chat(single_filter, "claude-sonnet", "translated")
+    assert status == 200, body
+    assert "You said: translated" in body["choices"][0]["message"]["content"]
+    assert h["x-meshllm-provider"] == "anthropic"
+    # A route's first target answers alone: no second attempt.
+    mocks["anthropic"].take()
+    status, h, body = chat(single_filter, "chain-500")
+    assert status == 500 and "scripted 500" in body["error"]["message"]
+    assert mocks["anthropic"].take() == []
+    assert models_sent(mocks["openai"]) == ["gpt-4o-mini", "mock-500"]
