@@ -11,11 +11,14 @@ use std::fmt;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use crate::identity::{compile_identity, IdentityPolicy};
 use crate::json::quote;
+use crate::limits::{compile_attribution, compile_quotas, Known, QuotaPolicy, Tag};
 use crate::policy::{
     compile_attributes, compile_failover, compile_routes, Failover, ModelAttributes,
     RawCapabilities, RawPrice, RoutePolicy,
 };
+use crate::pricing::default_prices;
 use crate::translate::openai_anthropic::DEFAULT_ANTHROPIC_VERSION;
 use crate::translate::openai_bedrock::converse_path;
 use crate::translate::Schema;
@@ -69,6 +72,19 @@ pub enum ProviderKind {
 impl ProviderKind {
     const NAMES: &'static str =
         "openai, azure_openai, openai_compatible, anthropic, gemini, vertex_ai, bedrock";
+
+    /// The kind as the config spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProviderKind::OpenAi => "openai",
+            ProviderKind::AzureOpenAi => "azure_openai",
+            ProviderKind::OpenAiCompatible => "openai_compatible",
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::Gemini => "gemini",
+            ProviderKind::VertexAi => "vertex_ai",
+            ProviderKind::Bedrock => "bedrock",
+        }
+    }
 
     fn parse(s: &str) -> Option<Self> {
         match s {
@@ -201,6 +217,12 @@ pub struct Config {
     /// Every header name a provider attempt may set (credentials, fixed
     /// headers, signatures): a retry to another provider clears them first.
     pub attempt_header_names: Vec<String>,
+    /// How callers are identified; None when not configured.
+    pub identity: Option<IdentityPolicy>,
+    /// Attribution tags read from request headers.
+    pub tags: Vec<Tag>,
+    /// Quotas and budgets; None when not configured.
+    pub quotas: Option<QuotaPolicy>,
     /// The `GET /v1/models` answer, built once.
     pub models_list_body: Vec<u8>,
     /// `GET /v1/models/{id}` answers, built once.
@@ -299,6 +321,9 @@ const TOP_LEVEL_FIELDS: &[&str] = &[
     "routes",
     "failover",
     "max_request_bytes",
+    "identity",
+    "attribution",
+    "quotas",
 ];
 
 /// A parsed `base_url`.
@@ -384,7 +409,7 @@ fn valid_env_name(s: &str) -> bool {
         && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-fn valid_header_name(s: &str) -> bool {
+pub(crate) fn valid_header_name(s: &str) -> bool {
     !s.is_empty()
         && !s.starts_with(':')
         && s.bytes()
@@ -433,12 +458,22 @@ pub fn compile(doc: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Compi
     let (models, by_name) = compile_models(obj.get("models"), &providers)?;
 
     let routes = compile_routes(obj.get("routes"), &by_name)?;
-    let route_by_name = routes
+    let route_by_name: HashMap<String, usize> = routes
         .iter()
         .enumerate()
         .map(|(i, r)| (r.name.clone(), i))
         .collect();
     let failover = compile_failover(obj.get("failover"))?;
+    let identity = compile_identity(obj.get("identity"))?;
+    let tags = compile_attribution(obj.get("attribution"))?;
+    let is_model = |name: &str| by_name.contains_key(name) || route_by_name.contains_key(name);
+    let is_key = |name: &str| identity.as_ref().is_some_and(|i| i.has_key(name));
+    let known = Known {
+        model: &is_model,
+        virtual_key: &is_key,
+        identity: identity.is_some(),
+    };
+    let quotas = compile_quotas(obj.get("quotas"), &tags, &known)?;
     let attempt_header_names = attempt_header_names(&providers);
     let (models_list_body, model_bodies) = model_listing(&models, &providers, &routes);
     Ok(Compiled {
@@ -451,6 +486,9 @@ pub fn compile(doc: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Compi
             route_by_name,
             failover,
             attempt_header_names,
+            identity,
+            tags,
+            quotas,
             models_list_body,
             model_bodies,
         },
@@ -977,6 +1015,21 @@ fn compile_models(
                 false,
             ),
         };
+        let mut attributes = compile_attributes(
+            &at,
+            schema,
+            raw.price.as_ref(),
+            raw.capabilities.as_ref(),
+            raw.quality,
+        )?;
+        // Without a configured price, the built-in list price (if known).
+        if raw.price.is_none() {
+            if let Some(p) = default_prices(p.kind.name(), &upstream_model) {
+                attributes.input_price = Some(p.input);
+                attributes.output_price = Some(p.output);
+                attributes.cached_input_price = p.cached_input;
+            }
+        }
         models.push(ModelRoute {
             name: raw.name,
             aliases: raw.aliases,
@@ -988,13 +1041,7 @@ fn compile_models(
             chat_stream_path,
             embeddings_path,
             vertex_anthropic,
-            attributes: compile_attributes(
-                &at,
-                schema,
-                raw.price.as_ref(),
-                raw.capabilities.as_ref(),
-                raw.quality,
-            )?,
+            attributes,
         });
     }
     Ok((models, by_name))

@@ -8,6 +8,7 @@
 
 use std::rc::Rc;
 
+use crate::admission::{self, Admission, Ask, Who};
 use crate::api::openai::ApiError;
 use crate::aws::sigv4;
 use crate::config::{Config, ModelRoute, Operation, Provider, ProviderKind};
@@ -18,7 +19,7 @@ use crate::json::{Kind, TopLevel};
 use crate::metrics;
 use crate::policy::RoutePolicy;
 use crate::route;
-use crate::translate::{Schema, StreamTranslator};
+use crate::translate::{Schema, StreamTranslator, Usage};
 
 /// Model listings in the Anthropic and Gemini APIs' shapes (OpenAI's is
 /// built once with the configuration). Rare requests: built per call.
@@ -80,6 +81,39 @@ pub const FAILOVER_CLUSTER: &str = "meshllm";
 pub const POSITION_HEADER_PREFIX: &str = "x-meshllm-p";
 /// Filter state the listener half leaves for the upstream half.
 pub const PLAN_PROPERTY: &str = "meshllm.plan";
+/// Filter state the upstream half leaves for the listener half: the target
+/// that answered and the token counts it reported.
+pub const USAGE_PROPERTY: &str = "meshllm.usage";
+/// Says which model a budget rule switched the request to, and why.
+pub const DOWNGRADE_RESPONSE_HEADER: &str = "x-meshllm-downgrade";
+/// Access-log fields (filter state, read with `%FILTER_STATE(name:PLAIN)%`).
+pub const LOG_CALLER: &str = "meshllm.caller";
+pub const LOG_TAGS: &str = "meshllm.tags";
+pub const LOG_TOKENS: &str = "meshllm.tokens";
+pub const LOG_COST: &str = "meshllm.cost_micro_usd";
+pub const LOG_QUOTA: &str = "meshllm.quota";
+/// Provider rate-limit headers describe the gateway's account with the
+/// provider, not the caller's limits: dropped when quotas are configured.
+const PROVIDER_RATE_LIMIT_HEADERS: &[&str] = &[
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+    "anthropic-ratelimit-requests-limit",
+    "anthropic-ratelimit-requests-remaining",
+    "anthropic-ratelimit-requests-reset",
+    "anthropic-ratelimit-tokens-limit",
+    "anthropic-ratelimit-tokens-remaining",
+    "anthropic-ratelimit-tokens-reset",
+    "anthropic-ratelimit-input-tokens-limit",
+    "anthropic-ratelimit-input-tokens-remaining",
+    "anthropic-ratelimit-input-tokens-reset",
+    "anthropic-ratelimit-output-tokens-limit",
+    "anthropic-ratelimit-output-tokens-remaining",
+    "anthropic-ratelimit-output-tokens-reset",
+];
 /// Where the upstream half finds the attempt's position in the chain.
 const HOST_POSITION: &[&str] = &[
     "xds",
@@ -170,6 +204,18 @@ pub struct RequestFilter {
     status: u16,
     exchange: Option<Exchange>,
     response: ResponseMode,
+    /// Listener roles: who called and what the request reserved.
+    who: Who,
+    admission: Option<Admission>,
+    /// Listener roles: headers for the caller's answer (rate limits,
+    /// budget alerts, downgrades) and for a refusal.
+    answer_headers: Vec<(String, String)>,
+    /// Listener roles: answer bytes passed to the caller.
+    response_bytes: u64,
+    /// Listener roles: `admitted`, `rejected:<limit>:<reason>` or `none`.
+    quota_decision: String,
+    /// Serving roles: the token counts the provider reported.
+    usage: Option<Usage>,
 }
 
 /// What routing decisions read from the request.
@@ -217,6 +263,8 @@ enum ResponseMode {
     Translate,
     /// Translate a stream event by event.
     Stream(Box<dyn StreamTranslator>),
+    /// Forward a complete answer untouched, keeping a copy to read its usage.
+    Watch(Vec<u8>),
 }
 
 enum Endpoint {
@@ -325,6 +373,12 @@ impl RequestFilter {
             status: 0,
             exchange: None,
             response: ResponseMode::PassThrough,
+            who: Who::default(),
+            admission: None,
+            answer_headers: Vec::new(),
+            response_bytes: 0,
+            quota_decision: "none".into(),
+            usage: None,
         }
     }
 
@@ -361,7 +415,12 @@ impl RequestFilter {
 
     fn reject(&mut self, host: &mut dyn Host, error: ApiError) -> Flow {
         let body = exchange::error_body(self.caller, &error);
-        self.reply(host, error.status, &[], &body)
+        let extra = std::mem::take(&mut self.answer_headers);
+        let extra: Vec<(&str, &str)> = extra
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        self.reply(host, error.status, &extra, &body)
     }
 
     pub fn on_request_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
@@ -441,6 +500,9 @@ impl RequestFilter {
             }
             Endpoint::Call(op, caller) => {
                 self.caller = caller;
+                if let Err(e) = self.identify(host) {
+                    return self.reject(host, e);
+                }
                 self.start_call(host, op, end_of_stream)
             }
             Endpoint::Gemini(model, stream) => {
@@ -460,6 +522,9 @@ impl RequestFilter {
                     );
                 }
                 self.gemini_call = Some((model, stream));
+                if let Err(e) = self.identify(host) {
+                    return self.reject(host, e);
+                }
                 self.start_call(host, Operation::ChatCompletions, end_of_stream)
             }
         }
@@ -536,6 +601,13 @@ impl RequestFilter {
         };
         self.plan = Some(plan);
         self.start_call(host, op, end_of_stream)
+    }
+
+    /// Listener roles: names the caller before its credentials are stripped.
+    fn identify(&mut self, host: &mut dyn Host) -> Result<(), ApiError> {
+        let config = Rc::clone(&self.config);
+        self.who = admission::identify(&config, host)?;
+        Ok(())
     }
 
     fn start_call(&mut self, host: &mut dyn Host, op: Operation, end_of_stream: bool) -> Flow {
@@ -681,8 +753,18 @@ impl RequestFilter {
                 self.prepare_attempt(host, body, &doc, op, &call, target)
             }
             Role::Standalone | Role::Router => {
+                let config = Rc::clone(&self.config);
+                // A budget past its threshold may send this model elsewhere.
+                let mut model = call.model.clone();
+                if let Some((to, rule)) = admission::downgrade(&config, &*host, &self.who, &model) {
+                    self.answer_headers.push((
+                        DOWNGRADE_RESPONSE_HEADER.into(),
+                        format!("{model}->{to};limit={rule}"),
+                    ));
+                    model = to;
+                }
                 // Named in metrics even when it turns out unusable.
-                self.route = self.first_target(&call.model);
+                self.route = self.first_target(&model);
                 let parsed = std::cell::OnceCell::new();
                 let request = Request {
                     host: &*host,
@@ -690,7 +772,39 @@ impl RequestFilter {
                     stream: call.stream,
                     parsed: &parsed,
                 };
-                let (chain, reason) = self.choose_targets(request, &call.model, op)?;
+                let (chain, reason) = self.choose_targets(request, &model, op)?;
+                let ask = Ask {
+                    model: &model,
+                    body_len: body.len(),
+                    max_output: max_output_tokens(&doc, self.caller, op),
+                    chain: &chain,
+                    caller_schema: self.caller,
+                };
+                match admission::admit(&config, host, &self.who, &ask) {
+                    Ok(admitted) => {
+                        if let Some(a) = &admitted {
+                            self.answer_headers.extend(a.headers.iter().cloned());
+                            self.quota_decision = "admitted".into();
+                        }
+                        self.admission = admitted;
+                    }
+                    Err(refused) => {
+                        let (ns, svc) = self.who.names();
+                        host.count(
+                            &metrics::quota_rejections_total(
+                                ns,
+                                svc,
+                                &refused.rule,
+                                refused.reason,
+                            ),
+                            1,
+                        );
+                        self.quota_decision =
+                            format!("rejected:{}:{}", refused.rule, refused.reason);
+                        self.answer_headers.extend(refused.headers);
+                        return Err(refused.error);
+                    }
+                }
                 if self.role == Role::Router {
                     return self.hand_to_envoy(host, op, chain, reason);
                 }
@@ -1022,6 +1136,9 @@ impl RequestFilter {
         if self.role == Role::Attempt && self.phase == Phase::Forwarded {
             self.record_outcome(host);
         }
+        if self.role != Role::Attempt && self.phase == Phase::Forwarded {
+            self.decorate_answer(host);
+        }
         if self.role == Role::Router {
             // The upstream half already answered in the caller's shape and
             // named what served; only Envoy's own replies need work here.
@@ -1075,11 +1192,12 @@ impl RequestFilter {
             let _ = host.set_response_header("content-type", "application/json");
             return Flow::Continue;
         }
-        let Some(x) = self
-            .exchange
-            .as_ref()
-            .filter(|_| self.phase == Phase::Forwarded)
-        else {
+        let serving = self.phase == Phase::Forwarded && self.role != Role::Router;
+        let Some(x) = self.exchange.as_ref().filter(|_| serving) else {
+            // Embeddings: forwarded as they are, usage read on the way.
+            if serving && (200..300).contains(&self.status) && !end_of_stream {
+                self.response = ResponseMode::Watch(Vec::new());
+            }
             return Flow::Continue;
         };
         if !(200..300).contains(&self.status) || end_of_stream {
@@ -1103,7 +1221,44 @@ impl RequestFilter {
             self.response = ResponseMode::Translate;
             return Flow::Pause;
         }
+        self.response = ResponseMode::Watch(Vec::new());
         Flow::Continue
+    }
+
+    /// Listener roles: the caller's rate-limit state, budget alerts and
+    /// downgrades go on the answer, in place of the provider's own limits.
+    fn decorate_answer(&mut self, host: &mut dyn Host) {
+        if self.config.quotas.is_some() {
+            for name in PROVIDER_RATE_LIMIT_HEADERS {
+                if host.response_header(name).is_some() {
+                    let _ = host.remove_response_header(name);
+                }
+            }
+        }
+        for (name, value) in &self.answer_headers {
+            let _ = host.set_response_header(name, value);
+        }
+    }
+
+    /// Serving roles: keeps the provider's token counts; the upstream half
+    /// also leaves them for the listener half, which settles the quota.
+    fn note_usage(&mut self, host: &mut dyn Host, usage: Option<Usage>) {
+        let Some(u) = usage else { return };
+        self.usage = Some(u);
+        if let (Role::Attempt, Some(target)) = (self.role, self.route) {
+            let value = format!(
+                "{target},{},{},{},{}",
+                u.input_tokens, u.output_tokens, u.cached_input_tokens, u.reasoning_tokens
+            );
+            if let Err(e) = host.set_property(&[USAGE_PROPERTY], value.as_bytes()) {
+                log::warn!("could not leave the usage for the listener filter: {e}");
+            }
+        }
+    }
+
+    /// The provider's schema for the current target.
+    fn provider_schema(&self) -> Schema {
+        self.route().map_or(Schema::OpenAi, |r| r.schema)
     }
 
     pub fn on_response_body(
@@ -1112,8 +1267,37 @@ impl RequestFilter {
         body_size: usize,
         end_of_stream: bool,
     ) -> Flow {
+        if self.role != Role::Attempt
+            && matches!(
+                self.response,
+                ResponseMode::PassThrough | ResponseMode::Stream(_) | ResponseMode::Watch(_)
+            )
+        {
+            self.response_bytes += body_size as u64;
+        }
         if let ResponseMode::Stream(translator) = &mut self.response {
-            return translate_stream_chunk(host, translator.as_mut(), body_size, end_of_stream);
+            let flow = translate_stream_chunk(host, translator.as_mut(), body_size, end_of_stream);
+            if end_of_stream {
+                let usage = translator.usage();
+                self.note_usage(host, usage);
+            }
+            return flow;
+        }
+        let provider_schema = self.provider_schema();
+        if let ResponseMode::Watch(copy) = &mut self.response {
+            // Complete answers are small; past this size usage is estimated.
+            const MAX_WATCHED: usize = 1 << 20;
+            if copy.len() + body_size <= MAX_WATCHED {
+                match host.response_body(body_size) {
+                    Ok(chunk) => copy.extend_from_slice(&chunk),
+                    Err(e) => log::debug!("could not read an answer for its usage: {e}"),
+                }
+            }
+            if end_of_stream {
+                let usage = crate::translate::usage_of_answer(provider_schema, copy);
+                self.note_usage(host, usage);
+            }
+            return Flow::Continue;
         }
         if matches!(self.response, ResponseMode::PassThrough) {
             return Flow::Continue;
@@ -1152,6 +1336,8 @@ impl RequestFilter {
                 exchange::translate_error(self.caller, self.exchange.as_ref(), &reply)
             }
             ResponseMode::Translate => {
+                let usage = crate::translate::usage_of_answer(self.provider_schema(), &body);
+                self.note_usage(host, usage);
                 let translated = match &self.exchange {
                     Some(x) => exchange::translate_response(x, &body, host.now_unix_seconds()),
                     None => Ok(None),
@@ -1176,7 +1362,7 @@ impl RequestFilter {
                     }
                 }
             }
-            ResponseMode::PassThrough | ResponseMode::Stream(_) => None,
+            ResponseMode::PassThrough | ResponseMode::Stream(_) | ResponseMode::Watch(_) => None,
         };
         if let Some(new_body) = new_body {
             if let Err(e) = host.replace_response_body(body_size, &new_body) {
@@ -1226,24 +1412,167 @@ impl RequestFilter {
         }
         let served = self.served.take();
         let config = Rc::clone(&self.config);
-        // The public name of the target that answered.
-        let served_name = served.as_ref().and_then(|(p, upstream)| {
-            let chain = self.plan.as_ref()?.chain.iter();
-            chain
-                .map(|&m| &config.models[m])
-                .find(|r| r.upstream_model == *upstream && config.providers[r.provider].name == *p)
-        });
-        let (provider, model) = match (&served, self.provider(), self.route()) {
-            (Some((p, _)), _, _) => (
+        // The target that answered: the upstream half says so with its
+        // usage; otherwise the provider and model it named.
+        let reported = match self.role {
+            Role::Router => host
+                .property(&[USAGE_PROPERTY])
+                .and_then(|b| parse_usage_property(&b))
+                .filter(|(t, _)| *t < config.models.len()),
+            _ => {
+                if self.usage.is_none() {
+                    if let ResponseMode::Stream(t) = &self.response {
+                        self.usage = t.usage();
+                    }
+                }
+                self.route.zip(self.usage)
+            }
+        };
+        let served_index = match (&reported, &served) {
+            (Some((t, _)), _) => Some(*t),
+            (None, Some((p, upstream))) => self.plan.as_ref().and_then(|plan| {
+                plan.chain.iter().copied().find(|&m| {
+                    let r = &config.models[m];
+                    r.upstream_model == *upstream && config.providers[r.provider].name == *p
+                })
+            }),
+            (None, None) if self.role == Role::Standalone => self.route,
+            (None, None) => None,
+        };
+        let route = self.route.map(|i| &config.models[i]);
+        let (provider, model) = match (&served, served_index, route) {
+            (Some((p, _)), m, _) => (
                 p.as_str(),
-                served_name.map_or("unknown", |r| r.name.as_str()),
+                m.map_or("unknown", |m| config.models[m].name.as_str()),
             ),
-            (None, Some(p), Some(r)) => (p.name.as_str(), r.name.as_str()),
+            (None, _, Some(r)) => (config.providers[r.provider].name.as_str(), r.name.as_str()),
             _ => ("none", "none"),
         };
-        let name = metrics::requests_total(provider, model, self.status);
-        host.count(&name, 1);
+        host.count(&metrics::requests_total(provider, model, self.status), 1);
+        if self.phase != Phase::Forwarded && self.phase != Phase::Answered {
+            return;
+        }
+        let outcome = admission::Outcome {
+            usage: reported.map(|(_, u)| u),
+            served: served_index,
+            status: self.status,
+            response_bytes: self.response_bytes,
+        };
+        let charge = admission::charge(&config, self.admission.as_ref(), &outcome);
+        if let Some(a) = self.admission.take() {
+            admission::settle(&config, host, &self.who, &a, &charge);
+        }
+        self.account(host, model, &charge);
     }
+
+    /// Listener roles: what the request cost, in metrics (by caller, model
+    /// and the tag values the config names) and in access-log fields.
+    fn account(&self, host: &mut dyn Host, model: &str, charge: &admission::Charge) {
+        let config = Rc::clone(&self.config);
+        let (ns, svc) = self.who.names();
+        let tags: Vec<(&str, &str)> = config
+            .tags
+            .iter()
+            .enumerate()
+            .map(|(i, tag)| {
+                let value = self
+                    .who
+                    .tags
+                    .iter()
+                    .find(|(t, _)| *t == i)
+                    .map(|(_, v)| v.as_str());
+                let shown = match value {
+                    None => "none",
+                    Some(v) if tag.metric_values.iter().any(|m| m == v) => v,
+                    Some(_) => "other",
+                };
+                (tag.name.as_str(), shown)
+            })
+            .collect();
+        let u = charge.usage;
+        if u != Usage::default() {
+            for (kind, n) in [
+                ("input", u.input_tokens),
+                ("output", u.output_tokens),
+                ("cached", u.cached_input_tokens),
+                ("reasoning", u.reasoning_tokens),
+            ] {
+                host.count(&metrics::tokens_total(ns, svc, model, kind, &tags), n);
+            }
+            host.count(
+                &metrics::cost_total(ns, svc, model, &tags),
+                charge.micro_usd,
+            );
+        }
+        let all_tags: Vec<String> = self
+            .who
+            .tags
+            .iter()
+            .filter_map(|(i, v)| Some(format!("{}={v}", config.tags.get(*i)?.name)))
+            .collect();
+        let tokens = format!(
+            "{}/{}/{}{}",
+            u.input_tokens,
+            u.output_tokens,
+            u.cached_input_tokens,
+            if charge.estimated { "~" } else { "" }
+        );
+        let fields = [
+            (LOG_CALLER, self.who.label()),
+            (
+                LOG_TAGS,
+                if all_tags.is_empty() {
+                    "-".into()
+                } else {
+                    all_tags.join(",")
+                },
+            ),
+            (LOG_TOKENS, tokens),
+            (LOG_COST, charge.micro_usd.to_string()),
+            (LOG_QUOTA, self.quota_decision.clone()),
+        ];
+        for (name, value) in fields {
+            if let Err(e) = host.set_property(&[name], value.as_bytes()) {
+                log::debug!("could not set access-log field {name}: {e}");
+            }
+        }
+    }
+}
+
+/// The most output tokens the request asks for, in its caller's terms.
+fn max_output_tokens(doc: &TopLevel, caller: Schema, op: Operation) -> Option<u64> {
+    if op == Operation::Embeddings {
+        return Some(0);
+    }
+    let number = |name: &str| {
+        let f = doc.get(name).ok()??;
+        std::str::from_utf8(doc.raw(f)).ok()?.parse::<u64>().ok()
+    };
+    match caller {
+        Schema::Gemini => {
+            let f = doc.get("generationConfig").ok()??;
+            let v: serde_json::Value = serde_json::from_slice(doc.raw(f)).ok()?;
+            v.get("maxOutputTokens")?.as_u64()
+        }
+        Schema::Anthropic => number("max_tokens"),
+        Schema::OpenAi | Schema::Converse => {
+            number("max_completion_tokens").or_else(|| number("max_tokens"))
+        }
+    }
+}
+
+/// `target,input,output,cached,reasoning` as the upstream half writes it.
+fn parse_usage_property(bytes: &[u8]) -> Option<(usize, Usage)> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let mut n = text.split(',').map(|p| p.trim().parse::<u64>().ok());
+    let target = usize::try_from(n.next()??).ok()?;
+    let usage = Usage {
+        input_tokens: n.next()??,
+        output_tokens: n.next()??,
+        cached_input_tokens: n.next()??,
+        reasoning_tokens: n.next()??,
+    };
+    Some((target, usage))
 }
 
 /// Replaces one chunk of a provider stream with its translation: every

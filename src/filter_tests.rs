@@ -80,6 +80,7 @@ struct MockHost {
     properties: HashMap<String, Vec<u8>>,
     shared: HashMap<String, (Vec<u8>, u32)>,
     now_ms: u64,
+    gauges: HashMap<String, u64>,
 }
 
 fn get(headers: &[(String, String)], name: &str) -> Option<String> {
@@ -278,6 +279,9 @@ impl Host for MockHost {
     }
     fn count(&mut self, name: &str, delta: u64) {
         *self.counters.entry(name.to_string()).or_default() += delta;
+    }
+    fn gauge(&mut self, name: &str, value: u64) {
+        self.gauges.insert(name.to_string(), value);
     }
 }
 

@@ -79,6 +79,9 @@ impl RootContext for Root {
                     compiled.config.providers.len(),
                     compiled.config.models.len()
                 );
+                if !self.upstream_half {
+                    crate::admission::prepare_buckets(&compiled.config, &mut ProxyHost);
+                }
                 self.config = Some(Rc::new(compiled.config));
                 true
             }
@@ -289,27 +292,38 @@ impl Host for ProxyHost {
             .map_err(|s| host_error("set property", s))
     }
     fn count(&mut self, name: &str, delta: u64) {
-        let id = METRICS.with(|m| {
-            let mut m = m.borrow_mut();
-            if let Some(&id) = m.get(name) {
-                return Some(id);
-            }
-            match hostcalls::define_metric(MetricType::Counter, name) {
-                Ok(id) => {
-                    m.insert(name.to_string(), id);
-                    Some(id)
-                }
-                Err(s) => {
-                    log::warn!("could not define metric {name}: {s:?}");
-                    None
-                }
-            }
-        });
-        if let Some(id) = id {
+        if let Some(id) = metric_id(MetricType::Counter, name) {
             let delta = i64::try_from(delta).unwrap_or(i64::MAX);
             if let Err(s) = hostcalls::increment_metric(id, delta) {
                 log::warn!("could not update metric {name}: {s:?}");
             }
         }
     }
+    fn gauge(&mut self, name: &str, value: u64) {
+        if let Some(id) = metric_id(MetricType::Gauge, name) {
+            if let Err(s) = hostcalls::record_metric(id, value) {
+                log::warn!("could not update metric {name}: {s:?}");
+            }
+        }
+    }
+}
+
+/// The VM's id for metric `name`, defined on first use.
+fn metric_id(kind: MetricType, name: &str) -> Option<u32> {
+    METRICS.with(|m| {
+        let mut m = m.borrow_mut();
+        if let Some(&id) = m.get(name) {
+            return Some(id);
+        }
+        match hostcalls::define_metric(kind, name) {
+            Ok(id) => {
+                m.insert(name.to_string(), id);
+                Some(id)
+            }
+            Err(s) => {
+                log::warn!("could not define metric {name}: {s:?}");
+                None
+            }
+        }
+    })
 }

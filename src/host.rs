@@ -54,6 +54,8 @@ pub trait Host: SharedData {
 
     /// Adds `delta` to the counter called `name`.
     fn count(&mut self, name: &str, delta: u64);
+    /// Sets the gauge called `name`.
+    fn gauge(&mut self, name: &str, value: u64);
 }
 
 /// Proxy-wide key/value memory shared by every worker thread (proxy-wasm

@@ -9,6 +9,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod admission;
 pub mod api;
 pub mod aws;
 pub mod config;
@@ -16,7 +17,9 @@ pub mod exchange;
 pub mod filter;
 pub mod health;
 pub mod host;
+pub mod identity;
 pub mod json;
+pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod pricing;

@@ -123,3 +123,121 @@ impl<T: StreamTranslator + ?Sized> StreamTranslator for Box<T> {
         (**self).usage()
     }
 }
+
+/// The token counts in a complete (non-streamed) answer in `schema`, read
+/// from its usage object alone; None when it reports none.
+pub fn usage_of_answer(schema: Schema, body: &[u8]) -> Option<Usage> {
+    use serde_json::Value;
+    let doc = crate::json::TopLevel::parse(body).ok()?;
+    let field = match schema {
+        Schema::Gemini => "usageMetadata",
+        _ => "usage",
+    };
+    let raw = doc.raw(doc.get(field).ok()??);
+    let u: Value = serde_json::from_slice(raw).ok()?;
+    let n = |path: &str| u.pointer(path).and_then(Value::as_u64).unwrap_or(0);
+    let has = |path: &str| u.pointer(path).is_some_and(Value::is_u64);
+    let usage = match schema {
+        Schema::OpenAi => {
+            if !has("/prompt_tokens") {
+                return None;
+            }
+            Usage {
+                input_tokens: n("/prompt_tokens"),
+                output_tokens: n("/completion_tokens"),
+                cached_input_tokens: n("/prompt_tokens_details/cached_tokens"),
+                reasoning_tokens: n("/completion_tokens_details/reasoning_tokens"),
+            }
+        }
+        Schema::Anthropic => {
+            if !has("/input_tokens") && !has("/output_tokens") {
+                return None;
+            }
+            let read = n("/cache_read_input_tokens");
+            Usage {
+                input_tokens: n("/input_tokens") + read + n("/cache_creation_input_tokens"),
+                output_tokens: n("/output_tokens"),
+                cached_input_tokens: read,
+                reasoning_tokens: 0,
+            }
+        }
+        Schema::Gemini => {
+            if !has("/promptTokenCount") {
+                return None;
+            }
+            let thoughts = n("/thoughtsTokenCount");
+            Usage {
+                input_tokens: n("/promptTokenCount"),
+                output_tokens: n("/candidatesTokenCount") + thoughts,
+                cached_input_tokens: n("/cachedContentTokenCount"),
+                reasoning_tokens: thoughts,
+            }
+        }
+        Schema::Converse => {
+            if !has("/inputTokens") {
+                return None;
+            }
+            let read = n("/cacheReadInputTokens");
+            Usage {
+                input_tokens: n("/inputTokens") + read + n("/cacheWriteInputTokens"),
+                output_tokens: n("/outputTokens"),
+                cached_input_tokens: read,
+                reasoning_tokens: 0,
+            }
+        }
+    };
+    Some(usage)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_of_answers_in_every_schema() {
+        let u = |i, o, c, r| {
+            Some(Usage {
+                input_tokens: i,
+                output_tokens: o,
+                cached_input_tokens: c,
+                reasoning_tokens: r,
+            })
+        };
+        let cases: &[(Schema, &str, Option<Usage>)] = &[
+            (
+                Schema::OpenAi,
+                r#"{"id":"x","usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15,
+                "prompt_tokens_details":{"cached_tokens":4},"completion_tokens_details":{"reasoning_tokens":2}}}"#,
+                u(10, 5, 4, 2),
+            ),
+            (
+                Schema::OpenAi,
+                r#"{"object":"list","data":[],"usage":{"prompt_tokens":7,"total_tokens":7}}"#,
+                u(7, 0, 0, 0),
+            ),
+            (Schema::OpenAi, r#"{"id":"x","usage":null}"#, None),
+            (Schema::OpenAi, r#"{"id":"x"}"#, None),
+            (
+                Schema::Anthropic,
+                r#"{"type":"message","usage":{"input_tokens":3,"cache_read_input_tokens":8,
+                "cache_creation_input_tokens":2,"output_tokens":9}}"#,
+                u(13, 9, 8, 0),
+            ),
+            (
+                Schema::Gemini,
+                r#"{"candidates":[],"usageMetadata":{"promptTokenCount":11,"candidatesTokenCount":6,
+                "thoughtsTokenCount":3,"cachedContentTokenCount":5}}"#,
+                u(11, 9, 5, 3),
+            ),
+            (
+                Schema::Converse,
+                r#"{"output":{},"usage":{"inputTokens":4,"outputTokens":2,"cacheReadInputTokens":1}}"#,
+                u(5, 2, 1, 0),
+            ),
+            (Schema::OpenAi, "not json", None),
+        ];
+        for (schema, body, want) in cases {
+            assert_eq!(usage_of_answer(*schema, body.as_bytes()), *want, "{body}");
+        }
+    }
+}
