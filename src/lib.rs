@@ -19,6 +19,7 @@ pub mod host;
 pub mod json;
 pub mod metrics;
 pub mod policy;
+pub mod quota;
 pub mod route;
 pub mod sse;
 pub mod translate;
