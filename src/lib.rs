@@ -23,6 +23,7 @@ pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod pricing;
+pub mod quota;
 pub mod route;
 pub mod sse;
 pub mod translate;
