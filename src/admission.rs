@@ -167,7 +167,7 @@ pub fn admit(
     host: &mut dyn Host,
     who: &Who,
     ask: &Ask,
-) -> Result<Option<Admission>, Rejection> {
+) -> Result<Option<Admission>, Box<Rejection>> {
     let Some(policy) = config.quotas.as_ref() else {
         return Ok(None);
     };
@@ -246,7 +246,13 @@ pub fn admit(
         Err((index, refusal)) => {
             let rule = matched.get(index).map(|(i, _)| &policy.rules[*i]);
             let name = rule.map_or("", |r| r.name.as_str());
-            Err(rejection(ask.caller_schema, name, &refusal, &amounts, now))
+            Err(Box::new(rejection(
+                ask.caller_schema,
+                name,
+                &refusal,
+                &amounts,
+                now,
+            )))
         }
     }
 }

@@ -641,7 +641,13 @@ mod tests {
         .unwrap();
         let chat = caller("shop", "chat");
         let free = vec![(1usize, "free".to_string())];
-        let cases: Vec<(&Caller, &str, &[(usize, String)], Vec<Option<&str>>)> = vec![
+        type Case<'a> = (
+            &'a Caller,
+            &'a str,
+            &'a [(usize, String)],
+            Vec<Option<&'a str>>,
+        );
+        let cases: Vec<Case> = vec![
             (
                 &chat,
                 "gpt-4o",
