@@ -216,6 +216,8 @@ pub struct RequestFilter {
     quota_decision: String,
     /// Serving roles: the token counts the provider reported.
     usage: Option<Usage>,
+    /// Listener roles: the request was counted and settled.
+    finished: bool,
 }
 
 /// What routing decisions read from the request.
@@ -379,6 +381,7 @@ impl RequestFilter {
             response_bytes: 0,
             quota_decision: "none".into(),
             usage: None,
+            finished: false,
         }
     }
 
@@ -397,6 +400,11 @@ impl RequestFilter {
         extra: &[(&str, &str)],
         body: &[u8],
     ) -> Flow {
+        // Nothing more will happen to this request: account for it now,
+        // while access logs can still see the fields.
+        self.status = status;
+        self.phase = Phase::Answered;
+        self.finish(host);
         let mut headers: Vec<(&str, &str)> = Vec::with_capacity(extra.len() + 2);
         headers.push(("content-type", "application/json"));
         headers.extend_from_slice(extra);
@@ -1126,6 +1134,27 @@ impl RequestFilter {
     }
 
     pub fn on_response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
+        let flow = self.response_headers(host, end_of_stream);
+        if end_of_stream {
+            self.finish(host);
+        }
+        flow
+    }
+
+    pub fn on_response_body(
+        &mut self,
+        host: &mut dyn Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Flow {
+        let flow = self.response_body(host, body_size, end_of_stream);
+        if end_of_stream {
+            self.finish(host);
+        }
+        flow
+    }
+
+    fn response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
         if self.phase == Phase::Answered {
             return Flow::Continue;
         }
@@ -1261,7 +1290,7 @@ impl RequestFilter {
         self.route().map_or(Schema::OpenAi, |r| r.schema)
     }
 
-    pub fn on_response_body(
+    fn response_body(
         &mut self,
         host: &mut dyn Host,
         body_size: usize,
@@ -1410,6 +1439,17 @@ impl RequestFilter {
             }
             return;
         }
+        self.finish(host);
+    }
+
+    /// Listener roles, once per request, as soon as the answer is complete
+    /// (so access logs see the fields) or when the request is abandoned:
+    /// counts it, settles its reservation and records what it cost.
+    fn finish(&mut self, host: &mut dyn Host) {
+        if self.finished || self.role == Role::Attempt {
+            return;
+        }
+        self.finished = true;
         let served = self.served.take();
         let config = Rc::clone(&self.config);
         // The target that answered: the upstream half says so with its

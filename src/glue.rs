@@ -292,6 +292,10 @@ impl Host for ProxyHost {
             .map_err(|s| host_error("set property", s))
     }
     fn count(&mut self, name: &str, delta: u64) {
+        // Envoy refuses a zero increment; the series appears with its first.
+        if delta == 0 {
+            return;
+        }
         if let Some(id) = metric_id(MetricType::Counter, name) {
             let delta = i64::try_from(delta).unwrap_or(i64::MAX);
             if let Err(s) = hostcalls::increment_metric(id, delta) {

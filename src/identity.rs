@@ -60,17 +60,19 @@ pub enum IdentityError {
 /// Client headers that may carry a virtual key, as each SDK sends its key.
 const KEY_HEADERS: &[&str] = &["authorization", "x-api-key", "api-key", "x-goog-api-key"];
 
-/// Istio's node metadata: the workload's namespace and labels.
-const NODE_NAMESPACE: &[&str] = &["node", "metadata", "NAMESPACE"];
+/// Istio's node metadata: the workload's namespace and labels (Envoy names
+/// the node `xds.node`).
+const NODE_NAMESPACE: &[&str] = &["xds", "node", "metadata", "NAMESPACE"];
 const NODE_SERVICE_CANDIDATES: &[&[&str]] = &[
     &[
+        "xds",
         "node",
         "metadata",
         "LABELS",
         "service.istio.io/canonical-name",
     ],
-    &["node", "metadata", "LABELS", "app"],
-    &["node", "metadata", "WORKLOAD_NAME"],
+    &["xds", "node", "metadata", "LABELS", "app"],
+    &["xds", "node", "metadata", "WORKLOAD_NAME"],
 ];
 /// The first URI SAN of the peer's certificate (mTLS).
 const PEER_URI_SAN: &[&str] = &["connection", "uri_san_peer_certificate"];

@@ -60,7 +60,7 @@ def http(method, url, body=None, headers=None, timeout=15):
 class Envoy:
     """A real Envoy with the filter, configured from a plugin config dict."""
 
-    def __init__(self, plugin_config, upstreams=None, env=None, concurrency=1):
+    def __init__(self, plugin_config, upstreams=None, env=None, concurrency=1, node=None):
         self.port = free_port()
         self.admin_port = free_port()
         self.dir = tempfile.mkdtemp(prefix="meshllm-envoy-")
@@ -73,6 +73,7 @@ class Envoy:
             admin_port=self.admin_port,
             upstreams=upstreams,
             access_log_path=self.access_log,
+            node=node,
         )
         self.config_path = os.path.join(self.dir, "envoy.json")
         with open(self.config_path, "w") as f:
@@ -87,6 +88,8 @@ class Envoy:
                 "-c", self.config_path,
                 "--concurrency", str(concurrency),
                 "--base-id", str(self.port),
+                # Access-log lines reach the file within 0.2 s, not 10 s.
+                "--file-flush-interval-msec", "200",
                 "-l", "warning",
                 "--component-log-level", "wasm:info",
             ],

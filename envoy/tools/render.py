@@ -26,13 +26,37 @@ POSITION_HEADER_PREFIX = "x-meshllm-p"
 FAILOVER_DEFAULTS = {"enabled": True, "max_attempts": 3, "per_try_timeout_ms": 60000}
 
 # Labels travel in metric names as ";key=value"; Envoy cuts them out again.
-METRIC_LABELS = ["provider", "model", "status_class"]
+METRIC_LABELS = [
+    "provider", "model", "status_class", "namespace", "service", "type",
+    "limit", "reason", "kind", "scope",
+]
 
 
-def stats_tags():
-    return [
-        {"tag_name": label, "regex": f"(;{label}=([^;]*))"} for label in METRIC_LABELS
-    ]
+def stats_tags(plugin_config=None):
+    """Envoy's tag extractors for every label the filter puts in metric
+    names, attribution tags (`tag_<name>`) included."""
+    tags = (plugin_config or {}).get("attribution", {}).get("tags", [])
+    labels = METRIC_LABELS + [f"tag_{t['name']}" for t in tags]
+    return [{"tag_name": label, "regex": f"(;{label}=([^;]*))"} for label in labels]
+
+
+# Access-log fields the filter leaves in filter state, beside Envoy's own.
+ACCESS_LOG_FORMAT = {
+    "start_time": "%START_TIME%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ(:PATH)%",
+    "status": "%RESPONSE_CODE%",
+    "duration_ms": "%DURATION%",
+    "provider": "%RESP(x-meshllm-provider)%",
+    "model": "%RESP(x-meshllm-model)%",
+    "attempts": "%RESP(x-meshllm-attempts)%",
+    "route": "%RESP(x-meshllm-route)%",
+    "caller": "%FILTER_STATE(wasm.meshllm.caller:PLAIN)%",
+    "tags": "%FILTER_STATE(wasm.meshllm.tags:PLAIN)%",
+    "tokens": "%FILTER_STATE(wasm.meshllm.tokens:PLAIN)%",
+    "cost_micro_usd": "%FILTER_STATE(wasm.meshllm.cost_micro_usd:PLAIN)%",
+    "quota": "%FILTER_STATE(wasm.meshllm.quota:PLAIN)%",
+}
 
 
 DEFAULT_BASE_URLS = {
@@ -304,6 +328,7 @@ def render(
     upstreams=None,
     route_timeout="600s",
     access_log_path=None,
+    node=None,
 ):
     """The Envoy bootstrap (a dict) for `plugin_config` (a dict)."""
     upstreams = upstreams or {}
@@ -427,14 +452,16 @@ def render(
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
                     "path": access_log_path,
+                    "log_format": {"json_format": ACCESS_LOG_FORMAT},
                 },
             }
         ]
-    return {
+    bootstrap = {
+        "node": node or {"id": "meshllm", "cluster": "meshllm"},
         "admin": {
             "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
         },
-        "stats_config": {"stats_tags": stats_tags()},
+        "stats_config": {"stats_tags": stats_tags(plugin_config)},
         "static_resources": {
             "listeners": [
                 {
@@ -457,6 +484,7 @@ def render(
             "clusters": clusters,
         },
     }
+    return bootstrap
 
 
 def to_yaml(doc):
