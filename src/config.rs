@@ -1323,8 +1323,8 @@ mod tests {
             n += 1;
         }
         assert_eq!(
-            n, 17,
-            "one example per documented provider, and the routing example"
+            n, 19,
+            "one example per documented provider, the routing and the two quota examples"
         );
         let shipped = ok(include_str!("../envoy/meshllm.json"));
         assert_eq!(shipped.config.providers.len(), 10);
