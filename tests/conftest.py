@@ -60,7 +60,8 @@ def http(method, url, body=None, headers=None, timeout=15):
 class Envoy:
     """A real Envoy with the filter, configured from a plugin config dict."""
 
-    def __init__(self, plugin_config, upstreams=None, env=None, concurrency=1, node=None):
+    def __init__(self, plugin_config, upstreams=None, env=None, concurrency=1, node=None,
+                 downstream_tls=None):
         self.port = free_port()
         self.admin_port = free_port()
         self.dir = tempfile.mkdtemp(prefix="meshllm-envoy-")
@@ -74,6 +75,7 @@ class Envoy:
             upstreams=upstreams,
             access_log_path=self.access_log,
             node=node,
+            downstream_tls=downstream_tls,
         )
         self.config_path = os.path.join(self.dir, "envoy.json")
         with open(self.config_path, "w") as f:

@@ -5,6 +5,7 @@ abandoned requests included), and refusals look like OpenAI's own (or
 Anthropic's and Gemini's for their callers)."""
 
 import hashlib
+import os
 import json
 import socket
 import time
@@ -354,3 +355,97 @@ def test_virtual_keys_name_the_tenant_and_stay_in_the_gateway(keyed, mocks):
     assert sent["authorization"] == f"Bearer {KEYS['OPENAI_API_KEY']}"
     status, _, raw = http("POST", url, body(), good)
     assert status == 429 and "'bot'" in json.loads(raw)["error"]["message"]
+
+
+# --- identity from the peer's mTLS certificate (egress-gateway mode) --------
+
+def make_pki(directory):
+    """A mesh CA, the gateway's server certificate, and two workload
+    certificates with SPIFFE URI SANs, as Istio issues them."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def issue(name, issuer_key, issuer_name, sans, ca=False):
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        builder = (x509.CertificateBuilder()
+                   .subject_name(subject)
+                   .issuer_name(issuer_name or subject)
+                   .public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        cert = builder.sign(issuer_key or key, hashes.SHA256())
+        return key, cert
+
+    def write(stem, key, cert):
+        paths = (os.path.join(directory, stem + ".pem"), os.path.join(directory, stem + ".key"))
+        with open(paths[0], "wb") as f:
+            f.write(cert.public_bytes(serialization.Encoding.PEM))
+        with open(paths[1], "wb") as f:
+            f.write(key.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+        return paths
+
+    ca_key, ca = issue("mesh-ca", None, None, None, ca=True)
+    server = issue("egress", ca_key, ca.subject, [
+        x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    pki = {"ca": write("ca", ca_key, ca)[0], "server": write("server", *server)}
+    for ns, sa in [("shop", "chatbot"), ("other", "batch")]:
+        uri = f"spiffe://cluster.local/ns/{ns}/sa/{sa}"
+        pki[f"{ns}/{sa}"] = write(f"{ns}-{sa}", *issue(sa, ca_key, ca.subject,
+                                                          [x509.UniformResourceIdentifier(uri)]))
+    return pki
+
+
+@pytest.fixture(scope="module")
+def egress(wasm, mocks, tmp_path_factory):
+    pki = make_pki(str(tmp_path_factory.mktemp("pki")))
+    limits = [{"name": "chatbot", "match": {"namespace": "shop", "service": "chatbot"},
+               "requests_per_day": 1}]
+    cfg = quota_config(free_port(), {"source": "mesh_peer"}, limits)
+    upstreams = {name: ("127.0.0.1", m.port) for name, m in mocks.items()}
+    tls = {"cert": pki["server"][0], "key": pki["server"][1], "ca": pki["ca"]}
+    env = Envoy(cfg, upstreams=upstreams, env=KEYS, concurrency=2, downstream_tls=tls)
+    env.wait_ready()
+    env.pki = pki
+    yield env
+    env.stop()
+
+
+def mtls_chat(env, workload, headers=None):
+    import http.client
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=env.pki["ca"])
+    ctx.load_cert_chain(*env.pki[workload])
+    conn = http.client.HTTPSConnection("127.0.0.1", env.port, context=ctx, timeout=15)
+    try:
+        conn.request("POST", "/v1/chat/completions", json.dumps(body()),
+                     {"content-type": "application/json", **(headers or {})})
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def test_egress_identity_comes_from_the_peer_certificate(egress):
+    forged = {"x-caller": "other/batch", "x-forwarded-client-cert": "URI=spiffe://x/ns/other/sa/batch"}
+    assert mtls_chat(egress, "shop/chatbot", forged)[0] == 200
+    status, raw = mtls_chat(egress, "shop/chatbot", forged)
+    assert status == 429 and "'chatbot'" in json.loads(raw)["error"]["message"]
+    # Another workload's certificate is another caller.
+    assert mtls_chat(egress, "other/batch")[0] == 200
+    callers = {x["caller"] for x in log_lines(egress, '"path"', count=3)}
+    assert callers == {"shop/chatbot", "other/batch"}

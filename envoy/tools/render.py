@@ -329,6 +329,7 @@ def render(
     route_timeout="600s",
     access_log_path=None,
     node=None,
+    downstream_tls=None,
 ):
     """The Envoy bootstrap (a dict) for `plugin_config` (a dict)."""
     upstreams = upstreams or {}
@@ -456,6 +457,16 @@ def render(
                 },
             }
         ]
+    filter_chain = {
+        "filters": [
+            {
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": hcm,
+            }
+        ]
+    }
+    if downstream_tls:
+        filter_chain["transport_socket"] = mtls_transport_socket(**downstream_tls)
     bootstrap = {
         "node": node or {"id": "meshllm", "cluster": "meshllm"},
         "admin": {
@@ -469,22 +480,32 @@ def render(
                     "address": {"socket_address": {"address": address, "port_value": port}},
                     # Above the filter's own limit, so its clear 413 wins.
                     "per_connection_buffer_limit_bytes": max_body + 1024 * 1024,
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": hcm,
-                                }
-                            ]
-                        }
-                    ],
+                    "filter_chains": [filter_chain],
                 }
             ],
             "clusters": clusters,
         },
     }
     return bootstrap
+
+
+def mtls_transport_socket(cert, key, ca):
+    """A listener that requires client certificates signed by `ca`, as an
+    Istio egress gateway's mTLS does (the filter reads the peer's SPIFFE
+    identity from it)."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "require_client_certificate": True,
+            "common_tls_context": {
+                "tls_certificates": [
+                    {"certificate_chain": {"filename": cert}, "private_key": {"filename": key}}
+                ],
+                "validation_context": {"trusted_ca": {"filename": ca}},
+            },
+        },
+    }
 
 
 def to_yaml(doc):
