@@ -2097,3 +2097,164 @@ fn attempt_half_without_a_plan_or_position_fails_loudly() {
     assert_eq!(sent.status, 500);
     assert!(String::from_utf8_lossy(&sent.body).contains("no routing plan"));
 }
+
+// ---------------------------------------------------------------------------
+// Quotas: admission in the listener half, usage from the upstream half.
+
+fn quota_config() -> Rc<Config> {
+    let mut doc: Value = serde_json::from_str(ROUTED_CONFIG).unwrap();
+    doc["identity"] = serde_json::json!({"source": "trusted_header", "header": "x-caller"});
+    doc["quotas"] = serde_json::json!({"limits": [
+        {"name": "team", "match": {"namespace": "team"}, "tokens_per_day": 100000, "requests_per_day": 2}
+    ]});
+    config_from(&doc.to_string())
+}
+
+const TEAM_BUCKET: &str = "meshllm/quota/v1/team";
+
+fn team_standings(host: &MockHost) -> Vec<crate::quota::Standing> {
+    let cfg = quota_config();
+    let rule = &cfg.quotas.as_ref().unwrap().rules[0];
+    crate::quota::standings(host, TEAM_BUCKET, &rule.limits, host.now_unix_millis())
+}
+
+#[test]
+fn the_listener_half_reserves_and_settles_with_the_attempts_usage() {
+    let cfg = quota_config();
+    let body = chat_body(&quote("chain"));
+    let mut host =
+        client_post("/v1/chat/completions", body.as_bytes()).with_header("x-caller", "team/api");
+    let mut router = RequestFilter::new(Rc::clone(&cfg), Role::Router);
+    assert_eq!(router.on_request_headers(&mut host, false), Flow::Pause);
+    assert_eq!(
+        router.on_request_body(&mut host, body.len(), true),
+        Flow::Continue
+    );
+    assert_eq!(
+        host.req("x-caller"),
+        None,
+        "the identity header stays in the gateway"
+    );
+    let reserved = team_standings(&host);
+    let tokens = reserved
+        .iter()
+        .find(|s| s.limit.meter == crate::quota::Meter::Tokens)
+        .unwrap();
+    assert!(tokens.used > 0);
+
+    // The upstream half leaves the served target and its usage behind.
+    let fast = cfg.route_index("fast").unwrap();
+    host.properties.insert(
+        USAGE_PROPERTY.into(),
+        format!("{fast},30,12,0,0").into_bytes(),
+    );
+    host.respond(
+        200,
+        &[
+            (ATTEMPTS_RESPONSE_HEADER, "1"),
+            ("x-ratelimit-remaining-tokens", "999999"),
+        ],
+        b"{}",
+        None,
+    );
+    assert_eq!(router.on_response_headers(&mut host, false), Flow::Continue);
+    assert_eq!(
+        host.resp("x-ratelimit-limit-tokens").as_deref(),
+        Some("100000")
+    );
+    assert_eq!(
+        host.resp("x-ratelimit-remaining-tokens"),
+        Some((100_000 - tokens.used).to_string()),
+        "the caller's own limit replaces the provider's"
+    );
+    assert_eq!(router.on_response_body(&mut host, 2, true), Flow::Continue);
+    let settled = team_standings(&host);
+    let used: Vec<(crate::quota::Meter, u64)> =
+        settled.iter().map(|s| (s.limit.meter, s.used)).collect();
+    assert!(
+        used.contains(&(crate::quota::Meter::Tokens, 42)),
+        "{used:?}"
+    );
+    assert!(
+        used.contains(&(crate::quota::Meter::Requests, 1)),
+        "{used:?}"
+    );
+    assert_eq!(
+        host.properties.get("meshllm.caller").map(Vec::as_slice),
+        Some(&b"team/api"[..])
+    );
+    assert_eq!(
+        host.properties.get("meshllm.tokens").map(Vec::as_slice),
+        Some(&b"30/12/0"[..])
+    );
+    assert_eq!(
+        host.properties.get("meshllm.quota").map(Vec::as_slice),
+        Some(&b"admitted"[..])
+    );
+    // Settling happens once, even though the request's log comes later.
+    router.on_done(&mut host);
+    assert_eq!(team_standings(&host), settled);
+}
+
+#[test]
+fn a_refused_request_gets_an_openai_429_and_reserves_nothing() {
+    let cfg = quota_config();
+    let body = chat_body(&quote("chain"));
+    let mut host = MockHost::default();
+    for i in 0..3 {
+        host.request_headers = client_post("/v1/chat/completions", body.as_bytes())
+            .with_header("x-caller", "team/api")
+            .request_headers;
+        host.request_body = body.as_bytes().to_vec();
+        host.sent.clear();
+        let mut router = RequestFilter::new(Rc::clone(&cfg), Role::Router);
+        router.on_request_headers(&mut host, false);
+        let flow = router.on_request_body(&mut host, body.len(), true);
+        if i < 2 {
+            assert_eq!(flow, Flow::Continue);
+            router.on_done(&mut host);
+            continue;
+        }
+        assert_eq!(flow, Flow::Pause);
+        let sent = host.reply();
+        assert_eq!(sent.status, 429);
+        let e = error_fields(&sent.body);
+        assert_eq!(
+            (e.kind.as_str(), e.code.as_deref()),
+            ("requests", Some("rate_limit_exceeded"))
+        );
+        let header = |n: &str| {
+            sent.headers
+                .iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(
+            header("x-ratelimit-remaining-requests").as_deref(),
+            Some("0")
+        );
+        assert!(header("retry-after").is_some());
+    }
+    let used: Vec<u64> = team_standings(&host).iter().map(|s| s.used).collect();
+    // Two abandoned requests: no answer, so no tokens; two requests counted.
+    assert!(used.contains(&2) && used.contains(&0), "{used:?}");
+    let rejected = host.counters.keys().any(|k| {
+        k.starts_with(
+            "meshllm_quota_rejections_total;namespace=team;service=api;limit=team;reason=rate",
+        )
+    });
+    assert!(rejected);
+}
+
+#[test]
+fn unidentified_callers_get_403_in_their_own_shape() {
+    let cfg = quota_config();
+    let body = br#"{"model":"chain","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#;
+    let mut host = MockHost::new("POST", "/v1/messages").with_body(body);
+    let mut router = RequestFilter::new(Rc::clone(&cfg), Role::Router);
+    assert_eq!(router.on_request_headers(&mut host, false), Flow::Pause);
+    let sent = host.reply();
+    assert_eq!(sent.status, 403);
+    let v: Value = serde_json::from_slice(&sent.body).unwrap();
+    assert_eq!(v["error"]["type"], "permission_error");
+}
