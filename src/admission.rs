@@ -10,9 +10,9 @@ use crate::api::openai::ApiError;
 use crate::config::Config;
 use crate::host::Host;
 use crate::identity::{Caller, IdentityError};
-use crate::limits::{tag_value, Facts, LimitRule};
+use crate::limits::{limit_field, tag_value, Facts, LimitRule};
 use crate::pricing::{cost_micro_usd, Prices};
-use crate::quota::{self, Amounts, Held, Limit, Meter, Refusal, Standing, Update, Window};
+use crate::quota::{self, Amounts, Held, Limit, Meter, Refusal, Standing, Update};
 use crate::translate::{Schema, Usage};
 
 /// Who called and which attribution tags the request carries.
@@ -135,6 +135,7 @@ pub struct Admission {
     reserved: Amounts,
     prompt_estimate: u64,
     output_estimate: u64,
+    bytes_per_token: u64,
     /// Headers for the caller's answer: rate-limit state and budget alerts.
     pub headers: Vec<(String, String)>,
 }
@@ -240,6 +241,7 @@ pub fn admit(
                 reserved: amounts,
                 prompt_estimate: prompt,
                 output_estimate: output,
+                bytes_per_token: policy.reservation.bytes_per_token.max(1),
                 headers,
             }))
         }
@@ -290,11 +292,7 @@ pub fn charge(config: &Config, admission: Option<&Admission>, outcome: &Outcome)
             let Some(a) = admission else {
                 return Charge::default();
             };
-            let per_token = config
-                .quotas
-                .as_ref()
-                .map_or(4, |q| q.reservation.bytes_per_token.max(1));
-            let sent = outcome.response_bytes.div_ceil(per_token);
+            let sent = outcome.response_bytes.div_ceil(a.bytes_per_token);
             (
                 Usage {
                     input_tokens: a.prompt_estimate,
@@ -330,7 +328,10 @@ pub fn settle(
     let now = host.now_unix_millis();
     let actual = Amounts {
         requests: admission.reserved.requests,
-        tokens: charge.usage.input_tokens + charge.usage.output_tokens,
+        tokens: charge
+            .usage
+            .input_tokens
+            .saturating_add(charge.usage.output_tokens),
         micro_usd: charge.micro_usd,
     };
     for (rule_index, key, held) in &admission.held {
@@ -347,7 +348,7 @@ pub fn settle(
 /// sees the crossing) and updates the usage gauge.
 fn report(host: &mut dyn Host, alerts: &[u32], rule: &LimitRule, key: &str, who: &Who, u: &Update) {
     let s = &u.standing;
-    let what = limit_name(&s.limit);
+    let what = limit_field(&s.limit);
     if let Some(pct) = u.crossed(alerts) {
         log::warn!(
             "budget alert: limit {:?} ({what}) of bucket {key:?} passed {pct}% (used {} of {}), caller {}",
@@ -371,7 +372,7 @@ fn alert_header(all: &[(&LimitRule, &Standing)], alerts: &[u32]) -> Option<Strin
         .iter()
         .filter_map(|(rule, s)| {
             let pct = quota::percent(s.used, s.limit.max);
-            (pct >= first).then(|| format!("{}:{}={pct}%", rule.name, limit_name(&s.limit)))
+            (pct >= first).then(|| format!("{}:{}={pct}%", rule.name, limit_field(&s.limit)))
         })
         .collect();
     (!parts.is_empty()).then(|| parts.join(", "))
@@ -384,21 +385,6 @@ fn prices_of(config: &Config, model: usize) -> Option<Prices> {
         output: a.output_price?,
         cached_input: a.cached_input_price,
     })
-}
-
-/// `tokens_per_minute` and kin, as the config spells the limit.
-pub fn limit_name(l: &Limit) -> &'static str {
-    match (l.meter, l.window) {
-        (Meter::Requests, Window::Minute) => "requests_per_minute",
-        (Meter::Requests, Window::Day) => "requests_per_day",
-        (Meter::Requests, Window::Month) => "requests_per_month",
-        (Meter::Tokens, Window::Minute) => "tokens_per_minute",
-        (Meter::Tokens, Window::Day) => "tokens_per_day",
-        (Meter::Tokens, Window::Month) => "tokens_per_month",
-        (Meter::MicroUsd, Window::Minute) => "usd_per_minute",
-        (Meter::MicroUsd, Window::Day) => "usd_per_day",
-        (Meter::MicroUsd, Window::Month) => "usd_per_month",
-    }
 }
 
 /// An amount as people read it: dollars for money, a count otherwise.
@@ -427,7 +413,7 @@ fn rejection(
                 wait_ms.div_ceil(1000).max(1).to_string(),
             ));
             headers.extend(rate_limit_headers(schema, [*standing], now));
-            let what = limit_name(&l);
+            let what = limit_field(&l);
             match l.meter {
                 Meter::MicroUsd => {
                     // Waiting a few seconds will not help: say so to the SDKs.
@@ -479,7 +465,7 @@ fn rejection(
                     Some(if limit.meter == Meter::MicroUsd { "insufficient_quota" } else { "rate_limit_exceeded" }),
                     format!(
                         "Request too large for limit '{rule}' ({}): Limit {}, Requested {}. Lower max_tokens or the prompt size.",
-                        limit_name(limit),
+                        limit_field(limit),
                         shown(limit.meter, limit.max),
                         shown(limit.meter, *requested),
                     ),
@@ -565,38 +551,18 @@ pub fn rate_limit_headers(
     out
 }
 
-/// Whether a provider header is a rate-limit header of the provider's own
-/// account, which says nothing about the caller's limits.
-pub fn is_provider_rate_limit_header(name: &str) -> bool {
-    name.starts_with("x-ratelimit-") || name.starts_with("anthropic-ratelimit-")
-}
-
 /// `2026-11-21T07:22:53Z` for a Unix time in milliseconds.
 pub fn rfc3339(ms: u64) -> String {
     let secs = ms / 1000;
     let days = secs / 86_400;
     let rem = secs % 86_400;
-    let (y, m, d) = civil_from_days(days);
+    let (y, m, d) = quota::civil_from_days(days);
     format!(
         "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
         rem / 3600,
         rem % 3600 / 60,
         rem % 60
     )
-}
-
-/// Days since 1970-01-01 -> (year, month, day), proleptic Gregorian.
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + u64::from(m <= 2);
-    (y, m, d)
 }
 
 #[cfg(test)]
@@ -607,7 +573,7 @@ mod tests {
         Standing {
             limit: Limit {
                 meter,
-                window: Window::Minute,
+                window: quota::Window::Minute,
                 max,
             },
             used,

@@ -789,9 +789,9 @@ impl RequestFilter {
                     caller_schema: self.caller,
                 };
                 match admission::admit(&config, host, &self.who, &ask) {
-                    Ok(admitted) => {
-                        if let Some(a) = &admitted {
-                            self.answer_headers.extend(a.headers.iter().cloned());
+                    Ok(mut admitted) => {
+                        if let Some(a) = &mut admitted {
+                            self.answer_headers.append(&mut a.headers);
                             self.quota_decision = "admitted".into();
                         }
                         self.admission = admitted;
@@ -1258,10 +1258,9 @@ impl RequestFilter {
     /// downgrades go on the answer, in place of the provider's own limits.
     fn decorate_answer(&mut self, host: &mut dyn Host) {
         if self.config.quotas.is_some() {
+            // Removing an absent header is a no-op: one host call each.
             for name in PROVIDER_RATE_LIMIT_HEADERS {
-                if host.response_header(name).is_some() {
-                    let _ = host.remove_response_header(name);
-                }
+                let _ = host.remove_response_header(name);
             }
         }
         for (name, value) in &self.answer_headers {

@@ -250,8 +250,8 @@ struct RawDowngrade {
     models: HashMap<String, String>,
 }
 
-/// The limit fields of a rule: meter, window, and whether the value is in
-/// dollars (stored as micro-dollars).
+/// The limit fields of a rule and what each counts (`usd_*` values are
+/// dollars, stored as micro-dollars).
 const LIMIT_FIELDS: &[(&str, Meter, Window)] = &[
     ("requests_per_minute", Meter::Requests, Window::Minute),
     ("requests_per_day", Meter::Requests, Window::Day),
@@ -263,6 +263,14 @@ const LIMIT_FIELDS: &[(&str, Meter, Window)] = &[
     ("usd_per_day", Meter::MicroUsd, Window::Day),
     ("usd_per_month", Meter::MicroUsd, Window::Month),
 ];
+
+/// `tokens_per_minute` and kin: a limit as the config spells it.
+pub fn limit_field(limit: &Limit) -> &'static str {
+    LIMIT_FIELDS
+        .iter()
+        .find(|(_, meter, window)| (*meter, *window) == (limit.meter, limit.window))
+        .map_or("limit", |(name, _, _)| name)
+}
 
 /// Where a rule's names must be found: configured models and routes,
 /// virtual keys, and whether callers are identified at all.

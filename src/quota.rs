@@ -614,7 +614,7 @@ fn window_from_code(code: u8) -> Option<Window> {
 /// (year, month 1..=12, day 1..=31) of a day counted from 1970-01-01, in the
 /// proleptic Gregorian calendar (Howard Hinnant's `civil_from_days`, shifted
 /// so the year starts in March and the leap day comes last).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
+pub fn civil_from_days(days: u64) -> (u64, u64, u64) {
     // Days from 0000-03-01 to 1970-01-01.
     let z = days.saturating_add(719_468);
     let era = z / 146_097;

@@ -155,7 +155,9 @@ pub fn usage_of_answer(schema: Schema, body: &[u8]) -> Option<Usage> {
             }
             let read = n("/cache_read_input_tokens");
             Usage {
-                input_tokens: n("/input_tokens") + read + n("/cache_creation_input_tokens"),
+                input_tokens: n("/input_tokens")
+                    .saturating_add(read)
+                    .saturating_add(n("/cache_creation_input_tokens")),
                 output_tokens: n("/output_tokens"),
                 cached_input_tokens: read,
                 reasoning_tokens: 0,
@@ -168,7 +170,7 @@ pub fn usage_of_answer(schema: Schema, body: &[u8]) -> Option<Usage> {
             let thoughts = n("/thoughtsTokenCount");
             Usage {
                 input_tokens: n("/promptTokenCount"),
-                output_tokens: n("/candidatesTokenCount") + thoughts,
+                output_tokens: n("/candidatesTokenCount").saturating_add(thoughts),
                 cached_input_tokens: n("/cachedContentTokenCount"),
                 reasoning_tokens: thoughts,
             }
@@ -179,7 +181,9 @@ pub fn usage_of_answer(schema: Schema, body: &[u8]) -> Option<Usage> {
             }
             let read = n("/cacheReadInputTokens");
             Usage {
-                input_tokens: n("/inputTokens") + read + n("/cacheWriteInputTokens"),
+                input_tokens: n("/inputTokens")
+                    .saturating_add(read)
+                    .saturating_add(n("/cacheWriteInputTokens")),
                 output_tokens: n("/outputTokens"),
                 cached_input_tokens: read,
                 reasoning_tokens: 0,
