@@ -10,7 +10,7 @@ use crate::api::openai::ApiError;
 use crate::config::Config;
 use crate::host::Host;
 use crate::identity::{Caller, IdentityError};
-use crate::limits::{limit_field, tag_value, Facts, LimitRule};
+use crate::limits::{limit_field, tag_value, Facts, LimitRule, Selector};
 use crate::pricing::{cost_micro_usd, Prices};
 use crate::quota::{self, Amounts, Held, Limit, Meter, Refusal, Standing, Update};
 use crate::translate::{Schema, Usage};
@@ -359,7 +359,24 @@ fn report(host: &mut dyn Host, alerts: &[u32], rule: &LimitRule, key: &str, who:
         );
     }
     let scope = key.split_once('|').map_or("", |(_, rest)| rest);
-    let name = crate::metrics::budget_used_percent(&rule.name, what, scope);
+    // The bucket's caller: its per-value part, the rule's exact match, or all.
+    fn part<'a>(scope: &'a str, field: &str, selector: &'a Selector) -> &'a str {
+        scope
+            .split('|')
+            .find_map(|p| p.strip_prefix(field)?.strip_prefix('='))
+            .or(match selector {
+                Selector::Is(v) => Some(v.as_str()),
+                _ => None,
+            })
+            .unwrap_or("all")
+    }
+    let name = crate::metrics::budget_used_percent(
+        part(scope, "ns", &rule.matcher.namespace),
+        part(scope, "svc", &rule.matcher.service),
+        &rule.name,
+        what,
+        scope,
+    );
     host.gauge(&name, u64::from(quota::percent(s.used, s.limit.max)));
 }
 

@@ -89,8 +89,17 @@ pub const DOWNGRADE_RESPONSE_HEADER: &str = "x-meshllm-downgrade";
 /// Access-log fields (filter state, read with `%FILTER_STATE(name:PLAIN)%`).
 pub const LOG_CALLER: &str = "meshllm.caller";
 pub const LOG_TAGS: &str = "meshllm.tags";
-pub const LOG_TOKENS: &str = "meshllm.tokens";
+pub const LOG_PROVIDER: &str = "meshllm.provider";
+pub const LOG_REQUEST_MODEL: &str = "meshllm.request_model";
+pub const LOG_RESPONSE_MODEL: &str = "meshllm.response_model";
+pub const LOG_ATTEMPTS: &str = "meshllm.attempts";
+pub const LOG_ROUTE_REASON: &str = "meshllm.route_reason";
+pub const LOG_INPUT_TOKENS: &str = "meshllm.input_tokens";
+pub const LOG_OUTPUT_TOKENS: &str = "meshllm.output_tokens";
+pub const LOG_CACHED_TOKENS: &str = "meshllm.cached_tokens";
+pub const LOG_TOKENS_ESTIMATED: &str = "meshllm.tokens_estimated";
 pub const LOG_COST: &str = "meshllm.cost_micro_usd";
+pub const LOG_TTFT: &str = "meshllm.ttft_ms";
 pub const LOG_QUOTA: &str = "meshllm.quota";
 /// Provider rate-limit headers describe the gateway's account with the
 /// provider, not the caller's limits: dropped when quotas are configured.
@@ -146,6 +155,9 @@ pub struct Plan {
     reason: String,
     /// The caller's Anthropic headers, for attempts that go to Anthropic.
     anthropic: Vec<(String, String)>,
+    /// The caller's namespace and service and the model it asked for, as
+    /// metric labels for each attempt.
+    labels: (String, String, String),
 }
 
 /// Client headers that carry credentials or account selection; a provider
@@ -189,12 +201,23 @@ pub struct RequestFilter {
     plan: Option<Plan>,
     /// Router role: the provider and model that answered, as reported.
     served: Option<(String, String)>,
-    /// Attempt role: which attempt of the request this is (1-based).
+    /// Attempt role: which attempt of the request this is (1-based);
+    /// router role: how many attempts the answer took.
     attempt: u32,
-    /// Attempt role: when the attempt started, and whether its outcome
-    /// reached the target's health record yet.
-    started_ms: u64,
+    /// When the request (listener roles) or the attempt started, in µs.
+    started_us: u64,
+    /// Listener roles: when the answer's first byte passed, in µs.
+    first_byte_us: Option<u64>,
+    /// Attempt role: whether its outcome reached the target's health
+    /// record (and the attempt metrics) yet.
     outcome_recorded: bool,
+    /// The caller asked for a streamed answer.
+    streaming: bool,
+    /// Listener roles: the model the caller asked for, as a metric label
+    /// (a name the config does not know is `_OTHER`), and why the first
+    /// target was chosen.
+    request_model: Option<String>,
+    reason: Option<String>,
     /// The API the caller speaks; errors go back in its shape.
     caller: Schema,
     operation: Option<Operation>,
@@ -366,8 +389,12 @@ impl RequestFilter {
             plan: None,
             served: None,
             attempt: 0,
-            started_ms: 0,
+            started_us: 0,
+            first_byte_us: None,
             outcome_recorded: false,
+            streaming: false,
+            request_model: None,
+            reason: None,
             caller: Schema::OpenAi,
             operation: None,
             gemini_call: None,
@@ -412,6 +439,10 @@ impl RequestFilter {
         let attempt = self.attempt.to_string();
         if self.role == Role::Attempt {
             headers.push((ATTEMPTS_RESPONSE_HEADER, &attempt));
+            if !self.outcome_recorded {
+                self.outcome_recorded = true;
+                self.count_attempt(host);
+            }
         }
         if let Err(e) = host.send_response(status, &headers, body) {
             log::error!("could not send a local reply: {e}");
@@ -435,6 +466,7 @@ impl RequestFilter {
         if self.role == Role::Attempt {
             return self.start_attempt(host, end_of_stream);
         }
+        self.started_us = host.now_unix_micros();
         // Routing is the filter's decision alone; a client cannot pick a cluster.
         if host.request_header(CLUSTER_HEADER).is_some() {
             let _ = host.remove_request_header(CLUSTER_HEADER);
@@ -574,7 +606,14 @@ impl RequestFilter {
             );
         };
         self.route = Some(target);
-        self.started_ms = host.now_unix_millis();
+        self.started_us = host.now_unix_micros();
+        if let Some(&previous) = position.and_then(|p| plan.chain.get(p.checked_sub(1)?)) {
+            let config = &self.config;
+            let from = &config.providers[config.models[previous].provider].name;
+            let name = attempt_labels(config, &plan, target)
+                .name(metrics::FALLBACKS_TOTAL, &[("fallback_from", from)]);
+            host.count(&name, 1);
+        }
         // Envoy hands every attempt the same header map: clear what an
         // earlier attempt set for another provider.
         let config = Rc::clone(&self.config);
@@ -753,6 +792,7 @@ impl RequestFilter {
             model_span,
             stream,
         };
+        self.streaming = call.stream;
         match self.role {
             Role::Attempt => {
                 let target = self
@@ -762,6 +802,13 @@ impl RequestFilter {
             }
             Role::Standalone | Role::Router => {
                 let config = Rc::clone(&self.config);
+                let known = config.route_index(&call.model).is_some()
+                    || config.routing_index(&call.model).is_some();
+                self.request_model = Some(if known {
+                    call.model.clone()
+                } else {
+                    metrics::OTHER.into()
+                });
                 // A budget past its threshold may send this model elsewhere.
                 let mut model = call.model.clone();
                 if let Some((to, rule)) = admission::downgrade(&config, &*host, &self.who, &model) {
@@ -781,6 +828,7 @@ impl RequestFilter {
                     parsed: &parsed,
                 };
                 let (chain, reason) = self.choose_targets(request, &model, op)?;
+                self.reason = Some(reason.clone());
                 let ask = Ask {
                     model: &model,
                     body_len: body.len(),
@@ -798,15 +846,16 @@ impl RequestFilter {
                     }
                     Err(refused) => {
                         let (ns, svc) = self.who.names();
-                        host.count(
-                            &metrics::quota_rejections_total(
-                                ns,
-                                svc,
-                                &refused.rule,
-                                refused.reason,
-                            ),
-                            1,
-                        );
+                        let name = metrics::caller(ns, svc)
+                            .with(
+                                "gen_ai_request_model",
+                                self.request_model.as_deref().unwrap_or("none"),
+                            )
+                            .name(
+                                metrics::QUOTA_REJECTIONS_TOTAL,
+                                &[("limit", &refused.rule), ("reason", refused.reason)],
+                            );
+                        host.count(&name, 1);
                         self.quota_decision =
                             format!("rejected:{}:{}", refused.rule, refused.reason);
                         self.answer_headers.extend(refused.headers);
@@ -1028,6 +1077,7 @@ impl RequestFilter {
             .map_err(rewrite)?;
         host.set_request_header(CLUSTER_HEADER, FAILOVER_CLUSTER)
             .map_err(rewrite)?;
+        let (ns, svc) = self.who.names();
         let plan = Plan {
             caller: self.caller,
             embeddings: op == Operation::Embeddings,
@@ -1035,6 +1085,11 @@ impl RequestFilter {
             chain,
             reason,
             anthropic,
+            labels: (
+                ns.to_string(),
+                svc.to_string(),
+                self.request_model.clone().unwrap_or_default(),
+            ),
         };
         let encoded = serde_json::to_vec(&plan)
             .map_err(|e| internal(format!("could not encode the routing plan: {e}")))?;
@@ -1171,7 +1226,9 @@ impl RequestFilter {
         if self.role == Role::Router {
             // The upstream half already answered in the caller's shape and
             // named what served; only Envoy's own replies need work here.
-            if host.response_header(ATTEMPTS_RESPONSE_HEADER).is_some() {
+            // (Read here: response headers cannot be read once the body flows.)
+            if let Some(attempts) = host.response_header(ATTEMPTS_RESPONSE_HEADER) {
+                self.attempt = attempts.parse().unwrap_or(0);
                 self.served = host
                     .response_header(PROVIDER_RESPONSE_HEADER)
                     .zip(host.response_header(MODEL_RESPONSE_HEADER));
@@ -1302,6 +1359,9 @@ impl RequestFilter {
             )
         {
             self.response_bytes += body_size as u64;
+            if body_size > 0 && self.first_byte_us.is_none() {
+                self.first_byte_us = Some(host.now_unix_micros());
+            }
         }
         if let ResponseMode::Stream(translator) = &mut self.response {
             let flow = translate_stream_chunk(host, translator.as_mut(), body_size, end_of_stream);
@@ -1405,10 +1465,11 @@ impl RequestFilter {
     fn record_outcome(&mut self, host: &mut dyn Host) {
         let Some(route) = self.route else { return };
         self.outcome_recorded = true;
+        self.count_attempt(host);
         let now = host.now_unix_millis();
         let outcome = match self.status {
             200..=299 => {
-                let latency_ms = now.saturating_sub(self.started_ms);
+                let latency_ms = now.saturating_sub(self.started_us / 1000);
                 let stream = self.exchange.as_ref().is_some_and(|x| x.stream);
                 Outcome::Success {
                     latency_ms,
@@ -1426,6 +1487,19 @@ impl RequestFilter {
         };
         let name = self.config.models[route].name.clone();
         health::record(host, &name, &outcome, now, &HealthPolicy::default());
+    }
+
+    /// Attempt role: `meshllm_attempts_total` for this attempt's outcome.
+    fn count_attempt(&self, host: &mut dyn Host) {
+        let (Some(plan), Some(target)) = (&self.plan, self.route) else {
+            return;
+        };
+        let labels = attempt_labels(&self.config, plan, target);
+        let name = match metrics::error_type(self.status) {
+            Some(e) => labels.name(metrics::ATTEMPTS_TOTAL, &[("error_type", &e)]),
+            None => labels.name(metrics::ATTEMPTS_TOTAL, &[]),
+        };
+        host.count(&name, 1);
     }
 
     /// The request is over (answered, failed or abandoned).
@@ -1478,16 +1552,70 @@ impl RequestFilter {
             (None, None) if self.role == Role::Standalone => self.route,
             (None, None) => None,
         };
-        let route = self.route.map(|i| &config.models[i]);
-        let (provider, model) = match (&served, served_index, route) {
-            (Some((p, _)), m, _) => (
-                p.as_str(),
-                m.map_or("unknown", |m| config.models[m].name.as_str()),
-            ),
-            (None, _, Some(r)) => (config.providers[r.provider].name.as_str(), r.name.as_str()),
-            _ => ("none", "none"),
+        let first = self.route.map(|i| &config.models[i]);
+        // The provider that answered (or was to), and the model it ran.
+        let provider = match (&served, served_index.or(self.route)) {
+            (Some((p, _)), _) => p.as_str(),
+            (None, Some(m)) => config.providers[config.models[m].provider].name.as_str(),
+            (None, None) => "none",
         };
-        host.count(&metrics::requests_total(provider, model, self.status), 1);
+        let response_model = match (&served, served_index) {
+            (Some((_, m)), _) => m.as_str(),
+            (None, Some(m)) => config.models[m].upstream_model.as_str(),
+            (None, None) => "none",
+        };
+        let Some(op) = self.operation else {
+            // Listings and unknown URLs are not LLM calls.
+            return;
+        };
+        let (ns, svc) = self.who.names();
+        let labels = metrics::caller(ns, svc)
+            .with(
+                "gen_ai_operation_name",
+                operation_name(op == Operation::Embeddings),
+            )
+            .with("gen_ai_provider_name", provider)
+            .with(
+                "gen_ai_request_model",
+                self.request_model.as_deref().unwrap_or("none"),
+            )
+            .with("gen_ai_response_model", response_model);
+        let now = host.now_unix_micros();
+        let error = metrics::error_type(self.status);
+        let error_label: &[(&str, &str)] = match &error {
+            Some(e) => &[("error_type", e.as_str())],
+            None => &[],
+        };
+        host.count(&labels.name(metrics::REQUESTS_TOTAL, error_label), 1);
+        host.histogram(
+            &labels.name(metrics::REQUEST_DURATION, error_label),
+            metrics::millis(now.saturating_sub(self.started_us)),
+        );
+        if let (Some(reason), Some(first)) = (&self.reason, first) {
+            let name = metrics::caller(ns, svc)
+                .with(
+                    "gen_ai_operation_name",
+                    operation_name(op == Operation::Embeddings),
+                )
+                .with(
+                    "gen_ai_provider_name",
+                    &config.providers[first.provider].name,
+                )
+                .with(
+                    "gen_ai_request_model",
+                    self.request_model.as_deref().unwrap_or("none"),
+                )
+                .with("gen_ai_response_model", &first.upstream_model)
+                .name(
+                    metrics::ROUTE_DECISIONS_TOTAL,
+                    &[("route_reason", &metrics::route_reason(reason))],
+                );
+            host.count(&name, 1);
+        }
+        if self.role == Role::Standalone && self.phase == Phase::Forwarded {
+            // The request was its only attempt.
+            host.count(&labels.name(metrics::ATTEMPTS_TOTAL, error_label), 1);
+        }
         if self.phase != Phase::Forwarded && self.phase != Phase::Answered {
             return;
         }
@@ -1501,15 +1629,50 @@ impl RequestFilter {
         if let Some(a) = self.admission.take() {
             admission::settle(&config, host, &self.who, &a, &charge);
         }
-        self.account(host, model, &charge);
+        // A streamed answer's first byte, and its pace after it.
+        let ttft_us = match (self.streaming, self.first_byte_us) {
+            (true, Some(at)) if (200..300).contains(&self.status) => {
+                let ttft = at.saturating_sub(self.started_us);
+                host.histogram(
+                    &labels.name(metrics::TIME_TO_FIRST_TOKEN, &[]),
+                    metrics::millis(ttft),
+                );
+                let out = charge.usage.output_tokens;
+                if out > 1 && !charge.estimated {
+                    let per_token = now.saturating_sub(at) / (out - 1);
+                    host.histogram(
+                        &labels.name(metrics::TIME_PER_OUTPUT_TOKEN, &[]),
+                        metrics::millis(per_token),
+                    );
+                }
+                Some(ttft)
+            }
+            _ => None,
+        };
+        let attempts = match self.role {
+            Role::Router => self.attempt,
+            _ => u32::from(self.phase == Phase::Forwarded),
+        };
+        let fields = LogFields {
+            provider,
+            response_model,
+            attempts,
+            ttft_us,
+        };
+        self.account(host, &labels, &charge, &fields);
     }
 
     /// Listener roles: what the request cost, in metrics (by caller, model
     /// and the tag values the config names) and in access-log fields.
-    fn account(&self, host: &mut dyn Host, model: &str, charge: &admission::Charge) {
+    fn account(
+        &self,
+        host: &mut dyn Host,
+        labels: &metrics::Labels,
+        charge: &admission::Charge,
+        fields: &LogFields,
+    ) {
         let config = Rc::clone(&self.config);
-        let (ns, svc) = self.who.names();
-        let tags: Vec<(&str, &str)> = config
+        let tags: Vec<(String, &str)> = config
             .tags
             .iter()
             .enumerate()
@@ -1525,9 +1688,11 @@ impl RequestFilter {
                     Some(v) if tag.metric_values.iter().any(|m| m == v) => v,
                     Some(_) => "other",
                 };
-                (tag.name.as_str(), shown)
+                (format!("tag_{}", tag.name), shown)
             })
             .collect();
+        let mut tag_labels: Vec<(&str, &str)> =
+            tags.iter().map(|(n, v)| (n.as_str(), *v)).collect();
         let u = charge.usage;
         if u != Usage::default() {
             for (kind, n) in [
@@ -1536,10 +1701,19 @@ impl RequestFilter {
                 ("cached", u.cached_input_tokens),
                 ("reasoning", u.reasoning_tokens),
             ] {
-                host.count(&metrics::tokens_total(ns, svc, model, kind, &tags), n);
+                // Input and output always; the others where they happened.
+                if n > 0 || matches!(kind, "input" | "output") {
+                    host.histogram(
+                        &labels.name(metrics::TOKEN_USAGE, &[("gen_ai_token_type", kind)]),
+                        n,
+                    );
+                }
+                tag_labels.push(("gen_ai_token_type", kind));
+                host.count(&labels.name(metrics::TOKENS_TOTAL, &tag_labels), n);
+                tag_labels.pop();
             }
             host.count(
-                &metrics::cost_total(ns, svc, model, &tags),
+                &labels.name(metrics::COST_TOTAL, &tag_labels),
                 charge.micro_usd,
             );
         }
@@ -1549,32 +1723,69 @@ impl RequestFilter {
             .iter()
             .filter_map(|(i, v)| Some(format!("{}={v}", config.tags.get(*i)?.name)))
             .collect();
-        let tokens = format!(
-            "{}/{}/{}{}",
-            u.input_tokens,
-            u.output_tokens,
-            u.cached_input_tokens,
-            if charge.estimated { "~" } else { "" }
-        );
-        let fields = [
+        let requested = self.request_model.as_deref().unwrap_or("-");
+        let mut log: Vec<(&str, String)> = vec![
             (LOG_CALLER, self.who.label()),
-            (
-                LOG_TAGS,
-                if all_tags.is_empty() {
-                    "-".into()
-                } else {
-                    all_tags.join(",")
-                },
-            ),
-            (LOG_TOKENS, tokens),
+            (LOG_PROVIDER, fields.provider.to_string()),
+            (LOG_REQUEST_MODEL, requested.to_string()),
+            (LOG_RESPONSE_MODEL, fields.response_model.to_string()),
+            (LOG_ATTEMPTS, fields.attempts.to_string()),
+            (LOG_INPUT_TOKENS, u.input_tokens.to_string()),
+            (LOG_OUTPUT_TOKENS, u.output_tokens.to_string()),
+            (LOG_CACHED_TOKENS, u.cached_input_tokens.to_string()),
             (LOG_COST, charge.micro_usd.to_string()),
             (LOG_QUOTA, self.quota_decision.clone()),
         ];
-        for (name, value) in fields {
+        // Absent fields show as `-` in access logs: not set at all.
+        if !all_tags.is_empty() {
+            log.push((LOG_TAGS, all_tags.join(",")));
+        }
+        if let Some(reason) = &self.reason {
+            log.push((LOG_ROUTE_REASON, reason.clone()));
+        }
+        if let Some(ttft) = fields.ttft_us {
+            log.push((LOG_TTFT, metrics::millis(ttft).to_string()));
+        }
+        if charge.estimated {
+            log.push((LOG_TOKENS_ESTIMATED, "true".into()));
+        }
+        for (name, value) in log {
             if let Err(e) = host.set_property(&[name], value.as_bytes()) {
                 log::debug!("could not set access-log field {name}: {e}");
             }
         }
+    }
+}
+
+/// What `finish` learned that the access log shows.
+struct LogFields<'a> {
+    provider: &'a str,
+    response_model: &'a str,
+    attempts: u32,
+    ttft_us: Option<u64>,
+}
+
+/// An attempt's labels: the caller and requested model from the plan, the
+/// target's provider and model.
+fn attempt_labels(config: &Config, plan: &Plan, target: usize) -> metrics::Labels {
+    let route = &config.models[target];
+    let (ns, svc, model) = &plan.labels;
+    metrics::caller(ns, svc)
+        .with("gen_ai_operation_name", operation_name(plan.embeddings))
+        .with(
+            "gen_ai_provider_name",
+            &config.providers[route.provider].name,
+        )
+        .with("gen_ai_request_model", model)
+        .with("gen_ai_response_model", &route.upstream_model)
+}
+
+/// OTel `gen_ai.operation.name`.
+fn operation_name(embeddings: bool) -> &'static str {
+    if embeddings {
+        "embeddings"
+    } else {
+        "chat"
     }
 }
 

@@ -81,6 +81,7 @@ struct MockHost {
     shared: HashMap<String, (Vec<u8>, u32)>,
     now_ms: u64,
     gauges: HashMap<String, u64>,
+    histograms: HashMap<String, Vec<u64>>,
 }
 
 fn get(headers: &[(String, String)], name: &str) -> Option<String> {
@@ -263,11 +264,11 @@ impl Host for MockHost {
         });
         Ok(())
     }
-    fn now_unix_millis(&self) -> u64 {
+    fn now_unix_micros(&self) -> u64 {
         if self.now_ms == 0 {
-            1_700_000_000_000
+            1_700_000_000_000_000
         } else {
-            self.now_ms
+            self.now_ms * 1000
         }
     }
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
@@ -283,6 +284,40 @@ impl Host for MockHost {
     fn gauge(&mut self, name: &str, value: u64) {
         self.gauges.insert(name.to_string(), value);
     }
+    fn histogram(&mut self, name: &str, value: u64) {
+        self.histograms
+            .entry(name.to_string())
+            .or_default()
+            .push(value);
+    }
+}
+
+/// The `meshllm_requests_total` series a test's requests produced.
+fn requests_counted(host: &MockHost) -> HashMap<String, u64> {
+    host.counters
+        .iter()
+        .filter(|(k, _)| k.starts_with("meshllm_requests_total;"))
+        .map(|(k, v)| (k.clone(), *v))
+        .collect()
+}
+
+/// One `meshllm_requests_total` series of an unidentified caller's chat call.
+fn requests_metric(
+    provider: &str,
+    request_model: &str,
+    response_model: &str,
+    error: Option<&str>,
+) -> String {
+    let mut name = format!(
+        "meshllm_requests_total;caller_namespace=unknown;caller_service=unknown;\
+         gen_ai_operation_name=chat;gen_ai_provider_name={provider};\
+         gen_ai_request_model={request_model};gen_ai_response_model={response_model}"
+    );
+    if let Some(e) = error {
+        name.push_str(";error_type=");
+        name.push_str(e);
+    }
+    name
 }
 
 #[test]
@@ -699,9 +734,8 @@ fn body_over_the_limit_is_413() {
         assert_not_routed(&host, "/v1/chat/completions");
         f.on_done(&mut host);
         assert_eq!(
-            host.counters
-                .get("meshllm_requests_total;provider=none;model=none;status_class=4xx"),
-            Some(&1)
+            requests_counted(&host),
+            HashMap::from([(requests_metric("none", "none", "none", Some("413")), 1)])
         );
     }
 }
@@ -845,8 +879,21 @@ fn invalid_bodies_are_rejected_in_openai_shape() {
         assert_eq!(f.on_response_body(&mut host, len, true), Flow::Continue);
         assert_eq!(host.response_body_replacements, 0);
         f.on_done(&mut host);
-        let name = "meshllm_requests_total;provider=none;model=none;status_class=4xx".to_string();
-        assert_eq!(host.counters, HashMap::from([(name, 1)]), "{what}");
+        // The model is a label only when the config knows it.
+        let requested = if status == 404 { "_OTHER" } else { "none" };
+        let name = requests_metric("none", requested, "none", Some(&status.to_string())).replace(
+            "=chat;",
+            if path == EMB {
+                "=embeddings;"
+            } else {
+                "=chat;"
+            },
+        );
+        assert_eq!(
+            requests_counted(&host),
+            HashMap::from([(name, 1)]),
+            "{what}"
+        );
     }
 }
 
@@ -922,11 +969,8 @@ fn provider_without_its_key_is_500_naming_the_variable() {
     assert_not_routed(&host, "/v1/chat/completions");
     f.on_done(&mut host);
     assert_eq!(
-        host.counters,
-        HashMap::from([(
-            "meshllm_requests_total;provider=nokey;model=broken;status_class=5xx".to_string(),
-            1
-        )])
+        requests_counted(&host),
+        HashMap::from([(requests_metric("nokey", "broken", "broken", Some("500")), 1)])
     );
 }
 
@@ -1321,11 +1365,8 @@ fn successful_response_is_tagged_and_passed_through() {
     assert_eq!(host.response_body_replacements, 0);
     f.on_done(&mut host);
     assert_eq!(
-        host.counters,
-        HashMap::from([(
-            "meshllm_requests_total;provider=openai;model=smart;status_class=2xx".to_string(),
-            1
-        )])
+        requests_counted(&host),
+        HashMap::from([(requests_metric("openai", "smart", "gpt-4.1", None), 1)])
     );
 }
 
@@ -1356,17 +1397,14 @@ fn streamed_response_chunks_are_not_buffered() {
 }
 
 #[test]
-fn alias_metrics_use_the_public_name() {
+fn metrics_name_the_requested_and_the_served_model() {
     let (mut f, mut host) = forwarded("mini");
     host.respond(200, &[], b"{}", Some("via_upstream"));
     f.on_response_headers(&mut host, false);
     f.on_done(&mut host);
     assert_eq!(
-        host.counters,
-        HashMap::from([(
-            "meshllm_requests_total;provider=openai;model=gpt-4o-mini;status_class=2xx".to_string(),
-            1
-        )])
+        requests_counted(&host),
+        HashMap::from([(requests_metric("openai", "mini", "gpt-4o-mini", None), 1)])
     );
 }
 
@@ -1406,9 +1444,9 @@ fn plain_text_upstream_error_is_rewritten_to_openai_shape() {
     assert_eq!(e.kind, "server_error");
     f.on_done(&mut host);
     assert_eq!(
-        host.counters,
+        requests_counted(&host),
         HashMap::from([(
-            "meshllm_requests_total;provider=groq;model=fast;status_class=5xx".to_string(),
+            requests_metric("groq", "fast", "llama-3.1-8b-instant", Some("500")),
             1
         )])
     );
@@ -1465,9 +1503,9 @@ fn openai_shaped_upstream_error_is_left_untouched() {
     );
     f.on_done(&mut host);
     assert_eq!(
-        host.counters,
+        requests_counted(&host),
         HashMap::from([(
-            "meshllm_requests_total;provider=openai;model=smart;status_class=4xx".to_string(),
+            requests_metric("openai", "smart", "gpt-4.1", Some("429")),
             1
         )])
     );
@@ -1629,9 +1667,9 @@ fn error_headers_only_response_is_left_alone() {
     );
     f.on_done(&mut host);
     assert_eq!(
-        host.counters,
+        requests_counted(&host),
         HashMap::from([(
-            "meshllm_requests_total;provider=openai;model=gpt-4o-mini;status_class=4xx".to_string(),
+            requests_metric("openai", "mini", "gpt-4o-mini", Some("429")),
             1
         )])
     );
@@ -1694,15 +1732,8 @@ fn local_replies_are_not_touched_on_the_way_out() {
         // Status for the metrics is the local reply's, not re-read.
         host.response_headers = vec![(":status".into(), "502".into())];
         f.on_done(&mut host);
-        let class = if sent.status == 200 { "2xx" } else { "4xx" };
-        assert_eq!(
-            host.counters,
-            HashMap::from([(
-                format!("meshllm_requests_total;provider=none;model=none;status_class={class}"),
-                1
-            )]),
-            "{path}"
-        );
+        // Listings and unknown URLs are not LLM calls: no metrics.
+        assert_eq!(host.counters, HashMap::new(), "{path}");
     }
 }
 
@@ -1718,22 +1749,16 @@ fn on_done_counts_exactly_one_request() {
     f.on_response_headers(&mut host, false);
     f.on_done(&mut host);
     assert_eq!(
-        host.counters,
+        requests_counted(&host),
         HashMap::from([(
-            "meshllm_requests_total;provider=openai;model=gpt-4o-mini;status_class=2xx".to_string(),
+            requests_metric("openai", "gpt-4o-mini", "gpt-4o-mini", None),
             1
         )])
     );
-    // Unknown URL.
+    // Unknown URL: not an LLM call, not counted.
     let (mut f, mut host, _) = bodiless("GET", "/nope");
     f.on_done(&mut host);
-    assert_eq!(
-        host.counters,
-        HashMap::from([(
-            "meshllm_requests_total;provider=none;model=none;status_class=4xx".to_string(),
-            1
-        )])
-    );
+    assert_eq!(requests_counted(&host), HashMap::new());
     // Unknown model in the body: 404, no labels from the client's input.
     let (mut f, mut host, _) = post(
         "/v1/chat/completions",
@@ -1741,19 +1766,16 @@ fn on_done_counts_exactly_one_request() {
     );
     f.on_done(&mut host);
     assert_eq!(
-        host.counters,
-        HashMap::from([(
-            "meshllm_requests_total;provider=none;model=none;status_class=4xx".to_string(),
-            1
-        )])
+        requests_counted(&host),
+        HashMap::from([(requests_metric("none", "_OTHER", "none", Some("404")), 1)])
     );
-    // Forwarded but abandoned before any response: no status class.
+    // Forwarded but abandoned before any response: no status.
     let (mut f, mut host) = forwarded("fast");
     f.on_done(&mut host);
     assert_eq!(
-        host.counters,
+        requests_counted(&host),
         HashMap::from([(
-            "meshllm_requests_total;provider=groq;model=fast;status_class=none".to_string(),
+            requests_metric("groq", "fast", "llama-3.1-8b-instant", Some("_OTHER")),
             1
         )])
     );
@@ -1867,11 +1889,8 @@ fn envoy_reply_before_routing_is_openai_shaped() {
     assert_eq!(e.kind, "invalid_request_error");
     f.on_done(&mut host);
     assert_eq!(
-        host.counters,
-        HashMap::from([(
-            "meshllm_requests_total;provider=none;model=none;status_class=4xx".to_string(),
-            1
-        )])
+        requests_counted(&host),
+        HashMap::from([(requests_metric("none", "none", "none", Some("413")), 1)])
     );
 }
 
@@ -2151,7 +2170,9 @@ fn the_listener_half_reserves_and_settles_with_the_attempts_usage() {
     host.respond(
         200,
         &[
-            (ATTEMPTS_RESPONSE_HEADER, "1"),
+            (ATTEMPTS_RESPONSE_HEADER, "2"),
+            (PROVIDER_RESPONSE_HEADER, "groq"),
+            (MODEL_RESPONSE_HEADER, "llama-3.1-8b-instant"),
             ("x-ratelimit-remaining-tokens", "999999"),
         ],
         b"{}",
@@ -2183,17 +2204,90 @@ fn the_listener_half_reserves_and_settles_with_the_attempts_usage() {
         host.properties.get("meshllm.caller").map(Vec::as_slice),
         Some(&b"team/api"[..])
     );
-    assert_eq!(
-        host.properties.get("meshllm.tokens").map(Vec::as_slice),
-        Some(&b"30/12/0"[..])
-    );
+    let field = |name: &str| {
+        host.properties
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    for (name, want) in [
+        ("meshllm.input_tokens", Some("30")),
+        ("meshllm.output_tokens", Some("12")),
+        ("meshllm.cached_tokens", Some("0")),
+        ("meshllm.tokens_estimated", None),
+        ("meshllm.request_model", Some("chain")),
+        ("meshllm.provider", Some("groq")),
+        ("meshllm.response_model", Some("llama-3.1-8b-instant")),
+        ("meshllm.attempts", Some("2")),
+        ("meshllm.route_reason", Some("ordered")),
+        ("meshllm.ttft_ms", None),
+    ] {
+        assert_eq!(field(name).as_deref(), want, "{name}");
+    }
     assert_eq!(
         host.properties.get("meshllm.quota").map(Vec::as_slice),
         Some(&b"admitted"[..])
     );
+    // GenAI metrics name the caller, the model asked for and the one served.
+    let labels = "caller_namespace=team;caller_service=api;gen_ai_operation_name=chat;\
+                  gen_ai_provider_name=groq;gen_ai_request_model=chain;\
+                  gen_ai_response_model=llama-3.1-8b-instant";
+    let histogram = |name: String| host.histograms.get(&name).cloned().unwrap_or_default();
+    assert_eq!(
+        histogram(format!(
+            "gen_ai.client.token.usage;{labels};gen_ai_token_type=input"
+        )),
+        [30]
+    );
+    assert_eq!(
+        histogram(format!(
+            "gen_ai.client.token.usage;{labels};gen_ai_token_type=output"
+        )),
+        [12]
+    );
+    assert_eq!(
+        histogram(format!(
+            "gen_ai.client.token.usage;{labels};gen_ai_token_type=cached"
+        )),
+        [] as [u64; 0],
+        "token types that did not happen are not recorded"
+    );
+    assert_eq!(
+        histogram(format!("gen_ai.server.request.duration;{labels}")).len(),
+        1
+    );
+    assert!(
+        !host
+            .histograms
+            .keys()
+            .any(|k| k.contains("time_to_first_token")),
+        "no first-token time for an answer that was not streamed"
+    );
+    assert_eq!(
+        host.counters
+            .get(&format!("meshllm_requests_total;{labels}")),
+        Some(&1)
+    );
+    assert_eq!(
+        host.counters.get(&format!(
+            "meshllm_tokens_total;{labels};gen_ai_token_type=output"
+        )),
+        Some(&12)
+    );
+    let decisions: Vec<&String> = host
+        .counters
+        .keys()
+        .filter(|k| k.starts_with("meshllm_route_decisions_total;caller_namespace=team;"))
+        .collect();
+    assert_eq!(decisions.len(), 1, "{decisions:?}");
+    assert!(
+        decisions[0].ends_with(";route_reason=ordered"),
+        "{decisions:?}"
+    );
     // Settling happens once, even though the request's log comes later.
+    let counters = host.counters.clone();
     router.on_done(&mut host);
     assert_eq!(team_standings(&host), settled);
+    assert_eq!(host.counters, counters, "counted once");
 }
 
 #[test]
@@ -2240,7 +2334,8 @@ fn a_refused_request_gets_an_openai_429_and_reserves_nothing() {
     assert!(used.contains(&2) && used.contains(&0), "{used:?}");
     let rejected = host.counters.keys().any(|k| {
         k.starts_with(
-            "meshllm_quota_rejections_total;namespace=team;service=api;limit=team;reason=rate",
+            "meshllm_quota_rejections_total;caller_namespace=team;caller_service=api;\
+             gen_ai_request_model=chain;limit=team;reason=rate",
         )
     });
     assert!(rejected);

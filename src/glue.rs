@@ -278,11 +278,11 @@ impl Host for ProxyHost {
         hostcalls::send_http_response(u32::from(status), headers.to_vec(), Some(body))
             .map_err(|s| host_error("send local reply", s))
     }
-    fn now_unix_millis(&self) -> u64 {
+    fn now_unix_micros(&self) -> u64 {
         hostcalls::get_current_time()
             .ok()
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
     }
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
         hostcalls::get_property(path.to_vec()).ok().flatten()
@@ -299,6 +299,13 @@ impl Host for ProxyHost {
         if let Some(id) = metric_id(MetricType::Counter, name) {
             let delta = i64::try_from(delta).unwrap_or(i64::MAX);
             if let Err(s) = hostcalls::increment_metric(id, delta) {
+                log::warn!("could not update metric {name}: {s:?}");
+            }
+        }
+    }
+    fn histogram(&mut self, name: &str, value: u64) {
+        if let Some(id) = metric_id(MetricType::Histogram, name) {
+            if let Err(s) = hostcalls::record_metric(id, value) {
                 log::warn!("could not update metric {name}: {s:?}");
             }
         }

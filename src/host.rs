@@ -43,7 +43,11 @@ pub trait Host: SharedData {
     fn now_unix_seconds(&self) -> u64 {
         self.now_unix_millis() / 1000
     }
-    fn now_unix_millis(&self) -> u64;
+    fn now_unix_millis(&self) -> u64 {
+        self.now_unix_micros() / 1000
+    }
+    /// Microseconds since the Unix epoch, for latencies.
+    fn now_unix_micros(&self) -> u64;
 
     /// A stream property: filter state the other half of the filter set,
     /// the chosen upstream host's metadata, ...
@@ -56,6 +60,8 @@ pub trait Host: SharedData {
     fn count(&mut self, name: &str, delta: u64);
     /// Sets the gauge called `name`.
     fn gauge(&mut self, name: &str, value: u64);
+    /// Records one value in the histogram called `name`.
+    fn histogram(&mut self, name: &str, value: u64);
 }
 
 /// Proxy-wide key/value memory shared by every worker thread (proxy-wasm

@@ -61,7 +61,7 @@ class Envoy:
     """A real Envoy with the filter, configured from a plugin config dict."""
 
     def __init__(self, plugin_config, upstreams=None, env=None, concurrency=1, node=None,
-                 downstream_tls=None):
+                 downstream_tls=None, access_log_format="json"):
         self.port = free_port()
         self.admin_port = free_port()
         self.dir = tempfile.mkdtemp(prefix="meshllm-envoy-")
@@ -74,6 +74,8 @@ class Envoy:
             admin_port=self.admin_port,
             upstreams=upstreams,
             access_log_path=self.access_log,
+            access_log_format=access_log_format,
+            stats_flush_interval="0.5s",
             node=node,
             downstream_tls=downstream_tls,
         )
@@ -139,18 +141,25 @@ class Envoy:
         _, _, body = http("GET", self.admin + "/stats/prometheus")
         return body.decode()
 
-    def metric(self, name, **labels):
-        """The value of one labelled series (0 when absent)."""
-        want = {k: str(v) for k, v in labels.items()}
-        total = 0
+    def series(self, name):
+        """Every series of metric `name` as (labels, value)."""
+        out = []
         for line in self.prometheus().splitlines():
             m = re.match(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)$", line)
-            if not m or m.group(1) != name:
-                continue
-            got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
-            if all(got.get(k) == v for k, v in want.items()):
-                total += float(m.group(3))
-        return total
+            if m and m.group(1) == name:
+                labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+                out.append((labels, float(m.group(3))))
+        return out
+
+    def metric(self, name, **labels):
+        """The sum of the series of `name` that carry these labels (a label
+        given as None must be absent); 0 when there are none."""
+        want = {k: None if v is None else str(v) for k, v in labels.items()}
+        return sum(
+            value
+            for got, value in self.series(name)
+            if all(got.get(k) == v for k, v in want.items())
+        )
 
     def stop(self):
         if self.proc.poll() is None:

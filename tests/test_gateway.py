@@ -313,18 +313,23 @@ def wait_for(predicate, timeout=5):
     return predicate()
 
 
-def test_requests_are_counted_by_provider_model_and_status(gateway):
-    labels_ok = dict(provider="groq", model="llama-3.3-70b", status_class="2xx")
-    labels_err = dict(provider="openai", model="err-429", status_class="4xx")
-    labels_none = dict(provider="none", model="none", status_class="4xx")
-    before = [gateway.metric("meshllm_requests_total", **l) for l in (labels_ok, labels_err, labels_none)]
+def test_requests_are_counted_by_provider_model_and_error(gateway):
+    labels_ok = dict(gen_ai_provider_name="groq", gen_ai_request_model="llama-3.3-70b",
+                     gen_ai_response_model="llama-3.3-70b-versatile", error_type=None)
+    labels_err = dict(gen_ai_provider_name="openai", gen_ai_request_model="err-429",
+                      error_type="429")
+    labels_none = dict(gen_ai_provider_name="none", gen_ai_request_model="_OTHER",
+                       error_type="404")
+    def counts():
+        return [gateway.metric("meshllm_requests_total", **l)
+                for l in (labels_ok, labels_err, labels_none)]
+    before = counts()
     for _ in range(3):
         assert chat(gateway, {**CHAT, "model": "llama-3.3-70b"})[0] == 200
     assert chat(gateway, {**CHAT, "model": "err-429"})[0] == 429
     assert chat(gateway, {**CHAT, "model": "unknown-model"})[0] == 404
     want = [before[0] + 3, before[1] + 1, before[2] + 1]
-    assert wait_for(lambda: [gateway.metric("meshllm_requests_total", **l)
-                             for l in (labels_ok, labels_err, labels_none)] == want)
+    assert wait_for(lambda: counts() == want), (counts(), want)
     text = gateway.prometheus()
     assert "unknown-model" not in text, "unknown model names must not become labels"
     assert KEYS["OPENAI_API_KEY"] not in text
@@ -360,7 +365,8 @@ def test_shipped_envoy_yaml_is_current_and_valid(wasm):
         cfg = json.load(f)
     with open(ROOT / "envoy" / "envoy.yaml") as f:
         shipped = f.read()
-    assert shipped == render.to_yaml(render.render(cfg)), "run `make envoy-config`"
+    assert shipped == render.to_yaml(render.render(cfg, access_log_path="/dev/stdout")), \
+        "run `make envoy-config`"
     result = subprocess.run(
         [envoy_binary(), "--mode", "validate", "-c", str(ROOT / "envoy" / "envoy.yaml"),
          "--base-id", "7"],

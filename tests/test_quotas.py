@@ -130,8 +130,8 @@ def test_requests_per_minute_never_overshoot_across_workers(quotas):
     assert 1 <= int(h["retry-after"]) <= 60
     # Each service has its own bucket under "*".
     assert chat(quotas, "burst/other")[0] == 200
-    rejected = quotas.metric("meshllm_quota_rejections_total", namespace="burst",
-                             service="api", limit="burst", reason="rate")
+    rejected = quotas.metric("meshllm_quota_rejections_total", caller_namespace="burst",
+                             caller_service="api", limit="burst", reason="rate")
     assert rejected == 25
 
 
@@ -172,7 +172,8 @@ def test_dollar_budget_refuses_with_insufficient_quota(quotas):
     assert int(h["retry-after"]) > 0
     # The cost of the first request is counted from its usage.
     usage = json.loads(first[2])["usage"]
-    cost = quotas.metric("meshllm_cost_micro_usd_total", namespace="money", service="svc")
+    cost = quotas.metric("meshllm_cost_micro_usd_total", caller_namespace="money",
+                         caller_service="svc")
     want = -(-(usage["prompt_tokens"] * 2_500_000 + usage["completion_tokens"] * 10_000_000)
              // 1_000_000)
     assert cost == want
@@ -186,8 +187,8 @@ def test_tag_budgets_narrow_but_never_move_the_bucket(quotas):
     assert chat(quotas, "shop/chat")[0] == 200
     # Named tag values show in metrics; others fold into "other".
     assert quotas.metric("meshllm_requests_total") > 0
-    assert quotas.metric("meshllm_tokens_total", namespace="shop", service="chat",
-                         tag_tier="free", tag_customer="other", type="input") > 0
+    assert quotas.metric("meshllm_tokens_total", caller_namespace="shop", caller_service="chat",
+                         tag_tier="free", tag_customer="other", gen_ai_token_type="input") > 0
 
 
 def test_alerts_show_in_headers_logs_and_gauges(quotas):
@@ -283,7 +284,8 @@ def test_access_log_names_caller_tags_tokens_cost_and_decision(quotas):
     line = log_lines(quotas, '"logs/svc"')[-1]
     assert line["caller"] == "logs/svc"
     assert line["tags"] == "customer=acme"
-    assert line["tokens"] == f"{usage['prompt_tokens']}/{usage['completion_tokens']}/0"
+    assert (line["input_tokens"], line["output_tokens"], line["cached_tokens"]) == \
+        (str(usage["prompt_tokens"]), str(usage["completion_tokens"]), "0")
     assert int(line["cost_micro_usd"]) > 0
     assert line["quota"] == "none"
     refused = log_lines(quotas, '"h/b"', count=4)[-1]

@@ -26,9 +26,24 @@ POSITION_HEADER_PREFIX = "x-meshllm-p"
 FAILOVER_DEFAULTS = {"enabled": True, "max_attempts": 3, "per_try_timeout_ms": 60000}
 
 # Labels travel in metric names as ";key=value"; Envoy cuts them out again.
+# Mirrors metrics::LABELS in src/metrics.rs (a test keeps them equal).
 METRIC_LABELS = [
-    "provider", "model", "status_class", "namespace", "service", "type",
+    "caller_namespace", "caller_service",
+    "gen_ai_operation_name", "gen_ai_provider_name",
+    "gen_ai_request_model", "gen_ai_response_model",
+    "gen_ai_token_type", "error_type", "route_reason", "fallback_from",
     "limit", "reason", "kind", "scope",
+]
+
+# Every metric the filter defines starts with one of these (after Envoy's
+# `wasmcustom.` prefix for Wasm-defined stats).
+METRIC_PREFIXES = ["wasmcustom.gen_ai.", "wasmcustom.meshllm_"]
+
+# Histogram buckets: tokens per request, and milliseconds for latencies.
+TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576]
+LATENCY_MS_BUCKETS = [
+    1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
+    120000, 300000, 600000,
 ]
 
 
@@ -40,23 +55,59 @@ def stats_tags(plugin_config=None):
     return [{"tag_name": label, "regex": f"(;{label}=([^;]*))"} for label in labels]
 
 
-# Access-log fields the filter leaves in filter state, beside Envoy's own.
+def stats_config(plugin_config=None):
+    """Envoy's `stats_config`: label extraction and histogram buckets."""
+    return {
+        "stats_tags": stats_tags(plugin_config),
+        "histogram_bucket_settings": [
+            {
+                "match": {"prefix": "wasmcustom.gen_ai.client.token.usage"},
+                "buckets": TOKEN_BUCKETS,
+            },
+            {"match": {"prefix": "wasmcustom.gen_ai.server."}, "buckets": LATENCY_MS_BUCKETS},
+        ],
+    }
+
+
+# Access-log fields: Envoy's own, and those the filter leaves in filter
+# state (Envoy shows Wasm filter state under `wasm.`; absent fields are "-").
+FILTER_STATE_FIELDS = [
+    "caller", "tags", "provider", "request_model", "response_model", "attempts",
+    "route_reason", "input_tokens", "output_tokens", "cached_tokens",
+    "tokens_estimated", "cost_micro_usd", "ttft_ms", "quota",
+]
 ACCESS_LOG_FORMAT = {
     "start_time": "%START_TIME%",
     "method": "%REQ(:METHOD)%",
     "path": "%REQ(:PATH)%",
     "status": "%RESPONSE_CODE%",
     "duration_ms": "%DURATION%",
-    "provider": "%RESP(x-meshllm-provider)%",
-    "model": "%RESP(x-meshllm-model)%",
-    "attempts": "%RESP(x-meshllm-attempts)%",
-    "route": "%RESP(x-meshllm-route)%",
-    "caller": "%FILTER_STATE(wasm.meshllm.caller:PLAIN)%",
-    "tags": "%FILTER_STATE(wasm.meshllm.tags:PLAIN)%",
-    "tokens": "%FILTER_STATE(wasm.meshllm.tokens:PLAIN)%",
-    "cost_micro_usd": "%FILTER_STATE(wasm.meshllm.cost_micro_usd:PLAIN)%",
-    "quota": "%FILTER_STATE(wasm.meshllm.quota:PLAIN)%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    **{f: f"%FILTER_STATE(wasm.meshllm.{f}:PLAIN)%" for f in FILTER_STATE_FIELDS},
 }
+# The same fields as one text line (key=value, in this order).
+ACCESS_LOG_TEXT = (
+    "[%START_TIME%] \"%REQ(:METHOD)% %REQ(:PATH)%\" %RESPONSE_CODE% %DURATION%ms"
+    + "".join(f" {f}=%FILTER_STATE(wasm.meshllm.{f}:PLAIN)%" for f in FILTER_STATE_FIELDS)
+    + "\n"
+)
+
+
+def access_log(path, fmt="json"):
+    """A file access log with the meshllm fields, as JSON or text lines."""
+    log_format = (
+        {"json_format": ACCESS_LOG_FORMAT}
+        if fmt == "json"
+        else {"text_format_source": {"inline_string": ACCESS_LOG_TEXT}}
+    )
+    return {
+        "name": "envoy.access_loggers.file",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": path,
+            "log_format": log_format,
+        },
+    }
 
 
 DEFAULT_BASE_URLS = {
@@ -328,6 +379,8 @@ def render(
     upstreams=None,
     route_timeout="600s",
     access_log_path=None,
+    access_log_format="json",
+    stats_flush_interval=None,
     node=None,
     downstream_tls=None,
 ):
@@ -447,16 +500,7 @@ def render(
         + [router_filter(upstream_filters)],
     }
     if access_log_path:
-        hcm["access_log"] = [
-            {
-                "name": "envoy.access_loggers.file",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                    "path": access_log_path,
-                    "log_format": {"json_format": ACCESS_LOG_FORMAT},
-                },
-            }
-        ]
+        hcm["access_log"] = [access_log(access_log_path, access_log_format)]
     filter_chain = {
         "filters": [
             {
@@ -472,7 +516,10 @@ def render(
         "admin": {
             "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
         },
-        "stats_config": {"stats_tags": stats_tags(plugin_config)},
+        "stats_config": stats_config(plugin_config),
+        # Histograms reach /stats/prometheus when Envoy merges them, once per
+        # flush interval (5 s unless set).
+        **({"stats_flush_interval": stats_flush_interval} if stats_flush_interval else {}),
         "static_resources": {
             "listeners": [
                 {
@@ -525,10 +572,19 @@ def main(argv=None):
     ap.add_argument("--port", type=int, default=10000)
     ap.add_argument("--admin-port", type=int, default=9901)
     ap.add_argument("--json", action="store_true", help="emit JSON instead of YAML")
+    ap.add_argument("--access-log", default="/dev/stdout", help="access-log path ('' for none)")
+    ap.add_argument("--access-log-format", choices=["json", "text"], default="json")
     args = ap.parse_args(argv)
     with open(args.plugin_config) as f:
         cfg = json.load(f)
-    doc = render(cfg, wasm=args.wasm, port=args.port, admin_port=args.admin_port)
+    doc = render(
+        cfg,
+        wasm=args.wasm,
+        port=args.port,
+        admin_port=args.admin_port,
+        access_log_path=args.access_log or None,
+        access_log_format=args.access_log_format,
+    )
     sys.stdout.write(json.dumps(doc, indent=2) + "\n" if args.json else to_yaml(doc))
 
 

@@ -86,8 +86,9 @@ def main():
             demo.append(p["name"])
 
     workdir = tempfile.mkdtemp(prefix="meshllm-run-")
+    # Access-log lines (JSON, with the meshllm fields) go to Envoy's stdout.
     bootstrap = render.render(cfg, wasm=os.path.abspath(args.wasm), port=args.port,
-                              admin_port=args.admin_port)
+                              admin_port=args.admin_port, access_log_path="/dev/stdout")
     config_path = os.path.join(workdir, "envoy.json")
     with open(config_path, "w") as f:
         json.dump(bootstrap, f, indent=1)

@@ -1,0 +1,270 @@
+"""Metrics and access logs through a real Envoy: known traffic, then exact
+counter values and histogram counts on /stats/prometheus, the access-log
+lines that go with them, and one scrape by a real Prometheus server."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.parse
+from http.client import HTTPConnection
+
+import pytest
+
+from conftest import KEYS, ROOT, Envoy, free_port, gateway_plugin_config, http
+
+CALLER = "x-caller"
+DASHBOARD = ROOT / "k8s" / "observability" / "grafana-dashboard.json"
+
+
+def metrics_config(dead_port):
+    cfg = gateway_plugin_config(dead_port)
+    cfg["identity"] = {"source": "trusted_header", "header": CALLER}
+    cfg["attribution"] = {"tags": [{"name": "tier", "header": "x-tier", "metric_values": ["gold"]}]}
+    cfg["models"] += [
+        {"name": "m500", "provider": "openai", "model": "mock-500"},
+        {"name": "slow", "provider": "openai", "model": "mock-slow"},
+    ]
+    cfg["routes"] = cfg.get("routes", []) + [{"name": "chain", "targets": ["m500", "claude-sonnet"]}]
+    cfg["failover"] = {"max_attempts": 2, "per_try_timeout_ms": 5000}
+    cfg["quotas"] = {"limits": [
+        {"name": "one-a-day", "match": {"namespace": "limited"}, "requests_per_day": 1},
+    ]}
+    return cfg
+
+
+def start(mocks, cfg, **kw):
+    upstreams = {name: ("127.0.0.1", m.port) for name, m in mocks.items()}
+    env = Envoy(cfg, upstreams=upstreams, env=KEYS, **kw)
+    env.wait_ready()
+    return env
+
+
+@pytest.fixture(scope="module")
+def gw(wasm, mocks):
+    env = start(mocks, metrics_config(free_port()))
+    yield env
+    env.stop()
+
+
+def wait_for(predicate, timeout=10):
+    """Counters move when the request ends; histograms when Envoy merges
+    them (every 0.5 s in tests)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+def call(gw, caller, body, headers=None, path="/v1/chat/completions"):
+    h = {CALLER: caller, **(headers or {})}
+    status, resp_headers, raw = http("POST", gw.url + path, body, h)
+    return status, resp_headers, raw
+
+
+def stream_usage(raw):
+    """The usage of a streamed OpenAI answer (its last data event with one)."""
+    usage = None
+    for line in raw.decode().splitlines():
+        if line.startswith("data: {"):
+            usage = json.loads(line[6:]).get("usage") or usage
+    return usage
+
+
+def log_lines(gw, count, **match):
+    """The last access-log lines whose fields include `match`."""
+    def found():
+        lines = [json.loads(l) for l in gw.access_log_lines()]
+        return [l for l in lines if all(l.get(k) == v for k, v in match.items())]
+    assert wait_for(lambda: len(found()) >= count), (match, gw.access_log_lines()[-3:])
+    return found()
+
+
+# --- exact values for known traffic ------------------------------------------
+
+
+def test_known_traffic_gives_exact_counters_histograms_and_log_lines(gw):
+    who = dict(caller_namespace="team-a", caller_service="chat",
+               gen_ai_request_model="gpt-4o-mini")
+    plain = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "count these words"}]}
+    usages = []
+    for _ in range(3):
+        status, _, raw = call(gw, "team-a/chat", plain, {"x-tier": "gold"})
+        assert status == 200
+        usages.append(json.loads(raw)["usage"])
+    status, _, raw = call(gw, "team-a/chat", {**plain, "stream": True,
+                                              "stream_options": {"include_usage": True}},
+                          {"x-tier": "gold"})
+    assert status == 200
+    usages.append(stream_usage(raw))
+    inputs = sum(u["prompt_tokens"] for u in usages)
+    outputs = sum(u["completion_tokens"] for u in usages)
+    assert inputs > 0 and outputs > 0
+
+    served = dict(who, gen_ai_provider_name="openai", gen_ai_response_model="gpt-4o-mini",
+                  gen_ai_operation_name="chat")
+    assert wait_for(lambda: gw.metric("meshllm_requests_total", **served, error_type=None) == 4)
+    assert gw.metric("meshllm_tokens_total", **served, gen_ai_token_type="input",
+                     tag_tier="gold") == inputs
+    assert gw.metric("meshllm_tokens_total", **served, gen_ai_token_type="output",
+                     tag_tier="gold") == outputs
+    assert gw.metric("meshllm_route_decisions_total", **served, route_reason="model") == 4
+    assert gw.metric("meshllm_attempts_total", **served, error_type=None) == 4
+
+    # Histograms: exact counts (their sums are approximate in Envoy).
+    def count(metric, **labels):
+        return gw.metric(metric + "_count", **served, **labels)
+    assert wait_for(lambda: count("gen_ai_server_request_duration") == 4)
+    assert count("gen_ai_client_token_usage", gen_ai_token_type="input") == 4
+    assert count("gen_ai_client_token_usage", gen_ai_token_type="output") == 4
+    assert count("gen_ai_client_token_usage", gen_ai_token_type="reasoning") == 0
+    assert count("gen_ai_server_time_to_first_token") == 1, "only the streamed answer"
+    # Every request is in the top bucket; none of these used fewer than 2 tokens.
+    bucket = "gen_ai_client_token_usage_bucket"
+    assert gw.metric(bucket, **served, gen_ai_token_type="input", le="+Inf") == 4
+    assert gw.metric(bucket, **served, gen_ai_token_type="input", le="1") == 0
+
+    # One access-log line per request, agreeing with the answers and metrics.
+    lines = log_lines(gw, 4, caller="team-a/chat", request_model="gpt-4o-mini")[-4:]
+    for line, usage in zip(lines, usages):
+        assert line["provider"] == "openai"
+        assert line["response_model"] == "gpt-4o-mini"
+        assert line["attempts"] == "1"
+        assert line["route_reason"] == "model"
+        assert line["tags"] == "tier=gold"
+        assert line["quota"] == "none"
+        assert line["input_tokens"] == str(usage["prompt_tokens"])
+        assert line["output_tokens"] == str(usage["completion_tokens"])
+        assert line["tokens_estimated"] is None
+        assert int(line["cost_micro_usd"]) > 0
+    assert [l["ttft_ms"] is not None for l in lines] == [False, False, False, True]
+    assert gw.metric("meshllm_cost_micro_usd_total", **served, tag_tier="gold") == \
+        sum(int(l["cost_micro_usd"]) for l in lines)
+
+
+def test_fallbacks_and_attempts_are_counted_by_provider(gw):
+    status, headers, _ = call(gw, "team-b/api", {"model": "chain", "messages": [
+        {"role": "user", "content": "hello"}]})
+    assert status == 200
+    assert headers["x-meshllm-attempts"] == "2"
+    caller = dict(caller_namespace="team-b", caller_service="api", gen_ai_request_model="chain")
+    assert wait_for(lambda: gw.metric("meshllm_requests_total", **caller) == 1)
+    assert gw.metric("meshllm_requests_total", **caller, gen_ai_provider_name="anthropic",
+                     gen_ai_response_model="claude-sonnet-4-5", error_type=None) == 1
+    assert gw.metric("meshllm_attempts_total", **caller, gen_ai_provider_name="openai",
+                     gen_ai_response_model="mock-500", error_type="500") == 1
+    assert gw.metric("meshllm_attempts_total", **caller, gen_ai_provider_name="anthropic",
+                     error_type=None) == 1
+    assert gw.metric("meshllm_attempts_total", **caller) == 2
+    assert gw.metric("meshllm_fallbacks_total", **caller, fallback_from="openai",
+                     gen_ai_provider_name="anthropic") == 1
+    assert gw.metric("meshllm_route_decisions_total", **caller, route_reason="ordered",
+                     gen_ai_provider_name="openai") == 1
+    line = log_lines(gw, 1, caller="team-b/api")[-1]
+    assert (line["provider"], line["response_model"], line["attempts"], line["route_reason"]) == \
+        ("anthropic", "claude-sonnet-4-5", "2", "ordered")
+
+
+def test_latency_histograms_measure_the_stream(gw, mocks):
+    caller = dict(caller_namespace="team-c", caller_service="latency")
+    # The provider takes 300 ms to answer: the first token cannot come sooner.
+    status, _, _ = call(gw, "team-c/latency", {"model": "slow", "stream": True, "messages": [
+        {"role": "user", "content": "hi"}]})
+    assert status == 200
+    ttft = "gen_ai_server_time_to_first_token_bucket"
+    slow = dict(caller, gen_ai_request_model="slow")
+    assert wait_for(lambda: gw.metric(ttft, **slow, le="+Inf") == 1)
+    assert gw.metric(ttft, **slow, le="250") == 0
+    assert gw.metric("gen_ai_server_request_duration_bucket", **slow, le="250") == 0
+    line = log_lines(gw, 1, caller="team-c/latency", request_model="slow")[-1]
+    assert int(line["ttft_ms"]) >= 300
+
+    # The first chunk comes at once, the rest 600 ms later: per output
+    # token after the first, at least 600 / (tokens - 1) ms.
+    conn = HTTPConnection("127.0.0.1", gw.port, timeout=30)
+    conn.request("POST", "/v1/chat/completions", json.dumps({
+        "model": "gated", "stream": True, "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": "hi"}]}),
+        {"content-type": "application/json", CALLER: "team-c/latency"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    first = resp.read1(65536)
+    assert first.startswith(b"data: ")
+    time.sleep(0.6)
+    mocks["openai"].release()
+    raw = first + resp.read()
+    conn.close()
+    out = stream_usage(raw)["completion_tokens"]
+    assert out > 1
+    gated = dict(caller, gen_ai_request_model="gated")
+    tpot = "gen_ai_server_time_per_output_token_bucket"
+    assert wait_for(lambda: gw.metric(tpot, **gated, le="+Inf") == 1)
+    floor_ms = 600 / (out - 1)
+    below = max(b for b in (1, 2, 5, 10, 25, 50, 100, 250, 500) if b < floor_ms * 0.9)
+    assert gw.metric(tpot, **gated, le=str(below)) == 0
+
+
+def test_quota_rejections_and_budget_use_are_labelled_with_the_caller(gw):
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    assert call(gw, "limited/batch", body)[0] == 200
+    assert call(gw, "limited/batch", body)[0] == 429
+    labels = dict(caller_namespace="limited", caller_service="batch")
+    assert wait_for(lambda: gw.metric("meshllm_quota_rejections_total", **labels,
+                                      limit="one-a-day", reason="rate",
+                                      gen_ai_request_model="gpt-4o-mini") == 1)
+    assert gw.metric("meshllm_budget_used_percent", caller_namespace="limited",
+                     caller_service="all", limit="one-a-day", kind="requests_per_day") == 100
+    assert gw.metric("meshllm_requests_total", **labels, error_type="429") == 1
+    line = log_lines(gw, 1, caller="limited/batch", status=429)[-1]
+    assert line["quota"] == "rejected:one-a-day:rate"
+
+
+def test_label_values_stay_bounded(gw):
+    body = {"model": "made-up-model-123", "messages": [{"role": "user", "content": "hi"}]}
+    assert call(gw, "team-d/x", body)[0] == 404
+    assert wait_for(lambda: gw.metric("meshllm_requests_total", caller_namespace="team-d",
+                                      gen_ai_request_model="_OTHER", error_type="404") == 1)
+    text = gw.prometheus()
+    assert "made-up-model-123" not in text
+    # The request's own model name is still in its access-log line.
+    line = log_lines(gw, 1, caller="team-d/x")[-1]
+    assert line["request_model"] == "_OTHER"
+
+
+def test_text_access_log_format(wasm, mocks):
+    env = start(mocks, metrics_config(free_port()), access_log_format="text")
+    try:
+        status, _, raw = call(env, "team-e/text", {"model": "gpt-4o-mini", "messages": [
+            {"role": "user", "content": "hi"}]})
+        assert status == 200
+        usage = json.loads(raw)["usage"]
+        assert wait_for(lambda: env.access_log_lines())
+        line = env.access_log_lines()[-1]
+        assert re.match(r'^\[\S+\] "POST /v1/chat/completions" 200 \d+ms ', line), line
+        fields = dict(kv.split("=", 1) for kv in line.split("ms ", 1)[1].split(" "))
+        assert fields["caller"] == "team-e/text"
+        assert fields["provider"] == "openai"
+        assert fields["request_model"] == fields["response_model"] == "gpt-4o-mini"
+        assert fields["input_tokens"] == str(usage["prompt_tokens"])
+        assert fields["output_tokens"] == str(usage["completion_tokens"])
+        assert fields["ttft_ms"] == "-" and fields["tags"] == "-"
+    finally:
+        env.stop()
+
+
+def test_labels_match_the_filter_and_the_shipped_stats_tags():
+    import render
+    source = (ROOT / "src" / "metrics.rs").read_text()
+    block = source[source.index("pub const LABELS"):]
+    block = block[:block.index("];")]
+    assert re.findall(r'"(\w+)"', block) == render.METRIC_LABELS
+    with open(ROOT / "envoy" / "meshllm.json") as f:
+        cfg = json.load(f)
+    tags = [t["tag_name"] for t in render.stats_tags(cfg)]
+    assert tags[: len(render.METRIC_LABELS)] == render.METRIC_LABELS
