@@ -11,7 +11,7 @@ PORT       ?= 10000
 # the route used where `rustup target add` cannot download.
 DEB_WASM_PKGS := rustc-web cargo-web rust-web-src lld-22 wasi-libc
 
-.PHONY: all build run test test-unit test-integration lint fmt deps venv wasm-toolchain envoy-config clean
+.PHONY: all build run test test-unit test-integration test-tools lint fmt deps venv wasm-toolchain envoy-config clean
 
 all: build
 
@@ -40,7 +40,14 @@ $(VENV)/.installed: tests/requirements.txt
 
 venv: $(VENV)/.installed
 
-deps: wasm-toolchain venv
+# A real Prometheus server scrapes Envoy in one integration test.
+test-tools:
+	@command -v prometheus >/dev/null || { \
+	  echo "installing prometheus (Debian package)"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+deps: wasm-toolchain venv test-tools
 
 # --- build ------------------------------------------------------------------
 
@@ -77,14 +84,16 @@ fmt:
 test-unit:
 	cargo test
 
-test-integration: build venv
+test-integration: build venv test-tools
 	$(PY) -m pytest -q tests
 
 test: deps lint test-unit test-integration
 
-# envoy/envoy.yaml is generated from envoy/meshllm.json; tests check it is current.
+# envoy/envoy.yaml and the Istio stats bootstrap are generated from
+# envoy/meshllm.json; tests check they are current.
 envoy-config: venv
 	$(PY) envoy/tools/render.py envoy/meshllm.json > envoy/envoy.yaml
+	$(PY) envoy/tools/render.py --stats-bootstrap envoy/meshllm.json > k8s/observability/stats-bootstrap.json
 
 clean:
 	cargo clean

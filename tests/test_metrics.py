@@ -268,3 +268,192 @@ def test_labels_match_the_filter_and_the_shipped_stats_tags():
         cfg = json.load(f)
     tags = [t["tag_name"] for t in render.stats_tags(cfg)]
     assert tags[: len(render.METRIC_LABELS)] == render.METRIC_LABELS
+
+
+# --- a real Prometheus server --------------------------------------------------
+
+
+class Prometheus:
+    """The Debian package's Prometheus, scraping one Envoy's admin port every
+    second into a scratch directory; stopped by its PID."""
+
+    def __init__(self, target_admin):
+        binary = shutil.which("prometheus")
+        assert binary, "prometheus is missing: `make test-tools` installs it"
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="meshllm-prometheus-")
+        config = os.path.join(self.dir, "prometheus.yml")
+        with open(config, "w") as f:
+            json.dump({  # JSON is YAML
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "scrape_configs": [{
+                    "job_name": "envoy",
+                    "metrics_path": "/stats/prometheus",
+                    "static_configs": [{"targets": [target_admin.split("//", 1)[1]]}],
+                }],
+            }, f)
+        self.log = open(os.path.join(self.dir, "prometheus.log"), "w")
+        self.proc = subprocess.Popen(
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={self.dir}/data",
+             f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout=60):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            assert self.proc.poll() is None, open(self.log.name).read()[-3000:]
+            try:
+                if http("GET", self.url + "/-/ready", timeout=1)[0] == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("prometheus did not become ready")
+
+    def query(self, expr):
+        status, _, body = http("GET", self.url + "/api/v1/query?" +
+                               urllib.parse.urlencode({"query": expr}))
+        doc = json.loads(body)
+        assert status == 200 and doc["status"] == "success", (expr, doc)
+        return doc["data"]["result"]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def dashboard_queries():
+    """Every PromQL expression of the shipped Grafana dashboard, with its
+    template variables replaced as Grafana would for "All"."""
+    with open(DASHBOARD) as f:
+        board = json.load(f)
+    exprs = []
+
+    def walk(panels):
+        for p in panels:
+            walk(p.get("panels", []))
+            for t in p.get("targets", []):
+                exprs.append((p["title"], t["expr"]))
+    walk(board["panels"])
+    subst = {"$__rate_interval": "1m", "$__range": "1h", "$namespace": ".*",
+             "$service": ".*", "$model": ".*", "$provider": ".*"}
+    out = []
+    for title, expr in exprs:
+        for var in sorted(subst, key=len, reverse=True):
+            expr = expr.replace("${" + var[1:] + "}", subst[var]).replace(var, subst[var])
+        assert "$" not in expr, (title, expr)
+        out.append((title, expr))
+    return out
+
+
+def test_prometheus_scrapes_envoy_and_finds_series_by_label(gw):
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "scrape me"}]}
+    for _ in range(2):
+        assert call(gw, "scraped/svc", body, {"x-tier": "gold"})[0] == 200
+    assert wait_for(lambda: gw.metric("gen_ai_server_request_duration_count",
+                                      caller_namespace="scraped") == 2)
+    prom = Prometheus(gw.admin).wait_ready()
+    try:
+        expr = 'sum by (caller_service) (meshllm_requests_total{caller_namespace="scraped"})'
+        assert wait_for(lambda: prom.query(expr), timeout=30), "no scrape reached Prometheus"
+        result = prom.query(expr)
+        assert [(r["metric"], r["value"][1]) for r in result] == [({"caller_service": "svc"}, "2")]
+        # The labels Envoy extracted are real Prometheus labels.
+        tokens = prom.query('meshllm_tokens_total{caller_namespace="scraped",'
+                            'gen_ai_token_type="input",tag_tier="gold"}')
+        assert len(tokens) == 1
+        assert tokens[0]["metric"]["gen_ai_request_model"] == "gpt-4o-mini"
+        count = prom.query('sum(gen_ai_server_request_duration_count{caller_namespace="scraped"})')
+        assert count[0]["value"][1] == "2"
+        # Every query of the shipped dashboard runs on this data.
+        for title, expr in dashboard_queries():
+            prom.query(expr)
+        # Traffic between scrapes shows in the dashboard's increase() panels.
+        for _ in range(2):
+            assert call(gw, "scraped/svc", body, {"x-tier": "gold"})[0] == 200
+        spend = [e for t, e in dashboard_queries() if t.startswith("Spend (range")]
+        assert len(spend) == 1
+
+        def spent():
+            result = prom.query(spend[0])
+            return result and float(result[0]["value"][1]) > 0
+        assert wait_for(spent, timeout=20)
+    finally:
+        prom.stop()
+
+
+# --- what k8s/observability ships ----------------------------------------------
+
+
+OBSERVABILITY = ROOT / "k8s" / "observability"
+
+
+def test_istio_stats_bootstrap_is_current_and_valid(tmp_path):
+    import render
+    with open(ROOT / "envoy" / "meshllm.json") as f:
+        cfg = json.load(f)
+    shipped = json.loads((OBSERVABILITY / "stats-bootstrap.json").read_text())
+    assert shipped == render.stats_bootstrap(cfg), "run `make envoy-config`"
+    # Istio merges it into the proxy's bootstrap, as --config-yaml does here.
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps({"admin": {"address": {"socket_address": {
+        "address": "127.0.0.1", "port_value": 0}}}}))
+    from conftest import envoy_binary
+    result = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(base),
+         "--config-yaml", json.dumps(shipped), "--base-id", "9"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_istio_stats_matcher_prefixes_keep_every_meshllm_metric(wasm, mocks):
+    import yaml
+    import render
+    annotations = yaml.safe_load((OBSERVABILITY / "proxy-annotations.yaml").read_text())
+    proxy_config = yaml.safe_load(annotations["proxy.istio.io/config"])
+    prefixes = proxy_config["proxyStatsMatcher"]["inclusionPrefixes"]
+    assert prefixes == render.METRIC_PREFIXES
+    assert annotations["sidecar.istio.io/bootstrapOverride"] == "meshllm-stats-bootstrap"
+    # An Envoy that keeps only those prefixes, as an Istio proxy would.
+    env = start(mocks, metrics_config(free_port()), stats_inclusion_prefixes=prefixes)
+    try:
+        assert call(env, "team-f/kept", {"model": "chain", "stream": True, "messages": [
+            {"role": "user", "content": "hi"}]})[0] == 200
+        assert wait_for(lambda: env.metric("gen_ai_server_time_to_first_token_count",
+                                           caller_namespace="team-f") == 1)
+        names = {re.match(r"^(\w+)", l).group(1) for l in env.prometheus().splitlines()
+                 if l and not l.startswith("#")}
+        for want in ["meshllm_requests_total", "meshllm_tokens_total", "meshllm_attempts_total",
+                     "meshllm_fallbacks_total", "meshllm_route_decisions_total",
+                     "meshllm_cost_micro_usd_total", "gen_ai_client_token_usage_count",
+                     "gen_ai_server_request_duration_count"]:
+            assert want in names, want
+        assert not any(n.startswith("envoy_cluster_") for n in names), "the matcher applies"
+    finally:
+        env.stop()
+
+
+def test_kustomize_renders_the_observability_config_maps():
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl is needed to render k8s/"
+    out = subprocess.run([kubectl, "kustomize", str(OBSERVABILITY)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    import yaml
+    docs = {d["metadata"]["name"]: d for d in yaml.safe_load_all(out.stdout)}
+    assert set(docs) == {"meshllm-stats-bootstrap", "meshllm-grafana-dashboard"}
+    assert json.loads(docs["meshllm-stats-bootstrap"]["data"]["custom_bootstrap.json"]) == \
+        json.loads((OBSERVABILITY / "stats-bootstrap.json").read_text())
+    board = docs["meshllm-grafana-dashboard"]
+    assert board["metadata"]["labels"] == {"grafana_dashboard": "1"}
+    assert json.loads(board["data"]["meshllm.json"])["uid"] == "meshllm"

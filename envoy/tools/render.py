@@ -55,9 +55,17 @@ def stats_tags(plugin_config=None):
     return [{"tag_name": label, "regex": f"(;{label}=([^;]*))"} for label in labels]
 
 
-def stats_config(plugin_config=None):
-    """Envoy's `stats_config`: label extraction and histogram buckets."""
+def stats_config(plugin_config=None, inclusion_prefixes=None):
+    """Envoy's `stats_config`: label extraction and histogram buckets (and,
+    as Istio proxies have, an allow-list of stat name prefixes)."""
+    matcher = (
+        {"stats_matcher": {"inclusion_list": {"patterns": [
+            {"prefix": p} for p in inclusion_prefixes]}}}
+        if inclusion_prefixes
+        else {}
+    )
     return {
+        **matcher,
         "stats_tags": stats_tags(plugin_config),
         "histogram_bucket_settings": [
             {
@@ -67,6 +75,13 @@ def stats_config(plugin_config=None):
             {"match": {"prefix": "wasmcustom.gen_ai.server."}, "buckets": LATENCY_MS_BUCKETS},
         ],
     }
+
+
+def stats_bootstrap(plugin_config=None):
+    """The bootstrap fragment an Istio proxy merges into its own (ConfigMap
+    key `custom_bootstrap.json`, pod annotation
+    `sidecar.istio.io/bootstrapOverride`): the same labels and buckets."""
+    return {"stats_config": stats_config(plugin_config)}
 
 
 # Access-log fields: Envoy's own, and those the filter leaves in filter
@@ -381,6 +396,7 @@ def render(
     access_log_path=None,
     access_log_format="json",
     stats_flush_interval=None,
+    stats_inclusion_prefixes=None,
     node=None,
     downstream_tls=None,
 ):
@@ -516,7 +532,7 @@ def render(
         "admin": {
             "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
         },
-        "stats_config": stats_config(plugin_config),
+        "stats_config": stats_config(plugin_config, stats_inclusion_prefixes),
         # Histograms reach /stats/prometheus when Envoy merges them, once per
         # flush interval (5 s unless set).
         **({"stats_flush_interval": stats_flush_interval} if stats_flush_interval else {}),
@@ -574,9 +590,14 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true", help="emit JSON instead of YAML")
     ap.add_argument("--access-log", default="/dev/stdout", help="access-log path ('' for none)")
     ap.add_argument("--access-log-format", choices=["json", "text"], default="json")
+    ap.add_argument("--stats-bootstrap", action="store_true",
+                    help="emit only the stats bootstrap fragment for Istio proxies (JSON)")
     args = ap.parse_args(argv)
     with open(args.plugin_config) as f:
         cfg = json.load(f)
+    if args.stats_bootstrap:
+        sys.stdout.write(json.dumps(stats_bootstrap(cfg), indent=2) + "\n")
+        return
     doc = render(
         cfg,
         wasm=args.wasm,
