@@ -2353,3 +2353,50 @@ fn unidentified_callers_get_403_in_their_own_shape() {
     let v: Value = serde_json::from_slice(&sent.body).unwrap();
     assert_eq!(v["error"]["type"], "permission_error");
 }
+
+#[test]
+fn streamed_answers_time_their_first_byte_and_their_pace() {
+    let body = chat_body(&quote("fast")).replace("\"stream\": false", "\"stream\": true");
+    let (mut f, mut host, flow) = post("/v1/chat/completions", body.as_bytes());
+    assert_eq!(flow, Flow::Continue);
+    let start_ms = host.now_unix_millis();
+    host.respond(
+        200,
+        &[("content-type", "text/event-stream")],
+        b"",
+        Some("via_upstream"),
+    );
+    assert_eq!(f.on_response_headers(&mut host, false), Flow::Continue);
+    // The first event 250 ms after the request, the last 600 ms later.
+    host.now_ms = start_ms + 250;
+    let first = b"data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"hi\"}}]}\n\n";
+    host.response_body = first.to_vec();
+    f.on_response_body(&mut host, first.len(), false);
+    host.now_ms = start_ms + 850;
+    let last = b"data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7,\"total_tokens\":12}}\n\ndata: [DONE]\n\n";
+    host.response_body = last.to_vec();
+    f.on_response_body(&mut host, last.len(), true);
+    let labels = "caller_namespace=unknown;caller_service=unknown;gen_ai_operation_name=chat;\
+                  gen_ai_provider_name=groq;gen_ai_request_model=fast;\
+                  gen_ai_response_model=llama-3.1-8b-instant";
+    let recorded = |metric: &str| {
+        host.histograms
+            .get(&format!("{metric};{labels}"))
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(recorded("gen_ai.server.time_to_first_token"), [250]);
+    // 600 ms over the 6 tokens after the first.
+    assert_eq!(recorded("gen_ai.server.time_per_output_token"), [100]);
+    assert_eq!(recorded("gen_ai.server.request.duration"), [850]);
+    assert_eq!(
+        host.properties.get("meshllm.ttft_ms").map(Vec::as_slice),
+        Some(&b"250"[..])
+    );
+    assert_eq!(
+        host.properties
+            .get("meshllm.output_tokens")
+            .map(Vec::as_slice),
+        Some(&b"7"[..])
+    );
+}
