@@ -57,6 +57,18 @@ def http(method, url, body=None, headers=None, timeout=15):
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
 
 
+def wait_for(predicate, timeout=10, interval=0.05):
+    """Polls `predicate` until it holds. Counters move when Envoy ends the
+    stream, just after the reply; histograms when Envoy merges them (every
+    0.5 s in tests)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
 class Envoy:
     """A real Envoy with the filter, configured from a plugin config dict."""
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import KEYS, ROOT, Envoy, envoy_binary, http
+from conftest import KEYS, ROOT, Envoy, envoy_binary, http, wait_for
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello gateway"}]}
 
@@ -301,16 +301,6 @@ def test_unreachable_provider_is_503_json(gateway):
 
 
 # --- metrics and logs ----------------------------------------------------------
-
-
-def wait_for(predicate, timeout=5):
-    """Stats are updated when Envoy finishes the stream, just after the reply."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_requests_are_counted_by_provider_model_and_error(gateway):

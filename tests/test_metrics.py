@@ -15,7 +15,7 @@ from http.client import HTTPConnection
 
 import pytest
 
-from conftest import KEYS, ROOT, Envoy, free_port, gateway_plugin_config, http
+from conftest import KEYS, ROOT, Envoy, free_port, gateway_plugin_config, http, wait_for
 
 CALLER = "x-caller"
 DASHBOARD = ROOT / "k8s" / "observability" / "grafana-dashboard.json"
@@ -49,17 +49,6 @@ def gw(wasm, mocks):
     env = start(mocks, metrics_config(free_port()))
     yield env
     env.stop()
-
-
-def wait_for(predicate, timeout=10):
-    """Counters move when the request ends; histograms when Envoy merges
-    them (every 0.5 s in tests)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
 
 
 def call(gw, caller, body, headers=None, path="/v1/chat/completions"):
