@@ -223,6 +223,10 @@ pub struct Config {
     pub tags: Vec<Tag>,
     /// Quotas and budgets; None when not configured.
     pub quotas: Option<QuotaPolicy>,
+    /// The hosts whose requests the filter handles (lowercase, no port; a
+    /// leading `*.` matches any subdomain); empty: every request. In a
+    /// sidecar the outbound listener carries all of a pod's HTTP traffic.
+    pub hosts: Vec<String>,
     /// The `GET /v1/models` answer, built once.
     pub models_list_body: Vec<u8>,
     /// `GET /v1/models/{id}` answers, built once.
@@ -230,6 +234,25 @@ pub struct Config {
 }
 
 impl Config {
+    /// Whether the filter handles a request for `authority` (`host[:port]`).
+    pub fn handles_host(&self, authority: &str) -> bool {
+        if self.hosts.is_empty() {
+            return true;
+        }
+        // An IPv6 literal keeps its brackets; only a trailing `:port` goes.
+        let host = match authority.rsplit_once(':') {
+            Some((h, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => authority,
+        };
+        let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+        self.hosts.iter().any(|want| match want.strip_prefix("*.") {
+            Some(suffix) => host
+                .strip_suffix(suffix)
+                .is_some_and(|rest| rest.len() > 1 && rest.ends_with('.')),
+            None => *want == host,
+        })
+    }
+
     /// The route for a public model name or alias.
     pub fn route(&self, model: &str) -> Option<&ModelRoute> {
         self.route_index(model).map(|i| &self.models[i])
@@ -324,6 +347,7 @@ const TOP_LEVEL_FIELDS: &[&str] = &[
     "identity",
     "attribution",
     "quotas",
+    "hosts",
 ];
 
 /// A parsed `base_url`.
@@ -474,6 +498,7 @@ pub fn compile(doc: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Compi
         identity: identity.is_some(),
     };
     let quotas = compile_quotas(obj.get("quotas"), &tags, &known)?;
+    let hosts = compile_hosts(obj.get("hosts"))?;
     let attempt_header_names = attempt_header_names(&providers);
     let (models_list_body, model_bodies) = model_listing(&models, &providers, &routes);
     Ok(Compiled {
@@ -489,11 +514,53 @@ pub fn compile(doc: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Compi
             identity,
             tags,
             quotas,
+            hosts,
             models_list_body,
             model_bodies,
         },
         warnings,
     })
+}
+
+/// `hosts`: the request hosts the filter handles.
+fn compile_hosts(value: Option<&Value>) -> Result<Vec<String>, ConfigError> {
+    let Some(value) = value else {
+        return Ok(Vec::new());
+    };
+    let list = value
+        .as_array()
+        .filter(|l| !l.is_empty())
+        .ok_or_else(|| ConfigError::new("hosts", "must be a non-empty list of host names"))?;
+    let mut hosts = Vec::with_capacity(list.len());
+    for (i, item) in list.iter().enumerate() {
+        let path = format!("hosts[{i}]");
+        let name = item
+            .as_str()
+            .ok_or_else(|| ConfigError::new(&path, "must be a host name string"))?;
+        let bare = name.strip_prefix("*.").unwrap_or(name);
+        let valid = !bare.is_empty()
+            && bare.split('.').all(|label| {
+                !label.is_empty()
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !valid {
+            return Err(ConfigError::new(
+                &path,
+                format!(
+                    "{name:?} is not a host name (letters, digits, '-' and '.', \
+                     optionally starting with \"*.\"; no port or scheme)"
+                ),
+            ));
+        }
+        let name = name.to_ascii_lowercase();
+        if hosts.contains(&name) {
+            return Err(ConfigError::new(&path, format!("{name:?} is listed twice")));
+        }
+        hosts.push(name);
+    }
+    Ok(hosts)
 }
 
 fn compile_providers(
@@ -1303,6 +1370,18 @@ mod tests {
                 r#"{"providers":[{"name":"a","kind":"openai"}],"models":[{"name":"m","provider":"a"}],"max_request_bytes":0}"#,
                 "max_request_bytes: must be a whole number",
             ),
+            (
+                r#"{"providers":[{"name":"a","kind":"openai"}],"models":[{"name":"m","provider":"a"}],"hosts":[]}"#,
+                "hosts: must be a non-empty list",
+            ),
+            (
+                r#"{"providers":[{"name":"a","kind":"openai"}],"models":[{"name":"m","provider":"a"}],"hosts":["llm.mesh","api.openai.com:80"]}"#,
+                "hosts[1]: \"api.openai.com:80\" is not a host name",
+            ),
+            (
+                r#"{"providers":[{"name":"a","kind":"openai"}],"models":[{"name":"m","provider":"a"}],"hosts":["a.b","A.b"]}"#,
+                "hosts[1]: \"a.b\" is listed twice",
+            ),
         ];
         for (doc, want) in cases {
             let got = err(doc);
@@ -1310,6 +1389,32 @@ mod tests {
                 got.starts_with(want),
                 "for {doc}\n got: {got}\nwant: {want}"
             );
+        }
+    }
+
+    #[test]
+    fn hosts_select_the_requests_the_filter_handles() {
+        let every = ok(
+            r#"{"providers":[{"name":"a","kind":"openai"}],"models":[{"name":"m","provider":"a"}]}"#,
+        );
+        assert!(every.config.handles_host("anything.example:8080"));
+        let some = ok(
+            r#"{"providers":[{"name":"a","kind":"openai"}],"models":[{"name":"m","provider":"a"}],
+                "hosts":["api.openai.com","LLM.mesh","*.llm.internal"]}"#,
+        );
+        for (authority, handled) in [
+            ("api.openai.com", true),
+            ("api.openai.com:80", true),
+            ("API.OpenAI.com.", true),
+            ("llm.mesh", true),
+            ("eu.llm.internal:443", true),
+            ("llm.internal", false),
+            ("evilllm.internal", false),
+            ("api.openai.com.evil.example", false),
+            ("reviews.default.svc.cluster.local:9080", false),
+            ("", false),
+        ] {
+            assert_eq!(some.config.handles_host(authority), handled, "{authority}");
         }
     }
 

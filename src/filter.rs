@@ -191,6 +191,8 @@ enum Phase {
     Forwarded,
     /// Answered by the filter itself.
     Answered,
+    /// Not for a host the filter handles: passed through untouched.
+    Bypass,
 }
 
 pub struct RequestFilter {
@@ -467,9 +469,17 @@ impl RequestFilter {
             return self.start_attempt(host, end_of_stream);
         }
         self.started_us = host.now_unix_micros();
-        // Routing is the filter's decision alone; a client cannot pick a cluster.
+        // Routing is the filter's decision alone; a client cannot pick a
+        // cluster, whether or not its request is one the filter handles.
         if host.request_header(CLUSTER_HEADER).is_some() {
             let _ = host.remove_request_header(CLUSTER_HEADER);
+        }
+        if !self.config.hosts.is_empty() {
+            let authority = host.request_header(":authority").unwrap_or_default();
+            if !self.config.handles_host(&authority) {
+                self.phase = Phase::Bypass;
+                return Flow::Continue;
+            }
         }
         let method = host.request_header(":method").unwrap_or_default();
         let path = host.request_header(":path").unwrap_or_default();
@@ -577,6 +587,12 @@ impl RequestFilter {
             .property(&[PLAN_PROPERTY])
             .and_then(|b| serde_json::from_slice(&b).ok());
         let Some(plan) = plan else {
+            // Another service's request on a router this half also serves.
+            let authority = host.request_header(":authority").unwrap_or_default();
+            if !self.config.hosts.is_empty() && !self.config.handles_host(&authority) {
+                self.phase = Phase::Bypass;
+                return Flow::Continue;
+            }
             return self.reject(
                 host,
                 internal(
@@ -1189,6 +1205,9 @@ impl RequestFilter {
     }
 
     pub fn on_response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
+        if self.phase == Phase::Bypass {
+            return Flow::Continue;
+        }
         let flow = self.response_headers(host, end_of_stream);
         if end_of_stream {
             self.finish(host);
@@ -1202,6 +1221,9 @@ impl RequestFilter {
         body_size: usize,
         end_of_stream: bool,
     ) -> Flow {
+        if self.phase == Phase::Bypass {
+            return Flow::Continue;
+        }
         let flow = self.response_body(host, body_size, end_of_stream);
         if end_of_stream {
             self.finish(host);
@@ -1519,7 +1541,7 @@ impl RequestFilter {
     /// (so access logs see the fields) or when the request is abandoned:
     /// counts it, settles its reservation and records what it cost.
     fn finish(&mut self, host: &mut dyn Host) {
-        if self.finished || self.role == Role::Attempt {
+        if self.finished || self.role == Role::Attempt || self.phase == Phase::Bypass {
             return;
         }
         self.finished = true;

@@ -133,6 +133,12 @@ impl MockHost {
         self
     }
 
+    /// Replaces every value of request header `name`.
+    fn with_only_header(mut self, name: &str, value: &str) -> Self {
+        remove(&mut self.request_headers, name);
+        self.with_header(name, value)
+    }
+
     fn with_body(mut self, body: &[u8]) -> Self {
         self.request_body = body.to_vec();
         self
@@ -2399,4 +2405,52 @@ fn streamed_answers_time_their_first_byte_and_their_pace() {
             .map(Vec::as_slice),
         Some(&b"7"[..])
     );
+}
+
+#[test]
+fn requests_for_other_hosts_pass_through_both_halves() {
+    let doc: serde_json::Value = serde_json::from_str(CONFIG).unwrap();
+    let mut doc = doc.as_object().unwrap().clone();
+    doc.insert("hosts".into(), serde_json::json!(["llm.mesh"]));
+    let cfg = config_from(&serde_json::Value::Object(doc).to_string());
+    let body = chat_body(&quote("mini"));
+    for role in [Role::Router, Role::Standalone, Role::Attempt] {
+        let mut host = client_post("/v1/chat/completions", body.as_bytes())
+            .with_only_header(":authority", "reviews.default.svc:9080");
+        let before_body = host.request_body.clone();
+        let mut f = RequestFilter::new(Rc::clone(&cfg), role);
+        assert_eq!(
+            f.on_request_headers(&mut host, false),
+            Flow::Continue,
+            "{role:?}"
+        );
+        assert_eq!(
+            f.on_request_body(&mut host, body.len(), true),
+            Flow::Continue
+        );
+        assert!(host.sent.is_empty(), "{role:?}: no reply of its own");
+        assert_eq!(host.request_body, before_body, "{role:?}");
+        assert_eq!(
+            host.req("authorization").as_deref(),
+            Some("Bearer client-secret")
+        );
+        if role != Role::Attempt {
+            assert_eq!(
+                host.req(CLUSTER_HEADER),
+                None,
+                "{role:?}: never client-chosen"
+            );
+        }
+        host.respond(200, &[], b"{}", Some("via_upstream"));
+        assert_eq!(f.on_response_headers(&mut host, false), Flow::Continue);
+        assert_eq!(f.on_response_body(&mut host, 2, true), Flow::Continue);
+        f.on_done(&mut host);
+        assert!(host.counters.is_empty(), "{role:?}: {:?}", host.counters);
+        assert_eq!(host.resp(PROVIDER_RESPONSE_HEADER), None);
+    }
+    // The configured host is handled.
+    let mut host = client_post("/v1/chat/completions", body.as_bytes())
+        .with_only_header(":authority", "llm.mesh");
+    let mut f = RequestFilter::new(Rc::clone(&cfg), Role::Standalone);
+    assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
 }

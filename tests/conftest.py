@@ -73,7 +73,8 @@ class Envoy:
     """A real Envoy with the filter, configured from a plugin config dict."""
 
     def __init__(self, plugin_config, upstreams=None, env=None, concurrency=1, node=None,
-                 downstream_tls=None, access_log_format="json", stats_inclusion_prefixes=None):
+                 downstream_tls=None, access_log_format="json", stats_inclusion_prefixes=None,
+                 other_services=None):
         self.port = free_port()
         self.admin_port = free_port()
         self.dir = tempfile.mkdtemp(prefix="meshllm-envoy-")
@@ -89,6 +90,7 @@ class Envoy:
             access_log_format=access_log_format,
             stats_flush_interval="0.5s",
             stats_inclusion_prefixes=stats_inclusion_prefixes,
+            other_services=other_services,
             node=node,
             downstream_tls=downstream_tls,
         )

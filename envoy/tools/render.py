@@ -397,6 +397,7 @@ def render(
     access_log_format="json",
     stats_flush_interval=None,
     stats_inclusion_prefixes=None,
+    other_services=None,
     node=None,
     downstream_tls=None,
 ):
@@ -485,6 +486,16 @@ def render(
         "route_config": {
             "name": "meshllm",
             "virtual_hosts": [
+                # Other services on the same listener, as a sidecar's outbound
+                # listener carries a pod's other HTTP traffic (tests).
+                *[
+                    {
+                        "name": f"svc_{name}",
+                        "domains": [name, f"{name}:*"],
+                        "routes": [{"match": {"prefix": "/"}, "route": {"cluster": f"svc_{name}"}}],
+                    }
+                    for name in (other_services or {})
+                ],
                 {
                     "name": "llm",
                     "domains": ["*"],
@@ -517,6 +528,8 @@ def render(
     }
     if access_log_path:
         hcm["access_log"] = [access_log(access_log_path, access_log_format)]
+    for name, (svc_host, svc_port) in (other_services or {}).items():
+        clusters.append(cluster(f"svc_{name}", svc_host, svc_port, False))
     filter_chain = {
         "filters": [
             {
