@@ -11,7 +11,7 @@ PORT       ?= 10000
 # the route used where `rustup target add` cannot download.
 DEB_WASM_PKGS := rustc-web cargo-web rust-web-src lld-22 wasi-libc
 
-.PHONY: all build run test test-unit test-integration test-tools lint fmt deps venv wasm-toolchain envoy-config clean
+.PHONY: all build oci run test test-unit test-integration test-tools lint fmt deps venv wasm-toolchain envoy-config clean
 
 all: build
 
@@ -62,6 +62,13 @@ build: wasm-toolchain
 	  cp target/wasm-build/$(TARGET)/release/meshllm.wasm $(WASM); \
 	fi
 	@ls -l $(WASM)
+
+# The filter as an OCI image for Istio's WasmPlugin (`url: oci://...`), its
+# layout and archive in target/oci; see k8s/tools/README.md. Standard library
+# only, so plain python3 serves when there is no venv.
+oci: build
+	@py=$(PY); [ -x $$py ] || py=python3; \
+	$$py k8s/tools/oci.py --wasm $(WASM) --out-dir target/oci
 
 # --- run --------------------------------------------------------------------
 
