@@ -1591,17 +1591,10 @@ impl RequestFilter {
             return;
         };
         let (ns, svc) = self.who.names();
-        let labels = metrics::caller(ns, svc)
-            .with(
-                "gen_ai_operation_name",
-                operation_name(op == Operation::Embeddings),
-            )
-            .with("gen_ai_provider_name", provider)
-            .with(
-                "gen_ai_request_model",
-                self.request_model.as_deref().unwrap_or("none"),
-            )
-            .with("gen_ai_response_model", response_model);
+        let embeddings = op == Operation::Embeddings;
+        let request_model = self.request_model.as_deref().unwrap_or("none");
+        let labels =
+            metrics::call_labels(ns, svc, embeddings, provider, request_model, response_model);
         let now = host.now_unix_micros();
         let error = metrics::error_type(self.status);
         let error_label: &[(&str, &str)] = match &error {
@@ -1614,24 +1607,18 @@ impl RequestFilter {
             metrics::millis(now.saturating_sub(self.started_us)),
         );
         if let (Some(reason), Some(first)) = (&self.reason, first) {
-            let name = metrics::caller(ns, svc)
-                .with(
-                    "gen_ai_operation_name",
-                    operation_name(op == Operation::Embeddings),
-                )
-                .with(
-                    "gen_ai_provider_name",
-                    &config.providers[first.provider].name,
-                )
-                .with(
-                    "gen_ai_request_model",
-                    self.request_model.as_deref().unwrap_or("none"),
-                )
-                .with("gen_ai_response_model", &first.upstream_model)
-                .name(
-                    metrics::ROUTE_DECISIONS_TOTAL,
-                    &[("route_reason", &metrics::route_reason(reason))],
-                );
+            let name = metrics::call_labels(
+                ns,
+                svc,
+                embeddings,
+                &config.providers[first.provider].name,
+                request_model,
+                &first.upstream_model,
+            )
+            .name(
+                metrics::ROUTE_DECISIONS_TOTAL,
+                &[("route_reason", &metrics::route_reason(reason))],
+            );
             host.count(&name, 1);
         }
         if self.role == Role::Standalone && self.phase == Phase::Forwarded {
@@ -1694,7 +1681,7 @@ impl RequestFilter {
         fields: &LogFields,
     ) {
         let config = Rc::clone(&self.config);
-        let tags: Vec<(String, &str)> = config
+        let mut tag_labels: Vec<(&str, &str)> = config
             .tags
             .iter()
             .enumerate()
@@ -1710,11 +1697,9 @@ impl RequestFilter {
                     Some(v) if tag.metric_values.iter().any(|m| m == v) => v,
                     Some(_) => "other",
                 };
-                (format!("tag_{}", tag.name), shown)
+                (tag.label.as_str(), shown)
             })
             .collect();
-        let mut tag_labels: Vec<(&str, &str)> =
-            tags.iter().map(|(n, v)| (n.as_str(), *v)).collect();
         let u = charge.usage;
         if u != Usage::default() {
             for (kind, n) in [
@@ -1792,23 +1777,14 @@ struct LogFields<'a> {
 fn attempt_labels(config: &Config, plan: &Plan, target: usize) -> metrics::Labels {
     let route = &config.models[target];
     let (ns, svc, model) = &plan.labels;
-    metrics::caller(ns, svc)
-        .with("gen_ai_operation_name", operation_name(plan.embeddings))
-        .with(
-            "gen_ai_provider_name",
-            &config.providers[route.provider].name,
-        )
-        .with("gen_ai_request_model", model)
-        .with("gen_ai_response_model", &route.upstream_model)
-}
-
-/// OTel `gen_ai.operation.name`.
-fn operation_name(embeddings: bool) -> &'static str {
-    if embeddings {
-        "embeddings"
-    } else {
-        "chat"
-    }
+    metrics::call_labels(
+        ns,
+        svc,
+        plan.embeddings,
+        &config.providers[route.provider].name,
+        model,
+        &route.upstream_model,
+    )
 }
 
 /// The most output tokens the request asks for, in its caller's terms.

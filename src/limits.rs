@@ -106,6 +106,8 @@ pub struct Tag {
     pub header: String,
     /// Values shown in metrics; any other value is shown as `other`.
     pub metric_values: Vec<String>,
+    /// Its metric label, `tag_<name>`.
+    pub label: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -312,6 +314,7 @@ pub fn compile_attribution(value: Option<&Value>) -> Result<Vec<Tag>, ConfigErro
             }
         }
         tags.push(Tag {
+            label: format!("tag_{}", t.name),
             name: t.name,
             header,
             metric_values: t.metric_values,

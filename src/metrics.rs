@@ -107,6 +107,26 @@ pub fn caller(namespace: &str, service: &str) -> Labels {
         .with("caller_service", service)
 }
 
+/// The labels every per-call series carries: the caller, OTel's operation,
+/// the provider, the model asked for and the model that answered.
+pub fn call_labels(
+    namespace: &str,
+    service: &str,
+    embeddings: bool,
+    provider: &str,
+    request_model: &str,
+    response_model: &str,
+) -> Labels {
+    caller(namespace, service)
+        .with(
+            "gen_ai_operation_name",
+            if embeddings { "embeddings" } else { "chat" },
+        )
+        .with("gen_ai_provider_name", provider)
+        .with("gen_ai_request_model", request_model)
+        .with("gen_ai_response_model", response_model)
+}
+
 /// OTel `error.type`: the status code of a failed answer, `_OTHER` when
 /// there was no answer at all, none on success.
 pub fn error_type(status: u16) -> Option<String> {
