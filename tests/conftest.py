@@ -109,7 +109,7 @@ class Envoy:
                 "--base-id", str(self.port),
                 # Access-log lines reach the file within 0.2 s, not 10 s.
                 "--file-flush-interval-msec", "200",
-                "-l", "warning",
+                "-l", os.environ.get("ENVOY_LOG_LEVEL", "warning"),
                 "--component-log-level", "wasm:info",
             ],
             stdout=self.log,

@@ -373,15 +373,89 @@ def position_metadata_filter(max_attempts):
     }
 
 
-def router_filter(upstream_filters):
+def router_filter():
     config = {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
         # Providers need not see Envoy's internal x-envoy-* headers.
         "suppress_envoy_headers": True,
     }
-    if upstream_filters:
-        config["upstream_http_filters"] = upstream_filters
     return {"name": "envoy.filters.http.router", "typed_config": config}
+
+
+WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
+LISTENER_NAME = "meshllm"
+UPSTREAM_NAME = "meshllm.upstream"
+
+
+def local_code(path):
+    """A Wasm module read from the proxy's disk."""
+    return {"local": {"filename": path}}
+
+
+def remote_code(uri, sha256, cluster="meshllm-artifacts", timeout="30s"):
+    """A Wasm module fetched by URL (Istio's agent also takes oci://)."""
+    return {
+        "remote": {
+            "http_uri": {"uri": uri, "cluster": cluster, "timeout": timeout},
+            "sha256": sha256,
+        }
+    }
+
+
+def wasm_config(plugin_config, code, env_keys, upstream=False):
+    """The Wasm filter's typed config: one module and one policy for both
+    halves; the root id tells the module which half it is."""
+    name = UPSTREAM_NAME if upstream else LISTENER_NAME
+    vm_config = {"vm_id": "meshllm", "runtime": "envoy.wasm.runtime.v8", "code": code}
+    if env_keys:
+        # Provider keys reach the VM from the proxy's environment, never
+        # from the plugin config.
+        vm_config["environment_variables"] = {"host_env_keys": list(env_keys)}
+    config = {
+        "name": name,
+        "root_id": name,
+        # Both halves read the body before they rewrite headers.
+        "allow_on_headers_stop_iteration": True,
+        "fail_open": False,
+        "configuration": {
+            "@type": "type.googleapis.com/google.protobuf.StringValue",
+            "value": json.dumps(plugin_config, separators=(",", ":")),
+        },
+        "vm_config": vm_config,
+    }
+    return {"@type": WASM_TYPE, "config": config}
+
+
+def wasm_filter(plugin_config, code, env_keys, upstream=False):
+    return {
+        "name": "envoy.filters.http.wasm",
+        "typed_config": wasm_config(plugin_config, code, env_keys, upstream),
+    }
+
+
+def upstream_http_filters(upstream_wasm):
+    """An upstream filter chain: the upstream half, then the codec."""
+    return [
+        upstream_wasm,
+        {
+            "name": "envoy.filters.http.upstream_codec",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"
+            },
+        },
+    ]
+
+
+def upstream_protocol_options(http_filters):
+    """Cluster protocol options that run `http_filters` on each attempt
+    (the filters of an aggregate cluster run for all its clusters)."""
+    return {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http_protocol_options": {}},
+            "http_filters": http_filters,
+        }
+    }
 
 
 def render(
@@ -425,50 +499,17 @@ def render(
     if failover["enabled"]:
         clusters.extend(position_clusters(plugin_config, upstreams, failover["max_attempts"]))
 
-    vm_config = {
-        "vm_id": "meshllm",
-        "runtime": "envoy.wasm.runtime.v8",
-        "code": {"local": {"filename": wasm}},
-    }
-    if env_keys:
-        # Provider keys reach the VM from the proxy's environment, never
-        # from the plugin config.
-        vm_config["environment_variables"] = {"host_env_keys": env_keys}
-
-    wasm_filter = {
-        "name": "envoy.filters.http.wasm",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-            "config": {
-                "name": "meshllm",
-                "root_id": "meshllm",
-                # The filter reads the body before it rewrites headers.
-                "allow_on_headers_stop_iteration": True,
-                "fail_open": False,
-                "configuration": {
-                    "@type": "type.googleapis.com/google.protobuf.StringValue",
-                    "value": json.dumps(plugin_config, separators=(",", ":")),
-                },
-                "vm_config": vm_config,
-            },
-        },
-    }
+    listener_filter = wasm_filter(plugin_config, local_code(wasm), env_keys)
     upstream_filters = []
     if failover["enabled"]:
-        # The same module and policy again, as the upstream half: it
-        # translates each attempt for the provider Envoy picked.
-        upstream_wasm = json.loads(json.dumps(wasm_filter))
-        upstream_wasm["typed_config"]["config"]["name"] = "meshllm.upstream"
-        upstream_wasm["typed_config"]["config"]["root_id"] = "meshllm.upstream"
-        upstream_filters = [
-            upstream_wasm,
-            {
-                "name": "envoy.filters.http.upstream_codec",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"
-                },
-            },
-        ]
+        upstream_filters = upstream_http_filters(
+            wasm_filter(plugin_config, local_code(wasm), env_keys, upstream=True)
+        )
+        # The upstream half runs on the aggregate cluster only, so it sees
+        # meshllm's attempts and nothing else.
+        clusters[-1]["typed_extension_protocol_options"] = upstream_protocol_options(
+            upstream_filters
+        )
     not_routed = json.dumps(
         {
             "error": {
@@ -522,9 +563,9 @@ def render(
                 }
             ],
         },
-        "http_filters": [wasm_filter]
+        "http_filters": [listener_filter]
         + ([position_metadata_filter(failover["max_attempts"])] if failover["enabled"] else [])
-        + [router_filter(upstream_filters)],
+        + [router_filter()],
     }
     if access_log_path:
         hcm["access_log"] = [access_log(access_log_path, access_log_format)]
