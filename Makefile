@@ -11,7 +11,7 @@ PORT       ?= 10000
 # the route used where `rustup target add` cannot download.
 DEB_WASM_PKGS := rustc-web cargo-web rust-web-src lld-22 wasi-libc
 
-.PHONY: all build oci run test test-unit test-integration test-tools lint fmt deps venv wasm-toolchain envoy-config clean
+.PHONY: all build oci run test test-unit test-integration test-tools lint fmt deps venv wasm-toolchain envoy-config k8s clean
 
 all: build
 
@@ -101,6 +101,12 @@ test: deps lint test-unit test-integration
 envoy-config: venv
 	$(PY) envoy/tools/render.py envoy/meshllm.json > envoy/envoy.yaml
 	$(PY) envoy/tools/render.py --stats-bootstrap envoy/meshllm.json > k8s/observability/stats-bootstrap.json
+
+# The Istio manifests (k8s/base, k8s/overlays) from k8s/policy/mesh.json; tests
+# check they are current. For your registry:
+#   $(PY) k8s/tools/manifests.py --module-url oci://REGISTRY/meshllm:TAG --sha256 DIGEST --out-dir DIR
+k8s: venv
+	$(PY) k8s/tools/manifests.py
 
 clean:
 	cargo clean
