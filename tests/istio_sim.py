@@ -368,7 +368,7 @@ def _san_matchers(sans):
     return [{"san_type": "URI" if s.startswith("spiffe://") else "DNS", "matcher": {"exact": s}} for s in sans]
 
 
-def _upstream_tls(tls, svc, port, subset_name, cluster, mesh_tls):
+def _upstream_tls(tls, svc, port, subset_name, cluster, mesh_tls, http2=False):
     mode = (tls or {}).get("mode", "DISABLE")
     if tls:
         _check_keys(tls, {"mode", "sni", "subjectAltNames"}, f"DestinationRule tls for {svc.host}")
@@ -382,6 +382,8 @@ def _upstream_tls(tls, svc, port, subset_name, cluster, mesh_tls):
             validation["match_typed_subject_alt_names"] = _san_matchers(sans)
         ctx = {"@type": UPSTREAM_TLS_TYPE,
                "common_tls_context": {"tls_params": tls_params, "validation_context": validation}}
+        if http2:
+            ctx["common_tls_context"]["alpn_protocols"] = ["h2"]
         if tls.get("sni"):
             ctx["sni"] = tls["sni"]
         else:
@@ -403,7 +405,7 @@ def _upstream_tls(tls, svc, port, subset_name, cluster, mesh_tls):
             "sni": tls.get("sni") or f"outbound_.{port}_.{subset_name}_.{svc.host}",
             "common_tls_context": {
                 "tls_params": tls_params,
-                "alpn_protocols": ["istio-peer-exchange", "istio"],
+                "alpn_protocols": ["istio-peer-exchange", "istio"] + (["h2"] if http2 else []),
                 "tls_certificates": [{"certificate_chain": {"filename": mesh_tls["cert"]},
                                       "private_key": {"filename": mesh_tls["key"]}}],
                 "validation_context": validation,
@@ -448,10 +450,11 @@ def _clusters(services, drs, endpoints, mesh_tls, sidecar):
                         **({"subset": subset_name} if subset_name else {}),
                     }}},
                 }
-                if p["protocol"] in ("HTTP2", "GRPC", "GRPC-WEB"):
+                http2 = p["protocol"] in ("HTTP2", "GRPC", "GRPC-WEB")
+                if http2:
                     cluster["typed_extension_protocol_options"] = {HTTP_OPTIONS_KEY: {
                         "@type": HTTP_OPTIONS_TYPE, "explicit_http_config": {"http2_protocol_options": {}}}}
-                _upstream_tls(policy.get("tls"), svc, p["number"], subset_name, cluster, mesh_tls)
+                _upstream_tls(policy.get("tls"), svc, p["number"], subset_name, cluster, mesh_tls, http2)
                 out.append(cluster)
     out.append({"name": BLACKHOLE_CLUSTER, "type": "STATIC", "connect_timeout": CONNECT_TIMEOUT,
                 "load_assignment": {"cluster_name": BLACKHOLE_CLUSTER}})
@@ -841,9 +844,9 @@ def _intersect_hosts(server_hosts, vs_hosts):
 def gateway_bootstrap(resources, *, namespace, labels, port, admin_port, endpoints, mesh_tls=None,
                       node_metadata=None, pod_name=None):
     """Envoy bootstrap for a gateway workload (e.g. an egress gateway) with
-    these `labels`, from the Gateways that select it. Each server port's
-    listener binds to 127.0.0.1:`port` (one server port per call's listener;
-    more than one distinct listener raises, as they cannot share `port`)."""
+    these `labels`, from the Gateways that select it: one listener per
+    (target) port, bound to 127.0.0.1:`port`; with several listeners `port`
+    is a dict {Istio listener port: local port}."""
     kinds = split_kinds(resources)
     services = _services(kinds, namespace)
     drs = _destination_rules(kinds, namespace)
@@ -881,9 +884,20 @@ def gateway_bootstrap(resources, *, namespace, labels, port, admin_port, endpoin
             entry["servers"].append({"server": s, "gateway": f"{gns}/{gname}", "route": route, "gw_ns": gns})
     if not by_port:
         raise IstioSimError(f"no Gateway selects labels {labels}")
-    if len(by_port) > 1:
-        _unsupported(f"more than one gateway listener ({sorted(by_port)}) in one bootstrap")
-    (target, entry), = by_port.items()
+    if not isinstance(port, dict):
+        if len(by_port) > 1:
+            raise IstioSimError(f"gateway listeners {sorted(by_port)} need port={{listener port: local port}}")
+        port = {next(iter(by_port)): port}
+    if set(port) != set(by_port):
+        raise IstioSimError(f"port must map exactly the gateway listener ports {sorted(by_port)}, got {sorted(port)}")
+    listeners = [_gateway_listener(target, entry, port[target], vss, services, labels, namespace, mesh_tls)
+                 for target, entry in sorted(by_port.items())]
+    clusters = _clusters(services, drs, _normalize_endpoints(endpoints), mesh_tls, sidecar=False)
+    node = _node("router", namespace, labels, node_metadata, pod_name)
+    return _bootstrap(node, admin_port, listeners, clusters)
+
+
+def _gateway_listener(target, entry, local_port, vss, services, labels, namespace, mesh_tls):
     routes_by_name = {}
     for srv in entry["servers"]:
         routes_by_name.setdefault(srv["route"], []).append(srv)
@@ -925,15 +939,13 @@ def gateway_bootstrap(resources, *, namespace, labels, port, admin_port, endpoin
             filter_chains.append(chain)
     listener = {
         "name": f"0.0.0.0_{target}",
-        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": local_port}},
         "traffic_direction": "OUTBOUND",
         "filter_chains": filter_chains,
     }
     if listener_filters:
         listener["listener_filters"] = listener_filters
-    clusters = _clusters(services, drs, _normalize_endpoints(endpoints), mesh_tls, sidecar=False)
-    node = _node("router", namespace, labels, node_metadata, pod_name)
-    return _bootstrap(node, admin_port, [listener], clusters)
+    return listener
 
 
 def _gateway_vhosts(servers, vss, services, labels, proxy_ns):

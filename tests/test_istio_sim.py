@@ -917,3 +917,16 @@ def test_live_sidecar_with_envoy_filters(tmp_path):
         log.close()
         server.shutdown()
         server.server_close()
+
+
+def test_gateway_two_listeners_need_a_port_map(mesh_tls):
+    res = sim.load_resources(BASE, EGRESS, GW_HTTP)
+    kw = dict(namespace="istio-system", labels=GW_LABELS, admin_port=free_port(), endpoints={}, mesh_tls=mesh_tls)
+    with pytest.raises(sim.IstioSimError, match="port="):
+        sim.gateway_bootstrap(res, port=free_port(), **kw)
+    b = validate(sim.gateway_bootstrap(res, port={8080: free_port(), 8443: free_port()}, **kw))
+    assert [lis["name"] for lis in b["static_resources"]["listeners"]] == ["0.0.0.0_8080", "0.0.0.0_8443"]
+    assert [hcm(b, i)["route_config"]["name"] for i in (0, 1)] == ["http.8080", "https.443.https.egress.istio-system"]
+    # Port 80 of the gateway Service is named http2: its clusters speak HTTP/2, and mesh mTLS offers h2.
+    c = clusters(b)["outbound|80|openai|istio-egressgateway.istio-system.svc.cluster.local"]
+    assert "http2_protocol_options" in c["typed_extension_protocol_options"][sim.HTTP_OPTIONS_KEY]["explicit_http_config"]
