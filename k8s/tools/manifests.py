@@ -351,7 +351,10 @@ def gateway_resources(policy, module_url, sha256):
                 # Callers present their workload certificate: the filter
                 # reads their identity from it.
                 "tls": {"mode": "ISTIO_MUTUAL"},
-                "hosts": [f"./{h}" for h in hosts],
+                # Any host of this namespace's VirtualServices: no SNI match,
+                # since sidecars' mTLS carries the gateway's SNI, not the
+                # provider's.
+                "hosts": ["./*"],
             }],
         }),
         resource("networking.istio.io/v1", "DestinationRule", GATEWAY, NAMESPACE, {
