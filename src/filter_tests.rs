@@ -82,6 +82,8 @@ struct MockHost {
     now_ms: u64,
     gauges: HashMap<String, u64>,
     histograms: HashMap<String, Vec<u64>>,
+    /// What the listener metadata's `meshllm.policy` holds.
+    listener: Option<Vec<u8>>,
 }
 
 fn get(headers: &[(String, String)], name: &str) -> Option<String> {
@@ -279,6 +281,9 @@ impl Host for MockHost {
     }
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
         self.properties.get(&path.join(".")).cloned()
+    }
+    fn listener_policy(&self) -> Option<Vec<u8>> {
+        self.listener.clone()
     }
     fn set_property(&mut self, path: &[&str], value: &[u8]) -> HostResult {
         self.properties.insert(path.join("."), value.to_vec());
