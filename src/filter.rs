@@ -587,6 +587,8 @@ impl RequestFilter {
             }
             Endpoint::Call(op, caller) => {
                 self.caller = caller;
+                // An LLM call from here on: refusals are counted too.
+                self.operation = Some(op);
                 if let Err(e) = self.identify(host) {
                     return self.reject(host, e);
                 }
@@ -609,6 +611,7 @@ impl RequestFilter {
                     );
                 }
                 self.gemini_call = Some((model, stream));
+                self.operation = Some(Operation::ChatCompletions);
                 if let Err(e) = self.identify(host) {
                     return self.reject(host, e);
                 }
