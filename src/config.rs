@@ -1500,8 +1500,9 @@ mod tests {
             n += 1;
         }
         assert_eq!(
-            n, 19,
-            "one example per documented provider, the routing and the two quota examples"
+            n, 20,
+            "one example per documented provider, the routing, the two quota examples and the \
+             namespace policy example"
         );
         let shipped = ok(include_str!("../envoy/meshllm.json"));
         assert_eq!(shipped.config.providers.len(), 10);
