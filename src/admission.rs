@@ -6,11 +6,15 @@
 //! over (answered, failed or abandoned), so every reservation is reconciled
 //! exactly once. The counting itself lives in `quota`, over shared data.
 
+use std::rc::Rc;
+
 use crate::api::openai::ApiError;
 use crate::config::Config;
 use crate::host::Host;
 use crate::identity::{Caller, IdentityError};
-use crate::limits::{limit_field, tag_value, Facts, LimitRule, Selector};
+use crate::limits::{
+    limit_field, tag_value, Facts, LimitRule, ReservationPolicy, Selector, DEFAULT_ALERTS,
+};
 use crate::pricing::{cost_micro_usd, Prices};
 use crate::quota::{self, Amounts, Held, Limit, Meter, Refusal, Standing, Update};
 use crate::translate::{Schema, Usage};
@@ -95,30 +99,54 @@ pub fn identify(config: &Config, host: &mut dyn Host) -> Result<Who, ApiError> {
 /// Creates the buckets known before any request, so that every write at
 /// request time is compare-and-swapped (a missing key cannot be).
 pub fn prepare_buckets(config: &Config, store: &mut dyn crate::host::SharedData) {
-    let Some(policy) = &config.quotas else { return };
-    for key in policy.rules.iter().filter_map(LimitRule::static_bucket) {
+    let mesh = config.quotas.iter().flat_map(|p| p.rules.iter());
+    let namespaces = config.namespaces.values().flat_map(|p| p.rules.iter());
+    for key in mesh.chain(namespaces).filter_map(|r| r.static_bucket()) {
         quota::ensure(store, &key);
     }
 }
 
+/// The rules that apply to a request: the mesh's, then its namespace's.
+fn rules<'a>(
+    config: &'a Config,
+    namespace: &'a [Rc<LimitRule>],
+) -> impl Iterator<Item = &'a Rc<LimitRule>> {
+    config
+        .quotas
+        .iter()
+        .flat_map(|p| p.rules.iter())
+        .chain(namespace)
+}
+
+/// The mesh's reservation policy and alert thresholds (the defaults when
+/// only namespaces set rules).
+fn settings(config: &Config) -> (ReservationPolicy, &[u32]) {
+    match &config.quotas {
+        Some(p) => (p.reservation, &p.alert_percents),
+        None => (ReservationPolicy::default(), DEFAULT_ALERTS),
+    }
+}
+
 /// The model a budget rule switches this request to, if one has passed its
-/// threshold: (new model, rule name).
+/// threshold: (new model, rule name). A rule whose replacement the caller
+/// may not use (`allowed` says no) does not apply.
 pub fn downgrade(
     config: &Config,
     host: &dyn Host,
     who: &Who,
     model: &str,
+    namespace_rules: &[Rc<LimitRule>],
+    allowed: &dyn Fn(&str) -> bool,
 ) -> Option<(String, String)> {
-    let policy = config.quotas.as_ref()?;
     let now = host.now_unix_millis();
     let facts = Facts {
         caller: who.caller.as_ref(),
         model,
         tags: &who.tags,
     };
-    policy.rules.iter().find_map(|rule| {
+    rules(config, namespace_rules).find_map(|rule| {
         let d = rule.downgrade.as_ref()?;
-        let to = d.models.get(model)?;
+        let to = d.models.get(model).filter(|to| allowed(to))?;
         let key = rule.bucket(&facts)?;
         let over = quota::standings(host, &key, &rule.limits, now)
             .iter()
@@ -130,8 +158,8 @@ pub fn downgrade(
 /// What an admitted request holds until it is settled.
 #[derive(Debug, Clone)]
 pub struct Admission {
-    /// (rule index, bucket key, reservation).
-    held: Vec<(usize, String, Held)>,
+    /// (rule, bucket key, reservation).
+    held: Vec<(Rc<LimitRule>, String, Held)>,
     reserved: Amounts,
     prompt_estimate: u64,
     output_estimate: u64,
@@ -168,26 +196,22 @@ pub fn admit(
     host: &mut dyn Host,
     who: &Who,
     ask: &Ask,
+    namespace_rules: &[Rc<LimitRule>],
 ) -> Result<Option<Admission>, Box<Rejection>> {
-    let Some(policy) = config.quotas.as_ref() else {
-        return Ok(None);
-    };
     let now = host.now_unix_millis();
     let facts = Facts {
         caller: who.caller.as_ref(),
         model: ask.model,
         tags: &who.tags,
     };
-    let matched: Vec<(usize, String)> = policy
-        .rules
-        .iter()
-        .enumerate()
-        .filter_map(|(i, r)| r.bucket(&facts).map(|k| (i, k)))
+    let matched: Vec<(&Rc<LimitRule>, String)> = rules(config, namespace_rules)
+        .filter_map(|r| r.bucket(&facts).map(|k| (r, k)))
         .collect();
     if matched.is_empty() {
         return Ok(None);
     }
-    let (prompt, output) = policy.reservation.estimate(ask.body_len, ask.max_output);
+    let (reservation, alert_percents) = settings(config);
+    let (prompt, output) = reservation.estimate(ask.body_len, ask.max_output);
     let estimate = Usage {
         input_tokens: prompt,
         output_tokens: output,
@@ -208,45 +232,41 @@ pub fn admit(
     };
     let buckets: Vec<(&str, &[Limit])> = matched
         .iter()
-        .map(|(i, k)| (k.as_str(), policy.rules[*i].limits.as_slice()))
+        .map(|(r, k)| (k.as_str(), r.limits.as_slice()))
         .collect();
     match quota::reserve_all(host, &buckets, &amounts, now) {
         Ok(reserved) => {
-            for ((i, key), r) in matched.iter().zip(&reserved) {
+            for ((rule, key), r) in matched.iter().zip(&reserved) {
                 for u in &r.updates {
-                    report(host, &policy.alert_percents, &policy.rules[*i], key, who, u);
+                    report(host, alert_percents, rule, key, who, u);
                 }
             }
             let all: Vec<(&LimitRule, &Standing)> = matched
                 .iter()
                 .zip(&reserved)
-                .flat_map(|((i, _), r)| {
-                    r.updates
-                        .iter()
-                        .map(move |u| (&policy.rules[*i], &u.standing))
-                })
+                .flat_map(|((rule, _), r)| r.updates.iter().map(move |u| (&***rule, &u.standing)))
                 .collect();
             let mut headers =
                 rate_limit_headers(ask.caller_schema, all.iter().map(|(_, s)| **s), now);
-            if let Some(alert) = alert_header(&all, &policy.alert_percents) {
+            if let Some(alert) = alert_header(&all, alert_percents) {
                 headers.push((BUDGET_HEADER.into(), alert));
             }
             let held = matched
                 .into_iter()
                 .zip(reserved)
-                .map(|((i, k), r)| (i, k, r.held))
+                .map(|((rule, k), r)| (Rc::clone(rule), k, r.held))
                 .collect();
             Ok(Some(Admission {
                 held,
                 reserved: amounts,
                 prompt_estimate: prompt,
                 output_estimate: output,
-                bytes_per_token: policy.reservation.bytes_per_token.max(1),
+                bytes_per_token: reservation.bytes_per_token.max(1),
                 headers,
             }))
         }
         Err((index, refusal)) => {
-            let rule = matched.get(index).map(|(i, _)| &policy.rules[*i]);
+            let rule = matched.get(index).map(|(r, _)| r);
             let name = rule.map_or("", |r| r.name.as_str());
             Err(Box::new(rejection(
                 ask.caller_schema,
@@ -322,9 +342,7 @@ pub fn settle(
     admission: &Admission,
     charge: &Charge,
 ) {
-    let Some(policy) = config.quotas.as_ref() else {
-        return;
-    };
+    let (_, alert_percents) = settings(config);
     let now = host.now_unix_millis();
     let actual = Amounts {
         requests: admission.reserved.requests,
@@ -334,12 +352,9 @@ pub fn settle(
             .saturating_add(charge.usage.output_tokens),
         micro_usd: charge.micro_usd,
     };
-    for (rule_index, key, held) in &admission.held {
-        let Some(rule) = policy.rules.get(*rule_index) else {
-            continue;
-        };
+    for (rule, key, held) in &admission.held {
         for u in quota::settle(host, held, &actual, now) {
-            report(host, &policy.alert_percents, rule, key, who, &u);
+            report(host, alert_percents, rule, key, who, &u);
         }
     }
 }

@@ -5,8 +5,9 @@
 //! and a model table keyed by every public name and alias. Any problem is
 //! reported with the field path it concerns, and nothing is half-applied.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::rc::Rc;
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -14,6 +15,7 @@ use serde_json::{Map, Value};
 use crate::identity::{compile_identity, IdentityPolicy};
 use crate::json::quote;
 use crate::limits::{compile_attribution, compile_quotas, Known, QuotaPolicy, Tag};
+use crate::nspolicy::{compile_allowed, compile_namespaces, ListenerCache, NamespacePolicy};
 use crate::policy::{
     compile_attributes, compile_failover, compile_routes, Failover, ModelAttributes,
     RawCapabilities, RawPrice, RoutePolicy,
@@ -204,6 +206,16 @@ impl ModelRoute {
     }
 }
 
+/// What a public name denotes: a model (by any of its names) or a route.
+/// Allow-lists are sets of these, so allowing a model allows its aliases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// An index into `Config::models`.
+    Model(usize),
+    /// An index into `Config::routes`.
+    Route(usize),
+}
+
 #[derive(Debug)]
 pub struct Config {
     pub providers: Vec<Provider>,
@@ -231,6 +243,12 @@ pub struct Config {
     pub models_list_body: Vec<u8>,
     /// `GET /v1/models/{id}` answers, built once.
     model_bodies: HashMap<String, Vec<u8>>,
+    /// The mesh allow-list (`allowed_models`); None: every public name.
+    pub allowed_models: Option<HashSet<Target>>,
+    /// Namespace policies of the document, by namespace.
+    pub namespaces: HashMap<String, Rc<NamespacePolicy>>,
+    /// Namespace policies from listener metadata, compiled once per value.
+    pub listener_policies: ListenerCache,
 }
 
 impl Config {
@@ -268,6 +286,39 @@ impl Config {
 
     pub fn model_body(&self, id: &str) -> Option<&[u8]> {
         self.model_bodies.get(id).map(Vec::as_slice)
+    }
+
+    /// What a public name (model, model alias or route) denotes.
+    pub fn target(&self, name: &str) -> Option<Target> {
+        self.route_index(name)
+            .map(Target::Model)
+            .or_else(|| self.routing_index(name).map(Target::Route))
+    }
+
+    /// Every public name with what it denotes, in listing order.
+    pub fn public_targets(&self) -> impl Iterator<Item = (&str, Target)> {
+        self.models
+            .iter()
+            .enumerate()
+            .flat_map(|(i, m)| m.public_names().map(move |n| (n, Target::Model(i))))
+            .chain(
+                self.routes
+                    .iter()
+                    .enumerate()
+                    .map(|(j, r)| (r.name.as_str(), Target::Route(j))),
+            )
+    }
+
+    /// `owned_by` in listings: the provider of a model, `meshllm` for routes.
+    pub fn owner(&self, target: Target) -> &str {
+        match target {
+            Target::Model(i) => self
+                .models
+                .get(i)
+                .and_then(|m| self.providers.get(m.provider))
+                .map_or("meshllm", |p| p.name.as_str()),
+            Target::Route(_) => "meshllm",
+        }
     }
 
     /// Every public name and alias, in configuration order, then routes.
@@ -348,6 +399,8 @@ const TOP_LEVEL_FIELDS: &[&str] = &[
     "attribution",
     "quotas",
     "hosts",
+    "allowed_models",
+    "namespaces",
 ];
 
 /// A parsed `base_url`.
@@ -501,25 +554,31 @@ pub fn compile(doc: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Compi
     let hosts = compile_hosts(obj.get("hosts"))?;
     let attempt_header_names = attempt_header_names(&providers);
     let (models_list_body, model_bodies) = model_listing(&models, &providers, &routes);
-    Ok(Compiled {
-        config: Config {
-            providers,
-            models,
-            by_name,
-            max_request_bytes,
-            routes,
-            route_by_name,
-            failover,
-            attempt_header_names,
-            identity,
-            tags,
-            quotas,
-            hosts,
-            models_list_body,
-            model_bodies,
-        },
-        warnings,
-    })
+    let mut config = Config {
+        providers,
+        models,
+        by_name,
+        max_request_bytes,
+        routes,
+        route_by_name,
+        failover,
+        attempt_header_names,
+        identity,
+        tags,
+        quotas,
+        hosts,
+        models_list_body,
+        model_bodies,
+        allowed_models: None,
+        namespaces: HashMap::new(),
+        listener_policies: ListenerCache::default(),
+    };
+    // Allow-lists and namespace aliases name the document's public names.
+    if let Some(v) = obj.get("allowed_models") {
+        config.allowed_models = Some(compile_allowed("allowed_models", v, &|n| config.target(n))?);
+    }
+    config.namespaces = compile_namespaces(obj.get("namespaces"), &config)?;
+    Ok(Compiled { config, warnings })
 }
 
 /// `hosts`: the request hosts the filter handles.
@@ -1118,6 +1177,19 @@ fn model_object(id: &str, owner: &str) -> Value {
     serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": owner})
 }
 
+/// `GET /v1/models/{id}` in OpenAI's shape.
+pub fn model_body(id: &str, owner: &str) -> Vec<u8> {
+    model_object(id, owner).to_string().into_bytes()
+}
+
+/// `GET /v1/models` in OpenAI's shape, for (id, owner) pairs.
+pub fn models_list_body<'a>(entries: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<u8> {
+    let data: Vec<Value> = entries.map(|(id, owner)| model_object(id, owner)).collect();
+    serde_json::json!({"object": "list", "data": data})
+        .to_string()
+        .into_bytes()
+}
+
 /// Header names any provider attempt may set, sorted and unique.
 fn attempt_header_names(providers: &[Provider]) -> Vec<String> {
     let mut names: Vec<String> = ["x-amz-date", "x-amz-content-sha256", "x-amz-security-token"]
@@ -1428,8 +1500,9 @@ mod tests {
             n += 1;
         }
         assert_eq!(
-            n, 19,
-            "one example per documented provider, the routing and the two quota examples"
+            n, 20,
+            "one example per documented provider, the routing, the two quota examples and the \
+             namespace policy example"
         );
         let shipped = ok(include_str!("../envoy/meshllm.json"));
         assert_eq!(shipped.config.providers.len(), 10);

@@ -17,6 +17,7 @@ use crate::health::{self, HealthPolicy, Outcome};
 use crate::host::{Host, HostResult};
 use crate::json::{Kind, TopLevel};
 use crate::metrics;
+use crate::nspolicy::{self, Applied, Source};
 use crate::policy::RoutePolicy;
 use crate::route;
 use crate::translate::{Schema, StreamTranslator, Usage};
@@ -101,6 +102,7 @@ pub const LOG_TOKENS_ESTIMATED: &str = "meshllm.tokens_estimated";
 pub const LOG_COST: &str = "meshllm.cost_micro_usd";
 pub const LOG_TTFT: &str = "meshllm.ttft_ms";
 pub const LOG_QUOTA: &str = "meshllm.quota";
+pub const LOG_POLICY: &str = "meshllm.policy";
 /// Provider rate-limit headers describe the gateway's account with the
 /// provider, not the caller's limits: dropped when quotas are configured.
 const PROVIDER_RATE_LIMIT_HEADERS: &[&str] = &[
@@ -231,6 +233,9 @@ pub struct RequestFilter {
     response: ResponseMode,
     /// Listener roles: who called and what the request reserved.
     who: Who,
+    /// Listener roles: the namespace policy in force (mesh, document
+    /// namespace entry or listener metadata).
+    applied: Applied,
     admission: Option<Admission>,
     /// Listener roles: headers for the caller's answer (rate limits,
     /// budget alerts, downgrades) and for a refusal.
@@ -405,6 +410,7 @@ impl RequestFilter {
             exchange: None,
             response: ResponseMode::PassThrough,
             who: Who::default(),
+            applied: Applied::default(),
             admission: None,
             answer_headers: Vec::new(),
             response_bytes: 0,
@@ -521,6 +527,20 @@ impl RequestFilter {
         match endpoint {
             Endpoint::Models => {
                 let config = Rc::clone(&self.config);
+                let applied = match self.listing_policy(host) {
+                    Ok(a) => a,
+                    Err(e) => return self.reject(host, e),
+                };
+                if let Some(applied) = applied.filter(|a| a.restricts(&config)) {
+                    let visible = applied.visible(&config);
+                    let body = match self.caller {
+                        Schema::OpenAi | Schema::Converse => crate::config::models_list_body(
+                            visible.iter().map(|(n, t)| (*n, config.owner(*t))),
+                        ),
+                        caller => listing::models(caller, visible.iter().map(|(n, _)| *n)),
+                    };
+                    return self.reply(host, 200, &[], &body);
+                }
                 match self.caller {
                     Schema::OpenAi | Schema::Converse => {
                         self.reply(host, 200, &[], &config.models_list_body)
@@ -537,6 +557,23 @@ impl RequestFilter {
                     Schema::Gemini => id.strip_prefix("models/").unwrap_or(&id).to_string(),
                     _ => id,
                 };
+                let applied = match self.listing_policy(host) {
+                    Ok(a) => a,
+                    Err(e) => return self.reject(host, e),
+                };
+                if let Some(applied) = applied.filter(|a| a.restricts(&config)) {
+                    // A name the caller may not use is not shown, as if unknown.
+                    let body = match applied.target(&config, &id) {
+                        Some(t) if applied.allows(&config, t) => match self.caller {
+                            Schema::OpenAi | Schema::Converse => {
+                                crate::config::model_body(&id, config.owner(t))
+                            }
+                            caller => listing::model(caller, &id),
+                        },
+                        _ => return self.reject(host, model_not_found(&id)),
+                    };
+                    return self.reply(host, 200, &[], &body);
+                }
                 match (config.model_body(&id), self.caller) {
                     (None, _) => self.reject(host, model_not_found(&id)),
                     (Some(body), Schema::OpenAi | Schema::Converse) => {
@@ -550,6 +587,8 @@ impl RequestFilter {
             }
             Endpoint::Call(op, caller) => {
                 self.caller = caller;
+                // An LLM call from here on: refusals are counted too.
+                self.operation = Some(op);
                 if let Err(e) = self.identify(host) {
                     return self.reject(host, e);
                 }
@@ -572,6 +611,7 @@ impl RequestFilter {
                     );
                 }
                 self.gemini_call = Some((model, stream));
+                self.operation = Some(Operation::ChatCompletions);
                 if let Err(e) = self.identify(host) {
                     return self.reject(host, e);
                 }
@@ -666,11 +706,38 @@ impl RequestFilter {
         self.start_call(host, op, end_of_stream)
     }
 
-    /// Listener roles: names the caller before its credentials are stripped.
+    /// Listener roles: names the caller before its credentials are stripped,
+    /// and finds the namespace policy that applies to it.
     fn identify(&mut self, host: &mut dyn Host) -> Result<(), ApiError> {
         let config = Rc::clone(&self.config);
         self.who = admission::identify(&config, host)?;
+        let listener = host.listener_policy();
+        let from_listener = listener.is_some();
+        match nspolicy::apply(&config, host, self.who.caller.as_ref(), listener) {
+            Ok(applied) => self.applied = applied,
+            Err(e) => {
+                if from_listener {
+                    self.applied.source = Source::Listener;
+                }
+                return Err(e);
+            }
+        }
         Ok(())
+    }
+
+    /// Model listings: the policy of the caller, when any policy could
+    /// restrict what it sees (None: the document's full list). A caller that
+    /// cannot be identified sees the mesh's list.
+    fn listing_policy(&mut self, host: &mut dyn Host) -> Result<Option<Applied>, ApiError> {
+        let config = Rc::clone(&self.config);
+        let listener = host.listener_policy();
+        if listener.is_none() && config.allowed_models.is_none() && config.namespaces.is_empty() {
+            return Ok(None);
+        }
+        let caller = admission::identify(&config, host)
+            .ok()
+            .and_then(|who| who.caller);
+        nspolicy::apply(&config, host, caller.as_ref(), listener).map(Some)
     }
 
     fn start_call(&mut self, host: &mut dyn Host, op: Operation, end_of_stream: bool) -> Flow {
@@ -818,16 +885,31 @@ impl RequestFilter {
             }
             Role::Standalone | Role::Router => {
                 let config = Rc::clone(&self.config);
-                let known = config.route_index(&call.model).is_some()
-                    || config.routing_index(&call.model).is_some();
+                let applied = self.applied.clone();
+                // A namespace alias is the name it stands for from here on:
+                // routing, quota matches, downgrades and metric labels.
+                let asked = applied.resolve(&call.model).to_string();
+                let known = config.target(&asked).is_some();
                 self.request_model = Some(if known {
-                    call.model.clone()
+                    asked.clone()
                 } else {
                     metrics::OTHER.into()
                 });
-                // A budget past its threshold may send this model elsewhere.
-                let mut model = call.model.clone();
-                if let Some((to, rule)) = admission::downgrade(&config, &*host, &self.who, &model) {
+                if applied.refuses(&config, &asked) {
+                    return Err(self.not_allowed(&call.model));
+                }
+                // A budget past its threshold may send this model elsewhere,
+                // but never to one the caller may not use.
+                let mut model = asked;
+                let allowed = |name: &str| !applied.refuses(&config, name);
+                if let Some((to, rule)) = admission::downgrade(
+                    &config,
+                    &*host,
+                    &self.who,
+                    &model,
+                    applied.rules(),
+                    &allowed,
+                ) {
                     self.answer_headers.push((
                         DOWNGRADE_RESPONSE_HEADER.into(),
                         format!("{model}->{to};limit={rule}"),
@@ -852,7 +934,7 @@ impl RequestFilter {
                     chain: &chain,
                     caller_schema: self.caller,
                 };
-                match admission::admit(&config, host, &self.who, &ask) {
+                match admission::admit(&config, host, &self.who, &ask, applied.rules()) {
                     Ok(mut admitted) => {
                         if let Some(a) = &mut admitted {
                             self.answer_headers.append(&mut a.headers);
@@ -947,6 +1029,11 @@ impl RequestFilter {
     /// A model name or route name as targets in order, and why.
     fn expand(&self, name: &str, request: Request) -> Result<(Vec<usize>, String), ApiError> {
         let config = &self.config;
+        // The caller's own fallbacks pass the same policy as its model.
+        if self.applied.refuses(config, name) {
+            return Err(self.not_allowed(name));
+        }
+        let name = self.applied.resolve(name);
         if let Some(i) = config.route_index(name) {
             return Ok((vec![i], "model".into()));
         }
@@ -1017,6 +1104,26 @@ impl RequestFilter {
             .with_param("model")),
             Err(e) => Err(internal(format!("route {:?}: {e}", policy.name))),
         }
+    }
+
+    /// A known name the caller's policy does not allow: 403.
+    fn not_allowed(&self, name: &str) -> ApiError {
+        let by = match self.applied.source {
+            Source::Mesh => "the mesh policy",
+            Source::Namespace => "its namespace's policy",
+            Source::Listener => "its namespace's policy (from this proxy's listener metadata)",
+        };
+        ApiError::new(
+            403,
+            "invalid_request_error",
+            Some("model_not_allowed"),
+            format!(
+                "The model `{name}` is not allowed for caller {} by {by}. \
+                 GET /v1/models lists the models this caller may use.",
+                self.who.label()
+            ),
+        )
+        .with_param("model")
     }
 
     /// Why target `m` cannot serve this request.
@@ -1336,7 +1443,7 @@ impl RequestFilter {
     /// Listener roles: the caller's rate-limit state, budget alerts and
     /// downgrades go on the answer, in place of the provider's own limits.
     fn decorate_answer(&mut self, host: &mut dyn Host) {
-        if self.config.quotas.is_some() {
+        if self.config.quotas.is_some() || !self.applied.rules().is_empty() {
             // Removing an absent header is a no-op: one host call each.
             for name in PROVIDER_RATE_LIMIT_HEADERS {
                 let _ = host.remove_response_header(name);
@@ -1742,6 +1849,7 @@ impl RequestFilter {
             (LOG_CACHED_TOKENS, u.cached_input_tokens.to_string()),
             (LOG_COST, charge.micro_usd.to_string()),
             (LOG_QUOTA, self.quota_decision.clone()),
+            (LOG_POLICY, self.applied.source.name().to_string()),
         ];
         // Absent fields show as `-` in access logs: not set at all.
         if !all_tags.is_empty() {

@@ -82,6 +82,8 @@ struct MockHost {
     now_ms: u64,
     gauges: HashMap<String, u64>,
     histograms: HashMap<String, Vec<u64>>,
+    /// What the listener metadata's `meshllm.policy` holds.
+    listener: Option<Vec<u8>>,
 }
 
 fn get(headers: &[(String, String)], name: &str) -> Option<String> {
@@ -279,6 +281,9 @@ impl Host for MockHost {
     }
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
         self.properties.get(&path.join(".")).cloned()
+    }
+    fn listener_policy(&self) -> Option<Vec<u8>> {
+        self.listener.clone()
     }
     fn set_property(&mut self, path: &[&str], value: &[u8]) -> HostResult {
         self.properties.insert(path.join("."), value.to_vec());
@@ -2453,4 +2458,446 @@ fn requests_for_other_hosts_pass_through_both_halves() {
         .with_only_header(":authority", "llm.mesh");
     let mut f = RequestFilter::new(Rc::clone(&cfg), Role::Standalone);
     assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
+}
+
+// ---------------------------------------------------------------------------
+// Namespace policies: allow-lists, aliases, quota rules, listener metadata.
+
+fn ns_config() -> Rc<Config> {
+    let mut doc: Value = serde_json::from_str(ROUTED_CONFIG).unwrap();
+    doc["identity"] = serde_json::json!({"source": "trusted_header", "header": "x-caller"});
+    doc["allowed_models"] = serde_json::json!(["azure-gpt-4o", "chain"]);
+    doc["namespaces"] = serde_json::json!({
+        "shop": {
+            "aliases": {"quick": "fast"},
+            "allowed_models": ["quick", "azure-gpt-4o"],
+            "quotas": {"limits": [{"name": "tiny", "requests_per_day": 1}]}
+        },
+        "down": {"quotas": {"limits": [{"name": "d", "requests_per_day": 10,
+            "downgrade": {"at_percent": 1, "models": {"azure-gpt-4o": "fast"}}}]}},
+        "down2": {"allowed_models": ["azure-gpt-4o", "fast"],
+            "quotas": {"limits": [{"name": "d", "requests_per_day": 10,
+            "downgrade": {"at_percent": 1, "models": {"azure-gpt-4o": "fast"}}}]}}
+    });
+    config_from(&doc.to_string())
+}
+
+/// A call by `caller` through a fresh filter of `role` on `host`'s state
+/// (shared data and listener metadata carry over between calls).
+fn ns_call(
+    cfg: &Rc<Config>,
+    role: Role,
+    host: &mut MockHost,
+    path: &str,
+    body: &str,
+    caller: &str,
+) -> (RequestFilter, Flow) {
+    let mut fresh = client_post(path, body.as_bytes()).with_header("x-caller", caller);
+    fresh.shared = std::mem::take(&mut host.shared);
+    fresh.listener = host.listener.take();
+    fresh.counters = std::mem::take(&mut host.counters);
+    *host = fresh;
+    let mut f = RequestFilter::new(Rc::clone(cfg), role);
+    let flow = match f.on_request_headers(host, false) {
+        Flow::Pause if host.sent.is_empty() => f.on_request_body(host, body.len(), true),
+        other => other,
+    };
+    (f, flow)
+}
+
+const ANTHROPIC_BODY: &str =
+    r#"{"model": "{MODEL}", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}"#;
+const GEMINI_BODY: &str = r#"{"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}"#;
+
+#[test]
+fn refused_models_get_403_in_each_callers_shape_and_are_counted() {
+    let cfg = ns_config();
+    let mut host = MockHost::default();
+    // OpenAI: the mesh list lacks `fast`.
+    let body = chat_body(&quote("fast"));
+    let (mut f, flow) = ns_call(
+        &cfg,
+        Role::Router,
+        &mut host,
+        "/v1/chat/completions",
+        &body,
+        "misc/app",
+    );
+    assert_eq!(flow, Flow::Pause);
+    let sent = host.reply().clone();
+    assert_eq!(sent.status, 403);
+    let e = error_fields(&sent.body);
+    assert_eq!(
+        (e.kind.as_str(), e.param.as_deref(), e.code.as_deref()),
+        (
+            "invalid_request_error",
+            Some("model"),
+            Some("model_not_allowed")
+        )
+    );
+    assert!(
+        e.message.contains("`fast`") && e.message.contains("misc/app"),
+        "{}",
+        e.message
+    );
+    assert_eq!(host.req(CLUSTER_HEADER), None, "nothing is routed");
+    f.on_done(&mut host);
+    let counted: Vec<&String> = host
+        .counters
+        .keys()
+        .filter(|k| k.starts_with("meshllm_requests_total;") && k.contains("error_type=403"))
+        .collect();
+    assert_eq!(counted.len(), 1, "{:?}", host.counters);
+    assert!(counted[0].contains("gen_ai_request_model=fast"));
+    assert_eq!(host.properties[LOG_POLICY], b"mesh");
+
+    // Anthropic: permission_error.
+    let body = ANTHROPIC_BODY.replace("{MODEL}", "chain");
+    ns_call(
+        &cfg,
+        Role::Router,
+        &mut host,
+        "/v1/messages",
+        &body,
+        "shop/chat",
+    );
+    let sent = host.reply();
+    assert_eq!(sent.status, 403);
+    let v = sent.json();
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "permission_error");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("namespace's policy"));
+
+    // Gemini: PERMISSION_DENIED.
+    ns_call(
+        &cfg,
+        Role::Standalone,
+        &mut host,
+        "/v1beta/models/fast:generateContent",
+        GEMINI_BODY,
+        "misc/app",
+    );
+    let sent = host.reply();
+    assert_eq!(sent.status, 403);
+    let v = sent.json();
+    assert_eq!(v["error"]["code"], 403);
+    assert_eq!(v["error"]["status"], "PERMISSION_DENIED");
+
+    // Unknown names keep their 404.
+    let body = chat_body(&quote("nope"));
+    ns_call(
+        &cfg,
+        Role::Router,
+        &mut host,
+        "/v1/chat/completions",
+        &body,
+        "shop/chat",
+    );
+    assert_eq!(host.reply().status, 404);
+    assert_eq!(
+        error_fields(&host.reply().body).code.as_deref(),
+        Some("model_not_found")
+    );
+
+    // A caller's own fallbacks pass the same policy.
+    let body = chat_body(&quote("azure-gpt-4o"));
+    let mut h = client_post("/v1/chat/completions", body.as_bytes())
+        .with_header("x-caller", "misc/app")
+        .with_header(MODELS_REQUEST_HEADER, "fast");
+    let mut f = RequestFilter::new(Rc::clone(&cfg), Role::Router);
+    f.on_request_headers(&mut h, false);
+    f.on_request_body(&mut h, body.len(), true);
+    assert_eq!(h.reply().status, 403);
+}
+
+#[test]
+fn namespace_aliases_reach_their_model_in_both_halves_and_without_failover() {
+    let cfg = ns_config();
+    let mut host = MockHost::default();
+    let body = chat_body(&quote("quick"));
+    let (mut router, flow) = ns_call(
+        &cfg,
+        Role::Router,
+        &mut host,
+        "/v1/chat/completions",
+        &body,
+        "shop/chat",
+    );
+    assert_eq!(flow, Flow::Continue, "{:?}", host.sent);
+    assert_eq!(host.req("x-meshllm-p0").as_deref(), Some("groq"));
+    let plan: Plan = serde_json::from_slice(&host.properties[PLAN_PROPERTY]).unwrap();
+    assert_eq!(plan.chain, [cfg.route_index("fast").unwrap()]);
+    assert_eq!(
+        plan.labels.2, "fast",
+        "metrics name the model the alias stands for"
+    );
+
+    // The upstream half needs nothing but the plan: it serves position 0.
+    let mut up = MockHost::new("POST", "/v1/chat/completions").with_body(body.as_bytes());
+    up.request_headers = host.request_headers.clone();
+    up.properties = host.properties.clone();
+    up.properties
+        .insert(POSITION_PROPERTY.into(), b"0".to_vec());
+    let mut attempt = RequestFilter::new(Rc::clone(&cfg), Role::Attempt);
+    assert_eq!(attempt.on_request_headers(&mut up, false), Flow::Pause);
+    assert_eq!(
+        attempt.on_request_body(&mut up, body.len(), true),
+        Flow::Continue
+    );
+    assert_eq!(up.req(":authority").as_deref(), Some("api.groq.com"));
+    let sent: Value = serde_json::from_slice(&up.request_body).unwrap();
+    assert_eq!(sent["model"], "llama-3.1-8b-instant");
+    router.on_done(&mut host);
+    assert_eq!(host.properties[LOG_POLICY], b"namespace");
+    assert_eq!(host.properties[LOG_QUOTA], b"admitted");
+
+    // Without failover the listener filter serves the alias itself; the
+    // namespace's own rule (1 a day) refuses the next one.
+    let (_, flow) = ns_call(
+        &cfg,
+        Role::Standalone,
+        &mut host,
+        "/v1/chat/completions",
+        &body,
+        "shop/chat",
+    );
+    assert_eq!(flow, Flow::Pause);
+    assert_eq!(host.reply().status, 429);
+    assert!(error_fields(&host.reply().body)
+        .message
+        .contains("'shop/tiny'"));
+    let mut fresh = MockHost::default();
+    let (_, flow) = ns_call(
+        &cfg,
+        Role::Standalone,
+        &mut fresh,
+        "/v1/chat/completions",
+        &body,
+        "shop/chat",
+    );
+    assert_eq!(flow, Flow::Continue, "{:?}", fresh.sent);
+    assert_eq!(fresh.req(":authority").as_deref(), Some("api.groq.com"));
+    let sent: Value = serde_json::from_slice(&fresh.request_body).unwrap();
+    assert_eq!(sent["model"], "llama-3.1-8b-instant");
+}
+
+#[test]
+fn downgrades_never_lead_to_a_model_the_caller_may_not_use() {
+    let cfg = ns_config();
+    let body = chat_body(&quote("azure-gpt-4o"));
+    for (ns, second) in [("down", "azure"), ("down2", "groq")] {
+        let mut host = MockHost::default();
+        let caller = format!("{ns}/app");
+        let (mut f, flow) = ns_call(
+            &cfg,
+            Role::Router,
+            &mut host,
+            "/v1/chat/completions",
+            &body,
+            &caller,
+        );
+        assert_eq!(flow, Flow::Continue);
+        f.on_done(&mut host);
+        // Past the threshold: `down` may not use `fast`, so no downgrade.
+        let (_, flow) = ns_call(
+            &cfg,
+            Role::Router,
+            &mut host,
+            "/v1/chat/completions",
+            &body,
+            &caller,
+        );
+        assert_eq!(flow, Flow::Continue, "{ns}: {:?}", host.sent);
+        assert_eq!(host.req("x-meshllm-p0").as_deref(), Some(second), "{ns}");
+    }
+}
+
+/// A listing as `caller` sees it.
+fn listing(cfg: &Rc<Config>, path: &str, caller: &str, listener: Option<&str>) -> Sent {
+    let mut host = MockHost::new("GET", path).with_header("x-caller", caller);
+    host.listener = listener.map(|s| s.as_bytes().to_vec());
+    let mut f = RequestFilter::new(Rc::clone(cfg), Role::Router);
+    assert_eq!(f.on_request_headers(&mut host, true), Flow::Pause);
+    host.reply().clone()
+}
+
+fn listed_ids(sent: &Sent) -> Vec<String> {
+    let v = sent.json();
+    let data = v.get("data").or_else(|| v.get("models")).unwrap();
+    data.as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            m.get("id")
+                .or_else(|| m.get("name"))
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn listings_show_what_the_caller_may_use() {
+    let cfg = ns_config();
+    assert_eq!(
+        listed_ids(&listing(&cfg, "/v1/models", "misc/app", None)),
+        ["azure-gpt-4o", "chain"]
+    );
+    let shop = listing(&cfg, "/v1/models", "shop/chat", None);
+    assert_eq!(listed_ids(&shop), ["azure-gpt-4o", "fast", "quick"]);
+    assert_eq!(shop.json()["data"][2]["owned_by"], "groq");
+    let mut anthropic = MockHost::new("GET", "/v1/models")
+        .with_header("x-caller", "shop/chat")
+        .with_header("anthropic-version", "2023-06-01");
+    let mut f = RequestFilter::new(Rc::clone(&cfg), Role::Router);
+    f.on_request_headers(&mut anthropic, true);
+    assert_eq!(
+        listed_ids(anthropic.reply()),
+        ["azure-gpt-4o", "fast", "quick"]
+    );
+    assert_eq!(
+        listed_ids(&listing(&cfg, "/v1beta/models", "shop/chat", None)),
+        ["models/azure-gpt-4o", "models/fast", "models/quick"]
+    );
+    // One model: allowed ones (aliases included) are shown, others are not.
+    let one = listing(&cfg, "/v1/models/quick", "shop/chat", None);
+    assert_eq!(
+        (one.status, one.json()["owned_by"].clone()),
+        (200, "groq".into())
+    );
+    assert_eq!(
+        listing(&cfg, "/v1/models/chain", "shop/chat", None).status,
+        404
+    );
+    assert_eq!(
+        listing(&cfg, "/v1/models/quick", "misc/app", None).status,
+        404
+    );
+    assert_eq!(
+        listing(&cfg, "/v1beta/models/quick", "shop/chat", None).status,
+        200
+    );
+    // The listener's policy wins; an invalid one fails closed.
+    let over = listing(
+        &cfg,
+        "/v1/models",
+        "shop/chat",
+        Some(r#"{"aliases": {"q2": "chain"}}"#),
+    );
+    assert_eq!(listed_ids(&over), ["azure-gpt-4o", "chain", "q2"]);
+    let bad = listing(&cfg, "/v1/models", "shop/chat", Some("[]"));
+    assert_eq!(bad.status, 500);
+    assert_eq!(
+        error_fields(&bad.body).code.as_deref(),
+        Some("invalid_namespace_policy")
+    );
+    // Without any policy the built-in listing is served as before.
+    let plain = config_from(ROUTED_CONFIG);
+    let sent = listing(&plain, "/v1/models", "misc/app", None);
+    assert_eq!(sent.body, plain.models_list_body);
+}
+
+#[test]
+fn listener_metadata_overrides_the_document_and_fails_closed_when_invalid() {
+    let cfg = ns_config();
+    let mut host = MockHost {
+        listener: Some(br#"{"allowed_models": ["chain", "q"], "aliases": {"q": "fast"}}"#.to_vec()),
+        ..MockHost::default()
+    };
+    // The document lets shop use `quick`; the listener's policy does not know it.
+    let body = chat_body(&quote("quick"));
+    ns_call(
+        &cfg,
+        Role::Router,
+        &mut host,
+        "/v1/chat/completions",
+        &body,
+        "shop/chat",
+    );
+    assert_eq!(host.reply().status, 404);
+    let body = chat_body(&quote("azure-gpt-4o"));
+    ns_call(
+        &cfg,
+        Role::Router,
+        &mut host,
+        "/v1/chat/completions",
+        &body,
+        "shop/chat",
+    );
+    assert_eq!(host.reply().status, 403);
+    let body = chat_body(&quote("q"));
+    let (mut f, flow) = ns_call(
+        &cfg,
+        Role::Router,
+        &mut host,
+        "/v1/chat/completions",
+        &body,
+        "shop/chat",
+    );
+    assert_eq!(flow, Flow::Continue);
+    assert_eq!(host.req("x-meshllm-p0").as_deref(), Some("groq"));
+    f.on_done(&mut host);
+    assert_eq!(host.properties[LOG_POLICY], b"listener");
+    assert_eq!(
+        cfg.listener_policies.compiles(),
+        1,
+        "compiled once for three requests"
+    );
+
+    // Invalid: 500 in each caller's shape, naming the field.
+    host.listener = Some(br#"{"services": {"chat": {"allowed_models": ["gpt-5"]}}}"#.to_vec());
+    let body = chat_body(&quote("chain"));
+    let (mut f, _) = ns_call(
+        &cfg,
+        Role::Router,
+        &mut host,
+        "/v1/chat/completions",
+        &body,
+        "shop/chat",
+    );
+    let sent = host.reply().clone();
+    assert_eq!(sent.status, 500);
+    let e = error_fields(&sent.body);
+    assert_eq!(e.code.as_deref(), Some("invalid_namespace_policy"));
+    assert!(
+        e.message
+            .contains("meshllm.policy.services.chat.allowed_models[0]"),
+        "{}",
+        e.message
+    );
+    f.on_done(&mut host);
+    assert_eq!(host.properties[LOG_POLICY], b"listener");
+    let body = ANTHROPIC_BODY.replace("{MODEL}", "chain");
+    ns_call(
+        &cfg,
+        Role::Router,
+        &mut host,
+        "/v1/messages",
+        &body,
+        "shop/chat",
+    );
+    let v = host.reply().json();
+    assert_eq!(
+        (v["type"].as_str(), v["error"]["type"].as_str()),
+        (Some("error"), Some("api_error"))
+    );
+    ns_call(
+        &cfg,
+        Role::Router,
+        &mut host,
+        "/v1beta/models/chain:generateContent",
+        GEMINI_BODY,
+        "shop/chat",
+    );
+    assert_eq!(host.reply().json()["error"]["status"], "INTERNAL");
+    assert_eq!(
+        cfg.listener_policies.compiles(),
+        2,
+        "the invalid value too: once"
+    );
 }

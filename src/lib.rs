@@ -21,6 +21,7 @@ pub mod identity;
 pub mod json;
 pub mod limits;
 pub mod metrics;
+pub mod nspolicy;
 pub mod policy;
 pub mod pricing;
 pub mod quota;

@@ -12,6 +12,7 @@
 //! `quota` stores the counts; this module only decides what to count.
 
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -115,8 +116,11 @@ pub struct QuotaPolicy {
     pub reservation: ReservationPolicy,
     /// Usage percentages that raise an alert, ascending.
     pub alert_percents: Vec<u32>,
-    pub rules: Vec<LimitRule>,
+    pub rules: Vec<Rc<LimitRule>>,
 }
+
+/// Alert thresholds when `quotas.alerts` is not set.
+pub const DEFAULT_ALERTS: &[u32] = &[50, 80, 100];
 
 /// What a request is known by when rules are matched.
 pub struct Facts<'a> {
@@ -358,7 +362,7 @@ pub fn compile_quotas(
             reservation.max_output_tokens,
         )?;
     }
-    let alert_percents = raw.alerts.unwrap_or_else(|| vec![50, 80, 100]);
+    let alert_percents = raw.alerts.unwrap_or_else(|| DEFAULT_ALERTS.to_vec());
     if alert_percents.iter().any(|p| *p == 0 || *p > 100)
         || alert_percents.windows(2).any(|w| w[0] >= w[1])
     {
@@ -367,7 +371,7 @@ pub fn compile_quotas(
             "must be ascending percentages from 1 to 100, e.g. [50, 80, 100]",
         ));
     }
-    let mut rules: Vec<LimitRule> = Vec::with_capacity(raw.limits.len());
+    let mut rules: Vec<Rc<LimitRule>> = Vec::with_capacity(raw.limits.len());
     for (i, v) in raw.limits.iter().enumerate() {
         let rule = compile_rule(&format!("quotas.limits[{i}]"), v, tags, known)?;
         if rules.iter().any(|r| r.name == rule.name) {
@@ -376,7 +380,7 @@ pub fn compile_quotas(
                 format!("{:?} is already the name of another limit", rule.name),
             ));
         }
-        rules.push(rule);
+        rules.push(Rc::new(rule));
     }
     Ok(Some(QuotaPolicy {
         reservation,
@@ -385,7 +389,7 @@ pub fn compile_quotas(
     }))
 }
 
-fn compile_rule(
+pub(crate) fn compile_rule(
     at: &str,
     v: &Value,
     tags: &[Tag],

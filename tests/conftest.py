@@ -74,7 +74,7 @@ class Envoy:
 
     def __init__(self, plugin_config, upstreams=None, env=None, concurrency=1, node=None,
                  downstream_tls=None, access_log_format="json", stats_inclusion_prefixes=None,
-                 other_services=None):
+                 other_services=None, listener_metadata=None, dynamic_listener=False):
         self.port = free_port()
         self.admin_port = free_port()
         self.dir = tempfile.mkdtemp(prefix="meshllm-envoy-")
@@ -93,7 +93,15 @@ class Envoy:
             other_services=other_services,
             node=node,
             downstream_tls=downstream_tls,
+            listener_metadata=listener_metadata,
         )
+        # With a file-based LDS the listener can be replaced while Envoy runs.
+        self.lds_path = None
+        if dynamic_listener:
+            self.listener = copy.deepcopy(bootstrap["static_resources"]["listeners"][0])
+            os.mkdir(os.path.join(self.dir, "lds"))
+            self.lds_path = os.path.join(self.dir, "lds", "listeners.json")
+            render.file_lds(bootstrap, self.lds_path)
         self.config_path = os.path.join(self.dir, "envoy.json")
         with open(self.config_path, "w") as f:
             json.dump(bootstrap, f, indent=1)
@@ -133,6 +141,25 @@ class Envoy:
                 pass
             time.sleep(0.1)
         raise RuntimeError("envoy did not become ready:\n" + self.log_text()[-4000:])
+
+    def set_listener_metadata(self, metadata):
+        """Replaces the listener's metadata through the file-based LDS
+        (`dynamic_listener=True`); Envoy swaps the listener in place and
+        drains the old one. Returns the LDS update count to wait for."""
+        assert self.lds_path, "start Envoy with dynamic_listener=True"
+        before = self.stat("listener_manager.lds.update_success")
+        self.listener["metadata"] = metadata
+        render.write_lds(self.lds_path, [self.listener])
+        return before + 1
+
+    def stat(self, name):
+        """One of Envoy's own counters or gauges (0 when absent)."""
+        _, _, body = http("GET", self.admin + f"/stats?filter=^{re.escape(name)}$")
+        for line in body.decode().splitlines():
+            key, _, value = line.partition(": ")
+            if key == name:
+                return int(value)
+        return 0
 
     def wait_exit(self, timeout=20):
         try:

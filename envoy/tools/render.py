@@ -14,7 +14,10 @@ the filter keeps sending the provider's real `:authority`.
 
 import argparse
 import json
+import os
 import sys
+import tempfile
+import time
 from urllib.parse import urlsplit
 
 WASM_DEFAULT = "target/wasm32-wasip1/release/meshllm.wasm"
@@ -89,7 +92,7 @@ def stats_bootstrap(plugin_config=None):
 FILTER_STATE_FIELDS = [
     "caller", "tags", "provider", "request_model", "response_model", "attempts",
     "route_reason", "input_tokens", "output_tokens", "cached_tokens",
-    "tokens_estimated", "cost_micro_usd", "ttft_ms", "quota",
+    "tokens_estimated", "cost_micro_usd", "ttft_ms", "quota", "policy",
 ]
 ACCESS_LOG_FORMAT = {
     "start_time": "%START_TIME%",
@@ -474,8 +477,13 @@ def render(
     other_services=None,
     node=None,
     downstream_tls=None,
+    listener_metadata=None,
 ):
-    """The Envoy bootstrap (a dict) for `plugin_config` (a dict)."""
+    """The Envoy bootstrap (a dict) for `plugin_config` (a dict).
+
+    `listener_metadata` becomes the listener's `metadata` (for example
+    `{"filter_metadata": {"meshllm": {"policy": "<json>"}}}`, a namespace
+    policy as an Istio EnvoyFilter's LISTENER MERGE delivers it)."""
     upstreams = upstreams or {}
     max_body = plugin_config.get("max_request_bytes", 10 * 1024 * 1024)
     failover = failover_settings(plugin_config)
@@ -581,6 +589,15 @@ def render(
     }
     if downstream_tls:
         filter_chain["transport_socket"] = mtls_transport_socket(**downstream_tls)
+    listener = {
+        "name": "meshllm",
+        "address": {"socket_address": {"address": address, "port_value": port}},
+        # Above the filter's own limit, so its clear 413 wins.
+        "per_connection_buffer_limit_bytes": max_body + 1024 * 1024,
+        "filter_chains": [filter_chain],
+    }
+    if listener_metadata is not None:
+        listener["metadata"] = listener_metadata
     bootstrap = {
         "node": node or {"id": "meshllm", "cluster": "meshllm"},
         "admin": {
@@ -591,19 +608,50 @@ def render(
         # flush interval (5 s unless set).
         **({"stats_flush_interval": stats_flush_interval} if stats_flush_interval else {}),
         "static_resources": {
-            "listeners": [
-                {
-                    "name": "meshllm",
-                    "address": {"socket_address": {"address": address, "port_value": port}},
-                    # Above the filter's own limit, so its clear 413 wins.
-                    "per_connection_buffer_limit_bytes": max_body + 1024 * 1024,
-                    "filter_chains": [filter_chain],
-                }
-            ],
+            "listeners": [listener],
             "clusters": clusters,
         },
     }
     return bootstrap
+
+
+LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
+
+
+def file_lds(bootstrap, lds_path):
+    """Moves the bootstrap's listeners to a file-based LDS at `lds_path`,
+    watched through its directory, so a new listener (new metadata, a new
+    namespace policy) is picked up without restarting Envoy. Returns the
+    bootstrap; write the listeners with `write_lds`."""
+    listeners = bootstrap["static_resources"].pop("listeners")
+    directory = os.path.dirname(os.path.abspath(lds_path))
+    bootstrap["dynamic_resources"] = {
+        "lds_config": {
+            "resource_api_version": "V3",
+            "path_config_source": {
+                "path": os.path.abspath(lds_path),
+                # Envoy reloads the file when something is moved into the
+                # directory: write elsewhere in it, then rename over.
+                "watched_directory": {"path": directory},
+            },
+        }
+    }
+    write_lds(lds_path, listeners)
+    return bootstrap
+
+
+def write_lds(lds_path, listeners):
+    """Writes an LDS file atomically: a temporary file in the same
+    directory, then a rename over the watched path."""
+    doc = {
+        "version_info": str(time.time_ns()),
+        "resources": [{"@type": LISTENER_TYPE, **listener} for listener in listeners],
+    }
+    directory = os.path.dirname(os.path.abspath(lds_path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".lds-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f)
+    os.replace(tmp, lds_path)
 
 
 def mtls_transport_socket(cert, key, ca):
