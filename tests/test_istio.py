@@ -249,9 +249,11 @@ spec:
   ports: [{number: 80, name: http, protocol: HTTP}]
   resolution: DNS
 """)
+    # The shop team's own policy, as k8s/examples/namespace-policy applies it.
+    team = sim.load_resources(str(ROOT / "k8s" / "examples" / "namespace-policy" / "envoyfilter.yaml"))
     addresses = {p: ("127.0.0.1", mocks[p].port) for p in HOSTS}
     with istio_proxy("sidecar", tmp_path_factory.mktemp("sidecar"), "shop", SHOP_LABELS, addresses,
-                     extra=other, other_endpoints={"inventory.example.com": ("127.0.0.1", echo.port)}) as p:
+                     extra=other + team, other_endpoints={"inventory.example.com": ("127.0.0.1", echo.port)}) as p:
         yield p
 
 
@@ -297,6 +299,20 @@ def test_sidecar_refuses_what_the_filter_did_not_route(sidecar_proxy):
     assert json.loads(body)["error"]["code"] in ("model_not_found", "not_routed")
 
 
+def test_sidecar_follows_its_teams_namespace_policy(sidecar_proxy, mocks):
+    url = f"http://127.0.0.1:{sidecar_proxy['port']}/v1/chat/completions"
+    # shop.json allows gpt-4o-mini and claude-sonnet only ...
+    status, _, body = http("POST", url, chat_body("gpt-4o"), headers={"host": "api.openai.com"})
+    assert status == 403, body
+    assert json.loads(body)["error"]["code"] == "model_not_allowed"
+    assert not mocks["openai"].take()
+    # ... and gives its callers an alias of their own.
+    status, h, body = http("POST", url, chat_body("house"), headers={"host": "api.anthropic.com"})
+    assert status == 200, body
+    assert h["x-meshllm-provider"] == "anthropic"
+    assert json.loads(mocks["anthropic"].take()[0]["body"])["model"] == "claude-sonnet-4-5"
+
+
 @pytest.fixture(scope="module")
 def gateway_proxy(wasm, mocks, tmp_path_factory):
     from test_quotas import make_pki
@@ -340,6 +356,16 @@ def test_gateway_knows_callers_by_certificate_and_fails_over(gateway_proxy, mock
     assert status == 200, body
     counts = caller_counts(gateway_proxy)
     assert counts.get(("shop", "chatbot"), 0) >= 1 and counts.get(("other", "batch"), 0) >= 1
+
+
+def test_gateway_applies_each_callers_namespace_policy(gateway_proxy, mocks):
+    # mesh.json's `namespaces.other` allows gemini-flash and gpt-4o-mini only.
+    status, _, body = mtls_post(gateway_proxy, "other/batch", "api.openai.com", chat_body("smart"))
+    assert status == 403, body
+    assert json.loads(body)["error"]["code"] == "model_not_allowed"
+    # The mesh default lets shop use the route.
+    status, _, body = mtls_post(gateway_proxy, "shop/chatbot", "api.openai.com", chat_body("smart"))
+    assert status == 200, body
 
 
 def test_gateway_refuses_callers_without_a_mesh_certificate(gateway_proxy):
