@@ -3,14 +3,21 @@ from k8s/policy/mesh.json and current, the plugin configuration they carry is
 the policy the tests run, and, put together the way istiod and istio-agent
 would (tests/istio_sim.py), they run in a real Envoy with the built module."""
 
+import contextlib
 import json
 import os
+import re
+import ssl
+import subprocess
 import sys
+import time
+from http.client import HTTPSConnection
 
 import pytest
 import yaml
 
-from conftest import ROOT
+import istio_sim as sim
+from conftest import KEYS, ROOT, WASM, envoy_binary, free_port, http
 
 sys.path.insert(0, str(ROOT / "k8s" / "tools"))
 import manifests  # noqa: E402
@@ -129,15 +136,6 @@ def test_mode_policy_refuses_a_conflicting_identity():
 
 # --- the overlays running in Envoy, configured as Istio would --------------
 
-import contextlib  # noqa: E402
-import re  # noqa: E402
-import ssl  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from http.client import HTTPSConnection  # noqa: E402
-
-import istio_sim as sim  # noqa: E402
-from conftest import KEYS, WASM, envoy_binary, free_port, http  # noqa: E402
 
 SHOP_LABELS = {"app": "chatbot", "service.istio.io/canonical-name": "chatbot"}
 GATEWAY_LABELS = dict(manifests.GATEWAY_LABELS)
