@@ -711,7 +711,7 @@ impl RequestFilter {
     fn identify(&mut self, host: &mut dyn Host) -> Result<(), ApiError> {
         let config = Rc::clone(&self.config);
         self.who = admission::identify(&config, host)?;
-        let listener = host.listener_policy();
+        let listener = host.property(nspolicy::LISTENER_POLICY_PATH);
         let from_listener = listener.is_some();
         match nspolicy::apply(&config, host, self.who.caller.as_ref(), listener) {
             Ok(applied) => self.applied = applied,
@@ -730,7 +730,7 @@ impl RequestFilter {
     /// cannot be identified sees the mesh's list.
     fn listing_policy(&mut self, host: &mut dyn Host) -> Result<Option<Applied>, ApiError> {
         let config = Rc::clone(&self.config);
-        let listener = host.listener_policy();
+        let listener = host.property(nspolicy::LISTENER_POLICY_PATH);
         if listener.is_none() && config.allowed_models.is_none() && config.namespaces.is_empty() {
             return Ok(None);
         }

@@ -280,10 +280,10 @@ impl Host for MockHost {
         }
     }
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        if path == crate::nspolicy::LISTENER_POLICY_PATH {
+            return self.listener.clone();
+        }
         self.properties.get(&path.join(".")).cloned()
-    }
-    fn listener_policy(&self) -> Option<Vec<u8>> {
-        self.listener.clone()
     }
     fn set_property(&mut self, path: &[&str], value: &[u8]) -> HostResult {
         self.properties.insert(path.join("."), value.to_vec());

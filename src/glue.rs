@@ -287,11 +287,6 @@ impl Host for ProxyHost {
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
         hostcalls::get_property(path.to_vec()).ok().flatten()
     }
-    fn listener_policy(&self) -> Option<Vec<u8>> {
-        hostcalls::get_property(crate::nspolicy::LISTENER_POLICY_PATH.to_vec())
-            .ok()
-            .flatten()
-    }
     fn set_property(&mut self, path: &[&str], value: &[u8]) -> HostResult {
         hostcalls::set_property(path.to_vec(), Some(value))
             .map_err(|s| host_error("set property", s))

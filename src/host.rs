@@ -52,9 +52,6 @@ pub trait Host: SharedData {
     /// A stream property: filter state the other half of the filter set,
     /// the chosen upstream host's metadata, ...
     fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
-    /// The namespace policy the proxy's listener carries in its metadata
-    /// (`filter_metadata.meshllm.policy`, a string holding JSON), if any.
-    fn listener_policy(&self) -> Option<Vec<u8>>;
     /// Sets filter state, which lives as long as the request and is seen by
     /// the upstream half of the filter on every attempt.
     fn set_property(&mut self, path: &[&str], value: &[u8]) -> HostResult;

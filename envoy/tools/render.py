@@ -167,6 +167,17 @@ def provider_env_keys(provider):
     return []
 
 
+def env_keys(plugin_config):
+    """Every environment variable the providers' credentials come from, each
+    once, in config order."""
+    keys = []
+    for p in plugin_config["providers"]:
+        for key in provider_env_keys(p):
+            if key not in keys:
+                keys.append(key)
+    return keys
+
+
 def provider_endpoint(provider):
     """(host, port, tls) of a provider, from its base_url."""
     parts = urlsplit(provider_url(provider))
@@ -354,6 +365,38 @@ def route_action(failover, route_timeout):
     return action
 
 
+def meshllm_routes(plugin_config, route_timeout="600s"):
+    """The route the filter steers to (it names the cluster in a header),
+    then a refusal for anything it did not route, so nothing reaches a
+    provider unseen."""
+    not_routed = json.dumps(
+        {
+            "error": {
+                "message": "The request was not routed by meshllm.",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "not_routed",
+            }
+        }
+    )
+    return [
+        {
+            "name": "meshllm",
+            "match": {
+                "prefix": "/",
+                "headers": [{"name": CLUSTER_HEADER, "present_match": True}],
+            },
+            "route": route_action(failover_settings(plugin_config), route_timeout),
+            "request_headers_to_remove": [CLUSTER_HEADER],
+        },
+        {
+            "name": "meshllm-not-routed",
+            "match": {"prefix": "/"},
+            "direct_response": {"status": 404, "body": {"inline_string": not_routed}},
+        },
+    ]
+
+
 def position_metadata_filter(max_attempts):
     """Turns the filter's position headers into load-balancer metadata."""
     return {
@@ -395,25 +438,25 @@ def local_code(path):
     return {"local": {"filename": path}}
 
 
-def remote_code(uri, sha256, cluster="meshllm-artifacts", timeout="30s"):
-    """A Wasm module fetched by URL (Istio's agent also takes oci://)."""
-    return {
-        "remote": {
-            "http_uri": {"uri": uri, "cluster": cluster, "timeout": timeout},
-            "sha256": sha256,
-        }
-    }
+def remote_code(uri, sha256=None, timeout="30s"):
+    """A Wasm module fetched by URL. Istio's agent downloads it (https:// or
+    oci://) and hands Envoy a local file; the cluster name only satisfies
+    Envoy's schema."""
+    remote = {"http_uri": {"uri": uri, "cluster": "meshllm-module", "timeout": timeout}}
+    if sha256:
+        remote["sha256"] = sha256
+    return {"remote": remote}
 
 
-def wasm_config(plugin_config, code, env_keys, upstream=False):
+def wasm_config(plugin_config, code, keys, upstream=False):
     """The Wasm filter's typed config: one module and one policy for both
     halves; the root id tells the module which half it is."""
     name = UPSTREAM_NAME if upstream else LISTENER_NAME
     vm_config = {"vm_id": "meshllm", "runtime": "envoy.wasm.runtime.v8", "code": code}
-    if env_keys:
+    if keys:
         # Provider keys reach the VM from the proxy's environment, never
         # from the plugin config.
-        vm_config["environment_variables"] = {"host_env_keys": list(env_keys)}
+        vm_config["environment_variables"] = {"host_env_keys": list(keys)}
     config = {
         "name": name,
         "root_id": name,
@@ -429,10 +472,10 @@ def wasm_config(plugin_config, code, env_keys, upstream=False):
     return {"@type": WASM_TYPE, "config": config}
 
 
-def wasm_filter(plugin_config, code, env_keys, upstream=False):
+def wasm_filter(plugin_config, code, keys, upstream=False):
     return {
         "name": "envoy.filters.http.wasm",
-        "typed_config": wasm_config(plugin_config, code, env_keys, upstream),
+        "typed_config": wasm_config(plugin_config, code, keys, upstream),
     }
 
 
@@ -488,13 +531,10 @@ def render(
     max_body = plugin_config.get("max_request_bytes", 10 * 1024 * 1024)
     failover = failover_settings(plugin_config)
     clusters = []
-    env_keys = []
+    keys = env_keys(plugin_config)
     seen = set()
     for p in plugin_config["providers"]:
         name = p.get("cluster", p["name"])
-        for key in provider_env_keys(p):
-            if key not in env_keys:
-                env_keys.append(key)
         if name in seen or failover["enabled"]:
             continue
         seen.add(name)
@@ -507,27 +547,17 @@ def render(
     if failover["enabled"]:
         clusters.extend(position_clusters(plugin_config, upstreams, failover["max_attempts"]))
 
-    listener_filter = wasm_filter(plugin_config, local_code(wasm), env_keys)
+    listener_filter = wasm_filter(plugin_config, local_code(wasm), keys)
     upstream_filters = []
     if failover["enabled"]:
         upstream_filters = upstream_http_filters(
-            wasm_filter(plugin_config, local_code(wasm), env_keys, upstream=True)
+            wasm_filter(plugin_config, local_code(wasm), keys, upstream=True)
         )
         # The upstream half runs on the aggregate cluster only, so it sees
         # meshllm's attempts and nothing else.
         clusters[-1]["typed_extension_protocol_options"] = upstream_protocol_options(
             upstream_filters
         )
-    not_routed = json.dumps(
-        {
-            "error": {
-                "message": "The request was not routed by meshllm.",
-                "type": "invalid_request_error",
-                "param": None,
-                "code": "not_routed",
-            }
-        }
-    )
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "meshllm",
@@ -550,24 +580,7 @@ def render(
                     "domains": ["*"],
                     # The upstream half learns which attempt it serves.
                     "include_request_attempt_count": failover["enabled"],
-                    "routes": [
-                        {
-                            # The filter names the provider's cluster in a header.
-                            "match": {
-                                "prefix": "/",
-                                "headers": [{"name": CLUSTER_HEADER, "present_match": True}],
-                            },
-                            "route": route_action(failover, route_timeout),
-                            "request_headers_to_remove": [CLUSTER_HEADER],
-                        },
-                        {
-                            "match": {"prefix": "/"},
-                            "direct_response": {
-                                "status": 404,
-                                "body": {"inline_string": not_routed},
-                            },
-                        },
-                    ],
+                    "routes": meshllm_routes(plugin_config, route_timeout),
                 }
             ],
         },

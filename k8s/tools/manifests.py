@@ -81,25 +81,6 @@ def mode_policy(policy, mode):
     return doc
 
 
-def env_keys(policy):
-    keys = []
-    for p in policy["providers"]:
-        for key in render.provider_env_keys(p):
-            if key not in keys:
-                keys.append(key)
-    return keys
-
-
-def remote_code(module_url, sha256):
-    code = render.remote_code(module_url, sha256 or "")
-    if not sha256:
-        del code["remote"]["sha256"]
-    # Istio's agent downloads the module and hands Envoy a local file; the
-    # cluster name only satisfies Envoy's schema.
-    code["remote"]["http_uri"]["cluster"] = "meshllm-module"
-    return code
-
-
 def ecds_ref(name):
     """An HTTP filter whose config Envoy asks istiod for by name (ECDS)."""
     return {
@@ -113,8 +94,8 @@ def ecds_ref(name):
 
 
 def extension_configs(doc, module_url, sha256):
-    code = remote_code(module_url, sha256)
-    keys = env_keys(doc)
+    code = render.remote_code(module_url, sha256)
+    keys = render.env_keys(doc)
     return [
         {"name": render.LISTENER_NAME, "typed_config": render.wasm_config(doc, code, keys)},
         {
@@ -127,41 +108,6 @@ def extension_configs(doc, module_url, sha256):
 def handled_vhosts(doc):
     """The virtual hosts Istio makes for the hosts the filter handles."""
     return [f"{h}:{MESH_PORT}" for h in provider_hosts(doc) + [ALIAS_HOST]]
-
-
-def meshllm_routes(doc):
-    """The route the filter steers to (by its cluster header), and after it a
-    refusal for anything the filter did not route, as in plain Envoy."""
-    failover = render.failover_settings(doc)
-    routed = {
-        "name": "meshllm",
-        "match": {
-            "prefix": "/",
-            "headers": [{"name": render.CLUSTER_HEADER, "present_match": True}],
-        },
-        "route": render.route_action(failover, "600s"),
-        "request_headers_to_remove": [render.CLUSTER_HEADER],
-    }
-    not_routed = {
-        "name": "meshllm-not-routed",
-        "match": {"prefix": "/"},
-        "direct_response": {
-            "status": 404,
-            "body": {
-                "inline_string": json.dumps(
-                    {
-                        "error": {
-                            "message": "The request was not routed by meshllm.",
-                            "type": "invalid_request_error",
-                            "param": None,
-                            "code": "not_routed",
-                        }
-                    }
-                )
-            },
-        },
-    }
-    return routed, not_routed
 
 
 def config_patches(doc, context, module_url, sha256):
@@ -200,7 +146,7 @@ def config_patches(doc, context, module_url, sha256):
                 "patch": {"operation": "ADD", "value": c},
             }
         )
-    routed, not_routed = meshllm_routes(doc)
+    routed, not_routed = render.meshllm_routes(doc)
     route_config = {"portNumber": MESH_PORT} if context == "SIDECAR_OUTBOUND" else {}
     for vhost in handled_vhosts(doc):
         match = {"context": context, "routeConfiguration": {**route_config, "vhost": {"name": vhost}}}
@@ -289,7 +235,7 @@ def sidecar_resources(policy, module_url, sha256):
 
 def gateway_resources(policy, module_url, sha256):
     doc = mode_policy(policy, "egress-gateway")
-    keys = env_keys(doc)
+    keys = render.env_keys(doc)
     hosts = provider_hosts(doc) + [ALIAS_HOST]
     pod_labels = {**GATEWAY_LABELS, "sidecar.istio.io/inject": "true"}
     deployment = {
