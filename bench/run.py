@@ -1,0 +1,495 @@
+#!/usr/bin/env python3
+"""meshllm's benchmark: direct to a mock provider, through plain Envoy (same
+listener, no filter) and through Envoy with meshllm, side by side in one run.
+
+Envoy runs one worker pinned to the last core; the mock provider and the
+clients share the other cores. Scenarios alternate between the three targets
+round by round, so a slow moment of the machine hits them all; each figure
+is the median over rounds. Results go to bench/results/ as JSON and a
+markdown table, with the machine, the date and the method. See
+bench/README.md."""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "envoy" / "tools"))
+
+import render  # noqa: E402
+from run import envoy_binary  # noqa: E402
+
+WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "meshllm.wasm"
+TOOL = ROOT / "bench" / "target" / "release" / "meshllm-bench"
+
+# The gateway as a sidecar runs it: the caller from the node metadata, an
+# alias rewritten to the provider's model, a quota every request is checked
+# against, metrics on, failover on (the default).
+PLUGIN_CONFIG = {
+    "providers": [
+        {"name": "openai", "kind": "openai", "api_key_env": "OPENAI_API_KEY"},
+        {"name": "anthropic", "kind": "anthropic", "api_key_env": "ANTHROPIC_API_KEY"},
+    ],
+    "models": [
+        {"name": "gpt-4o-mini", "provider": "openai", "model": "gpt-4o-mini-2024-07-18",
+         "aliases": ["mini"]},
+        {"name": "claude", "provider": "anthropic", "model": "claude-sonnet-4-5"},
+    ],
+    "identity": {"source": "mesh_node"},
+    "quotas": {"limits": [
+        {"name": "bench", "match": {"namespace": "bench", "service": "*"},
+         "requests_per_minute": 1000000000, "tokens_per_minute": 1000000000000},
+    ]},
+    "max_request_bytes": 4 * 1024 * 1024,
+}
+KEYS = {"OPENAI_API_KEY": "sk-bench", "ANTHROPIC_API_KEY": "sk-ant-bench"}
+NODE = {
+    "id": "sidecar~10.0.0.9~client.bench~bench.svc.cluster.local",
+    "cluster": "client.bench",
+    "metadata": {"NAMESPACE": "bench", "WORKLOAD_NAME": "client-v1",
+                 "LABELS": {"app": "client", "service.istio.io/canonical-name": "client"}},
+}
+
+KB = 1024
+MB = 1024 * 1024
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Profile:
+    """How much to measure: `full` for the record, `quick` to check the
+    harness works (tests)."""
+
+    def __init__(self, quick):
+        self.name = "quick" if quick else "full"
+        self.rounds = 1 if quick else 3
+        self.latency_requests = {1 * KB: 200, 100 * KB: 50, 1 * MB: 10} if quick else \
+            {1 * KB: 3000, 100 * KB: 800, 1 * MB: 150}
+        self.stream_requests = 5 if quick else 150
+        self.stream_events = 10 if quick else 20
+        self.stream_gap_us = 1000
+        self.load_seconds = 0.5 if quick else 5.0
+        self.connections = 16
+        self.memory_warmup = 1000 if quick else 20000
+        self.memory_requests = 2000 if quick else 100000
+
+
+class Proc:
+    """A process we started, stopped by PID."""
+
+    def __init__(self, argv, log, env=None, cpus=None, capture_stdout=False):
+        if cpus:
+            argv = ["taskset", "-c", cpus] + argv
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(argv, env=env, stderr=self.log,
+                                     stdout=subprocess.PIPE if capture_stdout else self.log)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def cpu_sets():
+    """(Envoy's core, the others) as taskset lists."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, None
+    return str(cpus[-1]), ",".join(str(c) for c in cpus[:-1])
+
+
+def plain_bootstrap(bootstrap, mock_port):
+    """The same listener and connection manager with the router only,
+    routing every request straight to the mock."""
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"]
+    hcm["http_filters"] = [render.router_filter()]
+    for vhost in hcm["route_config"]["virtual_hosts"]:
+        vhost.pop("include_request_attempt_count", None)
+        vhost["routes"] = [{"match": {"prefix": "/"},
+                            "route": {"cluster": "mock", "timeout": "600s"}}]
+    bootstrap["static_resources"]["clusters"] = [render.cluster("mock", "127.0.0.1", mock_port, False)]
+    return bootstrap
+
+
+class Envoy:
+    def __init__(self, name, bootstrap, workdir, cpus, env):
+        self.name = name
+        self.admin_port = bootstrap["admin"]["address"]["socket_address"]["port_value"]
+        self.port = bootstrap["static_resources"]["listeners"][0]["address"]["socket_address"][
+            "port_value"]
+        path = os.path.join(workdir, f"{name}.json")
+        with open(path, "w") as f:
+            json.dump(bootstrap, f)
+        self.log_path = os.path.join(workdir, f"{name}.log")
+        clean = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+        clean.update(env)
+        self.proc = Proc([envoy_binary(), "-c", path, "--concurrency", "1",
+                          "--base-id", str(self.port), "-l", "warning"],
+                         self.log_path, env=clean, cpus=cpus)
+        self.addr = f"127.0.0.1:{self.port}"
+
+    def wait_ready(self):
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if self.proc.proc.poll() is not None:
+                raise SystemExit(f"{self.name} envoy exited:\n" + Path(self.log_path).read_text()[-3000:])
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/ready", timeout=1) as r:
+                    if r.read().strip() == b"LIVE":
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise SystemExit(f"{self.name} envoy did not become ready")
+
+    def rss_kib(self):
+        """Envoy's resident memory (its own PID, not taskset's: taskset execs)."""
+        with open(f"/proc/{self.proc.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return 0
+
+    def stop(self):
+        self.proc.stop()
+
+
+class Bench:
+    def __init__(self, profile, client_cpus):
+        self.profile = profile
+        self.client_cpus = client_cpus
+
+    def tool(self, command, addr, model, size, path="/v1/chat/completions", **opts):
+        argv = [str(TOOL), command, "--addr", addr, "--path", path, "--model", model,
+                "--size", str(size)]
+        for k, v in opts.items():
+            argv += [f"--{k.replace('_', '-')}", str(v)]
+        if self.client_cpus:
+            argv = ["taskset", "-c", self.client_cpus] + argv
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+        if out.returncode != 0:
+            raise SystemExit(f"{' '.join(argv)} failed: {out.stderr.strip()}")
+        return json.loads(out.stdout)
+
+
+def median_of(rounds, *keys):
+    """The median over rounds of a nested figure."""
+    values = []
+    for r in rounds:
+        for k in keys:
+            r = r[k]
+        values.append(r)
+    return round(statistics.median(values), 1)
+
+
+def machine():
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    envoy_version = subprocess.run([envoy_binary(), "--version"], capture_output=True,
+                                   text=True).stdout.strip().splitlines()
+    commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+                            capture_output=True, text=True).stdout.strip()
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "envoy": envoy_version[-1] if envoy_version else "unknown",
+        "commit": commit or "unknown",
+        "wasm_bytes": WASM.stat().st_size,
+    }
+
+
+def run(profile, out_dir):
+    envoy_cpu, client_cpus = cpu_sets()
+    work = tempfile.mkdtemp(prefix="meshllm-bench-")
+    procs = []
+    try:
+        mock = Proc([str(TOOL), "mock"], os.path.join(work, "mock.log"), cpus=client_cpus,
+                    capture_stdout=True)
+        procs.append(mock)
+        mock_port = int(mock.proc.stdout.readline())
+        upstreams = {"openai": ("127.0.0.1", mock_port), "anthropic": ("127.0.0.1", mock_port)}
+
+        def bootstrap():
+            return render.render(PLUGIN_CONFIG, wasm=str(WASM), port=free_port(),
+                                 admin_port=free_port(), upstreams=upstreams, node=NODE)
+
+        plain = Envoy("plain", plain_bootstrap(bootstrap(), mock_port), work, envoy_cpu, {})
+        procs.append(plain)
+        meshllm = Envoy("meshllm", bootstrap(), work, envoy_cpu, KEYS)
+        procs.append(meshllm)
+        plain.wait_ready()
+        meshllm.wait_ready()
+        memory_start = {"plain": plain.rss_kib(), "meshllm": meshllm.rss_kib()}
+
+        bench = Bench(profile, client_cpus)
+        targets = {"direct": f"127.0.0.1:{mock_port}", "plain": plain.addr, "meshllm": meshllm.addr}
+        # (scenario, model meshllm routes, sizes): the alias `mini` is an
+        # OpenAI model, `claude` an Anthropic one the request is translated for.
+        kinds = [("passthrough", "mini"), ("translate", "claude")]
+
+        latency = []
+        for kind, model in kinds:
+            for size in (1 * KB, 100 * KB, 1 * MB):
+                n = profile.latency_requests[size]
+                rounds = {t: [] for t in targets}
+                for _ in range(profile.rounds):
+                    for t, addr in targets.items():
+                        rounds[t].append(bench.tool("latency", addr, model, size, requests=n,
+                                                    warmup=max(5, n // 10)))
+                row = {"scenario": kind, "body_bytes": size, "requests": n}
+                for t in targets:
+                    row[t] = {p: median_of(rounds[t], p) for p in ("p50_us", "p99_us")}
+                row["added_p50_us"] = round(row["meshllm"]["p50_us"] - row["plain"]["p50_us"], 1)
+                row["added_p99_us"] = round(row["meshllm"]["p99_us"] - row["plain"]["p99_us"], 1)
+                latency.append(row)
+                print(f"latency {kind} {size}: {row}", file=sys.stderr)
+
+        throughput = []
+        for kind, model in kinds:
+            rounds = {t: [] for t in targets}
+            for _ in range(profile.rounds):
+                for t, addr in targets.items():
+                    rounds[t].append(bench.tool("load", addr, model, 1 * KB,
+                                                connections=profile.connections,
+                                                seconds=profile.load_seconds))
+            row = {"scenario": kind, "body_bytes": 1 * KB, "connections": profile.connections}
+            for t in targets:
+                row[t] = {"rps": median_of(rounds[t], "rps"),
+                          "failed": sum(r["failed"] for r in rounds[t])}
+            row["ratio_to_plain"] = round(row["meshllm"]["rps"] / max(row["plain"]["rps"], 1), 3)
+            throughput.append(row)
+            print(f"throughput {kind}: {row}", file=sys.stderr)
+
+        streaming = []
+        for kind, model in kinds:
+            rounds = {t: [] for t in targets}
+            for _ in range(profile.rounds):
+                for t, addr in targets.items():
+                    rounds[t].append(bench.tool(
+                        "stream", addr, model, 1 * KB, requests=profile.stream_requests,
+                        warmup=max(2, profile.stream_requests // 10), events=profile.stream_events,
+                        gap_us=profile.stream_gap_us))
+            row = {"scenario": kind, "events_per_stream": profile.stream_events,
+                   "gap_us": profile.stream_gap_us}
+            for t in targets:
+                row[t] = {
+                    "ttfb_p50_us": median_of(rounds[t], "ttfb", "p50_us"),
+                    "ttfb_p99_us": median_of(rounds[t], "ttfb", "p99_us"),
+                    "event_delay_p50_us": median_of(rounds[t], "event_delay", "p50_us"),
+                    "event_delay_p99_us": median_of(rounds[t], "event_delay", "p99_us"),
+                    "events": sum(r["events"] for r in rounds[t]),
+                    "held_back": sum(r["held_back"] for r in rounds[t]),
+                }
+            row["added_ttfb_p50_us"] = round(
+                row["meshllm"]["ttfb_p50_us"] - row["plain"]["ttfb_p50_us"], 1)
+            row["added_event_delay_p50_us"] = round(
+                row["meshllm"]["event_delay_p50_us"] - row["plain"]["event_delay_p50_us"], 1)
+            streaming.append(row)
+            print(f"streaming {kind}: {row}", file=sys.stderr)
+
+        memory = {}
+        for name, envoy in (("plain", plain), ("meshllm", meshllm)):
+            half_warm, half = profile.memory_warmup // 2, profile.memory_requests // 2
+            for model in ("mini", "claude"):
+                bench.tool("load", envoy.addr, model, 1 * KB, connections=profile.connections,
+                           total=half_warm)
+            warm = envoy.rss_kib()
+            failed = 0
+            for model in ("mini", "claude"):
+                failed += bench.tool("load", envoy.addr, model, 1 * KB,
+                                     connections=profile.connections, total=half)["failed"]
+            after = envoy.rss_kib()
+            memory[name] = {"start_kib": memory_start[name], "warm_kib": warm,
+                            "after_kib": after, "growth_kib": after - warm,
+                            "requests_after_warmup": 2 * half, "failed": failed}
+        memory["filter_kib"] = memory["meshllm"]["after_kib"] - memory["plain"]["after_kib"]
+        print(f"memory: {memory}", file=sys.stderr)
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "profile": profile.name,
+        "machine": machine(),
+        "method": method(profile, envoy_cpu, client_cpus),
+        "latency": latency,
+        "throughput": throughput,
+        "streaming": streaming,
+        "memory": memory,
+    }
+    result["budget"] = budget(result)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    json_path = out_dir / f"{stamp}-{profile.name}.json"
+    md_path = out_dir / f"{stamp}-{profile.name}.md"
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    md_path.write_text(markdown(result))
+    print(md_path.read_text())
+    print(f"wrote {json_path} and {md_path}", file=sys.stderr)
+    return result
+
+
+def method(profile, envoy_cpu, client_cpus):
+    return {
+        "envoy": f"--concurrency 1, pinned to cpu {envoy_cpu}" if envoy_cpu else "--concurrency 1, unpinned",
+        "clients_and_mock": f"cpus {client_cpus}" if client_cpus else "unpinned",
+        "mock": "bench/src/mock.rs: canned replies, a thread per connection",
+        "targets": "direct = the mock itself; plain = the same Envoy listener and connection "
+                   "manager with only the router; meshllm = the gateway config in bench/run.py "
+                   "(mesh_node identity, alias rewrite, quota, metrics, failover clusters)",
+        "latency": "one keep-alive connection, closed loop; added = meshllm minus plain",
+        "throughput": f"{profile.connections} keep-alive connections, closed loop, "
+                      f"{profile.load_seconds} s per target and round",
+        "streaming": f"{profile.stream_events} events {profile.stream_gap_us} us apart; "
+                     "event delay = client read time minus the mock's write stamp; an event "
+                     "more than half a gap late counts as held back",
+        "memory": f"VmRSS after {profile.memory_warmup} warm-up requests and after "
+                  f"{profile.memory_requests} more (half passthrough, half translated)",
+        "rounds": f"{profile.rounds}, targets interleaved, medians over rounds",
+    }
+
+
+def budget(result):
+    """The budget of bench/README.md, judged on this run's figures."""
+    def lat(kind, size):
+        return next(r for r in result["latency"] if r["scenario"] == kind and r["body_bytes"] == size)
+
+    def tput(kind):
+        return next(r for r in result["throughput"] if r["scenario"] == kind)
+
+    def stream(kind):
+        return next(r for r in result["streaming"] if r["scenario"] == kind)
+
+    items = [
+        ("added p50, passthrough 1 KB", lat("passthrough", KB)["added_p50_us"], "<=", 20, "us"),
+        ("added p50, OpenAI to Anthropic 1 KB", lat("translate", KB)["added_p50_us"], "<=", 40, "us"),
+        ("throughput, passthrough", tput("passthrough")["ratio_to_plain"], ">=", 0.9, "x plain"),
+        ("throughput, translation", tput("translate")["ratio_to_plain"], ">=", 0.8, "x plain"),
+        ("added TTFB p50, passthrough stream", stream("passthrough")["added_ttfb_p50_us"], "<=", 50, "us"),
+        ("added TTFB p50, translated stream", stream("translate")["added_ttfb_p50_us"], "<=", 50, "us"),
+        ("events held back", sum(stream(k)["meshllm"]["held_back"] for k in ("passthrough", "translate")),
+         "<=", 0, "events"),
+        ("added p50, OpenAI to Anthropic 1 MB", lat("translate", MB)["added_p50_us"], "<=", 5000, "us"),
+        ("RSS growth after warm-up", result["memory"]["meshllm"]["growth_kib"]
+         - max(result["memory"]["plain"]["growth_kib"], 0), "<=", 1024, "KiB beyond plain's"),
+    ]
+    out = []
+    for name, value, op, limit, unit in items:
+        ok = value <= limit if op == "<=" else value >= limit
+        out.append({"item": name, "value": value, "limit": f"{op} {limit}", "unit": unit, "met": ok})
+    return out
+
+
+def markdown(r):
+    m = r["machine"]
+    lines = [
+        f"# meshllm benchmark, {r['date']} ({r['profile']})",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}; {m['envoy']}; "
+        f"meshllm {m['commit']} ({m['wasm_bytes']} bytes of Wasm).",
+        "",
+        "Method:",
+        *[f"- {k}: {v}" for k, v in r["method"].items()],
+        "",
+        "## Budget",
+        "",
+        "| item | this run | budget | met |",
+        "| --- | ---: | --- | --- |",
+        *[f"| {b['item']} | {b['value']} {b['unit']} | {b['limit']} | {'yes' if b['met'] else 'NO'} |"
+          for b in r["budget"]],
+        "",
+        "## Latency at concurrency 1 (µs)",
+        "",
+        "| scenario | body | direct p50 | plain p50 | meshllm p50 | added p50 | plain p99 | meshllm p99 | added p99 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for x in r["latency"]:
+        lines.append(
+            f"| {x['scenario']} | {size_name(x['body_bytes'])} | {x['direct']['p50_us']} | "
+            f"{x['plain']['p50_us']} | {x['meshllm']['p50_us']} | **{x['added_p50_us']}** | "
+            f"{x['plain']['p99_us']} | {x['meshllm']['p99_us']} | {x['added_p99_us']} |")
+    lines += [
+        "",
+        "## Saturated throughput, one Envoy worker (requests/s, 1 KB)",
+        "",
+        "| scenario | direct | plain | meshllm | meshllm / plain | failed |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for x in r["throughput"]:
+        failed = x["plain"]["failed"] + x["meshllm"]["failed"]
+        lines.append(f"| {x['scenario']} | {x['direct']['rps']} | {x['plain']['rps']} | "
+                     f"{x['meshllm']['rps']} | **{x['ratio_to_plain']}** | {failed} |")
+    lines += [
+        "",
+        "## Streaming (µs)",
+        "",
+        "| scenario | plain TTFB p50 | meshllm TTFB p50 | added | plain event delay p50 / p99 | meshllm event delay p50 / p99 | held back |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for x in r["streaming"]:
+        p, g = x["plain"], x["meshllm"]
+        lines.append(
+            f"| {x['scenario']} | {p['ttfb_p50_us']} | {g['ttfb_p50_us']} | **{x['added_ttfb_p50_us']}** | "
+            f"{p['event_delay_p50_us']} / {p['event_delay_p99_us']} | "
+            f"{g['event_delay_p50_us']} / {g['event_delay_p99_us']} | {g['held_back']} of {g['events']} |")
+    mem = r["memory"]
+    lines += [
+        "",
+        "## Envoy memory (RSS, KiB)",
+        "",
+        "| envoy | at start | after warm-up | after more requests | growth |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        *[f"| {n} (+{mem[n]['requests_after_warmup']} requests) | {mem[n]['start_kib']} | "
+          f"{mem[n]['warm_kib']} | {mem[n]['after_kib']} | {mem[n]['growth_kib']} |"
+          for n in ("plain", "meshllm")],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def size_name(n):
+    return f"{n // MB} MB" if n >= MB else f"{n // KB} KB"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a short run that checks the harness")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = ap.parse_args(argv)
+    for path, how in ((WASM, "make build"), (TOOL, "cargo build --release --manifest-path bench/Cargo.toml")):
+        if not path.exists():
+            raise SystemExit(f"{path} is missing: run `{how}` (or `make bench`)")
+    run(Profile(args.quick), args.out)
+
+
+if __name__ == "__main__":
+    main()
