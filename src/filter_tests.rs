@@ -44,10 +44,12 @@ impl Sent {
 enum Op {
     SetRequestHeader,
     RemoveRequestHeader,
+    RequestHeaderNames,
     RequestBody,
     ReplaceRequestBody,
     SetResponseHeader,
     RemoveResponseHeader,
+    ResponseHeaderNames,
     ResponseBody,
     ReplaceResponseBody,
     SendResponse,
@@ -226,6 +228,21 @@ impl Host for MockHost {
         self.tally("request_header", 0);
         self.req(name)
     }
+    fn request_header_names(&self) -> HostResult<Vec<String>> {
+        // The host copies the whole map, values included.
+        let size = self
+            .request_headers
+            .iter()
+            .map(|(n, v)| n.len() + v.len())
+            .sum();
+        self.tally("request_header_names", size);
+        self.check(Op::RequestHeaderNames)?;
+        Ok(self
+            .request_headers
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect())
+    }
     fn set_request_header(&mut self, name: &str, value: &str) -> HostResult {
         self.tally("set_request_header", value.len());
         self.check(Op::SetRequestHeader)?;
@@ -254,6 +271,21 @@ impl Host for MockHost {
     fn response_header(&self, name: &str) -> Option<String> {
         self.tally("response_header", 0);
         self.resp(name)
+    }
+    fn response_header_names(&self) -> HostResult<Vec<String>> {
+        // The host copies the whole map, values included.
+        let size = self
+            .response_headers
+            .iter()
+            .map(|(n, v)| n.len() + v.len())
+            .sum();
+        self.tally("response_header_names", size);
+        self.check(Op::ResponseHeaderNames)?;
+        Ok(self
+            .response_headers
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect())
     }
     fn set_response_header(&mut self, name: &str, value: &str) -> HostResult {
         self.tally("set_response_header", value.len());
@@ -2152,6 +2184,56 @@ fn router_half_plans_the_chain_and_the_attempt_half_serves_its_position() {
 }
 
 #[test]
+fn credentials_are_stripped_whether_or_not_headers_can_be_listed() {
+    let cfg = config_from(ROUTED_CONFIG);
+    let body = chat_body(&quote("chain"));
+    for listing_fails in [false, true] {
+        let mut host = client_post("/v1/chat/completions", body.as_bytes())
+            .with_header("anthropic-version", "2023-06-01");
+        if listing_fails {
+            host.fail(&[Op::RequestHeaderNames]);
+        }
+        let mut router = RequestFilter::new(Rc::clone(&cfg), Role::Router);
+        router.on_request_headers(&mut host, false);
+        router.on_request_body(&mut host, body.len(), true);
+        for name in CLIENT_CREDENTIAL_HEADERS.iter().chain(ANTHROPIC_HEADERS) {
+            assert_eq!(
+                host.req(name),
+                None,
+                "{name}, listing fails: {listing_fails}"
+            );
+        }
+        let plan: Plan = serde_json::from_slice(&host.properties[PLAN_PROPERTY]).unwrap();
+        assert_eq!(
+            plan.anthropic,
+            [("anthropic-version".to_string(), "2023-06-01".to_string())]
+        );
+
+        // An attempt after one at Azure: its key and the client's are gone.
+        let mut up = MockHost::new("POST", "/").with_body(body.as_bytes());
+        up.request_headers = host.request_headers.clone();
+        up.properties = host.properties.clone();
+        up.properties
+            .insert(POSITION_PROPERTY.into(), b"1".to_vec());
+        set(&mut up.request_headers, "api-key", AZURE_KEY);
+        set(&mut up.request_headers, "x-goog-api-key", "client-goog");
+        if listing_fails {
+            up.fail(&[Op::RequestHeaderNames]);
+        }
+        let mut attempt = RequestFilter::new(Rc::clone(&cfg), Role::Attempt);
+        attempt.on_request_headers(&mut up, false);
+        assert_eq!(
+            attempt.on_request_body(&mut up, body.len(), true),
+            Flow::Continue
+        );
+        assert_eq!(up.req("api-key"), None);
+        assert_eq!(up.req("x-goog-api-key"), None);
+        assert_eq!(up.req("anthropic-version"), None);
+        assert_eq!(up.req("authorization"), Some(format!("Bearer {GROQ_KEY}")));
+    }
+}
+
+#[test]
 fn attempt_half_without_a_plan_or_position_fails_loudly() {
     let cfg = config_from(ROUTED_CONFIG);
     let mut up = MockHost::new("POST", "/v1/chat/completions");
@@ -2333,6 +2415,60 @@ fn the_listener_half_reserves_and_settles_with_the_attempts_usage() {
     router.on_done(&mut host);
     assert_eq!(team_standings(&host), settled);
     assert_eq!(host.counters, counters, "counted once");
+}
+
+#[test]
+fn provider_rate_limits_are_dropped_whether_or_not_headers_can_be_listed() {
+    let cfg = quota_config();
+    let body = chat_body(&quote("chain"));
+    for listing_fails in [false, true] {
+        let mut host = client_post("/v1/chat/completions", body.as_bytes())
+            .with_header("x-caller", "team/api");
+        let mut router = RequestFilter::new(Rc::clone(&cfg), Role::Router);
+        router.on_request_headers(&mut host, false);
+        assert_eq!(
+            router.on_request_body(&mut host, body.len(), true),
+            Flow::Continue
+        );
+        host.respond(
+            200,
+            &[
+                ("x-ratelimit-remaining-requests", "5"),
+                ("anthropic-ratelimit-tokens-reset", "2025-01-01T00:00:00Z"),
+                ("x-request-id", "kept"),
+            ],
+            b"{}",
+            None,
+        );
+        if listing_fails {
+            host.fail(&[Op::ResponseHeaderNames]);
+        }
+        host.calls.take();
+        router.on_response_headers(&mut host, false);
+        assert_eq!(host.resp("anthropic-ratelimit-tokens-reset"), None);
+        assert_eq!(host.resp("x-request-id").as_deref(), Some("kept"));
+        assert_ne!(
+            host.resp("x-ratelimit-remaining-requests").as_deref(),
+            Some("5"),
+            "the caller's own limit replaces the provider's"
+        );
+        // Listed: only the two present names cost a removal.
+        let removals = host
+            .calls
+            .borrow()
+            .get("remove_response_header")
+            .map(|c| c.0);
+        let want = if listing_fails {
+            PROVIDER_RATE_LIMIT_HEADERS.len()
+        } else {
+            2
+        };
+        assert_eq!(
+            removals,
+            Some(want as u64),
+            "listing fails: {listing_fails}"
+        );
+    }
 }
 
 #[test]
