@@ -174,6 +174,25 @@ const CLIENT_CREDENTIAL_HEADERS: &[&str] = &[
     "x-amz-security-token",
 ];
 
+/// Which of many request headers are present, from one listing of the map
+/// instead of a host call per name. The listing may name headers removed
+/// since (removing one again is a harmless no-op); when it failed, each
+/// name is asked for on its own.
+struct RequestHeaders(Option<Vec<String>>);
+
+impl RequestHeaders {
+    fn list(host: &dyn Host) -> Self {
+        RequestHeaders(host.request_header_names().ok())
+    }
+
+    fn has(&self, host: &dyn Host, name: &str) -> bool {
+        match &self.0 {
+            Some(names) => names.iter().any(|n| n.eq_ignore_ascii_case(name)),
+            None => host.request_header(name).is_some(),
+        }
+    }
+}
+
 /// Anthropic API options a caller sends; they only mean something to Anthropic.
 const ANTHROPIC_HEADERS: &[&str] = &["anthropic-version", "anthropic-beta"];
 
@@ -680,8 +699,9 @@ impl RequestFilter {
             .chain(ANTHROPIC_HEADERS.iter().copied())
             .chain(["x-envoy-attempt-count", "x-envoy-expected-rq-timeout-ms"]);
         let mut cleared: HostResult = Ok(());
+        let present = RequestHeaders::list(host);
         for name in stale {
-            if host.request_header(name).is_some() {
+            if present.has(host, name) {
                 cleared = cleared.and_then(|()| host.remove_request_header(name));
             }
         }
@@ -1176,14 +1196,18 @@ impl RequestFilter {
         };
         let config = Rc::clone(&self.config);
         let mut anthropic = Vec::new();
+        let present = RequestHeaders::list(host);
         for name in ANTHROPIC_HEADERS {
+            if !present.has(host, name) {
+                continue;
+            }
             if let Some(value) = host.request_header(name) {
                 anthropic.push((name.to_string(), value));
                 host.remove_request_header(name).map_err(rewrite)?;
             }
         }
         for name in CLIENT_CREDENTIAL_HEADERS {
-            if host.request_header(name).is_some() {
+            if present.has(host, name) {
                 host.remove_request_header(name).map_err(rewrite)?;
             }
         }
@@ -1288,7 +1312,9 @@ impl RequestFilter {
             self.role == Role::Standalone,
         )
         .map_err(|e| internal(format!("could not rewrite the request headers: {e}")))?;
-        if route.schema != Schema::Anthropic {
+        // The attempt role cleared them in start_attempt, and set them again
+        // only for an Anthropic target.
+        if route.schema != Schema::Anthropic && self.role != Role::Attempt {
             for name in ANTHROPIC_HEADERS {
                 if host.request_header(name).is_some() {
                     let _ = host.remove_request_header(name);
@@ -1444,9 +1470,16 @@ impl RequestFilter {
     /// downgrades go on the answer, in place of the provider's own limits.
     fn decorate_answer(&mut self, host: &mut dyn Host) {
         if self.config.quotas.is_some() || !self.applied.rules().is_empty() {
-            // Removing an absent header is a no-op: one host call each.
+            // One call lists the headers, so only those present cost a
+            // removal (unlisted: remove every name, absent ones are no-ops).
+            let present = host.response_header_names().ok();
             for name in PROVIDER_RATE_LIMIT_HEADERS {
-                let _ = host.remove_response_header(name);
+                let listed = present
+                    .as_ref()
+                    .is_none_or(|names| names.iter().any(|n| n.eq_ignore_ascii_case(name)));
+                if listed {
+                    let _ = host.remove_response_header(name);
+                }
             }
         }
         for (name, value) in &self.answer_headers {
@@ -1996,8 +2029,9 @@ fn point_at_provider(
     body_len: usize,
     name_cluster: bool,
 ) -> HostResult {
+    let present = RequestHeaders::list(host);
     for name in CLIENT_CREDENTIAL_HEADERS {
-        if host.request_header(name).is_some() {
+        if present.has(host, name) {
             host.remove_request_header(name)?;
         }
     }

@@ -44,10 +44,12 @@ impl Sent {
 enum Op {
     SetRequestHeader,
     RemoveRequestHeader,
+    RequestHeaderNames,
     RequestBody,
     ReplaceRequestBody,
     SetResponseHeader,
     RemoveResponseHeader,
+    ResponseHeaderNames,
     ResponseBody,
     ReplaceResponseBody,
     SendResponse,
@@ -84,6 +86,8 @@ struct MockHost {
     histograms: HashMap<String, Vec<u64>>,
     /// What the listener metadata's `meshllm.policy` holds.
     listener: Option<Vec<u8>>,
+    /// Host calls by kind, and the bytes they moved, for the profiling driver.
+    calls: std::cell::RefCell<HashMap<&'static str, (u64, u64)>>,
 }
 
 fn get(headers: &[(String, String)], name: &str) -> Option<String> {
@@ -150,6 +154,14 @@ impl MockHost {
         self.failing.extend_from_slice(ops);
     }
 
+    /// Notes one host call of `kind` that moved `bytes` across the boundary.
+    fn tally(&self, kind: &'static str, bytes: usize) {
+        let mut calls = self.calls.borrow_mut();
+        let entry = calls.entry(kind).or_default();
+        entry.0 += 1;
+        entry.1 += bytes as u64;
+    }
+
     fn check(&self, op: Op) -> HostResult {
         if self.failing.contains(&op) {
             Err(HostError(format!("{op:?} refused by the mock")))
@@ -195,9 +207,12 @@ impl MockHost {
 
 impl crate::host::SharedData for MockHost {
     fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-        self.shared.get(key).cloned()
+        let found = self.shared.get(key).cloned();
+        self.tally("shared_get", found.as_ref().map_or(0, |(v, _)| v.len()));
+        found
     }
     fn shared_set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> HostResult<bool> {
+        self.tally("shared_set", value.len());
         let current = self.shared.get(key).map_or(0, |(_, c)| *c);
         if cas.is_some_and(|c| c != current) {
             return Ok(false);
@@ -210,23 +225,43 @@ impl crate::host::SharedData for MockHost {
 
 impl Host for MockHost {
     fn request_header(&self, name: &str) -> Option<String> {
+        self.tally("request_header", 0);
         self.req(name)
     }
+    fn request_header_names(&self) -> HostResult<Vec<String>> {
+        // The host copies the whole map, values included.
+        let size = self
+            .request_headers
+            .iter()
+            .map(|(n, v)| n.len() + v.len())
+            .sum();
+        self.tally("request_header_names", size);
+        self.check(Op::RequestHeaderNames)?;
+        Ok(self
+            .request_headers
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect())
+    }
     fn set_request_header(&mut self, name: &str, value: &str) -> HostResult {
+        self.tally("set_request_header", value.len());
         self.check(Op::SetRequestHeader)?;
         set(&mut self.request_headers, name, value);
         Ok(())
     }
     fn remove_request_header(&mut self, name: &str) -> HostResult {
+        self.tally("remove_request_header", 0);
         self.check(Op::RemoveRequestHeader)?;
         remove(&mut self.request_headers, name);
         Ok(())
     }
     fn request_body(&self, size: usize) -> HostResult<Vec<u8>> {
+        self.tally("request_body", size);
         self.check(Op::RequestBody)?;
         Ok(self.request_body[..size.min(self.request_body.len())].to_vec())
     }
     fn replace_request_body(&mut self, old_size: usize, body: &[u8]) -> HostResult {
+        self.tally("replace_request_body", body.len());
         self.check(Op::ReplaceRequestBody)?;
         let end = old_size.min(self.request_body.len());
         self.request_body.splice(..end, body.iter().copied());
@@ -234,23 +269,43 @@ impl Host for MockHost {
         Ok(())
     }
     fn response_header(&self, name: &str) -> Option<String> {
+        self.tally("response_header", 0);
         self.resp(name)
     }
+    fn response_header_names(&self) -> HostResult<Vec<String>> {
+        // The host copies the whole map, values included.
+        let size = self
+            .response_headers
+            .iter()
+            .map(|(n, v)| n.len() + v.len())
+            .sum();
+        self.tally("response_header_names", size);
+        self.check(Op::ResponseHeaderNames)?;
+        Ok(self
+            .response_headers
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect())
+    }
     fn set_response_header(&mut self, name: &str, value: &str) -> HostResult {
+        self.tally("set_response_header", value.len());
         self.check(Op::SetResponseHeader)?;
         set(&mut self.response_headers, name, value);
         Ok(())
     }
     fn remove_response_header(&mut self, name: &str) -> HostResult {
+        self.tally("remove_response_header", 0);
         self.check(Op::RemoveResponseHeader)?;
         remove(&mut self.response_headers, name);
         Ok(())
     }
     fn response_body(&self, size: usize) -> HostResult<Vec<u8>> {
+        self.tally("response_body", size);
         self.check(Op::ResponseBody)?;
         Ok(self.response_body[..size.min(self.response_body.len())].to_vec())
     }
     fn replace_response_body(&mut self, old_size: usize, body: &[u8]) -> HostResult {
+        self.tally("replace_response_body", body.len());
         self.check(Op::ReplaceResponseBody)?;
         let end = old_size.min(self.response_body.len());
         self.response_body.splice(..end, body.iter().copied());
@@ -258,9 +313,11 @@ impl Host for MockHost {
         Ok(())
     }
     fn response_code_details(&self) -> Option<String> {
+        self.tally("property", 0);
         self.code_details.clone()
     }
     fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) -> HostResult {
+        self.tally("send_response", body.len());
         self.check(Op::SendResponse)?;
         self.sent.push(Sent {
             status,
@@ -273,6 +330,7 @@ impl Host for MockHost {
         Ok(())
     }
     fn now_unix_micros(&self) -> u64 {
+        self.tally("now", 0);
         if self.now_ms == 0 {
             1_700_000_000_000_000
         } else {
@@ -280,22 +338,30 @@ impl Host for MockHost {
         }
     }
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        self.tally("property", 0);
         if path == crate::nspolicy::LISTENER_POLICY_PATH {
             return self.listener.clone();
         }
         self.properties.get(&path.join(".")).cloned()
     }
     fn set_property(&mut self, path: &[&str], value: &[u8]) -> HostResult {
+        self.tally("set_property", value.len());
         self.properties.insert(path.join("."), value.to_vec());
         Ok(())
     }
     fn count(&mut self, name: &str, delta: u64) {
+        // Like the glue: a zero increment makes no host call.
+        if delta > 0 {
+            self.tally("metric", name.len());
+        }
         *self.counters.entry(name.to_string()).or_default() += delta;
     }
     fn gauge(&mut self, name: &str, value: u64) {
+        self.tally("metric", name.len());
         self.gauges.insert(name.to_string(), value);
     }
     fn histogram(&mut self, name: &str, value: u64) {
+        self.tally("metric", name.len());
         self.histograms
             .entry(name.to_string())
             .or_default()
@@ -2118,6 +2184,56 @@ fn router_half_plans_the_chain_and_the_attempt_half_serves_its_position() {
 }
 
 #[test]
+fn credentials_are_stripped_whether_or_not_headers_can_be_listed() {
+    let cfg = config_from(ROUTED_CONFIG);
+    let body = chat_body(&quote("chain"));
+    for listing_fails in [false, true] {
+        let mut host = client_post("/v1/chat/completions", body.as_bytes())
+            .with_header("anthropic-version", "2023-06-01");
+        if listing_fails {
+            host.fail(&[Op::RequestHeaderNames]);
+        }
+        let mut router = RequestFilter::new(Rc::clone(&cfg), Role::Router);
+        router.on_request_headers(&mut host, false);
+        router.on_request_body(&mut host, body.len(), true);
+        for name in CLIENT_CREDENTIAL_HEADERS.iter().chain(ANTHROPIC_HEADERS) {
+            assert_eq!(
+                host.req(name),
+                None,
+                "{name}, listing fails: {listing_fails}"
+            );
+        }
+        let plan: Plan = serde_json::from_slice(&host.properties[PLAN_PROPERTY]).unwrap();
+        assert_eq!(
+            plan.anthropic,
+            [("anthropic-version".to_string(), "2023-06-01".to_string())]
+        );
+
+        // An attempt after one at Azure: its key and the client's are gone.
+        let mut up = MockHost::new("POST", "/").with_body(body.as_bytes());
+        up.request_headers = host.request_headers.clone();
+        up.properties = host.properties.clone();
+        up.properties
+            .insert(POSITION_PROPERTY.into(), b"1".to_vec());
+        set(&mut up.request_headers, "api-key", AZURE_KEY);
+        set(&mut up.request_headers, "x-goog-api-key", "client-goog");
+        if listing_fails {
+            up.fail(&[Op::RequestHeaderNames]);
+        }
+        let mut attempt = RequestFilter::new(Rc::clone(&cfg), Role::Attempt);
+        attempt.on_request_headers(&mut up, false);
+        assert_eq!(
+            attempt.on_request_body(&mut up, body.len(), true),
+            Flow::Continue
+        );
+        assert_eq!(up.req("api-key"), None);
+        assert_eq!(up.req("x-goog-api-key"), None);
+        assert_eq!(up.req("anthropic-version"), None);
+        assert_eq!(up.req("authorization"), Some(format!("Bearer {GROQ_KEY}")));
+    }
+}
+
+#[test]
 fn attempt_half_without_a_plan_or_position_fails_loudly() {
     let cfg = config_from(ROUTED_CONFIG);
     let mut up = MockHost::new("POST", "/v1/chat/completions");
@@ -2299,6 +2415,60 @@ fn the_listener_half_reserves_and_settles_with_the_attempts_usage() {
     router.on_done(&mut host);
     assert_eq!(team_standings(&host), settled);
     assert_eq!(host.counters, counters, "counted once");
+}
+
+#[test]
+fn provider_rate_limits_are_dropped_whether_or_not_headers_can_be_listed() {
+    let cfg = quota_config();
+    let body = chat_body(&quote("chain"));
+    for listing_fails in [false, true] {
+        let mut host = client_post("/v1/chat/completions", body.as_bytes())
+            .with_header("x-caller", "team/api");
+        let mut router = RequestFilter::new(Rc::clone(&cfg), Role::Router);
+        router.on_request_headers(&mut host, false);
+        assert_eq!(
+            router.on_request_body(&mut host, body.len(), true),
+            Flow::Continue
+        );
+        host.respond(
+            200,
+            &[
+                ("x-ratelimit-remaining-requests", "5"),
+                ("anthropic-ratelimit-tokens-reset", "2025-01-01T00:00:00Z"),
+                ("x-request-id", "kept"),
+            ],
+            b"{}",
+            None,
+        );
+        if listing_fails {
+            host.fail(&[Op::ResponseHeaderNames]);
+        }
+        host.calls.take();
+        router.on_response_headers(&mut host, false);
+        assert_eq!(host.resp("anthropic-ratelimit-tokens-reset"), None);
+        assert_eq!(host.resp("x-request-id").as_deref(), Some("kept"));
+        assert_ne!(
+            host.resp("x-ratelimit-remaining-requests").as_deref(),
+            Some("5"),
+            "the caller's own limit replaces the provider's"
+        );
+        // Listed: only the two present names cost a removal.
+        let removals = host
+            .calls
+            .borrow()
+            .get("remove_response_header")
+            .map(|c| c.0);
+        let want = if listing_fails {
+            PROVIDER_RATE_LIMIT_HEADERS.len()
+        } else {
+            2
+        };
+        assert_eq!(
+            removals,
+            Some(want as u64),
+            "listing fails: {listing_fails}"
+        );
+    }
 }
 
 #[test]
@@ -2899,5 +3069,279 @@ fn listener_metadata_overrides_the_document_and_fails_closed_when_invalid() {
         cfg.listener_policies.compiles(),
         2,
         "the invalid value too: once"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Profiling driver (ignored): one realistic request through both halves of a
+// sidecar, many times, printing the host calls each request makes. Run under
+// callgrind with `--ignored --exact filter::tests::profile_<scenario>`.
+
+const PROFILE_CONFIG: &str = r#"{
+  "identity": {"source": "mesh_node"},
+  "providers": [
+    {"name": "openai", "kind": "openai", "api_key_env": "OPENAI_API_KEY"},
+    {"name": "anthropic", "kind": "anthropic", "api_key_env": "ANTHROPIC_API_KEY"}
+  ],
+  "models": [
+    {"name": "chat", "provider": "openai", "model": "gpt-4o-mini", "aliases": ["default"]},
+    {"name": "claude", "provider": "anthropic", "model": "claude-sonnet-4-5"}
+  ],
+  "quotas": {"limits": [
+    {"name": "shop", "match": {"namespace": "shop"},
+     "requests_per_minute": 1000000000, "tokens_per_minute": 1000000000000}
+  ]},
+  "max_request_bytes": 4194304
+}"#;
+
+fn profile_env(var: &str) -> Option<String> {
+    match var {
+        "ANTHROPIC_API_KEY" => Some("sk-ant-profile".into()),
+        other => fake_env(other),
+    }
+}
+
+/// A chat body of about `size` bytes: a system prompt and user turns.
+fn profile_body(model: &str, size: usize, stream: bool) -> Vec<u8> {
+    let turn = "Summarise the quarterly figures for the northern region, please. ";
+    let mut messages = vec![serde_json::json!({"role": "system", "content": "You are terse."})];
+    let mut len = 200;
+    while len < size {
+        let content = turn.repeat(((size - len) / turn.len()).clamp(1, 200));
+        len += content.len() + 40;
+        messages.push(serde_json::json!({"role": "user", "content": content}));
+    }
+    serde_json::json!({
+        "model": model, "messages": messages, "max_tokens": 256, "temperature": 0.2,
+        "stream": stream,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// What the provider answers: status headers and body chunks.
+struct ProfileAnswer {
+    headers: Vec<(&'static str, &'static str)>,
+    chunks: Vec<Vec<u8>>,
+}
+
+fn openai_answer() -> ProfileAnswer {
+    ProfileAnswer {
+        headers: vec![("content-type", "application/json"), ("content-length", "300")],
+        chunks: vec![br#"{"id":"chatcmpl-1","object":"chat.completion","created":1700000000,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Revenue rose 4% in the north."},"finish_reason":"stop"}],"usage":{"prompt_tokens":250,"completion_tokens":9,"total_tokens":259}}"#.to_vec()],
+    }
+}
+
+fn anthropic_answer() -> ProfileAnswer {
+    ProfileAnswer {
+        headers: vec![("content-type", "application/json"), ("content-length", "300")],
+        chunks: vec![br#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[{"type":"text","text":"Revenue rose 4% in the north."}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":250,"output_tokens":9}}"#.to_vec()],
+    }
+}
+
+fn anthropic_stream_answer() -> ProfileAnswer {
+    let mut events = vec![
+        r#"event: message_start
+data: {"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[],"stop_reason":null,"usage":{"input_tokens":250,"output_tokens":1}}}"#.to_string(),
+        r#"event: content_block_start
+data: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#.into(),
+    ];
+    for word in ["Revenue ", "rose ", "4% ", "in ", "the ", "north", "."].repeat(4) {
+        events.push(format!(
+            "event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":\"{word}\"}}}}"
+        ));
+    }
+    events.push(
+        r#"event: content_block_stop
+data: {"type":"content_block_stop","index":0}"#
+            .into(),
+    );
+    events.push(r#"event: message_delta
+data: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":28}}"#.into());
+    events.push("event: message_stop\ndata: {\"type\":\"message_stop\"}".into());
+    ProfileAnswer {
+        headers: vec![("content-type", "text/event-stream")],
+        // A chunk per event, as a provider flushes them.
+        chunks: events
+            .into_iter()
+            .map(|e| format!("{e}\n\n").into_bytes())
+            .collect(),
+    }
+}
+
+/// Host calls of one half, summed over the iterations.
+type Tally = HashMap<&'static str, (u64, u64)>;
+
+/// Runs one request through the listener half and one attempt; returns
+/// the host calls each half made.
+#[inline(never)]
+fn profile_request(
+    cfg: &Rc<Config>,
+    shared: &mut HashMap<String, (Vec<u8>, u32)>,
+    body: &[u8],
+    answer: &ProfileAnswer,
+) -> (Tally, Tally) {
+    let node = [
+        ("xds.node.metadata.NAMESPACE", "shop"),
+        ("xds.node.metadata.LABELS.app", "checkout"),
+    ];
+    let mut host = MockHost::new("POST", "/v1/chat/completions")
+        .with_header("content-type", "application/json")
+        .with_header("content-length", &body.len().to_string())
+        .with_header("authorization", "Bearer client-secret")
+        .with_header("accept-encoding", "gzip, br")
+        .with_header("user-agent", "openai-python/1.50.0")
+        .with_header("x-request-id", "4bf92f35-77b3-4da6-a3ce-929d0e0e4736")
+        .with_body(body);
+    for (k, v) in node {
+        host.properties.insert(k.into(), v.as_bytes().to_vec());
+    }
+    host.shared = std::mem::take(shared);
+    let mut router = RequestFilter::new(Rc::clone(cfg), Role::Router);
+    assert_eq!(router.on_request_headers(&mut host, false), Flow::Pause);
+    assert_eq!(
+        router.on_request_body(&mut host, body.len(), true),
+        Flow::Continue,
+        "{:?}",
+        host.sent
+    );
+
+    // Envoy's upstream filter: the same headers, the plan, position 0.
+    let mut up = MockHost::new("POST", "/").with_body(body);
+    up.request_headers = host.request_headers.clone();
+    up.properties = host.properties.clone();
+    up.properties
+        .insert(POSITION_PROPERTY.into(), b"0".to_vec());
+    up.shared = std::mem::take(&mut host.shared);
+    up.calls = Default::default();
+    let mut attempt = RequestFilter::new(Rc::clone(cfg), Role::Attempt);
+    assert_eq!(attempt.on_request_headers(&mut up, false), Flow::Pause);
+    let size = up.request_body.len();
+    assert_eq!(attempt.on_request_body(&mut up, size, true), Flow::Continue);
+    up.respond(200, &answer.headers, b"", Some("via_upstream"));
+    attempt.on_response_headers(&mut up, false);
+    let mut answered = Vec::new();
+    for (i, chunk) in answer.chunks.iter().enumerate() {
+        let last = i + 1 == answer.chunks.len();
+        up.response_body.extend_from_slice(chunk);
+        let size = up.response_body.len();
+        if attempt.on_response_body(&mut up, size, last) == Flow::Continue {
+            answered.append(&mut up.response_body);
+        }
+    }
+    attempt.on_done(&mut up);
+
+    // Back in the listener half with what the attempt answered.
+    host.shared = std::mem::take(&mut up.shared);
+    if let Some(usage) = up.properties.get(USAGE_PROPERTY) {
+        host.properties.insert(USAGE_PROPERTY.into(), usage.clone());
+    }
+    host.response_headers = up.response_headers.clone();
+    host.response_body = answered;
+    router.on_response_headers(&mut host, false);
+    let size = host.response_body.len();
+    router.on_response_body(&mut host, size, true);
+    router.on_done(&mut host);
+    assert!(host.sent.is_empty(), "{:?}", host.sent);
+    *shared = std::mem::take(&mut host.shared);
+    (host.calls.take(), up.calls.take())
+}
+
+fn profile(name: &str, model: &str, body_size: usize, stream: bool, answer: ProfileAnswer) {
+    let compiled = compile(PROFILE_CONFIG.as_bytes(), &profile_env)
+        .unwrap_or_else(|e| panic!("bad profile config: {e}"));
+    let cfg = Rc::new(compiled.config);
+    let mut shared = HashMap::new();
+    crate::admission::prepare_buckets(&cfg, &mut SharedOnly(&mut shared));
+    let body = profile_body(model, body_size, stream);
+    let iterations: u64 = std::env::var("PROFILE_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if body_size > 100_000 { 20 } else { 1000 });
+    let (mut listener, mut upstream) = (Tally::new(), Tally::new());
+    for _ in 0..iterations {
+        let (l, u) = profile_request(&cfg, &mut shared, &body, &answer);
+        for (total, half) in [(&mut listener, l), (&mut upstream, u)] {
+            for (kind, (n, bytes)) in half {
+                let t = total.entry(kind).or_default();
+                t.0 += n;
+                t.1 += bytes;
+            }
+        }
+    }
+    eprintln!(
+        "{name}: {} byte request, {iterations} iterations; host calls per request (bytes):",
+        body.len()
+    );
+    for (half, tally) in [("listener", &listener), ("upstream", &upstream)] {
+        let mut kinds: Vec<_> = tally.iter().collect();
+        kinds.sort();
+        let total: u64 = kinds.iter().map(|(_, (n, _))| n).sum();
+        let shown: Vec<String> = kinds
+            .iter()
+            .map(|(k, (n, b))| format!("{k}={}({})", n / iterations, b / iterations))
+            .collect();
+        eprintln!("  {half}: total={} {}", total / iterations, shown.join(" "));
+    }
+    assert!(listener.contains_key("set_property"));
+}
+
+/// Shared data alone, to prepare the quota buckets as the root context does.
+struct SharedOnly<'a>(&'a mut HashMap<String, (Vec<u8>, u32)>);
+
+impl crate::host::SharedData for SharedOnly<'_> {
+    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.0.get(key).cloned()
+    }
+    fn shared_set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> HostResult<bool> {
+        let current = self.0.get(key).map_or(0, |(_, c)| *c);
+        if cas.is_some_and(|c| c != current) {
+            return Ok(false);
+        }
+        self.0
+            .insert(key.to_string(), (value.to_vec(), current + 1));
+        Ok(true)
+    }
+}
+
+#[test]
+#[ignore = "profiling driver"]
+fn profile_passthrough_1k() {
+    profile("passthrough_1k", "default", 1024, false, openai_answer());
+}
+
+#[test]
+#[ignore = "profiling driver"]
+fn profile_translate_anthropic_1k() {
+    profile(
+        "translate_anthropic_1k",
+        "claude",
+        1024,
+        false,
+        anthropic_answer(),
+    );
+}
+
+#[test]
+#[ignore = "profiling driver"]
+fn profile_translate_anthropic_1m() {
+    profile(
+        "translate_anthropic_1m",
+        "claude",
+        1 << 20,
+        false,
+        anthropic_answer(),
+    );
+}
+
+#[test]
+#[ignore = "profiling driver"]
+fn profile_stream_translate() {
+    profile(
+        "stream_translate",
+        "claude",
+        1024,
+        true,
+        anthropic_stream_answer(),
     );
 }

@@ -223,6 +223,12 @@ impl ProxyHost {
         hostcalls::get_map_value(map, name).ok().flatten()
     }
 
+    fn header_names(map: MapType) -> HostResult<Vec<String>> {
+        hostcalls::get_map(map)
+            .map(|pairs| pairs.into_iter().map(|(name, _)| name).collect())
+            .map_err(|s| host_error("get headers", s))
+    }
+
     fn set_header(map: MapType, name: &str, value: Option<&str>) -> HostResult {
         hostcalls::set_map_value(map, name, value).map_err(|s| host_error("set header", s))
     }
@@ -243,6 +249,9 @@ impl Host for ProxyHost {
     fn request_header(&self, name: &str) -> Option<String> {
         Self::header(MapType::HttpRequestHeaders, name)
     }
+    fn request_header_names(&self) -> HostResult<Vec<String>> {
+        Self::header_names(MapType::HttpRequestHeaders)
+    }
     fn set_request_header(&mut self, name: &str, value: &str) -> HostResult {
         Self::set_header(MapType::HttpRequestHeaders, name, Some(value))
     }
@@ -257,6 +266,9 @@ impl Host for ProxyHost {
     }
     fn response_header(&self, name: &str) -> Option<String> {
         Self::header(MapType::HttpResponseHeaders, name)
+    }
+    fn response_header_names(&self) -> HostResult<Vec<String>> {
+        Self::header_names(MapType::HttpResponseHeaders)
     }
     fn set_response_header(&mut self, name: &str, value: &str) -> HostResult {
         Self::set_header(MapType::HttpResponseHeaders, name, Some(value))

@@ -20,6 +20,9 @@ pub type HostResult<T = ()> = Result<T, HostError>;
 
 pub trait Host: SharedData {
     fn request_header(&self, name: &str) -> Option<String>;
+    /// The names of every request header, in one host call (cheaper than
+    /// probing many names one by one).
+    fn request_header_names(&self) -> HostResult<Vec<String>>;
     fn set_request_header(&mut self, name: &str, value: &str) -> HostResult;
     fn remove_request_header(&mut self, name: &str) -> HostResult;
     /// The buffered request body (the first `size` bytes).
@@ -28,6 +31,9 @@ pub trait Host: SharedData {
     fn replace_request_body(&mut self, old_size: usize, body: &[u8]) -> HostResult;
 
     fn response_header(&self, name: &str) -> Option<String>;
+    /// The names of every response header, in one host call (cheaper than
+    /// probing or removing many names one by one).
+    fn response_header_names(&self) -> HostResult<Vec<String>>;
     fn set_response_header(&mut self, name: &str, value: &str) -> HostResult;
     fn remove_response_header(&mut self, name: &str) -> HostResult;
     fn response_body(&self, size: usize) -> HostResult<Vec<u8>>;
