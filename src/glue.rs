@@ -219,12 +219,19 @@ impl SharedData for ProxyHost {
 }
 
 impl ProxyHost {
+    // The SDK's string getters unwrap UTF-8 and would trap the VM on a
+    // header value with obs-text bytes, which HTTP allows and any client can
+    // send; the byte getters cannot, and the rare such value is read lossily.
     fn header(map: MapType, name: &str) -> Option<String> {
-        hostcalls::get_map_value(map, name).ok().flatten()
+        let bytes = hostcalls::get_map_value_bytes(map, name).ok().flatten()?;
+        Some(match String::from_utf8(bytes) {
+            Ok(text) => text,
+            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        })
     }
 
     fn header_names(map: MapType) -> HostResult<Vec<String>> {
-        hostcalls::get_map(map)
+        hostcalls::get_map_bytes(map)
             .map(|pairs| pairs.into_iter().map(|(name, _)| name).collect())
             .map_err(|s| host_error("get headers", s))
     }

@@ -161,6 +161,31 @@ def test_chunked_request_body_is_buffered_and_rewritten(gateway, mocks):
     assert int(got["headers"]["content-length"]) == len(got["body"].encode())
 
 
+def test_header_values_that_are_not_utf8_are_handled(gateway, mocks):
+    """HTTP allows obs-text bytes in header values and any client can send
+    them; reading such a header must not trap the VM (which would fail every
+    later request too). Client credentials are still removed."""
+    payload = json.dumps({**CHAT, "model": "mini"}).encode()
+    for _ in range(2):
+        conn = HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+        conn.putrequest("POST", "/v1/chat/completions")
+        conn.putheader("content-type", "application/json")
+        conn.putheader("content-length", str(len(payload)))
+        for name in ("authorization", "x-api-key", "anthropic-version", "x-trace-note"):
+            conn.putheader(name, "caf\xe9 cr\xe8me".encode("latin-1"))
+        conn.endheaders(payload)
+        resp = conn.getresponse()
+        assert resp.status == 200, resp.read()
+        resp.read()
+        conn.close()
+        got = only_request(mocks["openai"])
+        assert got["headers"]["authorization"] == "Bearer " + KEYS["OPENAI_API_KEY"]
+        assert "x-api-key" not in got["headers"]
+        assert "anthropic-version" not in got["headers"]
+    status, _, _ = chat(gateway, {**CHAT, "model": "mini"})
+    assert status == 200
+
+
 # --- streaming ---------------------------------------------------------------
 
 
