@@ -11,7 +11,7 @@ PORT       ?= 10000
 # the route used where `rustup target add` cannot download.
 DEB_WASM_PKGS := rustc-web cargo-web rust-web-src lld-22 wasi-libc
 
-.PHONY: all build oci run test test-unit test-integration test-tools lint fmt deps venv wasm-toolchain envoy-config k8s clean
+.PHONY: all build oci run test test-unit test-integration test-tools lint fmt deps venv wasm-toolchain envoy-config k8s bench bench-build clean
 
 all: build
 
@@ -82,19 +82,44 @@ run: build venv
 
 lint:
 	cargo fmt --all -- --check
+	cargo fmt --manifest-path bench/Cargo.toml -- --check
+	cargo fmt --manifest-path bench/nullfilter/Cargo.toml -- --check
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --lib -- -D warnings -D clippy::unwrap_used -D clippy::expect_used -D clippy::panic
+	cargo clippy --manifest-path bench/Cargo.toml --all-targets -- -D warnings
 
 fmt:
 	cargo fmt --all
+	cargo fmt --manifest-path bench/Cargo.toml
+	cargo fmt --manifest-path bench/nullfilter/Cargo.toml
 
 test-unit:
 	cargo test
+	cargo test --manifest-path bench/Cargo.toml
 
-test-integration: build venv test-tools
+test-integration: build venv test-tools bench-build
 	$(PY) -m pytest -q tests
 
 test: deps lint test-unit test-integration
+
+# --- benchmark --------------------------------------------------------------
+
+# Direct, plain Envoy, Envoy with an empty Wasm filter and Envoy with meshllm,
+# side by side; results in bench/results (see bench/README.md).
+# `make bench BENCH_ARGS=--quick` checks the harness in seconds.
+bench: bench-build
+	$(PY) bench/bench.py $(BENCH_ARGS)
+
+# The load generator and mock provider (native), and the empty filter that
+# measures the floor any Wasm filter costs (wasm32, as `build` does it).
+bench-build: build venv
+	cargo build --release --manifest-path bench/Cargo.toml
+	@if rustup target list --installed 2>/dev/null | grep -qx '$(TARGET)'; then \
+	  cargo build --release --target $(TARGET) --manifest-path bench/nullfilter/Cargo.toml; \
+	else \
+	  cd bench/nullfilter && RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 RUSTFLAGS="-L /usr/lib/wasm32-wasi" \
+	  /usr/bin/cargo build --release --target $(TARGET) -Zbuild-std=std,panic_abort; \
+	fi
 
 # envoy/envoy.yaml and the Istio stats bootstrap are generated from
 # envoy/meshllm.json; tests check they are current.

@@ -32,6 +32,7 @@ from run import envoy_binary  # noqa: E402
 
 WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "meshllm.wasm"
 TOOL = ROOT / "bench" / "target" / "release" / "meshllm-bench"
+NULL_WASM = ROOT / "bench" / "nullfilter" / "target" / "wasm32-wasip1" / "release" / "meshllm_nullfilter.wasm"
 
 # The gateway as a sidecar runs it: the caller from the node metadata, an
 # alias rewritten to the provider's model, a quota every request is checked
@@ -132,6 +133,21 @@ def plain_bootstrap(bootstrap, mock_port):
     return bootstrap
 
 
+def floor_bootstrap(bootstrap, mock_port):
+    """Plain Envoy plus the empty Wasm filter where meshllm's two halves run
+    (before the router, and on the upstream cluster): what any filter that
+    reads the body costs here, before it does anything."""
+    bootstrap = plain_bootstrap(bootstrap, mock_port)
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"]
+    code = render.local_code(str(NULL_WASM))
+    hcm["http_filters"].insert(0, render.wasm_filter({}, code, []))
+    upstream = render.upstream_http_filters(render.wasm_filter({}, code, [], upstream=True))
+    bootstrap["static_resources"]["clusters"][0]["typed_extension_protocol_options"] = \
+        render.upstream_protocol_options(upstream)
+    return bootstrap
+
+
 class Envoy:
     def __init__(self, name, bootstrap, workdir, cpus, env):
         self.name = name
@@ -162,6 +178,12 @@ class Envoy:
                 pass
             time.sleep(0.1)
         raise SystemExit(f"{self.name} envoy did not become ready")
+
+    def cpu_seconds(self):
+        """User plus system CPU time Envoy has used so far."""
+        with open(f"/proc/{self.proc.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def rss_kib(self):
         """Envoy's resident memory (its own PID, not taskset's: taskset execs)."""
@@ -243,14 +265,18 @@ def run(profile, out_dir):
 
         plain = Envoy("plain", plain_bootstrap(bootstrap(), mock_port), work, envoy_cpu, {})
         procs.append(plain)
+        floor = Envoy("floor", floor_bootstrap(bootstrap(), mock_port), work, envoy_cpu, {})
+        procs.append(floor)
         meshllm = Envoy("meshllm", bootstrap(), work, envoy_cpu, KEYS)
         procs.append(meshllm)
-        plain.wait_ready()
-        meshllm.wait_ready()
-        memory_start = {"plain": plain.rss_kib(), "meshllm": meshllm.rss_kib()}
+        envoys = {"plain": plain, "floor": floor, "meshllm": meshllm}
+        for envoy in envoys.values():
+            envoy.wait_ready()
+        memory_start = {name: envoy.rss_kib() for name, envoy in envoys.items()}
 
         bench = Bench(profile, client_cpus)
-        targets = {"direct": f"127.0.0.1:{mock_port}", "plain": plain.addr, "meshllm": meshllm.addr}
+        targets = {"direct": f"127.0.0.1:{mock_port}", "plain": plain.addr, "floor": floor.addr,
+                   "meshllm": meshllm.addr}
         # (scenario, model meshllm routes, sizes): the alias `mini` is an
         # OpenAI model, `claude` an Anthropic one the request is translated for.
         kinds = [("passthrough", "mini"), ("translate", "claude")]
@@ -269,6 +295,7 @@ def run(profile, out_dir):
                     row[t] = {p: median_of(rounds[t], p) for p in ("p50_us", "p99_us")}
                 row["added_p50_us"] = round(row["meshllm"]["p50_us"] - row["plain"]["p50_us"], 1)
                 row["added_p99_us"] = round(row["meshllm"]["p99_us"] - row["plain"]["p99_us"], 1)
+                row["floor_added_p50_us"] = round(row["floor"]["p50_us"] - row["plain"]["p50_us"], 1)
                 latency.append(row)
                 print(f"latency {kind} {size}: {row}", file=sys.stderr)
 
@@ -277,14 +304,22 @@ def run(profile, out_dir):
             rounds = {t: [] for t in targets}
             for _ in range(profile.rounds):
                 for t, addr in targets.items():
-                    rounds[t].append(bench.tool("load", addr, model, 1 * KB,
-                                                connections=profile.connections,
-                                                seconds=profile.load_seconds))
+                    envoy = envoys.get(t)
+                    cpu_before = envoy.cpu_seconds() if envoy else 0
+                    r = bench.tool("load", addr, model, 1 * KB, connections=profile.connections,
+                                   seconds=profile.load_seconds)
+                    if envoy:
+                        r["cpu_us_per_request"] = \
+                            1e6 * (envoy.cpu_seconds() - cpu_before) / max(r["ok"], 1)
+                    rounds[t].append(r)
             row = {"scenario": kind, "body_bytes": 1 * KB, "connections": profile.connections}
             for t in targets:
                 row[t] = {"rps": median_of(rounds[t], "rps"),
                           "failed": sum(r["failed"] for r in rounds[t])}
+                if t in envoys:
+                    row[t]["cpu_us_per_request"] = median_of(rounds[t], "cpu_us_per_request")
             row["ratio_to_plain"] = round(row["meshllm"]["rps"] / max(row["plain"]["rps"], 1), 3)
+            row["floor_ratio_to_plain"] = round(row["floor"]["rps"] / max(row["plain"]["rps"], 1), 3)
             throughput.append(row)
             print(f"throughput {kind}: {row}", file=sys.stderr)
 
@@ -316,7 +351,7 @@ def run(profile, out_dir):
             print(f"streaming {kind}: {row}", file=sys.stderr)
 
         memory = {}
-        for name, envoy in (("plain", plain), ("meshllm", meshllm)):
+        for name, envoy in envoys.items():
             half_warm, half = profile.memory_warmup // 2, profile.memory_requests // 2
             for model in ("mini", "claude"):
                 bench.tool("load", envoy.addr, model, 1 * KB, connections=profile.connections,
@@ -364,8 +399,11 @@ def method(profile, envoy_cpu, client_cpus):
         "clients_and_mock": f"cpus {client_cpus}" if client_cpus else "unpinned",
         "mock": "bench/src/mock.rs: canned replies, a thread per connection",
         "targets": "direct = the mock itself; plain = the same Envoy listener and connection "
-                   "manager with only the router; meshllm = the gateway config in bench/run.py "
-                   "(mesh_node identity, alias rewrite, quota, metrics, failover clusters)",
+                   "manager with only the router; floor = plain plus an empty Wasm filter "
+                   "(bench/nullfilter: pauses, reads the body) before the router and on the "
+                   "upstream cluster, where meshllm's halves run; meshllm = the gateway config "
+                   "in bench/bench.py (mesh_node identity, alias rewrite, quota, metrics, "
+                   "failover clusters)",
         "latency": "one keep-alive connection, closed loop; added = meshllm minus plain",
         "throughput": f"{profile.connections} keep-alive connections, closed loop, "
                       f"{profile.load_seconds} s per target and round",
@@ -429,25 +467,28 @@ def markdown(r):
         "",
         "## Latency at concurrency 1 (µs)",
         "",
-        "| scenario | body | direct p50 | plain p50 | meshllm p50 | added p50 | plain p99 | meshllm p99 | added p99 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| scenario | body | direct p50 | plain p50 | floor p50 | meshllm p50 | added p50 | plain p99 | meshllm p99 | added p99 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for x in r["latency"]:
         lines.append(
             f"| {x['scenario']} | {size_name(x['body_bytes'])} | {x['direct']['p50_us']} | "
-            f"{x['plain']['p50_us']} | {x['meshllm']['p50_us']} | **{x['added_p50_us']}** | "
+            f"{x['plain']['p50_us']} | {x['floor']['p50_us']} | {x['meshllm']['p50_us']} | "
+            f"**{x['added_p50_us']}** | "
             f"{x['plain']['p99_us']} | {x['meshllm']['p99_us']} | {x['added_p99_us']} |")
     lines += [
         "",
         "## Saturated throughput, one Envoy worker (requests/s, 1 KB)",
         "",
-        "| scenario | direct | plain | meshllm | meshllm / plain | failed |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| scenario | direct | plain | floor | meshllm | meshllm / plain | floor / plain | Envoy CPU µs per request: plain / floor / meshllm | failed |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for x in r["throughput"]:
-        failed = x["plain"]["failed"] + x["meshllm"]["failed"]
+        failed = sum(x[t]["failed"] for t in ("plain", "floor", "meshllm"))
+        cpu = " / ".join(str(x[t]["cpu_us_per_request"]) for t in ("plain", "floor", "meshllm"))
         lines.append(f"| {x['scenario']} | {x['direct']['rps']} | {x['plain']['rps']} | "
-                     f"{x['meshllm']['rps']} | **{x['ratio_to_plain']}** | {failed} |")
+                     f"{x['floor']['rps']} | {x['meshllm']['rps']} | **{x['ratio_to_plain']}** | "
+                     f"{x['floor_ratio_to_plain']} | {cpu} | {failed} |")
     lines += [
         "",
         "## Streaming (µs)",
@@ -470,7 +511,7 @@ def markdown(r):
         "| --- | ---: | ---: | ---: | ---: |",
         *[f"| {n} (+{mem[n]['requests_after_warmup']} requests) | {mem[n]['start_kib']} | "
           f"{mem[n]['warm_kib']} | {mem[n]['after_kib']} | {mem[n]['growth_kib']} |"
-          for n in ("plain", "meshllm")],
+          for n in ("plain", "floor", "meshllm")],
         "",
     ]
     return "\n".join(lines)
@@ -485,7 +526,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="a short run that checks the harness")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args(argv)
-    for path, how in ((WASM, "make build"), (TOOL, "cargo build --release --manifest-path bench/Cargo.toml")):
+    for path, how in ((WASM, "make build"), (TOOL, "make bench-build"), (NULL_WASM, "make bench-build")):
         if not path.exists():
             raise SystemExit(f"{path} is missing: run `{how}` (or `make bench`)")
     run(Profile(args.quick), args.out)

@@ -80,6 +80,8 @@ pub const FAILOVER_CLUSTER: &str = "meshllm";
 /// Position headers: `x-meshllm-p<i>` names the provider of attempt i; Envoy
 /// turns them into load-balancer metadata (and removes them).
 pub const POSITION_HEADER_PREFIX: &str = "x-meshllm-p";
+/// The first position's cluster (render.py names them `meshllm.p<i>`).
+const FIRST_POSITION_CLUSTER: &str = "meshllm.p0";
 /// Filter state the listener half leaves for the upstream half.
 pub const PLAN_PROPERTY: &str = "meshllm.plan";
 /// Filter state the upstream half leaves for the listener half: the target
@@ -234,6 +236,10 @@ pub struct RequestFilter {
     /// Attempt role: whether its outcome reached the target's health
     /// record (and the attempt metrics) yet.
     outcome_recorded: bool,
+    /// Router role with a single target: this half serves the request as the
+    /// standalone role does and sends it to the first position's cluster,
+    /// where the upstream half does not run (no later attempt can need it).
+    direct: bool,
     /// The caller asked for a streamed answer.
     streaming: bool,
     /// Listener roles: the model the caller asked for, as a metric label
@@ -418,6 +424,7 @@ impl RequestFilter {
             started_us: 0,
             first_byte_us: None,
             outcome_recorded: false,
+            direct: false,
             streaming: false,
             request_model: None,
             reason: None,
@@ -981,7 +988,13 @@ impl RequestFilter {
                     }
                 }
                 if self.role == Role::Router {
-                    return self.hand_to_envoy(host, op, chain, reason);
+                    if chain.len() > 1 {
+                        return self.hand_to_envoy(host, op, chain, reason);
+                    }
+                    // One target: the upstream half would only repeat what
+                    // this half can do once, and costs a second body pass.
+                    self.role = Role::Standalone;
+                    self.direct = true;
                 }
                 let target = *chain
                     .first()
@@ -1304,14 +1317,13 @@ impl RequestFilter {
             None => path,
         };
         let sent_body = new_body.as_deref().unwrap_or(body);
-        point_at_provider(
-            host,
-            provider,
-            path,
-            sent_body.len(),
-            self.role == Role::Standalone,
-        )
-        .map_err(|e| internal(format!("could not rewrite the request headers: {e}")))?;
+        let cluster = match (self.role, self.direct) {
+            (Role::Standalone, false) => ClusterChoice::Provider,
+            (Role::Standalone, true) => ClusterChoice::FirstPosition,
+            _ => ClusterChoice::Chosen,
+        };
+        point_at_provider(host, provider, path, sent_body.len(), cluster)
+            .map_err(|e| internal(format!("could not rewrite the request headers: {e}")))?;
         // The attempt role cleared them in start_attempt, and set them again
         // only for an Anthropic target.
         if route.schema != Schema::Anthropic && self.role != Role::Attempt {
@@ -1372,7 +1384,7 @@ impl RequestFilter {
             .response_header(":status")
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
-        if self.role == Role::Attempt && self.phase == Phase::Forwarded {
+        if (self.role == Role::Attempt || self.direct) && self.phase == Phase::Forwarded {
             self.record_outcome(host);
         }
         if self.role != Role::Attempt && self.phase == Phase::Forwarded {
@@ -1400,6 +1412,12 @@ impl RequestFilter {
                 let _ =
                     host.set_response_header(ATTEMPTS_RESPONSE_HEADER, &self.attempt.to_string());
                 let _ = host.set_response_header(ROUTE_RESPONSE_HEADER, &plan.reason);
+            } else if self.direct {
+                // What the upstream half says of a chain's attempts.
+                let _ = host.set_response_header(ATTEMPTS_RESPONSE_HEADER, "1");
+                if let Some(reason) = &self.reason {
+                    let _ = host.set_response_header(ROUTE_RESPONSE_HEADER, reason);
+                }
             }
         }
         // `via_upstream` means the provider answered; any other detail means
@@ -1666,6 +1684,10 @@ impl RequestFilter {
 
     /// The request is over (answered, failed or abandoned).
     pub fn on_done(&mut self, host: &mut dyn Host) {
+        if self.direct && self.phase == Phase::Forwarded && !self.outcome_recorded {
+            // Reset, timed out or refused before any response.
+            self.record_outcome(host);
+        }
         if self.role == Role::Attempt {
             // Reset, timed out or refused before any response.
             if self.phase == Phase::Forwarded && !self.outcome_recorded {
@@ -2022,12 +2044,24 @@ fn sign_for_bedrock(
     Ok(())
 }
 
+/// Which cluster a request is sent to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ClusterChoice {
+    /// Failover off: the provider's own cluster.
+    Provider,
+    /// Failover on, one target: the first position's cluster, whose load
+    /// balancer picks the provider named in the position header.
+    FirstPosition,
+    /// The upstream half: Envoy already chose the cluster and host.
+    Chosen,
+}
+
 fn point_at_provider(
     host: &mut dyn Host,
     provider: &Provider,
     path: &str,
     body_len: usize,
-    name_cluster: bool,
+    cluster: ClusterChoice,
 ) -> HostResult {
     let present = RequestHeaders::list(host);
     for name in CLIENT_CREDENTIAL_HEADERS {
@@ -2040,8 +2074,13 @@ fn point_at_provider(
     host.set_request_header("accept-encoding", "identity")?;
     host.set_request_header(":authority", &provider.authority)?;
     host.set_request_header(":path", path)?;
-    if name_cluster {
-        host.set_request_header(CLUSTER_HEADER, &provider.cluster)?;
+    match cluster {
+        ClusterChoice::Provider => host.set_request_header(CLUSTER_HEADER, &provider.cluster)?,
+        ClusterChoice::FirstPosition => {
+            host.set_request_header(CLUSTER_HEADER, FIRST_POSITION_CLUSTER)?;
+            host.set_request_header(&format!("{POSITION_HEADER_PREFIX}0"), &provider.name)?;
+        }
+        ClusterChoice::Chosen => {}
     }
     if let Some((name, value)) = &provider.auth_header {
         host.set_request_header(name, value)?;

@@ -2184,6 +2184,52 @@ fn router_half_plans_the_chain_and_the_attempt_half_serves_its_position() {
 }
 
 #[test]
+fn a_single_target_is_served_by_the_listener_half_and_feeds_health() {
+    let cfg = config_from(ROUTED_CONFIG);
+    let body = chat_body(&quote("fast"));
+    // Answered with a 503, then abandoned before any answer: both are
+    // failures of the target, as the upstream half would record them.
+    for answered in [true, false] {
+        let mut host = client_post("/v1/chat/completions", body.as_bytes())
+            .with_header("authorization", "Bearer client-secret");
+        let mut router = RequestFilter::new(Rc::clone(&cfg), Role::Router);
+        assert_eq!(router.on_request_headers(&mut host, false), Flow::Pause);
+        assert_eq!(
+            router.on_request_body(&mut host, body.len(), true),
+            Flow::Continue
+        );
+        assert_eq!(host.req(CLUSTER_HEADER).as_deref(), Some("meshllm.p0"));
+        assert_eq!(host.req("x-meshllm-p0").as_deref(), Some("groq"));
+        assert!(!host.properties.contains_key(PLAN_PROPERTY));
+        assert_eq!(host.req(":authority").as_deref(), Some("api.groq.com"));
+        assert_eq!(
+            host.req("authorization"),
+            Some(format!("Bearer {GROQ_KEY}"))
+        );
+        let sent: Value = serde_json::from_slice(&host.request_body).unwrap();
+        assert_eq!(sent["model"], "llama-3.1-8b-instant");
+        if answered {
+            set(&mut host.response_headers, ":status", "503");
+            router.on_response_headers(&mut host, false);
+            assert_eq!(host.resp("x-meshllm-attempts").as_deref(), Some("1"));
+            assert!(host.resp("x-meshllm-route").is_some());
+        }
+        router.on_done(&mut host);
+        let health = crate::health::snapshot(
+            &host,
+            "fast",
+            host.now_unix_millis(),
+            &HealthPolicy::default(),
+        );
+        assert_eq!(
+            (health.requests, health.failures),
+            (1, 1),
+            "answered: {answered}"
+        );
+    }
+}
+
+#[test]
 fn credentials_are_stripped_whether_or_not_headers_can_be_listed() {
     let cfg = config_from(ROUTED_CONFIG);
     let body = chat_body(&quote("chain"));
@@ -2797,28 +2843,13 @@ fn namespace_aliases_reach_their_model_in_both_halves_and_without_failover() {
         "shop/chat",
     );
     assert_eq!(flow, Flow::Continue, "{:?}", host.sent);
+    // One target: the listener half serves it itself and sends it to the
+    // first position's cluster, where the upstream half does not run.
     assert_eq!(host.req("x-meshllm-p0").as_deref(), Some("groq"));
-    let plan: Plan = serde_json::from_slice(&host.properties[PLAN_PROPERTY]).unwrap();
-    assert_eq!(plan.chain, [cfg.route_index("fast").unwrap()]);
-    assert_eq!(
-        plan.labels.2, "fast",
-        "metrics name the model the alias stands for"
-    );
-
-    // The upstream half needs nothing but the plan: it serves position 0.
-    let mut up = MockHost::new("POST", "/v1/chat/completions").with_body(body.as_bytes());
-    up.request_headers = host.request_headers.clone();
-    up.properties = host.properties.clone();
-    up.properties
-        .insert(POSITION_PROPERTY.into(), b"0".to_vec());
-    let mut attempt = RequestFilter::new(Rc::clone(&cfg), Role::Attempt);
-    assert_eq!(attempt.on_request_headers(&mut up, false), Flow::Pause);
-    assert_eq!(
-        attempt.on_request_body(&mut up, body.len(), true),
-        Flow::Continue
-    );
-    assert_eq!(up.req(":authority").as_deref(), Some("api.groq.com"));
-    let sent: Value = serde_json::from_slice(&up.request_body).unwrap();
+    assert_eq!(host.req(CLUSTER_HEADER).as_deref(), Some("meshllm.p0"));
+    assert!(!host.properties.contains_key(PLAN_PROPERTY));
+    assert_eq!(host.req(":authority").as_deref(), Some("api.groq.com"));
+    let sent: Value = serde_json::from_slice(&host.request_body).unwrap();
     assert_eq!(sent["model"], "llama-3.1-8b-instant");
     router.on_done(&mut host);
     assert_eq!(host.properties[LOG_POLICY], b"namespace");
