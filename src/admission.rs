@@ -537,39 +537,47 @@ pub fn rate_limit_headers(
             *slot = Some(s);
         }
     }
+    // Header names spelled out (not formatted) per schema and meter.
+    const OPENAI: [[&str; 3]; 2] = [
+        [
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-reset-requests",
+        ],
+        [
+            "x-ratelimit-limit-tokens",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-reset-tokens",
+        ],
+    ];
+    const ANTHROPIC: [[&str; 3]; 2] = [
+        [
+            "anthropic-ratelimit-requests-limit",
+            "anthropic-ratelimit-requests-remaining",
+            "anthropic-ratelimit-requests-reset",
+        ],
+        [
+            "anthropic-ratelimit-tokens-limit",
+            "anthropic-ratelimit-tokens-remaining",
+            "anthropic-ratelimit-tokens-reset",
+        ],
+    ];
     let mut out = Vec::new();
-    for (kind, s) in [("requests", requests), ("tokens", tokens)] {
+    for (kind, s) in [requests, tokens].into_iter().enumerate() {
         let Some(s) = s else { continue };
         let wait = s.resets_at_ms.saturating_sub(now);
-        match schema {
-            Schema::OpenAi | Schema::Converse => {
-                out.push((format!("x-ratelimit-limit-{kind}"), s.limit.max.to_string()));
-                out.push((
-                    format!("x-ratelimit-remaining-{kind}"),
-                    s.remaining().to_string(),
-                ));
-                out.push((
-                    format!("x-ratelimit-reset-{kind}"),
-                    quota::openai_duration(wait),
-                ));
-            }
-            Schema::Anthropic => {
-                out.push((
-                    format!("anthropic-ratelimit-{kind}-limit"),
-                    s.limit.max.to_string(),
-                ));
-                out.push((
-                    format!("anthropic-ratelimit-{kind}-remaining"),
-                    s.remaining().to_string(),
-                ));
-                out.push((
-                    format!("anthropic-ratelimit-{kind}-reset"),
-                    rfc3339(s.resets_at_ms),
-                ));
-            }
+        let (names, reset) = match schema {
+            Schema::OpenAi | Schema::Converse => (&OPENAI, quota::openai_duration(wait)),
+            Schema::Anthropic => (&ANTHROPIC, rfc3339(s.resets_at_ms)),
             // Google's API sends no rate-limit headers; 429s carry retry-after.
-            Schema::Gemini => {}
-        }
+            Schema::Gemini => continue,
+        };
+        let Some([limit, remaining, resets]) = names.get(kind) else {
+            continue;
+        };
+        out.push((limit.to_string(), s.limit.max.to_string()));
+        out.push((remaining.to_string(), s.remaining().to_string()));
+        out.push((resets.to_string(), reset));
     }
     out
 }
