@@ -12,9 +12,7 @@ use crate::api::openai::ApiError;
 use crate::config::Config;
 use crate::host::Host;
 use crate::identity::{Caller, IdentityError};
-use crate::limits::{
-    limit_field, tag_value, Facts, LimitRule, ReservationPolicy, Selector, DEFAULT_ALERTS,
-};
+use crate::limits::{limit_field, tag_value, Facts, LimitRule, ReservationPolicy, DEFAULT_ALERTS};
 use crate::pricing::{cost_micro_usd, Prices};
 use crate::quota::{self, Amounts, Held, Limit, Meter, Refusal, Standing, Update};
 use crate::translate::{Schema, Usage};
@@ -237,7 +235,7 @@ pub fn admit(
     match quota::reserve_all(host, &buckets, &amounts, now) {
         Ok(reserved) => {
             for ((rule, key), r) in matched.iter().zip(&reserved) {
-                for u in &r.updates {
+                for u in r.updates.iter().enumerate() {
                     report(host, alert_percents, rule, key, who, u);
                 }
             }
@@ -353,46 +351,39 @@ pub fn settle(
         micro_usd: charge.micro_usd,
     };
     for (rule, key, held) in &admission.held {
-        for u in quota::settle(host, held, &actual, now) {
-            report(host, alert_percents, rule, key, who, &u);
+        for (i, u) in quota::settle(host, held, &actual, now).iter().enumerate() {
+            report(host, alert_percents, rule, key, who, (i, u));
         }
     }
 }
 
 /// Logs a crossed alert threshold (once: only the write that crossed it
-/// sees the crossing) and updates the usage gauge.
-fn report(host: &mut dyn Host, alerts: &[u32], rule: &LimitRule, key: &str, who: &Who, u: &Update) {
+/// sees the crossing) and updates the usage gauge of the `index`th limit.
+fn report(
+    host: &mut dyn Host,
+    alerts: &[u32],
+    rule: &LimitRule,
+    key: &str,
+    who: &Who,
+    (index, u): (usize, &Update),
+) {
     let s = &u.standing;
-    let what = limit_field(&s.limit);
     if let Some(pct) = u.crossed(alerts) {
         log::warn!(
-            "budget alert: limit {:?} ({what}) of bucket {key:?} passed {pct}% (used {} of {}), caller {}",
+            "budget alert: limit {:?} ({}) of bucket {key:?} passed {pct}% (used {} of {}), caller {}",
             rule.name,
+            limit_field(&s.limit),
             shown(s.limit.meter, s.used),
             shown(s.limit.meter, s.limit.max),
             who.label(),
         );
     }
-    let scope = key.split_once('|').map_or("", |(_, rest)| rest);
-    // The bucket's caller: its per-value part, the rule's exact match, or all.
-    fn part<'a>(scope: &'a str, field: &str, selector: &'a Selector) -> &'a str {
-        scope
-            .split('|')
-            .find_map(|p| p.strip_prefix(field)?.strip_prefix('='))
-            .or(match selector {
-                Selector::Is(v) => Some(v.as_str()),
-                _ => None,
-            })
-            .unwrap_or("all")
+    let percent = u64::from(quota::percent(s.used, s.limit.max));
+    // A bucket without per-caller parts has its names ready.
+    match rule.static_gauges.get(index).filter(|_| !key.contains('|')) {
+        Some(name) => host.gauge(name, percent),
+        None => host.gauge(&rule.gauge(key, &s.limit), percent),
     }
-    let name = crate::metrics::budget_used_percent(
-        part(scope, "ns", &rule.matcher.namespace),
-        part(scope, "svc", &rule.matcher.service),
-        &rule.name,
-        what,
-        scope,
-    );
-    host.gauge(&name, u64::from(quota::percent(s.used, s.limit.max)));
 }
 
 pub const BUDGET_HEADER: &str = "x-meshllm-budget";
@@ -546,39 +537,47 @@ pub fn rate_limit_headers(
             *slot = Some(s);
         }
     }
+    // Header names spelled out (not formatted) per schema and meter.
+    const OPENAI: [[&str; 3]; 2] = [
+        [
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-reset-requests",
+        ],
+        [
+            "x-ratelimit-limit-tokens",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-reset-tokens",
+        ],
+    ];
+    const ANTHROPIC: [[&str; 3]; 2] = [
+        [
+            "anthropic-ratelimit-requests-limit",
+            "anthropic-ratelimit-requests-remaining",
+            "anthropic-ratelimit-requests-reset",
+        ],
+        [
+            "anthropic-ratelimit-tokens-limit",
+            "anthropic-ratelimit-tokens-remaining",
+            "anthropic-ratelimit-tokens-reset",
+        ],
+    ];
     let mut out = Vec::new();
-    for (kind, s) in [("requests", requests), ("tokens", tokens)] {
+    for (kind, s) in [requests, tokens].into_iter().enumerate() {
         let Some(s) = s else { continue };
         let wait = s.resets_at_ms.saturating_sub(now);
-        match schema {
-            Schema::OpenAi | Schema::Converse => {
-                out.push((format!("x-ratelimit-limit-{kind}"), s.limit.max.to_string()));
-                out.push((
-                    format!("x-ratelimit-remaining-{kind}"),
-                    s.remaining().to_string(),
-                ));
-                out.push((
-                    format!("x-ratelimit-reset-{kind}"),
-                    quota::openai_duration(wait),
-                ));
-            }
-            Schema::Anthropic => {
-                out.push((
-                    format!("anthropic-ratelimit-{kind}-limit"),
-                    s.limit.max.to_string(),
-                ));
-                out.push((
-                    format!("anthropic-ratelimit-{kind}-remaining"),
-                    s.remaining().to_string(),
-                ));
-                out.push((
-                    format!("anthropic-ratelimit-{kind}-reset"),
-                    rfc3339(s.resets_at_ms),
-                ));
-            }
+        let (names, reset) = match schema {
+            Schema::OpenAi | Schema::Converse => (&OPENAI, quota::openai_duration(wait)),
+            Schema::Anthropic => (&ANTHROPIC, rfc3339(s.resets_at_ms)),
             // Google's API sends no rate-limit headers; 429s carry retry-after.
-            Schema::Gemini => {}
-        }
+            Schema::Gemini => continue,
+        };
+        let Some([limit, remaining, resets]) = names.get(kind) else {
+            continue;
+        };
+        out.push((limit.to_string(), s.limit.max.to_string()));
+        out.push((remaining.to_string(), s.remaining().to_string()));
+        out.push((resets.to_string(), reset));
     }
     out
 }

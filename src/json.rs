@@ -115,6 +115,23 @@ impl<'a> TopLevel<'a> {
         Ok(found)
     }
 
+    /// The last field called `name`: where keys repeat, the copy
+    /// `serde_json::Value` would keep.
+    pub fn last(&self, name: &str) -> Option<&Field> {
+        self.fields.iter().rev().find(|f| self.key_is(f, name))
+    }
+
+    /// The value of `field` when it is a whole number that fits a `u64`
+    /// (what `serde_json::Value::as_u64` accepts: no sign, fraction or
+    /// exponent).
+    pub fn u64_value(&self, field: &Field) -> Option<u64> {
+        let raw = self.raw(field);
+        if field.kind != Kind::Number || !raw.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(raw).ok()?.parse().ok()
+    }
+
     pub fn raw(&self, field: &Field) -> &'a [u8] {
         &self.doc[field.value.clone()]
     }

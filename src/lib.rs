@@ -29,6 +29,7 @@ pub mod route;
 pub mod sse;
 pub mod translate;
 pub mod url;
+pub mod wire;
 
 // The host ABI only exists inside the VM: native test binaries never link the
 // glue, but clippy checks it everywhere.

@@ -99,6 +99,10 @@ pub struct LimitRule {
     pub matcher: Matcher,
     pub limits: Vec<Limit>,
     pub downgrade: Option<Downgrade>,
+    /// Each limit's usage gauge name when the rule has one bucket for every
+    /// request (see `static_bucket`), built once here instead of twice per
+    /// request; empty when the bucket depends on the caller.
+    pub static_gauges: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,6 +169,30 @@ impl LimitRule {
             }
         }
         Some(key)
+    }
+
+    /// The usage gauge of `limit` in bucket `key`, labelled with the
+    /// bucket's caller: its per-value part, the rule's exact match, or all.
+    pub fn gauge(&self, key: &str, limit: &Limit) -> String {
+        let scope = key.split_once('|').map_or("", |(_, rest)| rest);
+        let part = |field: &str, selector: &'_ Selector| -> String {
+            scope
+                .split('|')
+                .find_map(|p| p.strip_prefix(field)?.strip_prefix('='))
+                .or(match selector {
+                    Selector::Is(v) => Some(v.as_str()),
+                    _ => None,
+                })
+                .unwrap_or("all")
+                .to_string()
+        };
+        crate::metrics::budget_used_percent(
+            &part("ns", &self.matcher.namespace),
+            &part("svc", &self.matcher.service),
+            &self.name,
+            limit_field(limit),
+            scope,
+        )
     }
 
     /// A bucket known before any request (no `"*"`): created at start-up so
@@ -498,12 +526,17 @@ pub(crate) fn compile_rule(
         model: Selector::Any,
         tags: Vec::new(),
     });
-    Ok(LimitRule {
+    let mut rule = LimitRule {
         name,
         matcher,
         limits,
         downgrade,
-    })
+        static_gauges: Vec::new(),
+    };
+    if let Some(key) = rule.static_bucket() {
+        rule.static_gauges = rule.limits.iter().map(|l| rule.gauge(&key, l)).collect();
+    }
+    Ok(rule)
 }
 
 fn compile_match(
@@ -639,6 +672,46 @@ mod tests {
         assert_eq!(
             r.static_bucket().as_deref(),
             Some("meshllm/quota/v1/team-a")
+        );
+    }
+
+    #[test]
+    fn usage_gauges_name_the_bucket_and_are_ready_for_fixed_buckets() {
+        let p = compile(serde_json::json!({"limits": [
+            {"name": "shop", "match": {"namespace": "shop"},
+             "requests_per_minute": 1, "usd_per_day": 2},
+            {"name": "each-svc", "match": {"namespace": "shop", "service": "*"},
+             "tokens_per_day": 1}
+        ]}))
+        .unwrap()
+        .unwrap();
+        let (fixed, each) = (&p.rules[0], &p.rules[1]);
+        let want = |svc: &str, limit: &str, kind: &str, scope: &str| {
+            format!(
+                "meshllm_budget_used_percent;caller_namespace=shop;caller_service={svc};\
+                 limit={limit};kind={kind};scope={scope}"
+            )
+        };
+        assert_eq!(
+            fixed.static_gauges,
+            [
+                want("all", "shop", "requests_per_minute", "all"),
+                want("all", "shop", "usd_per_day", "all"),
+            ]
+        );
+        let key = fixed.static_bucket().unwrap();
+        assert_eq!(fixed.gauge(&key, &fixed.limits[1]), fixed.static_gauges[1]);
+        assert!(each.static_gauges.is_empty(), "the bucket varies by caller");
+        let key = each
+            .bucket(&Facts {
+                caller: Some(&caller("shop", "chat")),
+                model: "gpt-4o",
+                tags: &[],
+            })
+            .unwrap();
+        assert_eq!(
+            each.gauge(&key, &each.limits[0]),
+            want("chat", "each-svc", "tokens_per_day", "svc_chat")
         );
     }
 

@@ -127,64 +127,78 @@ impl<T: StreamTranslator + ?Sized> StreamTranslator for Box<T> {
 /// The token counts in a complete (non-streamed) answer in `schema`, read
 /// from its usage object alone; None when it reports none.
 pub fn usage_of_answer(schema: Schema, body: &[u8]) -> Option<Usage> {
-    use serde_json::Value;
-    let doc = crate::json::TopLevel::parse(body).ok()?;
+    use crate::json::TopLevel;
+    let doc = TopLevel::parse(body).ok()?;
     let field = match schema {
         Schema::Gemini => "usageMetadata",
         _ => "usage",
     };
-    let raw = doc.raw(doc.get(field).ok()??);
-    let u: Value = serde_json::from_slice(raw).ok()?;
-    let n = |path: &str| u.pointer(path).and_then(Value::as_u64).unwrap_or(0);
-    let has = |path: &str| u.pointer(path).is_some_and(Value::is_u64);
+    // Only the usage object is read, field by field, from the spans the
+    // scanner recorded: no `Value` of the answer or of the object.
+    let usage = TopLevel::parse(doc.raw(doc.get(field).ok()??)).ok()?;
+    let count = |path: &[&str]| -> Option<u64> {
+        let (last, parents) = path.split_last()?;
+        let mut inner = None;
+        for key in parents {
+            let within = inner.as_ref().unwrap_or(&usage);
+            let field = within
+                .last(key)
+                .filter(|f| f.kind == crate::json::Kind::Object)?;
+            inner = Some(TopLevel::parse(within.raw(field)).ok()?);
+        }
+        let within = inner.as_ref().unwrap_or(&usage);
+        within.u64_value(within.last(last)?)
+    };
+    let n = |path: &[&str]| count(path).unwrap_or(0);
+    let has = |path: &[&str]| count(path).is_some();
     let usage = match schema {
         Schema::OpenAi => {
-            if !has("/prompt_tokens") {
+            if !has(&["prompt_tokens"]) {
                 return None;
             }
             Usage {
-                input_tokens: n("/prompt_tokens"),
-                output_tokens: n("/completion_tokens"),
-                cached_input_tokens: n("/prompt_tokens_details/cached_tokens"),
-                reasoning_tokens: n("/completion_tokens_details/reasoning_tokens"),
+                input_tokens: n(&["prompt_tokens"]),
+                output_tokens: n(&["completion_tokens"]),
+                cached_input_tokens: n(&["prompt_tokens_details", "cached_tokens"]),
+                reasoning_tokens: n(&["completion_tokens_details", "reasoning_tokens"]),
             }
         }
         Schema::Anthropic => {
-            if !has("/input_tokens") && !has("/output_tokens") {
+            if !has(&["input_tokens"]) && !has(&["output_tokens"]) {
                 return None;
             }
-            let read = n("/cache_read_input_tokens");
+            let read = n(&["cache_read_input_tokens"]);
             Usage {
-                input_tokens: n("/input_tokens")
+                input_tokens: n(&["input_tokens"])
                     .saturating_add(read)
-                    .saturating_add(n("/cache_creation_input_tokens")),
-                output_tokens: n("/output_tokens"),
+                    .saturating_add(n(&["cache_creation_input_tokens"])),
+                output_tokens: n(&["output_tokens"]),
                 cached_input_tokens: read,
                 reasoning_tokens: 0,
             }
         }
         Schema::Gemini => {
-            if !has("/promptTokenCount") {
+            if !has(&["promptTokenCount"]) {
                 return None;
             }
-            let thoughts = n("/thoughtsTokenCount");
+            let thoughts = n(&["thoughtsTokenCount"]);
             Usage {
-                input_tokens: n("/promptTokenCount"),
-                output_tokens: n("/candidatesTokenCount").saturating_add(thoughts),
-                cached_input_tokens: n("/cachedContentTokenCount"),
+                input_tokens: n(&["promptTokenCount"]),
+                output_tokens: n(&["candidatesTokenCount"]).saturating_add(thoughts),
+                cached_input_tokens: n(&["cachedContentTokenCount"]),
                 reasoning_tokens: thoughts,
             }
         }
         Schema::Converse => {
-            if !has("/inputTokens") {
+            if !has(&["inputTokens"]) {
                 return None;
             }
-            let read = n("/cacheReadInputTokens");
+            let read = n(&["cacheReadInputTokens"]);
             Usage {
-                input_tokens: n("/inputTokens")
+                input_tokens: n(&["inputTokens"])
                     .saturating_add(read)
-                    .saturating_add(n("/cacheWriteInputTokens")),
-                output_tokens: n("/outputTokens"),
+                    .saturating_add(n(&["cacheWriteInputTokens"])),
+                output_tokens: n(&["outputTokens"]),
                 cached_input_tokens: read,
                 reasoning_tokens: 0,
             }
@@ -239,6 +253,51 @@ mod tests {
                 u(5, 2, 1, 0),
             ),
             (Schema::OpenAi, "not json", None),
+            // What `serde_json::Value` made of these: the last of repeated
+            // keys wins; only whole non-negative numbers that fit a u64 count.
+            (
+                Schema::OpenAi,
+                r#"{"usage":{"prompt_tokens":1,"prompt_tokens":6,"completion_tokens":2.0,
+                "prompt_tokens_details":{"cached_tokens":-1},"completion_tokens_details":[3]}}"#,
+                u(6, 0, 0, 0),
+            ),
+            (
+                Schema::OpenAi,
+                r#"{"usage":{"prompt_tokens":1e2,"completion_tokens":3}}"#,
+                None,
+            ),
+            (
+                Schema::OpenAi,
+                r#"{"usage":{"prompt_tokens":18446744073709551616}}"#,
+                None,
+            ),
+            (
+                Schema::OpenAi,
+                r#"{"usage":{"prompt_tokens":18446744073709551615,
+                "prompt_tokens_details":{"cached_tokens":1,"cached_tokens":4}}}"#,
+                u(u64::MAX, 0, 4, 0),
+            ),
+            (
+                Schema::Anthropic,
+                r#"{"usage":{"output_tokens":"9"}}"#,
+                None,
+            ),
+            (Schema::Anthropic, r#"{"usage":[1]}"#, None),
+            (
+                Schema::Anthropic,
+                r#"{"usage":{"output_tokens":9}} x"#,
+                None,
+            ),
+            (
+                Schema::Anthropic,
+                r#"{"usage":{"output_tokens":9},"usage":{"output_tokens":9}}"#,
+                None,
+            ),
+            (
+                Schema::Anthropic,
+                r#"{"usage":{"\u006fu\u0074put_tokens":9}}"#,
+                u(0, 9, 0, 0),
+            ),
         ];
         for (schema, body, want) in cases {
             assert_eq!(usage_of_answer(*schema, body.as_bytes()), *want, "{body}");
