@@ -3288,6 +3288,24 @@ fn profile_request(
         host.sent
     );
 
+    if !host.properties.contains_key(PLAN_PROPERTY) {
+        // A single target: the listener half meets the provider's answer.
+        host.respond(200, &answer.headers, b"", Some("via_upstream"));
+        router.on_response_headers(&mut host, false);
+        for (i, chunk) in answer.chunks.iter().enumerate() {
+            let last = i + 1 == answer.chunks.len();
+            host.response_body.extend_from_slice(chunk);
+            let size = host.response_body.len();
+            if router.on_response_body(&mut host, size, last) == Flow::Continue {
+                host.response_body.clear();
+            }
+        }
+        router.on_done(&mut host);
+        assert!(host.sent.is_empty(), "{:?}", host.sent);
+        *shared = std::mem::take(&mut host.shared);
+        return (host.calls.take(), Default::default());
+    }
+
     // Envoy's upstream filter: the same headers, the plan, position 0.
     let mut up = MockHost::new("POST", "/").with_body(body);
     up.request_headers = host.request_headers.clone();
