@@ -13,6 +13,9 @@
 //! Durations are whole milliseconds: Envoy histograms hold integers, and
 //! milliseconds are what Envoy's and Istio's own latency histograms use.
 
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
 /// OTel `gen_ai.server.request.duration`: request start to the answer's end.
 pub const REQUEST_DURATION: &str = "gen_ai.server.request.duration";
 /// OTel `gen_ai.server.time_to_first_token`: request start to the first
@@ -55,6 +58,53 @@ pub const LABELS: &[&str] = &[
     "kind",
     "scope",
 ];
+
+/// A map keyed by metric names, such as the glue's metric ids.
+pub type NameMap<V> = HashMap<String, V, BuildHasherDefault<NameHasher>>;
+
+/// A multiply-rotate hasher (rustc's Fx hash) for metric names: SipHash
+/// guards maps against keys an attacker chose, which these are not (the
+/// filter builds them from the configuration and bounded label values),
+/// and it cost more per metric update than finding the id it hashed for.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NameHasher(u64);
+
+impl NameHasher {
+    const SEED: u64 = 0xf135_7aea_2e62_a9c5;
+
+    fn add(&mut self, word: u64) {
+        self.0 = self.0.wrapping_add(word).wrapping_mul(Self::SEED);
+    }
+}
+
+impl Hasher for NameHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut words = bytes.chunks_exact(8);
+        for word in &mut words {
+            self.add(u64::from_le_bytes(word.try_into().unwrap_or_default()));
+        }
+        let tail = words
+            .remainder()
+            .iter()
+            .rev()
+            .fold(0, |tail, &b| tail << 8 | u64::from(b));
+        self.add(tail);
+    }
+
+    fn write_u8(&mut self, byte: u8) {
+        self.add(u64::from(byte));
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        // The multiply leaves its best bits on top; the table indexes by
+        // the low ones.
+        self.0.rotate_left(26)
+    }
+}
 
 /// A model or provider the configuration does not name (OTel's catch-all).
 pub const OTHER: &str = "_OTHER";
@@ -283,6 +333,47 @@ mod tests {
             let mut out = String::new();
             push_label(&mut out, "k", value);
             assert_eq!(out, format!(";k={shown}"), "{value:?}");
+        }
+    }
+
+    #[test]
+    fn name_hashes_tell_similar_names_apart() {
+        use std::hash::BuildHasher;
+        let hash = |name: &str| BuildHasherDefault::<NameHasher>::default().hash_one(name);
+        let mut names = Vec::new();
+        for ns in ["shop", "shop2", "a", ""] {
+            for model in ["gpt-4o", "gpt-4o-mini", "claude-sonnet-4-5"] {
+                for kind in ["input", "output", "cached", "reasoning"] {
+                    names.push(
+                        caller(ns, "chat")
+                            .with("gen_ai_request_model", model)
+                            .name(TOKENS_TOTAL, &[("gen_ai_token_type", kind)]),
+                    );
+                }
+            }
+        }
+        // Names that differ in one byte, in length only, or by a shifted
+        // boundary between the same bytes.
+        names.extend(["", "a", "aa", "aaaaaaaa", "aaaaaaaaa", "ab", "ba"].map(String::from));
+        let mut hashes: Vec<u64> = names.iter().map(|n| hash(n)).collect();
+        assert_eq!(hash("same name"), hash("same name"));
+        // A table indexes by the low bits: they differ too.
+        let mut low: Vec<u64> = hashes.iter().map(|h| h & 0xffff).collect();
+        for list in [&mut hashes, &mut low] {
+            list.sort_unstable();
+            list.dedup();
+            assert_eq!(list.len(), names.len());
+        }
+        // Str keys hash with a terminator, so splitting differently differs.
+        let build = BuildHasherDefault::<NameHasher>::default();
+        assert_ne!(build.hash_one(("ab", "c")), build.hash_one(("a", "bc")));
+
+        let mut ids: NameMap<u32> = NameMap::default();
+        for (id, name) in (0..).zip(&names) {
+            ids.insert(name.clone(), id);
+        }
+        for (id, name) in (0..).zip(&names) {
+            assert_eq!(ids.get(name.as_str()), Some(&id));
         }
     }
 
