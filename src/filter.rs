@@ -1835,15 +1835,24 @@ impl RequestFilter {
             metrics::millis(now.saturating_sub(self.started_us)),
         );
         if let (Some(reason), Some(first)) = (&self.reason, first) {
-            let name = metrics::call_labels(
-                ns,
-                svc,
-                embeddings,
-                &config.providers[first.provider].name,
-                request_model,
-                &first.upstream_model,
-            )
-            .name(
+            let first_provider = &config.providers[first.provider].name;
+            // Usually the first target answered: its labels are built.
+            let first_labels;
+            let route_labels =
+                if first_provider == provider && first.upstream_model == response_model {
+                    &labels
+                } else {
+                    first_labels = metrics::call_labels(
+                        ns,
+                        svc,
+                        embeddings,
+                        first_provider,
+                        request_model,
+                        &first.upstream_model,
+                    );
+                    &first_labels
+                };
+            let name = route_labels.name(
                 metrics::ROUTE_DECISIONS_TOTAL,
                 &[("route_reason", &metrics::route_reason(reason))],
             );

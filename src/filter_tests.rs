@@ -1441,9 +1441,19 @@ fn successful_response_is_tagged_and_passed_through() {
     assert_eq!(host.response_body, body);
     assert_eq!(host.response_body_replacements, 0);
     f.on_done(&mut host);
+    let served = requests_metric("openai", "smart", "gpt-4.1", None);
     assert_eq!(
         requests_counted(&host),
-        HashMap::from([(requests_metric("openai", "smart", "gpt-4.1", None), 1)])
+        HashMap::from([(served.clone(), 1)])
+    );
+    // The first target answered: its decision carries the same labels.
+    let decision = served.replace("meshllm_requests_total", "meshllm_route_decisions_total")
+        + ";route_reason=model";
+    assert_eq!(
+        host.counters.get(&decision),
+        Some(&1),
+        "{:?}",
+        host.counters
     );
 }
 
@@ -2502,10 +2512,14 @@ fn the_listener_half_reserves_and_settles_with_the_attempts_usage() {
         .keys()
         .filter(|k| k.starts_with("meshllm_route_decisions_total;caller_namespace=team;"))
         .collect();
-    assert_eq!(decisions.len(), 1, "{decisions:?}");
-    assert!(
-        decisions[0].ends_with(";route_reason=ordered"),
-        "{decisions:?}"
+    // The decision names the first target, not the fallback that answered.
+    assert_eq!(
+        decisions,
+        [
+            "meshllm_route_decisions_total;caller_namespace=team;caller_service=api;\
+          gen_ai_operation_name=chat;gen_ai_provider_name=azure;\
+          gen_ai_request_model=chain;gen_ai_response_model=gpt-4o;route_reason=ordered"
+        ]
     );
     // Settling happens once, even though the request's log comes later.
     let counters = host.counters.clone();

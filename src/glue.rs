@@ -4,7 +4,6 @@
 //! helpers, which unwrap host results; here every result is handled.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 
 use proxy_wasm::hostcalls;
@@ -15,6 +14,7 @@ use crate::api::openai::ApiError;
 use crate::config::{compile, Config};
 use crate::filter::{Flow, RequestFilter, Role};
 use crate::host::{Host, HostError, HostResult, SharedData};
+use crate::metrics::NameMap;
 
 proxy_wasm::main! {{
     let _ = log::set_logger(&LOGGER);
@@ -196,8 +196,9 @@ impl HttpContext for Unconfigured {
 }
 
 thread_local! {
-    /// Metric ids by name; each VM (worker thread) defines its own.
-    static METRICS: RefCell<HashMap<String, u32>> = RefCell::new(HashMap::new());
+    /// Metric ids by name; each VM (worker thread) defines its own. Looked
+    /// up on every metric update, so hashed with the cheap `NameHasher`.
+    static METRICS: RefCell<NameMap<u32>> = RefCell::new(NameMap::default());
 }
 
 struct ProxyHost;

@@ -13,6 +13,9 @@
 //! Durations are whole milliseconds: Envoy histograms hold integers, and
 //! milliseconds are what Envoy's and Istio's own latency histograms use.
 
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
 /// OTel `gen_ai.server.request.duration`: request start to the answer's end.
 pub const REQUEST_DURATION: &str = "gen_ai.server.request.duration";
 /// OTel `gen_ai.server.time_to_first_token`: request start to the first
@@ -56,22 +59,113 @@ pub const LABELS: &[&str] = &[
     "scope",
 ];
 
+/// A map keyed by metric names, such as the glue's metric ids.
+pub type NameMap<V> = HashMap<String, V, BuildHasherDefault<NameHasher>>;
+
+/// A multiply-rotate hasher (rustc's Fx hash) for metric names: SipHash
+/// guards maps against keys an attacker chose, which these are not (the
+/// filter builds them from the configuration and bounded label values),
+/// and it cost more per metric update than finding the id it hashed for.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NameHasher(u64);
+
+impl NameHasher {
+    const SEED: u64 = 0xf135_7aea_2e62_a9c5;
+
+    fn add(&mut self, word: u64) {
+        self.0 = self.0.wrapping_add(word).wrapping_mul(Self::SEED);
+    }
+}
+
+impl Hasher for NameHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut words = bytes.chunks_exact(8);
+        for word in &mut words {
+            self.add(u64::from_le_bytes(word.try_into().unwrap_or_default()));
+        }
+        let tail = words
+            .remainder()
+            .iter()
+            .rev()
+            .fold(0, |tail, &b| tail << 8 | u64::from(b));
+        self.add(tail);
+    }
+
+    fn write_u8(&mut self, byte: u8) {
+        self.add(u64::from(byte));
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        // The multiply leaves its best bits on top; the table indexes by
+        // the low ones.
+        self.0.rotate_left(26)
+    }
+}
+
 /// A model or provider the configuration does not name (OTel's catch-all).
 pub const OTHER: &str = "_OTHER";
 
-/// A label value with the characters that would break tag extraction or
-/// Prometheus' text format replaced.
+/// A character that can stay in a label value: anything else would break
+/// tag extraction or Prometheus' text format.
+fn label_safe(byte: u8) -> bool {
+    LABEL_SAFE[usize::from(byte)]
+}
+
+/// [`label_safe`] by byte: a lookup costs less than the comparisons, and
+/// every byte of every label value goes through it.
+static LABEL_SAFE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        let b = byte as u8;
+        table[byte] =
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'/' | b'+');
+        byte += 1;
+    }
+    table
+};
+
+/// The most bytes [`push_label`] adds (each replaced character shrinks to
+/// one byte).
+fn label_len(key: &str, value: &str) -> usize {
+    key.len() + value.len() + 2
+}
+
+/// `;key=value`, with every character of `value` that is not
+/// [`label_safe`] replaced by one `_`.
 fn push_label(out: &mut String, key: &str, value: &str) {
+    out.reserve(label_len(key, value));
     out.push(';');
     out.push_str(key);
     out.push('=');
-    for c in value.chars() {
-        if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '/' | '+') {
-            out.push(c);
-        } else {
-            out.push('_');
-        }
+    // Values are nearly always clean already: copy them whole rather than
+    // character by character (this runs for every label of every metric).
+    if value.bytes().all(label_safe) {
+        out.push_str(value);
+        return;
     }
+    for c in value.chars() {
+        let safe = u8::try_from(c).is_ok_and(label_safe);
+        out.push(if safe { c } else { '_' });
+    }
+}
+
+/// `metric` and its `labels`, in one allocation of the right size (growing
+/// a name label by label reallocated it several times).
+fn labelled(metric: &str, labels: &[(&str, &str)]) -> String {
+    let len = labels.iter().fold(metric.len(), |len, (key, value)| {
+        len + label_len(key, value)
+    });
+    let mut out = String::with_capacity(len);
+    out.push_str(metric);
+    for (key, value) in labels {
+        push_label(&mut out, key, value);
+    }
+    out
 }
 
 /// Labels rendered once per request and shared by its metrics.
@@ -79,10 +173,6 @@ fn push_label(out: &mut String, key: &str, value: &str) {
 pub struct Labels(String);
 
 impl Labels {
-    pub fn new() -> Self {
-        Labels(String::with_capacity(160))
-    }
-
     pub fn with(mut self, key: &str, value: &str) -> Self {
         push_label(&mut self.0, key, value);
         self
@@ -90,7 +180,12 @@ impl Labels {
 
     /// `metric` with these labels and `extra` ones.
     pub fn name(&self, metric: &str, extra: &[(&str, &str)]) -> String {
-        let mut out = String::with_capacity(metric.len() + self.0.len() + 32 * extra.len());
+        let len = extra
+            .iter()
+            .fold(metric.len() + self.0.len(), |len, (key, value)| {
+                len + label_len(key, value)
+            });
+        let mut out = String::with_capacity(len);
         out.push_str(metric);
         out.push_str(&self.0);
         for (key, value) in extra {
@@ -102,9 +197,10 @@ impl Labels {
 
 /// The caller's labels, on every series.
 pub fn caller(namespace: &str, service: &str) -> Labels {
-    Labels::new()
-        .with("caller_namespace", namespace)
-        .with("caller_service", service)
+    Labels(labelled(
+        "",
+        &[("caller_namespace", namespace), ("caller_service", service)],
+    ))
 }
 
 /// The labels every per-call series carries: the caller, OTel's operation,
@@ -117,14 +213,18 @@ pub fn call_labels(
     request_model: &str,
     response_model: &str,
 ) -> Labels {
-    caller(namespace, service)
-        .with(
-            "gen_ai_operation_name",
-            if embeddings { "embeddings" } else { "chat" },
-        )
-        .with("gen_ai_provider_name", provider)
-        .with("gen_ai_request_model", request_model)
-        .with("gen_ai_response_model", response_model)
+    let operation = if embeddings { "embeddings" } else { "chat" };
+    Labels(labelled(
+        "",
+        &[
+            ("caller_namespace", namespace),
+            ("caller_service", service),
+            ("gen_ai_operation_name", operation),
+            ("gen_ai_provider_name", provider),
+            ("gen_ai_request_model", request_model),
+            ("gen_ai_response_model", response_model),
+        ],
+    ))
 }
 
 /// OTel `error.type`: the status code of a failed answer, `_OTHER` when
@@ -166,17 +266,16 @@ pub fn budget_used_percent(
     kind: &str,
     scope: &str,
 ) -> String {
-    let mut out = String::from(BUDGET_USED_PERCENT);
-    push_label(&mut out, "caller_namespace", namespace);
-    push_label(&mut out, "caller_service", service);
-    push_label(&mut out, "limit", limit);
-    push_label(&mut out, "kind", kind);
-    push_label(
-        &mut out,
-        "scope",
-        if scope.is_empty() { "all" } else { scope },
-    );
-    out
+    labelled(
+        BUDGET_USED_PERCENT,
+        &[
+            ("caller_namespace", namespace),
+            ("caller_service", service),
+            ("limit", limit),
+            ("kind", kind),
+            ("scope", if scope.is_empty() { "all" } else { scope }),
+        ],
+    )
 }
 
 #[cfg(test)]
@@ -195,6 +294,87 @@ mod tests {
             caller("a;b", "m=x c").name(TOKEN_USAGE, &[]),
             "gen_ai.client.token.usage;caller_namespace=a_b;caller_service=m_x_c"
         );
+    }
+
+    #[test]
+    fn call_labels_render_in_order_in_one_allocation() {
+        let labels = call_labels("shop", "chat", true, "openai", "default", "gpt-4o-mini");
+        let name = labels.name(TOKENS_TOTAL, &[("gen_ai_token_type", "input")]);
+        assert_eq!(
+            name,
+            "meshllm_tokens_total;caller_namespace=shop;caller_service=chat;\
+             gen_ai_operation_name=embeddings;gen_ai_provider_name=openai;\
+             gen_ai_request_model=default;gen_ai_response_model=gpt-4o-mini;\
+             gen_ai_token_type=input"
+        );
+        assert_eq!(name.capacity(), name.len());
+        // A replaced multi-byte character takes less room than reserved.
+        let name = caller("caf\u{e9}", "x").name(REQUESTS_TOTAL, &[]);
+        assert_eq!(
+            name,
+            "meshllm_requests_total;caller_namespace=caf_;caller_service=x"
+        );
+    }
+
+    #[test]
+    fn unsafe_characters_become_one_underscore_each() {
+        for (value, shown) in [
+            ("gpt-4.1", "gpt-4.1"),
+            ("a.b-c_d:e/f+g", "a.b-c_d:e/f+g"),
+            ("", ""),
+            ("a b", "a_b"),
+            ("x;y=z", "x_y_z"),
+            ("caf\u{e9}", "caf_"),
+            ("\u{65e5}\u{672c}-ns", "__-ns"),
+            ("\u{1f600}", "_"),
+            ("\"quoted\"\n", "_quoted__"),
+            ("\u{0}\u{7f}", "__"),
+        ] {
+            let mut out = String::new();
+            push_label(&mut out, "k", value);
+            assert_eq!(out, format!(";k={shown}"), "{value:?}");
+        }
+    }
+
+    #[test]
+    fn name_hashes_tell_similar_names_apart() {
+        use std::hash::BuildHasher;
+        let hash = |name: &str| BuildHasherDefault::<NameHasher>::default().hash_one(name);
+        let mut names = Vec::new();
+        for ns in ["shop", "shop2", "a", ""] {
+            for model in ["gpt-4o", "gpt-4o-mini", "claude-sonnet-4-5"] {
+                for kind in ["input", "output", "cached", "reasoning"] {
+                    names.push(
+                        caller(ns, "chat")
+                            .with("gen_ai_request_model", model)
+                            .name(TOKENS_TOTAL, &[("gen_ai_token_type", kind)]),
+                    );
+                }
+            }
+        }
+        // Names that differ in one byte, in length only, or by a shifted
+        // boundary between the same bytes.
+        names.extend(["", "a", "aa", "aaaaaaaa", "aaaaaaaaa", "ab", "ba"].map(String::from));
+        let mut hashes: Vec<u64> = names.iter().map(|n| hash(n)).collect();
+        assert_eq!(hash("same name"), hash("same name"));
+        // A table indexes by the low bits: they differ too.
+        let mut low: Vec<u64> = hashes.iter().map(|h| h & 0xffff).collect();
+        for list in [&mut hashes, &mut low] {
+            list.sort_unstable();
+            list.dedup();
+            assert_eq!(list.len(), names.len());
+        }
+        // Str keys hash with a terminator, so splitting differently differs.
+        let build = BuildHasherDefault::<NameHasher>::default();
+        assert_ne!(build.hash_one(("ab", "c")), build.hash_one(("a", "bc")));
+
+        let mut ids: NameMap<u32> = NameMap::default();
+        for (id, name) in (0..).zip(&names) {
+            ids.insert(name.clone(), id);
+        }
+        for (id, name) in (0..).zip(&names) {
+            assert_eq!(ids.get(name.as_str()), Some(&id));
+        }
     }
 
     #[test]
