@@ -81,7 +81,7 @@ class Profile:
         self.rounds = 1 if quick else 3
         self.latency_requests = {1 * KB: 200, 100 * KB: 50, 1 * MB: 10} if quick else \
             {1 * KB: 3000, 100 * KB: 800, 1 * MB: 150}
-        self.stream_requests = 5 if quick else 150
+        self.stream_requests = 5 if quick else 60
         self.stream_events = 10 if quick else 20
         self.stream_gap_us = 1000
         self.load_seconds = 0.5 if quick else 5.0
@@ -236,7 +236,7 @@ def machine():
         pass
     envoy_version = subprocess.run([envoy_binary(), "--version"], capture_output=True,
                                    text=True).stdout.strip().splitlines()
-    commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+    commit = subprocess.run(["git", "-C", str(WASM.parent), "describe", "--always", "--dirty"],
                             capture_output=True, text=True).stdout.strip()
     return {
         "cpu": cpu,
@@ -248,7 +248,7 @@ def machine():
     }
 
 
-def run(profile, out_dir):
+def run(profile, out_dir, label=""):
     envoy_cpu, client_cpus = cpu_sets()
     work = tempfile.mkdtemp(prefix="meshllm-bench-")
     procs = []
@@ -384,8 +384,9 @@ def run(profile, out_dir):
     result["budget"] = budget(result)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    json_path = out_dir / f"{stamp}-{profile.name}.json"
-    md_path = out_dir / f"{stamp}-{profile.name}.md"
+    name = "-".join(p for p in (stamp, label, profile.name) if p)
+    json_path = out_dir / f"{name}.json"
+    md_path = out_dir / f"{name}.md"
     json_path.write_text(json.dumps(result, indent=1) + "\n")
     md_path.write_text(markdown(result))
     print(md_path.read_text())
@@ -525,11 +526,16 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a short run that checks the harness")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--wasm", type=Path, default=WASM,
+                    help="the meshllm build to measure (another commit's, for before/after)")
+    ap.add_argument("--label", default="", help="a word for the result files' names")
     args = ap.parse_args(argv)
+    global WASM
+    WASM = args.wasm.resolve()
     for path, how in ((WASM, "make build"), (TOOL, "make bench-build"), (NULL_WASM, "make bench-build")):
         if not path.exists():
             raise SystemExit(f"{path} is missing: run `{how}` (or `make bench`)")
-    run(Profile(args.quick), args.out)
+    run(Profile(args.quick), args.out, args.label)
 
 
 if __name__ == "__main__":
