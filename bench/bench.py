@@ -523,6 +523,7 @@ def size_name(n):
 
 
 def main(argv=None):
+    global WASM
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a short run that checks the harness")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -530,7 +531,6 @@ def main(argv=None):
                     help="the meshllm build to measure (another commit's, for before/after)")
     ap.add_argument("--label", default="", help="a word for the result files' names")
     args = ap.parse_args(argv)
-    global WASM
     WASM = args.wasm.resolve()
     for path, how in ((WASM, "make build"), (TOOL, "make bench-build"), (NULL_WASM, "make bench-build")):
         if not path.exists():
