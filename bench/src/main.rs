@@ -57,9 +57,7 @@ impl Args {
     fn num<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T, String> {
         match self.values.get(name) {
             None => Ok(default),
-            Some(v) => v
-                .parse()
-                .map_err(|_| format!("--{name} {v}: not a number")),
+            Some(v) => v.parse().map_err(|_| format!("--{name} {v}: not a number")),
         }
     }
 }

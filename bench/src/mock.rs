@@ -83,12 +83,7 @@ fn send_event(conn: &mut Conn, event: &str) -> io::Result<()> {
     conn.write_all(chunk.as_bytes())
 }
 
-fn stream_reply(
-    conn: &mut Conn,
-    anthropic: bool,
-    events: usize,
-    gap: Duration,
-) -> io::Result<()> {
+fn stream_reply(conn: &mut Conn, anthropic: bool, events: usize, gap: Duration) -> io::Result<()> {
     conn.write_all(
         b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n",
     )?;

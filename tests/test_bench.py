@@ -1,0 +1,59 @@
+"""The benchmark harness runs end to end and writes what it promises.
+
+Only the harness is checked here (a short `--quick` run): timings are
+measured by `make bench` and recorded in bench/README.md, never asserted in
+tests."""
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+TARGETS = ("direct", "plain", "floor", "meshllm")
+
+
+def test_quick_run_writes_json_and_markdown(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    [result_json] = tmp_path.glob("*-quick.json")
+    [result_md] = tmp_path.glob("*-quick.md")
+    r = json.loads(result_json.read_text())
+
+    assert r["profile"] == "quick" and r["date"]
+    assert r["machine"]["cores"] >= 1 and "1.40" in r["machine"]["envoy"]
+    assert r["machine"]["wasm_bytes"] > 0
+    assert {"envoy", "targets", "latency", "throughput", "streaming", "memory"} <= set(r["method"])
+
+    # Every scenario, every body size, every target, all answered 200.
+    assert {(x["scenario"], x["body_bytes"]) for x in r["latency"]} == {
+        (kind, size) for kind in ("passthrough", "translate")
+        for size in (1024, 100 * 1024, 1024 * 1024)
+    }
+    for row in r["latency"]:
+        for t in TARGETS:
+            assert row[t]["p50_us"] > 0 and row[t]["p99_us"] >= row[t]["p50_us"]
+    for row in r["throughput"]:
+        for t in TARGETS:
+            assert row[t]["rps"] > 0 and row[t]["failed"] == 0
+        for t in ("plain", "floor", "meshllm"):
+            assert row[t]["cpu_us_per_request"] > 0
+    for row in r["streaming"]:
+        for t in TARGETS:
+            # The mock stamps every content event; all of them arrived.
+            assert row[t]["events"] > 0
+        assert row["meshllm"]["events"] == row["plain"]["events"]
+    for name in ("plain", "floor", "meshllm"):
+        mem = r["memory"][name]
+        assert mem["failed"] == 0 and mem["after_kib"] > 0 and mem["requests_after_warmup"] > 0
+
+    assert [b["item"] for b in r["budget"]][:2] == [
+        "added p50, passthrough 1 KB", "added p50, OpenAI to Anthropic 1 KB"]
+    text = result_md.read_text()
+    for heading in ("## Budget", "## Latency at concurrency 1", "## Saturated throughput",
+                    "## Streaming", "## Envoy memory"):
+        assert heading in text
+    assert r["machine"]["commit"] in text
