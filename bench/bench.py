@@ -215,6 +215,16 @@ class Bench:
         return json.loads(out.stdout)
 
 
+def interleaved(profile, targets, measure):
+    """`measure(target, addr)` for every target, round after round, so a slow
+    moment of the machine falls on all of them; results by target."""
+    rounds = {t: [] for t in targets}
+    for _ in range(profile.rounds):
+        for t, addr in targets.items():
+            rounds[t].append(measure(t, addr))
+    return rounds
+
+
 def median_of(rounds, *keys):
     """The median over rounds of a nested figure."""
     values = []
@@ -285,11 +295,8 @@ def run(profile, out_dir, label=""):
         for kind, model in kinds:
             for size in (1 * KB, 100 * KB, 1 * MB):
                 n = profile.latency_requests[size]
-                rounds = {t: [] for t in targets}
-                for _ in range(profile.rounds):
-                    for t, addr in targets.items():
-                        rounds[t].append(bench.tool("latency", addr, model, size, requests=n,
-                                                    warmup=max(5, n // 10)))
+                rounds = interleaved(profile, targets, lambda t, addr: bench.tool(
+                    "latency", addr, model, size, requests=n, warmup=max(5, n // 10)))
                 row = {"scenario": kind, "body_bytes": size, "requests": n}
                 for t in targets:
                     row[t] = {p: median_of(rounds[t], p) for p in ("p50_us", "p99_us")}
@@ -301,17 +308,17 @@ def run(profile, out_dir, label=""):
 
         throughput = []
         for kind, model in kinds:
-            rounds = {t: [] for t in targets}
-            for _ in range(profile.rounds):
-                for t, addr in targets.items():
-                    envoy = envoys.get(t)
-                    cpu_before = envoy.cpu_seconds() if envoy else 0
-                    r = bench.tool("load", addr, model, 1 * KB, connections=profile.connections,
-                                   seconds=profile.load_seconds)
-                    if envoy:
-                        r["cpu_us_per_request"] = \
-                            1e6 * (envoy.cpu_seconds() - cpu_before) / max(r["ok"], 1)
-                    rounds[t].append(r)
+            def load(t, addr):
+                envoy = envoys.get(t)
+                cpu_before = envoy.cpu_seconds() if envoy else 0
+                r = bench.tool("load", addr, model, 1 * KB, connections=profile.connections,
+                               seconds=profile.load_seconds)
+                if envoy:
+                    r["cpu_us_per_request"] = \
+                        1e6 * (envoy.cpu_seconds() - cpu_before) / max(r["ok"], 1)
+                return r
+
+            rounds = interleaved(profile, targets, load)
             row = {"scenario": kind, "body_bytes": 1 * KB, "connections": profile.connections}
             for t in targets:
                 row[t] = {"rps": median_of(rounds[t], "rps"),
@@ -325,13 +332,10 @@ def run(profile, out_dir, label=""):
 
         streaming = []
         for kind, model in kinds:
-            rounds = {t: [] for t in targets}
-            for _ in range(profile.rounds):
-                for t, addr in targets.items():
-                    rounds[t].append(bench.tool(
-                        "stream", addr, model, 1 * KB, requests=profile.stream_requests,
-                        warmup=max(2, profile.stream_requests // 10), events=profile.stream_events,
-                        gap_us=profile.stream_gap_us))
+            rounds = interleaved(profile, targets, lambda t, addr: bench.tool(
+                "stream", addr, model, 1 * KB, requests=profile.stream_requests,
+                warmup=max(2, profile.stream_requests // 10), events=profile.stream_events,
+                gap_us=profile.stream_gap_us))
             row = {"scenario": kind, "events_per_stream": profile.stream_events,
                    "gap_us": profile.stream_gap_us}
             for t in targets:
