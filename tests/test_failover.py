@@ -20,6 +20,7 @@ ROUTES = [
     {"name": "chain-all-fail", "targets": ["m500", "m503b"]},
     {"name": "chain-cut", "targets": ["claude-cut", "gpt-4o-mini"]},
     {"name": "chain-health", "targets": ["m500-h", "gpt-4o"]},
+    {"name": "chain-after-single", "targets": ["m500-single", "gpt-4o"]},
     {"name": "chain-retry-after", "targets": ["m429-r", "gpt-4o"]},
     {"name": "ab", "strategy": "weighted",
      "targets": [{"model": "gpt-4o-mini", "weight": 3}, {"model": "gpt-4o", "weight": 1}]},
@@ -51,6 +52,7 @@ def failover(wasm, mocks):
         {"name": "mstall", "provider": "openai", "model": "mock-stall"},
         {"name": "dead", "provider": "deadend", "model": "anything"},
         {"name": "m500-h", "provider": "openai", "model": "mock-500"},
+        {"name": "m500-single", "provider": "openai", "model": "mock-500"},
         {"name": "m429-r", "provider": "groq", "model": "mock-429-wait"},
         {"name": "slow", "provider": "openai", "model": "mock-slow"},
         {"name": "fast", "provider": "groq", "model": "mock-fast"},
@@ -195,6 +197,28 @@ def test_failing_target_cools_down_then_is_skipped(failover, mocks):
     assert h["x-meshllm-attempts"] == "1"
     assert "skipped=m500-h" in h["x-meshllm-route"]
     assert Counter(models_sent(mocks["openai"])) == {"mock-500": 3, "gpt-4o": 4}
+
+
+def test_single_target_skips_the_upstream_half_and_still_feeds_health(failover, mocks):
+    """A model with nothing to fail over to is served by the listener half
+    alone (straight to meshllm.p0); its failures still count against it."""
+    sent_before = failover.stat("cluster.meshllm.p0.upstream_rq_total")
+    for _ in range(3):
+        status, h, body = chat(failover, "m500-single")
+        assert status == 500, body
+        assert h["x-meshllm-attempts"] == "1"
+        assert h["x-meshllm-provider"] == "openai"
+    assert failover.stat("cluster.meshllm.p0.upstream_rq_total") == sent_before + 3
+    got = mocks["openai"].take()
+    assert [json.loads(r["body"])["model"] for r in got] == ["mock-500"] * 3
+    for r in got:
+        assert r["headers"]["authorization"] == "Bearer " + KEYS["OPENAI_API_KEY"]
+        # Only the upstream half removes Envoy's attempt count: it did not run.
+        assert r["headers"]["x-envoy-attempt-count"] == "1"
+    status, h, _ = chat(failover, "chain-after-single")
+    assert status == 200 and h["x-meshllm-attempts"] == "1"
+    assert "skipped=m500-single" in h["x-meshllm-route"]
+    assert models_sent(mocks["openai"]) == ["gpt-4o"]
 
 
 def test_retry_after_puts_target_in_cool_down(failover, mocks):
