@@ -131,58 +131,43 @@ impl Conn {
     /// The whole body of a message with this head.
     pub fn read_body(&mut self, head: &Head) -> io::Result<Vec<u8>> {
         let mut body = Vec::new();
-        if head.is_chunked() {
-            let mut decoder = Chunked::default();
-            loop {
-                let used = decoder.feed(self.buffered(), &mut body)?;
-                self.consume(used);
-                if decoder.done() {
-                    return Ok(body);
-                }
-                if self.fill()? == 0 {
-                    return Err(invalid("connection closed inside a chunked body"));
-                }
-            }
-        }
-        let len = head.content_length().unwrap_or(0);
-        while self.buffered().len() < len {
-            if self.fill()? == 0 {
-                return Err(invalid("connection closed inside a body"));
-            }
-        }
-        body.extend_from_slice(&self.buffered()[..len]);
-        self.consume(len);
+        self.each_body_piece(head, |piece| body.extend_from_slice(piece))?;
         Ok(body)
     }
 
     /// Reads and drops the body of a message with this head, without
     /// copying it (a 1 MB request costs the mock one pass over the socket).
-    pub fn discard_body(&mut self, head: &Head) -> io::Result<usize> {
+    pub fn discard_body(&mut self, head: &Head) -> io::Result<()> {
+        self.each_body_piece(head, |_| {})
+    }
+
+    /// Hands the body of a message with this head to `on_piece` as it is
+    /// read, content-length or chunked.
+    fn each_body_piece(&mut self, head: &Head, mut on_piece: impl FnMut(&[u8])) -> io::Result<()> {
         if head.is_chunked() {
             let mut decoder = Chunked::default();
-            let mut sink = Vec::new();
-            let mut total = 0;
+            let mut piece = Vec::new();
             loop {
-                sink.clear();
-                let used = decoder.feed(self.buffered(), &mut sink)?;
-                total += sink.len();
+                piece.clear();
+                let used = decoder.feed(self.buffered(), &mut piece)?;
+                on_piece(&piece);
                 self.consume(used);
                 if decoder.done() {
-                    return Ok(total);
+                    return Ok(());
                 }
                 if self.fill()? == 0 {
                     return Err(invalid("connection closed inside a chunked body"));
                 }
             }
         }
-        let len = head.content_length().unwrap_or(0);
-        let mut left = len;
+        let mut left = head.content_length().unwrap_or(0);
         loop {
             let take = left.min(self.buffered().len());
+            on_piece(&self.buffered()[..take]);
             self.consume(take);
             left -= take;
             if left == 0 {
-                return Ok(len);
+                return Ok(());
             }
             if self.fill()? == 0 {
                 return Err(invalid("connection closed inside a body"));
