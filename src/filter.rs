@@ -1486,13 +1486,13 @@ impl RequestFilter {
                 }
             }
         }
-        // `via_upstream` means the provider answered; any other detail means
-        // Envoy did (connect failure, timeout, overflow, ...).
-        let via_upstream = matches!(
-            host.response_code_details().as_deref(),
-            Some("via_upstream") | None
-        );
         if self.status >= 400 {
+            // `via_upstream` means the provider answered; any other detail
+            // means Envoy did (connect failure, timeout, overflow, ...).
+            let via_upstream = matches!(
+                host.response_code_details().as_deref(),
+                Some("via_upstream") | None
+            );
             if end_of_stream {
                 self.response = ResponseMode::PassThrough;
                 return Flow::Continue;
@@ -1621,7 +1621,7 @@ impl RequestFilter {
         if let ResponseMode::Watch(copy) = &mut self.response {
             // Complete answers are small; past this size usage is estimated.
             const MAX_WATCHED: usize = 1 << 20;
-            if copy.len() + body_size <= MAX_WATCHED {
+            if body_size > 0 && copy.len() + body_size <= MAX_WATCHED {
                 match host.response_body(body_size) {
                     Ok(chunk) => copy.extend_from_slice(&chunk),
                     Err(e) => log::debug!("could not read an answer for its usage: {e}"),
