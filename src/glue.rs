@@ -268,13 +268,16 @@ impl ProxyHost {
             Ok(text) => text,
             Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
         };
-        if self.listed(map) {
-            let cache = self.cache(map).borrow();
+        // Listing costs about three single reads: only a listing made for
+        // its own sake (`header_names`) answers reads.
+        let cache = self.cache(map).borrow();
+        if cache.is_listed() {
             return cache.get(name).map(|v| text(v.to_vec()));
         }
-        if let Some(pending) = self.cache(map).borrow().pending(name) {
+        if let Some(pending) = cache.pending(name) {
             return pending.map(|v| text(v.to_vec()));
         }
+        drop(cache);
         hostcalls::get_map_value_bytes(map, name)
             .ok()
             .flatten()
