@@ -13,7 +13,6 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Metr
 use crate::api::openai::ApiError;
 use crate::config::{compile, Config};
 use crate::filter::{Flow, RequestFilter, Role};
-use crate::headers::{Flush, HeaderCache};
 use crate::host::{Host, HostError, HostResult, SharedData};
 use crate::metrics::NameMap;
 
@@ -136,39 +135,43 @@ impl Context for Http {}
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
-        action(with_host(|host| {
-            self.filter.on_request_headers(host, end_of_stream)
-        }))
+        action(
+            self.filter
+                .on_request_headers(&mut ProxyHost::default(), end_of_stream),
+        )
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         self.request_body_size = body_size;
-        action(with_host(|host| {
-            self.filter.on_request_body(host, body_size, end_of_stream)
-        }))
+        action(
+            self.filter
+                .on_request_body(&mut ProxyHost::default(), body_size, end_of_stream),
+        )
     }
 
     fn on_http_request_trailers(&mut self, _: usize) -> Action {
-        action(with_host(|host| {
+        action(
             self.filter
-                .on_request_trailers(host, self.request_body_size)
-        }))
+                .on_request_trailers(&mut ProxyHost::default(), self.request_body_size),
+        )
     }
 
     fn on_http_response_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
-        action(with_host(|host| {
-            self.filter.on_response_headers(host, end_of_stream)
-        }))
+        action(
+            self.filter
+                .on_response_headers(&mut ProxyHost::default(), end_of_stream),
+        )
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        action(with_host(|host| {
-            self.filter.on_response_body(host, body_size, end_of_stream)
-        }))
+        action(
+            self.filter
+                .on_response_body(&mut ProxyHost::default(), body_size, end_of_stream),
+        )
     }
 
     fn on_log(&mut self) {
-        with_host(|host| self.filter.on_done(host));
+        self.filter.on_done(&mut ProxyHost::default());
     }
 }
 
@@ -201,23 +204,11 @@ thread_local! {
     static METRICS: RefCell<NameMap<u32>> = RefCell::new(NameMap::default());
 }
 
-/// The proxy as the filter sees it during one callback: header maps are
-/// listed once and written once (see `crate::headers`), and the clock is
-/// read once.
+/// The proxy as the filter sees it during one callback.
 #[derive(Default)]
 struct ProxyHost {
-    request_headers: RefCell<HeaderCache>,
-    response_headers: RefCell<HeaderCache>,
+    /// The clock, read once per callback: a callback takes microseconds.
     now_us: Cell<Option<u64>>,
-}
-
-/// Runs one callback of the filter against a fresh `ProxyHost`, then sends
-/// its header edits to the proxy.
-fn with_host<T>(callback: impl FnOnce(&mut ProxyHost) -> T) -> T {
-    let mut host = ProxyHost::default();
-    let result = callback(&mut host);
-    host.flush();
-    result
 }
 
 impl SharedData for ProxyHost {
@@ -237,92 +228,25 @@ impl SharedData for ProxyHost {
 }
 
 impl ProxyHost {
-    fn cache(&self, map: MapType) -> &RefCell<HeaderCache> {
-        match map {
-            MapType::HttpResponseHeaders => &self.response_headers,
-            _ => &self.request_headers,
-        }
-    }
-
-    /// Lists `map` into its cache unless done already in this callback.
-    /// `false` when the proxy could not list it.
-    fn listed(&self, map: MapType) -> bool {
-        let mut cache = self.cache(map).borrow_mut();
-        if cache.is_listed() {
-            return true;
-        }
-        match hostcalls::get_map_bytes(map) {
-            Ok(entries) => {
-                cache.fill(entries);
-                true
-            }
-            Err(_) => false,
-        }
-    }
-
     // The SDK's string getters unwrap UTF-8 and would trap the VM on a
     // header value with obs-text bytes, which HTTP allows and any client can
     // send; the byte getters cannot, and the rare such value is read lossily.
-    fn header(&self, map: MapType, name: &str) -> Option<String> {
-        let text = |bytes: Vec<u8>| match String::from_utf8(bytes) {
+    fn header(map: MapType, name: &str) -> Option<String> {
+        let bytes = hostcalls::get_map_value_bytes(map, name).ok().flatten()?;
+        Some(match String::from_utf8(bytes) {
             Ok(text) => text,
             Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
-        };
-        // Listing costs about three single reads: only a listing made for
-        // its own sake (`header_names`) answers reads.
-        let cache = self.cache(map).borrow();
-        if cache.is_listed() {
-            return cache.get(name).map(|v| text(v.to_vec()));
-        }
-        if let Some(pending) = cache.pending(name) {
-            return pending.map(|v| text(v.to_vec()));
-        }
-        drop(cache);
-        hostcalls::get_map_value_bytes(map, name)
-            .ok()
-            .flatten()
-            .map(text)
+        })
     }
 
-    fn header_names(&self, map: MapType) -> HostResult<Vec<String>> {
-        if self.listed(map) {
-            if let Some(names) = self.cache(map).borrow().names() {
-                return Ok(names);
-            }
-        }
-        Err(HostError("could not list the headers".into()))
+    fn header_names(map: MapType) -> HostResult<Vec<String>> {
+        hostcalls::get_map_bytes(map)
+            .map(|pairs| pairs.into_iter().map(|(name, _)| name).collect())
+            .map_err(|s| host_error("get headers", s))
     }
 
-    fn set_header(&mut self, map: MapType, name: &str, value: Option<&str>) -> HostResult {
-        self.cache(map)
-            .borrow_mut()
-            .edit(name, value.map(str::as_bytes));
-        Ok(())
-    }
-
-    /// Sends the callback's header edits: the whole map in one call when
-    /// that is cheaper, else one call per edit.
-    fn flush(&mut self) {
-        for map in [MapType::HttpRequestHeaders, MapType::HttpResponseHeaders] {
-            let mut cache = self.cache(map).borrow_mut();
-            let sent = match cache.flush() {
-                Flush::Nothing => Ok(()),
-                Flush::Map(entries) => hostcalls::set_map_bytes(
-                    map,
-                    entries
-                        .iter()
-                        .map(|(n, v)| (n.as_str(), v.as_slice()))
-                        .collect(),
-                ),
-                Flush::Edits(edits) => edits.iter().try_for_each(|(name, value)| {
-                    hostcalls::set_map_value_bytes(map, name, value.as_deref())
-                }),
-            };
-            if let Err(s) = sent {
-                log::warn!("could not update the headers: {s:?}");
-            }
-            cache.clear();
-        }
+    fn set_header(map: MapType, name: &str, value: Option<&str>) -> HostResult {
+        hostcalls::set_map_value(map, name, value).map_err(|s| host_error("set header", s))
     }
 
     fn body(buffer: BufferType, size: usize) -> HostResult<Vec<u8>> {
@@ -339,16 +263,16 @@ impl ProxyHost {
 
 impl Host for ProxyHost {
     fn request_header(&self, name: &str) -> Option<String> {
-        self.header(MapType::HttpRequestHeaders, name)
+        Self::header(MapType::HttpRequestHeaders, name)
     }
     fn request_header_names(&self) -> HostResult<Vec<String>> {
-        self.header_names(MapType::HttpRequestHeaders)
+        Self::header_names(MapType::HttpRequestHeaders)
     }
     fn set_request_header(&mut self, name: &str, value: &str) -> HostResult {
-        self.set_header(MapType::HttpRequestHeaders, name, Some(value))
+        Self::set_header(MapType::HttpRequestHeaders, name, Some(value))
     }
     fn remove_request_header(&mut self, name: &str) -> HostResult {
-        self.set_header(MapType::HttpRequestHeaders, name, None)
+        Self::set_header(MapType::HttpRequestHeaders, name, None)
     }
     fn request_body(&self, size: usize) -> HostResult<Vec<u8>> {
         Self::body(BufferType::HttpRequestBody, size)
@@ -357,16 +281,16 @@ impl Host for ProxyHost {
         Self::set_body(BufferType::HttpRequestBody, old_size, body)
     }
     fn response_header(&self, name: &str) -> Option<String> {
-        self.header(MapType::HttpResponseHeaders, name)
+        Self::header(MapType::HttpResponseHeaders, name)
     }
     fn response_header_names(&self) -> HostResult<Vec<String>> {
-        self.header_names(MapType::HttpResponseHeaders)
+        Self::header_names(MapType::HttpResponseHeaders)
     }
     fn set_response_header(&mut self, name: &str, value: &str) -> HostResult {
-        self.set_header(MapType::HttpResponseHeaders, name, Some(value))
+        Self::set_header(MapType::HttpResponseHeaders, name, Some(value))
     }
     fn remove_response_header(&mut self, name: &str) -> HostResult {
-        self.set_header(MapType::HttpResponseHeaders, name, None)
+        Self::set_header(MapType::HttpResponseHeaders, name, None)
     }
     fn response_body(&self, size: usize) -> HostResult<Vec<u8>> {
         Self::body(BufferType::HttpResponseBody, size)
@@ -379,12 +303,9 @@ impl Host for ProxyHost {
         String::from_utf8(bytes).ok()
     }
     fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) -> HostResult {
-        // Edits made before the reply keep their order with it.
-        self.flush();
         hostcalls::send_http_response(u32::from(status), headers.to_vec(), Some(body))
             .map_err(|s| host_error("send local reply", s))
     }
-    /// One clock read per callback: a callback takes microseconds.
     fn now_unix_micros(&self) -> u64 {
         if let Some(now) = self.now_us.get() {
             return now;

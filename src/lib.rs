@@ -15,7 +15,6 @@ pub mod aws;
 pub mod config;
 pub mod exchange;
 pub mod filter;
-pub mod headers;
 pub mod health;
 pub mod host;
 pub mod identity;
