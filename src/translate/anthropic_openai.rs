@@ -485,18 +485,7 @@ pub fn messages_request_to_chat(
     body: &[u8],
     upstream_model: &str,
 ) -> Result<(Vec<u8>, MessagesRequestInfo), ApiError> {
-    let root: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::invalid_request(
-            Some("invalid_json"),
-            format!("The request body is not valid JSON: {e}."),
-        )
-    })?;
-    let Value::Object(req) = root else {
-        return Err(ApiError::invalid_request(
-            Some("invalid_json"),
-            "The request body must be a JSON object.".into(),
-        ));
-    };
+    let req = super::request_object(body)?;
     let field = |name: &str| req.get(name).filter(|v| !v.is_null());
 
     if field("top_k").is_some() {

@@ -1129,18 +1129,7 @@ pub fn gemini_request_to_chat(
     upstream_model: &str,
     stream: bool,
 ) -> Result<Vec<u8>, ApiError> {
-    let root: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::invalid_request(
-            Some("invalid_json"),
-            format!("The request body is not valid JSON: {e}."),
-        )
-    })?;
-    let Value::Object(req) = root else {
-        return Err(ApiError::invalid_request(
-            Some("invalid_json"),
-            "The request body must be a JSON object.".into(),
-        ));
-    };
+    let req = super::request_object(body)?;
 
     let mut conv = Conversation::default();
     let mut contents: Option<&Value> = None;

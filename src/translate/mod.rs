@@ -35,6 +35,8 @@ pub mod openai_gemini;
 pub mod openai_usage;
 pub mod passthrough;
 
+use crate::api::openai::ApiError;
+
 /// The API schemas the gateway speaks, on either side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Schema {
@@ -121,6 +123,24 @@ impl<T: StreamTranslator + ?Sized> StreamTranslator for Box<T> {
     }
     fn usage(&self) -> Option<Usage> {
         (**self).usage()
+    }
+}
+
+/// A request body as the JSON object every API requires, or the caller's
+/// `invalid_json` error.
+pub(crate) fn request_object(
+    body: &[u8],
+) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+    match serde_json::from_slice(body) {
+        Ok(serde_json::Value::Object(req)) => Ok(req),
+        Ok(_) => Err(ApiError::invalid_request(
+            Some("invalid_json"),
+            "The request body must be a JSON object.".into(),
+        )),
+        Err(e) => Err(ApiError::invalid_request(
+            Some("invalid_json"),
+            format!("The request body is not valid JSON: {e}."),
+        )),
     }
 }
 

@@ -341,18 +341,7 @@ pub fn chat_request_to_messages(
     upstream_model: &str,
     default_max_tokens: u64,
 ) -> Result<(Vec<u8>, ChatRequestInfo), ApiError> {
-    let root: Value = serde_json::from_slice(openai_body).map_err(|e| {
-        ApiError::invalid_request(
-            Some("invalid_json"),
-            format!("The request body is not valid JSON: {e}."),
-        )
-    })?;
-    let Value::Object(req) = root else {
-        return Err(ApiError::invalid_request(
-            Some("invalid_json"),
-            "The request body must be a JSON object.".into(),
-        ));
-    };
+    let req = super::request_object(openai_body)?;
     // OpenAI treats an explicit null like an absent optional parameter.
     let field = |name: &str| req.get(name).filter(|v| !v.is_null());
 

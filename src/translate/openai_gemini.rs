@@ -685,18 +685,7 @@ fn convert_reasoning_effort(effort: &Value) -> Result<Value, ApiError> {
 pub fn chat_request_to_gemini(
     openai_body: &[u8],
 ) -> Result<(Vec<u8>, GeminiRequestInfo), ApiError> {
-    let root: Value = serde_json::from_slice(openai_body).map_err(|e| {
-        ApiError::invalid_request(
-            Some("invalid_json"),
-            format!("The request body is not valid JSON: {e}."),
-        )
-    })?;
-    let Value::Object(req) = root else {
-        return Err(ApiError::invalid_request(
-            Some("invalid_json"),
-            "The request body must be a JSON object.".into(),
-        ));
-    };
+    let req = super::request_object(openai_body)?;
     // OpenAI treats an explicit null like an absent optional parameter.
     let field = |name: &str| req.get(name).filter(|v| !v.is_null());
 
