@@ -185,12 +185,29 @@ def provider_endpoint(provider):
     return parts.hostname, parts.port or (443 if tls else 80), tls
 
 
+# Envoy's default circuit breakers allow 1024 connections, pending and
+# active requests per cluster and only 3 retries in flight: past those a
+# failed attempt goes back to the caller instead of on to the next target
+# (upstream_rq_retry_overflow), and a burst of long streams is refused.
+# LLM calls are few and long; what limits them is the gateway's quotas and
+# the providers' own 429s, not a connection count. So, as Istio does for
+# its clusters, meshllm's clusters set every limit to the maximum.
+UNLIMITED = 4294967295
+
+
+def circuit_breakers():
+    limits = {"max_connections": UNLIMITED, "max_pending_requests": UNLIMITED,
+              "max_requests": UNLIMITED, "max_retries": UNLIMITED}
+    return {"thresholds": [{"priority": p, **limits} for p in ("DEFAULT", "HIGH")]}
+
+
 def cluster(name, host, port, tls, sni=None, connect_timeout="5s"):
     is_ip = all(c.isdigit() or c == "." for c in host) or ":" in host
     c = {
         "name": name,
         "type": "STATIC" if is_ip else "LOGICAL_DNS",
         "connect_timeout": connect_timeout,
+        "circuit_breakers": circuit_breakers(),
         "dns_lookup_family": "V4_PREFERRED",
         "load_assignment": {
             "cluster_name": name,
@@ -311,6 +328,7 @@ def position_clusters(plugin_config, upstreams, max_attempts, connect_timeout="5
             "name": f"{FAILOVER_CLUSTER}.{key}",
             "type": "STATIC" if all_ip else "STRICT_DNS",
             "connect_timeout": connect_timeout,
+            "circuit_breakers": circuit_breakers(),
             "lb_subset_config": {
                 "fallback_policy": "NO_FALLBACK",
                 "subset_selectors": selectors,
@@ -329,6 +347,8 @@ def position_clusters(plugin_config, upstreams, max_attempts, connect_timeout="5
         {
             "name": FAILOVER_CLUSTER,
             "connect_timeout": connect_timeout,
+            # Retries are counted against the route's cluster: this one.
+            "circuit_breakers": circuit_breakers(),
             "lb_policy": "CLUSTER_PROVIDED",
             "cluster_type": {
                 "name": "envoy.clusters.aggregate",
