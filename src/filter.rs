@@ -87,6 +87,9 @@ pub const PLAN_PROPERTY: &str = "meshllm.plan";
 /// Filter state the upstream half leaves for the listener half: the target
 /// that answered and the token counts it reported.
 pub const USAGE_PROPERTY: &str = "meshllm.usage";
+/// Filter state: the status the upstream half gave an answer whose headers
+/// had already passed it (a translation that failed at the body).
+pub const ANSWER_STATUS_PROPERTY: &str = "meshllm.answer_status";
 /// Says which model a budget rule switched the request to, and why.
 pub const DOWNGRADE_RESPONSE_HEADER: &str = "x-meshllm-downgrade";
 /// Access-log fields (filter state, read with `%FILTER_STATE(name:PLAIN)%`).
@@ -128,6 +131,10 @@ const PROVIDER_RATE_LIMIT_HEADERS: &[&str] = &[
     "anthropic-ratelimit-output-tokens-reset",
 ];
 /// Where the upstream half finds the attempt's position in the chain.
+/// The upstream connection's local address: absent when none was made.
+const UPSTREAM_LOCAL_ADDRESS: &[&str] = &["upstream", "local_address"];
+/// Why the upstream connection failed (refused, TLS), when it did.
+const UPSTREAM_TRANSPORT_FAILURE: &[&str] = &["upstream", "transport_failure_reason"];
 const HOST_POSITION: &[&str] = &[
     "xds",
     "upstream_host_metadata",
@@ -304,12 +311,17 @@ pub struct RequestFilter {
     /// Attempt role: whether its outcome reached the target's health
     /// record (and the attempt metrics) yet.
     outcome_recorded: bool,
+    /// Serving roles with health: how the attempt at the provider ended.
+    attempt_end: Option<AttemptEnd>,
     /// Router role with a single target: this half serves the request as the
     /// standalone role does and sends it to the first position's cluster,
     /// where the upstream half does not run (no later attempt can need it).
     direct: bool,
     /// The caller asked for a streamed answer.
     streaming: bool,
+    /// Router role: the caller's own fallbacks (`x-meshllm-models`), taken
+    /// off the request at the entrance with every other internal header.
+    extra_models: Option<String>,
     /// Listener roles: the model the caller asked for, as a metric label
     /// (a name the config does not know is `_OTHER`), and why the first
     /// target was chosen.
@@ -384,8 +396,13 @@ enum ResponseMode {
         via_upstream: bool,
         error_type: Option<String>,
     },
-    /// Buffer a complete answer and translate it (headers held meanwhile).
+    /// Buffer a complete answer and translate it (the listener half holds
+    /// the headers meanwhile; the upstream half lets them pass, so Envoy
+    /// sees the answer started and never retries it elsewhere).
     Translate,
+    /// Router role: hold a complete answer of a chain until its end, so the
+    /// upstream half can still change its status (`ANSWER_STATUS_PROPERTY`).
+    Hold,
     /// Translate a stream event by event.
     Stream(Box<dyn StreamTranslator>),
     /// Forward a complete answer untouched, keeping a copy to read its usage.
@@ -492,9 +509,11 @@ impl RequestFilter {
             started_us: 0,
             first_byte_us: None,
             outcome_recorded: false,
+            attempt_end: None,
             direct: false,
             streaming: false,
             request_model: None,
+            extra_models: None,
             reason: None,
             caller: Schema::OpenAi,
             operation: None,
@@ -543,7 +562,7 @@ impl RequestFilter {
             headers.push((ATTEMPTS_RESPONSE_HEADER, &attempt));
             if !self.outcome_recorded {
                 self.outcome_recorded = true;
-                self.count_attempt(host);
+                self.count_attempt(host, AttemptEnd::Answered(status));
             }
         }
         if let Err(e) = host.send_response(status, &headers, body) {
@@ -686,6 +705,9 @@ impl RequestFilter {
                 if let Err(e) = self.identify(host) {
                     return self.reject(host, e);
                 }
+                if let Err(e) = self.strip_internal_headers(host) {
+                    return self.reject(host, e);
+                }
                 self.start_call(host, op, end_of_stream)
             }
             Endpoint::Gemini(model, stream) => {
@@ -707,6 +729,9 @@ impl RequestFilter {
                 self.gemini_call = Some((model, stream));
                 self.operation = Some(Operation::ChatCompletions);
                 if let Err(e) = self.identify(host) {
+                    return self.reject(host, e);
+                }
+                if let Err(e) = self.strip_internal_headers(host) {
                     return self.reject(host, e);
                 }
                 self.start_call(host, Operation::ChatCompletions, end_of_stream)
@@ -833,6 +858,36 @@ impl RequestFilter {
             .ok()
             .and_then(|who| who.caller);
         nspolicy::apply(&config, host, caller.as_ref(), listener).map(Some)
+    }
+
+    /// Listener roles: a client may not steer Envoy's router (`x-envoy-*`:
+    /// retries, timeouts, ...) nor speak for the gateway's halves
+    /// (`x-meshllm-*`: positions, cluster, plan): such headers would pick
+    /// another target, send a request twice, or have Envoy's own refusals
+    /// counted against a target's health. All are removed here, once; the
+    /// caller's `x-meshllm-models` is kept aside for routing.
+    fn strip_internal_headers(&mut self, host: &mut dyn Host) -> Result<(), ApiError> {
+        // Without a listing, every name Envoy's router or the gateway reads.
+        let names = host.request_header_names().unwrap_or_else(|_| {
+            let positions = (0..self.config.failover.max_attempts)
+                .map(|p| format!("{POSITION_HEADER_PREFIX}{p}"));
+            ROUTER_CONTROL_HEADERS
+                .iter()
+                .chain([CLUSTER_HEADER, MODELS_REQUEST_HEADER].iter())
+                .map(|n| n.to_string())
+                .chain(positions)
+                .filter(|n| host.request_header(n).is_some())
+                .collect()
+        });
+        for name in names.iter().filter(|n| is_internal_request_header(n)) {
+            if name.eq_ignore_ascii_case(MODELS_REQUEST_HEADER) && self.role == Role::Router {
+                self.extra_models = host.request_header(name);
+            }
+            host.remove_request_header(name).map_err(|e| {
+                internal(format!("could not remove the request header {name}: {e}"))
+            })?;
+        }
+        Ok(())
     }
 
     fn start_call(&mut self, host: &mut dyn Host, op: Operation, end_of_stream: bool) -> Flow {
@@ -1081,10 +1136,9 @@ impl RequestFilter {
         op: Operation,
     ) -> Result<(Vec<usize>, String), ApiError> {
         let config = &self.config;
-        let host = request.host;
         let (mut chain, mut reason) = self.expand(model, request)?;
         if self.role == Role::Router {
-            if let Some(extra) = host.request_header(MODELS_REQUEST_HEADER) {
+            if let Some(extra) = self.extra_models.as_deref() {
                 for name in extra.split(',').map(str::trim).filter(|n| !n.is_empty()) {
                     let (more, _) = self.expand(name, request)?;
                     for m in more {
@@ -1451,7 +1505,18 @@ impl RequestFilter {
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
         if (self.role == Role::Attempt || self.direct) && self.phase == Phase::Forwarded {
-            self.record_outcome(host);
+            // The upstream half only ever sees a provider's answers; the
+            // listener half also sees Envoy's own replies, and only those
+            // about the provider (refused, reset, timed out) count.
+            let end = if self.role == Role::Attempt || self.status < 400 {
+                Some(AttemptEnd::Answered(self.status))
+            } else {
+                AttemptEnd::of_envoy_reply(self.status, host.response_code_details().as_deref())
+            };
+            match end {
+                Some(end) => self.record_outcome(host, end),
+                None => self.outcome_recorded = true,
+            }
         }
         if self.role != Role::Attempt && self.phase == Phase::Forwarded {
             self.decorate_answer(host);
@@ -1465,6 +1530,10 @@ impl RequestFilter {
                 self.served = host
                     .response_header(PROVIDER_RESPONSE_HEADER)
                     .zip(host.response_header(MODEL_RESPONSE_HEADER));
+                if !self.streaming && (200..300).contains(&self.status) && !end_of_stream {
+                    self.response = ResponseMode::Hold;
+                    return Flow::Pause;
+                }
                 self.response = ResponseMode::PassThrough;
                 return Flow::Continue;
             }
@@ -1541,10 +1610,17 @@ impl RequestFilter {
             let _ = host.remove_response_header("content-length");
             let _ = host.remove_response_header("content-encoding");
             let _ = host.set_response_header("content-type", "application/json");
-            // Hold the headers: an answer that cannot be translated must not
-            // go out as a 200.
             self.response = ResponseMode::Translate;
-            return Flow::Pause;
+            // Hold the headers: an answer that cannot be translated must not
+            // go out as a 200. The upstream half lets them pass (the listener
+            // half holds them): held there, Envoy would take a provider
+            // that broke off mid-answer for one that never answered, and
+            // send the request to the next target too.
+            return if self.role == Role::Attempt {
+                Flow::Continue
+            } else {
+                Flow::Pause
+            };
         }
         self.response = ResponseMode::Watch(Vec::new());
         Flow::Continue
@@ -1636,6 +1712,23 @@ impl RequestFilter {
         if matches!(self.response, ResponseMode::PassThrough) {
             return Flow::Continue;
         }
+        if matches!(self.response, ResponseMode::Hold) {
+            if !end_of_stream {
+                return Flow::Pause;
+            }
+            self.response = ResponseMode::PassThrough;
+            self.response_bytes += body_size as u64;
+            self.first_byte_us = Some(host.now_unix_micros());
+            if let Some(status) = host
+                .property(&[ANSWER_STATUS_PROPERTY])
+                .and_then(|b| String::from_utf8(b).ok())
+                .filter(|s| s.len() == 3 && s.bytes().all(|b| b.is_ascii_digit()))
+            {
+                self.status = status.parse().unwrap_or(self.status);
+                let _ = host.set_response_header(":status", &status);
+            }
+            return Flow::Continue;
+        }
         if !end_of_stream {
             return Flow::Pause;
         }
@@ -1681,7 +1774,13 @@ impl RequestFilter {
                     Err(e) => {
                         log::warn!("could not translate a provider answer: {e}");
                         self.status = 502;
-                        let _ = host.set_response_header(":status", "502");
+                        if self.role == Role::Attempt {
+                            // The headers passed already; the listener half
+                            // holds them and sets this status.
+                            let _ = host.set_property(&[ANSWER_STATUS_PROPERTY], b"502");
+                        } else {
+                            let _ = host.set_response_header(":status", "502");
+                        }
                         let error = ApiError::new(
                             502,
                             "server_error",
@@ -1696,7 +1795,10 @@ impl RequestFilter {
                     }
                 }
             }
-            ResponseMode::PassThrough | ResponseMode::Stream(_) | ResponseMode::Watch(_) => None,
+            ResponseMode::PassThrough
+            | ResponseMode::Hold
+            | ResponseMode::Stream(_)
+            | ResponseMode::Watch(_) => None,
         };
         if let Some(new_body) = new_body {
             if let Err(e) = host.replace_response_body(body_size, &new_body) {
@@ -1706,15 +1808,16 @@ impl RequestFilter {
         Flow::Continue
     }
 
-    /// Attempt role: feeds the target's health record from the status
-    /// (or, with no response at all, a failure).
-    fn record_outcome(&mut self, host: &mut dyn Host) {
+    /// Serving roles with health: feeds the target's health record and
+    /// `meshllm_attempts_total` with how the attempt ended.
+    fn record_outcome(&mut self, host: &mut dyn Host, end: AttemptEnd) {
         let Some(route) = self.route else { return };
         self.outcome_recorded = true;
-        self.count_attempt(host);
+        self.attempt_end = Some(end);
+        self.count_attempt(host, end);
         let now = host.now_unix_millis();
-        let outcome = match self.status {
-            200..=299 => {
+        let outcome = match end {
+            AttemptEnd::Answered(200..=299) => {
                 let latency_ms = now.saturating_sub(self.started_us / 1000);
                 let stream = self.exchange.as_ref().is_some_and(|x| x.stream);
                 Outcome::Success {
@@ -1722,43 +1825,72 @@ impl RequestFilter {
                     ttft_ms: stream.then_some(latency_ms),
                 }
             }
-            429 => Outcome::RateLimited {
+            AttemptEnd::Answered(429) => Outcome::RateLimited {
                 retry_after_secs: host
                     .response_header("retry-after")
                     .and_then(|v| health::parse_retry_after(&v, now / 1000)),
             },
-            0 | 500..=599 => Outcome::Failure,
+            AttemptEnd::Answered(500..=599)
+            | AttemptEnd::ConnectFailure
+            | AttemptEnd::Reset
+            | AttemptEnd::Timeout => Outcome::Failure,
             // The caller's own mistakes say nothing about the target.
-            _ => return,
+            AttemptEnd::Answered(_) => return,
         };
         let name = self.config.models[route].name.clone();
         health::record(host, &name, &outcome, now, &HealthPolicy::default());
     }
 
-    /// Attempt role: `meshllm_attempts_total` for this attempt's outcome.
-    fn count_attempt(&self, host: &mut dyn Host) {
+    /// Attempt role: `meshllm_attempts_total` for this attempt's outcome
+    /// (the listener half counts a single-target request's own attempt).
+    fn count_attempt(&self, host: &mut dyn Host, end: AttemptEnd) {
         let (Some(plan), Some(target)) = (&self.plan, self.route) else {
             return;
         };
         let labels = attempt_labels(&self.config, plan, target);
-        let name = match metrics::error_type(self.status) {
+        let name = match end.error_type() {
             Some(e) => labels.name(metrics::ATTEMPTS_TOTAL, &[("error_type", &e)]),
             None => labels.name(metrics::ATTEMPTS_TOTAL, &[]),
         };
         host.count(&name, 1);
     }
 
+    /// Attempt role: the attempt ended with no response at all. Envoy
+    /// says why only in the upstream connection's state: no connection
+    /// (refused, unreachable, TLS failure), or one that was reset, or
+    /// closed when the per-try timeout fired. `None` when the caller went
+    /// away first: that says nothing about the provider.
+    fn unanswered_attempt(&self, host: &dyn Host) -> Option<AttemptEnd> {
+        if let Some(details) = host.response_code_details() {
+            if !details.starts_with("upstream_") {
+                return None;
+            }
+        }
+        let connected = host.property(UPSTREAM_LOCAL_ADDRESS).is_some()
+            && host.property(UPSTREAM_TRANSPORT_FAILURE).is_none();
+        if !connected {
+            return Some(AttemptEnd::ConnectFailure);
+        }
+        // An attempt that lasted the per-try timeout hit it. Envoy's timers
+        // run on the event loop's cached clock and fire up to tens of ms
+        // early by this half's reading: a tenth of the timeout is allowed.
+        let elapsed_ms = host.now_unix_micros().saturating_sub(self.started_us) / 1000;
+        let timeout_ms = self.config.failover.per_try_timeout_ms;
+        if elapsed_ms + timeout_ms / 10 >= timeout_ms {
+            Some(AttemptEnd::Timeout)
+        } else {
+            Some(AttemptEnd::Reset)
+        }
+    }
+
     /// The request is over (answered, failed or abandoned).
     pub fn on_done(&mut self, host: &mut dyn Host) {
-        if self.direct && self.phase == Phase::Forwarded && !self.outcome_recorded {
-            // Reset, timed out or refused before any response.
-            self.record_outcome(host);
-        }
         if self.role == Role::Attempt {
-            // Reset, timed out or refused before any response.
             if self.phase == Phase::Forwarded && !self.outcome_recorded {
-                self.status = 0;
-                self.record_outcome(host);
+                self.outcome_recorded = true;
+                if let Some(end) = self.unanswered_attempt(host) {
+                    self.record_outcome(host, end);
+                }
             }
             return;
         }
@@ -1859,8 +1991,19 @@ impl RequestFilter {
             host.count(&name, 1);
         }
         if self.role == Role::Standalone && self.phase == Phase::Forwarded {
-            // The request was its only attempt.
-            host.count(&labels.name(metrics::ATTEMPTS_TOTAL, error_label), 1);
+            // The request was its only attempt; with health, counted as
+            // the provider's part ended (none when Envoy never sent it).
+            match (self.direct, self.attempt_end.map(AttemptEnd::error_type)) {
+                (false, _) => {
+                    host.count(&labels.name(metrics::ATTEMPTS_TOTAL, error_label), 1);
+                }
+                (true, Some(Some(e))) => {
+                    let name = labels.name(metrics::ATTEMPTS_TOTAL, &[("error_type", &e)]);
+                    host.count(&name, 1);
+                }
+                (true, Some(None)) => host.count(&labels.name(metrics::ATTEMPTS_TOTAL, &[]), 1),
+                (true, None) => {}
+            }
         }
         if self.phase != Phase::Forwarded && self.phase != Phase::Answered {
             return;
@@ -2165,6 +2308,82 @@ fn point_at_provider(
     }
     host.set_request_header("content-length", &body_len.to_string())?;
     Ok(())
+}
+
+/// How one attempt at a provider ended, for the target's health and the
+/// `error_type` of `meshllm_attempts_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AttemptEnd {
+    /// The provider answered with this status.
+    Answered(u16),
+    /// No connection: refused, unreachable, TLS handshake failed.
+    ConnectFailure,
+    /// The connection was reset or closed before response headers.
+    Reset,
+    /// No response headers within the per-try timeout.
+    Timeout,
+}
+
+impl AttemptEnd {
+    fn error_type(self) -> Option<String> {
+        match self {
+            AttemptEnd::Answered(status) => metrics::error_type(status),
+            AttemptEnd::ConnectFailure => Some("connect_failure".into()),
+            AttemptEnd::Reset => Some("reset".into()),
+            AttemptEnd::Timeout => Some("timeout".into()),
+        }
+    }
+
+    /// An error answer the listener half saw, by Envoy's response code
+    /// details: the provider's own, or Envoy's about the provider. `None`
+    /// for Envoy's refusals that no provider caused (no healthy upstream,
+    /// overflow, a local reset, a missing cluster).
+    fn of_envoy_reply(status: u16, details: Option<&str>) -> Option<AttemptEnd> {
+        let Some(details) = details else {
+            return Some(AttemptEnd::Answered(status));
+        };
+        if details == "via_upstream" {
+            return Some(AttemptEnd::Answered(status));
+        }
+        if details == "upstream_per_try_timeout" || details == "upstream_response_timeout" {
+            return Some(AttemptEnd::Timeout);
+        }
+        let reason = details.strip_prefix("upstream_reset_before_response_started")?;
+        if reason.contains("connection_failure") {
+            Some(AttemptEnd::ConnectFailure)
+        } else if reason.contains("overflow") || reason.contains("local_reset") {
+            None
+        } else {
+            Some(AttemptEnd::Reset)
+        }
+    }
+}
+
+/// Request headers Envoy's router obeys when a client sends them.
+const ROUTER_CONTROL_HEADERS: &[&str] = &[
+    "x-envoy-max-retries",
+    "x-envoy-retry-on",
+    "x-envoy-retry-grpc-on",
+    "x-envoy-retriable-status-codes",
+    "x-envoy-retriable-header-names",
+    "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-hedge-on-per-try-timeout",
+    "x-envoy-upstream-rq-timeout-alt-response",
+    "x-envoy-upstream-alt-stat-name",
+    "x-envoy-expected-rq-timeout-ms",
+    "x-envoy-is-timeout-retry",
+    "x-envoy-attempt-count",
+];
+
+/// Headers only Envoy and the gateway's own halves may set on a request.
+fn is_internal_request_header(name: &str) -> bool {
+    let starts = |prefix: &str| {
+        name.as_bytes()
+            .get(..prefix.len())
+            .is_some_and(|b| b.eq_ignore_ascii_case(prefix.as_bytes()))
+    };
+    starts("x-meshllm-") || starts("x-envoy-")
 }
 
 fn model_not_found(model: &str) -> ApiError {

@@ -1390,19 +1390,57 @@ fn unreadable_request_body_is_a_500_gateway_error() {
 }
 
 #[test]
-fn failing_setter_while_removing_the_forged_cluster_is_harmless() {
-    // The removal in on_request_headers fails; routing must still overwrite it.
+fn a_forged_internal_header_that_cannot_be_removed_fails_closed() {
+    // A header the client may not send stays when its removal fails: the
+    // request must not go on with it.
     let body = chat_body("\"fast\"");
     let mut host = client_post("/v1/chat/completions", body.as_bytes());
     host.fail(&[Op::RemoveRequestHeader]);
     let mut f = RequestFilter::new(config(), Role::Standalone);
     assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
-    host.failing.clear();
-    assert_eq!(
-        f.on_request_body(&mut host, body.len(), true),
-        Flow::Continue
-    );
-    assert_eq!(host.req(CLUSTER_HEADER).as_deref(), Some("groq"));
+    assert_eq!(host.reply().status, 500);
+    let e = error_fields(&host.reply().body);
+    assert_eq!(e.code.as_deref(), Some("gateway_error"));
+}
+
+#[test]
+fn forged_internal_headers_are_removed_with_or_without_a_listing() {
+    let cfg = config_from(ROUTED_CONFIG);
+    let body = chat_body("\"fast\"");
+    for listing_fails in [false, true] {
+        let mut host = client_post("/v1/chat/completions", body.as_bytes())
+            .with_header("x-meshllm-p1", "attacker")
+            .with_header("x-meshllm-p5", "attacker")
+            .with_header("x-envoy-max-retries", "5")
+            .with_header("x-envoy-upstream-rq-per-try-timeout-ms", "1")
+            .with_header("x-meshllm-models", "chain");
+        if listing_fails {
+            host.fail(&[Op::RequestHeaderNames]);
+        }
+        let mut router = RequestFilter::new(Rc::clone(&cfg), Role::Router);
+        assert_eq!(router.on_request_headers(&mut host, false), Flow::Pause);
+        host.failing.clear();
+        assert_eq!(
+            router.on_request_body(&mut host, body.len(), true),
+            Flow::Continue
+        );
+        assert_ne!(host.req("x-envoy-max-retries").as_deref(), Some("5"));
+        for name in ["x-envoy-upstream-rq-per-try-timeout-ms", "x-meshllm-models"] {
+            assert_eq!(
+                host.req(name),
+                None,
+                "{name}, listing fails: {listing_fails}"
+            );
+        }
+        // The caller's own fallbacks still count: a chain, handed to Envoy
+        // with every position named by the gateway.
+        assert_eq!(host.req(CLUSTER_HEADER).as_deref(), Some("meshllm"));
+        assert_ne!(host.req("x-meshllm-p1").as_deref(), Some("attacker"));
+        // A position beyond max_attempts is only found by a listing.
+        if !listing_fails {
+            assert_eq!(host.req("x-meshllm-p5"), None);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -2197,8 +2235,9 @@ fn router_half_plans_the_chain_and_the_attempt_half_serves_its_position() {
 fn a_single_target_is_served_by_the_listener_half_and_feeds_health() {
     let cfg = config_from(ROUTED_CONFIG);
     let body = chat_body(&quote("fast"));
-    // Answered with a 503, then abandoned before any answer: both are
-    // failures of the target, as the upstream half would record them.
+    // Answered with a provider's 503: a failure of the target. Abandoned
+    // before any answer: the caller went away (Envoy answers every request
+    // it forwarded), which says nothing about the target.
     for answered in [true, false] {
         let mut host = client_post("/v1/chat/completions", body.as_bytes())
             .with_header("authorization", "Bearer client-secret");
@@ -2231,9 +2270,10 @@ fn a_single_target_is_served_by_the_listener_half_and_feeds_health() {
             host.now_unix_millis(),
             &HealthPolicy::default(),
         );
+        let expected = if answered { (1, 1) } else { (0, 0) };
         assert_eq!(
             (health.requests, health.failures),
-            (1, 1),
+            expected,
             "answered: {answered}"
         );
     }
@@ -2412,7 +2452,9 @@ fn the_listener_half_reserves_and_settles_with_the_attempts_usage() {
         b"{}",
         None,
     );
-    assert_eq!(router.on_response_headers(&mut host, false), Flow::Continue);
+    // A complete answer of a chain is held until its end: the upstream half
+    // may still give it another status.
+    assert_eq!(router.on_response_headers(&mut host, false), Flow::Pause);
     assert_eq!(
         host.resp("x-ratelimit-limit-tokens").as_deref(),
         Some("100000")
@@ -3458,4 +3500,107 @@ fn profile_stream_translate() {
         true,
         anthropic_stream_answer(),
     );
+}
+
+#[test]
+fn an_untranslatable_answer_of_a_chain_leaves_its_headers_to_envoy_and_becomes_a_502() {
+    // The upstream half lets the headers pass (held there, a provider that
+    // broke off mid-answer would be retried elsewhere); the listener half
+    // holds them and gives the answer the status the upstream half chose.
+    let cfg = config_from(ROUTED_CONFIG);
+    let body = br#"{"model":"chain","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#;
+    let mut host = client_post("/v1/messages", body).with_header("anthropic-version", "2023-06-01");
+    let mut router = RequestFilter::new(Rc::clone(&cfg), Role::Router);
+    assert_eq!(router.on_request_headers(&mut host, false), Flow::Pause);
+    assert_eq!(
+        router.on_request_body(&mut host, body.len(), true),
+        Flow::Continue
+    );
+
+    let mut up = MockHost::new("POST", "/v1/messages").with_body(body);
+    up.request_headers = host.request_headers.clone();
+    up.properties = host.properties.clone();
+    up.properties
+        .insert(POSITION_PROPERTY.into(), b"1".to_vec());
+    let mut attempt = RequestFilter::new(Rc::clone(&cfg), Role::Attempt);
+    assert_eq!(attempt.on_request_headers(&mut up, false), Flow::Pause);
+    assert_eq!(
+        attempt.on_request_body(&mut up, body.len(), true),
+        Flow::Continue
+    );
+    up.respond(
+        200,
+        &[("content-type", "application/json")],
+        b"{\"choices\": [tru",
+        None,
+    );
+    assert_eq!(attempt.on_response_headers(&mut up, false), Flow::Continue);
+    assert_eq!(attempt.on_response_body(&mut up, 8, false), Flow::Pause);
+    let size = up.response_body.len();
+    assert_eq!(
+        attempt.on_response_body(&mut up, size, true),
+        Flow::Continue
+    );
+    assert_eq!(
+        up.properties.get(ANSWER_STATUS_PROPERTY).map(Vec::as_slice),
+        Some(&b"502"[..])
+    );
+    let error: Value = serde_json::from_slice(&up.response_body).unwrap();
+    assert_eq!(error["type"], "error", "in the caller's (Anthropic) shape");
+
+    host.properties = up.properties.clone();
+    host.respond(
+        200,
+        &[
+            (ATTEMPTS_RESPONSE_HEADER, "2"),
+            (PROVIDER_RESPONSE_HEADER, "groq"),
+        ],
+        &up.response_body,
+        None,
+    );
+    assert_eq!(router.on_response_headers(&mut host, false), Flow::Pause);
+    assert_eq!(router.on_response_body(&mut host, 4, false), Flow::Pause);
+    let size = host.response_body.len();
+    assert_eq!(
+        router.on_response_body(&mut host, size, true),
+        Flow::Continue
+    );
+    assert_eq!(host.resp(":status").as_deref(), Some("502"));
+}
+
+#[test]
+fn only_what_a_provider_did_is_an_attempts_end() {
+    use AttemptEnd::*;
+    let cases = [
+        (503, None, Some(Answered(503))),
+        (500, Some("via_upstream"), Some(Answered(500))),
+        (
+            503,
+            Some("upstream_reset_before_response_started{connection_failure,delayed_connect_error:_Connection_refused}"),
+            Some(ConnectFailure),
+        ),
+        (503, Some("upstream_reset_before_response_started{remote_reset}"), Some(Reset)),
+        (503, Some("upstream_reset_before_response_started{connection_termination}"), Some(Reset)),
+        (504, Some("upstream_per_try_timeout"), Some(Timeout)),
+        (504, Some("upstream_response_timeout"), Some(Timeout)),
+        // Envoy's own refusals: no provider was asked.
+        (503, Some("no_healthy_upstream"), None),
+        (503, Some("upstream_reset_before_response_started{overflow}"), None),
+        (503, Some("upstream_reset_before_response_started{local_reset}"), None),
+        (404, Some("cluster_not_found"), None),
+    ];
+    for (status, details, want) in cases {
+        assert_eq!(
+            AttemptEnd::of_envoy_reply(status, details),
+            want,
+            "{details:?}"
+        );
+    }
+    assert_eq!(
+        ConnectFailure.error_type().as_deref(),
+        Some("connect_failure")
+    );
+    assert_eq!(Timeout.error_type().as_deref(), Some("timeout"));
+    assert_eq!(Reset.error_type().as_deref(), Some("reset"));
+    assert_eq!(Answered(200).error_type(), None);
 }

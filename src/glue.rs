@@ -131,7 +131,15 @@ struct Http {
     request_body_size: usize,
 }
 
-impl Context for Http {}
+impl Context for Http {
+    // Envoy calls this when the stream ends, before access logging; an
+    // upstream filter whose attempt was reset, refused or timed out gets
+    // no other callback (and no `on_log`).
+    fn on_done(&mut self) -> bool {
+        self.filter.on_done(&mut ProxyHost::default());
+        true
+    }
+}
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
