@@ -9,10 +9,13 @@
 use std::rc::Rc;
 
 use crate::api::openai::ApiError;
-use crate::config::Config;
+use crate::config::{Config, Target};
 use crate::host::Host;
 use crate::identity::{Caller, IdentityError};
-use crate::limits::{limit_field, tag_value, Facts, LimitRule, ReservationPolicy, DEFAULT_ALERTS};
+use crate::limits::{
+    limit_field, tag_value, Facts, LimitRule, ModelScope, ReservationPolicy, Selector,
+    DEFAULT_ALERTS,
+};
 use crate::pricing::{cost_micro_usd, Prices};
 use crate::quota::{self, Amounts, Held, Limit, Meter, Refusal, Standing, Update};
 use crate::translate::{Schema, Usage};
@@ -99,8 +102,10 @@ pub fn identify(config: &Config, host: &mut dyn Host) -> Result<Who, ApiError> {
 pub fn prepare_buckets(config: &Config, store: &mut dyn crate::host::SharedData) {
     let mesh = config.quotas.iter().flat_map(|p| p.rules.iter());
     let namespaces = config.namespaces.values().flat_map(|p| p.rules.iter());
-    for key in mesh.chain(namespaces).filter_map(|r| r.static_bucket()) {
-        quota::ensure(store, &key);
+    for rule in mesh.chain(namespaces) {
+        for key in rule.known_buckets(config.models.iter().map(|m| m.name.as_str())) {
+            quota::ensure(store, &key);
+        }
     }
 }
 
@@ -127,7 +132,11 @@ fn settings(config: &Config) -> (ReservationPolicy, &[u32]) {
 
 /// The model a budget rule switches this request to, if one has passed its
 /// threshold: (new model, rule name). A rule whose replacement the caller
-/// may not use (`allowed` says no) does not apply.
+/// may not use (`allowed` says no) does not apply. `downgrade.models` is
+/// matched by what the asked name denotes (an alias of a listed model is
+/// that model), and the threshold is read in the rule's bucket for this
+/// caller: a rule on a model reads that model's, a `"*"` rule the bucket of
+/// each model the name may be served by.
 pub fn downgrade(
     config: &Config,
     host: &dyn Host,
@@ -137,33 +146,63 @@ pub fn downgrade(
     allowed: &dyn Fn(&str) -> bool,
 ) -> Option<(String, String)> {
     let now = host.now_unix_millis();
-    let facts = Facts {
-        caller: who.caller.as_ref(),
-        model,
-        tags: &who.tags,
-    };
+    let asked = config.route(model).map_or(model, |m| m.name.as_str());
     rules(config, namespace_rules).find_map(|rule| {
         let d = rule.downgrade.as_ref()?;
-        let to = d.models.get(model).filter(|to| allowed(to))?;
-        let key = rule.bucket(&facts)?;
-        let over = quota::standings(host, &key, &rule.limits, now)
-            .iter()
-            .any(|s| quota::percent(s.used, s.limit.max) >= d.at_percent);
+        let to = d.models.get(asked).filter(|to| allowed(to))?;
+        let facts = |model| Facts {
+            caller: who.caller.as_ref(),
+            model,
+            tags: &who.tags,
+        };
+        let keys: Vec<String> = match (rule.scope, &rule.matcher.model) {
+            (ModelScope::EachModel, _) => served_by(config, asked)
+                .iter()
+                .filter_map(|&m| rule.bucket(&facts(&config.models[m].name)))
+                .collect(),
+            (_, Selector::Is(bound)) => rule.bucket(&facts(bound)).into_iter().collect(),
+            _ => rule.bucket(&facts(asked)).into_iter().collect(),
+        };
+        let over = keys.iter().any(|key| {
+            quota::standings(host, key, &rule.limits, now)
+                .iter()
+                .any(|s| quota::percent(s.used, s.limit.max) >= d.at_percent)
+        });
         over.then(|| (to.clone(), rule.name.clone()))
     })
+}
+
+/// The models a document name (a model's or a route's) may be served by.
+fn served_by(config: &Config, name: &str) -> Vec<usize> {
+    match config.target(name) {
+        Some(Target::Model(i)) => vec![i],
+        Some(Target::Route(j)) => config.routes[j].targets.iter().map(|t| t.model).collect(),
+        None => Vec::new(),
+    }
 }
 
 /// What an admitted request holds until it is settled.
 #[derive(Debug, Clone)]
 pub struct Admission {
-    /// (rule, bucket key, reservation).
-    held: Vec<(Rc<LimitRule>, String, Held)>,
-    reserved: Amounts,
+    held: Vec<Hold>,
+    /// The targets that may serve, in attempt order (what `admit` kept).
+    chain: Vec<usize>,
     prompt_estimate: u64,
     output_estimate: u64,
     bytes_per_token: u64,
     /// Headers for the caller's answer: rate-limit state and budget alerts.
     pub headers: Vec<(String, String)>,
+}
+
+/// One reservation of an admitted request.
+#[derive(Debug, Clone)]
+struct Hold {
+    rule: Rc<LimitRule>,
+    key: String,
+    held: Held,
+    /// None: the request as a whole; Some: only these targets (a model's
+    /// rule, or a named route's), so it is charged when one of them is tried.
+    targets: Option<Vec<usize>>,
 }
 
 /// A refused request: the error and the headers that go with it.
@@ -177,37 +216,63 @@ pub struct Rejection {
 
 /// The request's shape, for the reservation estimate.
 pub struct Ask<'a> {
-    pub model: &'a str,
     pub body_len: usize,
     /// The most output the request asks for (`max_tokens` and kin).
     pub max_output: Option<u64>,
-    /// Candidate targets (indices into `Config::models`): the reservation
-    /// is priced at the most expensive.
+    /// Candidate targets (indices into `Config::models`) in attempt order,
+    /// before quotas: every model rule binds the positions of its model.
     pub chain: &'a [usize],
+    /// The routes the request names (its model, `x-meshllm-models`), after
+    /// namespace aliases (indices into `Config::routes`).
+    pub routes: &'a [usize],
+    /// At most this many targets are kept (failover's `max_attempts`).
+    pub max_targets: usize,
     pub caller_schema: Schema,
 }
 
-/// Admission: reserves the estimate in every bucket the request draws from.
-/// None when no quota applies to it.
+/// What admission let through.
+pub struct Admitted {
+    /// The targets that may serve, in attempt order: the candidates without
+    /// those a limit refused, at most `max_targets`.
+    pub chain: Vec<usize>,
+    /// Candidates dropped because a limit bound to them refused, in order.
+    pub over_quota: Vec<usize>,
+    /// None when no limit applies to the request.
+    pub admission: Option<Admission>,
+}
+
+/// One bucket a request may draw from, before it is reserved.
+struct Binding<'a> {
+    rule: &'a Rc<LimitRule>,
+    key: String,
+    /// As in [`Hold::targets`].
+    targets: Option<Vec<usize>>,
+    amounts: Amounts,
+}
+
+/// Where a target-bound bucket stands while the chain is walked.
+enum Reserved {
+    Not,
+    Held(quota::Admission),
+    Refused,
+}
+
+/// Admission. Every rule whose `match` fits the caller binds either the
+/// request as a whole (no `match.model`) or the targets its model or route
+/// stands for. Target by target, in chain order, the estimate is reserved
+/// in the buckets bound to that target; a target whose bucket refuses is
+/// dropped (the request may still be served by the others). Then the
+/// request-wide buckets are reserved, all or nothing. Refused as a whole
+/// when no target is left or a request-wide limit would be passed: nothing
+/// stays reserved anywhere.
 pub fn admit(
     config: &Config,
     host: &mut dyn Host,
     who: &Who,
     ask: &Ask,
     namespace_rules: &[Rc<LimitRule>],
-) -> Result<Option<Admission>, Box<Rejection>> {
+) -> Result<Admitted, Box<Rejection>> {
     let now = host.now_unix_millis();
-    let facts = Facts {
-        caller: who.caller.as_ref(),
-        model: ask.model,
-        tags: &who.tags,
-    };
-    let matched: Vec<(&Rc<LimitRule>, String)> = rules(config, namespace_rules)
-        .filter_map(|r| r.bucket(&facts).map(|k| (r, k)))
-        .collect();
-    if matched.is_empty() {
-        return Ok(None);
-    }
     let (reservation, alert_percents) = settings(config);
     let (prompt, output) = reservation.estimate(ask.body_len, ask.max_output);
     let estimate = Usage {
@@ -216,65 +281,252 @@ pub fn admit(
         cached_input_tokens: 0,
         reasoning_tokens: 0,
     };
-    let micro_usd = ask
-        .chain
-        .iter()
-        .filter_map(|&m| prices_of(config, m))
-        .map(|p| cost_micro_usd(&p, &estimate))
-        .max()
-        .unwrap_or(0);
-    let amounts = Amounts {
+    // Dollars at the most expensive of the targets a bucket may pay for.
+    let amounts = |targets: &mut dyn Iterator<Item = usize>| Amounts {
         requests: 1,
         tokens: prompt + output,
-        micro_usd,
+        micro_usd: targets
+            .filter_map(|m| prices_of(config, m))
+            .map(|p| cost_micro_usd(&p, &estimate))
+            .max()
+            .unwrap_or(0),
     };
-    let buckets: Vec<(&str, &[Limit])> = matched
-        .iter()
-        .map(|(r, k)| (k.as_str(), r.limits.as_slice()))
-        .collect();
-    match quota::reserve_all(host, &buckets, &amounts, now) {
-        Ok(reserved) => {
-            for ((rule, key), r) in matched.iter().zip(&reserved) {
-                for u in r.updates.iter().enumerate() {
-                    report(host, alert_percents, rule, key, who, u);
-                }
-            }
-            let all: Vec<(&LimitRule, &Standing)> = matched
-                .iter()
-                .zip(&reserved)
-                .flat_map(|((rule, _), r)| r.updates.iter().map(move |u| (&***rule, &u.standing)))
-                .collect();
-            let mut headers =
-                rate_limit_headers(ask.caller_schema, all.iter().map(|(_, s)| **s), now);
-            if let Some(alert) = alert_header(&all, alert_percents) {
-                headers.push((BUDGET_HEADER.into(), alert));
-            }
-            let held = matched
-                .into_iter()
-                .zip(reserved)
-                .map(|((rule, k), r)| (Rc::clone(rule), k, r.held))
-                .collect();
-            Ok(Some(Admission {
-                held,
-                reserved: amounts,
-                prompt_estimate: prompt,
-                output_estimate: output,
-                bytes_per_token: reservation.bytes_per_token.max(1),
-                headers,
-            }))
+    let bindings = bindings(config, who, ask, namespace_rules, &amounts);
+    if bindings.is_empty() {
+        return Ok(Admitted {
+            chain: ask.chain.iter().copied().take(ask.max_targets).collect(),
+            over_quota: Vec::new(),
+            admission: None,
+        });
+    }
+    let (request_wide, bound): (Vec<Binding>, Vec<Binding>) =
+        bindings.into_iter().partition(|b| b.targets.is_none());
+
+    // Target by target: a target keeps the reservations of its buckets.
+    let mut states: Vec<Reserved> = bound.iter().map(|_| Reserved::Not).collect();
+    let mut refusals: Vec<(usize, Refusal)> = Vec::new();
+    let mut chain = Vec::with_capacity(ask.max_targets.min(ask.chain.len()));
+    let mut over_quota = Vec::new();
+    for &target in ask.chain {
+        if chain.len() >= ask.max_targets {
+            break;
         }
+        let binds = |b: &Binding| b.targets.as_ref().is_some_and(|t| t.contains(&target));
+        let mine: Vec<usize> = (0..bound.len()).filter(|&i| binds(&bound[i])).collect();
+        if mine.iter().any(|&i| matches!(states[i], Reserved::Refused)) {
+            over_quota.push(target);
+            continue;
+        }
+        let todo: Vec<usize> = mine
+            .into_iter()
+            .filter(|&i| matches!(states[i], Reserved::Not))
+            .collect();
+        let buckets: Vec<(&str, &[Limit], &Amounts)> = todo
+            .iter()
+            .map(|&i| {
+                (
+                    bound[i].key.as_str(),
+                    bound[i].rule.limits.as_slice(),
+                    &bound[i].amounts,
+                )
+            })
+            .collect();
+        match quota::reserve_all(host, &buckets, now) {
+            Ok(reserved) => {
+                for (&i, r) in todo.iter().zip(reserved) {
+                    states[i] = Reserved::Held(r);
+                }
+                chain.push(target);
+            }
+            Err((index, refusal)) => {
+                if let Some(&i) = todo.get(index) {
+                    states[i] = Reserved::Refused;
+                    refusals.push((i, refusal));
+                }
+                over_quota.push(target);
+            }
+        }
+    }
+    let release = |host: &mut dyn Host, states: &[Reserved]| {
+        for state in states {
+            if let Reserved::Held(r) = state {
+                quota::settle(host, &r.held, &Amounts::default(), now);
+            }
+        }
+    };
+    if chain.is_empty() {
+        release(host, &states);
+        let (i, refusal) = first_to_clear(&refusals).ok_or_else(|| {
+            Box::new(rejection(
+                ask.caller_schema,
+                "",
+                &Refusal::Busy,
+                &Amounts::default(),
+                now,
+            ))
+        })?;
+        let b = &bound[i];
+        return Err(Box::new(rejection(
+            ask.caller_schema,
+            &b.rule.name,
+            &refusal,
+            &b.amounts,
+            now,
+        )));
+    }
+
+    // The request as a whole, priced at the dearest target it may reach.
+    let whole = amounts(&mut chain.iter().copied());
+    let buckets: Vec<(&str, &[Limit], &Amounts)> = request_wide
+        .iter()
+        .map(|b| (b.key.as_str(), b.rule.limits.as_slice(), &whole))
+        .collect();
+    let reserved = match quota::reserve_all(host, &buckets, now) {
+        Ok(reserved) => reserved,
         Err((index, refusal)) => {
-            let rule = matched.get(index).map(|(r, _)| r);
-            let name = rule.map_or("", |r| r.name.as_str());
-            Err(Box::new(rejection(
+            release(host, &states);
+            let name = request_wide.get(index).map_or("", |b| b.rule.name.as_str());
+            return Err(Box::new(rejection(
                 ask.caller_schema,
                 name,
                 &refusal,
-                &amounts,
+                &whole,
                 now,
-            )))
+            )));
+        }
+    };
+
+    let mut held: Vec<(Binding, quota::Admission)> =
+        request_wide.into_iter().zip(reserved).collect();
+    held.extend(
+        bound
+            .into_iter()
+            .zip(states)
+            .filter_map(|(b, state)| match state {
+                Reserved::Held(r) => Some((b, r)),
+                _ => None,
+            }),
+    );
+    for (b, r) in &held {
+        for u in r.updates.iter().enumerate() {
+            report(host, alert_percents, b.rule, &b.key, who, u);
         }
     }
+    // The caller's headers: its request-wide limits and those bound to the
+    // target it is sent to first (whichever name led there).
+    let first = chain.first().copied();
+    let shown: Vec<(&LimitRule, &Standing)> = held
+        .iter()
+        .filter(|(b, _)| match (&b.targets, first) {
+            (None, _) => true,
+            (Some(t), Some(first)) => t.contains(&first),
+            (Some(_), None) => false,
+        })
+        .flat_map(|(b, r)| r.updates.iter().map(move |u| (&**b.rule, &u.standing)))
+        .collect();
+    let mut headers = rate_limit_headers(ask.caller_schema, shown.iter().map(|(_, s)| **s), now);
+    if let Some(alert) = alert_header(&shown, alert_percents) {
+        headers.push((BUDGET_HEADER.into(), alert));
+    }
+    let held = held
+        .into_iter()
+        .map(|(b, r)| Hold {
+            rule: Rc::clone(b.rule),
+            key: b.key,
+            held: r.held,
+            targets: b.targets,
+        })
+        .collect();
+    Ok(Admitted {
+        chain: chain.clone(),
+        over_quota,
+        admission: Some(Admission {
+            held,
+            chain,
+            prompt_estimate: prompt,
+            output_estimate: output,
+            bytes_per_token: reservation.bytes_per_token.max(1),
+            headers,
+        }),
+    })
+}
+
+/// The buckets the request may draw from: every rule whose `match` fits
+/// the caller, with the candidate targets it binds.
+fn bindings<'a>(
+    config: &'a Config,
+    who: &Who,
+    ask: &Ask,
+    namespace_rules: &'a [Rc<LimitRule>],
+    amounts: &dyn Fn(&mut dyn Iterator<Item = usize>) -> Amounts,
+) -> Vec<Binding<'a>> {
+    let mut out = Vec::new();
+    for rule in rules(config, namespace_rules) {
+        let mut bind = |model: &str, targets: Option<Vec<usize>>| {
+            let facts = Facts {
+                caller: who.caller.as_ref(),
+                model,
+                tags: &who.tags,
+            };
+            let Some(key) = rule.bucket(&facts) else {
+                return;
+            };
+            // Request-wide buckets are priced once the chain is known.
+            let amounts = match &targets {
+                Some(t) => amounts(&mut t.iter().copied()),
+                None => Amounts::default(),
+            };
+            out.push(Binding {
+                rule,
+                key,
+                targets,
+                amounts,
+            });
+        };
+        let name = |m: usize| config.models.get(m).map_or("", |r| r.name.as_str());
+        match rule.scope {
+            ModelScope::Request => bind("", None),
+            ModelScope::Model(m) => {
+                if ask.chain.contains(&m) {
+                    bind(name(m), Some(vec![m]));
+                }
+            }
+            ModelScope::EachModel => {
+                for &m in ask.chain {
+                    bind(name(m), Some(vec![m]));
+                }
+            }
+            ModelScope::Route(r) => {
+                let Some(route) = config.routes.get(r).filter(|_| ask.routes.contains(&r)) else {
+                    continue;
+                };
+                let targets: Vec<usize> = ask
+                    .chain
+                    .iter()
+                    .copied()
+                    .filter(|&m| route.targets.iter().any(|t| t.model == m))
+                    .collect();
+                if !targets.is_empty() {
+                    bind(&route.name, Some(targets));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Of the refusals met on a request's targets, the one to answer with: the
+/// limit whose window ends first (retrying then may be served), else the
+/// first met.
+fn first_to_clear(refusals: &[(usize, Refusal)]) -> Option<(usize, Refusal)> {
+    refusals
+        .iter()
+        .min_by_key(|(_, r)| match r {
+            Refusal::Exceeded { standing } => (0, standing.resets_at_ms),
+            Refusal::Busy => (1, 0),
+            Refusal::TooLarge { .. } => (2, 0),
+        })
+        .cloned()
 }
 
 /// How a request ended, for settlement.
@@ -283,6 +535,9 @@ pub struct Outcome {
     pub usage: Option<Usage>,
     /// The target that answered, when one did.
     pub served: Option<usize>,
+    /// How many targets of the admitted chain were tried, in order; None
+    /// when not known (then every one of them may have been).
+    pub attempts: Option<usize>,
     /// The status the caller got (0: none).
     pub status: u16,
     /// Answer bytes passed to the caller (charged when a stream was cut
@@ -332,27 +587,48 @@ pub fn charge(config: &Config, admission: Option<&Admission>, outcome: &Outcome)
 }
 
 /// Replaces the request's reservations with what it cost; logs and gauges
-/// budget thresholds crossed on the way.
+/// budget thresholds crossed on the way. Request-wide buckets get the
+/// charge. A bucket bound to targets gets it when one of its targets
+/// answered; when one was tried but another answered (or none did), one
+/// request and nothing else, as any failed request; when none was tried,
+/// nothing: its reservation is released.
 pub fn settle(
     config: &Config,
     host: &mut dyn Host,
     who: &Who,
     admission: &Admission,
     charge: &Charge,
+    outcome: &Outcome,
 ) {
     let (_, alert_percents) = settings(config);
     let now = host.now_unix_millis();
     let actual = Amounts {
-        requests: admission.reserved.requests,
+        requests: 1,
         tokens: charge
             .usage
             .input_tokens
             .saturating_add(charge.usage.output_tokens),
         micro_usd: charge.micro_usd,
     };
-    for (rule, key, held) in &admission.held {
-        for (i, u) in quota::settle(host, held, &actual, now).iter().enumerate() {
-            report(host, alert_percents, rule, key, who, (i, u));
+    let tried_only = Amounts {
+        requests: 1,
+        ..Amounts::default()
+    };
+    let untried = Amounts::default();
+    let tried = outcome.attempts.unwrap_or(usize::MAX);
+    let reached = |m: usize| admission.chain.iter().take(tried).any(|&c| c == m);
+    for hold in &admission.held {
+        let amounts = match &hold.targets {
+            None => &actual,
+            Some(t) if outcome.served.is_some_and(|s| t.contains(&s)) => &actual,
+            Some(t) if t.iter().any(|&m| reached(m)) => &tried_only,
+            Some(_) => &untried,
+        };
+        for (i, u) in quota::settle(host, &hold.held, amounts, now)
+            .iter()
+            .enumerate()
+        {
+            report(host, alert_percents, &hold.rule, &hold.key, who, (i, u));
         }
     }
 }

@@ -295,6 +295,15 @@ impl Config {
             .or_else(|| self.routing_index(name).map(Target::Route))
     }
 
+    /// The document's own name of what a public name denotes: a model's
+    /// name (not an alias), or a route's.
+    pub fn target_name(&self, target: Target) -> &str {
+        match target {
+            Target::Model(i) => self.models.get(i).map_or("", |m| m.name.as_str()),
+            Target::Route(j) => self.routes.get(j).map_or("", |r| r.name.as_str()),
+        }
+    }
+
     /// Every public name with what it denotes, in listing order.
     pub fn public_targets(&self) -> impl Iterator<Item = (&str, Target)> {
         self.models
@@ -543,7 +552,15 @@ pub fn compile(doc: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Compi
     let failover = compile_failover(obj.get("failover"))?;
     let identity = compile_identity(obj.get("identity"))?;
     let tags = compile_attribution(obj.get("attribution"))?;
-    let is_model = |name: &str| by_name.contains_key(name) || route_by_name.contains_key(name);
+    let is_model = |name: &str| {
+        let model = by_name
+            .get(name)
+            .map(|&i| (Target::Model(i), models[i].name.clone()));
+        model.or_else(|| {
+            let j = *route_by_name.get(name)?;
+            Some((Target::Route(j), routes[j].name.clone()))
+        })
+    };
     let is_key = |name: &str| identity.as_ref().is_some_and(|i| i.has_key(name));
     let known = Known {
         model: &is_model,

@@ -1075,22 +1075,38 @@ impl RequestFilter {
                     stream: call.stream,
                     parsed: &parsed,
                 };
-                let (chain, reason) = self.choose_targets(request, &model, op)?;
+                let (candidates, mut reason, routes) = self.choose_targets(request, &model, op)?;
                 self.reason = Some(reason.clone());
                 let ask = Ask {
-                    model: &model,
                     body_len: body.len(),
                     max_output: max_output_tokens(&doc, self.caller, op),
-                    chain: &chain,
+                    chain: &candidates,
+                    routes: &routes,
+                    max_targets: if self.role == Role::Router {
+                        config.failover.max_attempts
+                    } else {
+                        1
+                    },
                     caller_schema: self.caller,
                 };
-                match admission::admit(&config, host, &self.who, &ask, applied.rules()) {
+                let chain = match admission::admit(&config, host, &self.who, &ask, applied.rules())
+                {
                     Ok(mut admitted) => {
-                        if let Some(a) = &mut admitted {
+                        if let Some(a) = &mut admitted.admission {
                             self.answer_headers.append(&mut a.headers);
                             self.quota_decision = "admitted".into();
                         }
-                        self.admission = admitted;
+                        self.admission = admitted.admission;
+                        if !admitted.over_quota.is_empty() {
+                            let names: Vec<&str> = admitted
+                                .over_quota
+                                .iter()
+                                .map(|&m| config.models[m].name.as_str())
+                                .collect();
+                            reason = format!("{reason};over_quota={}", names.join(","));
+                            self.reason = Some(reason.clone());
+                        }
+                        admitted.chain
                     }
                     Err(refused) => {
                         let (ns, svc) = self.who.names();
@@ -1109,7 +1125,7 @@ impl RequestFilter {
                         self.answer_headers.extend(refused.headers);
                         return Err(refused.error);
                     }
-                }
+                };
                 if self.role == Role::Router {
                     if chain.len() > 1 {
                         return self.hand_to_envoy(host, op, chain, reason);
@@ -1128,19 +1144,23 @@ impl RequestFilter {
         }
     }
 
-    /// The targets that may serve `model`, in attempt order, and why.
+    /// The targets that may serve `model`, in attempt order (quotas may
+    /// drop some, and the chain is cut to `max_attempts` after them), why,
+    /// and the routes the request names (quota rules on routes bind them).
     fn choose_targets(
         &self,
         request: Request,
         model: &str,
         op: Operation,
-    ) -> Result<(Vec<usize>, String), ApiError> {
+    ) -> Result<(Vec<usize>, String, Vec<usize>), ApiError> {
         let config = &self.config;
         let (mut chain, mut reason) = self.expand(model, request)?;
+        let mut routes: Vec<usize> = config.routing_index(model).into_iter().collect();
         if self.role == Role::Router {
             if let Some(extra) = self.extra_models.as_deref() {
                 for name in extra.split(',').map(str::trim).filter(|n| !n.is_empty()) {
                     let (more, _) = self.expand(name, request)?;
+                    routes.extend(config.routing_index(self.applied.resolve(name)));
                     for m in more {
                         if !chain.contains(&m) {
                             chain.push(m);
@@ -1162,13 +1182,7 @@ impl RequestFilter {
             }
             return Err(model_not_found(model));
         }
-        let limit = if self.role == Role::Router {
-            config.failover.max_attempts
-        } else {
-            1
-        };
-        chain.truncate(limit);
-        Ok((chain, reason))
+        Ok((chain, reason, routes))
     }
 
     /// The configured first target of a model or route name, to name the
@@ -2011,12 +2025,18 @@ impl RequestFilter {
         let outcome = admission::Outcome {
             usage: reported.map(|(_, u)| u),
             served: served_index,
+            // The upstream half numbers the attempt that answered; a lone
+            // target is tried once.
+            attempts: match self.role {
+                Role::Router => (self.attempt > 0).then_some(self.attempt as usize),
+                _ => Some(1),
+            },
             status: self.status,
             response_bytes: self.response_bytes,
         };
         let charge = admission::charge(&config, self.admission.as_ref(), &outcome);
         if let Some(a) = self.admission.take() {
-            admission::settle(&config, host, &self.who, &a, &charge);
+            admission::settle(&config, host, &self.who, &a, &charge, &outcome);
         }
         // A streamed answer's first byte, and its pace after it.
         let ttft_us = match (self.streaming, self.first_byte_us) {

@@ -2675,6 +2675,419 @@ fn a_refused_request_gets_an_openai_429_and_reserves_nothing() {
     assert!(rejected);
 }
 
+// Model rules bind what serves: every name that leads to a model, and each
+// position of a chain where it may serve.
+
+const BOUND_CONFIG: &str = r#"{
+  "providers": [
+    {"name": "azure", "kind": "azure_openai", "base_url": "https://res.openai.azure.com",
+     "api_version": "2024-10-21", "api_key_env": "AZURE_KEY"},
+    {"name": "groq", "kind": "openai_compatible", "base_url": "https://api.groq.com/openai/v1",
+     "api_key_env": "GROQ_API_KEY"},
+    {"name": "nokey", "kind": "openai_compatible", "base_url": "https://nokey.example/v1",
+     "api_key_env": "NOKEY_API_KEY"}
+  ],
+  "models": [
+    {"name": "azure-gpt-4o", "provider": "azure", "model": "gpt-4o", "aliases": ["4o"]},
+    {"name": "fast", "provider": "groq", "model": "llama-3.1-8b-instant"},
+    {"name": "broken", "provider": "nokey"}
+  ],
+  "routes": [
+    {"name": "only-4o", "targets": ["azure-gpt-4o"]},
+    {"name": "4o-first", "targets": ["azure-gpt-4o", "fast"]},
+    {"name": "fast-first", "targets": ["fast", "azure-gpt-4o"]}
+  ],
+  "identity": {"source": "trusted_header", "header": "x-caller"},
+  "namespaces": {"team": {"aliases": {"house": "azure-gpt-4o"}}}
+}"#;
+
+const GPT4O_BUCKET: &str = "meshllm/quota/v1/gpt-4o-daily";
+const FAST_BUCKET: &str = "meshllm/quota/v1/fast-daily";
+
+/// BOUND_CONFIG with these quota rules.
+fn bound_config(limits: Value) -> Rc<Config> {
+    let mut doc: Value = serde_json::from_str(BOUND_CONFIG).unwrap();
+    doc["quotas"] = serde_json::json!({ "limits": limits });
+    config_from(&doc.to_string())
+}
+
+/// (requests, tokens) used in `key` under rule `rule` of the config.
+fn bucket_use(cfg: &Config, host: &MockHost, rule: &str, key: &str) -> (u64, u64) {
+    let rule = cfg
+        .quotas
+        .as_ref()
+        .unwrap()
+        .rules
+        .iter()
+        .find(|r| r.name == rule)
+        .unwrap();
+    let standings = crate::quota::standings(host, key, &rule.limits, host.now_unix_millis());
+    let used = |meter| {
+        standings
+            .iter()
+            .find(|s| s.limit.meter == meter)
+            .map_or(0, |s| s.used)
+    };
+    (
+        used(crate::quota::Meter::Requests),
+        used(crate::quota::Meter::Tokens),
+    )
+}
+
+/// Runs a chat request for `model` through the listener half (`host`
+/// keeps the shared data between requests).
+fn bound_request(
+    cfg: &Rc<Config>,
+    host: &mut MockHost,
+    caller: &str,
+    model: &str,
+    fallbacks: Option<&str>,
+) -> (RequestFilter, Flow) {
+    let body = chat_body(&quote(model));
+    let mut fresh =
+        client_post("/v1/chat/completions", body.as_bytes()).with_header("x-caller", caller);
+    if let Some(names) = fallbacks {
+        fresh = fresh.with_header(MODELS_REQUEST_HEADER, names);
+    }
+    host.request_headers = fresh.request_headers;
+    host.request_body = fresh.request_body;
+    host.response_headers.clear();
+    host.sent.clear();
+    host.properties.clear();
+    let mut f = RequestFilter::new(Rc::clone(cfg), Role::Router);
+    assert_eq!(f.on_request_headers(host, false), Flow::Pause);
+    let flow = f.on_request_body(host, body.len(), true);
+    (f, flow)
+}
+
+fn answer_header<'a>(f: &'a RequestFilter, name: &str) -> Option<&'a str> {
+    f.answer_headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
+#[test]
+fn a_model_rule_binds_every_name_that_leads_to_the_model() {
+    // Written with the alias: it binds the model, whatever name is used.
+    let cfg = bound_config(serde_json::json!([
+        {"name": "gpt-4o-daily", "match": {"model": "4o"}, "requests_per_day": 2}
+    ]));
+    let azure = cfg.route_index("azure-gpt-4o").unwrap();
+    let fast = cfg.route_index("fast").unwrap();
+    let mut host = MockHost::default();
+    for (model, remaining) in [("azure-gpt-4o", "1"), ("only-4o", "0")] {
+        let (mut f, flow) = bound_request(&cfg, &mut host, "shop/app", model, None);
+        assert_eq!(flow, Flow::Continue, "{model}: {:?}", host.sent);
+        assert_eq!(f.route, Some(azure));
+        assert_eq!(answer_header(&f, "x-ratelimit-limit-requests"), Some("2"));
+        assert_eq!(
+            answer_header(&f, "x-ratelimit-remaining-requests"),
+            Some(remaining),
+            "{model}: a route shows the limit of the model it is sent to"
+        );
+        f.on_done(&mut host);
+    }
+    assert_eq!(bucket_use(&cfg, &host, "gpt-4o-daily", GPT4O_BUCKET).0, 2);
+
+    // Every name that can only lead to the model is refused.
+    let escapes: [(&str, &str, Option<&str>); 6] = [
+        ("shop/app", "azure-gpt-4o", None),
+        ("shop/app", "4o", None),
+        ("team/app", "house", None),
+        ("shop/app", "only-4o", None),
+        // The body's model cannot serve (no key): the fallback is the model.
+        ("shop/app", "broken", Some("4o")),
+        ("team/app", "broken", Some("house, only-4o")),
+    ];
+    for (caller, model, fallbacks) in escapes {
+        let (mut f, flow) = bound_request(&cfg, &mut host, caller, model, fallbacks);
+        assert_eq!(flow, Flow::Pause, "{model} {fallbacks:?} was not refused");
+        let sent = host.reply();
+        assert_eq!(sent.status, 429);
+        let e = error_fields(&sent.body);
+        assert_eq!(
+            (e.kind.as_str(), e.code.as_deref()),
+            ("requests", Some("rate_limit_exceeded"))
+        );
+        assert!(
+            e.message
+                .contains("requests_per_day in limit 'gpt-4o-daily': Limit 2, Used 2, Requested 1"),
+            "{}",
+            e.message
+        );
+        assert_eq!(sent.header("x-ratelimit-remaining-requests"), Some("0"));
+        assert!(sent.header("retry-after").is_some());
+        f.on_done(&mut host);
+    }
+    // A chain with another target is served by it, and says why.
+    for model in ["4o-first", "fast-first"] {
+        let (mut f, flow) = bound_request(&cfg, &mut host, "shop/app", model, None);
+        assert_eq!(flow, Flow::Continue, "{model}");
+        assert_eq!(f.route, Some(fast));
+        assert_eq!(
+            f.reason.as_deref(),
+            Some("ordered;over_quota=azure-gpt-4o"),
+            "{model}"
+        );
+        assert_eq!(
+            answer_header(&f, "x-ratelimit-limit-requests"),
+            None,
+            "no limit binds the target it is sent to"
+        );
+        f.on_done(&mut host);
+    }
+    let (mut f, flow) = bound_request(&cfg, &mut host, "shop/app", "4o", Some("fast"));
+    assert_eq!(flow, Flow::Continue);
+    assert_eq!(f.route, Some(fast));
+    assert_eq!(
+        f.reason.as_deref(),
+        Some("request;model;over_quota=azure-gpt-4o")
+    );
+    f.on_done(&mut host);
+    assert_eq!(
+        bucket_use(&cfg, &host, "gpt-4o-daily", GPT4O_BUCKET).0,
+        2,
+        "nothing more was counted on the model"
+    );
+    let rejected: u64 = host
+        .counters
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with("meshllm_quota_rejections_total;") && k.contains(";limit=gpt-4o-daily;")
+        })
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(rejected, 6);
+}
+
+#[test]
+fn a_chain_reserves_each_bound_target_and_settles_on_the_one_that_answered() {
+    let cfg = bound_config(serde_json::json!([
+        {"name": "gpt-4o-daily", "match": {"model": "azure-gpt-4o"},
+         "requests_per_day": 3, "tokens_per_day": 1000000},
+        {"name": "fast-daily", "match": {"model": "fast"},
+         "requests_per_day": 5, "tokens_per_day": 1000000}
+    ]));
+    let azure = cfg.route_index("azure-gpt-4o").unwrap();
+    let fast = cfg.route_index("fast").unwrap();
+    let use_of = |host: &MockHost| {
+        (
+            bucket_use(&cfg, host, "gpt-4o-daily", GPT4O_BUCKET),
+            bucket_use(&cfg, host, "fast-daily", FAST_BUCKET),
+        )
+    };
+    let mut host = MockHost::default();
+
+    // In flight, a request holds a reservation on every target it may reach.
+    let (mut f, flow) = bound_request(&cfg, &mut host, "shop/app", "4o-first", None);
+    assert_eq!(flow, Flow::Continue);
+    assert_eq!(host.req("x-envoy-max-retries").as_deref(), Some("1"));
+    let ((r4o, t4o), (rfast, tfast)) = use_of(&host);
+    assert_eq!((r4o, rfast), (1, 1));
+    assert!(t4o > 0 && t4o == tfast);
+    // The caller sees the limits of the first target.
+    assert_eq!(answer_header(&f, "x-ratelimit-limit-requests"), Some("3"));
+    assert_eq!(
+        answer_header(&f, "x-ratelimit-remaining-requests"),
+        Some("2")
+    );
+    // The first target failed, the second answered: the failed one counts
+    // one request and no tokens, the one that answered its usage.
+    host.properties.insert(
+        USAGE_PROPERTY.into(),
+        format!("{fast},30,12,0,0").into_bytes(),
+    );
+    host.respond(
+        200,
+        &[
+            (ATTEMPTS_RESPONSE_HEADER, "2"),
+            (PROVIDER_RESPONSE_HEADER, "groq"),
+            (MODEL_RESPONSE_HEADER, "llama-3.1-8b-instant"),
+        ],
+        b"{}",
+        None,
+    );
+    assert_eq!(f.on_response_headers(&mut host, false), Flow::Continue);
+    assert_eq!(f.on_response_body(&mut host, 2, true), Flow::Continue);
+    assert_eq!(use_of(&host), ((1, 0), (1, 42)));
+
+    // Answered at once: the target it did not reach gets its reservation back.
+    let (mut f, flow) = bound_request(&cfg, &mut host, "shop/app", "4o-first", None);
+    assert_eq!(flow, Flow::Continue);
+    host.properties.insert(
+        USAGE_PROPERTY.into(),
+        format!("{azure},10,5,0,0").into_bytes(),
+    );
+    host.respond(
+        200,
+        &[
+            (ATTEMPTS_RESPONSE_HEADER, "1"),
+            (PROVIDER_RESPONSE_HEADER, "azure"),
+            (MODEL_RESPONSE_HEADER, "gpt-4o"),
+        ],
+        b"{}",
+        None,
+    );
+    f.on_response_headers(&mut host, false);
+    f.on_response_body(&mut host, 2, true);
+    assert_eq!(use_of(&host), ((2, 15), (1, 42)));
+
+    // Abandoned before any answer: which targets were tried is not known,
+    // so each one it may have reached counts a request (never fewer).
+    let (mut f, flow) = bound_request(&cfg, &mut host, "shop/app", "4o-first", Some("broken"));
+    assert_eq!(flow, Flow::Continue);
+    assert!(!f.direct);
+    f.on_done(&mut host);
+    assert_eq!(use_of(&host), ((3, 15), (2, 42)));
+
+    // The model's limit is spent: the chain goes straight to the other one.
+    let (mut f, flow) = bound_request(&cfg, &mut host, "shop/app", "4o-first", None);
+    assert_eq!(flow, Flow::Continue);
+    assert!(
+        f.direct,
+        "one target left: served without the upstream half"
+    );
+    assert_eq!(f.route, Some(fast));
+    assert_eq!(f.reason.as_deref(), Some("ordered;over_quota=azure-gpt-4o"));
+    assert_eq!(answer_header(&f, "x-ratelimit-limit-requests"), Some("5"));
+    assert_eq!(
+        answer_header(&f, "x-ratelimit-remaining-requests"),
+        Some("2")
+    );
+    f.on_done(&mut host);
+    assert_eq!(use_of(&host), ((3, 15), (3, 42)));
+}
+
+#[test]
+fn a_refusal_on_every_target_names_the_limit_that_clears_first() {
+    let cfg = bound_config(serde_json::json!([
+        {"name": "gpt-4o-daily", "match": {"model": "azure-gpt-4o"}, "requests_per_day": 1},
+        {"name": "fast-minute", "match": {"model": "fast"}, "requests_per_minute": 1}
+    ]));
+    let mut host = MockHost::default();
+    for model in ["azure-gpt-4o", "fast"] {
+        let (mut f, flow) = bound_request(&cfg, &mut host, "shop/app", model, None);
+        assert_eq!(flow, Flow::Continue);
+        f.on_done(&mut host);
+    }
+    let before = host.shared.clone();
+    let (_, flow) = bound_request(&cfg, &mut host, "shop/app", "4o-first", None);
+    assert_eq!(flow, Flow::Pause);
+    let sent = host.reply();
+    assert_eq!(sent.status, 429);
+    let e = error_fields(&sent.body);
+    assert!(
+        e.message.contains("in limit 'fast-minute'"),
+        "{}",
+        e.message
+    );
+    let wait: u64 = sent.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+    assert_eq!(host.shared, before, "nothing stays reserved");
+}
+
+#[test]
+fn request_wide_limits_still_refuse_and_release_the_targets() {
+    let cfg = bound_config(serde_json::json!([
+        {"name": "gpt-4o-daily", "match": {"model": "azure-gpt-4o"}, "requests_per_day": 10},
+        {"name": "shop", "match": {"namespace": "shop"}, "requests_per_day": 1}
+    ]));
+    let mut host = MockHost::default();
+    let (mut f, flow) = bound_request(&cfg, &mut host, "shop/app", "4o-first", None);
+    assert_eq!(flow, Flow::Continue);
+    assert_eq!(answer_header(&f, "x-ratelimit-limit-requests"), Some("1"));
+    f.on_done(&mut host);
+    let (_, flow) = bound_request(&cfg, &mut host, "shop/app", "4o-first", None);
+    assert_eq!(flow, Flow::Pause);
+    assert!(error_fields(&host.reply().body)
+        .message
+        .contains("in limit 'shop'"));
+    assert_eq!(
+        bucket_use(&cfg, &host, "gpt-4o-daily", GPT4O_BUCKET).0,
+        1,
+        "the refused request's target reservation was released"
+    );
+}
+
+#[test]
+fn each_model_rules_count_per_model_whatever_the_name() {
+    let cfg = bound_config(serde_json::json!([
+        {"name": "per-model", "match": {"model": "*"}, "requests_per_day": 1}
+    ]));
+    let mut store = MockHost::default();
+    crate::admission::prepare_buckets(&cfg, &mut store);
+    let mut keys: Vec<&String> = store.shared.keys().collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "meshllm/quota/v1/per-model|model=azure-gpt-4o",
+            "meshllm/quota/v1/per-model|model=broken",
+            "meshllm/quota/v1/per-model|model=fast"
+        ],
+        "per-model buckets exist before the first request"
+    );
+    let mut host = store;
+    let (mut f, flow) = bound_request(&cfg, &mut host, "shop/app", "only-4o", None);
+    assert_eq!(flow, Flow::Continue);
+    f.on_done(&mut host);
+    for (model, want) in [("4o", Flow::Pause), ("fast", Flow::Continue)] {
+        let (mut f, flow) = bound_request(&cfg, &mut host, "shop/app", model, None);
+        assert_eq!(flow, want, "{model}");
+        f.on_done(&mut host);
+    }
+}
+
+#[test]
+fn a_route_rule_binds_the_routes_targets_when_the_request_names_it() {
+    let cfg = bound_config(serde_json::json!([
+        {"name": "route-daily", "match": {"model": "4o-first"}, "requests_per_day": 1}
+    ]));
+    let mut host = MockHost::default();
+    let (mut f, flow) = bound_request(&cfg, &mut host, "shop/app", "fast", Some("4o-first"));
+    assert_eq!(flow, Flow::Continue);
+    f.on_done(&mut host);
+    // Spent: naming the route refuses its targets; not naming it does not.
+    let (_, flow) = bound_request(&cfg, &mut host, "shop/app", "4o-first", None);
+    assert_eq!(flow, Flow::Pause);
+    assert!(error_fields(&host.reply().body)
+        .message
+        .contains("'route-daily'"));
+    for model in ["azure-gpt-4o", "fast-first"] {
+        let (mut f, flow) = bound_request(&cfg, &mut host, "shop/app", model, None);
+        assert_eq!(flow, Flow::Continue, "{model}");
+        f.on_done(&mut host);
+    }
+}
+
+#[test]
+fn downgrades_follow_the_model_whatever_name_asked_for_it() {
+    let cfg = bound_config(serde_json::json!([
+        {"name": "gpt-4o-daily", "match": {"model": "azure-gpt-4o"}, "requests_per_day": 2,
+         "downgrade": {"at_percent": 50, "models": {"4o": "fast", "only-4o": "fast"}}}
+    ]));
+    let fast = cfg.route_index("fast").unwrap();
+    let mut host = MockHost::default();
+    let (mut f, flow) = bound_request(&cfg, &mut host, "shop/app", "azure-gpt-4o", None);
+    assert_eq!(flow, Flow::Continue);
+    assert_eq!(answer_header(&f, DOWNGRADE_RESPONSE_HEADER), None);
+    f.on_done(&mut host);
+    // Half the model's budget is used: each of its names, and the route
+    // listed, is served as `fast`.
+    for (model, shown) in [
+        ("azure-gpt-4o", "azure-gpt-4o->fast;limit=gpt-4o-daily"),
+        ("4o", "4o->fast;limit=gpt-4o-daily"),
+        ("only-4o", "only-4o->fast;limit=gpt-4o-daily"),
+    ] {
+        let (mut f, flow) = bound_request(&cfg, &mut host, "shop/app", model, None);
+        assert_eq!(flow, Flow::Continue, "{model}");
+        assert_eq!(f.route, Some(fast), "{model}");
+        assert_eq!(answer_header(&f, DOWNGRADE_RESPONSE_HEADER), Some(shown));
+        f.on_done(&mut host);
+    }
+}
+
 #[test]
 fn unidentified_callers_get_403_in_their_own_shape() {
     let cfg = quota_config();

@@ -9,6 +9,13 @@
 //! bounded). Attribution tags only narrow: a tag rule is an extra limit on
 //! the tagged requests, never a way out of the caller's own limits.
 //!
+//! `match.model` binds what serves, not the name a caller typed: a rule on a
+//! model binds every target position where that model may serve, however
+//! the request reached it (its name, an alias, a namespace alias, a route,
+//! `x-meshllm-models`); a rule on a route binds the route's targets in the
+//! requests that name the route; `"*"` gives each model its own bucket.
+//! Admission (`admission::admit`) turns that into reservations.
+//!
 //! `quota` stores the counts; this module only decides what to count.
 
 use std::collections::HashMap;
@@ -17,7 +24,7 @@ use std::rc::Rc;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::config::ConfigError;
+use crate::config::{ConfigError, Target};
 use crate::identity::Caller;
 use crate::quota::{Limit, Meter, Window};
 
@@ -93,10 +100,27 @@ pub struct Downgrade {
     pub models: HashMap<String, String>,
 }
 
+/// What a rule's `match.model` binds, compiled against the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelScope {
+    /// No `match.model`: the request as a whole, whatever serves it.
+    Request,
+    /// `"*"`: every model that may serve the request, each in its own bucket.
+    EachModel,
+    /// One model (an index into `Config::models`), whichever name led to it.
+    Model(usize),
+    /// The targets of one route (an index into `Config::routes`), in
+    /// requests that name the route.
+    Route(usize),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitRule {
     pub name: String,
     pub matcher: Matcher,
+    /// What `matcher.model` binds; its `Is` value is the document's own name
+    /// of that model or route (an alias in the config is resolved).
+    pub scope: ModelScope,
     pub limits: Vec<Limit>,
     pub downgrade: Option<Downgrade>,
     /// Each limit's usage gauge name when the rule has one bucket for every
@@ -129,7 +153,8 @@ pub const DEFAULT_ALERTS: &[u32] = &[50, 80, 100];
 /// What a request is known by when rules are matched.
 pub struct Facts<'a> {
     pub caller: Option<&'a Caller>,
-    /// The model name the caller asked for (after any downgrade).
+    /// The document's name of the model (or route) whose bucket is wanted:
+    /// `match.model` is compared with it, and `"*"` keys buckets by it.
     pub model: &'a str,
     /// (tag index, value) for every tag the request carries.
     pub tags: &'a [(usize, String)],
@@ -203,6 +228,26 @@ impl LimitRule {
             .iter()
             .any(|s| **s == Selector::Each);
         (!each).then(|| format!("{KEY_PREFIX}{}", self.name))
+    }
+
+    /// Every bucket known before any request: the static one, or one per
+    /// model when only `match.model` is `"*"`. Created at start-up so that
+    /// every request-time write to them is compare-and-swapped.
+    pub fn known_buckets<'a>(&self, models: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+        if let Some(key) = self.static_bucket() {
+            return vec![key];
+        }
+        let m = &self.matcher;
+        let per_caller = [&m.namespace, &m.service, &m.virtual_key]
+            .iter()
+            .any(|s| **s == Selector::Each);
+        if per_caller || self.scope != ModelScope::EachModel {
+            return Vec::new();
+        }
+        models
+            .into_iter()
+            .map(|model| format!("{KEY_PREFIX}{}|model={model}", self.name))
+            .collect()
     }
 }
 
@@ -309,7 +354,9 @@ pub fn limit_field(limit: &Limit) -> &'static str {
 /// Where a rule's names must be found: configured models and routes,
 /// virtual keys, and whether callers are identified at all.
 pub struct Known<'a> {
-    pub model: &'a dyn Fn(&str) -> bool,
+    /// What a public name denotes, with the document's own name for it (a
+    /// model's name for any of its aliases); None for an unknown name.
+    pub model: &'a dyn Fn(&str) -> Option<(Target, String)>,
     pub virtual_key: &'a dyn Fn(&str) -> bool,
     pub identity: bool,
 }
@@ -464,19 +511,29 @@ pub(crate) fn compile_rule(
                         "must be a percentage from 1 to 100",
                     ));
                 }
-                for (from, to) in &raw.models {
-                    for name in [from, to] {
-                        if !(known.model)(name) {
+                let mut models = HashMap::with_capacity(raw.models.len());
+                for (from, to) in raw.models {
+                    for name in [&from, &to] {
+                        if (known.model)(name).is_none() {
                             return Err(ConfigError::new(
                                 format!("{fat}.models"),
                                 format!("{name:?} is not a configured model or route"),
                             ));
                         }
                     }
+                    // Asked names are compared by what they denote, so an
+                    // alias of a listed model is downgraded as the model.
+                    let from = (known.model)(&from).map_or(from, |(_, name)| name);
+                    if models.insert(from.clone(), to).is_some() {
+                        return Err(ConfigError::new(
+                            format!("{fat}.models"),
+                            format!("{from:?} is listed twice (by two of its names)"),
+                        ));
+                    }
                 }
                 downgrade = Some(Downgrade {
                     at_percent: raw.at_percent,
-                    models: raw.models,
+                    models,
                 });
             }
             other => {
@@ -519,16 +576,20 @@ pub(crate) fn compile_rule(
             "sets no limit (e.g. requests_per_minute, tokens_per_day, usd_per_month)",
         ));
     }
-    let matcher = matcher.unwrap_or(Matcher {
-        namespace: Selector::Any,
-        service: Selector::Any,
-        virtual_key: Selector::Any,
-        model: Selector::Any,
-        tags: Vec::new(),
-    });
+    let (matcher, scope) = matcher.unwrap_or((
+        Matcher {
+            namespace: Selector::Any,
+            service: Selector::Any,
+            virtual_key: Selector::Any,
+            model: Selector::Any,
+            tags: Vec::new(),
+        },
+        ModelScope::Request,
+    ));
     let mut rule = LimitRule {
         name,
         matcher,
+        scope,
         limits,
         downgrade,
         static_gauges: Vec::new(),
@@ -544,7 +605,7 @@ fn compile_match(
     raw: RawMatch,
     tags: &[Tag],
     known: &Known,
-) -> Result<Matcher, ConfigError> {
+) -> Result<(Matcher, ModelScope), ConfigError> {
     let selector =
         |field: &str, v: Option<String>, check: &dyn Fn(&str) -> bool, what: &str| match v {
             None => Ok(Selector::Any),
@@ -580,12 +641,20 @@ fn compile_match(
         known.virtual_key,
         "is not the name of a configured virtual key",
     )?;
-    let model = selector(
-        "model",
-        raw.model,
-        known.model,
-        "is not a configured model or route",
-    )?;
+    let (model, scope) = match raw.model {
+        None => (Selector::Any, ModelScope::Request),
+        Some(s) if s == "*" => (Selector::Each, ModelScope::EachModel),
+        Some(s) => match (known.model)(&s) {
+            Some((Target::Model(i), name)) => (Selector::Is(name), ModelScope::Model(i)),
+            Some((Target::Route(j), name)) => (Selector::Is(name), ModelScope::Route(j)),
+            None => {
+                return Err(ConfigError::new(
+                    format!("{at}.model"),
+                    format!("{s:?} is not a configured model or route"),
+                ))
+            }
+        },
+    };
     let mut wanted = Vec::with_capacity(raw.tags.len());
     for (name, value) in raw.tags {
         let tat = format!("{at}.tags.{name}");
@@ -604,13 +673,16 @@ fn compile_match(
             })?;
         wanted.push((index, value.to_string()));
     }
-    Ok(Matcher {
-        namespace,
-        service,
-        virtual_key,
-        model,
-        tags: wanted,
-    })
+    Ok((
+        Matcher {
+            namespace,
+            service,
+            virtual_key,
+            model,
+            tags: wanted,
+        },
+        scope,
+    ))
 }
 
 #[cfg(test)]
@@ -619,7 +691,12 @@ mod tests {
 
     fn known_ok() -> Known<'static> {
         Known {
-            model: &|m| matches!(m, "gpt-4o" | "gpt-4o-mini" | "smart"),
+            model: &|m| match m {
+                "gpt-4o" => Some((Target::Model(0), m.to_string())),
+                "gpt-4o-mini" | "mini" => Some((Target::Model(1), "gpt-4o-mini".to_string())),
+                "smart" => Some((Target::Route(0), m.to_string())),
+                _ => None,
+            },
             virtual_key: &|k| k == "ci",
             identity: true,
         }
@@ -795,6 +872,69 @@ mod tests {
             p.rules[5].bucket(&facts).as_deref(),
             Some("meshllm/quota/v1/key")
         );
+    }
+
+    #[test]
+    fn model_matches_bind_what_the_name_denotes() {
+        let p = compile(serde_json::json!({"limits": [
+            {"name": "by-alias", "match": {"model": "mini"}, "requests_per_day": 1,
+             "downgrade": {"at_percent": 50, "models": {"mini": "gpt-4o"}}},
+            {"name": "route", "match": {"model": "smart"}, "requests_per_day": 1},
+            {"name": "each", "match": {"namespace": "shop", "model": "*"}, "requests_per_day": 1},
+            {"name": "each-svc", "match": {"service": "*", "model": "*"}, "requests_per_day": 1},
+            {"name": "all", "requests_per_day": 1}
+        ]}))
+        .unwrap()
+        .unwrap();
+        let scopes: Vec<ModelScope> = p.rules.iter().map(|r| r.scope).collect();
+        assert_eq!(
+            scopes,
+            [
+                ModelScope::Model(1),
+                ModelScope::Route(0),
+                ModelScope::EachModel,
+                ModelScope::EachModel,
+                ModelScope::Request,
+            ]
+        );
+        // An alias is kept as the model's own name, in matches and downgrades.
+        assert_eq!(p.rules[0].matcher.model, Selector::Is("gpt-4o-mini".into()));
+        let d = p.rules[0].downgrade.as_ref().unwrap();
+        assert_eq!(
+            d.models.get("gpt-4o-mini").map(String::as_str),
+            Some("gpt-4o")
+        );
+        let chat = caller("shop", "chat");
+        let facts = |model| Facts {
+            caller: Some(&chat),
+            model,
+            tags: &[],
+        };
+        assert!(p.rules[0].bucket(&facts("gpt-4o-mini")).is_some());
+        assert_eq!(
+            p.rules[2].bucket(&facts("gpt-4o")).as_deref(),
+            Some("meshllm/quota/v1/each|model=gpt-4o")
+        );
+        // Per-model buckets are known in advance unless they also vary by caller.
+        let models = ["gpt-4o", "gpt-4o-mini"];
+        assert_eq!(
+            p.rules[2].known_buckets(models),
+            [
+                "meshllm/quota/v1/each|model=gpt-4o",
+                "meshllm/quota/v1/each|model=gpt-4o-mini"
+            ]
+        );
+        assert!(p.rules[3].known_buckets(models).is_empty());
+        assert_eq!(p.rules[4].known_buckets(models), ["meshllm/quota/v1/all"]);
+        // Two names of one model in one downgrade list are a mistake.
+        let err = compile(serde_json::json!({"limits": [
+            {"name": "d", "requests_per_day": 1,
+             "downgrade": {"at_percent": 50, "models": {"mini": "gpt-4o", "gpt-4o-mini": "smart"}}}
+        ]}))
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("listed twice"), "{err}");
     }
 
     #[test]

@@ -274,8 +274,10 @@ fn listener_policy(
     let first = cache.first_report(namespace, &bytes);
     match &compiled {
         Ok(policy) => {
-            for key in policy.rules.iter().filter_map(|r| r.static_bucket()) {
-                crate::quota::ensure(store, &key);
+            for rule in &policy.rules {
+                for key in rule.known_buckets(config.models.iter().map(|m| m.name.as_str())) {
+                    crate::quota::ensure(store, &key);
+                }
             }
             if first {
                 log::info!(
@@ -534,7 +536,12 @@ fn compile_rules(
     let list = limits
         .as_array()
         .ok_or_else(|| ConfigError::new(format!("{qat}.limits"), "must be an array of rules"))?;
-    let is_model = |name: &str| lookup(name).is_some();
+    // A rule keeps the document's name of what it names: an alias (the
+    // namespace's or the document's) binds the model or route behind it.
+    let is_model = |name: &str| {
+        let target = lookup(name)?;
+        Some((target, config.target_name(target).to_string()))
+    };
     let is_key = |name: &str| config.identity.as_ref().is_some_and(|i| i.has_key(name));
     let known = Known {
         model: &is_model,
@@ -562,11 +569,6 @@ fn compile_rules(
         }
         let mut rule = compile_rule(&rat, v, &config.tags, &known)?;
         rule.matcher.namespace = Selector::Is(namespace.to_string());
-        // Requests are matched by the document's name (aliases resolved), so
-        // a rule written with an alias matches what the alias serves.
-        if let Selector::Is(m) = &rule.matcher.model {
-            rule.matcher.model = Selector::Is(resolve(m));
-        }
         if let Some(d) = &mut rule.downgrade {
             d.models = d
                 .models

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use super::*;
 use crate::config::compile;
-use crate::limits::Facts;
+use crate::limits::{Facts, ModelScope};
 
 fn env(var: &str) -> Option<String> {
     (var == "OPENAI_API_KEY").then(|| "sk-test".to_string())
@@ -302,14 +302,16 @@ fn namespace_rules_are_added_to_the_mesh_rules_with_their_own_buckets() {
         [
             Some("meshllm/quota/v1/shop/burst".to_string()),
             Some("meshllm/quota/v1/shop/per-svc|svc=chat".to_string()),
-            // An alias in `match.model` matches what it stands for.
-            None,
+            // An alias in `match.model` (the namespace's `fast`, standing for
+            // the document alias `mini`) binds the model behind it.
+            Some("meshllm/quota/v1/shop/fast-only".to_string()),
         ]
     );
-    assert_eq!(
-        shop.rules()[2].bucket(&facts("mini")).as_deref(),
-        Some("meshllm/quota/v1/shop/fast-only")
-    );
+    let mini = cfg.route_index("mini").unwrap();
+    assert_eq!(shop.rules()[2].scope, ModelScope::Model(mini));
+    // Buckets are matched by the document's names only: admission never
+    // asks by an alias.
+    assert_eq!(shop.rules()[2].bucket(&facts("mini")), None);
     assert_eq!(
         shop.rules()[2].downgrade.as_ref().unwrap().models["gpt-4o"],
         "mini"

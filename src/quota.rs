@@ -251,17 +251,16 @@ pub fn reserve(
     Err(Refusal::Busy)
 }
 
-/// Reserves `amounts` in several buckets, in order. If one refuses, the
-/// reservations already made are released, so nothing leaks, and the index
-/// of the refusing bucket comes back with its refusal.
+/// Reserves in several buckets, in order, each its own amounts. If one
+/// refuses, the reservations already made are released, so nothing leaks,
+/// and the index of the refusing bucket comes back with its refusal.
 pub fn reserve_all(
     store: &mut dyn SharedData,
-    buckets: &[(&str, &[Limit])],
-    amounts: &Amounts,
+    buckets: &[(&str, &[Limit], &Amounts)],
     now_ms: u64,
 ) -> Result<Vec<Admission>, (usize, Refusal)> {
     let mut admitted: Vec<Admission> = Vec::with_capacity(buckets.len());
-    for (index, &(key, limits)) in buckets.iter().enumerate() {
+    for (index, &(key, limits, amounts)) in buckets.iter().enumerate() {
         match reserve(store, key, limits, amounts, now_ms) {
             Ok(admission) => admitted.push(admission),
             Err(refusal) => {
@@ -1043,12 +1042,13 @@ mod tests {
         let team_before = store.value("team");
         let org_before = store.value("org");
 
+        let ten = tokens(10);
         let buckets = [
-            ("team", per_minute),
-            ("user", daily_tokens),
-            ("org", daily_tokens),
+            ("team", per_minute, &ten),
+            ("user", daily_tokens, &ten),
+            ("org", daily_tokens, &ten),
         ];
-        let result = reserve_all(&mut store, &buckets, &tokens(10), NOW);
+        let result = reserve_all(&mut store, &buckets, NOW);
         assert!(
             matches!(&result, Err((2, Refusal::Exceeded { standing })) if standing.used == 45),
             "{result:?}"
@@ -1058,8 +1058,10 @@ mod tests {
         assert_eq!(used(&store, "user", daily_tokens, NOW), [0]);
         assert_eq!(used(&store, "team", per_minute, NOW), [1]);
 
-        // When all admit, each bucket holds its reservation.
-        let result = reserve_all(&mut store, &buckets[..2], &tokens(10), NOW);
+        // When all admit, each bucket holds its own reservation.
+        let seven = tokens(7);
+        let buckets = [("team", per_minute, &ten), ("user", daily_tokens, &seven)];
+        let result = reserve_all(&mut store, &buckets, NOW);
         let admitted = result.unwrap_or_else(|err| panic!("{err:?}"));
         let keys: Vec<&str> = admitted.iter().map(|a| a.held.key.as_str()).collect();
         assert_eq!(keys, ["team", "user"]);
@@ -1067,7 +1069,7 @@ mod tests {
             .iter()
             .map(|a| a.updates[0].standing.used)
             .collect();
-        assert_eq!(after, [2, 10]);
+        assert_eq!(after, [2, 7]);
     }
 
     #[test]

@@ -451,3 +451,212 @@ def test_egress_identity_comes_from_the_peer_certificate(egress):
     assert mtls_chat(egress, "other/batch")[0] == 200
     callers = {x["caller"] for x in log_lines(egress, '"path"', count=3)}
     assert callers == {"shop/chatbot", "other/batch"}
+
+
+# --- model rules bind whatever name leads to the model ----------------------
+
+GPT4O_RULE = "gpt-4o-daily"
+
+
+def bound_config(gpt4o_limit):
+    """A rule on gpt-4o (and one on a failing model), with every kind of name
+    that can lead to gpt-4o: its alias, a namespace alias, routes, and the
+    caller's own fallbacks (failover is on, so the listener half reads
+    x-meshllm-models)."""
+    cfg = quota_config(free_port(), {"source": "trusted_header", "header": CALLER}, [
+        {"name": GPT4O_RULE, "match": {"model": "gpt-4o"}, "requests_per_day": gpt4o_limit},
+        {"name": "m500-daily", "match": {"model": "m500"}, "requests_per_day": 2},
+    ])
+    for m in cfg["models"]:
+        if m["name"] == "gpt-4o":
+            m["aliases"] = ["4o"]
+    cfg["models"].append({"name": "m500", "provider": "openai", "model": "mock-500"})
+    cfg["routes"] += [
+        {"name": "only-4o", "targets": ["gpt-4o"]},
+        {"name": "4o-first", "targets": ["gpt-4o", "claude-sonnet"]},
+        {"name": "claude-first", "targets": ["claude-sonnet", "gpt-4o"]},
+        {"name": "fail-first", "targets": ["m500", "gpt-4o"]},
+    ]
+    cfg["namespaces"] = {"team": {"aliases": {"house": "gpt-4o"}}}
+    return cfg
+
+
+@pytest.fixture
+def bound(wasm, mocks):
+    """Starts a fresh two-worker Envoy (empty buckets) with a gpt-4o limit."""
+    started = []
+
+    def start_with(gpt4o_limit):
+        upstreams = {name: ("127.0.0.1", m.port) for name, m in mocks.items()}
+        env = Envoy(bound_config(gpt4o_limit), upstreams=upstreams, env=KEYS, concurrency=2)
+        started.append(env)
+        return env.wait_ready()
+
+    yield start_with
+    for env in started:
+        env.stop()
+
+
+def upstream_models(mocks, provider):
+    """The upstream model of every request a mock provider received."""
+    return [json.loads(r["body"]).get("model") for r in mocks[provider].take()
+            if r["method"] == "POST"]
+
+
+# Names that can only be served by gpt-4o: (caller, body model, extra headers).
+# mistral-small has no key here, so the gateway drops it and the caller's
+# fallback is all that is left.
+ONLY_GPT4O = [
+    ("shop/app", "gpt-4o", {}),
+    ("shop/app", "4o", {}),
+    ("team/app", "house", {}),
+    ("shop/app", "only-4o", {}),
+    ("shop/app", "mistral-small", {"x-meshllm-models": "gpt-4o"}),
+    ("team/app", "mistral-small", {"x-meshllm-models": "house, 4o"}),
+]
+
+
+def assert_gpt4o_refusal(status, h, raw, limit):
+    assert status == 429, raw
+    err = json.loads(raw)["error"]
+    assert err == {"message": err["message"], "type": "requests", "param": None,
+                   "code": "rate_limit_exceeded"}
+    assert (f"requests_per_day in limit '{GPT4O_RULE}': Limit {limit}, Used {limit}, "
+            "Requested 1") in err["message"]
+    assert h["x-ratelimit-limit-requests"] == str(limit)
+    assert h["x-ratelimit-remaining-requests"] == "0"
+    assert h["x-ratelimit-reset-requests"].endswith("s")
+    assert int(h["retry-after"]) >= 1
+
+
+def test_a_model_rule_binds_every_name_that_leads_to_the_model(bound, mocks):
+    env = bound(3)
+    # Three names spend the model's limit; each answer shows the model's state.
+    for name, remaining in [("gpt-4o", "2"), ("4o", "1"), ("only-4o", "0")]:
+        status, h, raw = chat(env, "shop/app", body(model=name))
+        assert status == 200, raw
+        assert h["x-meshllm-model"] == "gpt-4o"
+        assert h["x-ratelimit-limit-requests"] == "3"
+        assert h["x-ratelimit-remaining-requests"] == remaining, name
+    # Every name that can only lead to the model is refused.
+    for caller, model, headers in ONLY_GPT4O:
+        status, h, raw = chat(env, caller, body(model=model), headers)
+        assert_gpt4o_refusal(status, h, raw, 3)
+    # Anthropic and Gemini callers get the refusal in their own shape.
+    msg = {"model": "only-4o", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+    status, h, raw = http("POST", env.url + "/v1/messages", msg,
+                          {CALLER: "shop/app", "anthropic-version": "2023-06-01"})
+    assert status == 429
+    assert json.loads(raw)["error"]["type"] == "rate_limit_error"
+    assert h["anthropic-ratelimit-requests-remaining"] == "0"
+    g = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
+    status, h, raw = http("POST", env.url + "/v1beta/models/4o:generateContent", g,
+                          {CALLER: "team/app"})
+    assert status == 429
+    assert json.loads(raw)["error"]["status"] == "RESOURCE_EXHAUSTED"
+    assert int(h["retry-after"]) >= 1
+    # A chain with another target skips the spent model and says so.
+    for model, headers, reason in [
+        ("4o-first", {}, "ordered;over_quota=gpt-4o"),
+        ("claude-first", {}, "ordered;over_quota=gpt-4o"),
+        ("4o", {"x-meshllm-models": "claude-sonnet"}, "request;model;over_quota=gpt-4o"),
+    ]:
+        status, h, raw = chat(env, "shop/app", body(model=model), headers)
+        assert status == 200, raw
+        assert h["x-meshllm-model"] == "claude-sonnet-4-5"
+        assert h["x-meshllm-route"] == reason
+    assert upstream_models(mocks, "openai").count("gpt-4o") == 3
+    assert upstream_models(mocks, "anthropic").count("claude-sonnet-4-5") == 3
+    assert env.metric("meshllm_quota_rejections_total", limit=GPT4O_RULE, reason="rate") == 8
+    assert env.metric("meshllm_route_decisions_total", route_reason="ordered+over_quota") == 2
+
+
+def test_a_chain_is_charged_to_the_targets_it_reached(bound, mocks):
+    env = bound(3)
+    # claude-first reserves gpt-4o too (it may fail over there) and gives it
+    # back when claude answers: five of them leave gpt-4o's limit whole.
+    for _ in range(5):
+        status, h, raw = chat(env, "shop/app", body(model="claude-first"))
+        assert status == 200, raw
+        assert (h["x-meshllm-model"], h["x-meshllm-route"]) == ("claude-sonnet-4-5", "ordered")
+    # m500 fails and gpt-4o answers: each model counts the request it got.
+    for remaining in ["1", "0"]:
+        status, h, raw = chat(env, "shop/app", body(model="fail-first"))
+        assert status == 200, raw
+        assert (h["x-meshllm-model"], h["x-meshllm-attempts"]) == ("gpt-4o", "2")
+        # The headers describe the first target's limit.
+        assert h["x-ratelimit-limit-requests"] == "2"
+        assert h["x-ratelimit-remaining-requests"] == remaining
+    # m500 is spent: the chain goes to gpt-4o alone.
+    status, h, raw = chat(env, "shop/app", body(model="fail-first"))
+    assert status == 200, raw
+    assert (h["x-meshllm-model"], h["x-meshllm-attempts"]) == ("gpt-4o", "1")
+    assert h["x-meshllm-route"] == "ordered;over_quota=m500"
+    assert h["x-ratelimit-remaining-requests"] == "0"
+    # Both spent: 429 naming the first target's limit (both reset at midnight).
+    status, h, raw = chat(env, "shop/app", body(model="fail-first"))
+    assert status == 429
+    assert "in limit 'm500-daily': Limit 2, Used 2" in json.loads(raw)["error"]["message"]
+    status, h, raw = chat(env, "shop/app", body(model="gpt-4o"))
+    assert_gpt4o_refusal(status, h, raw, 3)
+    sent = upstream_models(mocks, "openai")
+    assert (sent.count("gpt-4o"), sent.count("mock-500")) == (3, 2)
+
+
+def test_concurrent_clients_on_every_name_of_a_model_get_exactly_its_limit(bound, mocks):
+    limit = 10
+    env = bound(limit)
+    names = ONLY_GPT4O + [("shop/app", "4o-first", {})]
+    plan = [names[i % len(names)] for i in range(64)]
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        results = list(pool.map(lambda c: chat(env, c[0], body(model=c[1]), c[2]), plan))
+    served = [r[1].get("x-meshllm-model") if r[0] == 200 else r[0] for r in results]
+    assert served.count("gpt-4o") == limit, served
+    assert upstream_models(mocks, "openai").count("gpt-4o") == limit
+    for (caller, model, _), (status, h, raw) in zip(plan, results):
+        if model == "4o-first":
+            # Never refused: the other target serves when the model is spent.
+            assert status == 200 and h["x-meshllm-model"] in ("gpt-4o", "claude-sonnet-4-5")
+        elif status != 200:
+            assert_gpt4o_refusal(status, h, raw, limit)
+    to_claude = served.count("claude-sonnet-4-5")
+    assert upstream_models(mocks, "anthropic").count("claude-sonnet-4-5") == to_claude
+    assert served.count(429) == 64 - limit - to_claude
+    status, h, raw = chat(env, "shop/app", body(model="4o"))
+    assert_gpt4o_refusal(status, h, raw, limit)
+
+
+def test_openai_sdk_callers_cannot_escape_a_model_rule(bound, mocks):
+    import openai
+
+    env = bound(2)
+
+    def client(caller):
+        return openai.OpenAI(base_url=env.url + "/v1", api_key="sk-client", max_retries=0,
+                             timeout=15, default_headers={CALLER: caller})
+
+    shop, team = client("shop/app"), client("team/app")
+    hi = [{"role": "user", "content": "hi"}]
+    for model, remaining in [("4o", "1"), ("only-4o", "0")]:
+        raw = shop.chat.completions.with_raw_response.create(model=model, messages=hi)
+        assert raw.headers["x-meshllm-model"] == "gpt-4o"
+        assert raw.headers["x-ratelimit-remaining-requests"] == remaining
+        assert raw.parse().choices[0].message.content
+    attempts = [
+        (shop, {"model": "gpt-4o"}),
+        (shop, {"model": "4o", "stream": True}),
+        (team, {"model": "house"}),
+        (shop, {"model": "only-4o"}),
+        (shop, {"model": "mistral-small", "extra_headers": {"x-meshllm-models": "4o"}}),
+    ]
+    for c, kwargs in attempts:
+        with pytest.raises(openai.RateLimitError) as e:
+            c.chat.completions.create(messages=hi, **kwargs)
+        assert e.value.status_code == 429
+        assert e.value.code == "rate_limit_exceeded" and e.value.type == "requests"
+        assert f"limit '{GPT4O_RULE}'" in e.value.message
+        assert e.value.response.headers["x-ratelimit-remaining-requests"] == "0"
+    raw = shop.chat.completions.with_raw_response.create(model="4o-first", messages=hi)
+    assert raw.headers["x-meshllm-model"] == "claude-sonnet-4-5"
+    assert raw.headers["x-meshllm-route"] == "ordered;over_quota=gpt-4o"
+    assert upstream_models(mocks, "openai").count("gpt-4o") == 2
