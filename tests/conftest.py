@@ -114,7 +114,8 @@ class Envoy:
                 envoy_binary(),
                 "-c", self.config_path,
                 "--concurrency", str(concurrency),
-                "--base-id", str(self.port),
+                # Never a base id: another Envoy on the machine could hold it.
+                "--disable-hot-restart",
                 # Access-log lines reach the file within 0.2 s, not 10 s.
                 "--file-flush-interval-msec", "200",
                 "-l", os.environ.get("ENVOY_LOG_LEVEL", "warning"),

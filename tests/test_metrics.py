@@ -399,7 +399,7 @@ def test_istio_stats_bootstrap_is_current_and_valid(tmp_path):
     from conftest import envoy_binary
     result = subprocess.run(
         [envoy_binary(), "--mode", "validate", "-c", str(base),
-         "--config-yaml", json.dumps(shipped), "--base-id", "9"],
+         "--config-yaml", json.dumps(shipped), "--disable-hot-restart"],
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
