@@ -272,6 +272,7 @@ def test_access_log_path_is_the_callers_and_upstream_path_the_providers(
             line = log_lines(env, 1, caller=caller)[-1]
             assert (line["path"], line["upstream_path"], line["attempts"]) == \
                 (path, upstream, attempts), caller
+            assert line["response_flags"] == "-", caller
         # Answered by the gateway itself: nothing rewrote the path.
         probe = "/v1/models?probe=paths-" + ("failover" if failover else "plain")
         assert http("GET", env.url + probe)[0] == 200
@@ -300,6 +301,7 @@ def test_text_access_log_format(wasm, mocks):
         assert re.match(r'^\[\S+\] "POST /v1/chat/completions" 200 \d+ms ', line), line
         fields = dict(kv.split("=", 1) for kv in line.split("ms ", 1)[1].split(" "))
         assert fields["upstream_path"] == "/v1/chat/completions"
+        assert fields["response_flags"] == "-"
         assert fields["caller"] == "team-e/text"
         assert fields["provider"] == "openai"
         assert fields["request_model"] == fields["response_model"] == "gpt-4o-mini"

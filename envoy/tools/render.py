@@ -107,6 +107,8 @@ ACCESS_LOG_FORMAT = {
     "path": CALLER_PATH,
     "upstream_path": "%REQ(:PATH)%",
     "status": "%RESPONSE_CODE%",
+    # Why Envoy ended the stream: UPE or UT on an answer cut after it began.
+    "response_flags": "%RESPONSE_FLAGS%",
     "duration_ms": "%DURATION%",
     "request_id": "%REQ(X-REQUEST-ID)%",
     **{f: f"%FILTER_STATE(wasm.meshllm.{f}:PLAIN)%" for f in FILTER_STATE_FIELDS},
@@ -114,7 +116,7 @@ ACCESS_LOG_FORMAT = {
 # The same fields as one text line (key=value, in this order).
 ACCESS_LOG_TEXT = (
     f"[%START_TIME%] \"%REQ(:METHOD)% {CALLER_PATH}\" %RESPONSE_CODE% %DURATION%ms"
-    " upstream_path=%REQ(:PATH)%"
+    " upstream_path=%REQ(:PATH)% response_flags=%RESPONSE_FLAGS%"
     + "".join(f" {f}=%FILTER_STATE(wasm.meshllm.{f}:PLAIN)%" for f in FILTER_STATE_FIELDS)
     + "\n"
 )
