@@ -74,9 +74,10 @@ oci: build
 
 # Envoy with the filter on 127.0.0.1:$(PORT). Providers whose API key is set in
 # the environment are used for real; the others are answered by the demo
-# provider that this command starts beside Envoy.
+# provider that this command starts beside Envoy. Envoy's admin interface is
+# on ADMIN_PORT when set, else on 9901 or, when that is taken, a free port.
 run: build venv
-	$(PY) envoy/tools/run.py --port $(PORT) --wasm $(WASM)
+	$(PY) envoy/tools/run.py --port $(PORT) $(if $(ADMIN_PORT),--admin-port $(ADMIN_PORT)) --wasm $(WASM)
 
 # --- checks -----------------------------------------------------------------
 

@@ -161,7 +161,7 @@ class Envoy:
         clean = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
         clean.update(env)
         self.proc = Proc([envoy_binary(), "-c", path, "--concurrency", "1",
-                          "--base-id", str(self.port), "-l", "warning"],
+                          "--disable-hot-restart", "-l", "warning"],
                          self.log_path, env=clean, cpus=cpus)
         self.addr = f"127.0.0.1:{self.port}"
 

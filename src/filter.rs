@@ -108,6 +108,9 @@ pub const LOG_COST: &str = "meshllm.cost_micro_usd";
 pub const LOG_TTFT: &str = "meshllm.ttft_ms";
 pub const LOG_QUOTA: &str = "meshllm.quota";
 pub const LOG_POLICY: &str = "meshllm.policy";
+/// The caller's path, kept before the request is pointed at a provider:
+/// Envoy's `:path` is the provider's from then on.
+pub const LOG_PATH: &str = "meshllm.path";
 /// Provider rate-limit headers describe the gateway's account with the
 /// provider, not the caller's limits: dropped when quotas are configured.
 const PROVIDER_RATE_LIMIT_HEADERS: &[&str] = &[
@@ -952,6 +955,9 @@ impl RequestFilter {
                 )
             }
         };
+        if self.role != Role::Attempt {
+            keep_caller_path(host);
+        }
         match self.route_request(host, &body) {
             Ok(()) => {
                 self.phase = Phase::Forwarded;
@@ -2280,6 +2286,15 @@ fn sign_for_bedrock(
         host.set_request_header(name, value)?;
     }
     Ok(())
+}
+
+/// Listener roles: the path the caller asked for, for the access log.
+fn keep_caller_path(host: &mut dyn Host) {
+    if let Some(path) = host.request_header(":path") {
+        if let Err(e) = host.set_property(&[LOG_PATH], path.as_bytes()) {
+            log::debug!("could not set access-log field {LOG_PATH}: {e}");
+        }
+    }
 }
 
 /// Which cluster a request is sent to.

@@ -74,7 +74,8 @@ class Envoy:
 
     def __init__(self, plugin_config, upstreams=None, env=None, concurrency=1, node=None,
                  downstream_tls=None, access_log_format="json", stats_inclusion_prefixes=None,
-                 other_services=None, listener_metadata=None, dynamic_listener=False):
+                 other_services=None, listener_metadata=None, dynamic_listener=False,
+                 bootstrap_edit=None):
         self.port = free_port()
         self.admin_port = free_port()
         self.dir = tempfile.mkdtemp(prefix="meshllm-envoy-")
@@ -95,6 +96,9 @@ class Envoy:
             downstream_tls=downstream_tls,
             listener_metadata=listener_metadata,
         )
+        # A test's own change to the rendered bootstrap (a timeout, say).
+        if bootstrap_edit:
+            bootstrap_edit(bootstrap)
         # With a file-based LDS the listener can be replaced while Envoy runs.
         self.lds_path = None
         if dynamic_listener:
@@ -114,7 +118,8 @@ class Envoy:
                 envoy_binary(),
                 "-c", self.config_path,
                 "--concurrency", str(concurrency),
-                "--base-id", str(self.port),
+                # Never a base id: another Envoy on the machine could hold it.
+                "--disable-hot-restart",
                 # Access-log lines reach the file within 0.2 s, not 10 s.
                 "--file-flush-interval-msec", "200",
                 "-l", os.environ.get("ENVOY_LOG_LEVEL", "warning"),

@@ -197,7 +197,7 @@ def istio_proxy(mode, workdir, namespace, labels, addresses, extra=(), mesh_tls=
     log_path = workdir / "envoy.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [envoy_binary(), "-c", str(config), "--concurrency", "1", "--base-id", str(port),
+            [envoy_binary(), "-c", str(config), "--concurrency", "1", "--disable-hot-restart",
              "-l", "warning", "--component-log-level", "wasm:info"],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **KEYS})
         try:

@@ -887,7 +887,7 @@ def test_live_sidecar_with_envoy_filters(tmp_path):
     cfg = tmp_path / "envoy.json"
     cfg.write_text(json.dumps(b))
     log = open(tmp_path / "envoy.log", "w")
-    proc = subprocess.Popen([envoy_binary(), "-c", str(cfg), "--concurrency", "1", "--base-id", str(port),
+    proc = subprocess.Popen([envoy_binary(), "-c", str(cfg), "--concurrency", "1", "--disable-hot-restart",
                              "-l", "warning"], stdout=log, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"

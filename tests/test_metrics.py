@@ -226,6 +226,69 @@ def test_label_values_stay_bounded(gw):
     assert line["request_model"] == "_OTHER"
 
 
+def path_cases(failover):
+    """(caller, path, body, headers, expected upstream path, attempts)."""
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    anthropic = {"anthropic-version": "2023-06-01"}
+    gemini = "/v1beta/models/gpt-4o-mini:streamGenerateContent?alt=sse"
+    cases = [
+        # Passthrough: the provider's path is the caller's.
+        ("paths/passthrough", "/v1/chat/completions", {"model": "gpt-4o-mini", **chat}, {},
+         "/v1/chat/completions", "1"),
+        # Translated, each way, and a Gemini caller (model and query in the URL).
+        ("paths/anthropic-caller", "/v1/messages", {"model": "gpt-4o-mini", "max_tokens": 20,
+                                                    **chat}, anthropic,
+         "/v1/chat/completions", "1"),
+        ("paths/openai-caller", "/v1/chat/completions", {"model": "claude-sonnet", **chat}, {},
+         "/v1/messages", "1"),
+        ("paths/gemini-caller", gemini, {"contents": [{"parts": [{"text": "hi"}]}]}, {},
+         "/v1/chat/completions", "1"),
+        ("paths/azure", "/v1/chat/completions", {"model": "azure-gpt-4o", **chat}, {},
+         "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", "1"),
+    ]
+    if failover:
+        # Two halves: the upstream half points each attempt at its provider;
+        # the second (Anthropic) answered.
+        cases.append(("paths/two-halves", "/v1/chat/completions", {"model": "chain", **chat}, {},
+                      "/v1/messages", "2"))
+    return cases
+
+
+@pytest.mark.parametrize("failover", [True, False], ids=["failover", "no-failover"])
+def test_access_log_path_is_the_callers_and_upstream_path_the_providers(
+        failover, request, mocks):
+    """`path` is what the caller asked for, whatever the gateway sent the
+    provider; `upstream_path` is what the provider got."""
+    if failover:
+        env = request.getfixturevalue("gw")
+    else:
+        cfg = metrics_config(free_port())
+        cfg["failover"] = {"enabled": False}
+        env = start(mocks, cfg)
+    try:
+        for caller, path, body, headers, upstream, attempts in path_cases(failover):
+            status, _, raw = call(env, caller, body, headers, path=path)
+            assert status == 200, (caller, raw[:300])
+            line = log_lines(env, 1, caller=caller)[-1]
+            assert (line["path"], line["upstream_path"], line["attempts"]) == \
+                (path, upstream, attempts), caller
+            assert line["response_flags"] == "-", caller
+        # Answered by the gateway itself: nothing rewrote the path.
+        probe = "/v1/models?probe=paths-" + ("failover" if failover else "plain")
+        assert http("GET", env.url + probe)[0] == 200
+        line = log_lines(env, 1, path=probe)[-1]
+        assert line["upstream_path"] == probe
+        status, _, _ = call(env, "paths/unknown", {"model": "nope", "max_tokens": 5,
+                                                    "messages": []},
+                            {"anthropic-version": "2023-06-01"}, path="/v1/messages")
+        assert status == 404
+        line = log_lines(env, 1, caller="paths/unknown")[-1]
+        assert (line["path"], line["upstream_path"]) == ("/v1/messages", "/v1/messages")
+    finally:
+        if not failover:
+            env.stop()
+
+
 def test_text_access_log_format(wasm, mocks):
     env = start(mocks, metrics_config(free_port()), access_log_format="text")
     try:
@@ -237,12 +300,23 @@ def test_text_access_log_format(wasm, mocks):
         line = env.access_log_lines()[-1]
         assert re.match(r'^\[\S+\] "POST /v1/chat/completions" 200 \d+ms ', line), line
         fields = dict(kv.split("=", 1) for kv in line.split("ms ", 1)[1].split(" "))
+        assert fields["upstream_path"] == "/v1/chat/completions"
+        assert fields["response_flags"] == "-"
         assert fields["caller"] == "team-e/text"
         assert fields["provider"] == "openai"
         assert fields["request_model"] == fields["response_model"] == "gpt-4o-mini"
         assert fields["input_tokens"] == str(usage["prompt_tokens"])
         assert fields["output_tokens"] == str(usage["completion_tokens"])
         assert fields["ttft_ms"] == "-" and fields["tags"] == "-"
+
+        # A translated call: the caller's path in the request, the provider's after it.
+        status, _, _ = call(env, "team-e/text", {"model": "claude-sonnet", "messages": [
+            {"role": "user", "content": "hi"}]})
+        assert status == 200
+        assert wait_for(lambda: "provider=anthropic" in env.access_log_lines()[-1])
+        line = env.access_log_lines()[-1]
+        assert re.match(r'^\[\S+\] "POST /v1/chat/completions" 200 \d+ms '
+                        r'upstream_path=/v1/messages ', line), line
     finally:
         env.stop()
 
@@ -399,7 +473,7 @@ def test_istio_stats_bootstrap_is_current_and_valid(tmp_path):
     from conftest import envoy_binary
     result = subprocess.run(
         [envoy_binary(), "--mode", "validate", "-c", str(base),
-         "--config-yaml", json.dumps(shipped), "--base-id", "9"],
+         "--config-yaml", json.dumps(shipped), "--disable-hot-restart"],
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr

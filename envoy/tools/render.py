@@ -94,18 +94,29 @@ FILTER_STATE_FIELDS = [
     "route_reason", "input_tokens", "output_tokens", "cached_tokens",
     "tokens_estimated", "cost_micro_usd", "ttft_ms", "quota", "policy",
 ]
+# The caller's path: the filter keeps it before pointing a call at a
+# provider, whose path Envoy's :path holds from then on (Envoy 1.37+ COALESCE;
+# requests the filter did not forward keep the caller's :path).
+CALLER_PATH = "%COALESCE(" + json.dumps({"operators": [
+    {"command": "FILTER_STATE", "param": "wasm.meshllm.path:PLAIN"},
+    {"command": "REQ", "param": ":path"},
+]}, separators=(",", ":")) + ")%"
 ACCESS_LOG_FORMAT = {
     "start_time": "%START_TIME%",
     "method": "%REQ(:METHOD)%",
-    "path": "%REQ(:PATH)%",
+    "path": CALLER_PATH,
+    "upstream_path": "%REQ(:PATH)%",
     "status": "%RESPONSE_CODE%",
+    # Why Envoy ended the stream: UPE or UT on an answer cut after it began.
+    "response_flags": "%RESPONSE_FLAGS%",
     "duration_ms": "%DURATION%",
     "request_id": "%REQ(X-REQUEST-ID)%",
     **{f: f"%FILTER_STATE(wasm.meshllm.{f}:PLAIN)%" for f in FILTER_STATE_FIELDS},
 }
 # The same fields as one text line (key=value, in this order).
 ACCESS_LOG_TEXT = (
-    "[%START_TIME%] \"%REQ(:METHOD)% %REQ(:PATH)%\" %RESPONSE_CODE% %DURATION%ms"
+    f"[%START_TIME%] \"%REQ(:METHOD)% {CALLER_PATH}\" %RESPONSE_CODE% %DURATION%ms"
+    " upstream_path=%REQ(:PATH)% response_flags=%RESPONSE_FLAGS%"
     + "".join(f" {f}=%FILTER_STATE(wasm.meshllm.{f}:PLAIN)%" for f in FILTER_STATE_FIELDS)
     + "\n"
 )
