@@ -5,6 +5,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -217,6 +218,9 @@ class Envoy:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+        # Its config and logs go with it (MESHLLM_KEEP_ENVOY_DIRS=1 keeps them).
+        if not os.environ.get("MESHLLM_KEEP_ENVOY_DIRS"):
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def gateway_plugin_config(dead_port, max_request_bytes=262144):
