@@ -1487,6 +1487,11 @@ impl RequestFilter {
                     .response_header(PROVIDER_RESPONSE_HEADER)
                     .zip(host.response_header(MODEL_RESPONSE_HEADER));
                 self.response = ResponseMode::PassThrough;
+                if end_of_stream && self.status >= 400 {
+                    // A provider's bodiless error, left for Envoy to retry:
+                    // the last one is answered here, in the caller's shape.
+                    return self.answer_bodiless_error(host);
+                }
                 return Flow::Continue;
             }
         }
@@ -1524,15 +1529,21 @@ impl RequestFilter {
                 via_upstream,
                 error_type,
             };
+            if caller_status != self.status {
+                let _ = host.set_response_header(":status", &caller_status.to_string());
+            }
+            if end_of_stream && self.role == Role::Attempt {
+                // Envoy may still retry it; the listener half answers it if
+                // it is the last (see `answer_bodiless_error`).
+                self.status = caller_status;
+                return Flow::Continue;
+            }
             if end_of_stream {
                 // No body to rewrite: a whole answer in the caller's shape
                 // takes the reply's place.
                 let body = self.error_reply_body(&mode, b"").unwrap_or_default();
                 self.status = caller_status;
                 return self.replace_answer(host, caller_status, &body);
-            }
-            if caller_status != self.status {
-                let _ = host.set_response_header(":status", &caller_status.to_string());
             }
             self.response = mode;
             self.status = caller_status;
@@ -1741,6 +1752,24 @@ impl RequestFilter {
             secrets: &secrets,
         };
         exchange::translate_error(self.caller, self.exchange.as_ref(), &reply)
+    }
+
+    /// Router role: a provider's error reply without a body, passed on by
+    /// the upstream half (the status already the caller's), in the
+    /// caller's shape.
+    fn answer_bodiless_error(&mut self, host: &mut dyn Host) -> Flow {
+        let provider = self.served.as_ref().map(|(p, _)| p.clone());
+        let reply = ErrorReply {
+            status: self.status,
+            body: b"",
+            error_type: None,
+            via_upstream: true,
+            provider: provider.as_deref(),
+            secrets: &[],
+        };
+        let body = exchange::translate_error(self.caller, None, &reply).unwrap_or_default();
+        let status = self.status;
+        self.replace_answer(host, status, &body)
     }
 
     /// The answer held past the limit: an error in the caller's shape

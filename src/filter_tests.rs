@@ -3649,3 +3649,36 @@ fn the_upstream_half_answers_an_oversized_reply_for_its_attempt() {
     // The listener half passes it on as the attempt's own answer.
     assert_eq!(sent.header(ATTEMPTS_RESPONSE_HEADER), Some("1"));
 }
+
+#[test]
+fn a_bodiless_error_is_left_to_envoys_retries_and_the_last_one_answered() {
+    let cfg = config_from(ROUTED_CONFIG);
+    let body = chat_body(&quote("chain"));
+    let mut host = client_post("/v1/chat/completions", body.as_bytes());
+    let mut router = RequestFilter::new(Rc::clone(&cfg), Role::Router);
+    router.on_request_headers(&mut host, false);
+    router.on_request_body(&mut host, body.len(), true);
+    // The upstream half passes it on, so Envoy can try the next target.
+    let mut up = MockHost::new("POST", "/").with_body(body.as_bytes());
+    up.request_headers = host.request_headers.clone();
+    up.properties = host.properties.clone();
+    up.properties
+        .insert(POSITION_PROPERTY.into(), b"0".to_vec());
+    let mut attempt = RequestFilter::new(Rc::clone(&cfg), Role::Attempt);
+    attempt.on_request_headers(&mut up, false);
+    attempt.on_request_body(&mut up, body.len(), true);
+    up.respond(503, &[("content-length", "0")], b"", Some("via_upstream"));
+    assert_eq!(attempt.on_response_headers(&mut up, true), Flow::Continue);
+    assert!(up.sent.is_empty());
+    // The listener half answers the one that reaches it.
+    host.response_headers = up.response_headers.clone();
+    host.code_details = Some("via_upstream".into());
+    assert_eq!(router.on_response_headers(&mut host, true), Flow::Pause);
+    let sent = host.reply();
+    assert_eq!(sent.status, 503);
+    assert_eq!(
+        sent.json()["error"]["message"],
+        "Provider \"azure\" returned an error (503): no details given"
+    );
+    assert_eq!(sent.header(ATTEMPTS_RESPONSE_HEADER), Some("1"));
+}
