@@ -1541,9 +1541,9 @@ impl RequestFilter {
             if end_of_stream {
                 // No body to rewrite: a whole answer in the caller's shape
                 // takes the reply's place.
-                let body = self.error_reply_body(&mode, b"").unwrap_or_default();
+                let body = self.error_reply_body(&mode, b"");
                 self.status = caller_status;
-                return self.replace_answer(host, caller_status, &body);
+                return self.answer_bodiless(host, body);
             }
             self.response = mode;
             self.status = caller_status;
@@ -1690,8 +1690,10 @@ impl RequestFilter {
                 return Flow::Continue;
             }
         };
-        let provider = self.provider().map(|p| p.name.clone());
-        let provider = provider.as_deref();
+        let config = Rc::clone(&self.config);
+        let provider = self
+            .route
+            .map(|i| config.providers[config.models[i].provider].name.as_str());
         let new_body = match mode {
             ResponseMode::Error { .. } => self.error_reply_body(&mode, &body),
             ResponseMode::Translate => {
@@ -1767,8 +1769,23 @@ impl RequestFilter {
             provider: provider.as_deref(),
             secrets: &[],
         };
-        let body = exchange::translate_error(self.caller, None, &reply).unwrap_or_default();
+        let body = exchange::translate_error(self.caller, None, &reply);
+        self.answer_bodiless(host, body)
+    }
+
+    /// Sends `body` (an empty reply's rewrite) in place of the reply; were
+    /// there none, a plain one of the caller's shape says what happened.
+    fn answer_bodiless(&mut self, host: &mut dyn Host, body: Option<Vec<u8>>) -> Flow {
         let status = self.status;
+        let body = body.unwrap_or_else(|| {
+            let error = ApiError::new(
+                status,
+                crate::api::openai::error_type_for_status(status),
+                None,
+                format!("The provider answered HTTP {status} with no details."),
+            );
+            exchange::error_body(self.caller, &error)
+        });
         self.replace_answer(host, status, &body)
     }
 

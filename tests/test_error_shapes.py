@@ -309,11 +309,13 @@ ENVOY_FAILURES = {
 def overflowing(wasm, hostile):
     """Failover on, and every position cluster's circuit breaker full:
     each provider is one endpoint in every position, so the overflow case
-    needs an Envoy of its own."""
+    needs an Envoy of its own. Its buffer limit is below max_request_bytes,
+    like `standalone`'s."""
     def patch(bootstrap):
         for c in bootstrap["static_resources"]["clusters"]:
             if c["name"].startswith("meshllm.p"):
                 c["circuit_breakers"] = {"thresholds": [{"max_requests": 0}]}
+        bootstrap["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"] = 131072
 
     env = start_envoy(plugin_config(hostile.port, free_port()), patch)
     yield env
@@ -365,15 +367,18 @@ def test_timeout_with_failover_off(standalone):
     assert shaped("anthropic", 504, raw)[0] == "timeout_error"
 
 
-def test_envoys_request_size_limit_is_413_in_each_callers_shape(standalone):
+@pytest.mark.parametrize("mode", ["failover", "failover-off"])
+def test_envoys_request_size_limit_is_413_in_each_callers_shape(overflowing, standalone, mode):
+    env = overflowing if mode == "failover" else standalone
     # 200 KB: under max_request_bytes, over this Envoy's buffer limit.
     text = "x" * 200_000
     for caller in CALLERS:
-        status, _, raw = call(standalone, caller, "openai-big", text=text)
-        assert status == 413, raw[:300]
-        kind, _ = shaped(caller, 413, raw)
-        assert kind == {"openai": "request_too_large", "anthropic": "request_too_large",
-                        "gemini": "INVALID_ARGUMENT"}[caller]
+        for model in ("openai-big", "chain-openai-big"):
+            status, _, raw = call(env, caller, model, text=text)
+            assert status == 413, raw[:300]
+            kind, _ = shaped(caller, 413, raw)
+            assert kind == {"openai": "request_too_large", "anthropic": "request_too_large",
+                            "gemini": "INVALID_ARGUMENT"}[caller]
 
 
 def test_the_caller_api_mark_never_reaches_a_provider(envoy, standalone, hostile):
@@ -509,6 +514,33 @@ def test_sidecar_reshapes_a_same_api_plain_text_error(sidecar, caller, model):
     assert status == 503, raw[:300]
     _, message = shaped(caller, 503, raw)
     assert "upstream overloaded" in message
+
+
+@pytest.mark.parametrize("mode", ["sidecar", "egress-gateway"])
+def test_both_istio_modes_get_the_buffer_limit_and_the_reply_mappers(mode):
+    import istio_sim as sim
+    import manifests
+    import test_istio
+
+    namespace, labels = {"sidecar": ("shop", test_istio.SHOP_LABELS),
+                         "egress-gateway": (manifests.NAMESPACE, test_istio.GATEWAY_LABELS)}[mode]
+    resources = test_istio.overlay(mode)
+    kw = dict(namespace=namespace, labels=labels, port=free_port(), admin_port=free_port(),
+              endpoints={})
+    if mode == "sidecar":
+        bootstrap = sim.sidecar_bootstrap(resources, **kw)
+    else:
+        bootstrap = sim.gateway_bootstrap(resources, mesh_tls={"cert": "c", "key": "k", "ca": "a"}, **kw)
+    filters = [r for r in resources if r["kind"] == "EnvoyFilter"]
+    bootstrap, _ = sim.apply_envoy_filters(bootstrap, filters, context=test_istio.CONTEXTS[mode],
+                                           namespace=namespace, labels=labels)
+    (listener,) = bootstrap["static_resources"]["listeners"]
+    policy = manifests.mode_policy(manifests.load_policy(), mode)
+    assert listener["per_connection_buffer_limit_bytes"] == render.buffer_limit_bytes(policy)
+    assert listener["per_connection_buffer_limit_bytes"] > render.DEFAULT_MAX_RESPONSE_BYTES
+    (hcm,) = [f["typed_config"] for fc in listener["filter_chains"] for f in fc["filters"]
+              if f["name"] == sim.HCM_NAME]
+    assert hcm["local_reply_config"] == render.local_reply_config()
 
 
 def test_local_reply_config_covers_every_caller_api():
