@@ -190,7 +190,7 @@ def shaped(caller, status, raw, complete=True):
     return error["status"], message
 
 
-def models_for(caller, provider_api, behaviour):
+def models_for(provider_api, behaviour):
     """The single-target model and the two-target chain for a behaviour."""
     return [f"{provider_api}-{behaviour}", f"chain-{provider_api}-{behaviour}"]
 
@@ -200,7 +200,7 @@ def models_for(caller, provider_api, behaviour):
 @pytest.mark.parametrize("half", ["listener", "upstream"])
 @pytest.mark.parametrize("caller", CALLERS)
 def test_oversized_translated_answer_is_502_response_too_large(envoy, caller, half):
-    model = models_for(caller, TRANSLATED[caller], "big")[half == "upstream"]
+    model = models_for(TRANSLATED[caller], "big")[half == "upstream"]
     status, headers, raw = call(envoy, caller, model)
     assert status == 502, raw[:300]
     kind, message = shaped(caller, 502, raw)
@@ -234,7 +234,7 @@ def test_standalone_filter_answers_oversized_answers_itself(standalone):
 @pytest.mark.parametrize("half", ["listener", "upstream"])
 @pytest.mark.parametrize("caller", CALLERS)
 def test_premature_close_on_a_translated_request(envoy, hostile, caller, half):
-    model = models_for(caller, TRANSLATED[caller], "short")[half == "upstream"]
+    model = models_for(TRANSLATED[caller], "short")[half == "upstream"]
     status, _, raw = call(envoy, caller, model)
     # One target: Envoy answers past the filter, shaped by local_reply_config.
     # A chain: Envoy retries the reset, then the filter shapes Envoy's reply.
@@ -352,7 +352,7 @@ def test_envoy_failures_with_failover_off(standalone, failure):
 @pytest.mark.parametrize("half", ["listener", "upstream"])
 @pytest.mark.parametrize("caller", CALLERS)
 def test_timeout_is_504_in_each_callers_shape(envoy, caller, half):
-    model = models_for(caller, TRANSLATED[caller], "stall")[half == "upstream"]
+    model = models_for(TRANSLATED[caller], "stall")[half == "upstream"]
     status, _, raw = call(envoy, caller, model)
     assert status == 504, raw[:300]
     kind, message = shaped(caller, 504, raw)
