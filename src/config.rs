@@ -29,6 +29,11 @@ use crate::url::percent_encode;
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 10 * 1024 * 1024;
 pub const DEFAULT_MAX_TOKENS: u64 = 4096;
 const MAX_MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
+/// The largest answer the filter holds whole (a translated non-streamed
+/// answer, or an error reply it rewrites): images in answers run to a few
+/// MiB each, long texts to hundreds of KiB.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+const MAX_MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -222,6 +227,9 @@ pub struct Config {
     pub models: Vec<ModelRoute>,
     by_name: HashMap<String, usize>,
     pub max_request_bytes: usize,
+    /// The most answer bytes the filter buffers (translated non-streamed
+    /// answers and error replies); larger ones get 502 `response_too_large`.
+    pub max_response_bytes: usize,
     /// Public names served by several targets under a strategy.
     pub routes: Vec<RoutePolicy>,
     route_by_name: HashMap<String, usize>,
@@ -404,6 +412,7 @@ const TOP_LEVEL_FIELDS: &[&str] = &[
     "routes",
     "failover",
     "max_request_bytes",
+    "max_response_bytes",
     "identity",
     "attribution",
     "quotas",
@@ -526,18 +535,18 @@ pub fn compile(doc: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Compi
         }
     }
 
-    let max_request_bytes = match obj.get("max_request_bytes") {
-        None => DEFAULT_MAX_REQUEST_BYTES,
-        Some(v) => match v.as_u64() {
-            Some(n) if n > 0 && n <= MAX_MAX_REQUEST_BYTES as u64 => n as usize,
-            _ => {
-                return Err(ConfigError::new(
-                    "max_request_bytes",
-                    format!("must be a whole number from 1 to {MAX_MAX_REQUEST_BYTES}"),
-                ))
-            }
-        },
-    };
+    let max_request_bytes = byte_limit(
+        obj.get("max_request_bytes"),
+        "max_request_bytes",
+        DEFAULT_MAX_REQUEST_BYTES,
+        MAX_MAX_REQUEST_BYTES,
+    )?;
+    let max_response_bytes = byte_limit(
+        obj.get("max_response_bytes"),
+        "max_response_bytes",
+        DEFAULT_MAX_RESPONSE_BYTES,
+        MAX_MAX_RESPONSE_BYTES,
+    )?;
 
     let mut warnings = Vec::new();
     let providers = compile_providers(obj.get("providers"), env, &mut warnings)?;
@@ -576,6 +585,7 @@ pub fn compile(doc: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Compi
         models,
         by_name,
         max_request_bytes,
+        max_response_bytes,
         routes,
         route_by_name,
         failover,
@@ -596,6 +606,23 @@ pub fn compile(doc: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Compi
     }
     config.namespaces = compile_namespaces(obj.get("namespaces"), &config)?;
     Ok(Compiled { config, warnings })
+}
+
+/// A size limit in bytes: `default` when absent, else 1 ..= `max`.
+fn byte_limit(
+    value: Option<&Value>,
+    field: &str,
+    default: usize,
+    max: usize,
+) -> Result<usize, ConfigError> {
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    value
+        .as_u64()
+        .filter(|n| (1..=max as u64).contains(n))
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| ConfigError::new(field, format!("must be a whole number from 1 to {max}")))
 }
 
 /// `hosts`: the request hosts the filter handles.
@@ -1295,6 +1322,7 @@ mod tests {
         let c = ok(GOOD);
         let cfg = &c.config;
         assert_eq!(cfg.max_request_bytes, 1048576);
+        assert_eq!(cfg.max_response_bytes, DEFAULT_MAX_RESPONSE_BYTES);
 
         let openai = &cfg.providers[0];
         assert_eq!(openai.authority, "api.openai.com");
@@ -1458,6 +1486,18 @@ mod tests {
             (
                 r#"{"providers":[{"name":"a","kind":"openai"}],"models":[{"name":"m","provider":"a"}],"max_request_bytes":0}"#,
                 "max_request_bytes: must be a whole number",
+            ),
+            (
+                r#"{"providers":[{"name":"a","kind":"openai"}],"models":[{"name":"m","provider":"a"}],"max_response_bytes":0}"#,
+                "max_response_bytes: must be a whole number from 1 to 67108864",
+            ),
+            (
+                r#"{"providers":[{"name":"a","kind":"openai"}],"models":[{"name":"m","provider":"a"}],"max_response_bytes":67108865}"#,
+                "max_response_bytes: must be a whole number from 1 to 67108864",
+            ),
+            (
+                r#"{"providers":[{"name":"a","kind":"openai"}],"models":[{"name":"m","provider":"a"}],"max_response_bytes":"16MiB"}"#,
+                "max_response_bytes: must be a whole number",
             ),
             (
                 r#"{"providers":[{"name":"a","kind":"openai"}],"models":[{"name":"m","provider":"a"}],"hosts":[]}"#,

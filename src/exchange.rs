@@ -245,7 +245,10 @@ pub fn translate_error(
             _ => Some(openai_error_to_caller(caller, status, openai)),
         };
     };
-    if exchange.caller == exchange.provider && exchange.provider != Schema::OpenAi {
+    if exchange.caller == exchange.provider
+        && exchange.provider != Schema::OpenAi
+        && in_callers_shape(exchange.caller, reply.body)
+    {
         // Already in the caller's shape; only scrub secrets.
         let leaks = reply
             .secrets
@@ -254,6 +257,8 @@ pub fn translate_error(
         return leaks
             .then(|| redact(&String::from_utf8_lossy(reply.body), reply.secrets).into_bytes());
     }
+    // Anything else (plain text, an HTML page, another API's JSON) is read
+    // through the OpenAI pivot, even between ends of the same API.
     let openai = match exchange.provider {
         Schema::OpenAi => {
             let normalised =
@@ -271,6 +276,31 @@ pub fn translate_error(
     };
     let openai = redact(&String::from_utf8_lossy(&openai), reply.secrets).into_bytes();
     Some(openai_error_to_caller(caller, status, openai))
+}
+
+/// Whether an error body already has the shape `caller`'s SDK reads:
+/// Anthropic's `{"type":"error","error":{"type","message"}}`, Gemini's
+/// `{"error":{"code","message","status"}}` (OpenAI's is checked by
+/// `normalise_error`).
+fn in_callers_shape(caller: Schema, body: &[u8]) -> bool {
+    let Ok(Value::Object(doc)) = serde_json::from_slice::<Value>(body) else {
+        return false;
+    };
+    let Some(Value::Object(error)) = doc.get("error") else {
+        return false;
+    };
+    let text = |name: &str| error.get(name).is_some_and(Value::is_string);
+    match caller {
+        Schema::Anthropic => {
+            doc.get("type").and_then(Value::as_str) == Some("error")
+                && text("type")
+                && text("message")
+        }
+        Schema::Gemini => {
+            error.get("code").is_some_and(Value::is_u64) && text("message") && text("status")
+        }
+        Schema::OpenAi | Schema::Converse => false,
+    }
 }
 
 /// A complete (non-streamed) answer, translated for the caller. None: pass
@@ -346,5 +376,213 @@ pub fn stream_translator(exchange: &Exchange, created: u64) -> Option<Box<dyn St
     match (provider_side, caller_side) {
         (Some(p), Some(c)) => Some(Box::new(Chain::new(p, c))),
         (p, c) => p.or(c),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "sk-hostile-secret-42";
+    const CALLERS: [Schema; 3] = [Schema::OpenAi, Schema::Anthropic, Schema::Gemini];
+    const PROVIDERS: [Schema; 4] = [
+        Schema::OpenAi,
+        Schema::Anthropic,
+        Schema::Gemini,
+        Schema::Converse,
+    ];
+
+    /// tests/fixtures/hostile/errors: (name, status, body), the credential
+    /// placeholder filled with `SECRET`.
+    fn corpus() -> Vec<(String, u16, Vec<u8>)> {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/hostile/errors");
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if name == "README.md" {
+                continue;
+            }
+            let status: u16 = name.split('-').next().unwrap().parse().unwrap();
+            let body = std::fs::read(&path).unwrap();
+            let text = String::from_utf8_lossy(&body).replace("{{credential}}", SECRET);
+            let body = if body.windows(2).any(|w| w == b"{{") {
+                text.into_bytes()
+            } else {
+                body
+            };
+            out.push((name, status, body));
+        }
+        assert!(out.len() >= 20, "the corpus is missing");
+        out
+    }
+
+    fn exchange(caller: Schema, provider: Schema) -> Exchange {
+        Exchange {
+            caller,
+            provider,
+            stream: false,
+            caller_wants_usage: false,
+            upstream_model: "m".into(),
+        }
+    }
+
+    /// The body parses as `caller`'s error shape; a body the gateway wrote
+    /// carries every field and the status it is sent with.
+    fn assert_shape(caller: Schema, status: u16, body: &[u8], rewritten: bool, what: &str) {
+        let v: Value = serde_json::from_slice(body).unwrap_or_else(|e| {
+            panic!("{what}: not JSON ({e}): {}", String::from_utf8_lossy(body))
+        });
+        let message = |e: &Value| {
+            e["message"]
+                .as_str()
+                .filter(|m| !m.is_empty())
+                .map(str::to_string)
+        };
+        match caller {
+            Schema::Anthropic => {
+                assert_eq!(v["type"], "error", "{what}: {v}");
+                assert!(v["error"]["type"].is_string(), "{what}: {v}");
+                assert!(message(&v["error"]).is_some(), "{what}: {v}");
+            }
+            Schema::Gemini => {
+                let e = &v["error"];
+                assert!(e["code"].is_u64() && e["status"].is_string(), "{what}: {v}");
+                assert!(message(e).is_some(), "{what}: {v}");
+                if rewritten {
+                    assert_eq!(e["code"], status, "{what}: {v}");
+                }
+            }
+            Schema::OpenAi | Schema::Converse => {
+                let e = &v["error"];
+                assert!(message(e).is_some(), "{what}: {v}");
+                if rewritten {
+                    assert!(e["type"].is_string(), "{what}: {v}");
+                    assert!(
+                        e.get("param").is_some() && e.get("code").is_some(),
+                        "{what}: {v}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_hostile_error_reaches_every_caller_in_its_shape() {
+        for (name, status, body) in corpus() {
+            for caller in CALLERS {
+                for provider in PROVIDERS {
+                    for via_upstream in [true, false] {
+                        let x = exchange(caller, provider);
+                        let reply = ErrorReply {
+                            status,
+                            body: &body,
+                            error_type: None,
+                            via_upstream,
+                            provider: Some("p"),
+                            secrets: &[SECRET],
+                        };
+                        let out = translate_error(caller, Some(&x), &reply);
+                        let rewritten = out.is_some();
+                        let sent = out.unwrap_or_else(|| body.clone());
+                        let what = format!("{name}: {caller:?} caller, {provider:?} provider, via upstream: {via_upstream}");
+                        let status = if via_upstream {
+                            caller_status(&x, status, None)
+                        } else {
+                            status
+                        };
+                        assert_shape(caller, status, &sent, rewritten, &what);
+                        assert!(
+                            !contains(&sent, SECRET.as_bytes()),
+                            "{what}: the key leaked"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_error_already_in_the_callers_shape_passes_as_it_is() {
+        let passing: &[(Schema, &str)] = &[
+            (Schema::Anthropic, "404-anthropic-shaped.json"),
+            (Schema::Gemini, "429-gemini-shaped.json"),
+            (Schema::OpenAi, "503-openai-shaped.json"),
+        ];
+        let corpus = corpus();
+        for (api, file) in passing {
+            let (_, status, body) = corpus.iter().find(|(n, _, _)| n == file).unwrap();
+            let reply = ErrorReply {
+                status: *status,
+                body,
+                error_type: None,
+                via_upstream: true,
+                provider: Some("p"),
+                secrets: &[SECRET],
+            };
+            assert_eq!(
+                translate_error(*api, Some(&exchange(*api, *api)), &reply),
+                None,
+                "{file}"
+            );
+        }
+        // With the key in it: only the key changes.
+        for (api, file) in [
+            (Schema::Anthropic, "401-anthropic-shaped-leak.json"),
+            (Schema::Gemini, "401-gemini-shaped-leak.json"),
+        ] {
+            let (_, status, body) = corpus.iter().find(|(n, _, _)| n == file).unwrap();
+            let reply = ErrorReply {
+                status: *status,
+                body,
+                error_type: None,
+                via_upstream: true,
+                provider: Some("p"),
+                secrets: &[SECRET],
+            };
+            let out = translate_error(api, Some(&exchange(api, api)), &reply).unwrap();
+            let expected = String::from_utf8_lossy(body).replace(SECRET, "[redacted]");
+            assert_eq!(String::from_utf8(out).unwrap(), expected, "{file}");
+        }
+    }
+
+    #[test]
+    fn other_bodies_from_a_same_api_provider_are_reshaped() {
+        let cases: &[(Schema, u16, &[u8], &str, &str)] = &[
+            (Schema::Anthropic, 503, b"upstream overloaded", "overloaded_error", "upstream overloaded"),
+            (
+                Schema::Anthropic,
+                502,
+                b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>",
+                "api_error",
+                "502 Bad Gateway",
+            ),
+            (Schema::Gemini, 400, br#"{"detail": "temperature must be <= 2"}"#, "INVALID_ARGUMENT", "temperature must be <= 2"),
+            (
+                Schema::Gemini,
+                503,
+                br#"[{"error": {"code": 503, "message": "The model is overloaded.", "status": "UNAVAILABLE"}}]"#,
+                "UNAVAILABLE",
+                "The model is overloaded.",
+            ),
+        ];
+        for (api, status, body, kind, text) in cases {
+            let reply = ErrorReply {
+                status: *status,
+                body,
+                error_type: None,
+                via_upstream: true,
+                provider: Some("p"),
+                secrets: &[],
+            };
+            let out = translate_error(*api, Some(&exchange(*api, *api)), &reply).unwrap();
+            let v: Value = serde_json::from_slice(&out).unwrap();
+            let (got_kind, message) = match api {
+                Schema::Anthropic => (&v["error"]["type"], &v["error"]["message"]),
+                _ => (&v["error"]["status"], &v["error"]["message"]),
+            };
+            assert_eq!(got_kind, kind, "{v}");
+            assert!(message.as_str().unwrap().contains(text), "{v}");
+        }
     }
 }

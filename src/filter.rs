@@ -67,6 +67,13 @@ mod listing {
 
 /// The header the Envoy route reads to pick the provider's cluster.
 pub const CLUSTER_HEADER: &str = "x-meshllm-cluster";
+/// Names the caller's API (`openai`, `anthropic`, `gemini`) on a request
+/// the listener half serves itself. Envoy's `header_to_metadata` turns it
+/// into dynamic metadata (`meshllm.caller_api`) and removes it, and the
+/// connection manager's `local_reply_config` shapes Envoy's own replies by
+/// it: those Envoy sends straight to the caller once this filter holds the
+/// response headers (a provider that closes mid-answer, a timeout).
+pub const CALLER_API_HEADER: &str = "x-meshllm-caller-api";
 pub const PROVIDER_RESPONSE_HEADER: &str = "x-meshllm-provider";
 pub const MODEL_RESPONSE_HEADER: &str = "x-meshllm-model";
 /// How many targets were tried, the one that answered included.
@@ -475,6 +482,16 @@ fn caller_of_path(path: &str) -> Schema {
         Schema::Anthropic
     } else {
         Schema::OpenAi
+    }
+}
+
+/// The caller's API as `CALLER_API_HEADER` names it (render.py's
+/// `local_reply_config` has one set of mappers per name).
+fn api_name(caller: Schema) -> &'static str {
+    match caller {
+        Schema::Anthropic => "anthropic",
+        Schema::Gemini => "gemini",
+        Schema::OpenAi | Schema::Converse => "openai",
     }
 }
 
@@ -1361,7 +1378,7 @@ impl RequestFilter {
                 host.remove_request_header(name).map_err(rewrite)?;
             }
         }
-        for name in CLIENT_CREDENTIAL_HEADERS {
+        for name in CLIENT_CREDENTIAL_HEADERS.iter().chain([&CALLER_API_HEADER]) {
             if present.has(host, name) {
                 host.remove_request_header(name).map_err(rewrite)?;
             }
@@ -1464,6 +1481,10 @@ impl RequestFilter {
         };
         point_at_provider(host, provider, path, sent_body.len(), cluster)
             .map_err(|e| internal(format!("could not rewrite the request headers: {e}")))?;
+        if self.role == Role::Standalone {
+            host.set_request_header(CALLER_API_HEADER, api_name(self.caller))
+                .map_err(|e| internal(format!("could not rewrite the request headers: {e}")))?;
+        }
         // The attempt role cleared them in start_attempt, and set them again
         // only for an Anthropic target.
         if route.schema != Schema::Anthropic && self.role != Role::Attempt {
@@ -1555,6 +1576,11 @@ impl RequestFilter {
                     return Flow::Pause;
                 }
                 self.response = ResponseMode::PassThrough;
+                if end_of_stream && self.status >= 400 {
+                    // A provider's bodiless error, left for Envoy to retry:
+                    // the last one is answered here, in the caller's shape.
+                    return self.answer_bodiless_error(host);
+                }
                 return Flow::Continue;
             }
         }
@@ -1582,29 +1608,41 @@ impl RequestFilter {
                 host.response_code_details().as_deref(),
                 Some("via_upstream") | None
             );
-            if end_of_stream {
-                self.response = ResponseMode::PassThrough;
-                return Flow::Continue;
-            }
             let error_type = host.response_header("x-amzn-errortype");
             let caller_status = match (&self.exchange, via_upstream) {
                 (Some(x), true) => exchange::caller_status(x, self.status, error_type.as_deref()),
                 _ => self.status,
             };
-            if caller_status != self.status {
-                let _ = host.set_response_header(":status", &caller_status.to_string());
-            }
-            self.response = ResponseMode::Error {
+            let mode = ResponseMode::Error {
                 status: self.status,
                 via_upstream,
                 error_type,
             };
+            if caller_status != self.status {
+                let _ = host.set_response_header(":status", &caller_status.to_string());
+            }
+            if end_of_stream && self.role == Role::Attempt {
+                // Envoy may still retry it; the listener half answers it if
+                // it is the last (see `answer_bodiless_error`).
+                self.status = caller_status;
+                return Flow::Continue;
+            }
+            if end_of_stream {
+                // No body to rewrite: a whole answer in the caller's shape
+                // takes the reply's place.
+                let body = self.error_reply_body(&mode, b"");
+                self.status = caller_status;
+                return self.answer_bodiless(host, body);
+            }
+            self.response = mode;
             self.status = caller_status;
             // The body is replaced once complete; its length will change.
             let _ = host.remove_response_header("content-length");
             let _ = host.remove_response_header("content-encoding");
             let _ = host.set_response_header("content-type", "application/json");
-            return Flow::Continue;
+            // Held with the body, so a reply cut short or too large can
+            // still be answered in the caller's shape.
+            return Flow::Pause;
         }
         let serving = self.phase == Phase::Forwarded && self.role != Role::Router;
         let Some(x) = self.exchange.as_ref().filter(|_| serving) else {
@@ -1733,6 +1771,11 @@ impl RequestFilter {
             return Flow::Continue;
         }
         if matches!(self.response, ResponseMode::Hold) {
+            // Held whole here: past the limit the caller gets an error in
+            // its shape, not Envoy's.
+            if body_size > self.config.max_response_bytes {
+                return self.answer_too_large(host);
+            }
             if !end_of_stream {
                 return Flow::Pause;
             }
@@ -1749,6 +1792,17 @@ impl RequestFilter {
             }
             return Flow::Continue;
         }
+        // Error replies and translated answers are held whole: past the
+        // limit the caller gets an error in its shape, not Envoy's.
+        if body_size > self.config.max_response_bytes {
+            if self.role == Role::Attempt && matches!(self.response, ResponseMode::Translate) {
+                // Its headers passed (see `Translate`): the listener half
+                // holds this answer and refuses it past the same limit.
+                self.response = ResponseMode::PassThrough;
+                return Flow::Continue;
+            }
+            return self.answer_too_large(host);
+        }
         if !end_of_stream {
             return Flow::Pause;
         }
@@ -1761,27 +1815,11 @@ impl RequestFilter {
             }
         };
         let config = Rc::clone(&self.config);
-        let provider_entry = self
+        let provider = self
             .route
-            .map(|i| &config.providers[config.models[i].provider]);
-        let provider = provider_entry.map(|p| p.name.as_str());
-        let secrets: Vec<&str> = provider_entry.map(Provider::secrets).unwrap_or_default();
+            .map(|i| config.providers[config.models[i].provider].name.as_str());
         let new_body = match mode {
-            ResponseMode::Error {
-                status,
-                via_upstream,
-                error_type,
-            } => {
-                let reply = ErrorReply {
-                    status,
-                    body: &body,
-                    error_type: error_type.as_deref(),
-                    via_upstream,
-                    provider,
-                    secrets: &secrets,
-                };
-                exchange::translate_error(self.caller, self.exchange.as_ref(), &reply)
-            }
+            ResponseMode::Error { .. } => self.error_reply_body(&mode, &body),
             ResponseMode::Translate => {
                 let usage = crate::translate::usage_of_answer(self.provider_schema(), &body);
                 self.note_usage(host, usage);
@@ -1826,6 +1864,122 @@ impl RequestFilter {
             }
         }
         Flow::Continue
+    }
+
+    /// An error reply's body in the caller's shape (None: pass it as it is).
+    fn error_reply_body(&self, mode: &ResponseMode, body: &[u8]) -> Option<Vec<u8>> {
+        let ResponseMode::Error {
+            status,
+            via_upstream,
+            error_type,
+        } = mode
+        else {
+            return None;
+        };
+        let provider = self.provider();
+        let secrets: Vec<&str> = provider.map(Provider::secrets).unwrap_or_default();
+        let reply = ErrorReply {
+            status: *status,
+            body,
+            error_type: error_type.as_deref(),
+            via_upstream: *via_upstream,
+            provider: provider.map(|p| p.name.as_str()),
+            secrets: &secrets,
+        };
+        exchange::translate_error(self.caller, self.exchange.as_ref(), &reply)
+    }
+
+    /// Router role: a provider's error reply without a body, passed on by
+    /// the upstream half (the status already the caller's), in the
+    /// caller's shape.
+    fn answer_bodiless_error(&mut self, host: &mut dyn Host) -> Flow {
+        let provider = self.served.as_ref().map(|(p, _)| p.clone());
+        let reply = ErrorReply {
+            status: self.status,
+            body: b"",
+            error_type: None,
+            via_upstream: true,
+            provider: provider.as_deref(),
+            secrets: &[],
+        };
+        let body = exchange::translate_error(self.caller, None, &reply);
+        self.answer_bodiless(host, body)
+    }
+
+    /// Sends `body` (an empty reply's rewrite) in place of the reply; were
+    /// there none, a plain one of the caller's shape says what happened.
+    fn answer_bodiless(&mut self, host: &mut dyn Host, body: Option<Vec<u8>>) -> Flow {
+        let status = self.status;
+        let body = body.unwrap_or_else(|| {
+            let error = ApiError::new(
+                status,
+                crate::api::openai::error_type_for_status(status),
+                None,
+                format!("The provider answered HTTP {status} with no details."),
+            );
+            exchange::error_body(self.caller, &error)
+        });
+        self.replace_answer(host, status, &body)
+    }
+
+    /// The answer held past the limit: an error in the caller's shape
+    /// replaces it (502 for an answer, the reply's status for an error).
+    fn answer_too_large(&mut self, host: &mut dyn Host) -> Flow {
+        let limit = self.config.max_response_bytes;
+        let provider = self.provider().map_or("none", |p| p.name.as_str());
+        let error = match self.response {
+            ResponseMode::Error { status, .. } => ApiError::new(
+                self.status,
+                crate::api::openai::error_type_for_status(self.status),
+                None,
+                format!(
+                    "Provider {provider:?} answered with HTTP {status} and an error body larger \
+                     than this gateway's limit of {limit} bytes (max_response_bytes)."
+                ),
+            ),
+            _ => ApiError::new(
+                502,
+                "server_error",
+                Some("response_too_large"),
+                format!(
+                    "Provider {provider:?} sent an answer larger than this gateway's limit of \
+                     {limit} bytes (max_response_bytes); a translated answer is held whole."
+                ),
+            ),
+        };
+        log::warn!("{}", error.message);
+        self.response = ResponseMode::PassThrough;
+        let body = exchange::error_body(self.caller, &error);
+        self.replace_answer(host, error.status, &body)
+    }
+
+    /// Replaces an answer whose headers this filter still holds with a
+    /// reply of its own. Envoy sends it to the caller at once (from the
+    /// upstream half, through the listener half) and drops the rest of the
+    /// provider's answer. What the caller needs of the held headers stays.
+    fn replace_answer(&mut self, host: &mut dyn Host, status: u16, body: &[u8]) -> Flow {
+        const KEPT: &[&str] = &[
+            "retry-after",
+            "x-should-retry",
+            PROVIDER_RESPONSE_HEADER,
+            MODEL_RESPONSE_HEADER,
+            ROUTE_RESPONSE_HEADER,
+            ATTEMPTS_RESPONSE_HEADER,
+        ];
+        let mut kept: Vec<(String, String)> = KEPT
+            .iter()
+            // The upstream half names its attempt itself (see `reply`).
+            .filter(|name| self.role != Role::Attempt || **name != ATTEMPTS_RESPONSE_HEADER)
+            .filter_map(|name| Some((name.to_string(), host.response_header(name)?)))
+            .collect();
+        if self.role != Role::Attempt {
+            kept.extend(self.answer_headers.iter().cloned());
+        }
+        // Counted as the forwarded call it was, before `reply` marks it answered.
+        self.status = status;
+        self.finish(host);
+        let extra: Vec<(&str, &str)> = kept.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        self.reply(host, status, &extra, body)
     }
 
     /// Serving roles with health: feeds the target's health record and

@@ -1546,7 +1546,7 @@ fn plain_text_upstream_error_is_rewritten_to_openai_shape() {
         body,
         Some("via_upstream"),
     );
-    assert_eq!(f.on_response_headers(&mut host, false), Flow::Continue);
+    assert_eq!(f.on_response_headers(&mut host, false), Flow::Pause);
     assert_eq!(host.resp("content-length"), None);
     assert_eq!(
         host.resp("content-type").as_deref(),
@@ -1587,7 +1587,7 @@ fn other_json_error_shapes_are_rewritten() {
         body,
         Some("via_upstream"),
     );
-    assert_eq!(f.on_response_headers(&mut host, false), Flow::Continue);
+    assert_eq!(f.on_response_headers(&mut host, false), Flow::Pause);
     assert_eq!(
         f.on_response_body(&mut host, body.len(), true),
         Flow::Continue
@@ -1611,7 +1611,7 @@ fn openai_shaped_upstream_error_is_left_untouched() {
         body,
         Some("via_upstream"),
     );
-    assert_eq!(f.on_response_headers(&mut host, false), Flow::Continue);
+    assert_eq!(f.on_response_headers(&mut host, false), Flow::Pause);
     assert_eq!(
         f.on_response_body(&mut host, body.len() / 2, false),
         Flow::Pause
@@ -1664,7 +1664,7 @@ fn provider_key_in_an_error_reply_is_redacted() {
             body.as_bytes(),
             Some("via_upstream"),
         );
-        assert_eq!(f.on_response_headers(&mut host, false), Flow::Continue);
+        assert_eq!(f.on_response_headers(&mut host, false), Flow::Pause);
         assert_eq!(
             f.on_response_body(&mut host, body.len(), true),
             Flow::Continue
@@ -1690,7 +1690,7 @@ fn envoy_connection_failure_is_provider_unavailable() {
         body,
         Some("upstream_reset_before_response_started{connection_failure}"),
     );
-    assert_eq!(f.on_response_headers(&mut host, false), Flow::Continue);
+    assert_eq!(f.on_response_headers(&mut host, false), Flow::Pause);
     assert_eq!(host.resp("content-length"), None);
     assert_eq!(
         host.resp("content-type").as_deref(),
@@ -1726,7 +1726,7 @@ fn envoy_timeout_is_provider_timeout() {
         body,
         Some("upstream_response_timeout"),
     );
-    assert_eq!(f.on_response_headers(&mut host, false), Flow::Continue);
+    assert_eq!(f.on_response_headers(&mut host, false), Flow::Pause);
     assert_eq!(
         f.on_response_body(&mut host, body.len(), true),
         Flow::Continue
@@ -1777,19 +1777,29 @@ fn missing_code_details_count_as_the_provider() {
 }
 
 #[test]
-fn error_headers_only_response_is_left_alone() {
-    // No body will follow, so there is nothing to rewrite: the headers must
-    // not announce a JSON body that never comes. (A bodiless upstream error
-    // therefore reaches the client without an OpenAI error object.)
+fn error_headers_only_response_is_answered_in_callers_shape() {
+    // No body will follow, so the filter's own reply takes its place, with
+    // the headers a caller needs (retry-after, who answered).
     let (mut f, mut host) = forwarded("mini");
-    host.respond(429, &[("content-length", "0")], b"", Some("via_upstream"));
-    assert_eq!(f.on_response_headers(&mut host, true), Flow::Continue);
-    assert_eq!(host.resp("content-length").as_deref(), Some("0"));
-    assert_eq!(host.resp("content-type"), None);
-    assert_eq!(
-        host.resp(PROVIDER_RESPONSE_HEADER).as_deref(),
-        Some("openai")
+    host.respond(
+        429,
+        &[("content-length", "0"), ("retry-after", "7")],
+        b"",
+        Some("via_upstream"),
     );
+    assert_eq!(f.on_response_headers(&mut host, true), Flow::Pause);
+    assert_eq!(host.sent.len(), 1);
+    let sent = &host.sent[0];
+    assert_eq!(sent.status, 429);
+    let v: Value = serde_json::from_slice(&sent.body).unwrap();
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+    assert_eq!(
+        v["error"]["message"],
+        "Provider \"openai\" returned an error (429): no details given"
+    );
+    assert_eq!(sent.header("retry-after"), Some("7"));
+    assert_eq!(sent.header(PROVIDER_RESPONSE_HEADER), Some("openai"));
+    assert_eq!(sent.header("content-type"), Some("application/json"));
     f.on_done(&mut host);
     assert_eq!(
         requests_counted(&host),
@@ -1805,7 +1815,7 @@ fn failing_response_host_calls_do_not_break_the_response() {
     // Unreadable error body: passed on as it is.
     let (mut f, mut host) = forwarded("mini");
     host.respond(500, &[], b"oops", Some("via_upstream"));
-    assert_eq!(f.on_response_headers(&mut host, false), Flow::Continue);
+    assert_eq!(f.on_response_headers(&mut host, false), Flow::Pause);
     host.fail(&[Op::ResponseBody]);
     assert_eq!(f.on_response_body(&mut host, 4, true), Flow::Continue);
     assert_eq!(host.response_body, b"oops");
@@ -1818,7 +1828,7 @@ fn failing_response_host_calls_do_not_break_the_response() {
         Some("via_upstream"),
     );
     host.fail(SETTERS);
-    assert_eq!(f.on_response_headers(&mut host, false), Flow::Continue);
+    assert_eq!(f.on_response_headers(&mut host, false), Flow::Pause);
     assert_eq!(f.on_response_body(&mut host, 4, true), Flow::Continue);
     assert_eq!(host.response_body, b"oops");
     assert_eq!(host.resp("content-length").as_deref(), Some("4"));
@@ -1966,7 +1976,7 @@ fn rewritten_error_reply_drops_content_encoding() {
         body,
         Some("via_upstream"),
     );
-    assert_eq!(f.on_response_headers(&mut host, false), Flow::Continue);
+    assert_eq!(f.on_response_headers(&mut host, false), Flow::Pause);
     assert_eq!(
         f.on_response_body(&mut host, body.len(), true),
         Flow::Continue
@@ -1993,7 +2003,7 @@ fn envoy_413_while_reading_body() -> (RequestFilter, MockHost) {
         body,
         Some("request_payload_too_large"),
     );
-    assert_eq!(f.on_response_headers(&mut host, false), Flow::Continue);
+    assert_eq!(f.on_response_headers(&mut host, false), Flow::Pause);
     assert_eq!(
         f.on_response_body(&mut host, body.len(), true),
         Flow::Continue
@@ -4017,4 +4027,217 @@ fn only_what_a_provider_did_is_an_attempts_end() {
     assert_eq!(Timeout.error_type().as_deref(), Some("timeout"));
     assert_eq!(Reset.error_type().as_deref(), Some("reset"));
     assert_eq!(Answered(200).error_type(), None);
+}
+
+// ---------------------------------------------------------------------------
+// Answers the filter holds whole, and the caller-API mark for Envoy's replies
+// ---------------------------------------------------------------------------
+
+/// MULTI_CONFIG with a small `max_response_bytes`, and an Anthropic model.
+fn limited_multi(limit: usize) -> Rc<Config> {
+    let doc = MULTI_CONFIG.replacen(
+        "\"models\": [",
+        "\"max_response_bytes\": LIMIT, \"models\": [",
+        1,
+    );
+    let doc = doc.replace("LIMIT", &limit.to_string());
+    Rc::new(
+        compile(doc.as_bytes(), &multi_env)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .config,
+    )
+}
+
+fn forwarded_with(config: Rc<Config>, path: &str, body: &[u8]) -> (RequestFilter, MockHost) {
+    let mut host = client_post(path, body);
+    let mut f = RequestFilter::new(config, Role::Standalone);
+    assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
+    assert_eq!(
+        f.on_request_body(&mut host, body.len(), true),
+        Flow::Continue,
+        "{:?}",
+        host.sent
+    );
+    (f, host)
+}
+
+const ANTHROPIC_TO_GPT: &[u8] =
+    br#"{"model":"gpt","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#;
+const GEMINI_CALL: &[u8] = br#"{"contents":[{"role":"user","parts":[{"text":"hi"}]}]}"#;
+
+#[test]
+fn served_requests_name_the_callers_api_for_envoys_replies() {
+    let openai = br#"{"model":"flash","messages":[{"role":"user","content":"hi"}]}"#;
+    for (path, body, api) in [
+        ("/v1/chat/completions", &openai[..], "openai"),
+        ("/v1/messages", ANTHROPIC_TO_GPT, "anthropic"),
+        ("/v1beta/models/gpt:generateContent", GEMINI_CALL, "gemini"),
+    ] {
+        let (_, host) = forwarded_with(limited_multi(1 << 20), path, body);
+        assert_eq!(host.req(CALLER_API_HEADER).as_deref(), Some(api), "{path}");
+    }
+    // A chain goes through the upstream half, whose replies reach the
+    // listener half: not marked, and a client's own mark is dropped.
+    let cfg = config_from(ROUTED_CONFIG);
+    let body = chat_body(&quote("chain"));
+    let mut host = client_post("/v1/chat/completions", body.as_bytes())
+        .with_header(CALLER_API_HEADER, "gemini");
+    let mut router = RequestFilter::new(Rc::clone(&cfg), Role::Router);
+    router.on_request_headers(&mut host, false);
+    assert_eq!(
+        router.on_request_body(&mut host, body.len(), true),
+        Flow::Continue
+    );
+    assert_eq!(host.req(CALLER_API_HEADER), None);
+    // One target: the listener half serves it and marks it.
+    let body = chat_body(&quote("fast"));
+    let mut host = client_post("/v1/chat/completions", body.as_bytes());
+    let mut router = RequestFilter::new(cfg, Role::Router);
+    router.on_request_headers(&mut host, false);
+    router.on_request_body(&mut host, body.len(), true);
+    assert_eq!(host.req(CALLER_API_HEADER).as_deref(), Some("openai"));
+}
+
+#[test]
+fn a_translated_answer_over_the_limit_is_502_in_the_callers_shape() {
+    let answer = br#"{"id":"c","object":"chat.completion","created":1,"model":"gpt-4.1","choices":[{"index":0,"message":{"role":"assistant","content":"hello there, a long answer"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#;
+    let limit = answer.len() - 1;
+    let (mut f, mut host) = forwarded_with(limited_multi(limit), "/v1/messages", ANTHROPIC_TO_GPT);
+    host.respond(
+        200,
+        &[("content-type", "application/json")],
+        answer,
+        Some("via_upstream"),
+    );
+    // Held: it is translated once whole.
+    assert_eq!(f.on_response_headers(&mut host, false), Flow::Pause);
+    assert_eq!(f.on_response_body(&mut host, 64, false), Flow::Pause);
+    assert!(host.sent.is_empty());
+    assert_eq!(f.on_response_body(&mut host, limit + 1, false), Flow::Pause);
+    let sent = host.reply();
+    assert_eq!(sent.status, 502);
+    let v = sent.json();
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "api_error");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("limit of {limit} bytes (max_response_bytes)")),
+        "{message}"
+    );
+    assert_eq!(sent.header(PROVIDER_RESPONSE_HEADER), Some("openai"));
+    f.on_done(&mut host);
+    assert_eq!(
+        requests_counted(&host).values().sum::<u64>(),
+        1,
+        "counted once, as a 502"
+    );
+    assert!(requests_counted(&host)
+        .keys()
+        .all(|k| k.contains("error_type=502")));
+
+    // At the limit exactly: translated as usual.
+    let (mut f, mut host) = forwarded_with(
+        limited_multi(answer.len()),
+        "/v1/messages",
+        ANTHROPIC_TO_GPT,
+    );
+    host.respond(200, &[], answer, Some("via_upstream"));
+    assert_eq!(f.on_response_headers(&mut host, false), Flow::Pause);
+    assert_eq!(
+        f.on_response_body(&mut host, answer.len(), true),
+        Flow::Continue
+    );
+    assert!(host.sent.is_empty());
+    let v: Value = serde_json::from_slice(&host.response_body).unwrap();
+    assert_eq!(v["type"], "message");
+}
+
+#[test]
+fn an_error_body_over_the_limit_keeps_its_status_in_the_callers_shape() {
+    let (mut f, mut host) = forwarded_with(
+        limited_multi(100),
+        "/v1beta/models/gpt:generateContent",
+        GEMINI_CALL,
+    );
+    let page = vec![b'x'; 150];
+    host.respond(429, &[("retry-after", "3")], &page, Some("via_upstream"));
+    assert_eq!(f.on_response_headers(&mut host, false), Flow::Pause);
+    assert_eq!(f.on_response_body(&mut host, 150, false), Flow::Pause);
+    let sent = host.reply();
+    assert_eq!(sent.status, 429);
+    let v = sent.json();
+    assert_eq!(v["error"]["code"], 429);
+    assert_eq!(v["error"]["status"], "RESOURCE_EXHAUSTED");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("error body larger than"));
+    assert_eq!(sent.header("retry-after"), Some("3"));
+}
+
+#[test]
+fn the_upstream_half_answers_an_oversized_reply_for_its_attempt() {
+    let doc = ROUTED_CONFIG.replacen(
+        "\"models\": [",
+        "\"max_response_bytes\": 32, \"models\": [",
+        1,
+    );
+    let cfg = config_from(&doc);
+    let body = chat_body(&quote("chain"));
+    let mut host = client_post("/v1/chat/completions", body.as_bytes());
+    let mut router = RequestFilter::new(Rc::clone(&cfg), Role::Router);
+    router.on_request_headers(&mut host, false);
+    router.on_request_body(&mut host, body.len(), true);
+    let mut up = MockHost::new("POST", "/").with_body(body.as_bytes());
+    up.request_headers = host.request_headers.clone();
+    up.properties = host.properties.clone();
+    up.properties
+        .insert(POSITION_PROPERTY.into(), b"0".to_vec());
+    let mut attempt = RequestFilter::new(Rc::clone(&cfg), Role::Attempt);
+    attempt.on_request_headers(&mut up, false);
+    assert_eq!(
+        attempt.on_request_body(&mut up, body.len(), true),
+        Flow::Continue
+    );
+    up.respond(500, &[], &[b'e'; 40], Some("via_upstream"));
+    assert_eq!(attempt.on_response_headers(&mut up, false), Flow::Pause);
+    assert_eq!(attempt.on_response_body(&mut up, 40, true), Flow::Pause);
+    let sent = up.reply();
+    assert_eq!(sent.status, 500);
+    assert_eq!(sent.json()["error"]["type"], "server_error");
+    // The listener half passes it on as the attempt's own answer.
+    assert_eq!(sent.header(ATTEMPTS_RESPONSE_HEADER), Some("1"));
+}
+
+#[test]
+fn a_bodiless_error_is_left_to_envoys_retries_and_the_last_one_answered() {
+    let cfg = config_from(ROUTED_CONFIG);
+    let body = chat_body(&quote("chain"));
+    let mut host = client_post("/v1/chat/completions", body.as_bytes());
+    let mut router = RequestFilter::new(Rc::clone(&cfg), Role::Router);
+    router.on_request_headers(&mut host, false);
+    router.on_request_body(&mut host, body.len(), true);
+    // The upstream half passes it on, so Envoy can try the next target.
+    let mut up = MockHost::new("POST", "/").with_body(body.as_bytes());
+    up.request_headers = host.request_headers.clone();
+    up.properties = host.properties.clone();
+    up.properties
+        .insert(POSITION_PROPERTY.into(), b"0".to_vec());
+    let mut attempt = RequestFilter::new(Rc::clone(&cfg), Role::Attempt);
+    attempt.on_request_headers(&mut up, false);
+    attempt.on_request_body(&mut up, body.len(), true);
+    up.respond(503, &[("content-length", "0")], b"", Some("via_upstream"));
+    assert_eq!(attempt.on_response_headers(&mut up, true), Flow::Continue);
+    assert!(up.sent.is_empty());
+    // The listener half answers the one that reaches it.
+    host.response_headers = up.response_headers.clone();
+    host.code_details = Some("via_upstream".into());
+    assert_eq!(router.on_response_headers(&mut host, true), Flow::Pause);
+    let sent = host.reply();
+    assert_eq!(sent.status, 503);
+    assert_eq!(
+        sent.json()["error"]["message"],
+        "Provider \"azure\" returned an error (503): no details given"
+    );
+    assert_eq!(sent.header(ATTEMPTS_RESPONSE_HEADER), Some("1"));
 }

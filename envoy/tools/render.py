@@ -27,6 +27,15 @@ CLUSTER_HEADER = "x-meshllm-cluster"
 FAILOVER_CLUSTER = "meshllm"
 POSITION_HEADER_PREFIX = "x-meshllm-p"
 FAILOVER_DEFAULTS = {"enabled": True, "max_attempts": 3, "per_try_timeout_ms": 60000}
+# The filter's own size limits (mirror src/config.rs).
+DEFAULT_MAX_REQUEST_BYTES = 10 * 1024 * 1024
+DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+# The listener half names the caller's API on requests it serves itself;
+# header_to_metadata moves it into dynamic metadata (mirrors CALLER_API_HEADER
+# in src/filter.rs) for local_reply_config.
+CALLER_API_HEADER = "x-meshllm-caller-api"
+METADATA_NAMESPACE = "meshllm"
+CALLER_API_KEY = "caller_api"
 
 # Labels travel in metric names as ";key=value"; Envoy cuts them out again.
 # Mirrors metrics::LABELS in src/metrics.rs (a test keeps them equal).
@@ -429,12 +438,23 @@ def meshllm_routes(plugin_config, route_timeout="600s"):
 
 
 def position_metadata_filter(max_attempts):
-    """Turns the filter's position headers into load-balancer metadata."""
+    """Turns the filter's position headers into load-balancer metadata, and
+    the caller's API into the metadata `local_reply_config` reads. Each
+    header is removed: providers never see them."""
+    caller_api = {
+        "header": CALLER_API_HEADER,
+        "on_header_present": {
+            "metadata_namespace": METADATA_NAMESPACE,
+            "key": CALLER_API_KEY,
+            "type": "STRING",
+        },
+        "remove": True,
+    }
     return {
         "name": "envoy.filters.http.header_to_metadata",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.header_to_metadata.v3.Config",
-            "request_rules": [
+            "request_rules": [caller_api] + [
                 {
                     "header": f"{POSITION_HEADER_PREFIX}{i}",
                     "on_header_present": {
@@ -448,6 +468,90 @@ def position_metadata_filter(max_attempts):
             ],
         },
     }
+
+
+def buffer_limit_bytes(plugin_config):
+    """The listener's `per_connection_buffer_limit_bytes`: Envoy's limit on
+    what any filter holds, in either half (the upstream half's buffers have
+    the downstream connection's limit; the clusters' own limit only paces
+    reads). One MiB above the filter's larger limit, so its own 413
+    `request_too_large` and 502 `response_too_large` fire first."""
+    largest = max(
+        plugin_config.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES),
+        plugin_config.get("max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES),
+    )
+    return largest + 1024 * 1024
+
+
+# Envoy's own replies to a caller of each API, by status: OpenAI `type` and
+# `code`, Anthropic `type`, Gemini `status` (as the filter writes them:
+# error_type_for_status in src/api/openai.rs and src/translate/
+# anthropic_openai.rs, google_status in src/translate/gemini_openai.rs).
+# None: any other status (Envoy answers its failures with 5xx).
+LOCAL_REPLY_TYPES = {
+    502: ("server_error", "provider_unavailable", "api_error", "UNAVAILABLE"),
+    503: ("server_error", "provider_unavailable", "overloaded_error", "UNAVAILABLE"),
+    504: ("server_error", "provider_timeout", "timeout_error", "DEADLINE_EXCEEDED"),
+    None: ("server_error", None, "api_error", "INTERNAL"),
+}
+
+
+def local_reply_body(api, status):
+    """The JSON body of Envoy's reply to a caller of `api`, with Envoy's
+    own text as the message."""
+    openai_type, openai_code, anthropic_type, gemini_status = LOCAL_REPLY_TYPES[status]
+    message = "%LOCAL_REPLY_BODY%"
+    if api == "anthropic":
+        return {"type": "error", "error": {"type": anthropic_type, "message": message}}
+    if api == "gemini":
+        return {"error": {"code": "%RESPONSE_CODE%", "message": message, "status": gemini_status}}
+    return {"error": {"message": message, "type": openai_type, "param": None, "code": openai_code}}
+
+
+# Response flags of the failures Envoy answers itself (no host, connect
+# failure, overflow, timeouts, resets, protocol errors, DNS, overload). Not
+# URX: it only says the retries ran out, and the filter shapes that answer.
+ENVOY_FAILURE_FLAGS = [
+    "UH", "UF", "UO", "UT", "UC", "UR", "LR", "UPE", "UMSDR", "SI", "DT", "DF", "OM", "DO",
+]
+
+
+def local_reply_config():
+    """Shapes the replies Envoy sends past the filter: once the listener
+    half holds a provider's response headers (to translate the answer or
+    rewrite an error), Envoy answers a failure that follows (a provider
+    that closes mid-answer, a timeout) straight to the caller. A mapper
+    applies only to requests the listener half marked with the caller's
+    API and only to replies Envoy made for a failure (one of
+    ENVOY_FAILURE_FLAGS is set); the filter's own replies pass untouched."""
+    mappers = []
+    for api in ("openai", "anthropic", "gemini"):
+        marked = {
+            "metadata_filter": {
+                "matcher": {
+                    "filter": METADATA_NAMESPACE,
+                    "path": [{"key": CALLER_API_KEY}],
+                    "value": {"string_match": {"exact": api}},
+                },
+                "match_if_key_not_found": False,
+            }
+        }
+        envoys = {"response_flag_filter": {"flags": ENVOY_FAILURE_FLAGS}}
+        for status in LOCAL_REPLY_TYPES:
+            conditions = [marked, envoys]
+            if status is not None:
+                conditions.append({"status_code_filter": {"comparison": {
+                    "op": "EQ",
+                    "value": {"default_value": status, "runtime_key": "meshllm.local_reply.status"},
+                }}})
+            mappers.append({
+                "filter": {"and_filter": {"filters": conditions}},
+                "body_format_override": {
+                    "json_format": local_reply_body(api, status),
+                    "content_type": "application/json",
+                },
+            })
+    return {"mappers": mappers}
 
 
 def router_filter():
@@ -559,7 +663,6 @@ def render(
     `{"filter_metadata": {"meshllm": {"policy": "<json>"}}}`, a namespace
     policy as an Istio EnvoyFilter's LISTENER MERGE delivers it)."""
     upstreams = upstreams or {}
-    max_body = plugin_config.get("max_request_bytes", 10 * 1024 * 1024)
     failover = failover_settings(plugin_config)
     clusters = []
     keys = env_keys(plugin_config)
@@ -615,9 +718,12 @@ def render(
                 }
             ],
         },
-        "http_filters": [listener_filter]
-        + ([position_metadata_filter(failover["max_attempts"])] if failover["enabled"] else [])
-        + [router_filter()],
+        "http_filters": [
+            listener_filter,
+            position_metadata_filter(failover["max_attempts"] if failover["enabled"] else 0),
+            router_filter(),
+        ],
+        "local_reply_config": local_reply_config(),
     }
     if access_log_path:
         hcm["access_log"] = [access_log(access_log_path, access_log_format)]
@@ -636,8 +742,8 @@ def render(
     listener = {
         "name": "meshllm",
         "address": {"socket_address": {"address": address, "port_value": port}},
-        # Above the filter's own limit, so its clear 413 wins.
-        "per_connection_buffer_limit_bytes": max_body + 1024 * 1024,
+        # Above the filter's own limits, so its clear 413 and 502 win.
+        "per_connection_buffer_limit_bytes": buffer_limit_bytes(plugin_config),
         "filter_chains": [filter_chain],
     }
     if listener_metadata is not None:

@@ -50,6 +50,8 @@ DEFAULT_MODULE_URL = "oci://registry.example.com/meshllm/meshllm:0.1.0"
 WASM_TYPE = render.WASM_TYPE
 ROUTER = "envoy.filters.http.router"
 HCM = "envoy.filters.network.http_connection_manager"
+HCM_TYPE = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+            "HttpConnectionManager")
 LISTENER_POLICY_KEY = "policy"
 
 HEADER = (
@@ -134,6 +136,32 @@ def config_patches(doc, context, module_url, sha256):
                 "patch": {"operation": "INSERT_BEFORE", "value": http_filter},
             }
         )
+    # Envoy's limit on what the filter holds (Istio sets none: 1 MiB), and
+    # the shape of Envoy's own replies to callers the filter serves.
+    port = {"portNumber": MESH_PORT if context == "SIDECAR_OUTBOUND" else GATEWAY_TARGET_PORT}
+    patches.append(
+        {
+            "applyTo": "LISTENER",
+            "match": {"context": context, "listener": port},
+            "patch": {
+                "operation": "MERGE",
+                "value": {"per_connection_buffer_limit_bytes": render.buffer_limit_bytes(doc)},
+            },
+        }
+    )
+    patches.append(
+        {
+            "applyTo": "NETWORK_FILTER",
+            "match": {"context": context, "listener": {**port, "filterChain": {"filter": {"name": HCM}}}},
+            "patch": {
+                "operation": "MERGE",
+                "value": {"typed_config": {
+                    "@type": HCM_TYPE,
+                    "local_reply_config": render.local_reply_config(),
+                }},
+            },
+        }
+    )
     clusters = render.position_clusters(doc, {}, failover["max_attempts"])
     clusters[-1]["typed_extension_protocol_options"] = render.upstream_protocol_options(
         render.upstream_http_filters(ecds_ref(render.UPSTREAM_NAME))

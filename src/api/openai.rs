@@ -128,13 +128,7 @@ pub fn normalise_error(
     }
 
     let extracted = parsed.as_ref().and_then(message_from_json);
-    let text = match extracted {
-        Some(m) => m,
-        None => {
-            let end = body.len().min(MAX_QUOTED_BYTES);
-            String::from_utf8_lossy(&body[..end]).trim().to_string()
-        }
-    };
+    let text = extracted.unwrap_or_else(|| readable_text(body));
     let text = redact(&text, secrets);
     let (message, code) = match origin {
         ErrorOrigin::Proxy => {
@@ -181,8 +175,40 @@ pub fn normalise_error(
     Some(error_body(&message, kind_str, None, code_owned.as_deref()))
 }
 
+/// What a person can read of a body that is not JSON: an HTML error
+/// page's `<title>` (load balancers and CDNs answer with those), else the
+/// text with control characters blanked, at most `MAX_QUOTED_BYTES`.
+pub fn readable_text(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    let title = text
+        .starts_with('<')
+        .then(|| html_title(text))
+        .flatten()
+        .filter(|t| !t.is_empty());
+    let text: String = title
+        .unwrap_or(text)
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let mut end = text.len().min(MAX_QUOTED_BYTES);
+    while !text.is_char_boundary(end) {
+        end = end.saturating_sub(1);
+    }
+    text.get(..end).unwrap_or_default().trim().to_string()
+}
+
+/// The text of an HTML document's `<title>` element, if it has one.
+fn html_title(html: &str) -> Option<&str> {
+    let lower = html.to_ascii_lowercase();
+    let open = lower.find("<title")?;
+    let start = open + lower.get(open..)?.find('>')? + 1;
+    let end = start + lower.get(start..)?.find("</title")?;
+    Some(html.get(start..end)?.trim())
+}
+
 /// Finds a human-readable message in the error shapes providers use.
-fn message_from_json(v: &Value) -> Option<String> {
+pub fn message_from_json(v: &Value) -> Option<String> {
     let candidates = [
         "/error/message",
         "/error",
@@ -191,6 +217,8 @@ fn message_from_json(v: &Value) -> Option<String> {
         "/detail/0/msg",
         "/error_message",
         "/errors/0/message",
+        // Google's streaming endpoints wrap errors in an array.
+        "/0/error/message",
     ];
     candidates
         .iter()
@@ -360,6 +388,24 @@ mod tests {
         let v = parse(text.as_bytes());
         assert_eq!(v["error"]["code"], "invalid_api_key");
         assert_eq!(v["error"]["type"], "invalid_request_error");
+    }
+
+    #[test]
+    fn html_error_pages_are_quoted_by_their_title() {
+        let page = b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>";
+        let v = parse(&normalise_error(502, page, Some("p"), ErrorOrigin::Provider, &[]).unwrap());
+        assert_eq!(
+            v["error"]["message"],
+            "Provider \"p\" returned an error (502): 502 Bad Gateway"
+        );
+        assert_eq!(v["error"]["type"], "server_error");
+        // No title: the text itself, control characters blanked.
+        assert_eq!(readable_text(b"<p>down\x00</p>"), "<p>down </p>");
+        assert_eq!(
+            readable_text(b"\xff\xfe\x00garbage"),
+            "\u{fffd}\u{fffd} garbage"
+        );
+        assert_eq!(readable_text(b"  <TITLE> Err </Title>"), "Err");
     }
 
     #[test]

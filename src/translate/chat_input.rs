@@ -70,17 +70,10 @@ pub fn has_prefix_ignore_case(s: &str, prefix: &str) -> bool {
         .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
 }
 
-/// At most 512 bytes of a provider's error body as text, cut at a character
-/// boundary, for quoting in an error message.
+/// At most 512 bytes of a provider's error body as text (an HTML page's
+/// title), cut at a character boundary, for quoting in an error message.
 pub fn quoted(body: &[u8]) -> String {
-    const MAX_QUOTED_BYTES: usize = 512;
-    let text = String::from_utf8_lossy(body);
-    let text = text.trim();
-    let mut end = text.len().min(MAX_QUOTED_BYTES);
-    while !text.is_char_boundary(end) {
-        end = end.saturating_sub(1);
-    }
-    text.get(..end).unwrap_or_default().to_string()
+    crate::api::openai::readable_text(body)
 }
 
 /// An assistant message's content and tool calls as the target's blocks:

@@ -740,14 +740,10 @@ pub fn messages_error_to_chat(status: u16, body: &[u8]) -> Vec<u8> {
         .and_then(Value::as_str)
         .and_then(map_error_type);
     let (kind, code) = mapped.unwrap_or((error_type_for_status(caller_status(status)), None));
+    // Anthropic's own shape, or what a proxy in front of it says.
     let message = parsed
         .as_ref()
-        .and_then(|v| {
-            v.pointer("/error/message")
-                .or_else(|| v.pointer("/message"))
-                .and_then(Value::as_str)
-        })
-        .map(str::to_string)
+        .and_then(crate::api::openai::message_from_json)
         .unwrap_or_else(|| {
             let text = quoted(body);
             if text.is_empty() {

@@ -1236,6 +1236,12 @@ pub fn gemini_error_to_chat(status: u16, body: &[u8]) -> Vec<u8> {
         .and_then(Value::as_str)
         .filter(|m| !m.is_empty())
         .map(str::to_string)
+        // What a proxy in front of it says.
+        .or_else(|| {
+            parsed
+                .as_ref()
+                .and_then(crate::api::openai::message_from_json)
+        })
         .unwrap_or_else(|| {
             let text = quoted(body);
             if text.is_empty() {
