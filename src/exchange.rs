@@ -320,7 +320,7 @@ pub fn stream_translator(exchange: &Exchange, created: u64) -> Option<Box<dyn St
             return Some(Box::new(GeminiStreamWatch::new()))
         }
         Schema::OpenAi if exchange.caller == Schema::OpenAi => Some(Box::new(
-            OpenAiStreamUsage::new(!exchange.caller_wants_usage),
+            OpenAiStreamUsage::hiding(!exchange.caller_wants_usage),
         )),
         Schema::OpenAi => None,
         Schema::Anthropic => Some(Box::new(openai_anthropic::MessagesStreamToChat::new(
@@ -338,10 +338,19 @@ pub fn stream_translator(exchange: &Exchange, created: u64) -> Option<Box<dyn St
             created,
         ))),
     };
+    // Behind a provider-side translator the caller side reads the pivot the
+    // gateway wrote, not the provider's own events.
+    let reads_pivot = provider_side.is_some();
     let caller_side: Option<Box<dyn StreamTranslator>> = match exchange.caller {
         Schema::OpenAi | Schema::Converse => None,
-        Schema::Anthropic => Some(Box::new(anthropic_openai::ChatStreamToMessages::new())),
-        Schema::Gemini => Some(Box::new(gemini_openai::ChatStreamToGemini::new())),
+        Schema::Anthropic => {
+            let t = anthropic_openai::ChatStreamToMessages::new();
+            Some(Box::new(if reads_pivot { t.reading_pivot() } else { t }))
+        }
+        Schema::Gemini => {
+            let t = gemini_openai::ChatStreamToGemini::new();
+            Some(Box::new(if reads_pivot { t.reading_pivot() } else { t }))
+        }
     };
     match (provider_side, caller_side) {
         (Some(p), Some(c)) => Some(Box::new(Chain::new(p, c))),
