@@ -10,6 +10,7 @@ use crate::config::{ModelRoute, Provider, ProviderKind};
 use crate::json::{splice, splice_all, TopLevel};
 use crate::translate::openai_usage::{self, OpenAiStreamUsage};
 use crate::translate::passthrough::{AnthropicStreamWatch, GeminiStreamWatch};
+use crate::translate::scrub::Scrubbed;
 use crate::translate::{
     anthropic_openai, gemini_openai, openai_anthropic, openai_bedrock, openai_gemini, Chain,
     Schema, StreamTranslator,
@@ -307,8 +308,22 @@ pub fn translates_response(exchange: &Exchange) -> bool {
     exchange.caller != exchange.provider
 }
 
-/// The stream translator (or watcher) for a streamed answer.
-pub fn stream_translator(exchange: &Exchange, created: u64) -> Option<Box<dyn StreamTranslator>> {
+/// The stream translator (or watcher) for a streamed answer. `secrets`
+/// (the provider's keys) never reach the caller, whatever the provider's
+/// events quote.
+pub fn stream_translator(
+    exchange: &Exchange,
+    created: u64,
+    secrets: &[&str],
+) -> Option<Box<dyn StreamTranslator>> {
+    let translator = events_translator(exchange, created)?;
+    if secrets.iter().all(|s| s.is_empty()) {
+        return Some(translator);
+    }
+    Some(Box::new(Scrubbed::new(translator, secrets)))
+}
+
+fn events_translator(exchange: &Exchange, created: u64) -> Option<Box<dyn StreamTranslator>> {
     let model = exchange.upstream_model.as_str();
     // A non-OpenAI caller's translator needs usage from the pivot.
     let pivot_usage = exchange.caller != Schema::OpenAi || exchange.caller_wants_usage;

@@ -39,6 +39,7 @@ pub mod openai_bedrock;
 pub mod openai_gemini;
 pub mod openai_usage;
 pub mod passthrough;
+pub mod scrub;
 
 use crate::api::openai::ApiError;
 use crate::sse::MAX_EVENT_BYTES;
