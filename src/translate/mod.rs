@@ -40,6 +40,8 @@ pub mod openai_gemini;
 pub mod openai_usage;
 pub mod passthrough;
 pub mod scrub;
+#[cfg(test)]
+mod stream_faults_tests;
 
 use crate::api::openai::ApiError;
 use crate::sse::MAX_EVENT_BYTES;
