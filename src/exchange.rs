@@ -10,6 +10,7 @@ use crate::config::{ModelRoute, Provider, ProviderKind};
 use crate::json::{splice, splice_all, TopLevel};
 use crate::translate::openai_usage::{self, OpenAiStreamUsage};
 use crate::translate::passthrough::{AnthropicStreamWatch, GeminiStreamWatch};
+use crate::translate::scrub::Scrubbed;
 use crate::translate::{
     anthropic_openai, gemini_openai, openai_anthropic, openai_bedrock, openai_gemini, Chain,
     Schema, StreamTranslator,
@@ -337,8 +338,22 @@ pub fn translates_response(exchange: &Exchange) -> bool {
     exchange.caller != exchange.provider
 }
 
-/// The stream translator (or watcher) for a streamed answer.
-pub fn stream_translator(exchange: &Exchange, created: u64) -> Option<Box<dyn StreamTranslator>> {
+/// The stream translator (or watcher) for a streamed answer. `secrets`
+/// (the provider's keys) never reach the caller, whatever the provider's
+/// events quote.
+pub fn stream_translator(
+    exchange: &Exchange,
+    created: u64,
+    secrets: &[&str],
+) -> Option<Box<dyn StreamTranslator>> {
+    let translator = events_translator(exchange, created)?;
+    if secrets.iter().all(|s| s.is_empty()) {
+        return Some(translator);
+    }
+    Some(Box::new(Scrubbed::new(translator, secrets)))
+}
+
+fn events_translator(exchange: &Exchange, created: u64) -> Option<Box<dyn StreamTranslator>> {
     let model = exchange.upstream_model.as_str();
     // A non-OpenAI caller's translator needs usage from the pivot.
     let pivot_usage = exchange.caller != Schema::OpenAi || exchange.caller_wants_usage;
@@ -350,7 +365,7 @@ pub fn stream_translator(exchange: &Exchange, created: u64) -> Option<Box<dyn St
             return Some(Box::new(GeminiStreamWatch::new()))
         }
         Schema::OpenAi if exchange.caller == Schema::OpenAi => Some(Box::new(
-            OpenAiStreamUsage::new(!exchange.caller_wants_usage),
+            OpenAiStreamUsage::hiding(!exchange.caller_wants_usage),
         )),
         Schema::OpenAi => None,
         Schema::Anthropic => Some(Box::new(openai_anthropic::MessagesStreamToChat::new(
@@ -368,10 +383,19 @@ pub fn stream_translator(exchange: &Exchange, created: u64) -> Option<Box<dyn St
             created,
         ))),
     };
+    // Behind a provider-side translator the caller side reads the pivot the
+    // gateway wrote, not the provider's own events.
+    let reads_pivot = provider_side.is_some();
     let caller_side: Option<Box<dyn StreamTranslator>> = match exchange.caller {
         Schema::OpenAi | Schema::Converse => None,
-        Schema::Anthropic => Some(Box::new(anthropic_openai::ChatStreamToMessages::new())),
-        Schema::Gemini => Some(Box::new(gemini_openai::ChatStreamToGemini::new())),
+        Schema::Anthropic => {
+            let t = anthropic_openai::ChatStreamToMessages::new();
+            Some(Box::new(if reads_pivot { t.reading_pivot() } else { t }))
+        }
+        Schema::Gemini => {
+            let t = gemini_openai::ChatStreamToGemini::new();
+            Some(Box::new(if reads_pivot { t.reading_pivot() } else { t }))
+        }
     };
     match (provider_side, caller_side) {
         (Some(p), Some(c)) => Some(Box::new(Chain::new(p, c))),

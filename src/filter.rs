@@ -1656,7 +1656,10 @@ impl RequestFilter {
             return Flow::Continue;
         }
         if x.stream {
-            if let Some(translator) = exchange::stream_translator(x, host.now_unix_seconds()) {
+            // Provider error events may quote the key: the stream is redacted.
+            let secrets = self.provider().map(Provider::secrets).unwrap_or_default();
+            let created = host.now_unix_seconds();
+            if let Some(translator) = exchange::stream_translator(x, created, &secrets) {
                 let _ = host.remove_response_header("content-length");
                 let _ = host.remove_response_header("content-encoding");
                 let _ = host.set_response_header("content-type", "text/event-stream");

@@ -163,7 +163,73 @@ fn decode_string(doc: &[u8], span: Range<usize>) -> Option<Cow<'_, str>> {
     if !inner.contains(&b'\\') {
         return std::str::from_utf8(inner).ok().map(Cow::Borrowed);
     }
-    serde_json::from_slice::<String>(lit).ok().map(Cow::Owned)
+    from_slice_lossy::<String>(lit).ok().map(Cow::Owned)
+}
+
+/// `serde_json::from_slice`, except that a `\u` escape of a lone UTF-16
+/// surrogate reads as U+FFFD. RFC 8259's grammar allows such escapes and
+/// providers do send them (a model's output cut between the two halves of
+/// a pair); serde_json refuses the whole document. Documents without one
+/// cost nothing extra: they are only looked at again when parsing failed.
+pub fn from_slice_lossy<T: serde::de::DeserializeOwned>(text: &[u8]) -> serde_json::Result<T> {
+    serde_json::from_slice(text).or_else(|e| match replace_lone_surrogates(text) {
+        Some(fixed) => serde_json::from_slice(&fixed),
+        None => Err(e),
+    })
+}
+
+/// [`from_slice_lossy`] for text.
+pub fn from_str_lossy<T: serde::de::DeserializeOwned>(text: &str) -> serde_json::Result<T> {
+    from_slice_lossy(text.as_bytes())
+}
+
+/// The four hex digits at `at`, as a UTF-16 code unit.
+fn hex4(text: &[u8], at: usize) -> Option<u16> {
+    let digits = std::str::from_utf8(text.get(at..at.checked_add(4)?)?).ok()?;
+    if !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u16::from_str_radix(digits, 16).ok()
+}
+
+/// `text` with every `\u` escape of an unpaired surrogate replaced by
+/// `\ufffd`; None when there is none. Backslashes only occur inside JSON
+/// strings, so stepping from one escape to the next reads them as a JSON
+/// parser does.
+fn replace_lone_surrogates(text: &[u8]) -> Option<Vec<u8>> {
+    const HIGH: std::ops::Range<u16> = 0xD800..0xDC00;
+    const LOW: std::ops::Range<u16> = 0xDC00..0xE000;
+    let mut out: Option<Vec<u8>> = None;
+    let mut copied = 0;
+    let mut at = 0;
+    while let Some(found) = text.get(at..)?.iter().position(|&b| b == b'\\') {
+        let escape = at + found;
+        if text.get(escape + 1) != Some(&b'u') {
+            at = escape + 2;
+            continue;
+        }
+        at = escape + 6;
+        let Some(unit) = hex4(text, escape + 2) else {
+            continue;
+        };
+        if HIGH.contains(&unit) {
+            let paired = text.get(escape + 6..escape + 8) == Some(&b"\\u"[..])
+                && hex4(text, escape + 8).is_some_and(|next| LOW.contains(&next));
+            if paired {
+                at = escape + 12;
+                continue;
+            }
+        } else if !LOW.contains(&unit) {
+            continue;
+        }
+        let fixed = out.get_or_insert_with(|| Vec::with_capacity(text.len()));
+        fixed.extend_from_slice(text.get(copied..escape)?);
+        fixed.extend_from_slice(b"\\ufffd");
+        copied = at;
+    }
+    let mut fixed = out?;
+    fixed.extend_from_slice(text.get(copied..)?);
+    Some(fixed)
 }
 
 /// Returns `doc` with several non-overlapping spans replaced at once (in any
@@ -612,6 +678,41 @@ mod tests {
             let v: serde_json::Value = serde_json::from_str(doc).unwrap();
             assert_eq!(t.fields().len(), v.as_object().unwrap().len());
         }
+    }
+
+    #[test]
+    fn lone_surrogate_escapes_read_as_replacement_characters() {
+        let read = |doc: &str| from_str_lossy::<serde_json::Value>(doc).unwrap()["t"].clone();
+        // (document, decoded, whether serde_json alone refuses it)
+        let table = [
+            (r#"{"t":"\ud800x"}"#, "\u{fffd}x", true),
+            (r#"{"t":"a\udfff"}"#, "a\u{fffd}", true),
+            (r#"{"t":"\ud83d\ude00"}"#, "😀", false),
+            (
+                r#"{"t":"\ud800\ud83d\ude00\udc00"}"#,
+                "\u{fffd}😀\u{fffd}",
+                true,
+            ),
+            (r#"{"t":"\\ud800"}"#, "\\ud800", false),
+            (r#"{"t":"\\\ud800"}"#, "\\\u{fffd}", true),
+            (r#"{"t":"\uD800\u0041"}"#, "\u{fffd}A", true),
+            (r#"{"t":"\"\ud800"}"#, "\"\u{fffd}", true),
+        ];
+        for (doc, want, refused) in table {
+            let strict = serde_json::from_str::<serde_json::Value>(doc);
+            assert_eq!(strict.is_err(), refused, "{doc}");
+            assert_eq!(read(doc), want, "{doc}");
+        }
+        // The scanner accepts them as JSON text; their values decode.
+        let t = top(r#"{"t":"\udc00!"}"#);
+        assert_eq!(
+            t.str_value(t.get("t").unwrap().unwrap()).unwrap(),
+            "\u{fffd}!"
+        );
+        // Documents that are wrong for other reasons stay wrong.
+        assert!(from_str_lossy::<serde_json::Value>(r#"{"t":"\ud800"#).is_err());
+        assert!(from_str_lossy::<serde_json::Value>(r#"{"t":"\ud80"}"#).is_err());
+        assert_eq!(replace_lone_surrogates(br#"{"t":"\ud83d\ude00"}"#), None);
     }
 
     #[test]

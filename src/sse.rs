@@ -10,9 +10,17 @@
 //! names the event; `id:`, `retry:` and unknown fields are ignored; an event
 //! without data lines is not dispatched; an event left unfinished when the
 //! stream ends is never dispatched.
+//!
+//! An event that outgrows the limit ends the parse: the parser drops what it
+//! held, reports [`SseParser::overflowed`] and reads nothing more, so every
+//! reader ends its caller's stream with an error rather than a hole.
 
-/// The most one event may hold before it is dropped.
+/// The most one event may hold (16 MiB) before the stream is given up.
 pub const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
+
+/// Line buffers grown past this by a large event are freed, not kept for
+/// the rest of the stream.
+const KEPT_BUFFER_BYTES: usize = 64 * 1024;
 
 const BOM: &[u8] = b"\xEF\xBB\xBF";
 
@@ -26,56 +34,103 @@ pub struct SseEvent {
 }
 
 /// Feeds on chunks of a stream and calls back once per complete event.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SseParser {
     /// Bytes of the line being read, terminator not yet seen.
     line: Vec<u8>,
-    /// The line being read has at least one byte (also while discarding).
+    /// The line being read has at least one byte.
     line_started: bool,
-    /// The last line ended with `\r`: a `\n` right after it belongs to it.
+    /// The last chunk ended with `\r`: a `\n` right after it belongs to it.
     skip_lf: bool,
     event: Option<String>,
     data: String,
     has_data: bool,
     /// Bytes of the current, unfinished event taken in so far.
     held: usize,
-    /// The current event outgrew the cap: skip to its end.
-    discarding: bool,
+    /// The most `held` may reach.
+    limit: usize,
+    /// An event outgrew `limit`: nothing more is read.
+    overflowed: bool,
     /// A line has been completed (a byte-order mark can only come first).
     past_first_line: bool,
+    /// How many leading bytes of the last chunk belong to ended blocks
+    /// (events and comment-only blocks, blank line included).
+    settled: usize,
+}
+
+impl Default for SseParser {
+    fn default() -> Self {
+        Self::with_limit(MAX_EVENT_BYTES)
+    }
 }
 
 impl SseParser {
+    /// A parser that gives up on an event larger than `limit` bytes.
+    pub fn with_limit(limit: usize) -> Self {
+        SseParser {
+            line: Vec::new(),
+            line_started: false,
+            skip_lf: false,
+            event: None,
+            data: String::new(),
+            has_data: false,
+            held: 0,
+            limit,
+            overflowed: false,
+            past_first_line: false,
+            settled: 0,
+        }
+    }
+
     /// Feeds bytes; calls `on_event` for every event completed by them (in order).
     pub fn push(&mut self, chunk: &[u8], on_event: &mut dyn FnMut(SseEvent)) {
-        let mut rest = chunk;
-        while let Some((&first, tail)) = rest.split_first() {
-            if self.skip_lf {
-                self.skip_lf = false;
-                if first == b'\n' {
-                    rest = tail;
-                    continue;
+        self.push_spans(chunk, &mut |event, _| on_event(event));
+    }
+
+    /// Like [`SseParser::push`], and also tells which bytes of `chunk` each
+    /// event spans: from the end of the block before it (0 when the event
+    /// began in an earlier chunk) to just past its blank line, CRLF
+    /// included. So a reader can pass whole events on byte for byte.
+    pub fn push_spans(
+        &mut self,
+        chunk: &[u8],
+        on_event: &mut dyn FnMut(SseEvent, std::ops::Range<usize>),
+    ) {
+        self.settled = 0;
+        if self.overflowed {
+            return;
+        }
+        let mut at = 0;
+        if let Some(&first) = chunk.first().filter(|_| self.skip_lf) {
+            self.skip_lf = false;
+            if first == b'\n' {
+                at = 1;
+                if self.held == 0 {
+                    // The LF of the blank line that ended the last block.
+                    self.settled = 1;
                 }
             }
-            match rest.iter().position(|&b| b == b'\n' || b == b'\r') {
-                None => {
-                    self.take_text(rest);
-                    break;
-                }
-                Some(at) => {
-                    let (text, terminated) = rest.split_at(at);
-                    self.take_text(text);
-                    let Some((&terminator, after)) = terminated.split_first() else {
-                        break;
-                    };
-                    self.skip_lf = terminator == b'\r';
-                    if !self.discarding {
-                        self.held = self.held.saturating_add(1);
-                    }
-                    self.end_line(on_event);
-                    rest = after;
+        }
+        while let Some(rest) = chunk.get(at..).filter(|r| !r.is_empty()) {
+            let Some(i) = rest.iter().position(|&b| b == b'\n' || b == b'\r') else {
+                self.take_text(rest);
+                return;
+            };
+            self.take_text(rest.get(..i).unwrap_or_default());
+            if self.overflowed {
+                return;
+            }
+            let mut end = at + i + 1;
+            if rest.get(i) == Some(&b'\r') {
+                match rest.get(i + 1) {
+                    Some(b'\n') => end += 1,
+                    Some(_) => {}
+                    None => self.skip_lf = true,
                 }
             }
+            self.held = self.held.saturating_add(1);
+            self.end_line(end, on_event);
+            at = end;
         }
     }
 
@@ -84,44 +139,47 @@ impl SseParser {
         self.held
     }
 
+    /// An event outgrew the limit: it was dropped and the stream cannot be
+    /// read any further.
+    pub fn overflowed(&self) -> bool {
+        self.overflowed
+    }
+
+    /// How many leading bytes of the last chunk pushed belong to blocks that
+    /// have ended; the rest belongs to a block still arriving.
+    pub fn settled(&self) -> usize {
+        self.settled
+    }
+
     fn take_text(&mut self, text: &[u8]) {
         if text.is_empty() {
             return;
         }
         self.line_started = true;
-        if self.discarding {
-            return;
-        }
         let held = self.held.saturating_add(text.len());
-        if held > MAX_EVENT_BYTES {
+        if held > self.limit {
             log::warn!(
-                "dropping a server-sent event larger than {MAX_EVENT_BYTES} bytes from the upstream stream"
+                "an upstream server-sent event is larger than {} bytes; the stream is given up",
+                self.limit
             );
-            self.line.clear();
-            self.data.clear();
+            self.line = Vec::new();
+            self.data = String::new();
             self.event = None;
             self.has_data = false;
             self.held = 0;
-            self.discarding = true;
+            self.overflowed = true;
             return;
         }
         self.held = held;
         self.line.extend_from_slice(text);
     }
 
-    fn end_line(&mut self, on_event: &mut dyn FnMut(SseEvent)) {
+    fn end_line(&mut self, end: usize, on_event: &mut dyn FnMut(SseEvent, std::ops::Range<usize>)) {
         let started = std::mem::replace(&mut self.line_started, false);
         let first_line = !std::mem::replace(&mut self.past_first_line, true);
-        if self.discarding {
-            if !started {
-                // The blank line ending the oversized event.
-                self.discarding = false;
-                self.held = 0;
-            }
-            return;
-        }
         if !started {
-            self.dispatch(on_event);
+            self.dispatch(end, on_event);
+            self.settled = end;
             return;
         }
         let line = std::mem::take(&mut self.line);
@@ -130,9 +188,11 @@ impl SseParser {
             text = text.strip_prefix(BOM).unwrap_or(text);
         }
         self.field(text);
-        let mut line = line;
-        line.clear();
-        self.line = line;
+        if line.capacity() <= KEPT_BUFFER_BYTES {
+            let mut line = line;
+            line.clear();
+            self.line = line;
+        }
     }
 
     fn field(&mut self, line: &[u8]) {
@@ -160,14 +220,15 @@ impl SseParser {
         }
     }
 
-    fn dispatch(&mut self, on_event: &mut dyn FnMut(SseEvent)) {
+    fn dispatch(&mut self, end: usize, on_event: &mut dyn FnMut(SseEvent, std::ops::Range<usize>)) {
         self.held = 0;
         let event = self.event.take().filter(|e| !e.is_empty());
         if !std::mem::replace(&mut self.has_data, false) {
             return;
         }
         let data = std::mem::take(&mut self.data);
-        on_event(SseEvent { event, data });
+        // `settled` still marks the end of the block before this one.
+        on_event(SseEvent { event, data }, self.settled..end);
     }
 }
 
@@ -321,6 +382,9 @@ mod tests {
         let (events, pending) = parse_pieces(&[b"data: a\r", b"\ndata: b\r", b"\n\r", b"\n"]);
         assert_eq!(events, vec![ev(None, "a\nb")]);
         assert_eq!(pending, 0);
+        // An empty chunk in between changes nothing.
+        let (events, _) = parse_pieces(&[b"data: a\r", b"", b"\ndata: b\r\n\r\n"]);
+        assert_eq!(events, vec![ev(None, "a\nb")]);
     }
 
     #[test]
@@ -357,22 +421,124 @@ mod tests {
     }
 
     #[test]
-    fn oversized_event_is_dropped_and_the_next_one_survives() {
+    fn an_oversized_event_ends_the_parse() {
         let mut parser = SseParser::default();
         let mut events = Vec::new();
-        parser.push(b"event: big\ndata: ", &mut |e| events.push(e));
+        parser.push(b"data: before\n\nevent: big\ndata: ", &mut |e| {
+            events.push(e)
+        });
         let block = vec![b'x'; 1024 * 1024];
-        for _ in 0..16 {
+        for _ in 0..15 {
             parser.push(&block, &mut |e| events.push(e));
         }
-        // Over the cap: the event is gone and nothing more is held.
-        assert_eq!(parser.pending(), 0);
+        assert!(!parser.overflowed());
         parser.push(&block, &mut |e| events.push(e));
-        parser.push(b"\ndata: more of it\n", &mut |e| events.push(e));
+        // Over the cap: the event is gone, nothing is held, and the parser
+        // reads nothing more, not even small events after it.
+        assert!(parser.overflowed());
         assert_eq!(parser.pending(), 0);
-        parser.push(b"\nevent: small\ndata: ok\n\n", &mut |e| events.push(e));
-        assert_eq!(events, vec![ev(Some("small"), "ok")]);
-        assert_eq!(parser.pending(), 0);
+        assert_eq!(parser.line.capacity(), 0);
+        parser.push(b"\n\nevent: small\ndata: ok\n\n", &mut |e| events.push(e));
+        assert_eq!(events, vec![ev(None, "before")]);
+        assert!(parser.overflowed());
+        assert_eq!(parser.settled(), 0);
+    }
+
+    #[test]
+    fn events_before_an_oversized_one_in_the_same_chunk_are_kept() {
+        let mut parser = SseParser::with_limit(32);
+        let mut events = Vec::new();
+        let mut input = b"data: a\n\ndata: ".to_vec();
+        input.extend_from_slice(&[b'y'; 40]);
+        input.extend_from_slice(b"\n\ndata: c\n\n");
+        parser.push(&input, &mut |e| events.push(e));
+        assert_eq!(events, vec![ev(None, "a")]);
+        assert!(parser.overflowed());
+        assert_eq!(parser.settled(), b"data: a\n\n".len());
+    }
+
+    #[test]
+    fn the_limit_counts_the_whole_event_not_one_line() {
+        // 32 bytes: "data: 0123456789\n" twice is 34 with the terminators.
+        let mut parser = SseParser::with_limit(32);
+        parser.push(b"data: 0123456789\ndata: 0123456789\n\n", &mut |_| {});
+        assert!(parser.overflowed());
+        let mut parser = SseParser::with_limit(34);
+        let mut n = 0;
+        parser.push(b"data: 0123456789\ndata: 0123456789\n\n", &mut |_| n += 1);
+        assert!(!parser.overflowed());
+        assert_eq!(n, 1);
+    }
+
+    /// The raw bytes of each event, as `push_spans` cuts them, whatever the
+    /// chunking: every byte belongs to exactly one event or block, in order.
+    fn spans(pieces: &[&[u8]]) -> (Vec<Vec<u8>>, Vec<u8>) {
+        let mut parser = SseParser::default();
+        let mut cut = Vec::new();
+        let mut tail = Vec::new();
+        for piece in pieces {
+            let mut sent = 0;
+            parser.push_spans(piece, &mut |_, span| {
+                let end = span.end;
+                tail.extend_from_slice(&piece[sent..end]);
+                cut.push(std::mem::take(&mut tail));
+                sent = end;
+            });
+            let settled = parser.settled().max(sent);
+            tail.extend_from_slice(&piece[sent..settled]);
+            if settled > sent {
+                cut.push(std::mem::take(&mut tail));
+            }
+            tail.extend_from_slice(&piece[settled..]);
+        }
+        (cut, tail)
+    }
+
+    #[test]
+    fn spans_cut_the_raw_stream_at_event_ends_whatever_the_chunking() {
+        let input: &[u8] =
+            b"event: a\r\ndata: 1\r\n\r\n: ping\r\n\r\ndata: 2\r\rdata: 3\n\ndata: half";
+        let (whole, tail) = spans(&[input]);
+        assert_eq!(
+            whole,
+            vec![
+                b"event: a\r\ndata: 1\r\n\r\n".to_vec(),
+                // A comment block goes out with the event after it.
+                b": ping\r\n\r\ndata: 2\r\r".to_vec(),
+                b"data: 3\n\n".to_vec(),
+            ]
+        );
+        assert_eq!(tail, b"data: half");
+        for at in 0..=input.len() {
+            let (a, b) = input.split_at(at);
+            let (cut, tail) = spans(&[a, b]);
+            let joined: Vec<u8> = cut.concat();
+            assert_eq!(joined, whole.concat(), "split at {at}");
+            assert_eq!(tail, b"data: half", "split at {at}");
+        }
+        let bytes: Vec<&[u8]> = input.chunks(1).collect();
+        let (cut, tail) = spans(&bytes);
+        assert_eq!(cut.concat(), whole.concat());
+        assert_eq!(tail, b"data: half");
+    }
+
+    #[test]
+    fn a_crlf_blank_line_split_after_its_cr_settles_its_lf_at_once() {
+        let mut parser = SseParser::default();
+        let mut spans = Vec::new();
+        parser.push_spans(b"data: 1\r\n\r", &mut |_, span| spans.push(span));
+        assert_eq!(spans, vec![0..10]);
+        assert_eq!(parser.settled(), 10);
+        // The LF completing that blank line belongs to the ended event: the
+        // next event's span starts after it.
+        parser.push_spans(b"\ndata: 2\n\n", &mut |_, span| spans.push(span));
+        assert_eq!(spans, vec![0..10, 1..10]);
+        assert_eq!(parser.settled(), 10);
+        // An LF completing a data line does not.
+        let mut parser = SseParser::default();
+        parser.push_spans(b"data: 1\r", &mut |_, _| {});
+        parser.push_spans(b"\n", &mut |_, _| {});
+        assert_eq!(parser.settled(), 0);
     }
 
     #[test]

@@ -32,9 +32,10 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::api::openai::ApiError;
+use crate::json::{from_slice_lossy, from_str_lossy};
 use crate::sse::{SseEvent, SseParser};
 use crate::translate::chat_input::{invalid_value, json_type, quoted, unsupported};
-use crate::translate::{StreamTranslator, Usage};
+use crate::translate::{StreamFault, StreamTranslator, Usage, MAX_PIVOT_EVENT_BYTES};
 
 /// Thinking budgets from this many tokens ask for `reasoning_effort: "medium"`.
 pub const EFFORT_MEDIUM_FROM: u64 = 4096;
@@ -757,7 +758,7 @@ fn tool_input(arguments: Option<&Value>, call: &str) -> Value {
     let parsed = match arguments {
         None | Some(Value::Null) => return Value::Object(Map::new()),
         Some(Value::String(s)) if s.trim().is_empty() => return Value::Object(Map::new()),
-        Some(Value::String(s)) => serde_json::from_str::<Value>(s).ok(),
+        Some(Value::String(s)) => from_str_lossy::<Value>(s).ok(),
         Some(other) => Some(other.clone()),
     };
     match parsed {
@@ -777,7 +778,7 @@ fn reasoning_text(v: &Value) -> Option<&str> {
 
 /// OpenAI chat.completion body -> Anthropic Message body.
 pub fn chat_response_to_messages(openai_body: &[u8]) -> Result<Vec<u8>, String> {
-    let v: Value = serde_json::from_slice(openai_body)
+    let v: Value = from_slice_lossy(openai_body)
         .map_err(|e| format!("the OpenAI response is not valid JSON: {e}"))?;
     let choice = v
         .get("choices")
@@ -903,7 +904,7 @@ pub fn error_body(error: &ApiError) -> Vec<u8> {
 /// An OpenAI-shaped error body (what the gateway normalises provider errors
 /// to) -> Anthropic error body for `status`. Non-JSON bodies are quoted.
 pub fn chat_error_to_messages(status: u16, openai_error_body: &[u8]) -> Vec<u8> {
-    let parsed: Option<Value> = serde_json::from_slice(openai_error_body).ok();
+    let parsed: Option<Value> = from_slice_lossy(openai_error_body).ok();
     let code = parsed
         .as_ref()
         .and_then(|v| v.pointer("/error/code"))
@@ -1089,6 +1090,9 @@ impl StreamTranslator for ChatStreamToMessages {
         for event in events {
             self.handle(event, out);
         }
+        if self.parser.overflowed() {
+            self.fault(StreamFault::Oversized, out);
+        }
     }
 
     /// Upstream ended. After `[DONE]` nothing is added; otherwise the stream
@@ -1123,9 +1127,25 @@ impl ChatStreamToMessages {
         }
     }
 
+    /// Reads the gateway's own pivot (behind a provider-side translator),
+    /// whose events may be a little larger than the provider's.
+    pub fn reading_pivot(mut self) -> Self {
+        self.parser = SseParser::with_limit(MAX_PIVOT_EVENT_BYTES);
+        self
+    }
+
     fn fail(&mut self, kind: &str, message: &str, out: &mut Vec<u8>) {
         write_raw(out, "error", &anthropic_error(kind, message));
         self.state = StreamState::Failed;
+    }
+
+    /// Ends the stream with an error event for `fault`; nothing follows it.
+    fn fault(&mut self, fault: StreamFault, out: &mut Vec<u8>) {
+        if matches!(self.state, StreamState::Done | StreamState::Failed) {
+            return;
+        }
+        log::warn!("ending a chat stream early: {fault:?} event");
+        self.fail("api_error", &fault.error("provider's").message, out);
     }
 
     fn handle(&mut self, event: SseEvent, out: &mut Vec<u8>) {
@@ -1138,8 +1158,8 @@ impl ChatStreamToMessages {
             self.end(out);
             return;
         }
-        let Ok(v) = serde_json::from_str::<Value>(data) else {
-            log::warn!("ignoring an OpenAI stream event whose data is not JSON");
+        let Ok(v) = from_str_lossy::<Value>(data) else {
+            self.fault(StreamFault::Corrupt, out);
             return;
         };
         if let Some(error) = v.get("error").filter(|e| !e.is_null()) {
@@ -2436,9 +2456,9 @@ mod tests {
     }
 
     #[test]
-    fn comments_and_unparseable_events_are_ignored() {
+    fn comments_are_ignored() {
         let plain = run(TEXT_STREAM.as_bytes());
-        let noisy = TEXT_STREAM.replacen("data: ", ": keep-alive\n\ndata: not json\n\ndata: ", 2);
+        let noisy = TEXT_STREAM.replacen("data: ", ": keep-alive\n\ndata: ", 2);
         assert_ne!(noisy, TEXT_STREAM);
         assert_eq!(run(noisy.as_bytes()), plain);
     }

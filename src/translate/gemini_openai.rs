@@ -83,9 +83,10 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::api::openai::ApiError;
+use crate::json::{from_slice_lossy, from_str_lossy};
 use crate::sse::{SseEvent, SseParser};
 use crate::translate::chat_input::{invalid_value, json_type, quoted, unsupported};
-use crate::translate::{StreamTranslator, Usage};
+use crate::translate::{StreamFault, StreamTranslator, Usage, MAX_PIVOT_EVENT_BYTES};
 
 /// The largest thinking budgets for the `low` and `medium` efforts.
 const LOW_BUDGET_MAX: i64 = 2048;
@@ -1340,7 +1341,7 @@ impl FunctionCallOut {
         let args = if arguments.trim().is_empty() {
             Value::Object(Map::new())
         } else {
-            match serde_json::from_str::<Value>(arguments) {
+            match from_str_lossy::<Value>(arguments) {
                 Ok(v @ Value::Object(_)) => v,
                 _ => {
                     log::warn!("a tool call's arguments are not a JSON object; passing them raw");
@@ -1439,7 +1440,7 @@ fn call_of(call: &Value) -> FunctionCallOut {
 /// OpenAI chat.completion -> Gemini GenerateContentResponse (candidates,
 /// usageMetadata, modelVersion, responseId).
 pub fn chat_response_to_gemini(openai_body: &[u8]) -> Result<Vec<u8>, String> {
-    let v: Value = serde_json::from_slice(openai_body)
+    let v: Value = from_slice_lossy(openai_body)
         .map_err(|e| format!("the chat completion is not valid JSON: {e}"))?;
     let choices = v
         .get("choices")
@@ -1588,7 +1589,7 @@ fn error_code(error: Option<&Value>) -> Option<&str> {
 /// An OpenAI-shaped error body (what the gateway normalises provider errors
 /// to) -> Gemini error body for `status`.
 pub fn chat_error_to_gemini(status: u16, openai_error_body: &[u8]) -> Vec<u8> {
-    let parsed: Option<Value> = serde_json::from_slice(openai_error_body).ok();
+    let parsed: Option<Value> = from_slice_lossy(openai_error_body).ok();
     let error = parsed.as_ref().and_then(|v| v.get("error"));
     let message = error
         .and_then(|e| e.get("message"))
@@ -1619,7 +1620,12 @@ fn status_of_error_event(error: &Value) -> u16 {
         return u16::try_from(n).unwrap_or(500);
     }
     match error_code(Some(error)) {
-        Some("stream_interrupted" | "provider_unavailable") => return 502,
+        Some(
+            "stream_interrupted"
+            | "provider_unavailable"
+            | "invalid_provider_response"
+            | "provider_event_too_large",
+        ) => return 502,
         Some("provider_timeout") => return 504,
         Some("overloaded") => return 503,
         Some("rate_limit_exceeded") => return 429,
@@ -1695,16 +1701,19 @@ impl StreamTranslator for ChatStreamToGemini {
         for event in events {
             self.handle(event, out);
         }
+        if self.parser.overflowed() && self.state == StreamState::Open {
+            self.fault(StreamFault::Oversized, out);
+        }
     }
 
     /// Upstream ended. After `[DONE]` or an error event nothing more;
-    /// otherwise what was held is sent, then a Gemini error event: a broken
-    /// stream must never look complete.
+    /// otherwise what was held is sent without its finish reason, then a
+    /// Gemini error event: a broken stream must never look complete.
     fn finish(&mut self, out: &mut Vec<u8>) {
         if self.state != StreamState::Open {
             return;
         }
-        self.flush_held(out, None);
+        self.flush_held_unfinished(out);
         self.state = StreamState::Failed;
         let body = google_error(
             502,
@@ -1731,6 +1740,37 @@ impl ChatStreamToGemini {
             usage: None,
             state: StreamState::Open,
         }
+    }
+
+    /// Reads the gateway's own pivot (behind a provider-side translator),
+    /// whose events may be a little larger than the provider's.
+    pub fn reading_pivot(mut self) -> Self {
+        self.parser = SseParser::with_limit(MAX_PIVOT_EVENT_BYTES);
+        self
+    }
+
+    /// A stream that broke: what finished candidates held goes out without
+    /// the finish reason, which would mark the answer complete.
+    fn flush_held_unfinished(&mut self, out: &mut Vec<u8>) {
+        let mut held = std::mem::take(&mut self.held);
+        held.retain(|c| !c.pieces.is_empty());
+        if held.is_empty() {
+            return;
+        }
+        for c in &mut held {
+            c.finish = None;
+        }
+        self.write(out, &held, None);
+    }
+
+    /// Ends the stream with an error event for `fault`; nothing follows it.
+    fn fault(&mut self, fault: StreamFault, out: &mut Vec<u8>) {
+        log::warn!("ending a chat stream early: {fault:?} event");
+        let error = fault.error("provider's");
+        self.flush_held_unfinished(out);
+        let body = google_error(error.status, &error.message, error.code, None);
+        write_event(out, &body);
+        self.state = StreamState::Failed;
     }
 
     fn write(&self, out: &mut Vec<u8>, cands: &[Cand<'_>], usage: Option<UsageMetadata>) {
@@ -1768,7 +1808,7 @@ impl ChatStreamToGemini {
     }
 
     fn fail(&mut self, error: &Value, out: &mut Vec<u8>) {
-        self.flush_held(out, None);
+        self.flush_held_unfinished(out);
         let status = status_of_error_event(error);
         let message = error
             .get("message")
@@ -1811,8 +1851,8 @@ impl ChatStreamToGemini {
             self.done(out);
             return;
         }
-        let Ok(v) = serde_json::from_str::<Value>(&event.data) else {
-            log::warn!("ignoring a chat stream event whose data is not JSON");
+        let Ok(v) = from_str_lossy::<Value>(&event.data) else {
+            self.fault(StreamFault::Corrupt, out);
             return;
         };
         if let Some(error) = v.get("error").filter(|e| e.is_object()) {
@@ -3346,14 +3386,16 @@ mod tests {
                 assert_chat_history_valid(&events);
             }
         }
-        // Cut after the finish, before the usage: the held event still goes out first.
+        // Cut after the finish, before the usage: the held finish reason
+        // never goes out, it would mark the broken answer complete.
         let upstream: Vec<&str> = TEXT_STREAM.split_inclusive("\n\n").collect();
         let head: String = upstream[..6].concat();
         let events = parse_events(&run(head.as_bytes()));
-        assert_eq!(events.len(), 6);
-        assert_eq!(events[4]["candidates"][0]["finishReason"], "STOP");
-        assert!(events[4].get("usageMetadata").is_none());
-        assert!(events[5].get("error").is_some());
+        assert_eq!(events.len(), 5);
+        assert!(events
+            .iter()
+            .all(|e| e.pointer("/candidates/0/finishReason").is_none()));
+        assert!(events[4].get("error").is_some());
     }
 
     #[test]
@@ -3386,11 +3428,11 @@ mod tests {
         };
         // Usage on the finishing chunk itself; several choices; calls
         // without index; a call still open at [DONE]; a usage chunk with
-        // nothing to go with; non-JSON noise.
+        // nothing to go with; comments.
         let input = [
             chunk(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}},
                          {"index": 1, "delta": {"role": "assistant", "content": "B"}}])),
-            "data: not json\n\n".to_string(),
+            ": keep-alive\n\n".to_string(),
             chunk(json!([{"index": 0, "delta": {"tool_calls": [
                 {"id": "x1", "type": "function", "function": {"name": "f", "arguments": "{\"a\""}}]}}])),
             chunk(json!([{"index": 0, "delta": {"tool_calls": [

@@ -25,6 +25,11 @@
 //! OpenAI error event (`data: {"error":{...}}`) and no `[DONE]`. A translator
 //! from the pivot turns that error event (or a stream that ends without
 //! `[DONE]`) into its own schema's error event.
+//!
+//! An upstream event the gateway cannot read (data that is not JSON, a frame
+//! that does not decode) or will not hold (over `sse::MAX_EVENT_BYTES`) is
+//! a [`StreamFault`]: the caller's stream ends there with an error event and
+//! nothing after it, never with a hole in the text and a clean end.
 
 pub mod anthropic_openai;
 pub mod chat_input;
@@ -34,8 +39,12 @@ pub mod openai_bedrock;
 pub mod openai_gemini;
 pub mod openai_usage;
 pub mod passthrough;
+pub mod scrub;
+#[cfg(test)]
+mod stream_faults_tests;
 
 use crate::api::openai::ApiError;
+use crate::sse::MAX_EVENT_BYTES;
 
 /// The API schemas the gateway speaks, on either side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -73,6 +82,44 @@ pub trait StreamTranslator {
     fn finish(&mut self, out: &mut Vec<u8>);
     /// Token counts reported so far, if any.
     fn usage(&self) -> Option<Usage>;
+}
+
+/// The most one pivot event may hold. The pivot is the gateway's own
+/// rewrite of provider events of up to `MAX_EVENT_BYTES`, whose text keeps
+/// its size while the envelope around it (id, model, index) adds a little:
+/// 1 MiB of room for that.
+pub const MAX_PIVOT_EVENT_BYTES: usize = MAX_EVENT_BYTES + 1024 * 1024;
+
+/// Why the gateway ended a provider's stream early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamFault {
+    /// An event whose data is not JSON, or a frame that does not decode.
+    Corrupt,
+    /// An event larger than the gateway holds (`sse::MAX_EVENT_BYTES`).
+    Oversized,
+}
+
+impl StreamFault {
+    /// The error the caller's stream ends with; `provider` names the API
+    /// ("Anthropic", "Gemini", ...). It never quotes the event.
+    pub fn error(self, provider: &str) -> ApiError {
+        let (code, what) = match self {
+            StreamFault::Corrupt => (
+                "invalid_provider_response",
+                "an event the gateway could not read".to_string(),
+            ),
+            StreamFault::Oversized => (
+                "provider_event_too_large",
+                format!("an event larger than {} MiB", MAX_EVENT_BYTES >> 20),
+            ),
+        };
+        ApiError::new(
+            502,
+            "server_error",
+            Some(code),
+            format!("The {provider} stream sent {what}; the answer is incomplete."),
+        )
+    }
 }
 
 /// Two translators in series: provider schema -> pivot -> caller schema.

@@ -15,12 +15,13 @@ use crate::api::chat::{
     Delta, FunctionCall, FunctionDelta, ToolCall, ToolCallDelta,
 };
 use crate::api::openai::{error_type_for_status, ApiError};
+use crate::json::{from_slice_lossy, from_str_lossy};
 use crate::sse::{SseEvent, SseParser};
 use crate::translate::chat_input::{
     assistant_blocks, bad_message, has_prefix_ignore_case, invalid_type, invalid_value, json_type,
     plain_text, quoted, unsupported,
 };
-use crate::translate::{StreamTranslator, Usage};
+use crate::translate::{StreamFault, StreamTranslator, Usage};
 
 /// The `anthropic-version` header value the gateway sends.
 pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
@@ -635,7 +636,7 @@ fn finish_reason(stop_reason: Option<&str>) -> &'static str {
 
 /// Anthropic Messages (non-streamed) response -> OpenAI chat.completion JSON.
 pub fn messages_response_to_chat(anthropic_body: &[u8], created: u64) -> Result<Vec<u8>, String> {
-    let v: Value = serde_json::from_slice(anthropic_body)
+    let v: Value = from_slice_lossy(anthropic_body)
         .map_err(|e| format!("the Anthropic response is not valid JSON: {e}"))?;
     let blocks = v
         .get("content")
@@ -733,7 +734,7 @@ fn map_error_type(kind: &str) -> Option<(&'static str, Option<&'static str>)> {
 /// Anthropic error body {"type":"error","error":{"type","message"}} -> OpenAI error JSON
 /// {"error":{"message","type","param":null,"code"}}. Non-JSON bodies: quote the text (max 512 bytes).
 pub fn messages_error_to_chat(status: u16, body: &[u8]) -> Vec<u8> {
-    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    let parsed: Option<Value> = from_slice_lossy(body).ok();
     let mapped = parsed
         .as_ref()
         .and_then(|v| v.pointer("/error/type"))
@@ -792,6 +793,9 @@ impl StreamTranslator for MessagesStreamToChat {
         self.parser.push(chunk, &mut |e| events.push(e));
         for event in events {
             self.handle(event, out);
+        }
+        if self.parser.overflowed() {
+            self.fail(StreamFault::Oversized, out);
         }
     }
 
@@ -863,6 +867,16 @@ impl MessagesStreamToChat {
         }
     }
 
+    /// Ends the stream with an error event for `fault`; nothing follows it.
+    fn fail(&mut self, fault: StreamFault, out: &mut Vec<u8>) {
+        if self.state != StreamState::Open {
+            return;
+        }
+        log::warn!("ending an Anthropic stream early: {fault:?} event");
+        self.state = StreamState::Failed;
+        write_data(out, &fault.error("Anthropic").body());
+    }
+
     fn record_usage(&mut self, usage: Option<&Value>) {
         if let Some(u) = usage.filter(|u| u.is_object()) {
             self.usage.update(u);
@@ -874,7 +888,7 @@ impl MessagesStreamToChat {
         if self.state != StreamState::Open {
             return;
         }
-        let parsed: Option<Value> = serde_json::from_str(&event.data).ok();
+        let parsed: Option<Value> = from_str_lossy(&event.data).ok();
         let kind = parsed
             .as_ref()
             .and_then(|v| v.get("type"))
@@ -888,7 +902,7 @@ impl MessagesStreamToChat {
             return;
         }
         let Some(v) = parsed.as_ref() else {
-            log::warn!("ignoring an Anthropic stream event whose data is not JSON ({kind:?})");
+            self.fail(StreamFault::Corrupt, out);
             return;
         };
         match kind {
@@ -2164,12 +2178,12 @@ mod tests {
     }
 
     #[test]
-    fn unknown_and_unparseable_events_are_ignored() {
+    fn unknown_events_are_ignored() {
         let plain = run(TEXT_STREAM.as_bytes(), false);
         let noisy = TEXT_STREAM.replace(
             "event: ping\n",
             "event: future_event\ndata: {\"type\":\"future_event\",\"x\":1}\n\n\
-             event: ping\ndata: not json\n\nevent: ping\n",
+             : keep-alive\n\nevent: ping\n",
         );
         assert_eq!(run(noisy.as_bytes(), false), plain);
     }

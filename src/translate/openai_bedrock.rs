@@ -36,11 +36,12 @@ use crate::api::chat::{
 use crate::api::openai::{error_type_for_status, ApiError};
 use crate::aws::eventstream::{Decoder, Message};
 use crate::aws::sha256::{hex, Sha256};
+use crate::json::from_slice_lossy;
 use crate::translate::chat_input::{
     assistant_blocks, bad_message, has_prefix_ignore_case, invalid_type, invalid_value, json_type,
     plain_text, quoted, unsupported,
 };
-use crate::translate::{StreamTranslator, Usage};
+use crate::translate::{StreamFault, StreamTranslator, Usage};
 use crate::url::percent_encode;
 
 /// What the filter needs to know about a translated request.
@@ -684,7 +685,7 @@ pub fn converse_response_to_chat(
     model: &str,
     created: u64,
 ) -> Result<Vec<u8>, String> {
-    let v: Value = serde_json::from_slice(body)
+    let v: Value = from_slice_lossy(body)
         .map_err(|e| format!("the Converse response is not valid JSON: {e}"))?;
     let blocks = v
         .pointer("/output/message/content")
@@ -879,7 +880,7 @@ pub fn caller_status(bedrock_status: u16, error_type: Option<&str>) -> u16 {
 /// without it the body's `__type` is used. The body is `{"message": ...}`
 /// (sometimes `"Message"`); other bodies are quoted (at most 512 bytes).
 pub fn converse_error_to_chat(status: u16, error_type: Option<&str>, body: &[u8]) -> Vec<u8> {
-    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    let parsed: Option<Value> = from_slice_lossy(body).ok();
     let body_type = parsed
         .as_ref()
         .and_then(|v| v.get("__type"))
@@ -953,13 +954,8 @@ impl StreamTranslator for ConverseStreamToChat {
             self.handle(message, out);
         }
         if let Err(e) = decoded {
-            if self.state == StreamState::Open {
-                log::warn!("corrupt Bedrock event stream: {e}");
-                self.fail(
-                    out,
-                    "The Bedrock stream was corrupt; the answer is incomplete.",
-                );
-            }
+            log::warn!("corrupt Bedrock event stream: {e}");
+            self.fault(StreamFault::Corrupt, out);
         }
     }
 
@@ -1005,6 +1001,15 @@ impl ConverseStreamToChat {
             message.to_string(),
         );
         write_data(out, &error.body());
+    }
+
+    /// Ends the stream with an error event for `fault`; nothing follows it.
+    fn fault(&mut self, fault: StreamFault, out: &mut Vec<u8>) {
+        if self.state != StreamState::Open {
+            return;
+        }
+        self.state = StreamState::Failed;
+        write_data(out, &fault.error("Bedrock").body());
     }
 
     fn emit(&self, out: &mut Vec<u8>, delta: Delta<'_>, finish: Option<&'static str>) {
@@ -1089,8 +1094,9 @@ impl ConverseStreamToChat {
             }
         }
         let kind = message.header_str(":event-type").unwrap_or_default();
-        let Ok(v) = serde_json::from_slice::<Value>(&message.payload) else {
-            log::warn!("ignoring a Bedrock stream event whose payload is not JSON ({kind:?})");
+        let Ok(v) = from_slice_lossy::<Value>(&message.payload) else {
+            log::warn!("a Bedrock {kind:?} event's payload is not JSON");
+            self.fault(StreamFault::Corrupt, out);
             return;
         };
         match kind {
@@ -2439,11 +2445,11 @@ mod tests {
         let events = data_events(&out);
         assert_eq!(events.len(), 3, "role, first reasoning delta, error");
         let last: Value = serde_json::from_str(&events[2]).unwrap();
-        assert_eq!(last["error"]["code"], "stream_interrupted");
+        assert_eq!(last["error"]["code"], "invalid_provider_response");
         assert!(last["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("corrupt"));
+            .contains("could not read"));
         let len = out.len();
         t.finish(&mut out);
         assert_eq!(out.len(), len);
@@ -2473,20 +2479,13 @@ mod tests {
     }
 
     #[test]
-    fn unknown_and_unparseable_events_are_ignored() {
+    fn unknown_events_are_ignored() {
         let plain = run(&stream_bytes(TEXT_STREAM), false);
         let f = frames(TEXT_STREAM);
         let mut noisy = f[0].clone();
         noisy.extend(encode(
             &[(":event-type", "futureEvent"), (":message-type", "event")],
             br#"{"x":1}"#,
-        ));
-        noisy.extend(encode(
-            &[
-                (":event-type", "contentBlockDelta"),
-                (":message-type", "event"),
-            ],
-            b"not json",
         ));
         noisy.extend(encode(
             &[

@@ -102,12 +102,13 @@ use crate::api::chat::{
     ToolCallDelta,
 };
 use crate::api::openai::{error_type_for_status, ApiError};
+use crate::json::{from_slice_lossy, from_str_lossy};
 use crate::sse::{SseEvent, SseParser};
 use crate::translate::chat_input::{
     bad_message, has_prefix_ignore_case, invalid_type, invalid_value, json_type, plain_text,
     quoted, unsupported,
 };
-use crate::translate::{StreamTranslator, Usage};
+use crate::translate::{StreamFault, StreamTranslator, Usage};
 
 /// Thinking budgets for OpenAI's `reasoning_effort` values.
 const THINKING_BUDGETS: [(&str, u64); 4] = [
@@ -1105,7 +1106,7 @@ pub fn gemini_response_to_chat(
     model: &str,
     created: u64,
 ) -> Result<Vec<u8>, String> {
-    let v: Value = serde_json::from_slice(gemini_body)
+    let v: Value = from_slice_lossy(gemini_body)
         .map_err(|e| format!("the Gemini response is not valid JSON: {e}"))?;
     if !v.is_object() {
         return Err("the Gemini response is not a JSON object".into());
@@ -1216,7 +1217,7 @@ fn error_object(v: &Value) -> Option<&Value> {
 /// OpenAI error body `{"error":{"message","type","param":null,"code"}}`.
 /// Non-JSON bodies are quoted (at most 512 bytes).
 pub fn gemini_error_to_chat(status: u16, body: &[u8]) -> Vec<u8> {
-    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    let parsed: Option<Value> = from_slice_lossy(body).ok();
     let error = parsed.as_ref().and_then(error_object);
     let reason = error
         .and_then(|e| e.get("details"))
@@ -1297,6 +1298,9 @@ impl StreamTranslator for GeminiStreamToChat {
         self.parser.push(chunk, &mut |e| events.push(e));
         for event in events {
             self.handle(event, out);
+        }
+        if self.parser.overflowed() && self.state == StreamState::Open {
+            self.fault(StreamFault::Oversized, out);
         }
     }
 
@@ -1403,16 +1407,19 @@ impl GeminiStreamToChat {
         self.state = StreamState::Failed;
     }
 
+    /// Ends the stream with an error event for `fault`; nothing follows it.
+    fn fault(&mut self, fault: StreamFault, out: &mut Vec<u8>) {
+        log::warn!("ending a Gemini stream early: {fault:?} event");
+        self.fail(out, &fault.error("Gemini").body());
+    }
+
     fn handle(&mut self, event: SseEvent, out: &mut Vec<u8>) {
         if self.state != StreamState::Open {
             return;
         }
-        let v: Value = match serde_json::from_str(&event.data) {
-            Ok(v) => v,
-            Err(e) => {
-                log::warn!("ignoring a Gemini stream event whose data is not JSON: {e}");
-                return;
-            }
+        let Ok(v) = from_str_lossy::<Value>(&event.data) else {
+            self.fault(StreamFault::Corrupt, out);
+            return;
         };
         if let Some(error) = error_object(&v) {
             let status = error
@@ -2928,9 +2935,9 @@ mod tests {
     }
 
     #[test]
-    fn comments_and_unparseable_events_are_ignored() {
+    fn comments_are_ignored() {
         let plain = run(TOOL_STREAM.as_bytes(), false);
-        let noisy = format!(": keep-alive\n\ndata: not json\n\n{TOOL_STREAM}: bye\n\n");
+        let noisy = format!(": keep-alive\n\n{TOOL_STREAM}: bye\n\n");
         assert_eq!(run(noisy.as_bytes(), false), plain);
     }
 

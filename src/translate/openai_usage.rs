@@ -7,16 +7,17 @@
 //! * [`OpenAiStreamUsage`] reads usage from the stream. When the caller did
 //!   not ask, it hides what asking changed: the final `choices: []` chunk and
 //!   the `"usage": null` field of the others. When the caller asked, the
-//!   stream passes byte for byte.
+//!   stream passes byte for byte, event by event (see `passthrough`).
 
 use std::ops::Range;
 
 use serde_json::Value;
 
 use crate::api::openai::ApiError;
-use crate::json::{splice, Field, Kind, TopLevel};
-use crate::sse::SseParser;
-use crate::translate::{StreamTranslator, Usage};
+use crate::json::{from_slice_lossy, splice, Field, Kind, TopLevel};
+use crate::sse::SseEvent;
+use crate::translate::passthrough::{StreamEnd, StreamWatch, Verdict};
+use crate::translate::Usage;
 
 const INCLUDE_USAGE: &[u8] = br#"{"include_usage":true}"#;
 
@@ -97,60 +98,51 @@ pub fn parse_usage(usage: &Value) -> Option<Usage> {
 }
 
 /// Reads usage from an OpenAI chunk stream; hides it when the caller did not ask.
-pub struct OpenAiStreamUsage {
-    parser: SseParser,
+pub type OpenAiStreamUsage = StreamWatch<OpenAiStreamEnd>;
+
+impl OpenAiStreamUsage {
+    /// `hide`: the caller did not ask for usage, so the stream is given back
+    /// without what asking changed.
+    pub fn hiding(hide: bool) -> Self {
+        StreamWatch::watching(OpenAiStreamEnd {
+            hide,
+            usage: None,
+            ended: false,
+        })
+    }
+}
+
+/// What [`OpenAiStreamUsage`] knows of an OpenAI chunk stream.
+pub struct OpenAiStreamEnd {
     hide: bool,
     usage: Option<Usage>,
     /// `[DONE]` or an error event went by: the stream has its own end.
     ended: bool,
 }
 
-impl OpenAiStreamUsage {
-    pub fn new(hide: bool) -> Self {
-        OpenAiStreamUsage {
-            parser: SseParser::default(),
-            hide,
-            usage: None,
-            ended: false,
-        }
-    }
-}
-
-/// The usage a chunk reports. Every chunk of a stream that asked for usage
-/// carries `"usage": null`; only an object is worth parsing.
-fn usage_of(data: &[u8]) -> Option<Usage> {
-    let doc = TopLevel::parse(data).ok()?;
-    field_usage(&doc, doc.get("usage").ok()??)
-}
-
+/// The usage of the `usage` field, when it is an object.
 fn field_usage(doc: &TopLevel<'_>, field: &Field) -> Option<Usage> {
     if field.kind != Kind::Object {
         return None;
     }
-    let value: Value = serde_json::from_slice(doc.raw(field)).ok()?;
+    let value: Value = from_slice_lossy(doc.raw(field)).ok()?;
     parse_usage(&value)
 }
 
-/// The chunk without its `usage` field, or None to drop the chunk (the
-/// usage-only one). Also returns the usage when present.
-fn strip_usage(data: &str) -> (Option<Vec<u8>>, Option<Usage>) {
-    let bytes = data.as_bytes();
-    let Ok(doc) = TopLevel::parse(bytes) else {
-        return (Some(bytes.to_vec()), None);
-    };
-    let Ok(Some(field)) = doc.get("usage") else {
-        return (Some(bytes.to_vec()), None);
-    };
-    let usage = field_usage(&doc, field);
+/// The chunk `doc` (of `bytes`) without its `usage` field, or None to drop
+/// the chunk (the usage-only one: no choices, a usage object).
+fn strip_usage(
+    doc: &TopLevel<'_>,
+    bytes: &[u8],
+    field: &Field,
+    has_usage: bool,
+) -> Option<Vec<u8>> {
     let no_choices = matches!(doc.get("choices"), Ok(Some(c)) if c.kind == Kind::Array
         && doc.raw(c).iter().filter(|b| !b.is_ascii_whitespace()).eq(b"[]".iter()));
-    if usage.is_some() && no_choices {
-        return (None, usage);
+    if no_choices && has_usage {
+        return None;
     }
-    (
-        Some(remove_field(bytes, field.key.start - 1, field.value.end)),
-        usage,
-    )
+    Some(remove_field(bytes, field.key.start - 1, field.value.end))
 }
 
 /// Removes the member spanning `start..end` (key quote to value end) and one
@@ -172,46 +164,51 @@ fn remove_field(doc_bytes: &[u8], start: usize, end: usize) -> Vec<u8> {
     }
 }
 
-impl StreamTranslator for OpenAiStreamUsage {
-    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
-        let hide = self.hide;
-        let mut found = None;
-        let mut ended = false;
-        if !hide {
-            out.extend_from_slice(chunk);
+impl StreamEnd for OpenAiStreamEnd {
+    const PROVIDER: &'static str = "provider's";
+
+    fn on_event(&mut self, event: SseEvent) -> Verdict {
+        let data = event.data.as_bytes();
+        if event.data.trim() == "[DONE]" {
+            self.ended = true;
+            return Verdict::Forward;
         }
-        self.parser.push(chunk, &mut |event| {
-            if event.data == "[DONE]" || event.data.starts_with("{\"error\"") {
-                ended = true;
-            }
-            // Only chunks that mention usage need a closer look.
-            let mentions = event.data.contains("\"usage\"");
-            if !hide {
-                if mentions {
-                    if let Some(u) = usage_of(event.data.as_bytes()) {
-                        found = Some(u);
-                    }
-                }
-                return;
-            }
-            let (kept, usage) = if mentions {
-                strip_usage(&event.data)
-            } else {
-                (Some(event.data.into_bytes()), None)
-            };
-            if usage.is_some() {
-                found = usage;
-            }
-            if let Some(data) = kept {
-                out.extend_from_slice(b"data: ");
-                out.extend_from_slice(&data);
-                out.extend_from_slice(b"\n\n");
-            }
-        });
-        if found.is_some() {
-            self.usage = found;
+        // Every chunk is validated (the scanner costs a fraction of a
+        // parse); only those that mention usage are looked at closer.
+        let Ok(doc) = TopLevel::parse(data) else {
+            return Verdict::Corrupt;
+        };
+        if let Ok(Some(error)) = doc.get("error") {
+            self.ended |= error.kind != Kind::Null;
         }
-        self.ended |= ended;
+        if !event.data.contains("\"usage\"") {
+            return Verdict::Forward;
+        }
+        let Ok(Some(field)) = doc.get("usage") else {
+            return Verdict::Forward;
+        };
+        let usage = field_usage(&doc, field);
+        if usage.is_some() {
+            self.usage = usage;
+        }
+        if !self.hide {
+            return Verdict::Forward;
+        }
+        let mut kept = Vec::new();
+        if let Some(chunk) = strip_usage(&doc, data, field, usage.is_some()) {
+            kept.reserve(chunk.len() + 8);
+            kept.extend_from_slice(b"data: ");
+            kept.extend_from_slice(&chunk);
+            kept.extend_from_slice(b"\n\n");
+        }
+        Verdict::Replace(kept)
+    }
+
+    fn fail(&mut self, error: &ApiError, out: &mut Vec<u8>) {
+        self.ended = true;
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(&error.body());
+        out.extend_from_slice(b"\n\n");
     }
 
     /// A stream that stopped without `[DONE]` or an error event of its own
@@ -221,16 +218,13 @@ impl StreamTranslator for OpenAiStreamUsage {
         if self.ended {
             return;
         }
-        self.ended = true;
         let error = ApiError::new(
             502,
             "server_error",
             Some("stream_interrupted"),
             "The provider's stream ended before completion; the answer is incomplete.".into(),
         );
-        out.extend_from_slice(b"\n\ndata: ");
-        out.extend_from_slice(&error.body());
-        out.extend_from_slice(b"\n\n");
+        self.fail(&error, out);
     }
 
     fn usage(&self) -> Option<Usage> {
@@ -241,6 +235,7 @@ impl StreamTranslator for OpenAiStreamUsage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::translate::StreamTranslator;
 
     /// The request with the usage edit applied, as the filter sends it.
     fn request_usage(body: &[u8]) -> Result<(Option<Vec<u8>>, bool), ApiError> {
@@ -292,7 +287,7 @@ mod tests {
     );
 
     fn run(hide: bool, pieces: &[&[u8]]) -> (String, Option<Usage>) {
-        let mut t = OpenAiStreamUsage::new(hide);
+        let mut t = OpenAiStreamUsage::hiding(hide);
         let mut out = Vec::new();
         for p in pieces {
             t.push(p, &mut out);
@@ -318,11 +313,10 @@ mod tests {
         assert_eq!(whole, (expected.to_string(), Some(want)));
         let bytes: Vec<&[u8]> = STREAM.as_bytes().chunks(1).collect();
         assert_eq!(run(true, &bytes), (expected.to_string(), Some(want)));
+        // Rewritten chunks take `\n\n`; the others keep the provider's bytes.
         let crlf = STREAM.replace('\n', "\r\n");
-        assert_eq!(
-            run(true, &[crlf.as_bytes()]),
-            (expected.to_string(), Some(want))
-        );
+        let expected_crlf = expected.replace("data: [DONE]\n\n", "data: [DONE]\r\n\r\n");
+        assert_eq!(run(true, &[crlf.as_bytes()]), (expected_crlf, Some(want)));
     }
 
     #[test]
@@ -346,10 +340,15 @@ mod tests {
 
     #[test]
     fn removes_a_leading_usage_member() {
-        let (kept, usage) = strip_usage(r#"{"usage": null , "id":"x"}"#);
-        assert_eq!(kept.unwrap(), br#"{ "id":"x"}"#);
-        assert!(usage.is_none());
-        let (kept, _) = strip_usage(r#"{"usage":null}"#);
-        assert_eq!(kept.unwrap(), b"{}");
+        let strip = |chunk: &str| {
+            let doc = TopLevel::parse(chunk.as_bytes()).unwrap();
+            let field = doc.get("usage").unwrap().unwrap();
+            strip_usage(&doc, chunk.as_bytes(), field, false)
+        };
+        assert_eq!(
+            strip(r#"{"usage": null , "id":"x"}"#).unwrap(),
+            br#"{ "id":"x"}"#
+        );
+        assert_eq!(strip(r#"{"usage":null}"#).unwrap(), b"{}");
     }
 }

@@ -1,15 +1,28 @@
-//! Streams whose caller and provider speak the same schema (Anthropic to
-//! Anthropic, Gemini to Gemini) pass byte for byte. The watchers here read
-//! them on the side, for the token counts and for one guarantee: a stream
-//! that ends without its schema's proper end gets an error event in that
-//! schema appended, so the caller's SDK raises instead of accepting a
-//! truncated answer as complete.
+//! Streams whose caller and provider speak the same schema (OpenAI to
+//! OpenAI-shaped, Anthropic to Anthropic, Gemini to Gemini) pass event by
+//! event, each complete event byte for byte. The watchers here read them on
+//! the side, for the token counts and for two guarantees:
+//!
+//! * a stream that ends without its schema's proper end gets an error event
+//!   in that schema appended, so the caller's SDK raises instead of
+//!   accepting a truncated answer as complete;
+//! * an event the watcher cannot read (data that is not JSON) or hold (over
+//!   `sse::MAX_EVENT_BYTES`) is not passed on: the stream ends there with an
+//!   error event, and nothing the provider sends after it goes out.
+//!
+//! Only whole events go out: the bytes of the event still arriving wait
+//! (never more than one event), so whatever scans the output (provider keys,
+//! see `scrub`) always sees an event entire, never half of it.
 
 use serde_json::Value;
 
 use crate::api::openai::ApiError;
+use crate::json::from_str_lossy;
 use crate::sse::{SseEvent, SseParser};
-use crate::translate::{anthropic_openai, gemini_openai, StreamTranslator, Usage};
+use crate::translate::{anthropic_openai, gemini_openai, StreamFault, StreamTranslator, Usage};
+
+/// Tails grown past this by a large event are freed once it went out.
+const KEPT_TAIL_BYTES: usize = 64 * 1024;
 
 fn interrupted(provider: &str) -> ApiError {
     ApiError::new(
@@ -24,18 +37,37 @@ fn n(v: Option<&Value>) -> Option<u64> {
     v.and_then(Value::as_u64)
 }
 
+/// What goes out for one upstream event.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The event's own bytes.
+    Forward,
+    /// These bytes instead (none: the event is dropped).
+    Replace(Vec<u8>),
+    /// The event cannot be read: the stream ends with an error here.
+    Corrupt,
+}
+
 /// What a watcher knows of one schema's stream.
 pub trait StreamEnd {
-    fn on_event(&mut self, event: SseEvent);
+    /// The API's name in error messages ("Anthropic", ...).
+    const PROVIDER: &'static str;
+    fn on_event(&mut self, event: SseEvent) -> Verdict;
+    /// Appends the schema's error event for `error`; the stream has ended.
+    fn fail(&mut self, error: &ApiError, out: &mut Vec<u8>);
     /// Appends the schema's error event unless the stream ended properly.
     fn finish(&mut self, out: &mut Vec<u8>);
     fn usage(&self) -> Option<Usage>;
 }
 
-/// Passes a stream byte for byte while `S` reads its events.
+/// Passes a stream event by event while `S` reads it.
 #[derive(Default)]
 pub struct StreamWatch<S> {
     parser: SseParser,
+    /// Raw bytes of the event still arriving, not passed on yet.
+    tail: Vec<u8>,
+    /// The watcher ended the stream with an error: nothing more goes out.
+    failed: bool,
     state: S,
 }
 
@@ -45,14 +77,86 @@ impl<S: StreamEnd + Default> StreamWatch<S> {
     }
 }
 
-impl<S: StreamEnd> StreamTranslator for StreamWatch<S> {
-    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
-        out.extend_from_slice(chunk);
-        let state = &mut self.state;
-        self.parser.push(chunk, &mut |e| state.on_event(e));
+impl<S: StreamEnd> StreamWatch<S> {
+    pub fn watching(state: S) -> Self {
+        StreamWatch {
+            parser: SseParser::default(),
+            tail: Vec::new(),
+            failed: false,
+            state,
+        }
     }
 
+    /// Sends the waiting tail, then `chunk[from..to]`.
+    fn send(tail: &mut Vec<u8>, chunk: &[u8], from: usize, to: usize, out: &mut Vec<u8>) {
+        out.append(tail);
+        if tail.capacity() > KEPT_TAIL_BYTES {
+            *tail = Vec::new();
+        }
+        out.extend_from_slice(chunk.get(from..to).unwrap_or_default());
+    }
+}
+
+impl<S: StreamEnd> StreamTranslator for StreamWatch<S> {
+    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        if self.failed {
+            return;
+        }
+        let Self {
+            parser,
+            tail,
+            state,
+            ..
+        } = self;
+        // Bytes of `chunk` already sent (or dropped with their event).
+        let mut sent = 0;
+        // Where the unreadable event began, if one came.
+        let mut corrupt_at = None;
+        parser.push_spans(chunk, &mut |event, span| {
+            if corrupt_at.is_some() {
+                return;
+            }
+            match state.on_event(event) {
+                Verdict::Forward => Self::send(tail, chunk, sent, span.end, out),
+                Verdict::Replace(bytes) => {
+                    tail.clear();
+                    out.extend_from_slice(&bytes);
+                }
+                Verdict::Corrupt => {
+                    corrupt_at = Some(span.start);
+                    return;
+                }
+            }
+            sent = span.end;
+        });
+        // Blocks that ended before the fault (or the chunk's end) go out:
+        // comments, and the LF of a CRLF the last chunk cut.
+        let (settled, fault) = match corrupt_at {
+            Some(start) => (start, Some(StreamFault::Corrupt)),
+            None if parser.overflowed() => (parser.settled(), Some(StreamFault::Oversized)),
+            None => (parser.settled(), None),
+        };
+        if settled > sent {
+            Self::send(tail, chunk, sent, settled, out);
+            sent = settled;
+        }
+        if let Some(fault) = fault {
+            log::warn!("ending a {} stream early: {fault:?} event", S::PROVIDER);
+            self.failed = true;
+            self.tail = Vec::new();
+            self.state.fail(&fault.error(S::PROVIDER), out);
+            return;
+        }
+        tail.extend_from_slice(chunk.get(sent..).unwrap_or_default());
+    }
+
+    /// An event left unfinished is never dispatched by an SSE reader, so it
+    /// is dropped rather than sent half.
     fn finish(&mut self, out: &mut Vec<u8>) {
+        self.tail = Vec::new();
+        if self.failed {
+            return;
+        }
         self.state.finish(out);
     }
 
@@ -97,37 +201,40 @@ impl AnthropicStreamEnd {
 }
 
 impl StreamEnd for AnthropicStreamEnd {
-    fn on_event(&mut self, event: SseEvent) {
-        let v: Option<Value> = serde_json::from_str(&event.data).ok();
+    const PROVIDER: &'static str = "Anthropic";
+
+    fn on_event(&mut self, event: SseEvent) -> Verdict {
+        let Ok(v) = from_str_lossy::<Value>(&event.data) else {
+            return Verdict::Corrupt;
+        };
         let kind = v
-            .as_ref()
-            .and_then(|v| v.get("type"))
+            .get("type")
             .and_then(Value::as_str)
             .or(event.event.as_deref())
             .unwrap_or_default();
         match kind {
             "message_stop" | "error" => self.ended = true,
             "message_start" => {
-                let usage = v.as_ref().and_then(|v| v.get("message")?.get("usage"));
+                let usage = v.get("message").and_then(|m| m.get("usage"));
                 self.take_usage(usage);
             }
-            "message_delta" => {
-                let usage = v.as_ref().and_then(|v| v.get("usage"));
-                self.take_usage(usage);
-            }
+            "message_delta" => self.take_usage(v.get("usage")),
             _ => {}
         }
+        Verdict::Forward
+    }
+
+    fn fail(&mut self, error: &ApiError, out: &mut Vec<u8>) {
+        self.ended = true;
+        out.extend_from_slice(b"event: error\ndata: ");
+        out.extend_from_slice(&anthropic_openai::error_body(error));
+        out.extend_from_slice(b"\n\n");
     }
 
     fn finish(&mut self, out: &mut Vec<u8>) {
-        if self.ended {
-            return;
+        if !self.ended {
+            self.fail(&interrupted(Self::PROVIDER), out);
         }
-        self.ended = true;
-        // A blank line first closes any event the provider left half-written.
-        out.extend_from_slice(b"\n\nevent: error\ndata: ");
-        out.extend_from_slice(&anthropic_openai::error_body(&interrupted("Anthropic")));
-        out.extend_from_slice(b"\n\n");
     }
 
     fn usage(&self) -> Option<Usage> {
@@ -154,9 +261,11 @@ pub struct GeminiStreamEnd {
 }
 
 impl StreamEnd for GeminiStreamEnd {
-    fn on_event(&mut self, event: SseEvent) {
-        let Ok(v) = serde_json::from_str::<Value>(&event.data) else {
-            return;
+    const PROVIDER: &'static str = "Gemini";
+
+    fn on_event(&mut self, event: SseEvent) -> Verdict {
+        let Ok(v) = from_str_lossy::<Value>(&event.data) else {
+            return Verdict::Corrupt;
         };
         if v.get("error").is_some() {
             self.failed = true;
@@ -184,16 +293,20 @@ impl StreamEnd for GeminiStreamEnd {
                 reasoning_tokens: thoughts,
             });
         }
+        Verdict::Forward
+    }
+
+    fn fail(&mut self, error: &ApiError, out: &mut Vec<u8>) {
+        self.failed = true;
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(&gemini_openai::error_body(error));
+        out.extend_from_slice(b"\r\n\r\n");
     }
 
     fn finish(&mut self, out: &mut Vec<u8>) {
-        if self.finished || self.failed {
-            return;
+        if !self.finished && !self.failed {
+            self.fail(&interrupted(Self::PROVIDER), out);
         }
-        self.failed = true;
-        out.extend_from_slice(b"\r\n\r\ndata: ");
-        out.extend_from_slice(&gemini_openai::error_body(&interrupted("Gemini")));
-        out.extend_from_slice(b"\r\n\r\n");
     }
 
     fn usage(&self) -> Option<Usage> {
@@ -257,6 +370,35 @@ mod tests {
         let mut e = AnthropicStreamWatch::new();
         let errored = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"x\"}}\n\n";
         assert_eq!(run(&mut e, errored), errored);
+    }
+
+    #[test]
+    fn only_whole_events_go_out_and_only_the_one_arriving_waits() {
+        let full =
+            format!("{ANTHROPIC}: keep-alive\n\nevent: message_stop\ndata: {{\"type\":\"message_stop\"}}\n\n");
+        let bytes = full.as_bytes();
+        let ends: Vec<usize> = (2..=bytes.len())
+            .filter(|&i| &bytes[i - 2..i] == b"\n\n")
+            .collect();
+        let mut w = AnthropicStreamWatch::new();
+        let mut out = Vec::new();
+        for (i, byte) in bytes.chunks(1).enumerate() {
+            w.push(byte, &mut out);
+            let whole = ends.iter().copied().filter(|&e| e <= i + 1).max();
+            assert_eq!(out, &bytes[..whole.unwrap_or(0)], "after byte {i}");
+        }
+        w.finish(&mut out);
+        assert_eq!(out, bytes);
+    }
+
+    #[test]
+    fn a_half_event_at_the_end_is_dropped_for_the_error() {
+        let half = "event: content_block_delta\ndata: {\"type\":\"content_bl";
+        let mut w = AnthropicStreamWatch::new();
+        let out = run(&mut w, &format!("{ANTHROPIC}{half}"));
+        let tail = out.strip_prefix(ANTHROPIC).unwrap();
+        assert!(tail.starts_with("event: error\ndata: {"), "{tail}");
+        assert!(!tail.contains("content_bl"));
     }
 
     const GEMINI: &str = "data: {\"candidates\":[{\"content\":{\"role\":\"model\",\"parts\":[{\"text\":\"Hi\"}]}}]}\r\n\r\n";
