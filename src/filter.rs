@@ -1378,11 +1378,17 @@ impl RequestFilter {
                 host.remove_request_header(name).map_err(rewrite)?;
             }
         }
-        for name in CLIENT_CREDENTIAL_HEADERS.iter().chain([&CALLER_API_HEADER]) {
+        for name in CLIENT_CREDENTIAL_HEADERS {
             if present.has(host, name) {
                 host.remove_request_header(name).map_err(rewrite)?;
             }
         }
+        // The listener half holds a chain's complete answers (see `Hold`):
+        // an answer cut short after its headers passed the upstream half is
+        // answered by Envoy past both halves, in the caller's shape only
+        // through the marked request's local_reply_config.
+        host.set_request_header(CALLER_API_HEADER, api_name(self.caller))
+            .map_err(rewrite)?;
         for position in 0..config.failover.max_attempts {
             let provider = chain.get(position).map_or("-", |&m| {
                 config.providers[config.models[m].provider].name.as_str()
