@@ -137,7 +137,8 @@ def test_mode_policy_refuses_a_conflicting_identity():
 # --- the overlays running in Envoy, configured as Istio would --------------
 
 
-SHOP_LABELS = {"app": "chatbot", "service.istio.io/canonical-name": "chatbot"}
+SHOP_LABELS = {"app": "chatbot", "service.istio.io/canonical-name": "chatbot",
+               manifests.OPT_IN_LABEL: manifests.OPT_IN_VALUE}
 GATEWAY_LABELS = dict(manifests.GATEWAY_LABELS)
 HOSTS = {"openai": "api.openai.com", "anthropic": "api.anthropic.com",
          "gemini": "generativelanguage.googleapis.com"}

@@ -222,8 +222,9 @@ def test_sidecar_listener_route_config_node():
     h = hcm(b)
     assert h["stat_prefix"] == "outbound_0.0.0.0_80"
     assert h["route_config"]["name"] == "80" and h["route_config"]["ignore_port_in_host_matching"] is True
-    assert filter_names(b) == ["envoy.filters.http.grpc_stats", "envoy.filters.http.fault",
-                               "envoy.filters.http.cors", "envoy.filters.http.router"]
+    # The metadata exchange filter first (its Lua stand-in), as istiod orders them.
+    assert filter_names(b) == ["istio.metadata_exchange", "envoy.filters.http.grpc_stats",
+                               "envoy.filters.http.fault", "envoy.filters.http.cors", "envoy.filters.http.router"]
     node = b["node"]
     assert node["id"] == "sidecar~127.0.0.1~client-0.app~app.svc.cluster.local"
     assert node["cluster"] == "client.app"
@@ -466,21 +467,22 @@ def hf_patch(op, value=None, sub=None, **listener_match):
 
 FAULT, CORS, ROUTER = "envoy.filters.http.fault", "envoy.filters.http.cors", "envoy.filters.http.router"
 GRPC = "envoy.filters.http.grpc_stats"
+MX = sim.MX_FILTER
 
 
 @pytest.mark.parametrize("patch,expected", [
-    (hf_patch("INSERT_BEFORE", lua_free_filter("x"), ROUTER), [GRPC, FAULT, CORS, "add-x", ROUTER]),
-    (hf_patch("INSERT_AFTER", lua_free_filter("x"), FAULT), [GRPC, FAULT, "add-x", CORS, ROUTER]),
-    (hf_patch("INSERT_FIRST", lua_free_filter("x"), ROUTER), ["add-x", GRPC, FAULT, CORS, ROUTER]),
+    (hf_patch("INSERT_BEFORE", lua_free_filter("x"), ROUTER), [MX, GRPC, FAULT, CORS, "add-x", ROUTER]),
+    (hf_patch("INSERT_AFTER", lua_free_filter("x"), FAULT), [MX, GRPC, FAULT, "add-x", CORS, ROUTER]),
+    (hf_patch("INSERT_FIRST", lua_free_filter("x"), ROUTER), ["add-x", MX, GRPC, FAULT, CORS, ROUTER]),
     # Without a subFilter INSERT_BEFORE means first, INSERT_AFTER means last.
-    (hf_patch("INSERT_BEFORE", lua_free_filter("x")), ["add-x", GRPC, FAULT, CORS, ROUTER]),
-    (hf_patch("REMOVE", sub=CORS), [GRPC, FAULT, ROUTER]),
-    (hf_patch("REPLACE", lua_free_filter("x"), CORS), [GRPC, FAULT, "add-x", ROUTER]),
+    (hf_patch("INSERT_BEFORE", lua_free_filter("x")), ["add-x", MX, GRPC, FAULT, CORS, ROUTER]),
+    (hf_patch("REMOVE", sub=CORS), [MX, GRPC, FAULT, ROUTER]),
+    (hf_patch("REPLACE", lua_free_filter("x"), CORS), [MX, GRPC, FAULT, "add-x", ROUTER]),
     # Port and name matches: the sidecar listener is port 80, 0.0.0.0_80.
-    (hf_patch("INSERT_BEFORE", lua_free_filter("x"), ROUTER, portNumber=80), [GRPC, FAULT, CORS, "add-x", ROUTER]),
-    (hf_patch("INSERT_BEFORE", lua_free_filter("x"), ROUTER, portNumber=8080), [GRPC, FAULT, CORS, ROUTER]),
-    (hf_patch("INSERT_BEFORE", lua_free_filter("x"), ROUTER, name="0.0.0.0_80"), [GRPC, FAULT, CORS, "add-x", ROUTER]),
-    (hf_patch("INSERT_BEFORE", lua_free_filter("x"), "envoy.filters.http.nope"), [GRPC, FAULT, CORS, ROUTER]),
+    (hf_patch("INSERT_BEFORE", lua_free_filter("x"), ROUTER, portNumber=80), [MX, GRPC, FAULT, CORS, "add-x", ROUTER]),
+    (hf_patch("INSERT_BEFORE", lua_free_filter("x"), ROUTER, portNumber=8080), [MX, GRPC, FAULT, CORS, ROUTER]),
+    (hf_patch("INSERT_BEFORE", lua_free_filter("x"), ROUTER, name="0.0.0.0_80"), [MX, GRPC, FAULT, CORS, "add-x", ROUTER]),
+    (hf_patch("INSERT_BEFORE", lua_free_filter("x"), "envoy.filters.http.nope"), [MX, GRPC, FAULT, CORS, ROUTER]),
 ])
 def test_http_filter_operations(patch, expected):
     b, _ = patched(sidecar(), [ef("op", [patch])])
@@ -680,7 +682,7 @@ def test_gateway_route_configuration_port_matching(mesh_tls):
     (vh,) = hcm(out)["route_config"]["virtual_hosts"]
     assert [r["name"] for r in vh["routes"]] == ["sim-direct", "to-openai"]
     assert vh["request_headers_to_add"][0]["header"]["key"] == "x-gw"
-    assert filter_names(out) == [GRPC, FAULT, CORS, "add-gw", ROUTER]
+    assert filter_names(out) == [MX, GRPC, FAULT, CORS, "add-gw", ROUTER]
     validate(out)
 
 
@@ -719,7 +721,8 @@ def test_unsupported_or_invalid_patches_raise(patch, error):
 
 
 @pytest.mark.parametrize("extra,match", [
-    ("kind: Sidecar\nmetadata: {name: s, namespace: app}\nspec: {}", "Sidecar"),
+    ("kind: Sidecar\nmetadata: {name: s, namespace: app}\nspec:\n  egress: [{port: {number: 80, protocol: HTTP,"
+     " name: http}, hosts: ['./*']}, {hosts: ['*/*']}]", "several egress"),
     ("kind: VirtualService\nmetadata: {name: v, namespace: app}\nspec:\n  hosts: [reviews]\n"
      "  http: [{fault: {abort: {httpStatus: 500}}, route: [{destination: {host: reviews}}]}]", "fault"),
     ("kind: VirtualService\nmetadata: {name: v, namespace: app}\nspec:\n  hosts: [reviews]\n"
@@ -785,14 +788,60 @@ def test_agent_emulate_rewrites_ecds_sources_and_remote_code(tmp_path):
         "config_source"]
 
 
-def test_agent_emulate_missing_config_and_bad_sha(tmp_path):
+def test_agent_emulate_missing_config(tmp_path):
     b, _ = patched(sidecar(), [ef("w", [hf_patch("INSERT_BEFORE", ecds_filter(), ROUTER)])])
     with pytest.raises(sim.IstioSimError, match="no EXTENSION_CONFIG"):
         sim.agent_emulate(b, [], "/m.wasm", tmp_path)
+
+
+def ecds_resource(out):
+    (hf,) = [f for f in hcm(out)["http_filters"] if f["name"] == "meshllm"]
+    path = hf["config_discovery"]["config_source"]["path_config_source"]["path"]
+    (res,) = json.loads(open(path).read())["resources"]
+    return res
+
+
+@pytest.mark.parametrize("fetch", ["bad sha", "no registry", "not wasm", "unknown scheme", "empty pull secret"])
+def test_agent_substitutes_deny_all_rbac_when_the_module_cannot_be_fetched(tmp_path, fetch):
+    """pkg/wasm/convert.go: a fetch failure replaces the whole resource by a
+    deny-all RBAC filter of the same name (allow-all when the plugin fails open)."""
     module = tmp_path / "m.wasm"
     module.write_bytes(b"\0asm")
-    with pytest.raises(sim.IstioSimError, match="sha256"):
-        sim.agent_emulate(b, [wasm_ext(uri="file://" + str(module), sha="0" * 64)], "/m.wasm", tmp_path)
+    not_wasm = tmp_path / "x.wasm"
+    not_wasm.write_bytes(b"<html>")
+    ext = {
+        "bad sha": wasm_ext(uri="file://" + str(module), sha="0" * 64),
+        "no registry": wasm_ext(uri="oci://registry.test/m:1"),
+        "not wasm": wasm_ext(uri="https://downloads.test/m.wasm"),
+        "unknown scheme": wasm_ext(uri="s3://bucket/m.wasm"),
+        "empty pull secret": wasm_ext(uri="oci://registry.test/m:1"),
+    }[fetch]
+    if fetch == "empty pull secret":
+        ext["typed_config"]["config"]["vm_config"]["environment_variables"] = {
+            "key_values": {sim.WASM_SECRET_ENV: ""}}
+    modules = {"no registry": None, "not wasm": str(not_wasm)}.get(fetch, str(module))
+    b, _ = patched(sidecar(), [ef("w", [hf_patch("INSERT_BEFORE", ecds_filter(), ROUTER)])])
+    log = []
+    res = ecds_resource(sim.agent_emulate(b, [ext], modules, tmp_path, log=log))
+    assert res["name"] == "meshllm"
+    assert res["typed_config"] == {"@type": sim.RBAC_TYPE, "rules": {}, "rules_stat_prefix": "wasm-default-deny"}
+    assert "applying deny RBAC filter" in log[0]
+    ext["typed_config"]["config"]["fail_open"] = True
+    res = ecds_resource(sim.agent_emulate(b, [ext], modules, tmp_path))
+    assert res["typed_config"] == {"@type": sim.RBAC_TYPE, "rules_stat_prefix": "wasm-default-allow"}
+
+
+def test_agent_strips_its_own_variables_and_keeps_host_env_keys(tmp_path):
+    module = tmp_path / "m.wasm"
+    module.write_bytes(b"\0asm")
+    ext = wasm_ext(uri="oci://registry.test/m:1")
+    ext["typed_config"]["config"]["vm_config"]["environment_variables"] = {
+        "key_values": {sim.WASM_SECRET_ENV: "docker-config", "ISTIO_META_WASM_IMAGE_PULL_POLICY": "Always"},
+        "host_env_keys": ["OPENAI_API_KEY"]}
+    b, _ = patched(sidecar(), [ef("w", [hf_patch("INSERT_BEFORE", ecds_filter(), ROUTER)])])
+    vm = ecds_resource(sim.agent_emulate(b, [ext], str(module), tmp_path))["typed_config"]["config"]["vm_config"]
+    assert vm["environment_variables"] == {"host_env_keys": ["OPENAI_API_KEY"]}
+    assert vm["code"] == {"local": {"filename": str(module)}}
 
 
 # --------------------------------------------------------------------------

@@ -362,6 +362,13 @@ def position_clusters(plugin_config, upstreams, max_attempts, connect_timeout="5
     return clusters
 
 
+def buffer_limit(plugin_config):
+    """Envoy's per-connection buffer limit for meshllm's listeners and
+    clusters: above the filter's own body limit, so its clear 413 wins
+    (Envoy's default, 1 MiB, would refuse larger prompts first)."""
+    return plugin_config.get("max_request_bytes", 10 * 1024 * 1024) + 1024 * 1024
+
+
 def route_action(failover, route_timeout):
     action = {"cluster_header": CLUSTER_HEADER, "timeout": route_timeout}
     if failover["enabled"]:
@@ -548,7 +555,6 @@ def render(
     `{"filter_metadata": {"meshllm": {"policy": "<json>"}}}`, a namespace
     policy as an Istio EnvoyFilter's LISTENER MERGE delivers it)."""
     upstreams = upstreams or {}
-    max_body = plugin_config.get("max_request_bytes", 10 * 1024 * 1024)
     failover = failover_settings(plugin_config)
     clusters = []
     keys = env_keys(plugin_config)
@@ -625,8 +631,7 @@ def render(
     listener = {
         "name": "meshllm",
         "address": {"socket_address": {"address": address, "port_value": port}},
-        # Above the filter's own limit, so its clear 413 wins.
-        "per_connection_buffer_limit_bytes": max_body + 1024 * 1024,
+        "per_connection_buffer_limit_bytes": buffer_limit(plugin_config),
         "filter_chains": [filter_chain],
     }
     if listener_metadata is not None:
