@@ -166,26 +166,38 @@ def cel(expression):
 UNAVAILABLE_MESSAGE = (
     "meshllm is not running in this proxy: its Wasm module could not be fetched or "
     "loaded (the istio-proxy container's log says why). The request was not sent.")
+# At the gateway an AuthorizationPolicy that allows nothing for the caller
+# ends in the same reply as the agent's substitute; the message names both.
+GATEWAY_UNAVAILABLE_MESSAGE = (
+    "The egress gateway refused the request before meshllm ran, so it was not sent: "
+    "meshllm's Wasm module could not be fetched or loaded (the gateway's log says why), "
+    "or an AuthorizationPolicy on the gateway allows nothing for this caller.")
+NO_GATEWAY_VHOST_MESSAGE = (
+    "The meshllm egress gateway has no route for this host, so the request was not sent: "
+    "the host's VirtualService in the meshllm namespace is missing.")
 
 
-def unavailable_replies():
+def unavailable_replies(gateway):
     """The HCM's local_reply_config: when meshllm cannot run on one of its
     routes, the caller gets a 503 in its API's shape instead of Envoy's bare
-    403 (the agent's deny-all substitute, pkg/wasm/convert.go), 500 (no
-    filter config) or 503 (a failed VM). Only those replies on meshllm's
-    routes match; every other local reply is left as it is."""
+    403 (the agent's deny-all substitute, pkg/wasm/convert.go: an RBAC
+    filter whose empty rules match no policy), 500 (no filter config:
+    Envoy refused the one it got) or 503 (a failed VM). Only those replies
+    on meshllm's routes match; every other local reply is left as it is.
+    At the egress gateway, which serves LLM hosts only, a host without a
+    route (its VirtualService missing) gets the same treatment as Envoy's
+    bare 404."""
     on_route = "xds.route_name.startsWith('meshllm')"
-    # The agent's substitute is an RBAC filter whose rules_stat_prefix is
-    # `wasm-default-deny`; Envoy's RBAC filter records its denial under that prefix.
-    substitute = ("'envoy.filters.http.rbac' in metadata.filter_metadata && "
-                  "'wasm-default-denyenforced_engine_result' in "
-                  "metadata.filter_metadata['envoy.filters.http.rbac']")
+    # Envoy records the RBAC filter's metadata after its reply, so the
+    # substitute is known by its reply's details.
+    refused = ("response.code_details == 'rbac_access_denied_matched_policy[none]' || "
+               "response.code_details == 'wasm_fail_stream'")
+    message = GATEWAY_UNAVAILABLE_MESSAGE if gateway else UNAVAILABLE_MESSAGE
     mappers = []
-    for path, _, body in shaped_errors(503, UNAVAILABLE_MESSAGE, "meshllm_unavailable"):
+    for path, _, body in shaped_errors(503, message, "meshllm_unavailable"):
         mappers.append({
             "filter": {"or_filter": {"filters": [
-                cel(f"{on_route} && {path} && (({substitute}) || "
-                    "response.code_details == 'wasm_fail_stream')"),
+                cel(f"{on_route} && {path} && ({refused})"),
                 {"and_filter": {"filters": [
                     cel(f"{on_route} && {path}"),
                     # No config for the filter (Envoy refused the one it got).
@@ -195,6 +207,14 @@ def unavailable_replies():
             "status_code": 503,
             "body_format_override": {"json_format": body, "content_type": "application/json"},
         })
+    if gateway:
+        for path, _, body in shaped_errors(503, NO_GATEWAY_VHOST_MESSAGE, "no_gateway_route"):
+            mappers.append({
+                "filter": {"and_filter": {"filters": [
+                    cel(path), {"response_flag_filter": {"flags": ["NR"]}}]}},
+                "status_code": 503,
+                "body_format_override": {"json_format": body, "content_type": "application/json"},
+            })
     return {"mappers": mappers}
 
 
@@ -298,7 +318,7 @@ def config_patches(doc, context, module_url, sha256):
         "patch": {"operation": "MERGE", "value": {"name": HCM, "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
                      ".v3.HttpConnectionManager",
-            "local_reply_config": unavailable_replies()}}},
+            "local_reply_config": unavailable_replies(gateway=not sidecar)}}},
     })
     # Istio sets no buffer limit (Envoy's default is 1 MiB); the filter reads
     # whole request bodies up to max_request_bytes, and answers a larger one
@@ -581,6 +601,9 @@ def gateway_resources(policy, module_url, sha256):
                         "match": [{"gateways": ["mesh"], "port": MESH_PORT}],
                         "route": [{"destination": {"host": GATEWAY_HOST,
                                                    "port": {"number": MESH_PORT}}}],
+                        # The alias's short names (llm.meshllm) match only
+                        # in sidecars; the gateway knows its full name.
+                        **({"rewrite": {"authority": ALIAS_HOST}} if host == ALIAS_HOST else {}),
                     },
                     {   # At the gateway the filter's route comes first; this
                         # one only names the host for Istio.
