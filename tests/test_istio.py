@@ -784,3 +784,33 @@ def test_meshllm_clusters_carry_deliberate_circuit_breakers(mode):
         if p["applyTo"] == "CLUSTER":
             for t in p["patch"]["value"]["circuit_breakers"]["thresholds"]:
                 assert t["max_retries"] == t["max_requests"] == t["max_pending_requests"] == 2 ** 32 - 1
+
+
+# --- no pod metadata to providers (item 5) ---------------------------------------
+
+
+@pytest.mark.parametrize("mode", OVERLAYS)
+def test_metadata_exchange_runs_before_meshllm_which_runs_only_where_enabled(mode, pki, tmp_path):
+    """Istio puts its metadata exchange first; meshllm goes in just before
+    the router, so its entrance strips what the exchange added (x-envoy-*),
+    and meshllm's route removes it again with the caller's certificate and
+    address. Both listener filters are off unless a route turns them on."""
+    labels = LLM_ONLY if mode == "sidecar" else GATEWAY_LABELS
+    ns = "shop" if mode == "sidecar" else manifests.NAMESPACE
+    b, _, _ = istio_config(mode, tmp_path, ns, labels, {p: ("127.0.0.1", 1) for p in HOSTS},
+                           mesh_tls=pki["mesh_tls"])
+    hcm = b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    names = [f["name"] for f in hcm["http_filters"]]
+    assert names[0] == sim.MX_FILTER
+    assert names[-3:] == ["meshllm", manifests.POSITIONS_FILTER, "envoy.filters.http.router"]
+    meshllm, positions = hcm["http_filters"][-3:-1]
+    assert meshllm["disabled"] and positions["disabled"]
+    assert meshllm["config_discovery"]["type_urls"] == [sim.WASM_TYPE, sim.RBAC_TYPE]
+    for vhost in hcm["route_config"]["virtual_hosts"]:
+        enabled = set(vhost.get("typed_per_filter_config", {}))
+        handled = vhost["name"] in manifests.handled_vhosts(manifests.load_policy())
+        assert (enabled == {"meshllm", manifests.POSITIONS_FILTER}) is handled
+        if handled:
+            routed = vhost["routes"][0]
+            assert routed["name"] == "meshllm"
+            assert IDENTITY_HEADERS <= set(routed["request_headers_to_remove"])

@@ -2,6 +2,7 @@
 EnvoyFilters, every supported patch operation, strictness, the agent's ECDS
 and Wasm rewrite, and the generated configs in a real Envoy."""
 
+import base64
 import copy
 import hashlib
 import json
@@ -294,6 +295,109 @@ def test_sidecar_virtual_service_routes_to_egress_subset_with_istio_mtls(mesh_tl
 def test_sidecar_istio_mutual_needs_mesh_tls():
     with pytest.raises(sim.IstioSimError, match="mesh_tls"):
         sidecar(EGRESS)
+
+
+def sidecar_resource(hosts, ns="app", selector=None, outbound=None):
+    spec = {"egress": [{"hosts": hosts}]}
+    if selector:
+        spec["workloadSelector"] = {"labels": selector}
+    if outbound:
+        spec["outboundTrafficPolicy"] = {"mode": outbound}
+    return yaml.safe_dump({"apiVersion": "networking.istio.io/v1", "kind": "Sidecar",
+                           "metadata": {"name": f"s-{len(hosts)}", "namespace": ns}, "spec": spec})
+
+
+SERVICE_VHOSTS = {"api.openai.com:80", "reviews.app.svc.cluster.local:80", "ratings.other.svc.cluster.local:80",
+                  "istio-egressgateway.istio-system.svc.cluster.local:80"}
+
+
+@pytest.mark.parametrize("hosts,visible", [
+    (["*/*"], SERVICE_VHOSTS),
+    (["./*"], {"api.openai.com:80", "reviews.app.svc.cluster.local:80"}),
+    (["./reviews.app.svc.cluster.local"], {"reviews.app.svc.cluster.local:80"}),
+    (["other/*", "istio-system/*"], {"ratings.other.svc.cluster.local:80",
+                                     "istio-egressgateway.istio-system.svc.cluster.local:80"}),
+    (["*/api.openai.com"], {"api.openai.com:80"}),
+    (["*/*.svc.cluster.local"], SERVICE_VHOSTS - {"api.openai.com:80"}),
+    (["~/*"], set()),
+])
+def test_sidecar_resource_scopes_what_the_proxy_sees(hosts, visible):
+    """pilot/pkg/model/sidecar.go: egress hosts import services by
+    namespace/host; the catch-all virtual host stays."""
+    b = sidecar(sidecar_resource(hosts))
+    assert set(vhosts(b)) - {"allow_any"} == visible
+    assert list(vhosts(b))[-1] == "allow_any"
+    cs = clusters(b)
+    assert ("outbound|80||api.openai.com" in cs) is ("api.openai.com:80" in visible)
+
+
+def test_sidecar_resource_selection_and_root_default():
+    """PushContext.getSidecarScope: a selector that matches wins over the
+    namespace's default; the root namespace's applies to namespaces
+    without their own; other namespaces' do not apply."""
+    wide, narrow = sidecar_resource(["*/*"]), sidecar_resource(["./*"], selector={"app": "client"})
+    assert set(vhosts(sidecar(narrow + "---\n" + wide))) == {"api.openai.com:80", "reviews.app.svc.cluster.local:80",
+                                                                "allow_any"}
+    other = sidecar_resource(["./*"], selector={"app": "someone-else"})
+    assert set(vhosts(sidecar(other + "---\n" + sidecar_resource(["~/*"])))) == {"allow_any"}
+    root = sidecar_resource(["istio-system/*"], ns="istio-system")
+    assert set(vhosts(sidecar(root))) == {"istio-egressgateway.istio-system.svc.cluster.local:80", "allow_any"}
+    assert set(vhosts(sidecar(sidecar_resource(["~/*"], ns="other")))) == SERVICE_VHOSTS | {"allow_any"}
+
+
+def test_sidecar_resource_imports_virtual_services_and_their_destinations(mesh_tls):
+    """A VirtualService in an imported namespace brings its routes, and the
+    services it routes to (collectImportedServices), even when the
+    Sidecar's hosts do not name them."""
+    b = sidecar(EGRESS + "---\n" + sidecar_resource(["istio-system/*"]), mesh_tls=mesh_tls)
+    (route,) = vhosts(b)["api.openai.com:80"]["routes"]
+    assert route["route"]["cluster"] == "outbound|443|openai|istio-egressgateway.istio-system.svc.cluster.local"
+    assert "outbound|80||api.openai.com" in clusters(b)
+    hidden = sidecar(EGRESS + "---\n" + sidecar_resource(["./reviews.app.svc.cluster.local"]), mesh_tls=mesh_tls)
+    assert "api.openai.com:80" not in vhosts(hidden)
+
+
+def test_export_to_hides_a_service_from_other_namespaces():
+    narrowed = BASE.replace("  location: MESH_EXTERNAL\n", "  location: MESH_EXTERNAL\n  exportTo: [.]\n")
+    res = sim.load_resources(narrowed)
+    kw = dict(labels=LABELS, port=1, admin_port=2, endpoints={})
+    assert "api.openai.com:80" in vhosts(sim.sidecar_bootstrap(res, namespace="app", **kw))
+    assert "api.openai.com:80" not in vhosts(sim.sidecar_bootstrap(res, namespace="other", **kw))
+
+
+@pytest.mark.parametrize("mesh,sidecar_mode,catch_all", [
+    ("ALLOW_ANY", None, "allow_any"),
+    ("REGISTRY_ONLY", None, "block_all"),
+    ("ALLOW_ANY", "REGISTRY_ONLY", "block_all"),
+    ("REGISTRY_ONLY", "ALLOW_ANY", "allow_any"),
+])
+def test_outbound_traffic_policy_picks_the_catch_all(mesh, sidecar_mode, catch_all):
+    """buildCatchAllVirtualHost: PassthroughCluster, or a 502 of its own."""
+    extra = sidecar_resource(["*/*"], outbound=sidecar_mode) if sidecar_mode else ""
+    b = validate(sidecar(extra, outbound_traffic_policy=mesh))
+    last = hcm(b)["route_config"]["virtual_hosts"][-1]
+    assert last["name"] == catch_all and last["domains"] == ["*"]
+    (route,) = last["routes"]
+    if catch_all == "allow_any":
+        assert route["route"]["cluster"] == "PassthroughCluster"
+    else:
+        assert route["direct_response"] == {"status": 502}
+
+
+def test_istio_clusters_lift_envoys_circuit_breakers_and_mark_external_services():
+    """getDefaultCircuitBreakerThresholds: MaxUint32 on every cluster
+    istiod builds, PassthroughCluster too; MESH_EXTERNAL ServiceEntries'
+    clusters carry istio.external; no buffer limit anywhere (Envoy's 1 MiB)."""
+    b = sidecar(passthrough=("127.0.0.1", 9))
+    cs = clusters(b)
+    for name in ("outbound|80||api.openai.com", "outbound|80||reviews.app.svc.cluster.local", "PassthroughCluster"):
+        (t,) = cs[name]["circuit_breakers"]["thresholds"]
+        assert t["max_retries"] == t["max_requests"] == t["max_connections"] == 2 ** 32 - 1
+    assert cs["outbound|80||api.openai.com"]["metadata"]["filter_metadata"]["istio"]["external"] is True
+    assert "external" not in cs["outbound|80||reviews.app.svc.cluster.local"]["metadata"]["filter_metadata"]["istio"]
+    ep = cs["PassthroughCluster"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert ep["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 9}
+    assert "per_connection_buffer_limit_bytes" not in json.dumps(b)
 
 
 DR_NO_SNI = """
@@ -953,6 +1057,10 @@ def test_live_sidecar_with_envoy_filters(tmp_path):
         assert status == 200, body
         seen = json.loads(body)
         assert seen["path"] == "/v1/models" and seen["headers"]["x-sim"] == "ecds"
+        # Istio's metadata exchange (its stand-in) names the proxy to every upstream.
+        assert seen["headers"]["x-envoy-peer-metadata-id"] == b["node"]["id"]
+        peer = json.loads(base64.b64decode(seen["headers"]["x-envoy-peer-metadata"]))
+        assert (peer["NAMESPACE"], peer["LABELS"]) == (NS, LABELS)
         # The port is ignored in host matching, as in Istio.
         assert http("GET", url + "/x", headers={"host": "api.example.com:80"})[0] == 200
         # The HTTP_ROUTE patch answers in that vhost only.
