@@ -21,23 +21,38 @@ istio/istio (read, not copied):
   cluster names (`outbound|<port>|<subset>|<host>`), DestinationRule TLS;
 - pilot/pkg/networking/core/listener_builder.go: HCM settings and filter order;
 - pkg/bootstrap/config.go: node id and cluster; pkg/wasm/convert.go: the
-  agent's rewrite of remote Wasm code to a local file.
+  agent's rewrite of remote Wasm code to a local file, and its fail-closed
+  substitute when the module cannot be fetched;
+- pilot/pkg/model/sidecar.go, push_context.go: Sidecar scope and exportTo;
+- pilot/pkg/networking/core/cluster_traffic_policy.go, cluster_builder.go:
+  default circuit breakers, external-service metadata;
+- pilot/pkg/xds/filters/filters.go, istio/proxy source/extensions/filters/
+  http/peer_metadata/filter.cc: the metadata exchange filter.
 
 Emulated
 --------
 * Sidecar outbound HTTP port 80 (`sidecar_bootstrap`): listener `0.0.0.0_80`
   (bound to 127.0.0.1:<port>), HCM stat prefix `outbound_0.0.0.0_80`, filters
-  grpc_stats, fault, cors, router (Istio's order, minus its proprietary
-  istio.metadata_exchange / istio.alpn / istio.stats, which vanilla Envoy lacks);
-  inline route config `80` standing for RDS, `ignore_port_in_host_matching`.
+  istio.metadata_exchange (a Lua stand-in, see _metadata_exchange), grpc_stats,
+  fault, cors, router (Istio's order, minus its proprietary istio.alpn /
+  istio.stats, which vanilla Envoy lacks); inline route config `80` standing
+  for RDS, `ignore_port_in_host_matching`.
   One vhost `<host>:80` per ServiceEntry / Kubernetes Service host with an HTTP
   (or sniffed) port 80, domains as current Istio makes them: the host, its
   absolute form `<host>.`, for Kubernetes services the short names
   (`name`, `name.ns`, `name.ns.svc` in the same namespace; `name.ns`,
   `name.ns.svc` from another), the cluster IP / SE addresses; no `:80` variants
   (Istio >= 1.2x ignores the port in host matching). VirtualService-only hosts
-  get a vhost too (domains: the host). Catch-all vhost `allow_any` (domains `*`,
-  route `allow_any` to `PassthroughCluster`).
+  get a vhost too (domains: the host). Catch-all vhost (httproute.go
+  buildCatchAllVirtualHost): `allow_any` (domains `*`, route `allow_any` to
+  `PassthroughCluster`) under ALLOW_ANY, `block_all` (a 502 direct response)
+  under REGISTRY_ONLY (`outbound_traffic_policy`, or the Sidecar's).
+* Visibility (pilot/pkg/model/sidecar.go, push_context.go getSidecarScope):
+  exportTo of ServiceEntries, Services (annotation), DestinationRules and
+  VirtualServices; a Sidecar resource (one egress listener without port)
+  chosen by workloadSelector, then the namespace's default, then the root
+  namespace's: its egress hosts `ns/host` import services and
+  VirtualServices, and the services those VirtualServices route to.
 * VirtualServices (mesh-bound on the sidecar, gateway-bound on gateways):
   http[].match uri exact/prefix/regex, headers exact/prefix/regex, port,
   gateways, sourceLabels, name, ignoreUriCase; route[].destination
@@ -47,7 +62,12 @@ Emulated
   the default retry policy and "0s" timeouts follow Istio.
 * Clusters `outbound|<port>||<host>` for every port of every visible service
   plus `outbound|<port>|<subset>|<host>` for every DestinationRule subset;
-  BlackHoleCluster (and PassthroughCluster on sidecars). DestinationRule
+  BlackHoleCluster (and PassthroughCluster on sidecars). Istio's default
+  circuit breakers (MaxUint32, cluster_traffic_policy.go) on every service
+  cluster and PassthroughCluster; `istio.external` metadata on MESH_EXTERNAL
+  ServiceEntries' clusters (cluster_builder.go). No
+  per_connection_buffer_limit_bytes anywhere, as in Istio (pilot sets none):
+  Envoy's 1 MiB applies. DestinationRule
   trafficPolicy (top level, portLevelSettings, subset level) `tls` modes
   DISABLE, SIMPLE (sni, subjectAltNames, system CA; no sni -> auto_sni and
   auto_san_validation like Istio) and ISTIO_MUTUAL (client cert from `mesh_tls`,
@@ -59,16 +79,23 @@ Emulated
   targetPort, as `resolvePorts` does with legacy selectors). Vhosts
   `<host>:<server port>`, collapsed when they share routes (as Istio's
   collapseDuplicateRoutes does), `blackhole:<port>` when nothing binds.
+  Gateways use the default scope (no Sidecar resource applies to them).
 * EnvoyFilters (`apply_envoy_filters`): selection (root namespace + workload
   namespace, workloadSelector subset match), Istio's order (priority, then root
   namespace first, then creation order = list order, then name), and the
   patches listed in `apply_envoy_filters`, with Istio's match and MERGE rules.
-* istio-agent ECDS + Wasm (`agent_emulate`).
+* istio-agent ECDS + Wasm (`agent_emulate`, pkg/wasm/convert.go, cache.go):
+  remote code fetched (or not: `modules`) and rewritten to a local file;
+  a module that cannot be had (unreachable, wrong sha256, not Wasm, an empty
+  pull secret, an unknown URL scheme) replaces the whole ECDS resource with
+  a deny-all RBAC filter (allow-all when the plugin fails open); Envoy then
+  applies or rejects each resource by its reference's type_urls.
 
 Not emulated (raises NotImplementedError or ValueError)
 -------------------------------------------------------
 Inbound listeners, ports other than 80 on sidecars, TCP/TLS routes, Sidecar
-resources, PeerAuthentication/auto-mTLS, DNS (endpoints come from the test),
+resources with several or port-bound egress listeners or ingress,
+PeerAuthentication/auto-mTLS, DNS (endpoints come from the test),
 ServiceEntry workloadSelector/wildcard hosts, VirtualService delegation, header
 manipulation, redirects, direct responses, faults, mirrors, CORS, Gateway TLS
 modes other than ISTIO_MUTUAL, credentialName, EnvoyFilter targetRefs,
@@ -76,15 +103,17 @@ proxy/proxyVersion matches, filterClass, LISTENER_FILTER, FILTER_CHAIN,
 LISTENER ADD/REMOVE, NETWORK_FILTER operations other than MERGE,
 MERGE_AND_REPLACE_LIST, MERGE values holding proto3 zero values (Istio's merge
 ignores them for plain scalars and we cannot tell them from wrappers),
-camelCase field names in patch values.
+camelCase field names in patch values, the agent's pull policies and cache.
 
 Simplifications (documented, not errors)
 ----------------------------------------
 * Every cluster is STATIC with the endpoint the test gives (`endpoints`:
   `{host: (ip, port)}` or `{(host, port): (ip, port)}`); clusters of hosts
-  without one have no endpoints (like an empty EDS). PassthroughCluster has no
-  endpoints: with no iptables, Istio's ORIGINAL_DST would loop back into the
-  listener, so unknown hosts get 503 instead.
+  without one have no endpoints (like an empty EDS). PassthroughCluster is
+  ORIGINAL_DST in Istio; with no iptables here its original destination
+  would be the listener itself, so it reaches `passthrough` (ip, port) when
+  the test gives one (standing for the app's own destination), and answers
+  503 otherwise.
 * SDS is replaced by files: the system CA path, and `mesh_tls` {cert, key, ca}
   for Istio mTLS. ISTIO_MUTUAL SAN checks only use subjectAltNames given in the
   resources (Istio would also add the destination's service accounts).
@@ -99,6 +128,9 @@ Simplifications (documented, not errors)
   value, Any of google.protobuf.Struct) merge by top-level key. Any nested in a
   merged message is replaced, as proto merge of Any bytes does. Known oneofs are
   honoured (setting `direct_response` clears `route`, and so on).
+* ECDS is served from files (path_config_source): Envoy rejects a resource of
+  a type its reference does not list exactly as it NACKs one over ADS, and
+  the filter is left without config (requests on its routes get 500, NFCF).
 """
 
 import base64

@@ -814,3 +814,10 @@ def test_metadata_exchange_runs_before_meshllm_which_runs_only_where_enabled(mod
             routed = vhost["routes"][0]
             assert routed["name"] == "meshllm"
             assert IDENTITY_HEADERS <= set(routed["request_headers_to_remove"])
+
+
+def test_the_example_app_opts_in():
+    docs = sim.load_resources(str(ROOT / "k8s" / "examples" / "sidecar-app" / "app.yaml"))
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    selector = envoy_filter("sidecar")["spec"]["workloadSelector"]["labels"]
+    assert selector.items() <= dep["spec"]["template"]["metadata"]["labels"].items()
