@@ -490,7 +490,8 @@ def passthrough(mocks):
     recorder.stop()
 
 
-@pytest.mark.parametrize("hidden", ["no ServiceEntry", "Sidecar scope", "exportTo"])
+@pytest.mark.parametrize("hidden", ["no ServiceEntry", "Sidecar scope", "Sidecar scope, REGISTRY_ONLY",
+                                    "exportTo"])
 def test_sidecar_without_the_providers_route_sends_nothing(hidden, wasm, mocks, passthrough, tmp_path):
     resources = overlay("sidecar")
     if hidden == "no ServiceEntry":
@@ -498,6 +499,9 @@ def test_sidecar_without_the_providers_route_sends_nothing(hidden, wasm, mocks, 
         resources = drop(resources, "ServiceEntry", "api-openai-com", "api-anthropic-com")
     elif hidden == "Sidecar scope":
         resources += sim.load_resources(SIDECAR_SCOPE)
+    elif hidden == "Sidecar scope, REGISTRY_ONLY":
+        # Istio's catch-all is then block_all (a 502 of its own).
+        resources += sim.load_resources(SIDECAR_SCOPE + "  outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n")
     else:
         resources = exported_to_own_namespace(resources)
     addresses = {p: ("127.0.0.1", mocks[p].port) for p in HOSTS}

@@ -239,7 +239,14 @@ def route_missing_route():
     """In every virtual host: a request meshllm has steered (it named a
     cluster) that did not land on meshllm's own route is refused, so it
     never leaves on another cluster (Istio's PassthroughCluster, another
-    ServiceEntry's). meshllm's own routes come before it where they exist."""
+    ServiceEntry's). meshllm's own routes come before it where they exist.
+
+    A route, because the filter cannot tell: after it changes a request
+    header, the route properties it reads in the same callback
+    (xds.route_name, xds.route_metadata, xds.virtual_host_name,
+    xds.cluster_name) still describe the route chosen before the change
+    (measured in Envoy 1.40); Envoy picks the new route only when the next
+    filter asks for it."""
     return direct_error(
         ROUTE_MISSING,
         {"prefix": "/", "headers": [{"name": render.CLUSTER_HEADER, "present_match": True}]},
