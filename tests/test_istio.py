@@ -825,3 +825,21 @@ def test_the_example_app_opts_in():
     (dep,) = [d for d in docs if d["kind"] == "Deployment"]
     selector = envoy_filter("sidecar")["spec"]["workloadSelector"]["labels"]
     assert selector.items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+
+
+# --- an egress gateway a platform team can run (item 7) --------------------------
+
+
+def test_gateway_survives_a_drain_and_a_rollout():
+    docs = load("overlays/egress-gateway/gateway.yaml")
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    (budget,) = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+    spec = dep["spec"]
+    assert spec["replicas"] >= 2
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert budget["spec"]["minAvailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    (proxy,) = spec["template"]["spec"]["containers"]
+    assert set(proxy["resources"]) == {"requests", "limits"}
+    probe = proxy["readinessProbe"]["httpGet"]
+    assert (probe["path"], probe["port"]) == ("/healthz/ready", 15021)
