@@ -1087,3 +1087,51 @@ def test_gateway_two_listeners_need_a_port_map(mesh_tls):
     # Port 80 of the gateway Service is named http2: its clusters speak HTTP/2, and mesh mTLS offers h2.
     c = clusters(b)["outbound|80|openai|istio-egressgateway.istio-system.svc.cluster.local"]
     assert "http2_protocol_options" in c["typed_extension_protocol_options"][sim.HTTP_OPTIONS_KEY]["explicit_http_config"]
+
+
+@pytest.mark.parametrize("type_urls,status", [
+    # The reference accepts Wasm only: Envoy refuses the agent's substitute,
+    # the filter has no config, and every stream through it fails (500).
+    ([sim.WASM_TYPE], 500),
+    # Istio's own WasmPlugin references also accept RBAC: the deny-all
+    # substitute applies (403).
+    ([sim.WASM_TYPE, sim.RBAC_TYPE], 403),
+])
+def test_live_agent_substitute_and_the_type_url_restriction(tmp_path, type_urls, status):
+    """What a module the agent cannot fetch does to a listener whose HTTP
+    filter references it (issue 19): the agent's deny-all RBAC replaces the
+    Wasm config, and the reference's type_urls decide whether Envoy takes it."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port, admin = free_port(), free_port()
+    b = sim.sidecar_bootstrap(sim.load_resources(LIVE_SE), namespace=NS, labels=LABELS, port=port, admin_port=admin,
+                              endpoints={"api.example.com": ("127.0.0.1", server.server_address[1])})
+    ref = ecds_filter()
+    ref["config_discovery"]["type_urls"] = type_urls
+    b, ext = patched(b, [ef("w", [hf_patch("INSERT_BEFORE", ref, ROUTER),
+                                  {"applyTo": "EXTENSION_CONFIG", "patch": {"operation": "ADD",
+                                                                            "value": wasm_ext()}}])])
+    b = sim.agent_emulate(b, ext, None, tmp_path)  # no registry reachable
+    cfg = tmp_path / "envoy.json"
+    cfg.write_text(json.dumps(b))
+    log = open(tmp_path / "envoy.log", "w")
+    proc = subprocess.Popen([envoy_binary(), "-c", str(cfg), "--concurrency", "1", "--base-id", str(port),
+                             "-l", "warning"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(300):
+            assert proc.poll() is None, (tmp_path / "envoy.log").read_text()[-3000:]
+            try:
+                if http("GET", f"http://127.0.0.1:{admin}/ready", timeout=1)[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        assert http("GET", f"http://127.0.0.1:{port}/x", headers={"host": "api.example.com"})[0] == status
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
+        server.shutdown()
+        server.server_close()
+    if status == 500:
+        assert "rejected" in (tmp_path / "envoy.log").read_text()
