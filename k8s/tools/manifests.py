@@ -174,7 +174,7 @@ GATEWAY_UNAVAILABLE_MESSAGE = (
     "or an AuthorizationPolicy on the gateway allows nothing for this caller.")
 NO_GATEWAY_VHOST_MESSAGE = (
     "The meshllm egress gateway has no route for this host, so the request was not sent: "
-    "the host's VirtualService in the meshllm namespace is missing.")
+    "the host's VirtualService in the meshllm namespace is missing")
 
 
 def unavailable_replies(gateway):
@@ -229,10 +229,11 @@ def direct_error(name, match, status, body):
             "direct_response": {"status": status, "body": {"inline_string": json.dumps(body)}}}
 
 
+# The listener half quotes these inside its own sentence: no closing period.
 ROUTE_MISSING_MESSAGE = (
     "meshllm has no route to the provider in this proxy, so the request was not sent: "
-    "the provider's ServiceEntry is not visible here (not applied, exportTo, or a "
-    "Sidecar resource's egress hosts that do not import the meshllm namespace).")
+    "the provider's ServiceEntry is not visible here; it is not applied, narrowed by "
+    "exportTo, or left out by a Sidecar resource's egress hosts")
 
 
 def route_missing_route():
