@@ -21,23 +21,38 @@ istio/istio (read, not copied):
   cluster names (`outbound|<port>|<subset>|<host>`), DestinationRule TLS;
 - pilot/pkg/networking/core/listener_builder.go: HCM settings and filter order;
 - pkg/bootstrap/config.go: node id and cluster; pkg/wasm/convert.go: the
-  agent's rewrite of remote Wasm code to a local file.
+  agent's rewrite of remote Wasm code to a local file, and its fail-closed
+  substitute when the module cannot be fetched;
+- pilot/pkg/model/sidecar.go, push_context.go: Sidecar scope and exportTo;
+- pilot/pkg/networking/core/cluster_traffic_policy.go, cluster_builder.go:
+  default circuit breakers, external-service metadata;
+- pilot/pkg/xds/filters/filters.go, istio/proxy source/extensions/filters/
+  http/peer_metadata/filter.cc: the metadata exchange filter.
 
 Emulated
 --------
 * Sidecar outbound HTTP port 80 (`sidecar_bootstrap`): listener `0.0.0.0_80`
   (bound to 127.0.0.1:<port>), HCM stat prefix `outbound_0.0.0.0_80`, filters
-  grpc_stats, fault, cors, router (Istio's order, minus its proprietary
-  istio.metadata_exchange / istio.alpn / istio.stats, which vanilla Envoy lacks);
-  inline route config `80` standing for RDS, `ignore_port_in_host_matching`.
+  istio.metadata_exchange (a Lua stand-in, see _metadata_exchange), grpc_stats,
+  fault, cors, router (Istio's order, minus its proprietary istio.alpn /
+  istio.stats, which vanilla Envoy lacks); inline route config `80` standing
+  for RDS, `ignore_port_in_host_matching`.
   One vhost `<host>:80` per ServiceEntry / Kubernetes Service host with an HTTP
   (or sniffed) port 80, domains as current Istio makes them: the host, its
   absolute form `<host>.`, for Kubernetes services the short names
   (`name`, `name.ns`, `name.ns.svc` in the same namespace; `name.ns`,
   `name.ns.svc` from another), the cluster IP / SE addresses; no `:80` variants
   (Istio >= 1.2x ignores the port in host matching). VirtualService-only hosts
-  get a vhost too (domains: the host). Catch-all vhost `allow_any` (domains `*`,
-  route `allow_any` to `PassthroughCluster`).
+  get a vhost too (domains: the host). Catch-all vhost (httproute.go
+  buildCatchAllVirtualHost): `allow_any` (domains `*`, route `allow_any` to
+  `PassthroughCluster`) under ALLOW_ANY, `block_all` (a 502 direct response)
+  under REGISTRY_ONLY (`outbound_traffic_policy`, or the Sidecar's).
+* Visibility (pilot/pkg/model/sidecar.go, push_context.go getSidecarScope):
+  exportTo of ServiceEntries, Services (annotation), DestinationRules and
+  VirtualServices; a Sidecar resource (one egress listener without port)
+  chosen by workloadSelector, then the namespace's default, then the root
+  namespace's: its egress hosts `ns/host` import services and
+  VirtualServices, and the services those VirtualServices route to.
 * VirtualServices (mesh-bound on the sidecar, gateway-bound on gateways):
   http[].match uri exact/prefix/regex, headers exact/prefix/regex, port,
   gateways, sourceLabels, name, ignoreUriCase; route[].destination
@@ -47,7 +62,12 @@ Emulated
   the default retry policy and "0s" timeouts follow Istio.
 * Clusters `outbound|<port>||<host>` for every port of every visible service
   plus `outbound|<port>|<subset>|<host>` for every DestinationRule subset;
-  BlackHoleCluster (and PassthroughCluster on sidecars). DestinationRule
+  BlackHoleCluster (and PassthroughCluster on sidecars). Istio's default
+  circuit breakers (MaxUint32, cluster_traffic_policy.go) on every service
+  cluster and PassthroughCluster; `istio.external` metadata on MESH_EXTERNAL
+  ServiceEntries' clusters (cluster_builder.go). No
+  per_connection_buffer_limit_bytes anywhere, as in Istio (pilot sets none):
+  Envoy's 1 MiB applies. DestinationRule
   trafficPolicy (top level, portLevelSettings, subset level) `tls` modes
   DISABLE, SIMPLE (sni, subjectAltNames, system CA; no sni -> auto_sni and
   auto_san_validation like Istio) and ISTIO_MUTUAL (client cert from `mesh_tls`,
@@ -59,16 +79,23 @@ Emulated
   targetPort, as `resolvePorts` does with legacy selectors). Vhosts
   `<host>:<server port>`, collapsed when they share routes (as Istio's
   collapseDuplicateRoutes does), `blackhole:<port>` when nothing binds.
+  Gateways use the default scope (no Sidecar resource applies to them).
 * EnvoyFilters (`apply_envoy_filters`): selection (root namespace + workload
   namespace, workloadSelector subset match), Istio's order (priority, then root
   namespace first, then creation order = list order, then name), and the
   patches listed in `apply_envoy_filters`, with Istio's match and MERGE rules.
-* istio-agent ECDS + Wasm (`agent_emulate`).
+* istio-agent ECDS + Wasm (`agent_emulate`, pkg/wasm/convert.go, cache.go):
+  remote code fetched (or not: `modules`) and rewritten to a local file;
+  a module that cannot be had (unreachable, wrong sha256, not Wasm, an empty
+  pull secret, an unknown URL scheme) replaces the whole ECDS resource with
+  a deny-all RBAC filter (allow-all when the plugin fails open); Envoy then
+  applies or rejects each resource by its reference's type_urls.
 
 Not emulated (raises NotImplementedError or ValueError)
 -------------------------------------------------------
 Inbound listeners, ports other than 80 on sidecars, TCP/TLS routes, Sidecar
-resources, PeerAuthentication/auto-mTLS, DNS (endpoints come from the test),
+resources with several or port-bound egress listeners or ingress,
+PeerAuthentication/auto-mTLS, DNS (endpoints come from the test),
 ServiceEntry workloadSelector/wildcard hosts, VirtualService delegation, header
 manipulation, redirects, direct responses, faults, mirrors, CORS, Gateway TLS
 modes other than ISTIO_MUTUAL, credentialName, EnvoyFilter targetRefs,
@@ -76,15 +103,17 @@ proxy/proxyVersion matches, filterClass, LISTENER_FILTER, FILTER_CHAIN,
 LISTENER ADD/REMOVE, NETWORK_FILTER operations other than MERGE,
 MERGE_AND_REPLACE_LIST, MERGE values holding proto3 zero values (Istio's merge
 ignores them for plain scalars and we cannot tell them from wrappers),
-camelCase field names in patch values.
+camelCase field names in patch values, the agent's pull policies and cache.
 
 Simplifications (documented, not errors)
 ----------------------------------------
 * Every cluster is STATIC with the endpoint the test gives (`endpoints`:
   `{host: (ip, port)}` or `{(host, port): (ip, port)}`); clusters of hosts
-  without one have no endpoints (like an empty EDS). PassthroughCluster has no
-  endpoints: with no iptables, Istio's ORIGINAL_DST would loop back into the
-  listener, so unknown hosts get 503 instead.
+  without one have no endpoints (like an empty EDS). PassthroughCluster is
+  ORIGINAL_DST in Istio; with no iptables here its original destination
+  would be the listener itself, so it reaches `passthrough` (ip, port) when
+  the test gives one (standing for the app's own destination), and answers
+  503 otherwise.
 * SDS is replaced by files: the system CA path, and `mesh_tls` {cert, key, ca}
   for Istio mTLS. ISTIO_MUTUAL SAN checks only use subjectAltNames given in the
   resources (Istio would also add the destination's service accounts).
@@ -99,8 +128,12 @@ Simplifications (documented, not errors)
   value, Any of google.protobuf.Struct) merge by top-level key. Any nested in a
   merged message is replaced, as proto merge of Any bytes does. Known oneofs are
   honoured (setting `direct_response` clears `route`, and so on).
+* ECDS is served from files (path_config_source): Envoy rejects a resource of
+  a type its reference does not list exactly as it NACKs one over ADS, and
+  the filter is left without config (requests on its routes get 500, NFCF).
 """
 
+import base64
 import copy
 import hashlib
 import json
@@ -131,7 +164,10 @@ STRUCT_TYPE = "type.googleapis.com/google.protobuf.Struct"
 TYPED_STRUCT_TYPES = ("type.googleapis.com/udpa.type.v1.TypedStruct", "type.googleapis.com/xds.type.v3.TypedStruct")
 
 PASSTHROUGH = "allow_any"
+BLACKHOLE = "block_all"
 PASSTHROUGH_CLUSTER = "PassthroughCluster"
+MX_FILTER = "istio.metadata_exchange"
+MAX_UINT32 = 4294967295
 BLACKHOLE_CLUSTER = "BlackHoleCluster"
 MESH_GATEWAY = "mesh"
 
@@ -234,8 +270,10 @@ def _http_or_sniffed(protocol):
 
 
 class _Service:
-    def __init__(self, host, namespace, ports, registry, addresses=(), sans=(), export_to=None, source=None):
+    def __init__(self, host, namespace, ports, registry, addresses=(), sans=(), export_to=None, source=None,
+                 external=False):
         self.host = host
+        self.external = external
         self.namespace = namespace
         self.ports = ports  # [{"number", "protocol", "name", "target"}]
         self.registry = registry  # "Kubernetes" | "External"
@@ -251,10 +289,10 @@ class _Service:
         return None
 
 
-def _services(kinds, proxy_ns):
-    """Visible services by host, in creation (list) order."""
-    if kinds.get("Sidecar"):
-        _unsupported("Sidecar resources (egress host scoping)")
+def _services(kinds, proxy_ns, scope=None):
+    """Visible services by host, in creation (list) order: exported to the
+    proxy's namespace and, for a sidecar under a Sidecar resource, imported
+    by its egress hosts (`scope`, see _sidecar_scope)."""
     out = {}
     for se in kinds.get("ServiceEntry", []):
         name, ns = _meta(se)
@@ -269,8 +307,9 @@ def _services(kinds, proxy_ns):
             if "*" in h:
                 _unsupported(f"wildcard ServiceEntry host {h!r}")
             svc = _Service(h.lower(), ns, ports, "External", spec.get("addresses") or [],
-                           spec.get("subjectAltNames") or [], spec.get("exportTo"), se)
-            if _visible(svc.export_to, ns, proxy_ns):
+                           spec.get("subjectAltNames") or [], spec.get("exportTo"), se,
+                           external=spec.get("location") == "MESH_EXTERNAL")
+            if _visible(svc.export_to, ns, proxy_ns) and _imported(scope, svc.namespace, svc.host):
                 out.setdefault(svc.host, svc)
     for ks in kinds.get("Service", []):
         name, ns = _meta(ks)
@@ -287,9 +326,64 @@ def _services(kinds, proxy_ns):
         ip = spec.get("clusterIP")
         addresses = [ip] if ip and ip != "None" else []
         svc = _Service(f"{name}.{ns}.svc.{DOMAIN}", ns, ports, "Kubernetes", addresses, (), export_to, ks)
-        if _visible(export_to, ns, proxy_ns):
+        if _visible(export_to, ns, proxy_ns) and _imported(scope, svc.namespace, svc.host):
             out.setdefault(svc.host, svc)
     return out
+
+
+def _sidecar_scope(kinds, proxy_ns, labels, root_namespace):
+    """The Sidecar resource that scopes a sidecar (PushContext.getSidecarScope:
+    one of its namespace whose workloadSelector matches, else its
+    namespace's one without selector, else the root namespace's), as
+    (egress hosts by namespace, outbound traffic policy mode or None).
+    None: no Sidecar, everything exported to the namespace is visible.
+    Egress hosts follow pilot/pkg/model/sidecar.go
+    (convertIstioListenerToWrapper): `ns/host`, `.` the proxy's namespace,
+    `*` any namespace, host `*` or `*.suffix` wildcards; `~` imports nothing."""
+    def pick(candidates):
+        with_selector = [sc for sc in candidates if (sc.get("spec") or {}).get("workloadSelector")]
+        for sc in with_selector:
+            sel = (sc["spec"]["workloadSelector"] or {}).get("labels") or {}
+            if all(labels.get(k) == v for k, v in sel.items()):
+                return sc
+        plain = [sc for sc in candidates if not (sc.get("spec") or {}).get("workloadSelector")]
+        return plain[0] if plain else None
+
+    sidecars = kinds.get("Sidecar", [])
+    chosen = pick([sc for sc in sidecars if _meta(sc)[1] == proxy_ns])
+    if chosen is None:
+        chosen = pick([sc for sc in sidecars if _meta(sc)[1] == root_namespace
+                       and not (sc.get("spec") or {}).get("workloadSelector")])
+    if chosen is None:
+        return None
+    name, ns = _meta(chosen)
+    spec = chosen.get("spec") or {}
+    _check_keys(spec, {"workloadSelector", "egress", "outboundTrafficPolicy"}, f"Sidecar {ns}/{name} spec")
+    egress = spec.get("egress") or [{"hosts": ["*/*"]}]
+    if len(egress) != 1:
+        _unsupported(f"Sidecar {ns}/{name} with several egress listeners")
+    _check_keys(egress[0], {"hosts"}, f"Sidecar {ns}/{name} egress")
+    hosts = {}
+    for h in egress[0].get("hosts") or []:
+        if h.count("/") != 1:
+            raise IstioSimError(f"Sidecar {ns}/{name}: host {h!r} is not namespace/dnsName")
+        host_ns, host = h.split("/")
+        hosts.setdefault(proxy_ns if host_ns == "." else host_ns, []).append(host.lower())
+    policy = spec.get("outboundTrafficPolicy") or {}
+    _check_keys(policy, {"mode"}, f"Sidecar {ns}/{name} outboundTrafficPolicy")
+    return {"hosts": hosts, "outbound": policy.get("mode")}
+
+
+def _imported(scope, namespace, host):
+    """selectServices/SelectVirtualServices: an explicit `ns/...` import of
+    the config's namespace, or a `*/...` one, whose host matches."""
+    if scope is None:
+        return True
+    for ns in (namespace, "*"):
+        for pattern in scope["hosts"].get(ns, []):
+            if _host_matches(pattern, host) or _host_matches(host, pattern):
+                return True
+    return False
 
 
 def _fqdn(host, ns):
@@ -424,7 +518,18 @@ def _endpoint(endpoints, host, port):
     return [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": ip, "port_value": int(p)}}}}]}]
 
 
-def _clusters(services, drs, endpoints, mesh_tls, sidecar):
+def _circuit_breakers():
+    """getDefaultCircuitBreakerThresholds (cluster_traffic_policy.go): Istio
+    lifts Envoy's defaults (3 retries, 1024 requests in flight) on every
+    cluster it builds, PassthroughCluster included."""
+    return {"thresholds": [{"max_connections": MAX_UINT32, "max_pending_requests": MAX_UINT32,
+                            "max_requests": MAX_UINT32, "max_retries": MAX_UINT32, "track_remaining": True}]}
+
+
+def _clusters(services, drs, endpoints, mesh_tls, sidecar, passthrough=None):
+    """Istio's outbound clusters. Like Istio (cluster_builder.go), they set
+    no per_connection_buffer_limit_bytes: Envoy's default of 1 MiB applies
+    to every listener and cluster unless an EnvoyFilter raises it."""
     out = []
     for svc in services.values():
         dr = drs.get(svc.host)
@@ -443,7 +548,11 @@ def _clusters(services, drs, endpoints, mesh_tls, sidecar):
                     "lb_policy": _LB[(policy.get("loadBalancer") or {}).get("simple", "UNSPECIFIED")],
                     "common_lb_config": {},
                     "load_assignment": {"cluster_name": name, "endpoints": _endpoint(endpoints, svc.host, p["number"])},
+                    "circuit_breakers": _circuit_breakers(),
                     "metadata": {"filter_metadata": {"istio": {
+                        # buildCluster: MESH_EXTERNAL services are marked
+                        # external (read by the metadata exchange filter).
+                        **({"external": True} if svc.external else {}),
                         "services": [{"host": svc.host, "name": svc.host if svc.registry == "External" else _meta(svc.source)[0],
                                       "namespace": svc.namespace}],
                         **({"config": _config_path(dr)} if dr else {}),
@@ -459,8 +568,14 @@ def _clusters(services, drs, endpoints, mesh_tls, sidecar):
     out.append({"name": BLACKHOLE_CLUSTER, "type": "STATIC", "connect_timeout": CONNECT_TIMEOUT,
                 "load_assignment": {"cluster_name": BLACKHOLE_CLUSTER}})
     if sidecar:
+        # ORIGINAL_DST in Istio: wherever the app connected. `passthrough`
+        # stands for that address (with no iptables here, the original
+        # destination would be the listener itself).
+        load = {"cluster_name": PASSTHROUGH_CLUSTER}
+        if passthrough is not None:
+            load["endpoints"] = _endpoint({PASSTHROUGH_CLUSTER: passthrough}, PASSTHROUGH_CLUSTER, 0)
         out.append({"name": PASSTHROUGH_CLUSTER, "type": "STATIC", "connect_timeout": CONNECT_TIMEOUT,
-                                        "load_assignment": {"cluster_name": PASSTHROUGH_CLUSTER}})
+                    "circuit_breakers": _circuit_breakers(), "load_assignment": load})
     return out
 
 
@@ -487,15 +602,32 @@ def _vs_gateways(vs):
     return {_resolve_gateway(g, ns) for g in gws}
 
 
-def _virtual_services(kinds, proxy_ns):
+def _virtual_services(kinds, proxy_ns, scope=None):
     out = []
     for vs in kinds.get("VirtualService", []):
         name, ns = _meta(vs)
         spec = vs.get("spec") or {}
         _check_keys(spec, {"hosts", "gateways", "http", "exportTo"}, f"VirtualService {ns}/{name} spec")
-        if _visible(spec.get("exportTo"), ns, proxy_ns):
+        hosts = [_fqdn(h.lower(), ns) for h in spec.get("hosts") or []]
+        if _visible(spec.get("exportTo"), ns, proxy_ns) and any(_imported(scope, ns, h) for h in hosts):
             out.append(vs)
     return out
+
+
+def _vs_destinations(kinds, vss, proxy_ns, services):
+    """collectImportedServices: a sidecar also sees the services its
+    imported VirtualServices route to (exported to its namespace)."""
+    wanted = set()
+    for vs in vss:
+        _, ns = _meta(vs)
+        for http in (vs.get("spec") or {}).get("http") or []:
+            for d in http.get("route") or []:
+                wanted.add(_fqdn(d["destination"]["host"].lower(), ns))
+    extra = _services(kinds, proxy_ns)
+    for host in wanted - set(services):
+        if host in extra:
+            services[host] = extra[host]
+    return services
 
 
 def _string_match(m, where):
@@ -657,7 +789,7 @@ def _domains(svc, proxy_ns):
     return domains
 
 
-def _sidecar_vhosts(services, vss, labels, proxy_ns):
+def _sidecar_vhosts(services, vss, labels, proxy_ns, outbound="ALLOW_ANY"):
     port = 80
     wrappers = []  # (vs hosts without service, services, routes)
     covered = set()
@@ -702,21 +834,59 @@ def _sidecar_vhosts(services, vss, labels, proxy_ns):
             if domains:
                 vhosts.append({"name": vname, "domains": domains, "routes": copy.deepcopy(routes)})
     vhosts.sort(key=lambda v: v["name"])
-    vhosts.append({
-        "name": PASSTHROUGH,
-        "domains": ["*"],
-        "routes": [{"name": PASSTHROUGH, "match": {"prefix": "/"},
-                    "route": {"cluster": PASSTHROUGH_CLUSTER, "timeout": "0s", "max_grpc_timeout": "0s"}}],
-    })
+    vhosts.append(_catch_all_vhost(outbound))
     return vhosts
+
+
+def _catch_all_vhost(outbound):
+    """buildCatchAllVirtualHost (httproute.go): ALLOW_ANY sends unknown hosts
+    to PassthroughCluster, REGISTRY_ONLY answers them 502 itself."""
+    if outbound == "ALLOW_ANY":
+        return {
+            "name": PASSTHROUGH,
+            "domains": ["*"],
+            "routes": [{"name": PASSTHROUGH, "match": {"prefix": "/"},
+                        "route": {"cluster": PASSTHROUGH_CLUSTER, "timeout": "0s", "max_grpc_timeout": "0s"}}],
+        }
+    if outbound != "REGISTRY_ONLY":
+        raise IstioSimError(f"outbound traffic policy {outbound!r} is ALLOW_ANY or REGISTRY_ONLY")
+    return {"name": BLACKHOLE, "domains": ["*"],
+            "routes": [{"name": BLACKHOLE, "match": {"prefix": "/"}, "direct_response": {"status": 502}}]}
 
 
 # --------------------------------------------------------------------------
 # Listeners and bootstrap
 
 
-def _http_filters():
+def _metadata_exchange(node):
+    """Istio's metadata exchange filter for outbound traffic, as istiod puts
+    it first in every sidecar and gateway HCM (listener_builder.go
+    appendMxFilter: SidecarOutboundMetadataFilter, xds/filters/filters.go).
+    Its decodeHeaders adds the proxy's own node id and workload metadata to
+    every request (istio/proxy source/extensions/filters/http/peer_metadata/
+    filter.cc, MXPropagationMethod::inject). It skips clusters marked
+    `istio.disable_mx` (HBONE only, none here), and `istio.external` or
+    PassthroughCluster only with proxyHeaders.metadataExchangeHeaders
+    IN_MESH, which is not the default; so it always adds them here.
+    Vanilla Envoy lacks the filter: a Lua filter of the same name sets the
+    same two headers (the value is base64 JSON where Istio's is a
+    serialized protobuf Struct)."""
+    md = node["metadata"]
+    workload = {"NAME": md["NAME"], "NAMESPACE": md["NAMESPACE"], "LABELS": md["LABELS"],
+                "WORKLOAD_NAME": md["WORKLOAD_NAME"], "CLUSTER_ID": md["CLUSTER_ID"]}
+    value = base64.b64encode(json.dumps(workload, sort_keys=True).encode()).decode()
+    code = ("function envoy_on_request(handle)\n"
+            f"  handle:headers():replace('x-envoy-peer-metadata-id', {json.dumps(node['id'])})\n"
+            f"  handle:headers():replace('x-envoy-peer-metadata', {json.dumps(value)})\n"
+            "end\n")
+    return {"name": MX_FILTER, "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+        "default_source_code": {"inline_string": code}}}
+
+
+def _http_filters(node):
     return [
+        _metadata_exchange(node),
         {"name": "envoy.filters.http.grpc_stats", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
             "emit_filter_state": True, "stats_for_all_methods": False}},
@@ -729,13 +899,13 @@ def _http_filters():
     ]
 
 
-def _hcm(stat_prefix, route_config, gateway):
+def _hcm(stat_prefix, route_config, gateway, node):
     hcm = {
         "@type": HCM_TYPE,
         "stat_prefix": stat_prefix,
         "codec_type": "AUTO",
         "route_config": route_config,
-        "http_filters": _http_filters(),
+        "http_filters": _http_filters(node),
         "use_remote_address": gateway,
         "normalize_path": True,
         "path_with_escaped_slashes_action": "KEEP_UNCHANGED",
@@ -779,23 +949,33 @@ def _normalize_endpoints(endpoints):
 
 
 def sidecar_bootstrap(resources, *, namespace, labels, port, admin_port, endpoints, node_metadata=None,
-                      mesh_tls=None, pod_name=None):
+                      mesh_tls=None, pod_name=None, passthrough=None, outbound_traffic_policy="ALLOW_ANY",
+                      root_namespace="istio-system"):
     """Envoy bootstrap for a sidecar's outbound HTTP port 80, as istiod would
     push it (see the module docstring). `port`: where the listener binds on
-    127.0.0.1; `endpoints`: {host or (host, port): (ip, port)}."""
+    127.0.0.1; `endpoints`: {host or (host, port): (ip, port)}; `passthrough`:
+    (ip, port) standing for wherever PassthroughCluster's original
+    destination would be; `outbound_traffic_policy`: the mesh's
+    (meshConfig.outboundTrafficPolicy.mode), which a Sidecar may override."""
     kinds = split_kinds(resources)
-    services = _services(kinds, namespace)
+    scope = _sidecar_scope(kinds, namespace, labels, root_namespace)
+    services = _services(kinds, namespace, scope)
     drs = _destination_rules(kinds, namespace)
-    vss = _virtual_services(kinds, namespace)
-    vhosts = _sidecar_vhosts(services, vss, labels, namespace)
+    vss = _virtual_services(kinds, namespace, scope)
+    services = _vs_destinations(kinds, vss, namespace, services)
+    outbound = (scope or {}).get("outbound") or outbound_traffic_policy
+    vhosts = _sidecar_vhosts(services, vss, labels, namespace, outbound)
+    node = _node("sidecar", namespace, labels, node_metadata, pod_name)
     listener = {
         "name": "0.0.0.0_80",
         "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
         "traffic_direction": "OUTBOUND",
-        "filter_chains": [{"filters": [_hcm("outbound_0.0.0.0_80", _route_config("80", vhosts), gateway=False)]}],
+        "filter_chains": [{"filters": [_hcm("outbound_0.0.0.0_80", _route_config("80", vhosts), gateway=False,
+                                            node=node)]}],
     }
-    clusters = _clusters(services, drs, _normalize_endpoints(endpoints), mesh_tls, sidecar=True)
-    return _bootstrap(_node("sidecar", namespace, labels, node_metadata, pod_name), admin_port, [listener], clusters)
+    clusters = _clusters(services, drs, _normalize_endpoints(endpoints), mesh_tls, sidecar=True,
+                         passthrough=passthrough)
+    return _bootstrap(node, admin_port, [listener], clusters)
 
 
 def _gateway_target_port(number, kinds, labels):
@@ -890,14 +1070,14 @@ def gateway_bootstrap(resources, *, namespace, labels, port, admin_port, endpoin
         port = {next(iter(by_port)): port}
     if set(port) != set(by_port):
         raise IstioSimError(f"port must map exactly the gateway listener ports {sorted(by_port)}, got {sorted(port)}")
-    listeners = [_gateway_listener(target, entry, port[target], vss, services, labels, namespace, mesh_tls)
+    node = _node("router", namespace, labels, node_metadata, pod_name)
+    listeners = [_gateway_listener(target, entry, port[target], vss, services, labels, namespace, mesh_tls, node)
                  for target, entry in sorted(by_port.items())]
     clusters = _clusters(services, drs, _normalize_endpoints(endpoints), mesh_tls, sidecar=False)
-    node = _node("router", namespace, labels, node_metadata, pod_name)
     return _bootstrap(node, admin_port, listeners, clusters)
 
 
-def _gateway_listener(target, entry, local_port, vss, services, labels, namespace, mesh_tls):
+def _gateway_listener(target, entry, local_port, vss, services, labels, namespace, mesh_tls, node):
     routes_by_name = {}
     for srv in entry["servers"]:
         routes_by_name.setdefault(srv["route"], []).append(srv)
@@ -908,14 +1088,14 @@ def _gateway_listener(target, entry, local_port, vss, services, labels, namespac
         vhosts = _gateway_vhosts(servers, vss, services, labels, namespace)
         rc = _route_config(route_name, vhosts)
         if entry["kind"] == "http":
-            hcm = _hcm(f"outbound_0.0.0.0_{target}", rc, gateway=True)
+            hcm = _hcm(f"outbound_0.0.0.0_{target}", rc, gateway=True, node=node)
             filter_chains.append({"filters": [hcm]})
         else:
             srv = servers[0]
             if not mesh_tls:
                 raise IstioSimError("an ISTIO_MUTUAL gateway server needs mesh_tls={cert,key,ca}")
             s = srv["server"]
-            hcm = _hcm(s.get("name") or f"outbound_0.0.0.0_{target}", rc, gateway=True)
+            hcm = _hcm(s.get("name") or f"outbound_0.0.0.0_{target}", rc, gateway=True, node=node)
             validation = {"trusted_ca": {"filename": mesh_tls["ca"]}}
             if s["tls"].get("subjectAltNames"):
                 validation["match_typed_subject_alt_names"] = _san_matchers(s["tls"]["subjectAltNames"])
@@ -1612,34 +1792,99 @@ def _ecds_filters(bootstrap):
         yield from opts.get("http_filters", [])
 
 
-def _localize_wasm(typed_config, module_path, where):
-    if typed_config.get("@type") != WASM_TYPE:
-        return typed_config
-    tc = copy.deepcopy(typed_config)
-    code = ((tc.get("config") or {}).get("vm_config") or {}).get("code") or {}
+RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
+WASM_SECRET_ENV = "ISTIO_META_WASM_IMAGE_PULL_SECRET"
+ISTIO_META_PREFIX = "ISTIO_META_"
+
+
+class _FetchFailed(Exception):
+    """The agent could not get a module (pkg/wasm/cache.go Get)."""
+
+
+def _fetch(uri, sha256, modules):
+    """Where the agent's cache puts the module for `uri`. `modules`: a path
+    (every oci://, https:// and http:// URL serves it), a dict {uri: path},
+    or None (no registry reachable). file:// URLs read the file itself."""
+    if uri.startswith("file://"):
+        path = uri[len("file://"):]
+        if not os.path.isfile(path):
+            raise _FetchFailed(f"{uri}: no such file")
+        got = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        if sha256 and sha256 != got:
+            raise _FetchFailed(f"module downloaded from {uri} has checksum {got}, which does not match: {sha256}")
+    elif not uri.startswith(("oci://", "https://", "http://")):
+        raise _FetchFailed(f"unsupported Wasm module downloading URL scheme: {uri}")
+    elif isinstance(modules, dict):
+        if uri not in modules:
+            raise _FetchFailed(f"{uri}: not found")
+        path = modules[uri]
+    elif modules is None:
+        raise _FetchFailed(f"{uri}: could not reach the registry")
+    else:
+        path = modules
+    # isValidWasmBinary: the agent checks the magic number and nothing else.
+    with open(path, "rb") as f:
+        if f.read(4) != b"\0asm":
+            raise _FetchFailed(f"{uri}: fetched Wasm binary from {uri} is invalid")
+    return str(path)
+
+
+def _agent_convert(ec, modules, log):
+    """MaybeConvertWasmExtensionConfig (pkg/wasm/convert.go) for one ECDS
+    resource: a Wasm config with remote code gets a local file; when the
+    module cannot be had (rewriteVMConfig fails) the whole resource is
+    replaced by an RBAC filter of the same name, deny-all unless the plugin
+    fails open (createHTTPDefaultFilter). Other configs pass unchanged."""
+    tc = ec["typed_config"]
+    if tc.get("@type") != WASM_TYPE:
+        return ec
+    tc = copy.deepcopy(tc)
+    config = tc.get("config") or {}
+    vm = config.get("vm_config") or {}
+    code = vm.get("code") or {}
     remote = code.get("remote")
     if remote is None:
         if "local" not in code:
-            raise IstioSimError(f"{where}: Wasm config without code")
-        return tc
-    uri = (remote.get("http_uri") or {}).get("uri", "")
-    if not uri.startswith(("oci://", "https://", "http://", "file://")):
-        raise IstioSimError(f"{where}: Wasm code uri {uri!r} is not one the agent fetches")
-    want = remote.get("sha256", "")
-    if uri.startswith("file://"):
-        got = hashlib.sha256(Path(uri[len("file://"):]).read_bytes()).hexdigest()
-        if want and want != got:
-            raise IstioSimError(f"{where}: sha256 of {uri} is {got}, the config says {want}")
+            # tryUnmarshal's error: the agent NACKs, nothing reaches Envoy.
+            raise IstioSimError(f"{ec['name']}: no remote and local load found in Wasm HTTP filter")
+        return {"name": ec["name"], "typed_config": tc}
+    try:
+        envs = vm.get("environment_variables") or {}
+        values = envs.get("key_values") or {}
+        if WASM_SECRET_ENV in values and not values[WASM_SECRET_ENV]:
+            raise _FetchFailed(f"cannot fetch Wasm module {config.get('name')}: missing image pulling secret")
+        # Istio's own variables are for the agent only.
+        for k in [k for k in values if k.startswith(ISTIO_META_PREFIX)]:
+            del values[k]
+        if "key_values" in envs and not values:
+            del envs["key_values"]
+        uri = (remote.get("http_uri") or {}).get("uri", "")
+        path = _fetch(uri, "" if remote.get("sha256") == "nil" else remote.get("sha256", ""), modules)
+    except _FetchFailed as e:
+        policy = config.get("failure_policy", "UNSPECIFIED")
+        fail_open = policy == "FAIL_OPEN" if policy != "UNSPECIFIED" else bool(config.get("fail_open"))
+        log.append(f"error in converting the wasm config to local: cannot fetch Wasm module: {e}. "
+                   f"applying {'allow' if fail_open else 'deny'} RBAC filter")
+        rbac = ({"@type": RBAC_TYPE, "rules_stat_prefix": "wasm-default-allow"} if fail_open else
+                # An empty rule set denies everything.
+                {"@type": RBAC_TYPE, "rules": {}, "rules_stat_prefix": "wasm-default-deny"})
+        return {"name": ec["name"], "typed_config": rbac}
     code.pop("remote")
-    code["local"] = {"filename": str(module_path)}
-    return tc
+    code["local"] = {"filename": path}
+    return {"name": ec["name"], "typed_config": tc}
 
 
-def agent_emulate(bootstrap, extension_configs, module_path, workdir):
+def agent_emulate(bootstrap, extension_configs, modules, workdir, log=None):
     """What istio-agent and ADS do for ECDS: every HTTP filter whose
     config_discovery source is `ads` reads its extension config from a file in
-    `workdir` (path_config_source), with remote Wasm code rewritten to
-    `module_path`. Raises when a referenced config is missing."""
+    `workdir` (path_config_source), as the agent rewrote it (_agent_convert;
+    `modules` as in _fetch). Envoy then applies each resource or rejects it
+    (a type its reference's type_urls do not list): a file source rejects
+    an update exactly as an ADS NACK does, and the filter is left without
+    config. `log` (a list) receives the agent's errors. Raises when a
+    referenced config is missing (istiod would never answer, and the
+    listener would never warm)."""
+    log = [] if log is None else log
     out = copy.deepcopy(bootstrap)
     by_name = {e["name"]: e for e in extension_configs}
     workdir = Path(workdir)
@@ -1654,13 +1899,9 @@ def agent_emulate(bootstrap, extension_configs, module_path, workdir):
         name = hf["name"]
         if name not in by_name:
             raise IstioSimError(f"ECDS config {name!r} is referenced but no EXTENSION_CONFIG provides it")
-        ec = by_name[name]
-        type_urls = cd.get("type_urls") or []
-        if ec["typed_config"]["@type"] not in type_urls:
-            raise IstioSimError(f"ECDS config {name!r} is {ec['typed_config']['@type']}, filter accepts {type_urls}")
         if name not in written:
-            resource = {"@type": TEC_TYPE, "name": name,
-                        "typed_config": _localize_wasm(ec["typed_config"], module_path, name)}
+            converted = _agent_convert(by_name[name], modules, log)
+            resource = {"@type": TEC_TYPE, **converted}
             path = workdir / ("ecds-" + re.sub(r"[^A-Za-z0-9_.-]", "_", name) + ".json")
             path.write_text(json.dumps({"version_info": "1", "resources": [resource]}, indent=1))
             written[name] = str(path)

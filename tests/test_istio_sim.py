@@ -2,6 +2,7 @@
 EnvoyFilters, every supported patch operation, strictness, the agent's ECDS
 and Wasm rewrite, and the generated configs in a real Envoy."""
 
+import base64
 import copy
 import hashlib
 import json
@@ -222,8 +223,9 @@ def test_sidecar_listener_route_config_node():
     h = hcm(b)
     assert h["stat_prefix"] == "outbound_0.0.0.0_80"
     assert h["route_config"]["name"] == "80" and h["route_config"]["ignore_port_in_host_matching"] is True
-    assert filter_names(b) == ["envoy.filters.http.grpc_stats", "envoy.filters.http.fault",
-                               "envoy.filters.http.cors", "envoy.filters.http.router"]
+    # The metadata exchange filter first (its Lua stand-in), as istiod orders them.
+    assert filter_names(b) == ["istio.metadata_exchange", "envoy.filters.http.grpc_stats",
+                               "envoy.filters.http.fault", "envoy.filters.http.cors", "envoy.filters.http.router"]
     node = b["node"]
     assert node["id"] == "sidecar~127.0.0.1~client-0.app~app.svc.cluster.local"
     assert node["cluster"] == "client.app"
@@ -293,6 +295,109 @@ def test_sidecar_virtual_service_routes_to_egress_subset_with_istio_mtls(mesh_tl
 def test_sidecar_istio_mutual_needs_mesh_tls():
     with pytest.raises(sim.IstioSimError, match="mesh_tls"):
         sidecar(EGRESS)
+
+
+def sidecar_resource(hosts, ns="app", selector=None, outbound=None):
+    spec = {"egress": [{"hosts": hosts}]}
+    if selector:
+        spec["workloadSelector"] = {"labels": selector}
+    if outbound:
+        spec["outboundTrafficPolicy"] = {"mode": outbound}
+    return yaml.safe_dump({"apiVersion": "networking.istio.io/v1", "kind": "Sidecar",
+                           "metadata": {"name": f"s-{len(hosts)}", "namespace": ns}, "spec": spec})
+
+
+SERVICE_VHOSTS = {"api.openai.com:80", "reviews.app.svc.cluster.local:80", "ratings.other.svc.cluster.local:80",
+                  "istio-egressgateway.istio-system.svc.cluster.local:80"}
+
+
+@pytest.mark.parametrize("hosts,visible", [
+    (["*/*"], SERVICE_VHOSTS),
+    (["./*"], {"api.openai.com:80", "reviews.app.svc.cluster.local:80"}),
+    (["./reviews.app.svc.cluster.local"], {"reviews.app.svc.cluster.local:80"}),
+    (["other/*", "istio-system/*"], {"ratings.other.svc.cluster.local:80",
+                                     "istio-egressgateway.istio-system.svc.cluster.local:80"}),
+    (["*/api.openai.com"], {"api.openai.com:80"}),
+    (["*/*.svc.cluster.local"], SERVICE_VHOSTS - {"api.openai.com:80"}),
+    (["~/*"], set()),
+])
+def test_sidecar_resource_scopes_what_the_proxy_sees(hosts, visible):
+    """pilot/pkg/model/sidecar.go: egress hosts import services by
+    namespace/host; the catch-all virtual host stays."""
+    b = sidecar(sidecar_resource(hosts))
+    assert set(vhosts(b)) - {"allow_any"} == visible
+    assert list(vhosts(b))[-1] == "allow_any"
+    cs = clusters(b)
+    assert ("outbound|80||api.openai.com" in cs) is ("api.openai.com:80" in visible)
+
+
+def test_sidecar_resource_selection_and_root_default():
+    """PushContext.getSidecarScope: a selector that matches wins over the
+    namespace's default; the root namespace's applies to namespaces
+    without their own; other namespaces' do not apply."""
+    wide, narrow = sidecar_resource(["*/*"]), sidecar_resource(["./*"], selector={"app": "client"})
+    assert set(vhosts(sidecar(narrow + "---\n" + wide))) == {"api.openai.com:80", "reviews.app.svc.cluster.local:80",
+                                                                "allow_any"}
+    other = sidecar_resource(["./*"], selector={"app": "someone-else"})
+    assert set(vhosts(sidecar(other + "---\n" + sidecar_resource(["~/*"])))) == {"allow_any"}
+    root = sidecar_resource(["istio-system/*"], ns="istio-system")
+    assert set(vhosts(sidecar(root))) == {"istio-egressgateway.istio-system.svc.cluster.local:80", "allow_any"}
+    assert set(vhosts(sidecar(sidecar_resource(["~/*"], ns="other")))) == SERVICE_VHOSTS | {"allow_any"}
+
+
+def test_sidecar_resource_imports_virtual_services_and_their_destinations(mesh_tls):
+    """A VirtualService in an imported namespace brings its routes, and the
+    services it routes to (collectImportedServices), even when the
+    Sidecar's hosts do not name them."""
+    b = sidecar(EGRESS + "---\n" + sidecar_resource(["istio-system/*"]), mesh_tls=mesh_tls)
+    (route,) = vhosts(b)["api.openai.com:80"]["routes"]
+    assert route["route"]["cluster"] == "outbound|443|openai|istio-egressgateway.istio-system.svc.cluster.local"
+    assert "outbound|80||api.openai.com" in clusters(b)
+    hidden = sidecar(EGRESS + "---\n" + sidecar_resource(["./reviews.app.svc.cluster.local"]), mesh_tls=mesh_tls)
+    assert "api.openai.com:80" not in vhosts(hidden)
+
+
+def test_export_to_hides_a_service_from_other_namespaces():
+    narrowed = BASE.replace("  location: MESH_EXTERNAL\n", "  location: MESH_EXTERNAL\n  exportTo: [.]\n")
+    res = sim.load_resources(narrowed)
+    kw = dict(labels=LABELS, port=1, admin_port=2, endpoints={})
+    assert "api.openai.com:80" in vhosts(sim.sidecar_bootstrap(res, namespace="app", **kw))
+    assert "api.openai.com:80" not in vhosts(sim.sidecar_bootstrap(res, namespace="other", **kw))
+
+
+@pytest.mark.parametrize("mesh,sidecar_mode,catch_all", [
+    ("ALLOW_ANY", None, "allow_any"),
+    ("REGISTRY_ONLY", None, "block_all"),
+    ("ALLOW_ANY", "REGISTRY_ONLY", "block_all"),
+    ("REGISTRY_ONLY", "ALLOW_ANY", "allow_any"),
+])
+def test_outbound_traffic_policy_picks_the_catch_all(mesh, sidecar_mode, catch_all):
+    """buildCatchAllVirtualHost: PassthroughCluster, or a 502 of its own."""
+    extra = sidecar_resource(["*/*"], outbound=sidecar_mode) if sidecar_mode else ""
+    b = validate(sidecar(extra, outbound_traffic_policy=mesh))
+    last = hcm(b)["route_config"]["virtual_hosts"][-1]
+    assert last["name"] == catch_all and last["domains"] == ["*"]
+    (route,) = last["routes"]
+    if catch_all == "allow_any":
+        assert route["route"]["cluster"] == "PassthroughCluster"
+    else:
+        assert route["direct_response"] == {"status": 502}
+
+
+def test_istio_clusters_lift_envoys_circuit_breakers_and_mark_external_services():
+    """getDefaultCircuitBreakerThresholds: MaxUint32 on every cluster
+    istiod builds, PassthroughCluster too; MESH_EXTERNAL ServiceEntries'
+    clusters carry istio.external; no buffer limit anywhere (Envoy's 1 MiB)."""
+    b = sidecar(passthrough=("127.0.0.1", 9))
+    cs = clusters(b)
+    for name in ("outbound|80||api.openai.com", "outbound|80||reviews.app.svc.cluster.local", "PassthroughCluster"):
+        (t,) = cs[name]["circuit_breakers"]["thresholds"]
+        assert t["max_retries"] == t["max_requests"] == t["max_connections"] == 2 ** 32 - 1
+    assert cs["outbound|80||api.openai.com"]["metadata"]["filter_metadata"]["istio"]["external"] is True
+    assert "external" not in cs["outbound|80||reviews.app.svc.cluster.local"]["metadata"]["filter_metadata"]["istio"]
+    ep = cs["PassthroughCluster"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert ep["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 9}
+    assert "per_connection_buffer_limit_bytes" not in json.dumps(b)
 
 
 DR_NO_SNI = """
@@ -466,21 +571,22 @@ def hf_patch(op, value=None, sub=None, **listener_match):
 
 FAULT, CORS, ROUTER = "envoy.filters.http.fault", "envoy.filters.http.cors", "envoy.filters.http.router"
 GRPC = "envoy.filters.http.grpc_stats"
+MX = sim.MX_FILTER
 
 
 @pytest.mark.parametrize("patch,expected", [
-    (hf_patch("INSERT_BEFORE", lua_free_filter("x"), ROUTER), [GRPC, FAULT, CORS, "add-x", ROUTER]),
-    (hf_patch("INSERT_AFTER", lua_free_filter("x"), FAULT), [GRPC, FAULT, "add-x", CORS, ROUTER]),
-    (hf_patch("INSERT_FIRST", lua_free_filter("x"), ROUTER), ["add-x", GRPC, FAULT, CORS, ROUTER]),
+    (hf_patch("INSERT_BEFORE", lua_free_filter("x"), ROUTER), [MX, GRPC, FAULT, CORS, "add-x", ROUTER]),
+    (hf_patch("INSERT_AFTER", lua_free_filter("x"), FAULT), [MX, GRPC, FAULT, "add-x", CORS, ROUTER]),
+    (hf_patch("INSERT_FIRST", lua_free_filter("x"), ROUTER), ["add-x", MX, GRPC, FAULT, CORS, ROUTER]),
     # Without a subFilter INSERT_BEFORE means first, INSERT_AFTER means last.
-    (hf_patch("INSERT_BEFORE", lua_free_filter("x")), ["add-x", GRPC, FAULT, CORS, ROUTER]),
-    (hf_patch("REMOVE", sub=CORS), [GRPC, FAULT, ROUTER]),
-    (hf_patch("REPLACE", lua_free_filter("x"), CORS), [GRPC, FAULT, "add-x", ROUTER]),
+    (hf_patch("INSERT_BEFORE", lua_free_filter("x")), ["add-x", MX, GRPC, FAULT, CORS, ROUTER]),
+    (hf_patch("REMOVE", sub=CORS), [MX, GRPC, FAULT, ROUTER]),
+    (hf_patch("REPLACE", lua_free_filter("x"), CORS), [MX, GRPC, FAULT, "add-x", ROUTER]),
     # Port and name matches: the sidecar listener is port 80, 0.0.0.0_80.
-    (hf_patch("INSERT_BEFORE", lua_free_filter("x"), ROUTER, portNumber=80), [GRPC, FAULT, CORS, "add-x", ROUTER]),
-    (hf_patch("INSERT_BEFORE", lua_free_filter("x"), ROUTER, portNumber=8080), [GRPC, FAULT, CORS, ROUTER]),
-    (hf_patch("INSERT_BEFORE", lua_free_filter("x"), ROUTER, name="0.0.0.0_80"), [GRPC, FAULT, CORS, "add-x", ROUTER]),
-    (hf_patch("INSERT_BEFORE", lua_free_filter("x"), "envoy.filters.http.nope"), [GRPC, FAULT, CORS, ROUTER]),
+    (hf_patch("INSERT_BEFORE", lua_free_filter("x"), ROUTER, portNumber=80), [MX, GRPC, FAULT, CORS, "add-x", ROUTER]),
+    (hf_patch("INSERT_BEFORE", lua_free_filter("x"), ROUTER, portNumber=8080), [MX, GRPC, FAULT, CORS, ROUTER]),
+    (hf_patch("INSERT_BEFORE", lua_free_filter("x"), ROUTER, name="0.0.0.0_80"), [MX, GRPC, FAULT, CORS, "add-x", ROUTER]),
+    (hf_patch("INSERT_BEFORE", lua_free_filter("x"), "envoy.filters.http.nope"), [MX, GRPC, FAULT, CORS, ROUTER]),
 ])
 def test_http_filter_operations(patch, expected):
     b, _ = patched(sidecar(), [ef("op", [patch])])
@@ -680,7 +786,7 @@ def test_gateway_route_configuration_port_matching(mesh_tls):
     (vh,) = hcm(out)["route_config"]["virtual_hosts"]
     assert [r["name"] for r in vh["routes"]] == ["sim-direct", "to-openai"]
     assert vh["request_headers_to_add"][0]["header"]["key"] == "x-gw"
-    assert filter_names(out) == [GRPC, FAULT, CORS, "add-gw", ROUTER]
+    assert filter_names(out) == [MX, GRPC, FAULT, CORS, "add-gw", ROUTER]
     validate(out)
 
 
@@ -719,7 +825,8 @@ def test_unsupported_or_invalid_patches_raise(patch, error):
 
 
 @pytest.mark.parametrize("extra,match", [
-    ("kind: Sidecar\nmetadata: {name: s, namespace: app}\nspec: {}", "Sidecar"),
+    ("kind: Sidecar\nmetadata: {name: s, namespace: app}\nspec:\n  egress: [{port: {number: 80, protocol: HTTP,"
+     " name: http}, hosts: ['./*']}, {hosts: ['*/*']}]", "several egress"),
     ("kind: VirtualService\nmetadata: {name: v, namespace: app}\nspec:\n  hosts: [reviews]\n"
      "  http: [{fault: {abort: {httpStatus: 500}}, route: [{destination: {host: reviews}}]}]", "fault"),
     ("kind: VirtualService\nmetadata: {name: v, namespace: app}\nspec:\n  hosts: [reviews]\n"
@@ -785,14 +892,60 @@ def test_agent_emulate_rewrites_ecds_sources_and_remote_code(tmp_path):
         "config_source"]
 
 
-def test_agent_emulate_missing_config_and_bad_sha(tmp_path):
+def test_agent_emulate_missing_config(tmp_path):
     b, _ = patched(sidecar(), [ef("w", [hf_patch("INSERT_BEFORE", ecds_filter(), ROUTER)])])
     with pytest.raises(sim.IstioSimError, match="no EXTENSION_CONFIG"):
         sim.agent_emulate(b, [], "/m.wasm", tmp_path)
+
+
+def ecds_resource(out):
+    (hf,) = [f for f in hcm(out)["http_filters"] if f["name"] == "meshllm"]
+    path = hf["config_discovery"]["config_source"]["path_config_source"]["path"]
+    (res,) = json.loads(open(path).read())["resources"]
+    return res
+
+
+@pytest.mark.parametrize("fetch", ["bad sha", "no registry", "not wasm", "unknown scheme", "empty pull secret"])
+def test_agent_substitutes_deny_all_rbac_when_the_module_cannot_be_fetched(tmp_path, fetch):
+    """pkg/wasm/convert.go: a fetch failure replaces the whole resource by a
+    deny-all RBAC filter of the same name (allow-all when the plugin fails open)."""
     module = tmp_path / "m.wasm"
     module.write_bytes(b"\0asm")
-    with pytest.raises(sim.IstioSimError, match="sha256"):
-        sim.agent_emulate(b, [wasm_ext(uri="file://" + str(module), sha="0" * 64)], "/m.wasm", tmp_path)
+    not_wasm = tmp_path / "x.wasm"
+    not_wasm.write_bytes(b"<html>")
+    ext = {
+        "bad sha": wasm_ext(uri="file://" + str(module), sha="0" * 64),
+        "no registry": wasm_ext(uri="oci://registry.test/m:1"),
+        "not wasm": wasm_ext(uri="https://downloads.test/m.wasm"),
+        "unknown scheme": wasm_ext(uri="s3://bucket/m.wasm"),
+        "empty pull secret": wasm_ext(uri="oci://registry.test/m:1"),
+    }[fetch]
+    if fetch == "empty pull secret":
+        ext["typed_config"]["config"]["vm_config"]["environment_variables"] = {
+            "key_values": {sim.WASM_SECRET_ENV: ""}}
+    modules = {"no registry": None, "not wasm": str(not_wasm)}.get(fetch, str(module))
+    b, _ = patched(sidecar(), [ef("w", [hf_patch("INSERT_BEFORE", ecds_filter(), ROUTER)])])
+    log = []
+    res = ecds_resource(sim.agent_emulate(b, [ext], modules, tmp_path, log=log))
+    assert res["name"] == "meshllm"
+    assert res["typed_config"] == {"@type": sim.RBAC_TYPE, "rules": {}, "rules_stat_prefix": "wasm-default-deny"}
+    assert "applying deny RBAC filter" in log[0]
+    ext["typed_config"]["config"]["fail_open"] = True
+    res = ecds_resource(sim.agent_emulate(b, [ext], modules, tmp_path))
+    assert res["typed_config"] == {"@type": sim.RBAC_TYPE, "rules_stat_prefix": "wasm-default-allow"}
+
+
+def test_agent_strips_its_own_variables_and_keeps_host_env_keys(tmp_path):
+    module = tmp_path / "m.wasm"
+    module.write_bytes(b"\0asm")
+    ext = wasm_ext(uri="oci://registry.test/m:1")
+    ext["typed_config"]["config"]["vm_config"]["environment_variables"] = {
+        "key_values": {sim.WASM_SECRET_ENV: "docker-config", "ISTIO_META_WASM_IMAGE_PULL_POLICY": "Always"},
+        "host_env_keys": ["OPENAI_API_KEY"]}
+    b, _ = patched(sidecar(), [ef("w", [hf_patch("INSERT_BEFORE", ecds_filter(), ROUTER)])])
+    vm = ecds_resource(sim.agent_emulate(b, [ext], str(module), tmp_path))["typed_config"]["config"]["vm_config"]
+    assert vm["environment_variables"] == {"host_env_keys": ["OPENAI_API_KEY"]}
+    assert vm["code"] == {"local": {"filename": str(module)}}
 
 
 # --------------------------------------------------------------------------
@@ -904,6 +1057,10 @@ def test_live_sidecar_with_envoy_filters(tmp_path):
         assert status == 200, body
         seen = json.loads(body)
         assert seen["path"] == "/v1/models" and seen["headers"]["x-sim"] == "ecds"
+        # Istio's metadata exchange (its stand-in) names the proxy to every upstream.
+        assert seen["headers"]["x-envoy-peer-metadata-id"] == b["node"]["id"]
+        peer = json.loads(base64.b64decode(seen["headers"]["x-envoy-peer-metadata"]))
+        assert (peer["NAMESPACE"], peer["LABELS"]) == (NS, LABELS)
         # The port is ignored in host matching, as in Istio.
         assert http("GET", url + "/x", headers={"host": "api.example.com:80"})[0] == 200
         # The HTTP_ROUTE patch answers in that vhost only.
@@ -930,3 +1087,51 @@ def test_gateway_two_listeners_need_a_port_map(mesh_tls):
     # Port 80 of the gateway Service is named http2: its clusters speak HTTP/2, and mesh mTLS offers h2.
     c = clusters(b)["outbound|80|openai|istio-egressgateway.istio-system.svc.cluster.local"]
     assert "http2_protocol_options" in c["typed_extension_protocol_options"][sim.HTTP_OPTIONS_KEY]["explicit_http_config"]
+
+
+@pytest.mark.parametrize("type_urls,status", [
+    # The reference accepts Wasm only: Envoy refuses the agent's substitute,
+    # the filter has no config, and every stream through it fails (500).
+    ([sim.WASM_TYPE], 500),
+    # Istio's own WasmPlugin references also accept RBAC: the deny-all
+    # substitute applies (403).
+    ([sim.WASM_TYPE, sim.RBAC_TYPE], 403),
+])
+def test_live_agent_substitute_and_the_type_url_restriction(tmp_path, type_urls, status):
+    """What a module the agent cannot fetch does to a listener whose HTTP
+    filter references it (issue 19): the agent's deny-all RBAC replaces the
+    Wasm config, and the reference's type_urls decide whether Envoy takes it."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port, admin = free_port(), free_port()
+    b = sim.sidecar_bootstrap(sim.load_resources(LIVE_SE), namespace=NS, labels=LABELS, port=port, admin_port=admin,
+                              endpoints={"api.example.com": ("127.0.0.1", server.server_address[1])})
+    ref = ecds_filter()
+    ref["config_discovery"]["type_urls"] = type_urls
+    b, ext = patched(b, [ef("w", [hf_patch("INSERT_BEFORE", ref, ROUTER),
+                                  {"applyTo": "EXTENSION_CONFIG", "patch": {"operation": "ADD",
+                                                                            "value": wasm_ext()}}])])
+    b = sim.agent_emulate(b, ext, None, tmp_path)  # no registry reachable
+    cfg = tmp_path / "envoy.json"
+    cfg.write_text(json.dumps(b))
+    log = open(tmp_path / "envoy.log", "w")
+    proc = subprocess.Popen([envoy_binary(), "-c", str(cfg), "--concurrency", "1", "--base-id", str(port),
+                             "-l", "warning"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(300):
+            assert proc.poll() is None, (tmp_path / "envoy.log").read_text()[-3000:]
+            try:
+                if http("GET", f"http://127.0.0.1:{admin}/ready", timeout=1)[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        assert http("GET", f"http://127.0.0.1:{port}/x", headers={"host": "api.example.com"})[0] == status
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
+        server.shutdown()
+        server.server_close()
+    if status == 500:
+        assert "rejected" in (tmp_path / "envoy.log").read_text()

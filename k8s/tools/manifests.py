@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Generate meshllm's Istio manifests from the mesh policy.
 
-    python3 k8s/tools/manifests.py                  # rewrite k8s/base and k8s/overlays
+    python3 k8s/tools/manifests.py                  # rewrite k8s/base and k8s/overlays (placeholder URL)
     python3 k8s/tools/manifests.py --module-url oci://REGISTRY/meshllm:TAG \\
         --sha256 DIGEST --out-dir /tmp/meshllm-k8s  # the same for your registry
     python3 k8s/tools/manifests.py namespace-policy --namespace shop shop.json
@@ -19,6 +19,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import sys
 
 import yaml
@@ -46,8 +47,37 @@ ALIAS_SERVICE = "llm"
 ALIAS_HOST = f"{ALIAS_SERVICE}.{NAMESPACE}.svc.cluster.local"
 ALIAS_NAMES = [ALIAS_HOST, f"{ALIAS_SERVICE}.{NAMESPACE}", f"{ALIAS_SERVICE}.{NAMESPACE}.svc"]
 KEYS_SECRET = "meshllm-provider-keys"
-DEFAULT_MODULE_URL = "oci://registry.example.com/meshllm/meshllm:0.1.0"
+# The checked-in overlays' module URL. `.invalid` never resolves (RFC 2606),
+# so a proxy given these manifests as they are fails closed on the LLM hosts
+# (see "What can go wrong" in k8s/README.md) and its log names this URL.
+PLACEHOLDER_MODULE_URL = "oci://module-url-not-set.invalid/meshllm:0.1.0"
+# Sidecar mode is opt-in: only pods with this label run the filter.
+OPT_IN_LABEL = "meshllm.io/sidecar"
+OPT_IN_VALUE = "enabled"
 WASM_TYPE = render.WASM_TYPE
+# What Istio's agent substitutes for a Wasm config whose module it cannot
+# fetch (deny-all RBAC, pkg/wasm/convert.go). The ECDS references accept it
+# as Istio's own WasmPlugin references do (extension/extensionfilter.go), so
+# the substitute is applied instead of rejected.
+RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
+FILTER_CONFIG_TYPE = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
+CEL_FILTER_TYPE = "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter"
+POSITIONS_FILTER = "meshllm.positions"
+# Istio's catch-all virtual hosts (pilot/pkg/networking/util/util.go:
+# Passthrough "allow_any" under ALLOW_ANY, BlackHole "block_all" otherwise).
+CATCH_ALL_VHOSTS = ("allow_any", "block_all")
+# Routes of meshllm's own, for requests that cannot reach its clusters.
+ROUTE_MISSING = "meshllm-route-missing"
+HOST_NOT_IN_MESH = "meshllm-host-not-in-mesh"
+# Headers that name the pod or its caller: Istio's metadata exchange
+# (x-envoy-peer-metadata*), the gateway's client certificate and address.
+# Never sent to a provider.
+IDENTITY_HEADERS = ["x-envoy-peer-metadata", "x-envoy-peer-metadata-id",
+                    "x-forwarded-client-cert", "x-forwarded-for"]
+# Egress gateway sizing: two replicas so a node drain or a rollout keeps one.
+GATEWAY_REPLICAS = 2
+GATEWAY_RESOURCES = {"requests": {"cpu": "500m", "memory": "512Mi"},
+                     "limits": {"cpu": "2", "memory": "1Gi"}}
 ROUTER = "envoy.filters.http.router"
 HCM = "envoy.filters.network.http_connection_manager"
 HCM_TYPE = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
@@ -83,16 +113,161 @@ def mode_policy(policy, mode):
     return doc
 
 
-def ecds_ref(name):
-    """An HTTP filter whose config Envoy asks istiod for by name (ECDS)."""
-    return {
+def ecds_ref(name, disabled=False):
+    """An HTTP filter whose config Envoy asks istiod for by name (ECDS).
+    `disabled`: off unless a route enables it (typed_per_filter_config)."""
+    ref = {
         "name": name,
         "config_discovery": {
             # Requests wait for the filter's config: never served without it.
             "config_source": {"ads": {}, "initial_fetch_timeout": "0s"},
-            "type_urls": [WASM_TYPE],
+            # RBAC: the agent's fail-closed substitute when the module
+            # cannot be fetched; without it Envoy rejects the substitute and
+            # the filter has no config at all.
+            "type_urls": [WASM_TYPE, RBAC_TYPE],
         },
     }
+    if disabled:
+        ref["disabled"] = True
+    return ref
+
+
+def enable_filters():
+    """Per-route config that turns meshllm's (disabled) listener filters on
+    (an empty `config` enables a filter with its listener config)."""
+    return {name: {"@type": FILTER_CONFIG_TYPE, "config": {}}
+            for name in (render.LISTENER_NAME, POSITIONS_FILTER)}
+
+
+def openai_error(message, code, kind="server_error"):
+    return {"error": {"message": message, "type": kind, "code": code}}
+
+
+# The three APIs' error shapes, by the caller's path (Anthropic's Messages,
+# Gemini's generateContent, else OpenAI's).
+ANTHROPIC_PATH = "/v1/messages"
+GEMINI_PATH_REGEX = ".*:(stream)?[gG]enerate[cC]ontent.*"
+
+
+def shaped_errors(status, message, code):
+    """[(CEL path condition, route path match, body)] per API shape."""
+    return [
+        ("request.url_path.startsWith('/v1/messages')", {"prefix": ANTHROPIC_PATH},
+         {"type": "error", "error": {"type": "api_error", "message": message}}),
+        ("request.url_path.matches('%s')" % GEMINI_PATH_REGEX, {"safe_regex": {"regex": GEMINI_PATH_REGEX}},
+         {"error": {"code": status, "message": message, "status": "UNAVAILABLE"}}),
+        ("true", {"prefix": "/"}, openai_error(message, code)),
+    ]
+
+
+def cel(expression):
+    return {"extension_filter": {"name": "envoy.access_loggers.extension_filters.cel",
+                                 "typed_config": {"@type": CEL_FILTER_TYPE, "expression": expression}}}
+
+
+UNAVAILABLE_MESSAGE = (
+    "meshllm is not running in this proxy: its Wasm module could not be fetched or "
+    "loaded (the istio-proxy container's log says why). The request was not sent.")
+# At the gateway an AuthorizationPolicy that allows nothing for the caller
+# ends in the same reply as the agent's substitute; the message names both.
+GATEWAY_UNAVAILABLE_MESSAGE = (
+    "The egress gateway refused the request before meshllm ran, so it was not sent: "
+    "meshllm's Wasm module could not be fetched or loaded (the gateway's log says why), "
+    "or an AuthorizationPolicy on the gateway allows nothing for this caller.")
+NO_GATEWAY_VHOST_MESSAGE = (
+    "The meshllm egress gateway has no route for this host, so the request was not sent: "
+    "the host's VirtualService in the meshllm namespace is missing")
+
+
+def unavailable_replies(gateway):
+    """The HCM's local_reply_config: when meshllm cannot run on one of its
+    routes, the caller gets a 503 in its API's shape instead of Envoy's bare
+    403 (the agent's deny-all substitute, pkg/wasm/convert.go: an RBAC
+    filter whose empty rules match no policy), 500 (no filter config:
+    Envoy refused the one it got) or 503 (a failed VM). Only those replies
+    on meshllm's routes match; every other local reply is left as it is.
+    At the egress gateway, which serves LLM hosts only, a host without a
+    route (its VirtualService missing) gets the same treatment as Envoy's
+    bare 404."""
+    on_route = "xds.route_name.startsWith('meshllm')"
+    # Envoy records the RBAC filter's metadata after its reply, so the
+    # substitute is known by its reply's details.
+    refused = ("response.code_details == 'rbac_access_denied_matched_policy[none]' || "
+               "response.code_details == 'wasm_fail_stream'")
+    message = GATEWAY_UNAVAILABLE_MESSAGE if gateway else UNAVAILABLE_MESSAGE
+    mappers = []
+    for path, _, body in shaped_errors(503, message, "meshllm_unavailable"):
+        mappers.append({
+            "filter": {"or_filter": {"filters": [
+                cel(f"{on_route} && {path} && ({refused})"),
+                {"and_filter": {"filters": [
+                    cel(f"{on_route} && {path}"),
+                    # No config for the filter (Envoy refused the one it got).
+                    {"response_flag_filter": {"flags": ["NFCF"]}},
+                ]}},
+            ]}},
+            "status_code": 503,
+            "body_format_override": {"json_format": body, "content_type": "application/json"},
+        })
+    if gateway:
+        for path, _, body in shaped_errors(503, NO_GATEWAY_VHOST_MESSAGE, "no_gateway_route"):
+            mappers.append({
+                "filter": {"and_filter": {"filters": [
+                    cel(path), {"response_flag_filter": {"flags": ["NR"]}}]}},
+                "status_code": 503,
+                "body_format_override": {"json_format": body, "content_type": "application/json"},
+            })
+    return {"mappers": mappers}
+
+
+def authority_is(host):
+    """A header matcher for an :authority naming `host`, with or without a
+    port (one regex per host: Envoy refuses RE2 programs past 100)."""
+    return {"name": ":authority", "string_match": {"safe_regex": {"regex": re.escape(host) + "(:[0-9]+)?"}}}
+
+
+def direct_error(name, match, status, body):
+    return {"name": name, "match": match,
+            "direct_response": {"status": status, "body": {"inline_string": json.dumps(body)}}}
+
+
+# The listener half quotes these inside its own sentence: no closing period.
+ROUTE_MISSING_MESSAGE = (
+    "meshllm has no route to the provider in this proxy, so the request was not sent: "
+    "the provider's ServiceEntry is not visible here; it is not applied, narrowed by "
+    "exportTo, or left out by a Sidecar resource's egress hosts")
+
+
+def route_missing_route():
+    """In every virtual host: a request meshllm has steered (it named a
+    cluster) that did not land on meshllm's own route is refused, so it
+    never leaves on another cluster (Istio's PassthroughCluster, another
+    ServiceEntry's). meshllm's own routes come before it where they exist.
+
+    A route, because the filter cannot tell: after it changes a request
+    header, the route properties it reads in the same callback
+    (xds.route_name, xds.route_metadata, xds.virtual_host_name,
+    xds.cluster_name) still describe the route chosen before the change
+    (measured in Envoy 1.40); Envoy picks the new route only when the next
+    filter asks for it."""
+    return direct_error(
+        ROUTE_MISSING,
+        {"prefix": "/", "headers": [{"name": render.CLUSTER_HEADER, "present_match": True}]},
+        503, openai_error(ROUTE_MISSING_MESSAGE, "provider_not_in_mesh"))
+
+
+def host_not_in_mesh_routes(hosts):
+    """In Istio's catch-all virtual host: a request to an LLM host whose
+    own virtual host this proxy lacks runs meshllm (which answers in the
+    caller's shape, or serves it when the provider it picks is visible);
+    the direct response is what is left should meshllm not run."""
+    routes = []
+    for host in hosts:
+        route = direct_error(HOST_NOT_IN_MESH, {"prefix": "/", "headers": [authority_is(host)]},
+                             503, openai_error(ROUTE_MISSING_MESSAGE, "provider_not_in_mesh"))
+        route["typed_per_filter_config"] = enable_filters()
+        routes.append(route)
+    return routes
 
 
 def extension_configs(doc, module_url, sha256):
@@ -107,6 +282,11 @@ def extension_configs(doc, module_url, sha256):
     ]
 
 
+def handled_hosts(doc):
+    """Every name the filter answers for: provider hosts and the alias."""
+    return provider_hosts(doc) + ALIAS_NAMES
+
+
 def handled_vhosts(doc):
     """The virtual hosts Istio makes for the hosts the filter handles."""
     return [f"{h}:{MESH_PORT}" for h in provider_hosts(doc) + [ALIAS_HOST]]
@@ -118,17 +298,23 @@ def config_patches(doc, context, module_url, sha256):
     failover = render.failover_settings(doc)
     if not failover["enabled"]:
         raise SystemExit("the Istio install runs the filter in two halves: failover.enabled must be true")
+    sidecar = context == "SIDECAR_OUTBOUND"
     listener = {"filterChain": {"filter": {"name": HCM, "subFilter": {"name": ROUTER}}}}
-    if context == "SIDECAR_OUTBOUND":
+    hcm = {"filterChain": {"filter": {"name": HCM}}}
+    if sidecar:
         listener["portNumber"] = MESH_PORT
+        hcm["portNumber"] = MESH_PORT
+    buffer_limit = render.buffer_limit_bytes(doc)
     patches = [
         {"applyTo": "EXTENSION_CONFIG", "patch": {"operation": "ADD", "value": ext}}
         for ext in extension_configs(doc, module_url, sha256)
     ]
-    for http_filter in (
-        ecds_ref(render.LISTENER_NAME),
-        render.position_metadata_filter(failover["max_attempts"]),
-    ):
+    # Both listener filters are off unless a route turns them on: only
+    # meshllm's routes do, so other traffic never enters the Wasm VM, and a
+    # module that cannot be fetched or loaded fails those routes only.
+    positions = {**render.position_metadata_filter(failover["max_attempts"]),
+                 "name": POSITIONS_FILTER, "disabled": True}
+    for http_filter in (ecds_ref(render.LISTENER_NAME, disabled=True), positions):
         patches.append(
             {
                 "applyTo": "HTTP_FILTER",
@@ -136,37 +322,33 @@ def config_patches(doc, context, module_url, sha256):
                 "patch": {"operation": "INSERT_BEFORE", "value": http_filter},
             }
         )
-    # Envoy's limit on what the filter holds (Istio sets none: 1 MiB), and
-    # the shape of Envoy's own replies to callers the filter serves.
-    port = {"portNumber": MESH_PORT if context == "SIDECAR_OUTBOUND" else GATEWAY_TARGET_PORT}
-    patches.append(
-        {
-            "applyTo": "LISTENER",
-            "match": {"context": context, "listener": port},
-            "patch": {
-                "operation": "MERGE",
-                "value": {"per_connection_buffer_limit_bytes": render.buffer_limit_bytes(doc)},
-            },
-        }
-    )
-    patches.append(
-        {
-            "applyTo": "NETWORK_FILTER",
-            "match": {"context": context, "listener": {**port, "filterChain": {"filter": {"name": HCM}}}},
-            "patch": {
-                "operation": "MERGE",
-                "value": {"typed_config": {
-                    "@type": HCM_TYPE,
-                    "local_reply_config": render.local_reply_config(),
-                }},
-            },
-        }
-    )
+    patches.append({
+        "applyTo": "NETWORK_FILTER",
+        "match": {"context": context, "listener": hcm},
+        "patch": {"operation": "MERGE", "value": {"name": HCM, "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
+                     ".v3.HttpConnectionManager",
+            # Module missing or broken (Istio's agent), then Envoy's own
+            # replies past the filter (render.local_reply_config).
+            "local_reply_config": {"mappers": unavailable_replies(gateway=not sidecar)["mappers"]
+                                   + render.local_reply_config()["mappers"]}}}},
+    })
+    # Istio sets no buffer limit (Envoy's default is 1 MiB); the filter holds
+    # whole request bodies up to max_request_bytes and translated answers up
+    # to max_response_bytes, and answers larger ones itself (413, 502 in the
+    # caller's shape).
+    listener_match = {"portNumber": MESH_PORT if sidecar else GATEWAY_TARGET_PORT}
+    patches.append({
+        "applyTo": "LISTENER",
+        "match": {"context": context, "listener": listener_match},
+        "patch": {"operation": "MERGE", "value": {"per_connection_buffer_limit_bytes": buffer_limit}},
+    })
     clusters = render.position_clusters(doc, {}, failover["max_attempts"])
     clusters[-1]["typed_extension_protocol_options"] = render.upstream_protocol_options(
         render.upstream_http_filters(ecds_ref(render.UPSTREAM_NAME))
     )
     for c in clusters:
+        c["per_connection_buffer_limit_bytes"] = buffer_limit
         patches.append(
             {
                 "applyTo": "CLUSTER",
@@ -174,16 +356,37 @@ def config_patches(doc, context, module_url, sha256):
                 "patch": {"operation": "ADD", "value": c},
             }
         )
+    route_config = {"portNumber": MESH_PORT} if sidecar else {}
+    # Patches on one virtual host apply in order and INSERT_FIRST puts each
+    # first: the guards go in before meshllm's own routes, which so end up
+    # ahead of them.
+    if sidecar:
+        for vhost in CATCH_ALL_VHOSTS:
+            for route in host_not_in_mesh_routes(handled_hosts(doc)):
+                patches.append({
+                    "applyTo": "HTTP_ROUTE",
+                    "match": {"context": context,
+                              "routeConfiguration": {**route_config, "vhost": {"name": vhost}}},
+                    "patch": {"operation": "INSERT_FIRST", "value": route},
+                })
+    patches.append({
+        "applyTo": "HTTP_ROUTE",
+        "match": {"context": context, "routeConfiguration": dict(route_config)},
+        "patch": {"operation": "INSERT_FIRST", "value": route_missing_route()},
+    })
     routed, not_routed = render.meshllm_routes(doc)
-    route_config = {"portNumber": MESH_PORT} if context == "SIDECAR_OUTBOUND" else {}
+    # The pod's and its caller's identity stay in the mesh.
+    routed["request_headers_to_remove"] = routed["request_headers_to_remove"] + IDENTITY_HEADERS
     for vhost in handled_vhosts(doc):
         match = {"context": context, "routeConfiguration": {**route_config, "vhost": {"name": vhost}}}
         patches.append(
             {
                 "applyTo": "VIRTUAL_HOST",
                 "match": match,
-                # The upstream half learns which attempt it serves.
-                "patch": {"operation": "MERGE", "value": {"include_request_attempt_count": True}},
+                # The upstream half learns which attempt it serves; the
+                # filters run on this host's routes.
+                "patch": {"operation": "MERGE", "value": {"include_request_attempt_count": True,
+                                                          "typed_per_filter_config": enable_filters()}},
             }
         )
         # INSERT_FIRST twice: the routed route ends up first, the refusal second.
@@ -257,8 +460,41 @@ def sidecar_resources(policy, module_url, sha256):
     doc = mode_policy(policy, "sidecar")
     return [resource(
         "networking.istio.io/v1alpha3", "EnvoyFilter", "meshllm", ROOT_NAMESPACE,
-        {"configPatches": config_patches(doc, "SIDECAR_OUTBOUND", module_url, sha256)},
+        {
+            # In the root namespace with a selector: the labelled pods of
+            # every namespace, and no others.
+            "workloadSelector": {"labels": {OPT_IN_LABEL: OPT_IN_VALUE}},
+            "configPatches": config_patches(doc, "SIDECAR_OUTBOUND", module_url, sha256),
+        },
     )]
+
+
+NO_GATEWAY_ROUTE_MESSAGE = (
+    "This pod's proxy has no route to the meshllm egress gateway for this host, so the "
+    "request was not sent: the VirtualService that sends it there is not visible here "
+    "(not applied, exportTo, or a Sidecar resource's egress hosts that do not import the "
+    "meshllm namespace).")
+
+
+def egress_guard(policy):
+    """Egress-gateway mode, every sidecar: an LLM host that reaches Istio's
+    catch-all virtual host (its VirtualService to the gateway is not visible
+    here) is refused in the caller's API shape rather than sent out as it is
+    in clear text. Routes only: nothing here can fail to load."""
+    patches = []
+    for vhost in CATCH_ALL_VHOSTS:
+        for host in handled_hosts(policy):
+            # INSERT_FIRST in reverse: the shapes end up in order, OpenAI's last.
+            for _, path, body in reversed(shaped_errors(503, NO_GATEWAY_ROUTE_MESSAGE, "no_gateway_route")):
+                patches.append({
+                    "applyTo": "HTTP_ROUTE",
+                    "match": {"context": "SIDECAR_OUTBOUND",
+                              "routeConfiguration": {"portNumber": MESH_PORT, "vhost": {"name": vhost}}},
+                    "patch": {"operation": "INSERT_FIRST", "value": direct_error(
+                        HOST_NOT_IN_MESH, {**path, "headers": [authority_is(host)]}, 503, body)},
+                })
+    return resource("networking.istio.io/v1alpha3", "EnvoyFilter", f"{GATEWAY}-guard", ROOT_NAMESPACE,
+                    {"configPatches": patches})
 
 
 def gateway_resources(policy, module_url, sha256):
@@ -271,8 +507,12 @@ def gateway_resources(policy, module_url, sha256):
         "kind": "Deployment",
         "metadata": {"name": GATEWAY, "namespace": NAMESPACE},
         "spec": {
-            "replicas": 1,
+            # Quotas are kept per replica (see k8s/README.md).
+            "replicas": GATEWAY_REPLICAS,
             "selector": {"matchLabels": GATEWAY_LABELS},
+            # A new replica serves before an old one stops.
+            "strategy": {"type": "RollingUpdate",
+                         "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "template": {
                 "metadata": {
                     "labels": pod_labels,
@@ -287,10 +527,27 @@ def gateway_resources(policy, module_url, sha256):
                 },
                 "spec": {
                     "serviceAccountName": GATEWAY,
+                    # Replicas on different nodes where the cluster allows.
+                    "topologySpreadConstraints": [{
+                        "maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                        "whenUnsatisfiable": "ScheduleAnyway",
+                        "labelSelector": {"matchLabels": GATEWAY_LABELS},
+                    }],
                     "containers": [{
                         "name": "istio-proxy",
                         "image": "auto",
                         "ports": [{"containerPort": GATEWAY_TARGET_PORT, "name": "https-mesh"}],
+                        # Two Envoy workers, each with its own Wasm VM, and
+                        # request bodies up to max_request_bytes in flight.
+                        "resources": GATEWAY_RESOURCES,
+                        # Istio's own gateway probe, stated: a replica takes
+                        # traffic once its Envoy is ready, which waits for
+                        # meshllm's config (the module, or the agent's
+                        # fail-closed substitute).
+                        "readinessProbe": {
+                            "httpGet": {"path": "/healthz/ready", "port": 15021},
+                            "periodSeconds": 2, "timeoutSeconds": 3, "failureThreshold": 30,
+                        },
                         # Provider keys: from the Secret into the proxy's
                         # environment, which the filter reads; only this
                         # namespace's admins can read the Secret.
@@ -313,10 +570,18 @@ def gateway_resources(policy, module_url, sha256):
             "ports": [{"name": "https-mesh", "port": MESH_PORT, "targetPort": GATEWAY_TARGET_PORT}],
         },
     }
+    budget = {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {"name": GATEWAY, "namespace": NAMESPACE},
+        # A drain never takes the last replica.
+        "spec": {"minAvailable": 1, "selector": {"matchLabels": GATEWAY_LABELS}},
+    }
     out = [
         {"apiVersion": "v1", "kind": "ServiceAccount",
          "metadata": {"name": GATEWAY, "namespace": NAMESPACE}},
         deployment,
+        budget,
         service,
         resource("networking.istio.io/v1", "Gateway", GATEWAY, NAMESPACE, {
             "selector": GATEWAY_LABELS,
@@ -350,6 +615,9 @@ def gateway_resources(policy, module_url, sha256):
                         "match": [{"gateways": ["mesh"], "port": MESH_PORT}],
                         "route": [{"destination": {"host": GATEWAY_HOST,
                                                    "port": {"number": MESH_PORT}}}],
+                        # The alias's short names (llm.meshllm) match only
+                        # in sidecars; the gateway knows its full name.
+                        **({"rewrite": {"authority": ALIAS_HOST}} if host == ALIAS_HOST else {}),
                     },
                     {   # At the gateway the filter's route comes first; this
                         # one only names the host for Istio.
@@ -407,7 +675,7 @@ def namespace_policy_yaml(namespace, policy, source):
     return dump([namespace_policy(namespace, policy)], header)
 
 
-def files(policy, module_url=DEFAULT_MODULE_URL, sha256=None):
+def files(policy, module_url=PLACEHOLDER_MODULE_URL, sha256=None):
     """Every generated file, path relative to k8s/ → text."""
     with open(EXAMPLE_POLICY) as f:
         example = json.load(f)
@@ -425,14 +693,21 @@ def files(policy, module_url=DEFAULT_MODULE_URL, sha256=None):
         "overlays/sidecar/envoyfilter.yaml": dump(sidecar_resources(policy, module_url, sha256)),
         "overlays/sidecar/kustomization.yaml": kustomization(
             ["../../base", "envoyfilter.yaml"],
-            ["Sidecar mode: every sidecar's outbound port-80 listener runs meshllm",
-             "(EnvoyFilter in the root namespace). See k8s/README.md."]),
+            [f"Sidecar mode: the outbound port-80 listener of pods labelled {OPT_IN_LABEL}: {OPT_IN_VALUE}",
+             "runs meshllm on the LLM hosts' routes (EnvoyFilter in the root namespace).",
+             "See k8s/README.md."]),
         "overlays/egress-gateway/gateway.yaml": dump(gateway_resources(policy, module_url, sha256)),
-        "overlays/egress-gateway/kustomization.yaml": kustomization(
-            ["../../base", "gateway.yaml", "../../observability"],
-            ["Egress-gateway mode: sidecars send LLM calls to the meshllm-egress",
-             "gateway over mTLS; the filter runs there once for the mesh. See k8s/README.md."],
+        "overlays/egress-gateway/guard.yaml": dump([egress_guard(mode_policy(policy, "egress-gateway"))]),
+        "overlays/egress-gateway/observability/kustomization.yaml": kustomization(
+            ["../../../observability"],
+            ["The observability ConfigMaps, in the gateway's namespace."],
             namespace=NAMESPACE),
+        "overlays/egress-gateway/kustomization.yaml": kustomization(
+            ["../../base", "gateway.yaml", "guard.yaml", "observability"],
+            ["Egress-gateway mode: sidecars send LLM calls to the meshllm-egress",
+             "gateway over mTLS; the filter runs there once for the mesh; every sidecar",
+             "refuses an LLM host it has no route to the gateway for (guard.yaml, in the",
+             "root namespace). See k8s/README.md."]),
     }
 
 
@@ -448,8 +723,9 @@ def main(argv=None):
     ns.add_argument("--namespace", required=True)
     ns.add_argument("policy", help="the namespace policy (JSON)")
     ap.add_argument("--policy", default=MESH_POLICY, help="the mesh policy (JSON)")
-    ap.add_argument("--module-url", default=DEFAULT_MODULE_URL,
-                    help="where proxies fetch the module: oci://... or https://...")
+    ap.add_argument("--module-url",
+                    help="where proxies fetch the module: oci://... or https://... "
+                         "(required, except to regenerate the checked-in k8s/ copy)")
     ap.add_argument("--sha256", help="oci://: the manifest digest; https://: the module's sha256")
     ap.add_argument("--out-dir", default=K8S_DIR)
     args = ap.parse_args(argv)
@@ -458,7 +734,14 @@ def main(argv=None):
             policy = json.load(f)
         sys.stdout.write(namespace_policy_yaml(args.namespace, policy, os.path.basename(args.policy)))
         return
-    for rel, text in files(load_policy(args.policy), args.module_url, args.sha256).items():
+    module_url = args.module_url
+    if module_url is None:
+        # Only `make k8s` may write the placeholder, and only into k8s/.
+        if os.path.abspath(args.out_dir) != os.path.abspath(K8S_DIR):
+            ap.error("--module-url is required: where your proxies fetch the module "
+                     "(make oci prints it)")
+        module_url = PLACEHOLDER_MODULE_URL
+    for rel, text in files(load_policy(args.policy), module_url, args.sha256).items():
         path = os.path.join(args.out_dir, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
