@@ -540,7 +540,9 @@ def test_both_istio_modes_get_the_buffer_limit_and_the_reply_mappers(mode):
     assert listener["per_connection_buffer_limit_bytes"] > render.DEFAULT_MAX_RESPONSE_BYTES
     (hcm,) = [f["typed_config"] for fc in listener["filter_chains"] for f in fc["filters"]
               if f["name"] == sim.HCM_NAME]
-    assert hcm["local_reply_config"] == render.local_reply_config()
+    # Beside the mappers for a module that cannot run (k8s/tools/manifests.py).
+    mappers = hcm["local_reply_config"]["mappers"]
+    assert all(m in mappers for m in render.local_reply_config()["mappers"])
 
 
 def test_local_reply_config_covers_every_caller_api():
