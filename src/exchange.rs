@@ -5,7 +5,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::api::openai::{contains, normalise_error, redact, ApiError, ErrorOrigin};
+use crate::api::openai::{normalise_error, quotes_secret, redact, ApiError, ErrorOrigin};
 use crate::config::{ModelRoute, Provider, ProviderKind};
 use crate::json::{splice, splice_all, TopLevel};
 use crate::translate::openai_usage::{self, OpenAiStreamUsage};
@@ -251,10 +251,7 @@ pub fn translate_error(
         && in_callers_shape(exchange.caller, reply.body)
     {
         // Already in the caller's shape; only scrub secrets.
-        let leaks = reply
-            .secrets
-            .iter()
-            .any(|s| contains(reply.body, s.as_bytes()));
+        let leaks = reply.secrets.iter().any(|s| quotes_secret(reply.body, s));
         return leaks
             .then(|| redact(&String::from_utf8_lossy(reply.body), reply.secrets).into_bytes());
     }
@@ -516,10 +513,7 @@ mod tests {
                             status
                         };
                         assert_shape(caller, status, &sent, rewritten, &what);
-                        assert!(
-                            !contains(&sent, SECRET.as_bytes()),
-                            "{what}: the key leaked"
-                        );
+                        assert!(!quotes_secret(&sent, SECRET), "{what}: the key leaked");
                     }
                 }
             }

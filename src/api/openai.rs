@@ -115,7 +115,7 @@ pub fn normalise_error(
 ) -> Option<Vec<u8>> {
     let leaks = secrets
         .iter()
-        .any(|s| !s.is_empty() && contains(body, s.as_bytes()));
+        .any(|s| !s.is_empty() && quotes_secret(body, s));
     let parsed: Option<Value> = serde_json::from_slice(body).ok();
     if origin == ErrorOrigin::Provider && !leaks {
         if let Some(Value::Object(o)) = &parsed {
@@ -246,11 +246,26 @@ pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// Replaces every occurrence of each secret with a marker.
+/// Whether `haystack` quotes `secret`, as it is or in the JSON-escaped
+/// form some encoders write (`/` as `\/`).
+pub fn quotes_secret(haystack: &[u8], secret: &str) -> bool {
+    contains(haystack, secret.as_bytes())
+        || (secret.contains('/') && contains(haystack, escaped_slashes(secret).as_bytes()))
+}
+
+fn escaped_slashes(secret: &str) -> String {
+    secret.replace('/', "\\/")
+}
+
+/// Replaces every occurrence of each secret (raw or with escaped slashes)
+/// with a marker.
 pub fn redact(text: &str, secrets: &[&str]) -> String {
     let mut out = text.to_string();
     for s in secrets.iter().filter(|s| !s.is_empty()) {
         out = out.replace(s, "[redacted]");
+        if s.contains('/') {
+            out = out.replace(&escaped_slashes(s), "[redacted]");
+        }
     }
     out
 }
@@ -388,6 +403,16 @@ mod tests {
         let v = parse(text.as_bytes());
         assert_eq!(v["error"]["code"], "invalid_api_key");
         assert_eq!(v["error"]["type"], "invalid_request_error");
+    }
+
+    #[test]
+    fn secrets_with_escaped_slashes_are_redacted() {
+        let key = "ya29.a0/b1/c2";
+        let body = br#"{"error": {"message": "bad token ya29.a0\/b1\/c2", "type": "x"}}"#;
+        assert!(quotes_secret(body, key));
+        let text = redact(&String::from_utf8_lossy(body), &[key]);
+        assert!(!text.contains("a0\\/b1"), "{text}");
+        assert!(text.contains("[redacted]"));
     }
 
     #[test]
