@@ -8,8 +8,10 @@
 
 use std::rc::Rc;
 
-use crate::api::openai::ApiError;
 use crate::config::{Config, Target};
+use crate::core::api_error::ApiError;
+use crate::core::schema::Schema;
+use crate::core::usage::Usage;
 use crate::host::Host;
 use crate::identity::{Caller, IdentityError};
 use crate::limits::{
@@ -18,7 +20,6 @@ use crate::limits::{
 };
 use crate::pricing::{cost_micro_usd, Prices};
 use crate::quota::{self, Amounts, Held, Limit, Meter, Refusal, Standing, Update};
-use crate::translate::{Schema, Usage};
 
 /// Who called and which attribution tags the request carries.
 #[derive(Debug, Clone, Default)]

@@ -12,8 +12,10 @@ use std::rc::Rc;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use crate::core::json::quote;
+use crate::core::schema::Schema;
+use crate::core::url::percent_encode;
 use crate::identity::{compile_identity, IdentityPolicy};
-use crate::json::quote;
 use crate::limits::{compile_attribution, compile_quotas, Known, QuotaPolicy, Tag};
 use crate::nspolicy::{compile_allowed, compile_namespaces, ListenerCache, NamespacePolicy};
 use crate::policy::{
@@ -23,8 +25,6 @@ use crate::policy::{
 use crate::pricing::default_prices;
 use crate::translate::openai_anthropic::DEFAULT_ANTHROPIC_VERSION;
 use crate::translate::openai_bedrock::converse_path;
-use crate::translate::Schema;
-use crate::url::percent_encode;
 
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 10 * 1024 * 1024;
 pub const DEFAULT_MAX_TOKENS: u64 = 4096;

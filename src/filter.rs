@@ -9,25 +9,27 @@
 use std::rc::Rc;
 
 use crate::admission::{self, Admission, Ask, Who};
-use crate::api::openai::ApiError;
 use crate::aws::sigv4;
 use crate::config::{Config, ModelRoute, Operation, Provider, ProviderKind};
+use crate::core::api_error::ApiError;
+use crate::core::json::{Kind, TopLevel};
+use crate::core::schema::Schema;
+use crate::core::usage::Usage;
 use crate::exchange::{self, ErrorReply, Exchange, Inbound};
 use crate::health::{self, HealthPolicy, Outcome};
 use crate::host::{Host, HostResult};
-use crate::json::{Kind, TopLevel};
 use crate::metrics;
 use crate::nspolicy::{self, Applied, Source};
 use crate::policy::RoutePolicy;
 use crate::route;
-use crate::translate::{Schema, StreamTranslator, Usage};
+use crate::translate::StreamTranslator;
 
 /// Model listings in the Anthropic and Gemini APIs' shapes (OpenAI's is
 /// built once with the configuration). Rare requests: built per call.
 mod listing {
     use serde_json::{json, Value};
 
-    use crate::translate::Schema;
+    use crate::core::schema::Schema;
 
     pub fn entry(caller: Schema, id: &str) -> Value {
         match caller {
@@ -1449,7 +1451,7 @@ impl RequestFilter {
         let (new_body, exchange) = if op == Operation::Embeddings {
             // Embeddings only exist between OpenAI-shaped ends.
             let new_body = (model != route.upstream_model).then(|| {
-                crate::json::splice(
+                crate::core::json::splice(
                     body,
                     model_span.clone().unwrap_or(0..0),
                     route.upstream_model_json.as_bytes(),
@@ -1916,7 +1918,7 @@ impl RequestFilter {
         let body = body.unwrap_or_else(|| {
             let error = ApiError::new(
                 status,
-                crate::api::openai::error_type_for_status(status),
+                crate::core::api_error::error_type_for_status(status),
                 None,
                 format!("The provider answered HTTP {status} with no details."),
             );
@@ -1933,7 +1935,7 @@ impl RequestFilter {
         let error = match self.response {
             ResponseMode::Error { status, .. } => ApiError::new(
                 self.status,
-                crate::api::openai::error_type_for_status(self.status),
+                crate::core::api_error::error_type_for_status(self.status),
                 None,
                 format!(
                     "Provider {provider:?} answered with HTTP {status} and an error body larger \

@@ -525,7 +525,7 @@ fn forwarded(model: &str) -> (RequestFilter, MockHost) {
 }
 
 fn quote(s: &str) -> String {
-    crate::json::quote(s)
+    crate::core::json::quote(s)
 }
 
 /// A chat body with `model_json` spliced in as the model's value; the other
@@ -2147,7 +2147,7 @@ fn bedrock_requests_are_translated_and_signed() {
     assert_eq!(sent["messages"][0]["content"][0]["text"], "hi");
     assert_eq!(
         host.req("x-amz-content-sha256").unwrap(),
-        crate::aws::sha256::hex(&crate::aws::sha256::sha256(&host.request_body))
+        crate::core::sha256::hex(&crate::core::sha256::sha256(&host.request_body))
     );
     assert_eq!(
         host.req("content-length").unwrap(),

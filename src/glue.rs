@@ -10,8 +10,8 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 
-use crate::api::openai::ApiError;
 use crate::config::{compile, Config};
+use crate::core::api_error::ApiError;
 use crate::filter::{Flow, RequestFilter, Role};
 use crate::host::{Host, HostError, HostResult, SharedData};
 use crate::metrics::NameMap;

@@ -17,8 +17,8 @@ use std::collections::HashMap;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::aws::sha256::{hex, sha256};
 use crate::config::ConfigError;
+use crate::core::sha256::{hex, sha256};
 use crate::host::Host;
 
 /// The caller a request is accounted to.

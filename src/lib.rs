@@ -10,15 +10,14 @@
 )]
 
 pub mod admission;
-pub mod api;
 pub mod aws;
 pub mod config;
+pub mod core;
 pub mod exchange;
 pub mod filter;
 pub mod health;
 pub mod host;
 pub mod identity;
-pub mod json;
 pub mod limits;
 pub mod metrics;
 pub mod nspolicy;
@@ -26,9 +25,7 @@ pub mod policy;
 pub mod pricing;
 pub mod quota;
 pub mod route;
-pub mod sse;
 pub mod translate;
-pub mod url;
 pub mod wire;
 
 // The host ABI only exists inside the VM: native test binaries never link the

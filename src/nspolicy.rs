@@ -24,8 +24,8 @@ use std::rc::Rc;
 
 use serde_json::Value;
 
-use crate::api::openai::ApiError;
 use crate::config::{valid_model_name, Config, ConfigError, Target};
+use crate::core::api_error::ApiError;
 use crate::host::SharedData;
 use crate::identity::{valid_segment, Caller};
 use crate::limits::{compile_rule, Known, LimitRule, Selector};

@@ -12,8 +12,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::config::ConfigError;
+use crate::core::schema::Schema;
 pub use crate::route::{Capabilities, ScoreWeights, Strategy, Tier};
-use crate::translate::Schema;
 
 /// Failover across targets, done by Envoy's retries with the filter's
 /// upstream half translating each attempt.

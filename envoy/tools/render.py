@@ -485,7 +485,7 @@ def buffer_limit_bytes(plugin_config):
 
 # Envoy's own replies to a caller of each API, by status: OpenAI `type` and
 # `code`, Anthropic `type`, Gemini `status` (as the filter writes them:
-# error_type_for_status in src/api/openai.rs and src/translate/
+# error_type_for_status in src/core/api_error.rs and src/translate/
 # anthropic_openai.rs, google_status in src/translate/gemini_openai.rs).
 # None: any other status (Envoy answers its failures with 5xx).
 LOCAL_REPLY_TYPES = {

@@ -29,20 +29,21 @@
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use crate::api::chat::{
-    write_data, CachedTokens, ChatCompletion, ChatMessage, ChatUsage, Choice, Chunk, ChunkChoice,
-    Delta, FunctionCall, FunctionDelta, ToolCall, ToolCallDelta,
-};
-use crate::api::openai::{error_type_for_status, ApiError};
 use crate::aws::eventstream::{Decoder, Message};
-use crate::aws::sha256::{hex, Sha256};
-use crate::json::from_slice_lossy;
+use crate::core::api_error::{error_type_for_status, ApiError};
+use crate::core::json::from_slice_lossy;
+use crate::core::sha256::{hex, Sha256};
+use crate::core::url::percent_encode;
+use crate::core::usage::Usage;
 use crate::translate::chat_input::{
     assistant_blocks, bad_message, has_prefix_ignore_case, invalid_type, invalid_value, json_type,
     plain_text, quoted, unsupported,
 };
-use crate::translate::{StreamFault, StreamTranslator, Usage};
-use crate::url::percent_encode;
+use crate::translate::chat_output::{
+    write_data, CachedTokens, ChatCompletion, ChatMessage, ChatUsage, Choice, Chunk, ChunkChoice,
+    Delta, FunctionCall, FunctionDelta, ToolCall, ToolCallDelta,
+};
+use crate::translate::{StreamFault, StreamTranslator};
 
 /// What the filter needs to know about a translated request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
