@@ -23,8 +23,7 @@ use crate::policy::{
     RawCapabilities, RawPrice, RoutePolicy,
 };
 use crate::pricing::default_prices;
-use crate::translate::openai_anthropic::DEFAULT_ANTHROPIC_VERSION;
-use crate::translate::openai_bedrock::converse_path;
+use crate::providers::{converse_path, default_base_url, ProviderKind, DEFAULT_ANTHROPIC_VERSION};
 
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 10 * 1024 * 1024;
 pub const DEFAULT_MAX_TOKENS: u64 = 4096;
@@ -56,53 +55,6 @@ impl fmt::Display for ConfigError {
             write!(f, "{}", self.message)
         } else {
             write!(f, "{}: {}", self.path, self.message)
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProviderKind {
-    OpenAi,
-    AzureOpenAi,
-    OpenAiCompatible,
-    /// Anthropic Messages API.
-    Anthropic,
-    /// Google Gemini API (generativelanguage.googleapis.com).
-    Gemini,
-    /// Google Vertex AI: Gemini models, and Anthropic models through
-    /// `rawPredict`, under a project and region.
-    VertexAi,
-    /// AWS Bedrock Converse / ConverseStream, signed with SigV4.
-    Bedrock,
-}
-
-impl ProviderKind {
-    const NAMES: &'static str =
-        "openai, azure_openai, openai_compatible, anthropic, gemini, vertex_ai, bedrock";
-
-    /// The kind as the config spells it.
-    pub fn name(self) -> &'static str {
-        match self {
-            ProviderKind::OpenAi => "openai",
-            ProviderKind::AzureOpenAi => "azure_openai",
-            ProviderKind::OpenAiCompatible => "openai_compatible",
-            ProviderKind::Anthropic => "anthropic",
-            ProviderKind::Gemini => "gemini",
-            ProviderKind::VertexAi => "vertex_ai",
-            ProviderKind::Bedrock => "bedrock",
-        }
-    }
-
-    fn parse(s: &str) -> Option<Self> {
-        match s {
-            "openai" => Some(ProviderKind::OpenAi),
-            "azure_openai" => Some(ProviderKind::AzureOpenAi),
-            "openai_compatible" => Some(ProviderKind::OpenAiCompatible),
-            "anthropic" => Some(ProviderKind::Anthropic),
-            "gemini" => Some(ProviderKind::Gemini),
-            "vertex_ai" => Some(ProviderKind::VertexAi),
-            "bedrock" => Some(ProviderKind::Bedrock),
-            _ => None,
         }
     }
 }
@@ -887,27 +839,6 @@ fn compile_providers(
         });
     }
     Ok(providers)
-}
-
-/// The base URL a kind uses when `base_url` is not set.
-pub fn default_base_url(kind: ProviderKind, region: Option<&str>) -> Option<String> {
-    match (kind, region) {
-        (ProviderKind::OpenAi, _) => Some("https://api.openai.com/v1".into()),
-        (ProviderKind::Anthropic, _) => Some("https://api.anthropic.com/v1".into()),
-        (ProviderKind::Gemini, _) => {
-            Some("https://generativelanguage.googleapis.com/v1beta".into())
-        }
-        (ProviderKind::VertexAi, Some("global")) => {
-            Some("https://aiplatform.googleapis.com/v1".into())
-        }
-        (ProviderKind::VertexAi, Some(r)) => {
-            Some(format!("https://{r}-aiplatform.googleapis.com/v1"))
-        }
-        (ProviderKind::Bedrock, Some(r)) => {
-            Some(format!("https://bedrock-runtime.{r}.amazonaws.com"))
-        }
-        _ => None,
-    }
 }
 
 fn compile_region(

@@ -5,10 +5,11 @@
 
 use serde_json::{Map, Value};
 
-use crate::config::{ModelRoute, Provider, ProviderKind};
+use crate::config::{ModelRoute, Provider};
 use crate::core::api_error::{contains, normalise_error, redact, ApiError, ErrorOrigin};
 use crate::core::json::{splice, splice_all, TopLevel};
 use crate::core::schema::Schema;
+use crate::providers::ProviderKind;
 use crate::translate::openai_usage::{self, OpenAiStreamUsage};
 use crate::translate::passthrough::{AnthropicStreamWatch, GeminiStreamWatch};
 use crate::translate::scrub::Scrubbed;

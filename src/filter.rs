@@ -9,8 +9,7 @@
 use std::rc::Rc;
 
 use crate::admission::{self, Admission, Ask, Who};
-use crate::aws::sigv4;
-use crate::config::{Config, ModelRoute, Operation, Provider, ProviderKind};
+use crate::config::{Config, ModelRoute, Operation, Provider};
 use crate::core::api_error::ApiError;
 use crate::core::json::{Kind, TopLevel};
 use crate::core::schema::Schema;
@@ -21,6 +20,8 @@ use crate::host::{Host, HostResult};
 use crate::metrics;
 use crate::nspolicy::{self, Applied, Source};
 use crate::policy::RoutePolicy;
+use crate::providers::aws::sigv4;
+use crate::providers::ProviderKind;
 use crate::route;
 use crate::translate::StreamTranslator;
 

@@ -10,7 +10,6 @@
 )]
 
 pub mod admission;
-pub mod aws;
 pub mod config;
 pub mod core;
 pub mod exchange;
@@ -23,6 +22,7 @@ pub mod metrics;
 pub mod nspolicy;
 pub mod policy;
 pub mod pricing;
+pub mod providers;
 pub mod quota;
 pub mod route;
 pub mod translate;

@@ -24,9 +24,6 @@ use crate::translate::chat_output::{
 };
 use crate::translate::{StreamFault, StreamTranslator};
 
-/// The `anthropic-version` header value the gateway sends.
-pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
-
 /// Thinking budgets for OpenAI's `reasoning_effort` values.
 const THINKING_BUDGETS: [(&str, u64); 3] = [("low", 1024), ("medium", 4096), ("high", 16384)];
 /// Room left for the answer when a thinking budget outgrows `max_tokens`.
