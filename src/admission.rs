@@ -8,7 +8,8 @@
 
 use std::rc::Rc;
 
-use crate::config::{Config, Target};
+use crate::config::names::Target;
+use crate::config::Config;
 use crate::core::api_error::ApiError;
 use crate::core::schema::Schema;
 use crate::core::usage::Usage;

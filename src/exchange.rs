@@ -5,7 +5,8 @@
 
 use serde_json::{Map, Value};
 
-use crate::config::{ModelRoute, Provider};
+use crate::config::models::ModelRoute;
+use crate::config::providers::Provider;
 use crate::core::api_error::{contains, normalise_error, redact, ApiError, ErrorOrigin};
 use crate::core::json::{splice, splice_all, TopLevel};
 use crate::core::schema::Schema;

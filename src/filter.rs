@@ -9,7 +9,9 @@
 use std::rc::Rc;
 
 use crate::admission::{self, Admission, Ask, Who};
-use crate::config::{Config, ModelRoute, Operation, Provider};
+use crate::config::models::{ModelRoute, Operation};
+use crate::config::providers::Provider;
+use crate::config::Config;
 use crate::core::api_error::ApiError;
 use crate::core::json::{Kind, TopLevel};
 use crate::core::schema::Schema;
@@ -670,9 +672,11 @@ impl RequestFilter {
                 if let Some(applied) = applied.filter(|a| a.restricts(&config)) {
                     let visible = applied.visible(&config);
                     let body = match self.caller {
-                        Schema::OpenAi | Schema::Converse => crate::config::models_list_body(
-                            visible.iter().map(|(n, t)| (*n, config.owner(*t))),
-                        ),
+                        Schema::OpenAi | Schema::Converse => {
+                            crate::config::models::models_list_body(
+                                visible.iter().map(|(n, t)| (*n, config.owner(*t))),
+                            )
+                        }
                         caller => listing::models(caller, visible.iter().map(|(n, _)| *n)),
                     };
                     return self.reply(host, 200, &[], &body);
@@ -702,7 +706,7 @@ impl RequestFilter {
                     let body = match applied.target(&config, &id) {
                         Some(t) if applied.allows(&config, t) => match self.caller {
                             Schema::OpenAi | Schema::Converse => {
-                                crate::config::model_body(&id, config.owner(t))
+                                crate::config::models::model_body(&id, config.owner(t))
                             }
                             caller => listing::model(caller, &id),
                         },
@@ -2422,7 +2426,7 @@ fn sign_for_bedrock(
     provider: &Provider,
     path: &str,
     body: &[u8],
-    creds: &crate::config::AwsCredentials,
+    creds: &crate::config::providers::AwsCredentials,
 ) -> HostResult {
     let (path_only, query) = path.split_once('?').unwrap_or((path, ""));
     let credentials = sigv4::Credentials {

@@ -24,7 +24,8 @@ use std::rc::Rc;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::config::{ConfigError, Target};
+use crate::config::error::ConfigError;
+use crate::config::names::{valid_header_name, valid_model_name, Target};
 use crate::identity::Caller;
 use crate::quota::{Limit, Meter, Window};
 
@@ -371,14 +372,14 @@ pub fn compile_attribution(value: Option<&Value>) -> Result<Vec<Tag>, ConfigErro
     let mut tags: Vec<Tag> = Vec::with_capacity(raw.tags.len());
     for (i, t) in raw.tags.into_iter().enumerate() {
         let at = format!("attribution.tags[{i}]");
-        if !crate::config::valid_model_name(&t.name) || tags.iter().any(|x| x.name == t.name) {
+        if !valid_model_name(&t.name) || tags.iter().any(|x| x.name == t.name) {
             return Err(ConfigError::new(
                 format!("{at}.name"),
                 format!("{:?} is not a valid, unique tag name", t.name),
             ));
         }
         let header = t.header.to_ascii_lowercase();
-        if !crate::config::valid_header_name(&header) {
+        if !valid_header_name(&header) {
             return Err(ConfigError::new(
                 format!("{at}.header"),
                 format!("{:?} is not a valid header name", t.header),

@@ -24,7 +24,9 @@ use std::rc::Rc;
 
 use serde_json::Value;
 
-use crate::config::{valid_model_name, Config, ConfigError, Target};
+use crate::config::error::ConfigError;
+use crate::config::names::{valid_model_name, Target};
+use crate::config::Config;
 use crate::core::api_error::ApiError;
 use crate::host::SharedData;
 use crate::identity::{valid_segment, Caller};

@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
+use crate::config::names::valid_model_name;
 use crate::core::schema::Schema;
 pub use crate::route::{Capabilities, ScoreWeights, Strategy, Tier};
 
@@ -264,7 +265,7 @@ pub fn compile_routes(
     for (i, v) in list.iter().enumerate() {
         let at = format!("routes[{i}]");
         let raw = RawRoute::deserialize(v).map_err(|e| ConfigError::new(&at, e.to_string()))?;
-        if !crate::config::valid_model_name(&raw.name) {
+        if !valid_model_name(&raw.name) {
             return Err(ConfigError::new(
                 format!("{at}.name"),
                 format!("{:?} is not a valid model name", raw.name),
