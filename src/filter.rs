@@ -8,6 +8,7 @@
 
 use std::rc::Rc;
 
+use crate::access::namespace_policy::{self, Applied, Source};
 use crate::admission::{self, Admission, Ask, Who};
 use crate::config::models::{ModelRoute, Operation};
 use crate::config::providers::Provider;
@@ -20,7 +21,6 @@ use crate::exchange::{self, ErrorReply, Exchange, Inbound};
 use crate::health::{self, HealthPolicy, Outcome};
 use crate::host::{Host, HostResult};
 use crate::metrics;
-use crate::nspolicy::{self, Applied, Source};
 use crate::policy::RoutePolicy;
 use crate::providers::aws::sigv4;
 use crate::providers::ProviderKind;
@@ -858,9 +858,9 @@ impl RequestFilter {
     fn identify(&mut self, host: &mut dyn Host) -> Result<(), ApiError> {
         let config = Rc::clone(&self.config);
         self.who = admission::identify(&config, host)?;
-        let listener = host.property(nspolicy::LISTENER_POLICY_PATH);
+        let listener = host.property(namespace_policy::LISTENER_POLICY_PATH);
         let from_listener = listener.is_some();
-        match nspolicy::apply(&config, host, self.who.caller.as_ref(), listener) {
+        match namespace_policy::apply(&config, host, self.who.caller.as_ref(), listener) {
             Ok(applied) => self.applied = applied,
             Err(e) => {
                 if from_listener {
@@ -877,14 +877,14 @@ impl RequestFilter {
     /// cannot be identified sees the mesh's list.
     fn listing_policy(&mut self, host: &mut dyn Host) -> Result<Option<Applied>, ApiError> {
         let config = Rc::clone(&self.config);
-        let listener = host.property(nspolicy::LISTENER_POLICY_PATH);
+        let listener = host.property(namespace_policy::LISTENER_POLICY_PATH);
         if listener.is_none() && config.allowed_models.is_none() && config.namespaces.is_empty() {
             return Ok(None);
         }
         let caller = admission::identify(&config, host)
             .ok()
             .and_then(|who| who.caller);
-        nspolicy::apply(&config, host, caller.as_ref(), listener).map(Some)
+        namespace_policy::apply(&config, host, caller.as_ref(), listener).map(Some)
     }
 
     /// Listener roles: a client may not steer Envoy's router (`x-envoy-*`:

@@ -339,7 +339,7 @@ impl Host for MockHost {
     }
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
         self.tally("property", 0);
-        if path == crate::nspolicy::LISTENER_POLICY_PATH {
+        if path == crate::access::namespace_policy::LISTENER_POLICY_PATH {
             return self.listener.clone();
         }
         self.properties.get(&path.join(".")).cloned()

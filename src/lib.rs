@@ -9,6 +9,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod access;
 pub mod admission;
 pub mod config;
 pub mod core;
@@ -19,7 +20,6 @@ pub mod host;
 pub mod identity;
 pub mod limits;
 pub mod metrics;
-pub mod nspolicy;
 pub mod policy;
 pub mod pricing;
 pub mod providers;

@@ -8,6 +8,7 @@
 pub mod error;
 pub mod models;
 pub mod names;
+pub mod namespaces;
 pub mod providers;
 
 use std::collections::{HashMap, HashSet};
@@ -18,10 +19,12 @@ use serde_json::{Map, Value};
 use crate::config::error::ConfigError;
 use crate::config::models::{compile_models, model_listing, ModelRoute};
 use crate::config::names::Target;
+use crate::config::namespaces::{
+    compile_allowed, compile_namespaces, Document, ListenerCache, NamespacePolicy,
+};
 use crate::config::providers::{attempt_header_names, compile_providers, Provider};
 use crate::identity::{compile_identity, IdentityPolicy};
 use crate::limits::{compile_attribution, compile_quotas, Known, QuotaPolicy, Tag};
-use crate::nspolicy::{compile_allowed, compile_namespaces, ListenerCache, NamespacePolicy};
 use crate::policy::{compile_failover, compile_routes, Failover, RoutePolicy};
 
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 10 * 1024 * 1024;
@@ -155,6 +158,21 @@ impl Config {
             .iter()
             .flat_map(ModelRoute::public_names)
             .chain(self.routes.iter().map(|r| r.name.as_str()))
+    }
+}
+
+impl Document for Config {
+    fn target(&self, name: &str) -> Option<Target> {
+        Config::target(self, name)
+    }
+    fn target_name(&self, target: Target) -> &str {
+        Config::target_name(self, target)
+    }
+    fn identity(&self) -> Option<&IdentityPolicy> {
+        self.identity.as_ref()
+    }
+    fn tags(&self) -> &[Tag] {
+        &self.tags
     }
 }
 

@@ -1,4 +1,5 @@
-//! Native tests of namespace policies (see nspolicy.rs).
+//! Native tests of namespace policies (see namespace_policy.rs and
+//! config/namespaces.rs).
 
 use std::collections::HashMap;
 

@@ -1,0 +1,3 @@
+//! Who is calling, and what they may use.
+
+pub mod namespace_policy;
