@@ -10,23 +10,15 @@
 )]
 
 pub mod access;
-pub mod admission;
 pub mod config;
 pub mod core;
-pub mod exchange;
-pub mod filter;
-pub mod health;
 pub mod host;
-pub mod identity;
-pub mod limits;
 pub mod metrics;
-pub mod policy;
-pub mod pricing;
+pub mod pipeline;
 pub mod providers;
 pub mod quota;
-pub mod route;
+pub mod routing;
 pub mod translate;
-pub mod wire;
 
 // The host ABI only exists inside the VM: native test binaries never link the
 // glue, but clippy checks it everywhere.

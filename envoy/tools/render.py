@@ -23,16 +23,16 @@ from urllib.parse import urlsplit
 WASM_DEFAULT = "target/wasm32-wasip1/release/meshllm.wasm"
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 CLUSTER_HEADER = "x-meshllm-cluster"
-# Failover (mirrors src/policy.rs and src/filter.rs).
+# Failover (mirrors src/config/routing.rs and src/pipeline/filter.rs).
 FAILOVER_CLUSTER = "meshllm"
 POSITION_HEADER_PREFIX = "x-meshllm-p"
 FAILOVER_DEFAULTS = {"enabled": True, "max_attempts": 3, "per_try_timeout_ms": 60000}
-# The filter's own size limits (mirror src/config.rs).
+# The filter's own size limits (mirror src/config/mod.rs).
 DEFAULT_MAX_REQUEST_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 # The listener half names the caller's API on requests it serves itself;
 # header_to_metadata moves it into dynamic metadata (mirrors CALLER_API_HEADER
-# in src/filter.rs) for local_reply_config.
+# in src/pipeline/filter.rs) for local_reply_config.
 CALLER_API_HEADER = "x-meshllm-caller-api"
 METADATA_NAMESPACE = "meshllm"
 CALLER_API_KEY = "caller_api"
@@ -155,7 +155,7 @@ DEFAULT_BASE_URLS = {
 }
 
 # The environment variables a Bedrock provider signs with, unless it uses an
-# API key (api_key_env) instead. Mirrors src/config.rs.
+# API key (api_key_env) instead. Mirrors src/config/providers.rs.
 AWS_ENV_DEFAULTS = {
     "aws_access_key_id_env": "AWS_ACCESS_KEY_ID",
     "aws_secret_access_key_env": "AWS_SECRET_ACCESS_KEY",
@@ -165,7 +165,7 @@ AWS_ENV_DEFAULTS = {
 
 def provider_url(provider):
     """A provider's base_url, with the kind's default filled in (mirrors
-    default_base_url in src/config.rs)."""
+    default_base_url in src/providers/mod.rs)."""
     if provider.get("base_url"):
         return provider["base_url"]
     kind, region = provider.get("kind"), provider.get("region")

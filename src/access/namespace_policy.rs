@@ -17,13 +17,13 @@
 use std::collections::HashSet;
 use std::rc::Rc;
 
+use crate::access::identity::Caller;
 use crate::config::names::Target;
 use crate::config::namespaces::{compile_listener, ListenerPolicy, NamespacePolicy, LISTENER_AT};
 use crate::config::Config;
 use crate::core::api_error::ApiError;
 use crate::host::SharedData;
-use crate::identity::Caller;
-use crate::limits::LimitRule;
+use crate::quota::limits::LimitRule;
 
 /// Where the listener half finds a namespace policy in the proxy's listener
 /// metadata (verified in Envoy 1.40; without the `xds` prefix there is none).
@@ -198,7 +198,7 @@ fn listener_policy(
         Ok(policy) => {
             for rule in &policy.rules {
                 for key in rule.known_buckets(config.models.iter().map(|m| m.name.as_str())) {
-                    crate::quota::ensure(store, &key);
+                    crate::quota::buckets::ensure(store, &key);
                 }
             }
             if first {

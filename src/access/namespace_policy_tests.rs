@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use super::*;
 use crate::config::compile;
-use crate::limits::{Facts, ModelScope};
+use crate::quota::limits::{Facts, ModelScope};
 
 fn env(var: &str) -> Option<String> {
     (var == "OPENAI_API_KEY").then(|| "sk-test".to_string())
@@ -327,7 +327,7 @@ fn namespace_rules_are_added_to_the_mesh_rules_with_their_own_buckets() {
     assert_eq!(team.rules()[0].bucket(&facts("gpt-4o")), None);
     // The document's rules get their buckets at start-up.
     let mut store = Store::default();
-    crate::admission::prepare_buckets(&cfg, &mut store);
+    crate::quota::admission::prepare_buckets(&cfg, &mut store);
     assert!(store.0.contains_key("meshllm/quota/v1/shop/burst"));
     assert!(store.0.contains_key("meshllm/quota/v1/team/burst"));
 }

@@ -4,18 +4,27 @@
 //! reads: providers with their precomputed authority, paths and auth header,
 //! and a model table keyed by every public name and alias. Any problem is
 //! reported with the field path it concerns, and nothing is half-applied.
+//!
+//! One file per section: `providers`, `models`, `routing` (`routes`,
+//! `failover` and each model's routing attributes), `namespaces`; the
+//! `identity`, `attribution` and `quotas` sections compile next to the code
+//! that uses them (`access::identity`, `quota::limits`). Every section
+//! reports through `error` and checks names with `names`, two leaves, so no
+//! section imports this module.
 
 pub mod error;
 pub mod models;
 pub mod names;
 pub mod namespaces;
 pub mod providers;
+pub mod routing;
 
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 
 use serde_json::{Map, Value};
 
+use crate::access::identity::{compile_identity, IdentityPolicy};
 use crate::config::error::ConfigError;
 use crate::config::models::{compile_models, model_listing, ModelRoute};
 use crate::config::names::Target;
@@ -23,9 +32,8 @@ use crate::config::namespaces::{
     compile_allowed, compile_namespaces, Document, ListenerCache, NamespacePolicy,
 };
 use crate::config::providers::{attempt_header_names, compile_providers, Provider};
-use crate::identity::{compile_identity, IdentityPolicy};
-use crate::limits::{compile_attribution, compile_quotas, Known, QuotaPolicy, Tag};
-use crate::policy::{compile_failover, compile_routes, Failover, RoutePolicy};
+use crate::config::routing::{compile_failover, compile_routes, Failover, RoutePolicy};
+use crate::quota::limits::{compile_attribution, compile_quotas, Known, QuotaPolicy, Tag};
 
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 10 * 1024 * 1024;
 const MAX_MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;

@@ -10,12 +10,14 @@ use serde_json::Value;
 use crate::config::error::{deserialize_at, ConfigError};
 use crate::config::names::valid_model_name;
 use crate::config::providers::Provider;
+use crate::config::routing::{
+    compile_attributes, ModelAttributes, RawCapabilities, RawPrice, RoutePolicy,
+};
 use crate::core::json::quote;
 use crate::core::schema::Schema;
 use crate::core::url::percent_encode;
-use crate::policy::{compile_attributes, ModelAttributes, RawCapabilities, RawPrice, RoutePolicy};
-use crate::pricing::default_prices;
 use crate::providers::{converse_path, ProviderKind};
+use crate::quota::pricing::default_prices;
 
 /// Which inbound API operation a request is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,10 +14,10 @@ use std::rc::Rc;
 
 use serde_json::Value;
 
+use crate::access::identity::{valid_segment, IdentityPolicy};
 use crate::config::error::ConfigError;
 use crate::config::names::{valid_model_name, Target};
-use crate::identity::{valid_segment, IdentityPolicy};
-use crate::limits::{compile_rule, Known, LimitRule, Selector, Tag};
+use crate::quota::limits::{compile_rule, Known, LimitRule, Selector, Tag};
 
 /// One namespace's policy, compiled.
 #[derive(Debug, Default, PartialEq, Eq)]

@@ -34,6 +34,7 @@
 pub mod anthropic_openai;
 pub mod chat_input;
 pub mod chat_output;
+pub mod exchange;
 pub mod gemini_openai;
 pub mod openai_anthropic;
 pub mod openai_bedrock;

@@ -9,8 +9,8 @@ use serde_json::Value;
 use crate::core::json::from_str_lossy;
 use crate::core::schema::Schema;
 use crate::core::sse::{SseEvent, SseParser, MAX_EVENT_BYTES};
-use crate::exchange::{stream_translator, Exchange};
 use crate::providers::aws::eventstream::encode;
+use crate::translate::exchange::{stream_translator, Exchange};
 
 /// The key every provider has in these tests; the corpus quotes it.
 const KEY: &str = "hostile-key/0123456789abcdef";

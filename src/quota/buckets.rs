@@ -1,4 +1,4 @@
-//! Quotas and budgets shared by every Envoy worker thread, without overshoot.
+//! Quota buckets shared by every Envoy worker thread, without overshoot.
 //!
 //! A bucket (a consumer, a team, a route's budget, ...) counts requests,
 //! tokens and spend in micro-USD over fixed UTC windows (minute, day,

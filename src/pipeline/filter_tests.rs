@@ -2236,8 +2236,12 @@ fn router_half_plans_the_chain_and_the_attempt_half_serves_its_position() {
     assert_eq!(up.resp("x-meshllm-attempts").as_deref(), Some("2"));
     assert_eq!(up.resp("x-meshllm-route").as_deref(), Some("ordered"));
     assert_eq!(up.resp(PROVIDER_RESPONSE_HEADER).as_deref(), Some("groq"));
-    let health =
-        crate::health::snapshot(&up, "fast", up.now_unix_millis(), &HealthPolicy::default());
+    let health = crate::routing::health::snapshot(
+        &up,
+        "fast",
+        up.now_unix_millis(),
+        &HealthPolicy::default(),
+    );
     assert_eq!((health.requests, health.samples), (1, 1));
 }
 
@@ -2274,7 +2278,7 @@ fn a_single_target_is_served_by_the_listener_half_and_feeds_health() {
             assert!(host.resp("x-meshllm-route").is_some());
         }
         router.on_done(&mut host);
-        let health = crate::health::snapshot(
+        let health = crate::routing::health::snapshot(
             &host,
             "fast",
             host.now_unix_millis(),
@@ -2415,10 +2419,10 @@ fn quota_config() -> Rc<Config> {
 
 const TEAM_BUCKET: &str = "meshllm/quota/v1/team";
 
-fn team_standings(host: &MockHost) -> Vec<crate::quota::Standing> {
+fn team_standings(host: &MockHost) -> Vec<crate::quota::buckets::Standing> {
     let cfg = quota_config();
     let rule = &cfg.quotas.as_ref().unwrap().rules[0];
-    crate::quota::standings(host, TEAM_BUCKET, &rule.limits, host.now_unix_millis())
+    crate::quota::buckets::standings(host, TEAM_BUCKET, &rule.limits, host.now_unix_millis())
 }
 
 #[test]
@@ -2441,7 +2445,7 @@ fn the_listener_half_reserves_and_settles_with_the_attempts_usage() {
     let reserved = team_standings(&host);
     let tokens = reserved
         .iter()
-        .find(|s| s.limit.meter == crate::quota::Meter::Tokens)
+        .find(|s| s.limit.meter == crate::quota::buckets::Meter::Tokens)
         .unwrap();
     assert!(tokens.used > 0);
 
@@ -2476,14 +2480,14 @@ fn the_listener_half_reserves_and_settles_with_the_attempts_usage() {
     );
     assert_eq!(router.on_response_body(&mut host, 2, true), Flow::Continue);
     let settled = team_standings(&host);
-    let used: Vec<(crate::quota::Meter, u64)> =
+    let used: Vec<(crate::quota::buckets::Meter, u64)> =
         settled.iter().map(|s| (s.limit.meter, s.used)).collect();
     assert!(
-        used.contains(&(crate::quota::Meter::Tokens, 42)),
+        used.contains(&(crate::quota::buckets::Meter::Tokens, 42)),
         "{used:?}"
     );
     assert!(
-        used.contains(&(crate::quota::Meter::Requests, 1)),
+        used.contains(&(crate::quota::buckets::Meter::Requests, 1)),
         "{used:?}"
     );
     assert_eq!(
@@ -2731,7 +2735,8 @@ fn bucket_use(cfg: &Config, host: &MockHost, rule: &str, key: &str) -> (u64, u64
         .iter()
         .find(|r| r.name == rule)
         .unwrap();
-    let standings = crate::quota::standings(host, key, &rule.limits, host.now_unix_millis());
+    let standings =
+        crate::quota::buckets::standings(host, key, &rule.limits, host.now_unix_millis());
     let used = |meter| {
         standings
             .iter()
@@ -2739,8 +2744,8 @@ fn bucket_use(cfg: &Config, host: &MockHost, rule: &str, key: &str) -> (u64, u64
             .map_or(0, |s| s.used)
     };
     (
-        used(crate::quota::Meter::Requests),
-        used(crate::quota::Meter::Tokens),
+        used(crate::quota::buckets::Meter::Requests),
+        used(crate::quota::buckets::Meter::Tokens),
     )
 }
 
@@ -3027,7 +3032,7 @@ fn each_model_rules_count_per_model_whatever_the_name() {
         {"name": "per-model", "match": {"model": "*"}, "requests_per_day": 1}
     ]));
     let mut store = MockHost::default();
-    crate::admission::prepare_buckets(&cfg, &mut store);
+    crate::quota::admission::prepare_buckets(&cfg, &mut store);
     let mut keys: Vec<&String> = store.shared.keys().collect();
     keys.sort();
     assert_eq!(
@@ -3832,7 +3837,7 @@ fn profile(name: &str, model: &str, body_size: usize, stream: bool, answer: Prof
         .unwrap_or_else(|e| panic!("bad profile config: {e}"));
     let cfg = Rc::new(compiled.config);
     let mut shared = HashMap::new();
-    crate::admission::prepare_buckets(&cfg, &mut SharedOnly(&mut shared));
+    crate::quota::admission::prepare_buckets(&cfg, &mut SharedOnly(&mut shared));
     let body = profile_body(model, body_size, stream);
     let iterations: u64 = std::env::var("PROFILE_ITERATIONS")
         .ok()

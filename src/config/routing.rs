@@ -3,7 +3,7 @@
 //! (price, capabilities, quality), and the failover settings that the
 //! filter and the generated Envoy configuration share.
 //!
-//! Only parsing and validation live here; `route` makes the per-request
+//! Only parsing and validation live here; `routing::route` makes the per-request
 //! decisions from what this module compiles.
 
 use std::collections::HashMap;
@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::config::error::ConfigError;
 use crate::config::names::valid_model_name;
 use crate::core::schema::Schema;
-pub use crate::route::{Capabilities, ScoreWeights, Strategy, Tier};
+pub use crate::routing::route::{Capabilities, ScoreWeights, Strategy, Tier};
 
 /// Failover across targets, done by Envoy's retries with the filter's
 /// upstream half translating each attempt.

@@ -9,22 +9,22 @@
 use std::rc::Rc;
 
 use crate::access::namespace_policy::{self, Applied, Source};
-use crate::admission::{self, Admission, Ask, Who};
 use crate::config::models::{ModelRoute, Operation};
 use crate::config::providers::Provider;
+use crate::config::routing::RoutePolicy;
 use crate::config::Config;
 use crate::core::api_error::ApiError;
 use crate::core::json::{Kind, TopLevel};
 use crate::core::schema::Schema;
 use crate::core::usage::Usage;
-use crate::exchange::{self, ErrorReply, Exchange, Inbound};
-use crate::health::{self, HealthPolicy, Outcome};
 use crate::host::{Host, HostResult};
 use crate::metrics;
-use crate::policy::RoutePolicy;
 use crate::providers::aws::sigv4;
 use crate::providers::ProviderKind;
-use crate::route;
+use crate::quota::admission::{self, Admission, Ask, Who};
+use crate::routing::health::{self, HealthPolicy, Outcome};
+use crate::routing::route;
+use crate::translate::exchange::{self, ErrorReply, Exchange, Inbound};
 use crate::translate::StreamTranslator;
 
 /// Model listings in the Anthropic and Gemini APIs' shapes (OpenAI's is
@@ -190,7 +190,7 @@ impl Plan {
     /// The plan as filter state, in the `wire` encoding (serde_json cost
     /// ~8k instructions per request between the halves).
     fn encode(&self) -> Vec<u8> {
-        let mut w = crate::wire::Writer::new();
+        let mut w = crate::pipeline::wire::Writer::new();
         w.usize(self.caller as usize);
         w.bool(self.embeddings);
         w.bool(self.gemini.is_some());
@@ -217,7 +217,7 @@ impl Plan {
 
     /// None for anything `encode` did not write, garbage included.
     fn decode(bytes: &[u8]) -> Option<Plan> {
-        let mut r = crate::wire::Reader::new(bytes);
+        let mut r = crate::pipeline::wire::Reader::new(bytes);
         const SCHEMAS: [Schema; 4] = [
             Schema::OpenAi,
             Schema::Anthropic,

@@ -16,7 +16,7 @@
 //! requests that name the route; `"*"` gives each model its own bucket.
 //! Admission (`admission::admit`) turns that into reservations.
 //!
-//! `quota` stores the counts; this module only decides what to count.
+//! `buckets` stores the counts; this module only decides what to count.
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -24,10 +24,10 @@ use std::rc::Rc;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use crate::access::identity::Caller;
 use crate::config::error::ConfigError;
 use crate::config::names::{valid_header_name, valid_model_name, Target};
-use crate::identity::Caller;
-use crate::quota::{Limit, Meter, Window};
+use crate::quota::buckets::{Limit, Meter, Window};
 
 /// How the admission estimate is made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -627,13 +627,13 @@ fn compile_match(
     let namespace = selector(
         "namespace",
         raw.namespace,
-        &crate::identity::valid_segment,
+        &crate::access::identity::valid_segment,
         "is not a valid namespace",
     )?;
     let service = selector(
         "service",
         raw.service,
-        &crate::identity::valid_segment,
+        &crate::access::identity::valid_segment,
         "is not a valid service name",
     )?;
     let virtual_key = selector(
