@@ -18,6 +18,8 @@ pub mod names;
 pub mod namespaces;
 pub mod providers;
 pub mod routing;
+#[cfg(test)]
+pub mod testing;
 
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
@@ -360,23 +362,7 @@ fn compile_hosts(value: Option<&Value>) -> Result<Vec<String>, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn env(var: &str) -> Option<String> {
-        match var {
-            "OPENAI_API_KEY" => Some("sk-test-openai".into()),
-            "AZURE_KEY" => Some("az-secret".into()),
-            "EMPTY" => Some("  ".into()),
-            _ => None,
-        }
-    }
-
-    fn ok(doc: &str) -> Compiled {
-        compile(doc.as_bytes(), &env).unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    fn err(doc: &str) -> String {
-        compile(doc.as_bytes(), &env).unwrap_err().to_string()
-    }
+    use crate::config::testing::{compile_error, compiled, test_env};
 
     const GOOD: &str = r#"{
       "providers": [
@@ -384,7 +370,7 @@ mod tests {
         {"name": "azure", "kind": "azure_openai", "base_url": "https://res.openai.azure.com",
          "api_version": "2024-10-21", "api_key_env": "AZURE_KEY"},
         {"name": "groq", "kind": "openai_compatible", "base_url": "https://api.groq.com/openai/v1/",
-         "api_key_env": "GROQ_API_KEY", "headers": {"X-Title": "meshllm"}},
+         "api_key_env": "NOKEY_API_KEY", "headers": {"X-Title": "meshllm"}},
         {"name": "ollama", "kind": "openai_compatible", "base_url": "http://ollama.local:11434/v1",
          "cluster": "ollama_local"}
       ],
@@ -399,7 +385,7 @@ mod tests {
 
     #[test]
     fn compiles_a_complete_document() {
-        let c = ok(GOOD);
+        let c = compiled(GOOD);
         let cfg = &c.config;
         assert_eq!(cfg.max_request_bytes, 1048576);
         assert_eq!(cfg.max_response_bytes, DEFAULT_MAX_RESPONSE_BYTES);
@@ -424,7 +410,7 @@ mod tests {
         );
         assert_eq!(
             cfg.providers[1].auth_header,
-            Some(("api-key", "az-secret".to_string()))
+            Some(("api-key", "az-test-secret".to_string()))
         );
 
         let fast = cfg.route("fast").unwrap();
@@ -439,7 +425,7 @@ mod tests {
         assert!(cfg.providers[2].key_missing);
         assert!(cfg.providers[2].auth_header.is_none());
         assert_eq!(c.warnings.len(), 1);
-        assert!(c.warnings[0].contains("GROQ_API_KEY"));
+        assert!(c.warnings[0].contains("NOKEY_API_KEY"));
         assert!(!c.warnings[0].contains("sk-"));
 
         let local = &cfg.providers[3];
@@ -455,7 +441,7 @@ mod tests {
 
     #[test]
     fn models_listing_is_openai_shaped() {
-        let c = ok(GOOD);
+        let c = compiled(GOOD);
         let v: Value = serde_json::from_slice(&c.config.models_list_body).unwrap();
         assert_eq!(v["object"], "list");
         let ids: Vec<&str> = v["data"]
@@ -472,12 +458,12 @@ mod tests {
         assert_eq!(one["owned_by"], "groq");
         // No secret ends up in any listing.
         let all = String::from_utf8(c.config.models_list_body.clone()).unwrap();
-        assert!(!all.contains("sk-test") && !all.contains("az-secret"));
+        assert!(!all.contains("sk-test") && !all.contains("az-test-secret"));
     }
 
     #[test]
     fn blank_key_counts_as_missing() {
-        let c = ok(
+        let c = compiled(
             r#"{"providers":[{"name":"o","kind":"openai","api_key_env":"EMPTY"}],
                       "models":[{"name":"m","provider":"o"}]}"#,
         );
@@ -593,7 +579,7 @@ mod tests {
             ),
         ];
         for (doc, want) in cases {
-            let got = err(doc);
+            let got = compile_error(doc);
             assert!(
                 got.starts_with(want),
                 "for {doc}\n got: {got}\nwant: {want}"
@@ -603,11 +589,11 @@ mod tests {
 
     #[test]
     fn hosts_select_the_requests_the_filter_handles() {
-        let every = ok(
+        let every = compiled(
             r#"{"providers":[{"name":"a","kind":"openai"}],"models":[{"name":"m","provider":"a"}]}"#,
         );
         assert!(every.config.handles_host("anything.example:8080"));
-        let some = ok(
+        let some = compiled(
             r#"{"providers":[{"name":"a","kind":"openai"}],"models":[{"name":"m","provider":"a"}],
                 "hosts":["api.openai.com","LLM.mesh","*.llm.internal"]}"#,
         );
@@ -633,7 +619,7 @@ mod tests {
         let mut n = 0;
         for block in reference.split("```json").skip(1) {
             let doc = block.split("```").next().unwrap();
-            compile(doc.as_bytes(), &env).unwrap_or_else(|e| panic!("{e}\n{doc}"));
+            compile(doc.as_bytes(), &test_env).unwrap_or_else(|e| panic!("{e}\n{doc}"));
             n += 1;
         }
         assert_eq!(
@@ -641,7 +627,7 @@ mod tests {
             "one example per documented provider, the routing, the two quota examples and the \
              namespace policy example"
         );
-        let shipped = ok(include_str!("../../envoy/meshllm.json"));
+        let shipped = compiled(include_str!("../../envoy/meshllm.json"));
         assert_eq!(shipped.config.providers.len(), 10);
     }
 }

@@ -406,7 +406,7 @@ pub fn compile_routes(
 
 #[cfg(test)]
 mod tests {
-    use crate::config::compile;
+    use crate::config::testing::{compile_doc, compile_error, config};
 
     fn compile_err(extra: &str) -> String {
         let doc = format!(
@@ -414,10 +414,7 @@ mod tests {
             "models":[{{"name":"m","provider":"a","price":{{"input":1,"output":2}}}},
                       {{"name":"n","provider":"b"}}]{extra}}}"#
         );
-        match compile(doc.as_bytes(), &|_| None) {
-            Ok(_) => "ok".into(),
-            Err(e) => e.to_string(),
-        }
+        compile_doc(&doc).map_or_else(|e| e, |_| "ok".into())
     }
 
     #[test]
@@ -447,11 +444,11 @@ mod tests {
 
     #[test]
     fn model_attributes_compile_to_micro_dollars_and_defaults() {
-        let doc = br#"{"providers":[{"name":"a","kind":"openai"},{"name":"b","kind":"anthropic"}],
+        let doc = r#"{"providers":[{"name":"a","kind":"openai"},{"name":"b","kind":"anthropic"}],
             "models":[{"name":"m","provider":"a","price":{"input":2.5,"output":10,"cached_input":1.25},
                        "capabilities":{"vision":false,"context_window":128000},"quality":0.8},
                       {"name":"n","provider":"b"}]}"#;
-        let c = compile(doc, &|_| None).unwrap().config;
+        let c = config(doc);
         let m = &c.models[0].attributes;
         assert_eq!(m.input_price, Some(2_500_000));
         assert_eq!(m.output_price, Some(10_000_000));
@@ -460,9 +457,9 @@ mod tests {
         assert_eq!(m.caps.context_window, Some(128_000));
         // Anthropic models cannot do JSON mode through the gateway.
         assert!(!c.models[1].attributes.caps.json_mode);
-        let bad = br#"{"providers":[{"name":"a","kind":"openai"}],
+        let bad = r#"{"providers":[{"name":"a","kind":"openai"}],
             "models":[{"name":"m","provider":"a","quality":2}]}"#;
-        let e = compile(bad, &|_| None).unwrap_err().to_string();
+        let e = compile_error(bad);
         assert!(
             e.starts_with("models[0].quality: must be a score from 0 to 1"),
             "{e}"
