@@ -2,6 +2,10 @@
 //! the config, where it lives by default, and the fixed parts of its API
 //! (version header, request paths) that the config compiles into routes.
 //! `aws/` holds what talking to Bedrock takes beyond that.
+//!
+//! `envoy/tools/providers.json` is the same table for the Python tools
+//! (default URLs, credential variables, paths), generated from this code by
+//! a test in `config/providers.rs` that fails while the two differ.
 
 use crate::core::url::percent_encode;
 
