@@ -13,7 +13,6 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
-use crate::access::namespace_policy::LISTENER_POLICY_PATH;
 use crate::host::{Host, HostError, HostResult, SharedData};
 
 /// One `send_response` call.
@@ -88,8 +87,6 @@ pub struct MockHost {
     pub now_ms: u64,
     pub gauges: HashMap<String, u64>,
     pub histograms: HashMap<String, Vec<u64>>,
-    /// What the listener metadata's `meshllm.policy` holds.
-    pub listener: Option<Vec<u8>>,
     /// Host calls by kind, and the bytes they moved, for the profiling driver.
     pub calls: RefCell<HashMap<&'static str, (u64, u64)>>,
 }
@@ -338,9 +335,6 @@ impl Host for MockHost {
     }
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
         self.tally("property", 0);
-        if path == LISTENER_POLICY_PATH {
-            return self.listener.clone();
-        }
         self.properties.get(&path.join(".")).cloned()
     }
     fn set_property(&mut self, path: &[&str], value: &[u8]) -> HostResult {

@@ -2839,7 +2839,10 @@ fn ns_call(
 ) -> (RequestFilter, Flow) {
     let mut fresh = client_post(path, body.as_bytes()).with_header("x-caller", caller);
     fresh.shared = std::mem::take(&mut host.shared);
-    fresh.listener = host.listener.take();
+    let listener = listener_key();
+    if let Some(policy) = host.properties.remove(&listener) {
+        fresh.properties.insert(listener, policy);
+    }
     fresh.counters = std::mem::take(&mut host.counters);
     *host = fresh;
     let mut f = RequestFilter::new(Rc::clone(cfg), role);
@@ -3045,10 +3048,23 @@ fn downgrades_never_lead_to_a_model_the_caller_may_not_use() {
     }
 }
 
+/// Where the mock host keeps the listener metadata's `meshllm.policy`.
+fn listener_key() -> String {
+    namespace_policy::LISTENER_POLICY_PATH.join(".")
+}
+
+/// Puts `policy` in the listener metadata the host serves (None: none).
+fn set_listener_policy(host: &mut MockHost, policy: Option<&[u8]>) {
+    match policy {
+        Some(policy) => host.properties.insert(listener_key(), policy.to_vec()),
+        None => host.properties.remove(&listener_key()),
+    };
+}
+
 /// A listing as `caller` sees it.
 fn listing(cfg: &Rc<Config>, path: &str, caller: &str, listener: Option<&str>) -> Sent {
     let mut host = MockHost::new("GET", path).with_header("x-caller", caller);
-    host.listener = listener.map(|s| s.as_bytes().to_vec());
+    set_listener_policy(&mut host, listener.map(str::as_bytes));
     let mut f = RequestFilter::new(Rc::clone(cfg), Role::Router);
     assert_eq!(f.on_request_headers(&mut host, true), Flow::Pause);
     host.reply().clone()
@@ -3135,10 +3151,11 @@ fn listings_show_what_the_caller_may_use() {
 #[test]
 fn listener_metadata_overrides_the_document_and_fails_closed_when_invalid() {
     let cfg = ns_config();
-    let mut host = MockHost {
-        listener: Some(br#"{"allowed_models": ["chain", "q"], "aliases": {"q": "fast"}}"#.to_vec()),
-        ..MockHost::default()
-    };
+    let mut host = MockHost::default();
+    set_listener_policy(
+        &mut host,
+        Some(br#"{"allowed_models": ["chain", "q"], "aliases": {"q": "fast"}}"#),
+    );
     // The document lets shop use `quick`; the listener's policy does not know it.
     let body = chat_body(&quote("quick"));
     ns_call(
@@ -3180,7 +3197,10 @@ fn listener_metadata_overrides_the_document_and_fails_closed_when_invalid() {
     );
 
     // Invalid: 500 in each caller's shape, naming the field.
-    host.listener = Some(br#"{"services": {"chat": {"allowed_models": ["gpt-5"]}}}"#.to_vec());
+    set_listener_policy(
+        &mut host,
+        Some(br#"{"services": {"chat": {"allowed_models": ["gpt-5"]}}}"#),
+    );
     let body = chat_body(&quote("chain"));
     let (mut f, _) = ns_call(
         &cfg,
