@@ -5,7 +5,7 @@
 //!
 //! `envoy/tools/providers.json` is the same table for the Python tools
 //! (default URLs, credential variables, paths), generated from this code by
-//! a test in `config/providers.rs` that fails while the two differ.
+//! a test (`config/provider_table_tests.rs`) that fails while the two differ.
 
 use crate::core::url::percent_encode;
 
