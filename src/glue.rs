@@ -10,11 +10,11 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 
-use crate::api::openai::ApiError;
 use crate::config::{compile, Config};
-use crate::filter::{Flow, RequestFilter, Role};
+use crate::core::api_error::ApiError;
 use crate::host::{Host, HostError, HostResult, SharedData};
 use crate::metrics::NameMap;
+use crate::pipeline::filter::{Flow, RequestFilter, Role};
 
 proxy_wasm::main! {{
     let _ = log::set_logger(&LOGGER);
@@ -80,7 +80,10 @@ impl RootContext for Root {
                     compiled.config.models.len()
                 );
                 if !self.upstream_half {
-                    crate::admission::prepare_buckets(&compiled.config, &mut ProxyHost::default());
+                    crate::quota::admission::prepare_buckets(
+                        &compiled.config,
+                        &mut ProxyHost::default(),
+                    );
                 }
                 self.config = Some(Rc::new(compiled.config));
                 true

@@ -9,27 +9,16 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
-pub mod admission;
-pub mod api;
-pub mod aws;
+pub mod access;
 pub mod config;
-pub mod exchange;
-pub mod filter;
-pub mod health;
+pub mod core;
 pub mod host;
-pub mod identity;
-pub mod json;
-pub mod limits;
 pub mod metrics;
-pub mod nspolicy;
-pub mod policy;
-pub mod pricing;
+pub mod pipeline;
+pub mod providers;
 pub mod quota;
-pub mod route;
-pub mod sse;
+pub mod routing;
 pub mod translate;
-pub mod url;
-pub mod wire;
 
 // The host ABI only exists inside the VM: native test binaries never link the
 // glue, but clippy checks it everywhere.

@@ -237,7 +237,7 @@ pub fn error_type(status: u16) -> Option<String> {
     }
 }
 
-/// A routing reason (see route.rs) as a bounded label: each `;` part's
+/// A routing reason (see routing/route.rs) as a bounded label: each `;` part's
 /// key (`ordered;skipped=a,c` is `ordered+skipped`), without the auto
 /// classifier's evidence.
 pub fn route_reason(reason: &str) -> String {

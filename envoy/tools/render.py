@@ -23,16 +23,16 @@ from urllib.parse import urlsplit
 WASM_DEFAULT = "target/wasm32-wasip1/release/meshllm.wasm"
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 CLUSTER_HEADER = "x-meshllm-cluster"
-# Failover (mirrors src/policy.rs and src/filter.rs).
+# Failover (mirrors src/config/routing.rs and src/pipeline/filter.rs).
 FAILOVER_CLUSTER = "meshllm"
 POSITION_HEADER_PREFIX = "x-meshllm-p"
 FAILOVER_DEFAULTS = {"enabled": True, "max_attempts": 3, "per_try_timeout_ms": 60000}
-# The filter's own size limits (mirror src/config.rs).
+# The filter's own size limits (mirror src/config/mod.rs).
 DEFAULT_MAX_REQUEST_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 # The listener half names the caller's API on requests it serves itself;
 # header_to_metadata moves it into dynamic metadata (mirrors CALLER_API_HEADER
-# in src/filter.rs) for local_reply_config.
+# in src/pipeline/filter.rs) for local_reply_config.
 CALLER_API_HEADER = "x-meshllm-caller-api"
 METADATA_NAMESPACE = "meshllm"
 CALLER_API_KEY = "caller_api"
@@ -148,43 +148,38 @@ def access_log(path, fmt="json"):
     }
 
 
-DEFAULT_BASE_URLS = {
-    "openai": "https://api.openai.com/v1",
-    "anthropic": "https://api.anthropic.com/v1",
-    "gemini": "https://generativelanguage.googleapis.com/v1beta",
-}
+# What each provider kind is by default: base URLs and the environment
+# variables its credentials come from. providers.json is generated from the
+# Rust code, and `cargo test` fails while the two differ.
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "providers.json")) as _f:
+    PROVIDER_KINDS = json.load(_f)["kinds"]
 
-# The environment variables a Bedrock provider signs with, unless it uses an
-# API key (api_key_env) instead. Mirrors src/config.rs.
-AWS_ENV_DEFAULTS = {
-    "aws_access_key_id_env": "AWS_ACCESS_KEY_ID",
-    "aws_secret_access_key_env": "AWS_SECRET_ACCESS_KEY",
-    "aws_session_token_env": "AWS_SESSION_TOKEN",
-}
+# The fields that name the variables a Bedrock provider signs with, unless it
+# uses an API key (api_key_env) instead, and their defaults.
+AWS_ENV_DEFAULTS = dict(PROVIDER_KINDS["bedrock"]["env_defaults"])
 
 
 def provider_url(provider):
-    """A provider's base_url, with the kind's default filled in (mirrors
-    default_base_url in src/config.rs)."""
+    """A provider's base_url, with the kind's default filled in (None where
+    the kind has none: the filter refuses such a config)."""
     if provider.get("base_url"):
         return provider["base_url"]
-    kind, region = provider.get("kind"), provider.get("region")
-    if kind == "vertex_ai":
-        if region == "global":
-            return "https://aiplatform.googleapis.com/v1"
-        return f"https://{region}-aiplatform.googleapis.com/v1"
-    if kind == "bedrock":
-        return f"https://bedrock-runtime.{region}.amazonaws.com"
-    return DEFAULT_BASE_URLS.get(kind)
+    kind = PROVIDER_KINDS.get(provider.get("kind"), {})
+    region = provider.get("region")
+    if region in kind.get("default_base_url_by_region", {}):
+        return kind["default_base_url_by_region"][region]
+    template = kind.get("default_base_url")
+    if template is None or ("{region}" in template and not region):
+        return None
+    return template.replace("{region}", region or "")
 
 
 def provider_env_keys(provider):
     """The environment variables a provider's credentials come from."""
     if provider.get("api_key_env"):
         return [provider["api_key_env"]]
-    if provider.get("kind") == "bedrock":
-        return [provider.get(field, default) for field, default in AWS_ENV_DEFAULTS.items()]
-    return []
+    defaults = PROVIDER_KINDS.get(provider.get("kind"), {}).get("env_defaults", [])
+    return [provider.get(field, default) for field, default in defaults]
 
 
 def env_keys(plugin_config):
@@ -485,7 +480,7 @@ def buffer_limit_bytes(plugin_config):
 
 # Envoy's own replies to a caller of each API, by status: OpenAI `type` and
 # `code`, Anthropic `type`, Gemini `status` (as the filter writes them:
-# error_type_for_status in src/api/openai.rs and src/translate/
+# error_type_for_status in src/core/api_error.rs and src/translate/
 # anthropic_openai.rs, google_status in src/translate/gemini_openai.rs).
 # None: any other status (Envoy answers its failures with 5xx).
 LOCAL_REPLY_TYPES = {

@@ -31,11 +31,12 @@
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use crate::api::openai::ApiError;
-use crate::json::{from_slice_lossy, from_str_lossy};
-use crate::sse::{SseEvent, SseParser};
+use crate::core::api_error::ApiError;
+use crate::core::json::{from_slice_lossy, from_str_lossy};
+use crate::core::sse::{SseEvent, SseParser};
+use crate::core::usage::Usage;
 use crate::translate::chat_input::{invalid_value, json_type, quoted, unsupported};
-use crate::translate::{StreamFault, StreamTranslator, Usage, MAX_PIVOT_EVENT_BYTES};
+use crate::translate::{StreamFault, StreamTranslator, MAX_PIVOT_EVENT_BYTES};
 
 /// Thinking budgets from this many tokens ask for `reasoning_effort: "medium"`.
 pub const EFFORT_MEDIUM_FROM: u64 = 4096;

@@ -5,7 +5,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::api::openai::ApiError;
+use crate::core::api_error::ApiError;
 
 /// A JSON value's type, as error messages name it.
 pub fn json_type(v: &Value) -> &'static str {
@@ -73,7 +73,7 @@ pub fn has_prefix_ignore_case(s: &str, prefix: &str) -> bool {
 /// At most 512 bytes of a provider's error body as text (an HTML page's
 /// title), cut at a character boundary, for quoting in an error message.
 pub fn quoted(body: &[u8]) -> String {
-    crate::api::openai::readable_text(body)
+    crate::core::api_error::readable_text(body)
 }
 
 /// An assistant message's content and tool calls as the target's blocks:

@@ -82,11 +82,12 @@ use std::borrow::Cow;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use crate::api::openai::ApiError;
-use crate::json::{from_slice_lossy, from_str_lossy};
-use crate::sse::{SseEvent, SseParser};
+use crate::core::api_error::ApiError;
+use crate::core::json::{from_slice_lossy, from_str_lossy};
+use crate::core::sse::{SseEvent, SseParser};
+use crate::core::usage::Usage;
 use crate::translate::chat_input::{invalid_value, json_type, quoted, unsupported};
-use crate::translate::{StreamFault, StreamTranslator, Usage, MAX_PIVOT_EVENT_BYTES};
+use crate::translate::{StreamFault, StreamTranslator, MAX_PIVOT_EVENT_BYTES};
 
 /// The largest thinking budgets for the `low` and `medium` efforts.
 const LOW_BUDGET_MAX: i64 = 2048;

@@ -33,6 +33,8 @@
 
 pub mod anthropic_openai;
 pub mod chat_input;
+pub mod chat_output;
+pub mod exchange;
 pub mod gemini_openai;
 pub mod openai_anthropic;
 pub mod openai_bedrock;
@@ -43,33 +45,10 @@ pub mod scrub;
 #[cfg(test)]
 mod stream_faults_tests;
 
-use crate::api::openai::ApiError;
-use crate::sse::MAX_EVENT_BYTES;
-
-/// The API schemas the gateway speaks, on either side.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum Schema {
-    /// OpenAI Chat Completions (also Azure OpenAI and OpenAI-compatibles).
-    OpenAi,
-    /// Anthropic Messages (also on Vertex AI).
-    Anthropic,
-    /// Google Gemini generateContent (also on Vertex AI).
-    Gemini,
-    /// AWS Bedrock Converse.
-    Converse,
-}
-
-/// Token counts of one exchange, in OpenAI's terms: `input_tokens` counts
-/// every prompt token, cached ones (read or written) included;
-/// `cached_input_tokens` those read from a cache; `reasoning_tokens` the part
-/// of `output_tokens` spent thinking, where the provider reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Usage {
-    pub input_tokens: u64,
-    pub output_tokens: u64,
-    pub cached_input_tokens: u64,
-    pub reasoning_tokens: u64,
-}
+use crate::core::api_error::ApiError;
+use crate::core::schema::Schema;
+use crate::core::sse::MAX_EVENT_BYTES;
+use crate::core::usage::Usage;
 
 /// An incremental stream translator: upstream body chunks in, the caller's
 /// stream out. Every event a chunk completes is translated at once; partial
@@ -194,7 +173,7 @@ pub(crate) fn request_object(
 /// The token counts in a complete (non-streamed) answer in `schema`, read
 /// from its usage object alone; None when it reports none.
 pub fn usage_of_answer(schema: Schema, body: &[u8]) -> Option<Usage> {
-    use crate::json::TopLevel;
+    use crate::core::json::TopLevel;
     let doc = TopLevel::parse(body).ok()?;
     let field = match schema {
         Schema::Gemini => "usageMetadata",
@@ -210,7 +189,7 @@ pub fn usage_of_answer(schema: Schema, body: &[u8]) -> Option<Usage> {
             let within = inner.as_ref().unwrap_or(&usage);
             let field = within
                 .last(key)
-                .filter(|f| f.kind == crate::json::Kind::Object)?;
+                .filter(|f| f.kind == crate::core::json::Kind::Object)?;
             inner = Some(TopLevel::parse(within.raw(field)).ok()?);
         }
         let within = inner.as_ref().unwrap_or(&usage);

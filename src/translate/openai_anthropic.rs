@@ -10,21 +10,19 @@
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use crate::api::chat::{
-    write_data, CachedTokens, ChatCompletion, ChatMessage, ChatUsage, Choice, Chunk, ChunkChoice,
-    Delta, FunctionCall, FunctionDelta, ToolCall, ToolCallDelta,
-};
-use crate::api::openai::{error_type_for_status, ApiError};
-use crate::json::{from_slice_lossy, from_str_lossy};
-use crate::sse::{SseEvent, SseParser};
+use crate::core::api_error::{error_type_for_status, ApiError};
+use crate::core::json::{from_slice_lossy, from_str_lossy};
+use crate::core::sse::{SseEvent, SseParser};
+use crate::core::usage::Usage;
 use crate::translate::chat_input::{
     assistant_blocks, bad_message, has_prefix_ignore_case, invalid_type, invalid_value, json_type,
     plain_text, quoted, unsupported,
 };
-use crate::translate::{StreamFault, StreamTranslator, Usage};
-
-/// The `anthropic-version` header value the gateway sends.
-pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
+use crate::translate::chat_output::{
+    write_data, CachedTokens, ChatCompletion, ChatMessage, ChatUsage, Choice, Chunk, ChunkChoice,
+    Delta, FunctionCall, FunctionDelta, ToolCall, ToolCallDelta,
+};
+use crate::translate::{StreamFault, StreamTranslator};
 
 /// Thinking budgets for OpenAI's `reasoning_effort` values.
 const THINKING_BUDGETS: [(&str, u64); 3] = [("low", 1024), ("medium", 4096), ("high", 16384)];
@@ -744,7 +742,7 @@ pub fn messages_error_to_chat(status: u16, body: &[u8]) -> Vec<u8> {
     // Anthropic's own shape, or what a proxy in front of it says.
     let message = parsed
         .as_ref()
-        .and_then(crate::api::openai::message_from_json)
+        .and_then(crate::core::api_error::message_from_json)
         .unwrap_or_else(|| {
             let text = quoted(body);
             if text.is_empty() {

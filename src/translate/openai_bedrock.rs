@@ -29,20 +29,20 @@
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use crate::api::chat::{
-    write_data, CachedTokens, ChatCompletion, ChatMessage, ChatUsage, Choice, Chunk, ChunkChoice,
-    Delta, FunctionCall, FunctionDelta, ToolCall, ToolCallDelta,
-};
-use crate::api::openai::{error_type_for_status, ApiError};
-use crate::aws::eventstream::{Decoder, Message};
-use crate::aws::sha256::{hex, Sha256};
-use crate::json::from_slice_lossy;
+use crate::core::api_error::{error_type_for_status, ApiError};
+use crate::core::json::from_slice_lossy;
+use crate::core::sha256::{hex, Sha256};
+use crate::core::usage::Usage;
+use crate::providers::aws::eventstream::{Decoder, Message};
 use crate::translate::chat_input::{
     assistant_blocks, bad_message, has_prefix_ignore_case, invalid_type, invalid_value, json_type,
     plain_text, quoted, unsupported,
 };
-use crate::translate::{StreamFault, StreamTranslator, Usage};
-use crate::url::percent_encode;
+use crate::translate::chat_output::{
+    write_data, CachedTokens, ChatCompletion, ChatMessage, ChatUsage, Choice, Chunk, ChunkChoice,
+    Delta, FunctionCall, FunctionDelta, ToolCall, ToolCallDelta,
+};
+use crate::translate::{StreamFault, StreamTranslator};
 
 /// What the filter needs to know about a translated request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,20 +51,6 @@ pub struct ConverseRequestInfo {
     pub stream: bool,
     /// `stream_options.include_usage`: send a final usage chunk.
     pub include_usage: bool,
-}
-
-/// The request path for a model id (a plain id, an inference profile id or
-/// an ARN): `/model/{id}/converse` or `/model/{id}/converse-stream`, the id
-/// percent-encoded whole (`:` -> `%3A`, `/` -> `%2F`; only RFC 3986
-/// unreserved characters stay). Sign exactly this path with
-/// [`crate::aws::sigv4::sign`].
-pub fn converse_path(model_id: &str, stream: bool) -> String {
-    let method = if stream {
-        "converse-stream"
-    } else {
-        "converse"
-    };
-    format!("/model/{}/{method}", percent_encode(model_id))
 }
 
 // ---------------------------------------------------------------------------
@@ -1200,7 +1186,7 @@ impl ConverseStreamToChat {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aws::eventstream::encode;
+    use crate::providers::aws::eventstream::encode;
     use std::collections::BTreeMap;
 
     const TEXT_STREAM: &str = include_str!("../../tests/fixtures/bedrock/text_stream.json");
@@ -1378,29 +1364,6 @@ mod tests {
         for (name, input, expected) in table {
             assert_eq!(translate(&input), expected, "{name}");
         }
-    }
-
-    #[test]
-    fn converse_paths() {
-        assert_eq!(
-            converse_path("anthropic.claude-3-5-sonnet-20240620-v1:0", false),
-            "/model/anthropic.claude-3-5-sonnet-20240620-v1%3A0/converse"
-        );
-        assert_eq!(
-            converse_path("us.meta.llama3-2-1b-instruct-v1:0", true),
-            "/model/us.meta.llama3-2-1b-instruct-v1%3A0/converse-stream"
-        );
-        assert_eq!(
-            converse_path(
-                "arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.x-v1:0",
-                false
-            ),
-            "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Ainference-profile%2Fus.x-v1%3A0/converse"
-        );
-        assert_eq!(
-            converse_path("a b?#%", false),
-            "/model/a%20b%3F%23%25/converse"
-        );
     }
 
     #[test]

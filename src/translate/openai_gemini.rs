@@ -97,18 +97,19 @@
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use crate::api::chat::{
-    write_data, CachedTokens, ChatUsage, Chunk, ChunkChoice, Delta, FunctionDelta, ReasoningTokens,
-    ToolCallDelta,
-};
-use crate::api::openai::{error_type_for_status, ApiError};
-use crate::json::{from_slice_lossy, from_str_lossy};
-use crate::sse::{SseEvent, SseParser};
+use crate::core::api_error::{error_type_for_status, ApiError};
+use crate::core::json::{from_slice_lossy, from_str_lossy};
+use crate::core::sse::{SseEvent, SseParser};
+use crate::core::usage::Usage;
 use crate::translate::chat_input::{
     bad_message, has_prefix_ignore_case, invalid_type, invalid_value, json_type, plain_text,
     quoted, unsupported,
 };
-use crate::translate::{StreamFault, StreamTranslator, Usage};
+use crate::translate::chat_output::{
+    write_data, CachedTokens, ChatUsage, Chunk, ChunkChoice, Delta, FunctionDelta, ReasoningTokens,
+    ToolCallDelta,
+};
+use crate::translate::{StreamFault, StreamTranslator};
 
 /// Thinking budgets for OpenAI's `reasoning_effort` values.
 const THINKING_BUDGETS: [(&str, u64); 4] = [
@@ -1241,7 +1242,7 @@ pub fn gemini_error_to_chat(status: u16, body: &[u8]) -> Vec<u8> {
         .or_else(|| {
             parsed
                 .as_ref()
-                .and_then(crate::api::openai::message_from_json)
+                .and_then(crate::core::api_error::message_from_json)
         })
         .unwrap_or_else(|| {
             let text = quoted(body);

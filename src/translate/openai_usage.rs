@@ -13,11 +13,11 @@ use std::ops::Range;
 
 use serde_json::Value;
 
-use crate::api::openai::ApiError;
-use crate::json::{from_slice_lossy, splice, Field, Kind, TopLevel};
-use crate::sse::SseEvent;
+use crate::core::api_error::ApiError;
+use crate::core::json::{from_slice_lossy, splice, Field, Kind, TopLevel};
+use crate::core::sse::SseEvent;
+use crate::core::usage::Usage;
 use crate::translate::passthrough::{StreamEnd, StreamWatch, Verdict};
-use crate::translate::Usage;
 
 const INCLUDE_USAGE: &[u8] = br#"{"include_usage":true}"#;
 

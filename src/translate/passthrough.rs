@@ -16,10 +16,11 @@
 
 use serde_json::Value;
 
-use crate::api::openai::ApiError;
-use crate::json::from_str_lossy;
-use crate::sse::{SseEvent, SseParser};
-use crate::translate::{anthropic_openai, gemini_openai, StreamFault, StreamTranslator, Usage};
+use crate::core::api_error::ApiError;
+use crate::core::json::from_str_lossy;
+use crate::core::sse::{SseEvent, SseParser};
+use crate::core::usage::Usage;
+use crate::translate::{anthropic_openai, gemini_openai, StreamFault, StreamTranslator};
 
 /// Tails grown past this by a large event are freed once it went out.
 const KEPT_TAIL_BYTES: usize = 64 * 1024;

@@ -11,7 +11,8 @@
 //! mostly steps a key's length at a time); output without a key goes on
 //! untouched and uncopied.
 
-use crate::translate::{StreamTranslator, Usage};
+use crate::core::usage::Usage;
+use crate::translate::StreamTranslator;
 
 /// What a key is replaced with (as in complete error replies).
 pub const REDACTED: &[u8] = b"[redacted]";

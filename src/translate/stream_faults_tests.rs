@@ -6,11 +6,11 @@
 
 use serde_json::Value;
 
-use crate::aws::eventstream::encode;
-use crate::exchange::{stream_translator, Exchange};
-use crate::json::from_str_lossy;
-use crate::sse::{SseEvent, SseParser, MAX_EVENT_BYTES};
-use crate::translate::Schema;
+use crate::core::json::from_str_lossy;
+use crate::core::schema::Schema;
+use crate::core::sse::{SseEvent, SseParser, MAX_EVENT_BYTES};
+use crate::providers::aws::eventstream::encode;
+use crate::translate::exchange::{stream_translator, Exchange};
 
 /// The key every provider has in these tests; the corpus quotes it.
 const KEY: &str = "hostile-key/0123456789abcdef";

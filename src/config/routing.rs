@@ -3,7 +3,7 @@
 //! (price, capabilities, quality), and the failover settings that the
 //! filter and the generated Envoy configuration share.
 //!
-//! Only parsing and validation live here; `route` makes the per-request
+//! Only parsing and validation live here; `routing::route` makes the per-request
 //! decisions from what this module compiles.
 
 use std::collections::HashMap;
@@ -11,9 +11,10 @@ use std::collections::HashMap;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::config::ConfigError;
-pub use crate::route::{Capabilities, ScoreWeights, Strategy, Tier};
-use crate::translate::Schema;
+use crate::config::error::ConfigError;
+use crate::config::names::valid_model_name;
+use crate::core::schema::Schema;
+pub use crate::routing::route::{Capabilities, ScoreWeights, Strategy, Tier};
 
 /// Failover across targets, done by Envoy's retries with the filter's
 /// upstream half translating each attempt.
@@ -264,7 +265,7 @@ pub fn compile_routes(
     for (i, v) in list.iter().enumerate() {
         let at = format!("routes[{i}]");
         let raw = RawRoute::deserialize(v).map_err(|e| ConfigError::new(&at, e.to_string()))?;
-        if !crate::config::valid_model_name(&raw.name) {
+        if !valid_model_name(&raw.name) {
             return Err(ConfigError::new(
                 format!("{at}.name"),
                 format!("{:?} is not a valid model name", raw.name),
@@ -405,7 +406,7 @@ pub fn compile_routes(
 
 #[cfg(test)]
 mod tests {
-    use crate::config::compile;
+    use crate::config::testing::{compile_doc, compile_error, config};
 
     fn compile_err(extra: &str) -> String {
         let doc = format!(
@@ -413,10 +414,7 @@ mod tests {
             "models":[{{"name":"m","provider":"a","price":{{"input":1,"output":2}}}},
                       {{"name":"n","provider":"b"}}]{extra}}}"#
         );
-        match compile(doc.as_bytes(), &|_| None) {
-            Ok(_) => "ok".into(),
-            Err(e) => e.to_string(),
-        }
+        compile_doc(&doc).map_or_else(|e| e, |_| "ok".into())
     }
 
     #[test]
@@ -446,11 +444,11 @@ mod tests {
 
     #[test]
     fn model_attributes_compile_to_micro_dollars_and_defaults() {
-        let doc = br#"{"providers":[{"name":"a","kind":"openai"},{"name":"b","kind":"anthropic"}],
+        let doc = r#"{"providers":[{"name":"a","kind":"openai"},{"name":"b","kind":"anthropic"}],
             "models":[{"name":"m","provider":"a","price":{"input":2.5,"output":10,"cached_input":1.25},
                        "capabilities":{"vision":false,"context_window":128000},"quality":0.8},
                       {"name":"n","provider":"b"}]}"#;
-        let c = compile(doc, &|_| None).unwrap().config;
+        let c = config(doc);
         let m = &c.models[0].attributes;
         assert_eq!(m.input_price, Some(2_500_000));
         assert_eq!(m.output_price, Some(10_000_000));
@@ -459,9 +457,9 @@ mod tests {
         assert_eq!(m.caps.context_window, Some(128_000));
         // Anthropic models cannot do JSON mode through the gateway.
         assert!(!c.models[1].attributes.caps.json_mode);
-        let bad = br#"{"providers":[{"name":"a","kind":"openai"}],
+        let bad = r#"{"providers":[{"name":"a","kind":"openai"}],
             "models":[{"name":"m","provider":"a","quality":2}]}"#;
-        let e = compile(bad, &|_| None).unwrap_err().to_string();
+        let e = compile_error(bad);
         assert!(
             e.starts_with("models[0].quality: must be a score from 0 to 1"),
             "{e}"

@@ -1,20 +1,10 @@
-//! Namespace policies: which public names a caller may use, extra names
-//! (aliases) for one namespace's callers, and quota rules that apply to that
-//! namespace on top of the mesh's own.
-//!
-//! For a caller in namespace N the policy is, first found wins:
-//!
-//! | source     | where                                                   |
-//! |------------|---------------------------------------------------------|
-//! | `listener` | the proxy's listener metadata `filter_metadata.meshllm.policy` (a JSON string) |
-//! | `namespace`| `namespaces.N` in the plugin configuration              |
-//! | `mesh`     | the top level: `allowed_models` (and `quotas` always)   |
-//!
-//! A namespace policy replaces the mesh allow-list for its callers (a
-//! service's own list replaces the namespace's), adds aliases, and adds quota
-//! rules; the mesh's quota rules apply whatever the source. Everything is
-//! compiled once: the document's policies in `on_configure`, a listener's
-//! policy the first time its bytes are seen (a small per-VM cache).
+//! The `namespaces` section, and namespace policies from listener metadata
+//! (the same schema): for one namespace's callers, the public names they
+//! may use, extra names (aliases), and quota rules on top of the mesh's own.
+//! Each is compiled against the document's public names, once: the
+//! document's in `on_configure`, a listener's the first time its bytes are
+//! seen (a small per-VM cache, kept here). Which policy applies to a request
+//! is `access::namespace_policy`.
 
 use std::cell::{Cell, RefCell};
 use std::collections::hash_map::DefaultHasher;
@@ -24,43 +14,10 @@ use std::rc::Rc;
 
 use serde_json::Value;
 
-use crate::api::openai::ApiError;
-use crate::config::{valid_model_name, Config, ConfigError, Target};
-use crate::host::SharedData;
-use crate::identity::{valid_segment, Caller};
-use crate::limits::{compile_rule, Known, LimitRule, Selector};
-
-/// Where the listener half finds a namespace policy in the proxy's listener
-/// metadata (verified in Envoy 1.40; without the `xds` prefix there is none).
-pub const LISTENER_POLICY_PATH: &[&str] = &[
-    "xds",
-    "listener_metadata",
-    "filter_metadata",
-    "meshllm",
-    "policy",
-];
-/// How errors in a listener policy name their fields.
-pub const LISTENER_AT: &str = "meshllm.policy";
-
-/// Which level of policy applies to a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Source {
-    #[default]
-    Mesh,
-    Namespace,
-    Listener,
-}
-
-impl Source {
-    /// As the access log shows it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Source::Mesh => "mesh",
-            Source::Namespace => "namespace",
-            Source::Listener => "listener",
-        }
-    }
-}
+use crate::access::identity::{valid_segment, IdentityPolicy};
+use crate::config::error::ConfigError;
+use crate::config::names::{valid_model_name, Target};
+use crate::quota::limits::{compile_rule, Known, LimitRule, Selector, Tag};
 
 /// One namespace's policy, compiled.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -76,130 +33,21 @@ pub struct NamespacePolicy {
     pub rules: Vec<Rc<LimitRule>>,
 }
 
-/// The policy that applies to one request.
-#[derive(Debug, Clone, Default)]
-pub struct Applied {
-    pub source: Source,
-    policy: Option<Rc<NamespacePolicy>>,
-    service: Option<String>,
+/// What a namespace policy is compiled against: the document's public
+/// names, its identity section and its attribution tags. `Config` is one;
+/// naming it through this trait keeps the section below `Config`, which
+/// holds the compiled policies.
+pub trait Document {
+    /// What a public name of the document denotes.
+    fn target(&self, name: &str) -> Option<Target>;
+    /// The document's own name of what a public name denotes.
+    fn target_name(&self, target: Target) -> &str;
+    fn identity(&self) -> Option<&IdentityPolicy>;
+    fn tags(&self) -> &[Tag];
 }
 
-impl Applied {
-    /// The document's name for `name`: a namespace alias's target, or itself.
-    pub fn resolve<'a>(&'a self, name: &'a str) -> &'a str {
-        self.policy
-            .as_ref()
-            .and_then(|p| p.aliases.get(name))
-            .map_or(name, String::as_str)
-    }
-
-    /// What `name` denotes for this caller (namespace aliases included).
-    pub fn target(&self, config: &Config, name: &str) -> Option<Target> {
-        config.target(self.resolve(name))
-    }
-
-    /// The allow-list in force: the service's, the namespace's, the mesh's;
-    /// None when every public name is allowed.
-    fn allow_list<'a>(&'a self, config: &'a Config) -> Option<&'a HashSet<Target>> {
-        if let Some(p) = &self.policy {
-            if let Some(list) = self.service.as_ref().and_then(|s| p.services.get(s)) {
-                return Some(list);
-            }
-            if let Some(list) = &p.allowed {
-                return Some(list);
-            }
-        }
-        config.allowed_models.as_ref()
-    }
-
-    /// Whether the caller may use `target`.
-    pub fn allows(&self, config: &Config, target: Target) -> bool {
-        self.allow_list(config)
-            .is_none_or(|list| list.contains(&target))
-    }
-
-    /// Whether `name` is a known name this caller may not use.
-    pub fn refuses(&self, config: &Config, name: &str) -> bool {
-        self.target(config, name)
-            .is_some_and(|t| !self.allows(config, t))
-    }
-
-    /// Quota rules added to the mesh's.
-    pub fn rules(&self) -> &[Rc<LimitRule>] {
-        self.policy.as_ref().map_or(&[], |p| p.rules.as_slice())
-    }
-
-    /// Whether listings differ from the document's full list.
-    pub fn restricts(&self, config: &Config) -> bool {
-        self.policy.is_some() || config.allowed_models.is_some()
-    }
-
-    /// The names this caller may use, with what they denote: the
-    /// document's in configuration order, then the namespace's aliases.
-    pub fn visible<'a>(&'a self, config: &'a Config) -> Vec<(&'a str, Target)> {
-        let aliases = self.policy.iter().flat_map(|p| {
-            p.aliases
-                .iter()
-                .filter_map(|(a, t)| Some((a.as_str(), config.target(t)?)))
-        });
-        config
-            .public_targets()
-            .chain(aliases)
-            .filter(|(_, t)| self.allows(config, *t))
-            .collect()
-    }
-}
-
-/// The policy for a caller: listener metadata (`listener`, its raw bytes)
-/// first, then the document's namespace entry, then the mesh. An invalid
-/// listener policy fails closed: 500 `invalid_namespace_policy`.
-pub fn apply(
-    config: &Config,
-    store: &mut dyn SharedData,
-    caller: Option<&Caller>,
-    listener: Option<Vec<u8>>,
-) -> Result<Applied, ApiError> {
-    let listener = listener.filter(|b| !b.trim_ascii().is_empty());
-    let Some(caller) = caller else {
-        if listener.is_some() && config.identity.is_none() {
-            return Err(invalid_policy(&format!(
-                "{LISTENER_AT}: a namespace policy needs an `identity` section in the \
-                 configuration (callers' namespaces are not known)"
-            )));
-        }
-        return Ok(Applied::default());
-    };
-    let service = Some(caller.service.clone());
-    if let Some(bytes) = listener {
-        let policy = listener_policy(config, &caller.namespace, bytes, store)
-            .map_err(|e| invalid_policy(&e))?;
-        return Ok(Applied {
-            source: Source::Listener,
-            policy: Some(policy),
-            service,
-        });
-    }
-    match config.namespaces.get(&caller.namespace) {
-        Some(p) => Ok(Applied {
-            source: Source::Namespace,
-            policy: Some(Rc::clone(p)),
-            service,
-        }),
-        None => Ok(Applied::default()),
-    }
-}
-
-fn invalid_policy(detail: &str) -> ApiError {
-    ApiError::new(
-        500,
-        "server_error",
-        Some("invalid_namespace_policy"),
-        format!(
-            "The namespace policy in this proxy's listener metadata is invalid, so the gateway \
-             refuses requests until it is fixed: {detail}."
-        ),
-    )
-}
+/// How errors in a listener policy name their fields.
+pub const LISTENER_AT: &str = "meshllm.policy";
 
 /// How many distinct listener policies one VM keeps compiled (a rollout
 /// briefly serves the old and the new listener side by side; a gateway
@@ -208,14 +56,15 @@ const CACHE_ENTRIES: usize = 8;
 /// How many distinct listener values are remembered as already logged.
 const LOGGED_VALUES: usize = 1024;
 
-type Compiled = Result<Rc<NamespacePolicy>, Rc<str>>;
+/// A listener policy as compiled: the policy, or why it is invalid.
+pub type ListenerPolicy = Result<Rc<NamespacePolicy>, Rc<str>>;
 
 /// Listener policies compiled per (namespace, bytes), most recent first.
 /// It lives in the `Config` of one VM (single-threaded), so a new
 /// configuration starts with an empty cache.
 #[derive(Default)]
 pub struct ListenerCache {
-    entries: RefCell<Vec<(String, Vec<u8>, Compiled)>>,
+    entries: RefCell<Vec<(String, Vec<u8>, ListenerPolicy)>>,
     logged: RefCell<HashSet<u64>>,
     compiles: Cell<u64>,
 }
@@ -232,9 +81,31 @@ impl ListenerCache {
         self.compiles.get()
     }
 
+    /// The policy compiled before for `bytes` in `namespace`, which
+    /// becomes the most recent entry.
+    pub fn cached(&self, namespace: &str, bytes: &[u8]) -> Option<ListenerPolicy> {
+        let mut entries = self.entries.borrow_mut();
+        let i = entries
+            .iter()
+            .position(|(ns, b, _)| ns == namespace && b == bytes)?;
+        let entry = entries.remove(i);
+        let compiled = entry.2.clone();
+        entries.insert(0, entry);
+        Some(compiled)
+    }
+
+    /// Keeps a policy just compiled (and counts the compile), dropping the
+    /// least recent entry past the bound.
+    pub fn remember(&self, namespace: &str, bytes: Vec<u8>, compiled: ListenerPolicy) {
+        self.compiles.set(self.compiles.get() + 1);
+        let mut entries = self.entries.borrow_mut();
+        entries.insert(0, (namespace.to_string(), bytes, compiled));
+        entries.truncate(CACHE_ENTRIES);
+    }
+
     /// Whether this is the first time `value` is reported (then it is
     /// remembered, up to a bound).
-    fn first_report(&self, namespace: &str, bytes: &[u8]) -> bool {
+    pub fn first_report(&self, namespace: &str, bytes: &[u8]) -> bool {
         let mut h = DefaultHasher::new();
         (namespace, bytes).hash(&mut h);
         let mut logged = self.logged.borrow_mut();
@@ -248,70 +119,13 @@ impl ListenerCache {
     }
 }
 
-fn listener_policy(
-    config: &Config,
-    namespace: &str,
-    bytes: Vec<u8>,
-    store: &mut dyn SharedData,
-) -> Result<Rc<NamespacePolicy>, Rc<str>> {
-    let cache = &config.listener_policies;
-    {
-        let mut entries = cache.entries.borrow_mut();
-        if let Some(i) = entries
-            .iter()
-            .position(|(ns, b, _)| ns == namespace && *b == bytes)
-        {
-            let entry = entries.remove(i);
-            let compiled = entry.2.clone();
-            entries.insert(0, entry);
-            return compiled;
-        }
-    }
-    cache.compiles.set(cache.compiles.get() + 1);
-    let compiled: Compiled = compile_listener(namespace, &bytes, config)
-        .map(Rc::new)
-        .map_err(|e| Rc::from(e.to_string()));
-    let first = cache.first_report(namespace, &bytes);
-    match &compiled {
-        Ok(policy) => {
-            for rule in &policy.rules {
-                for key in rule.known_buckets(config.models.iter().map(|m| m.name.as_str())) {
-                    crate::quota::ensure(store, &key);
-                }
-            }
-            if first {
-                log::info!(
-                    "namespace policy from listener metadata for namespace {namespace:?}: \
-                     {} aliases, {} quota rules, allow-list {}",
-                    policy.aliases.len(),
-                    policy.rules.len(),
-                    if policy.allowed.is_some() {
-                        "set"
-                    } else {
-                        "inherited"
-                    },
-                );
-            }
-        }
-        Err(e) if first => log::error!(
-            "invalid namespace policy in listener metadata for namespace {namespace:?} \
-             (requests of its callers get 500 until it is fixed): {e}"
-        ),
-        Err(_) => {}
-    }
-    let mut entries = cache.entries.borrow_mut();
-    entries.insert(0, (namespace.to_string(), bytes, compiled.clone()));
-    entries.truncate(CACHE_ENTRIES);
-    compiled
-}
-
 /// A listener policy: the same schema as one `namespaces` entry.
 pub fn compile_listener(
     namespace: &str,
     bytes: &[u8],
-    config: &Config,
+    config: &dyn Document,
 ) -> Result<NamespacePolicy, ConfigError> {
-    if config.identity.is_none() {
+    if config.identity().is_none() {
         return Err(ConfigError::new(
             LISTENER_AT,
             "a namespace policy needs an `identity` section in the configuration",
@@ -329,12 +143,12 @@ pub fn compile_listener(
 /// `namespaces`: namespace name -> policy. Needs `identity`.
 pub fn compile_namespaces(
     value: Option<&Value>,
-    config: &Config,
+    config: &dyn Document,
 ) -> Result<HashMap<String, Rc<NamespacePolicy>>, ConfigError> {
     let Some(value) = value else {
         return Ok(HashMap::new());
     };
-    if config.identity.is_none() {
+    if config.identity().is_none() {
         return Err(ConfigError::new(
             "namespaces",
             "needs an `identity` section (how callers' namespaces are known)",
@@ -367,7 +181,7 @@ pub fn compile_namespace(
     at: &str,
     namespace: &str,
     value: &Value,
-    config: &Config,
+    config: &dyn Document,
 ) -> Result<NamespacePolicy, ConfigError> {
     let obj = value
         .as_object()
@@ -441,7 +255,7 @@ pub fn compile_namespace(
 fn compile_aliases(
     at: &str,
     value: Option<&Value>,
-    config: &Config,
+    config: &dyn Document,
 ) -> Result<BTreeMap<String, String>, ConfigError> {
     let mut aliases = BTreeMap::new();
     let Some(value) = value else {
@@ -513,7 +327,7 @@ fn compile_rules(
     at: &str,
     namespace: &str,
     value: Option<&Value>,
-    config: &Config,
+    config: &dyn Document,
     aliases: &BTreeMap<String, String>,
     lookup: &dyn Fn(&str) -> Option<Target>,
 ) -> Result<Vec<Rc<LimitRule>>, ConfigError> {
@@ -542,7 +356,7 @@ fn compile_rules(
         let target = lookup(name)?;
         Some((target, config.target_name(target).to_string()))
     };
-    let is_key = |name: &str| config.identity.as_ref().is_some_and(|i| i.has_key(name));
+    let is_key = |name: &str| config.identity().is_some_and(|i| i.has_key(name));
     let known = Known {
         model: &is_model,
         virtual_key: &is_key,
@@ -567,7 +381,7 @@ fn compile_rules(
                 ));
             }
         }
-        let mut rule = compile_rule(&rat, v, &config.tags, &known)?;
+        let mut rule = compile_rule(&rat, v, config.tags(), &known)?;
         rule.matcher.namespace = Selector::Is(namespace.to_string());
         if let Some(d) = &mut rule.downgrade {
             d.models = d
@@ -588,7 +402,3 @@ fn compile_rules(
     }
     Ok(rules)
 }
-
-#[cfg(test)]
-#[path = "nspolicy_tests.rs"]
-mod tests;

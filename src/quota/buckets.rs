@@ -1,4 +1,4 @@
-//! Quotas and budgets shared by every Envoy worker thread, without overshoot.
+//! Quota buckets shared by every Envoy worker thread, without overshoot.
 //!
 //! A bucket (a consumer, a team, a route's budget, ...) counts requests,
 //! tokens and spend in micro-USD over fixed UTC windows (minute, day,
@@ -649,84 +649,28 @@ fn days_from_civil(year: u64, month: u64, day: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::{HostError, HostResult};
-    use std::collections::HashMap;
+    use crate::host::mock::{MockShared, Rival};
+    use std::cell::Cell;
+    use std::rc::Rc;
 
-    /// In-memory shared data with Envoy's CAS rules (a token is ignored for
-    /// an absent key). Before each of our CAS writes, while `rival` has
-    /// turns left, a second worker runs a whole `reserve` of its own on the
-    /// same store, so our write loses and must re-read.
-    #[derive(Default)]
-    struct MemoryStore {
-        values: HashMap<String, (Vec<u8>, u32)>,
-        last_token: u32,
-        set_calls: u32,
-        /// The token of every write, in order (`None`: unprotected).
-        set_tokens: Vec<Option<u32>>,
-        /// Every CAS write loses: someone always wrote just before.
-        always_conflict: bool,
-        refuse_sets: bool,
-        rival: Option<Rival>,
-    }
-
-    struct Rival {
-        turns: u32,
-        key: &'static str,
-        limits: Vec<Limit>,
-        amounts: Amounts,
-        now_ms: u64,
-        admitted: u64,
-    }
-
-    impl MemoryStore {
-        fn write(&mut self, key: &str, value: &[u8]) {
-            self.last_token += 1;
-            self.values
-                .insert(key.to_string(), (value.to_vec(), self.last_token));
-        }
-
-        fn value(&self, key: &str) -> Option<Vec<u8>> {
-            self.shared_get(key).map(|(value, _)| value)
-        }
-    }
-
-    impl SharedData for MemoryStore {
-        fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-            self.values.get(key).cloned()
-        }
-
-        fn shared_set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> HostResult<bool> {
-            self.set_calls += 1;
-            self.set_tokens.push(cas);
-            if self.refuse_sets {
-                return Err(HostError("refused".into()));
+    /// A second worker on the same store: before each of our CAS writes,
+    /// while it has turns left, it runs a whole `reserve` of `amounts` in
+    /// bucket `K`, so our write loses and must re-read. The cell counts the
+    /// reservations it got.
+    fn rival_reserving(limits: &[Limit], amounts: Amounts, turns: u32) -> (Rival, Rc<Cell<u64>>) {
+        let admitted = Rc::new(Cell::new(0));
+        let counted = Rc::clone(&admitted);
+        let limits = limits.to_vec();
+        let act = move |store: &mut MockShared, _: &str| {
+            if reserve(store, K, &limits, &amounts, NOW).is_ok() {
+                counted.set(counted.get() + 1);
             }
-            if cas.is_some() {
-                // Taken out while it runs, so its own writes are not raced.
-                if let Some(mut rival) = self.rival.take() {
-                    if rival.turns > 0 {
-                        rival.turns -= 1;
-                        let (key, limits) = (rival.key, rival.limits.clone());
-                        if reserve(self, key, &limits, &rival.amounts, rival.now_ms).is_ok() {
-                            rival.admitted += 1;
-                        }
-                    }
-                    self.rival = Some(rival);
-                }
-                if self.always_conflict {
-                    if let Some(current) = self.value(key) {
-                        self.write(key, &current);
-                    }
-                }
-            }
-            if let (Some(cas), Some((_, token))) = (cas, self.values.get(key)) {
-                if cas != *token {
-                    return Ok(false);
-                }
-            }
-            self.write(key, value);
-            Ok(true)
-        }
+        };
+        let rival = Rival {
+            turns,
+            act: Box::new(act),
+        };
+        (rival, admitted)
     }
 
     const K: &str = "meshllm/quota/team-a";
@@ -755,14 +699,14 @@ mod tests {
         }
     }
 
-    fn used(store: &MemoryStore, key: &str, limits: &[Limit], now_ms: u64) -> Vec<u64> {
+    fn used(store: &MockShared, key: &str, limits: &[Limit], now_ms: u64) -> Vec<u64> {
         standings(store, key, limits, now_ms)
             .iter()
             .map(|standing| standing.used)
             .collect()
     }
 
-    fn admit(store: &mut MemoryStore, limits: &[Limit], amounts: Amounts, now_ms: u64) -> Held {
+    fn admit(store: &mut MockShared, limits: &[Limit], amounts: Amounts, now_ms: u64) -> Held {
         match reserve(store, K, limits, &amounts, now_ms) {
             Ok(admission) => admission.held,
             Err(refusal) => panic!("refused {amounts:?}: {refusal:?}"),
@@ -770,7 +714,7 @@ mod tests {
     }
 
     /// Reserves and keeps the reservation for the rest of the test.
-    fn fill(store: &mut MemoryStore, limits: &[Limit], amounts: Amounts, now_ms: u64) {
+    fn fill(store: &mut MockShared, limits: &[Limit], amounts: Amounts, now_ms: u64) {
         let _kept = admit(store, limits, amounts, now_ms);
     }
 
@@ -888,7 +832,7 @@ mod tests {
             limit(Meter::Requests, Window::Minute, 3),
             limit(Meter::Tokens, Window::Day, 100),
         ];
-        let mut store = MemoryStore::default();
+        let mut store = MockShared::default();
         // (tokens, admitted, requests used after, tokens used after)
         let steps = [
             (60, true, 1, 60),
@@ -928,7 +872,7 @@ mod tests {
             limit(Meter::Requests, Window::Minute, 10),
             limit(Meter::Tokens, Window::Minute, 100),
         ];
-        let mut store = MemoryStore::default();
+        let mut store = MockShared::default();
         assert_eq!(
             reserve(&mut store, K, &limits, &tokens(101), NOW),
             Err(Refusal::TooLarge {
@@ -956,7 +900,7 @@ mod tests {
     fn a_spent_meter_does_not_refuse_requests_that_do_not_use_it() {
         let budget = limit(Meter::MicroUsd, Window::Month, 1_000);
         let limits = [budget, limit(Meter::Requests, Window::Minute, 5)];
-        let mut store = MemoryStore::default();
+        let mut store = MockShared::default();
         let held = admit(&mut store, &limits, requests(1), NOW);
         let spent = Amounts {
             micro_usd: 1_500,
@@ -983,7 +927,7 @@ mod tests {
             limit(Meter::Tokens, Window::Minute, 1_000),
             limit(Meter::Tokens, Window::Day, 100),
         ];
-        let mut store = MemoryStore::default();
+        let mut store = MockShared::default();
         fill(&mut store, &limits, tokens(90), NOW);
         let before = store.value(K);
 
@@ -1021,7 +965,7 @@ mod tests {
             limit(Meter::Requests, Window::Minute, 5),
             limit(Meter::Requests, Window::Minute, 2),
         ];
-        let mut store = MemoryStore::default();
+        let mut store = MockShared::default();
         let held = admit(&mut store, &limits, requests(1), NOW);
         fill(&mut store, &limits, requests(1), NOW);
         assert_eq!(used(&store, K, &limits, NOW), [2, 2]);
@@ -1035,7 +979,7 @@ mod tests {
     fn reserve_all_releases_earlier_buckets_when_one_refuses() {
         let per_minute: &[Limit] = &[limit(Meter::Requests, Window::Minute, 10)];
         let daily_tokens: &[Limit] = &[limit(Meter::Tokens, Window::Day, 50)];
-        let mut store = MemoryStore::default();
+        let mut store = MockShared::default();
         // "team" has earlier traffic, "user" has never been seen, "org" is spent.
         assert!(reserve(&mut store, "team", per_minute, &tokens(0), NOW).is_ok());
         assert!(reserve(&mut store, "org", daily_tokens, &tokens(45), NOW).is_ok());
@@ -1088,7 +1032,7 @@ mod tests {
             (5_000, 1, 5_050, 2),
         ];
         for (actual_tokens, actual_requests, tokens_after, requests_after) in cases {
-            let mut store = MemoryStore::default();
+            let mut store = MockShared::default();
             fill(&mut store, &limits, tokens(50), NOW);
             let held = admit(&mut store, &limits, tokens(100), NOW);
             let actual = Amounts {
@@ -1116,7 +1060,7 @@ mod tests {
     #[test]
     fn settle_never_goes_below_zero() {
         let limits = [limit(Meter::Tokens, Window::Minute, 1_000)];
-        let mut store = MemoryStore::default();
+        let mut store = MockShared::default();
         let held = admit(&mut store, &limits, tokens(100), NOW);
         // A second release of the same reservation (as after a first write
         // that lost its count) would take the slot below 0.
@@ -1131,7 +1075,7 @@ mod tests {
             limit(Meter::Tokens, Window::Minute, 1_000),
             limit(Meter::Tokens, Window::Day, 10_000),
         ];
-        let mut store = MemoryStore::default();
+        let mut store = MockShared::default();
         let held = admit(&mut store, &limits, tokens(100), NOW);
         // The next minute opens with its own traffic before the first ends.
         let later = NOW + MIN + SEC;
@@ -1146,7 +1090,7 @@ mod tests {
         );
 
         // Also when nobody wrote in the new window yet.
-        let mut store = MemoryStore::default();
+        let mut store = MockShared::default();
         let held = admit(&mut store, &limits, tokens(100), NOW);
         let updates = settle(&mut store, &held, &tokens(400), later);
         assert_eq!(updates[0].standing.used, 0);
@@ -1159,7 +1103,7 @@ mod tests {
             limit(Meter::Requests, Window::Minute, 2),
             limit(Meter::Requests, Window::Month, 5),
         ];
-        let mut store = MemoryStore::default();
+        let mut store = MockShared::default();
         let minute_start = NOW - NOW % MIN;
         fill(&mut store, &limits, requests(1), minute_start);
         fill(&mut store, &limits, requests(1), minute_start + MIN - 1);
@@ -1184,22 +1128,16 @@ mod tests {
     #[test]
     fn a_lost_cas_race_is_retried_and_both_writes_count() {
         let limits = [limit(Meter::Tokens, Window::Day, 1_000)];
-        let mut store = MemoryStore::default();
+        let mut store = MockShared::default();
         ensure(&mut store, K);
-        store.rival = Some(Rival {
-            turns: 1,
-            key: K,
-            limits: limits.to_vec(),
-            amounts: tokens(30),
-            now_ms: NOW,
-            admitted: 0,
-        });
+        let (rival, admitted) = rival_reserving(&limits, tokens(30), 1);
+        store.rival = Some(rival);
         store.set_calls = 0;
         let Admission { held, updates } = reserve(&mut store, K, &limits, &tokens(50), NOW)
             .unwrap_or_else(|refusal| panic!("{refusal:?}"));
         // Ours lost once to the rival's single write, then landed on top.
         assert_eq!(store.set_calls, 3);
-        assert_eq!(store.rival.as_ref().map(|r| r.admitted), Some(1));
+        assert_eq!(admitted.get(), 1);
         assert_eq!((updates[0].used_before, updates[0].standing.used), (30, 80));
         assert_eq!(used(&store, K, &limits, NOW), [80]);
 
@@ -1218,11 +1156,11 @@ mod tests {
     #[test]
     fn busy_after_endless_conflicts_or_a_host_error() {
         let limits = [limit(Meter::Requests, Window::Minute, 10)];
-        let mut store = MemoryStore::default();
+        let mut store = MockShared::default();
         let held = admit(&mut store, &limits, requests(1), NOW);
         let before = store.value(K);
 
-        store.always_conflict = true;
+        store.rival = Some(Rival::always_conflicting());
         store.set_calls = 0;
         let refusal = reserve(&mut store, K, &limits, &requests(1), NOW);
         assert_eq!(refusal, Err(Refusal::Busy));
@@ -1235,7 +1173,7 @@ mod tests {
         assert_eq!((updates[0].used_before, updates[0].standing.used), (1, 1));
         assert_eq!(updates[0].crossed(&[1, 50, 100]), None);
 
-        store.always_conflict = false;
+        store.rival = None;
         store.refuse_sets = true;
         store.set_calls = 0;
         assert_eq!(
@@ -1261,16 +1199,10 @@ mod tests {
                 limit(Meter::Requests, Window::Minute, max),
                 limit(Meter::Tokens, Window::Minute, 1_000),
             ];
-            let mut store = MemoryStore::default();
+            let mut store = MockShared::default();
             ensure(&mut store, K);
-            store.rival = Some(Rival {
-                turns: 0,
-                key: K,
-                limits: limits.to_vec(),
-                amounts: tokens(1),
-                now_ms: NOW,
-                admitted: 0,
-            });
+            let (rival, admitted) = rival_reserving(&limits, tokens(1), 0);
+            store.rival = Some(rival);
             let mut ours = 0;
             for _ in 0..3 * max + 3 {
                 if let Some(rival) = store.rival.as_mut() {
@@ -1282,7 +1214,7 @@ mod tests {
                     Err(other) => panic!("max {max}: {other:?}"),
                 }
             }
-            let theirs = store.rival.as_ref().map_or(0, |r| r.admitted);
+            let theirs = admitted.get();
             assert_eq!(ours + theirs, max, "max {max}");
             assert_eq!(used(&store, K, &limits, NOW), [max, max], "max {max}");
             // They alternated: neither starved the other.
@@ -1293,7 +1225,7 @@ mod tests {
     #[test]
     fn ensure_creates_once_so_later_writes_are_protected() {
         let limits = [limit(Meter::Requests, Window::Day, 10)];
-        let mut store = MemoryStore::default();
+        let mut store = MockShared::default();
         ensure(&mut store, K);
         assert_eq!(store.value(K), Some(vec![VERSION]));
         fill(&mut store, &limits, requests(3), NOW);
@@ -1313,7 +1245,7 @@ mod tests {
     #[test]
     fn writes_that_change_nothing_are_skipped() {
         let limits = [limit(Meter::Tokens, Window::Minute, 100)];
-        let mut store = MemoryStore::default();
+        let mut store = MockShared::default();
         let held = admit(&mut store, &limits, tokens(10), NOW);
         store.set_calls = 0;
         let updates = settle(&mut store, &held, &tokens(10), NOW);
@@ -1376,7 +1308,7 @@ mod tests {
     fn alerts_fire_once_for_the_writer_that_crosses() {
         let limits = [limit(Meter::Tokens, Window::Day, 100)];
         let thresholds = [50, 80, 100];
-        let mut store = MemoryStore::default();
+        let mut store = MockShared::default();
         let mut fired = Vec::new();
         let mut held = Vec::new();
         for _ in 0..6 {
@@ -1401,7 +1333,7 @@ mod tests {
         let requests_per_minute = limit(Meter::Requests, Window::Minute, 10);
         let tokens_per_day = limit(Meter::Tokens, Window::Day, 1_000);
         let spend_per_month = limit(Meter::MicroUsd, Window::Month, 5_000);
-        let mut store = MemoryStore::default();
+        let mut store = MockShared::default();
         fill(
             &mut store,
             &[requests_per_minute, tokens_per_day],
@@ -1444,7 +1376,7 @@ mod tests {
             limit(Meter::Requests, Window::Minute, 10),
             limit(Meter::Tokens, Window::Day, 1_000),
         ];
-        let mut good = MemoryStore::default();
+        let mut good = MockShared::default();
         fill(&mut good, &limits, tokens(40), NOW);
         let valid = good.value(K).unwrap_or_default();
         assert_eq!(valid.len(), 1 + 2 * SLOT_LEN);
@@ -1466,7 +1398,7 @@ mod tests {
             ("duplicate slot", duplicated),
         ];
         for (name, value) in cases {
-            let mut store = MemoryStore::default();
+            let mut store = MockShared::default();
             store.write(K, &value);
             assert_eq!(used(&store, K, &limits, NOW), [0, 0], "{name}");
             fill(&mut store, &limits, tokens(5), NOW);

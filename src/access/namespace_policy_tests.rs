@@ -1,16 +1,12 @@
-//! Native tests of namespace policies (see nspolicy.rs).
-
-use std::collections::HashMap;
+//! Native tests of namespace policies (see namespace_policy.rs and
+//! config/namespaces.rs).
 
 use serde_json::{json, Value};
 
 use super::*;
-use crate::config::compile;
-use crate::limits::{Facts, ModelScope};
-
-fn env(var: &str) -> Option<String> {
-    (var == "OPENAI_API_KEY").then(|| "sk-test".to_string())
-}
+use crate::config::testing::{compile_doc, compile_error, config};
+use crate::host::mock::MockShared;
+use crate::quota::limits::{Facts, ModelScope};
 
 /// A mesh document with two providers' models, a model alias and a route.
 fn doc() -> Value {
@@ -30,9 +26,7 @@ fn doc() -> Value {
 }
 
 fn compiled(v: &Value) -> Config {
-    compile(v.to_string().as_bytes(), &env)
-        .unwrap_or_else(|e| panic!("{e}"))
-        .config
+    config(&v.to_string())
 }
 
 fn with(extra: Value) -> Value {
@@ -51,30 +45,10 @@ fn caller(ns: &str, svc: &str) -> Caller {
     }
 }
 
-/// A shared-data store for listener policies' buckets.
-#[derive(Default)]
-struct Store(HashMap<String, (Vec<u8>, u32)>);
-
-impl SharedData for Store {
-    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-        self.0.get(key).cloned()
-    }
-    fn shared_set(
-        &mut self,
-        key: &str,
-        value: &[u8],
-        _cas: Option<u32>,
-    ) -> crate::host::HostResult<bool> {
-        let n = self.0.get(key).map_or(0, |(_, c)| *c) + 1;
-        self.0.insert(key.into(), (value.to_vec(), n));
-        Ok(true)
-    }
-}
-
 fn applied(cfg: &Config, ns: &str, svc: &str, listener: Option<&str>) -> Applied {
     apply(
         cfg,
-        &mut Store::default(),
+        &mut MockShared::default(),
         Some(&caller(ns, svc)),
         listener.map(|s| s.as_bytes().to_vec()),
     )
@@ -180,18 +154,13 @@ fn invalid_policies_name_the_field() {
     ];
     for (extra, want) in cases {
         let d = with(extra.clone());
-        let got = compile(d.to_string().as_bytes(), &env)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let got = compile_doc(&d.to_string()).err().unwrap_or_default();
         assert!(got.starts_with(want), "{extra}\n got: {got}\nwant: {want}");
     }
     // namespaces need to know callers' namespaces.
     let mut d = with(json!({"namespaces": {"shop": {}}}));
     d.as_object_mut().unwrap().remove("identity");
-    let got = compile(d.to_string().as_bytes(), &env)
-        .unwrap_err()
-        .to_string();
+    let got = compile_error(&d.to_string());
     assert!(
         got.starts_with("namespaces: needs an `identity` section"),
         "{got}"
@@ -243,7 +212,7 @@ fn allow_lists_take_the_service_then_the_namespace_then_the_mesh() {
     assert_eq!(mesh.resolve("fast"), "fast");
     assert_eq!(mesh.target(&cfg, "fast"), None);
     // No caller: the mesh.
-    let nobody = apply(&cfg, &mut Store::default(), None, None).unwrap();
+    let nobody = apply(&cfg, &mut MockShared::default(), None, None).unwrap();
     assert_eq!(nobody.source, Source::Mesh);
     assert!(nobody.refuses(&cfg, "gpt-4o"));
 }
@@ -325,10 +294,10 @@ fn namespace_rules_are_added_to_the_mesh_rules_with_their_own_buckets() {
     );
     assert_eq!(team.rules()[0].bucket(&facts("gpt-4o")), None);
     // The document's rules get their buckets at start-up.
-    let mut store = Store::default();
-    crate::admission::prepare_buckets(&cfg, &mut store);
-    assert!(store.0.contains_key("meshllm/quota/v1/shop/burst"));
-    assert!(store.0.contains_key("meshllm/quota/v1/team/burst"));
+    let mut store = MockShared::default();
+    crate::quota::admission::prepare_buckets(&cfg, &mut store);
+    assert!(store.values.contains_key("meshllm/quota/v1/shop/burst"));
+    assert!(store.values.contains_key("meshllm/quota/v1/team/burst"));
 }
 
 #[test]
@@ -339,9 +308,9 @@ fn the_listener_policy_wins_and_is_compiled_once_per_value() {
     })));
     let v1 = r#"{"allowed_models": ["fast"], "aliases": {"fast": "mini"},
                  "quotas": {"limits": [{"name": "mine", "requests_per_day": 3}]}}"#;
-    let mut store = Store::default();
+    let mut store = MockShared::default();
     let caller = caller("shop", "chat");
-    let run = |store: &mut Store, value: &str| {
+    let run = |store: &mut MockShared, value: &str| {
         apply(&cfg, store, Some(&caller), Some(value.as_bytes().to_vec()))
     };
     let a = run(&mut store, v1).unwrap();
@@ -350,7 +319,7 @@ fn the_listener_policy_wins_and_is_compiled_once_per_value() {
     // It replaces the document's entry: its aliases too.
     assert_eq!(a.target(&cfg, "doc-alias"), None);
     assert_eq!(a.rules()[0].name, "shop/mine");
-    assert!(store.0.contains_key("meshllm/quota/v1/shop/mine"));
+    assert!(store.values.contains_key("meshllm/quota/v1/shop/mine"));
     for _ in 0..5 {
         run(&mut store, v1).unwrap();
     }
@@ -403,7 +372,7 @@ fn a_listener_policy_without_identity_fails_closed() {
     let mut d = doc();
     d.as_object_mut().unwrap().remove("identity");
     let cfg = compiled(&d);
-    let e = apply(&cfg, &mut Store::default(), None, Some(b"{}".to_vec())).unwrap_err();
+    let e = apply(&cfg, &mut MockShared::default(), None, Some(b"{}".to_vec())).unwrap_err();
     assert_eq!(e.status, 500);
     assert!(
         e.message.contains("needs an `identity` section"),
@@ -411,6 +380,6 @@ fn a_listener_policy_without_identity_fails_closed() {
         e.message
     );
     // Nothing in the metadata: the mesh.
-    let a = apply(&cfg, &mut Store::default(), None, None).unwrap();
+    let a = apply(&cfg, &mut MockShared::default(), None, None).unwrap();
     assert_eq!(a.source, Source::Mesh);
 }

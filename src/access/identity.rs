@@ -17,8 +17,9 @@ use std::collections::HashMap;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::aws::sha256::{hex, sha256};
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
+use crate::config::names::{valid_header_name, valid_model_name};
+use crate::core::sha256::{hex, sha256};
 use crate::host::Host;
 
 /// The caller a request is accounted to.
@@ -259,7 +260,7 @@ pub fn compile_identity(value: Option<&Value>) -> Result<Option<IdentityPolicy>,
                 )
             })?;
             let lower = name.to_ascii_lowercase();
-            if !crate::config::valid_header_name(&lower) || lower.starts_with(':') {
+            if !valid_header_name(&lower) || lower.starts_with(':') {
                 return Err(ConfigError::new(
                     "identity.header",
                     format!("{name:?} is not a valid header name"),
@@ -303,7 +304,7 @@ pub fn compile_identity(value: Option<&Value>) -> Result<Option<IdentityPolicy>,
                 "must be the key's SHA-256 as 64 hex digits (the key itself is never stored)",
             ));
         }
-        if !crate::config::valid_model_name(&k.name) || names.contains(&k.name.as_str()) {
+        if !valid_model_name(&k.name) || names.contains(&k.name.as_str()) {
             return Err(ConfigError::new(
                 format!("{at}.name"),
                 format!("{:?} is not a valid, unique key name", k.name),

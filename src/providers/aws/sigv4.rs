@@ -8,8 +8,8 @@
 //! Paths are not normalised (no `.`/`..` or `//` removal): the gateway's
 //! Bedrock paths never hold those.
 
-use super::sha256::{hex, hmac_sha256, sha256};
-use crate::url::percent_encode_into;
+use crate::core::sha256::{hex, hmac_sha256, sha256};
+use crate::core::url::percent_encode_into;
 
 /// Long-term or temporary (STS) AWS credentials.
 #[derive(Clone, PartialEq, Eq)]

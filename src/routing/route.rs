@@ -74,7 +74,7 @@ use std::fmt;
 
 use serde_json::Value;
 
-use crate::translate::Schema;
+use crate::core::schema::Schema;
 
 /// Below this many latency samples a target is explored before the measured
 /// ones, so new or rarely used targets get measured at all.

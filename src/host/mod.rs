@@ -6,6 +6,9 @@
 
 use std::fmt;
 
+#[cfg(test)]
+pub mod mock;
+
 /// A host call failed; the proxy refused or could not perform it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostError(pub String);

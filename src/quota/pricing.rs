@@ -9,7 +9,7 @@
 //! prompts, audio and image tokens cost more than these rows say; a config
 //! that needs them exact sets `price`.
 
-use crate::translate::Usage;
+use crate::core::usage::Usage;
 use Family::{Anthropic, Gemini, Nova, OpenAi};
 
 /// A model's prices in micro-dollars per million tokens: $2.50/Mtok is

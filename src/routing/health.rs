@@ -536,54 +536,8 @@ fn days_since_epoch(year: u64, month: u64, day: u64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::{HostError, HostResult};
+    use crate::host::mock::{MockShared, Rival};
     use std::collections::HashMap;
-
-    /// In-memory shared data with Envoy's CAS rules. `rival` simulates
-    /// another worker: while `races` lasts, it writes `rival` just before
-    /// each CAS write of ours, so ours fails and must re-read.
-    #[derive(Default)]
-    struct MemoryStore {
-        values: HashMap<String, (Vec<u8>, u32)>,
-        last_token: u32,
-        rival: Option<Vec<u8>>,
-        races: u32,
-        set_calls: u32,
-        refuse_sets: bool,
-    }
-
-    impl MemoryStore {
-        fn write(&mut self, key: &str, value: &[u8]) {
-            self.last_token += 1;
-            self.values
-                .insert(key.to_string(), (value.to_vec(), self.last_token));
-        }
-    }
-
-    impl SharedData for MemoryStore {
-        fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-            self.values.get(key).cloned()
-        }
-
-        fn shared_set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> HostResult<bool> {
-            self.set_calls += 1;
-            if self.refuse_sets {
-                return Err(HostError("refused".into()));
-            }
-            if self.races > 0 && cas.is_some() {
-                self.races -= 1;
-                let rival = self.rival.clone().unwrap_or_default();
-                self.write(key, &rival);
-            }
-            if let (Some(cas), Some((_, token))) = (cas, self.values.get(key)) {
-                if cas != *token {
-                    return Ok(false);
-                }
-            }
-            self.write(key, value);
-            Ok(true)
-        }
-    }
 
     const T: &str = "gpt-4o";
     const SEC: u64 = 1000;
@@ -594,7 +548,7 @@ mod tests {
     const FAIL: Outcome = Outcome::Failure;
 
     fn record_all(
-        store: &mut MemoryStore,
+        store: &mut MockShared,
         outcomes: &[Outcome],
         now_ms: u64,
         policy: &HealthPolicy,
@@ -604,13 +558,13 @@ mod tests {
         }
     }
 
-    fn health(store: &MemoryStore, now_ms: u64) -> TargetHealth {
+    fn health(store: &MockShared, now_ms: u64) -> TargetHealth {
         snapshot(store, T, now_ms, &HealthPolicy::default())
     }
 
     #[test]
     fn unknown_target_is_available_and_empty() {
-        let store = MemoryStore::default();
+        let store = MockShared::default();
         let h = health(&store, 5 * SEC);
         assert!(h.available);
         assert_eq!(h.cooldown_remaining_ms, 0);
@@ -627,7 +581,7 @@ mod tests {
         // Default window: 6 buckets of 10 s. t0 is an arbitrary bucket start.
         let t0 = 1_700_000_000 * SEC;
         let policy = HealthPolicy::default();
-        let mut store = MemoryStore::default();
+        let mut store = MockShared::default();
         record_all(&mut store, &[OK, FAIL], t0, &policy);
         record_all(&mut store, &[OK], t0 + 15 * SEC, &policy);
 
@@ -685,7 +639,7 @@ mod tests {
             ),
         ];
         for (name, outcomes, available) in cases {
-            let mut store = MemoryStore::default();
+            let mut store = MockShared::default();
             record_all(&mut store, outcomes, 0, &policy);
             let h = snapshot(&store, T, 0, &policy);
             assert_eq!(h.available, available, "{name}");
@@ -712,7 +666,7 @@ mod tests {
             (&[FAIL, FAIL, OK, FAIL, FAIL, FAIL], false),
         ];
         for (outcomes, available) in cases {
-            let mut store = MemoryStore::default();
+            let mut store = MockShared::default();
             record_all(&mut store, outcomes, 0, &policy);
             let h = snapshot(&store, T, 0, &policy);
             assert_eq!(h.available, available, "{outcomes:?}");
@@ -722,7 +676,7 @@ mod tests {
     #[test]
     fn cooldown_doubles_on_failed_probes_and_resets_on_success() {
         let policy = HealthPolicy::default();
-        let mut store = MemoryStore::default();
+        let mut store = MockShared::default();
         record_all(&mut store, &[FAIL, FAIL, FAIL], 0, &policy);
         assert_eq!(health(&store, 0).cooldown_remaining_ms, 30 * SEC);
 
@@ -759,7 +713,7 @@ mod tests {
     #[test]
     fn success_during_cooldown_keeps_it() {
         let policy = HealthPolicy::default();
-        let mut store = MemoryStore::default();
+        let mut store = MockShared::default();
         record_all(&mut store, &[FAIL, FAIL, FAIL], 0, &policy);
         record_all(&mut store, &[OK], 5 * SEC, &policy);
         let h = health(&store, 5 * SEC);
@@ -782,7 +736,7 @@ mod tests {
             ("Thu, 22 Oct 2015 07:28:00 GMT", 300),
         ];
         for (header, remaining_secs) in cases {
-            let mut store = MemoryStore::default();
+            let mut store = MockShared::default();
             let outcome = Outcome::RateLimited {
                 retry_after_secs: parse_retry_after(header, now_secs),
             };
@@ -797,7 +751,7 @@ mod tests {
     #[test]
     fn retry_after_never_shortens_a_cooldown() {
         let policy = HealthPolicy::default();
-        let mut store = MemoryStore::default();
+        let mut store = MockShared::default();
         let retry = |secs| Outcome::RateLimited {
             retry_after_secs: Some(secs),
         };
@@ -852,7 +806,7 @@ mod tests {
     #[test]
     fn latency_averages_match_hand_computed_ewma() {
         let policy = HealthPolicy::default();
-        let mut store = MemoryStore::default();
+        let mut store = MockShared::default();
         let success = |latency_ms, ttft_ms| Outcome::Success {
             latency_ms,
             ttft_ms,
@@ -878,7 +832,7 @@ mod tests {
 
     #[test]
     fn latency_without_ttft_leaves_ttft_unknown() {
-        let mut store = MemoryStore::default();
+        let mut store = MockShared::default();
         record_all(&mut store, &[OK], 0, &HealthPolicy::default());
         let h = health(&store, 0);
         assert_eq!((h.latency_ms, h.ttft_ms, h.samples), (Some(100.0), None, 1));
@@ -888,13 +842,13 @@ mod tests {
     fn cas_conflict_rereads_and_merges_the_rival_write() {
         let policy = HealthPolicy::default();
         // The rival worker's view: two failures already recorded.
-        let mut rival = MemoryStore::default();
+        let mut rival = MockShared::default();
         record_all(&mut rival, &[FAIL, FAIL], 0, &policy);
 
-        let mut store = MemoryStore::default();
+        let mut store = MockShared::default();
         record_all(&mut store, &[OK], 0, &policy);
-        store.rival = rival.shared_get(&key(T)).map(|(value, _)| value);
-        store.races = 1;
+        let rival_value = rival.value(&key(T)).unwrap_or_default();
+        store.rival = Some(Rival::writing(rival_value, 1));
         let calls_before = store.set_calls;
         record_all(&mut store, &[FAIL], 0, &policy);
 
@@ -908,17 +862,16 @@ mod tests {
     #[test]
     fn gives_up_after_bounded_cas_conflicts_or_host_error() {
         let policy = HealthPolicy::default();
-        let mut store = MemoryStore::default();
+        let mut store = MockShared::default();
         record_all(&mut store, &[OK], 0, &policy);
-        let before = store.shared_get(&key(T)).map(|(value, _)| value);
-        store.rival = before.clone();
-        store.races = u32::MAX;
+        let before = store.value(&key(T));
+        store.rival = Some(Rival::writing(before.clone().unwrap_or_default(), u32::MAX));
         store.set_calls = 0;
         record_all(&mut store, &[FAIL], 0, &policy);
         assert_eq!(store.set_calls, MAX_CAS_ATTEMPTS);
         assert_eq!(store.shared_get(&key(T)).map(|(value, _)| value), before);
 
-        store.races = 0;
+        store.rival = None;
         store.refuse_sets = true;
         store.set_calls = 0;
         record_all(&mut store, &[FAIL], 0, &policy);
@@ -930,7 +883,7 @@ mod tests {
     fn corrupt_values_read_as_fresh_and_are_overwritten() {
         let policy = HealthPolicy::default();
         let layout = Layout::of(&policy);
-        let mut good = MemoryStore::default();
+        let mut good = MockShared::default();
         record_all(&mut good, &[FAIL, FAIL, FAIL], 0, &policy);
         let valid = good.shared_get(&key(T)).map(|(v, _)| v).unwrap_or_default();
         assert_eq!(valid.len(), layout.encoded_len());
@@ -946,7 +899,7 @@ mod tests {
             value
         };
         let other_window = {
-            let mut other = MemoryStore::default();
+            let mut other = MockShared::default();
             let policy = HealthPolicy {
                 window_secs: 120,
                 ..HealthPolicy::default()
@@ -967,7 +920,7 @@ mod tests {
             ("other window width", other_window),
         ];
         for (name, value) in cases {
-            let mut store = MemoryStore::default();
+            let mut store = MockShared::default();
             store.write(&key(T), &value);
             let h = health(&store, 0);
             assert!(h.available && h.requests == 0, "{name}: {h:?}");
@@ -983,7 +936,7 @@ mod tests {
     fn one_fixed_size_key_per_target_over_long_spans() {
         let policy = HealthPolicy::default();
         let len = Layout::of(&policy).encoded_len();
-        let mut store = MemoryStore::default();
+        let mut store = MockShared::default();
         let targets = ["gpt-4o", "claude", "gemini"];
         // Ten days of irregular traffic, every outcome kind.
         let mut now = 0;
@@ -1064,7 +1017,7 @@ mod tests {
             };
             assert_eq!(Layout::of(&policy), expected, "{window_secs} s / {buckets}");
             // Records and reads without panicking at the extremes of time.
-            let mut store = MemoryStore::default();
+            let mut store = MockShared::default();
             for now in [0, u64::MAX / 2, u64::MAX] {
                 record(&mut store, T, &FAIL, now, &policy);
                 assert_eq!(snapshot(&store, T, now, &policy).failures, 1);

@@ -5,15 +5,18 @@
 
 use serde_json::{Map, Value};
 
-use crate::api::openai::{normalise_error, quotes_secret, redact, ApiError, ErrorOrigin};
-use crate::config::{ModelRoute, Provider, ProviderKind};
-use crate::json::{splice, splice_all, TopLevel};
+use crate::config::models::ModelRoute;
+use crate::config::providers::Provider;
+use crate::core::api_error::{normalise_error, quotes_secret, redact, ApiError, ErrorOrigin};
+use crate::core::json::{splice, splice_all, TopLevel};
+use crate::core::schema::Schema;
+use crate::providers::ProviderKind;
 use crate::translate::openai_usage::{self, OpenAiStreamUsage};
 use crate::translate::passthrough::{AnthropicStreamWatch, GeminiStreamWatch};
 use crate::translate::scrub::Scrubbed;
 use crate::translate::{
     anthropic_openai, gemini_openai, openai_anthropic, openai_bedrock, openai_gemini, Chain,
-    Schema, StreamTranslator,
+    StreamTranslator,
 };
 
 /// The `anthropic_version` Vertex AI expects in the body of Anthropic models.
@@ -146,7 +149,7 @@ pub fn translate_request(
 /// `max_completion_tokens` for every model, so translated requests use it
 /// there (OpenAI-compatible servers keep the older, more widely known name).
 fn modern_token_limit(body: Vec<u8>) -> Vec<u8> {
-    let renamed = match crate::json::TopLevel::parse(&body) {
+    let renamed = match crate::core::json::TopLevel::parse(&body) {
         Ok(doc) => match (doc.get("max_tokens"), doc.get("max_completion_tokens")) {
             (Ok(Some(f)), Ok(None)) => Some(splice(&body, f.key.clone(), b"max_completion_tokens")),
             _ => None,

@@ -1,4 +1,5 @@
-//! SHA-256 (FIPS 180-4) and HMAC-SHA256 (RFC 2104), for SigV4 signing.
+//! SHA-256 (FIPS 180-4) and HMAC-SHA256 (RFC 2104), for SigV4 signing and the
+//! digests virtual keys are stored as.
 //!
 //! Small and allocation-light; speed is not critical (one request body and
 //! a handful of short strings per signed request).

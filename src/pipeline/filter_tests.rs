@@ -6,368 +6,10 @@ use std::rc::Rc;
 use serde_json::Value;
 
 use super::*;
-use crate::config::compile;
-use crate::host::HostError;
-
-// ---------------------------------------------------------------------------
-// The mock host
-// ---------------------------------------------------------------------------
-
-/// One `send_response` call.
-#[derive(Debug, Clone)]
-struct Sent {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Sent {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("local reply is not JSON ({e}): {:?}", self.text()))
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-/// Host operations that can be made to fail.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Op {
-    SetRequestHeader,
-    RemoveRequestHeader,
-    RequestHeaderNames,
-    RequestBody,
-    ReplaceRequestBody,
-    SetResponseHeader,
-    RemoveResponseHeader,
-    ResponseHeaderNames,
-    ResponseBody,
-    ReplaceResponseBody,
-    SendResponse,
-}
-
-const SETTERS: &[Op] = &[
-    Op::SetRequestHeader,
-    Op::RemoveRequestHeader,
-    Op::ReplaceRequestBody,
-    Op::SetResponseHeader,
-    Op::RemoveResponseHeader,
-    Op::ReplaceResponseBody,
-];
-
-#[derive(Debug, Default)]
-struct MockHost {
-    /// Lowercase names, in order; a name may appear more than once.
-    request_headers: Vec<(String, String)>,
-    response_headers: Vec<(String, String)>,
-    request_body: Vec<u8>,
-    response_body: Vec<u8>,
-    sent: Vec<Sent>,
-    code_details: Option<String>,
-    counters: HashMap<String, u64>,
-    /// Operations that return `Err(HostError)`.
-    failing: Vec<Op>,
-    /// Successful calls of `replace_request_body` / `replace_response_body`.
-    request_body_replacements: usize,
-    response_body_replacements: usize,
-    properties: HashMap<String, Vec<u8>>,
-    shared: HashMap<String, (Vec<u8>, u32)>,
-    now_ms: u64,
-    gauges: HashMap<String, u64>,
-    histograms: HashMap<String, Vec<u64>>,
-    /// What the listener metadata's `meshllm.policy` holds.
-    listener: Option<Vec<u8>>,
-    /// Host calls by kind, and the bytes they moved, for the profiling driver.
-    calls: std::cell::RefCell<HashMap<&'static str, (u64, u64)>>,
-}
-
-fn get(headers: &[(String, String)], name: &str) -> Option<String> {
-    headers
-        .iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, v)| v.clone())
-}
-
-fn set(headers: &mut Vec<(String, String)>, name: &str, value: &str) {
-    let name = name.to_ascii_lowercase();
-    match headers.iter().position(|(n, _)| *n == name) {
-        Some(i) => {
-            headers[i].1 = value.to_string();
-            // Like Envoy's replace: one value remains.
-            let mut seen = false;
-            headers.retain(|(n, _)| {
-                if *n != name {
-                    return true;
-                }
-                let keep = !seen;
-                seen = true;
-                keep
-            });
-        }
-        None => headers.push((name, value.to_string())),
-    }
-}
-
-fn remove(headers: &mut Vec<(String, String)>, name: &str) {
-    headers.retain(|(n, _)| n != name);
-}
-
-impl MockHost {
-    fn new(method: &str, path: &str) -> Self {
-        MockHost {
-            request_headers: vec![
-                (":method".into(), method.into()),
-                (":path".into(), path.into()),
-                (":authority".into(), "gateway.local".into()),
-                (":scheme".into(), "http".into()),
-            ],
-            ..MockHost::default()
-        }
-    }
-
-    fn with_header(mut self, name: &str, value: &str) -> Self {
-        self.request_headers.push((name.into(), value.into()));
-        self
-    }
-
-    /// Replaces every value of request header `name`.
-    fn with_only_header(mut self, name: &str, value: &str) -> Self {
-        remove(&mut self.request_headers, name);
-        self.with_header(name, value)
-    }
-
-    fn with_body(mut self, body: &[u8]) -> Self {
-        self.request_body = body.to_vec();
-        self
-    }
-
-    fn fail(&mut self, ops: &[Op]) {
-        self.failing.extend_from_slice(ops);
-    }
-
-    /// Notes one host call of `kind` that moved `bytes` across the boundary.
-    fn tally(&self, kind: &'static str, bytes: usize) {
-        let mut calls = self.calls.borrow_mut();
-        let entry = calls.entry(kind).or_default();
-        entry.0 += 1;
-        entry.1 += bytes as u64;
-    }
-
-    fn check(&self, op: Op) -> HostResult {
-        if self.failing.contains(&op) {
-            Err(HostError(format!("{op:?} refused by the mock")))
-        } else {
-            Ok(())
-        }
-    }
-
-    fn req(&self, name: &str) -> Option<String> {
-        get(&self.request_headers, name)
-    }
-
-    fn resp(&self, name: &str) -> Option<String> {
-        get(&self.response_headers, name)
-    }
-
-    /// The one local reply; panics unless exactly one was sent.
-    fn reply(&self) -> &Sent {
-        assert_eq!(
-            self.sent.len(),
-            1,
-            "expected exactly one local reply: {:?}",
-            self.sent
-        );
-        &self.sent[0]
-    }
-
-    fn respond(
-        &mut self,
-        status: u16,
-        headers: &[(&str, &str)],
-        body: &[u8],
-        details: Option<&str>,
-    ) {
-        self.response_headers = vec![(":status".into(), status.to_string())];
-        for (n, v) in headers {
-            self.response_headers.push((n.to_string(), v.to_string()));
-        }
-        self.response_body = body.to_vec();
-        self.code_details = details.map(str::to_string);
-    }
-}
-
-impl crate::host::SharedData for MockHost {
-    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-        let found = self.shared.get(key).cloned();
-        self.tally("shared_get", found.as_ref().map_or(0, |(v, _)| v.len()));
-        found
-    }
-    fn shared_set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> HostResult<bool> {
-        self.tally("shared_set", value.len());
-        let current = self.shared.get(key).map_or(0, |(_, c)| *c);
-        if cas.is_some_and(|c| c != current) {
-            return Ok(false);
-        }
-        self.shared
-            .insert(key.to_string(), (value.to_vec(), current + 1));
-        Ok(true)
-    }
-}
-
-impl Host for MockHost {
-    fn request_header(&self, name: &str) -> Option<String> {
-        self.tally("request_header", 0);
-        self.req(name)
-    }
-    fn request_header_names(&self) -> HostResult<Vec<String>> {
-        // The host copies the whole map, values included.
-        let size = self
-            .request_headers
-            .iter()
-            .map(|(n, v)| n.len() + v.len())
-            .sum();
-        self.tally("request_header_names", size);
-        self.check(Op::RequestHeaderNames)?;
-        Ok(self
-            .request_headers
-            .iter()
-            .map(|(n, _)| n.clone())
-            .collect())
-    }
-    fn set_request_header(&mut self, name: &str, value: &str) -> HostResult {
-        self.tally("set_request_header", value.len());
-        self.check(Op::SetRequestHeader)?;
-        set(&mut self.request_headers, name, value);
-        Ok(())
-    }
-    fn remove_request_header(&mut self, name: &str) -> HostResult {
-        self.tally("remove_request_header", 0);
-        self.check(Op::RemoveRequestHeader)?;
-        remove(&mut self.request_headers, name);
-        Ok(())
-    }
-    fn request_body(&self, size: usize) -> HostResult<Vec<u8>> {
-        self.tally("request_body", size);
-        self.check(Op::RequestBody)?;
-        Ok(self.request_body[..size.min(self.request_body.len())].to_vec())
-    }
-    fn replace_request_body(&mut self, old_size: usize, body: &[u8]) -> HostResult {
-        self.tally("replace_request_body", body.len());
-        self.check(Op::ReplaceRequestBody)?;
-        let end = old_size.min(self.request_body.len());
-        self.request_body.splice(..end, body.iter().copied());
-        self.request_body_replacements += 1;
-        Ok(())
-    }
-    fn response_header(&self, name: &str) -> Option<String> {
-        self.tally("response_header", 0);
-        self.resp(name)
-    }
-    fn response_header_names(&self) -> HostResult<Vec<String>> {
-        // The host copies the whole map, values included.
-        let size = self
-            .response_headers
-            .iter()
-            .map(|(n, v)| n.len() + v.len())
-            .sum();
-        self.tally("response_header_names", size);
-        self.check(Op::ResponseHeaderNames)?;
-        Ok(self
-            .response_headers
-            .iter()
-            .map(|(n, _)| n.clone())
-            .collect())
-    }
-    fn set_response_header(&mut self, name: &str, value: &str) -> HostResult {
-        self.tally("set_response_header", value.len());
-        self.check(Op::SetResponseHeader)?;
-        set(&mut self.response_headers, name, value);
-        Ok(())
-    }
-    fn remove_response_header(&mut self, name: &str) -> HostResult {
-        self.tally("remove_response_header", 0);
-        self.check(Op::RemoveResponseHeader)?;
-        remove(&mut self.response_headers, name);
-        Ok(())
-    }
-    fn response_body(&self, size: usize) -> HostResult<Vec<u8>> {
-        self.tally("response_body", size);
-        self.check(Op::ResponseBody)?;
-        Ok(self.response_body[..size.min(self.response_body.len())].to_vec())
-    }
-    fn replace_response_body(&mut self, old_size: usize, body: &[u8]) -> HostResult {
-        self.tally("replace_response_body", body.len());
-        self.check(Op::ReplaceResponseBody)?;
-        let end = old_size.min(self.response_body.len());
-        self.response_body.splice(..end, body.iter().copied());
-        self.response_body_replacements += 1;
-        Ok(())
-    }
-    fn response_code_details(&self) -> Option<String> {
-        self.tally("property", 0);
-        self.code_details.clone()
-    }
-    fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) -> HostResult {
-        self.tally("send_response", body.len());
-        self.check(Op::SendResponse)?;
-        self.sent.push(Sent {
-            status,
-            headers: headers
-                .iter()
-                .map(|(n, v)| (n.to_string(), v.to_string()))
-                .collect(),
-            body: body.to_vec(),
-        });
-        Ok(())
-    }
-    fn now_unix_micros(&self) -> u64 {
-        self.tally("now", 0);
-        if self.now_ms == 0 {
-            1_700_000_000_000_000
-        } else {
-            self.now_ms * 1000
-        }
-    }
-    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
-        self.tally("property", 0);
-        if path == crate::nspolicy::LISTENER_POLICY_PATH {
-            return self.listener.clone();
-        }
-        self.properties.get(&path.join(".")).cloned()
-    }
-    fn set_property(&mut self, path: &[&str], value: &[u8]) -> HostResult {
-        self.tally("set_property", value.len());
-        self.properties.insert(path.join("."), value.to_vec());
-        Ok(())
-    }
-    fn count(&mut self, name: &str, delta: u64) {
-        // Like the glue: a zero increment makes no host call.
-        if delta > 0 {
-            self.tally("metric", name.len());
-        }
-        *self.counters.entry(name.to_string()).or_default() += delta;
-    }
-    fn gauge(&mut self, name: &str, value: u64) {
-        self.tally("metric", name.len());
-        self.gauges.insert(name.to_string(), value);
-    }
-    fn histogram(&mut self, name: &str, value: u64) {
-        self.tally("metric", name.len());
-        self.histograms
-            .entry(name.to_string())
-            .or_default()
-            .push(value);
-    }
-}
+use crate::config::testing::{
+    self, AWS_ACCESS_KEY_ID, AZURE_KEY, GEMINI_KEY, GROQ_KEY, OPENAI_KEY,
+};
+use crate::host::mock::{set_header, MockHost, MockShared, Op, Sent, SETTERS};
 
 /// The `meshllm_requests_total` series a test's requests produced.
 fn requests_counted(host: &MockHost) -> HashMap<String, u64> {
@@ -397,37 +39,10 @@ fn requests_metric(
     name
 }
 
-#[test]
-fn mock_host_behaves_like_a_header_map_and_buffer() {
-    let mut h = MockHost::new("GET", "/")
-        .with_header("x-a", "1")
-        .with_header("x-a", "2");
-    h.set_request_header("X-A", "3").unwrap();
-    assert_eq!(
-        h.request_headers.iter().filter(|(n, _)| n == "x-a").count(),
-        1
-    );
-    assert_eq!(h.req("x-a").as_deref(), Some("3"));
-    h.remove_request_header("x-a").unwrap();
-    assert_eq!(h.req("x-a"), None);
-    h.request_body = b"hello world".to_vec();
-    assert_eq!(h.request_body(5).unwrap(), b"hello");
-    h.replace_request_body(5, b"bye").unwrap();
-    assert_eq!(h.request_body, b"bye world");
-    h.fail(SETTERS);
-    assert!(h.set_request_header("x", "y").is_err());
-    assert!(h.remove_request_header(":path").is_err());
-    assert_eq!(h.req(":path").as_deref(), Some("/"));
-    assert!(h.send_response(200, &[], b"").is_ok());
-}
-
 // ---------------------------------------------------------------------------
 // Configuration and drivers
 // ---------------------------------------------------------------------------
 
-const OPENAI_KEY: &str = "sk-test-openai";
-const AZURE_KEY: &str = "az-test-secret";
-const GROQ_KEY: &str = "gsk-test-groq";
 const MAX_BYTES: usize = 4096;
 
 const CONFIG: &str = r#"{
@@ -455,19 +70,8 @@ const CONFIG: &str = r#"{
   "max_request_bytes": 4096
 }"#;
 
-fn fake_env(var: &str) -> Option<String> {
-    match var {
-        "OPENAI_API_KEY" => Some(OPENAI_KEY.into()),
-        "AZURE_KEY" => Some(AZURE_KEY.into()),
-        "GROQ_API_KEY" => Some(GROQ_KEY.into()),
-        _ => None,
-    }
-}
-
 fn config_from(doc: &str) -> Rc<Config> {
-    let compiled =
-        compile(doc.as_bytes(), &fake_env).unwrap_or_else(|e| panic!("bad test config: {e}"));
-    Rc::new(compiled.config)
+    Rc::new(testing::config(doc))
 }
 
 fn config() -> Rc<Config> {
@@ -525,7 +129,7 @@ fn forwarded(model: &str) -> (RequestFilter, MockHost) {
 }
 
 fn quote(s: &str) -> String {
-    crate::json::quote(s)
+    crate::core::json::quote(s)
 }
 
 /// A chat body with `model_json` spliced in as the model's value; the other
@@ -2052,19 +1656,8 @@ const MULTI_CONFIG: &str = r#"{
   ]
 }"#;
 
-fn multi_env(var: &str) -> Option<String> {
-    match var {
-        "AWS_ACCESS_KEY_ID" => Some("AKIDFILTERTEST".into()),
-        "AWS_SECRET_ACCESS_KEY" => Some("filter-secret".into()),
-        "GEMINI_API_KEY" => Some("gem-key".into()),
-        other => fake_env(other),
-    }
-}
-
 fn multi_post(path: &str, body: &[u8]) -> (RequestFilter, MockHost, Flow) {
-    let config = compile(MULTI_CONFIG.as_bytes(), &multi_env)
-        .unwrap_or_else(|e| panic!("{e}"))
-        .config;
+    let config = testing::config(MULTI_CONFIG);
     let mut host = client_post(path, body)
         .with_header("x-goog-api-key", "client-goog")
         .with_header("anthropic-version", "2023-06-01");
@@ -2117,7 +1710,7 @@ fn gemini_to_gemini_keeps_the_body_and_swaps_credentials() {
         host.req(":path").as_deref(),
         Some("/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse")
     );
-    assert_eq!(host.req("x-goog-api-key").as_deref(), Some("gem-key"));
+    assert_eq!(host.req("x-goog-api-key").as_deref(), Some(GEMINI_KEY));
     assert_eq!(host.req("authorization"), None);
     assert_eq!(host.req("anthropic-version"), None);
     assert_eq!(host.request_body, body);
@@ -2138,7 +1731,7 @@ fn bedrock_requests_are_translated_and_signed() {
     );
     let auth = host.req("authorization").unwrap();
     assert!(
-        auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIDFILTERTEST/"),
+        auth.starts_with(&format!("AWS4-HMAC-SHA256 Credential={AWS_ACCESS_KEY_ID}/")),
         "{auth}"
     );
     assert!(auth.contains("/eu-west-1/bedrock/aws4_request"), "{auth}");
@@ -2147,7 +1740,7 @@ fn bedrock_requests_are_translated_and_signed() {
     assert_eq!(sent["messages"][0]["content"][0]["text"], "hi");
     assert_eq!(
         host.req("x-amz-content-sha256").unwrap(),
-        crate::aws::sha256::hex(&crate::aws::sha256::sha256(&host.request_body))
+        crate::core::sha256::hex(&crate::core::sha256::sha256(&host.request_body))
     );
     assert_eq!(
         host.req("content-length").unwrap(),
@@ -2211,8 +1804,8 @@ fn router_half_plans_the_chain_and_the_attempt_half_serves_its_position() {
     up.properties = host.properties.clone();
     up.properties
         .insert(POSITION_PROPERTY.into(), b"1".to_vec());
-    set(&mut up.request_headers, "api-key", AZURE_KEY);
-    set(&mut up.request_headers, "x-envoy-attempt-count", "2");
+    set_header(&mut up.request_headers, "api-key", AZURE_KEY);
+    set_header(&mut up.request_headers, "x-envoy-attempt-count", "2");
     let mut attempt = RequestFilter::new(Rc::clone(&cfg), Role::Attempt);
     assert_eq!(attempt.on_request_headers(&mut up, false), Flow::Pause);
     assert_eq!(
@@ -2231,13 +1824,17 @@ fn router_half_plans_the_chain_and_the_attempt_half_serves_its_position() {
     let sent: Value = serde_json::from_slice(&up.request_body).unwrap();
     assert_eq!(sent["model"], "llama-3.1-8b-instant");
 
-    set(&mut up.response_headers, ":status", "200");
+    set_header(&mut up.response_headers, ":status", "200");
     assert_eq!(attempt.on_response_headers(&mut up, false), Flow::Continue);
     assert_eq!(up.resp("x-meshllm-attempts").as_deref(), Some("2"));
     assert_eq!(up.resp("x-meshllm-route").as_deref(), Some("ordered"));
     assert_eq!(up.resp(PROVIDER_RESPONSE_HEADER).as_deref(), Some("groq"));
-    let health =
-        crate::health::snapshot(&up, "fast", up.now_unix_millis(), &HealthPolicy::default());
+    let health = crate::routing::health::snapshot(
+        &up,
+        "fast",
+        up.now_unix_millis(),
+        &HealthPolicy::default(),
+    );
     assert_eq!((health.requests, health.samples), (1, 1));
 }
 
@@ -2268,13 +1865,13 @@ fn a_single_target_is_served_by_the_listener_half_and_feeds_health() {
         let sent: Value = serde_json::from_slice(&host.request_body).unwrap();
         assert_eq!(sent["model"], "llama-3.1-8b-instant");
         if answered {
-            set(&mut host.response_headers, ":status", "503");
+            set_header(&mut host.response_headers, ":status", "503");
             router.on_response_headers(&mut host, false);
             assert_eq!(host.resp("x-meshllm-attempts").as_deref(), Some("1"));
             assert!(host.resp("x-meshllm-route").is_some());
         }
         router.on_done(&mut host);
-        let health = crate::health::snapshot(
+        let health = crate::routing::health::snapshot(
             &host,
             "fast",
             host.now_unix_millis(),
@@ -2321,8 +1918,8 @@ fn credentials_are_stripped_whether_or_not_headers_can_be_listed() {
         up.properties = host.properties.clone();
         up.properties
             .insert(POSITION_PROPERTY.into(), b"1".to_vec());
-        set(&mut up.request_headers, "api-key", AZURE_KEY);
-        set(&mut up.request_headers, "x-goog-api-key", "client-goog");
+        set_header(&mut up.request_headers, "api-key", AZURE_KEY);
+        set_header(&mut up.request_headers, "x-goog-api-key", "client-goog");
         if listing_fails {
             up.fail(&[Op::RequestHeaderNames]);
         }
@@ -2415,10 +2012,10 @@ fn quota_config() -> Rc<Config> {
 
 const TEAM_BUCKET: &str = "meshllm/quota/v1/team";
 
-fn team_standings(host: &MockHost) -> Vec<crate::quota::Standing> {
+fn team_standings(host: &MockHost) -> Vec<crate::quota::buckets::Standing> {
     let cfg = quota_config();
     let rule = &cfg.quotas.as_ref().unwrap().rules[0];
-    crate::quota::standings(host, TEAM_BUCKET, &rule.limits, host.now_unix_millis())
+    crate::quota::buckets::standings(host, TEAM_BUCKET, &rule.limits, host.now_unix_millis())
 }
 
 #[test]
@@ -2441,7 +2038,7 @@ fn the_listener_half_reserves_and_settles_with_the_attempts_usage() {
     let reserved = team_standings(&host);
     let tokens = reserved
         .iter()
-        .find(|s| s.limit.meter == crate::quota::Meter::Tokens)
+        .find(|s| s.limit.meter == crate::quota::buckets::Meter::Tokens)
         .unwrap();
     assert!(tokens.used > 0);
 
@@ -2476,14 +2073,14 @@ fn the_listener_half_reserves_and_settles_with_the_attempts_usage() {
     );
     assert_eq!(router.on_response_body(&mut host, 2, true), Flow::Continue);
     let settled = team_standings(&host);
-    let used: Vec<(crate::quota::Meter, u64)> =
+    let used: Vec<(crate::quota::buckets::Meter, u64)> =
         settled.iter().map(|s| (s.limit.meter, s.used)).collect();
     assert!(
-        used.contains(&(crate::quota::Meter::Tokens, 42)),
+        used.contains(&(crate::quota::buckets::Meter::Tokens, 42)),
         "{used:?}"
     );
     assert!(
-        used.contains(&(crate::quota::Meter::Requests, 1)),
+        used.contains(&(crate::quota::buckets::Meter::Requests, 1)),
         "{used:?}"
     );
     assert_eq!(
@@ -2731,7 +2328,8 @@ fn bucket_use(cfg: &Config, host: &MockHost, rule: &str, key: &str) -> (u64, u64
         .iter()
         .find(|r| r.name == rule)
         .unwrap();
-    let standings = crate::quota::standings(host, key, &rule.limits, host.now_unix_millis());
+    let standings =
+        crate::quota::buckets::standings(host, key, &rule.limits, host.now_unix_millis());
     let used = |meter| {
         standings
             .iter()
@@ -2739,8 +2337,8 @@ fn bucket_use(cfg: &Config, host: &MockHost, rule: &str, key: &str) -> (u64, u64
             .map_or(0, |s| s.used)
     };
     (
-        used(crate::quota::Meter::Requests),
-        used(crate::quota::Meter::Tokens),
+        used(crate::quota::buckets::Meter::Requests),
+        used(crate::quota::buckets::Meter::Tokens),
     )
 }
 
@@ -2982,7 +2580,7 @@ fn a_refusal_on_every_target_names_the_limit_that_clears_first() {
         assert_eq!(flow, Flow::Continue);
         f.on_done(&mut host);
     }
-    let before = host.shared.clone();
+    let before = host.shared.values.clone();
     let (_, flow) = bound_request(&cfg, &mut host, "shop/app", "4o-first", None);
     assert_eq!(flow, Flow::Pause);
     let sent = host.reply();
@@ -2995,7 +2593,7 @@ fn a_refusal_on_every_target_names_the_limit_that_clears_first() {
     );
     let wait: u64 = sent.header("retry-after").unwrap().parse().unwrap();
     assert!((1..=60).contains(&wait), "{wait}");
-    assert_eq!(host.shared, before, "nothing stays reserved");
+    assert_eq!(host.shared.values, before, "nothing stays reserved");
 }
 
 #[test]
@@ -3027,8 +2625,8 @@ fn each_model_rules_count_per_model_whatever_the_name() {
         {"name": "per-model", "match": {"model": "*"}, "requests_per_day": 1}
     ]));
     let mut store = MockHost::default();
-    crate::admission::prepare_buckets(&cfg, &mut store);
-    let mut keys: Vec<&String> = store.shared.keys().collect();
+    crate::quota::admission::prepare_buckets(&cfg, &mut store);
+    let mut keys: Vec<&String> = store.shared.values.keys().collect();
     keys.sort();
     assert_eq!(
         keys,
@@ -3241,7 +2839,10 @@ fn ns_call(
 ) -> (RequestFilter, Flow) {
     let mut fresh = client_post(path, body.as_bytes()).with_header("x-caller", caller);
     fresh.shared = std::mem::take(&mut host.shared);
-    fresh.listener = host.listener.take();
+    let listener = listener_key();
+    if let Some(policy) = host.properties.remove(&listener) {
+        fresh.properties.insert(listener, policy);
+    }
     fresh.counters = std::mem::take(&mut host.counters);
     *host = fresh;
     let mut f = RequestFilter::new(Rc::clone(cfg), role);
@@ -3447,10 +3048,23 @@ fn downgrades_never_lead_to_a_model_the_caller_may_not_use() {
     }
 }
 
+/// Where the mock host keeps the listener metadata's `meshllm.policy`.
+fn listener_key() -> String {
+    namespace_policy::LISTENER_POLICY_PATH.join(".")
+}
+
+/// Puts `policy` in the listener metadata the host serves (None: none).
+fn set_listener_policy(host: &mut MockHost, policy: Option<&[u8]>) {
+    match policy {
+        Some(policy) => host.properties.insert(listener_key(), policy.to_vec()),
+        None => host.properties.remove(&listener_key()),
+    };
+}
+
 /// A listing as `caller` sees it.
 fn listing(cfg: &Rc<Config>, path: &str, caller: &str, listener: Option<&str>) -> Sent {
     let mut host = MockHost::new("GET", path).with_header("x-caller", caller);
-    host.listener = listener.map(|s| s.as_bytes().to_vec());
+    set_listener_policy(&mut host, listener.map(str::as_bytes));
     let mut f = RequestFilter::new(Rc::clone(cfg), Role::Router);
     assert_eq!(f.on_request_headers(&mut host, true), Flow::Pause);
     host.reply().clone()
@@ -3537,10 +3151,11 @@ fn listings_show_what_the_caller_may_use() {
 #[test]
 fn listener_metadata_overrides_the_document_and_fails_closed_when_invalid() {
     let cfg = ns_config();
-    let mut host = MockHost {
-        listener: Some(br#"{"allowed_models": ["chain", "q"], "aliases": {"q": "fast"}}"#.to_vec()),
-        ..MockHost::default()
-    };
+    let mut host = MockHost::default();
+    set_listener_policy(
+        &mut host,
+        Some(br#"{"allowed_models": ["chain", "q"], "aliases": {"q": "fast"}}"#),
+    );
     // The document lets shop use `quick`; the listener's policy does not know it.
     let body = chat_body(&quote("quick"));
     ns_call(
@@ -3582,7 +3197,10 @@ fn listener_metadata_overrides_the_document_and_fails_closed_when_invalid() {
     );
 
     // Invalid: 500 in each caller's shape, naming the field.
-    host.listener = Some(br#"{"services": {"chat": {"allowed_models": ["gpt-5"]}}}"#.to_vec());
+    set_listener_policy(
+        &mut host,
+        Some(br#"{"services": {"chat": {"allowed_models": ["gpt-5"]}}}"#),
+    );
     let body = chat_body(&quote("chain"));
     let (mut f, _) = ns_call(
         &cfg,
@@ -3655,13 +3273,6 @@ const PROFILE_CONFIG: &str = r#"{
   ]},
   "max_request_bytes": 4194304
 }"#;
-
-fn profile_env(var: &str) -> Option<String> {
-    match var {
-        "ANTHROPIC_API_KEY" => Some("sk-ant-profile".into()),
-        other => fake_env(other),
-    }
-}
 
 /// A chat body of about `size` bytes: a system prompt and user turns.
 fn profile_body(model: &str, size: usize, stream: bool) -> Vec<u8> {
@@ -3739,7 +3350,7 @@ type Tally = HashMap<&'static str, (u64, u64)>;
 #[inline(never)]
 fn profile_request(
     cfg: &Rc<Config>,
-    shared: &mut HashMap<String, (Vec<u8>, u32)>,
+    shared: &mut MockShared,
     body: &[u8],
     answer: &ProfileAnswer,
 ) -> (Tally, Tally) {
@@ -3828,11 +3439,9 @@ fn profile_request(
 }
 
 fn profile(name: &str, model: &str, body_size: usize, stream: bool, answer: ProfileAnswer) {
-    let compiled = compile(PROFILE_CONFIG.as_bytes(), &profile_env)
-        .unwrap_or_else(|e| panic!("bad profile config: {e}"));
-    let cfg = Rc::new(compiled.config);
-    let mut shared = HashMap::new();
-    crate::admission::prepare_buckets(&cfg, &mut SharedOnly(&mut shared));
+    let cfg = Rc::new(testing::config(PROFILE_CONFIG));
+    let mut shared = MockShared::default();
+    crate::quota::admission::prepare_buckets(&cfg, &mut shared);
     let body = profile_body(model, body_size, stream);
     let iterations: u64 = std::env::var("PROFILE_ITERATIONS")
         .ok()
@@ -3864,24 +3473,6 @@ fn profile(name: &str, model: &str, body_size: usize, stream: bool, answer: Prof
         eprintln!("  {half}: total={} {}", total / iterations, shown.join(" "));
     }
     assert!(listener.contains_key("set_property"));
-}
-
-/// Shared data alone, to prepare the quota buckets as the root context does.
-struct SharedOnly<'a>(&'a mut HashMap<String, (Vec<u8>, u32)>);
-
-impl crate::host::SharedData for SharedOnly<'_> {
-    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-        self.0.get(key).cloned()
-    }
-    fn shared_set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> HostResult<bool> {
-        let current = self.0.get(key).map_or(0, |(_, c)| *c);
-        if cas.is_some_and(|c| c != current) {
-            return Ok(false);
-        }
-        self.0
-            .insert(key.to_string(), (value.to_vec(), current + 1));
-        Ok(true)
-    }
 }
 
 #[test]
@@ -4041,11 +3632,7 @@ fn limited_multi(limit: usize) -> Rc<Config> {
         1,
     );
     let doc = doc.replace("LIMIT", &limit.to_string());
-    Rc::new(
-        compile(doc.as_bytes(), &multi_env)
-            .unwrap_or_else(|e| panic!("{e}"))
-            .config,
-    )
+    Rc::new(testing::config(&doc))
 }
 
 fn forwarded_with(config: Rc<Config>, path: &str, body: &[u8]) -> (RequestFilter, MockHost) {

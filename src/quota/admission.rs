@@ -4,21 +4,23 @@
 //! The listener half calls `identify` when headers arrive, `admit` once the
 //! body is read and the targets are chosen, and `settle` when the request is
 //! over (answered, failed or abandoned), so every reservation is reconciled
-//! exactly once. The counting itself lives in `quota`, over shared data.
+//! exactly once. The counting itself lives in `buckets`, over shared data.
 
 use std::rc::Rc;
 
-use crate::api::openai::ApiError;
-use crate::config::{Config, Target};
+use crate::access::identity::{Caller, IdentityError};
+use crate::config::names::Target;
+use crate::config::Config;
+use crate::core::api_error::ApiError;
+use crate::core::schema::Schema;
+use crate::core::usage::Usage;
 use crate::host::Host;
-use crate::identity::{Caller, IdentityError};
-use crate::limits::{
+use crate::quota::buckets::{self, Amounts, Held, Limit, Meter, Refusal, Standing, Update};
+use crate::quota::limits::{
     limit_field, tag_value, Facts, LimitRule, ModelScope, ReservationPolicy, Selector,
     DEFAULT_ALERTS,
 };
-use crate::pricing::{cost_micro_usd, Prices};
-use crate::quota::{self, Amounts, Held, Limit, Meter, Refusal, Standing, Update};
-use crate::translate::{Schema, Usage};
+use crate::quota::pricing::{cost_micro_usd, Prices};
 
 /// Who called and which attribution tags the request carries.
 #[derive(Debug, Clone, Default)]
@@ -104,7 +106,7 @@ pub fn prepare_buckets(config: &Config, store: &mut dyn crate::host::SharedData)
     let namespaces = config.namespaces.values().flat_map(|p| p.rules.iter());
     for rule in mesh.chain(namespaces) {
         for key in rule.known_buckets(config.models.iter().map(|m| m.name.as_str())) {
-            quota::ensure(store, &key);
+            buckets::ensure(store, &key);
         }
     }
 }
@@ -164,9 +166,9 @@ pub fn downgrade(
             _ => rule.bucket(&facts(asked)).into_iter().collect(),
         };
         let over = keys.iter().any(|key| {
-            quota::standings(host, key, &rule.limits, now)
+            buckets::standings(host, key, &rule.limits, now)
                 .iter()
-                .any(|s| quota::percent(s.used, s.limit.max) >= d.at_percent)
+                .any(|s| buckets::percent(s.used, s.limit.max) >= d.at_percent)
         });
         over.then(|| (to.clone(), rule.name.clone()))
     })
@@ -253,7 +255,7 @@ struct Binding<'a> {
 /// Where a target-bound bucket stands while the chain is walked.
 enum Reserved {
     Not,
-    Held(quota::Admission),
+    Held(buckets::Admission),
     Refused,
 }
 
@@ -331,7 +333,7 @@ pub fn admit(
                 )
             })
             .collect();
-        match quota::reserve_all(host, &buckets, now) {
+        match buckets::reserve_all(host, &buckets, now) {
             Ok(reserved) => {
                 for (&i, r) in todo.iter().zip(reserved) {
                     states[i] = Reserved::Held(r);
@@ -350,7 +352,7 @@ pub fn admit(
     let release = |host: &mut dyn Host, states: &[Reserved]| {
         for state in states {
             if let Reserved::Held(r) = state {
-                quota::settle(host, &r.held, &Amounts::default(), now);
+                buckets::settle(host, &r.held, &Amounts::default(), now);
             }
         }
     };
@@ -381,7 +383,7 @@ pub fn admit(
         .iter()
         .map(|b| (b.key.as_str(), b.rule.limits.as_slice(), &whole))
         .collect();
-    let reserved = match quota::reserve_all(host, &buckets, now) {
+    let reserved = match buckets::reserve_all(host, &buckets, now) {
         Ok(reserved) => reserved,
         Err((index, refusal)) => {
             release(host, &states);
@@ -396,7 +398,7 @@ pub fn admit(
         }
     };
 
-    let mut held: Vec<(Binding, quota::Admission)> =
+    let mut held: Vec<(Binding, buckets::Admission)> =
         request_wide.into_iter().zip(reserved).collect();
     held.extend(
         bound
@@ -624,7 +626,7 @@ pub fn settle(
             Some(t) if t.iter().any(|&m| reached(m)) => &tried_only,
             Some(_) => &untried,
         };
-        for (i, u) in quota::settle(host, &hold.held, amounts, now)
+        for (i, u) in buckets::settle(host, &hold.held, amounts, now)
             .iter()
             .enumerate()
         {
@@ -654,7 +656,7 @@ fn report(
             who.label(),
         );
     }
-    let percent = u64::from(quota::percent(s.used, s.limit.max));
+    let percent = u64::from(buckets::percent(s.used, s.limit.max));
     // A bucket without per-caller parts has its names ready.
     match rule.static_gauges.get(index).filter(|_| !key.contains('|')) {
         Some(name) => host.gauge(name, percent),
@@ -670,7 +672,7 @@ fn alert_header(all: &[(&LimitRule, &Standing)], alerts: &[u32]) -> Option<Strin
     let parts: Vec<String> = all
         .iter()
         .filter_map(|(rule, s)| {
-            let pct = quota::percent(s.used, s.limit.max);
+            let pct = buckets::percent(s.used, s.limit.max);
             (pct >= first).then(|| format!("{}:{}={pct}%", rule.name, limit_field(&s.limit)))
         })
         .collect();
@@ -706,7 +708,7 @@ fn rejection(
         Refusal::Exceeded { standing } => {
             let l = standing.limit;
             let wait_ms = standing.resets_at_ms.saturating_sub(now);
-            let wait = quota::openai_duration(wait_ms);
+            let wait = buckets::openai_duration(wait_ms);
             headers.push((
                 "retry-after".into(),
                 wait_ms.div_ceil(1000).max(1).to_string(),
@@ -843,7 +845,7 @@ pub fn rate_limit_headers(
         let Some(s) = s else { continue };
         let wait = s.resets_at_ms.saturating_sub(now);
         let (names, reset) = match schema {
-            Schema::OpenAi | Schema::Converse => (&OPENAI, quota::openai_duration(wait)),
+            Schema::OpenAi | Schema::Converse => (&OPENAI, buckets::openai_duration(wait)),
             Schema::Anthropic => (&ANTHROPIC, rfc3339(s.resets_at_ms)),
             // Google's API sends no rate-limit headers; 429s carry retry-after.
             Schema::Gemini => continue,
@@ -863,7 +865,7 @@ pub fn rfc3339(ms: u64) -> String {
     let secs = ms / 1000;
     let days = secs / 86_400;
     let rem = secs % 86_400;
-    let (y, m, d) = quota::civil_from_days(days);
+    let (y, m, d) = buckets::civil_from_days(days);
     format!(
         "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
         rem / 3600,
@@ -880,7 +882,7 @@ mod tests {
         Standing {
             limit: Limit {
                 meter,
-                window: quota::Window::Minute,
+                window: buckets::Window::Minute,
                 max,
             },
             used,

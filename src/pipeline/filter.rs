@@ -8,26 +8,31 @@
 
 use std::rc::Rc;
 
-use crate::admission::{self, Admission, Ask, Who};
-use crate::api::openai::ApiError;
-use crate::aws::sigv4;
-use crate::config::{Config, ModelRoute, Operation, Provider, ProviderKind};
-use crate::exchange::{self, ErrorReply, Exchange, Inbound};
-use crate::health::{self, HealthPolicy, Outcome};
+use crate::access::namespace_policy::{self, Applied, Source};
+use crate::config::models::{ModelRoute, Operation};
+use crate::config::providers::Provider;
+use crate::config::routing::RoutePolicy;
+use crate::config::Config;
+use crate::core::api_error::ApiError;
+use crate::core::json::{Kind, TopLevel};
+use crate::core::schema::Schema;
+use crate::core::usage::Usage;
 use crate::host::{Host, HostResult};
-use crate::json::{Kind, TopLevel};
 use crate::metrics;
-use crate::nspolicy::{self, Applied, Source};
-use crate::policy::RoutePolicy;
-use crate::route;
-use crate::translate::{Schema, StreamTranslator, Usage};
+use crate::providers::aws::sigv4;
+use crate::providers::ProviderKind;
+use crate::quota::admission::{self, Admission, Ask, Who};
+use crate::routing::health::{self, HealthPolicy, Outcome};
+use crate::routing::route;
+use crate::translate::exchange::{self, ErrorReply, Exchange, Inbound};
+use crate::translate::StreamTranslator;
 
 /// Model listings in the Anthropic and Gemini APIs' shapes (OpenAI's is
 /// built once with the configuration). Rare requests: built per call.
 mod listing {
     use serde_json::{json, Value};
 
-    use crate::translate::Schema;
+    use crate::core::schema::Schema;
 
     pub fn entry(caller: Schema, id: &str) -> Value {
         match caller {
@@ -185,7 +190,7 @@ impl Plan {
     /// The plan as filter state, in the `wire` encoding (serde_json cost
     /// ~8k instructions per request between the halves).
     fn encode(&self) -> Vec<u8> {
-        let mut w = crate::wire::Writer::new();
+        let mut w = crate::pipeline::wire::Writer::new();
         w.usize(self.caller as usize);
         w.bool(self.embeddings);
         w.bool(self.gemini.is_some());
@@ -212,7 +217,7 @@ impl Plan {
 
     /// None for anything `encode` did not write, garbage included.
     fn decode(bytes: &[u8]) -> Option<Plan> {
-        let mut r = crate::wire::Reader::new(bytes);
+        let mut r = crate::pipeline::wire::Reader::new(bytes);
         const SCHEMAS: [Schema; 4] = [
             Schema::OpenAi,
             Schema::Anthropic,
@@ -667,9 +672,11 @@ impl RequestFilter {
                 if let Some(applied) = applied.filter(|a| a.restricts(&config)) {
                     let visible = applied.visible(&config);
                     let body = match self.caller {
-                        Schema::OpenAi | Schema::Converse => crate::config::models_list_body(
-                            visible.iter().map(|(n, t)| (*n, config.owner(*t))),
-                        ),
+                        Schema::OpenAi | Schema::Converse => {
+                            crate::config::models::models_list_body(
+                                visible.iter().map(|(n, t)| (*n, config.owner(*t))),
+                            )
+                        }
                         caller => listing::models(caller, visible.iter().map(|(n, _)| *n)),
                     };
                     return self.reply(host, 200, &[], &body);
@@ -699,7 +706,7 @@ impl RequestFilter {
                     let body = match applied.target(&config, &id) {
                         Some(t) if applied.allows(&config, t) => match self.caller {
                             Schema::OpenAi | Schema::Converse => {
-                                crate::config::model_body(&id, config.owner(t))
+                                crate::config::models::model_body(&id, config.owner(t))
                             }
                             caller => listing::model(caller, &id),
                         },
@@ -851,9 +858,9 @@ impl RequestFilter {
     fn identify(&mut self, host: &mut dyn Host) -> Result<(), ApiError> {
         let config = Rc::clone(&self.config);
         self.who = admission::identify(&config, host)?;
-        let listener = host.property(nspolicy::LISTENER_POLICY_PATH);
+        let listener = host.property(namespace_policy::LISTENER_POLICY_PATH);
         let from_listener = listener.is_some();
-        match nspolicy::apply(&config, host, self.who.caller.as_ref(), listener) {
+        match namespace_policy::apply(&config, host, self.who.caller.as_ref(), listener) {
             Ok(applied) => self.applied = applied,
             Err(e) => {
                 if from_listener {
@@ -870,14 +877,14 @@ impl RequestFilter {
     /// cannot be identified sees the mesh's list.
     fn listing_policy(&mut self, host: &mut dyn Host) -> Result<Option<Applied>, ApiError> {
         let config = Rc::clone(&self.config);
-        let listener = host.property(nspolicy::LISTENER_POLICY_PATH);
+        let listener = host.property(namespace_policy::LISTENER_POLICY_PATH);
         if listener.is_none() && config.allowed_models.is_none() && config.namespaces.is_empty() {
             return Ok(None);
         }
         let caller = admission::identify(&config, host)
             .ok()
             .and_then(|who| who.caller);
-        nspolicy::apply(&config, host, caller.as_ref(), listener).map(Some)
+        namespace_policy::apply(&config, host, caller.as_ref(), listener).map(Some)
     }
 
     /// Listener roles: a client may not steer Envoy's router (`x-envoy-*`:
@@ -1455,7 +1462,7 @@ impl RequestFilter {
         let (new_body, exchange) = if op == Operation::Embeddings {
             // Embeddings only exist between OpenAI-shaped ends.
             let new_body = (model != route.upstream_model).then(|| {
-                crate::json::splice(
+                crate::core::json::splice(
                     body,
                     model_span.clone().unwrap_or(0..0),
                     route.upstream_model_json.as_bytes(),
@@ -1922,7 +1929,7 @@ impl RequestFilter {
         let body = body.unwrap_or_else(|| {
             let error = ApiError::new(
                 status,
-                crate::api::openai::error_type_for_status(status),
+                crate::core::api_error::error_type_for_status(status),
                 None,
                 format!("The provider answered HTTP {status} with no details."),
             );
@@ -1939,7 +1946,7 @@ impl RequestFilter {
         let error = match self.response {
             ResponseMode::Error { status, .. } => ApiError::new(
                 self.status,
-                crate::api::openai::error_type_for_status(self.status),
+                crate::core::api_error::error_type_for_status(self.status),
                 None,
                 format!(
                     "Provider {provider:?} answered with HTTP {status} and an error body larger \
@@ -2425,7 +2432,7 @@ fn sign_for_bedrock(
     provider: &Provider,
     path: &str,
     body: &[u8],
-    creds: &crate::config::AwsCredentials,
+    creds: &crate::config::providers::AwsCredentials,
 ) -> HostResult {
     let (path_only, query) = path.split_once('?').unwrap_or((path, ""));
     let credentials = sigv4::Credentials {

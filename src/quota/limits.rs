@@ -16,7 +16,7 @@
 //! requests that name the route; `"*"` gives each model its own bucket.
 //! Admission (`admission::admit`) turns that into reservations.
 //!
-//! `quota` stores the counts; this module only decides what to count.
+//! `buckets` stores the counts; this module only decides what to count.
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -24,9 +24,10 @@ use std::rc::Rc;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::config::{ConfigError, Target};
-use crate::identity::Caller;
-use crate::quota::{Limit, Meter, Window};
+use crate::access::identity::Caller;
+use crate::config::error::ConfigError;
+use crate::config::names::{valid_header_name, valid_model_name, Target};
+use crate::quota::buckets::{Limit, Meter, Window};
 
 /// How the admission estimate is made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -371,14 +372,14 @@ pub fn compile_attribution(value: Option<&Value>) -> Result<Vec<Tag>, ConfigErro
     let mut tags: Vec<Tag> = Vec::with_capacity(raw.tags.len());
     for (i, t) in raw.tags.into_iter().enumerate() {
         let at = format!("attribution.tags[{i}]");
-        if !crate::config::valid_model_name(&t.name) || tags.iter().any(|x| x.name == t.name) {
+        if !valid_model_name(&t.name) || tags.iter().any(|x| x.name == t.name) {
             return Err(ConfigError::new(
                 format!("{at}.name"),
                 format!("{:?} is not a valid, unique tag name", t.name),
             ));
         }
         let header = t.header.to_ascii_lowercase();
-        if !crate::config::valid_header_name(&header) {
+        if !valid_header_name(&header) {
             return Err(ConfigError::new(
                 format!("{at}.header"),
                 format!("{:?} is not a valid header name", t.header),
@@ -626,13 +627,13 @@ fn compile_match(
     let namespace = selector(
         "namespace",
         raw.namespace,
-        &crate::identity::valid_segment,
+        &crate::access::identity::valid_segment,
         "is not a valid namespace",
     )?;
     let service = selector(
         "service",
         raw.service,
-        &crate::identity::valid_segment,
+        &crate::access::identity::valid_segment,
         "is not a valid service name",
     )?;
     let virtual_key = selector(

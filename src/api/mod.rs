@@ -1,4 +1,0 @@
-//! Wire shapes of the APIs the gateway speaks to callers.
-
-pub mod chat;
-pub mod openai;
