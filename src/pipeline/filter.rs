@@ -19,6 +19,11 @@ use crate::core::schema::Schema;
 use crate::core::usage::Usage;
 use crate::host::{Host, HostResult};
 use crate::metrics;
+use crate::pipeline::handoff::{
+    self, is_internal_request_header, Plan, ATTEMPTS_RESPONSE_HEADER, CALLER_API_HEADER,
+    CLUSTER_HEADER, FAILOVER_CLUSTER, FIRST_POSITION_CLUSTER, MAX_RETRIES_HEADER,
+    MODEL_RESPONSE_HEADER, PROVIDER_RESPONSE_HEADER, ROUTER_CONTROL_HEADERS, ROUTE_RESPONSE_HEADER,
+};
 use crate::providers::aws::sigv4;
 use crate::providers::ProviderKind;
 use crate::quota::admission::{self, Admission, Ask, Who};
@@ -70,38 +75,8 @@ mod listing {
     }
 }
 
-/// The header the Envoy route reads to pick the provider's cluster.
-pub const CLUSTER_HEADER: &str = "x-meshllm-cluster";
-/// Names the caller's API (`openai`, `anthropic`, `gemini`) on a request
-/// the listener half serves itself. Envoy's `header_to_metadata` turns it
-/// into dynamic metadata (`meshllm.caller_api`) and removes it, and the
-/// connection manager's `local_reply_config` shapes Envoy's own replies by
-/// it: those Envoy sends straight to the caller once this filter holds the
-/// response headers (a provider that closes mid-answer, a timeout).
-pub const CALLER_API_HEADER: &str = "x-meshllm-caller-api";
-pub const PROVIDER_RESPONSE_HEADER: &str = "x-meshllm-provider";
-pub const MODEL_RESPONSE_HEADER: &str = "x-meshllm-model";
-/// How many targets were tried, the one that answered included.
-pub const ATTEMPTS_RESPONSE_HEADER: &str = "x-meshllm-attempts";
-/// Why the route's targets were ordered as they were.
-pub const ROUTE_RESPONSE_HEADER: &str = "x-meshllm-route";
 /// A caller's own fallback chain: model names, comma-separated.
 pub const MODELS_REQUEST_HEADER: &str = "x-meshllm-models";
-/// The aggregate cluster whose position clusters hold every provider.
-pub const FAILOVER_CLUSTER: &str = "meshllm";
-/// Position headers: `x-meshllm-p<i>` names the provider of attempt i; Envoy
-/// turns them into load-balancer metadata (and removes them).
-pub const POSITION_HEADER_PREFIX: &str = "x-meshllm-p";
-/// The first position's cluster (render.py names them `meshllm.p<i>`).
-const FIRST_POSITION_CLUSTER: &str = "meshllm.p0";
-/// Filter state the listener half leaves for the upstream half.
-pub const PLAN_PROPERTY: &str = "meshllm.plan";
-/// Filter state the upstream half leaves for the listener half: the target
-/// that answered and the token counts it reported.
-pub const USAGE_PROPERTY: &str = "meshllm.usage";
-/// Filter state: the status the upstream half gave an answer whose headers
-/// had already passed it (a translation that failed at the body).
-pub const ANSWER_STATUS_PROPERTY: &str = "meshllm.answer_status";
 /// Says which model a budget rule switched the request to, and why.
 pub const DOWNGRADE_RESPONSE_HEADER: &str = "x-meshllm-downgrade";
 /// Access-log fields (filter state, read with `%FILTER_STATE(name:PLAIN)%`).
@@ -145,19 +120,10 @@ const PROVIDER_RATE_LIMIT_HEADERS: &[&str] = &[
     "anthropic-ratelimit-output-tokens-remaining",
     "anthropic-ratelimit-output-tokens-reset",
 ];
-/// Where the upstream half finds the attempt's position in the chain.
 /// The upstream connection's local address: absent when none was made.
 const UPSTREAM_LOCAL_ADDRESS: &[&str] = &["upstream", "local_address"];
 /// Why the upstream connection failed (refused, TLS), when it did.
 const UPSTREAM_TRANSPORT_FAILURE: &[&str] = &["upstream", "transport_failure_reason"];
-const HOST_POSITION: &[&str] = &[
-    "xds",
-    "upstream_host_metadata",
-    "filter_metadata",
-    "meshllm",
-    "position",
-];
-
 /// Which half of the gateway this filter instance is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -167,91 +133,6 @@ pub enum Role {
     Router,
     /// The upstream half: translates one attempt for its target.
     Attempt,
-}
-
-/// What the listener half decided, for the upstream half of each attempt.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Plan {
-    caller: Schema,
-    embeddings: bool,
-    /// Gemini callers name the model and streaming in the URL.
-    gemini: Option<(String, bool)>,
-    /// Indices into `Config::models`, in attempt order.
-    chain: Vec<usize>,
-    reason: String,
-    /// The caller's Anthropic headers, for attempts that go to Anthropic.
-    anthropic: Vec<(String, String)>,
-    /// The caller's namespace and service and the model it asked for, as
-    /// metric labels for each attempt.
-    labels: (String, String, String),
-}
-
-impl Plan {
-    /// The plan as filter state, in the `wire` encoding (serde_json cost
-    /// ~8k instructions per request between the halves).
-    fn encode(&self) -> Vec<u8> {
-        let mut w = crate::pipeline::wire::Writer::new();
-        w.usize(self.caller as usize);
-        w.bool(self.embeddings);
-        w.bool(self.gemini.is_some());
-        if let Some((model, stream)) = &self.gemini {
-            w.str(model);
-            w.bool(*stream);
-        }
-        w.usize(self.chain.len());
-        for &m in &self.chain {
-            w.usize(m);
-        }
-        w.str(&self.reason);
-        w.usize(self.anthropic.len());
-        for (name, value) in &self.anthropic {
-            w.str(name);
-            w.str(value);
-        }
-        let (ns, svc, model) = &self.labels;
-        for label in [ns, svc, model] {
-            w.str(label);
-        }
-        w.finish()
-    }
-
-    /// None for anything `encode` did not write, garbage included.
-    fn decode(bytes: &[u8]) -> Option<Plan> {
-        let mut r = crate::pipeline::wire::Reader::new(bytes);
-        const SCHEMAS: [Schema; 4] = [
-            Schema::OpenAi,
-            Schema::Anthropic,
-            Schema::Gemini,
-            Schema::Converse,
-        ];
-        let caller = *SCHEMAS.get(r.usize()?)?;
-        let embeddings = r.bool()?;
-        let gemini = match r.bool()? {
-            true => Some((r.str()?.to_string(), r.bool()?)),
-            false => None,
-        };
-        let chain = (0..r.count()?)
-            .map(|_| r.usize())
-            .collect::<Option<Vec<usize>>>()?;
-        let reason = r.str()?.to_string();
-        let anthropic = (0..r.count()?)
-            .map(|_| Some((r.str()?.to_string(), r.str()?.to_string())))
-            .collect::<Option<Vec<_>>>()?;
-        let labels = (
-            r.str()?.to_string(),
-            r.str()?.to_string(),
-            r.str()?.to_string(),
-        );
-        r.is_done().then_some(Plan {
-            caller,
-            embeddings,
-            gemini,
-            chain,
-            reason,
-            anthropic,
-            labels,
-        })
-    }
 }
 
 /// Client headers that carry credentials or account selection; a provider
@@ -416,7 +297,7 @@ enum ResponseMode {
     /// sees the answer started and never retries it elsewhere).
     Translate,
     /// Router role: hold a complete answer of a chain until its end, so the
-    /// upstream half can still change its status (`ANSWER_STATUS_PROPERTY`).
+    /// upstream half can still change its status (`handoff::answer_status`).
     Hold,
     /// Translate a stream event by event.
     Stream(Box<dyn StreamTranslator>),
@@ -769,10 +650,7 @@ impl RequestFilter {
     /// Attempt role: finds this attempt's target from the plan and the host
     /// Envoy picked, and clears what an earlier attempt set.
     fn start_attempt(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
-        let plan: Option<Plan> = host
-            .property(&[PLAN_PROPERTY])
-            .and_then(|b| Plan::decode(&b));
-        let Some(plan) = plan else {
+        let Some(plan) = handoff::plan(host) else {
             // Another service's request on a router this half also serves.
             let authority = host.request_header(":authority").unwrap_or_default();
             if !self.config.hosts.is_empty() && !self.config.handles_host(&authority) {
@@ -794,10 +672,7 @@ impl RequestFilter {
             .request_header("x-envoy-attempt-count")
             .and_then(|v| v.parse().ok())
             .unwrap_or(1);
-        let position = host
-            .property(HOST_POSITION)
-            .and_then(|b| String::from_utf8(b).ok())
-            .and_then(|p| p.parse::<usize>().ok());
+        let position = handoff::attempt_position(host);
         let Some(&target) = position.and_then(|p| plan.chain.get(p)) else {
             return self.reject(
                 host,
@@ -896,8 +771,7 @@ impl RequestFilter {
     fn strip_internal_headers(&mut self, host: &mut dyn Host) -> Result<(), ApiError> {
         // Without a listing, every name Envoy's router or the gateway reads.
         let names = host.request_header_names().unwrap_or_else(|_| {
-            let positions = (0..self.config.failover.max_attempts)
-                .map(|p| format!("{POSITION_HEADER_PREFIX}{p}"));
+            let positions = (0..self.config.failover.max_attempts).map(handoff::position_header);
             ROUTER_CONTROL_HEADERS
                 .iter()
                 .chain([CLUSTER_HEADER, MODELS_REQUEST_HEADER].iter())
@@ -1400,12 +1274,12 @@ impl RequestFilter {
             let provider = chain.get(position).map_or("-", |&m| {
                 config.providers[config.models[m].provider].name.as_str()
             });
-            host.set_request_header(&format!("{POSITION_HEADER_PREFIX}{position}"), provider)
+            host.set_request_header(&handoff::position_header(position), provider)
                 .map_err(rewrite)?;
         }
         // Envoy retries onto the next position; one retry fewer than targets.
         let retries = chain.len().saturating_sub(1).to_string();
-        host.set_request_header("x-envoy-max-retries", &retries)
+        host.set_request_header(MAX_RETRIES_HEADER, &retries)
             .map_err(rewrite)?;
         host.set_request_header(CLUSTER_HEADER, FAILOVER_CLUSTER)
             .map_err(rewrite)?;
@@ -1423,7 +1297,7 @@ impl RequestFilter {
                 self.request_model.clone().unwrap_or_default(),
             ),
         };
-        host.set_property(&[PLAN_PROPERTY], &plan.encode())
+        handoff::leave_plan(host, &plan)
             .map_err(|e| internal(format!("could not store the routing plan: {e}")))?;
         self.route = plan.chain.first().copied();
         self.plan = Some(plan);
@@ -1727,11 +1601,7 @@ impl RequestFilter {
         let Some(u) = usage else { return };
         self.usage = Some(u);
         if let (Role::Attempt, Some(target)) = (self.role, self.route) {
-            let value = format!(
-                "{target},{},{},{},{}",
-                u.input_tokens, u.output_tokens, u.cached_input_tokens, u.reasoning_tokens
-            );
-            if let Err(e) = host.set_property(&[USAGE_PROPERTY], value.as_bytes()) {
+            if let Err(e) = handoff::leave_usage(host, target, &u) {
                 log::warn!("could not leave the usage for the listener filter: {e}");
             }
         }
@@ -1798,13 +1668,9 @@ impl RequestFilter {
             self.response = ResponseMode::PassThrough;
             self.response_bytes += body_size as u64;
             self.first_byte_us = Some(host.now_unix_micros());
-            if let Some(status) = host
-                .property(&[ANSWER_STATUS_PROPERTY])
-                .and_then(|b| String::from_utf8(b).ok())
-                .filter(|s| s.len() == 3 && s.bytes().all(|b| b.is_ascii_digit()))
-            {
-                self.status = status.parse().unwrap_or(self.status);
-                let _ = host.set_response_header(":status", &status);
+            if let Some(status) = handoff::answer_status(host) {
+                self.status = status;
+                let _ = host.set_response_header(":status", &status.to_string());
             }
             return Flow::Continue;
         }
@@ -1851,7 +1717,7 @@ impl RequestFilter {
                         if self.role == Role::Attempt {
                             // The headers passed already; the listener half
                             // holds them and sets this status.
-                            let _ = host.set_property(&[ANSWER_STATUS_PROPERTY], b"502");
+                            let _ = handoff::leave_answer_status(host, 502);
                         } else {
                             let _ = host.set_response_header(":status", "502");
                         }
@@ -2100,10 +1966,7 @@ impl RequestFilter {
         // The target that answered: the upstream half says so with its
         // usage; otherwise the provider and model it named.
         let reported = match self.role {
-            Role::Router => host
-                .property(&[USAGE_PROPERTY])
-                .and_then(|b| parse_usage_property(&b))
-                .filter(|(t, _)| *t < config.models.len()),
+            Role::Router => handoff::usage(host).filter(|(t, _)| *t < config.models.len()),
             _ => {
                 if self.usage.is_none() {
                     if let ResponseMode::Stream(t) = &self.response {
@@ -2386,20 +2249,6 @@ fn max_output_tokens(doc: &TopLevel, caller: Schema, op: Operation) -> Option<u6
     }
 }
 
-/// `target,input,output,cached,reasoning` as the upstream half writes it.
-fn parse_usage_property(bytes: &[u8]) -> Option<(usize, Usage)> {
-    let text = std::str::from_utf8(bytes).ok()?;
-    let mut n = text.split(',').map(|p| p.trim().parse::<u64>().ok());
-    let target = usize::try_from(n.next()??).ok()?;
-    let usage = Usage {
-        input_tokens: n.next()??,
-        output_tokens: n.next()??,
-        cached_input_tokens: n.next()??,
-        reasoning_tokens: n.next()??,
-    };
-    Some((target, usage))
-}
-
 /// Replaces one chunk of a provider stream with its translation: every
 /// event the chunk completes goes out now, partial ones wait.
 fn translate_stream_chunk(
@@ -2501,7 +2350,7 @@ fn point_at_provider(
         ClusterChoice::Provider => host.set_request_header(CLUSTER_HEADER, &provider.cluster)?,
         ClusterChoice::FirstPosition => {
             host.set_request_header(CLUSTER_HEADER, FIRST_POSITION_CLUSTER)?;
-            host.set_request_header(&format!("{POSITION_HEADER_PREFIX}0"), &provider.name)?;
+            host.set_request_header(&handoff::position_header(0), &provider.name)?;
         }
         ClusterChoice::Chosen => {}
     }
@@ -2562,33 +2411,6 @@ impl AttemptEnd {
             Some(AttemptEnd::Reset)
         }
     }
-}
-
-/// Request headers Envoy's router obeys when a client sends them.
-const ROUTER_CONTROL_HEADERS: &[&str] = &[
-    "x-envoy-max-retries",
-    "x-envoy-retry-on",
-    "x-envoy-retry-grpc-on",
-    "x-envoy-retriable-status-codes",
-    "x-envoy-retriable-header-names",
-    "x-envoy-upstream-rq-timeout-ms",
-    "x-envoy-upstream-rq-per-try-timeout-ms",
-    "x-envoy-hedge-on-per-try-timeout",
-    "x-envoy-upstream-rq-timeout-alt-response",
-    "x-envoy-upstream-alt-stat-name",
-    "x-envoy-expected-rq-timeout-ms",
-    "x-envoy-is-timeout-retry",
-    "x-envoy-attempt-count",
-];
-
-/// Headers only Envoy and the gateway's own halves may set on a request.
-fn is_internal_request_header(name: &str) -> bool {
-    let starts = |prefix: &str| {
-        name.as_bytes()
-            .get(..prefix.len())
-            .is_some_and(|b| b.eq_ignore_ascii_case(prefix.as_bytes()))
-    };
-    starts("x-meshllm-") || starts("x-envoy-")
 }
 
 fn model_not_found(model: &str) -> ApiError {

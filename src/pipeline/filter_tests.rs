@@ -10,6 +10,7 @@ use crate::config::testing::{
     self, AWS_ACCESS_KEY_ID, AZURE_KEY, GEMINI_KEY, GROQ_KEY, OPENAI_KEY,
 };
 use crate::host::mock::{set_header, MockHost, MockShared, Op, Sent, SETTERS};
+use crate::pipeline::handoff::{ANSWER_STATUS_PROPERTY, PLAN_PROPERTY, USAGE_PROPERTY};
 
 /// The `meshllm_requests_total` series a test's requests produced.
 fn requests_counted(host: &MockHost) -> HashMap<String, u64> {
@@ -1906,7 +1907,7 @@ fn credentials_are_stripped_whether_or_not_headers_can_be_listed() {
                 "{name}, listing fails: {listing_fails}"
             );
         }
-        let plan = Plan::decode(&host.properties[PLAN_PROPERTY]).unwrap();
+        let plan = handoff::plan(&host).unwrap();
         assert_eq!(
             plan.anthropic,
             [("anthropic-version".to_string(), "2023-06-01".to_string())]
@@ -1948,46 +1949,8 @@ fn attempt_half_without_a_plan_or_position_fails_loudly() {
 }
 
 #[test]
-fn plans_round_trip_and_garbled_plans_are_refused() {
-    let full = Plan {
-        caller: Schema::Gemini,
-        embeddings: true,
-        gemini: Some(("gemini-2.5-pro".into(), true)),
-        chain: vec![3, 0, 200],
-        reason: "budget:ops".into(),
-        anthropic: vec![
-            ("anthropic-version".into(), "2023-06-01".into()),
-            ("anthropic-beta".into(), "a,b ✓".into()),
-        ],
-        labels: ("shop".into(), "checkout".into(), "chat".into()),
-    };
-    let empty = Plan {
-        caller: Schema::Converse,
-        embeddings: false,
-        gemini: None,
-        chain: vec![],
-        reason: String::new(),
-        anthropic: vec![],
-        labels: Default::default(),
-    };
-    for plan in [&full, &empty] {
-        let bytes = plan.encode();
-        assert_eq!(Plan::decode(&bytes).as_ref(), Some(plan));
-        // Every shorter prefix and any extra byte is refused.
-        for cut in 0..bytes.len() {
-            assert_eq!(Plan::decode(&bytes[..cut]), None, "cut at {cut}");
-        }
-        let mut longer = bytes.clone();
-        longer.push(0);
-        assert_eq!(Plan::decode(&longer), None);
-    }
-    let mut unknown_schema = full.encode();
-    unknown_schema[0] = 4;
-    assert_eq!(Plan::decode(&unknown_schema), None);
-    // The former JSON encoding is garbage now.
-    assert_eq!(Plan::decode(br#"{"caller":"OpenAi","chain":[0]}"#), None);
-
-    // The attempt half refuses a garbled plan as it refuses a missing one.
+fn attempt_half_refuses_a_garbled_plan() {
+    // As it refuses a missing one (the encoding's own tests: handoff.rs).
     let cfg = config_from(ROUTED_CONFIG);
     let mut up = MockHost::new("POST", "/v1/chat/completions");
     up.properties
