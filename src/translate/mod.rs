@@ -36,6 +36,8 @@ pub mod chat_input;
 pub mod chat_output;
 pub mod exchange;
 pub mod gemini_openai;
+#[cfg(test)]
+mod golden_tests;
 pub mod openai_anthropic;
 pub mod openai_bedrock;
 pub mod openai_gemini;
