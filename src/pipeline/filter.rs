@@ -218,6 +218,9 @@ pub struct RequestFilter {
     /// Router role: the caller's own fallbacks (`x-meshllm-models`), taken
     /// off the request at the entrance with every other internal header.
     extra_models: Option<String>,
+    /// Listener roles: the request's header names as listed at the
+    /// entrance, reused where client headers are removed later.
+    entry_headers: Option<Vec<String>>,
     /// Listener roles: the model the caller asked for, as a metric label
     /// (a name the config does not know is `_OTHER`), and why the first
     /// target was chosen.
@@ -420,6 +423,7 @@ impl RequestFilter {
             streaming: false,
             request_model: None,
             extra_models: None,
+            entry_headers: None,
             reason: None,
             caller: Schema::OpenAi,
             operation: None,
@@ -770,16 +774,21 @@ impl RequestFilter {
     /// caller's `x-meshllm-models` is kept aside for routing.
     fn strip_internal_headers(&mut self, host: &mut dyn Host) -> Result<(), ApiError> {
         // Without a listing, every name Envoy's router or the gateway reads.
-        let names = host.request_header_names().unwrap_or_else(|_| {
-            let positions = (0..self.config.failover.max_attempts).map(handoff::position_header);
-            ROUTER_CONTROL_HEADERS
-                .iter()
-                .chain([CLUSTER_HEADER, MODELS_REQUEST_HEADER].iter())
-                .map(|n| n.to_string())
-                .chain(positions)
-                .filter(|n| host.request_header(n).is_some())
-                .collect()
-        });
+        let (names, listed) = match host.request_header_names() {
+            Ok(names) => (names, true),
+            Err(_) => {
+                let positions =
+                    (0..self.config.failover.max_attempts).map(handoff::position_header);
+                let present = ROUTER_CONTROL_HEADERS
+                    .iter()
+                    .chain([CLUSTER_HEADER, MODELS_REQUEST_HEADER].iter())
+                    .map(|n| n.to_string())
+                    .chain(positions)
+                    .filter(|n| host.request_header(n).is_some())
+                    .collect();
+                (present, false)
+            }
+        };
         for name in names.iter().filter(|n| is_internal_request_header(n)) {
             if name.eq_ignore_ascii_case(MODELS_REQUEST_HEADER) && self.role == Role::Router {
                 self.extra_models = host.request_header(name);
@@ -788,7 +797,20 @@ impl RequestFilter {
                 internal(format!("could not remove the request header {name}: {e}"))
             })?;
         }
+        if listed {
+            self.entry_headers = Some(names);
+        }
         Ok(())
+    }
+
+    /// The client's request headers: the entrance's listing when there was
+    /// one (the filter adds no header it later looks for, and removing a
+    /// name removed since is a no-op), else a fresh one.
+    fn client_headers(&mut self, host: &dyn Host) -> RequestHeaders {
+        match self.entry_headers.take() {
+            Some(names) => RequestHeaders(Some(names)),
+            None => RequestHeaders::list(host),
+        }
     }
 
     fn start_call(&mut self, host: &mut dyn Host, op: Operation, end_of_stream: bool) -> Flow {
@@ -1249,7 +1271,7 @@ impl RequestFilter {
         };
         let config = Rc::clone(&self.config);
         let mut anthropic = Vec::new();
-        let present = RequestHeaders::list(host);
+        let present = self.client_headers(host);
         for name in ANTHROPIC_HEADERS {
             if !present.has(host, name) {
                 continue;
@@ -1366,7 +1388,8 @@ impl RequestFilter {
             (Role::Standalone, true) => ClusterChoice::FirstPosition,
             _ => ClusterChoice::Chosen,
         };
-        point_at_provider(host, provider, path, sent_body.len(), cluster)
+        let present = self.client_headers(host);
+        point_at_provider(host, &present, provider, path, sent_body.len(), cluster)
             .map_err(|e| internal(format!("could not rewrite the request headers: {e}")))?;
         if self.role == Role::Standalone {
             host.set_request_header(CALLER_API_HEADER, api_name(self.caller))
@@ -2330,12 +2353,12 @@ enum ClusterChoice {
 
 fn point_at_provider(
     host: &mut dyn Host,
+    present: &RequestHeaders,
     provider: &Provider,
     path: &str,
     body_len: usize,
     cluster: ClusterChoice,
 ) -> HostResult {
-    let present = RequestHeaders::list(host);
     for name in CLIENT_CREDENTIAL_HEADERS {
         if present.has(host, name) {
             host.remove_request_header(name)?;
