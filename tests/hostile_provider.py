@@ -22,10 +22,14 @@ these names applies it to every request instead.
 """
 
 import json
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "envoy" / "tools"))
+import mock_provider  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hostile" / "errors"
 CONTENT_TYPES = {
@@ -54,19 +58,8 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):
         pass
 
-    def read_body(self):
-        if "chunked" in self.headers.get("transfer-encoding", "").lower():
-            out = b""
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    return out
-                out += self.rfile.read(size)
-                self.rfile.readline()
-        n = int(self.headers.get("content-length") or 0)
-        return self.rfile.read(n) if n else b""
+    # Chunked or content-length bodies, as the recording mock reads them.
+    read_body = mock_provider.Handler.read_body
 
     def send_bytes(self, status, content_type, data, declared=None):
         self.send_response(status)
