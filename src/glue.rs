@@ -12,7 +12,10 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Metr
 
 use crate::config::{compile, Config};
 use crate::core::api_error::ApiError;
-use crate::host::{Host, HostError, HostResult, SharedData};
+use crate::host::{
+    Callout, CalloutAnswer, CalloutId, CalloutKind, DetachedHandler, Host, HostError, HostResult,
+    SharedData,
+};
 use crate::metrics::NameMap;
 use crate::pipeline::filter::{Flow, RequestFilter, Role};
 
@@ -47,13 +50,170 @@ fn host_error(what: &str, status: Status) -> HostError {
     HostError(format!("{what} failed: {status:?}"))
 }
 
+/// How soon detached calls leave after being queued.
+const DETACHED_TICK_MS: u64 = 1;
+
 struct Root {
     config: Option<Rc<Config>>,
     /// The upstream (cluster) half runs under a root id ending in ".upstream".
     upstream_half: bool,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    fn on_http_call_response(&mut self, token: u32, _: usize, body_size: usize, _: usize) {
+        let answer = http_call_answer(body_size);
+        run_detached(token, answer);
+    }
+
+    fn on_grpc_call_response(&mut self, token: u32, status: u32, size: usize) {
+        run_detached(token, grpc_call_answer(status, size));
+    }
+}
+
+/// Runs a detached call's handler with its answer.
+fn run_detached(token: u32, answer: CalloutAnswer) {
+    match DETACHED_PENDING.with(|p| p.borrow_mut().remove(&token)) {
+        Some(then) => then(&mut ProxyHost::default(), answer),
+        None => log::warn!("an answer came for call {token}, which nobody waits for"),
+    }
+}
+
+/// The answer of the HTTP call being delivered: no `:status` means none
+/// came (timeout, reset, no healthy host).
+fn http_call_answer(body_size: usize) -> CalloutAnswer {
+    let headers = match hostcalls::get_map_bytes(MapType::HttpCallResponseHeaders) {
+        Ok(pairs) => pairs
+            .into_iter()
+            .map(|(n, v)| (n, String::from_utf8_lossy(&v).into_owned()))
+            .collect::<Vec<_>>(),
+        Err(s) => return CalloutAnswer::Failed(format!("could not read the answer: {s:?}")),
+    };
+    let status = headers
+        .iter()
+        .find(|(n, _)| n == ":status")
+        .and_then(|(_, v)| v.parse().ok());
+    let Some(status) = status else {
+        return CalloutAnswer::Failed("no answer (timeout, reset or no healthy host)".into());
+    };
+    match hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size) {
+        Ok(body) => CalloutAnswer::Http {
+            status,
+            headers,
+            body: body.unwrap_or_default(),
+        },
+        Err(s) => CalloutAnswer::Failed(format!("could not read the answer's body: {s:?}")),
+    }
+}
+
+/// The answer of the gRPC call being delivered: a message with status 0,
+/// or the status the call closed with.
+fn grpc_call_answer(status: u32, size: usize) -> CalloutAnswer {
+    if status != 0 {
+        let message = hostcalls::get_grpc_status()
+            .ok()
+            .and_then(|(_, m)| m)
+            .unwrap_or_default();
+        return CalloutAnswer::Grpc {
+            status,
+            message: message.into_bytes(),
+        };
+    }
+    match hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, size) {
+        Ok(message) => CalloutAnswer::Grpc {
+            status: 0,
+            message: message.unwrap_or_default(),
+        },
+        Err(s) => CalloutAnswer::Failed(format!("could not read the gRPC answer: {s:?}")),
+    }
+}
+
+/// A call with its own copies of everything, so it can wait for the root
+/// context's next tick.
+struct OwnedCallout {
+    cluster: String,
+    grpc: bool,
+    /// HTTP: `:method`, `:path`, `:authority`, then the headers; gRPC:
+    /// `service`, `method`, then the metadata.
+    head: Vec<(String, String)>,
+    body: Vec<u8>,
+    timeout_ms: u64,
+}
+
+impl OwnedCallout {
+    fn of(call: &Callout) -> Self {
+        let own = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect()
+        };
+        let (grpc, head, body) = match call.kind {
+            CalloutKind::Http {
+                method,
+                path,
+                authority,
+                headers,
+                body,
+            } => {
+                let mut head = own(&[
+                    (":method", method),
+                    (":path", path),
+                    (":authority", authority),
+                ]);
+                head.extend(own(headers));
+                (false, head, body.to_vec())
+            }
+            CalloutKind::Grpc {
+                service,
+                method,
+                metadata,
+                message,
+            } => {
+                let mut head = own(&[("service", service), ("method", method)]);
+                head.extend(own(metadata));
+                (true, head, message.to_vec())
+            }
+        };
+        OwnedCallout {
+            cluster: call.cluster.to_string(),
+            grpc,
+            head,
+            body,
+            timeout_ms: call.timeout_ms,
+        }
+    }
+
+    fn dispatch(&self) -> HostResult<CalloutId> {
+        let timeout = std::time::Duration::from_millis(self.timeout_ms);
+        if self.grpc {
+            let (Some((_, service)), Some((_, method))) = (self.head.first(), self.head.get(1))
+            else {
+                return Err(HostError("a gRPC call without service and method".into()));
+            };
+            let metadata: Vec<(&str, &[u8])> = self.head[2..]
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_bytes()))
+                .collect();
+            hostcalls::dispatch_grpc_call(
+                &self.cluster,
+                service,
+                method,
+                metadata,
+                Some(&self.body),
+                timeout,
+            )
+            .map_err(|s| host_error("dispatch a gRPC call", s))
+        } else {
+            let headers: Vec<(&str, &str)> = self
+                .head
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .collect();
+            hostcalls::dispatch_http_call(&self.cluster, headers, Some(&self.body), vec![], timeout)
+                .map_err(|s| host_error("dispatch an HTTP call", s))
+        }
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, size: usize) -> bool {
@@ -99,6 +259,25 @@ impl RootContext for Root {
         Some(ContextType::HttpContext)
     }
 
+    // Detached calls are dispatched here, from the root context's own
+    // callback, so that their answers come back to the root (the SDK sends
+    // an answer to the context that was active when the call was made, and
+    // drops it once that context is gone).
+    fn on_tick(&mut self) {
+        let queued = DETACHED_QUEUE.with(|q| std::mem::take(&mut *q.borrow_mut()));
+        for (call, then) in queued {
+            match call.dispatch() {
+                Ok(token) => {
+                    DETACHED_PENDING.with(|p| p.borrow_mut().insert(token, then));
+                }
+                Err(e) => then(&mut ProxyHost::default(), CalloutAnswer::Failed(e.0)),
+            }
+        }
+        if let Err(s) = hostcalls::set_tick_period(std::time::Duration::ZERO) {
+            log::warn!("could not stop the root context's timer: {s:?}");
+        }
+    }
+
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(match &self.config {
             Some(config) => Box::new(Http {
@@ -135,6 +314,14 @@ struct Http {
 }
 
 impl Context for Http {
+    fn on_http_call_response(&mut self, token: u32, _: usize, body_size: usize, _: usize) {
+        self.on_callout(token, http_call_answer(body_size));
+    }
+
+    fn on_grpc_call_response(&mut self, token: u32, status: u32, size: usize) {
+        self.on_callout(token, grpc_call_answer(status, size));
+    }
+
     // Envoy calls this when the stream ends, before access logging; an
     // upstream filter whose attempt was reset, refused or timed out gets
     // no other callback (and no `on_log`).
@@ -186,6 +373,13 @@ impl HttpContext for Http {
     }
 }
 
+impl Http {
+    fn on_callout(&mut self, token: u32, answer: CalloutAnswer) {
+        self.filter
+            .on_callout(&mut ProxyHost::default(), token, answer);
+    }
+}
+
 /// Stands in when no valid configuration was loaded, so requests get a clear
 /// error instead of passing through ungoverned.
 struct Unconfigured;
@@ -210,6 +404,13 @@ impl HttpContext for Unconfigured {
 }
 
 thread_local! {
+    /// Detached calls waiting for the root context's next tick.
+    static DETACHED_QUEUE: RefCell<Vec<(OwnedCallout, DetachedHandler)>> = const { RefCell::new(Vec::new()) };
+    /// Detached calls dispatched, by token, until their answer comes.
+    static DETACHED_PENDING: RefCell<std::collections::HashMap<u32, DetachedHandler>> =
+        RefCell::new(std::collections::HashMap::new());
+    /// Ids handed out for queued detached calls (not Envoy's tokens).
+    static DETACHED_IDS: Cell<u32> = const { Cell::new(0) };
     /// Metric ids by name; each VM (worker thread) defines its own. Looked
     /// up on every metric update, so hashed with the cheap `NameHasher`.
     static METRICS: RefCell<NameMap<u32>> = RefCell::new(NameMap::default());
@@ -334,6 +535,31 @@ impl Host for ProxyHost {
     fn set_property(&mut self, path: &[&str], value: &[u8]) -> HostResult {
         hostcalls::set_property(path.to_vec(), Some(value))
             .map_err(|s| host_error("set property", s))
+    }
+    fn call_out(&mut self, call: &Callout) -> HostResult<CalloutId> {
+        OwnedCallout::of(call).dispatch()
+    }
+    fn call_out_detached(
+        &mut self,
+        call: &Callout,
+        then: DetachedHandler,
+    ) -> HostResult<CalloutId> {
+        // Arms the root context's timer (a stream context's tick period is
+        // its root's); the call leaves from there on the next tick.
+        hostcalls::set_tick_period(std::time::Duration::from_millis(DETACHED_TICK_MS))
+            .map_err(|s| host_error("arm the root context's timer", s))?;
+        DETACHED_QUEUE.with(|q| q.borrow_mut().push((OwnedCallout::of(call), then)));
+        Ok(DETACHED_IDS.with(|ids| {
+            let id = ids.get().wrapping_add(1);
+            ids.set(id);
+            id
+        }))
+    }
+    fn resume_request(&mut self) -> HostResult {
+        hostcalls::resume_http_request().map_err(|s| host_error("resume the request", s))
+    }
+    fn resume_response(&mut self) -> HostResult {
+        hostcalls::resume_http_response().map_err(|s| host_error("resume the response", s))
     }
     fn count(&mut self, name: &str, delta: u64) {
         // Envoy refuses a zero increment; the series appears with its first.

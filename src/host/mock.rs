@@ -13,7 +13,7 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
-use crate::host::{Host, HostError, HostResult, SharedData};
+use crate::host::{Callout, CalloutAnswer, CalloutKind, Host, HostError, HostResult, SharedData};
 
 /// One `send_response` call.
 #[derive(Debug, Clone)]
@@ -55,6 +55,10 @@ pub enum Op {
     ResponseBody,
     ReplaceResponseBody,
     SendResponse,
+    /// `call_out` and `call_out_detached`: the host refused to dispatch.
+    CallOut,
+    ResumeRequest,
+    ResumeResponse,
 }
 
 pub const SETTERS: &[Op] = &[
@@ -89,6 +93,83 @@ pub struct MockHost {
     pub histograms: HashMap<String, Vec<u64>>,
     /// Host calls by kind, and the bytes they moved, for the profiling driver.
     pub calls: RefCell<HashMap<&'static str, (u64, u64)>>,
+    /// Calls dispatched, in order; a test answers them with `answer`.
+    pub callouts: Vec<SentCallout>,
+    /// Detached calls' handlers, by id, until a test answers them.
+    pub detached: Detached,
+    /// `resume_request` / `resume_response` calls that succeeded.
+    pub resumed_requests: usize,
+    pub resumed_responses: usize,
+}
+
+/// Outstanding detached calls' handlers, by id.
+#[derive(Default)]
+pub struct Detached(pub HashMap<u32, crate::host::DetachedHandler>);
+
+impl std::fmt::Debug for Detached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+/// One call the filter dispatched, copied out of its borrowed form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentCallout {
+    pub id: u32,
+    pub cluster: String,
+    /// `:path` of an HTTP call, `service/method` of a gRPC call.
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub timeout_ms: u64,
+    pub detached: bool,
+}
+
+impl SentCallout {
+    fn of(id: u32, call: &Callout, detached: bool) -> Self {
+        let own = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect()
+        };
+        let (target, headers, body) = match call.kind {
+            CalloutKind::Http {
+                method,
+                path,
+                authority,
+                headers,
+                body,
+            } => {
+                let mut all = own(&[
+                    (":method", method),
+                    (":path", path),
+                    (":authority", authority),
+                ]);
+                all.extend(own(headers));
+                (path.to_string(), all, body.to_vec())
+            }
+            CalloutKind::Grpc {
+                service,
+                method,
+                metadata,
+                message,
+            } => (
+                format!("{service}/{method}"),
+                own(metadata),
+                message.to_vec(),
+            ),
+        };
+        SentCallout {
+            id,
+            cluster: call.cluster.to_string(),
+            target,
+            headers,
+            body,
+            timeout_ms: call.timeout_ms,
+            detached,
+        }
+    }
 }
 
 fn get_header(headers: &[(String, String)], name: &str) -> Option<String> {
@@ -204,6 +285,35 @@ impl MockHost {
         }
         self.response_body = body.to_vec();
         self.code_details = details.map(str::to_string);
+    }
+}
+
+impl MockHost {
+    /// Runs a detached call's handler with `answer`, as the root context
+    /// would; false when no such call is outstanding.
+    pub fn answer_detached(&mut self, id: u32, answer: CalloutAnswer) -> bool {
+        match self.detached.0.remove(&id) {
+            Some(then) => {
+                then(&mut self.shared, answer);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn dispatch(&mut self, call: &Callout, detached: bool) -> HostResult<u32> {
+        self.tally("call_out", call_size(call));
+        self.check(Op::CallOut)?;
+        let id = u32::try_from(self.callouts.len() + 1).unwrap_or(u32::MAX);
+        self.callouts.push(SentCallout::of(id, call, detached));
+        Ok(id)
+    }
+}
+
+fn call_size(call: &Callout) -> usize {
+    match call.kind {
+        CalloutKind::Http { body, .. } => body.len(),
+        CalloutKind::Grpc { message, .. } => message.len(),
     }
 }
 
@@ -340,6 +450,30 @@ impl Host for MockHost {
     fn set_property(&mut self, path: &[&str], value: &[u8]) -> HostResult {
         self.tally("set_property", value.len());
         self.properties.insert(path.join("."), value.to_vec());
+        Ok(())
+    }
+    fn call_out(&mut self, call: &Callout) -> HostResult<u32> {
+        self.dispatch(call, false)
+    }
+    fn call_out_detached(
+        &mut self,
+        call: &Callout,
+        then: crate::host::DetachedHandler,
+    ) -> HostResult<u32> {
+        let id = self.dispatch(call, true)?;
+        self.detached.0.insert(id, then);
+        Ok(id)
+    }
+    fn resume_request(&mut self) -> HostResult {
+        self.tally("resume", 0);
+        self.check(Op::ResumeRequest)?;
+        self.resumed_requests += 1;
+        Ok(())
+    }
+    fn resume_response(&mut self) -> HostResult {
+        self.tally("resume", 0);
+        self.check(Op::ResumeResponse)?;
+        self.resumed_responses += 1;
         Ok(())
     }
     fn count(&mut self, name: &str, delta: u64) {

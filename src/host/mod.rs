@@ -6,8 +6,13 @@
 
 use std::fmt;
 
+use crate::metrics::Labels;
+
+pub mod callout;
 #[cfg(test)]
 pub mod mock;
+
+pub use callout::{Callout, CalloutAnswer, CalloutId, CalloutKind, DetachedHandler};
 
 /// A host call failed; the proxy refused or could not perform it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +76,51 @@ pub trait Host: SharedData {
     fn gauge(&mut self, name: &str, value: u64);
     /// Records one value in the histogram called `name`.
     fn histogram(&mut self, name: &str, value: u64);
+
+    /// Labelled metrics: `metric` with the request's `labels` and `extra`
+    /// ones. An adapter whose host has labels natively overrides these;
+    /// by default the labels travel inside the name (see `metrics.rs`).
+    fn count_labelled(
+        &mut self,
+        metric: &str,
+        labels: &Labels,
+        extra: &[(&str, &str)],
+        delta: u64,
+    ) {
+        self.count(&labels.name(metric, extra), delta);
+    }
+    fn gauge_labelled(
+        &mut self,
+        metric: &str,
+        labels: &Labels,
+        extra: &[(&str, &str)],
+        value: u64,
+    ) {
+        self.gauge(&labels.name(metric, extra), value);
+    }
+    fn histogram_labelled(
+        &mut self,
+        metric: &str,
+        labels: &Labels,
+        extra: &[(&str, &str)],
+        value: u64,
+    ) {
+        self.histogram(&labels.name(metric, extra), value);
+    }
+
+    /// Starts a call on behalf of this request; its answer (or its
+    /// timeout) reaches the filter's `on_callout`, after which the paused
+    /// request is resumed with `resume_request` / `resume_response`. Envoy
+    /// cancels the call if the request ends first.
+    fn call_out(&mut self, call: &Callout) -> HostResult<CalloutId>;
+    /// Starts a call on behalf of the root context, which outlives the
+    /// request: `then` runs with its answer even after the request ended.
+    fn call_out_detached(&mut self, call: &Callout, then: DetachedHandler)
+        -> HostResult<CalloutId>;
+    /// Lets a request paused in a request callback go on.
+    fn resume_request(&mut self) -> HostResult;
+    /// Lets a request paused in a response callback go on.
+    fn resume_response(&mut self) -> HostResult;
 }
 
 /// Proxy-wide key/value memory shared by every worker thread (proxy-wasm

@@ -17,7 +17,7 @@ use crate::core::api_error::ApiError;
 use crate::core::json::{Kind, TopLevel};
 use crate::core::schema::Schema;
 use crate::core::usage::Usage;
-use crate::host::{Host, HostResult};
+use crate::host::{CalloutAnswer, CalloutId, Host, HostResult};
 use crate::metrics;
 use crate::pipeline::handoff::{
     self, is_internal_request_header, Plan, ATTEMPTS_RESPONSE_HEADER, CALLER_API_HEADER,
@@ -1963,6 +1963,14 @@ impl RequestFilter {
     }
 
     /// The request is over (answered, failed or abandoned).
+    /// The answer to a call this request made (see `host::callout`). No
+    /// stage calls out yet; an answer nobody waits for is logged.
+    pub fn on_callout(&mut self, _host: &mut dyn Host, id: CalloutId, answer: CalloutAnswer) {
+        log::warn!(
+            "an answer came for call {id}, which this request does not wait for: {answer:?}"
+        );
+    }
+
     pub fn on_done(&mut self, host: &mut dyn Host) {
         if self.role == Role::Attempt {
             if self.phase == Phase::Forwarded && !self.outcome_recorded {
