@@ -17,7 +17,7 @@ use crate::host::{
     SharedData,
 };
 use crate::metrics::NameMap;
-use crate::pipeline::filter::{Flow, RequestFilter, Role};
+use crate::pipeline::{Filter, Flow};
 
 proxy_wasm::main! {{
     let _ = log::set_logger(&LOGGER);
@@ -281,7 +281,7 @@ impl RootContext for Root {
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(match &self.config {
             Some(config) => Box::new(Http {
-                filter: RequestFilter::new(Rc::clone(config), self.role(config)),
+                filter: self.filter(config),
                 request_body_size: 0,
             }),
             None => Box::new(Unconfigured),
@@ -290,13 +290,12 @@ impl RootContext for Root {
 }
 
 impl Root {
-    fn role(&self, config: &Config) -> Role {
+    /// The upstream half serves attempts; the listener half routes.
+    fn filter(&self, config: &Rc<Config>) -> Filter {
         if self.upstream_half {
-            Role::Attempt
-        } else if config.failover.enabled {
-            Role::Router
+            Filter::upstream(Rc::clone(config))
         } else {
-            Role::Standalone
+            Filter::listener(Rc::clone(config))
         }
     }
 }
@@ -309,7 +308,7 @@ fn action(flow: Flow) -> Action {
 }
 
 struct Http {
-    filter: RequestFilter,
+    filter: Filter,
     request_body_size: usize,
 }
 

@@ -6,11 +6,58 @@ use std::rc::Rc;
 use serde_json::Value;
 
 use super::*;
+use crate::access::namespace_policy;
 use crate::config::testing::{
     self, AWS_ACCESS_KEY_ID, AZURE_KEY, GEMINI_KEY, GROQ_KEY, OPENAI_KEY,
 };
+use crate::config::Config;
 use crate::host::mock::{set_header, MockHost, MockShared, Op, Sent, SETTERS};
-use crate::pipeline::handoff::{ANSWER_STATUS_PROPERTY, PLAN_PROPERTY, USAGE_PROPERTY};
+use crate::pipeline::handoff::FAILOVER_CLUSTER;
+use crate::pipeline::handoff::{
+    ANSWER_STATUS_PROPERTY, ATTEMPTS_RESPONSE_HEADER, CALLER_API_HEADER, CLUSTER_HEADER,
+    MODEL_RESPONSE_HEADER, PLAN_PROPERTY, PROVIDER_RESPONSE_HEADER, USAGE_PROPERTY,
+};
+use crate::pipeline::point::{ClusterChoice, ANTHROPIC_HEADERS, CLIENT_CREDENTIAL_HEADERS};
+use crate::pipeline::respond::PROVIDER_RATE_LIMIT_HEADERS;
+use crate::pipeline::router::Forward;
+use crate::pipeline::settle::AttemptEnd;
+use crate::routing::health::HealthPolicy;
+
+/// Which filter a test drives: the listener half without failover, with
+/// it, or the upstream half.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Standalone,
+    Router,
+    Attempt,
+}
+
+impl Filter {
+    fn new(config: Rc<Config>, role: Role) -> Self {
+        match role {
+            Role::Standalone => Filter::Listener(Router::new(config, false)),
+            Role::Router => Filter::Listener(Router::new(config, true)),
+            Role::Attempt => Filter::upstream(config),
+        }
+    }
+}
+
+/// The listener half a test drives.
+fn router(f: &Filter) -> &Router {
+    match f {
+        Filter::Listener(r) => r,
+        Filter::Upstream(_) => panic!("a listener half was expected"),
+    }
+}
+
+/// The listener half serves its one target inline through the first
+/// position's cluster (failover on, one target left).
+fn direct(f: &Filter) -> bool {
+    matches!(
+        &router(f).forward,
+        Forward::Inline(a) if a.place == crate::pipeline::attempt::Place::Inline(ClusterChoice::FirstPosition)
+    )
+}
 
 /// The `meshllm_requests_total` series a test's requests produced.
 fn requests_counted(host: &MockHost) -> HashMap<String, u64> {
@@ -95,9 +142,9 @@ fn client_post(path: &str, body: &[u8]) -> MockHost {
 }
 
 /// Runs the request callbacks for a POST whose body arrives in one final chunk.
-fn post(path: &str, body: &[u8]) -> (RequestFilter, MockHost, Flow) {
+fn post(path: &str, body: &[u8]) -> (Filter, MockHost, Flow) {
     let mut host = client_post(path, body);
-    let mut f = RequestFilter::new(config(), Role::Standalone);
+    let mut f = Filter::new(config(), Role::Standalone);
     assert_eq!(
         f.on_request_headers(&mut host, false),
         Flow::Pause,
@@ -108,15 +155,15 @@ fn post(path: &str, body: &[u8]) -> (RequestFilter, MockHost, Flow) {
 }
 
 /// Runs the request headers callback for a request without a body.
-fn bodiless(method: &str, path: &str) -> (RequestFilter, MockHost, Flow) {
+fn bodiless(method: &str, path: &str) -> (Filter, MockHost, Flow) {
     let mut host = MockHost::new(method, path).with_header(CLUSTER_HEADER, "attacker_cluster");
-    let mut f = RequestFilter::new(config(), Role::Standalone);
+    let mut f = Filter::new(config(), Role::Standalone);
     let flow = f.on_request_headers(&mut host, true);
     (f, host, flow)
 }
 
 /// A chat request for `model` that has been forwarded.
-fn forwarded(model: &str) -> (RequestFilter, MockHost) {
+fn forwarded(model: &str) -> (Filter, MockHost) {
     let body = chat_body(&quote(model));
     let (f, host, flow) = post("/v1/chat/completions", body.as_bytes());
     assert_eq!(
@@ -294,7 +341,7 @@ fn unknown_urls_are_404_unknown_url() {
 #[test]
 fn missing_path_and_method_are_404() {
     let mut host = MockHost::default();
-    let mut f = RequestFilter::new(config(), Role::Standalone);
+    let mut f = Filter::new(config(), Role::Standalone);
     assert_eq!(f.on_request_headers(&mut host, true), Flow::Pause);
     let sent = host.reply();
     assert_eq!(sent.status, 404);
@@ -359,7 +406,7 @@ fn llm_call_without_body_is_400_missing_body() {
 fn body_is_buffered_until_end_of_stream() {
     let body = chat_body("\"mini\"");
     let mut host = client_post("/v1/chat/completions", body.as_bytes());
-    let mut f = RequestFilter::new(config(), Role::Standalone);
+    let mut f = Filter::new(config(), Role::Standalone);
     assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
     assert!(host.sent.is_empty());
     assert_eq!(f.on_request_body(&mut host, 10, false), Flow::Pause);
@@ -395,7 +442,7 @@ fn body_over_the_limit_is_413() {
     ] {
         let body = vec![b' '; size];
         let mut host = client_post("/v1/chat/completions", &body);
-        let mut f = RequestFilter::new(config(), Role::Standalone);
+        let mut f = Filter::new(config(), Role::Standalone);
         assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
         assert_eq!(
             f.on_request_body(&mut host, size, end),
@@ -439,7 +486,7 @@ fn body_exactly_at_the_limit_is_accepted() {
 fn trailers_end_the_request() {
     let body = EMBED_TEMPLATE.replace("{MODEL}", "\"mini\"");
     let mut host = client_post("/v1/embeddings", body.as_bytes());
-    let mut f = RequestFilter::new(config(), Role::Standalone);
+    let mut f = Filter::new(config(), Role::Standalone);
     assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
     assert_eq!(f.on_request_body(&mut host, body.len(), false), Flow::Pause);
     assert_eq!(host.req(CLUSTER_HEADER), None);
@@ -457,7 +504,7 @@ fn trailers_end_the_request() {
 fn trailers_with_a_bad_body_are_rejected() {
     let body = br#"{"model":"mini"}"#;
     let mut host = client_post("/v1/chat/completions", body);
-    let mut f = RequestFilter::new(config(), Role::Standalone);
+    let mut f = Filter::new(config(), Role::Standalone);
     assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
     assert_eq!(f.on_request_body(&mut host, body.len(), false), Flow::Pause);
     assert_eq!(f.on_request_trailers(&mut host, body.len()), Flow::Pause);
@@ -904,7 +951,7 @@ fn forged_cluster_header_is_removed_everywhere() {
     }
     // While the body is being read.
     let mut host = client_post("/v1/chat/completions", b"{}");
-    let mut f = RequestFilter::new(config(), Role::Standalone);
+    let mut f = Filter::new(config(), Role::Standalone);
     assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
     assert_eq!(host.req(CLUSTER_HEADER), None);
 }
@@ -924,7 +971,7 @@ fn client_credentials_never_reach_a_keyless_provider() {
         .with_header("x-goog-api-key", "g")
         .with_header("openai-project", "p")
         .with_body(br#"{"model":"local","messages":[]}"#);
-    let mut f = RequestFilter::new(config(), Role::Standalone);
+    let mut f = Filter::new(config(), Role::Standalone);
     assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
     let len = host.request_body.len();
     assert_eq!(f.on_request_body(&mut host, len, true), Flow::Continue);
@@ -947,7 +994,7 @@ fn failing_header_setters_become_a_500_gateway_error() {
     for ops in cases {
         let body = chat_body("\"smart\"");
         let mut host = client_post("/v1/chat/completions", body.as_bytes());
-        let mut f = RequestFilter::new(config(), Role::Standalone);
+        let mut f = Filter::new(config(), Role::Standalone);
         assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
         host.fail(ops);
         assert_eq!(
@@ -980,7 +1027,7 @@ fn failing_header_setters_become_a_500_gateway_error() {
 fn unreadable_request_body_is_a_500_gateway_error() {
     let body = chat_body("\"mini\"");
     let mut host = client_post("/v1/chat/completions", body.as_bytes());
-    let mut f = RequestFilter::new(config(), Role::Standalone);
+    let mut f = Filter::new(config(), Role::Standalone);
     assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
     host.fail(&[Op::RequestBody]);
     assert_eq!(f.on_request_body(&mut host, body.len(), true), Flow::Pause);
@@ -1001,7 +1048,7 @@ fn a_forged_internal_header_that_cannot_be_removed_fails_closed() {
     let body = chat_body("\"fast\"");
     let mut host = client_post("/v1/chat/completions", body.as_bytes());
     host.fail(&[Op::RemoveRequestHeader]);
-    let mut f = RequestFilter::new(config(), Role::Standalone);
+    let mut f = Filter::new(config(), Role::Standalone);
     assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
     assert_eq!(host.reply().status, 500);
     let e = error_fields(&host.reply().body);
@@ -1022,7 +1069,7 @@ fn forged_internal_headers_are_removed_with_or_without_a_listing() {
         if listing_fails {
             host.fail(&[Op::RequestHeaderNames]);
         }
-        let mut router = RequestFilter::new(Rc::clone(&cfg), Role::Router);
+        let mut router = Filter::new(Rc::clone(&cfg), Role::Router);
         assert_eq!(router.on_request_headers(&mut host, false), Flow::Pause);
         host.failing.clear();
         assert_eq!(
@@ -1535,7 +1582,7 @@ const SLASHED_CONFIG: &str = r#"{
 fn model_ids_with_a_slash_are_found_unencoded() {
     let cfg = config_from(SLASHED_CONFIG);
     let mut host = MockHost::new("GET", "/v1/models/meta-llama/Llama-3.3-70B");
-    let mut f = RequestFilter::new(Rc::clone(&cfg), Role::Standalone);
+    let mut f = Filter::new(Rc::clone(&cfg), Role::Standalone);
     assert_eq!(f.on_request_headers(&mut host, true), Flow::Pause);
     let sent = host.reply();
     assert_eq!(sent.status, 200, "{}", sent.text());
@@ -1553,7 +1600,7 @@ fn percent_encoded_model_ids_are_found() {
         "/v1/models/meta-llama%2fLlama-3.3-70B",
     ] {
         let mut host = MockHost::new("GET", path);
-        let mut f = RequestFilter::new(Rc::clone(&cfg), Role::Standalone);
+        let mut f = Filter::new(Rc::clone(&cfg), Role::Standalone);
         assert_eq!(f.on_request_headers(&mut host, true), Flow::Pause);
         let sent = host.reply();
         assert_eq!(sent.status, 200, "{path}: {}", sent.text());
@@ -1596,9 +1643,9 @@ fn rewritten_error_reply_drops_content_encoding() {
 /// Envoy answers 413 itself when the body outgrows its own buffer limit
 /// (per_connection_buffer_limit_bytes, 1 MiB by default) before the filter's
 /// `max_request_bytes` is reached; no provider has been chosen yet.
-fn envoy_413_while_reading_body() -> (RequestFilter, MockHost) {
+fn envoy_413_while_reading_body() -> (Filter, MockHost) {
     let mut host = client_post("/v1/chat/completions", b"{");
-    let mut f = RequestFilter::new(config(), Role::Standalone);
+    let mut f = Filter::new(config(), Role::Standalone);
     assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
     assert_eq!(f.on_request_body(&mut host, 1, false), Flow::Pause);
     let body = b"Payload Too Large";
@@ -1657,12 +1704,12 @@ const MULTI_CONFIG: &str = r#"{
   ]
 }"#;
 
-fn multi_post(path: &str, body: &[u8]) -> (RequestFilter, MockHost, Flow) {
+fn multi_post(path: &str, body: &[u8]) -> (Filter, MockHost, Flow) {
     let config = testing::config(MULTI_CONFIG);
     let mut host = client_post(path, body)
         .with_header("x-goog-api-key", "client-goog")
         .with_header("anthropic-version", "2023-06-01");
-    let mut f = RequestFilter::new(Rc::new(config), Role::Standalone);
+    let mut f = Filter::new(Rc::new(config), Role::Standalone);
     if f.on_request_headers(&mut host, false) == Flow::Continue {
         return (f, host, Flow::Continue);
     }
@@ -1777,7 +1824,7 @@ fn router_half_plans_the_chain_and_the_attempt_half_serves_its_position() {
     let cfg = config_from(ROUTED_CONFIG);
     let body = chat_body(&quote("chain"));
     let mut host = client_post("/v1/chat/completions", body.as_bytes());
-    let mut router = RequestFilter::new(Rc::clone(&cfg), Role::Router);
+    let mut router = Filter::new(Rc::clone(&cfg), Role::Router);
     assert_eq!(router.on_request_headers(&mut host, false), Flow::Pause);
     assert_eq!(
         router.on_request_body(&mut host, body.len(), true),
@@ -1807,7 +1854,7 @@ fn router_half_plans_the_chain_and_the_attempt_half_serves_its_position() {
         .insert(POSITION_PROPERTY.into(), b"1".to_vec());
     set_header(&mut up.request_headers, "api-key", AZURE_KEY);
     set_header(&mut up.request_headers, "x-envoy-attempt-count", "2");
-    let mut attempt = RequestFilter::new(Rc::clone(&cfg), Role::Attempt);
+    let mut attempt = Filter::new(Rc::clone(&cfg), Role::Attempt);
     assert_eq!(attempt.on_request_headers(&mut up, false), Flow::Pause);
     assert_eq!(
         attempt.on_request_body(&mut up, body.len(), true),
@@ -1849,7 +1896,7 @@ fn a_single_target_is_served_by_the_listener_half_and_feeds_health() {
     for answered in [true, false] {
         let mut host = client_post("/v1/chat/completions", body.as_bytes())
             .with_header("authorization", "Bearer client-secret");
-        let mut router = RequestFilter::new(Rc::clone(&cfg), Role::Router);
+        let mut router = Filter::new(Rc::clone(&cfg), Role::Router);
         assert_eq!(router.on_request_headers(&mut host, false), Flow::Pause);
         assert_eq!(
             router.on_request_body(&mut host, body.len(), true),
@@ -1897,7 +1944,7 @@ fn credentials_are_stripped_whether_or_not_headers_can_be_listed() {
         if listing_fails {
             host.fail(&[Op::RequestHeaderNames]);
         }
-        let mut router = RequestFilter::new(Rc::clone(&cfg), Role::Router);
+        let mut router = Filter::new(Rc::clone(&cfg), Role::Router);
         router.on_request_headers(&mut host, false);
         router.on_request_body(&mut host, body.len(), true);
         for name in CLIENT_CREDENTIAL_HEADERS.iter().chain(ANTHROPIC_HEADERS) {
@@ -1924,7 +1971,7 @@ fn credentials_are_stripped_whether_or_not_headers_can_be_listed() {
         if listing_fails {
             up.fail(&[Op::RequestHeaderNames]);
         }
-        let mut attempt = RequestFilter::new(Rc::clone(&cfg), Role::Attempt);
+        let mut attempt = Filter::new(Rc::clone(&cfg), Role::Attempt);
         attempt.on_request_headers(&mut up, false);
         assert_eq!(
             attempt.on_request_body(&mut up, body.len(), true),
@@ -1941,7 +1988,7 @@ fn credentials_are_stripped_whether_or_not_headers_can_be_listed() {
 fn attempt_half_without_a_plan_or_position_fails_loudly() {
     let cfg = config_from(ROUTED_CONFIG);
     let mut up = MockHost::new("POST", "/v1/chat/completions");
-    let mut attempt = RequestFilter::new(Rc::clone(&cfg), Role::Attempt);
+    let mut attempt = Filter::new(Rc::clone(&cfg), Role::Attempt);
     assert_eq!(attempt.on_request_headers(&mut up, false), Flow::Pause);
     let sent = &up.sent[0];
     assert_eq!(sent.status, 500);
@@ -1955,7 +2002,7 @@ fn attempt_half_refuses_a_garbled_plan() {
     let mut up = MockHost::new("POST", "/v1/chat/completions");
     up.properties
         .insert(PLAN_PROPERTY.into(), b"\xff\xff garbage".to_vec());
-    let mut attempt = RequestFilter::new(Rc::clone(&cfg), Role::Attempt);
+    let mut attempt = Filter::new(Rc::clone(&cfg), Role::Attempt);
     assert_eq!(attempt.on_request_headers(&mut up, false), Flow::Pause);
     assert_eq!(up.sent[0].status, 500);
     assert!(String::from_utf8_lossy(&up.sent[0].body).contains("no routing plan"));
@@ -1987,7 +2034,7 @@ fn the_listener_half_reserves_and_settles_with_the_attempts_usage() {
     let body = chat_body(&quote("chain"));
     let mut host =
         client_post("/v1/chat/completions", body.as_bytes()).with_header("x-caller", "team/api");
-    let mut router = RequestFilter::new(Rc::clone(&cfg), Role::Router);
+    let mut router = Filter::new(Rc::clone(&cfg), Role::Router);
     assert_eq!(router.on_request_headers(&mut host, false), Flow::Pause);
     assert_eq!(
         router.on_request_body(&mut host, body.len(), true),
@@ -2147,7 +2194,7 @@ fn provider_rate_limits_are_dropped_whether_or_not_headers_can_be_listed() {
     for listing_fails in [false, true] {
         let mut host = client_post("/v1/chat/completions", body.as_bytes())
             .with_header("x-caller", "team/api");
-        let mut router = RequestFilter::new(Rc::clone(&cfg), Role::Router);
+        let mut router = Filter::new(Rc::clone(&cfg), Role::Router);
         router.on_request_headers(&mut host, false);
         assert_eq!(
             router.on_request_body(&mut host, body.len(), true),
@@ -2205,7 +2252,7 @@ fn a_refused_request_gets_an_openai_429_and_reserves_nothing() {
             .request_headers;
         host.request_body = body.as_bytes().to_vec();
         host.sent.clear();
-        let mut router = RequestFilter::new(Rc::clone(&cfg), Role::Router);
+        let mut router = Filter::new(Rc::clone(&cfg), Role::Router);
         router.on_request_headers(&mut host, false);
         let flow = router.on_request_body(&mut host, body.len(), true);
         if i < 2 {
@@ -2313,7 +2360,7 @@ fn bound_request(
     caller: &str,
     model: &str,
     fallbacks: Option<&str>,
-) -> (RequestFilter, Flow) {
+) -> (Filter, Flow) {
     let body = chat_body(&quote(model));
     let mut fresh =
         client_post("/v1/chat/completions", body.as_bytes()).with_header("x-caller", caller);
@@ -2325,14 +2372,16 @@ fn bound_request(
     host.response_headers.clear();
     host.sent.clear();
     host.properties.clear();
-    let mut f = RequestFilter::new(Rc::clone(cfg), Role::Router);
+    let mut f = Filter::new(Rc::clone(cfg), Role::Router);
     assert_eq!(f.on_request_headers(host, false), Flow::Pause);
     let flow = f.on_request_body(host, body.len(), true);
     (f, flow)
 }
 
-fn answer_header<'a>(f: &'a RequestFilter, name: &str) -> Option<&'a str> {
-    f.answer_headers
+fn answer_header<'a>(f: &'a Filter, name: &str) -> Option<&'a str> {
+    router(f)
+        .req
+        .answer_headers
         .iter()
         .find(|(n, _)| n == name)
         .map(|(_, v)| v.as_str())
@@ -2350,7 +2399,7 @@ fn a_model_rule_binds_every_name_that_leads_to_the_model() {
     for (model, remaining) in [("azure-gpt-4o", "1"), ("only-4o", "0")] {
         let (mut f, flow) = bound_request(&cfg, &mut host, "shop/app", model, None);
         assert_eq!(flow, Flow::Continue, "{model}: {:?}", host.sent);
-        assert_eq!(f.route, Some(azure));
+        assert_eq!(router(&f).req.route, Some(azure));
         assert_eq!(answer_header(&f, "x-ratelimit-limit-requests"), Some("2"));
         assert_eq!(
             answer_header(&f, "x-ratelimit-remaining-requests"),
@@ -2395,9 +2444,9 @@ fn a_model_rule_binds_every_name_that_leads_to_the_model() {
     for model in ["4o-first", "fast-first"] {
         let (mut f, flow) = bound_request(&cfg, &mut host, "shop/app", model, None);
         assert_eq!(flow, Flow::Continue, "{model}");
-        assert_eq!(f.route, Some(fast));
+        assert_eq!(router(&f).req.route, Some(fast));
         assert_eq!(
-            f.reason.as_deref(),
+            router(&f).req.reason.as_deref(),
             Some("ordered;over_quota=azure-gpt-4o"),
             "{model}"
         );
@@ -2410,9 +2459,9 @@ fn a_model_rule_binds_every_name_that_leads_to_the_model() {
     }
     let (mut f, flow) = bound_request(&cfg, &mut host, "shop/app", "4o", Some("fast"));
     assert_eq!(flow, Flow::Continue);
-    assert_eq!(f.route, Some(fast));
+    assert_eq!(router(&f).req.route, Some(fast));
     assert_eq!(
-        f.reason.as_deref(),
+        router(&f).req.reason.as_deref(),
         Some("request;model;over_quota=azure-gpt-4o")
     );
     f.on_done(&mut host);
@@ -2509,7 +2558,7 @@ fn a_chain_reserves_each_bound_target_and_settles_on_the_one_that_answered() {
     // so each one it may have reached counts a request (never fewer).
     let (mut f, flow) = bound_request(&cfg, &mut host, "shop/app", "4o-first", Some("broken"));
     assert_eq!(flow, Flow::Continue);
-    assert!(!f.direct);
+    assert!(!direct(&f));
     f.on_done(&mut host);
     assert_eq!(use_of(&host), ((3, 15), (2, 42)));
 
@@ -2517,11 +2566,14 @@ fn a_chain_reserves_each_bound_target_and_settles_on_the_one_that_answered() {
     let (mut f, flow) = bound_request(&cfg, &mut host, "shop/app", "4o-first", None);
     assert_eq!(flow, Flow::Continue);
     assert!(
-        f.direct,
+        direct(&f),
         "one target left: served without the upstream half"
     );
-    assert_eq!(f.route, Some(fast));
-    assert_eq!(f.reason.as_deref(), Some("ordered;over_quota=azure-gpt-4o"));
+    assert_eq!(router(&f).req.route, Some(fast));
+    assert_eq!(
+        router(&f).req.reason.as_deref(),
+        Some("ordered;over_quota=azure-gpt-4o")
+    );
     assert_eq!(answer_header(&f, "x-ratelimit-limit-requests"), Some("5"));
     assert_eq!(
         answer_header(&f, "x-ratelimit-remaining-requests"),
@@ -2654,7 +2706,7 @@ fn downgrades_follow_the_model_whatever_name_asked_for_it() {
     ] {
         let (mut f, flow) = bound_request(&cfg, &mut host, "shop/app", model, None);
         assert_eq!(flow, Flow::Continue, "{model}");
-        assert_eq!(f.route, Some(fast), "{model}");
+        assert_eq!(router(&f).req.route, Some(fast), "{model}");
         assert_eq!(answer_header(&f, DOWNGRADE_RESPONSE_HEADER), Some(shown));
         f.on_done(&mut host);
     }
@@ -2665,7 +2717,7 @@ fn unidentified_callers_get_403_in_their_own_shape() {
     let cfg = quota_config();
     let body = br#"{"model":"chain","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#;
     let mut host = MockHost::new("POST", "/v1/messages").with_body(body);
-    let mut router = RequestFilter::new(Rc::clone(&cfg), Role::Router);
+    let mut router = Filter::new(Rc::clone(&cfg), Role::Router);
     assert_eq!(router.on_request_headers(&mut host, false), Flow::Pause);
     let sent = host.reply();
     assert_eq!(sent.status, 403);
@@ -2731,7 +2783,7 @@ fn requests_for_other_hosts_pass_through_both_halves() {
         let mut host = client_post("/v1/chat/completions", body.as_bytes())
             .with_only_header(":authority", "reviews.default.svc:9080");
         let before_body = host.request_body.clone();
-        let mut f = RequestFilter::new(Rc::clone(&cfg), role);
+        let mut f = Filter::new(Rc::clone(&cfg), role);
         assert_eq!(
             f.on_request_headers(&mut host, false),
             Flow::Continue,
@@ -2764,7 +2816,7 @@ fn requests_for_other_hosts_pass_through_both_halves() {
     // The configured host is handled.
     let mut host = client_post("/v1/chat/completions", body.as_bytes())
         .with_only_header(":authority", "llm.mesh");
-    let mut f = RequestFilter::new(Rc::clone(&cfg), Role::Standalone);
+    let mut f = Filter::new(Rc::clone(&cfg), Role::Standalone);
     assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
 }
 
@@ -2799,7 +2851,7 @@ fn ns_call(
     path: &str,
     body: &str,
     caller: &str,
-) -> (RequestFilter, Flow) {
+) -> (Filter, Flow) {
     let mut fresh = client_post(path, body.as_bytes()).with_header("x-caller", caller);
     fresh.shared = std::mem::take(&mut host.shared);
     let listener = listener_key();
@@ -2808,7 +2860,7 @@ fn ns_call(
     }
     fresh.counters = std::mem::take(&mut host.counters);
     *host = fresh;
-    let mut f = RequestFilter::new(Rc::clone(cfg), role);
+    let mut f = Filter::new(Rc::clone(cfg), role);
     let flow = match f.on_request_headers(host, false) {
         Flow::Pause if host.sent.is_empty() => f.on_request_body(host, body.len(), true),
         other => other,
@@ -2918,7 +2970,7 @@ fn refused_models_get_403_in_each_callers_shape_and_are_counted() {
     let mut h = client_post("/v1/chat/completions", body.as_bytes())
         .with_header("x-caller", "misc/app")
         .with_header(MODELS_REQUEST_HEADER, "fast");
-    let mut f = RequestFilter::new(Rc::clone(&cfg), Role::Router);
+    let mut f = Filter::new(Rc::clone(&cfg), Role::Router);
     f.on_request_headers(&mut h, false);
     f.on_request_body(&mut h, body.len(), true);
     assert_eq!(h.reply().status, 403);
@@ -3028,7 +3080,7 @@ fn set_listener_policy(host: &mut MockHost, policy: Option<&[u8]>) {
 fn listing(cfg: &Rc<Config>, path: &str, caller: &str, listener: Option<&str>) -> Sent {
     let mut host = MockHost::new("GET", path).with_header("x-caller", caller);
     set_listener_policy(&mut host, listener.map(str::as_bytes));
-    let mut f = RequestFilter::new(Rc::clone(cfg), Role::Router);
+    let mut f = Filter::new(Rc::clone(cfg), Role::Router);
     assert_eq!(f.on_request_headers(&mut host, true), Flow::Pause);
     host.reply().clone()
 }
@@ -3063,7 +3115,7 @@ fn listings_show_what_the_caller_may_use() {
     let mut anthropic = MockHost::new("GET", "/v1/models")
         .with_header("x-caller", "shop/chat")
         .with_header("anthropic-version", "2023-06-01");
-    let mut f = RequestFilter::new(Rc::clone(&cfg), Role::Router);
+    let mut f = Filter::new(Rc::clone(&cfg), Role::Router);
     f.on_request_headers(&mut anthropic, true);
     assert_eq!(
         listed_ids(anthropic.reply()),
@@ -3218,7 +3270,7 @@ fn listener_metadata_overrides_the_document_and_fails_closed_when_invalid() {
 // ---------------------------------------------------------------------------
 // Profiling driver (ignored): one realistic request through both halves of a
 // sidecar, many times, printing the host calls each request makes. Run under
-// callgrind with `--ignored --exact filter::tests::profile_<scenario>`.
+// callgrind with `--ignored --exact pipeline::tests::profile_<scenario>`.
 
 const PROFILE_CONFIG: &str = r#"{
   "identity": {"source": "mesh_node"},
@@ -3333,7 +3385,7 @@ fn profile_request(
         host.properties.insert(k.into(), v.as_bytes().to_vec());
     }
     host.shared = std::mem::take(shared);
-    let mut router = RequestFilter::new(Rc::clone(cfg), Role::Router);
+    let mut router = Filter::new(Rc::clone(cfg), Role::Router);
     assert_eq!(router.on_request_headers(&mut host, false), Flow::Pause);
     assert_eq!(
         router.on_request_body(&mut host, body.len(), true),
@@ -3368,7 +3420,7 @@ fn profile_request(
         .insert(POSITION_PROPERTY.into(), b"0".to_vec());
     up.shared = std::mem::take(&mut host.shared);
     up.calls = Default::default();
-    let mut attempt = RequestFilter::new(Rc::clone(cfg), Role::Attempt);
+    let mut attempt = Filter::new(Rc::clone(cfg), Role::Attempt);
     assert_eq!(attempt.on_request_headers(&mut up, false), Flow::Pause);
     let size = up.request_body.len();
     assert_eq!(attempt.on_request_body(&mut up, size, true), Flow::Continue);
@@ -3488,7 +3540,7 @@ fn an_untranslatable_answer_of_a_chain_leaves_its_headers_to_envoy_and_becomes_a
     let cfg = config_from(ROUTED_CONFIG);
     let body = br#"{"model":"chain","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#;
     let mut host = client_post("/v1/messages", body).with_header("anthropic-version", "2023-06-01");
-    let mut router = RequestFilter::new(Rc::clone(&cfg), Role::Router);
+    let mut router = Filter::new(Rc::clone(&cfg), Role::Router);
     assert_eq!(router.on_request_headers(&mut host, false), Flow::Pause);
     assert_eq!(
         router.on_request_body(&mut host, body.len(), true),
@@ -3500,7 +3552,7 @@ fn an_untranslatable_answer_of_a_chain_leaves_its_headers_to_envoy_and_becomes_a
     up.properties = host.properties.clone();
     up.properties
         .insert(POSITION_PROPERTY.into(), b"1".to_vec());
-    let mut attempt = RequestFilter::new(Rc::clone(&cfg), Role::Attempt);
+    let mut attempt = Filter::new(Rc::clone(&cfg), Role::Attempt);
     assert_eq!(attempt.on_request_headers(&mut up, false), Flow::Pause);
     assert_eq!(
         attempt.on_request_body(&mut up, body.len(), true),
@@ -3598,9 +3650,9 @@ fn limited_multi(limit: usize) -> Rc<Config> {
     Rc::new(testing::config(&doc))
 }
 
-fn forwarded_with(config: Rc<Config>, path: &str, body: &[u8]) -> (RequestFilter, MockHost) {
+fn forwarded_with(config: Rc<Config>, path: &str, body: &[u8]) -> (Filter, MockHost) {
     let mut host = client_post(path, body);
-    let mut f = RequestFilter::new(config, Role::Standalone);
+    let mut f = Filter::new(config, Role::Standalone);
     assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
     assert_eq!(
         f.on_request_body(&mut host, body.len(), true),
@@ -3633,7 +3685,7 @@ fn served_requests_name_the_callers_api_for_envoys_replies() {
     let body = chat_body(&quote("chain"));
     let mut host = client_post("/v1/chat/completions", body.as_bytes())
         .with_header(CALLER_API_HEADER, "gemini");
-    let mut router = RequestFilter::new(Rc::clone(&cfg), Role::Router);
+    let mut router = Filter::new(Rc::clone(&cfg), Role::Router);
     router.on_request_headers(&mut host, false);
     assert_eq!(
         router.on_request_body(&mut host, body.len(), true),
@@ -3643,7 +3695,7 @@ fn served_requests_name_the_callers_api_for_envoys_replies() {
     // One target: the listener half serves it and marks it.
     let body = chat_body(&quote("fast"));
     let mut host = client_post("/v1/chat/completions", body.as_bytes());
-    let mut router = RequestFilter::new(cfg, Role::Router);
+    let mut router = Filter::new(cfg, Role::Router);
     router.on_request_headers(&mut host, false);
     router.on_request_body(&mut host, body.len(), true);
     assert_eq!(host.req(CALLER_API_HEADER).as_deref(), Some("openai"));
@@ -3736,7 +3788,7 @@ fn the_upstream_half_answers_an_oversized_reply_for_its_attempt() {
     let cfg = config_from(&doc);
     let body = chat_body(&quote("chain"));
     let mut host = client_post("/v1/chat/completions", body.as_bytes());
-    let mut router = RequestFilter::new(Rc::clone(&cfg), Role::Router);
+    let mut router = Filter::new(Rc::clone(&cfg), Role::Router);
     router.on_request_headers(&mut host, false);
     router.on_request_body(&mut host, body.len(), true);
     let mut up = MockHost::new("POST", "/").with_body(body.as_bytes());
@@ -3744,7 +3796,7 @@ fn the_upstream_half_answers_an_oversized_reply_for_its_attempt() {
     up.properties = host.properties.clone();
     up.properties
         .insert(POSITION_PROPERTY.into(), b"0".to_vec());
-    let mut attempt = RequestFilter::new(Rc::clone(&cfg), Role::Attempt);
+    let mut attempt = Filter::new(Rc::clone(&cfg), Role::Attempt);
     attempt.on_request_headers(&mut up, false);
     assert_eq!(
         attempt.on_request_body(&mut up, body.len(), true),
@@ -3765,7 +3817,7 @@ fn a_bodiless_error_is_left_to_envoys_retries_and_the_last_one_answered() {
     let cfg = config_from(ROUTED_CONFIG);
     let body = chat_body(&quote("chain"));
     let mut host = client_post("/v1/chat/completions", body.as_bytes());
-    let mut router = RequestFilter::new(Rc::clone(&cfg), Role::Router);
+    let mut router = Filter::new(Rc::clone(&cfg), Role::Router);
     router.on_request_headers(&mut host, false);
     router.on_request_body(&mut host, body.len(), true);
     // The upstream half passes it on, so Envoy can try the next target.
@@ -3774,7 +3826,7 @@ fn a_bodiless_error_is_left_to_envoys_retries_and_the_last_one_answered() {
     up.properties = host.properties.clone();
     up.properties
         .insert(POSITION_PROPERTY.into(), b"0".to_vec());
-    let mut attempt = RequestFilter::new(Rc::clone(&cfg), Role::Attempt);
+    let mut attempt = Filter::new(Rc::clone(&cfg), Role::Attempt);
     attempt.on_request_headers(&mut up, false);
     attempt.on_request_body(&mut up, body.len(), true);
     up.respond(503, &[("content-length", "0")], b"", Some("via_upstream"));

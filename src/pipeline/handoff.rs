@@ -20,6 +20,16 @@ pub const CLUSTER_HEADER: &str = "x-meshllm-cluster";
 /// it: those Envoy sends straight to the caller once this filter holds the
 /// response headers (a provider that closes mid-answer, a timeout).
 pub const CALLER_API_HEADER: &str = "x-meshllm-caller-api";
+
+/// The caller's API as `CALLER_API_HEADER` names it (render.py's
+/// `local_reply_config` has one set of mappers per name).
+pub fn api_name(caller: Schema) -> &'static str {
+    match caller {
+        Schema::Anthropic => "anthropic",
+        Schema::Gemini => "gemini",
+        Schema::OpenAi | Schema::Converse => "openai",
+    }
+}
 /// Response headers the serving half sets and the listener half reads.
 pub const PROVIDER_RESPONSE_HEADER: &str = "x-meshllm-provider";
 pub const MODEL_RESPONSE_HEADER: &str = "x-meshllm-model";

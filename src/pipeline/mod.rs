@@ -1,7 +1,152 @@
-//! One request through the gateway: the filter's callbacks, for the
-//! listener half and the upstream half (`filter`), everything one half
-//! hands the other (`handoff`) and its binary encoding (`wire`).
+//! One request through the gateway, as a pipeline of stages over one
+//! request state.
+//!
+//! The listener half is a [`Router`]: `endpoint` → `identify` → `route` →
+//! `admit` → `forward`. It either hands Envoy a chain of targets, whose
+//! every try the upstream half serves as an upstream [`Attempt`], or runs
+//! its one attempt inline. An attempt: `translate` → `point` (cluster,
+//! authority, path, credential, signature) → `respond` → `settle`; the
+//! listener half ends with `finish` (metrics, access log, quota settle).
+//! `handoff` is everything one half hands the other, `wire` its encoding.
 
-pub mod filter;
+use std::rc::Rc;
+
+use crate::config::Config;
+use crate::core::api_error::ApiError;
+use crate::host::{CalloutAnswer, CalloutId, Host};
+
+mod admit;
+mod attempt;
+mod endpoint;
+mod finish;
+mod forward;
 pub mod handoff;
+mod identify;
+mod point;
+mod respond;
+mod route;
+mod router;
+mod settle;
+mod state;
+mod translate;
 pub mod wire;
+
+pub use admit::AdmitCall;
+pub use attempt::Attempt;
+pub use finish::{
+    LOG_ATTEMPTS, LOG_CACHED_TOKENS, LOG_CALLER, LOG_COST, LOG_INPUT_TOKENS, LOG_OUTPUT_TOKENS,
+    LOG_PATH, LOG_POLICY, LOG_PROVIDER, LOG_QUOTA, LOG_REQUEST_MODEL, LOG_RESPONSE_MODEL,
+    LOG_ROUTE_REASON, LOG_TAGS, LOG_TOKENS_ESTIMATED, LOG_TTFT,
+};
+pub use route::{DOWNGRADE_RESPONSE_HEADER, MODELS_REQUEST_HEADER};
+pub use router::Router;
+
+/// What a callback tells the proxy: go on, or hold the request (or answer)
+/// until the filter says otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Pause,
+}
+
+/// The filter of one request: the listener half or the upstream half.
+/// The proxy glue calls these entry points and nothing else.
+// One per request, never moved after creation: boxing would only add an
+// allocation.
+#[allow(clippy::large_enum_variant)]
+pub enum Filter {
+    Listener(Router),
+    Upstream(Attempt),
+}
+
+impl Filter {
+    /// The listener half; with failover on it may hand Envoy a chain.
+    pub fn listener(config: Rc<Config>) -> Self {
+        let chains = config.failover.enabled;
+        Filter::Listener(Router::new(config, chains))
+    }
+
+    /// The upstream half: one attempt of a chain.
+    pub fn upstream(config: Rc<Config>) -> Self {
+        Filter::Upstream(Attempt::upstream(config))
+    }
+
+    pub fn on_request_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
+        match self {
+            Filter::Listener(r) => r.on_request_headers(host, end_of_stream),
+            Filter::Upstream(a) => a.on_request_headers(host, end_of_stream),
+        }
+    }
+
+    pub fn on_request_body(
+        &mut self,
+        host: &mut dyn Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Flow {
+        match self {
+            Filter::Listener(r) => r.on_request_body(host, body_size, end_of_stream),
+            Filter::Upstream(a) => a.on_request_body(host, body_size, end_of_stream),
+        }
+    }
+
+    /// Trailers end a request whose last body chunk was not marked final.
+    pub fn on_request_trailers(&mut self, host: &mut dyn Host, body_size: usize) -> Flow {
+        match self {
+            Filter::Listener(r) => r.on_request_trailers(host, body_size),
+            Filter::Upstream(a) => a.on_request_trailers(host, body_size),
+        }
+    }
+
+    pub fn on_response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
+        match self {
+            Filter::Listener(r) => r.on_response_headers(host, end_of_stream),
+            Filter::Upstream(a) => a.on_response_headers(host, end_of_stream),
+        }
+    }
+
+    pub fn on_response_body(
+        &mut self,
+        host: &mut dyn Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Flow {
+        match self {
+            Filter::Listener(r) => r.on_response_body(host, body_size, end_of_stream),
+            Filter::Upstream(a) => a.on_response_body(host, body_size, end_of_stream),
+        }
+    }
+
+    /// The answer to a call this request made (see `host::callout`).
+    pub fn on_callout(&mut self, host: &mut dyn Host, id: CalloutId, answer: CalloutAnswer) {
+        match self {
+            Filter::Listener(r) => r.on_callout(host, id, answer),
+            Filter::Upstream(_) => log::warn!(
+                "an answer came for call {id}, which this request does not wait for: {answer:?}"
+            ),
+        }
+    }
+
+    /// The request is over (answered, failed or abandoned).
+    pub fn on_done(&mut self, host: &mut dyn Host) {
+        match self {
+            Filter::Listener(r) => r.on_done(host),
+            Filter::Upstream(a) => a.on_done(host),
+        }
+    }
+}
+
+/// A failure of the gateway itself, logged, as the caller's 500.
+fn internal(message: String) -> ApiError {
+    log::error!("{message}");
+    ApiError::new(
+        500,
+        "server_error",
+        Some("gateway_error"),
+        format!("Gateway error: {message}."),
+    )
+}
+
+#[cfg(test)]
+#[path = "filter_tests.rs"]
+mod tests;

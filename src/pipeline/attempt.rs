@@ -1,0 +1,371 @@
+//! One attempt at one target: translate → point → respond → settle.
+//!
+//! An attempt runs either inline, in the listener half (its [`Router`]
+//! serves a single target itself and holds the answer's headers while it
+//! translates), or upstream, in the upstream half on one try of a chain
+//! Envoy walks (it reads the plan from `handoff.rs`, lets translated
+//! headers pass and hands the usage back). Which one is fixed when the
+//! attempt is made.
+//!
+//! [`Router`]: super::Router
+
+use std::rc::Rc;
+
+use super::endpoint::{self, Intake};
+use super::point::{ClusterChoice, ANTHROPIC_HEADERS};
+use super::respond::{Answer, Step};
+use super::settle::{attempt_labels, AttemptEnd};
+use super::state::{Call, Phase, RequestHeaders};
+use super::{internal, route, translate, Flow};
+use crate::config::models::{ModelRoute, Operation};
+use crate::config::providers::Provider;
+use crate::config::Config;
+use crate::core::api_error::ApiError;
+use crate::core::json::TopLevel;
+use crate::core::schema::Schema;
+use crate::core::usage::Usage;
+use crate::host::{Host, HostResult};
+use crate::metrics;
+use crate::pipeline::handoff::{self, Plan, ATTEMPTS_RESPONSE_HEADER};
+use crate::translate::exchange::{self, Exchange};
+
+/// Where an attempt runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Place {
+    /// In the listener half, for its only target, sent to this cluster.
+    Inline(ClusterChoice),
+    /// In the upstream half, on one try of a chain.
+    Upstream,
+}
+
+pub struct Attempt {
+    pub(super) config: Rc<Config>,
+    pub(super) place: Place,
+    pub(super) phase: Phase,
+    /// The API the caller speaks; errors go back in its shape.
+    pub(super) caller: Schema,
+    pub(super) operation: Operation,
+    /// Upstream: the plan the listener half left.
+    pub(super) plan: Option<Plan>,
+    /// The target this attempt is at.
+    pub(super) target: Option<usize>,
+    /// Which attempt of the request this is (1-based).
+    pub(super) number: u32,
+    /// When the attempt started (inline: the request), in µs.
+    pub(super) started_us: u64,
+    /// Inline at the first position's cluster: why the target was chosen,
+    /// named on the answer as an upstream half would.
+    pub(super) route_reason: Option<String>,
+    /// Whether the outcome reached the target's health record (and the
+    /// attempt metrics) yet.
+    pub(super) outcome_recorded: bool,
+    /// With health: how the attempt at the provider ended.
+    pub(super) end: Option<AttemptEnd>,
+    pub(super) exchange: Option<Exchange>,
+    /// The answer as it passes.
+    pub(super) answer: Answer,
+    /// The token counts the provider reported.
+    pub(super) usage: Option<Usage>,
+}
+
+impl Attempt {
+    /// The upstream half's attempt; its target comes with the plan.
+    pub fn upstream(config: Rc<Config>) -> Self {
+        Attempt {
+            config,
+            place: Place::Upstream,
+            phase: Phase::Start,
+            caller: Schema::OpenAi,
+            operation: Operation::ChatCompletions,
+            plan: None,
+            target: None,
+            number: 0,
+            started_us: 0,
+            route_reason: None,
+            outcome_recorded: false,
+            end: None,
+            exchange: None,
+            answer: Answer::default(),
+            usage: None,
+        }
+    }
+
+    /// The listener half's own attempt at its only target.
+    pub(super) fn inline(
+        config: Rc<Config>,
+        caller: Schema,
+        operation: Operation,
+        cluster: ClusterChoice,
+        target: usize,
+        started_us: u64,
+        route_reason: Option<String>,
+    ) -> Self {
+        Attempt {
+            place: Place::Inline(cluster),
+            phase: Phase::Forwarded,
+            caller,
+            operation,
+            target: Some(target),
+            number: 1,
+            started_us,
+            route_reason,
+            ..Attempt::upstream(config)
+        }
+    }
+
+    pub(super) fn route(&self) -> Option<&ModelRoute> {
+        self.target.map(|i| &self.config.models[i])
+    }
+
+    pub(super) fn provider(&self) -> Option<&Provider> {
+        self.route().map(|r| &self.config.providers[r.provider])
+    }
+
+    /// The attempt feeds the target's health record: every upstream one,
+    /// and an inline one where failover is on.
+    pub(super) fn records_health(&self) -> bool {
+        matches!(
+            self.place,
+            Place::Upstream | Place::Inline(ClusterChoice::FirstPosition)
+        )
+    }
+
+    /// Translates the request for the target and points it there: the
+    /// translate and point stages.
+    pub(super) fn prepare(
+        &mut self,
+        host: &mut dyn Host,
+        body: &[u8],
+        doc: &TopLevel,
+        call: &Call,
+        entry_headers: Option<Vec<String>>,
+    ) -> Result<(), ApiError> {
+        let target = self
+            .target
+            .ok_or_else(|| internal("the attempt has no target".into()))?;
+        let config = Rc::clone(&self.config);
+        let op = self.operation;
+        let translated = translate::translate(&config, self.caller, op, (body, doc), call, target)?;
+        let present = match entry_headers {
+            Some(names) => RequestHeaders(Some(names)),
+            None => RequestHeaders::list(host),
+        };
+        self.point(host, &translated, body, &present)?;
+        self.exchange = translated.exchange;
+        Ok(())
+    }
+
+    // ---- the upstream half's request side -------------------------------
+
+    pub(super) fn on_request_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
+        if let Err(flow) = self.start(host) {
+            return flow;
+        }
+        if end_of_stream {
+            return self.reject(host, endpoint::missing_body());
+        }
+        self.phase = Phase::ReadingBody;
+        Flow::Pause
+    }
+
+    /// Finds this attempt's target from the plan and the host Envoy picked,
+    /// and clears what an earlier attempt set.
+    fn start(&mut self, host: &mut dyn Host) -> Result<(), Flow> {
+        let Some(plan) = handoff::plan(host) else {
+            // Another service's request on a router this half also serves.
+            let authority = host.request_header(":authority").unwrap_or_default();
+            if !self.config.hosts.is_empty() && !self.config.handles_host(&authority) {
+                self.phase = Phase::Bypass;
+                return Err(Flow::Continue);
+            }
+            return Err(self.reject(
+                host,
+                internal(
+                    "no routing plan reached the upstream filter; the meshllm listener \
+                     filter must run on this route"
+                        .into(),
+                ),
+            ));
+        };
+        self.caller = plan.caller;
+        self.number = host
+            .request_header("x-envoy-attempt-count")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        let position = handoff::attempt_position(host);
+        let Some(&target) = position.and_then(|p| plan.chain.get(p)) else {
+            let error = internal(format!(
+                "attempt {} reached an upstream host outside the plan (position {position:?})",
+                self.number
+            ));
+            return Err(self.reject(host, error));
+        };
+        self.target = Some(target);
+        self.started_us = host.now_unix_micros();
+        if let Some(&previous) = position.and_then(|p| plan.chain.get(p.checked_sub(1)?)) {
+            let config = &self.config;
+            let from = &config.providers[config.models[previous].provider].name;
+            let labels = attempt_labels(config, &plan, target);
+            host.count_labelled(
+                metrics::FALLBACKS_TOTAL,
+                &labels,
+                &[("fallback_from", from)],
+                1,
+            );
+        }
+        // Envoy hands every attempt the same header map: clear what an
+        // earlier attempt set for another provider.
+        let config = Rc::clone(&self.config);
+        let stale = config
+            .attempt_header_names
+            .iter()
+            .map(String::as_str)
+            .chain(ANTHROPIC_HEADERS.iter().copied())
+            .chain(["x-envoy-attempt-count", "x-envoy-expected-rq-timeout-ms"]);
+        let mut cleared: HostResult = Ok(());
+        let present = RequestHeaders::list(host);
+        for name in stale {
+            if present.has(host, name) {
+                cleared = cleared.and_then(|()| host.remove_request_header(name));
+            }
+        }
+        if config.models[target].schema == Schema::Anthropic {
+            for (name, value) in &plan.anthropic {
+                cleared = cleared.and_then(|()| host.set_request_header(name, value));
+            }
+        }
+        // A header left from another provider's attempt could carry its key.
+        if let Err(e) = cleared {
+            let error = internal(format!("could not reset the request headers: {e}"));
+            return Err(self.reject(host, error));
+        }
+        self.operation = if plan.embeddings {
+            Operation::Embeddings
+        } else {
+            Operation::ChatCompletions
+        };
+        self.plan = Some(plan);
+        Ok(())
+    }
+
+    pub(super) fn on_request_body(
+        &mut self,
+        host: &mut dyn Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Flow {
+        let limit = self.config.max_request_bytes;
+        match endpoint::intake(self.phase, body_size, limit, end_of_stream) {
+            Intake::Pass => Flow::Continue,
+            Intake::Wait => Flow::Pause,
+            Intake::TooLarge(error) => self.reject(host, error),
+            Intake::Complete => self.request_complete(host, body_size),
+        }
+    }
+
+    pub(super) fn on_request_trailers(&mut self, host: &mut dyn Host, body_size: usize) -> Flow {
+        if self.phase != Phase::ReadingBody {
+            return Flow::Continue;
+        }
+        self.request_complete(host, body_size)
+    }
+
+    fn request_complete(&mut self, host: &mut dyn Host, body_size: usize) -> Flow {
+        let body = match host.request_body(body_size) {
+            Ok(b) => b,
+            Err(e) => {
+                let error = internal(format!("could not read the request body: {e}"));
+                return self.reject(host, error);
+            }
+        };
+        let gemini = self.plan.as_ref().and_then(|p| p.gemini.clone());
+        let prepared = route::parse_body(&body).and_then(|doc| {
+            let call = route::read_call(&doc, self.operation, gemini.as_ref())?;
+            self.prepare(host, &body, &doc, &call, None)
+        });
+        match prepared {
+            Ok(()) => {
+                self.phase = Phase::Forwarded;
+                Flow::Continue
+            }
+            Err(error) => self.reject(host, error),
+        }
+    }
+
+    // ---- the upstream half's answers ------------------------------------
+
+    fn reject(&mut self, host: &mut dyn Host, error: ApiError) -> Flow {
+        let body = exchange::error_body(self.caller, &error);
+        self.reply(host, error.status, &[], &body)
+    }
+
+    /// Answers from the upstream half. It names its attempt, so the
+    /// listener half knows the body is already in the caller's shape.
+    fn reply(
+        &mut self,
+        host: &mut dyn Host,
+        status: u16,
+        extra: &[(&str, &str)],
+        body: &[u8],
+    ) -> Flow {
+        self.answer.status = status;
+        self.phase = Phase::Answered;
+        let attempt = self.number.to_string();
+        let mut headers: Vec<(&str, &str)> = Vec::with_capacity(extra.len() + 2);
+        headers.push(("content-type", "application/json"));
+        headers.extend_from_slice(extra);
+        headers.push((ATTEMPTS_RESPONSE_HEADER, &attempt));
+        if !self.outcome_recorded {
+            self.outcome_recorded = true;
+            self.count_attempt(host, AttemptEnd::Answered(status));
+        }
+        if let Err(e) = host.send_response(status, &headers, body) {
+            log::error!("could not send a local reply: {e}");
+        }
+        Flow::Pause
+    }
+
+    pub(super) fn on_response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
+        if matches!(self.phase, Phase::Bypass | Phase::Answered) {
+            return Flow::Continue;
+        }
+        self.begin_answer(host);
+        let step = self.answer_headers(host, end_of_stream);
+        self.take_step(host, step)
+    }
+
+    pub(super) fn on_response_body(
+        &mut self,
+        host: &mut dyn Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Flow {
+        if self.phase == Phase::Bypass {
+            return Flow::Continue;
+        }
+        let step = self.response_body(host, body_size, end_of_stream);
+        self.take_step(host, step)
+    }
+
+    fn take_step(&mut self, host: &mut dyn Host, step: Step) -> Flow {
+        match step {
+            Step::Go(flow) => flow,
+            Step::Replace(status, body) => {
+                // The upstream half names its attempt itself (see `reply`).
+                let kept = self.answer.kept_headers(host, false);
+                let extra: Vec<(&str, &str)> =
+                    kept.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+                self.reply(host, status, &extra, &body)
+            }
+        }
+    }
+
+    pub(super) fn on_done(&mut self, host: &mut dyn Host) {
+        if self.phase == Phase::Forwarded && !self.outcome_recorded {
+            self.outcome_recorded = true;
+            if let Some(end) = self.unanswered(host) {
+                self.record_outcome(host, end);
+            }
+        }
+    }
+}

@@ -1,0 +1,760 @@
+//! Respond stage: the provider's answer (or Envoy's own reply) on its way
+//! to the caller. Errors become the caller's shape
+//! (`translate/exchange.rs`), answers are translated whole or event by
+//! event, streams are scrubbed of provider keys, held answers are limited
+//! in size. The listener half also puts the caller's own headers on the
+//! answer and holds a chain's complete answers to its end.
+
+use super::attempt::{Attempt, Place};
+use super::router::{Forward, Router};
+use super::state::Phase;
+use super::Flow;
+use crate::config::providers::Provider;
+use crate::config::Config;
+use crate::core::api_error::{self, ApiError};
+use crate::core::schema::Schema;
+use crate::host::Host;
+use crate::pipeline::handoff::{
+    self, ATTEMPTS_RESPONSE_HEADER, MODEL_RESPONSE_HEADER, PROVIDER_RESPONSE_HEADER,
+    ROUTE_RESPONSE_HEADER,
+};
+use crate::pipeline::point::ClusterChoice;
+use crate::translate::exchange::{self, ErrorReply, Exchange};
+use crate::translate::StreamTranslator;
+
+/// Provider rate-limit headers describe the gateway's account with the
+/// provider, not the caller's limits: dropped when quotas are configured.
+pub(super) const PROVIDER_RATE_LIMIT_HEADERS: &[&str] = &[
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+    "anthropic-ratelimit-requests-limit",
+    "anthropic-ratelimit-requests-remaining",
+    "anthropic-ratelimit-requests-reset",
+    "anthropic-ratelimit-tokens-limit",
+    "anthropic-ratelimit-tokens-remaining",
+    "anthropic-ratelimit-tokens-reset",
+    "anthropic-ratelimit-input-tokens-limit",
+    "anthropic-ratelimit-input-tokens-remaining",
+    "anthropic-ratelimit-input-tokens-reset",
+    "anthropic-ratelimit-output-tokens-limit",
+    "anthropic-ratelimit-output-tokens-remaining",
+    "anthropic-ratelimit-output-tokens-reset",
+];
+
+/// What the response side does with the answer.
+pub(super) enum ResponseMode {
+    /// Forward untouched (streams chunk by chunk).
+    PassThrough,
+    /// Buffer an error reply and rewrite it into the caller's shape.
+    Error {
+        status: u16,
+        via_upstream: bool,
+        error_type: Option<String>,
+    },
+    /// Buffer a complete answer and translate it (the listener half holds
+    /// the headers meanwhile; the upstream half lets them pass, so Envoy
+    /// sees the answer started and never retries it elsewhere).
+    Translate,
+    /// Listener half with a chain: hold a complete answer until its end,
+    /// so the upstream half can still change its status
+    /// (`handoff::answer_status`).
+    Hold,
+    /// Translate a stream event by event.
+    Stream(Box<dyn StreamTranslator>),
+    /// Forward a complete answer untouched, keeping a copy to read its usage.
+    Watch(Vec<u8>),
+}
+
+impl ResponseMode {
+    /// The answer's bytes reach the caller as they pass.
+    fn passes(&self) -> bool {
+        matches!(
+            self,
+            ResponseMode::PassThrough | ResponseMode::Stream(_) | ResponseMode::Watch(_)
+        )
+    }
+}
+
+/// What a response stage asks of the half that owns it.
+pub(super) enum Step {
+    Go(Flow),
+    /// Replace the answer, whose headers are still held, with this status
+    /// and body (see `Router::replace_answer`).
+    Replace(u16, Vec<u8>),
+}
+
+/// The answer as it passes: its status (the caller's) and what is done
+/// with its body.
+pub(super) struct Answer {
+    pub status: u16,
+    pub mode: ResponseMode,
+}
+
+impl Default for Answer {
+    fn default() -> Self {
+        Answer {
+            status: 0,
+            mode: ResponseMode::PassThrough,
+        }
+    }
+}
+
+/// The target an answer comes from, as the response stages read it.
+pub(super) struct Serving<'a> {
+    pub config: &'a Config,
+    pub caller: Schema,
+    pub target: Option<usize>,
+    pub exchange: Option<&'a Exchange>,
+}
+
+impl Serving<'_> {
+    fn provider(&self) -> Option<&Provider> {
+        let route = &self.config.models[self.target?];
+        Some(&self.config.providers[route.provider])
+    }
+}
+
+impl Answer {
+    fn read_status(&mut self, host: &dyn Host) {
+        self.status = host
+            .response_header(":status")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+    }
+
+    /// An error reply's headers: its status becomes the caller's, and its
+    /// body is held to be rewritten in the caller's shape. `upstream`: the
+    /// upstream half lets a bodiless one pass, which Envoy may still retry.
+    fn error_headers(
+        &mut self,
+        host: &mut dyn Host,
+        end_of_stream: bool,
+        serving: &Serving,
+        upstream: bool,
+    ) -> Step {
+        // `via_upstream` means the provider answered; any other detail
+        // means Envoy did (connect failure, timeout, overflow, ...).
+        let via_upstream = matches!(
+            host.response_code_details().as_deref(),
+            Some("via_upstream") | None
+        );
+        let error_type = host.response_header("x-amzn-errortype");
+        let caller_status = match (serving.exchange, via_upstream) {
+            (Some(x), true) => exchange::caller_status(x, self.status, error_type.as_deref()),
+            _ => self.status,
+        };
+        let mode = ResponseMode::Error {
+            status: self.status,
+            via_upstream,
+            error_type,
+        };
+        if caller_status != self.status {
+            let _ = host.set_response_header(":status", &caller_status.to_string());
+        }
+        self.status = caller_status;
+        if end_of_stream && upstream {
+            // Envoy may still retry it; the listener half answers it if
+            // it is the last (see `answer_bodiless_error`).
+            return Step::Go(Flow::Continue);
+        }
+        if end_of_stream {
+            // No body to rewrite: a whole answer in the caller's shape
+            // takes the reply's place.
+            let body = error_reply_body(serving, &mode, b"");
+            return Step::Replace(caller_status, bodiless(serving.caller, caller_status, body));
+        }
+        self.mode = mode;
+        // The body is replaced once complete; its length will change.
+        rewrites_body(host, "application/json");
+        // Held with the body, so a reply cut short or too large can
+        // still be answered in the caller's shape.
+        Step::Go(Flow::Pause)
+    }
+
+    /// An error reply's body, held whole and rewritten in the caller's
+    /// shape.
+    fn error_body(
+        &mut self,
+        host: &mut dyn Host,
+        body_size: usize,
+        end_of_stream: bool,
+        serving: &Serving,
+    ) -> Step {
+        if body_size > serving.config.max_response_bytes {
+            return self.too_large(serving);
+        }
+        if !end_of_stream {
+            return Step::Go(Flow::Pause);
+        }
+        let mode = std::mem::replace(&mut self.mode, ResponseMode::PassThrough);
+        let body = match host.response_body(body_size) {
+            Ok(b) => b,
+            Err(e) => {
+                log::warn!("could not read a response body: {e}");
+                return Step::Go(Flow::Continue);
+            }
+        };
+        if let Some(new_body) = error_reply_body(serving, &mode, &body) {
+            if let Err(e) = host.replace_response_body(body_size, &new_body) {
+                log::warn!("could not rewrite a response body: {e}");
+            }
+        }
+        Step::Go(Flow::Continue)
+    }
+
+    /// The answer held past the limit: an error in the caller's shape
+    /// replaces it (502 for an answer, the reply's status for an error).
+    fn too_large(&mut self, serving: &Serving) -> Step {
+        let limit = serving.config.max_response_bytes;
+        let provider = serving.provider().map_or("none", |p| p.name.as_str());
+        let error = match self.mode {
+            ResponseMode::Error { status, .. } => ApiError::new(
+                self.status,
+                api_error::error_type_for_status(self.status),
+                None,
+                format!(
+                    "Provider {provider:?} answered with HTTP {status} and an error body larger \
+                     than this gateway's limit of {limit} bytes (max_response_bytes)."
+                ),
+            ),
+            _ => ApiError::new(
+                502,
+                "server_error",
+                Some("response_too_large"),
+                format!(
+                    "Provider {provider:?} sent an answer larger than this gateway's limit of \
+                     {limit} bytes (max_response_bytes); a translated answer is held whole."
+                ),
+            ),
+        };
+        log::warn!("{}", error.message);
+        self.mode = ResponseMode::PassThrough;
+        let body = exchange::error_body(serving.caller, &error);
+        Step::Replace(error.status, body)
+    }
+
+    /// What the caller needs of held headers when the answer is replaced;
+    /// the upstream half names its attempt itself (`with_attempts` false).
+    pub(super) fn kept_headers(
+        &self,
+        host: &dyn Host,
+        with_attempts: bool,
+    ) -> Vec<(String, String)> {
+        const KEPT: &[&str] = &[
+            "retry-after",
+            "x-should-retry",
+            PROVIDER_RESPONSE_HEADER,
+            MODEL_RESPONSE_HEADER,
+            ROUTE_RESPONSE_HEADER,
+            ATTEMPTS_RESPONSE_HEADER,
+        ];
+        KEPT.iter()
+            .filter(|name| with_attempts || **name != ATTEMPTS_RESPONSE_HEADER)
+            .filter_map(|name| Some((name.to_string(), host.response_header(name)?)))
+            .collect()
+    }
+}
+
+/// An error reply's body in the caller's shape (None: pass it as it is).
+fn error_reply_body(serving: &Serving, mode: &ResponseMode, body: &[u8]) -> Option<Vec<u8>> {
+    let ResponseMode::Error {
+        status,
+        via_upstream,
+        error_type,
+    } = mode
+    else {
+        return None;
+    };
+    let provider = serving.provider();
+    let secrets: Vec<&str> = provider.map(Provider::secrets).unwrap_or_default();
+    let reply = ErrorReply {
+        status: *status,
+        body,
+        error_type: error_type.as_deref(),
+        via_upstream: *via_upstream,
+        provider: provider.map(|p| p.name.as_str()),
+        secrets: &secrets,
+    };
+    exchange::translate_error(serving.caller, serving.exchange, &reply)
+}
+
+/// An empty reply's rewrite; were there none, a plain one of the caller's
+/// shape says what happened.
+fn bodiless(caller: Schema, status: u16, body: Option<Vec<u8>>) -> Vec<u8> {
+    body.unwrap_or_else(|| {
+        let error = ApiError::new(
+            status,
+            api_error::error_type_for_status(status),
+            None,
+            format!("The provider answered HTTP {status} with no details."),
+        );
+        exchange::error_body(caller, &error)
+    })
+}
+
+/// The body will be replaced: its length and encoding will change.
+fn rewrites_body(host: &mut dyn Host, content_type: &str) {
+    let _ = host.remove_response_header("content-length");
+    let _ = host.remove_response_header("content-encoding");
+    let _ = host.set_response_header("content-type", content_type);
+}
+
+impl Attempt {
+    /// The answer's status, and with health, how the attempt ended.
+    pub(super) fn begin_answer(&mut self, host: &mut dyn Host) {
+        self.answer.read_status(host);
+        let status = self.answer.status;
+        if self.phase == Phase::Forwarded && self.records_health() {
+            // The upstream half only ever sees a provider's answers; the
+            // listener half also sees Envoy's own replies, and only those
+            // about the provider (refused, reset, timed out) count.
+            let end = if self.place == Place::Upstream || status < 400 {
+                Some(super::settle::AttemptEnd::Answered(status))
+            } else {
+                super::settle::AttemptEnd::of_envoy_reply(
+                    status,
+                    host.response_code_details().as_deref(),
+                )
+            };
+            match end {
+                Some(end) => self.record_outcome(host, end),
+                None => self.outcome_recorded = true,
+            }
+        }
+    }
+
+    /// The answer's headers: what served it, and how its body is handled.
+    pub(super) fn answer_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Step {
+        let forwarded = self.phase == Phase::Forwarded;
+        if forwarded {
+            if let (Some(provider), Some(route)) = (self.provider(), self.route()) {
+                let _ = host.set_response_header(PROVIDER_RESPONSE_HEADER, &provider.name);
+                let _ = host.set_response_header(MODEL_RESPONSE_HEADER, &route.upstream_model);
+            }
+            if let Some(plan) = &self.plan {
+                let _ =
+                    host.set_response_header(ATTEMPTS_RESPONSE_HEADER, &self.number.to_string());
+                let _ = host.set_response_header(ROUTE_RESPONSE_HEADER, &plan.reason);
+            } else if self.place == Place::Inline(ClusterChoice::FirstPosition) {
+                // What the upstream half says of a chain's attempts.
+                let _ = host.set_response_header(ATTEMPTS_RESPONSE_HEADER, "1");
+                if let Some(reason) = &self.route_reason {
+                    let _ = host.set_response_header(ROUTE_RESPONSE_HEADER, reason);
+                }
+            }
+        }
+        let upstream = self.place == Place::Upstream;
+        if self.answer.status >= 400 {
+            let serving = Serving {
+                config: &self.config,
+                caller: self.caller,
+                target: self.target,
+                exchange: self.exchange.as_ref(),
+            };
+            return self
+                .answer
+                .error_headers(host, end_of_stream, &serving, upstream);
+        }
+        let ok = (200..300).contains(&self.answer.status);
+        let Some(x) = self.exchange.as_ref().filter(|_| forwarded) else {
+            // Embeddings: forwarded as they are, usage read on the way.
+            if forwarded && ok && !end_of_stream {
+                self.answer.mode = ResponseMode::Watch(Vec::new());
+            }
+            return Step::Go(Flow::Continue);
+        };
+        if !ok || end_of_stream {
+            return Step::Go(Flow::Continue);
+        }
+        if x.stream {
+            // Provider error events may quote the key: the stream is redacted.
+            let secrets = self.provider().map(Provider::secrets).unwrap_or_default();
+            let created = host.now_unix_seconds();
+            if let Some(translator) = exchange::stream_translator(x, created, &secrets) {
+                rewrites_body(host, "text/event-stream");
+                self.answer.mode = ResponseMode::Stream(translator);
+            }
+            return Step::Go(Flow::Continue);
+        }
+        if exchange::translates_response(x) {
+            rewrites_body(host, "application/json");
+            self.answer.mode = ResponseMode::Translate;
+            // Hold the headers: an answer that cannot be translated must not
+            // go out as a 200. The upstream half lets them pass (the listener
+            // half holds them): held there, Envoy would take a provider
+            // that broke off mid-answer for one that never answered, and
+            // send the request to the next target too.
+            return Step::Go(if upstream {
+                Flow::Continue
+            } else {
+                Flow::Pause
+            });
+        }
+        self.answer.mode = ResponseMode::Watch(Vec::new());
+        Step::Go(Flow::Continue)
+    }
+
+    /// Whether the answer's bytes reach the caller as they pass.
+    pub(super) fn answer_passes(&self) -> bool {
+        self.answer.mode.passes()
+    }
+
+    pub(super) fn response_body(
+        &mut self,
+        host: &mut dyn Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Step {
+        if let ResponseMode::Stream(translator) = &mut self.answer.mode {
+            let flow = translate_stream_chunk(host, translator.as_mut(), body_size, end_of_stream);
+            if end_of_stream {
+                let usage = translator.usage();
+                self.note_usage(host, usage);
+            }
+            return Step::Go(flow);
+        }
+        let provider_schema = self.route().map_or(Schema::OpenAi, |r| r.schema);
+        if let ResponseMode::Watch(copy) = &mut self.answer.mode {
+            // Complete answers are small; past this size usage is estimated.
+            const MAX_WATCHED: usize = 1 << 20;
+            if body_size > 0 && copy.len() + body_size <= MAX_WATCHED {
+                match host.response_body(body_size) {
+                    Ok(chunk) => copy.extend_from_slice(&chunk),
+                    Err(e) => log::debug!("could not read an answer for its usage: {e}"),
+                }
+            }
+            if end_of_stream {
+                let usage = crate::translate::usage_of_answer(provider_schema, copy);
+                self.note_usage(host, usage);
+            }
+            return Step::Go(Flow::Continue);
+        }
+        match self.answer.mode {
+            ResponseMode::Error { .. } => {
+                let serving = Serving {
+                    config: &self.config,
+                    caller: self.caller,
+                    target: self.target,
+                    exchange: self.exchange.as_ref(),
+                };
+                self.answer
+                    .error_body(host, body_size, end_of_stream, &serving)
+            }
+            ResponseMode::Translate => self.translated_body(host, body_size, end_of_stream),
+            _ => Step::Go(Flow::Continue),
+        }
+    }
+
+    /// A complete answer, held whole and translated.
+    fn translated_body(
+        &mut self,
+        host: &mut dyn Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Step {
+        let upstream = self.place == Place::Upstream;
+        if body_size > self.config.max_response_bytes {
+            if upstream {
+                // Its headers passed (see `Translate`): the listener half
+                // holds this answer and refuses it past the same limit.
+                self.answer.mode = ResponseMode::PassThrough;
+                return Step::Go(Flow::Continue);
+            }
+            let serving = Serving {
+                config: &self.config,
+                caller: self.caller,
+                target: self.target,
+                exchange: self.exchange.as_ref(),
+            };
+            return self.answer.too_large(&serving);
+        }
+        if !end_of_stream {
+            return Step::Go(Flow::Pause);
+        }
+        self.answer.mode = ResponseMode::PassThrough;
+        let body = match host.response_body(body_size) {
+            Ok(b) => b,
+            Err(e) => {
+                log::warn!("could not read a response body: {e}");
+                return Step::Go(Flow::Continue);
+            }
+        };
+        let provider_schema = self.route().map_or(Schema::OpenAi, |r| r.schema);
+        let usage = crate::translate::usage_of_answer(provider_schema, &body);
+        self.note_usage(host, usage);
+        let translated = match &self.exchange {
+            Some(x) => exchange::translate_response(x, &body, host.now_unix_seconds()),
+            None => Ok(None),
+        };
+        let new_body = match translated {
+            Ok(b) => b,
+            Err(e) => {
+                log::warn!("could not translate a provider answer: {e}");
+                self.answer.status = 502;
+                if upstream {
+                    // The headers passed already; the listener half
+                    // holds them and sets this status.
+                    let _ = handoff::leave_answer_status(host, 502);
+                } else {
+                    let _ = host.set_response_header(":status", "502");
+                }
+                let provider = self.provider().map_or("none", |p| p.name.as_str());
+                let error = ApiError::new(
+                    502,
+                    "server_error",
+                    Some("invalid_provider_response"),
+                    format!(
+                        "Provider {provider:?} sent an answer the gateway could not \
+                         translate: {e}."
+                    ),
+                );
+                Some(exchange::error_body(self.caller, &error))
+            }
+        };
+        if let Some(new_body) = new_body {
+            if let Err(e) = host.replace_response_body(body_size, &new_body) {
+                log::warn!("could not rewrite a response body: {e}");
+            }
+        }
+        Step::Go(Flow::Continue)
+    }
+}
+
+impl Router {
+    pub(super) fn on_response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
+        if self.phase == Phase::Bypass {
+            return Flow::Continue;
+        }
+        let flow = if self.phase == Phase::Answered {
+            Flow::Continue
+        } else {
+            self.response_headers(host, end_of_stream)
+        };
+        if end_of_stream {
+            self.finish(host);
+        }
+        flow
+    }
+
+    pub(super) fn on_response_body(
+        &mut self,
+        host: &mut dyn Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Flow {
+        if self.phase == Phase::Bypass {
+            return Flow::Continue;
+        }
+        let flow = self.response_body(host, body_size, end_of_stream);
+        if end_of_stream {
+            self.finish(host);
+        }
+        flow
+    }
+
+    fn response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
+        if let Forward::Inline(attempt) = &mut self.forward {
+            attempt.begin_answer(host);
+            self.req.status = attempt.answer.status;
+            self.decorate_answer(host);
+            let Forward::Inline(attempt) = &mut self.forward else {
+                return Flow::Continue;
+            };
+            let step = attempt.answer_headers(host, end_of_stream);
+            self.req.status = attempt.answer.status;
+            return self.take_step(host, step);
+        }
+        self.answer.read_status(host);
+        self.req.status = self.answer.status;
+        if self.phase == Phase::Forwarded {
+            self.decorate_answer(host);
+        }
+        if let Forward::Chain(chain) = &mut self.forward {
+            // The upstream half answered: it put the answer in the caller's
+            // shape and named what served; only Envoy's own replies need
+            // work here. (Read here: response headers cannot be read once
+            // the body flows.)
+            if let Some(attempts) = host.response_header(ATTEMPTS_RESPONSE_HEADER) {
+                chain.attempts = attempts.parse().unwrap_or(0);
+                chain.served = host
+                    .response_header(PROVIDER_RESPONSE_HEADER)
+                    .zip(host.response_header(MODEL_RESPONSE_HEADER));
+                let status = self.answer.status;
+                if !self.req.streaming && (200..300).contains(&status) && !end_of_stream {
+                    self.answer.mode = ResponseMode::Hold;
+                    return Flow::Pause;
+                }
+                self.answer.mode = ResponseMode::PassThrough;
+                if end_of_stream && status >= 400 {
+                    // A provider's bodiless error, left for Envoy to retry:
+                    // the last one is answered here, in the caller's shape.
+                    return self.answer_bodiless_error(host);
+                }
+                return Flow::Continue;
+            }
+        }
+        if self.answer.status >= 400 {
+            let serving = Serving {
+                config: &self.config,
+                caller: self.req.caller,
+                target: self.req.route,
+                exchange: None,
+            };
+            let step = self
+                .answer
+                .error_headers(host, end_of_stream, &serving, false);
+            self.req.status = self.answer.status;
+            return self.take_step(host, step);
+        }
+        Flow::Continue
+    }
+
+    /// The caller's rate-limit state, budget alerts and downgrades go on
+    /// the answer, in place of the provider's own limits.
+    fn decorate_answer(&mut self, host: &mut dyn Host) {
+        if self.config.quotas.is_some() || !self.req.applied.rules().is_empty() {
+            // One call lists the headers, so only those present cost a
+            // removal (unlisted: remove every name, absent ones are no-ops).
+            let present = host.response_header_names().ok();
+            for name in PROVIDER_RATE_LIMIT_HEADERS {
+                let listed = present
+                    .as_ref()
+                    .is_none_or(|names| names.iter().any(|n| n.eq_ignore_ascii_case(name)));
+                if listed {
+                    let _ = host.remove_response_header(name);
+                }
+            }
+        }
+        for (name, value) in &self.req.answer_headers {
+            let _ = host.set_response_header(name, value);
+        }
+    }
+
+    fn response_body(
+        &mut self,
+        host: &mut dyn Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Flow {
+        let passes = match &self.forward {
+            Forward::Inline(attempt) => attempt.answer_passes(),
+            _ => self.answer.mode.passes(),
+        };
+        if passes {
+            self.req.response_bytes += body_size as u64;
+            if body_size > 0 && self.req.first_byte_us.is_none() {
+                self.req.first_byte_us = Some(host.now_unix_micros());
+            }
+        }
+        if let Forward::Inline(attempt) = &mut self.forward {
+            let step = attempt.response_body(host, body_size, end_of_stream);
+            self.req.status = attempt.answer.status;
+            return self.take_step(host, step);
+        }
+        let serving = Serving {
+            config: &self.config,
+            caller: self.req.caller,
+            target: self.req.route,
+            exchange: None,
+        };
+        let step = match self.answer.mode {
+            ResponseMode::Hold => {
+                // Held whole here: past the limit the caller gets an error
+                // in its shape, not Envoy's.
+                if body_size > self.config.max_response_bytes {
+                    self.answer.too_large(&serving)
+                } else if !end_of_stream {
+                    Step::Go(Flow::Pause)
+                } else {
+                    self.answer.mode = ResponseMode::PassThrough;
+                    self.req.response_bytes += body_size as u64;
+                    self.req.first_byte_us = Some(host.now_unix_micros());
+                    if let Some(status) = handoff::answer_status(host) {
+                        self.answer.status = status;
+                        let _ = host.set_response_header(":status", &status.to_string());
+                    }
+                    Step::Go(Flow::Continue)
+                }
+            }
+            ResponseMode::Error { .. } => {
+                self.answer
+                    .error_body(host, body_size, end_of_stream, &serving)
+            }
+            _ => Step::Go(Flow::Continue),
+        };
+        self.req.status = self.answer.status;
+        self.take_step(host, step)
+    }
+
+    fn take_step(&mut self, host: &mut dyn Host, step: Step) -> Flow {
+        match step {
+            Step::Go(flow) => flow,
+            Step::Replace(status, body) => self.replace_answer(host, status, &body),
+        }
+    }
+
+    /// A provider's error reply without a body, passed on by the upstream
+    /// half (the status already the caller's), in the caller's shape.
+    fn answer_bodiless_error(&mut self, host: &mut dyn Host) -> Flow {
+        let provider = match &self.forward {
+            Forward::Chain(chain) => chain.served.as_ref().map(|(p, _)| p.clone()),
+            _ => None,
+        };
+        let status = self.answer.status;
+        let reply = ErrorReply {
+            status,
+            body: b"",
+            error_type: None,
+            via_upstream: true,
+            provider: provider.as_deref(),
+            secrets: &[],
+        };
+        let body = exchange::translate_error(self.req.caller, None, &reply);
+        let body = bodiless(self.req.caller, status, body);
+        self.replace_answer(host, status, &body)
+    }
+
+    /// Replaces an answer whose headers this filter still holds with a
+    /// reply of its own. Envoy sends it to the caller at once and drops
+    /// the rest of the provider's answer. What the caller needs of the
+    /// held headers stays.
+    fn replace_answer(&mut self, host: &mut dyn Host, status: u16, body: &[u8]) -> Flow {
+        let mut kept = self.answer.kept_headers(host, true);
+        kept.extend(self.req.answer_headers.iter().cloned());
+        // Counted as the forwarded call it was, before `reply` marks it answered.
+        self.req.status = status;
+        self.finish(host);
+        let extra: Vec<(&str, &str)> = kept.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        self.reply(host, status, &extra, body)
+    }
+}
+
+/// Replaces one chunk of a provider stream with its translation: every
+/// event the chunk completes goes out now, partial ones wait.
+fn translate_stream_chunk(
+    host: &mut dyn Host,
+    translator: &mut dyn StreamTranslator,
+    body_size: usize,
+    end_of_stream: bool,
+) -> Flow {
+    let chunk = match host.response_body(body_size) {
+        Ok(c) => c,
+        Err(e) => {
+            log::warn!("could not read a stream chunk: {e}");
+            Vec::new()
+        }
+    };
+    let mut out = Vec::with_capacity(chunk.len() + 64);
+    translator.push(&chunk, &mut out);
+    if end_of_stream {
+        translator.finish(&mut out);
+    }
+    if let Err(e) = host.replace_response_body(body_size, &out) {
+        log::warn!("could not rewrite a stream chunk: {e}");
+    }
+    Flow::Continue
+}
