@@ -3844,3 +3844,191 @@ fn a_bodiless_error_is_left_to_envoys_retries_and_the_last_one_answered() {
     );
     assert_eq!(sent.header(ATTEMPTS_RESPONSE_HEADER), Some("1"));
 }
+
+// ---------------------------------------------------------------------------
+// Deferred stages: the admit stage asks another service and the request
+// resumes with its answer. No production step defers yet; `RemoteVerdict`
+// stands in for the cluster-wide quota store.
+
+/// A test admit step: asks cluster `quota_store` over HTTP; `allow` lets
+/// the request go, any other answer refuses it with a 429, no answer with
+/// a 503.
+struct RemoteVerdict;
+
+impl AdmitCall for RemoteVerdict {
+    fn start(
+        &self,
+        host: &mut dyn Host,
+        who: &crate::quota::admission::Who,
+        ask: &crate::quota::admission::Ask,
+    ) -> Result<Option<crate::host::CalloutId>, ApiError> {
+        let (ns, svc) = who.names();
+        let body = format!("{ns}/{svc} {} targets", ask.chain.len());
+        let call = crate::host::Callout {
+            cluster: "quota_store",
+            kind: crate::host::CalloutKind::Http {
+                method: "POST",
+                path: "/admit",
+                authority: "quota.local",
+                headers: &[],
+                body: body.as_bytes(),
+            },
+            timeout_ms: 50,
+        };
+        host.call_out(&call)
+            .map(Some)
+            .map_err(|e| internal(format!("could not ask the quota store: {e}")))
+    }
+
+    fn answered(&self, answer: &CalloutAnswer) -> Result<(), ApiError> {
+        match answer {
+            CalloutAnswer::Failed(why) => Err(ApiError::new(
+                503,
+                "server_error",
+                Some("quota_store_unavailable"),
+                format!("The quota store did not answer: {why}."),
+            )),
+            _ if answer.ok_body() == Some(b"allow".as_slice()) => Ok(()),
+            _ => Err(ApiError::new(
+                429,
+                "rate_limit_error",
+                Some("rate_limit_exceeded"),
+                "The cluster-wide quota is spent.".into(),
+            )),
+        }
+    }
+}
+
+fn allow(body: &str) -> CalloutAnswer {
+    CalloutAnswer::Http {
+        status: 200,
+        headers: Vec::new(),
+        body: body.as_bytes().to_vec(),
+    }
+}
+
+/// A listener half with the test step, its request read up to the pause.
+fn deferred_post(cfg: &Rc<Config>, chains: bool, path: &str, body: &[u8]) -> (Filter, MockHost) {
+    let mut host = client_post(path, body);
+    let router = Router::new(Rc::clone(cfg), chains).with_admit_call(Rc::new(RemoteVerdict));
+    let mut f = Filter::Listener(router);
+    assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
+    assert_eq!(
+        f.on_request_body(&mut host, body.len(), true),
+        Flow::Pause,
+        "deferred on the call"
+    );
+    assert!(
+        host.sent.is_empty(),
+        "no answer while waiting: {:?}",
+        host.sent
+    );
+    assert_eq!(host.callouts.len(), 1);
+    assert_eq!(host.callouts[0].cluster, "quota_store");
+    assert_eq!(host.callouts[0].timeout_ms, 50);
+    assert_eq!(host.resumed_requests, 0);
+    (f, host)
+}
+
+#[test]
+fn a_deferred_admission_resumes_the_remaining_stages_with_the_answer() {
+    let cfg = config();
+    let body = chat_body(&quote("mini"));
+    let (mut f, mut host) = deferred_post(&cfg, false, "/v1/chat/completions", body.as_bytes());
+    // Not pointed anywhere before the answer.
+    assert_eq!(host.req(CLUSTER_HEADER), None);
+    assert_eq!(host.req(":authority").as_deref(), Some("gateway.local"));
+    assert_eq!(
+        host.req("authorization").as_deref(),
+        Some("Bearer client-secret")
+    );
+    let id = host.callouts[0].id;
+    f.on_callout(&mut host, id, allow("allow"));
+    assert_eq!(host.resumed_requests, 1, "the paused request goes on");
+    assert!(host.sent.is_empty());
+    assert_eq!(host.req(CLUSTER_HEADER).as_deref(), Some("openai"));
+    assert_eq!(
+        host.req("authorization"),
+        Some(format!("Bearer {OPENAI_KEY}"))
+    );
+    host.respond(200, &[], b"{}", Some("via_upstream"));
+    assert_eq!(f.on_response_headers(&mut host, false), Flow::Continue);
+    assert_eq!(f.on_response_body(&mut host, 2, true), Flow::Continue);
+    f.on_done(&mut host);
+    assert_eq!(
+        requests_counted(&host),
+        HashMap::from([(requests_metric("openai", "mini", "gpt-4o-mini", None), 1)])
+    );
+}
+
+#[test]
+fn a_deferred_admission_refused_by_the_answer_is_answered_in_the_callers_shape() {
+    let cfg = config();
+    let body = ANTHROPIC_BODY.replace("{MODEL}", "mini");
+    let (mut f, mut host) = deferred_post(&cfg, false, "/v1/messages", body.as_bytes());
+    let id = host.callouts[0].id;
+    f.on_callout(&mut host, id, allow("deny"));
+    assert_eq!(host.resumed_requests, 0, "answered, not resumed");
+    let sent = host.reply();
+    assert_eq!(sent.status, 429);
+    let v = sent.json();
+    assert_eq!(v["type"], "error", "Anthropic's shape: {v}");
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+    assert_ne!(host.req(CLUSTER_HEADER).as_deref(), Some("openai"));
+    f.on_done(&mut host);
+    let counted: Vec<String> = requests_counted(&host).into_keys().collect();
+    assert_eq!(counted.len(), 1, "{counted:?}");
+    assert!(counted[0].ends_with(";error_type=429"), "{counted:?}");
+}
+
+#[test]
+fn a_deferred_admission_without_an_answer_fails_and_stray_answers_are_ignored() {
+    let cfg = config();
+    let body = chat_body(&quote("mini"));
+    let (mut f, mut host) = deferred_post(&cfg, false, "/v1/chat/completions", body.as_bytes());
+    let id = host.callouts[0].id;
+    // An answer to a call this request did not make changes nothing.
+    f.on_callout(&mut host, id + 7, allow("allow"));
+    assert!(host.sent.is_empty());
+    assert_eq!(host.resumed_requests, 0);
+    f.on_callout(&mut host, id, CalloutAnswer::Failed("timeout".into()));
+    let sent = host.reply();
+    assert_eq!(sent.status, 503);
+    assert_eq!(
+        error_fields(&sent.body).code.as_deref(),
+        Some("quota_store_unavailable")
+    );
+    assert_eq!(host.resumed_requests, 0);
+    // A late repeat of the answer finds nothing waiting.
+    f.on_callout(&mut host, id, allow("allow"));
+    assert_eq!(host.sent.len(), 1);
+    assert_eq!(host.resumed_requests, 0);
+}
+
+#[test]
+fn a_deferred_admission_hands_a_chain_to_envoy_when_it_resumes() {
+    let cfg = config_from(ROUTED_CONFIG);
+    let body = chat_body(&quote("chain"));
+    let (mut f, mut host) = deferred_post(&cfg, true, "/v1/chat/completions", body.as_bytes());
+    assert!(!host.properties.contains_key(PLAN_PROPERTY));
+    let id = host.callouts[0].id;
+    f.on_callout(&mut host, id, allow("allow"));
+    assert_eq!(host.resumed_requests, 1);
+    assert_eq!(host.req(CLUSTER_HEADER).as_deref(), Some(FAILOVER_CLUSTER));
+    assert_eq!(host.req("x-meshllm-p0").as_deref(), Some("azure"));
+    assert!(host.properties.contains_key(PLAN_PROPERTY));
+}
+
+#[test]
+fn a_call_that_cannot_be_made_refuses_the_request() {
+    let cfg = config();
+    let body = chat_body(&quote("mini"));
+    let mut host = client_post("/v1/chat/completions", body.as_bytes());
+    host.fail(&[Op::CallOut]);
+    let router = Router::new(Rc::clone(&cfg), false).with_admit_call(Rc::new(RemoteVerdict));
+    let mut f = Filter::Listener(router);
+    assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
+    assert_eq!(f.on_request_body(&mut host, body.len(), true), Flow::Pause);
+    assert_eq!(host.reply().status, 500);
+    assert_eq!(host.resumed_requests, 0);
+}

@@ -168,7 +168,7 @@ impl Router {
     pub(super) fn on_callout(&mut self, host: &mut dyn Host, id: CalloutId, answer: CalloutAnswer) {
         let waiting =
             self.phase == Phase::Deferred && self.deferred.as_ref().is_some_and(|d| d.id == id);
-        let Some(deferred) = self.deferred.take().filter(|_| waiting) else {
+        let Some(deferred) = self.deferred.take_if(|_| waiting) else {
             log::warn!(
                 "an answer came for call {id}, which this request does not wait for: {answer:?}"
             );
