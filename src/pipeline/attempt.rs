@@ -11,12 +11,12 @@
 
 use std::rc::Rc;
 
-use super::endpoint::{self, Intake};
+use super::endpoint::{self, ReadsBody};
 use super::point::{ClusterChoice, ANTHROPIC_HEADERS};
 use super::respond::{Answer, Step};
 use super::settle::{attempt_labels, AttemptEnd};
 use super::state::{Call, Phase, RequestHeaders};
-use super::{internal, route, translate, Flow};
+use super::{internal, route, translate, Flow, Half};
 use crate::config::models::{ModelRoute, Operation};
 use crate::config::providers::Provider;
 use crate::config::Config;
@@ -24,7 +24,7 @@ use crate::core::api_error::ApiError;
 use crate::core::json::TopLevel;
 use crate::core::schema::Schema;
 use crate::core::usage::Usage;
-use crate::host::{Host, HostResult};
+use crate::host::{CalloutAnswer, CalloutId, Host, HostResult};
 use crate::metrics;
 use crate::pipeline::handoff::{self, Plan, ATTEMPTS_RESPONSE_HEADER};
 use crate::translate::exchange::{self, Exchange};
@@ -157,17 +157,6 @@ impl Attempt {
 
     // ---- the upstream half's request side -------------------------------
 
-    pub(super) fn on_request_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
-        if let Err(flow) = self.start(host) {
-            return flow;
-        }
-        if end_of_stream {
-            return self.reject(host, endpoint::missing_body());
-        }
-        self.phase = Phase::ReadingBody;
-        Flow::Pause
-    }
-
     /// Finds this attempt's target from the plan and the host Envoy picked,
     /// and clears what an earlier attempt set.
     fn start(&mut self, host: &mut dyn Host) -> Result<(), Flow> {
@@ -248,28 +237,6 @@ impl Attempt {
         Ok(())
     }
 
-    pub(super) fn on_request_body(
-        &mut self,
-        host: &mut dyn Host,
-        body_size: usize,
-        end_of_stream: bool,
-    ) -> Flow {
-        let limit = self.config.max_request_bytes;
-        match endpoint::intake(self.phase, body_size, limit, end_of_stream) {
-            Intake::Pass => Flow::Continue,
-            Intake::Wait => Flow::Pause,
-            Intake::TooLarge(error) => self.reject(host, error),
-            Intake::Complete => self.request_complete(host, body_size),
-        }
-    }
-
-    pub(super) fn on_request_trailers(&mut self, host: &mut dyn Host, body_size: usize) -> Flow {
-        if self.phase != Phase::ReadingBody {
-            return Flow::Continue;
-        }
-        self.request_complete(host, body_size)
-    }
-
     fn request_complete(&mut self, host: &mut dyn Host, body_size: usize) -> Flow {
         let body = match host.request_body(body_size) {
             Ok(b) => b,
@@ -325,28 +292,6 @@ impl Attempt {
         Flow::Pause
     }
 
-    pub(super) fn on_response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
-        if matches!(self.phase, Phase::Bypass | Phase::Answered) {
-            return Flow::Continue;
-        }
-        self.begin_answer(host);
-        let step = self.answer_headers(host, end_of_stream);
-        self.take_step(host, step)
-    }
-
-    pub(super) fn on_response_body(
-        &mut self,
-        host: &mut dyn Host,
-        body_size: usize,
-        end_of_stream: bool,
-    ) -> Flow {
-        if self.phase == Phase::Bypass {
-            return Flow::Continue;
-        }
-        let step = self.response_body(host, body_size, end_of_stream);
-        self.take_step(host, step)
-    }
-
     fn take_step(&mut self, host: &mut dyn Host, step: Step) -> Flow {
         match step {
             Step::Go(flow) => flow,
@@ -359,8 +304,78 @@ impl Attempt {
             }
         }
     }
+}
 
-    pub(super) fn on_done(&mut self, host: &mut dyn Host) {
+impl ReadsBody for Attempt {
+    fn phase(&self) -> Phase {
+        self.phase
+    }
+    fn config(&self) -> &Config {
+        &self.config
+    }
+    fn refuse(&mut self, host: &mut dyn Host, error: ApiError) -> Flow {
+        self.reject(host, error)
+    }
+    fn body_complete(&mut self, host: &mut dyn Host, body_size: usize) -> Flow {
+        self.request_complete(host, body_size)
+    }
+}
+
+/// The upstream half's callbacks (an inline attempt's are the Router's).
+impl Half for Attempt {
+    fn on_request_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
+        if let Err(flow) = self.start(host) {
+            return flow;
+        }
+        if end_of_stream {
+            return self.reject(host, endpoint::missing_body());
+        }
+        self.phase = Phase::ReadingBody;
+        Flow::Pause
+    }
+
+    fn on_request_body(
+        &mut self,
+        host: &mut dyn Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Flow {
+        endpoint::body_chunk(self, host, body_size, end_of_stream)
+    }
+
+    fn on_request_trailers(&mut self, host: &mut dyn Host, body_size: usize) -> Flow {
+        endpoint::body_trailers(self, host, body_size)
+    }
+
+    fn on_response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
+        if matches!(self.phase, Phase::Bypass | Phase::Answered) {
+            return Flow::Continue;
+        }
+        self.begin_answer(host);
+        let step = self.answer_headers(host, end_of_stream);
+        self.take_step(host, step)
+    }
+
+    fn on_response_body(
+        &mut self,
+        host: &mut dyn Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Flow {
+        if self.phase == Phase::Bypass {
+            return Flow::Continue;
+        }
+        let step = self.response_body(host, body_size, end_of_stream);
+        self.take_step(host, step)
+    }
+
+    fn on_callout(&mut self, _host: &mut dyn Host, id: CalloutId, answer: CalloutAnswer) {
+        log::warn!(
+            "an answer came for call {id}, which this attempt does not wait for: {answer:?}"
+        );
+    }
+
+    fn on_done(&mut self, host: &mut dyn Host) {
         if self.phase == Phase::Forwarded && !self.outcome_recorded {
             self.outcome_recorded = true;
             if let Some(end) = self.unanswered(host) {

@@ -8,6 +8,7 @@ use super::router::Router;
 use super::state::Phase;
 use super::{route, Flow};
 use crate::config::models::Operation;
+use crate::config::Config;
 use crate::core::api_error::ApiError;
 use crate::core::schema::Schema;
 use crate::host::Host;
@@ -233,37 +234,54 @@ pub(super) fn missing_body() -> ApiError {
     )
 }
 
-/// What a body chunk means for a request whose body is being read.
-pub(super) enum Intake {
-    /// Not reading a body: let it pass.
-    Pass,
-    /// More is coming: keep buffering.
-    Wait,
-    /// Past the limit.
-    TooLarge(ApiError),
+/// A half that buffers the request body whole. Both halves do, the same
+/// way; they differ in what the complete body starts.
+pub(super) trait ReadsBody {
+    fn phase(&self) -> Phase;
+    fn config(&self) -> &Config;
+    /// Answers the request with `error`, in the caller's shape.
+    fn refuse(&mut self, host: &mut dyn Host, error: ApiError) -> Flow;
     /// The whole body is buffered.
-    Complete,
+    fn body_complete(&mut self, host: &mut dyn Host, body_size: usize) -> Flow;
 }
 
-/// The body intake both halves share: buffer the body whole, refuse it
-/// past `limit`.
-pub(super) fn intake(phase: Phase, body_size: usize, limit: usize, end_of_stream: bool) -> Intake {
-    if phase != Phase::ReadingBody {
-        return Intake::Pass;
+/// A body chunk: keep buffering, refuse past the limit, or go on with the
+/// complete body.
+pub(super) fn body_chunk(
+    half: &mut dyn ReadsBody,
+    host: &mut dyn Host,
+    body_size: usize,
+    end_of_stream: bool,
+) -> Flow {
+    if half.phase() != Phase::ReadingBody {
+        return Flow::Continue;
     }
+    let limit = half.config().max_request_bytes;
     if body_size > limit {
-        return Intake::TooLarge(ApiError::new(
+        let error = ApiError::new(
             413,
             "invalid_request_error",
             Some("request_too_large"),
             format!("The request body is larger than this gateway's limit of {limit} bytes."),
-        ));
+        );
+        return half.refuse(host, error);
     }
-    if end_of_stream {
-        Intake::Complete
-    } else {
-        Intake::Wait
+    if !end_of_stream {
+        return Flow::Pause;
     }
+    half.body_complete(host, body_size)
+}
+
+/// Trailers end a request whose last body chunk was not marked final.
+pub(super) fn body_trailers(
+    half: &mut dyn ReadsBody,
+    host: &mut dyn Host,
+    body_size: usize,
+) -> Flow {
+    if half.phase() != Phase::ReadingBody {
+        return Flow::Continue;
+    }
+    half.body_complete(host, body_size)
 }
 
 fn match_endpoint(path: &str) -> Option<(Endpoint, &'static str)> {

@@ -50,13 +50,37 @@ pub enum Flow {
 }
 
 /// The filter of one request: the listener half or the upstream half.
-/// The proxy glue calls these entry points and nothing else.
+/// The proxy glue calls its [`Half`]'s callbacks and nothing else.
 // One per request, never moved after creation: boxing would only add an
 // allocation.
 #[allow(clippy::large_enum_variant)]
 pub enum Filter {
     Listener(Router),
     Upstream(Attempt),
+}
+
+/// The callbacks of one half of the filter, as the proxy calls them.
+pub trait Half {
+    fn on_request_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow;
+    fn on_request_body(
+        &mut self,
+        host: &mut dyn Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Flow;
+    /// Trailers end a request whose last body chunk was not marked final.
+    fn on_request_trailers(&mut self, host: &mut dyn Host, body_size: usize) -> Flow;
+    fn on_response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow;
+    fn on_response_body(
+        &mut self,
+        host: &mut dyn Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Flow;
+    /// The answer to a call this request made (see `host::callout`).
+    fn on_callout(&mut self, host: &mut dyn Host, id: CalloutId, answer: CalloutAnswer);
+    /// The request is over (answered, failed or abandoned).
+    fn on_done(&mut self, host: &mut dyn Host);
 }
 
 impl Filter {
@@ -70,68 +94,24 @@ impl Filter {
     pub fn upstream(config: Rc<Config>) -> Self {
         Filter::Upstream(Attempt::upstream(config))
     }
+}
 
-    pub fn on_request_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
+/// A filter is its half: the proxy calls the half's callbacks on it.
+impl std::ops::Deref for Filter {
+    type Target = dyn Half;
+    fn deref(&self) -> &(dyn Half + 'static) {
         match self {
-            Filter::Listener(r) => r.on_request_headers(host, end_of_stream),
-            Filter::Upstream(a) => a.on_request_headers(host, end_of_stream),
+            Filter::Listener(router) => router,
+            Filter::Upstream(attempt) => attempt,
         }
     }
+}
 
-    pub fn on_request_body(
-        &mut self,
-        host: &mut dyn Host,
-        body_size: usize,
-        end_of_stream: bool,
-    ) -> Flow {
+impl std::ops::DerefMut for Filter {
+    fn deref_mut(&mut self) -> &mut (dyn Half + 'static) {
         match self {
-            Filter::Listener(r) => r.on_request_body(host, body_size, end_of_stream),
-            Filter::Upstream(a) => a.on_request_body(host, body_size, end_of_stream),
-        }
-    }
-
-    /// Trailers end a request whose last body chunk was not marked final.
-    pub fn on_request_trailers(&mut self, host: &mut dyn Host, body_size: usize) -> Flow {
-        match self {
-            Filter::Listener(r) => r.on_request_trailers(host, body_size),
-            Filter::Upstream(a) => a.on_request_trailers(host, body_size),
-        }
-    }
-
-    pub fn on_response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
-        match self {
-            Filter::Listener(r) => r.on_response_headers(host, end_of_stream),
-            Filter::Upstream(a) => a.on_response_headers(host, end_of_stream),
-        }
-    }
-
-    pub fn on_response_body(
-        &mut self,
-        host: &mut dyn Host,
-        body_size: usize,
-        end_of_stream: bool,
-    ) -> Flow {
-        match self {
-            Filter::Listener(r) => r.on_response_body(host, body_size, end_of_stream),
-            Filter::Upstream(a) => a.on_response_body(host, body_size, end_of_stream),
-        }
-    }
-
-    /// The answer to a call this request made (see `host::callout`).
-    pub fn on_callout(&mut self, host: &mut dyn Host, id: CalloutId, answer: CalloutAnswer) {
-        match self {
-            Filter::Listener(r) => r.on_callout(host, id, answer),
-            Filter::Upstream(_) => log::warn!(
-                "an answer came for call {id}, which this request does not wait for: {answer:?}"
-            ),
-        }
-    }
-
-    /// The request is over (answered, failed or abandoned).
-    pub fn on_done(&mut self, host: &mut dyn Host) {
-        match self {
-            Filter::Listener(r) => r.on_done(host),
-            Filter::Upstream(a) => a.on_done(host),
+            Filter::Listener(router) => router,
+            Filter::Upstream(attempt) => attempt,
         }
     }
 }

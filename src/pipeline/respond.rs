@@ -525,7 +525,12 @@ impl Attempt {
 }
 
 impl Router {
-    pub(super) fn on_response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
+    /// The answer's headers; the request is finished when they end it.
+    pub(super) fn response_headers_or_finish(
+        &mut self,
+        host: &mut dyn Host,
+        end_of_stream: bool,
+    ) -> Flow {
         if self.phase == Phase::Bypass {
             return Flow::Continue;
         }
@@ -540,7 +545,8 @@ impl Router {
         flow
     }
 
-    pub(super) fn on_response_body(
+    /// A chunk of the answer; the request is finished with the last.
+    pub(super) fn response_body_or_finish(
         &mut self,
         host: &mut dyn Host,
         body_size: usize,
@@ -549,7 +555,7 @@ impl Router {
         if self.phase == Phase::Bypass {
             return Flow::Continue;
         }
-        let flow = self.response_body(host, body_size, end_of_stream);
+        let flow = self.router_body(host, body_size, end_of_stream);
         if end_of_stream {
             self.finish(host);
         }
@@ -634,12 +640,7 @@ impl Router {
         }
     }
 
-    fn response_body(
-        &mut self,
-        host: &mut dyn Host,
-        body_size: usize,
-        end_of_stream: bool,
-    ) -> Flow {
+    fn router_body(&mut self, host: &mut dyn Host, body_size: usize, end_of_stream: bool) -> Flow {
         let passes = match &self.forward {
             Forward::Inline(attempt) => attempt.answer_passes(),
             _ => self.answer.mode.passes(),

@@ -7,12 +7,12 @@ use std::rc::Rc;
 
 use super::admit::{Admit, AdmitCall};
 use super::attempt::Attempt;
-use super::endpoint::{self, Intake};
+use super::endpoint::{self, ReadsBody};
 use super::finish::keep_caller_path;
 use super::respond::Answer;
 use super::route::{self, Routed};
 use super::state::{Phase, RequestState};
-use super::{internal, Flow};
+use super::{internal, Flow, Half};
 use crate::config::Config;
 use crate::core::api_error::ApiError;
 use crate::core::json::TopLevel;
@@ -90,34 +90,8 @@ impl Router {
         !self.chains || matches!(self.forward, Forward::Inline(_))
     }
 
-    pub(super) fn on_request_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
-        self.endpoint(host, end_of_stream)
-    }
-
-    pub(super) fn on_request_body(
-        &mut self,
-        host: &mut dyn Host,
-        body_size: usize,
-        end_of_stream: bool,
-    ) -> Flow {
-        let limit = self.config.max_request_bytes;
-        match endpoint::intake(self.phase, body_size, limit, end_of_stream) {
-            Intake::Pass => Flow::Continue,
-            Intake::Wait => Flow::Pause,
-            Intake::TooLarge(error) => self.reject(host, error),
-            Intake::Complete => self.request_complete(host, body_size),
-        }
-    }
-
-    pub(super) fn on_request_trailers(&mut self, host: &mut dyn Host, body_size: usize) -> Flow {
-        if self.phase != Phase::ReadingBody {
-            return Flow::Continue;
-        }
-        self.request_complete(host, body_size)
-    }
-
     /// The body is complete: route, admit, forward.
-    fn request_complete(&mut self, host: &mut dyn Host, body_size: usize) -> Flow {
+    fn route_admit_forward(&mut self, host: &mut dyn Host, body_size: usize) -> Flow {
         let body = match host.request_body(body_size) {
             Ok(b) => b,
             Err(e) => {
@@ -163,37 +137,6 @@ impl Router {
         }
     }
 
-    /// The answer to a call a stage deferred on: the remaining stages run,
-    /// and the paused request goes on (or is answered).
-    pub(super) fn on_callout(&mut self, host: &mut dyn Host, id: CalloutId, answer: CalloutAnswer) {
-        let waiting =
-            self.phase == Phase::Deferred && self.deferred.as_ref().is_some_and(|d| d.id == id);
-        let Some(deferred) = self.deferred.take_if(|_| waiting) else {
-            log::warn!(
-                "an answer came for call {id}, which this request does not wait for: {answer:?}"
-            );
-            return;
-        };
-        let Deferred { body, routed, .. } = deferred;
-        let flow = match self.admit_answered(host, &answer, body.len(), &routed) {
-            Err(e) => self.reject(host, e),
-            Ok(chain) => match route::parse_body(&body) {
-                Ok(doc) => self.forward_or_reject(host, &body, &doc, &routed, chain),
-                Err(e) => self.reject(host, e),
-            },
-        };
-        // A reply of the filter's own ends the request; nothing to resume.
-        if flow == Flow::Continue {
-            if let Err(e) = host.resume_request() {
-                log::error!("could not resume a request after call {id}: {e}");
-            }
-        }
-    }
-
-    pub(super) fn on_done(&mut self, host: &mut dyn Host) {
-        self.finish(host);
-    }
-
     pub(super) fn reject(&mut self, host: &mut dyn Host, error: ApiError) -> Flow {
         let body = exchange::error_body(self.req.caller, &error);
         let extra = std::mem::take(&mut self.req.answer_headers);
@@ -223,5 +166,83 @@ impl Router {
             log::error!("could not send a local reply: {e}");
         }
         Flow::Pause
+    }
+}
+
+impl ReadsBody for Router {
+    fn phase(&self) -> Phase {
+        self.phase
+    }
+    fn config(&self) -> &Config {
+        &self.config
+    }
+    fn refuse(&mut self, host: &mut dyn Host, error: ApiError) -> Flow {
+        self.reject(host, error)
+    }
+    fn body_complete(&mut self, host: &mut dyn Host, body_size: usize) -> Flow {
+        self.route_admit_forward(host, body_size)
+    }
+}
+
+impl Half for Router {
+    fn on_request_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
+        self.endpoint(host, end_of_stream)
+    }
+
+    fn on_request_body(
+        &mut self,
+        host: &mut dyn Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Flow {
+        endpoint::body_chunk(self, host, body_size, end_of_stream)
+    }
+
+    fn on_request_trailers(&mut self, host: &mut dyn Host, body_size: usize) -> Flow {
+        endpoint::body_trailers(self, host, body_size)
+    }
+
+    fn on_response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
+        self.response_headers_or_finish(host, end_of_stream)
+    }
+
+    fn on_response_body(
+        &mut self,
+        host: &mut dyn Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Flow {
+        self.response_body_or_finish(host, body_size, end_of_stream)
+    }
+
+    /// The answer to a call a stage deferred on: the remaining stages run,
+    /// and the paused request goes on (or is answered).
+    fn on_callout(&mut self, host: &mut dyn Host, id: CalloutId, answer: CalloutAnswer) {
+        let waiting =
+            self.phase == Phase::Deferred && self.deferred.as_ref().is_some_and(|d| d.id == id);
+        let Some(deferred) = self.deferred.take_if(|_| waiting) else {
+            log::warn!(
+                "an answer came for call {id}, which this request does not wait for: {answer:?}"
+            );
+            return;
+        };
+        let Deferred { body, routed, .. } = deferred;
+        let flow = match self.admit_answered(host, &answer, body.len(), &routed) {
+            Err(e) => self.reject(host, e),
+            Ok(chain) => match route::parse_body(&body) {
+                Ok(doc) => self.forward_or_reject(host, &body, &doc, &routed, chain),
+                Err(e) => self.reject(host, e),
+            },
+        };
+        // A reply of the filter's own ends the request; nothing to resume.
+        if flow == Flow::Continue {
+            if let Err(e) = host.resume_request() {
+                log::error!("could not resume a request after call {id}: {e}");
+            }
+        }
+    }
+
+    fn on_done(&mut self, host: &mut dyn Host) {
+        self.finish(host);
     }
 }
