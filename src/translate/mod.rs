@@ -31,18 +31,16 @@
 //! a [`StreamFault`]: the caller's stream ends there with an error event and
 //! nothing after it, never with a hole in the text and a clean end.
 
-pub mod anthropic_openai;
 pub mod chat_input;
 pub mod chat_output;
 pub mod exchange;
-pub mod gemini_openai;
 #[cfg(test)]
 mod golden_tests;
-pub mod openai_anthropic;
-pub mod openai_bedrock;
-pub mod openai_gemini;
+pub mod inbound;
 pub mod openai_usage;
+pub mod outbound;
 pub mod passthrough;
+pub mod pivot;
 pub mod scrub;
 #[cfg(test)]
 mod stream_faults_tests;

@@ -20,7 +20,8 @@ use crate::core::api_error::ApiError;
 use crate::core::json::from_str_lossy;
 use crate::core::sse::{SseEvent, SseParser};
 use crate::core::usage::Usage;
-use crate::translate::{anthropic_openai, gemini_openai, StreamFault, StreamTranslator};
+use crate::translate::inbound::{anthropic as anthropic_caller, gemini as gemini_caller};
+use crate::translate::{StreamFault, StreamTranslator};
 
 /// Tails grown past this by a large event are freed once it went out.
 const KEPT_TAIL_BYTES: usize = 64 * 1024;
@@ -228,7 +229,7 @@ impl StreamEnd for AnthropicStreamEnd {
     fn fail(&mut self, error: &ApiError, out: &mut Vec<u8>) {
         self.ended = true;
         out.extend_from_slice(b"event: error\ndata: ");
-        out.extend_from_slice(&anthropic_openai::error_body(error));
+        out.extend_from_slice(&anthropic_caller::error_body(error));
         out.extend_from_slice(b"\n\n");
     }
 
@@ -300,7 +301,7 @@ impl StreamEnd for GeminiStreamEnd {
     fn fail(&mut self, error: &ApiError, out: &mut Vec<u8>) {
         self.failed = true;
         out.extend_from_slice(b"data: ");
-        out.extend_from_slice(&gemini_openai::error_body(error));
+        out.extend_from_slice(&gemini_caller::error_body(error));
         out.extend_from_slice(b"\r\n\r\n");
     }
 

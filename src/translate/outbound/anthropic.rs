@@ -15,13 +15,14 @@ use crate::core::json::{from_slice_lossy, from_str_lossy};
 use crate::core::sse::{SseEvent, SseParser};
 use crate::core::usage::Usage;
 use crate::translate::chat_input::{
-    assistant_blocks, bad_message, has_prefix_ignore_case, invalid_type, invalid_value, json_type,
-    plain_text, quoted, unsupported,
+    assistant_blocks, bad_message, has_prefix_ignore_case, invalid_type, json_type, plain_text,
+    quoted, unsupported,
 };
 use crate::translate::chat_output::{
     write_data, CachedTokens, ChatCompletion, ChatMessage, ChatUsage, Choice, Chunk, ChunkChoice,
     Delta, FunctionCall, FunctionDelta, ToolCall, ToolCallDelta,
 };
+use crate::translate::pivot::{ChatRequest, ResponseFormat, Role, Tool, ToolChoice};
 use crate::translate::{StreamFault, StreamTranslator};
 
 /// Thinking budgets for OpenAI's `reasoning_effort` values.
@@ -162,32 +163,23 @@ fn user_content(content: &Value, i: usize) -> Result<Content, ApiError> {
 }
 
 /// `messages` split into Anthropic's top-level `system` and alternating turns.
-fn convert_messages(messages: &[Value]) -> Result<(Option<String>, Vec<Turn>), ApiError> {
+fn convert_messages(chat: &ChatRequest<'_>) -> Result<(Option<String>, Vec<Turn>), ApiError> {
     let mut system: Vec<String> = Vec::new();
     let mut turns: Vec<Turn> = Vec::new();
-    for (i, message) in messages.iter().enumerate() {
-        let Some(msg) = message.as_object() else {
-            return Err(bad_message(format!(
-                "messages[{i}] must be an object, not {}.",
-                json_type(message)
-            )));
-        };
-        let role = msg
-            .get("role")
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad_message(format!("messages[{i}] has no string 'role'.")))?;
-        let content = msg.get("content").unwrap_or(&Value::Null);
-        match role {
-            "system" | "developer" => {
+    for message in chat.messages() {
+        let message = message?;
+        let (i, content) = (message.index, message.content());
+        match message.role {
+            Role::System => {
                 let text = plain_text(content, i)?;
                 if !text.is_empty() {
                     system.push(text);
                 }
             }
-            "user" => push_turn(&mut turns, "user", user_content(content, i)?),
-            "assistant" => {
+            Role::User => push_turn(&mut turns, "user", user_content(content, i)?),
+            Role::Assistant => {
                 let blocks = assistant_blocks(
-                    msg,
+                    message.fields,
                     i,
                     "Anthropic",
                     text_block,
@@ -197,27 +189,15 @@ fn convert_messages(messages: &[Value]) -> Result<(Option<String>, Vec<Turn>), A
                     push_turn(&mut turns, "assistant", Content::Blocks(blocks));
                 }
             }
-            "tool" => {
-                let id = msg
-                    .get("tool_call_id")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| {
-                        bad_message(format!("messages[{i}] has no string 'tool_call_id'."))
-                    })?;
+            Role::Tool => {
                 let result = json!({
                     "type": "tool_result",
-                    "tool_use_id": id,
+                    "tool_use_id": message.tool_call_id()?,
                     "content": plain_text(content, i)?,
                 });
                 push_turn(&mut turns, "user", Content::Blocks(vec![result]));
             }
-            other => {
-                return Err(bad_message(format!(
-                    "messages[{i}]: the role '{other}' is not supported by the Anthropic \
-                     provider through this gateway; use system, developer, user, assistant \
-                     or tool."
-                )))
-            }
+            Role::Other(role) => return Err(message.unsupported_role(role, "Anthropic")),
         }
     }
     if turns.is_empty() {
@@ -229,79 +209,33 @@ fn convert_messages(messages: &[Value]) -> Result<(Option<String>, Vec<Turn>), A
     Ok((system, turns))
 }
 
-fn convert_tool(tool: &Value, i: usize) -> Result<Value, ApiError> {
-    let bad = |what: &str| invalid_value("tools", format!("tools[{i}] {what}."));
-    if tool.get("type").and_then(Value::as_str) != Some("function") {
-        return Err(bad("must be of type 'function'"));
-    }
-    let function = tool
-        .get("function")
-        .and_then(Value::as_object)
-        .ok_or_else(|| bad("has no 'function' object"))?;
-    let name = function
-        .get("name")
-        .and_then(Value::as_str)
-        .ok_or_else(|| bad("has no string 'function.name'"))?;
+fn convert_tool(tool: &Tool<'_>) -> Value {
     let mut out = Map::new();
-    out.insert("name".into(), Value::String(name.to_string()));
-    match function.get("description") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(d)) => {
-            out.insert("description".into(), Value::String(d.clone()));
-        }
-        Some(_) => return Err(bad("has a 'function.description' that is not a string")),
+    out.insert("name".into(), Value::String(tool.name.to_string()));
+    if let Some(d) = tool.description {
+        out.insert("description".into(), Value::String(d.to_string()));
     }
-    let schema = match function.get("parameters") {
-        None | Some(Value::Null) => json!({"type": "object", "properties": {}}),
-        Some(p @ Value::Object(_)) => p.clone(),
-        Some(_) => return Err(bad("has 'function.parameters' that is not an object")),
+    let schema = match tool.parameters {
+        None => json!({"type": "object", "properties": {}}),
+        Some(p) => p.clone(),
     };
     out.insert("input_schema".into(), schema);
-    Ok(Value::Object(out))
+    Value::Object(out)
 }
 
-fn convert_tool_choice(choice: &Value) -> Result<Map<String, Value>, ApiError> {
+fn convert_tool_choice(choice: ToolChoice<'_>) -> Map<String, Value> {
     let mut out = Map::new();
     let kind = match choice {
-        Value::String(s) => match s.as_str() {
-            "auto" => "auto",
-            "none" => "none",
-            "required" => "any",
-            other => {
-                return Err(invalid_value(
-                    "tool_choice",
-                    format!(
-                        "Invalid 'tool_choice' value '{other}': use 'auto', 'none', 'required' \
-                         or a function object."
-                    ),
-                ))
-            }
-        },
-        Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("function") => {
-            let name = o
-                .get("function")
-                .and_then(|f| f.get("name"))
-                .and_then(Value::as_str)
-                .ok_or_else(|| {
-                    invalid_value(
-                        "tool_choice",
-                        "'tool_choice' has no string 'function.name'.".into(),
-                    )
-                })?;
+        ToolChoice::Auto => "auto",
+        ToolChoice::None => "none",
+        ToolChoice::Required => "any",
+        ToolChoice::Named(name) => {
             out.insert("name".into(), Value::String(name.to_string()));
             "tool"
         }
-        _ => {
-            return Err(invalid_value(
-                "tool_choice",
-                "'tool_choice' must be 'auto', 'none', 'required' or \
-                 {\"type\":\"function\",\"function\":{\"name\":...}}."
-                    .into(),
-            ))
-        }
     };
     out.insert("type".into(), Value::String(kind.to_string()));
-    Ok(out)
+    out
 }
 
 #[derive(Serialize)]
@@ -315,8 +249,8 @@ struct MessagesRequest<'a> {
     temperature: Option<&'a Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     top_p: Option<&'a Value>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    stop_sequences: Vec<&'a str>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    stop_sequences: &'a [&'a str],
     stream: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     metadata: Option<Value>,
@@ -340,102 +274,57 @@ pub fn chat_request_to_messages(
     upstream_model: &str,
     default_max_tokens: u64,
 ) -> Result<(Vec<u8>, ChatRequestInfo), ApiError> {
-    let req = super::request_object(openai_body)?;
-    // OpenAI treats an explicit null like an absent optional parameter.
-    let field = |name: &str| req.get(name).filter(|v| !v.is_null());
-
-    if let Some(n) = field("n") {
-        match n.as_u64() {
-            Some(1) => {}
-            Some(0) => return Err(invalid_value("n", "'n' must be at least 1.".into())),
-            Some(_) => {
-                return Err(unsupported(
-                    "n",
-                    "The Anthropic provider does not support 'n' greater than 1 through this \
-                     gateway; send one request per choice."
-                        .into(),
-                ))
-            }
-            None => return Err(invalid_type("n", "an integer", n)),
-        }
-    }
-    if let Some(format) = field("response_format") {
-        match format.get("type").and_then(Value::as_str) {
-            Some("text") => {}
-            Some(kind @ ("json_object" | "json_schema")) => {
-                return Err(unsupported(
-                    "response_format",
-                    format!(
-                        "The Anthropic provider does not support 'response_format' of type \
-                         '{kind}' through this gateway; describe the format in the prompt or \
-                         use a tool with an input schema instead."
-                    ),
-                ))
-            }
-            _ => {
-                return Err(invalid_value(
-                    "response_format",
-                    "'response_format' must be an object with 'type' 'text', 'json_object' or \
-                     'json_schema'."
-                        .into(),
-                ))
-            }
-        }
-    }
-
-    let messages = match req.get("messages") {
-        Some(Value::Array(m)) => m,
-        None | Some(Value::Null) => {
-            return Err(ApiError::invalid_request(
-                Some("missing_required_parameter"),
-                "Missing required parameter: 'messages'.".into(),
-            )
-            .with_param("messages"))
-        }
-        Some(other) => return Err(invalid_type("messages", "an array", other)),
-    };
-    let (system, turns) = convert_messages(messages)?;
-
-    let (tokens_param, tokens) = match (field("max_completion_tokens"), field("max_tokens")) {
-        (Some(v), _) => ("max_completion_tokens", Some(v)),
-        (None, v) => ("max_tokens", v),
-    };
-    let mut max_tokens = match tokens {
-        None => default_max_tokens,
-        Some(v) => match v.as_u64() {
-            Some(0) => {
-                return Err(invalid_value(
-                    tokens_param,
-                    format!("'{tokens_param}' must be at least 1."),
-                ))
-            }
-            Some(n) => n,
-            None => return Err(invalid_type(tokens_param, "a positive integer", v)),
+    let req = crate::translate::request_object(openai_body)?;
+    let chat = ChatRequest::parse(&req)?;
+    let body = messages_request(&chat, upstream_model, default_max_tokens)?;
+    Ok((
+        body,
+        ChatRequestInfo {
+            stream: chat.stream,
+            include_usage: chat.include_usage,
         },
-    };
+    ))
+}
 
-    let thinking_budget = match field("reasoning_effort") {
-        None => None,
-        Some(Value::String(effort)) => match effort.as_str() {
-            "minimal" | "none" => None,
-            other => Some(
-                THINKING_BUDGETS
-                    .iter()
-                    .find(|(name, _)| *name == other)
-                    .map(|(_, budget)| *budget)
-                    .ok_or_else(|| {
-                        invalid_value(
-                            "reasoning_effort",
-                            format!(
-                                "Invalid 'reasoning_effort' value '{other}': use 'none', \
-                                 'minimal', 'low', 'medium' or 'high'."
-                            ),
-                        )
-                    })?,
+/// The pivot request as an Anthropic Messages request body.
+pub fn messages_request(
+    chat: &ChatRequest<'_>,
+    upstream_model: &str,
+    default_max_tokens: u64,
+) -> Result<Vec<u8>, ApiError> {
+    match chat.n {
+        Some(n) if n > 1 => {
+            return Err(unsupported(
+                "n",
+                "The Anthropic provider does not support 'n' greater than 1 through this \
+                 gateway; send one request per choice."
+                    .into(),
+            ))
+        }
+        _ => {}
+    }
+    if let Some(format @ (ResponseFormat::JsonObject | ResponseFormat::JsonSchema(_))) =
+        chat.response_format
+    {
+        return Err(unsupported(
+            "response_format",
+            format!(
+                "The Anthropic provider does not support 'response_format' of type \
+                 '{}' through this gateway; describe the format in the prompt or \
+                 use a tool with an input schema instead.",
+                format.kind()
             ),
-        },
-        Some(other) => return Err(invalid_type("reasoning_effort", "a string", other)),
-    };
+        ));
+    }
+    let (system, turns) = convert_messages(chat)?;
+
+    let mut max_tokens = chat.max_tokens.unwrap_or(default_max_tokens);
+    let thinking_budget = chat.reasoning_effort.and_then(|effort| {
+        THINKING_BUDGETS
+            .iter()
+            .find(|(name, _)| *name == effort.name())
+            .map(|(_, budget)| *budget)
+    });
     let thinking = thinking_budget.map(|budget| {
         // Anthropic requires max_tokens > budget_tokens.
         if budget >= max_tokens {
@@ -444,76 +333,15 @@ pub fn chat_request_to_messages(
         json!({"type": "enabled", "budget_tokens": budget})
     });
 
-    let number = |name: &'static str| -> Result<Option<&Value>, ApiError> {
-        match field(name) {
-            None => Ok(None),
-            Some(v @ Value::Number(_)) => Ok(Some(v)),
-            Some(other) => Err(invalid_type(name, "a number", other)),
-        }
-    };
-    let temperature = number("temperature")?;
-    let top_p = number("top_p")?;
-
-    let stop_sequences = match field("stop") {
-        None => Vec::new(),
-        Some(Value::String(s)) => vec![s.as_str()],
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|s| {
-                s.as_str()
-                    .ok_or_else(|| invalid_type("stop", "a string or an array of strings", s))
-            })
-            .collect::<Result<Vec<_>, _>>()?,
-        Some(other) => {
-            return Err(invalid_type(
-                "stop",
-                "a string or an array of strings",
-                other,
-            ))
-        }
-    };
-
-    let stream = match field("stream") {
-        None => false,
-        Some(Value::Bool(b)) => *b,
-        Some(other) => return Err(invalid_type("stream", "a boolean", other)),
-    };
-    let include_usage = field("stream_options")
-        .and_then(|o| o.get("include_usage"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-
-    let metadata = match field("user") {
+    let metadata = match chat.optional("user") {
         None => None,
         Some(Value::String(user)) => Some(json!({"user_id": user})),
         Some(other) => return Err(invalid_type("user", "a string", other)),
     };
 
-    let tools = match field("tools") {
-        None => Vec::new(),
-        Some(Value::Array(tools)) => tools
-            .iter()
-            .enumerate()
-            .map(|(i, t)| convert_tool(t, i))
-            .collect::<Result<Vec<_>, _>>()?,
-        Some(other) => return Err(invalid_type("tools", "an array", other)),
-    };
-    let mut tool_choice = field("tool_choice").map(convert_tool_choice).transpose()?;
-    if tools.is_empty() {
-        let forced = tool_choice
-            .as_ref()
-            .and_then(|c| c.get("type"))
-            .and_then(Value::as_str)
-            .is_some_and(|t| t == "any" || t == "tool");
-        if forced {
-            return Err(invalid_value(
-                "tool_choice",
-                "'tool_choice' requires a tool, but 'tools' is empty.".into(),
-            ));
-        }
-        // "auto" or "none" without tools mean no tool use: nothing to send.
-        tool_choice = None;
-    } else if field("parallel_tool_calls").and_then(Value::as_bool) == Some(false) {
+    let tools: Vec<Value> = chat.tools.iter().map(convert_tool).collect();
+    let mut tool_choice = chat.tool_choice.map(convert_tool_choice);
+    if !tools.is_empty() && chat.parallel_tool_calls == Some(false) {
         let choice = tool_choice.get_or_insert_with(|| {
             let mut auto = Map::new();
             auto.insert("type".into(), Value::String("auto".into()));
@@ -535,30 +363,23 @@ pub fn chat_request_to_messages(
                 content: content.into_value(),
             })
             .collect(),
-        temperature,
-        top_p,
-        stop_sequences,
-        stream,
+        temperature: chat.temperature,
+        top_p: chat.top_p,
+        stop_sequences: &chat.stop,
+        stream: chat.stream,
         metadata,
         tools,
         tool_choice,
         thinking,
     };
-    let body = serde_json::to_vec(&out).map_err(|e| {
+    serde_json::to_vec(&out).map_err(|e| {
         ApiError::new(
             500,
             "server_error",
             Some("gateway_error"),
             format!("Gateway error: could not serialize the Anthropic request: {e}."),
         )
-    })?;
-    Ok((
-        body,
-        ChatRequestInfo {
-            stream,
-            include_usage,
-        },
-    ))
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -1031,10 +852,10 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    const TEXT_STREAM: &str = include_str!("../../tests/fixtures/anthropic/text_stream.sse");
-    const TOOL_STREAM: &str = include_str!("../../tests/fixtures/anthropic/tool_stream.sse");
+    const TEXT_STREAM: &str = include_str!("../../../tests/fixtures/anthropic/text_stream.sse");
+    const TOOL_STREAM: &str = include_str!("../../../tests/fixtures/anthropic/tool_stream.sse");
     const TOOL_RESPONSE: &str =
-        include_str!("../../tests/fixtures/anthropic/response_tool_use.json");
+        include_str!("../../../tests/fixtures/anthropic/response_tool_use.json");
     const CREATED: u64 = 1_700_000_000;
 
     // ----- requests --------------------------------------------------------

@@ -16,7 +16,7 @@
 //!   `max_tokens` counts the thinking tokens too.
 //! * `thinking.budget_tokens` becomes `reasoning_effort`: below
 //!   [`EFFORT_MEDIUM_FROM`] `low`, below [`EFFORT_HIGH_FROM`] `medium`, else
-//!   `high` (the inverse of the budgets `openai_anthropic` picks per effort).
+//!   `high` (the inverse of the budgets `outbound::anthropic` picks per effort).
 //! * Caller parameters OpenAI cannot honour (`top_k`, server tools, document
 //!   blocks, MCP servers...) are a 400 `unsupported_parameter`; only hints
 //!   without effect on the answer (`cache_control`, `service_tier`) are
@@ -487,7 +487,7 @@ pub fn messages_request_to_chat(
     body: &[u8],
     upstream_model: &str,
 ) -> Result<(Vec<u8>, MessagesRequestInfo), ApiError> {
-    let req = super::request_object(body)?;
+    let req = crate::translate::request_object(body)?;
     let field = |name: &str| req.get(name).filter(|v| !v.is_null());
 
     if field("top_k").is_some() {
@@ -1383,13 +1383,13 @@ mod tests {
     use super::*;
 
     const TEXT_STREAM: &str =
-        include_str!("../../tests/fixtures/openai/anthropic_caller_text_stream.sse");
+        include_str!("../../../tests/fixtures/openai/anthropic_caller_text_stream.sse");
     const TOOL_STREAM: &str =
-        include_str!("../../tests/fixtures/openai/anthropic_caller_tool_stream.sse");
+        include_str!("../../../tests/fixtures/openai/anthropic_caller_tool_stream.sse");
     const TOOL_RESPONSE: &str =
-        include_str!("../../tests/fixtures/openai/anthropic_caller_response_tool.json");
+        include_str!("../../../tests/fixtures/openai/anthropic_caller_response_tool.json");
     const AGENT_REQUEST: &str =
-        include_str!("../../tests/fixtures/anthropic/anthropic_caller_request_agent.json");
+        include_str!("../../../tests/fixtures/anthropic/anthropic_caller_request_agent.json");
 
     // ----- requests --------------------------------------------------------
 

@@ -1131,7 +1131,7 @@ pub fn gemini_request_to_chat(
     upstream_model: &str,
     stream: bool,
 ) -> Result<Vec<u8>, ApiError> {
-    let req = super::request_object(body)?;
+    let req = crate::translate::request_object(body)?;
 
     let mut conv = Conversation::default();
     let mut contents: Option<&Value> = None;
@@ -2000,21 +2000,21 @@ impl ChatStreamToGemini {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::translate::openai_anthropic::MessagesStreamToChat;
+    use crate::translate::outbound::anthropic::MessagesStreamToChat;
     use crate::translate::Chain;
 
     const TOOLS_REQUEST: &str =
-        include_str!("../../tests/fixtures/gemini/caller_request_tools.json");
+        include_str!("../../../tests/fixtures/gemini/caller_request_tools.json");
     const IMAGES_REQUEST: &str =
-        include_str!("../../tests/fixtures/gemini/caller_request_images.json");
+        include_str!("../../../tests/fixtures/gemini/caller_request_images.json");
     const CHAT_HISTORY_REQUEST: &str =
-        include_str!("../../tests/fixtures/gemini/caller_request_chat_history.json");
+        include_str!("../../../tests/fixtures/gemini/caller_request_chat_history.json");
     const TEXT_STREAM: &str =
-        include_str!("../../tests/fixtures/openai/gemini_caller_text_stream.sse");
+        include_str!("../../../tests/fixtures/openai/gemini_caller_text_stream.sse");
     const TOOL_STREAM: &str =
-        include_str!("../../tests/fixtures/openai/gemini_caller_tool_stream.sse");
+        include_str!("../../../tests/fixtures/openai/gemini_caller_tool_stream.sse");
     const TOOL_RESPONSE: &str =
-        include_str!("../../tests/fixtures/openai/gemini_caller_response_tool.json");
+        include_str!("../../../tests/fixtures/openai/gemini_caller_response_tool.json");
     const MODEL: &str = "gpt-4.1";
 
     // ----- requests --------------------------------------------------------
@@ -3496,7 +3496,7 @@ mod tests {
     /// Anthropic provider -> pivot -> Gemini caller, as the filter chains them.
     #[test]
     fn chains_behind_a_provider_translator() {
-        let anthropic = include_str!("../../tests/fixtures/anthropic/tool_stream.sse");
+        let anthropic = include_str!("../../../tests/fixtures/anthropic/tool_stream.sse");
         let mut chain = Chain::new(
             MessagesStreamToChat::new(true, 1),
             ChatStreamToGemini::new(),
