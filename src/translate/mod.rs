@@ -42,6 +42,7 @@ pub mod outbound;
 pub mod passthrough;
 pub mod pivot;
 pub mod scrub;
+pub mod stream;
 #[cfg(test)]
 mod stream_faults_tests;
 

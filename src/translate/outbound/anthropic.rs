@@ -19,11 +19,12 @@ use crate::translate::chat_input::{
     quoted, unsupported,
 };
 use crate::translate::chat_output::{
-    write_data, CachedTokens, ChatCompletion, ChatMessage, ChatUsage, Choice, Chunk, ChunkChoice,
-    Delta, FunctionCall, FunctionDelta, ToolCall, ToolCallDelta,
+    write_data, CachedTokens, ChatCompletion, ChatMessage, ChatUsage, Choice, Delta, FunctionCall,
+    FunctionDelta, PivotChunks, ToolCall, ToolCallDelta,
 };
 use crate::translate::pivot::{ChatRequest, ResponseFormat, Role, Tool, ToolChoice};
-use crate::translate::{StreamFault, StreamTranslator};
+use crate::translate::stream::{EventMapping, EventStream, Flow};
+use crate::translate::StreamFault;
 
 /// Thinking budgets for OpenAI's `reasoning_effort` values.
 const THINKING_BUDGETS: [(&str, u64); 3] = [("low", 1024), ("medium", 4096), ("high", 16384)];
@@ -579,59 +580,56 @@ pub fn messages_error_to_chat(status: u16, body: &[u8]) -> Vec<u8> {
 // Streaming: Anthropic SSE -> OpenAI chat.completion.chunk SSE
 // ---------------------------------------------------------------------------
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum StreamState {
-    Open,
-    /// message_stop seen and [DONE] written.
-    Done,
-    /// An error event was written; nothing may follow.
-    Failed,
+/// Streaming: Anthropic SSE bytes in, OpenAI chat.completion.chunk SSE bytes out.
+pub type MessagesStreamToChat = EventStream<SseParser, MessagesEvents>;
+
+impl MessagesStreamToChat {
+    pub fn new(include_usage: bool, created: u64) -> Self {
+        EventStream::reading(
+            SseParser::default(),
+            MessagesEvents {
+                chunks: PivotChunks::new(include_usage, "", created),
+                tool_blocks: Vec::new(),
+                usage: RawUsage::default(),
+                usage_seen: false,
+            },
+        )
+    }
 }
 
-/// Streaming: Anthropic SSE bytes in, OpenAI chat.completion.chunk SSE bytes out.
-pub struct MessagesStreamToChat {
-    parser: SseParser,
-    include_usage: bool,
-    created: u64,
-    id: String,
-    model: String,
+/// The per-event mapping of [`MessagesStreamToChat`]: complete at
+/// `message_stop`, failed at an `error` event.
+pub struct MessagesEvents {
+    chunks: PivotChunks,
     /// Anthropic content-block index -> OpenAI tool-call index.
     tool_blocks: Vec<(u64, usize)>,
     usage: RawUsage,
     usage_seen: bool,
-    state: StreamState,
 }
 
-impl StreamTranslator for MessagesStreamToChat {
-    /// Appends to `out` the translation of every upstream event completed by `chunk`.
-    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
-        if self.state != StreamState::Open {
-            return;
+impl EventMapping for MessagesEvents {
+    type Event = SseEvent;
+    const UPSTREAM: &'static str = "Anthropic";
+
+    fn on_event(&mut self, event: SseEvent, out: &mut Vec<u8>) -> Result<Flow, StreamFault> {
+        let parsed: Option<Value> = from_str_lossy(&event.data).ok();
+        let kind = parsed
+            .as_ref()
+            .and_then(|v| v.get("type"))
+            .and_then(Value::as_str)
+            .or(event.event.as_deref())
+            .unwrap_or_default();
+        if kind == "error" {
+            write_data(out, &messages_error_to_chat(500, event.data.as_bytes()));
+            return Ok(Flow::Ended);
         }
-        let mut events = Vec::new();
-        self.parser.push(chunk, &mut |e| events.push(e));
-        for event in events {
-            self.handle(event, out);
-        }
-        if self.parser.overflowed() {
-            self.fail(StreamFault::Oversized, out);
-        }
+        let Some(v) = parsed.as_ref() else {
+            return Err(StreamFault::Corrupt);
+        };
+        Ok(self.handle(kind, v, out))
     }
 
-    /// Upstream ended. If the stream finished properly (message_stop seen), nothing more
-    /// (the [DONE] was already written at message_stop). Otherwise append an OpenAI error
-    /// event and NO [DONE]: a broken stream must never look complete.
-    fn finish(&mut self, out: &mut Vec<u8>) {
-        if self.state != StreamState::Open {
-            return;
-        }
-        self.state = StreamState::Failed;
-        let error = ApiError::new(
-            502,
-            "server_error",
-            Some("stream_interrupted"),
-            "The Anthropic stream ended before completion; the answer is incomplete.".into(),
-        );
+    fn write_error(&mut self, error: &ApiError, out: &mut Vec<u8>) {
         write_data(out, &error.body());
     }
 
@@ -641,59 +639,9 @@ impl StreamTranslator for MessagesStreamToChat {
     }
 }
 
-impl MessagesStreamToChat {
-    pub fn new(include_usage: bool, created: u64) -> Self {
-        MessagesStreamToChat {
-            parser: SseParser::default(),
-            include_usage,
-            created,
-            id: String::new(),
-            model: String::new(),
-            tool_blocks: Vec::new(),
-            usage: RawUsage::default(),
-            usage_seen: false,
-            state: StreamState::Open,
-        }
-    }
-
+impl MessagesEvents {
     fn emit(&self, out: &mut Vec<u8>, delta: Delta<'_>, finish: Option<&'static str>) {
-        let choices = [ChunkChoice {
-            index: 0,
-            delta,
-            logprobs: (),
-            finish_reason: finish,
-        }];
-        self.write_chunk(out, &choices, self.include_usage.then_some(None));
-    }
-
-    fn write_chunk(
-        &self,
-        out: &mut Vec<u8>,
-        choices: &[ChunkChoice<'_>],
-        usage: Option<Option<ChatUsage>>,
-    ) {
-        let chunk = Chunk {
-            id: &self.id,
-            object: "chat.completion.chunk",
-            created: self.created,
-            model: &self.model,
-            choices,
-            usage,
-        };
-        match serde_json::to_vec(&chunk) {
-            Ok(json) => write_data(out, &json),
-            Err(e) => log::error!("could not serialize a chat.completion.chunk: {e}"),
-        }
-    }
-
-    /// Ends the stream with an error event for `fault`; nothing follows it.
-    fn fail(&mut self, fault: StreamFault, out: &mut Vec<u8>) {
-        if self.state != StreamState::Open {
-            return;
-        }
-        log::warn!("ending an Anthropic stream early: {fault:?} event");
-        self.state = StreamState::Failed;
-        write_data(out, &fault.error("Anthropic").body());
+        self.chunks.delta(out, 0, delta, finish);
     }
 
     fn record_usage(&mut self, usage: Option<&Value>) {
@@ -703,27 +651,7 @@ impl MessagesStreamToChat {
         }
     }
 
-    fn handle(&mut self, event: SseEvent, out: &mut Vec<u8>) {
-        if self.state != StreamState::Open {
-            return;
-        }
-        let parsed: Option<Value> = from_str_lossy(&event.data).ok();
-        let kind = parsed
-            .as_ref()
-            .and_then(|v| v.get("type"))
-            .and_then(Value::as_str)
-            .or(event.event.as_deref())
-            .unwrap_or_default();
-        if kind == "error" {
-            let error = messages_error_to_chat(500, event.data.as_bytes());
-            write_data(out, &error);
-            self.state = StreamState::Failed;
-            return;
-        }
-        let Some(v) = parsed.as_ref() else {
-            self.fail(StreamFault::Corrupt, out);
-            return;
-        };
+    fn handle(&mut self, kind: &str, v: &Value, out: &mut Vec<u8>) -> Flow {
         match kind {
             "message_start" => {
                 let message = v.get("message");
@@ -734,10 +662,10 @@ impl MessagesStreamToChat {
                         .map(str::to_string)
                 };
                 if let Some(id) = text("id") {
-                    self.id = id;
+                    self.chunks.id = id;
                 }
                 if let Some(model) = text("model") {
-                    self.model = model;
+                    self.chunks.model = model;
                 }
                 self.record_usage(message.and_then(|m| m.get("usage")));
                 let delta = Delta {
@@ -751,7 +679,7 @@ impl MessagesStreamToChat {
                 let block = v.get("content_block");
                 let block_type = block.and_then(|b| b.get("type")).and_then(Value::as_str);
                 if block_type != Some("tool_use") {
-                    return;
+                    return Flow::Open;
                 }
                 let index = v.get("index").and_then(Value::as_u64).unwrap_or_default();
                 let k = self.tool_blocks.len();
@@ -779,7 +707,9 @@ impl MessagesStreamToChat {
                 self.emit(out, delta, None);
             }
             "content_block_delta" => {
-                let Some(d) = v.get("delta") else { return };
+                let Some(d) = v.get("delta") else {
+                    return Flow::Open;
+                };
                 let text = |name: &str| d.get(name).and_then(Value::as_str);
                 match d.get("type").and_then(Value::as_str) {
                     Some("text_delta") => {
@@ -807,7 +737,7 @@ impl MessagesStreamToChat {
                             log::warn!(
                                 "ignoring tool input for an unknown Anthropic block {index:?}"
                             );
-                            return;
+                            return Flow::Open;
                         };
                         let call = ToolCallDelta {
                             index: k,
@@ -835,21 +765,20 @@ impl MessagesStreamToChat {
                 self.emit(out, Delta::default(), Some(finish_reason(stop_reason)));
             }
             "message_stop" => {
-                if self.include_usage {
-                    self.write_chunk(out, &[], Some(Some(self.usage.chat())));
-                }
-                out.extend_from_slice(b"data: [DONE]\n\n");
-                self.state = StreamState::Done;
+                self.chunks.end(out, self.usage.chat());
+                return Flow::Ended;
             }
             // content_block_stop, ping, and event types added later.
             _ => {}
         }
+        Flow::Open
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::translate::StreamTranslator;
     use std::collections::BTreeMap;
 
     const TEXT_STREAM: &str = include_str!("../../../tests/fixtures/anthropic/text_stream.sse");

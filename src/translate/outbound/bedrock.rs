@@ -39,13 +39,14 @@ use crate::translate::chat_input::{
     unsupported,
 };
 use crate::translate::chat_output::{
-    write_data, CachedTokens, ChatCompletion, ChatMessage, ChatUsage, Choice, Chunk, ChunkChoice,
-    Delta, FunctionCall, FunctionDelta, ToolCall, ToolCallDelta,
+    write_data, CachedTokens, ChatCompletion, ChatMessage, ChatUsage, Choice, Delta, FunctionCall,
+    FunctionDelta, PivotChunks, ToolCall, ToolCallDelta,
 };
 use crate::translate::pivot::{
     ChatRequest, ReasoningEffort, ResponseFormat, Role, Tool, ToolChoice,
 };
-use crate::translate::{StreamFault, StreamTranslator};
+use crate::translate::stream::{EventMapping, EventStream, Flow};
+use crate::translate::StreamFault;
 
 /// What the filter needs to know about a translated request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -713,15 +714,6 @@ pub fn converse_error_to_chat(status: u16, error_type: Option<&str>, body: &[u8]
 // Streaming: ConverseStream event-stream -> OpenAI chat.completion.chunk SSE
 // ---------------------------------------------------------------------------
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum StreamState {
-    Open,
-    /// messageStop and metadata seen and [DONE] written.
-    Done,
-    /// An error event was written; nothing may follow.
-    Failed,
-}
-
 /// Streaming: ConverseStream's `application/vnd.amazon.eventstream` bytes
 /// in, OpenAI chat.completion.chunk SSE bytes out.
 ///
@@ -729,45 +721,42 @@ enum StreamState {
 /// `metadata` (usage); once both came, the usage chunk (with
 /// include_usage) and `[DONE]` are written. Exception frames, a corrupt
 /// frame, or an end before both become an OpenAI error event, no `[DONE]`.
-pub struct ConverseStreamToChat {
-    decoder: Decoder,
-    include_usage: bool,
-    created: u64,
-    model: String,
-    id: String,
+pub type ConverseStreamToChat = EventStream<Decoder, ConverseEvents>;
+
+impl ConverseStreamToChat {
+    /// `model` is the model name to report in the chunks.
+    pub fn new(include_usage: bool, model: &str, created: u64) -> Self {
+        EventStream::reading(
+            Decoder::new(),
+            ConverseEvents {
+                chunks: PivotChunks::new(include_usage, model, created),
+                tool_blocks: Vec::new(),
+                usage: None,
+                stopped: false,
+            },
+        )
+    }
+}
+
+/// The per-message mapping of [`ConverseStreamToChat`].
+pub struct ConverseEvents {
+    chunks: PivotChunks,
     /// Converse content-block index -> OpenAI tool-call index.
     tool_blocks: Vec<(u64, usize)>,
     usage: Option<RawUsage>,
     stopped: bool,
-    state: StreamState,
 }
 
-impl StreamTranslator for ConverseStreamToChat {
-    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
-        if self.state != StreamState::Open {
-            return;
-        }
-        let mut messages = Vec::new();
-        let decoded = self.decoder.push_into(chunk, &mut messages);
-        for message in &messages {
-            self.handle(message, out);
-        }
-        if let Err(e) = decoded {
-            log::warn!("corrupt Bedrock event stream: {e}");
-            self.fault(StreamFault::Corrupt, out);
-        }
+impl EventMapping for ConverseEvents {
+    type Event = Message;
+    const UPSTREAM: &'static str = "Bedrock";
+
+    fn on_event(&mut self, message: Message, out: &mut Vec<u8>) -> Result<Flow, StreamFault> {
+        self.handle(&message, out)
     }
 
-    /// Upstream ended. A complete stream already got its `[DONE]`; anything
-    /// else gets an error event and no `[DONE]`.
-    fn finish(&mut self, out: &mut Vec<u8>) {
-        if self.state != StreamState::Open {
-            return;
-        }
-        self.fail(
-            out,
-            "The Bedrock stream ended before completion; the answer is incomplete.",
-        );
+    fn write_error(&mut self, error: &ApiError, out: &mut Vec<u8>) {
+        write_data(out, &error.body());
     }
 
     fn usage(&self) -> Option<Usage> {
@@ -775,70 +764,9 @@ impl StreamTranslator for ConverseStreamToChat {
     }
 }
 
-impl ConverseStreamToChat {
-    /// `model` is the model name to report in the chunks.
-    pub fn new(include_usage: bool, model: &str, created: u64) -> Self {
-        ConverseStreamToChat {
-            decoder: Decoder::new(),
-            include_usage,
-            created,
-            model: model.to_string(),
-            id: String::new(),
-            tool_blocks: Vec::new(),
-            usage: None,
-            stopped: false,
-            state: StreamState::Open,
-        }
-    }
-
-    fn fail(&mut self, out: &mut Vec<u8>, message: &str) {
-        self.state = StreamState::Failed;
-        let error = ApiError::new(
-            502,
-            "server_error",
-            Some("stream_interrupted"),
-            message.to_string(),
-        );
-        write_data(out, &error.body());
-    }
-
-    /// Ends the stream with an error event for `fault`; nothing follows it.
-    fn fault(&mut self, fault: StreamFault, out: &mut Vec<u8>) {
-        if self.state != StreamState::Open {
-            return;
-        }
-        self.state = StreamState::Failed;
-        write_data(out, &fault.error("Bedrock").body());
-    }
-
+impl ConverseEvents {
     fn emit(&self, out: &mut Vec<u8>, delta: Delta<'_>, finish: Option<&'static str>) {
-        let choices = [ChunkChoice {
-            index: 0,
-            delta,
-            logprobs: (),
-            finish_reason: finish,
-        }];
-        self.write_chunk(out, &choices, self.include_usage.then_some(None));
-    }
-
-    fn write_chunk(
-        &self,
-        out: &mut Vec<u8>,
-        choices: &[ChunkChoice<'_>],
-        usage: Option<Option<ChatUsage>>,
-    ) {
-        let chunk = Chunk {
-            id: &self.id,
-            object: "chat.completion.chunk",
-            created: self.created,
-            model: &self.model,
-            choices,
-            usage,
-        };
-        match serde_json::to_vec(&chunk) {
-            Ok(json) => write_data(out, &json),
-            Err(e) => log::error!("could not serialize a chat.completion.chunk: {e}"),
-        }
+        self.chunks.delta(out, 0, delta, finish);
     }
 
     fn emit_tool(&self, out: &mut Vec<u8>, call: ToolCallDelta<'_>) {
@@ -850,23 +778,18 @@ impl ConverseStreamToChat {
     }
 
     /// Writes the end once both messageStop and metadata have come.
-    fn maybe_done(&mut self, out: &mut Vec<u8>) {
+    fn maybe_done(&mut self, out: &mut Vec<u8>) -> Flow {
         let Some(usage) = self.usage.filter(|_| self.stopped) else {
-            return;
+            return Flow::Open;
         };
-        if self.include_usage {
-            self.write_chunk(out, &[], Some(Some(usage.chat())));
-        }
-        out.extend_from_slice(b"data: [DONE]\n\n");
-        self.state = StreamState::Done;
+        self.chunks.end(out, usage.chat());
+        Flow::Ended
     }
 
-    fn handle(&mut self, message: &Message, out: &mut Vec<u8>) {
-        if self.state != StreamState::Open {
-            return;
-        }
-        if self.id.is_empty() {
-            self.id = completion_id(&[&message.payload, &self.created.to_be_bytes()]);
+    fn handle(&mut self, message: &Message, out: &mut Vec<u8>) -> Result<Flow, StreamFault> {
+        if self.chunks.id.is_empty() {
+            let created = self.chunks.created.to_be_bytes();
+            self.chunks.id = completion_id(&[&message.payload, &created]);
         }
         match message.header_str(":message-type").unwrap_or("event") {
             "event" => {}
@@ -875,8 +798,7 @@ impl ConverseStreamToChat {
                 let status = caller_status(500, kind);
                 let error = converse_error_to_chat(status, kind, &message.payload);
                 write_data(out, &error);
-                self.state = StreamState::Failed;
-                return;
+                return Ok(Flow::Ended);
             }
             "error" => {
                 let code = message.header_str(":error-code");
@@ -884,19 +806,17 @@ impl ConverseStreamToChat {
                 let body = json!({ "message": text }).to_string();
                 let error = converse_error_to_chat(caller_status(500, code), code, body.as_bytes());
                 write_data(out, &error);
-                self.state = StreamState::Failed;
-                return;
+                return Ok(Flow::Ended);
             }
             other => {
                 log::warn!("ignoring a Bedrock stream message of type {other:?}");
-                return;
+                return Ok(Flow::Open);
             }
         }
         let kind = message.header_str(":event-type").unwrap_or_default();
         let Ok(v) = from_slice_lossy::<Value>(&message.payload) else {
             log::warn!("a Bedrock {kind:?} event's payload is not JSON");
-            self.fault(StreamFault::Corrupt, out);
-            return;
+            return Err(StreamFault::Corrupt);
         };
         match kind {
             "messageStart" => {
@@ -909,7 +829,7 @@ impl ConverseStreamToChat {
             }
             "contentBlockStart" => {
                 let Some(tool) = v.pointer("/start/toolUse") else {
-                    return;
+                    return Ok(Flow::Open);
                 };
                 let index = v
                     .get("contentBlockIndex")
@@ -933,7 +853,9 @@ impl ConverseStreamToChat {
                 );
             }
             "contentBlockDelta" => {
-                let Some(d) = v.get("delta") else { return };
+                let Some(d) = v.get("delta") else {
+                    return Ok(Flow::Open);
+                };
                 if let Some(text) = d.get("text").and_then(Value::as_str) {
                     let delta = Delta {
                         content: Some(text),
@@ -957,7 +879,7 @@ impl ConverseStreamToChat {
                         .map(|(_, k)| *k);
                     let Some(k) = k else {
                         log::warn!("ignoring tool input for an unknown Converse block {index:?}");
-                        return;
+                        return Ok(Flow::Open);
                     };
                     self.emit_tool(
                         out,
@@ -978,21 +900,22 @@ impl ConverseStreamToChat {
             }
             "messageStop" => {
                 if self.stopped {
-                    return;
+                    return Ok(Flow::Open);
                 }
                 self.stopped = true;
                 let stop_reason = v.get("stopReason").and_then(Value::as_str);
                 self.emit(out, Delta::default(), Some(finish_reason(stop_reason)));
-                self.maybe_done(out);
+                return Ok(self.maybe_done(out));
             }
             "metadata" => {
                 let usage = v.get("usage").map(RawUsage::from_value).unwrap_or_default();
                 self.usage = Some(usage);
-                self.maybe_done(out);
+                return Ok(self.maybe_done(out));
             }
             // contentBlockStop, and event types added later.
             _ => {}
         }
+        Ok(Flow::Open)
     }
 }
 
@@ -1000,6 +923,7 @@ impl ConverseStreamToChat {
 mod tests {
     use super::*;
     use crate::providers::aws::eventstream::encode;
+    use crate::translate::StreamTranslator;
     use std::collections::BTreeMap;
 
     const TEXT_STREAM: &str = include_str!("../../../tests/fixtures/bedrock/text_stream.json");

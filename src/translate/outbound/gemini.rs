@@ -106,13 +106,14 @@ use crate::translate::chat_input::{
     quoted, unsupported,
 };
 use crate::translate::chat_output::{
-    write_data, CachedTokens, ChatUsage, Chunk, ChunkChoice, Delta, FunctionDelta, ReasoningTokens,
+    write_data, CachedTokens, ChatUsage, Delta, FunctionDelta, PivotChunks, ReasoningTokens,
     ToolCallDelta,
 };
 use crate::translate::pivot::{
     ChatRequest, ReasoningEffort, ResponseFormat, Role, Tool, ToolChoice,
 };
-use crate::translate::{StreamFault, StreamTranslator};
+use crate::translate::stream::{EventMapping, EventStream, Flow};
+use crate::translate::StreamFault;
 
 /// Thinking budgets for OpenAI's `reasoning_effort` values.
 const THINKING_BUDGETS: [(&str, u64); 4] = [
@@ -1099,15 +1100,6 @@ pub fn gemini_error_to_chat(status: u16, body: &[u8]) -> Vec<u8> {
 // Streaming: Gemini SSE -> OpenAI chat.completion.chunk SSE
 // ---------------------------------------------------------------------------
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum StreamState {
-    Open,
-    /// Completed and `[DONE]` written.
-    Done,
-    /// An error event was written; nothing may follow.
-    Failed,
-}
-
 /// What the stream has said so far for one candidate (one OpenAI choice).
 #[derive(Debug)]
 struct CandidateState {
@@ -1118,58 +1110,64 @@ struct CandidateState {
 
 /// Streaming: Gemini SSE bytes in (`alt=sse`), OpenAI chat.completion.chunk
 /// SSE bytes out.
-pub struct GeminiStreamToChat {
-    parser: SseParser,
-    include_usage: bool,
-    created: u64,
-    id: String,
-    model: String,
-    candidates: Vec<CandidateState>,
-    usage: Option<RawUsage>,
-    state: StreamState,
+pub type GeminiStreamToChat = EventStream<SseParser, GeminiEvents>;
+
+impl GeminiStreamToChat {
+    /// `model` names the chunks until a response carries its `modelVersion`;
+    /// `created` is the unix time to report.
+    pub fn new(include_usage: bool, model: &str, created: u64) -> Self {
+        EventStream::reading(
+            SseParser::default(),
+            GeminiEvents {
+                chunks: PivotChunks::new(include_usage, model, created),
+                candidates: Vec::new(),
+                usage: None,
+            },
+        )
+    }
 }
 
-impl StreamTranslator for GeminiStreamToChat {
-    /// Appends to `out` the translation of every upstream event completed by `chunk`.
-    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
-        if self.state != StreamState::Open {
-            return;
+/// The per-event mapping of [`GeminiStreamToChat`].
+pub struct GeminiEvents {
+    chunks: PivotChunks,
+    candidates: Vec<CandidateState>,
+    usage: Option<RawUsage>,
+}
+
+impl EventMapping for GeminiEvents {
+    type Event = SseEvent;
+    const UPSTREAM: &'static str = "Gemini";
+
+    fn on_event(&mut self, event: SseEvent, out: &mut Vec<u8>) -> Result<Flow, StreamFault> {
+        let Ok(v) = from_str_lossy::<Value>(&event.data) else {
+            return Err(StreamFault::Corrupt);
+        };
+        if let Some(error) = error_object(&v) {
+            let status = error
+                .get("code")
+                .and_then(Value::as_u64)
+                .and_then(|c| u16::try_from(c).ok())
+                .unwrap_or(500);
+            write_data(out, &gemini_error_to_chat(status, event.data.as_bytes()));
+            return Ok(Flow::Ended);
         }
-        let mut events = Vec::new();
-        self.parser.push(chunk, &mut |e| events.push(e));
-        for event in events {
-            self.handle(event, out);
-        }
-        if self.parser.overflowed() && self.state == StreamState::Open {
-            self.fault(StreamFault::Oversized, out);
-        }
+        self.handle(&v, out);
+        Ok(Flow::Open)
     }
 
-    /// Upstream ended. Gemini has no end marker: if every candidate seen has
-    /// finished, write the usage chunk (when asked for) and `[DONE]`;
-    /// otherwise an OpenAI error event and no `[DONE]`.
-    fn finish(&mut self, out: &mut Vec<u8>) {
-        if self.state != StreamState::Open {
-            return;
-        }
+    /// Gemini has no end marker: the answer is complete when every
+    /// candidate seen has finished.
+    fn on_end(&mut self, out: &mut Vec<u8>) -> Flow {
         let complete = !self.candidates.is_empty() && self.candidates.iter().all(|c| c.finished);
         if !complete {
-            self.state = StreamState::Failed;
-            let error = ApiError::new(
-                502,
-                "server_error",
-                Some("stream_interrupted"),
-                "The Gemini stream ended before completion; the answer is incomplete.".into(),
-            );
-            write_data(out, &error.body());
-            return;
+            return Flow::Open;
         }
-        if self.include_usage {
-            let usage = self.usage.unwrap_or_default().chat();
-            self.write_chunk(out, &[], Some(Some(usage)));
-        }
-        out.extend_from_slice(b"data: [DONE]\n\n");
-        self.state = StreamState::Done;
+        self.chunks.end(out, self.usage.unwrap_or_default().chat());
+        Flow::Ended
+    }
+
+    fn write_error(&mut self, error: &ApiError, out: &mut Vec<u8>) {
+        write_data(out, &error.body());
     }
 
     /// Token counts of the last `usageMetadata` seen.
@@ -1178,50 +1176,9 @@ impl StreamTranslator for GeminiStreamToChat {
     }
 }
 
-impl GeminiStreamToChat {
-    /// `model` names the chunks until a response carries its `modelVersion`;
-    /// `created` is the unix time to report.
-    pub fn new(include_usage: bool, model: &str, created: u64) -> Self {
-        GeminiStreamToChat {
-            parser: SseParser::default(),
-            include_usage,
-            created,
-            id: String::new(),
-            model: model.to_string(),
-            candidates: Vec::new(),
-            usage: None,
-            state: StreamState::Open,
-        }
-    }
-
-    fn write_chunk(
-        &self,
-        out: &mut Vec<u8>,
-        choices: &[ChunkChoice<'_>],
-        usage: Option<Option<ChatUsage>>,
-    ) {
-        let chunk = Chunk {
-            id: &self.id,
-            object: "chat.completion.chunk",
-            created: self.created,
-            model: &self.model,
-            choices,
-            usage,
-        };
-        match serde_json::to_vec(&chunk) {
-            Ok(json) => write_data(out, &json),
-            Err(e) => log::error!("could not serialize a chat.completion.chunk: {e}"),
-        }
-    }
-
+impl GeminiEvents {
     fn emit(&self, out: &mut Vec<u8>, index: u64, delta: Delta<'_>, finish: Option<&'static str>) {
-        let choices = [ChunkChoice {
-            index,
-            delta,
-            logprobs: (),
-            finish_reason: finish,
-        }];
-        self.write_chunk(out, &choices, self.include_usage.then_some(None));
+        self.chunks.delta(out, index, delta, finish);
     }
 
     /// The state of candidate `index`; its first sight announces the role.
@@ -1243,41 +1200,13 @@ impl GeminiStreamToChat {
         self.candidates.len().saturating_sub(1)
     }
 
-    fn fail(&mut self, out: &mut Vec<u8>, error_body: &[u8]) {
-        write_data(out, error_body);
-        self.state = StreamState::Failed;
-    }
-
-    /// Ends the stream with an error event for `fault`; nothing follows it.
-    fn fault(&mut self, fault: StreamFault, out: &mut Vec<u8>) {
-        log::warn!("ending a Gemini stream early: {fault:?} event");
-        self.fail(out, &fault.error("Gemini").body());
-    }
-
-    fn handle(&mut self, event: SseEvent, out: &mut Vec<u8>) {
-        if self.state != StreamState::Open {
-            return;
-        }
-        let Ok(v) = from_str_lossy::<Value>(&event.data) else {
-            self.fault(StreamFault::Corrupt, out);
-            return;
-        };
-        if let Some(error) = error_object(&v) {
-            let status = error
-                .get("code")
-                .and_then(Value::as_u64)
-                .and_then(|c| u16::try_from(c).ok())
-                .unwrap_or(500);
-            let body = gemini_error_to_chat(status, event.data.as_bytes());
-            self.fail(out, &body);
-            return;
-        }
-        if self.id.is_empty() {
-            self.id = chat_id(&v, self.created);
+    fn handle(&mut self, v: &Value, out: &mut Vec<u8>) {
+        if self.chunks.id.is_empty() {
+            self.chunks.id = chat_id(v, self.chunks.created);
         }
         if let Some(model) = v.get("modelVersion").and_then(Value::as_str) {
-            if !model.is_empty() && model != self.model {
-                self.model = model.to_string();
+            if !model.is_empty() && model != self.chunks.model {
+                self.chunks.model = model.to_string();
             }
         }
         if let Some(m) = v.get("usageMetadata").filter(|m| m.is_object()) {
@@ -1289,7 +1218,7 @@ impl GeminiStreamToChat {
             .map(Vec::as_slice)
             .unwrap_or_default();
         if candidates.is_empty() {
-            if let Some(refusal) = block_refusal(&v) {
+            if let Some(refusal) = block_refusal(v) {
                 let k = self.candidate(0, out);
                 if let Some(state) = self.candidates.get_mut(k) {
                     if state.finished {
@@ -1388,6 +1317,7 @@ impl GeminiStreamToChat {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::translate::StreamTranslator;
     use std::collections::BTreeMap;
 
     const TEXT_STREAM: &str =
