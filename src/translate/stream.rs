@@ -14,7 +14,7 @@ use crate::core::api_error::ApiError;
 use crate::core::sse::{SseEvent, SseParser};
 use crate::core::usage::Usage;
 use crate::providers::aws::eventstream::{Decoder, Message};
-use crate::translate::{StreamFault, StreamTranslator};
+use crate::translate::{StreamFault, StreamTranslator, MAX_PIVOT_EVENT_BYTES};
 
 /// How an upstream body is cut into events.
 pub trait Framing {
@@ -120,6 +120,22 @@ impl<F: Framing, M: EventMapping<Event = F::Event>> EventStream<F, M> {
     fn fault(mapping: &mut M, fault: StreamFault, out: &mut Vec<u8>) {
         log::warn!("ending a {} stream early: {fault:?} event", M::UPSTREAM);
         mapping.write_error(&fault.error(M::UPSTREAM), out);
+    }
+}
+
+impl<F: Framing + Default, M: EventMapping<Event = F::Event> + Default> Default
+    for EventStream<F, M>
+{
+    fn default() -> Self {
+        EventStream::reading(F::default(), M::default())
+    }
+}
+
+impl<M: EventMapping<Event = SseEvent>> EventStream<SseParser, M> {
+    /// Reads the gateway's own pivot (behind a provider-side translator),
+    /// whose events may be a little larger than a provider's.
+    pub fn reading_pivot(self) -> Self {
+        self.with_framing(SseParser::with_limit(MAX_PIVOT_EVENT_BYTES))
     }
 }
 

@@ -36,8 +36,9 @@ use crate::core::json::{from_slice_lossy, from_str_lossy};
 use crate::core::sse::{SseEvent, SseParser};
 use crate::core::usage::Usage;
 use crate::translate::chat_input::{invalid_value, json_type, quoted, unsupported};
+use crate::translate::inbound::CallerTranslator;
 use crate::translate::stream::{EventMapping, EventStream, Flow};
-use crate::translate::{StreamFault, MAX_PIVOT_EVENT_BYTES};
+use crate::translate::{StreamFault, StreamTranslator};
 
 /// Thinking budgets from this many tokens ask for `reasoning_effort: "medium"`.
 pub const EFFORT_MEDIUM_FROM: u64 = 4096;
@@ -1040,34 +1041,12 @@ pub type ChatStreamToMessages = EventStream<SseParser, ChunksToMessages>;
 
 impl ChatStreamToMessages {
     pub fn new() -> Self {
-        EventStream::reading(
-            SseParser::default(),
-            ChunksToMessages {
-                started: false,
-                open: None,
-                blocks: 0,
-                tool_blocks: Vec::new(),
-                finish_reason: None,
-                refused: false,
-                usage: None,
-            },
-        )
-    }
-
-    /// Reads the gateway's own pivot (behind a provider-side translator),
-    /// whose events may be a little larger than the provider's.
-    pub fn reading_pivot(self) -> Self {
-        self.with_framing(SseParser::with_limit(MAX_PIVOT_EVENT_BYTES))
-    }
-}
-
-impl Default for ChatStreamToMessages {
-    fn default() -> Self {
-        Self::new()
+        Self::default()
     }
 }
 
 /// The per-event mapping of [`ChatStreamToMessages`].
+#[derive(Default)]
 pub struct ChunksToMessages {
     /// `message_start` was written.
     started: bool,
@@ -1338,10 +1317,37 @@ impl ChunksToMessages {
     }
 }
 
+// ---------------------------------------------------------------------------
+
+/// Anthropic Messages callers.
+pub struct Anthropic;
+impl CallerTranslator for Anthropic {
+    fn request_to_pivot(
+        &self,
+        body: &[u8],
+        upstream_model: &str,
+        _stream: bool,
+    ) -> Result<Vec<u8>, ApiError> {
+        Ok(messages_request_to_chat(body, upstream_model)?.0)
+    }
+    fn answer_from_pivot(&self, pivot: &[u8]) -> Result<Vec<u8>, String> {
+        chat_response_to_messages(pivot)
+    }
+    fn error_body(&self, error: &ApiError) -> Vec<u8> {
+        error_body(error)
+    }
+    fn error_from_pivot(&self, status: u16, pivot: &[u8]) -> Vec<u8> {
+        chat_error_to_messages(status, pivot)
+    }
+    fn stream_from_pivot(&self, reads_pivot: bool) -> Box<dyn StreamTranslator> {
+        let t = ChatStreamToMessages::new();
+        Box::new(if reads_pivot { t.reading_pivot() } else { t })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::translate::StreamTranslator;
 
     const TEXT_STREAM: &str =
         include_str!("../../../tests/fixtures/openai/anthropic_caller_text_stream.sse");

@@ -87,8 +87,9 @@ use crate::core::json::{from_slice_lossy, from_str_lossy};
 use crate::core::sse::{SseEvent, SseParser};
 use crate::core::usage::Usage;
 use crate::translate::chat_input::{invalid_value, json_type, quoted, unsupported};
+use crate::translate::inbound::CallerTranslator;
 use crate::translate::stream::{EventMapping, EventStream, Flow};
-use crate::translate::{StreamFault, MAX_PIVOT_EVENT_BYTES};
+use crate::translate::{StreamFault, StreamTranslator};
 
 /// The largest thinking budgets for the `low` and `medium` efforts.
 const LOW_BUDGET_MAX: i64 = 2048;
@@ -1664,32 +1665,12 @@ pub type ChatStreamToGemini = EventStream<SseParser, ChunksToGemini>;
 
 impl ChatStreamToGemini {
     pub fn new() -> Self {
-        EventStream::reading(
-            SseParser::default(),
-            ChunksToGemini {
-                id: String::new(),
-                model: String::new(),
-                pending: Vec::new(),
-                held: Vec::new(),
-                usage: None,
-            },
-        )
-    }
-
-    /// Reads the gateway's own pivot (behind a provider-side translator),
-    /// whose events may be a little larger than the provider's.
-    pub fn reading_pivot(self) -> Self {
-        self.with_framing(SseParser::with_limit(MAX_PIVOT_EVENT_BYTES))
-    }
-}
-
-impl Default for ChatStreamToGemini {
-    fn default() -> Self {
-        Self::new()
+        Self::default()
     }
 }
 
 /// The per-event mapping of [`ChatStreamToGemini`].
+#[derive(Default)]
 pub struct ChunksToGemini {
     id: String,
     model: String,
@@ -1957,6 +1938,34 @@ impl ChunksToGemini {
             arguments: text("/function/arguments").unwrap_or_default().to_string(),
         });
         done
+    }
+}
+
+// ---------------------------------------------------------------------------
+
+/// Gemini `generateContent` callers.
+pub struct Gemini;
+impl CallerTranslator for Gemini {
+    fn request_to_pivot(
+        &self,
+        body: &[u8],
+        upstream_model: &str,
+        stream: bool,
+    ) -> Result<Vec<u8>, ApiError> {
+        gemini_request_to_chat(body, upstream_model, stream)
+    }
+    fn answer_from_pivot(&self, pivot: &[u8]) -> Result<Vec<u8>, String> {
+        chat_response_to_gemini(pivot)
+    }
+    fn error_body(&self, error: &ApiError) -> Vec<u8> {
+        error_body(error)
+    }
+    fn error_from_pivot(&self, status: u16, pivot: &[u8]) -> Vec<u8> {
+        chat_error_to_gemini(status, pivot)
+    }
+    fn stream_from_pivot(&self, reads_pivot: bool) -> Box<dyn StreamTranslator> {
+        let t = ChatStreamToGemini::new();
+        Box::new(if reads_pivot { t.reading_pivot() } else { t })
     }
 }
 

@@ -6,6 +6,9 @@
 pub mod anthropic;
 pub mod gemini;
 
+pub use anthropic::Anthropic;
+pub use gemini::Gemini;
+
 use crate::core::api_error::ApiError;
 use crate::translate::StreamTranslator;
 
@@ -30,57 +33,4 @@ pub trait CallerTranslator: Sync {
     /// gateway's own pivot (behind a provider-side translator), whose events
     /// may be a little larger than a provider's.
     fn stream_from_pivot(&self, reads_pivot: bool) -> Box<dyn StreamTranslator>;
-}
-
-/// Anthropic Messages callers.
-pub struct Anthropic;
-/// Gemini `generateContent` callers.
-pub struct Gemini;
-
-impl CallerTranslator for Anthropic {
-    fn request_to_pivot(
-        &self,
-        body: &[u8],
-        upstream_model: &str,
-        _stream: bool,
-    ) -> Result<Vec<u8>, ApiError> {
-        Ok(anthropic::messages_request_to_chat(body, upstream_model)?.0)
-    }
-    fn answer_from_pivot(&self, pivot: &[u8]) -> Result<Vec<u8>, String> {
-        anthropic::chat_response_to_messages(pivot)
-    }
-    fn error_body(&self, error: &ApiError) -> Vec<u8> {
-        anthropic::error_body(error)
-    }
-    fn error_from_pivot(&self, status: u16, pivot: &[u8]) -> Vec<u8> {
-        anthropic::chat_error_to_messages(status, pivot)
-    }
-    fn stream_from_pivot(&self, reads_pivot: bool) -> Box<dyn StreamTranslator> {
-        let t = anthropic::ChatStreamToMessages::new();
-        Box::new(if reads_pivot { t.reading_pivot() } else { t })
-    }
-}
-
-impl CallerTranslator for Gemini {
-    fn request_to_pivot(
-        &self,
-        body: &[u8],
-        upstream_model: &str,
-        stream: bool,
-    ) -> Result<Vec<u8>, ApiError> {
-        gemini::gemini_request_to_chat(body, upstream_model, stream)
-    }
-    fn answer_from_pivot(&self, pivot: &[u8]) -> Result<Vec<u8>, String> {
-        gemini::chat_response_to_gemini(pivot)
-    }
-    fn error_body(&self, error: &ApiError) -> Vec<u8> {
-        gemini::error_body(error)
-    }
-    fn error_from_pivot(&self, status: u16, pivot: &[u8]) -> Vec<u8> {
-        gemini::chat_error_to_gemini(status, pivot)
-    }
-    fn stream_from_pivot(&self, reads_pivot: bool) -> Box<dyn StreamTranslator> {
-        let t = gemini::ChatStreamToGemini::new();
-        Box::new(if reads_pivot { t.reading_pivot() } else { t })
-    }
 }

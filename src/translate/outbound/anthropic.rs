@@ -22,9 +22,10 @@ use crate::translate::chat_output::{
     write_data, CachedTokens, ChatCompletion, ChatMessage, ChatUsage, Choice, Delta, FunctionCall,
     FunctionDelta, PivotChunks, ToolCall, ToolCallDelta,
 };
+use crate::translate::outbound::{ProviderTranslator, Upstream};
 use crate::translate::pivot::{ChatRequest, ResponseFormat, Role, Tool, ToolChoice};
 use crate::translate::stream::{EventMapping, EventStream, Flow};
-use crate::translate::StreamFault;
+use crate::translate::{StreamFault, StreamTranslator};
 
 /// Thinking budgets for OpenAI's `reasoning_effort` values.
 const THINKING_BUDGETS: [(&str, u64); 3] = [("low", 1024), ("medium", 4096), ("high", 16384)];
@@ -775,10 +776,40 @@ impl MessagesEvents {
     }
 }
 
+// ---------------------------------------------------------------------------
+
+/// Anthropic Messages (also on Vertex AI).
+pub struct Anthropic;
+impl ProviderTranslator for Anthropic {
+    fn request_from_pivot(
+        &self,
+        chat: &ChatRequest<'_>,
+        upstream: &Upstream<'_>,
+    ) -> Result<Vec<u8>, ApiError> {
+        messages_request(chat, upstream.model, upstream.default_max_tokens)
+    }
+    fn answer_to_pivot(&self, body: &[u8], _model: &str, created: u64) -> Result<Vec<u8>, String> {
+        messages_response_to_chat(body, created)
+    }
+    fn caller_status(&self, status: u16, _error_type: Option<&str>) -> u16 {
+        caller_status(status)
+    }
+    fn error_to_pivot(&self, status: u16, _error_type: Option<&str>, body: &[u8]) -> Vec<u8> {
+        messages_error_to_chat(status, body)
+    }
+    fn stream_to_pivot(
+        &self,
+        include_usage: bool,
+        _model: &str,
+        created: u64,
+    ) -> Box<dyn StreamTranslator> {
+        Box::new(MessagesStreamToChat::new(include_usage, created))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::translate::StreamTranslator;
     use std::collections::BTreeMap;
 
     const TEXT_STREAM: &str = include_str!("../../../tests/fixtures/anthropic/text_stream.sse");

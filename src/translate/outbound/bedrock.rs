@@ -42,11 +42,12 @@ use crate::translate::chat_output::{
     write_data, CachedTokens, ChatCompletion, ChatMessage, ChatUsage, Choice, Delta, FunctionCall,
     FunctionDelta, PivotChunks, ToolCall, ToolCallDelta,
 };
+use crate::translate::outbound::{ProviderTranslator, Upstream};
 use crate::translate::pivot::{
     ChatRequest, ReasoningEffort, ResponseFormat, Role, Tool, ToolChoice,
 };
 use crate::translate::stream::{EventMapping, EventStream, Flow};
-use crate::translate::StreamFault;
+use crate::translate::{StreamFault, StreamTranslator};
 
 /// What the filter needs to know about a translated request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -916,6 +917,37 @@ impl ConverseEvents {
             _ => {}
         }
         Ok(Flow::Open)
+    }
+}
+
+// ---------------------------------------------------------------------------
+
+/// AWS Bedrock Converse.
+pub struct Bedrock;
+impl ProviderTranslator for Bedrock {
+    fn request_from_pivot(
+        &self,
+        chat: &ChatRequest<'_>,
+        upstream: &Upstream<'_>,
+    ) -> Result<Vec<u8>, ApiError> {
+        converse_request(chat, Some(upstream.default_max_tokens))
+    }
+    fn answer_to_pivot(&self, body: &[u8], model: &str, created: u64) -> Result<Vec<u8>, String> {
+        converse_response_to_chat(body, model, created)
+    }
+    fn caller_status(&self, status: u16, error_type: Option<&str>) -> u16 {
+        caller_status(status, error_type)
+    }
+    fn error_to_pivot(&self, status: u16, error_type: Option<&str>, body: &[u8]) -> Vec<u8> {
+        converse_error_to_chat(status, error_type, body)
+    }
+    fn stream_to_pivot(
+        &self,
+        include_usage: bool,
+        model: &str,
+        created: u64,
+    ) -> Box<dyn StreamTranslator> {
+        Box::new(ConverseStreamToChat::new(include_usage, model, created))
     }
 }
 

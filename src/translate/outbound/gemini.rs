@@ -109,11 +109,12 @@ use crate::translate::chat_output::{
     write_data, CachedTokens, ChatUsage, Delta, FunctionDelta, PivotChunks, ReasoningTokens,
     ToolCallDelta,
 };
+use crate::translate::outbound::{ProviderTranslator, Upstream};
 use crate::translate::pivot::{
     ChatRequest, ReasoningEffort, ResponseFormat, Role, Tool, ToolChoice,
 };
 use crate::translate::stream::{EventMapping, EventStream, Flow};
-use crate::translate::StreamFault;
+use crate::translate::{StreamFault, StreamTranslator};
 
 /// Thinking budgets for OpenAI's `reasoning_effort` values.
 const THINKING_BUDGETS: [(&str, u64); 4] = [
@@ -1314,10 +1315,40 @@ impl GeminiEvents {
     }
 }
 
+// ---------------------------------------------------------------------------
+
+/// Gemini `generateContent` (also on Vertex AI).
+pub struct Gemini;
+impl ProviderTranslator for Gemini {
+    fn request_from_pivot(
+        &self,
+        chat: &ChatRequest<'_>,
+        _upstream: &Upstream<'_>,
+    ) -> Result<Vec<u8>, ApiError> {
+        generate_content_request(chat)
+    }
+    fn answer_to_pivot(&self, body: &[u8], model: &str, created: u64) -> Result<Vec<u8>, String> {
+        gemini_response_to_chat(body, model, created)
+    }
+    fn caller_status(&self, status: u16, _error_type: Option<&str>) -> u16 {
+        caller_status(status)
+    }
+    fn error_to_pivot(&self, status: u16, _error_type: Option<&str>, body: &[u8]) -> Vec<u8> {
+        gemini_error_to_chat(status, body)
+    }
+    fn stream_to_pivot(
+        &self,
+        include_usage: bool,
+        model: &str,
+        created: u64,
+    ) -> Box<dyn StreamTranslator> {
+        Box::new(GeminiStreamToChat::new(include_usage, model, created))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::translate::StreamTranslator;
     use std::collections::BTreeMap;
 
     const TEXT_STREAM: &str =
