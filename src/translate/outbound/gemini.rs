@@ -90,9 +90,10 @@
 //!   `completion_tokens_details.reasoning_tokens`.
 //! * Streaming: Gemini never says "done", so the stream is complete when the
 //!   upstream body ends after every candidate seen has had its
-//!   `finishReason`; [`StreamTranslator::finish`] then writes the usage chunk
-//!   (when asked for) and `[DONE]`. An end before that, or an `error` object
-//!   in the stream, gives an OpenAI error event and no `[DONE]`.
+//!   `finishReason`; the end of the body (`EventMapping::on_end`) then
+//!   writes the usage chunk (when asked for) and `[DONE]`. An end before
+//!   that, or an `error` object in the stream, gives an OpenAI error event
+//!   and no `[DONE]`.
 
 use serde::Serialize;
 use serde_json::{json, Map, Value};
