@@ -123,6 +123,91 @@ impl<'a> Message<'a> {
             })
     }
 
+    /// An assistant message's texts, empty ones dropped: `content` as a
+    /// string, or its `text` and `refusal` parts.
+    pub fn assistant_texts(&self) -> Result<Vec<&'a str>, ApiError> {
+        let i = self.index;
+        match self.content() {
+            Value::Null => Ok(Vec::new()),
+            Value::String(s) => Ok([s.as_str()].into_iter().filter(|s| !s.is_empty()).collect()),
+            Value::Array(parts) => {
+                let mut texts = Vec::new();
+                for (j, part) in parts.iter().enumerate() {
+                    let kind = part.get("type").and_then(Value::as_str).unwrap_or_default();
+                    let key = match kind {
+                        "text" => "text",
+                        "refusal" => "refusal",
+                        _ => {
+                            return Err(bad_message(format!(
+                                "messages[{i}].content[{j}]: assistant content parts must be \
+                                 of type 'text' or 'refusal'."
+                            )))
+                        }
+                    };
+                    let text = part.get(key).and_then(Value::as_str).ok_or_else(|| {
+                        bad_message(format!("messages[{i}].content[{j}] has no string '{key}'."))
+                    })?;
+                    if !text.is_empty() {
+                        texts.push(text);
+                    }
+                }
+                Ok(texts)
+            }
+            other => Err(bad_message(format!(
+                "messages[{i}].content must be a string, an array of content parts or null, \
+                 not {}.",
+                json_type(other)
+            ))),
+        }
+    }
+
+    /// An assistant message's tool calls, arguments parsed into objects.
+    /// `provider` names the target in error messages; with `need_id` a
+    /// call without a string `id` is refused.
+    pub fn tool_calls(
+        &self,
+        provider: &str,
+        need_id: bool,
+    ) -> Result<Vec<HistoryCall<'a>>, ApiError> {
+        let i = self.index;
+        match self.fields.get("tool_calls").unwrap_or(&Value::Null) {
+            Value::Null => Ok(Vec::new()),
+            Value::Array(calls) => calls
+                .iter()
+                .enumerate()
+                .map(|(j, call)| history_call(call, i, j, provider, need_id))
+                .collect(),
+            other => Err(bad_message(format!(
+                "messages[{i}].tool_calls must be an array, not {}.",
+                json_type(other)
+            ))),
+        }
+    }
+
+    /// An assistant message as the target's blocks: text first, then one
+    /// block per tool call (ids required), made by `text_block` and
+    /// `tool_block(id, name, input)`.
+    pub fn assistant_blocks(
+        &self,
+        provider: &str,
+        text_block: fn(String) -> Value,
+        tool_block: fn(&str, &str, Value) -> Value,
+    ) -> Result<Vec<Value>, ApiError> {
+        let mut blocks: Vec<Value> = self
+            .assistant_texts()?
+            .into_iter()
+            .map(|text| text_block(text.to_string()))
+            .collect();
+        for call in self.tool_calls(provider, true)? {
+            blocks.push(tool_block(
+                call.id.unwrap_or_default(),
+                call.name,
+                call.arguments,
+            ));
+        }
+        Ok(blocks)
+    }
+
     /// The "role not supported" error, naming `provider`.
     pub fn unsupported_role(&self, role: &str, provider: &str) -> ApiError {
         bad_message(format!(
@@ -131,6 +216,66 @@ impl<'a> Message<'a> {
             self.index
         ))
     }
+}
+
+/// One tool call of an assistant message in the history.
+#[derive(Debug)]
+pub struct HistoryCall<'a> {
+    pub id: Option<&'a str>,
+    pub name: &'a str,
+    /// The arguments as a JSON object (targets that take structured input
+    /// need one).
+    pub arguments: Value,
+    /// The call as given, for provider data in it (Gemini's signatures).
+    pub raw: &'a Value,
+}
+
+fn history_call<'a>(
+    call: &'a Value,
+    i: usize,
+    j: usize,
+    provider: &str,
+    need_id: bool,
+) -> Result<HistoryCall<'a>, ApiError> {
+    let id = call.get("id").and_then(Value::as_str);
+    if need_id && id.is_none() {
+        return Err(bad_message(format!(
+            "messages[{i}].tool_calls[{j}] has no string 'id'."
+        )));
+    }
+    let function = call.get("function");
+    let name = function
+        .and_then(|f| f.get("name"))
+        .and_then(Value::as_str)
+        .ok_or_else(|| {
+            bad_message(format!(
+                "messages[{i}].tool_calls[{j}] has no string 'function.name'."
+            ))
+        })?;
+    let arguments = match function.and_then(|f| f.get("arguments")) {
+        None | Some(Value::Null) => Value::Object(Map::new()),
+        Some(Value::String(s)) if s.trim().is_empty() => Value::Object(Map::new()),
+        Some(Value::String(s)) => serde_json::from_str(s).map_err(|e| {
+            bad_message(format!(
+                "messages[{i}].tool_calls[{j}].function.arguments is not valid JSON ({e}); \
+                 the {provider} provider needs the arguments as a JSON object."
+            ))
+        })?,
+        Some(other) => other.clone(),
+    };
+    if !arguments.is_object() {
+        return Err(bad_message(format!(
+            "messages[{i}].tool_calls[{j}].function.arguments must encode a JSON object, \
+             not {}.",
+            json_type(&arguments)
+        )));
+    }
+    Ok(HistoryCall {
+        id,
+        name,
+        arguments,
+        raw: call,
+    })
 }
 
 /// The pivot request with every shared parameter checked and typed.

@@ -15,8 +15,7 @@ use crate::core::json::{from_slice_lossy, from_str_lossy};
 use crate::core::sse::{SseEvent, SseParser};
 use crate::core::usage::Usage;
 use crate::translate::chat_input::{
-    assistant_blocks, bad_message, has_prefix_ignore_case, invalid_type, json_type, plain_text,
-    quoted, unsupported,
+    bad_message, has_prefix_ignore_case, invalid_type, json_type, plain_text, quoted, unsupported,
 };
 use crate::translate::chat_output::{
     write_data, CachedTokens, ChatCompletion, ChatMessage, ChatUsage, Choice, Delta, FunctionCall,
@@ -180,9 +179,7 @@ fn convert_messages(chat: &ChatRequest<'_>) -> Result<(Option<String>, Vec<Turn>
             }
             Role::User => push_turn(&mut turns, "user", user_content(content, i)?),
             Role::Assistant => {
-                let blocks = assistant_blocks(
-                    message.fields,
-                    i,
+                let blocks = message.assistant_blocks(
                     "Anthropic",
                     text_block,
                     |id, name, input| json!({"type": "tool_use", "id": id, "name": name, "input": input}),

@@ -35,8 +35,7 @@ use crate::core::sha256::{hex, Sha256};
 use crate::core::usage::Usage;
 use crate::providers::aws::eventstream::{Decoder, Message};
 use crate::translate::chat_input::{
-    assistant_blocks, bad_message, has_prefix_ignore_case, json_type, plain_text, quoted,
-    unsupported,
+    bad_message, has_prefix_ignore_case, json_type, plain_text, quoted, unsupported,
 };
 use crate::translate::chat_output::{
     write_data, CachedTokens, ChatCompletion, ChatMessage, ChatUsage, Choice, Delta, FunctionCall,
@@ -192,9 +191,7 @@ fn convert_messages(chat: &ChatRequest<'_>) -> Result<(Vec<Value>, Vec<Turn>, bo
             }
             Role::User => push_turn(&mut turns, "user", user_blocks(content, i)?),
             Role::Assistant => {
-                let blocks = assistant_blocks(
-                    message.fields,
-                    i,
+                let blocks = message.assistant_blocks(
                     "Bedrock",
                     text_block,
                     |id, name, input| json!({"toolUse": {"toolUseId": id, "name": name, "input": input}}),

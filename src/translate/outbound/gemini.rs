@@ -112,7 +112,7 @@ use crate::translate::chat_output::{
 };
 use crate::translate::outbound::{ProviderTranslator, Upstream};
 use crate::translate::pivot::{
-    ChatRequest, ReasoningEffort, ResponseFormat, Role, Tool, ToolChoice,
+    ChatRequest, HistoryCall, Message, ReasoningEffort, ResponseFormat, Role, Tool, ToolChoice,
 };
 use crate::translate::stream::{EventMapping, EventStream, Flow};
 use crate::translate::{StreamFault, StreamTranslator};
@@ -316,124 +316,51 @@ fn user_parts(content: &Value, i: usize) -> Result<Vec<Value>, ApiError> {
     }
 }
 
-/// One assistant tool call: its `functionCall` part, and (id, name) for the
-/// tool results that follow.
-fn function_call_part(
-    call: &Value,
-    i: usize,
-    j: usize,
-) -> Result<(Value, Option<String>, String), ApiError> {
-    let function = call.get("function");
-    let name = function
-        .and_then(|f| f.get("name"))
-        .and_then(Value::as_str)
-        .ok_or_else(|| {
-            bad_message(format!(
-                "messages[{i}].tool_calls[{j}] has no string 'function.name'."
-            ))
-        })?;
-    let args = match function.and_then(|f| f.get("arguments")) {
-        None | Some(Value::Null) => Value::Object(Map::new()),
-        Some(Value::String(s)) if s.trim().is_empty() => Value::Object(Map::new()),
-        Some(Value::String(s)) => serde_json::from_str(s).map_err(|e| {
-            bad_message(format!(
-                "messages[{i}].tool_calls[{j}].function.arguments is not valid JSON ({e}); \
-                 the Gemini provider needs the arguments as a JSON object."
-            ))
-        })?,
-        Some(other) => other.clone(),
-    };
-    if !args.is_object() {
-        return Err(bad_message(format!(
-            "messages[{i}].tool_calls[{j}].function.arguments must encode a JSON object, \
-             not {}.",
-            json_type(&args)
-        )));
-    }
+/// A tool call of the history as a `functionCall` part, its thought
+/// signature read back from where the caller was handed it.
+fn function_call_part(call: HistoryCall<'_>) -> Value {
     let mut part = Map::new();
-    part.insert("functionCall".into(), json!({"name": name, "args": args}));
+    part.insert(
+        "functionCall".into(),
+        json!({"name": call.name, "args": call.arguments}),
+    );
     let signature = call
+        .raw
         .pointer("/extra_content/google/thought_signature")
         .and_then(Value::as_str);
     if let Some(signature) = signature {
         part.insert("thoughtSignature".into(), Value::String(signature.into()));
     }
-    let id = call.get("id").and_then(Value::as_str).map(str::to_string);
-    Ok((Value::Object(part), id, name.to_string()))
+    Value::Object(part)
 }
 
 /// An assistant message's parts; (id, name) of its tool calls go to `calls`.
 fn assistant_parts(
-    msg: &Map<String, Value>,
-    i: usize,
+    message: &Message<'_>,
     calls: &mut Vec<(Option<String>, String)>,
 ) -> Result<Vec<Value>, ApiError> {
-    let mut parts = Vec::new();
-    match msg.get("content").unwrap_or(&Value::Null) {
-        Value::Null => {}
-        Value::String(s) => {
-            if !s.is_empty() {
-                parts.push(text_part(s));
-            }
-        }
-        Value::Array(items) => {
-            for (j, item) in items.iter().enumerate() {
-                let kind = item.get("type").and_then(Value::as_str).unwrap_or_default();
-                let key = match kind {
-                    "text" => "text",
-                    "refusal" => "refusal",
-                    _ => {
-                        return Err(bad_message(format!(
-                            "messages[{i}].content[{j}]: assistant content parts must be of \
-                             type 'text' or 'refusal'."
-                        )))
-                    }
-                };
-                let text = item.get(key).and_then(Value::as_str).ok_or_else(|| {
-                    bad_message(format!("messages[{i}].content[{j}] has no string '{key}'."))
-                })?;
-                if !text.is_empty() {
-                    parts.push(text_part(text));
-                }
-            }
-        }
-        other => {
-            return Err(bad_message(format!(
-                "messages[{i}].content must be a string, an array of content parts or null, \
-                 not {}.",
-                json_type(other)
-            )))
+    let mut parts: Vec<Value> = message
+        .assistant_texts()?
+        .into_iter()
+        .map(text_part)
+        .collect();
+    let mut function_parts = Vec::new();
+    for call in message.tool_calls("Gemini", false)? {
+        calls.push((call.id.map(str::to_string), call.name.to_string()));
+        function_parts.push(function_call_part(call));
+    }
+    let signed = function_parts
+        .iter()
+        .any(|p| p.get("thoughtSignature").is_some());
+    if !signed {
+        if let Some(Value::Object(first)) = function_parts.first_mut() {
+            first.insert(
+                "thoughtSignature".into(),
+                Value::String(DUMMY_THOUGHT_SIGNATURE.into()),
+            );
         }
     }
-    match msg.get("tool_calls").unwrap_or(&Value::Null) {
-        Value::Null => {}
-        Value::Array(tool_calls) => {
-            let mut function_parts = Vec::with_capacity(tool_calls.len());
-            for (j, call) in tool_calls.iter().enumerate() {
-                let (part, id, name) = function_call_part(call, i, j)?;
-                function_parts.push(part);
-                calls.push((id, name));
-            }
-            let signed = function_parts
-                .iter()
-                .any(|p| p.get("thoughtSignature").is_some());
-            if !signed {
-                if let Some(Value::Object(first)) = function_parts.first_mut() {
-                    first.insert(
-                        "thoughtSignature".into(),
-                        Value::String(DUMMY_THOUGHT_SIGNATURE.into()),
-                    );
-                }
-            }
-            parts.extend(function_parts);
-        }
-        other => {
-            return Err(bad_message(format!(
-                "messages[{i}].tool_calls must be an array, not {}.",
-                json_type(other)
-            )))
-        }
-    }
+    parts.extend(function_parts);
     Ok(parts)
 }
 
@@ -454,7 +381,7 @@ fn convert_messages(chat: &ChatRequest<'_>) -> Result<(Vec<Value>, Vec<Turn>), A
     let mut calls: Vec<(Option<String>, String)> = Vec::new();
     for message in chat.messages() {
         let message = message?;
-        let (i, msg, content) = (message.index, message.fields, message.content());
+        let (i, content) = (message.index, message.content());
         match message.role {
             Role::System => {
                 let text = plain_text(content, i)?;
@@ -464,7 +391,7 @@ fn convert_messages(chat: &ChatRequest<'_>) -> Result<(Vec<Value>, Vec<Turn>), A
             }
             Role::User => push_turn(&mut turns, "user", user_parts(content, i)?),
             Role::Assistant => {
-                let parts = assistant_parts(msg, i, &mut calls)?;
+                let parts = assistant_parts(&message, &mut calls)?;
                 push_turn(&mut turns, "model", parts);
             }
             Role::Tool => {
