@@ -13,7 +13,7 @@ use crate::core::api_error::ApiError;
 use crate::translate::StreamTranslator;
 
 /// One caller API to and from the pivot.
-pub trait CallerTranslator: Sync {
+pub trait CallerTranslator {
     /// The caller's request body as a pivot (OpenAI Chat) request for
     /// `upstream_model`. `stream` is what the caller asked for where the
     /// body does not say it (Gemini puts it in the URL).

@@ -21,7 +21,7 @@ use crate::translate::chat_output::{
     write_data, CachedTokens, ChatCompletion, ChatMessage, ChatUsage, Choice, Delta, FunctionCall,
     FunctionDelta, PivotChunks, ToolCall, ToolCallDelta,
 };
-use crate::translate::outbound::{ProviderTranslator, Upstream};
+use crate::translate::outbound::{request_body, ProviderTranslator, Upstream};
 use crate::translate::pivot::{ChatRequest, ResponseFormat, Role, Tool, ToolChoice};
 use crate::translate::stream::{EventMapping, EventStream, Flow};
 use crate::translate::{StreamFault, StreamTranslator};
@@ -371,14 +371,7 @@ pub fn messages_request(
         tool_choice,
         thinking,
     };
-    serde_json::to_vec(&out).map_err(|e| {
-        ApiError::new(
-            500,
-            "server_error",
-            Some("gateway_error"),
-            format!("Gateway error: could not serialize the Anthropic request: {e}."),
-        )
-    })
+    request_body(&out, "Anthropic")
 }
 
 // ---------------------------------------------------------------------------

@@ -41,7 +41,7 @@ use crate::translate::chat_output::{
     write_data, CachedTokens, ChatCompletion, ChatMessage, ChatUsage, Choice, Delta, FunctionCall,
     FunctionDelta, PivotChunks, ToolCall, ToolCallDelta,
 };
-use crate::translate::outbound::{ProviderTranslator, Upstream};
+use crate::translate::outbound::{request_body, ProviderTranslator, Upstream};
 use crate::translate::pivot::{
     ChatRequest, ReasoningEffort, ResponseFormat, Role, Tool, ToolChoice,
 };
@@ -390,14 +390,7 @@ pub fn converse_request(
         },
         tool_config,
     };
-    serde_json::to_vec(&out).map_err(|e| {
-        ApiError::new(
-            500,
-            "server_error",
-            Some("gateway_error"),
-            format!("Gateway error: could not serialize the Converse request: {e}."),
-        )
-    })
+    request_body(&out, "Converse")
 }
 
 // ---------------------------------------------------------------------------

@@ -110,7 +110,7 @@ use crate::translate::chat_output::{
     write_data, CachedTokens, ChatUsage, Delta, FunctionDelta, PivotChunks, ReasoningTokens,
     ToolCallDelta,
 };
-use crate::translate::outbound::{ProviderTranslator, Upstream};
+use crate::translate::outbound::{request_body, ProviderTranslator, Upstream};
 use crate::translate::pivot::{
     ChatRequest, HistoryCall, Message, ReasoningEffort, ResponseFormat, Role, Tool, ToolChoice,
 };
@@ -638,14 +638,7 @@ pub fn generate_content_request(chat: &ChatRequest<'_>) -> Result<Vec<u8>, ApiEr
         tool_config,
         generation_config: config,
     };
-    serde_json::to_vec(&out).map_err(|e| {
-        ApiError::new(
-            500,
-            "server_error",
-            Some("gateway_error"),
-            format!("Gateway error: could not serialize the Gemini request: {e}."),
-        )
-    })
+    request_body(&out, "Gemini")
 }
 
 // ---------------------------------------------------------------------------

@@ -11,6 +11,8 @@ pub use anthropic::Anthropic;
 pub use bedrock::Bedrock;
 pub use gemini::Gemini;
 
+use serde::Serialize;
+
 use crate::core::api_error::ApiError;
 use crate::translate::pivot::ChatRequest;
 use crate::translate::StreamTranslator;
@@ -24,7 +26,7 @@ pub struct Upstream<'a> {
 }
 
 /// One provider API to and from the pivot.
-pub trait ProviderTranslator: Sync {
+pub trait ProviderTranslator {
     /// The pivot request as the provider's request body.
     fn request_from_pivot(
         &self,
@@ -45,4 +47,16 @@ pub trait ProviderTranslator: Sync {
         model: &str,
         created: u64,
     ) -> Box<dyn StreamTranslator>;
+}
+
+/// A provider request serialized; `api` names it in the (unexpected) error.
+pub fn request_body(request: &impl Serialize, api: &str) -> Result<Vec<u8>, ApiError> {
+    serde_json::to_vec(request).map_err(|e| {
+        ApiError::new(
+            500,
+            "server_error",
+            Some("gateway_error"),
+            format!("Gateway error: could not serialize the {api} request: {e}."),
+        )
+    })
 }
