@@ -1,4 +1,4 @@
-//! Native tests of the filter against a mocked host (see filter.rs).
+//! Native tests of the filter against a mocked host (the pipeline of `router.rs` and `attempt.rs`).
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -1569,7 +1569,7 @@ fn on_done_counts_exactly_one_request() {
 }
 
 // ---------------------------------------------------------------------------
-// Suspected bugs in filter.rs (ignored until fixed; see the reasons)
+// Suspected bugs in the pipeline (ignored until fixed; see the reasons)
 // ---------------------------------------------------------------------------
 
 const SLASHED_CONFIG: &str = r#"{

@@ -131,3 +131,70 @@ pub fn write_data(out: &mut Vec<u8>, json: &[u8]) {
     out.extend_from_slice(json);
     out.extend_from_slice(b"\n\n");
 }
+
+/// What every chunk of one pivot stream repeats, and how it is written.
+pub struct PivotChunks {
+    pub id: String,
+    pub model: String,
+    pub created: u64,
+    /// The caller asked for usage: content chunks carry `usage: null`, and
+    /// a last chunk the counts.
+    pub include_usage: bool,
+}
+
+impl PivotChunks {
+    pub fn new(include_usage: bool, model: &str, created: u64) -> Self {
+        PivotChunks {
+            id: String::new(),
+            model: model.to_string(),
+            created,
+            include_usage,
+        }
+    }
+
+    /// One chunk of `choices`.
+    pub fn write(
+        &self,
+        out: &mut Vec<u8>,
+        choices: &[ChunkChoice<'_>],
+        usage: Option<Option<ChatUsage>>,
+    ) {
+        let chunk = Chunk {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: &self.model,
+            choices,
+            usage,
+        };
+        match serde_json::to_vec(&chunk) {
+            Ok(json) => write_data(out, &json),
+            Err(e) => log::error!("could not serialize a chat.completion.chunk: {e}"),
+        }
+    }
+
+    /// One chunk of one choice's `delta`.
+    pub fn delta(
+        &self,
+        out: &mut Vec<u8>,
+        index: u64,
+        delta: Delta<'_>,
+        finish: Option<&'static str>,
+    ) {
+        let choices = [ChunkChoice {
+            index,
+            delta,
+            logprobs: (),
+            finish_reason: finish,
+        }];
+        self.write(out, &choices, self.include_usage.then_some(None));
+    }
+
+    /// The complete stream's end: the usage chunk when asked for, `[DONE]`.
+    pub fn end(&self, out: &mut Vec<u8>, usage: ChatUsage) {
+        if self.include_usage {
+            self.write(out, &[], Some(Some(usage)));
+        }
+        out.extend_from_slice(b"data: [DONE]\n\n");
+    }
+}

@@ -11,13 +11,13 @@ use crate::core::api_error::{normalise_error, quotes_secret, redact, ApiError, E
 use crate::core::json::{splice, splice_all, TopLevel};
 use crate::core::schema::Schema;
 use crate::providers::ProviderKind;
+use crate::translate::inbound::{self, CallerTranslator};
 use crate::translate::openai_usage::{self, OpenAiStreamUsage};
+use crate::translate::outbound::{self, ProviderTranslator, Upstream};
 use crate::translate::passthrough::{AnthropicStreamWatch, GeminiStreamWatch};
+use crate::translate::pivot::ChatRequest;
 use crate::translate::scrub::Scrubbed;
-use crate::translate::{
-    anthropic_openai, gemini_openai, openai_anthropic, openai_bedrock, openai_gemini, Chain,
-    StreamTranslator,
-};
+use crate::translate::{request_object, Chain, StreamTranslator};
 
 /// The `anthropic_version` Vertex AI expects in the body of Anthropic models.
 pub const VERTEX_ANTHROPIC_VERSION: &str = "vertex-2023-10-16";
@@ -80,69 +80,66 @@ pub fn translate_request(
         return Ok((out, exchange));
     }
 
+    if inbound.caller == Schema::Converse {
+        return Err(ApiError::invalid_request(
+            Some("unsupported_api"),
+            "Bedrock-shaped callers are not served.".into(),
+        ));
+    }
     // Caller schema -> OpenAI pivot.
-    let pivot: Option<Vec<u8>> = match inbound.caller {
-        Schema::OpenAi => None,
-        Schema::Anthropic => {
-            Some(anthropic_openai::messages_request_to_chat(body, &route.upstream_model)?.0)
-        }
-        Schema::Gemini => Some(gemini_openai::gemini_request_to_chat(
-            body,
-            &route.upstream_model,
-            inbound.stream,
-        )?),
-        Schema::Converse => {
-            return Err(ApiError::invalid_request(
-                Some("unsupported_api"),
-                "Bedrock-shaped callers are not served.".into(),
-            ))
-        }
-    };
-    let pivot_body = pivot.as_deref().unwrap_or(body);
+    let pivot: Option<Vec<u8>> = caller_translator(inbound.caller)
+        .map(|t| t.request_to_pivot(body, &route.upstream_model, inbound.stream))
+        .transpose()?;
     // OpenAI pivot -> provider schema.
-    let (out, stream, usage) = match route.schema {
-        Schema::OpenAi => {
-            // The pivot translators ask for usage in streamed requests already.
-            let out = pivot.unwrap_or_else(|| body.to_vec());
-            let out = if matches!(
-                provider.kind,
-                ProviderKind::OpenAi | ProviderKind::AzureOpenAi
-            ) {
-                modern_token_limit(out)
-            } else {
-                out
-            };
-            (out, inbound.stream, false)
-        }
-        Schema::Anthropic => {
-            let (b, info) = openai_anthropic::chat_request_to_messages(
-                pivot_body,
-                &route.upstream_model,
-                provider.default_max_tokens,
-            )?;
-            let b = if route.vertex_anthropic {
-                for_vertex_anthropic(&b)?
-            } else {
-                b
-            };
-            (b, info.stream, info.include_usage)
-        }
-        Schema::Gemini => {
-            let (b, info) = openai_gemini::chat_request_to_gemini(pivot_body)?;
-            (b, info.stream, info.include_usage)
-        }
-        Schema::Converse => {
-            let (b, info) = openai_bedrock::chat_request_to_converse(
-                pivot_body,
-                Some(provider.default_max_tokens),
-            )?;
-            (b, info.stream, info.include_usage)
-        }
+    let Some(translator) = provider_translator(route.schema) else {
+        // The pivot translators ask for usage in streamed requests already.
+        let out = pivot.unwrap_or_else(|| body.to_vec());
+        let out = if matches!(
+            provider.kind,
+            ProviderKind::OpenAi | ProviderKind::AzureOpenAi
+        ) {
+            modern_token_limit(out)
+        } else {
+            out
+        };
+        return Ok((Some(out), exchange));
     };
-    exchange.stream = stream;
+    let req = request_object(pivot.as_deref().unwrap_or(body))?;
+    let chat = ChatRequest::parse(&req)?;
+    let upstream = Upstream {
+        model: &route.upstream_model,
+        default_max_tokens: provider.default_max_tokens,
+    };
+    let mut out = translator.request_from_pivot(&chat, &upstream)?;
+    if route.vertex_anthropic {
+        out = for_vertex_anthropic(&out)?;
+    }
+    exchange.stream = chat.stream;
     // Non-OpenAI callers always get usage from the pivot; it is theirs to show.
-    exchange.caller_wants_usage = inbound.caller == Schema::OpenAi && usage;
+    exchange.caller_wants_usage =
+        inbound.caller == Schema::OpenAi && chat.stream && chat.include_usage;
     Ok((Some(out), exchange))
+}
+
+/// The translator between the caller's API and the pivot; None for the
+/// pivot's own callers.
+fn caller_translator(caller: Schema) -> Option<&'static dyn CallerTranslator> {
+    match caller {
+        Schema::Anthropic => Some(&inbound::Anthropic),
+        Schema::Gemini => Some(&inbound::Gemini),
+        Schema::OpenAi | Schema::Converse => None,
+    }
+}
+
+/// The translator between the pivot and the provider's API; None for
+/// providers that speak the pivot.
+fn provider_translator(provider: Schema) -> Option<&'static dyn ProviderTranslator> {
+    match provider {
+        Schema::Anthropic => Some(&outbound::Anthropic),
+        Schema::Gemini => Some(&outbound::Gemini),
+        Schema::Converse => Some(&outbound::Bedrock),
+        Schema::OpenAi => None,
+    }
 }
 
 /// OpenAI's reasoning models refuse `max_tokens`; OpenAI and Azure accept
@@ -185,19 +182,17 @@ fn for_vertex_anthropic(body: &[u8]) -> Result<Vec<u8>, ApiError> {
 
 /// An error the gateway raises itself, in the caller's shape.
 pub fn error_body(caller: Schema, error: &ApiError) -> Vec<u8> {
-    match caller {
-        Schema::Anthropic => anthropic_openai::error_body(error),
-        Schema::Gemini => gemini_openai::error_body(error),
-        Schema::OpenAi | Schema::Converse => error.body(),
+    match caller_translator(caller) {
+        Some(t) => t.error_body(error),
+        None => error.body(),
     }
 }
 
 /// An OpenAI-shaped error body, re-shaped for the caller.
 fn openai_error_to_caller(caller: Schema, status: u16, openai: Vec<u8>) -> Vec<u8> {
-    match caller {
-        Schema::Anthropic => anthropic_openai::chat_error_to_messages(status, &openai),
-        Schema::Gemini => gemini_openai::chat_error_to_gemini(status, &openai),
-        Schema::OpenAi | Schema::Converse => openai,
+    match caller_translator(caller) {
+        Some(t) => t.error_from_pivot(status, &openai),
+        None => openai,
     }
 }
 
@@ -206,11 +201,9 @@ pub fn caller_status(exchange: &Exchange, status: u16, error_type: Option<&str>)
     if exchange.caller == exchange.provider {
         return status;
     }
-    match exchange.provider {
-        Schema::OpenAi => status,
-        Schema::Anthropic => openai_anthropic::caller_status(status),
-        Schema::Gemini => openai_gemini::caller_status(status),
-        Schema::Converse => openai_bedrock::caller_status(status, error_type),
+    match provider_translator(exchange.provider) {
+        Some(t) => t.caller_status(status, error_type),
+        None => status,
     }
 }
 
@@ -260,19 +253,15 @@ pub fn translate_error(
     }
     // Anything else (plain text, an HTML page, another API's JSON) is read
     // through the OpenAI pivot, even between ends of the same API.
-    let openai = match exchange.provider {
-        Schema::OpenAi => {
+    let openai = match provider_translator(exchange.provider) {
+        Some(t) => t.error_to_pivot(status, reply.error_type, reply.body),
+        None => {
             let normalised =
                 normalise_error(status, reply.body, reply.provider, origin, reply.secrets);
             if caller == Schema::OpenAi {
                 return normalised;
             }
             normalised.unwrap_or_else(|| reply.body.to_vec())
-        }
-        Schema::Anthropic => openai_anthropic::messages_error_to_chat(status, reply.body),
-        Schema::Gemini => openai_gemini::gemini_error_to_chat(status, reply.body),
-        Schema::Converse => {
-            openai_bedrock::converse_error_to_chat(status, reply.error_type, reply.body)
         }
     };
     let openai = redact(&String::from_utf8_lossy(&openai), reply.secrets).into_bytes();
@@ -315,21 +304,14 @@ pub fn translate_response(
         return Ok(None);
     }
     let model = exchange.upstream_model.as_str();
-    let pivot = match exchange.provider {
-        Schema::OpenAi => None,
-        Schema::Anthropic => Some(openai_anthropic::messages_response_to_chat(body, created)?),
-        Schema::Gemini => Some(openai_gemini::gemini_response_to_chat(
-            body, model, created,
-        )?),
-        Schema::Converse => Some(openai_bedrock::converse_response_to_chat(
-            body, model, created,
-        )?),
-    };
-    let pivot_body = pivot.as_deref().unwrap_or(body);
-    match exchange.caller {
-        Schema::OpenAi | Schema::Converse => Ok(pivot),
-        Schema::Anthropic => anthropic_openai::chat_response_to_messages(pivot_body).map(Some),
-        Schema::Gemini => gemini_openai::chat_response_to_gemini(pivot_body).map(Some),
+    let pivot = provider_translator(exchange.provider)
+        .map(|t| t.answer_to_pivot(body, model, created))
+        .transpose()?;
+    match caller_translator(exchange.caller) {
+        Some(t) => t
+            .answer_from_pivot(pivot.as_deref().unwrap_or(body))
+            .map(Some),
+        None => Ok(pivot),
     }
 }
 
@@ -354,49 +336,25 @@ pub fn stream_translator(
 }
 
 fn events_translator(exchange: &Exchange, created: u64) -> Option<Box<dyn StreamTranslator>> {
-    let model = exchange.upstream_model.as_str();
+    if exchange.caller == exchange.provider {
+        // The same API on both ends: watched, not translated.
+        return match exchange.provider {
+            Schema::Anthropic => Some(Box::new(AnthropicStreamWatch::new())),
+            Schema::Gemini => Some(Box::new(GeminiStreamWatch::new())),
+            Schema::OpenAi => Some(Box::new(OpenAiStreamUsage::hiding(
+                !exchange.caller_wants_usage,
+            ))),
+            Schema::Converse => None,
+        };
+    }
     // A non-OpenAI caller's translator needs usage from the pivot.
     let pivot_usage = exchange.caller != Schema::OpenAi || exchange.caller_wants_usage;
-    let provider_side: Option<Box<dyn StreamTranslator>> = match exchange.provider {
-        Schema::Anthropic if exchange.caller == Schema::Anthropic => {
-            return Some(Box::new(AnthropicStreamWatch::new()))
-        }
-        Schema::Gemini if exchange.caller == Schema::Gemini => {
-            return Some(Box::new(GeminiStreamWatch::new()))
-        }
-        Schema::OpenAi if exchange.caller == Schema::OpenAi => Some(Box::new(
-            OpenAiStreamUsage::hiding(!exchange.caller_wants_usage),
-        )),
-        Schema::OpenAi => None,
-        Schema::Anthropic => Some(Box::new(openai_anthropic::MessagesStreamToChat::new(
-            pivot_usage,
-            created,
-        ))),
-        Schema::Gemini => Some(Box::new(openai_gemini::GeminiStreamToChat::new(
-            pivot_usage,
-            model,
-            created,
-        ))),
-        Schema::Converse => Some(Box::new(openai_bedrock::ConverseStreamToChat::new(
-            pivot_usage,
-            model,
-            created,
-        ))),
-    };
+    let provider_side = provider_translator(exchange.provider)
+        .map(|t| t.stream_to_pivot(pivot_usage, &exchange.upstream_model, created));
     // Behind a provider-side translator the caller side reads the pivot the
     // gateway wrote, not the provider's own events.
     let reads_pivot = provider_side.is_some();
-    let caller_side: Option<Box<dyn StreamTranslator>> = match exchange.caller {
-        Schema::OpenAi | Schema::Converse => None,
-        Schema::Anthropic => {
-            let t = anthropic_openai::ChatStreamToMessages::new();
-            Some(Box::new(if reads_pivot { t.reading_pivot() } else { t }))
-        }
-        Schema::Gemini => {
-            let t = gemini_openai::ChatStreamToGemini::new();
-            Some(Box::new(if reads_pivot { t.reading_pivot() } else { t }))
-        }
-    };
+    let caller_side = caller_translator(exchange.caller).map(|t| t.stream_from_pivot(reads_pivot));
     match (provider_side, caller_side) {
         (Some(p), Some(c)) => Some(Box::new(Chain::new(p, c))),
         (p, c) => p.or(c),

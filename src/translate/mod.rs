@@ -6,15 +6,25 @@
 //! N + M translators, not N × M. A caller and a provider that speak the same
 //! schema skip translation entirely (only `model` is rewritten).
 //!
-//! | module            | caller speaks      | provider speaks                          |
-//! |-------------------|--------------------|------------------------------------------|
-//! | `openai_anthropic`| OpenAI             | Anthropic Messages (also on Vertex AI)   |
-//! | `openai_gemini`   | OpenAI             | Gemini `generateContent` (also Vertex AI)|
-//! | `openai_bedrock`  | OpenAI             | AWS Bedrock Converse                     |
-//! | `openai_usage`    | OpenAI             | OpenAI (usage read from streams)         |
-//! | `passthrough`     | Anthropic, Gemini  | the same schema (streams watched)        |
-//! | `anthropic_openai`| Anthropic Messages | OpenAI (the pivot)                       |
-//! | `gemini_openai`   | Gemini `generateContent` | OpenAI (the pivot)           |
+//! | module               | caller speaks            | provider speaks                           |
+//! |----------------------|--------------------------|-------------------------------------------|
+//! | `outbound/anthropic` | OpenAI (the pivot)       | Anthropic Messages (also on Vertex AI)    |
+//! | `outbound/gemini`    | OpenAI (the pivot)       | Gemini `generateContent` (also Vertex AI) |
+//! | `outbound/bedrock`   | OpenAI (the pivot)       | AWS Bedrock Converse                      |
+//! | `inbound/anthropic`  | Anthropic Messages       | OpenAI (the pivot)                        |
+//! | `inbound/gemini`     | Gemini `generateContent` | OpenAI (the pivot)                        |
+//! | `openai_usage`       | OpenAI                   | OpenAI (usage read from streams)          |
+//! | `passthrough`        | Anthropic, Gemini        | the same schema (streams watched)         |
+//!
+//! `inbound/` translators implement `inbound::CallerTranslator` and
+//! `outbound/` ones `outbound::ProviderTranslator`; `exchange` picks them
+//! and chains them through the pivot. The pivot request is read once, into
+//! `pivot::ChatRequest`, where every parameter all providers read is
+//! checked; an outbound translator only writes its API's body from it and
+//! refuses what its API cannot do. Every translating stream is a
+//! `stream::EventStream`: it owns the framing (SSE or AWS event-stream),
+//! faults and the end, and the translator supplies only the per-event
+//! mapping (`stream::EventMapping`).
 //!
 //! Each module is pure: bytes in, bytes out, no host calls, so the filter
 //! decides when to call it and the logic is tested natively.
@@ -31,19 +41,18 @@
 //! a [`StreamFault`]: the caller's stream ends there with an error event and
 //! nothing after it, never with a hole in the text and a clean end.
 
-pub mod anthropic_openai;
 pub mod chat_input;
 pub mod chat_output;
 pub mod exchange;
-pub mod gemini_openai;
 #[cfg(test)]
 mod golden_tests;
-pub mod openai_anthropic;
-pub mod openai_bedrock;
-pub mod openai_gemini;
+pub mod inbound;
 pub mod openai_usage;
+pub mod outbound;
 pub mod passthrough;
+pub mod pivot;
 pub mod scrub;
+pub mod stream;
 #[cfg(test)]
 mod stream_faults_tests;
 

@@ -214,17 +214,8 @@ impl StreamEnd for OpenAiStreamEnd {
     /// A stream that stopped without `[DONE]` or an error event of its own
     /// gets an OpenAI error event, so the SDK raises instead of accepting a
     /// truncated answer.
-    fn finish(&mut self, out: &mut Vec<u8>) {
-        if self.ended {
-            return;
-        }
-        let error = ApiError::new(
-            502,
-            "server_error",
-            Some("stream_interrupted"),
-            "The provider's stream ended before completion; the answer is incomplete.".into(),
-        );
-        self.fail(&error, out);
+    fn ended(&self) -> bool {
+        self.ended
     }
 
     fn usage(&self) -> Option<Usage> {

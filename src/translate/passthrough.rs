@@ -20,19 +20,12 @@ use crate::core::api_error::ApiError;
 use crate::core::json::from_str_lossy;
 use crate::core::sse::{SseEvent, SseParser};
 use crate::core::usage::Usage;
-use crate::translate::{anthropic_openai, gemini_openai, StreamFault, StreamTranslator};
+use crate::translate::inbound::{anthropic as anthropic_caller, gemini as gemini_caller};
+use crate::translate::stream::interrupted;
+use crate::translate::{StreamFault, StreamTranslator};
 
 /// Tails grown past this by a large event are freed once it went out.
 const KEPT_TAIL_BYTES: usize = 64 * 1024;
-
-fn interrupted(provider: &str) -> ApiError {
-    ApiError::new(
-        502,
-        "server_error",
-        Some("stream_interrupted"),
-        format!("The {provider} stream ended before completion; the answer is incomplete."),
-    )
-}
 
 fn n(v: Option<&Value>) -> Option<u64> {
     v.and_then(Value::as_u64)
@@ -56,8 +49,8 @@ pub trait StreamEnd {
     fn on_event(&mut self, event: SseEvent) -> Verdict;
     /// Appends the schema's error event for `error`; the stream has ended.
     fn fail(&mut self, error: &ApiError, out: &mut Vec<u8>);
-    /// Appends the schema's error event unless the stream ended properly.
-    fn finish(&mut self, out: &mut Vec<u8>);
+    /// The stream reached its schema's end (or its own error event).
+    fn ended(&self) -> bool;
     fn usage(&self) -> Option<Usage>;
 }
 
@@ -155,10 +148,10 @@ impl<S: StreamEnd> StreamTranslator for StreamWatch<S> {
     /// is dropped rather than sent half.
     fn finish(&mut self, out: &mut Vec<u8>) {
         self.tail = Vec::new();
-        if self.failed {
+        if self.failed || self.state.ended() {
             return;
         }
-        self.state.finish(out);
+        self.state.fail(&interrupted(S::PROVIDER), out);
     }
 
     fn usage(&self) -> Option<Usage> {
@@ -228,14 +221,12 @@ impl StreamEnd for AnthropicStreamEnd {
     fn fail(&mut self, error: &ApiError, out: &mut Vec<u8>) {
         self.ended = true;
         out.extend_from_slice(b"event: error\ndata: ");
-        out.extend_from_slice(&anthropic_openai::error_body(error));
+        out.extend_from_slice(&anthropic_caller::error_body(error));
         out.extend_from_slice(b"\n\n");
     }
 
-    fn finish(&mut self, out: &mut Vec<u8>) {
-        if !self.ended {
-            self.fail(&interrupted(Self::PROVIDER), out);
-        }
+    fn ended(&self) -> bool {
+        self.ended
     }
 
     fn usage(&self) -> Option<Usage> {
@@ -300,14 +291,12 @@ impl StreamEnd for GeminiStreamEnd {
     fn fail(&mut self, error: &ApiError, out: &mut Vec<u8>) {
         self.failed = true;
         out.extend_from_slice(b"data: ");
-        out.extend_from_slice(&gemini_openai::error_body(error));
+        out.extend_from_slice(&gemini_caller::error_body(error));
         out.extend_from_slice(b"\r\n\r\n");
     }
 
-    fn finish(&mut self, out: &mut Vec<u8>) {
-        if !self.finished && !self.failed {
-            self.fail(&interrupted(Self::PROVIDER), out);
-        }
+    fn ended(&self) -> bool {
+        self.finished || self.failed
     }
 
     fn usage(&self) -> Option<Usage> {

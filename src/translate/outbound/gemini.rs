@@ -90,9 +90,10 @@
 //!   `completion_tokens_details.reasoning_tokens`.
 //! * Streaming: Gemini never says "done", so the stream is complete when the
 //!   upstream body ends after every candidate seen has had its
-//!   `finishReason`; [`StreamTranslator::finish`] then writes the usage chunk
-//!   (when asked for) and `[DONE]`. An end before that, or an `error` object
-//!   in the stream, gives an OpenAI error event and no `[DONE]`.
+//!   `finishReason`; the end of the body (`EventMapping::on_end`) then
+//!   writes the usage chunk (when asked for) and `[DONE]`. An end before
+//!   that, or an `error` object in the stream, gives an OpenAI error event
+//!   and no `[DONE]`.
 
 use serde::Serialize;
 use serde_json::{json, Map, Value};
@@ -106,9 +107,14 @@ use crate::translate::chat_input::{
     quoted, unsupported,
 };
 use crate::translate::chat_output::{
-    write_data, CachedTokens, ChatUsage, Chunk, ChunkChoice, Delta, FunctionDelta, ReasoningTokens,
+    write_data, CachedTokens, ChatUsage, Delta, FunctionDelta, PivotChunks, ReasoningTokens,
     ToolCallDelta,
 };
+use crate::translate::outbound::{request_body, ProviderTranslator, Upstream};
+use crate::translate::pivot::{
+    ChatRequest, HistoryCall, Message, ReasoningEffort, ResponseFormat, Role, Tool, ToolChoice,
+};
+use crate::translate::stream::{EventMapping, EventStream, Flow};
 use crate::translate::{StreamFault, StreamTranslator};
 
 /// Thinking budgets for OpenAI's `reasoning_effort` values.
@@ -310,124 +316,51 @@ fn user_parts(content: &Value, i: usize) -> Result<Vec<Value>, ApiError> {
     }
 }
 
-/// One assistant tool call: its `functionCall` part, and (id, name) for the
-/// tool results that follow.
-fn function_call_part(
-    call: &Value,
-    i: usize,
-    j: usize,
-) -> Result<(Value, Option<String>, String), ApiError> {
-    let function = call.get("function");
-    let name = function
-        .and_then(|f| f.get("name"))
-        .and_then(Value::as_str)
-        .ok_or_else(|| {
-            bad_message(format!(
-                "messages[{i}].tool_calls[{j}] has no string 'function.name'."
-            ))
-        })?;
-    let args = match function.and_then(|f| f.get("arguments")) {
-        None | Some(Value::Null) => Value::Object(Map::new()),
-        Some(Value::String(s)) if s.trim().is_empty() => Value::Object(Map::new()),
-        Some(Value::String(s)) => serde_json::from_str(s).map_err(|e| {
-            bad_message(format!(
-                "messages[{i}].tool_calls[{j}].function.arguments is not valid JSON ({e}); \
-                 the Gemini provider needs the arguments as a JSON object."
-            ))
-        })?,
-        Some(other) => other.clone(),
-    };
-    if !args.is_object() {
-        return Err(bad_message(format!(
-            "messages[{i}].tool_calls[{j}].function.arguments must encode a JSON object, \
-             not {}.",
-            json_type(&args)
-        )));
-    }
+/// A tool call of the history as a `functionCall` part, its thought
+/// signature read back from where the caller was handed it.
+fn function_call_part(call: HistoryCall<'_>) -> Value {
     let mut part = Map::new();
-    part.insert("functionCall".into(), json!({"name": name, "args": args}));
+    part.insert(
+        "functionCall".into(),
+        json!({"name": call.name, "args": call.arguments}),
+    );
     let signature = call
+        .raw
         .pointer("/extra_content/google/thought_signature")
         .and_then(Value::as_str);
     if let Some(signature) = signature {
         part.insert("thoughtSignature".into(), Value::String(signature.into()));
     }
-    let id = call.get("id").and_then(Value::as_str).map(str::to_string);
-    Ok((Value::Object(part), id, name.to_string()))
+    Value::Object(part)
 }
 
 /// An assistant message's parts; (id, name) of its tool calls go to `calls`.
 fn assistant_parts(
-    msg: &Map<String, Value>,
-    i: usize,
+    message: &Message<'_>,
     calls: &mut Vec<(Option<String>, String)>,
 ) -> Result<Vec<Value>, ApiError> {
-    let mut parts = Vec::new();
-    match msg.get("content").unwrap_or(&Value::Null) {
-        Value::Null => {}
-        Value::String(s) => {
-            if !s.is_empty() {
-                parts.push(text_part(s));
-            }
-        }
-        Value::Array(items) => {
-            for (j, item) in items.iter().enumerate() {
-                let kind = item.get("type").and_then(Value::as_str).unwrap_or_default();
-                let key = match kind {
-                    "text" => "text",
-                    "refusal" => "refusal",
-                    _ => {
-                        return Err(bad_message(format!(
-                            "messages[{i}].content[{j}]: assistant content parts must be of \
-                             type 'text' or 'refusal'."
-                        )))
-                    }
-                };
-                let text = item.get(key).and_then(Value::as_str).ok_or_else(|| {
-                    bad_message(format!("messages[{i}].content[{j}] has no string '{key}'."))
-                })?;
-                if !text.is_empty() {
-                    parts.push(text_part(text));
-                }
-            }
-        }
-        other => {
-            return Err(bad_message(format!(
-                "messages[{i}].content must be a string, an array of content parts or null, \
-                 not {}.",
-                json_type(other)
-            )))
+    let mut parts: Vec<Value> = message
+        .assistant_texts()?
+        .into_iter()
+        .map(text_part)
+        .collect();
+    let mut function_parts = Vec::new();
+    for call in message.tool_calls("Gemini", false)? {
+        calls.push((call.id.map(str::to_string), call.name.to_string()));
+        function_parts.push(function_call_part(call));
+    }
+    let signed = function_parts
+        .iter()
+        .any(|p| p.get("thoughtSignature").is_some());
+    if !signed {
+        if let Some(Value::Object(first)) = function_parts.first_mut() {
+            first.insert(
+                "thoughtSignature".into(),
+                Value::String(DUMMY_THOUGHT_SIGNATURE.into()),
+            );
         }
     }
-    match msg.get("tool_calls").unwrap_or(&Value::Null) {
-        Value::Null => {}
-        Value::Array(tool_calls) => {
-            let mut function_parts = Vec::with_capacity(tool_calls.len());
-            for (j, call) in tool_calls.iter().enumerate() {
-                let (part, id, name) = function_call_part(call, i, j)?;
-                function_parts.push(part);
-                calls.push((id, name));
-            }
-            let signed = function_parts
-                .iter()
-                .any(|p| p.get("thoughtSignature").is_some());
-            if !signed {
-                if let Some(Value::Object(first)) = function_parts.first_mut() {
-                    first.insert(
-                        "thoughtSignature".into(),
-                        Value::String(DUMMY_THOUGHT_SIGNATURE.into()),
-                    );
-                }
-            }
-            parts.extend(function_parts);
-        }
-        other => {
-            return Err(bad_message(format!(
-                "messages[{i}].tool_calls must be an array, not {}.",
-                json_type(other)
-            )))
-        }
-    }
+    parts.extend(function_parts);
     Ok(parts)
 }
 
@@ -441,42 +374,28 @@ fn tool_response(content: &Value, i: usize) -> Result<Value, ApiError> {
 }
 
 /// `messages` split into the system instruction and alternating turns.
-fn convert_messages(messages: &[Value]) -> Result<(Vec<Value>, Vec<Turn>), ApiError> {
+fn convert_messages(chat: &ChatRequest<'_>) -> Result<(Vec<Value>, Vec<Turn>), ApiError> {
     let mut system: Vec<Value> = Vec::new();
     let mut turns: Vec<Turn> = Vec::new();
     // (id, name) of every assistant tool call so far, in order.
     let mut calls: Vec<(Option<String>, String)> = Vec::new();
-    for (i, message) in messages.iter().enumerate() {
-        let Some(msg) = message.as_object() else {
-            return Err(bad_message(format!(
-                "messages[{i}] must be an object, not {}.",
-                json_type(message)
-            )));
-        };
-        let role = msg
-            .get("role")
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad_message(format!("messages[{i}] has no string 'role'.")))?;
-        let content = msg.get("content").unwrap_or(&Value::Null);
-        match role {
-            "system" | "developer" => {
+    for message in chat.messages() {
+        let message = message?;
+        let (i, content) = (message.index, message.content());
+        match message.role {
+            Role::System => {
                 let text = plain_text(content, i)?;
                 if !text.is_empty() {
                     system.push(text_part(&text));
                 }
             }
-            "user" => push_turn(&mut turns, "user", user_parts(content, i)?),
-            "assistant" => {
-                let parts = assistant_parts(msg, i, &mut calls)?;
+            Role::User => push_turn(&mut turns, "user", user_parts(content, i)?),
+            Role::Assistant => {
+                let parts = assistant_parts(&message, &mut calls)?;
                 push_turn(&mut turns, "model", parts);
             }
-            "tool" => {
-                let id = msg
-                    .get("tool_call_id")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| {
-                        bad_message(format!("messages[{i}] has no string 'tool_call_id'."))
-                    })?;
+            Role::Tool => {
+                let id = message.tool_call_id()?;
                 let name = calls
                     .iter()
                     .rev()
@@ -495,13 +414,7 @@ fn convert_messages(messages: &[Value]) -> Result<(Vec<Value>, Vec<Turn>), ApiEr
                 }});
                 push_turn(&mut turns, "user", vec![part]);
             }
-            other => {
-                return Err(bad_message(format!(
-                    "messages[{i}]: the role '{other}' is not supported by the Gemini \
-                     provider through this gateway; use system, developer, user, assistant \
-                     or tool."
-                )))
-            }
+            Role::Other(role) => return Err(message.unsupported_role(role, "Gemini")),
         }
     }
     if turns.is_empty() {
@@ -512,72 +425,25 @@ fn convert_messages(messages: &[Value]) -> Result<(Vec<Value>, Vec<Turn>), ApiEr
     Ok((system, turns))
 }
 
-fn convert_tool(tool: &Value, i: usize) -> Result<Value, ApiError> {
-    let bad = |what: &str| invalid_value("tools", format!("tools[{i}] {what}."));
-    if tool.get("type").and_then(Value::as_str) != Some("function") {
-        return Err(bad("must be of type 'function'"));
-    }
-    let function = tool
-        .get("function")
-        .and_then(Value::as_object)
-        .ok_or_else(|| bad("has no 'function' object"))?;
-    let name = function
-        .get("name")
-        .and_then(Value::as_str)
-        .ok_or_else(|| bad("has no string 'function.name'"))?;
+fn convert_tool(tool: &Tool<'_>) -> Value {
     let mut out = Map::new();
-    out.insert("name".into(), Value::String(name.to_string()));
-    match function.get("description") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(d)) => {
-            out.insert("description".into(), Value::String(d.clone()));
-        }
-        Some(_) => return Err(bad("has a 'function.description' that is not a string")),
+    out.insert("name".into(), Value::String(tool.name.to_string()));
+    if let Some(d) = tool.description {
+        out.insert("description".into(), Value::String(d.to_string()));
     }
-    match function.get("parameters") {
-        None | Some(Value::Null) => {}
-        Some(p @ Value::Object(_)) => {
-            out.insert("parametersJsonSchema".into(), p.clone());
-        }
-        Some(_) => return Err(bad("has 'function.parameters' that is not an object")),
+    if let Some(p) = tool.parameters {
+        out.insert("parametersJsonSchema".into(), p.clone());
     }
-    Ok(Value::Object(out))
+    Value::Object(out)
 }
 
 /// `tool_choice` -> (Gemini mode, allowed function name).
-fn convert_tool_choice(choice: &Value) -> Result<(&'static str, Option<&str>), ApiError> {
+fn convert_tool_choice(choice: ToolChoice<'_>) -> (&'static str, Option<&str>) {
     match choice {
-        Value::String(s) => match s.as_str() {
-            "auto" => Ok(("AUTO", None)),
-            "none" => Ok(("NONE", None)),
-            "required" => Ok(("ANY", None)),
-            other => Err(invalid_value(
-                "tool_choice",
-                format!(
-                    "Invalid 'tool_choice' value '{other}': use 'auto', 'none', 'required' \
-                     or a function object."
-                ),
-            )),
-        },
-        Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("function") => {
-            let name = o
-                .get("function")
-                .and_then(|f| f.get("name"))
-                .and_then(Value::as_str)
-                .ok_or_else(|| {
-                    invalid_value(
-                        "tool_choice",
-                        "'tool_choice' has no string 'function.name'.".into(),
-                    )
-                })?;
-            Ok(("ANY", Some(name)))
-        }
-        _ => Err(invalid_value(
-            "tool_choice",
-            "'tool_choice' must be 'auto', 'none', 'required' or \
-             {\"type\":\"function\",\"function\":{\"name\":...}}."
-                .into(),
-        )),
+        ToolChoice::Auto => ("AUTO", None),
+        ToolChoice::None => ("NONE", None),
+        ToolChoice::Required => ("ANY", None),
+        ToolChoice::Named(name) => ("ANY", Some(name)),
     }
 }
 
@@ -598,8 +464,8 @@ struct GenerateContentRequest<'a> {
 #[derive(Serialize, Default)]
 #[serde(rename_all = "camelCase")]
 struct GenerationConfig<'a> {
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    stop_sequences: Vec<&'a str>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    stop_sequences: &'a [&'a str],
     #[serde(skip_serializing_if = "Option::is_none")]
     response_mime_type: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -640,65 +506,59 @@ impl GenerationConfig<'_> {
 
 /// `response_format` -> (`responseMimeType`, `responseJsonSchema`).
 fn convert_response_format(
-    format: &Value,
+    format: ResponseFormat<'_>,
 ) -> Result<(Option<&'static str>, Option<&Value>), ApiError> {
-    match format.get("type").and_then(Value::as_str) {
-        Some("text") => Ok((None, None)),
-        Some("json_object") => Ok((Some("application/json"), None)),
-        Some("json_schema") => match format.pointer("/json_schema/schema") {
+    match format {
+        ResponseFormat::Text => Ok((None, None)),
+        ResponseFormat::JsonObject => Ok((Some("application/json"), None)),
+        ResponseFormat::JsonSchema(format) => match format.pointer("/json_schema/schema") {
             Some(schema @ Value::Object(_)) => Ok((Some("application/json"), Some(schema))),
             _ => Err(invalid_value(
                 "response_format",
                 "'response_format.json_schema.schema' must be a JSON Schema object.".into(),
             )),
         },
-        _ => Err(invalid_value(
-            "response_format",
-            "'response_format' must be an object with 'type' 'text', 'json_object' or \
-             'json_schema'."
-                .into(),
-        )),
     }
 }
 
-fn convert_reasoning_effort(effort: &Value) -> Result<Value, ApiError> {
-    let Value::String(effort) = effort else {
-        return Err(invalid_type("reasoning_effort", "a string", effort));
-    };
-    if effort == "none" {
-        return Ok(json!({"thinkingBudget": 0}));
+fn convert_reasoning_effort(effort: ReasoningEffort) -> Value {
+    if effort == ReasoningEffort::None {
+        return json!({"thinkingBudget": 0});
     }
-    THINKING_BUDGETS
+    let budget = THINKING_BUDGETS
         .iter()
-        .find(|(name, _)| name == effort)
-        .map(|(_, budget)| json!({"thinkingBudget": budget, "includeThoughts": true}))
-        .ok_or_else(|| {
-            invalid_value(
-                "reasoning_effort",
-                format!(
-                    "Invalid 'reasoning_effort' value '{effort}': use 'none', 'minimal', \
-                     'low', 'medium' or 'high'."
-                ),
-            )
-        })
+        .find(|(name, _)| *name == effort.name())
+        .map_or(0, |(_, budget)| *budget);
+    json!({"thinkingBudget": budget, "includeThoughts": true})
 }
 
 /// OpenAI chat request body -> Gemini `GenerateContentRequest` body.
 pub fn chat_request_to_gemini(
     openai_body: &[u8],
 ) -> Result<(Vec<u8>, GeminiRequestInfo), ApiError> {
-    let req = super::request_object(openai_body)?;
-    // OpenAI treats an explicit null like an absent optional parameter.
-    let field = |name: &str| req.get(name).filter(|v| !v.is_null());
+    let req = crate::translate::request_object(openai_body)?;
+    let chat = ChatRequest::parse(&req)?;
+    let body = generate_content_request(&chat)?;
+    Ok((
+        body,
+        GeminiRequestInfo {
+            stream: chat.stream,
+            include_usage: chat.stream && chat.include_usage,
+        },
+    ))
+}
 
+/// The pivot request as a Gemini `GenerateContentRequest` body.
+pub fn generate_content_request(chat: &ChatRequest<'_>) -> Result<Vec<u8>, ApiError> {
     // Asked-for behaviour Gemini cannot give through this translation.
-    if field("logprobs").and_then(Value::as_bool) == Some(true) {
+    if chat.optional("logprobs").and_then(Value::as_bool) == Some(true) {
         return Err(unsupported(
             "logprobs",
             "The Gemini provider does not support 'logprobs' through this gateway.".into(),
         ));
     }
-    if field("logit_bias")
+    if chat
+        .optional("logit_bias")
         .and_then(Value::as_object)
         .is_some_and(|m| !m.is_empty())
     {
@@ -707,8 +567,9 @@ pub fn chat_request_to_gemini(
             "The Gemini provider does not support 'logit_bias'.".into(),
         ));
     }
-    let wants_audio = field("audio").is_some()
-        || field("modalities")
+    let wants_audio = chat.optional("audio").is_some()
+        || chat
+            .optional("modalities")
             .and_then(Value::as_array)
             .is_some_and(|m| m.iter().any(|x| x.as_str() == Some("audio")));
     if wants_audio {
@@ -718,121 +579,35 @@ pub fn chat_request_to_gemini(
         ));
     }
 
-    let messages = match req.get("messages") {
-        Some(Value::Array(m)) => m,
-        None | Some(Value::Null) => {
-            return Err(ApiError::invalid_request(
-                Some("missing_required_parameter"),
-                "Missing required parameter: 'messages'.".into(),
-            )
-            .with_param("messages"))
-        }
-        Some(other) => return Err(invalid_type("messages", "an array", other)),
+    let (system, contents) = convert_messages(chat)?;
+
+    let mut config = GenerationConfig {
+        candidate_count: chat.n,
+        max_output_tokens: chat.max_tokens,
+        thinking_config: chat.reasoning_effort.map(convert_reasoning_effort),
+        temperature: chat.temperature,
+        top_p: chat.top_p,
+        stop_sequences: &chat.stop,
+        ..GenerationConfig::default()
     };
-    let (system, contents) = convert_messages(messages)?;
-
-    let mut config = GenerationConfig::default();
-
-    if let Some(n) = field("n") {
-        match n.as_u64() {
-            Some(0) => return Err(invalid_value("n", "'n' must be at least 1.".into())),
-            Some(n) => config.candidate_count = Some(n),
-            None => return Err(invalid_type("n", "an integer", n)),
-        }
-    }
-    if let Some(format) = field("response_format") {
+    if let Some(format) = chat.response_format {
         let (mime, schema) = convert_response_format(format)?;
         config.response_mime_type = mime;
         config.response_json_schema = schema;
     }
-    let (tokens_param, tokens) = match (field("max_completion_tokens"), field("max_tokens")) {
-        (Some(v), _) => ("max_completion_tokens", Some(v)),
-        (None, v) => ("max_tokens", v),
-    };
-    if let Some(v) = tokens {
-        match v.as_u64() {
-            Some(0) => {
-                return Err(invalid_value(
-                    tokens_param,
-                    format!("'{tokens_param}' must be at least 1."),
-                ))
-            }
-            Some(n) => config.max_output_tokens = Some(n),
-            None => return Err(invalid_type(tokens_param, "a positive integer", v)),
-        }
-    }
-    config.thinking_config = field("reasoning_effort")
-        .map(convert_reasoning_effort)
-        .transpose()?;
-
-    let number = |name: &'static str| -> Result<Option<&Value>, ApiError> {
-        match field(name) {
-            None => Ok(None),
-            Some(v @ Value::Number(_)) => Ok(Some(v)),
-            Some(other) => Err(invalid_type(name, "a number", other)),
-        }
-    };
-    config.temperature = number("temperature")?;
-    config.top_p = number("top_p")?;
     let nonzero = |v: &&Value| v.as_f64() != Some(0.0);
-    config.presence_penalty = number("presence_penalty")?.filter(nonzero);
-    config.frequency_penalty = number("frequency_penalty")?.filter(nonzero);
-    config.seed = match field("seed") {
+    config.presence_penalty = chat.number("presence_penalty")?.filter(nonzero);
+    config.frequency_penalty = chat.number("frequency_penalty")?.filter(nonzero);
+    config.seed = match chat.optional("seed") {
         None => None,
         Some(v) if v.is_i64() || v.is_u64() => Some(v),
         Some(other) => return Err(invalid_type("seed", "an integer", other)),
     };
-    config.stop_sequences = match field("stop") {
-        None => Vec::new(),
-        Some(Value::String(s)) => vec![s.as_str()],
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|s| {
-                s.as_str()
-                    .ok_or_else(|| invalid_type("stop", "a string or an array of strings", s))
-            })
-            .collect::<Result<Vec<_>, _>>()?,
-        Some(other) => {
-            return Err(invalid_type(
-                "stop",
-                "a string or an array of strings",
-                other,
-            ))
-        }
-    };
 
-    let stream = match field("stream") {
-        None => false,
-        Some(Value::Bool(b)) => *b,
-        Some(other) => return Err(invalid_type("stream", "a boolean", other)),
-    };
-    let include_usage = stream
-        && field("stream_options")
-            .and_then(|o| o.get("include_usage"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-
-    let declarations = match field("tools") {
-        None => Vec::new(),
-        Some(Value::Array(tools)) => tools
-            .iter()
-            .enumerate()
-            .map(|(i, t)| convert_tool(t, i))
-            .collect::<Result<Vec<_>, _>>()?,
-        Some(other) => return Err(invalid_type("tools", "an array", other)),
-    };
-    let choice = field("tool_choice").map(convert_tool_choice).transpose()?;
-    let (tools, tool_config) = if declarations.is_empty() {
-        if matches!(choice, Some(("ANY", _))) {
-            return Err(invalid_value(
-                "tool_choice",
-                "'tool_choice' requires a tool, but 'tools' is empty.".into(),
-            ));
-        }
-        // "auto" or "none" without tools mean no tool use: nothing to send.
+    let (tools, tool_config) = if chat.tools.is_empty() {
         (None, None)
     } else {
-        if field("parallel_tool_calls").and_then(Value::as_bool) == Some(false) {
+        if chat.parallel_tool_calls == Some(false) {
             return Err(unsupported(
                 "parallel_tool_calls",
                 "The Gemini provider cannot be limited to one tool call per turn; remove \
@@ -840,7 +615,8 @@ pub fn chat_request_to_gemini(
                     .into(),
             ));
         }
-        let tool_config = choice.map(|(mode, name)| {
+        let tool_config = chat.tool_choice.map(|choice| {
+            let (mode, name) = convert_tool_choice(choice);
             let mut calling = Map::new();
             calling.insert("mode".into(), Value::String(mode.into()));
             if let Some(name) = name {
@@ -848,6 +624,7 @@ pub fn chat_request_to_gemini(
             }
             json!({ "functionCallingConfig": calling })
         });
+        let declarations: Vec<Value> = chat.tools.iter().map(convert_tool).collect();
         (
             Some(json!([{ "functionDeclarations": declarations }])),
             tool_config,
@@ -861,21 +638,7 @@ pub fn chat_request_to_gemini(
         tool_config,
         generation_config: config,
     };
-    let body = serde_json::to_vec(&out).map_err(|e| {
-        ApiError::new(
-            500,
-            "server_error",
-            Some("gateway_error"),
-            format!("Gateway error: could not serialize the Gemini request: {e}."),
-        )
-    })?;
-    Ok((
-        body,
-        GeminiRequestInfo {
-            stream,
-            include_usage,
-        },
-    ))
+    request_body(&out, "Gemini")
 }
 
 // ---------------------------------------------------------------------------
@@ -1259,15 +1022,6 @@ pub fn gemini_error_to_chat(status: u16, body: &[u8]) -> Vec<u8> {
 // Streaming: Gemini SSE -> OpenAI chat.completion.chunk SSE
 // ---------------------------------------------------------------------------
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum StreamState {
-    Open,
-    /// Completed and `[DONE]` written.
-    Done,
-    /// An error event was written; nothing may follow.
-    Failed,
-}
-
 /// What the stream has said so far for one candidate (one OpenAI choice).
 #[derive(Debug)]
 struct CandidateState {
@@ -1278,58 +1032,64 @@ struct CandidateState {
 
 /// Streaming: Gemini SSE bytes in (`alt=sse`), OpenAI chat.completion.chunk
 /// SSE bytes out.
-pub struct GeminiStreamToChat {
-    parser: SseParser,
-    include_usage: bool,
-    created: u64,
-    id: String,
-    model: String,
-    candidates: Vec<CandidateState>,
-    usage: Option<RawUsage>,
-    state: StreamState,
+pub type GeminiStreamToChat = EventStream<SseParser, GeminiEvents>;
+
+impl GeminiStreamToChat {
+    /// `model` names the chunks until a response carries its `modelVersion`;
+    /// `created` is the unix time to report.
+    pub fn new(include_usage: bool, model: &str, created: u64) -> Self {
+        EventStream::reading(
+            SseParser::default(),
+            GeminiEvents {
+                chunks: PivotChunks::new(include_usage, model, created),
+                candidates: Vec::new(),
+                usage: None,
+            },
+        )
+    }
 }
 
-impl StreamTranslator for GeminiStreamToChat {
-    /// Appends to `out` the translation of every upstream event completed by `chunk`.
-    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
-        if self.state != StreamState::Open {
-            return;
+/// The per-event mapping of [`GeminiStreamToChat`].
+pub struct GeminiEvents {
+    chunks: PivotChunks,
+    candidates: Vec<CandidateState>,
+    usage: Option<RawUsage>,
+}
+
+impl EventMapping for GeminiEvents {
+    type Event = SseEvent;
+    const UPSTREAM: &'static str = "Gemini";
+
+    fn on_event(&mut self, event: SseEvent, out: &mut Vec<u8>) -> Result<Flow, StreamFault> {
+        let Ok(v) = from_str_lossy::<Value>(&event.data) else {
+            return Err(StreamFault::Corrupt);
+        };
+        if let Some(error) = error_object(&v) {
+            let status = error
+                .get("code")
+                .and_then(Value::as_u64)
+                .and_then(|c| u16::try_from(c).ok())
+                .unwrap_or(500);
+            write_data(out, &gemini_error_to_chat(status, event.data.as_bytes()));
+            return Ok(Flow::Ended);
         }
-        let mut events = Vec::new();
-        self.parser.push(chunk, &mut |e| events.push(e));
-        for event in events {
-            self.handle(event, out);
-        }
-        if self.parser.overflowed() && self.state == StreamState::Open {
-            self.fault(StreamFault::Oversized, out);
-        }
+        self.handle(&v, out);
+        Ok(Flow::Open)
     }
 
-    /// Upstream ended. Gemini has no end marker: if every candidate seen has
-    /// finished, write the usage chunk (when asked for) and `[DONE]`;
-    /// otherwise an OpenAI error event and no `[DONE]`.
-    fn finish(&mut self, out: &mut Vec<u8>) {
-        if self.state != StreamState::Open {
-            return;
-        }
+    /// Gemini has no end marker: the answer is complete when every
+    /// candidate seen has finished.
+    fn on_end(&mut self, out: &mut Vec<u8>) -> Flow {
         let complete = !self.candidates.is_empty() && self.candidates.iter().all(|c| c.finished);
         if !complete {
-            self.state = StreamState::Failed;
-            let error = ApiError::new(
-                502,
-                "server_error",
-                Some("stream_interrupted"),
-                "The Gemini stream ended before completion; the answer is incomplete.".into(),
-            );
-            write_data(out, &error.body());
-            return;
+            return Flow::Open;
         }
-        if self.include_usage {
-            let usage = self.usage.unwrap_or_default().chat();
-            self.write_chunk(out, &[], Some(Some(usage)));
-        }
-        out.extend_from_slice(b"data: [DONE]\n\n");
-        self.state = StreamState::Done;
+        self.chunks.end(out, self.usage.unwrap_or_default().chat());
+        Flow::Ended
+    }
+
+    fn write_error(&mut self, error: &ApiError, out: &mut Vec<u8>) {
+        write_data(out, &error.body());
     }
 
     /// Token counts of the last `usageMetadata` seen.
@@ -1338,50 +1098,9 @@ impl StreamTranslator for GeminiStreamToChat {
     }
 }
 
-impl GeminiStreamToChat {
-    /// `model` names the chunks until a response carries its `modelVersion`;
-    /// `created` is the unix time to report.
-    pub fn new(include_usage: bool, model: &str, created: u64) -> Self {
-        GeminiStreamToChat {
-            parser: SseParser::default(),
-            include_usage,
-            created,
-            id: String::new(),
-            model: model.to_string(),
-            candidates: Vec::new(),
-            usage: None,
-            state: StreamState::Open,
-        }
-    }
-
-    fn write_chunk(
-        &self,
-        out: &mut Vec<u8>,
-        choices: &[ChunkChoice<'_>],
-        usage: Option<Option<ChatUsage>>,
-    ) {
-        let chunk = Chunk {
-            id: &self.id,
-            object: "chat.completion.chunk",
-            created: self.created,
-            model: &self.model,
-            choices,
-            usage,
-        };
-        match serde_json::to_vec(&chunk) {
-            Ok(json) => write_data(out, &json),
-            Err(e) => log::error!("could not serialize a chat.completion.chunk: {e}"),
-        }
-    }
-
+impl GeminiEvents {
     fn emit(&self, out: &mut Vec<u8>, index: u64, delta: Delta<'_>, finish: Option<&'static str>) {
-        let choices = [ChunkChoice {
-            index,
-            delta,
-            logprobs: (),
-            finish_reason: finish,
-        }];
-        self.write_chunk(out, &choices, self.include_usage.then_some(None));
+        self.chunks.delta(out, index, delta, finish);
     }
 
     /// The state of candidate `index`; its first sight announces the role.
@@ -1403,41 +1122,13 @@ impl GeminiStreamToChat {
         self.candidates.len().saturating_sub(1)
     }
 
-    fn fail(&mut self, out: &mut Vec<u8>, error_body: &[u8]) {
-        write_data(out, error_body);
-        self.state = StreamState::Failed;
-    }
-
-    /// Ends the stream with an error event for `fault`; nothing follows it.
-    fn fault(&mut self, fault: StreamFault, out: &mut Vec<u8>) {
-        log::warn!("ending a Gemini stream early: {fault:?} event");
-        self.fail(out, &fault.error("Gemini").body());
-    }
-
-    fn handle(&mut self, event: SseEvent, out: &mut Vec<u8>) {
-        if self.state != StreamState::Open {
-            return;
-        }
-        let Ok(v) = from_str_lossy::<Value>(&event.data) else {
-            self.fault(StreamFault::Corrupt, out);
-            return;
-        };
-        if let Some(error) = error_object(&v) {
-            let status = error
-                .get("code")
-                .and_then(Value::as_u64)
-                .and_then(|c| u16::try_from(c).ok())
-                .unwrap_or(500);
-            let body = gemini_error_to_chat(status, event.data.as_bytes());
-            self.fail(out, &body);
-            return;
-        }
-        if self.id.is_empty() {
-            self.id = chat_id(&v, self.created);
+    fn handle(&mut self, v: &Value, out: &mut Vec<u8>) {
+        if self.chunks.id.is_empty() {
+            self.chunks.id = chat_id(v, self.chunks.created);
         }
         if let Some(model) = v.get("modelVersion").and_then(Value::as_str) {
-            if !model.is_empty() && model != self.model {
-                self.model = model.to_string();
+            if !model.is_empty() && model != self.chunks.model {
+                self.chunks.model = model.to_string();
             }
         }
         if let Some(m) = v.get("usageMetadata").filter(|m| m.is_object()) {
@@ -1449,7 +1140,7 @@ impl GeminiStreamToChat {
             .map(Vec::as_slice)
             .unwrap_or_default();
         if candidates.is_empty() {
-            if let Some(refusal) = block_refusal(&v) {
+            if let Some(refusal) = block_refusal(v) {
                 let k = self.candidate(0, out);
                 if let Some(state) = self.candidates.get_mut(k) {
                     if state.finished {
@@ -1545,20 +1236,54 @@ impl GeminiStreamToChat {
     }
 }
 
+// ---------------------------------------------------------------------------
+
+/// Gemini `generateContent` (also on Vertex AI).
+pub struct Gemini;
+impl ProviderTranslator for Gemini {
+    fn request_from_pivot(
+        &self,
+        chat: &ChatRequest<'_>,
+        _upstream: &Upstream<'_>,
+    ) -> Result<Vec<u8>, ApiError> {
+        generate_content_request(chat)
+    }
+    fn answer_to_pivot(&self, body: &[u8], model: &str, created: u64) -> Result<Vec<u8>, String> {
+        gemini_response_to_chat(body, model, created)
+    }
+    fn caller_status(&self, status: u16, _error_type: Option<&str>) -> u16 {
+        caller_status(status)
+    }
+    fn error_to_pivot(&self, status: u16, _error_type: Option<&str>, body: &[u8]) -> Vec<u8> {
+        gemini_error_to_chat(status, body)
+    }
+    fn stream_to_pivot(
+        &self,
+        include_usage: bool,
+        model: &str,
+        created: u64,
+    ) -> Box<dyn StreamTranslator> {
+        Box::new(GeminiStreamToChat::new(include_usage, model, created))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    const TEXT_STREAM: &str = include_str!("../../tests/fixtures/gemini/provider_text_stream.sse");
-    const TOOL_STREAM: &str = include_str!("../../tests/fixtures/gemini/provider_tool_stream.sse");
+    const TEXT_STREAM: &str =
+        include_str!("../../../tests/fixtures/gemini/provider_text_stream.sse");
+    const TOOL_STREAM: &str =
+        include_str!("../../../tests/fixtures/gemini/provider_tool_stream.sse");
     const TOOL_RESPONSE: &str =
-        include_str!("../../tests/fixtures/gemini/provider_response_tool_use.json");
+        include_str!("../../../tests/fixtures/gemini/provider_response_tool_use.json");
     const BLOCKED_RESPONSE: &str =
-        include_str!("../../tests/fixtures/gemini/provider_response_blocked.json");
+        include_str!("../../../tests/fixtures/gemini/provider_response_blocked.json");
     const ERROR_API_KEY: &str =
-        include_str!("../../tests/fixtures/gemini/provider_error_api_key.json");
-    const ERROR_QUOTA: &str = include_str!("../../tests/fixtures/gemini/provider_error_quota.json");
+        include_str!("../../../tests/fixtures/gemini/provider_error_api_key.json");
+    const ERROR_QUOTA: &str =
+        include_str!("../../../tests/fixtures/gemini/provider_error_quota.json");
     const CREATED: u64 = 1_700_000_000;
     const DUMMY: &str = DUMMY_THOUGHT_SIGNATURE;
 

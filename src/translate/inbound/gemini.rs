@@ -87,7 +87,9 @@ use crate::core::json::{from_slice_lossy, from_str_lossy};
 use crate::core::sse::{SseEvent, SseParser};
 use crate::core::usage::Usage;
 use crate::translate::chat_input::{invalid_value, json_type, quoted, unsupported};
-use crate::translate::{StreamFault, StreamTranslator, MAX_PIVOT_EVENT_BYTES};
+use crate::translate::inbound::CallerTranslator;
+use crate::translate::stream::{EventMapping, EventStream, Flow};
+use crate::translate::{StreamFault, StreamTranslator};
 
 /// The largest thinking budgets for the `low` and `medium` efforts.
 const LOW_BUDGET_MAX: i64 = 2048;
@@ -1131,7 +1133,7 @@ pub fn gemini_request_to_chat(
     upstream_model: &str,
     stream: bool,
 ) -> Result<Vec<u8>, ApiError> {
-    let req = super::request_object(body)?;
+    let req = crate::translate::request_object(body)?;
 
     let mut conv = Conversation::default();
     let mut contents: Option<&Value> = None;
@@ -1648,15 +1650,6 @@ fn status_of_error_event(error: &Value) -> u16 {
 // Streaming: OpenAI chat.completion.chunk SSE -> Gemini SSE
 // ---------------------------------------------------------------------------
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum StreamState {
-    Open,
-    /// `[DONE]` seen.
-    Done,
-    /// An error event was written; nothing may follow.
-    Failed,
-}
-
 /// A tool call whose arguments are still arriving.
 struct PendingCall {
     choice: u64,
@@ -1668,8 +1661,17 @@ struct PendingCall {
 
 /// OpenAI chunk SSE -> Gemini SSE (`data: {GenerateContentResponse}\r\n\r\n`
 /// per event, as Google sends).
-pub struct ChatStreamToGemini {
-    parser: SseParser,
+pub type ChatStreamToGemini = EventStream<SseParser, ChunksToGemini>;
+
+impl ChatStreamToGemini {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// The per-event mapping of [`ChatStreamToGemini`].
+#[derive(Default)]
+pub struct ChunksToGemini {
     id: String,
     model: String,
     /// Tool calls whose arguments are still arriving, in order.
@@ -1677,13 +1679,6 @@ pub struct ChatStreamToGemini {
     /// Candidates that finished, waiting to be sent with the usage.
     held: Vec<Cand<'static>>,
     usage: Option<Usage>,
-    state: StreamState,
-}
-
-impl Default for ChatStreamToGemini {
-    fn default() -> Self {
-        Self::new()
-    }
 }
 
 fn write_event(out: &mut Vec<u8>, json: &[u8]) {
@@ -1692,36 +1687,31 @@ fn write_event(out: &mut Vec<u8>, json: &[u8]) {
     out.extend_from_slice(b"\r\n\r\n");
 }
 
-impl StreamTranslator for ChatStreamToGemini {
-    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
-        if self.state != StreamState::Open {
-            return;
+impl EventMapping for ChunksToGemini {
+    type Event = SseEvent;
+    const UPSTREAM: &'static str = "provider's";
+
+    fn on_event(&mut self, event: SseEvent, out: &mut Vec<u8>) -> Result<Flow, StreamFault> {
+        if event.data.trim() == "[DONE]" {
+            self.done(out);
+            return Ok(Flow::Ended);
         }
-        let mut events = Vec::new();
-        self.parser.push(chunk, &mut |e| events.push(e));
-        for event in events {
-            self.handle(event, out);
+        let Ok(v) = from_str_lossy::<Value>(&event.data) else {
+            return Err(StreamFault::Corrupt);
+        };
+        if let Some(error) = v.get("error").filter(|e| e.is_object()) {
+            self.fail(error, out);
+            return Ok(Flow::Ended);
         }
-        if self.parser.overflowed() && self.state == StreamState::Open {
-            self.fault(StreamFault::Oversized, out);
-        }
+        self.handle(&v, out);
+        Ok(Flow::Open)
     }
 
-    /// Upstream ended. After `[DONE]` or an error event nothing more;
-    /// otherwise what was held is sent without its finish reason, then a
-    /// Gemini error event: a broken stream must never look complete.
-    fn finish(&mut self, out: &mut Vec<u8>) {
-        if self.state != StreamState::Open {
-            return;
-        }
+    /// What was held goes out without its finish reason, then the error:
+    /// a broken stream must never look complete.
+    fn write_error(&mut self, error: &ApiError, out: &mut Vec<u8>) {
         self.flush_held_unfinished(out);
-        self.state = StreamState::Failed;
-        let body = google_error(
-            502,
-            "The provider's stream ended before completion; the answer is incomplete.",
-            Some("stream_interrupted"),
-            None,
-        );
+        let body = google_error(error.status, &error.message, error.code, None);
         write_event(out, &body);
     }
 
@@ -1730,26 +1720,7 @@ impl StreamTranslator for ChatStreamToGemini {
     }
 }
 
-impl ChatStreamToGemini {
-    pub fn new() -> Self {
-        ChatStreamToGemini {
-            parser: SseParser::default(),
-            id: String::new(),
-            model: String::new(),
-            pending: Vec::new(),
-            held: Vec::new(),
-            usage: None,
-            state: StreamState::Open,
-        }
-    }
-
-    /// Reads the gateway's own pivot (behind a provider-side translator),
-    /// whose events may be a little larger than the provider's.
-    pub fn reading_pivot(mut self) -> Self {
-        self.parser = SseParser::with_limit(MAX_PIVOT_EVENT_BYTES);
-        self
-    }
-
+impl ChunksToGemini {
     /// A stream that broke: what finished candidates held goes out without
     /// the finish reason, which would mark the answer complete.
     fn flush_held_unfinished(&mut self, out: &mut Vec<u8>) {
@@ -1762,16 +1733,6 @@ impl ChatStreamToGemini {
             c.finish = None;
         }
         self.write(out, &held, None);
-    }
-
-    /// Ends the stream with an error event for `fault`; nothing follows it.
-    fn fault(&mut self, fault: StreamFault, out: &mut Vec<u8>) {
-        log::warn!("ending a chat stream early: {fault:?} event");
-        let error = fault.error("provider's");
-        self.flush_held_unfinished(out);
-        let body = google_error(error.status, &error.message, error.code, None);
-        write_event(out, &body);
-        self.state = StreamState::Failed;
     }
 
     fn write(&self, out: &mut Vec<u8>, cands: &[Cand<'_>], usage: Option<UsageMetadata>) {
@@ -1820,7 +1781,6 @@ impl ChatStreamToGemini {
             out,
             &google_error(status, message, error_code(Some(error)), param),
         );
-        self.state = StreamState::Failed;
     }
 
     /// `[DONE]`: calls left open by a stream without `finish_reason` are
@@ -1841,25 +1801,9 @@ impl ChatStreamToGemini {
         if !cands.is_empty() {
             self.write(out, &cands, None);
         }
-        self.state = StreamState::Done;
     }
 
-    fn handle(&mut self, event: SseEvent, out: &mut Vec<u8>) {
-        if self.state != StreamState::Open {
-            return;
-        }
-        if event.data.trim() == "[DONE]" {
-            self.done(out);
-            return;
-        }
-        let Ok(v) = from_str_lossy::<Value>(&event.data) else {
-            self.fault(StreamFault::Corrupt, out);
-            return;
-        };
-        if let Some(error) = v.get("error").filter(|e| e.is_object()) {
-            self.fail(error, out);
-            return;
-        }
+    fn handle(&mut self, v: &Value, out: &mut Vec<u8>) {
         for (field, name) in [(&mut self.id, "id"), (&mut self.model, "model")] {
             if field.is_empty() {
                 if let Some(s) = v.get(name).and_then(Value::as_str) {
@@ -1997,24 +1941,53 @@ impl ChatStreamToGemini {
     }
 }
 
+// ---------------------------------------------------------------------------
+
+/// Gemini `generateContent` callers.
+pub struct Gemini;
+impl CallerTranslator for Gemini {
+    fn request_to_pivot(
+        &self,
+        body: &[u8],
+        upstream_model: &str,
+        stream: bool,
+    ) -> Result<Vec<u8>, ApiError> {
+        gemini_request_to_chat(body, upstream_model, stream)
+    }
+    fn answer_from_pivot(&self, pivot: &[u8]) -> Result<Vec<u8>, String> {
+        chat_response_to_gemini(pivot)
+    }
+    fn error_body(&self, error: &ApiError) -> Vec<u8> {
+        error_body(error)
+    }
+    fn error_from_pivot(&self, status: u16, pivot: &[u8]) -> Vec<u8> {
+        chat_error_to_gemini(status, pivot)
+    }
+    fn stream_from_pivot(&self, reads_pivot: bool) -> Box<dyn StreamTranslator> {
+        let t = ChatStreamToGemini::new();
+        Box::new(if reads_pivot { t.reading_pivot() } else { t })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::translate::openai_anthropic::MessagesStreamToChat;
+    use crate::translate::outbound::anthropic::MessagesStreamToChat;
     use crate::translate::Chain;
+    use crate::translate::StreamTranslator;
 
     const TOOLS_REQUEST: &str =
-        include_str!("../../tests/fixtures/gemini/caller_request_tools.json");
+        include_str!("../../../tests/fixtures/gemini/caller_request_tools.json");
     const IMAGES_REQUEST: &str =
-        include_str!("../../tests/fixtures/gemini/caller_request_images.json");
+        include_str!("../../../tests/fixtures/gemini/caller_request_images.json");
     const CHAT_HISTORY_REQUEST: &str =
-        include_str!("../../tests/fixtures/gemini/caller_request_chat_history.json");
+        include_str!("../../../tests/fixtures/gemini/caller_request_chat_history.json");
     const TEXT_STREAM: &str =
-        include_str!("../../tests/fixtures/openai/gemini_caller_text_stream.sse");
+        include_str!("../../../tests/fixtures/openai/gemini_caller_text_stream.sse");
     const TOOL_STREAM: &str =
-        include_str!("../../tests/fixtures/openai/gemini_caller_tool_stream.sse");
+        include_str!("../../../tests/fixtures/openai/gemini_caller_tool_stream.sse");
     const TOOL_RESPONSE: &str =
-        include_str!("../../tests/fixtures/openai/gemini_caller_response_tool.json");
+        include_str!("../../../tests/fixtures/openai/gemini_caller_response_tool.json");
     const MODEL: &str = "gpt-4.1";
 
     // ----- requests --------------------------------------------------------
@@ -3496,7 +3469,7 @@ mod tests {
     /// Anthropic provider -> pivot -> Gemini caller, as the filter chains them.
     #[test]
     fn chains_behind_a_provider_translator() {
-        let anthropic = include_str!("../../tests/fixtures/anthropic/tool_stream.sse");
+        let anthropic = include_str!("../../../tests/fixtures/anthropic/tool_stream.sse");
         let mut chain = Chain::new(
             MessagesStreamToChat::new(true, 1),
             ChatStreamToGemini::new(),

@@ -35,13 +35,17 @@ use crate::core::sha256::{hex, Sha256};
 use crate::core::usage::Usage;
 use crate::providers::aws::eventstream::{Decoder, Message};
 use crate::translate::chat_input::{
-    assistant_blocks, bad_message, has_prefix_ignore_case, invalid_type, invalid_value, json_type,
-    plain_text, quoted, unsupported,
+    bad_message, has_prefix_ignore_case, json_type, plain_text, quoted, unsupported,
 };
 use crate::translate::chat_output::{
-    write_data, CachedTokens, ChatCompletion, ChatMessage, ChatUsage, Choice, Chunk, ChunkChoice,
-    Delta, FunctionCall, FunctionDelta, ToolCall, ToolCallDelta,
+    write_data, CachedTokens, ChatCompletion, ChatMessage, ChatUsage, Choice, Delta, FunctionCall,
+    FunctionDelta, PivotChunks, ToolCall, ToolCallDelta,
 };
+use crate::translate::outbound::{request_body, ProviderTranslator, Upstream};
+use crate::translate::pivot::{
+    ChatRequest, ReasoningEffort, ResponseFormat, Role, Tool, ToolChoice,
+};
+use crate::translate::stream::{EventMapping, EventStream, Flow};
 use crate::translate::{StreamFault, StreamTranslator};
 
 /// What the filter needs to know about a translated request.
@@ -171,34 +175,23 @@ fn user_blocks(content: &Value, i: usize) -> Result<Vec<Value>, ApiError> {
 
 /// `messages` split into Converse's `system` blocks and alternating turns;
 /// also whether any tool block was seen.
-fn convert_messages(messages: &[Value]) -> Result<(Vec<Value>, Vec<Turn>, bool), ApiError> {
+fn convert_messages(chat: &ChatRequest<'_>) -> Result<(Vec<Value>, Vec<Turn>, bool), ApiError> {
     let mut system = Vec::new();
     let mut turns: Vec<Turn> = Vec::new();
     let mut tool_blocks = false;
-    for (i, message) in messages.iter().enumerate() {
-        let Some(msg) = message.as_object() else {
-            return Err(bad_message(format!(
-                "messages[{i}] must be an object, not {}.",
-                json_type(message)
-            )));
-        };
-        let role = msg
-            .get("role")
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad_message(format!("messages[{i}] has no string 'role'.")))?;
-        let content = msg.get("content").unwrap_or(&Value::Null);
-        match role {
-            "system" | "developer" => {
+    for message in chat.messages() {
+        let message = message?;
+        let (i, content) = (message.index, message.content());
+        match message.role {
+            Role::System => {
                 let text = plain_text(content, i)?;
                 if !text.is_empty() {
                     system.push(text_block(text));
                 }
             }
-            "user" => push_turn(&mut turns, "user", user_blocks(content, i)?),
-            "assistant" => {
-                let blocks = assistant_blocks(
-                    msg,
-                    i,
+            Role::User => push_turn(&mut turns, "user", user_blocks(content, i)?),
+            Role::Assistant => {
+                let blocks = message.assistant_blocks(
                     "Bedrock",
                     text_block,
                     |id, name, input| json!({"toolUse": {"toolUseId": id, "name": name, "input": input}}),
@@ -208,27 +201,15 @@ fn convert_messages(messages: &[Value]) -> Result<(Vec<Value>, Vec<Turn>, bool),
                     push_turn(&mut turns, "assistant", blocks);
                 }
             }
-            "tool" => {
-                let id = msg
-                    .get("tool_call_id")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| {
-                        bad_message(format!("messages[{i}] has no string 'tool_call_id'."))
-                    })?;
+            Role::Tool => {
                 let result = json!({"toolResult": {
-                    "toolUseId": id,
+                    "toolUseId": message.tool_call_id()?,
                     "content": [text_block(plain_text(content, i)?)],
                 }});
                 tool_blocks = true;
                 push_turn(&mut turns, "user", vec![result]);
             }
-            other => {
-                return Err(bad_message(format!(
-                    "messages[{i}]: the role '{other}' is not supported by the Bedrock \
-                     provider through this gateway; use system, developer, user, assistant \
-                     or tool."
-                )))
-            }
+            Role::Other(role) => return Err(message.unsupported_role(role, "Bedrock")),
         }
     }
     if turns.is_empty() {
@@ -239,79 +220,18 @@ fn convert_messages(messages: &[Value]) -> Result<(Vec<Value>, Vec<Turn>, bool),
     Ok((system, turns, tool_blocks))
 }
 
-fn convert_tool(tool: &Value, i: usize) -> Result<Value, ApiError> {
-    let bad = |what: &str| invalid_value("tools", format!("tools[{i}] {what}."));
-    if tool.get("type").and_then(Value::as_str) != Some("function") {
-        return Err(bad("must be of type 'function'"));
-    }
-    let function = tool
-        .get("function")
-        .and_then(Value::as_object)
-        .ok_or_else(|| bad("has no 'function' object"))?;
-    let name = function
-        .get("name")
-        .and_then(Value::as_str)
-        .ok_or_else(|| bad("has no string 'function.name'"))?;
+fn convert_tool(tool: &Tool<'_>) -> Value {
     let mut spec = Map::new();
-    spec.insert("name".into(), Value::String(name.to_string()));
-    match function.get("description") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(d)) => {
-            spec.insert("description".into(), Value::String(d.clone()));
-        }
-        Some(_) => return Err(bad("has a 'function.description' that is not a string")),
+    spec.insert("name".into(), Value::String(tool.name.to_string()));
+    if let Some(d) = tool.description {
+        spec.insert("description".into(), Value::String(d.to_string()));
     }
-    let schema = match function.get("parameters") {
-        None | Some(Value::Null) => json!({"type": "object", "properties": {}}),
-        Some(p @ Value::Object(_)) => p.clone(),
-        Some(_) => return Err(bad("has 'function.parameters' that is not an object")),
+    let schema = match tool.parameters {
+        None => json!({"type": "object", "properties": {}}),
+        Some(p) => p.clone(),
     };
     spec.insert("inputSchema".into(), json!({ "json": schema }));
-    Ok(json!({ "toolSpec": spec }))
-}
-
-/// The caller's `tool_choice`, parsed.
-enum ToolChoice {
-    Auto,
-    None,
-    Required,
-    Named(String),
-}
-
-fn parse_tool_choice(choice: &Value) -> Result<ToolChoice, ApiError> {
-    match choice {
-        Value::String(s) => match s.as_str() {
-            "auto" => Ok(ToolChoice::Auto),
-            "none" => Ok(ToolChoice::None),
-            "required" => Ok(ToolChoice::Required),
-            other => Err(invalid_value(
-                "tool_choice",
-                format!(
-                    "Invalid 'tool_choice' value '{other}': use 'auto', 'none', 'required' or \
-                     a function object."
-                ),
-            )),
-        },
-        Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("function") => {
-            let name = o
-                .get("function")
-                .and_then(|f| f.get("name"))
-                .and_then(Value::as_str)
-                .ok_or_else(|| {
-                    invalid_value(
-                        "tool_choice",
-                        "'tool_choice' has no string 'function.name'.".into(),
-                    )
-                })?;
-            Ok(ToolChoice::Named(name.to_string()))
-        }
-        _ => Err(invalid_value(
-            "tool_choice",
-            "'tool_choice' must be 'auto', 'none', 'required' or \
-             {\"type\":\"function\",\"function\":{\"name\":...}}."
-                .into(),
-        )),
-    }
+    json!({ "toolSpec": spec })
 }
 
 #[derive(Serialize)]
@@ -341,8 +261,8 @@ struct InferenceConfig<'a> {
     temperature: Option<&'a Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     top_p: Option<&'a Value>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    stop_sequences: Vec<&'a str>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    stop_sequences: &'a [&'a str],
 }
 
 impl InferenceConfig<'_> {
@@ -361,165 +281,64 @@ pub fn chat_request_to_converse(
     openai_body: &[u8],
     default_max_tokens: Option<u64>,
 ) -> Result<(Vec<u8>, ConverseRequestInfo), ApiError> {
-    let req = super::request_object(openai_body)?;
-    // OpenAI treats an explicit null like an absent optional parameter.
-    let field = |name: &str| req.get(name).filter(|v| !v.is_null());
-
-    if let Some(n) = field("n") {
-        match n.as_u64() {
-            Some(1) => {}
-            Some(0) => return Err(invalid_value("n", "'n' must be at least 1.".into())),
-            Some(_) => {
-                return Err(unsupported(
-                    "n",
-                    "The Bedrock provider does not support 'n' greater than 1 through this \
-                     gateway; send one request per choice."
-                        .into(),
-                ))
-            }
-            None => return Err(invalid_type("n", "an integer", n)),
-        }
-    }
-    if let Some(format) = field("response_format") {
-        match format.get("type").and_then(Value::as_str) {
-            Some("text") => {}
-            Some(kind @ ("json_object" | "json_schema")) => {
-                return Err(unsupported(
-                    "response_format",
-                    format!(
-                        "The Bedrock Converse API has no JSON mode, so 'response_format' of \
-                         type '{kind}' is not supported; describe the format in the prompt or \
-                         use a tool with an input schema instead."
-                    ),
-                ))
-            }
-            _ => {
-                return Err(invalid_value(
-                    "response_format",
-                    "'response_format' must be an object with 'type' 'text', 'json_object' or \
-                     'json_schema'."
-                        .into(),
-                ))
-            }
-        }
-    }
-    match field("reasoning_effort") {
-        None => {}
-        Some(Value::String(effort)) => match effort.as_str() {
-            "none" | "minimal" => {}
-            "low" | "medium" | "high" => {
-                return Err(unsupported(
-                    "reasoning_effort",
-                    format!(
-                        "The Bedrock provider does not support 'reasoning_effort' '{effort}' \
-                         through this gateway: Converse has no model-independent reasoning \
-                         setting."
-                    ),
-                ))
-            }
-            other => {
-                return Err(invalid_value(
-                    "reasoning_effort",
-                    format!(
-                        "Invalid 'reasoning_effort' value '{other}': use 'none', 'minimal', \
-                         'low', 'medium' or 'high'."
-                    ),
-                ))
-            }
+    let req = crate::translate::request_object(openai_body)?;
+    let chat = ChatRequest::parse(&req)?;
+    let body = converse_request(&chat, default_max_tokens)?;
+    Ok((
+        body,
+        ConverseRequestInfo {
+            stream: chat.stream,
+            include_usage: chat.include_usage,
         },
-        Some(other) => return Err(invalid_type("reasoning_effort", "a string", other)),
+    ))
+}
+
+/// The pivot request as a Bedrock Converse request body.
+pub fn converse_request(
+    chat: &ChatRequest<'_>,
+    default_max_tokens: Option<u64>,
+) -> Result<Vec<u8>, ApiError> {
+    if chat.n.is_some_and(|n| n > 1) {
+        return Err(unsupported(
+            "n",
+            "The Bedrock provider does not support 'n' greater than 1 through this \
+             gateway; send one request per choice."
+                .into(),
+        ));
+    }
+    if let Some(format @ (ResponseFormat::JsonObject | ResponseFormat::JsonSchema(_))) =
+        chat.response_format
+    {
+        return Err(unsupported(
+            "response_format",
+            format!(
+                "The Bedrock Converse API has no JSON mode, so 'response_format' of \
+                 type '{}' is not supported; describe the format in the prompt or \
+                 use a tool with an input schema instead.",
+                format.kind()
+            ),
+        ));
+    }
+    if let Some(effort @ (ReasoningEffort::Low | ReasoningEffort::Medium | ReasoningEffort::High)) =
+        chat.reasoning_effort
+    {
+        return Err(unsupported(
+            "reasoning_effort",
+            format!(
+                "The Bedrock provider does not support 'reasoning_effort' '{}' \
+                 through this gateway: Converse has no model-independent reasoning \
+                 setting.",
+                effort.name()
+            ),
+        ));
     }
 
-    let messages = match req.get("messages") {
-        Some(Value::Array(m)) => m,
-        None | Some(Value::Null) => {
-            return Err(ApiError::invalid_request(
-                Some("missing_required_parameter"),
-                "Missing required parameter: 'messages'.".into(),
-            )
-            .with_param("messages"))
-        }
-        Some(other) => return Err(invalid_type("messages", "an array", other)),
-    };
-    let (system, turns, has_tool_blocks) = convert_messages(messages)?;
+    let (system, turns, has_tool_blocks) = convert_messages(chat)?;
 
-    let (tokens_param, tokens) = match (field("max_completion_tokens"), field("max_tokens")) {
-        (Some(v), _) => ("max_completion_tokens", Some(v)),
-        (None, v) => ("max_tokens", v),
-    };
-    let max_tokens = match tokens {
-        None => default_max_tokens,
-        Some(v) => match v.as_u64() {
-            Some(0) => {
-                return Err(invalid_value(
-                    tokens_param,
-                    format!("'{tokens_param}' must be at least 1."),
-                ))
-            }
-            Some(n) => Some(n),
-            None => return Err(invalid_type(tokens_param, "a positive integer", v)),
-        },
-    };
-
-    let number = |name: &'static str| -> Result<Option<&Value>, ApiError> {
-        match field(name) {
-            None => Ok(None),
-            Some(v @ Value::Number(_)) => Ok(Some(v)),
-            Some(other) => Err(invalid_type(name, "a number", other)),
-        }
-    };
-    let temperature = number("temperature")?;
-    let top_p = number("top_p")?;
-
-    let stop_sequences = match field("stop") {
-        None => Vec::new(),
-        Some(Value::String(s)) => vec![s.as_str()],
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|s| {
-                s.as_str()
-                    .ok_or_else(|| invalid_type("stop", "a string or an array of strings", s))
-            })
-            .collect::<Result<Vec<_>, _>>()?,
-        Some(other) => {
-            return Err(invalid_type(
-                "stop",
-                "a string or an array of strings",
-                other,
-            ))
-        }
-    };
-
-    let stream = match field("stream") {
-        None => false,
-        Some(Value::Bool(b)) => *b,
-        Some(other) => return Err(invalid_type("stream", "a boolean", other)),
-    };
-    let include_usage = field("stream_options")
-        .and_then(|o| o.get("include_usage"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-
-    let tools = match field("tools") {
-        None => Vec::new(),
-        Some(Value::Array(tools)) => tools
-            .iter()
-            .enumerate()
-            .map(|(i, t)| convert_tool(t, i))
-            .collect::<Result<Vec<_>, _>>()?,
-        Some(other) => return Err(invalid_type("tools", "an array", other)),
-    };
-    let choice = field("tool_choice").map(parse_tool_choice).transpose()?;
-    let tool_config = match (tools.is_empty(), choice) {
-        (true, Some(ToolChoice::Required | ToolChoice::Named(_))) => {
-            return Err(invalid_value(
-                "tool_choice",
-                "'tool_choice' requires a tool, but 'tools' is empty.".into(),
-            ))
-        }
+    let tool_config = match chat.tool_choice {
         // No tools: nothing to configure ("auto"/"none" mean no tool use).
-        (true, _) => None,
-        (false, Some(ToolChoice::None)) => {
+        _ if chat.tools.is_empty() => None,
+        Some(ToolChoice::None) => {
             if has_tool_blocks {
                 return Err(unsupported(
                     "tool_choice",
@@ -532,8 +351,8 @@ pub fn chat_request_to_converse(
             // Tools left out: the model cannot call any, which is "none".
             None
         }
-        (false, choice) => {
-            if field("parallel_tool_calls").and_then(Value::as_bool) == Some(false) {
+        choice => {
+            if chat.parallel_tool_calls == Some(false) {
                 return Err(unsupported(
                     "parallel_tool_calls",
                     "The Bedrock Converse API cannot turn off parallel tool calls; leave \
@@ -542,13 +361,13 @@ pub fn chat_request_to_converse(
                 ));
             }
             let mut config = Map::new();
+            let tools = chat.tools.iter().map(convert_tool).collect();
             config.insert("tools".into(), Value::Array(tools));
             let converse_choice = match choice {
-                None => None,
+                None | Some(ToolChoice::None) => None,
                 Some(ToolChoice::Auto) => Some(json!({"auto": {}})),
                 Some(ToolChoice::Required) => Some(json!({"any": {}})),
                 Some(ToolChoice::Named(name)) => Some(json!({"tool": {"name": name}})),
-                Some(ToolChoice::None) => None,
             };
             if let Some(c) = converse_choice {
                 config.insert("toolChoice".into(), c);
@@ -564,28 +383,14 @@ pub fn chat_request_to_converse(
             .collect(),
         system,
         inference_config: InferenceConfig {
-            max_tokens,
-            temperature,
-            top_p,
-            stop_sequences,
+            max_tokens: chat.max_tokens.or(default_max_tokens),
+            temperature: chat.temperature,
+            top_p: chat.top_p,
+            stop_sequences: &chat.stop,
         },
         tool_config,
     };
-    let body = serde_json::to_vec(&out).map_err(|e| {
-        ApiError::new(
-            500,
-            "server_error",
-            Some("gateway_error"),
-            format!("Gateway error: could not serialize the Converse request: {e}."),
-        )
-    })?;
-    Ok((
-        body,
-        ConverseRequestInfo {
-            stream,
-            include_usage,
-        },
-    ))
+    request_body(&out, "Converse")
 }
 
 // ---------------------------------------------------------------------------
@@ -900,15 +705,6 @@ pub fn converse_error_to_chat(status: u16, error_type: Option<&str>, body: &[u8]
 // Streaming: ConverseStream event-stream -> OpenAI chat.completion.chunk SSE
 // ---------------------------------------------------------------------------
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum StreamState {
-    Open,
-    /// messageStop and metadata seen and [DONE] written.
-    Done,
-    /// An error event was written; nothing may follow.
-    Failed,
-}
-
 /// Streaming: ConverseStream's `application/vnd.amazon.eventstream` bytes
 /// in, OpenAI chat.completion.chunk SSE bytes out.
 ///
@@ -916,45 +712,42 @@ enum StreamState {
 /// `metadata` (usage); once both came, the usage chunk (with
 /// include_usage) and `[DONE]` are written. Exception frames, a corrupt
 /// frame, or an end before both become an OpenAI error event, no `[DONE]`.
-pub struct ConverseStreamToChat {
-    decoder: Decoder,
-    include_usage: bool,
-    created: u64,
-    model: String,
-    id: String,
+pub type ConverseStreamToChat = EventStream<Decoder, ConverseEvents>;
+
+impl ConverseStreamToChat {
+    /// `model` is the model name to report in the chunks.
+    pub fn new(include_usage: bool, model: &str, created: u64) -> Self {
+        EventStream::reading(
+            Decoder::new(),
+            ConverseEvents {
+                chunks: PivotChunks::new(include_usage, model, created),
+                tool_blocks: Vec::new(),
+                usage: None,
+                stopped: false,
+            },
+        )
+    }
+}
+
+/// The per-message mapping of [`ConverseStreamToChat`].
+pub struct ConverseEvents {
+    chunks: PivotChunks,
     /// Converse content-block index -> OpenAI tool-call index.
     tool_blocks: Vec<(u64, usize)>,
     usage: Option<RawUsage>,
     stopped: bool,
-    state: StreamState,
 }
 
-impl StreamTranslator for ConverseStreamToChat {
-    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
-        if self.state != StreamState::Open {
-            return;
-        }
-        let mut messages = Vec::new();
-        let decoded = self.decoder.push_into(chunk, &mut messages);
-        for message in &messages {
-            self.handle(message, out);
-        }
-        if let Err(e) = decoded {
-            log::warn!("corrupt Bedrock event stream: {e}");
-            self.fault(StreamFault::Corrupt, out);
-        }
+impl EventMapping for ConverseEvents {
+    type Event = Message;
+    const UPSTREAM: &'static str = "Bedrock";
+
+    fn on_event(&mut self, message: Message, out: &mut Vec<u8>) -> Result<Flow, StreamFault> {
+        self.handle(&message, out)
     }
 
-    /// Upstream ended. A complete stream already got its `[DONE]`; anything
-    /// else gets an error event and no `[DONE]`.
-    fn finish(&mut self, out: &mut Vec<u8>) {
-        if self.state != StreamState::Open {
-            return;
-        }
-        self.fail(
-            out,
-            "The Bedrock stream ended before completion; the answer is incomplete.",
-        );
+    fn write_error(&mut self, error: &ApiError, out: &mut Vec<u8>) {
+        write_data(out, &error.body());
     }
 
     fn usage(&self) -> Option<Usage> {
@@ -962,70 +755,9 @@ impl StreamTranslator for ConverseStreamToChat {
     }
 }
 
-impl ConverseStreamToChat {
-    /// `model` is the model name to report in the chunks.
-    pub fn new(include_usage: bool, model: &str, created: u64) -> Self {
-        ConverseStreamToChat {
-            decoder: Decoder::new(),
-            include_usage,
-            created,
-            model: model.to_string(),
-            id: String::new(),
-            tool_blocks: Vec::new(),
-            usage: None,
-            stopped: false,
-            state: StreamState::Open,
-        }
-    }
-
-    fn fail(&mut self, out: &mut Vec<u8>, message: &str) {
-        self.state = StreamState::Failed;
-        let error = ApiError::new(
-            502,
-            "server_error",
-            Some("stream_interrupted"),
-            message.to_string(),
-        );
-        write_data(out, &error.body());
-    }
-
-    /// Ends the stream with an error event for `fault`; nothing follows it.
-    fn fault(&mut self, fault: StreamFault, out: &mut Vec<u8>) {
-        if self.state != StreamState::Open {
-            return;
-        }
-        self.state = StreamState::Failed;
-        write_data(out, &fault.error("Bedrock").body());
-    }
-
+impl ConverseEvents {
     fn emit(&self, out: &mut Vec<u8>, delta: Delta<'_>, finish: Option<&'static str>) {
-        let choices = [ChunkChoice {
-            index: 0,
-            delta,
-            logprobs: (),
-            finish_reason: finish,
-        }];
-        self.write_chunk(out, &choices, self.include_usage.then_some(None));
-    }
-
-    fn write_chunk(
-        &self,
-        out: &mut Vec<u8>,
-        choices: &[ChunkChoice<'_>],
-        usage: Option<Option<ChatUsage>>,
-    ) {
-        let chunk = Chunk {
-            id: &self.id,
-            object: "chat.completion.chunk",
-            created: self.created,
-            model: &self.model,
-            choices,
-            usage,
-        };
-        match serde_json::to_vec(&chunk) {
-            Ok(json) => write_data(out, &json),
-            Err(e) => log::error!("could not serialize a chat.completion.chunk: {e}"),
-        }
+        self.chunks.delta(out, 0, delta, finish);
     }
 
     fn emit_tool(&self, out: &mut Vec<u8>, call: ToolCallDelta<'_>) {
@@ -1037,23 +769,18 @@ impl ConverseStreamToChat {
     }
 
     /// Writes the end once both messageStop and metadata have come.
-    fn maybe_done(&mut self, out: &mut Vec<u8>) {
+    fn maybe_done(&mut self, out: &mut Vec<u8>) -> Flow {
         let Some(usage) = self.usage.filter(|_| self.stopped) else {
-            return;
+            return Flow::Open;
         };
-        if self.include_usage {
-            self.write_chunk(out, &[], Some(Some(usage.chat())));
-        }
-        out.extend_from_slice(b"data: [DONE]\n\n");
-        self.state = StreamState::Done;
+        self.chunks.end(out, usage.chat());
+        Flow::Ended
     }
 
-    fn handle(&mut self, message: &Message, out: &mut Vec<u8>) {
-        if self.state != StreamState::Open {
-            return;
-        }
-        if self.id.is_empty() {
-            self.id = completion_id(&[&message.payload, &self.created.to_be_bytes()]);
+    fn handle(&mut self, message: &Message, out: &mut Vec<u8>) -> Result<Flow, StreamFault> {
+        if self.chunks.id.is_empty() {
+            let created = self.chunks.created.to_be_bytes();
+            self.chunks.id = completion_id(&[&message.payload, &created]);
         }
         match message.header_str(":message-type").unwrap_or("event") {
             "event" => {}
@@ -1062,8 +789,7 @@ impl ConverseStreamToChat {
                 let status = caller_status(500, kind);
                 let error = converse_error_to_chat(status, kind, &message.payload);
                 write_data(out, &error);
-                self.state = StreamState::Failed;
-                return;
+                return Ok(Flow::Ended);
             }
             "error" => {
                 let code = message.header_str(":error-code");
@@ -1071,19 +797,17 @@ impl ConverseStreamToChat {
                 let body = json!({ "message": text }).to_string();
                 let error = converse_error_to_chat(caller_status(500, code), code, body.as_bytes());
                 write_data(out, &error);
-                self.state = StreamState::Failed;
-                return;
+                return Ok(Flow::Ended);
             }
             other => {
                 log::warn!("ignoring a Bedrock stream message of type {other:?}");
-                return;
+                return Ok(Flow::Open);
             }
         }
         let kind = message.header_str(":event-type").unwrap_or_default();
         let Ok(v) = from_slice_lossy::<Value>(&message.payload) else {
             log::warn!("a Bedrock {kind:?} event's payload is not JSON");
-            self.fault(StreamFault::Corrupt, out);
-            return;
+            return Err(StreamFault::Corrupt);
         };
         match kind {
             "messageStart" => {
@@ -1096,7 +820,7 @@ impl ConverseStreamToChat {
             }
             "contentBlockStart" => {
                 let Some(tool) = v.pointer("/start/toolUse") else {
-                    return;
+                    return Ok(Flow::Open);
                 };
                 let index = v
                     .get("contentBlockIndex")
@@ -1120,7 +844,9 @@ impl ConverseStreamToChat {
                 );
             }
             "contentBlockDelta" => {
-                let Some(d) = v.get("delta") else { return };
+                let Some(d) = v.get("delta") else {
+                    return Ok(Flow::Open);
+                };
                 if let Some(text) = d.get("text").and_then(Value::as_str) {
                     let delta = Delta {
                         content: Some(text),
@@ -1144,7 +870,7 @@ impl ConverseStreamToChat {
                         .map(|(_, k)| *k);
                     let Some(k) = k else {
                         log::warn!("ignoring tool input for an unknown Converse block {index:?}");
-                        return;
+                        return Ok(Flow::Open);
                     };
                     self.emit_tool(
                         out,
@@ -1165,21 +891,53 @@ impl ConverseStreamToChat {
             }
             "messageStop" => {
                 if self.stopped {
-                    return;
+                    return Ok(Flow::Open);
                 }
                 self.stopped = true;
                 let stop_reason = v.get("stopReason").and_then(Value::as_str);
                 self.emit(out, Delta::default(), Some(finish_reason(stop_reason)));
-                self.maybe_done(out);
+                return Ok(self.maybe_done(out));
             }
             "metadata" => {
                 let usage = v.get("usage").map(RawUsage::from_value).unwrap_or_default();
                 self.usage = Some(usage);
-                self.maybe_done(out);
+                return Ok(self.maybe_done(out));
             }
             // contentBlockStop, and event types added later.
             _ => {}
         }
+        Ok(Flow::Open)
+    }
+}
+
+// ---------------------------------------------------------------------------
+
+/// AWS Bedrock Converse.
+pub struct Bedrock;
+impl ProviderTranslator for Bedrock {
+    fn request_from_pivot(
+        &self,
+        chat: &ChatRequest<'_>,
+        upstream: &Upstream<'_>,
+    ) -> Result<Vec<u8>, ApiError> {
+        converse_request(chat, Some(upstream.default_max_tokens))
+    }
+    fn answer_to_pivot(&self, body: &[u8], model: &str, created: u64) -> Result<Vec<u8>, String> {
+        converse_response_to_chat(body, model, created)
+    }
+    fn caller_status(&self, status: u16, error_type: Option<&str>) -> u16 {
+        caller_status(status, error_type)
+    }
+    fn error_to_pivot(&self, status: u16, error_type: Option<&str>, body: &[u8]) -> Vec<u8> {
+        converse_error_to_chat(status, error_type, body)
+    }
+    fn stream_to_pivot(
+        &self,
+        include_usage: bool,
+        model: &str,
+        created: u64,
+    ) -> Box<dyn StreamTranslator> {
+        Box::new(ConverseStreamToChat::new(include_usage, model, created))
     }
 }
 
@@ -1187,12 +945,14 @@ impl ConverseStreamToChat {
 mod tests {
     use super::*;
     use crate::providers::aws::eventstream::encode;
+    use crate::translate::StreamTranslator;
     use std::collections::BTreeMap;
 
-    const TEXT_STREAM: &str = include_str!("../../tests/fixtures/bedrock/text_stream.json");
-    const TOOL_STREAM: &str = include_str!("../../tests/fixtures/bedrock/tool_stream.json");
-    const TOOL_RESPONSE: &str = include_str!("../../tests/fixtures/bedrock/response_tool_use.json");
-    const TEXT_RESPONSE: &str = include_str!("../../tests/fixtures/bedrock/response_text.json");
+    const TEXT_STREAM: &str = include_str!("../../../tests/fixtures/bedrock/text_stream.json");
+    const TOOL_STREAM: &str = include_str!("../../../tests/fixtures/bedrock/tool_stream.json");
+    const TOOL_RESPONSE: &str =
+        include_str!("../../../tests/fixtures/bedrock/response_tool_use.json");
+    const TEXT_RESPONSE: &str = include_str!("../../../tests/fixtures/bedrock/response_text.json");
     const CREATED: u64 = 1_700_000_000;
     const MODEL: &str = "anthropic.claude-3-5-sonnet-20240620-v1:0";
 
@@ -2196,7 +1956,7 @@ mod tests {
     /// ```
     #[test]
     fn python_encoded_fixture_matches() {
-        let bin = include_bytes!("../../tests/fixtures/bedrock/tool_stream.bin");
+        let bin = include_bytes!("../../../tests/fixtures/bedrock/tool_stream.bin");
         let frames = frames(TOOL_STREAM);
         // eventstream.event() orders headers as :event-type, :content-type,
         // :message-type, like frames() here.

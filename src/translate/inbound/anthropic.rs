@@ -16,7 +16,7 @@
 //!   `max_tokens` counts the thinking tokens too.
 //! * `thinking.budget_tokens` becomes `reasoning_effort`: below
 //!   [`EFFORT_MEDIUM_FROM`] `low`, below [`EFFORT_HIGH_FROM`] `medium`, else
-//!   `high` (the inverse of the budgets `openai_anthropic` picks per effort).
+//!   `high` (the inverse of the budgets `outbound::anthropic` picks per effort).
 //! * Caller parameters OpenAI cannot honour (`top_k`, server tools, document
 //!   blocks, MCP servers...) are a 400 `unsupported_parameter`; only hints
 //!   without effect on the answer (`cache_control`, `service_tier`) are
@@ -36,7 +36,9 @@ use crate::core::json::{from_slice_lossy, from_str_lossy};
 use crate::core::sse::{SseEvent, SseParser};
 use crate::core::usage::Usage;
 use crate::translate::chat_input::{invalid_value, json_type, quoted, unsupported};
-use crate::translate::{StreamFault, StreamTranslator, MAX_PIVOT_EVENT_BYTES};
+use crate::translate::inbound::CallerTranslator;
+use crate::translate::stream::{EventMapping, EventStream, Flow};
+use crate::translate::{StreamFault, StreamTranslator};
 
 /// Thinking budgets from this many tokens ask for `reasoning_effort: "medium"`.
 pub const EFFORT_MEDIUM_FROM: u64 = 4096;
@@ -487,7 +489,7 @@ pub fn messages_request_to_chat(
     body: &[u8],
     upstream_model: &str,
 ) -> Result<(Vec<u8>, MessagesRequestInfo), ApiError> {
-    let req = super::request_object(body)?;
+    let req = crate::translate::request_object(body)?;
     let field = |name: &str| req.get(name).filter(|v| !v.is_null());
 
     if field("top_k").is_some() {
@@ -1025,17 +1027,6 @@ struct DeltaUsage {
     output_tokens: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum StreamState {
-    /// Nothing written yet: `message_start` comes first.
-    New,
-    Open,
-    /// `[DONE]` seen and `message_stop` written.
-    Done,
-    /// An error event was written; nothing may follow.
-    Failed,
-}
-
 /// The kind of the content block being written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum OpenBlock {
@@ -1046,9 +1037,19 @@ enum OpenBlock {
 
 /// Streaming: OpenAI chat.completion.chunk SSE bytes in, Anthropic Messages
 /// SSE bytes out.
-pub struct ChatStreamToMessages {
-    parser: SseParser,
-    state: StreamState,
+pub type ChatStreamToMessages = EventStream<SseParser, ChunksToMessages>;
+
+impl ChatStreamToMessages {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// The per-event mapping of [`ChatStreamToMessages`].
+#[derive(Default)]
+pub struct ChunksToMessages {
+    /// `message_start` was written.
+    started: bool,
     /// The block being written and its Anthropic index.
     open: Option<(usize, OpenBlock)>,
     /// Blocks started so far (the next block's index).
@@ -1058,12 +1059,6 @@ pub struct ChatStreamToMessages {
     finish_reason: Option<String>,
     refused: bool,
     usage: Option<RawUsage>,
-}
-
-impl Default for ChatStreamToMessages {
-    fn default() -> Self {
-        Self::new()
-    }
 }
 
 fn write_event(out: &mut Vec<u8>, name: &str, data: &impl Serialize) {
@@ -1081,95 +1076,27 @@ fn write_raw(out: &mut Vec<u8>, name: &str, json: &[u8]) {
     out.extend_from_slice(b"\n\n");
 }
 
-impl StreamTranslator for ChatStreamToMessages {
-    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
-        if matches!(self.state, StreamState::Done | StreamState::Failed) {
-            return;
-        }
-        let mut events = Vec::new();
-        self.parser.push(chunk, &mut |e| events.push(e));
-        for event in events {
-            self.handle(event, out);
-        }
-        if self.parser.overflowed() {
-            self.fault(StreamFault::Oversized, out);
-        }
-    }
+impl EventMapping for ChunksToMessages {
+    type Event = SseEvent;
+    const UPSTREAM: &'static str = "provider's";
 
-    /// Upstream ended. After `[DONE]` nothing is added; otherwise the stream
-    /// broke and gets an Anthropic error event, never a clean end.
-    fn finish(&mut self, out: &mut Vec<u8>) {
-        if matches!(self.state, StreamState::Done | StreamState::Failed) {
-            return;
-        }
-        self.fail(
-            "api_error",
-            "The provider's stream ended before completion; the answer is incomplete.",
-            out,
-        );
-    }
-
-    fn usage(&self) -> Option<Usage> {
-        self.usage.map(|u| u.usage())
-    }
-}
-
-impl ChatStreamToMessages {
-    pub fn new() -> Self {
-        ChatStreamToMessages {
-            parser: SseParser::default(),
-            state: StreamState::New,
-            open: None,
-            blocks: 0,
-            tool_blocks: Vec::new(),
-            finish_reason: None,
-            refused: false,
-            usage: None,
-        }
-    }
-
-    /// Reads the gateway's own pivot (behind a provider-side translator),
-    /// whose events may be a little larger than the provider's.
-    pub fn reading_pivot(mut self) -> Self {
-        self.parser = SseParser::with_limit(MAX_PIVOT_EVENT_BYTES);
-        self
-    }
-
-    fn fail(&mut self, kind: &str, message: &str, out: &mut Vec<u8>) {
-        write_raw(out, "error", &anthropic_error(kind, message));
-        self.state = StreamState::Failed;
-    }
-
-    /// Ends the stream with an error event for `fault`; nothing follows it.
-    fn fault(&mut self, fault: StreamFault, out: &mut Vec<u8>) {
-        if matches!(self.state, StreamState::Done | StreamState::Failed) {
-            return;
-        }
-        log::warn!("ending a chat stream early: {fault:?} event");
-        self.fail("api_error", &fault.error("provider's").message, out);
-    }
-
-    fn handle(&mut self, event: SseEvent, out: &mut Vec<u8>) {
-        if matches!(self.state, StreamState::Done | StreamState::Failed) {
-            return;
-        }
+    fn on_event(&mut self, event: SseEvent, out: &mut Vec<u8>) -> Result<Flow, StreamFault> {
         let data = event.data.trim();
         if data == "[DONE]" {
             self.start(&Value::Null, out);
             self.end(out);
-            return;
+            return Ok(Flow::Ended);
         }
         let Ok(v) = from_str_lossy::<Value>(data) else {
-            self.fault(StreamFault::Corrupt, out);
-            return;
+            return Err(StreamFault::Corrupt);
         };
         if let Some(error) = v.get("error").filter(|e| !e.is_null()) {
             let message = str_field(error, "message")
                 .or_else(|| error.as_str())
                 .unwrap_or("The provider reported an error in the stream.");
             let kind = error_type_for_openai(str_field(error, "type"), str_field(error, "code"));
-            self.fail(kind, message, out);
-            return;
+            write_raw(out, "error", &anthropic_error(kind, message));
+            return Ok(Flow::Ended);
         }
         self.start(&v, out);
         if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
@@ -1179,7 +1106,9 @@ impl ChatStreamToMessages {
             .get("choices")
             .and_then(Value::as_array)
             .and_then(|c| c.first());
-        let Some(choice) = choice else { return };
+        let Some(choice) = choice else {
+            return Ok(Flow::Open);
+        };
         if let Some(delta) = choice.get("delta") {
             self.delta(delta, out);
         }
@@ -1187,14 +1116,25 @@ impl ChatStreamToMessages {
             self.close_block(out);
             self.finish_reason = Some(reason.to_string());
         }
+        Ok(Flow::Open)
     }
 
+    fn write_error(&mut self, error: &ApiError, out: &mut Vec<u8>) {
+        write_raw(out, "error", &anthropic_error("api_error", &error.message));
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        self.usage.map(|u| u.usage())
+    }
+}
+
+impl ChunksToMessages {
     /// Writes `message_start` before anything else, from the first chunk.
     fn start(&mut self, chunk: &Value, out: &mut Vec<u8>) {
-        if self.state != StreamState::New {
+        if self.started {
             return;
         }
-        self.state = StreamState::Open;
+        self.started = true;
         let input_tokens = chunk
             .pointer("/usage/prompt_tokens")
             .and_then(Value::as_u64)
@@ -1374,7 +1314,34 @@ impl ChatStreamToMessages {
         };
         write_event(out, "message_delta", &delta);
         write_raw(out, "message_stop", br#"{"type":"message_stop"}"#);
-        self.state = StreamState::Done;
+    }
+}
+
+// ---------------------------------------------------------------------------
+
+/// Anthropic Messages callers.
+pub struct Anthropic;
+impl CallerTranslator for Anthropic {
+    fn request_to_pivot(
+        &self,
+        body: &[u8],
+        upstream_model: &str,
+        _stream: bool,
+    ) -> Result<Vec<u8>, ApiError> {
+        Ok(messages_request_to_chat(body, upstream_model)?.0)
+    }
+    fn answer_from_pivot(&self, pivot: &[u8]) -> Result<Vec<u8>, String> {
+        chat_response_to_messages(pivot)
+    }
+    fn error_body(&self, error: &ApiError) -> Vec<u8> {
+        error_body(error)
+    }
+    fn error_from_pivot(&self, status: u16, pivot: &[u8]) -> Vec<u8> {
+        chat_error_to_messages(status, pivot)
+    }
+    fn stream_from_pivot(&self, reads_pivot: bool) -> Box<dyn StreamTranslator> {
+        let t = ChatStreamToMessages::new();
+        Box::new(if reads_pivot { t.reading_pivot() } else { t })
     }
 }
 
@@ -1383,13 +1350,13 @@ mod tests {
     use super::*;
 
     const TEXT_STREAM: &str =
-        include_str!("../../tests/fixtures/openai/anthropic_caller_text_stream.sse");
+        include_str!("../../../tests/fixtures/openai/anthropic_caller_text_stream.sse");
     const TOOL_STREAM: &str =
-        include_str!("../../tests/fixtures/openai/anthropic_caller_tool_stream.sse");
+        include_str!("../../../tests/fixtures/openai/anthropic_caller_tool_stream.sse");
     const TOOL_RESPONSE: &str =
-        include_str!("../../tests/fixtures/openai/anthropic_caller_response_tool.json");
+        include_str!("../../../tests/fixtures/openai/anthropic_caller_response_tool.json");
     const AGENT_REQUEST: &str =
-        include_str!("../../tests/fixtures/anthropic/anthropic_caller_request_agent.json");
+        include_str!("../../../tests/fixtures/anthropic/anthropic_caller_request_agent.json");
 
     // ----- requests --------------------------------------------------------
 

@@ -15,13 +15,15 @@ use crate::core::json::{from_slice_lossy, from_str_lossy};
 use crate::core::sse::{SseEvent, SseParser};
 use crate::core::usage::Usage;
 use crate::translate::chat_input::{
-    assistant_blocks, bad_message, has_prefix_ignore_case, invalid_type, invalid_value, json_type,
-    plain_text, quoted, unsupported,
+    bad_message, has_prefix_ignore_case, invalid_type, json_type, plain_text, quoted, unsupported,
 };
 use crate::translate::chat_output::{
-    write_data, CachedTokens, ChatCompletion, ChatMessage, ChatUsage, Choice, Chunk, ChunkChoice,
-    Delta, FunctionCall, FunctionDelta, ToolCall, ToolCallDelta,
+    write_data, CachedTokens, ChatCompletion, ChatMessage, ChatUsage, Choice, Delta, FunctionCall,
+    FunctionDelta, PivotChunks, ToolCall, ToolCallDelta,
 };
+use crate::translate::outbound::{request_body, ProviderTranslator, Upstream};
+use crate::translate::pivot::{ChatRequest, ResponseFormat, Role, Tool, ToolChoice};
+use crate::translate::stream::{EventMapping, EventStream, Flow};
 use crate::translate::{StreamFault, StreamTranslator};
 
 /// Thinking budgets for OpenAI's `reasoning_effort` values.
@@ -162,33 +164,22 @@ fn user_content(content: &Value, i: usize) -> Result<Content, ApiError> {
 }
 
 /// `messages` split into Anthropic's top-level `system` and alternating turns.
-fn convert_messages(messages: &[Value]) -> Result<(Option<String>, Vec<Turn>), ApiError> {
+fn convert_messages(chat: &ChatRequest<'_>) -> Result<(Option<String>, Vec<Turn>), ApiError> {
     let mut system: Vec<String> = Vec::new();
     let mut turns: Vec<Turn> = Vec::new();
-    for (i, message) in messages.iter().enumerate() {
-        let Some(msg) = message.as_object() else {
-            return Err(bad_message(format!(
-                "messages[{i}] must be an object, not {}.",
-                json_type(message)
-            )));
-        };
-        let role = msg
-            .get("role")
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad_message(format!("messages[{i}] has no string 'role'.")))?;
-        let content = msg.get("content").unwrap_or(&Value::Null);
-        match role {
-            "system" | "developer" => {
+    for message in chat.messages() {
+        let message = message?;
+        let (i, content) = (message.index, message.content());
+        match message.role {
+            Role::System => {
                 let text = plain_text(content, i)?;
                 if !text.is_empty() {
                     system.push(text);
                 }
             }
-            "user" => push_turn(&mut turns, "user", user_content(content, i)?),
-            "assistant" => {
-                let blocks = assistant_blocks(
-                    msg,
-                    i,
+            Role::User => push_turn(&mut turns, "user", user_content(content, i)?),
+            Role::Assistant => {
+                let blocks = message.assistant_blocks(
                     "Anthropic",
                     text_block,
                     |id, name, input| json!({"type": "tool_use", "id": id, "name": name, "input": input}),
@@ -197,27 +188,15 @@ fn convert_messages(messages: &[Value]) -> Result<(Option<String>, Vec<Turn>), A
                     push_turn(&mut turns, "assistant", Content::Blocks(blocks));
                 }
             }
-            "tool" => {
-                let id = msg
-                    .get("tool_call_id")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| {
-                        bad_message(format!("messages[{i}] has no string 'tool_call_id'."))
-                    })?;
+            Role::Tool => {
                 let result = json!({
                     "type": "tool_result",
-                    "tool_use_id": id,
+                    "tool_use_id": message.tool_call_id()?,
                     "content": plain_text(content, i)?,
                 });
                 push_turn(&mut turns, "user", Content::Blocks(vec![result]));
             }
-            other => {
-                return Err(bad_message(format!(
-                    "messages[{i}]: the role '{other}' is not supported by the Anthropic \
-                     provider through this gateway; use system, developer, user, assistant \
-                     or tool."
-                )))
-            }
+            Role::Other(role) => return Err(message.unsupported_role(role, "Anthropic")),
         }
     }
     if turns.is_empty() {
@@ -229,79 +208,33 @@ fn convert_messages(messages: &[Value]) -> Result<(Option<String>, Vec<Turn>), A
     Ok((system, turns))
 }
 
-fn convert_tool(tool: &Value, i: usize) -> Result<Value, ApiError> {
-    let bad = |what: &str| invalid_value("tools", format!("tools[{i}] {what}."));
-    if tool.get("type").and_then(Value::as_str) != Some("function") {
-        return Err(bad("must be of type 'function'"));
-    }
-    let function = tool
-        .get("function")
-        .and_then(Value::as_object)
-        .ok_or_else(|| bad("has no 'function' object"))?;
-    let name = function
-        .get("name")
-        .and_then(Value::as_str)
-        .ok_or_else(|| bad("has no string 'function.name'"))?;
+fn convert_tool(tool: &Tool<'_>) -> Value {
     let mut out = Map::new();
-    out.insert("name".into(), Value::String(name.to_string()));
-    match function.get("description") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(d)) => {
-            out.insert("description".into(), Value::String(d.clone()));
-        }
-        Some(_) => return Err(bad("has a 'function.description' that is not a string")),
+    out.insert("name".into(), Value::String(tool.name.to_string()));
+    if let Some(d) = tool.description {
+        out.insert("description".into(), Value::String(d.to_string()));
     }
-    let schema = match function.get("parameters") {
-        None | Some(Value::Null) => json!({"type": "object", "properties": {}}),
-        Some(p @ Value::Object(_)) => p.clone(),
-        Some(_) => return Err(bad("has 'function.parameters' that is not an object")),
+    let schema = match tool.parameters {
+        None => json!({"type": "object", "properties": {}}),
+        Some(p) => p.clone(),
     };
     out.insert("input_schema".into(), schema);
-    Ok(Value::Object(out))
+    Value::Object(out)
 }
 
-fn convert_tool_choice(choice: &Value) -> Result<Map<String, Value>, ApiError> {
+fn convert_tool_choice(choice: ToolChoice<'_>) -> Map<String, Value> {
     let mut out = Map::new();
     let kind = match choice {
-        Value::String(s) => match s.as_str() {
-            "auto" => "auto",
-            "none" => "none",
-            "required" => "any",
-            other => {
-                return Err(invalid_value(
-                    "tool_choice",
-                    format!(
-                        "Invalid 'tool_choice' value '{other}': use 'auto', 'none', 'required' \
-                         or a function object."
-                    ),
-                ))
-            }
-        },
-        Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("function") => {
-            let name = o
-                .get("function")
-                .and_then(|f| f.get("name"))
-                .and_then(Value::as_str)
-                .ok_or_else(|| {
-                    invalid_value(
-                        "tool_choice",
-                        "'tool_choice' has no string 'function.name'.".into(),
-                    )
-                })?;
+        ToolChoice::Auto => "auto",
+        ToolChoice::None => "none",
+        ToolChoice::Required => "any",
+        ToolChoice::Named(name) => {
             out.insert("name".into(), Value::String(name.to_string()));
             "tool"
         }
-        _ => {
-            return Err(invalid_value(
-                "tool_choice",
-                "'tool_choice' must be 'auto', 'none', 'required' or \
-                 {\"type\":\"function\",\"function\":{\"name\":...}}."
-                    .into(),
-            ))
-        }
     };
     out.insert("type".into(), Value::String(kind.to_string()));
-    Ok(out)
+    out
 }
 
 #[derive(Serialize)]
@@ -315,8 +248,8 @@ struct MessagesRequest<'a> {
     temperature: Option<&'a Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     top_p: Option<&'a Value>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    stop_sequences: Vec<&'a str>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    stop_sequences: &'a [&'a str],
     stream: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     metadata: Option<Value>,
@@ -340,102 +273,57 @@ pub fn chat_request_to_messages(
     upstream_model: &str,
     default_max_tokens: u64,
 ) -> Result<(Vec<u8>, ChatRequestInfo), ApiError> {
-    let req = super::request_object(openai_body)?;
-    // OpenAI treats an explicit null like an absent optional parameter.
-    let field = |name: &str| req.get(name).filter(|v| !v.is_null());
-
-    if let Some(n) = field("n") {
-        match n.as_u64() {
-            Some(1) => {}
-            Some(0) => return Err(invalid_value("n", "'n' must be at least 1.".into())),
-            Some(_) => {
-                return Err(unsupported(
-                    "n",
-                    "The Anthropic provider does not support 'n' greater than 1 through this \
-                     gateway; send one request per choice."
-                        .into(),
-                ))
-            }
-            None => return Err(invalid_type("n", "an integer", n)),
-        }
-    }
-    if let Some(format) = field("response_format") {
-        match format.get("type").and_then(Value::as_str) {
-            Some("text") => {}
-            Some(kind @ ("json_object" | "json_schema")) => {
-                return Err(unsupported(
-                    "response_format",
-                    format!(
-                        "The Anthropic provider does not support 'response_format' of type \
-                         '{kind}' through this gateway; describe the format in the prompt or \
-                         use a tool with an input schema instead."
-                    ),
-                ))
-            }
-            _ => {
-                return Err(invalid_value(
-                    "response_format",
-                    "'response_format' must be an object with 'type' 'text', 'json_object' or \
-                     'json_schema'."
-                        .into(),
-                ))
-            }
-        }
-    }
-
-    let messages = match req.get("messages") {
-        Some(Value::Array(m)) => m,
-        None | Some(Value::Null) => {
-            return Err(ApiError::invalid_request(
-                Some("missing_required_parameter"),
-                "Missing required parameter: 'messages'.".into(),
-            )
-            .with_param("messages"))
-        }
-        Some(other) => return Err(invalid_type("messages", "an array", other)),
-    };
-    let (system, turns) = convert_messages(messages)?;
-
-    let (tokens_param, tokens) = match (field("max_completion_tokens"), field("max_tokens")) {
-        (Some(v), _) => ("max_completion_tokens", Some(v)),
-        (None, v) => ("max_tokens", v),
-    };
-    let mut max_tokens = match tokens {
-        None => default_max_tokens,
-        Some(v) => match v.as_u64() {
-            Some(0) => {
-                return Err(invalid_value(
-                    tokens_param,
-                    format!("'{tokens_param}' must be at least 1."),
-                ))
-            }
-            Some(n) => n,
-            None => return Err(invalid_type(tokens_param, "a positive integer", v)),
+    let req = crate::translate::request_object(openai_body)?;
+    let chat = ChatRequest::parse(&req)?;
+    let body = messages_request(&chat, upstream_model, default_max_tokens)?;
+    Ok((
+        body,
+        ChatRequestInfo {
+            stream: chat.stream,
+            include_usage: chat.include_usage,
         },
-    };
+    ))
+}
 
-    let thinking_budget = match field("reasoning_effort") {
-        None => None,
-        Some(Value::String(effort)) => match effort.as_str() {
-            "minimal" | "none" => None,
-            other => Some(
-                THINKING_BUDGETS
-                    .iter()
-                    .find(|(name, _)| *name == other)
-                    .map(|(_, budget)| *budget)
-                    .ok_or_else(|| {
-                        invalid_value(
-                            "reasoning_effort",
-                            format!(
-                                "Invalid 'reasoning_effort' value '{other}': use 'none', \
-                                 'minimal', 'low', 'medium' or 'high'."
-                            ),
-                        )
-                    })?,
+/// The pivot request as an Anthropic Messages request body.
+pub fn messages_request(
+    chat: &ChatRequest<'_>,
+    upstream_model: &str,
+    default_max_tokens: u64,
+) -> Result<Vec<u8>, ApiError> {
+    match chat.n {
+        Some(n) if n > 1 => {
+            return Err(unsupported(
+                "n",
+                "The Anthropic provider does not support 'n' greater than 1 through this \
+                 gateway; send one request per choice."
+                    .into(),
+            ))
+        }
+        _ => {}
+    }
+    if let Some(format @ (ResponseFormat::JsonObject | ResponseFormat::JsonSchema(_))) =
+        chat.response_format
+    {
+        return Err(unsupported(
+            "response_format",
+            format!(
+                "The Anthropic provider does not support 'response_format' of type \
+                 '{}' through this gateway; describe the format in the prompt or \
+                 use a tool with an input schema instead.",
+                format.kind()
             ),
-        },
-        Some(other) => return Err(invalid_type("reasoning_effort", "a string", other)),
-    };
+        ));
+    }
+    let (system, turns) = convert_messages(chat)?;
+
+    let mut max_tokens = chat.max_tokens.unwrap_or(default_max_tokens);
+    let thinking_budget = chat.reasoning_effort.and_then(|effort| {
+        THINKING_BUDGETS
+            .iter()
+            .find(|(name, _)| *name == effort.name())
+            .map(|(_, budget)| *budget)
+    });
     let thinking = thinking_budget.map(|budget| {
         // Anthropic requires max_tokens > budget_tokens.
         if budget >= max_tokens {
@@ -444,76 +332,15 @@ pub fn chat_request_to_messages(
         json!({"type": "enabled", "budget_tokens": budget})
     });
 
-    let number = |name: &'static str| -> Result<Option<&Value>, ApiError> {
-        match field(name) {
-            None => Ok(None),
-            Some(v @ Value::Number(_)) => Ok(Some(v)),
-            Some(other) => Err(invalid_type(name, "a number", other)),
-        }
-    };
-    let temperature = number("temperature")?;
-    let top_p = number("top_p")?;
-
-    let stop_sequences = match field("stop") {
-        None => Vec::new(),
-        Some(Value::String(s)) => vec![s.as_str()],
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|s| {
-                s.as_str()
-                    .ok_or_else(|| invalid_type("stop", "a string or an array of strings", s))
-            })
-            .collect::<Result<Vec<_>, _>>()?,
-        Some(other) => {
-            return Err(invalid_type(
-                "stop",
-                "a string or an array of strings",
-                other,
-            ))
-        }
-    };
-
-    let stream = match field("stream") {
-        None => false,
-        Some(Value::Bool(b)) => *b,
-        Some(other) => return Err(invalid_type("stream", "a boolean", other)),
-    };
-    let include_usage = field("stream_options")
-        .and_then(|o| o.get("include_usage"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-
-    let metadata = match field("user") {
+    let metadata = match chat.optional("user") {
         None => None,
         Some(Value::String(user)) => Some(json!({"user_id": user})),
         Some(other) => return Err(invalid_type("user", "a string", other)),
     };
 
-    let tools = match field("tools") {
-        None => Vec::new(),
-        Some(Value::Array(tools)) => tools
-            .iter()
-            .enumerate()
-            .map(|(i, t)| convert_tool(t, i))
-            .collect::<Result<Vec<_>, _>>()?,
-        Some(other) => return Err(invalid_type("tools", "an array", other)),
-    };
-    let mut tool_choice = field("tool_choice").map(convert_tool_choice).transpose()?;
-    if tools.is_empty() {
-        let forced = tool_choice
-            .as_ref()
-            .and_then(|c| c.get("type"))
-            .and_then(Value::as_str)
-            .is_some_and(|t| t == "any" || t == "tool");
-        if forced {
-            return Err(invalid_value(
-                "tool_choice",
-                "'tool_choice' requires a tool, but 'tools' is empty.".into(),
-            ));
-        }
-        // "auto" or "none" without tools mean no tool use: nothing to send.
-        tool_choice = None;
-    } else if field("parallel_tool_calls").and_then(Value::as_bool) == Some(false) {
+    let tools: Vec<Value> = chat.tools.iter().map(convert_tool).collect();
+    let mut tool_choice = chat.tool_choice.map(convert_tool_choice);
+    if !tools.is_empty() && chat.parallel_tool_calls == Some(false) {
         let choice = tool_choice.get_or_insert_with(|| {
             let mut auto = Map::new();
             auto.insert("type".into(), Value::String("auto".into()));
@@ -535,30 +362,16 @@ pub fn chat_request_to_messages(
                 content: content.into_value(),
             })
             .collect(),
-        temperature,
-        top_p,
-        stop_sequences,
-        stream,
+        temperature: chat.temperature,
+        top_p: chat.top_p,
+        stop_sequences: &chat.stop,
+        stream: chat.stream,
         metadata,
         tools,
         tool_choice,
         thinking,
     };
-    let body = serde_json::to_vec(&out).map_err(|e| {
-        ApiError::new(
-            500,
-            "server_error",
-            Some("gateway_error"),
-            format!("Gateway error: could not serialize the Anthropic request: {e}."),
-        )
-    })?;
-    Ok((
-        body,
-        ChatRequestInfo {
-            stream,
-            include_usage,
-        },
-    ))
+    request_body(&out, "Anthropic")
 }
 
 // ---------------------------------------------------------------------------
@@ -758,59 +571,56 @@ pub fn messages_error_to_chat(status: u16, body: &[u8]) -> Vec<u8> {
 // Streaming: Anthropic SSE -> OpenAI chat.completion.chunk SSE
 // ---------------------------------------------------------------------------
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum StreamState {
-    Open,
-    /// message_stop seen and [DONE] written.
-    Done,
-    /// An error event was written; nothing may follow.
-    Failed,
+/// Streaming: Anthropic SSE bytes in, OpenAI chat.completion.chunk SSE bytes out.
+pub type MessagesStreamToChat = EventStream<SseParser, MessagesEvents>;
+
+impl MessagesStreamToChat {
+    pub fn new(include_usage: bool, created: u64) -> Self {
+        EventStream::reading(
+            SseParser::default(),
+            MessagesEvents {
+                chunks: PivotChunks::new(include_usage, "", created),
+                tool_blocks: Vec::new(),
+                usage: RawUsage::default(),
+                usage_seen: false,
+            },
+        )
+    }
 }
 
-/// Streaming: Anthropic SSE bytes in, OpenAI chat.completion.chunk SSE bytes out.
-pub struct MessagesStreamToChat {
-    parser: SseParser,
-    include_usage: bool,
-    created: u64,
-    id: String,
-    model: String,
+/// The per-event mapping of [`MessagesStreamToChat`]: complete at
+/// `message_stop`, failed at an `error` event.
+pub struct MessagesEvents {
+    chunks: PivotChunks,
     /// Anthropic content-block index -> OpenAI tool-call index.
     tool_blocks: Vec<(u64, usize)>,
     usage: RawUsage,
     usage_seen: bool,
-    state: StreamState,
 }
 
-impl StreamTranslator for MessagesStreamToChat {
-    /// Appends to `out` the translation of every upstream event completed by `chunk`.
-    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
-        if self.state != StreamState::Open {
-            return;
+impl EventMapping for MessagesEvents {
+    type Event = SseEvent;
+    const UPSTREAM: &'static str = "Anthropic";
+
+    fn on_event(&mut self, event: SseEvent, out: &mut Vec<u8>) -> Result<Flow, StreamFault> {
+        let parsed: Option<Value> = from_str_lossy(&event.data).ok();
+        let kind = parsed
+            .as_ref()
+            .and_then(|v| v.get("type"))
+            .and_then(Value::as_str)
+            .or(event.event.as_deref())
+            .unwrap_or_default();
+        if kind == "error" {
+            write_data(out, &messages_error_to_chat(500, event.data.as_bytes()));
+            return Ok(Flow::Ended);
         }
-        let mut events = Vec::new();
-        self.parser.push(chunk, &mut |e| events.push(e));
-        for event in events {
-            self.handle(event, out);
-        }
-        if self.parser.overflowed() {
-            self.fail(StreamFault::Oversized, out);
-        }
+        let Some(v) = parsed.as_ref() else {
+            return Err(StreamFault::Corrupt);
+        };
+        Ok(self.handle(kind, v, out))
     }
 
-    /// Upstream ended. If the stream finished properly (message_stop seen), nothing more
-    /// (the [DONE] was already written at message_stop). Otherwise append an OpenAI error
-    /// event and NO [DONE]: a broken stream must never look complete.
-    fn finish(&mut self, out: &mut Vec<u8>) {
-        if self.state != StreamState::Open {
-            return;
-        }
-        self.state = StreamState::Failed;
-        let error = ApiError::new(
-            502,
-            "server_error",
-            Some("stream_interrupted"),
-            "The Anthropic stream ended before completion; the answer is incomplete.".into(),
-        );
+    fn write_error(&mut self, error: &ApiError, out: &mut Vec<u8>) {
         write_data(out, &error.body());
     }
 
@@ -820,59 +630,9 @@ impl StreamTranslator for MessagesStreamToChat {
     }
 }
 
-impl MessagesStreamToChat {
-    pub fn new(include_usage: bool, created: u64) -> Self {
-        MessagesStreamToChat {
-            parser: SseParser::default(),
-            include_usage,
-            created,
-            id: String::new(),
-            model: String::new(),
-            tool_blocks: Vec::new(),
-            usage: RawUsage::default(),
-            usage_seen: false,
-            state: StreamState::Open,
-        }
-    }
-
+impl MessagesEvents {
     fn emit(&self, out: &mut Vec<u8>, delta: Delta<'_>, finish: Option<&'static str>) {
-        let choices = [ChunkChoice {
-            index: 0,
-            delta,
-            logprobs: (),
-            finish_reason: finish,
-        }];
-        self.write_chunk(out, &choices, self.include_usage.then_some(None));
-    }
-
-    fn write_chunk(
-        &self,
-        out: &mut Vec<u8>,
-        choices: &[ChunkChoice<'_>],
-        usage: Option<Option<ChatUsage>>,
-    ) {
-        let chunk = Chunk {
-            id: &self.id,
-            object: "chat.completion.chunk",
-            created: self.created,
-            model: &self.model,
-            choices,
-            usage,
-        };
-        match serde_json::to_vec(&chunk) {
-            Ok(json) => write_data(out, &json),
-            Err(e) => log::error!("could not serialize a chat.completion.chunk: {e}"),
-        }
-    }
-
-    /// Ends the stream with an error event for `fault`; nothing follows it.
-    fn fail(&mut self, fault: StreamFault, out: &mut Vec<u8>) {
-        if self.state != StreamState::Open {
-            return;
-        }
-        log::warn!("ending an Anthropic stream early: {fault:?} event");
-        self.state = StreamState::Failed;
-        write_data(out, &fault.error("Anthropic").body());
+        self.chunks.delta(out, 0, delta, finish);
     }
 
     fn record_usage(&mut self, usage: Option<&Value>) {
@@ -882,27 +642,7 @@ impl MessagesStreamToChat {
         }
     }
 
-    fn handle(&mut self, event: SseEvent, out: &mut Vec<u8>) {
-        if self.state != StreamState::Open {
-            return;
-        }
-        let parsed: Option<Value> = from_str_lossy(&event.data).ok();
-        let kind = parsed
-            .as_ref()
-            .and_then(|v| v.get("type"))
-            .and_then(Value::as_str)
-            .or(event.event.as_deref())
-            .unwrap_or_default();
-        if kind == "error" {
-            let error = messages_error_to_chat(500, event.data.as_bytes());
-            write_data(out, &error);
-            self.state = StreamState::Failed;
-            return;
-        }
-        let Some(v) = parsed.as_ref() else {
-            self.fail(StreamFault::Corrupt, out);
-            return;
-        };
+    fn handle(&mut self, kind: &str, v: &Value, out: &mut Vec<u8>) -> Flow {
         match kind {
             "message_start" => {
                 let message = v.get("message");
@@ -913,10 +653,10 @@ impl MessagesStreamToChat {
                         .map(str::to_string)
                 };
                 if let Some(id) = text("id") {
-                    self.id = id;
+                    self.chunks.id = id;
                 }
                 if let Some(model) = text("model") {
-                    self.model = model;
+                    self.chunks.model = model;
                 }
                 self.record_usage(message.and_then(|m| m.get("usage")));
                 let delta = Delta {
@@ -930,7 +670,7 @@ impl MessagesStreamToChat {
                 let block = v.get("content_block");
                 let block_type = block.and_then(|b| b.get("type")).and_then(Value::as_str);
                 if block_type != Some("tool_use") {
-                    return;
+                    return Flow::Open;
                 }
                 let index = v.get("index").and_then(Value::as_u64).unwrap_or_default();
                 let k = self.tool_blocks.len();
@@ -958,7 +698,9 @@ impl MessagesStreamToChat {
                 self.emit(out, delta, None);
             }
             "content_block_delta" => {
-                let Some(d) = v.get("delta") else { return };
+                let Some(d) = v.get("delta") else {
+                    return Flow::Open;
+                };
                 let text = |name: &str| d.get(name).and_then(Value::as_str);
                 match d.get("type").and_then(Value::as_str) {
                     Some("text_delta") => {
@@ -986,7 +728,7 @@ impl MessagesStreamToChat {
                             log::warn!(
                                 "ignoring tool input for an unknown Anthropic block {index:?}"
                             );
-                            return;
+                            return Flow::Open;
                         };
                         let call = ToolCallDelta {
                             index: k,
@@ -1014,15 +756,44 @@ impl MessagesStreamToChat {
                 self.emit(out, Delta::default(), Some(finish_reason(stop_reason)));
             }
             "message_stop" => {
-                if self.include_usage {
-                    self.write_chunk(out, &[], Some(Some(self.usage.chat())));
-                }
-                out.extend_from_slice(b"data: [DONE]\n\n");
-                self.state = StreamState::Done;
+                self.chunks.end(out, self.usage.chat());
+                return Flow::Ended;
             }
             // content_block_stop, ping, and event types added later.
             _ => {}
         }
+        Flow::Open
+    }
+}
+
+// ---------------------------------------------------------------------------
+
+/// Anthropic Messages (also on Vertex AI).
+pub struct Anthropic;
+impl ProviderTranslator for Anthropic {
+    fn request_from_pivot(
+        &self,
+        chat: &ChatRequest<'_>,
+        upstream: &Upstream<'_>,
+    ) -> Result<Vec<u8>, ApiError> {
+        messages_request(chat, upstream.model, upstream.default_max_tokens)
+    }
+    fn answer_to_pivot(&self, body: &[u8], _model: &str, created: u64) -> Result<Vec<u8>, String> {
+        messages_response_to_chat(body, created)
+    }
+    fn caller_status(&self, status: u16, _error_type: Option<&str>) -> u16 {
+        caller_status(status)
+    }
+    fn error_to_pivot(&self, status: u16, _error_type: Option<&str>, body: &[u8]) -> Vec<u8> {
+        messages_error_to_chat(status, body)
+    }
+    fn stream_to_pivot(
+        &self,
+        include_usage: bool,
+        _model: &str,
+        created: u64,
+    ) -> Box<dyn StreamTranslator> {
+        Box::new(MessagesStreamToChat::new(include_usage, created))
     }
 }
 
@@ -1031,10 +802,10 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    const TEXT_STREAM: &str = include_str!("../../tests/fixtures/anthropic/text_stream.sse");
-    const TOOL_STREAM: &str = include_str!("../../tests/fixtures/anthropic/tool_stream.sse");
+    const TEXT_STREAM: &str = include_str!("../../../tests/fixtures/anthropic/text_stream.sse");
+    const TOOL_STREAM: &str = include_str!("../../../tests/fixtures/anthropic/tool_stream.sse");
     const TOOL_RESPONSE: &str =
-        include_str!("../../tests/fixtures/anthropic/response_tool_use.json");
+        include_str!("../../../tests/fixtures/anthropic/response_tool_use.json");
     const CREATED: u64 = 1_700_000_000;
 
     // ----- requests --------------------------------------------------------
