@@ -252,6 +252,8 @@ pub struct RequestFilter {
     usage: Option<Usage>,
     /// Listener roles: the request was counted and settled.
     finished: bool,
+    /// Listener roles: paused until the shared quota store answers.
+    awaiting_store: Option<AwaitingStore>,
 }
 
 /// What routing decisions read from the request.
@@ -276,6 +278,16 @@ fn next_roll(now_ms: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// A request paused at admission until the shared quota store answers:
+/// what it needs to go on (shared quotas, issue 21).
+struct AwaitingStore {
+    body: Vec<u8>,
+    op: Operation,
+    call: Call,
+    chain: Vec<usize>,
+    reason: String,
 }
 
 /// The model and streaming choice read from a call's body (or URL).
@@ -440,6 +452,7 @@ impl RequestFilter {
             quota_decision: "none".into(),
             usage: None,
             finished: false,
+            awaiting_store: None,
         }
     }
 
@@ -879,6 +892,7 @@ impl RequestFilter {
             keep_caller_path(host);
         }
         match self.route_request(host, &body) {
+            Ok(()) if self.awaiting_store.is_some() => Flow::Pause,
             Ok(()) => {
                 self.phase = Phase::Forwarded;
                 Flow::Continue
@@ -1034,40 +1048,70 @@ impl RequestFilter {
                         }
                         admitted.chain
                     }
-                    Err(refused) => {
-                        let (ns, svc) = self.who.names();
-                        let name = metrics::caller(ns, svc)
-                            .with(
-                                "gen_ai_request_model",
-                                self.request_model.as_deref().unwrap_or("none"),
-                            )
-                            .name(
-                                metrics::QUOTA_REJECTIONS_TOTAL,
-                                &[("limit", &refused.rule), ("reason", refused.reason)],
-                            );
-                        host.count(&name, 1);
-                        self.quota_decision =
-                            format!("rejected:{}:{}", refused.rule, refused.reason);
-                        self.answer_headers.extend(refused.headers);
-                        return Err(refused.error);
-                    }
+                    Err(refused) => return Err(self.quota_refused(host, *refused)),
                 };
-                if self.role == Role::Router {
-                    if chain.len() > 1 {
-                        return self.hand_to_envoy(host, op, chain, reason);
-                    }
-                    // One target: the upstream half would only repeat what
-                    // this half can do once, and costs a second body pass.
-                    self.role = Role::Standalone;
-                    self.direct = true;
+                if self
+                    .admission
+                    .as_ref()
+                    .is_some_and(Admission::awaiting_store)
+                {
+                    self.awaiting_store = Some(AwaitingStore {
+                        body: body.to_vec(),
+                        op,
+                        call,
+                        chain,
+                        reason,
+                    });
+                    return Ok(());
                 }
-                let target = *chain
-                    .first()
-                    .ok_or_else(|| internal("no target was chosen".into()))?;
-                self.route = Some(target);
-                self.prepare_attempt(host, body, &doc, op, &call, target)
+                self.forward(host, body, &doc, op, &call, chain, reason)
             }
         }
+    }
+
+    fn quota_refused(&mut self, host: &mut dyn Host, refused: admission::Rejection) -> ApiError {
+        let (ns, svc) = self.who.names();
+        let name = metrics::caller(ns, svc)
+            .with(
+                "gen_ai_request_model",
+                self.request_model.as_deref().unwrap_or("none"),
+            )
+            .name(
+                metrics::QUOTA_REJECTIONS_TOTAL,
+                &[("limit", &refused.rule), ("reason", refused.reason)],
+            );
+        host.count(&name, 1);
+        self.quota_decision = format!("rejected:{}:{}", refused.rule, refused.reason);
+        self.answer_headers.extend(refused.headers);
+        refused.error
+    }
+
+    /// After admission: hands a chain to Envoy or prepares the one attempt.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &mut self,
+        host: &mut dyn Host,
+        body: &[u8],
+        doc: &TopLevel,
+        op: Operation,
+        call: &Call,
+        chain: Vec<usize>,
+        reason: String,
+    ) -> Result<(), ApiError> {
+        if self.role == Role::Router {
+            if chain.len() > 1 {
+                return self.hand_to_envoy(host, op, chain, reason);
+            }
+            // One target: the upstream half would only repeat what
+            // this half can do once, and costs a second body pass.
+            self.role = Role::Standalone;
+            self.direct = true;
+        }
+        let target = *chain
+            .first()
+            .ok_or_else(|| internal("no target was chosen".into()))?;
+        self.route = Some(target);
+        self.prepare_attempt(host, body, doc, op, call, target)
     }
 
     /// The targets that may serve `model`, in attempt order (quotas may
@@ -1962,13 +2006,53 @@ impl RequestFilter {
         }
     }
 
-    /// The request is over (answered, failed or abandoned).
-    /// The answer to a call this request made (see `host::callout`). No
-    /// stage calls out yet; an answer nobody waits for is logged.
-    pub fn on_callout(&mut self, _host: &mut dyn Host, id: CalloutId, answer: CalloutAnswer) {
-        log::warn!(
-            "an answer came for call {id}, which this request does not wait for: {answer:?}"
-        );
+    /// The answer to a call this request made (see `host::callout`): the
+    /// shared quota store's, for a request paused at admission.
+    pub fn on_callout(&mut self, host: &mut dyn Host, id: CalloutId, answer: CalloutAnswer) {
+        let (Some(waiting), Some(admission)) = (self.awaiting_store.take(), self.admission.take())
+        else {
+            log::warn!(
+                "an answer came for call {id}, which this request does not wait for: {answer:?}"
+            );
+            return;
+        };
+        let config = Rc::clone(&self.config);
+        let result =
+            match admission::on_store_answer(&config, host, &self.who, admission, id, &answer) {
+                Ok(admission::StoreStep::Waiting(a)) => {
+                    self.admission = Some(a);
+                    self.awaiting_store = Some(waiting);
+                    return;
+                }
+                Ok(admission::StoreStep::Go(mut a)) => {
+                    self.answer_headers.append(&mut a.headers);
+                    self.admission = Some(a);
+                    match TopLevel::parse(&waiting.body) {
+                        Ok(doc) => self.forward(
+                            host,
+                            &waiting.body,
+                            &doc,
+                            waiting.op,
+                            &waiting.call,
+                            waiting.chain,
+                            waiting.reason,
+                        ),
+                        Err(e) => Err(internal(format!("could not read the request again: {e}"))),
+                    }
+                }
+                Err(refused) => Err(self.quota_refused(host, *refused)),
+            };
+        match result {
+            Ok(()) => {
+                self.phase = Phase::Forwarded;
+                if let Err(e) = host.resume_request() {
+                    log::error!("could not resume the request after the quota store: {e}");
+                }
+            }
+            Err(error) => {
+                self.reject(host, error);
+            }
+        }
     }
 
     pub fn on_done(&mut self, host: &mut dyn Host) {
@@ -2090,6 +2174,11 @@ impl RequestFilter {
             }
         }
         if self.phase != Phase::Forwarded && self.phase != Phase::Answered {
+            // Abandoned while the quota store was asked: local reservations
+            // go back; the store's, if it made one, stays counted.
+            if let Some(a) = self.admission.take() {
+                admission::abandon(host, a);
+            }
             return;
         }
         let outcome = admission::Outcome {

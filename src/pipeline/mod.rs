@@ -5,3 +5,6 @@
 pub mod filter;
 pub mod handoff;
 pub mod wire;
+
+#[cfg(test)]
+mod shared_quota_tests;
