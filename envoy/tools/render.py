@@ -692,9 +692,6 @@ def render(
             clusters.append(cluster(name, host, hport, tls))
     if failover["enabled"]:
         clusters.extend(position_clusters(plugin_config, upstreams, failover["max_attempts"]))
-    store = (plugin_config.get("quotas") or {}).get("store")
-    if store:
-        clusters.append(store_cluster(store, *(upstreams.get(store["cluster"]) or STORE_DEFAULT)))
 
     listener_filter = wasm_filter(plugin_config, local_code(wasm), keys)
     upstream_filters = []
@@ -707,6 +704,11 @@ def render(
         clusters[-1]["typed_extension_protocol_options"] = upstream_protocol_options(
             upstream_filters
         )
+    # After the aggregate cluster (above, the last one so far): the
+    # store's calls never pass the upstream half.
+    store = (plugin_config.get("quotas") or {}).get("store")
+    if store:
+        clusters.append(store_cluster(store, *(upstreams.get(store["cluster"]) or STORE_DEFAULT)))
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "meshllm",

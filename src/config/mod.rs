@@ -632,9 +632,9 @@ mod tests {
             n += 1;
         }
         assert_eq!(
-            n, 20,
-            "one example per documented provider, the routing, the two quota examples and the \
-             namespace policy example"
+            n, 21,
+            "one example per documented provider, the routing, the two quota examples, the \
+             shared quota example and the namespace policy example"
         );
         let shipped = compiled(include_str!("../../envoy/meshllm.json"));
         assert_eq!(shipped.config.providers.len(), 10);

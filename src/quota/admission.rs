@@ -513,8 +513,8 @@ pub fn admit(
             }
         }
         let all: Vec<Counter> = shared.iter().flat_map(|h| h.counters.clone()).collect();
-        let body = store::reserve_command(&all, false);
-        match host.call_out(&store::callout(store, &body)) {
+        let command = store::reserve_command(&all, false);
+        match host.call_out(&store::callout(store, &command)) {
             Ok(call) => {
                 admission.shared = shared;
                 admission.waiting = Some(Waiting {
@@ -703,8 +703,8 @@ pub fn on_store_answer(
         .collect();
     let why = match store::parse_reply(answer, all.len()) {
         Reply::NoScript if !waiting.whole_script => {
-            let body = store::reserve_command(&all, true);
-            match host.call_out(&store::callout(store, &body)) {
+            let command = store::reserve_command(&all, true);
+            match host.call_out(&store::callout(store, &command)) {
                 Ok(call) => {
                     waiting.call = call;
                     waiting.whole_script = true;
@@ -1008,7 +1008,7 @@ fn settle_shared(
     deltas: &[(&str, i64)],
     whole_script: bool,
 ) {
-    let body = store::settle_command(deltas, whole_script);
+    let command = store::settle_command(deltas, whole_script);
     let owned: Vec<(String, i64)> = deltas.iter().map(|(k, d)| (k.to_string(), *d)).collect();
     let config = store_config.clone();
     let then: crate::host::DetachedHandler = Box::new(
@@ -1032,7 +1032,7 @@ fn settle_shared(
             }
         },
     );
-    if let Err(e) = host.call_out_detached(&store::callout(store_config, &body), then) {
+    if let Err(e) = host.call_out_detached(&store::callout(store_config, &command), then) {
         count_store_call(host, "settle", "failed");
         log::warn!("quota store: settle not sent: {e}");
     }

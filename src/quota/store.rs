@@ -194,9 +194,9 @@ fn encode_arg(out: &mut String, arg: &str) {
 
 const HEX: &[u8; 16] = b"0123456789ABCDEF";
 
-/// A webdis command (`POST /` body): the script by its SHA-1, or whole.
-fn command(whole_script: bool, keys: &[&str], args: &[String]) -> Vec<u8> {
-    let mut out = String::new();
+/// A webdis command (a request path): the script by its SHA-1, or whole.
+fn command(whole_script: bool, keys: &[&str], args: &[String]) -> String {
+    let mut out = String::from("/");
     if whole_script {
         out.push_str("EVAL/");
         encode_arg(&mut out, SCRIPT);
@@ -210,11 +210,11 @@ fn command(whole_script: bool, keys: &[&str], args: &[String]) -> Vec<u8> {
         out.push('/');
         encode_arg(&mut out, part);
     }
-    out.into_bytes()
+    out
 }
 
 /// The reservation of `counters`, all or nothing.
-pub fn reserve_command(counters: &[Counter], whole_script: bool) -> Vec<u8> {
+pub fn reserve_command(counters: &[Counter], whole_script: bool) -> String {
     let keys: Vec<&str> = counters.iter().map(|c| c.key.as_str()).collect();
     let mut args = Vec::with_capacity(1 + 3 * counters.len());
     args.push("reserve".to_string());
@@ -227,7 +227,7 @@ pub fn reserve_command(counters: &[Counter], whole_script: bool) -> Vec<u8> {
 }
 
 /// The settlement of `deltas` (actual − reserved, per counter key).
-pub fn settle_command(deltas: &[(&str, i64)], whole_script: bool) -> Vec<u8> {
+pub fn settle_command(deltas: &[(&str, i64)], whole_script: bool) -> String {
     let keys: Vec<&str> = deltas.iter().map(|(k, _)| *k).collect();
     let mut args = Vec::with_capacity(1 + deltas.len());
     args.push("settle".to_string());
@@ -235,16 +235,18 @@ pub fn settle_command(deltas: &[(&str, i64)], whole_script: bool) -> Vec<u8> {
     command(whole_script, &keys, &args)
 }
 
-/// The HTTP call that carries `body` to the bridge.
-pub fn callout<'a>(store: &'a StoreConfig, body: &'a [u8]) -> Callout<'a> {
+/// The HTTP call that carries `command` to the bridge: a GET with the
+/// command as its path. (webdis 0.1.9 hangs on a POST whose body reaches it
+/// in a TCP segment of its own, which no client controls.)
+pub fn callout<'a>(store: &'a StoreConfig, command: &'a str) -> Callout<'a> {
     Callout {
         cluster: &store.cluster,
         kind: CalloutKind::Http {
-            method: "POST",
-            path: "/",
+            method: "GET",
+            path: command,
             authority: &store.authority,
-            headers: &[("content-type", "text/plain")],
-            body,
+            headers: &[],
+            body: &[],
         },
         timeout_ms: store.timeout_ms,
     }
@@ -377,26 +379,26 @@ mod tests {
     fn reserve_command_encodes_keys_and_args_for_webdis() {
         let now = 120_000;
         let c = counters("meshllm/quota/v1/a|ns=x.y", &[MIN], |_| 1, now);
-        let body = String::from_utf8(reserve_command(&c, false)).unwrap();
+        let body = reserve_command(&c, false);
         assert_eq!(
             body,
             format!(
-                "EVALSHA/{SCRIPT_SHA1}/1/meshllm%2Fquota%2Fv1%2Fa%7Cns%3Dx%2Ey%23requests%3Aminute%3A2/reserve/10/1/{}",
+                "/EVALSHA/{SCRIPT_SHA1}/1/meshllm%2Fquota%2Fv1%2Fa%7Cns%3Dx%2Ey%23requests%3Aminute%3A2/reserve/10/1/{}",
                 180 + KEY_MARGIN_S
             )
         );
-        let whole = String::from_utf8(reserve_command(&c, true)).unwrap();
-        assert!(whole.starts_with("EVAL/"));
+        let whole = reserve_command(&c, true);
+        assert!(whole.starts_with("/EVAL/"));
         assert!(
-            !whole.contains('.') && whole.matches('/').count() == 7,
+            !whole.contains('.') && whole.matches('/').count() == 8,
             "{whole}"
         );
     }
 
     #[test]
     fn settle_command_carries_signed_deltas() {
-        let body = String::from_utf8(settle_command(&[("k", -40), ("j", 3)], false)).unwrap();
-        assert_eq!(body, format!("EVALSHA/{SCRIPT_SHA1}/2/k/j/settle/%2D40/3"));
+        let body = settle_command(&[("k", -40), ("j", 3)], false);
+        assert_eq!(body, format!("/EVALSHA/{SCRIPT_SHA1}/2/k/j/settle/%2D40/3"));
         assert_eq!(delta(100, 60), -40);
         assert_eq!(delta(1, 4), 3);
         assert_eq!(delta(u64::MAX, 0), -i64::MAX);
