@@ -234,7 +234,12 @@ def test_request_limit_is_exact_across_three_proxies(stack):
                 for e in envs)
     refused = sum(e.metric("meshllm_quota_store_calls_total", kind="reserve", outcome="refused")
                   for e in envs)
-    assert wait_for(lambda: calls >= 100) and refused == 200
+    assert calls == 100 and refused == 200
+    # The admin view: each proxy's gauge of the shared bucket, from the
+    # store's answers; the proxy that admitted the last request saw 100%.
+    used = [e.metric("meshllm_budget_used_percent", limit="exact", kind="requests_per_day")
+            for e in envs]
+    assert max(used) == 100 and all(u > 0 for u in used), used
 
 
 def test_settles_land_with_the_real_usage(stack):
