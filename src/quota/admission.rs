@@ -760,17 +760,31 @@ pub fn on_store_answer(
             let mut used = used.into_iter();
             let mut worst: Option<(&SharedHold, Standing)> = None;
             for hold in &admission.shared {
-                for c in &hold.counters {
+                for (i, c) in hold.counters.iter().enumerate() {
                     let now_used = u64::try_from(used.next().unwrap_or(0)).unwrap_or(0);
-                    if c.reserved > 0 && now_used.saturating_add(c.reserved) > c.limit.max {
-                        let standing = Standing {
-                            limit: c.limit,
-                            used: now_used,
-                            resets_at_ms: c.resets_at_ms,
-                        };
-                        if worst.is_none_or(|(_, w)| standing.resets_at_ms > w.resets_at_ms) {
-                            worst = Some((hold, standing));
-                        }
+                    let standing = Standing {
+                        limit: c.limit,
+                        used: now_used,
+                        resets_at_ms: c.resets_at_ms,
+                    };
+                    // The admin gauge follows refusals too (nothing crossed).
+                    let update = Update {
+                        used_before: now_used,
+                        standing,
+                    };
+                    report(
+                        host,
+                        alert_percents,
+                        &hold.rule,
+                        &hold.key,
+                        who,
+                        (i, &update),
+                    );
+                    let exceeded =
+                        c.reserved > 0 && now_used.saturating_add(c.reserved) > c.limit.max;
+                    if exceeded && worst.is_none_or(|(_, w)| standing.resets_at_ms > w.resets_at_ms)
+                    {
+                        worst = Some((hold, standing));
                     }
                 }
             }
