@@ -40,12 +40,18 @@ $(VENV)/.installed: tests/requirements.txt
 
 venv: $(VENV)/.installed
 
-# A real Prometheus server scrapes Envoy in one integration test.
+# A real Prometheus server scrapes Envoy in one integration test; Redis and
+# webdis serve the shared quota store's.
 test-tools:
 	@command -v prometheus >/dev/null || { \
 	  echo "installing prometheus (Debian package)"; \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@# Shared quotas: a real Redis and its HTTP bridge webdis (test_shared_quota).
+	@{ command -v redis-server && command -v redis-cli && command -v webdis; } >/dev/null || { \
+	  echo "installing redis-server and webdis (Debian packages)"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends redis-server redis-tools webdis >/dev/null; }
 
 deps: wasm-toolchain venv test-tools
 

@@ -39,6 +39,9 @@ pub const FALLBACKS_TOTAL: &str = "meshllm_fallbacks_total";
 pub const ROUTE_DECISIONS_TOTAL: &str = "meshllm_route_decisions_total";
 pub const QUOTA_REJECTIONS_TOTAL: &str = "meshllm_quota_rejections_total";
 pub const BUDGET_USED_PERCENT: &str = "meshllm_budget_used_percent";
+/// Calls to the shared quota store, by `kind` (reserve, settle) and
+/// `outcome` (ok, refused, fail_open, fail_closed; settles: ok, failed).
+pub const QUOTA_STORE_CALLS_TOTAL: &str = "meshllm_quota_store_calls_total";
 
 /// Every label the filter puts in a metric name, besides `tag_<name>` for
 /// attribution tags. render.py turns each into an Envoy tag extractor.
@@ -57,6 +60,7 @@ pub const LABELS: &[&str] = &[
     "reason",
     "kind",
     "scope",
+    "outcome",
 ];
 
 /// A map keyed by metric names, such as the glue's metric ids.
@@ -156,7 +160,7 @@ fn push_label(out: &mut String, key: &str, value: &str) {
 
 /// `metric` and its `labels`, in one allocation of the right size (growing
 /// a name label by label reallocated it several times).
-fn labelled(metric: &str, labels: &[(&str, &str)]) -> String {
+pub fn labelled(metric: &str, labels: &[(&str, &str)]) -> String {
     let len = labels.iter().fold(metric.len(), |len, (key, value)| {
         len + label_len(key, value)
     });

@@ -44,7 +44,7 @@ METRIC_LABELS = [
     "gen_ai_operation_name", "gen_ai_provider_name",
     "gen_ai_request_model", "gen_ai_response_model",
     "gen_ai_token_type", "error_type", "route_reason", "fallback_from",
-    "limit", "reason", "kind", "scope",
+    "limit", "reason", "kind", "scope", "outcome",
 ]
 
 # Every metric the filter defines starts with one of these (after Envoy's
@@ -259,6 +259,23 @@ def cluster(name, host, port, tls, sni=None, connect_timeout="5s"):
                 },
             },
         }
+    return c
+
+
+# webdis's own default address, where the bridge runs beside Envoy.
+STORE_DEFAULT = ("127.0.0.1", 7379)
+
+
+def store_cluster(store, host, port):
+    """The shared quota store's bridge (webdis over HTTP/1.1): the filter
+    calls it with dispatch_http_call; connections are kept and reused."""
+    c = cluster(store["cluster"], host, port, False, connect_timeout="1s")
+    c["typed_extension_protocol_options"] = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http_protocol_options": {}},
+        }
+    }
     return c
 
 
@@ -687,6 +704,11 @@ def render(
         clusters[-1]["typed_extension_protocol_options"] = upstream_protocol_options(
             upstream_filters
         )
+    # After the aggregate cluster (above, the last one so far): the
+    # store's calls never pass the upstream half.
+    store = (plugin_config.get("quotas") or {}).get("store")
+    if store:
+        clusters.append(store_cluster(store, *(upstreams.get(store["cluster"]) or STORE_DEFAULT)))
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "meshllm",
@@ -835,6 +857,9 @@ def main(argv=None):
     ap.add_argument("--port", type=int, default=10000)
     ap.add_argument("--admin-port", type=int, default=9901)
     ap.add_argument("--json", action="store_true", help="emit JSON instead of YAML")
+    ap.add_argument("--store", default=None, metavar="HOST:PORT",
+                    help="the quota store's bridge (webdis) when the config has quotas.store "
+                         f"(default {STORE_DEFAULT[0]}:{STORE_DEFAULT[1]})")
     ap.add_argument("--access-log", default="/dev/stdout", help="access-log path ('' for none)")
     ap.add_argument("--access-log-format", choices=["json", "text"], default="json")
     ap.add_argument("--stats-bootstrap", action="store_true",
@@ -845,8 +870,14 @@ def main(argv=None):
     if args.stats_bootstrap:
         sys.stdout.write(json.dumps(stats_bootstrap(cfg), indent=2) + "\n")
         return
+    upstreams = {}
+    store = (cfg.get("quotas") or {}).get("store")
+    if store and args.store:
+        host, _, port = args.store.rpartition(":")
+        upstreams[store["cluster"]] = (host, int(port))
     doc = render(
         cfg,
+        upstreams=upstreams,
         wasm=args.wasm,
         port=args.port,
         admin_port=args.admin_port,

@@ -116,6 +116,11 @@ impl Config {
         self.route_by_name.get(name).copied()
     }
 
+    /// The shared quota store, when one is configured.
+    pub fn store(&self) -> Option<&crate::quota::store::StoreConfig> {
+        self.quotas.as_ref().and_then(|q| q.store.as_ref())
+    }
+
     pub fn model_body(&self, id: &str) -> Option<&[u8]> {
         self.model_bodies.get(id).map(Vec::as_slice)
     }
@@ -183,6 +188,9 @@ impl Document for Config {
     }
     fn tags(&self) -> &[Tag] {
         &self.tags
+    }
+    fn store_failure(&self) -> Option<crate::quota::store::FailureMode> {
+        self.store().map(|s| s.on_failure)
     }
 }
 
@@ -268,6 +276,7 @@ pub fn compile(doc: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Compi
         model: &is_model,
         virtual_key: &is_key,
         identity: identity.is_some(),
+        store: None,
     };
     let quotas = compile_quotas(obj.get("quotas"), &tags, &known)?;
     let hosts = compile_hosts(obj.get("hosts"))?;
@@ -623,9 +632,9 @@ mod tests {
             n += 1;
         }
         assert_eq!(
-            n, 20,
-            "one example per documented provider, the routing, the two quota examples and the \
-             namespace policy example"
+            n, 21,
+            "one example per documented provider, the routing, the two quota examples, the \
+             shared quota example and the namespace policy example"
         );
         let shipped = compiled(include_str!("../../envoy/meshllm.json"));
         assert_eq!(shipped.config.providers.len(), 10);

@@ -44,6 +44,8 @@ pub trait Document {
     fn target_name(&self, target: Target) -> &str;
     fn identity(&self) -> Option<&IdentityPolicy>;
     fn tags(&self) -> &[Tag];
+    /// The shared store's default failure mode; None without a store.
+    fn store_failure(&self) -> Option<crate::quota::store::FailureMode>;
 }
 
 /// How errors in a listener policy name their fields.
@@ -361,6 +363,7 @@ fn compile_rules(
         model: &is_model,
         virtual_key: &is_key,
         identity: true,
+        store: config.store_failure(),
     };
     let resolve = |name: &str| {
         aliases

@@ -294,7 +294,7 @@ impl MockHost {
     pub fn answer_detached(&mut self, id: u32, answer: CalloutAnswer) -> bool {
         match self.detached.0.remove(&id) {
             Some(then) => {
-                then(&mut self.shared, answer);
+                then(self, answer);
                 true
             }
             None => false,

@@ -2,9 +2,10 @@
 //! request may go, and to which of its targets (`quota/admission.rs`
 //! decides; a refusal is a 429 in the caller's shape).
 //!
-//! The stage may first ask another service ([`AdmitCall`]): it then
-//! defers on that call, the request pauses, and the Router resumes the
-//! remaining stages when the answer (or the timeout) comes.
+//! Rules shared across proxies are counted in a store (`quota/store.rs`):
+//! the stage then defers on the store's call, the request pauses, and the
+//! Router resumes the remaining stages when the answer (or the timeout)
+//! comes.
 
 use std::rc::Rc;
 
@@ -13,31 +14,15 @@ use super::router::Router;
 use crate::core::api_error::ApiError;
 use crate::host::{CalloutAnswer, CalloutId, Host};
 use crate::metrics;
-use crate::quota::admission::{self, Ask, Who};
-
-/// A question the admit stage asks another service before its own quota
-/// decision (a cluster-wide quota store, for one). No production step is
-/// installed yet; the seam is exercised by the pipeline's tests.
-pub trait AdmitCall {
-    /// Starts the call for this request (`Host::call_out`); None when this
-    /// request need not ask. An error refuses the request.
-    fn start(
-        &self,
-        host: &mut dyn Host,
-        who: &Who,
-        ask: &Ask,
-    ) -> Result<Option<CalloutId>, ApiError>;
-    /// Reads the answer: Ok lets the local decision follow; an error
-    /// refuses the request (in the caller's shape).
-    fn answered(&self, answer: &CalloutAnswer) -> Result<(), ApiError>;
-}
+use crate::quota::admission::{self, Ask, Rejection, StoreStep};
 
 /// What the admit stage decided.
 pub(super) enum Admit {
     /// The targets that may serve, in attempt order.
     Chain(Vec<usize>),
-    /// Waiting for the answer to this call.
-    Deferred(CalloutId),
+    /// Waiting for the answer to this call; the targets that may serve
+    /// if the answer admits.
+    Deferred(CalloutId, Vec<usize>),
 }
 
 impl Router {
@@ -56,44 +41,14 @@ impl Router {
         }
     }
 
-    /// The admit stage: the installed call first, if any, else the local
-    /// decision at once.
+    /// The admit stage: reserves, asks the shared store when a shared rule
+    /// applies (deferring), or refuses with a 429.
     pub(super) fn admit(
         &mut self,
         host: &mut dyn Host,
         body_len: usize,
         routed: &Routed,
     ) -> Result<Admit, ApiError> {
-        if let Some(step) = self.admit_call.clone() {
-            let ask = self.ask(body_len, routed);
-            if let Some(id) = step.start(host, &self.req.who, &ask)? {
-                return Ok(Admit::Deferred(id));
-            }
-        }
-        self.admit_here(host, body_len, routed).map(Admit::Chain)
-    }
-
-    /// The admit stage resumed with the answer it deferred on.
-    pub(super) fn admit_answered(
-        &mut self,
-        host: &mut dyn Host,
-        answer: &CalloutAnswer,
-        body_len: usize,
-        routed: &Routed,
-    ) -> Result<Vec<usize>, ApiError> {
-        if let Some(step) = self.admit_call.clone() {
-            step.answered(answer)?;
-        }
-        self.admit_here(host, body_len, routed)
-    }
-
-    /// This proxy's own quota decision: reserves, or refuses with a 429.
-    fn admit_here(
-        &mut self,
-        host: &mut dyn Host,
-        body_len: usize,
-        routed: &Routed,
-    ) -> Result<Vec<usize>, ApiError> {
         let config = Rc::clone(&self.config);
         let ask = self.ask(body_len, routed);
         let rules = self.req.applied.rules();
@@ -103,6 +58,7 @@ impl Router {
                     self.req.answer_headers.append(&mut a.headers);
                     self.req.quota_decision = "admitted".into();
                 }
+                let awaited = admitted.admission.as_ref().and_then(|a| a.awaited_call());
                 self.req.admission = admitted.admission;
                 if !admitted.over_quota.is_empty() {
                     let names: Vec<&str> = admitted
@@ -113,24 +69,60 @@ impl Router {
                     self.req.reason =
                         Some(format!("{};over_quota={}", routed.reason, names.join(",")));
                 }
-                Ok(admitted.chain)
+                Ok(match awaited {
+                    Some(call) => Admit::Deferred(call, admitted.chain),
+                    None => Admit::Chain(admitted.chain),
+                })
             }
-            Err(refused) => {
-                let (ns, svc) = self.req.who.names();
-                let labels = metrics::caller(ns, svc).with(
-                    "gen_ai_request_model",
-                    self.req.request_model.as_deref().unwrap_or("none"),
-                );
-                host.count_labelled(
-                    metrics::QUOTA_REJECTIONS_TOTAL,
-                    &labels,
-                    &[("limit", &refused.rule), ("reason", refused.reason)],
-                    1,
-                );
-                self.req.quota_decision = format!("rejected:{}:{}", refused.rule, refused.reason);
-                self.req.answer_headers.extend(refused.headers);
-                Err(refused.error)
-            }
+            Err(refused) => Err(self.quota_refused(host, *refused)),
         }
+    }
+
+    /// The admit stage resumed with the store's answer to `id`: the targets
+    /// to forward to, still waiting (the script went again, whole: the
+    /// call to wait for now), or a refusal.
+    pub(super) fn admit_answered(
+        &mut self,
+        host: &mut dyn Host,
+        id: CalloutId,
+        answer: &CalloutAnswer,
+    ) -> Result<Option<CalloutId>, ApiError> {
+        let Some(admission) = self.req.admission.take() else {
+            return Err(super::internal(
+                "a request waiting for the quota store has no reservation".into(),
+            ));
+        };
+        let config = Rc::clone(&self.config);
+        match admission::on_store_answer(&config, host, &self.req.who, admission, id, answer) {
+            Ok(StoreStep::Waiting(a)) => {
+                let call = a.awaited_call();
+                self.req.admission = Some(a);
+                Ok(call)
+            }
+            Ok(StoreStep::Go(mut a)) => {
+                self.req.answer_headers.append(&mut a.headers);
+                self.req.admission = Some(a);
+                Ok(None)
+            }
+            Err(refused) => Err(self.quota_refused(host, *refused)),
+        }
+    }
+
+    /// Counts a quota refusal and keeps its headers for the 429.
+    fn quota_refused(&mut self, host: &mut dyn Host, refused: Rejection) -> ApiError {
+        let (ns, svc) = self.req.who.names();
+        let labels = metrics::caller(ns, svc).with(
+            "gen_ai_request_model",
+            self.req.request_model.as_deref().unwrap_or("none"),
+        );
+        host.count_labelled(
+            metrics::QUOTA_REJECTIONS_TOTAL,
+            &labels,
+            &[("limit", &refused.rule), ("reason", refused.reason)],
+            1,
+        );
+        self.req.quota_decision = format!("rejected:{}:{}", refused.rule, refused.reason);
+        self.req.answer_headers.extend(refused.headers);
+        refused.error
     }
 }

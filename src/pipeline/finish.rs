@@ -162,6 +162,11 @@ impl Router {
             }
         }
         if !forwarded && self.phase != Phase::Answered {
+            // Abandoned while the quota store was asked: local reservations
+            // go back; the store's, if it made one, stays counted.
+            if let Some(a) = self.req.admission.take() {
+                admission::abandon(host, a);
+            }
             return;
         }
         let outcome = admission::Outcome {

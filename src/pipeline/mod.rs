@@ -31,7 +31,6 @@ mod state;
 mod translate;
 pub mod wire;
 
-pub use admit::AdmitCall;
 pub use attempt::Attempt;
 pub use finish::{
     LOG_ATTEMPTS, LOG_CACHED_TOKENS, LOG_CALLER, LOG_COST, LOG_INPUT_TOKENS, LOG_OUTPUT_TOKENS,
@@ -130,3 +129,6 @@ fn internal(message: String) -> ApiError {
 #[cfg(test)]
 #[path = "filter_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+mod shared_quota_tests;

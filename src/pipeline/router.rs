@@ -5,7 +5,7 @@
 
 use std::rc::Rc;
 
-use super::admit::{Admit, AdmitCall};
+use super::admit::Admit;
 use super::attempt::Attempt;
 use super::endpoint::{self, ReadsBody};
 use super::finish::keep_caller_path;
@@ -46,6 +46,8 @@ struct Deferred {
     id: CalloutId,
     body: Vec<u8>,
     routed: Routed,
+    /// The targets that may serve if the answer admits.
+    chain: Vec<usize>,
 }
 
 pub struct Router {
@@ -58,8 +60,6 @@ pub struct Router {
     /// The answer when no inline attempt serves: a chain's, or Envoy's
     /// own reply.
     pub(super) answer: Answer,
-    /// A call the admit stage makes before its own decision.
-    pub(super) admit_call: Option<Rc<dyn AdmitCall>>,
     deferred: Option<Deferred>,
 }
 
@@ -72,16 +72,8 @@ impl Router {
             req: RequestState::default(),
             forward: Forward::Not,
             answer: Answer::default(),
-            admit_call: None,
             deferred: None,
         }
-    }
-
-    /// Installs a call the admit stage makes before its own decision.
-    #[cfg(test)]
-    pub fn with_admit_call(mut self, call: Rc<dyn AdmitCall>) -> Self {
-        self.admit_call = Some(call);
-        self
     }
 
     /// The request is served without the upstream half: failover is off,
@@ -111,9 +103,14 @@ impl Router {
         match self.admit(host, body.len(), &routed) {
             Err(e) => self.reject(host, e),
             Ok(Admit::Chain(chain)) => self.forward_or_reject(host, &body, &doc, &routed, chain),
-            Ok(Admit::Deferred(id)) => {
+            Ok(Admit::Deferred(id, chain)) => {
                 drop(doc);
-                self.deferred = Some(Deferred { id, body, routed });
+                self.deferred = Some(Deferred {
+                    id,
+                    body,
+                    routed,
+                    chain,
+                });
                 self.phase = Phase::Deferred;
                 Flow::Pause
             }
@@ -226,13 +223,28 @@ impl Half for Router {
             );
             return;
         };
-        let Deferred { body, routed, .. } = deferred;
-        let flow = match self.admit_answered(host, &answer, body.len(), &routed) {
+        let flow = match self.admit_answered(host, id, &answer) {
             Err(e) => self.reject(host, e),
-            Ok(chain) => match route::parse_body(&body) {
-                Ok(doc) => self.forward_or_reject(host, &body, &doc, &routed, chain),
-                Err(e) => self.reject(host, e),
-            },
+            Ok(Some(again)) => {
+                // Asked again (the store had lost its script): still paused.
+                self.deferred = Some(Deferred {
+                    id: again,
+                    ..deferred
+                });
+                return;
+            }
+            Ok(None) => {
+                let Deferred {
+                    body,
+                    routed,
+                    chain,
+                    ..
+                } = deferred;
+                match route::parse_body(&body) {
+                    Ok(doc) => self.forward_or_reject(host, &body, &doc, &routed, chain),
+                    Err(e) => self.reject(host, e),
+                }
+            }
         };
         // A reply of the filter's own ends the request; nothing to resume.
         if flow == Flow::Continue {

@@ -14,7 +14,7 @@ pub(super) enum Phase {
     Start,
     /// Buffering the request body of an LLM call.
     ReadingBody,
-    /// Waiting for a call to another service (see `admit::AdmitCall`).
+    /// Waiting for a call to another service (the shared quota store: see `admit.rs`).
     Deferred,
     /// Sent to a provider.
     Forwarded,

@@ -14,13 +14,15 @@ use crate::config::Config;
 use crate::core::api_error::ApiError;
 use crate::core::schema::Schema;
 use crate::core::usage::Usage;
-use crate::host::Host;
+use crate::host::{CalloutAnswer, CalloutId, Host};
+use crate::metrics;
 use crate::quota::buckets::{self, Amounts, Held, Limit, Meter, Refusal, Standing, Update};
 use crate::quota::limits::{
     limit_field, tag_value, Facts, LimitRule, ModelScope, ReservationPolicy, Selector,
     DEFAULT_ALERTS,
 };
 use crate::quota::pricing::{cost_micro_usd, Prices};
+use crate::quota::store::{self, Counter, FailureMode, Reply};
 
 /// Who called and which attribution tags the request carries.
 #[derive(Debug, Clone, Default)]
@@ -187,6 +189,10 @@ fn served_by(config: &Config, name: &str) -> Vec<usize> {
 #[derive(Debug, Clone)]
 pub struct Admission {
     held: Vec<Hold>,
+    /// Reservations in the shared store (settled by a detached call).
+    shared: Vec<SharedHold>,
+    /// The store's answer is awaited before the request may go on.
+    waiting: Option<Waiting>,
     /// The targets that may serve, in attempt order (what `admit` kept).
     chain: Vec<usize>,
     prompt_estimate: u64,
@@ -197,6 +203,27 @@ pub struct Admission {
 }
 
 /// One reservation of an admitted request.
+/// A reservation in the shared store: one counter per limit of a bucket.
+#[derive(Debug, Clone)]
+struct SharedHold {
+    rule: Rc<LimitRule>,
+    key: String,
+    targets: Option<Vec<usize>>,
+    counters: Vec<Counter>,
+}
+
+/// A reservation sent to the store, until its answer comes.
+#[derive(Debug, Clone)]
+struct Waiting {
+    call: CalloutId,
+    /// The script went whole (Redis did not have it).
+    whole_script: bool,
+    schema: Schema,
+    /// The local buckets' standings, for the answer's headers.
+    local_shown: Vec<(Rc<LimitRule>, Standing)>,
+    reserved_at_ms: u64,
+}
+
 #[derive(Debug, Clone)]
 struct Hold {
     rule: Rc<LimitRule>,
@@ -294,7 +321,11 @@ pub fn admit(
             .unwrap_or(0),
     };
     let bindings = bindings(config, who, ask, namespace_rules, &amounts);
-    if bindings.is_empty() {
+    let store = config.store();
+    let (shared, bindings): (Vec<Binding>, Vec<Binding>) = bindings
+        .into_iter()
+        .partition(|b| store.is_some() && b.rule.shared.is_some());
+    if bindings.is_empty() && shared.is_empty() {
         return Ok(Admitted {
             chain: ask.chain.iter().copied().take(ask.max_targets).collect(),
             over_quota: Vec::new(),
@@ -417,20 +448,16 @@ pub fn admit(
     // The caller's headers: its request-wide limits and those bound to the
     // target it is sent to first (whichever name led there).
     let first = chain.first().copied();
-    let shown: Vec<(&LimitRule, &Standing)> = held
+    let shown: Vec<(Rc<LimitRule>, Standing)> = held
         .iter()
-        .filter(|(b, _)| match (&b.targets, first) {
-            (None, _) => true,
-            (Some(t), Some(first)) => t.contains(&first),
-            (Some(_), None) => false,
+        .filter(|(b, _)| shows(&b.targets, first))
+        .flat_map(|(b, r)| {
+            r.updates
+                .iter()
+                .map(move |u| (Rc::clone(b.rule), u.standing))
         })
-        .flat_map(|(b, r)| r.updates.iter().map(move |u| (&**b.rule, &u.standing)))
         .collect();
-    let mut headers = rate_limit_headers(ask.caller_schema, shown.iter().map(|(_, s)| **s), now);
-    if let Some(alert) = alert_header(&shown, alert_percents) {
-        headers.push((BUDGET_HEADER.into(), alert));
-    }
-    let held = held
+    let held: Vec<Hold> = held
         .into_iter()
         .map(|(b, r)| Hold {
             rule: Rc::clone(b.rule),
@@ -439,18 +466,353 @@ pub fn admit(
             targets: b.targets,
         })
         .collect();
-    Ok(Admitted {
+    let shared: Vec<SharedHold> = shared
+        .into_iter()
+        .filter_map(|b| {
+            let amounts = match &b.targets {
+                None => whole,
+                Some(t) if t.iter().any(|m| chain.contains(m)) => b.amounts,
+                Some(_) => return None,
+            };
+            let counters = store::counters(&b.key, &b.rule.limits, |m| amounts.of(m), now);
+            Some(SharedHold {
+                rule: Rc::clone(b.rule),
+                key: b.key,
+                targets: b.targets,
+                counters,
+            })
+        })
+        .collect();
+    let mut admission = Admission {
+        held,
+        shared: Vec::new(),
+        waiting: None,
         chain: chain.clone(),
+        prompt_estimate: prompt,
+        output_estimate: output,
+        bytes_per_token: reservation.bytes_per_token.max(1),
+        headers: Vec::new(),
+    };
+    if let Some(store) = store.filter(|_| !shared.is_empty()) {
+        // A reservation larger than a limit is refused without asking.
+        for hold in &shared {
+            if let Some(c) = hold.counters.iter().find(|c| c.reserved > c.limit.max) {
+                let refusal = Refusal::TooLarge {
+                    limit: c.limit,
+                    requested: c.reserved,
+                };
+                release_all(host, &mut admission, now);
+                let asked = asked_of(&hold.counters);
+                return Err(Box::new(rejection(
+                    ask.caller_schema,
+                    &hold.rule.name,
+                    &refusal,
+                    &asked,
+                    now,
+                )));
+            }
+        }
+        let all: Vec<Counter> = shared.iter().flat_map(|h| h.counters.clone()).collect();
+        let command = store::reserve_command(&all, false);
+        match host.call_out(&store::callout(store, &command)) {
+            Ok(call) => {
+                admission.shared = shared;
+                admission.waiting = Some(Waiting {
+                    call,
+                    whole_script: false,
+                    schema: ask.caller_schema,
+                    local_shown: shown,
+                    reserved_at_ms: now,
+                });
+            }
+            Err(e) => {
+                admission.shared = shared;
+                let why = format!("could not call the store: {e}");
+                store_unavailable(host, who, &mut admission, &why, now)?;
+                admission.headers = answer_headers(ask.caller_schema, &shown, alert_percents, now);
+            }
+        }
+    } else {
+        admission.headers = answer_headers(ask.caller_schema, &shown, alert_percents, now);
+    }
+    Ok(Admitted {
+        chain,
         over_quota,
-        admission: Some(Admission {
-            held,
-            chain,
-            prompt_estimate: prompt,
-            output_estimate: output,
-            bytes_per_token: reservation.bytes_per_token.max(1),
-            headers,
-        }),
+        admission: Some(admission),
     })
+}
+
+/// Whether a hold bound to `targets` shows in the answer's headers when
+/// `first` serves.
+fn shows(targets: &Option<Vec<usize>>, first: Option<usize>) -> bool {
+    match (targets, first) {
+        (None, _) => true,
+        (Some(t), Some(first)) => t.contains(&first),
+        (Some(_), None) => false,
+    }
+}
+
+/// Rate-limit headers and the budget alert for the standings shown.
+fn answer_headers(
+    schema: Schema,
+    shown: &[(Rc<LimitRule>, Standing)],
+    alert_percents: &[u32],
+    now: u64,
+) -> Vec<(String, String)> {
+    let mut headers = rate_limit_headers(schema, shown.iter().map(|(_, s)| *s), now);
+    let refs: Vec<(&LimitRule, &Standing)> = shown.iter().map(|(r, s)| (&**r, s)).collect();
+    if let Some(alert) = alert_header(&refs, alert_percents) {
+        headers.push((BUDGET_HEADER.into(), alert));
+    }
+    headers
+}
+
+/// What a shared hold asked of each meter.
+fn asked_of(counters: &[Counter]) -> Amounts {
+    let mut asked = Amounts::default();
+    for c in counters {
+        match c.limit.meter {
+            Meter::Requests => asked.requests = c.reserved,
+            Meter::Tokens => asked.tokens = c.reserved,
+            Meter::MicroUsd => asked.micro_usd = c.reserved,
+        }
+    }
+    asked
+}
+
+/// Gives back every local reservation and forgets the shared ones (the
+/// store did not add them).
+fn release_all(host: &mut dyn Host, admission: &mut Admission, now: u64) {
+    for hold in admission.held.drain(..) {
+        buckets::settle(host, &hold.held, &Amounts::default(), now);
+    }
+    admission.shared.clear();
+    admission.waiting = None;
+}
+
+fn count_store_call(host: &mut dyn Host, kind: &str, outcome: &str) {
+    let name = metrics::labelled(
+        metrics::QUOTA_STORE_CALLS_TOTAL,
+        &[("kind", kind), ("outcome", outcome)],
+    );
+    host.count(&name, 1);
+}
+
+/// The store could not answer: each shared rule's `on_store_failure`
+/// decides. One closed rule refuses the request (503); when all are open it
+/// goes on under its local limits only.
+fn store_unavailable(
+    host: &mut dyn Host,
+    who: &Who,
+    admission: &mut Admission,
+    why: &str,
+    now: u64,
+) -> Result<(), Box<Rejection>> {
+    let closed = admission
+        .shared
+        .iter()
+        .find(|h| h.rule.shared == Some(FailureMode::Closed))
+        .map(|h| h.rule.name.clone());
+    if let Some(rule) = closed {
+        count_store_call(host, "reserve", "fail_closed");
+        log::warn!(
+            "quota store: {why}; limit {rule:?} fails closed: caller {} refused",
+            who.label()
+        );
+        release_all(host, admission, now);
+        let error = ApiError::new(
+            503,
+            "server_error",
+            Some("quota_store_unavailable"),
+            format!(
+                "The gateway cannot check the shared limit '{rule}' right now; please try again."
+            ),
+        );
+        return Err(Box::new(Rejection {
+            error,
+            headers: vec![("retry-after".into(), store::UNAVAILABLE_RETRY_S.to_string())],
+            rule,
+            reason: "store_unavailable",
+        }));
+    }
+    count_store_call(host, "reserve", "fail_open");
+    log::warn!(
+        "quota store: {why}; shared limits fail open: caller {} admitted on local limits",
+        who.label()
+    );
+    admission.shared.clear();
+    admission.waiting = None;
+    Ok(())
+}
+
+/// The request ended before the store answered: gives back the local
+/// reservations. The store's is left as it is (if it was made, it stays
+/// counted until its window ends: an overcount, never an overshoot).
+pub fn abandon(host: &mut dyn Host, mut admission: Admission) {
+    let now = host.now_unix_millis();
+    release_all(host, &mut admission, now);
+}
+
+impl Admission {
+    /// The request waits for the shared store's answer (see
+    /// [`on_store_answer`]).
+    pub fn awaiting_store(&self) -> bool {
+        self.waiting.is_some()
+    }
+
+    /// The store call whose answer the request waits for.
+    pub fn awaited_call(&self) -> Option<CalloutId> {
+        self.waiting.as_ref().map(|w| w.call)
+    }
+}
+
+/// What a request waiting for the store does after an answer.
+pub enum StoreStep {
+    /// Still waiting (the script was sent again, whole).
+    Waiting(Admission),
+    /// Go on: admitted, with `headers` set for the answer.
+    Go(Admission),
+}
+
+/// The store answered call `id` (or failed to): admits, refuses with the
+/// caller's 429, or applies the rules' failure modes.
+pub fn on_store_answer(
+    config: &Config,
+    host: &mut dyn Host,
+    who: &Who,
+    mut admission: Admission,
+    id: CalloutId,
+    answer: &CalloutAnswer,
+) -> Result<StoreStep, Box<Rejection>> {
+    let Some(mut waiting) = admission.waiting.take() else {
+        return Ok(StoreStep::Go(admission));
+    };
+    if waiting.call != id {
+        log::warn!(
+            "quota store: an answer to call {id}, while call {} is awaited",
+            waiting.call
+        );
+        admission.waiting = Some(waiting);
+        return Ok(StoreStep::Waiting(admission));
+    }
+    let (_, alert_percents) = settings(config);
+    let now = host.now_unix_millis();
+    let schema = waiting.schema;
+    let Some(store) = config.store() else {
+        return Ok(StoreStep::Go(admission));
+    };
+    let all: Vec<Counter> = admission
+        .shared
+        .iter()
+        .flat_map(|h| h.counters.clone())
+        .collect();
+    let why = match store::parse_reply(answer, all.len()) {
+        Reply::NoScript if !waiting.whole_script => {
+            let command = store::reserve_command(&all, true);
+            match host.call_out(&store::callout(store, &command)) {
+                Ok(call) => {
+                    waiting.call = call;
+                    waiting.whole_script = true;
+                    admission.waiting = Some(waiting);
+                    return Ok(StoreStep::Waiting(admission));
+                }
+                Err(e) => format!("could not call the store: {e}"),
+            }
+        }
+        Reply::NoScript => "Redis does not keep the script".to_string(),
+        Reply::Failed(why) => why,
+        Reply::Done {
+            admitted: true,
+            used,
+        } => {
+            count_store_call(host, "reserve", "ok");
+            let mut shown = std::mem::take(&mut waiting.local_shown);
+            let first = admission.chain.first().copied();
+            let mut used = used.into_iter();
+            for hold in &admission.shared {
+                for (i, c) in hold.counters.iter().enumerate() {
+                    let after = u64::try_from(used.next().unwrap_or(0)).unwrap_or(0);
+                    let standing = Standing {
+                        limit: c.limit,
+                        used: after,
+                        resets_at_ms: c.resets_at_ms,
+                    };
+                    let update = Update {
+                        used_before: after.saturating_sub(c.reserved),
+                        standing,
+                    };
+                    report(
+                        host,
+                        alert_percents,
+                        &hold.rule,
+                        &hold.key,
+                        who,
+                        (i, &update),
+                    );
+                    if shows(&hold.targets, first) {
+                        shown.push((Rc::clone(&hold.rule), standing));
+                    }
+                }
+            }
+            admission.headers = answer_headers(schema, &shown, alert_percents, now);
+            return Ok(StoreStep::Go(admission));
+        }
+        Reply::Done {
+            admitted: false,
+            used,
+        } => {
+            // The refusal shown is the exceeded limit that resets last.
+            let mut used = used.into_iter();
+            let mut worst: Option<(&SharedHold, Standing)> = None;
+            for hold in &admission.shared {
+                for (i, c) in hold.counters.iter().enumerate() {
+                    let now_used = u64::try_from(used.next().unwrap_or(0)).unwrap_or(0);
+                    let standing = Standing {
+                        limit: c.limit,
+                        used: now_used,
+                        resets_at_ms: c.resets_at_ms,
+                    };
+                    // The admin gauge follows refusals too (nothing crossed).
+                    let update = Update {
+                        used_before: now_used,
+                        standing,
+                    };
+                    report(
+                        host,
+                        alert_percents,
+                        &hold.rule,
+                        &hold.key,
+                        who,
+                        (i, &update),
+                    );
+                    let exceeded =
+                        c.reserved > 0 && now_used.saturating_add(c.reserved) > c.limit.max;
+                    if exceeded && worst.is_none_or(|(_, w)| standing.resets_at_ms > w.resets_at_ms)
+                    {
+                        worst = Some((hold, standing));
+                    }
+                }
+            }
+            match worst {
+                Some((hold, standing)) => {
+                    count_store_call(host, "reserve", "refused");
+                    let rejection = rejection(
+                        schema,
+                        &hold.rule.name,
+                        &Refusal::Exceeded { standing },
+                        &asked_of(&hold.counters),
+                        now,
+                    );
+                    release_all(host, &mut admission, waiting.reserved_at_ms);
+                    return Err(Box::new(rejection));
+                }
+                None => "the store refused without an exceeded limit".to_string(),
+            }
+        }
+    };
+    store_unavailable(host, who, &mut admission, &why, waiting.reserved_at_ms)?;
+    admission.headers = answer_headers(schema, &waiting.local_shown, alert_percents, now);
+    Ok(StoreStep::Go(admission))
 }
 
 /// The buckets the request may draw from: every rule whose `match` fits
@@ -632,6 +994,66 @@ pub fn settle(
         {
             report(host, alert_percents, &hold.rule, &hold.key, who, (i, u));
         }
+    }
+    let deltas: Vec<(&str, i64)> = admission
+        .shared
+        .iter()
+        .flat_map(|hold| {
+            let amounts = match &hold.targets {
+                None => &actual,
+                Some(t) if outcome.served.is_some_and(|s| t.contains(&s)) => &actual,
+                Some(t) if t.iter().any(|&m| reached(m)) => &tried_only,
+                Some(_) => &untried,
+            };
+            hold.counters.iter().map(|c| {
+                (
+                    c.key.as_str(),
+                    store::delta(c.reserved, amounts.of(c.limit.meter)),
+                )
+            })
+        })
+        .filter(|(_, d)| *d != 0)
+        .collect();
+    if let (Some(store), false) = (config.store(), deltas.is_empty()) {
+        settle_shared(host, store, &deltas, false);
+    }
+}
+
+/// Sends the settlement on behalf of the root context, so it lands even
+/// though the request is over; sent again whole if Redis lost the script.
+fn settle_shared(
+    host: &mut dyn Host,
+    store_config: &store::StoreConfig,
+    deltas: &[(&str, i64)],
+    whole_script: bool,
+) {
+    let command = store::settle_command(deltas, whole_script);
+    let owned: Vec<(String, i64)> = deltas.iter().map(|(k, d)| (k.to_string(), *d)).collect();
+    let config = store_config.clone();
+    let then: crate::host::DetachedHandler = Box::new(
+        move |host, answer| match store::parse_reply(&answer, owned.len()) {
+            Reply::Done { .. } => count_store_call(host, "settle", "ok"),
+            Reply::NoScript if !whole_script => {
+                let deltas: Vec<(&str, i64)> =
+                    owned.iter().map(|(k, d)| (k.as_str(), *d)).collect();
+                settle_shared(host, &config, &deltas, true);
+            }
+            Reply::NoScript => {
+                count_store_call(host, "settle", "failed");
+                log::warn!("quota store: settle lost: Redis does not keep the script");
+            }
+            Reply::Failed(why) => {
+                count_store_call(host, "settle", "failed");
+                log::warn!(
+                    "quota store: settle of {} counters lost: {why}",
+                    owned.len()
+                );
+            }
+        },
+    );
+    if let Err(e) = host.call_out_detached(&store::callout(store_config, &command), then) {
+        count_store_call(host, "settle", "failed");
+        log::warn!("quota store: settle not sent: {e}");
     }
 }
 

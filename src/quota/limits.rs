@@ -28,6 +28,7 @@ use crate::access::identity::Caller;
 use crate::config::error::ConfigError;
 use crate::config::names::{valid_header_name, valid_model_name, Target};
 use crate::quota::buckets::{Limit, Meter, Window};
+use crate::quota::store::{compile_store, FailureMode, StoreConfig};
 
 /// How the admission estimate is made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +129,9 @@ pub struct LimitRule {
     /// request (see `static_bucket`), built once here instead of twice per
     /// request; empty when the bucket depends on the caller.
     pub static_gauges: Vec<String>,
+    /// Counted in the shared store for every proxy (`shared: true`), with
+    /// what to do when the store cannot answer; None: in this proxy only.
+    pub shared: Option<FailureMode>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,6 +150,8 @@ pub struct QuotaPolicy {
     /// Usage percentages that raise an alert, ascending.
     pub alert_percents: Vec<u32>,
     pub rules: Vec<Rc<LimitRule>>,
+    /// Where shared rules count (`quotas.store`); None: no rule is shared.
+    pub store: Option<StoreConfig>,
 }
 
 /// Alert thresholds when `quotas.alerts` is not set.
@@ -295,6 +301,8 @@ struct RawQuotas {
     alerts: Option<Vec<u32>>,
     #[serde(default)]
     limits: Vec<Value>,
+    #[serde(default)]
+    store: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -354,12 +362,16 @@ pub fn limit_field(limit: &Limit) -> &'static str {
 
 /// Where a rule's names must be found: configured models and routes,
 /// virtual keys, and whether callers are identified at all.
+#[derive(Clone, Copy)]
 pub struct Known<'a> {
     /// What a public name denotes, with the document's own name for it (a
     /// model's name for any of its aliases); None for an unknown name.
     pub model: &'a dyn Fn(&str) -> Option<(Target, String)>,
     pub virtual_key: &'a dyn Fn(&str) -> bool,
     pub identity: bool,
+    /// The store's default failure mode when `quotas.store` is configured;
+    /// None: a rule cannot be shared.
+    pub store: Option<FailureMode>,
 }
 
 /// Compiles `attribution`.
@@ -447,6 +459,11 @@ pub fn compile_quotas(
             "must be ascending percentages from 1 to 100, e.g. [50, 80, 100]",
         ));
     }
+    let store = compile_store(raw.store.as_ref())?;
+    let known = &Known {
+        store: store.as_ref().map(|s| s.on_failure),
+        ..*known
+    };
     let mut rules: Vec<Rc<LimitRule>> = Vec::with_capacity(raw.limits.len());
     for (i, v) in raw.limits.iter().enumerate() {
         let rule = compile_rule(&format!("quotas.limits[{i}]"), v, tags, known)?;
@@ -462,6 +479,7 @@ pub fn compile_quotas(
         reservation,
         alert_percents,
         rules,
+        store,
     }))
 }
 
@@ -478,9 +496,23 @@ pub(crate) fn compile_rule(
     let mut name = None;
     let mut matcher = None;
     let mut downgrade = None;
+    let mut shared = false;
+    let mut on_store_failure = None;
     for (field, value) in obj {
         let fat = format!("{at}.{field}");
         match field.as_str() {
+            "shared" => {
+                shared = value
+                    .as_bool()
+                    .ok_or_else(|| ConfigError::new(&fat, "must be true or false"))?;
+                if shared && known.store.is_none() {
+                    return Err(ConfigError::new(
+                        &fat,
+                        "a shared rule needs quotas.store (where proxies share counters)",
+                    ));
+                }
+            }
+            "on_store_failure" => on_store_failure = Some(FailureMode::parse(&fat, value)?),
             "name" => {
                 let n = value.as_str().filter(|n| {
                     !n.is_empty()
@@ -544,7 +576,7 @@ pub(crate) fn compile_rule(
                     return Err(ConfigError::new(
                         &fat,
                         format!(
-                            "unknown field (expected name, match, downgrade or a limit: {})",
+                            "unknown field (expected name, match, downgrade, shared, on_store_failure or a limit: {})",
                             names.join(", ")
                         ),
                     ));
@@ -587,6 +619,12 @@ pub(crate) fn compile_rule(
         },
         ModelScope::Request,
     ));
+    if on_store_failure.is_some() && !shared {
+        return Err(ConfigError::new(
+            format!("{at}.on_store_failure"),
+            "applies only to a shared rule (set shared: true)",
+        ));
+    }
     let mut rule = LimitRule {
         name,
         matcher,
@@ -594,6 +632,10 @@ pub(crate) fn compile_rule(
         limits,
         downgrade,
         static_gauges: Vec::new(),
+        shared: match (shared, known.store) {
+            (true, Some(default)) => Some(on_store_failure.unwrap_or(default)),
+            _ => None,
+        },
     };
     if let Some(key) = rule.static_bucket() {
         rule.static_gauges = rule.limits.iter().map(|l| rule.gauge(&key, l)).collect();
@@ -700,6 +742,7 @@ mod tests {
             },
             virtual_key: &|k| k == "ci",
             identity: true,
+            store: None,
         }
     }
 

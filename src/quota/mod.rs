@@ -6,3 +6,4 @@ pub mod admission;
 pub mod buckets;
 pub mod limits;
 pub mod pricing;
+pub mod store;
