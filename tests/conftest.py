@@ -58,6 +58,17 @@ def http(method, url, body=None, headers=None, timeout=15):
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
 
 
+def stop_process(proc, timeout=10):
+    """SIGTERM, then SIGKILL after `timeout` seconds; waits for the end."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def wait_for(predicate, timeout=10, interval=0.05):
     """Polls `predicate` until it holds. Counters move when Envoy ends the
     stream, just after the reply; histograms when Envoy merges them (every
@@ -210,13 +221,7 @@ class Envoy:
         )
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.log.close()
         # Its config and logs go with it (MESHLLM_KEEP_ENVOY_DIRS=1 keeps them).
         if not os.environ.get("MESHLLM_KEEP_ENVOY_DIRS"):

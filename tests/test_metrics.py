@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -15,7 +14,7 @@ from http.client import HTTPConnection
 
 import pytest
 
-from conftest import KEYS, ROOT, Envoy, free_port, gateway_plugin_config, http, wait_for
+from conftest import KEYS, ROOT, Envoy, free_port, gateway_plugin_config, http, stop_process, wait_for
 
 CALLER = "x-caller"
 DASHBOARD = ROOT / "k8s" / "observability" / "grafana-dashboard.json"
@@ -383,13 +382,7 @@ class Prometheus:
         return doc["data"]["result"]
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout=15)
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KEYS, Envoy, free_port, gateway_plugin_config, http, wait_for
+from conftest import KEYS, Envoy, free_port, gateway_plugin_config, http, stop_process, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = (ROOT / "src" / "quota" / "store.lua").read_text()
@@ -107,13 +107,7 @@ class Webdis:
         return status, out
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
