@@ -1,0 +1,264 @@
+"""The shared quota store in the Istio install (manifests.py --store), run:
+two sidecars of the shop namespace, configured from the generated sidecar
+overlay the way istiod and istio-agent would (tests/istio_sim.py), count one
+shared rule in a real Redis through webdis, started here on free ports with
+the bridge's generated webdis config. The bridge's own sidecar is stood in
+for by an Envoy that terminates the mesh's mTLS and enforces the generated
+AuthorizationPolicy (translated here, as istiod would, for the fields it
+uses); the EnvoyFilter guard refuses the application's own calls."""
+
+import json
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import tempfile
+from http.client import HTTPSConnection
+
+import pytest
+
+import istio_sim as sim
+from conftest import free_port, http, wait_for
+from test_istio import HOSTS, SHOP_LABELS, chat_body, istio_proxy, run_envoy
+from test_k8s import SHARED_POLICY, generate
+from test_quotas import make_pki
+from test_shared_quota import need
+
+import manifests  # noqa: E402  (on sys.path through test_istio)
+
+PASSWORD = "bridge-secret"
+ADMIN_PASSWORD = "test-admin"
+# The Redis ACL user k8s/README.md tells users to create. webdis 0.1.9
+# (Debian) logs in with a password only, so here it is `default`'s.
+BRIDGE_ACL = ["~meshllm/quota/*", "-@all", "+eval", "+evalsha", "+get", "+incrby", "+set", "+exists",
+              "+expireat", "+ping"]
+LIMIT = 3
+
+
+class Redis:
+    def __init__(self):
+        need("redis-server")
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--user", "default", "on", f">{PASSWORD}", *BRIDGE_ACL,
+             "--user", "admin", "on", f">{ADMIN_PASSWORD}", "~*", "+@all"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert wait_for(lambda: self.cli("PING") == "PONG", timeout=10), "redis did not start"
+
+    def cli(self, *args):
+        out = subprocess.run(["redis-cli", "-p", str(self.port), "--user", "admin", "--pass", ADMIN_PASSWORD,
+                              "--no-auth-warning", *args], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=10)
+
+
+class Webdis:
+    """webdis with the generated ConfigMap's config, but for what 0.1.9
+    lacks (the ACL user's name, `$VAR` values) and where it listens."""
+
+    def __init__(self, generated, redis_port):
+        need("webdis")
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="meshllm-bridge-")
+        cfg = dict(generated, redis_host="127.0.0.1", redis_port=redis_port, redis_auth=PASSWORD,
+                   http_host="127.0.0.1", http_port=self.port, logfile=os.path.join(self.dir, "webdis.log"))
+        path = os.path.join(self.dir, "webdis.json")
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+        self.proc = subprocess.Popen(["webdis", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert wait_for(lambda: self.get("/PING")[0] == 200, timeout=10), "webdis did not start"
+
+    def get(self, path):
+        try:
+            return http("GET", f"http://127.0.0.1:{self.port}{path}", timeout=3)[::2]
+        except OSError:
+            return 0, b""
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def rbac_policy(authorization_policy):
+    """An ALLOW AuthorizationPolicy as Envoy RBAC (istiod's
+    pilot/pkg/security/authz/builder), for the fields the generated one uses:
+    source principals and namespaces, operation methods and paths."""
+    policies = {}
+    for i, rule in enumerate(authorization_policy["spec"]["rules"]):
+        principals = []
+        for source in (f["source"] for f in rule["from"]):
+            for p in source.get("principals", []):
+                # "*": any authenticated principal.
+                match = {"safe_regex": {"regex": ".+"}} if p == "*" else {"exact": f"spiffe://{p}"}
+                principals.append({"authenticated": {"principal_name": match}})
+            for ns in source.get("namespaces", []):
+                principals.append({"authenticated": {"principal_name": {
+                    "safe_regex": {"regex": f".*/ns/{ns}/.*"}}}})
+        permissions = []
+        for op in (t["operation"] for t in rule["to"]):
+            paths = [{"url_path": {"path": {"prefix": p[:-1]} if p.endswith("*") else {"exact": p}}}
+                     for p in op["paths"]]
+            methods = [{"header": {"name": ":method", "string_match": {"exact": m}}} for m in op["methods"]]
+            permissions.append({"and_rules": {"rules": [{"or_rules": {"rules": methods}},
+                                                        {"or_rules": {"rules": paths}}]}})
+        policies[f"rule-{i}"] = {"permissions": permissions,
+                                 "principals": [{"or_ids": {"ids": principals}}]}
+    return {"action": "ALLOW", "policies": policies}
+
+
+def bridge_sidecar(pki, authorization_policy, webdis_port, port, admin):
+    """The bridge's inbound sidecar, reduced to what matters here: STRICT
+    mTLS (a mesh client certificate required) and the AuthorizationPolicy."""
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "inbound",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                "filter_chains": [{
+                    "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+                        "@type": sim.DOWNSTREAM_TLS_TYPE,
+                        "require_client_certificate": True,
+                        "common_tls_context": {
+                            "tls_certificates": [{"certificate_chain": {"filename": pki["server"][0]},
+                                                  "private_key": {"filename": pki["server"][1]}}],
+                            "validation_context": {"trusted_ca": {"filename": pki["ca"]}}}}},
+                    "filters": [{"name": sim.HCM_NAME, "typed_config": {
+                        "@type": sim.HCM_TYPE,
+                        "stat_prefix": "inbound",
+                        "route_config": {"virtual_hosts": [{
+                            "name": "inbound", "domains": ["*"],
+                            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "webdis"}}]}]},
+                        "http_filters": [
+                            {"name": "envoy.filters.http.rbac", "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+                                "rules": rbac_policy(authorization_policy)}},
+                            {"name": sim.ROUTER_NAME, "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+                        ]}}],
+                }],
+            }],
+            "clusters": [{"name": "webdis", "type": "STATIC", "connect_timeout": "1s",
+                          "load_assignment": {"cluster_name": "webdis", "endpoints": [{"lb_endpoints": [
+                              {"endpoint": {"address": {"socket_address": {
+                                  "address": "127.0.0.1", "port_value": webdis_port}}}}]}]}}],
+        },
+    }
+
+
+def one(docs, kind, name):
+    (found,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return found
+
+
+@pytest.fixture(scope="module")
+def store_mesh(wasm, mocks, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("store-mesh")
+    policy = json.loads(SHARED_POLICY.read_text())
+    policy["quotas"]["limits"] = [{"name": "shop-shared", "match": {"namespace": "shop"},
+                                   "requests_per_day": LIMIT, "shared": True}]
+    policy_path = workdir / "mesh.json"
+    policy_path.write_text(json.dumps(policy))
+    out_dir = workdir / "k8s"
+    generate(out_dir, "--policy", str(policy_path), "--store", "redis.data.svc.cluster.local:6379",
+             "--store-client-namespaces", "shop")
+    text = subprocess.run(["kubectl", "kustomize", str(out_dir / "overlays" / "sidecar")],
+                          capture_output=True, text=True, check=True).stdout
+    resources = sim.load_resources(text)
+    config = json.loads(one(resources, "ConfigMap", manifests.STORE_CONFIG_MAP)["data"]["webdis.json"])
+    pki = make_pki(str(workdir))
+    # The shop pod's sidecar presents its workload certificate.
+    mesh_tls = {"cert": pki["shop/chatbot"][0], "key": pki["shop/chatbot"][1], "ca": pki["ca"]}
+    redis = Redis()
+    webdis = Webdis(config, redis.port)
+    try:
+        front_port, front_admin = free_port(), free_port()
+        front_dir = workdir / "bridge-sidecar"
+        front_dir.mkdir()
+        front = bridge_sidecar(pki, one(resources, "AuthorizationPolicy", manifests.STORE_SERVICE),
+                               webdis.port, front_port, front_admin)
+        addresses = {p: ("127.0.0.1", mocks[p].port) for p in HOSTS}
+        store_endpoint = {manifests.STORE_HOST: ("127.0.0.1", front_port)}
+        with run_envoy(front, front_port, front_admin, front_dir):
+            proxies = []
+            for i in range(2):
+                proxy_dir = workdir / f"sidecar-{i}"
+                proxy_dir.mkdir()
+                proxies.append(istio_proxy("sidecar", proxy_dir, "shop", SHOP_LABELS, addresses,
+                                           resources=resources, mesh_tls=mesh_tls,
+                                           other_endpoints=store_endpoint))
+            with proxies[0] as first, proxies[1] as second:
+                yield {"proxies": [first, second], "redis": redis, "webdis": webdis, "pki": pki,
+                       "bridge_port": front_port}
+    finally:
+        webdis.stop()
+        redis.stop()
+
+
+def chat(proxy):
+    return http("POST", f"http://127.0.0.1:{proxy['port']}/v1/chat/completions", chat_body("mini"),
+                headers={"host": "api.openai.com"})
+
+
+def test_a_shared_rule_holds_across_two_sidecars_through_the_bridge(store_mesh):
+    first, second = store_mesh["proxies"]
+    statuses = [chat(proxy)[0] for proxy in (first, second, first, second, first, second)]
+    assert sorted(statuses) == [200] * LIMIT + [429] * (6 - LIMIT), statuses
+    # Both sidecars served some: the limit is one, counted in Redis.
+    assert 200 in statuses[0::2] and 200 in statuses[1::2], statuses
+    keys = store_mesh["redis"].cli("--scan", "--pattern", "meshllm/quota/v1/*").split()
+    counts = {k: store_mesh["redis"].cli("GET", k) for k in keys}
+    assert [int(v) for k, v in counts.items() if "#requests:day:" in k] == [LIMIT], counts
+
+
+def test_the_application_cannot_call_the_bridge(store_mesh):
+    first, _ = store_mesh["proxies"]
+    for host in ("meshllm-quota-store.meshllm", manifests.STORE_HOST):
+        status, _, body = http("GET", f"http://127.0.0.1:{first['port']}/EVAL/return%201/0",
+                               headers={"host": host})
+        assert status == 403, body
+        assert json.loads(body)["error"]["code"] == "quota_store_not_callable"
+
+
+def bridge_get(store_mesh, workload, path):
+    """A call to the bridge's sidecar with `workload`'s mesh certificate."""
+    pki = store_mesh["pki"]
+    ctx = ssl.create_default_context(cafile=pki["ca"])
+    ctx.check_hostname = False
+    ctx.load_cert_chain(*pki[workload])
+    conn = HTTPSConnection("127.0.0.1", store_mesh["bridge_port"], context=ctx, timeout=10)
+    try:
+        conn.request("GET", path, headers={"host": manifests.STORE_HOST})
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def test_only_the_allowed_identities_reach_the_bridge_on_its_paths(store_mesh):
+    assert bridge_get(store_mesh, "shop/chatbot", "/EVAL/return%201/0") == (200, b'{"EVAL":1}')
+    # Another namespace's workload, or a command outside the filter's paths:
+    # refused by the generated AuthorizationPolicy before webdis.
+    assert bridge_get(store_mesh, "other/batch", "/EVAL/return%201/0")[0] == 403
+    assert bridge_get(store_mesh, "shop/chatbot", "/GET/meshllm%2Fquota%2Fv1%2Fx")[0] == 403
+
+
+def test_bridge_down_answers_each_rule_as_configured(store_mesh):
+    store_mesh["webdis"].stop()
+    status, headers, body = chat(store_mesh["proxies"][0])
+    # The example's store fails closed: 503 in the caller's shape.
+    assert status == 503, body
+    assert json.loads(body)["error"]["code"] == "quota_store_unavailable"
+    assert headers.get("retry-after") == "5"
