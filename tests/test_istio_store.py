@@ -7,6 +7,7 @@ for by an Envoy that terminates the mesh's mTLS and enforces the generated
 AuthorizationPolicy (translated here, as istiod would, for the fields it
 uses); the EnvoyFilter guard refuses the application's own calls."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ import pytest
 
 import istio_sim as sim
 from conftest import free_port, http, wait_for
-from test_istio import HOSTS, SHOP_LABELS, chat_body, istio_proxy, run_envoy
+from test_istio import GATEWAY_LABELS, HOSTS, SHOP_LABELS, chat_body, istio_proxy, mtls_post, run_envoy
 from test_k8s import SHARED_POLICY, generate
 from test_quotas import make_pki
 from test_shared_quota import need
@@ -163,9 +164,45 @@ def one(docs, kind, name):
     return found
 
 
-@pytest.fixture(scope="module")
-def store_mesh(wasm, mocks, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("store-mesh")
+def gateway_certificate(pki, directory):
+    """The egress gateway's workload certificate (its service account's
+    SPIFFE name), from the test CA: it serves callers and calls the bridge."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    ca_cert = x509.load_pem_x509_certificate(open(pki["ca"], "rb").read())
+    ca_key = serialization.load_pem_private_key(open(pki["ca"][:-len(".pem")] + ".key", "rb").read(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    account = f"spiffe://cluster.local/ns/{manifests.NAMESPACE}/sa/{manifests.GATEWAY}"
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gateway")]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                x509.UniformResourceIdentifier(account)]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = (os.path.join(directory, "gateway.pem"), os.path.join(directory, "gateway.key"))
+    with open(paths[0], "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(paths[1], "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return paths
+
+
+@contextlib.contextmanager
+def store_install(mode, workdir, mocks, proxies=1):
+    """`proxies` proxies of `mode` from the overlay generated with --store,
+    the bridge's sidecar stand-in, webdis and Redis."""
     policy = json.loads(SHARED_POLICY.read_text())
     policy["quotas"]["limits"] = [{"name": "shop-shared", "match": {"namespace": "shop"},
                                    "requests_per_day": LIMIT, "shared": True}]
@@ -174,13 +211,19 @@ def store_mesh(wasm, mocks, tmp_path_factory):
     out_dir = workdir / "k8s"
     generate(out_dir, "--policy", str(policy_path), "--store", "redis.data.svc.cluster.local:6379",
              "--store-client-namespaces", "shop")
-    text = subprocess.run(["kubectl", "kustomize", str(out_dir / "overlays" / "sidecar")],
+    text = subprocess.run(["kubectl", "kustomize", str(out_dir / "overlays" / mode)],
                           capture_output=True, text=True, check=True).stdout
     resources = sim.load_resources(text)
     config = json.loads(one(resources, "ConfigMap", manifests.STORE_CONFIG_MAP)["data"]["webdis.json"])
     pki = make_pki(str(workdir))
-    # The shop pod's sidecar presents its workload certificate.
-    mesh_tls = {"cert": pki["shop/chatbot"][0], "key": pki["shop/chatbot"][1], "ca": pki["ca"]}
+    if mode == "sidecar":
+        # The shop pod's sidecar presents its workload certificate.
+        own = pki["shop/chatbot"]
+        namespace, labels = "shop", SHOP_LABELS
+    else:
+        own = pki["gateway"] = gateway_certificate(pki, str(workdir))
+        namespace, labels = manifests.NAMESPACE, GATEWAY_LABELS
+    mesh_tls = {"cert": own[0], "key": own[1], "ca": pki["ca"]}
     redis = Redis()
     webdis = Webdis(config, redis.port)
     try:
@@ -191,20 +234,33 @@ def store_mesh(wasm, mocks, tmp_path_factory):
                                webdis.port, front_port, front_admin)
         addresses = {p: ("127.0.0.1", mocks[p].port) for p in HOSTS}
         store_endpoint = {manifests.STORE_HOST: ("127.0.0.1", front_port)}
-        with run_envoy(front, front_port, front_admin, front_dir):
-            proxies = []
-            for i in range(2):
-                proxy_dir = workdir / f"sidecar-{i}"
+        with run_envoy(front, front_port, front_admin, front_dir), contextlib.ExitStack() as stack:
+            running = []
+            for i in range(proxies):
+                proxy_dir = workdir / f"{mode}-{i}"
                 proxy_dir.mkdir()
-                proxies.append(istio_proxy("sidecar", proxy_dir, "shop", SHOP_LABELS, addresses,
-                                           resources=resources, mesh_tls=mesh_tls,
-                                           other_endpoints=store_endpoint))
-            with proxies[0] as first, proxies[1] as second:
-                yield {"proxies": [first, second], "redis": redis, "webdis": webdis, "pki": pki,
-                       "bridge_port": front_port}
+                proxy = stack.enter_context(istio_proxy(mode, proxy_dir, namespace, labels, addresses,
+                                                        resources=resources, mesh_tls=mesh_tls,
+                                                        other_endpoints=store_endpoint))
+                proxy["pki"] = pki
+                running.append(proxy)
+            yield {"proxies": running, "redis": redis, "webdis": webdis, "pki": pki,
+                   "bridge_port": front_port}
     finally:
         webdis.stop()
         redis.stop()
+
+
+@pytest.fixture(scope="module")
+def store_mesh(wasm, mocks, tmp_path_factory):
+    with store_install("sidecar", tmp_path_factory.mktemp("store-sidecar"), mocks, proxies=2) as mesh:
+        yield mesh
+
+
+def shared_count(redis):
+    keys = redis.cli("--scan", "--pattern", "meshllm/quota/v1/*").split()
+    counts = {k: redis.cli("GET", k) for k in keys}
+    return [int(v) for k, v in counts.items() if "#requests:day:" in k]
 
 
 def chat(proxy):
@@ -218,9 +274,7 @@ def test_a_shared_rule_holds_across_two_sidecars_through_the_bridge(store_mesh):
     assert sorted(statuses) == [200] * LIMIT + [429] * (6 - LIMIT), statuses
     # Both sidecars served some: the limit is one, counted in Redis.
     assert 200 in statuses[0::2] and 200 in statuses[1::2], statuses
-    keys = store_mesh["redis"].cli("--scan", "--pattern", "meshllm/quota/v1/*").split()
-    counts = {k: store_mesh["redis"].cli("GET", k) for k in keys}
-    assert [int(v) for k, v in counts.items() if "#requests:day:" in k] == [LIMIT], counts
+    assert shared_count(store_mesh["redis"]) == [LIMIT]
 
 
 def test_the_application_cannot_call_the_bridge(store_mesh):
@@ -262,3 +316,17 @@ def test_bridge_down_answers_each_rule_as_configured(store_mesh):
     assert status == 503, body
     assert json.loads(body)["error"]["code"] == "quota_store_unavailable"
     assert headers.get("retry-after") == "5"
+
+
+def test_the_egress_gateway_counts_shared_rules_through_the_bridge(wasm, mocks, tmp_path):
+    """Gateway mode: the bridge's cluster is added in the gateway, which
+    calls it with its own service account's certificate."""
+    with store_install("egress-gateway", tmp_path, mocks) as mesh:
+        (gateway,) = mesh["proxies"]
+        statuses = [mtls_post(gateway, "shop/chatbot", "api.openai.com", chat_body("mini"))[0]
+                    for _ in range(LIMIT + 1)]
+        assert statuses == [200] * LIMIT + [429], statuses
+        assert shared_count(mesh["redis"]) == [LIMIT]
+        # A sidecar's certificate is not the gateway's: refused at the bridge.
+        assert bridge_get(mesh, "shop/chatbot", "/EVAL/return%201/0")[0] == 403
+        assert bridge_get(mesh, "gateway", "/EVAL/return%201/0") == (200, b'{"EVAL":1}')
