@@ -15,6 +15,7 @@ import signal
 import ssl
 import subprocess
 import tempfile
+import time
 from http.client import HTTPSConnection
 
 import pytest
@@ -200,12 +201,14 @@ def gateway_certificate(pki, directory):
 
 
 @contextlib.contextmanager
-def store_install(mode, workdir, mocks, proxies=1):
+def store_install(mode, workdir, mocks, proxies=1, hidden=False, timeout_ms=200):
     """`proxies` proxies of `mode` from the overlay generated with --store,
-    the bridge's sidecar stand-in, webdis and Redis."""
+    the bridge's sidecar stand-in, webdis and Redis. `hidden`: the proxies
+    do not see the bridge's Service (a Sidecar resource or exportTo)."""
     policy = json.loads(SHARED_POLICY.read_text())
     policy["quotas"]["limits"] = [{"name": "shop-shared", "match": {"namespace": "shop"},
                                    "requests_per_day": LIMIT, "shared": True}]
+    policy["quotas"]["store"]["timeout_ms"] = timeout_ms
     policy_path = workdir / "mesh.json"
     policy_path.write_text(json.dumps(policy))
     out_dir = workdir / "k8s"
@@ -214,6 +217,8 @@ def store_install(mode, workdir, mocks, proxies=1):
     text = subprocess.run(["kubectl", "kustomize", str(out_dir / "overlays" / mode)],
                           capture_output=True, text=True, check=True).stdout
     resources = sim.load_resources(text)
+    seen = [r for r in resources if not (hidden and r["kind"] == "Service"
+                                         and r["metadata"]["name"] == manifests.STORE_SERVICE)]
     config = json.loads(one(resources, "ConfigMap", manifests.STORE_CONFIG_MAP)["data"]["webdis.json"])
     pki = make_pki(str(workdir))
     if mode == "sidecar":
@@ -240,7 +245,7 @@ def store_install(mode, workdir, mocks, proxies=1):
                 proxy_dir = workdir / f"{mode}-{i}"
                 proxy_dir.mkdir()
                 proxy = stack.enter_context(istio_proxy(mode, proxy_dir, namespace, labels, addresses,
-                                                        resources=resources, mesh_tls=mesh_tls,
+                                                        resources=seen, mesh_tls=mesh_tls,
                                                         other_endpoints=store_endpoint))
                 proxy["pki"] = pki
                 running.append(proxy)
@@ -330,3 +335,16 @@ def test_the_egress_gateway_counts_shared_rules_through_the_bridge(wasm, mocks, 
         # A sidecar's certificate is not the gateway's: refused at the bridge.
         assert bridge_get(mesh, "shop/chatbot", "/EVAL/return%201/0")[0] == 403
         assert bridge_get(mesh, "gateway", "/EVAL/return%201/0") == (200, b'{"EVAL":1}')
+
+
+def test_a_sidecar_that_cannot_see_the_bridge_follows_the_rules_failure_mode(wasm, mocks, tmp_path):
+    """No cluster behind meshllm.store: each call fails at once (no wait for
+    the timeout) and the closed rule answers 503."""
+    with store_install("sidecar", tmp_path, mocks, hidden=True, timeout_ms=3000) as mesh:
+        (sidecar,) = mesh["proxies"]
+        started = time.monotonic()
+        status, headers, body = chat(sidecar)
+        assert status == 503, body
+        assert json.loads(body)["error"]["code"] == "quota_store_unavailable"
+        assert time.monotonic() - started < 1.5
+        assert shared_count(mesh["redis"]) == []
