@@ -4,6 +4,8 @@
     python3 k8s/tools/manifests.py                  # rewrite k8s/base and k8s/overlays (placeholder URL)
     python3 k8s/tools/manifests.py --module-url oci://REGISTRY/meshllm:TAG \\
         --sha256 DIGEST --out-dir /tmp/meshllm-k8s  # the same for your registry
+    python3 k8s/tools/manifests.py --module-url ... --store REDIS_HOST:PORT \\
+        --policy k8s/examples/shared-quota/mesh.json --out-dir ...  # + the shared quota store
     python3 k8s/tools/manifests.py namespace-policy --namespace shop shop.json
 
 The Envoy pieces inside the EnvoyFilters (the Wasm filter config, the position
@@ -115,7 +117,7 @@ STORE_DEFAULT_TIMEOUT_MS = 200
 # Below Envoy's 1 h on the bridge sidecar's side: a kept connection is never
 # used just as the other end closes it (a reserve is not retried).
 STORE_IDLE_TIMEOUT = "60s"
-# The only requests the filter sends (store.rs), and the readiness probe's.
+# The only requests the filter sends (store.rs).
 STORE_PATHS = ["/EVALSHA/*", "/EVAL/*"]
 
 HEADER = (
@@ -507,6 +509,9 @@ def store_cluster():
     return {
         "name": STORE_CLUSTER,
         "connect_timeout": "1s",
+        # Like Istio's own clusters: Envoy's default of 1024 requests in
+        # flight would refuse store calls of a busy gateway.
+        "circuit_breakers": render.circuit_breakers(),
         "lb_policy": "CLUSTER_PROVIDED",
         "cluster_type": {
             "name": "envoy.clusters.aggregate",
