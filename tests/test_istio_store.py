@@ -10,6 +10,7 @@ uses); the EnvoyFilter guard refuses the application's own calls."""
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import ssl
@@ -250,7 +251,7 @@ def store_install(mode, workdir, mocks, proxies=1, hidden=False, timeout_ms=200)
                 proxy["pki"] = pki
                 running.append(proxy)
             yield {"proxies": running, "redis": redis, "webdis": webdis, "pki": pki,
-                   "bridge_port": front_port}
+                   "bridge_port": front_port, "bridge_admin": front_admin}
     finally:
         webdis.stop()
         redis.stop()
@@ -314,13 +315,26 @@ def test_only_the_allowed_identities_reach_the_bridge_on_its_paths(store_mesh):
     assert bridge_get(store_mesh, "shop/chatbot", "/GET/meshllm%2Fquota%2Fv1%2Fx")[0] == 403
 
 
-def test_bridge_down_answers_each_rule_as_configured(store_mesh):
+def stat(admin, name):
+    _, _, body = http("GET", f"http://127.0.0.1:{admin}/stats?filter=^{re.escape(name)}$")
+    (line,) = body.decode().splitlines()
+    return int(line.rpartition(": ")[2])
+
+
+def test_bridge_down_answers_each_rule_as_configured_without_retrying(store_mesh):
     store_mesh["webdis"].stop()
-    status, headers, body = chat(store_mesh["proxies"][0])
+    sidecar = store_mesh["proxies"][0]
+    calls_before = stat(store_mesh["bridge_admin"], "http.inbound.downstream_rq_total")
+    status, headers, body = chat(sidecar)
     # The example's store fails closed: 503 in the caller's shape.
     assert status == 503, body
     assert json.loads(body)["error"]["code"] == "quota_store_unavailable"
     assert headers.get("retry-after") == "5"
+    # The bridge's 503 reached the filter as it was: one call, not retried.
+    assert wait_for(lambda: stat(store_mesh["bridge_admin"], "http.inbound.downstream_rq_total")
+                    == calls_before + 1, timeout=5)
+    for cluster in (manifests.STORE_CLUSTER, manifests.STORE_ISTIO_CLUSTER):
+        assert stat(sidecar["admin"], f"cluster.{cluster}.upstream_rq_retry") == 0
 
 
 def test_the_egress_gateway_counts_shared_rules_through_the_bridge(wasm, mocks, tmp_path):
