@@ -1,8 +1,8 @@
 """The shared quota store in the Istio install (manifests.py --store), run:
-two sidecars of the shop namespace, configured from the generated sidecar
-overlay the way istiod and istio-agent would (tests/istio_sim.py), count one
-shared rule in a real Redis through webdis, started here on free ports with
-the bridge's generated webdis config. The bridge's own sidecar is stood in
+two sidecars of the shop namespace, and the egress gateway, configured from
+the generated overlays the way istiod and istio-agent would
+(tests/istio_sim.py), count one shared rule in a real Redis through webdis,
+started here on free ports with the bridge's generated webdis config. The bridge's own sidecar is stood in
 for by an Envoy that terminates the mesh's mTLS and enforces the generated
 AuthorizationPolicy (translated here, as istiod would, for the fields it
 uses); the EnvoyFilter guard refuses the application's own calls."""
