@@ -72,7 +72,8 @@ Emulated
   DISABLE, SIMPLE (sni, subjectAltNames, system CA; no sni -> auto_sni and
   auto_san_validation like Istio) and ISTIO_MUTUAL (client cert from `mesh_tls`,
   default SNI `outbound_.<port>_.<subset>_.<host>`, ALPN istio-peer-exchange,
-  istio); `loadBalancer.simple`.
+  istio); `loadBalancer.simple`; `connectionPool` tcp.connectTimeout and
+  http.idleTimeout only.
 * Gateways (`gateway_bootstrap`): Gateway resources whose selector matches the
   labels; HTTP servers and HTTPS servers with tls.mode ISTIO_MUTUAL. Port
   translation through a Kubernetes Service selecting the gateway (server port ->
@@ -426,10 +427,46 @@ def _destination_rules(kinds, proxy_ns):
 
 
 def _check_policy(policy, where):
-    _check_keys(policy, {"tls", "loadBalancer", "portLevelSettings"}, where)
+    _check_keys(policy, {"tls", "loadBalancer", "portLevelSettings", "connectionPool"}, where)
     lb = policy.get("loadBalancer")
     if lb is not None:
         _check_keys(lb, {"simple"}, f"{where}.loadBalancer")
+    pool = policy.get("connectionPool")
+    if pool is not None:
+        _check_keys(pool, {"tcp", "http"}, f"{where}.connectionPool")
+        _check_keys(pool.get("tcp"), {"connectTimeout"}, f"{where}.connectionPool.tcp")
+        _check_keys(pool.get("http"), {"idleTimeout"}, f"{where}.connectionPool.http")
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+
+
+def _duration(value, where):
+    """An Istio duration ("200ms", "1.5s", "1h") as Envoy's JSON ("0.200s")."""
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)", str(value))
+    if not m:
+        raise IstioSimError(f"{where}: {value!r} is not a duration")
+    seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    return f"{seconds:.3f}s"
+
+
+def _connection_pool(pool, cluster, http2):
+    """applyConnectionPool (cluster_traffic_policy.go): tcp.connectTimeout is
+    the cluster's connect_timeout; http.idleTimeout its upstream HTTP
+    protocol options' idle_timeout."""
+    if not pool:
+        return
+    connect = (pool.get("tcp") or {}).get("connectTimeout")
+    if connect is not None:
+        cluster["connect_timeout"] = _duration(connect, "connectionPool.tcp.connectTimeout")
+    idle = (pool.get("http") or {}).get("idleTimeout")
+    if idle is not None:
+        opts = cluster.setdefault("typed_extension_protocol_options", {}).setdefault(
+            HTTP_OPTIONS_KEY, {"@type": HTTP_OPTIONS_TYPE})
+        if not any(k in opts for k in ("explicit_http_config", "use_downstream_protocol_config",
+                                       "auto_config")):
+            opts["explicit_http_config"] = {"http2_protocol_options" if http2 else "http_protocol_options": {}}
+        opts["common_http_protocol_options"] = {"idle_timeout": _duration(idle, "connectionPool.http.idleTimeout")}
 
 
 def _effective_policy(dr, port, subset):
@@ -442,13 +479,13 @@ def _effective_policy(dr, port, subset):
         levels.append(subset.get("trafficPolicy") or {})
     for level in levels:
         _check_policy(level, "DestinationRule trafficPolicy")
-        for key in ("tls", "loadBalancer"):
+        for key in ("tls", "loadBalancer", "connectionPool"):
             if key in level:
                 policy[key] = level[key]
         for pls in level.get("portLevelSettings") or []:
-            _check_keys(pls, {"port", "tls", "loadBalancer"}, "DestinationRule portLevelSettings")
+            _check_keys(pls, {"port", "tls", "loadBalancer", "connectionPool"}, "DestinationRule portLevelSettings")
             if int((pls.get("port") or {}).get("number", -1)) == port:
-                for key in ("tls", "loadBalancer"):
+                for key in ("tls", "loadBalancer", "connectionPool"):
                     if key in pls:
                         policy[key] = pls[key]
     return policy
@@ -564,6 +601,7 @@ def _clusters(services, drs, endpoints, mesh_tls, sidecar, passthrough=None):
                     cluster["typed_extension_protocol_options"] = {HTTP_OPTIONS_KEY: {
                         "@type": HTTP_OPTIONS_TYPE, "explicit_http_config": {"http2_protocol_options": {}}}}
                 _upstream_tls(policy.get("tls"), svc, p["number"], subset_name, cluster, mesh_tls, http2)
+                _connection_pool(policy.get("connectionPool"), cluster, http2)
                 out.append(cluster)
     out.append({"name": BLACKHOLE_CLUSTER, "type": "STATIC", "connect_timeout": CONNECT_TIMEOUT,
                 "load_assignment": {"cluster_name": BLACKHOLE_CLUSTER}})

@@ -423,6 +423,35 @@ def test_destination_rule_default_sni_subsets_and_auto_sni(mesh_tls):
     assert upstream == {"auto_sni": True, "auto_san_validation": True}
 
 
+DR_POOL = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: app}
+spec:
+  host: reviews.app.svc.cluster.local
+  trafficPolicy:
+    connectionPool: {tcp: {connectTimeout: 200ms}, http: {idleTimeout: 60s}}
+    portLevelSettings:
+    - port: {number: 80}
+      connectionPool: {tcp: {connectTimeout: 1.5s}}
+"""
+
+
+def test_destination_rule_connection_pool_timeouts():
+    cs = clusters(validate(sidecar(DR_POOL)))
+    base = cs["outbound|80||reviews.app.svc.cluster.local"]
+    # The port's settings replace the top level's connectionPool whole.
+    assert base["connect_timeout"] == "1.500s"
+    assert "typed_extension_protocol_options" not in base
+    pooled = clusters(validate(sidecar(DR_POOL.split("    portLevelSettings:")[0])))["outbound|80||reviews.app.svc.cluster.local"]
+    assert pooled["connect_timeout"] == "0.200s"
+    assert pooled["typed_extension_protocol_options"][sim.HTTP_OPTIONS_KEY] == {
+        "@type": sim.HTTP_OPTIONS_TYPE, "explicit_http_config": {"http_protocol_options": {}},
+        "common_http_protocol_options": {"idle_timeout": "60.000s"}}
+    with pytest.raises(NotImplementedError, match="maxRetries"):
+        sidecar(DR_POOL.replace("idleTimeout: 60s", "maxRetries: 0"))
+
+
 VS_HEADERS = """
 apiVersion: networking.istio.io/v1
 kind: VirtualService

@@ -4,7 +4,10 @@ unknown fields, wrong types, unknown kinds."""
 
 import copy
 import hashlib
+import json
 import re
+import shutil
+import sys
 
 import jsonschema
 import pytest
@@ -307,3 +310,148 @@ def test_crd_copy_is_what_its_readme_says():
     assert {"WasmPlugin", "EnvoyFilter", "ServiceEntry", "DestinationRule", "Sidecar",
             "Telemetry"} <= kinds
     assert all(kind in readme for kind in kinds)
+
+
+# The shared quota store (--store): generated into a throwaway directory from
+# the example policy with shared rules, and validated like the checked-in
+# manifests.
+sys.path.insert(0, str(K8S_ROOT / "tools"))
+import manifests  # noqa: E402
+
+SHARED_POLICY = K8S_ROOT / "examples" / "shared-quota" / "mesh.json"
+REDIS = "redis.data.svc.cluster.local:6379"
+STORE_OVERLAYS = ("sidecar", "egress-gateway")
+
+
+def generate(out_dir, *extra):
+    manifests.main(["--module-url", "oci://registry.example/meshllm:0.1.0", "--out-dir", str(out_dir),
+                    *extra])
+    # The egress-gateway overlay includes k8s/observability, which is not generated.
+    shutil.copytree(K8S_ROOT / "observability", out_dir / "observability")
+
+
+@pytest.fixture(scope="module")
+def store_install(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("store-install")
+    generate(out_dir, "--policy", str(SHARED_POLICY), "--store", REDIS,
+             "--store-client-namespaces", "shop,other")
+    return {mode: render(out_dir / "overlays" / mode) for mode in STORE_OVERLAYS}
+
+
+def one(docs, kind, name=None):
+    (found,) = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"])]
+    return found
+
+
+def plugin_configs(envoy_filter):
+    return [json.loads(p["patch"]["value"]["typed_config"]["config"]["configuration"]["value"])
+            for p in envoy_filter["spec"]["configPatches"] if p["applyTo"] == "EXTENSION_CONFIG"]
+
+
+@pytest.mark.parametrize("mode", STORE_OVERLAYS)
+def test_store_manifests_are_valid(store_install, schemas, mode):
+    docs = store_install[mode]
+    assert all_errors(docs, schemas) == []
+    kinds = {d["kind"] for d in docs}
+    assert {"PeerAuthentication", "AuthorizationPolicy", "PodDisruptionBudget", "ConfigMap"} <= kinds
+
+
+@pytest.mark.parametrize("mode", STORE_OVERLAYS)
+def test_store_install_has_what_the_filter_needs(store_install, mode):
+    docs = store_install[mode]
+    meshllm = one(docs, "EnvoyFilter", "meshllm")
+    # Both halves name the bridge's cluster, with the policy's own settings.
+    for config in plugin_configs(meshllm):
+        assert config["quotas"]["store"] == {
+            "timeout_ms": 200, "on_failure": "closed", "cluster": "meshllm.store",
+            "authority": "meshllm-quota-store.meshllm.svc.cluster.local"}
+        assert [r["name"] for r in config["quotas"]["limits"] if r.get("shared")] == [
+            "namespace-daily", "service-rate"]
+    # That cluster is added in the same proxies, as an alias of the cluster
+    # Istio builds for the bridge's Service.
+    (cluster,) = [p["patch"]["value"] for p in meshllm["spec"]["configPatches"]
+                  if p["applyTo"] == "CLUSTER" and p["patch"]["value"]["name"] == "meshllm.store"]
+    assert cluster["cluster_type"]["typed_config"]["clusters"] == [
+        "outbound|80||meshllm-quota-store.meshllm.svc.cluster.local"]
+    service = one(docs, "Service", "meshllm-quota-store")
+    assert service["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": 7379}]
+    deployment = one(docs, "Deployment", "meshllm-quota-store")
+    pod = deployment["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    # Over the mesh's mTLS only, with timeouts that fit the call's.
+    assert one(docs, "PeerAuthentication")["spec"]["mtls"] == {"mode": "STRICT"}
+    rule = one(docs, "DestinationRule", "meshllm-quota-store")["spec"]
+    assert rule["host"] == "meshllm-quota-store.meshllm.svc.cluster.local"
+    assert rule["trafficPolicy"]["tls"] == {"mode": "ISTIO_MUTUAL"}
+    assert rule["trafficPolicy"]["connectionPool"] == {"tcp": {"connectTimeout": "200ms"},
+                                                      "http": {"idleTimeout": "60s"}}
+
+
+def test_store_callers_are_the_filters_proxies_only(store_install):
+    gateway = store_install["egress-gateway"]
+    policy = one(gateway, "AuthorizationPolicy")["spec"]
+    account = one(gateway, "Deployment", "meshllm-egress")["spec"]["template"]["spec"]["serviceAccountName"]
+    assert policy["action"] == "ALLOW"
+    (rule,) = policy["rules"]
+    assert rule["from"] == [{"source": {"principals": [f"cluster.local/ns/meshllm/sa/{account}"]}}]
+    assert rule["to"] == [{"operation": {"methods": ["GET"], "paths": ["/EVALSHA/*", "/EVAL/*"]}}]
+    sidecar = one(store_install["sidecar"], "AuthorizationPolicy")["spec"]
+    assert sidecar["rules"][0]["from"] == [{"source": {"namespaces": ["shop", "other"]}}]
+    for docs in store_install.values():
+        # Applications' own calls stop at their sidecar; nothing routes to
+        # the bridge, so no retry policy can repeat a reserve.
+        guard = one(docs, "EnvoyFilter", "meshllm-quota-store-guard")
+        assert "workloadSelector" not in guard["spec"]
+        (patch,) = guard["spec"]["configPatches"]
+        assert patch["match"]["routeConfiguration"]["vhost"]["name"] == \
+            "meshllm-quota-store.meshllm.svc.cluster.local:80"
+        assert patch["patch"]["value"]["direct_response"]["status"] == 403
+        store_host = "meshllm-quota-store.meshllm.svc.cluster.local"
+        store_clusters = {"meshllm.store", f"outbound|80||{store_host}"}
+        for service in (d for d in docs if d["kind"] == "VirtualService"):
+            assert store_host not in json.dumps(service["spec"])
+        for envoy_filter in (d for d in docs if d["kind"] == "EnvoyFilter"):
+            for p in envoy_filter["spec"]["configPatches"]:
+                if p["applyTo"] == "HTTP_ROUTE":
+                    assert (p["patch"]["value"].get("route") or {}).get("cluster") not in store_clusters
+
+
+def test_store_bridge_runs_small_and_locked_down(store_install):
+    docs = store_install["sidecar"]
+    deployment = one(docs, "Deployment", "meshllm-quota-store")
+    assert deployment["spec"]["replicas"] == 2
+    assert one(docs, "PodDisruptionBudget", "meshllm-quota-store")["spec"]["minAvailable"] == 1
+    pod = deployment["spec"]["template"]
+    assert pod["metadata"]["labels"]["sidecar.istio.io/inject"] == "true"
+    (webdis,) = pod["spec"]["containers"]
+    assert webdis["resources"]["requests"] and webdis["resources"]["limits"]
+    assert webdis["readinessProbe"]["httpGet"] == {"path": "/PING", "port": 7379}
+    security = webdis["securityContext"]
+    assert security["runAsNonRoot"] and security["readOnlyRootFilesystem"]
+    assert not security["allowPrivilegeEscalation"]
+    assert webdis["env"] == [{"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {
+        "name": "meshllm-quota-store-redis", "key": "password"}}}]
+    config = json.loads(one(docs, "ConfigMap", "meshllm-quota-store-config")["data"]["webdis.json"])
+    assert (config["redis_host"], config["redis_port"]) == ("redis.data.svc.cluster.local", 6379)
+    assert config["redis_auth"] == ["meshllm-quota", "$REDIS_PASSWORD"]
+    assert config["acl"] == [{"disabled": ["*"]}, {"enabled": ["EVALSHA", "EVAL", "PING"]}]
+    # No password in any manifest: the Secret is the user's.
+    assert not [d for d in docs if d["kind"] == "Secret"]
+
+
+def test_without_store_the_output_is_todays(tmp_path):
+    policy = manifests.load_policy()
+    plain = manifests.files(policy)
+    assert plain == manifests.files(policy, store=None)
+    assert not [rel for rel in plain if rel.endswith("store.yaml")]
+    assert "quota-store" not in "".join(plain.values())
+    assert "meshllm.store" not in "".join(plain.values())
+    # A policy with shared rules needs the store.
+    with pytest.raises(SystemExit, match="--store"):
+        manifests.files(json.loads(SHARED_POLICY.read_text()))
+
+
+def test_shared_example_is_the_mesh_policy_with_shared_quotas():
+    mesh = json.loads((K8S_ROOT / "policy" / "mesh.json").read_text())
+    shared = json.loads(SHARED_POLICY.read_text())
+    assert {k: v for k, v in shared.items() if k != "quotas"} == {k: v for k, v in mesh.items() if k != "quotas"}
