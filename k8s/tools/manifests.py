@@ -22,6 +22,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import sys
 
 import yaml
@@ -1049,6 +1050,12 @@ def main(argv=None):
         with open(path, "w") as f:
             f.write(text)
         print(path)
+    # The egress-gateway overlay includes the observability ConfigMaps by a
+    # relative path: an install written elsewhere carries its own copy.
+    if os.path.abspath(args.out_dir) != os.path.abspath(K8S_DIR):
+        target = os.path.join(args.out_dir, "observability")
+        shutil.copytree(os.path.join(K8S_DIR, "observability"), target, dirs_exist_ok=True)
+        print(target)
 
 
 if __name__ == "__main__":
