@@ -9,8 +9,7 @@
 
 use std::rc::Rc;
 
-use super::route::Routed;
-use super::router::Router;
+use super::state::{Routed, Router};
 use crate::core::api_error::ApiError;
 use crate::host::{CalloutAnswer, CalloutId, Host};
 use crate::metrics;
