@@ -2,7 +2,7 @@
 //! read, an error reply rewritten in the caller's shape, an answer held
 //! past the size limit replaced (the respond stage decides when).
 
-use super::Flow;
+use super::flow::Flow;
 use crate::config::providers::Provider;
 use crate::config::Config;
 use crate::core::api_error::{self, ApiError};

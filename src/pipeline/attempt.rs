@@ -13,11 +13,12 @@
 use std::rc::Rc;
 
 use super::answer::Step;
+use super::flow::{internal, Flow};
 use super::point::ANTHROPIC_HEADERS;
 use super::request::{self, ReadsBody};
 use super::settle::attempt_labels;
 use super::state::{Attempt, AttemptEnd, Phase, RequestHeaders};
-use super::{internal, Flow, Half};
+use super::Half;
 use crate::config::models::Operation;
 use crate::config::Config;
 use crate::core::api_error::ApiError;

@@ -4,9 +4,9 @@
 
 use std::rc::Rc;
 
+use super::flow::Flow;
 use super::request::{missing_body, model_not_found};
 use super::state::{Phase, Router};
-use super::Flow;
 use crate::config::models::Operation;
 use crate::core::api_error::ApiError;
 use crate::core::schema::Schema;

@@ -6,8 +6,8 @@
 
 use std::rc::Rc;
 
+use super::flow::Flow;
 use super::state::{Forward, Phase, RequestState, Router};
-use super::Flow;
 use crate::config::models::Operation;
 use crate::config::Config;
 use crate::core::api_error::ApiError;

@@ -5,7 +5,7 @@
 
 use std::rc::Rc;
 
-use super::internal;
+use super::flow::internal;
 use super::point::{ANTHROPIC_HEADERS, CLIENT_CREDENTIAL_HEADERS};
 use super::state::{Attempt, Call, Chain, ClusterChoice, Forward, Router};
 use crate::config::models::Operation;

@@ -3,7 +3,7 @@
 
 use std::rc::Rc;
 
-use super::internal;
+use super::flow::internal;
 use super::route::MODELS_REQUEST_HEADER;
 use super::state::Router;
 use crate::access::namespace_policy::{self, Applied, Source};

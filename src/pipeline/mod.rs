@@ -14,12 +14,11 @@
 //! and imports only stages it calls and the leaves below all of them:
 //! `state.rs` (both halves' state and its fields' types), `answer.rs`
 //! (the answer as it passes), `request.rs` (the body and the call read
-//! from it).
+//! from it), `flow.rs` (what a stage answers with).
 
 use std::rc::Rc;
 
 use crate::config::Config;
-use crate::core::api_error::ApiError;
 use crate::host::{CalloutAnswer, CalloutId, Host};
 
 mod admit;
@@ -27,6 +26,7 @@ mod answer;
 mod attempt;
 mod endpoint;
 mod finish;
+mod flow;
 mod forward;
 pub mod handoff;
 mod identify;
@@ -45,16 +45,9 @@ pub use finish::{
     LOG_PATH, LOG_POLICY, LOG_PROVIDER, LOG_QUOTA, LOG_REQUEST_MODEL, LOG_RESPONSE_MODEL,
     LOG_ROUTE_REASON, LOG_TAGS, LOG_TOKENS_ESTIMATED, LOG_TTFT,
 };
+pub use flow::Flow;
 pub use route::{DOWNGRADE_RESPONSE_HEADER, MODELS_REQUEST_HEADER};
 pub use state::{Attempt, Router};
-
-/// What a callback tells the proxy: go on, or hold the request (or answer)
-/// until the filter says otherwise.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Flow {
-    Continue,
-    Pause,
-}
 
 /// The filter of one request: the listener half or the upstream half.
 /// The proxy glue calls its [`Half`]'s callbacks and nothing else.
@@ -121,17 +114,6 @@ impl std::ops::DerefMut for Filter {
             Filter::Upstream(attempt) => attempt,
         }
     }
-}
-
-/// A failure of the gateway itself, logged, as the caller's 500.
-fn internal(message: String) -> ApiError {
-    log::error!("{message}");
-    ApiError::new(
-        500,
-        "server_error",
-        Some("gateway_error"),
-        format!("Gateway error: {message}."),
-    )
 }
 
 #[cfg(test)]

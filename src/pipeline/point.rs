@@ -5,7 +5,7 @@
 
 use std::rc::Rc;
 
-use super::internal;
+use super::flow::internal;
 use super::state::{Attempt, Call, ClusterChoice, Place, RequestHeaders};
 use super::translate::{self, Translated};
 use crate::config::providers::{AwsCredentials, Provider};

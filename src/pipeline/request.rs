@@ -2,14 +2,15 @@
 //! says what the complete body starts), its JSON top level, and the call
 //! it makes (`model`, `stream`), with the caller's errors about them.
 
+use super::flow::Flow;
 use super::state::{Call, Phase};
-use super::Flow;
 use crate::config::models::Operation;
 use crate::config::Config;
 use crate::core::api_error::ApiError;
 use crate::core::json::{Kind, TopLevel};
 use crate::host::Host;
 
+/// A call that came without a body: the caller's 400.
 pub(super) fn missing_body() -> ApiError {
     ApiError::invalid_request(
         Some("missing_body"),

@@ -6,8 +6,8 @@
 //! answer and holds a chain's complete answers to its end.
 
 use super::answer::{bodiless, rewrites_body, ResponseMode, Serving, Step};
+use super::flow::Flow;
 use super::state::{Attempt, AttemptEnd, ClusterChoice, Forward, Phase, Place, Router};
-use super::Flow;
 use crate::config::providers::Provider;
 use crate::core::api_error::ApiError;
 use crate::core::schema::Schema;

@@ -4,7 +4,7 @@
 
 use std::rc::Rc;
 
-use super::internal;
+use super::flow::internal;
 use super::request::{model_not_found, read_call};
 use super::state::{RequestState, Routed, Router};
 use crate::access::namespace_policy::Source;

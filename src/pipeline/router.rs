@@ -8,9 +8,10 @@
 
 use super::admit::Admit;
 use super::finish::keep_caller_path;
+use super::flow::{internal, Flow};
 use super::request::{self, ReadsBody};
 use super::state::{Deferred, Phase, Routed, Router};
-use super::{internal, Flow, Half};
+use super::Half;
 use crate::config::Config;
 use crate::core::api_error::ApiError;
 use crate::core::json::TopLevel;
