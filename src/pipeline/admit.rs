@@ -9,8 +9,8 @@
 
 use std::rc::Rc;
 
-use super::route::Routed;
-use super::router::Router;
+use super::flow::internal;
+use super::state::{Routed, Router};
 use crate::core::api_error::ApiError;
 use crate::host::{CalloutAnswer, CalloutId, Host};
 use crate::metrics;
@@ -88,7 +88,7 @@ impl Router {
         answer: &CalloutAnswer,
     ) -> Result<Option<CalloutId>, ApiError> {
         let Some(admission) = self.req.admission.take() else {
-            return Err(super::internal(
+            return Err(internal(
                 "a request waiting for the quota store has no reservation".into(),
             ));
         };

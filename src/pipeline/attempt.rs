@@ -5,156 +5,30 @@
 //! translates), or upstream, in the upstream half on one try of a chain
 //! Envoy walks (it reads the plan from `handoff.rs`, lets translated
 //! headers pass and hands the usage back). Which one is fixed when the
-//! attempt is made.
+//! attempt is made. Its state is in `state.rs`, each stage's work in the
+//! stage's file; here the upstream half runs them in order.
 //!
 //! [`Router`]: super::Router
 
 use std::rc::Rc;
 
-use super::endpoint::{self, ReadsBody};
-use super::point::{ClusterChoice, ANTHROPIC_HEADERS};
-use super::respond::{Answer, Step};
-use super::settle::{attempt_labels, AttemptEnd};
-use super::state::{Call, Phase, RequestHeaders};
-use super::{internal, route, translate, Flow, Half};
-use crate::config::models::{ModelRoute, Operation};
-use crate::config::providers::Provider;
+use super::answer::Step;
+use super::flow::{internal, Flow};
+use super::point::ANTHROPIC_HEADERS;
+use super::request::{self, ReadsBody};
+use super::settle::attempt_labels;
+use super::state::{Attempt, AttemptEnd, Phase, RequestHeaders};
+use super::Half;
+use crate::config::models::Operation;
 use crate::config::Config;
 use crate::core::api_error::ApiError;
-use crate::core::json::TopLevel;
 use crate::core::schema::Schema;
-use crate::core::usage::Usage;
 use crate::host::{CalloutAnswer, CalloutId, Host, HostResult};
 use crate::metrics;
-use crate::pipeline::handoff::{self, Plan, ATTEMPTS_RESPONSE_HEADER};
-use crate::translate::exchange::{self, Exchange};
-
-/// Where an attempt runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Place {
-    /// In the listener half, for its only target, sent to this cluster.
-    Inline(ClusterChoice),
-    /// In the upstream half, on one try of a chain.
-    Upstream,
-}
-
-pub struct Attempt {
-    pub(super) config: Rc<Config>,
-    pub(super) place: Place,
-    pub(super) phase: Phase,
-    /// The API the caller speaks; errors go back in its shape.
-    pub(super) caller: Schema,
-    pub(super) operation: Operation,
-    /// Upstream: the plan the listener half left.
-    pub(super) plan: Option<Plan>,
-    /// The target this attempt is at.
-    pub(super) target: Option<usize>,
-    /// Which attempt of the request this is (1-based).
-    pub(super) number: u32,
-    /// When the attempt started (inline: the request), in µs.
-    pub(super) started_us: u64,
-    /// Inline at the first position's cluster: why the target was chosen,
-    /// named on the answer as an upstream half would.
-    pub(super) route_reason: Option<String>,
-    /// Whether the outcome reached the target's health record (and the
-    /// attempt metrics) yet.
-    pub(super) outcome_recorded: bool,
-    /// With health: how the attempt at the provider ended.
-    pub(super) end: Option<AttemptEnd>,
-    pub(super) exchange: Option<Exchange>,
-    /// The answer as it passes.
-    pub(super) answer: Answer,
-    /// The token counts the provider reported.
-    pub(super) usage: Option<Usage>,
-}
+use crate::pipeline::handoff::{self, ATTEMPTS_RESPONSE_HEADER};
+use crate::translate::exchange;
 
 impl Attempt {
-    /// The upstream half's attempt; its target comes with the plan.
-    pub fn upstream(config: Rc<Config>) -> Self {
-        Attempt {
-            config,
-            place: Place::Upstream,
-            phase: Phase::Start,
-            caller: Schema::OpenAi,
-            operation: Operation::ChatCompletions,
-            plan: None,
-            target: None,
-            number: 0,
-            started_us: 0,
-            route_reason: None,
-            outcome_recorded: false,
-            end: None,
-            exchange: None,
-            answer: Answer::default(),
-            usage: None,
-        }
-    }
-
-    /// The listener half's own attempt at its only target.
-    pub(super) fn inline(
-        config: Rc<Config>,
-        caller: Schema,
-        operation: Operation,
-        cluster: ClusterChoice,
-        target: usize,
-        started_us: u64,
-        route_reason: Option<String>,
-    ) -> Self {
-        Attempt {
-            place: Place::Inline(cluster),
-            phase: Phase::Forwarded,
-            caller,
-            operation,
-            target: Some(target),
-            number: 1,
-            started_us,
-            route_reason,
-            ..Attempt::upstream(config)
-        }
-    }
-
-    pub(super) fn route(&self) -> Option<&ModelRoute> {
-        self.target.map(|i| &self.config.models[i])
-    }
-
-    pub(super) fn provider(&self) -> Option<&Provider> {
-        self.route().map(|r| &self.config.providers[r.provider])
-    }
-
-    /// The attempt feeds the target's health record: every upstream one,
-    /// and an inline one where failover is on.
-    pub(super) fn records_health(&self) -> bool {
-        matches!(
-            self.place,
-            Place::Upstream | Place::Inline(ClusterChoice::FirstPosition)
-        )
-    }
-
-    /// Translates the request for the target and points it there: the
-    /// translate and point stages.
-    pub(super) fn prepare(
-        &mut self,
-        host: &mut dyn Host,
-        body: &[u8],
-        doc: &TopLevel,
-        call: &Call,
-        entry_headers: Option<Vec<String>>,
-    ) -> Result<(), ApiError> {
-        let target = self
-            .target
-            .ok_or_else(|| internal("the attempt has no target".into()))?;
-        let config = Rc::clone(&self.config);
-        let op = self.operation;
-        let translated = translate::translate(&config, self.caller, op, (body, doc), call, target)?;
-        let present = match entry_headers {
-            Some(names) => RequestHeaders(Some(names)),
-            None => RequestHeaders::list(host),
-        };
-        self.point(host, &translated, body, &present)?;
-        self.exchange = translated.exchange;
-        Ok(())
-    }
-
     // ---- the upstream half's request side -------------------------------
 
     /// Finds this attempt's target from the plan and the host Envoy picked,
@@ -246,8 +120,8 @@ impl Attempt {
             }
         };
         let gemini = self.plan.as_ref().and_then(|p| p.gemini.clone());
-        let prepared = route::parse_body(&body).and_then(|doc| {
-            let call = route::read_call(&doc, self.operation, gemini.as_ref())?;
+        let prepared = request::parse_body(&body).and_then(|doc| {
+            let call = request::read_call(&doc, self.operation, gemini.as_ref())?;
             self.prepare(host, &body, &doc, &call, None)
         });
         match prepared {
@@ -328,7 +202,7 @@ impl Half for Attempt {
             return flow;
         }
         if end_of_stream {
-            return self.reject(host, endpoint::missing_body());
+            return self.reject(host, request::missing_body());
         }
         self.phase = Phase::ReadingBody;
         Flow::Pause
@@ -340,11 +214,11 @@ impl Half for Attempt {
         body_size: usize,
         end_of_stream: bool,
     ) -> Flow {
-        endpoint::body_chunk(self, host, body_size, end_of_stream)
+        request::body_chunk(self, host, body_size, end_of_stream)
     }
 
     fn on_request_trailers(&mut self, host: &mut dyn Host, body_size: usize) -> Flow {
-        endpoint::body_trailers(self, host, body_size)
+        request::body_trailers(self, host, body_size)
     }
 
     fn on_response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {

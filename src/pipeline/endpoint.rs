@@ -1,14 +1,13 @@
 //! Endpoint stage, listener half: which API the caller speaks and what it
 //! asks for, from the path and method. `/v1/models` listings are answered
-//! here. Also the body intake both halves share.
+//! here.
 
 use std::rc::Rc;
 
-use super::router::Router;
-use super::state::Phase;
-use super::{route, Flow};
+use super::flow::Flow;
+use super::request::{missing_body, model_not_found};
+use super::state::{Phase, Router};
 use crate::config::models::Operation;
-use crate::config::Config;
 use crate::core::api_error::ApiError;
 use crate::core::schema::Schema;
 use crate::host::Host;
@@ -212,12 +211,12 @@ impl Router {
                     }
                     caller => listing::model(caller, &id),
                 },
-                _ => return self.reject(host, route::model_not_found(&id)),
+                _ => return self.reject(host, model_not_found(&id)),
             };
             return self.reply(host, 200, &[], &body);
         }
         match (config.model_body(&id), self.req.caller) {
-            (None, _) => self.reject(host, route::model_not_found(&id)),
+            (None, _) => self.reject(host, model_not_found(&id)),
             (Some(body), Schema::OpenAi | Schema::Converse) => self.reply(host, 200, &[], body),
             (Some(_), caller) => {
                 let body = listing::model(caller, &id);
@@ -225,63 +224,6 @@ impl Router {
             }
         }
     }
-}
-
-pub(super) fn missing_body() -> ApiError {
-    ApiError::invalid_request(
-        Some("missing_body"),
-        "The request has no body; send a JSON object.".into(),
-    )
-}
-
-/// A half that buffers the request body whole. Both halves do, the same
-/// way; they differ in what the complete body starts.
-pub(super) trait ReadsBody {
-    fn phase(&self) -> Phase;
-    fn config(&self) -> &Config;
-    /// Answers the request with `error`, in the caller's shape.
-    fn refuse(&mut self, host: &mut dyn Host, error: ApiError) -> Flow;
-    /// The whole body is buffered.
-    fn body_complete(&mut self, host: &mut dyn Host, body_size: usize) -> Flow;
-}
-
-/// A body chunk: keep buffering, refuse past the limit, or go on with the
-/// complete body.
-pub(super) fn body_chunk(
-    half: &mut dyn ReadsBody,
-    host: &mut dyn Host,
-    body_size: usize,
-    end_of_stream: bool,
-) -> Flow {
-    if half.phase() != Phase::ReadingBody {
-        return Flow::Continue;
-    }
-    let limit = half.config().max_request_bytes;
-    if body_size > limit {
-        let error = ApiError::new(
-            413,
-            "invalid_request_error",
-            Some("request_too_large"),
-            format!("The request body is larger than this gateway's limit of {limit} bytes."),
-        );
-        return half.refuse(host, error);
-    }
-    if !end_of_stream {
-        return Flow::Pause;
-    }
-    half.body_complete(host, body_size)
-}
-
-/// Trailers end a request whose last body chunk was not marked final.
-pub(super) fn body_trailers(
-    half: &mut dyn ReadsBody,
-    host: &mut dyn Host,
-    body_size: usize,
-) -> Flow {
-    if half.phase() != Phase::ReadingBody {
-        return Flow::Continue;
-    }
-    half.body_complete(host, body_size)
 }
 
 fn match_endpoint(path: &str) -> Option<(Endpoint, &'static str)> {

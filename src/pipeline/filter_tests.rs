@@ -17,10 +17,9 @@ use crate::pipeline::handoff::{
     ANSWER_STATUS_PROPERTY, ATTEMPTS_RESPONSE_HEADER, CALLER_API_HEADER, CLUSTER_HEADER,
     MODEL_RESPONSE_HEADER, PLAN_PROPERTY, PROVIDER_RESPONSE_HEADER, USAGE_PROPERTY,
 };
-use crate::pipeline::point::{ClusterChoice, ANTHROPIC_HEADERS, CLIENT_CREDENTIAL_HEADERS};
+use crate::pipeline::point::{ANTHROPIC_HEADERS, CLIENT_CREDENTIAL_HEADERS};
 use crate::pipeline::respond::PROVIDER_RATE_LIMIT_HEADERS;
-use crate::pipeline::router::Forward;
-use crate::pipeline::settle::AttemptEnd;
+use crate::pipeline::state::{AttemptEnd, ClusterChoice, Forward};
 use crate::routing::health::HealthPolicy;
 
 /// Which filter a test drives: the listener half without failover, with
@@ -55,7 +54,7 @@ fn router(f: &Filter) -> &Router {
 fn direct(f: &Filter) -> bool {
     matches!(
         &router(f).forward,
-        Forward::Inline(a) if a.place == crate::pipeline::attempt::Place::Inline(ClusterChoice::FirstPosition)
+        Forward::Inline(a) if a.place == crate::pipeline::state::Place::Inline(ClusterChoice::FirstPosition)
     )
 }
 

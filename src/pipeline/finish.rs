@@ -2,19 +2,21 @@
 //! complete (so access logs see the fields) or when the request is
 //! abandoned: counts it, settles its reservation
 //! (`quota/admission.rs`), records what it cost in metrics and in
-//! access-log fields.
+//! access-log fields. The filter's own replies end the request here too.
 
 use std::rc::Rc;
 
-use super::router::{Forward, Router};
-use super::state::{Phase, RequestState};
+use super::flow::Flow;
+use super::state::{Forward, Phase, RequestState, Router};
 use crate::config::models::Operation;
 use crate::config::Config;
+use crate::core::api_error::ApiError;
 use crate::core::usage::Usage;
 use crate::host::Host;
 use crate::metrics;
 use crate::pipeline::handoff;
 use crate::quota::admission;
+use crate::translate::exchange;
 
 /// Access-log fields (filter state, read with `%FILTER_STATE(name:PLAIN)%`).
 pub const LOG_CALLER: &str = "meshllm.caller";
@@ -222,6 +224,37 @@ impl Router {
         };
         account(&config, req, host, &labels, &charge, &fields);
         self.req.admission = None;
+    }
+
+    pub(super) fn reject(&mut self, host: &mut dyn Host, error: ApiError) -> Flow {
+        let body = exchange::error_body(self.req.caller, &error);
+        let extra = std::mem::take(&mut self.req.answer_headers);
+        let extra: Vec<(&str, &str)> = extra
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        self.reply(host, error.status, &extra, &body)
+    }
+
+    pub(super) fn reply(
+        &mut self,
+        host: &mut dyn Host,
+        status: u16,
+        extra: &[(&str, &str)],
+        body: &[u8],
+    ) -> Flow {
+        // Nothing more will happen to this request: account for it now,
+        // while access logs can still see the fields.
+        self.req.status = status;
+        self.phase = Phase::Answered;
+        self.finish(host);
+        let mut headers: Vec<(&str, &str)> = Vec::with_capacity(extra.len() + 1);
+        headers.push(("content-type", "application/json"));
+        headers.extend_from_slice(extra);
+        if let Err(e) = host.send_response(status, &headers, body) {
+            log::error!("could not send a local reply: {e}");
+        }
+        Flow::Pause
     }
 }
 

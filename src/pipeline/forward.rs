@@ -5,11 +5,9 @@
 
 use std::rc::Rc;
 
-use super::attempt::Attempt;
-use super::internal;
-use super::point::{ClusterChoice, ANTHROPIC_HEADERS, CLIENT_CREDENTIAL_HEADERS};
-use super::router::{Chain, Forward, Router};
-use super::state::Call;
+use super::flow::internal;
+use super::point::{ANTHROPIC_HEADERS, CLIENT_CREDENTIAL_HEADERS};
+use super::state::{Attempt, Call, Chain, ClusterChoice, Forward, Router};
 use crate::config::models::Operation;
 use crate::core::api_error::ApiError;
 use crate::core::json::TopLevel;

@@ -3,9 +3,9 @@
 
 use std::rc::Rc;
 
-use super::internal;
+use super::flow::internal;
 use super::route::MODELS_REQUEST_HEADER;
-use super::router::Router;
+use super::state::Router;
 use crate::access::namespace_policy::{self, Applied, Source};
 use crate::core::api_error::ApiError;
 use crate::host::Host;

@@ -8,21 +8,30 @@
 //! authority, path, credential, signature) → `respond` → `settle`; the
 //! listener half ends with `finish` (metrics, access log, quota settle).
 //! `handoff` is everything one half hands the other, `wire` its encoding.
+//!
+//! The files read top-down: `router.rs` and `attempt.rs` run the stages in
+//! order; a stage's file holds its `impl Router` / `impl Attempt` block
+//! and imports only stages it calls and the leaves below all of them:
+//! `state.rs` (both halves' state and its fields' types), `answer.rs`
+//! (the answer as it passes), `request.rs` (the body and the call read
+//! from it), `flow.rs` (what a stage answers with).
 
 use std::rc::Rc;
 
 use crate::config::Config;
-use crate::core::api_error::ApiError;
 use crate::host::{CalloutAnswer, CalloutId, Host};
 
 mod admit;
+mod answer;
 mod attempt;
 mod endpoint;
 mod finish;
+mod flow;
 mod forward;
 pub mod handoff;
 mod identify;
 mod point;
+mod request;
 mod respond;
 mod route;
 mod router;
@@ -31,22 +40,14 @@ mod state;
 mod translate;
 pub mod wire;
 
-pub use attempt::Attempt;
 pub use finish::{
     LOG_ATTEMPTS, LOG_CACHED_TOKENS, LOG_CALLER, LOG_COST, LOG_INPUT_TOKENS, LOG_OUTPUT_TOKENS,
     LOG_PATH, LOG_POLICY, LOG_PROVIDER, LOG_QUOTA, LOG_REQUEST_MODEL, LOG_RESPONSE_MODEL,
     LOG_ROUTE_REASON, LOG_TAGS, LOG_TOKENS_ESTIMATED, LOG_TTFT,
 };
+pub use flow::Flow;
 pub use route::{DOWNGRADE_RESPONSE_HEADER, MODELS_REQUEST_HEADER};
-pub use router::Router;
-
-/// What a callback tells the proxy: go on, or hold the request (or answer)
-/// until the filter says otherwise.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Flow {
-    Continue,
-    Pause,
-}
+pub use state::{Attempt, Router};
 
 /// The filter of one request: the listener half or the upstream half.
 /// The proxy glue calls its [`Half`]'s callbacks and nothing else.
@@ -113,17 +114,6 @@ impl std::ops::DerefMut for Filter {
             Filter::Upstream(attempt) => attempt,
         }
     }
-}
-
-/// A failure of the gateway itself, logged, as the caller's 500.
-fn internal(message: String) -> ApiError {
-    log::error!("{message}");
-    ApiError::new(
-        500,
-        "server_error",
-        Some("gateway_error"),
-        format!("Gateway error: {message}."),
-    )
 }
 
 #[cfg(test)]

@@ -1,13 +1,16 @@
 //! Point stage, per attempt: the translated request goes to the target's
 //! cluster with its authority, path and credential (the caller's removed);
-//! Bedrock requests are signed (`providers/aws/sigv4.rs`).
+//! Bedrock requests are signed (`providers/aws/sigv4.rs`). An attempt is
+//! prepared by the translate stage, then this one.
 
-use super::attempt::{Attempt, Place};
-use super::internal;
-use super::state::RequestHeaders;
-use super::translate::Translated;
+use std::rc::Rc;
+
+use super::flow::internal;
+use super::state::{Attempt, Call, ClusterChoice, Place, RequestHeaders};
+use super::translate::{self, Translated};
 use crate::config::providers::{AwsCredentials, Provider};
 use crate::core::api_error::ApiError;
+use crate::core::json::TopLevel;
 use crate::core::schema::Schema;
 use crate::host::{Host, HostResult};
 use crate::pipeline::handoff::{self, CALLER_API_HEADER, CLUSTER_HEADER, FIRST_POSITION_CLUSTER};
@@ -28,17 +31,32 @@ pub(super) const CLIENT_CREDENTIAL_HEADERS: &[&str] = &[
 /// Anthropic API options a caller sends; they only mean something to Anthropic.
 pub(super) const ANTHROPIC_HEADERS: &[&str] = &["anthropic-version", "anthropic-beta"];
 
-/// Which cluster an inline attempt is sent to (upstream, Envoy chose).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum ClusterChoice {
-    /// Failover off: the provider's own cluster.
-    Provider,
-    /// Failover on, one target: the first position's cluster, whose load
-    /// balancer picks the provider named in the position header.
-    FirstPosition,
-}
-
 impl Attempt {
+    /// Translates the request for the target and points it there: the
+    /// translate and point stages.
+    pub(super) fn prepare(
+        &mut self,
+        host: &mut dyn Host,
+        body: &[u8],
+        doc: &TopLevel,
+        call: &Call,
+        entry_headers: Option<Vec<String>>,
+    ) -> Result<(), ApiError> {
+        let target = self
+            .target
+            .ok_or_else(|| internal("the attempt has no target".into()))?;
+        let config = Rc::clone(&self.config);
+        let op = self.operation;
+        let translated = translate::translate(&config, self.caller, op, (body, doc), call, target)?;
+        let present = match entry_headers {
+            Some(names) => RequestHeaders(Some(names)),
+            None => RequestHeaders::list(host),
+        };
+        self.point(host, &translated, body, &present)?;
+        self.exchange = translated.exchange;
+        Ok(())
+    }
+
     /// The point stage.
     pub(super) fn point(
         &self,

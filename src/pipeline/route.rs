@@ -1,18 +1,18 @@
-//! Route stage: reads `model` and `stream` (both halves), then, in the
-//! listener half, resolves aliases, applies a budget's downgrade and
+//! Route stage, listener half: reads the call (`model` and `stream`, see
+//! `request.rs`), resolves aliases, applies a budget's downgrade and
 //! orders the targets that may serve.
 
 use std::rc::Rc;
 
-use super::internal;
-use super::router::Router;
-use super::state::{Call, RequestState};
+use super::flow::internal;
+use super::request::{model_not_found, read_call};
+use super::state::{RequestState, Routed, Router};
 use crate::access::namespace_policy::Source;
 use crate::config::models::Operation;
 use crate::config::routing::RoutePolicy;
 use crate::config::Config;
 use crate::core::api_error::ApiError;
-use crate::core::json::{Kind, TopLevel};
+use crate::core::json::TopLevel;
 use crate::core::schema::Schema;
 use crate::host::Host;
 use crate::metrics;
@@ -26,20 +26,6 @@ pub const MODELS_REQUEST_HEADER: &str = "x-meshllm-models";
 /// Says which model a budget rule switched the request to, and why.
 pub const DOWNGRADE_RESPONSE_HEADER: &str = "x-meshllm-downgrade";
 
-/// What the route stage decided, for the admit and forward stages.
-pub(super) struct Routed {
-    /// The call as the caller made it (its own model name).
-    pub call: Call,
-    /// The targets that may serve, in attempt order, before quotas.
-    pub candidates: Vec<usize>,
-    /// Why they are in that order.
-    pub reason: String,
-    /// The routes the request names (quota rules on routes bind them).
-    pub routes: Vec<usize>,
-    /// The most output tokens the request asks for.
-    pub max_output: Option<u64>,
-}
-
 /// What routing decisions read from the request.
 #[derive(Clone, Copy)]
 struct Request<'a> {
@@ -48,81 +34,6 @@ struct Request<'a> {
     stream: bool,
     /// The body as a JSON value, parsed the first time a route needs it.
     parsed: &'a std::cell::OnceCell<serde_json::Value>,
-}
-
-/// The request body's top level, or the caller's 400.
-pub(super) fn parse_body(body: &[u8]) -> Result<TopLevel<'_>, ApiError> {
-    TopLevel::parse(body).map_err(|e| {
-        ApiError::invalid_request(
-            Some("invalid_json"),
-            format!("The request body is not a valid JSON object: {e}."),
-        )
-    })
-}
-
-/// The model and streaming choice of a call, from its body (or the URL, for
-/// Gemini callers), with the required field checked.
-pub(super) fn read_call(
-    doc: &TopLevel,
-    op: Operation,
-    gemini_call: Option<&(String, bool)>,
-) -> Result<Call, ApiError> {
-    if let Some((model, stream)) = gemini_call {
-        return Ok(Call {
-            model: model.clone(),
-            model_span: None,
-            stream: *stream,
-        });
-    }
-    let field = |name: &'static str| {
-        doc.get(name).map_err(|_| {
-            ApiError::invalid_request(
-                Some("duplicate_parameter"),
-                format!("The parameter '{name}' is given more than once."),
-            )
-            .with_param(name)
-        })
-    };
-    let model_field = field("model")?.ok_or_else(|| {
-        ApiError::invalid_request(
-            Some("missing_required_parameter"),
-            "You must provide a model parameter.".into(),
-        )
-        .with_param("model")
-    })?;
-    let model = doc
-        .str_value(model_field)
-        .ok_or_else(|| invalid_type("model", "a string", model_field.kind))?
-        .into_owned();
-    let (required, want) = match op {
-        Operation::ChatCompletions => ("messages", Some(Kind::Array)),
-        Operation::Embeddings => ("input", None),
-    };
-    let required_field = field(required)?.ok_or_else(|| {
-        ApiError::invalid_request(
-            Some("missing_required_parameter"),
-            format!("Missing required parameter: '{required}'."),
-        )
-        .with_param(required)
-    })?;
-    if let Some(kind) = want {
-        if required_field.kind != kind {
-            return Err(invalid_type(required, kind.name(), required_field.kind));
-        }
-    }
-    let stream = match field("stream")? {
-        None => false,
-        Some(s) => match s.kind {
-            Kind::Bool => doc.bool_value(s).unwrap_or(false),
-            Kind::Null => false,
-            other => return Err(invalid_type("stream", "a boolean", other)),
-        },
-    };
-    Ok(Call {
-        model,
-        model_span: Some(model_field.value.clone()),
-        stream,
-    })
 }
 
 impl Router {
@@ -412,28 +323,4 @@ fn max_output_tokens(doc: &TopLevel, caller: Schema, op: Operation) -> Option<u6
             number("max_completion_tokens").or_else(|| number("max_tokens"))
         }
     }
-}
-
-pub(super) fn model_not_found(model: &str) -> ApiError {
-    ApiError::new(
-        404,
-        "invalid_request_error",
-        Some("model_not_found"),
-        format!(
-            "The model `{model}` does not exist or you do not have access to it. \
-             GET /v1/models lists the models this gateway serves."
-        ),
-    )
-    .with_param("model")
-}
-
-fn invalid_type(param: &'static str, want: &str, got: Kind) -> ApiError {
-    ApiError::invalid_request(
-        Some("invalid_type"),
-        format!(
-            "Invalid type for '{param}': expected {want}, but got {}.",
-            got.name()
-        ),
-    )
-    .with_param(param)
 }

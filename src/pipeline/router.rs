@@ -1,87 +1,23 @@
 //! The listener half: endpoint → identify → route → admit → forward, then
 //! `finish` once the answer is complete. It hands Envoy a chain of
 //! targets (each try served by an upstream [`Attempt`]) or runs its one
-//! attempt inline.
-
-use std::rc::Rc;
+//! attempt inline. Its state is in `state.rs`, each stage's work in the
+//! stage's file; here the stages run in order.
+//!
+//! [`Attempt`]: super::Attempt
 
 use super::admit::Admit;
-use super::attempt::Attempt;
-use super::endpoint::{self, ReadsBody};
 use super::finish::keep_caller_path;
-use super::respond::Answer;
-use super::route::{self, Routed};
-use super::state::{Phase, RequestState};
-use super::{internal, Flow, Half};
+use super::flow::{internal, Flow};
+use super::request::{self, ReadsBody};
+use super::state::{Deferred, Phase, Routed, Router};
+use super::Half;
 use crate::config::Config;
 use crate::core::api_error::ApiError;
 use crate::core::json::TopLevel;
 use crate::host::{CalloutAnswer, CalloutId, Host};
-use crate::pipeline::handoff::Plan;
-use crate::translate::exchange;
-
-/// Where the forward stage sent the request.
-// One per request, set once: a boxed chain would only add an allocation.
-#[allow(clippy::large_enum_variant)]
-pub(super) enum Forward {
-    /// Not (yet): answered by the filter, or still deciding.
-    Not,
-    /// Handed to Envoy as a chain; upstream attempts serve it.
-    Chain(Chain),
-    /// Served by this half's own attempt at its only target.
-    Inline(Box<Attempt>),
-}
-
-/// A chain handed to Envoy, and what its answer said of it.
-pub(super) struct Chain {
-    pub plan: Plan,
-    /// The provider and model that answered, as reported.
-    pub served: Option<(String, String)>,
-    /// How many attempts the answer took, as reported.
-    pub attempts: u32,
-}
-
-/// A request waiting in the admit stage for a call's answer.
-struct Deferred {
-    id: CalloutId,
-    body: Vec<u8>,
-    routed: Routed,
-    /// The targets that may serve if the answer admits.
-    chain: Vec<usize>,
-}
-
-pub struct Router {
-    pub(super) config: Rc<Config>,
-    /// Failover on: several targets go to Envoy as a chain.
-    pub(super) chains: bool,
-    pub(super) phase: Phase,
-    pub(super) req: RequestState,
-    pub(super) forward: Forward,
-    /// The answer when no inline attempt serves: a chain's, or Envoy's
-    /// own reply.
-    pub(super) answer: Answer,
-    deferred: Option<Deferred>,
-}
 
 impl Router {
-    pub fn new(config: Rc<Config>, chains: bool) -> Self {
-        Router {
-            config,
-            chains,
-            phase: Phase::Start,
-            req: RequestState::default(),
-            forward: Forward::Not,
-            answer: Answer::default(),
-            deferred: None,
-        }
-    }
-
-    /// The request is served without the upstream half: failover is off,
-    /// or one target remained.
-    pub(super) fn serves_alone(&self) -> bool {
-        !self.chains || matches!(self.forward, Forward::Inline(_))
-    }
-
     /// The body is complete: route, admit, forward.
     fn route_admit_forward(&mut self, host: &mut dyn Host, body_size: usize) -> Flow {
         let body = match host.request_body(body_size) {
@@ -92,7 +28,7 @@ impl Router {
             }
         };
         keep_caller_path(host);
-        let doc = match route::parse_body(&body) {
+        let doc = match request::parse_body(&body) {
             Ok(doc) => doc,
             Err(e) => return self.reject(host, e),
         };
@@ -133,37 +69,6 @@ impl Router {
             Err(error) => self.reject(host, error),
         }
     }
-
-    pub(super) fn reject(&mut self, host: &mut dyn Host, error: ApiError) -> Flow {
-        let body = exchange::error_body(self.req.caller, &error);
-        let extra = std::mem::take(&mut self.req.answer_headers);
-        let extra: Vec<(&str, &str)> = extra
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_str()))
-            .collect();
-        self.reply(host, error.status, &extra, &body)
-    }
-
-    pub(super) fn reply(
-        &mut self,
-        host: &mut dyn Host,
-        status: u16,
-        extra: &[(&str, &str)],
-        body: &[u8],
-    ) -> Flow {
-        // Nothing more will happen to this request: account for it now,
-        // while access logs can still see the fields.
-        self.req.status = status;
-        self.phase = Phase::Answered;
-        self.finish(host);
-        let mut headers: Vec<(&str, &str)> = Vec::with_capacity(extra.len() + 1);
-        headers.push(("content-type", "application/json"));
-        headers.extend_from_slice(extra);
-        if let Err(e) = host.send_response(status, &headers, body) {
-            log::error!("could not send a local reply: {e}");
-        }
-        Flow::Pause
-    }
 }
 
 impl ReadsBody for Router {
@@ -192,11 +97,11 @@ impl Half for Router {
         body_size: usize,
         end_of_stream: bool,
     ) -> Flow {
-        endpoint::body_chunk(self, host, body_size, end_of_stream)
+        request::body_chunk(self, host, body_size, end_of_stream)
     }
 
     fn on_request_trailers(&mut self, host: &mut dyn Host, body_size: usize) -> Flow {
-        endpoint::body_trailers(self, host, body_size)
+        request::body_trailers(self, host, body_size)
     }
 
     fn on_response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
@@ -240,7 +145,7 @@ impl Half for Router {
                     chain,
                     ..
                 } = deferred;
-                match route::parse_body(&body) {
+                match request::parse_body(&body) {
                     Ok(doc) => self.forward_or_reject(host, &body, &doc, &routed, chain),
                     Err(e) => self.reject(host, e),
                 }

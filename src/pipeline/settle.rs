@@ -3,7 +3,8 @@
 //! upstream half hands the usage it read to the listener half
 //! (`handoff.rs`).
 
-use super::attempt::{Attempt, Place};
+use super::answer::ResponseMode;
+use super::state::{Attempt, AttemptEnd, Place};
 use crate::config::Config;
 use crate::core::usage::Usage;
 use crate::host::Host;
@@ -15,55 +16,6 @@ use crate::routing::health::{self, HealthPolicy, Outcome};
 const UPSTREAM_LOCAL_ADDRESS: &[&str] = &["upstream", "local_address"];
 /// Why the upstream connection failed (refused, TLS), when it did.
 const UPSTREAM_TRANSPORT_FAILURE: &[&str] = &["upstream", "transport_failure_reason"];
-
-/// How one attempt at a provider ended, for the target's health and the
-/// `error_type` of `meshllm_attempts_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum AttemptEnd {
-    /// The provider answered with this status.
-    Answered(u16),
-    /// No connection: refused, unreachable, TLS handshake failed.
-    ConnectFailure,
-    /// The connection was reset or closed before response headers.
-    Reset,
-    /// No response headers within the per-try timeout.
-    Timeout,
-}
-
-impl AttemptEnd {
-    pub(super) fn error_type(self) -> Option<String> {
-        match self {
-            AttemptEnd::Answered(status) => metrics::error_type(status),
-            AttemptEnd::ConnectFailure => Some("connect_failure".into()),
-            AttemptEnd::Reset => Some("reset".into()),
-            AttemptEnd::Timeout => Some("timeout".into()),
-        }
-    }
-
-    /// An error answer the listener half saw, by Envoy's response code
-    /// details: the provider's own, or Envoy's about the provider. `None`
-    /// for Envoy's refusals that no provider caused (no healthy upstream,
-    /// overflow, a local reset, a missing cluster).
-    pub(super) fn of_envoy_reply(status: u16, details: Option<&str>) -> Option<AttemptEnd> {
-        let Some(details) = details else {
-            return Some(AttemptEnd::Answered(status));
-        };
-        if details == "via_upstream" {
-            return Some(AttemptEnd::Answered(status));
-        }
-        if details == "upstream_per_try_timeout" || details == "upstream_response_timeout" {
-            return Some(AttemptEnd::Timeout);
-        }
-        let reason = details.strip_prefix("upstream_reset_before_response_started")?;
-        if reason.contains("connection_failure") {
-            Some(AttemptEnd::ConnectFailure)
-        } else if reason.contains("overflow") || reason.contains("local_reset") {
-            None
-        } else {
-            Some(AttemptEnd::Reset)
-        }
-    }
-}
 
 /// An attempt's labels: the caller and requested model from the plan, the
 /// target's provider and model.
@@ -173,7 +125,7 @@ impl Attempt {
     /// not noted yet.
     pub(super) fn final_usage(&mut self) -> Option<Usage> {
         if self.usage.is_none() {
-            if let super::respond::ResponseMode::Stream(t) = &self.answer.mode {
+            if let ResponseMode::Stream(t) = &self.answer.mode {
                 self.usage = t.usage();
             }
         }

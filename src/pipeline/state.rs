@@ -1,11 +1,22 @@
-//! The state one request carries through the listener half's stages, and
-//! the small types every stage shares.
+//! The state both halves carry, which every stage reads and writes: the
+//! listener half's [`Router`] with its request's state, an [`Attempt`],
+//! and the types of their fields. No stage is imported here; the stages
+//! add their own `impl Router` / `impl Attempt` blocks.
 
+use std::rc::Rc;
+
+use super::answer::Answer;
 use crate::access::namespace_policy::Applied;
-use crate::config::models::Operation;
+use crate::config::models::{ModelRoute, Operation};
+use crate::config::providers::Provider;
+use crate::config::Config;
 use crate::core::schema::Schema;
-use crate::host::Host;
+use crate::core::usage::Usage;
+use crate::host::{CalloutId, Host};
+use crate::metrics;
+use crate::pipeline::handoff::Plan;
 use crate::quota::admission::{Admission, Who};
+use crate::translate::exchange::Exchange;
 
 /// How far a request (or an upstream attempt) got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,4 +147,248 @@ pub(super) struct Call {
     pub model: String,
     pub model_span: Option<std::ops::Range<usize>>,
     pub stream: bool,
+}
+
+/// What the route stage decided, for the admit and forward stages.
+pub(super) struct Routed {
+    /// The call as the caller made it (its own model name).
+    pub call: Call,
+    /// The targets that may serve, in attempt order, before quotas.
+    pub candidates: Vec<usize>,
+    /// Why they are in that order.
+    pub reason: String,
+    /// The routes the request names (quota rules on routes bind them).
+    pub routes: Vec<usize>,
+    /// The most output tokens the request asks for.
+    pub max_output: Option<u64>,
+}
+
+// ---- the listener half ---------------------------------------------------
+
+/// Where the forward stage sent the request.
+// One per request, set once: a boxed chain would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Forward {
+    /// Not (yet): answered by the filter, or still deciding.
+    Not,
+    /// Handed to Envoy as a chain; upstream attempts serve it.
+    Chain(Chain),
+    /// Served by this half's own attempt at its only target.
+    Inline(Box<Attempt>),
+}
+
+/// A chain handed to Envoy, and what its answer said of it.
+pub(super) struct Chain {
+    pub plan: Plan,
+    /// The provider and model that answered, as reported.
+    pub served: Option<(String, String)>,
+    /// How many attempts the answer took, as reported.
+    pub attempts: u32,
+}
+
+/// A request waiting in the admit stage for a call's answer.
+pub(super) struct Deferred {
+    pub id: CalloutId,
+    pub body: Vec<u8>,
+    pub routed: Routed,
+    /// The targets that may serve if the answer admits.
+    pub chain: Vec<usize>,
+}
+
+/// The listener half of one request (see `router.rs`).
+pub struct Router {
+    pub(super) config: Rc<Config>,
+    /// Failover on: several targets go to Envoy as a chain.
+    pub(super) chains: bool,
+    pub(super) phase: Phase,
+    pub(super) req: RequestState,
+    pub(super) forward: Forward,
+    /// The answer when no inline attempt serves: a chain's, or Envoy's
+    /// own reply.
+    pub(super) answer: Answer,
+    pub(super) deferred: Option<Deferred>,
+}
+
+impl Router {
+    pub fn new(config: Rc<Config>, chains: bool) -> Self {
+        Router {
+            config,
+            chains,
+            phase: Phase::Start,
+            req: RequestState::default(),
+            forward: Forward::Not,
+            answer: Answer::default(),
+            deferred: None,
+        }
+    }
+
+    /// The request is served without the upstream half: failover is off,
+    /// or one target remained.
+    pub(super) fn serves_alone(&self) -> bool {
+        !self.chains || matches!(self.forward, Forward::Inline(_))
+    }
+}
+
+// ---- one attempt ----------------------------------------------------------
+
+/// Where an attempt runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Place {
+    /// In the listener half, for its only target, sent to this cluster.
+    Inline(ClusterChoice),
+    /// In the upstream half, on one try of a chain.
+    Upstream,
+}
+
+/// One attempt at one target (see `attempt.rs`).
+pub struct Attempt {
+    pub(super) config: Rc<Config>,
+    pub(super) place: Place,
+    pub(super) phase: Phase,
+    /// The API the caller speaks; errors go back in its shape.
+    pub(super) caller: Schema,
+    pub(super) operation: Operation,
+    /// Upstream: the plan the listener half left.
+    pub(super) plan: Option<Plan>,
+    /// The target this attempt is at.
+    pub(super) target: Option<usize>,
+    /// Which attempt of the request this is (1-based).
+    pub(super) number: u32,
+    /// When the attempt started (inline: the request), in µs.
+    pub(super) started_us: u64,
+    /// Inline at the first position's cluster: why the target was chosen,
+    /// named on the answer as an upstream half would.
+    pub(super) route_reason: Option<String>,
+    /// Whether the outcome reached the target's health record (and the
+    /// attempt metrics) yet.
+    pub(super) outcome_recorded: bool,
+    /// With health: how the attempt at the provider ended.
+    pub(super) end: Option<AttemptEnd>,
+    pub(super) exchange: Option<Exchange>,
+    /// The answer as it passes.
+    pub(super) answer: Answer,
+    /// The token counts the provider reported.
+    pub(super) usage: Option<Usage>,
+}
+
+impl Attempt {
+    /// The upstream half's attempt; its target comes with the plan.
+    pub fn upstream(config: Rc<Config>) -> Self {
+        Attempt {
+            config,
+            place: Place::Upstream,
+            phase: Phase::Start,
+            caller: Schema::OpenAi,
+            operation: Operation::ChatCompletions,
+            plan: None,
+            target: None,
+            number: 0,
+            started_us: 0,
+            route_reason: None,
+            outcome_recorded: false,
+            end: None,
+            exchange: None,
+            answer: Answer::default(),
+            usage: None,
+        }
+    }
+
+    /// The listener half's own attempt at its only target.
+    pub(super) fn inline(
+        config: Rc<Config>,
+        caller: Schema,
+        operation: Operation,
+        cluster: ClusterChoice,
+        target: usize,
+        started_us: u64,
+        route_reason: Option<String>,
+    ) -> Self {
+        Attempt {
+            place: Place::Inline(cluster),
+            phase: Phase::Forwarded,
+            caller,
+            operation,
+            target: Some(target),
+            number: 1,
+            started_us,
+            route_reason,
+            ..Attempt::upstream(config)
+        }
+    }
+
+    pub(super) fn route(&self) -> Option<&ModelRoute> {
+        self.target.map(|i| &self.config.models[i])
+    }
+
+    pub(super) fn provider(&self) -> Option<&Provider> {
+        self.route().map(|r| &self.config.providers[r.provider])
+    }
+
+    /// The attempt feeds the target's health record: every upstream one,
+    /// and an inline one where failover is on.
+    pub(super) fn records_health(&self) -> bool {
+        matches!(
+            self.place,
+            Place::Upstream | Place::Inline(ClusterChoice::FirstPosition)
+        )
+    }
+}
+
+/// Which cluster an inline attempt is sent to (upstream, Envoy chose).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ClusterChoice {
+    /// Failover off: the provider's own cluster.
+    Provider,
+    /// Failover on, one target: the first position's cluster, whose load
+    /// balancer picks the provider named in the position header.
+    FirstPosition,
+}
+
+/// How one attempt at a provider ended, for the target's health and the
+/// `error_type` of `meshllm_attempts_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum AttemptEnd {
+    /// The provider answered with this status.
+    Answered(u16),
+    /// No connection: refused, unreachable, TLS handshake failed.
+    ConnectFailure,
+    /// The connection was reset or closed before response headers.
+    Reset,
+    /// No response headers within the per-try timeout.
+    Timeout,
+}
+
+impl AttemptEnd {
+    pub(super) fn error_type(self) -> Option<String> {
+        match self {
+            AttemptEnd::Answered(status) => metrics::error_type(status),
+            AttemptEnd::ConnectFailure => Some("connect_failure".into()),
+            AttemptEnd::Reset => Some("reset".into()),
+            AttemptEnd::Timeout => Some("timeout".into()),
+        }
+    }
+
+    /// An error answer the listener half saw, by Envoy's response code
+    /// details: the provider's own, or Envoy's about the provider. `None`
+    /// for Envoy's refusals that no provider caused (no healthy upstream,
+    /// overflow, a local reset, a missing cluster).
+    pub(super) fn of_envoy_reply(status: u16, details: Option<&str>) -> Option<AttemptEnd> {
+        let Some(details) = details else {
+            return Some(AttemptEnd::Answered(status));
+        };
+        if details == "via_upstream" {
+            return Some(AttemptEnd::Answered(status));
+        }
+        if details == "upstream_per_try_timeout" || details == "upstream_response_timeout" {
+            return Some(AttemptEnd::Timeout);
+        }
+        let reason = details.strip_prefix("upstream_reset_before_response_started")?;
+        if reason.contains("connection_failure") {
+            Some(AttemptEnd::ConnectFailure)
+        } else if reason.contains("overflow") || reason.contains("local_reset") {
+            None
+        } else {
+            Some(AttemptEnd::Reset)
+        }
+    }
 }
