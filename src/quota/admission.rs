@@ -225,8 +225,9 @@ enum Leasing {
     /// store's count at the last answer) for the headers.
     Taken { seen: Vec<u64> },
     /// The lease could not cover it: asked of the store in the request's
-    /// call, with a lease for the proxy when this worker was `elected`.
-    Asking { elected: bool },
+    /// call, with a lease for the proxy (`wanted` per counter) when this
+    /// worker was elected to refill.
+    Asking { wanted: Option<Vec<u64>> },
 }
 
 impl SharedHold {
@@ -631,14 +632,23 @@ fn take_leases(
             continue;
         };
         match lease::take(host, &hold.key, policy, &hold.counters, now, stale_ms) {
-            Take::Taken { elected, seen } => {
-                lease::remember(&hold.key);
-                if elected {
-                    lease::refill(host, store_config, &hold.key, policy, &hold.counters, false);
+            Take::Taken { refill, seen } => {
+                lease::remember(host, &hold.key);
+                if let Some(wanted) = refill {
+                    let counters = &hold.counters;
+                    lease::refill(
+                        host,
+                        store_config,
+                        &hold.key,
+                        policy,
+                        counters,
+                        &wanted,
+                        false,
+                    );
                 }
                 hold.leasing = Leasing::Taken { seen };
             }
-            Take::Short { elected } => hold.leasing = Leasing::Asking { elected },
+            Take::Short { refill } => hold.leasing = Leasing::Asking { wanted: refill },
         }
     }
 }
@@ -656,14 +666,13 @@ fn store_command(shared: &[SharedHold], whole_script: bool) -> (String, bool) {
     }
     let leases: Vec<(u64, u64)> = asked
         .iter()
-        .flat_map(|h| {
-            let policy = h.rule.lease.as_ref();
-            let elected = h.leasing == Leasing::Asking { elected: true };
-            (0..h.counters.len()).map(move |i| match policy {
-                Some(p) if elected => (p.sizes.get(i).copied().unwrap_or(0), p.divisor()),
-                Some(p) => (0, p.divisor()),
-                None => (0, 1),
-            })
+        .flat_map(|&h| {
+            let divisor = h.rule.lease.as_ref().map_or(1, |p| p.divisor());
+            let wanted = match &h.leasing {
+                Leasing::Asking { wanted: Some(w) } => w.as_slice(),
+                _ => &[],
+            };
+            (0..h.counters.len()).map(move |i| (wanted.get(i).copied().unwrap_or(0), divisor))
         })
         .collect();
     (store::lease_command(&all, &leases, whole_script), true)
@@ -707,7 +716,7 @@ fn release_all(host: &mut dyn Host, admission: &mut Admission, now: u64) {
     for hold in admission.shared.drain(..) {
         match hold.leasing {
             Leasing::Taken { .. } => lease::give_back(host, &hold.key, &hold.counters),
-            Leasing::Asking { elected: true } => lease::end_election(host, &hold.key),
+            Leasing::Asking { wanted: Some(_) } => lease::end_election(host, &hold.key),
             _ => {}
         }
     }
@@ -766,7 +775,7 @@ fn store_unavailable(
     );
     // What leases gave stays reserved (settled locally); the rest is not.
     for hold in &admission.shared {
-        if hold.leasing == (Leasing::Asking { elected: true }) {
+        if matches!(hold.leasing, Leasing::Asking { wanted: Some(_) }) {
             lease::end_election(host, &hold.key);
         }
     }
@@ -899,7 +908,8 @@ pub fn on_store_answer(
                         shown.push((Rc::clone(&hold.rule), standing));
                     }
                 }
-                if let Leasing::Asking { elected } = hold.leasing {
+                if let Leasing::Asking { wanted } = &hold.leasing {
+                    let elected = wanted.is_some();
                     // The request's amount and the lease join this proxy's
                     // lease; the request settles there.
                     let reserved: Vec<u64> = hold.counters.iter().map(|c| c.reserved).collect();
@@ -920,7 +930,7 @@ pub fn on_store_answer(
                     for (c, e) in hold.counters.iter().zip(&extras) {
                         lease::count_units(host, store::meter_name(c.limit.meter), "granted", *e);
                     }
-                    lease::remember(&hold.key);
+                    lease::remember(host, &hold.key);
                     hold.leasing = Leasing::Taken { seen: after_all };
                 }
             }

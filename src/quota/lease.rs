@@ -41,6 +41,8 @@ use crate::quota::store::{self, Counter, Reply, StoreConfig};
 pub const STALE_MARGIN_MS: u64 = 1000;
 /// A lease with no take for this long goes back to the store.
 pub const IDLE_MS: u64 = 5000;
+/// How often a worker holding leases checks them for idling.
+pub const IDLE_CHECK_MS: u64 = 1000;
 /// Compare-and-swap attempts before giving up (as `buckets.rs`).
 const MAX_CAS_ATTEMPTS: u32 = 64;
 
@@ -240,13 +242,18 @@ fn update<R>(
     None
 }
 
-/// What a take from the lease found.
+/// What a take from the lease found. `refill`: this worker was elected to
+/// ask for the next lease, this much per counter (what tops the lease up
+/// to its size, so no proxy holds more than `size` unused).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Take {
     /// Reserved in the lease; `seen` per counter for headers.
-    Taken { elected: bool, seen: Vec<u64> },
+    Taken {
+        refill: Option<Vec<u64>>,
+        seen: Vec<u64>,
+    },
     /// The lease cannot cover it: ask the store (with a lease when elected).
-    Short { elected: bool },
+    Short { refill: Option<Vec<u64>> },
 }
 
 /// Reserves each counter's `reserved` from the lease, all or nothing, and
@@ -267,20 +274,30 @@ pub fn take(
             .retain(|s| counters.iter().any(|c| c.key == s.key));
         let mut fits = true;
         let mut low = false;
+        let mut lefts = Vec::with_capacity(counters.len());
         for (i, c) in counters.iter().enumerate() {
             let slot = state.slot(&c.key).cloned().unwrap_or_default();
             let left = slot.granted.saturating_sub(slot.used);
             fits &= c.reserved <= left;
             low |= left.saturating_sub(c.reserved) < policy.low_water(i).max(1);
+            lefts.push(left);
         }
         let free =
             state.refill_since_ms == 0 || now_ms.saturating_sub(state.refill_since_ms) > stale_ms;
-        let elected = low && free;
-        if elected {
+        let refill = (low && free).then(|| {
             state.refill_since_ms = now_ms;
-        }
+            counters
+                .iter()
+                .zip(&lefts)
+                .enumerate()
+                .map(|(i, (c, left))| {
+                    let after = if fits { left - c.reserved } else { *left };
+                    policy.sizes.get(i).map_or(0, |s| s.saturating_sub(after))
+                })
+                .collect::<Vec<u64>>()
+        });
         if !fits {
-            return Take::Short { elected };
+            return Take::Short { refill };
         }
         state.last_take_ms = now_ms;
         let mut seen = Vec::with_capacity(counters.len());
@@ -289,10 +306,10 @@ pub fn take(
             slot.used = slot.used.saturating_add(c.reserved);
             seen.push(slot.seen);
         }
-        Take::Taken { elected, seen }
+        Take::Taken { refill, seen }
     });
     // A host that fails is asked through the store, as in exact mode.
-    taken.unwrap_or(Take::Short { elected: false })
+    taken.unwrap_or(Take::Short { refill: None })
 }
 
 /// Gives back what a take reserved (the request was refused elsewhere or
@@ -401,8 +418,9 @@ pub fn settle(
     })
 }
 
-/// Takes back what the lease of `bucket` holds unused when no take came for
-/// `idle_ms` (0: whatever its age); the negative deltas to send.
+/// Squares the lease of `bucket` with the store when no take came for
+/// `idle_ms` (0: whatever its age): what it holds unused goes back
+/// (negative deltas), usage past it not sent yet goes too (positive).
 pub fn reclaim(
     store: &mut dyn SharedData,
     bucket: &str,
@@ -415,10 +433,10 @@ pub fn reclaim(
         }
         let mut out = Vec::new();
         for slot in &mut state.slots {
-            let unused = slot.granted.saturating_sub(slot.used);
-            if unused > 0 {
+            let delta = store::delta(slot.granted, slot.used);
+            if delta != 0 {
                 slot.granted = slot.used;
-                out.push((slot.key.clone(), -i64::try_from(unused).unwrap_or(i64::MAX)));
+                out.push((slot.key.clone(), delta));
             }
         }
         out
@@ -426,12 +444,13 @@ pub fn reclaim(
     back.unwrap_or_default()
 }
 
-/// Whether the lease of `bucket` still holds anything unused.
+/// Whether the lease of `bucket` is not square with the store (unused
+/// units, or usage not sent yet).
 pub fn holds_unused(store: &dyn SharedData, bucket: &str) -> bool {
     store
         .shared_get(&state_key(bucket))
         .and_then(|(bytes, _)| serde_json::from_slice::<State>(&bytes).ok())
-        .is_some_and(|s| s.slots.iter().any(|slot| slot.granted > slot.used))
+        .is_some_and(|s| s.slots.iter().any(|slot| slot.granted != slot.used))
 }
 
 thread_local! {
@@ -439,14 +458,18 @@ thread_local! {
     static HELD: RefCell<BTreeSet<String>> = const { RefCell::new(BTreeSet::new()) };
 }
 
-/// Notes that this worker holds a lease of `bucket`.
-pub fn remember(bucket: &str) {
-    HELD.with(|h| {
+/// Notes that this worker holds a lease of `bucket`; the first time, arms
+/// the root context's timer that returns it once idle.
+pub fn remember(host: &mut dyn Host, bucket: &str) {
+    let new = HELD.with(|h| {
         let mut h = h.borrow_mut();
-        if !h.contains(bucket) {
-            h.insert(bucket.to_string());
-        }
+        !h.contains(bucket) && h.insert(bucket.to_string())
     });
+    if new {
+        if let Err(e) = host.wake_root_in(IDLE_CHECK_MS) {
+            log::warn!("quota lease: {bucket}: idle return not scheduled: {e}");
+        }
+    }
 }
 
 /// Sends back the unused part of every lease this worker knows that idled
@@ -472,7 +495,7 @@ pub fn send_return(host: &mut dyn Host, store_config: &StoreConfig, back: &[(Str
     if back.is_empty() {
         return;
     }
-    for (key, d) in back {
+    for (key, d) in back.iter().filter(|(_, d)| *d < 0) {
         if let Some(meter) = meter_of_key(key) {
             count_units(host, meter, "returned", d.unsigned_abs());
         }
@@ -499,7 +522,7 @@ pub fn count_units(host: &mut dyn Host, meter: &str, outcome: &str, units: u64) 
 }
 
 /// Asks the store for the next lease of `bucket` in a call owned by the
-/// root context (this worker won the election): up to each limit's size,
+/// root context (this worker won the election): `wanted` per counter,
 /// nothing reserved for a request.
 pub fn refill(
     host: &mut dyn Host,
@@ -507,6 +530,7 @@ pub fn refill(
     bucket: &str,
     policy: &LeasePolicy,
     counters: &[Counter],
+    wanted: &[u64],
     whole_script: bool,
 ) {
     let asked: Vec<Counter> = counters
@@ -516,14 +540,11 @@ pub fn refill(
             ..c.clone()
         })
         .collect();
-    let leases: Vec<(u64, u64)> = policy
-        .sizes
-        .iter()
-        .map(|s| (*s, policy.divisor()))
-        .collect();
+    let leases: Vec<(u64, u64)> = wanted.iter().map(|w| (*w, policy.divisor())).collect();
     let command = store::lease_command(&asked, &leases, whole_script);
     let owned_bucket = bucket.to_string();
     let owned_policy = policy.clone();
+    let owned_wanted = wanted.to_vec();
     let owned_store = store_config.clone();
     let then: crate::host::DetachedHandler = Box::new(move |host, answer| {
         let n = asked.len();
@@ -533,19 +554,14 @@ pub fn refill(
                 used,
             } => {
                 count_call(host, "lease", "ok");
-                let seen: Vec<u64> = used[..n]
-                    .iter()
-                    .map(|u| u64::try_from(*u).unwrap_or(0))
-                    .collect();
-                let granted: Vec<u64> = used[n..]
-                    .iter()
-                    .map(|g| u64::try_from(*g).unwrap_or(0))
-                    .collect();
+                let number = |u: &i64| u64::try_from(*u).unwrap_or(0);
+                let seen: Vec<u64> = used.iter().take(n).map(number).collect();
+                let granted: Vec<u64> = used.iter().skip(n).map(number).collect();
                 for (c, g) in asked.iter().zip(&granted) {
                     count_units(host, store::meter_name(c.limit.meter), "granted", *g);
                 }
                 apply_grant(host, &owned_bucket, &asked, &granted, &[], &seen, true);
-                remember(&owned_bucket);
+                remember(host, &owned_bucket);
             }
             Reply::NoScript if !whole_script => {
                 refill(
@@ -554,6 +570,7 @@ pub fn refill(
                     &owned_bucket,
                     &owned_policy,
                     &asked,
+                    &owned_wanted,
                     true,
                 );
             }
@@ -577,4 +594,246 @@ fn count_call(host: &mut dyn Host, kind: &str, outcome: &str) {
         &[("kind", kind), ("outcome", outcome)],
     );
     host.count(&name, 1);
+}
+
+/// (granted, used) per slot and the election time, for tests.
+#[cfg(test)]
+pub(crate) fn view(store: &dyn SharedData, bucket: &str) -> (Vec<(u64, u64)>, u64) {
+    let state = store
+        .shared_get(&state_key(bucket))
+        .and_then(|(bytes, _)| serde_json::from_slice::<State>(&bytes).ok())
+        .unwrap_or_default();
+    (
+        state.slots.iter().map(|s| (s.granted, s.used)).collect(),
+        state.refill_since_ms,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::mock::MockHost;
+    use crate::quota::buckets::Window;
+    use serde_json::json;
+
+    const NOW: u64 = 1_772_323_230_000;
+
+    fn limits() -> Vec<Limit> {
+        vec![
+            Limit {
+                meter: Meter::Requests,
+                window: Window::Day,
+                max: 100,
+            },
+            Limit {
+                meter: Meter::Tokens,
+                window: Window::Day,
+                max: 10_000,
+            },
+        ]
+    }
+
+    fn policy() -> LeasePolicy {
+        LeasePolicy {
+            proxies: 2,
+            sizes: vec![10, 100],
+        }
+    }
+
+    fn counters(tokens: u64, now: u64) -> Vec<Counter> {
+        store::counters(
+            "b",
+            &limits(),
+            |m| if m == Meter::Requests { 1 } else { tokens },
+            now,
+        )
+    }
+
+    /// A lease of 10 requests and 100 tokens, as the store would grant it.
+    fn granted(host: &mut MockHost) {
+        let c = counters(0, NOW);
+        apply_grant(host, "b", &c, &[10, 100], &[0, 0], &[10, 100], false);
+    }
+
+    #[test]
+    fn takes_from_the_lease_until_it_is_short() {
+        let mut host = MockHost::default();
+        ensure(&mut host, "b");
+        assert_eq!(
+            take(&mut host, "b", &policy(), &counters(10, NOW), NOW, 1000),
+            Take::Short {
+                refill: Some(vec![10, 100])
+            },
+            "an empty lease: ask, and this worker is elected for a whole lease"
+        );
+        end_election(&mut host, "b");
+        granted(&mut host);
+        for i in 0..5 {
+            let t = take(&mut host, "b", &policy(), &counters(10, NOW), NOW, 1000);
+            assert_eq!(
+                t,
+                Take::Taken {
+                    refill: None,
+                    seen: vec![10, 100]
+                },
+                "take {i}"
+            );
+        }
+        // The sixth leaves 4 requests, below the low-water mark (5): elected
+        // to top the lease up to its size.
+        assert_eq!(
+            take(&mut host, "b", &policy(), &counters(10, NOW), NOW, 1000),
+            Take::Taken {
+                refill: Some(vec![6, 60]),
+                seen: vec![10, 100]
+            }
+        );
+        assert_eq!(view(&host, "b"), (vec![(10, 6), (100, 60)], NOW));
+        // Elected already: the next worker is not.
+        assert!(matches!(
+            take(
+                &mut host,
+                "b",
+                &policy(),
+                &counters(10, NOW),
+                NOW + 500,
+                1000
+            ),
+            Take::Taken { refill: None, .. }
+        ));
+        // Tokens run short first (70 of 100 used): all or nothing.
+        assert_eq!(
+            take(
+                &mut host,
+                "b",
+                &policy(),
+                &counters(40, NOW),
+                NOW + 600,
+                1000
+            ),
+            Take::Short { refill: None }
+        );
+        assert_eq!(view(&host, "b").0, vec![(10, 7), (100, 70)]);
+        // A stale election (older than the timeout given) is taken over.
+        assert_eq!(
+            take(
+                &mut host,
+                "b",
+                &policy(),
+                &counters(40, NOW),
+                NOW + 1001,
+                1000
+            ),
+            Take::Short {
+                refill: Some(vec![7, 70])
+            }
+        );
+        assert_eq!(view(&host, "b").1, NOW + 1001);
+        give_back(&mut host, "b", &counters(10, NOW));
+        assert_eq!(view(&host, "b").0, vec![(10, 6), (100, 60)]);
+    }
+
+    #[test]
+    fn a_new_window_drops_the_old_lease() {
+        let mut host = MockHost::default();
+        granted(&mut host);
+        let tomorrow = NOW + 86_400_000;
+        assert_eq!(
+            take(
+                &mut host,
+                "b",
+                &policy(),
+                &counters(1, tomorrow),
+                tomorrow,
+                1000
+            ),
+            Take::Short {
+                refill: Some(vec![10, 100])
+            }
+        );
+        // Nothing of yesterday's lease is left to return.
+        assert_eq!(view(&host, "b").0, Vec::<(u64, u64)>::new());
+        assert!(reclaim(&mut host, "b", tomorrow + IDLE_MS, 0).is_empty());
+    }
+
+    #[test]
+    fn usage_past_the_lease_reaches_the_store_in_batches() {
+        let mut host = MockHost::default();
+        granted(&mut host);
+        let c = counters(50, NOW);
+        assert!(matches!(
+            take(&mut host, "b", &policy(), &c, NOW, 1000),
+            Take::Taken { .. }
+        ));
+        // Used 90 of 100 tokens: 40 past the lease stays local (B = 50).
+        assert!(settle(&mut host, "b", &policy(), &c, &[0, 40]).is_empty());
+        assert!(settle(&mut host, "b", &policy(), &c, &[0, 50]).is_empty());
+        assert_eq!(view(&host, "b").0, vec![(10, 1), (100, 140)]);
+        // 60 past it: sent, and counted as leased from then on.
+        let key = c[1].key.clone();
+        assert_eq!(
+            settle(&mut host, "b", &policy(), &c, &[0, 20]),
+            vec![(key, 60)]
+        );
+        assert_eq!(view(&host, "b").0, vec![(10, 1), (160, 160)]);
+        // A refund frees lease locally, nothing sent.
+        assert!(settle(&mut host, "b", &policy(), &c, &[-1, -100]).is_empty());
+        assert_eq!(view(&host, "b").0, vec![(10, 0), (160, 60)]);
+    }
+
+    #[test]
+    fn an_idle_lease_goes_back() {
+        let mut host = MockHost::default();
+        granted(&mut host);
+        let c = counters(30, NOW);
+        assert!(matches!(
+            take(&mut host, "b", &policy(), &c, NOW, 1000),
+            Take::Taken { .. }
+        ));
+        assert!(reclaim(&mut host, "b", NOW + IDLE_MS - 1, IDLE_MS).is_empty());
+        let back = reclaim(&mut host, "b", NOW + IDLE_MS, IDLE_MS);
+        assert_eq!(back, vec![(c[0].key.clone(), -9), (c[1].key.clone(), -70)]);
+        assert_eq!(view(&host, "b").0, vec![(1, 1), (30, 30)]);
+        assert!(!holds_unused(&host, "b"));
+        // Usage past the lease, under the batch bound, goes when idle too.
+        assert!(settle(&mut host, "b", &policy(), &c, &[0, 20]).is_empty());
+        assert!(holds_unused(&host, "b"));
+        assert_eq!(
+            reclaim(&mut host, "b", NOW + IDLE_MS, IDLE_MS),
+            vec![(c[1].key.clone(), 20)]
+        );
+    }
+
+    #[test]
+    fn a_host_that_fails_sends_the_request_to_the_store() {
+        let mut host = MockHost::default();
+        granted(&mut host);
+        host.shared.refuse_sets = true;
+        assert_eq!(
+            take(&mut host, "b", &policy(), &counters(1, NOW), NOW, 1000),
+            Take::Short { refill: None }
+        );
+    }
+
+    #[test]
+    fn lease_config_is_checked_with_its_path() {
+        let l = limits();
+        let p = compile("r.lease", &json!({"proxies": 3, "tokens": 500}), &l).unwrap();
+        // Requests: a tenth of a proxy's share, 100 / 30.
+        assert_eq!(p.sizes, vec![3, 500]);
+        assert_eq!((p.divisor(), p.low_water(1), p.batch(1)), (6, 250, 250));
+        let p = compile("r.lease", &json!({"proxies": 1000}), &l).unwrap();
+        assert_eq!(p.sizes, vec![1, 1], "at least one unit");
+        for (doc, path) in [
+            (json!({"tokens": 5}), "r.lease.proxies"),
+            (json!({"proxies": 0}), "r.lease.proxies"),
+            (json!({"proxies": 2, "requests": 0}), "r.lease.requests"),
+            (json!({"proxies": 2, "usd": 1.5}), "r.lease.usd"),
+            (json!({"proxies": 2, "size": 1}), "r.lease.size"),
+            (json!(true), "r.lease"),
+        ] {
+            let e = compile("r.lease", &doc, &l).unwrap_err();
+            assert_eq!(e.path, path, "{doc}");
+        }
+    }
 }
