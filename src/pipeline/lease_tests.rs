@@ -364,3 +364,44 @@ fn a_lease_needs_a_shared_rule_and_is_checked_with_its_path() {
     let cfg = lease_config(json!([{"name": "a", "requests_per_day": 1, "shared": true}]));
     assert_eq!(cfg.quotas.as_ref().unwrap().rules[0].lease, None);
 }
+
+#[test]
+fn a_request_under_a_leased_and_an_exact_rule_asks_only_for_the_exact_one_once_leased() {
+    let cfg = lease_config(json!([
+        {"name": "team", "match": {"namespace": "team"}, "requests_per_day": 100,
+         "shared": true, "lease": {"proxies": 2, "requests": 10}},
+        {"name": "exact", "match": {"namespace": "team"}, "requests_per_day": 50, "shared": true},
+    ]));
+    let mut host = request("team/api");
+    let (mut f, flow) = start(&cfg, &mut host);
+    assert_eq!(flow, Flow::Pause);
+    let call = host.callouts[0].clone();
+    let a = args(&call.target);
+    // One lease call over both: the exact counter asks no extra.
+    assert_eq!((&a[2][..], &a[5][..]), ("2", "lease"));
+    assert_eq!((&a[9][..], &a[10][..]), ("10", "4"));
+    assert_eq!((&a[12][..], &a[14][..], &a[15][..]), ("1", "0", "1"));
+    f.on_callout(&mut host, call.id, webdis(r#"{"EVALSHA":[1,11,1,10,0]}"#));
+    assert_eq!(host.resumed_requests, 1);
+    finish(&mut f, &mut host);
+    assert_eq!(host.callouts.len(), 1, "nothing to settle");
+    assert_eq!(lease::view(&host, TEAM).0, vec![(11, 1)]);
+
+    // Next: the lease covers `team`; `exact` is reserved as in exact mode,
+    // and its refusal gives the lease back.
+    let mut host2 = next(&mut host, "team/api");
+    let (mut f2, flow) = start(&cfg, &mut host2);
+    assert_eq!(flow, Flow::Pause);
+    let call = host2.callouts.last().unwrap().clone();
+    let a = args(&call.target);
+    assert_eq!((&a[2][..], &a[4][..]), ("1", "reserve"), "{a:?}");
+    assert!(a[3].starts_with("meshllm/quota/v1/exact#"));
+    f2.on_callout(&mut host2, call.id, webdis(r#"{"EVALSHA":[0,50]}"#));
+    let reply = host2.reply();
+    assert_eq!(reply.status, 429);
+    assert!(reply.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("'exact'"));
+    assert_eq!(lease::view(&host2, TEAM).0, vec![(11, 1)]);
+}
