@@ -363,11 +363,9 @@ def test_leased_token_limit_overshoot_and_stranding_are_bounded(stack):
     assert overshoot <= LEASE_P * LEASE_TOKENS // 2
     # Stranded: leases (P x L) plus the estimates of requests in flight.
     assert stranded <= LEASE_P * LEASE_TOKENS + 64 * estimate
-    # A refusal costs one round trip (a lease never refuses by itself: the
-    # store decides); admissions far fewer.
-    refused = statuses.count(429)
-    assert trips >= refused
-    assert (trips - refused) * 3 <= len(ok), (trips, refused, len(ok))
+    # Past the limit a proxy refuses by itself for a second after the store
+    # refused it (FULL_HOLD_MS), so refusals cost few calls too.
+    assert trips * 3 <= n, trips
     key = day_key("leased-tok", "tokens")
     assert wait_for(lambda: int(redis.cli("GET", key)) == used,
                     timeout=IDLE_RETURN_S + 10), (redis.cli("GET", key), used)

@@ -264,6 +264,24 @@ fn an_exhausted_lease_whose_store_grants_nothing_is_the_callers_429() {
     assert!(reply.header("retry-after").is_some());
     assert_eq!(reply.header("x-ratelimit-remaining-requests"), Some("0"));
     assert_eq!(counted(&host3, "lease", "refused"), 1);
+    // For a moment the proxy refuses what cannot fit the store's count
+    // itself, without a call; then it asks again.
+    let calls = host3.callouts.len();
+    let mut host4 = next(&mut host3, "team/api");
+    let (_f4, _) = start(&cfg, &mut host4);
+    assert_eq!(host4.reply().status, 429);
+    assert_eq!(host4.reply().json()["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(
+        host4.reply().header("x-ratelimit-remaining-requests"),
+        Some("0")
+    );
+    assert_eq!(host4.callouts.len(), calls, "no call");
+    let mut host5 = next(&mut host4, "team/api");
+    host5.now_ms += lease::FULL_HOLD_MS;
+    let (_f5, flow) = start(&cfg, &mut host5);
+    assert_eq!(flow, Flow::Pause, "asks the store again");
+    assert_eq!(host5.callouts.len(), calls + 1);
+    let mut host3 = host5;
     // The refill finds nothing either; the election ends.
     assert!(host3.answer_detached(refill.id, webdis(r#"{"EVALSHA":[1,3,0]}"#)));
     let bucket = "meshllm/quota/v1/small";

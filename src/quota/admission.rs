@@ -541,8 +541,25 @@ pub fn admit(
             }
         }
         let mut shared = shared;
-        take_leases(host, store, &mut shared, now);
+        let full = take_leases(host, store, &mut shared, now);
         admission.shared = shared;
+        if let Some((at, standing)) = full {
+            // The store refused this much a moment ago: refused here.
+            let (name, asked) = admission
+                .shared
+                .get(at)
+                .map_or((String::new(), Amounts::default()), |h| {
+                    (h.rule.name.clone(), asked_of(&h.counters))
+                });
+            release_all(host, &mut admission, now);
+            return Err(Box::new(rejection(
+                ask.caller_schema,
+                &name,
+                &Refusal::Exceeded { standing },
+                &asked,
+                now,
+            )));
+        }
         if !admission.shared.iter().any(SharedHold::asked) {
             // Every shared bucket admitted from this proxy's lease: no call.
             let first = admission.chain.first().copied();
@@ -623,11 +640,11 @@ fn take_leases(
     store_config: &store::StoreConfig,
     shared: &mut [SharedHold],
     now: u64,
-) {
+) -> Option<(usize, Standing)> {
     let stale_ms = store_config
         .timeout_ms
         .saturating_add(lease::STALE_MARGIN_MS);
-    for hold in shared.iter_mut() {
+    for (at, hold) in shared.iter_mut().enumerate() {
         let Some(policy) = hold.rule.lease.as_ref() else {
             continue;
         };
@@ -649,8 +666,13 @@ fn take_leases(
                 hold.leasing = Leasing::Taken { seen };
             }
             Take::Short { refill } => hold.leasing = Leasing::Asking { wanted: refill },
+            Take::Full { index, seen } => {
+                let c = hold.counters.get(index)?;
+                return Some((at, standing_of(c, seen)));
+            }
         }
     }
+    None
 }
 
 /// The request's store call over the holds it asks: `reserve` in exact
@@ -944,9 +966,12 @@ pub fn on_store_answer(
             // The refusal shown is the exceeded limit that resets last.
             let mut used = used.into_iter().take(n);
             let mut worst: Option<(&SharedHold, Standing)> = None;
+            let mut leases_seen: Vec<(&SharedHold, Vec<u64>)> = Vec::new();
             for hold in admission.shared.iter().filter(|h| h.asked()) {
+                let mut seen = Vec::with_capacity(hold.counters.len());
                 for (i, c) in hold.counters.iter().enumerate() {
                     let now_used = u64::try_from(used.next().unwrap_or(0)).unwrap_or(0);
+                    seen.push(now_used);
                     let standing = standing_of(c, now_used);
                     // The admin gauge follows refusals too (nothing crossed).
                     let update = Update {
@@ -968,6 +993,9 @@ pub fn on_store_answer(
                         worst = Some((hold, standing));
                     }
                 }
+                if matches!(hold.leasing, Leasing::Asking { .. }) {
+                    leases_seen.push((hold, seen));
+                }
             }
             match worst {
                 Some((hold, standing)) => {
@@ -979,6 +1007,11 @@ pub fn on_store_answer(
                         &asked_of(&hold.counters),
                         now,
                     );
+                    // Leases remember the store's counts, so requests that
+                    // cannot fit are refused here for a moment.
+                    for (hold, seen) in &leases_seen {
+                        lease::note_refusal(host, &hold.key, &hold.counters, seen, now);
+                    }
                     release_all(host, &mut admission, waiting.reserved_at_ms);
                     return Err(Box::new(rejection));
                 }

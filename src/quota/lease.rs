@@ -43,6 +43,10 @@ pub const STALE_MARGIN_MS: u64 = 1000;
 pub const IDLE_MS: u64 = 5000;
 /// How often a worker holding leases checks them for idling.
 pub const IDLE_CHECK_MS: u64 = 1000;
+/// After the store refused a lease's request, requests that would not fit
+/// its count then are refused locally for this long, without a call (the
+/// count only falls when a lease is returned).
+pub const FULL_HOLD_MS: u64 = 1000;
 /// Compare-and-swap attempts before giving up (as `buckets.rs`).
 const MAX_CAS_ATTEMPTS: u32 = 64;
 
@@ -155,6 +159,9 @@ struct Slot {
     granted: u64,
     used: u64,
     seen: u64,
+    /// When the store last refused, with `seen` its count then; 0: never.
+    #[serde(default)]
+    refused_at_ms: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -254,6 +261,9 @@ pub enum Take {
     },
     /// The lease cannot cover it: ask the store (with a lease when elected).
     Short { refill: Option<Vec<u64>> },
+    /// The store refused counter `index` at `seen` less than
+    /// [`FULL_HOLD_MS`] ago and this would not fit either: refuse, no call.
+    Full { index: usize, seen: u64 },
 }
 
 /// Reserves each counter's `reserved` from the lease, all or nothing, and
@@ -281,6 +291,23 @@ pub fn take(
             fits &= c.reserved <= left;
             low |= left.saturating_sub(c.reserved) < policy.low_water(i).max(1);
             lefts.push(left);
+        }
+        if !fits {
+            let full = counters.iter().enumerate().find_map(|(i, c)| {
+                let slot = state.slot(&c.key)?;
+                let recent = slot.refused_at_ms > 0
+                    && now_ms.saturating_sub(slot.refused_at_ms) < FULL_HOLD_MS;
+                let over = c.reserved > 0
+                    && slot.seen.saturating_add(c.reserved) > c.limit.max
+                    && c.reserved > lefts.get(i).copied().unwrap_or(0);
+                (recent && over).then_some(Take::Full {
+                    index: i,
+                    seen: slot.seen,
+                })
+            });
+            if let Some(full) = full {
+                return full;
+            }
         }
         let free =
             state.refill_since_ms == 0 || now_ms.saturating_sub(state.refill_since_ms) > stale_ms;
@@ -370,6 +397,28 @@ pub fn apply_grant(
         log::warn!(
             "quota lease: {bucket}: a grant was not recorded (stranded until its window ends)"
         );
+    }
+}
+
+/// The store refused a request of this lease: its counts (`seen`) are
+/// kept, so requests that cannot fit them are refused locally for
+/// [`FULL_HOLD_MS`].
+pub fn note_refusal(
+    store: &mut dyn SharedData,
+    bucket: &str,
+    counters: &[Counter],
+    seen: &[u64],
+    now_ms: u64,
+) {
+    let noted = update(store, bucket, |state| {
+        for (c, s) in counters.iter().zip(seen) {
+            let slot = state.slot_mut(&c.key);
+            slot.seen = *s;
+            slot.refused_at_ms = now_ms;
+        }
+    });
+    if noted.is_none() {
+        log::warn!("quota lease: {bucket}: a refusal was not noted");
     }
 }
 
