@@ -46,6 +46,10 @@ LIMITS += [
      "shared": True, "lease": {"proxies": LEASE_P, "requests": LEASE_REQUESTS}},
     {"name": "leased-tok", "match": {"namespace": "ltok"}, "tokens_per_day": LEASED_TOKENS_MAX,
      "shared": True, "lease": {"proxies": LEASE_P, "tokens": LEASE_TOKENS}},
+    {"name": "leased-open", "match": {"namespace": "lopen"}, "requests_per_day": 1000,
+     "shared": True, "on_store_failure": "open", "lease": {"proxies": LEASE_P}},
+    {"name": "leased-closed", "match": {"namespace": "lclosed"}, "requests_per_day": 1000,
+     "shared": True, "lease": {"proxies": LEASE_P}},
 ]
 IDLE_RETURN_S = 5 + 1  # lease.rs IDLE_MS, checked every IDLE_CHECK_MS
 
@@ -411,6 +415,13 @@ def test_store_down_then_back(stack):
     assert headers["retry-after"]
     assert envs[0].metric("meshllm_quota_store_calls_total", kind="reserve",
                           outcome="fail_closed") >= 1
+    # Leased rules with an empty lease ask the store, and fail the same way.
+    assert [chat(envs[i % 3], "lopen/a")[0] for i in range(3)] == [200, 200, 200]
+    assert store_calls(envs, kind="lease", outcome="fail_open") >= 3
+    status, headers, body = chat(envs[2], "lclosed/a")
+    assert status == 503, body
+    assert json.loads(body)["error"]["code"] == "quota_store_unavailable"
+    assert int(headers["retry-after"]) >= 1
     # Redis returns (empty: it keeps nothing): limiting resumes, no restart.
     stack["redis"] = Redis(port)
     # Each webdis thread reconnects to Redis on its own: wait until they all
