@@ -17,14 +17,18 @@
 //! refills for good). Every write is compare-and-swapped.
 //!
 //! - Below the low-water mark (`size / 2` available) after a take, the
-//!   worker that wins the election sends a detached call for the next lease.
+//!   worker that wins the election sends a detached call for what tops the
+//!   lease up to `size` (so no proxy holds more than `size` unused).
 //! - A request the lease cannot cover asks the store itself (and waits, as
-//!   in exact mode), for its amount plus a lease when it wins the election.
+//!   in exact mode), for its amount plus the top-up when it wins the
+//!   election. After the store refused one, requests that cannot fit the
+//!   counts it refused at are refused here for [`FULL_HOLD_MS`].
 //! - Settles adjust `used` here; usage past `granted` (estimates too low)
 //!   reaches the store once it passes `size / 2` units (the batch bound B).
-//! - Unused lease goes back (a negative settle) when the lease idles
-//!   ([`IDLE_MS`] without a take). A window that ended is dropped, not
-//!   returned: its counter no longer limits anything and expires.
+//! - An idle lease ([`IDLE_MS`] without a take) is squared with the store by
+//!   the root context's timer: unused units back (a negative settle),
+//!   unsent usage forward. A window that ended is dropped, not returned:
+//!   its counter no longer limits anything and expires.
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
