@@ -423,3 +423,43 @@ fn a_request_under_a_leased_and_an_exact_rule_asks_only_for_the_exact_one_once_l
         .contains("'exact'"));
     assert_eq!(lease::view(&host2, TEAM).0, vec![(11, 1)]);
 }
+
+#[test]
+fn a_store_wide_lease_applies_to_shared_rules_that_set_none() {
+    let compile = |store: Value| {
+        let d = json!({
+            "providers": [{"name": "openai", "kind": "openai", "api_key_env": "OPENAI_API_KEY"}],
+            "models": [{"name": "gpt-4o-mini", "provider": "openai"}],
+            "quotas": {"store": store, "limits": [
+                {"name": "a", "requests_per_day": 300, "shared": true},
+                {"name": "b", "requests_per_day": 300, "shared": true, "lease": false},
+                {"name": "c", "requests_per_day": 300, "shared": true,
+                 "lease": {"proxies": 2, "requests": 7}},
+                {"name": "d", "requests_per_day": 300},
+            ]},
+        });
+        testing::compile_doc(&d.to_string())
+    };
+    let cfg = compile(json!({"cluster": "q", "lease": {"proxies": 3}}))
+        .unwrap()
+        .config;
+    let rules = &cfg.quotas.as_ref().unwrap().rules;
+    let lease = |i: usize| rules[i].lease.clone().map(|l| (l.proxies, l.sizes));
+    assert_eq!(lease(0), Some((3, vec![10])), "300 / (10 × 3)");
+    assert_eq!(lease(1), None, "lease: false stays exact");
+    assert_eq!(lease(2), Some((2, vec![7])), "a rule's own lease wins");
+    assert_eq!(lease(3), None, "local rules do not lease");
+    for (store, path) in [
+        (
+            json!({"cluster": "q", "lease": {"proxies": 0}}),
+            "quotas.store.lease.proxies",
+        ),
+        (
+            json!({"cluster": "q", "lease": {"requests": 5}}),
+            "quotas.store.lease",
+        ),
+    ] {
+        let e = compile(store).err().unwrap();
+        assert!(e.starts_with(&format!("{path}:")), "{e}");
+    }
+}

@@ -375,6 +375,8 @@ pub struct Known<'a> {
     /// The store's default failure mode when `quotas.store` is configured;
     /// None: a rule cannot be shared.
     pub store: Option<FailureMode>,
+    /// `quotas.store.lease.proxies`: shared rules lease by default.
+    pub store_lease: Option<u64>,
 }
 
 /// Compiles `attribution`.
@@ -465,6 +467,7 @@ pub fn compile_quotas(
     let store = compile_store(raw.store.as_ref())?;
     let known = &Known {
         store: store.as_ref().map(|s| s.on_failure),
+        store_lease: store.as_ref().and_then(|s| s.lease_proxies),
         ..*known
     };
     let mut rules: Vec<Rc<LimitRule>> = Vec::with_capacity(raw.limits.len());
@@ -631,7 +634,16 @@ pub(crate) fn compile_rule(
         ));
     }
     let lease = match lease {
-        None => None,
+        // `lease: false` keeps a shared rule exact under a store-wide default.
+        Some((_, Value::Bool(false))) => None,
+        None => match known.store_lease.filter(|_| shared) {
+            Some(proxies) => Some(crate::quota::lease::compile(
+                &format!("{at}.lease"),
+                &serde_json::json!({ "proxies": proxies }),
+                &limits,
+            )?),
+            None => None,
+        },
         Some((fat, _)) if !shared => {
             return Err(ConfigError::new(
                 fat,
@@ -758,6 +770,7 @@ mod tests {
             },
             virtual_key: &|k| k == "ci",
             identity: true,
+            store_lease: None,
             store: None,
         }
     }

@@ -65,6 +65,9 @@ pub struct StoreConfig {
     pub timeout_ms: u64,
     /// For shared rules that set no `on_store_failure`.
     pub on_failure: FailureMode,
+    /// `lease.proxies`: shared rules that set no `lease` lease with the
+    /// default sizes for this many proxies; None: they stay exact.
+    pub lease_proxies: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -77,6 +80,8 @@ struct RawStore {
     timeout_ms: Option<u64>,
     #[serde(default)]
     on_failure: Option<Value>,
+    #[serde(default)]
+    lease: Option<Value>,
 }
 
 /// Compiles `quotas.store`; None when it is absent.
@@ -114,11 +119,31 @@ pub fn compile_store(value: Option<&Value>) -> Result<Option<StoreConfig>, Confi
         None => FailureMode::Closed,
         Some(v) => FailureMode::parse(&format!("{at}.on_failure"), v)?,
     };
+    let lease_proxies = match &raw.lease {
+        None => None,
+        Some(v) => {
+            let obj = v.as_object().filter(|o| o.keys().all(|k| k == "proxies"));
+            let obj = obj.ok_or_else(|| {
+                ConfigError::new(
+                    format!("{at}.lease"),
+                    "must be {\"proxies\": P} (sizes are set per rule)",
+                )
+            })?;
+            let p = obj.get("proxies").and_then(Value::as_u64);
+            Some(p.filter(|p| (1..=10_000).contains(p)).ok_or_else(|| {
+                ConfigError::new(
+                    format!("{at}.lease.proxies"),
+                    "must be a whole number from 1 to 10000",
+                )
+            })?)
+        }
+    };
     Ok(Some(StoreConfig {
         cluster: raw.cluster,
         authority,
         timeout_ms,
         on_failure,
+        lease_proxies,
     }))
 }
 
