@@ -264,6 +264,15 @@ impl RootContext for Root {
     // an answer to the context that was active when the call was made, and
     // drops it once that context is gone).
     fn on_tick(&mut self) {
+        // Leases this worker took from are checked for idling until none
+        // holds unused units (then the timer stops); their returns join
+        // the queue that leaves below.
+        let holding = match (&self.config, self.upstream_half) {
+            (Some(config), false) => config.store().is_some_and(|store| {
+                crate::quota::lease::return_idle(&mut ProxyHost::default(), store)
+            }),
+            _ => false,
+        };
         let queued = DETACHED_QUEUE.with(|q| std::mem::take(&mut *q.borrow_mut()));
         for (call, then) in queued {
             match call.dispatch() {
@@ -273,8 +282,13 @@ impl RootContext for Root {
                 Err(e) => then(&mut ProxyHost::default(), CalloutAnswer::Failed(e.0)),
             }
         }
-        if let Err(s) = hostcalls::set_tick_period(std::time::Duration::ZERO) {
-            log::warn!("could not stop the root context's timer: {s:?}");
+        let period = if holding {
+            std::time::Duration::from_millis(crate::quota::lease::IDLE_CHECK_MS)
+        } else {
+            std::time::Duration::ZERO
+        };
+        if let Err(s) = hostcalls::set_tick_period(period) {
+            log::warn!("could not set the root context's timer: {s:?}");
         }
     }
 
@@ -553,6 +567,15 @@ impl Host for ProxyHost {
             ids.set(id);
             id
         }))
+    }
+    fn wake_root_in(&mut self, ms: u64) -> HostResult {
+        // Detached calls queued leave on a shorter tick, after which the
+        // root context keeps its timer for the leases it holds.
+        if DETACHED_QUEUE.with(|q| !q.borrow().is_empty()) {
+            return Ok(());
+        }
+        hostcalls::set_tick_period(std::time::Duration::from_millis(ms.max(1)))
+            .map_err(|s| host_error("arm the root context's timer", s))
     }
     fn resume_request(&mut self) -> HostResult {
         hostcalls::resume_http_request().map_err(|s| host_error("resume the request", s))

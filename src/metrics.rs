@@ -39,9 +39,15 @@ pub const FALLBACKS_TOTAL: &str = "meshllm_fallbacks_total";
 pub const ROUTE_DECISIONS_TOTAL: &str = "meshllm_route_decisions_total";
 pub const QUOTA_REJECTIONS_TOTAL: &str = "meshllm_quota_rejections_total";
 pub const BUDGET_USED_PERCENT: &str = "meshllm_budget_used_percent";
-/// Calls to the shared quota store, by `kind` (reserve, settle) and
-/// `outcome` (ok, refused, fail_open, fail_closed; settles: ok, failed).
+/// Calls to the shared quota store, by `kind` (reserve, settle; lease and
+/// return for leased rules) and `outcome` (ok, refused, fail_open,
+/// fail_closed; settles, returns and detached refills: ok, failed).
 pub const QUOTA_STORE_CALLS_TOTAL: &str = "meshllm_quota_store_calls_total";
+/// Units of shared buckets leased from the store or returned to it, by
+/// `kind` (the meter) and `outcome` (granted, returned).
+pub const QUOTA_LEASE_UNITS_TOTAL: &str = "meshllm_quota_lease_units_total";
+/// Requests admitted from a lease, without a call to the store.
+pub const QUOTA_LEASE_ADMISSIONS_TOTAL: &str = "meshllm_quota_lease_admissions_total";
 
 /// Every label the filter puts in a metric name, besides `tag_<name>` for
 /// attribution tags. render.py turns each into an Envoy tag extractor.

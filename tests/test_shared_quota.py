@@ -1,4 +1,4 @@
-"""Quota rules shared across proxies through Redis (issue 21, exact mode):
+"""Quota rules shared across proxies through Redis (issue 21, exact mode and leases):
 a real Redis and its HTTP bridge webdis, started here on free ports, and
 three Envoys (two workers each) running the filter against them. Request
 limits hold exactly in total, budgets survive restarting every Envoy,
@@ -37,6 +37,21 @@ LIMITS = [
     {"name": "local", "match": {"namespace": "local"}, "requests_per_day": 2},
     {"name": "tok-cap", "match": {"namespace": "cap"}, "tokens_per_day": 2000, "shared": True},
 ]
+
+# Leases (lease.rs): P proxies share each rule, each holding at most L unused.
+LEASE_P, LEASE_REQUESTS, LEASE_TOKENS = 3, 20, 1000
+LEASED_MAX, LEASED_TOKENS_MAX = 600, 12000
+LIMITS += [
+    {"name": "leased", "match": {"namespace": "leased"}, "requests_per_day": LEASED_MAX,
+     "shared": True, "lease": {"proxies": LEASE_P, "requests": LEASE_REQUESTS}},
+    {"name": "leased-tok", "match": {"namespace": "ltok"}, "tokens_per_day": LEASED_TOKENS_MAX,
+     "shared": True, "lease": {"proxies": LEASE_P, "tokens": LEASE_TOKENS}},
+    {"name": "leased-open", "match": {"namespace": "lopen"}, "requests_per_day": 1000,
+     "shared": True, "on_store_failure": "open", "lease": {"proxies": LEASE_P}},
+    {"name": "leased-closed", "match": {"namespace": "lclosed"}, "requests_per_day": 1000,
+     "shared": True, "lease": {"proxies": LEASE_P}},
+]
+IDLE_RETURN_S = 5 + 1  # lease.rs IDLE_MS, checked every IDLE_CHECK_MS
 
 
 def need(binary):
@@ -270,6 +285,96 @@ def test_token_limit_holds_across_proxies(stack):
     assert sum(ok) <= 2000
 
 
+def store_calls(envs, **labels):
+    return sum(e.metric("meshllm_quota_store_calls_total", **labels) for e in envs)
+
+
+def test_leased_request_limit_holds_with_few_round_trips(stack):
+    """Three proxies lease slices of a shared request limit: below the limit
+    less the capacity leases can strand (P x L) every request is admitted,
+    most without a store call; past it, never more than the limit in total,
+    and at most P x L refused while the store had room. Idle leases go back,
+    so the store ends holding exactly what was admitted."""
+    envs, redis = stack["envoys"], stack["redis"]
+    bound = LEASE_P * LEASE_REQUESTS
+    before_calls = store_calls(envs)
+    before_leased = sum(e.metric("meshllm_quota_lease_admissions_total") for e in envs)
+    first_n = LEASED_MAX - bound
+    with ThreadPoolExecutor(64) as pool:
+        first = list(pool.map(lambda i: chat(envs[i % 3], f"leased/svc{i % 7}")[0],
+                              range(first_n)))
+    assert first.count(200) == first_n, {s: first.count(s) for s in set(first)}
+    time.sleep(0.5)  # detached refills land
+    trips = store_calls(envs) - before_calls
+    from_lease = sum(e.metric("meshllm_quota_lease_admissions_total") for e in envs) - before_leased
+    print(f"MEASURED leased requests: {first_n} admitted, {trips} store round trips, "
+          f"{from_lease} admitted from leases")
+    assert from_lease + trips >= first_n
+    assert trips * 3 <= first_n, (trips, first_n)
+
+    with ThreadPoolExecutor(64) as pool:
+        second = list(pool.map(lambda i: chat(envs[i % 3], f"leased/svc{i % 7}"), range(2 * bound)))
+    statuses = [s for s, _, _ in second]
+    assert statuses.count(200) + statuses.count(429) == 2 * bound, statuses
+    admitted = first_n + statuses.count(200)
+    key = day_key("leased", "requests")
+    counter = int(redis.cli("GET", key))
+    stranded = LEASED_MAX - admitted
+    print(f"MEASURED leased requests: {admitted} of {LEASED_MAX} admitted, "
+          f"{stranded} stranded (bound {bound}), store counter {counter} before returns")
+    assert admitted <= LEASED_MAX, "request limits are exact with leases"
+    assert stranded <= bound
+    assert admitted <= counter <= LEASED_MAX
+    status, headers, body = next(r for r in second if r[0] == 429)
+    err = json.loads(body)["error"]
+    assert err["code"] == "rate_limit_exceeded" and "'leased'" in err["message"], err
+    assert int(headers["retry-after"]) >= 1
+    assert headers["x-ratelimit-limit-requests"] == str(LEASED_MAX)
+    # Idle leases go back: the store then counts exactly what was admitted.
+    assert wait_for(lambda: int(redis.cli("GET", key)) == admitted,
+                    timeout=IDLE_RETURN_S + 10), (redis.cli("GET", key), admitted)
+    returned = sum(e.metric("meshllm_quota_lease_units_total", kind="requests",
+                            outcome="returned") for e in envs)
+    assert returned >= counter - admitted, (returned, counter, admitted)
+    print(f"MEASURED leased requests: {returned} units returned by idle leases")
+
+
+def test_leased_token_limit_overshoot_and_stranding_are_bounded(stack):
+    """Token leases: requests reserve their estimate from the lease and
+    settle their real usage there; usage past a lease reaches the store in
+    batches of at most L/2 per proxy. What was admitted never passes the
+    limit by more than P x L/2 plus the estimate shortfalls, and what the
+    store ends with (after idle returns) is exactly the usage."""
+    envs, redis = stack["envoys"], stack["redis"]
+    before_calls = store_calls(envs)
+    n = 1800
+    with ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(lambda i: chat(envs[i % 3], "ltok/a"), range(n)))
+    ok = [json.loads(b)["usage"]["total_tokens"] for s, _, b in results if s == 200]
+    statuses = [s for s, _, _ in results]
+    assert statuses.count(200) + statuses.count(429) == n
+    assert statuses.count(429) > 0, "the run passes the limit"
+    used = sum(ok)
+    trips = store_calls(envs) - before_calls
+    overshoot = used - LEASED_TOKENS_MAX
+    # The largest estimate: prompt bytes / 4 + max_tokens (16).
+    estimate = len(json.dumps({"model": "gpt-4o", "messages": [
+        {"role": "user", "content": "hello there"}], "max_tokens": 16})) // 4 + 16
+    stranded = LEASED_TOKENS_MAX - used
+    print(f"MEASURED leased tokens: {len(ok)} admitted using {used} of {LEASED_TOKENS_MAX} "
+          f"(overshoot {overshoot}, stranded {stranded}), {trips} store round trips for {n} "
+          f"requests, estimate {estimate}")
+    assert overshoot <= LEASE_P * LEASE_TOKENS // 2
+    # Stranded: leases (P x L) plus the estimates of requests in flight.
+    assert stranded <= LEASE_P * LEASE_TOKENS + 64 * estimate
+    # Past the limit a proxy refuses by itself for a second after the store
+    # refused it (FULL_HOLD_MS), so refusals cost few calls too.
+    assert trips * 3 <= n, trips
+    key = day_key("leased-tok", "tokens")
+    assert wait_for(lambda: int(redis.cli("GET", key)) == used,
+                    timeout=IDLE_RETURN_S + 10), (redis.cli("GET", key), used)
+
+
 def test_local_rules_stay_local_and_make_no_store_call(stack):
     env = stack["envoys"][0]
     before = env.metric("meshllm_quota_store_calls_total")
@@ -310,6 +415,13 @@ def test_store_down_then_back(stack):
     assert headers["retry-after"]
     assert envs[0].metric("meshllm_quota_store_calls_total", kind="reserve",
                           outcome="fail_closed") >= 1
+    # Leased rules with an empty lease ask the store, and fail the same way.
+    assert [chat(envs[i % 3], "lopen/a")[0] for i in range(3)] == [200, 200, 200]
+    assert store_calls(envs, kind="lease", outcome="fail_open") >= 3
+    status, headers, body = chat(envs[2], "lclosed/a")
+    assert status == 503, body
+    assert json.loads(body)["error"]["code"] == "quota_store_unavailable"
+    assert int(headers["retry-after"]) >= 1
     # Redis returns (empty: it keeps nothing): limiting resumes, no restart.
     stack["redis"] = Redis(port)
     # Each webdis thread reconnects to Redis on its own: wait until they all

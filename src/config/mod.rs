@@ -192,6 +192,9 @@ impl Document for Config {
     fn store_failure(&self) -> Option<crate::quota::store::FailureMode> {
         self.store().map(|s| s.on_failure)
     }
+    fn store_lease(&self) -> Option<u64> {
+        self.store().and_then(|s| s.lease_proxies)
+    }
 }
 
 #[derive(Debug)]
@@ -277,6 +280,7 @@ pub fn compile(doc: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Compi
         virtual_key: &is_key,
         identity: identity.is_some(),
         store: None,
+        store_lease: None,
     };
     let quotas = compile_quotas(obj.get("quotas"), &tags, &known)?;
     let hosts = compile_hosts(obj.get("hosts"))?;

@@ -46,6 +46,8 @@ pub trait Document {
     fn tags(&self) -> &[Tag];
     /// The shared store's default failure mode; None without a store.
     fn store_failure(&self) -> Option<crate::quota::store::FailureMode>;
+    /// `quotas.store.lease.proxies`; None: shared rules stay exact by default.
+    fn store_lease(&self) -> Option<u64>;
 }
 
 /// How errors in a listener policy name their fields.
@@ -364,6 +366,7 @@ fn compile_rules(
         virtual_key: &is_key,
         identity: true,
         store: config.store_failure(),
+        store_lease: config.store_lease(),
     };
     let resolve = |name: &str| {
         aliases

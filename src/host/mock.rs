@@ -100,6 +100,8 @@ pub struct MockHost {
     /// `resume_request` / `resume_response` calls that succeeded.
     pub resumed_requests: usize,
     pub resumed_responses: usize,
+    /// The last tick of the root context asked for (`wake_root_in`).
+    pub root_wake_ms: Option<u64>,
 }
 
 /// Outstanding detached calls' handlers, by id.
@@ -463,6 +465,11 @@ impl Host for MockHost {
         let id = self.dispatch(call, true)?;
         self.detached.0.insert(id, then);
         Ok(id)
+    }
+    fn wake_root_in(&mut self, ms: u64) -> HostResult {
+        self.tally("wake_root", 0);
+        self.root_wake_ms = Some(ms);
+        Ok(())
     }
     fn resume_request(&mut self) -> HostResult {
         self.tally("resume", 0);

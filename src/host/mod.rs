@@ -117,6 +117,9 @@ pub trait Host: SharedData {
     /// request: `then` runs with its answer even after the request ended.
     fn call_out_detached(&mut self, call: &Callout, then: DetachedHandler)
         -> HostResult<CalloutId>;
+    /// Asks for a tick of the root context in about `ms` (housekeeping
+    /// such as returning idle leases; see `quota/lease.rs`).
+    fn wake_root_in(&mut self, ms: u64) -> HostResult;
     /// Lets a request paused in a request callback go on.
     fn resume_request(&mut self) -> HostResult;
     /// Lets a request paused in a response callback go on.

@@ -122,3 +122,6 @@ mod tests;
 
 #[cfg(test)]
 mod shared_quota_tests;
+
+#[cfg(test)]
+mod lease_tests;

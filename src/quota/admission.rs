@@ -17,6 +17,7 @@ use crate::core::usage::Usage;
 use crate::host::{CalloutAnswer, CalloutId, Host};
 use crate::metrics;
 use crate::quota::buckets::{self, Amounts, Held, Limit, Meter, Refusal, Standing, Update};
+use crate::quota::lease::{self, Take};
 use crate::quota::limits::{
     limit_field, tag_value, Facts, LimitRule, ModelScope, ReservationPolicy, Selector,
     DEFAULT_ALERTS,
@@ -109,6 +110,9 @@ pub fn prepare_buckets(config: &Config, store: &mut dyn crate::host::SharedData)
     for rule in mesh.chain(namespaces) {
         for key in rule.known_buckets(config.models.iter().map(|m| m.name.as_str())) {
             buckets::ensure(store, &key);
+            if rule.lease.is_some() {
+                lease::ensure(store, &key);
+            }
         }
     }
 }
@@ -202,7 +206,6 @@ pub struct Admission {
     pub headers: Vec<(String, String)>,
 }
 
-/// One reservation of an admitted request.
 /// A reservation in the shared store: one counter per limit of a bucket.
 #[derive(Debug, Clone)]
 struct SharedHold {
@@ -210,6 +213,28 @@ struct SharedHold {
     key: String,
     targets: Option<Vec<usize>>,
     counters: Vec<Counter>,
+    leasing: Leasing,
+}
+
+/// How a shared hold is reserved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Leasing {
+    /// Exact mode: in the store, by the request's own call.
+    No,
+    /// From this proxy's lease, without a call; `seen` per counter (the
+    /// store's count at the last answer) for the headers.
+    Taken { seen: Vec<u64> },
+    /// The lease could not cover it: asked of the store in the request's
+    /// call, with a lease for the proxy (`wanted` per counter) when this
+    /// worker was elected to refill.
+    Asking { wanted: Option<Vec<u64>> },
+}
+
+impl SharedHold {
+    /// Part of the request's store call.
+    fn asked(&self) -> bool {
+        !matches!(self.leasing, Leasing::Taken { .. })
+    }
 }
 
 /// A reservation sent to the store, until its answer comes.
@@ -218,6 +243,8 @@ struct Waiting {
     call: CalloutId,
     /// The script went whole (Redis did not have it).
     whole_script: bool,
+    /// The call is a `lease` command (some hold leases), else `reserve`.
+    leasing: bool,
     schema: Schema,
     /// The local buckets' standings, for the answer's headers.
     local_shown: Vec<(Rc<LimitRule>, Standing)>,
@@ -480,6 +507,7 @@ pub fn admit(
                 key: b.key,
                 targets: b.targets,
                 counters,
+                leasing: Leasing::No,
             })
         })
         .collect();
@@ -512,23 +540,67 @@ pub fn admit(
                 )));
             }
         }
-        let all: Vec<Counter> = shared.iter().flat_map(|h| h.counters.clone()).collect();
-        let command = store::reserve_command(&all, false);
+        let mut shared = shared;
+        let full = take_leases(host, store, &mut shared, now);
+        admission.shared = shared;
+        if let Some((at, standing)) = full {
+            // The store refused this much a moment ago: refused here.
+            let (name, asked) = admission
+                .shared
+                .get(at)
+                .map_or((String::new(), Amounts::default()), |h| {
+                    (h.rule.name.clone(), asked_of(&h.counters))
+                });
+            release_all(host, &mut admission, now);
+            return Err(Box::new(rejection(
+                ask.caller_schema,
+                &name,
+                &Refusal::Exceeded { standing },
+                &asked,
+                now,
+            )));
+        }
+        if !admission.shared.iter().any(SharedHold::asked) {
+            // Every shared bucket admitted from this proxy's lease: no call.
+            let first = admission.chain.first().copied();
+            let mut shown = shown;
+            for hold in &admission.shared {
+                if let (Leasing::Taken { seen }, true) =
+                    (&hold.leasing, shows(&hold.targets, first))
+                {
+                    for (c, used) in hold.counters.iter().zip(seen) {
+                        shown.push((Rc::clone(&hold.rule), standing_of(c, *used)));
+                    }
+                }
+            }
+            host.count(metrics::QUOTA_LEASE_ADMISSIONS_TOTAL, 1);
+            admission.headers = answer_headers(ask.caller_schema, &shown, alert_percents, now);
+            return Ok(Admitted {
+                chain,
+                over_quota,
+                admission: Some(admission),
+            });
+        }
+        let (command, leasing) = store_command(&admission.shared, false);
         match host.call_out(&store::callout(store, &command)) {
             Ok(call) => {
-                admission.shared = shared;
                 admission.waiting = Some(Waiting {
                     call,
                     whole_script: false,
+                    leasing,
                     schema: ask.caller_schema,
                     local_shown: shown,
                     reserved_at_ms: now,
                 });
             }
             Err(e) => {
-                admission.shared = shared;
                 let why = format!("could not call the store: {e}");
-                store_unavailable(host, who, &mut admission, &why, now)?;
+                let kind = if store_command(&admission.shared, false).1 {
+                    "lease"
+                } else {
+                    "reserve"
+                };
+                store_unavailable(host, who, &mut admission, (kind, &why), now)?;
                 admission.headers = answer_headers(ask.caller_schema, &shown, alert_percents, now);
             }
         }
@@ -550,6 +622,82 @@ fn shows(targets: &Option<Vec<usize>>, first: Option<usize>) -> bool {
         (Some(t), Some(first)) => t.contains(&first),
         (Some(_), None) => false,
     }
+}
+
+/// A shared counter standing at `used` (as the store last said).
+fn standing_of(c: &Counter, used: u64) -> Standing {
+    Standing {
+        limit: c.limit,
+        used,
+        resets_at_ms: c.resets_at_ms,
+    }
+}
+
+/// Reserves the holds of leased rules from this proxy's leases; a worker
+/// elected to refill a lease it took from asks for the next one, detached.
+fn take_leases(
+    host: &mut dyn Host,
+    store_config: &store::StoreConfig,
+    shared: &mut [SharedHold],
+    now: u64,
+) -> Option<(usize, Standing)> {
+    let stale_ms = store_config
+        .timeout_ms
+        .saturating_add(lease::STALE_MARGIN_MS);
+    for (at, hold) in shared.iter_mut().enumerate() {
+        let Some(policy) = hold.rule.lease.as_ref() else {
+            continue;
+        };
+        match lease::take(host, &hold.key, policy, &hold.counters, now, stale_ms) {
+            Take::Taken { refill, seen } => {
+                lease::remember(host, &hold.key);
+                if let Some(wanted) = refill {
+                    let counters = &hold.counters;
+                    lease::refill(
+                        host,
+                        store_config,
+                        &hold.key,
+                        policy,
+                        counters,
+                        &wanted,
+                        false,
+                    );
+                }
+                hold.leasing = Leasing::Taken { seen };
+            }
+            Take::Short { refill } => hold.leasing = Leasing::Asking { wanted: refill },
+            Take::Full { index, seen } => {
+                let c = hold.counters.get(index)?;
+                return Some((at, standing_of(c, seen)));
+            }
+        }
+    }
+    None
+}
+
+/// The request's store call over the holds it asks: `reserve` in exact
+/// mode, `lease` when a hold leases (exact holds then ask no extra).
+fn store_command(shared: &[SharedHold], whole_script: bool) -> (String, bool) {
+    let asked: Vec<&SharedHold> = shared.iter().filter(|h| h.asked()).collect();
+    let all: Vec<Counter> = asked.iter().flat_map(|h| h.counters.clone()).collect();
+    let leasing = asked
+        .iter()
+        .any(|h| matches!(h.leasing, Leasing::Asking { .. }));
+    if !leasing {
+        return (store::reserve_command(&all, whole_script), false);
+    }
+    let leases: Vec<(u64, u64)> = asked
+        .iter()
+        .flat_map(|&h| {
+            let divisor = h.rule.lease.as_ref().map_or(1, |p| p.divisor());
+            let wanted = match &h.leasing {
+                Leasing::Asking { wanted: Some(w) } => w.as_slice(),
+                _ => &[],
+            };
+            (0..h.counters.len()).map(move |i| (wanted.get(i).copied().unwrap_or(0), divisor))
+        })
+        .collect();
+    (store::lease_command(&all, &leases, whole_script), true)
 }
 
 /// Rate-limit headers and the budget alert for the standings shown.
@@ -580,13 +728,20 @@ fn asked_of(counters: &[Counter]) -> Amounts {
     asked
 }
 
-/// Gives back every local reservation and forgets the shared ones (the
+/// Gives back every local reservation and what leases gave, ends this
+/// worker's refill elections, and forgets the shared reservations (the
 /// store did not add them).
 fn release_all(host: &mut dyn Host, admission: &mut Admission, now: u64) {
     for hold in admission.held.drain(..) {
         buckets::settle(host, &hold.held, &Amounts::default(), now);
     }
-    admission.shared.clear();
+    for hold in admission.shared.drain(..) {
+        match hold.leasing {
+            Leasing::Taken { .. } => lease::give_back(host, &hold.key, &hold.counters),
+            Leasing::Asking { wanted: Some(_) } => lease::end_election(host, &hold.key),
+            _ => {}
+        }
+    }
     admission.waiting = None;
 }
 
@@ -605,7 +760,7 @@ fn store_unavailable(
     host: &mut dyn Host,
     who: &Who,
     admission: &mut Admission,
-    why: &str,
+    (kind, why): (&str, &str),
     now: u64,
 ) -> Result<(), Box<Rejection>> {
     let closed = admission
@@ -614,7 +769,7 @@ fn store_unavailable(
         .find(|h| h.rule.shared == Some(FailureMode::Closed))
         .map(|h| h.rule.name.clone());
     if let Some(rule) = closed {
-        count_store_call(host, "reserve", "fail_closed");
+        count_store_call(host, kind, "fail_closed");
         log::warn!(
             "quota store: {why}; limit {rule:?} fails closed: caller {} refused",
             who.label()
@@ -635,12 +790,20 @@ fn store_unavailable(
             reason: "store_unavailable",
         }));
     }
-    count_store_call(host, "reserve", "fail_open");
+    count_store_call(host, kind, "fail_open");
     log::warn!(
         "quota store: {why}; shared limits fail open: caller {} admitted on local limits",
         who.label()
     );
-    admission.shared.clear();
+    // What leases gave stays reserved (settled locally); the rest is not.
+    for hold in &admission.shared {
+        if matches!(hold.leasing, Leasing::Asking { wanted: Some(_) }) {
+            lease::end_election(host, &hold.key);
+        }
+    }
+    admission
+        .shared
+        .retain(|h| matches!(h.leasing, Leasing::Taken { .. }));
     admission.waiting = None;
     Ok(())
 }
@@ -701,14 +864,17 @@ pub fn on_store_answer(
     let Some(store) = config.store() else {
         return Ok(StoreStep::Go(admission));
     };
-    let all: Vec<Counter> = admission
+    let kind = if waiting.leasing { "lease" } else { "reserve" };
+    let n: usize = admission
         .shared
         .iter()
-        .flat_map(|h| h.counters.clone())
-        .collect();
-    let why = match store::parse_reply(answer, all.len()) {
+        .filter(|h| h.asked())
+        .map(|h| h.counters.len())
+        .sum();
+    let numbers = if waiting.leasing { 2 * n } else { n };
+    let why = match store::parse_reply(answer, numbers) {
         Reply::NoScript if !waiting.whole_script => {
-            let command = store::reserve_command(&all, true);
+            let (command, _) = store_command(&admission.shared, true);
             match host.call_out(&store::callout(store, &command)) {
                 Ok(call) => {
                     waiting.call = call;
@@ -725,20 +891,31 @@ pub fn on_store_answer(
             admitted: true,
             used,
         } => {
-            count_store_call(host, "reserve", "ok");
+            count_store_call(host, kind, "ok");
             let mut shown = std::mem::take(&mut waiting.local_shown);
             let first = admission.chain.first().copied();
-            let mut used = used.into_iter();
-            for hold in &admission.shared {
+            let granted = used.get(n..).unwrap_or(&[]).to_vec();
+            let mut used = used.into_iter().take(n);
+            let mut granted = granted.into_iter();
+            for hold in &mut admission.shared {
+                if let Leasing::Taken { seen } = &hold.leasing {
+                    if shows(&hold.targets, first) {
+                        for (c, u) in hold.counters.iter().zip(seen) {
+                            shown.push((Rc::clone(&hold.rule), standing_of(c, *u)));
+                        }
+                    }
+                    continue;
+                }
+                let mut after_all = Vec::with_capacity(hold.counters.len());
+                let mut extras = Vec::with_capacity(hold.counters.len());
                 for (i, c) in hold.counters.iter().enumerate() {
                     let after = u64::try_from(used.next().unwrap_or(0)).unwrap_or(0);
-                    let standing = Standing {
-                        limit: c.limit,
-                        used: after,
-                        resets_at_ms: c.resets_at_ms,
-                    };
+                    let extra = u64::try_from(granted.next().unwrap_or(0)).unwrap_or(0);
+                    after_all.push(after);
+                    extras.push(extra);
+                    let standing = standing_of(c, after);
                     let update = Update {
-                        used_before: after.saturating_sub(c.reserved),
+                        used_before: after.saturating_sub(c.reserved.saturating_add(extra)),
                         standing,
                     };
                     report(
@@ -753,6 +930,31 @@ pub fn on_store_answer(
                         shown.push((Rc::clone(&hold.rule), standing));
                     }
                 }
+                if let Leasing::Asking { wanted } = &hold.leasing {
+                    let elected = wanted.is_some();
+                    // The request's amount and the lease join this proxy's
+                    // lease; the request settles there.
+                    let reserved: Vec<u64> = hold.counters.iter().map(|c| c.reserved).collect();
+                    let leased: Vec<u64> = reserved
+                        .iter()
+                        .zip(&extras)
+                        .map(|(r, e)| r.saturating_add(*e))
+                        .collect();
+                    lease::apply_grant(
+                        host,
+                        &hold.key,
+                        &hold.counters,
+                        &leased,
+                        &reserved,
+                        &after_all,
+                        elected,
+                    );
+                    for (c, e) in hold.counters.iter().zip(&extras) {
+                        lease::count_units(host, store::meter_name(c.limit.meter), "granted", *e);
+                    }
+                    lease::remember(host, &hold.key);
+                    hold.leasing = Leasing::Taken { seen: after_all };
+                }
             }
             admission.headers = answer_headers(schema, &shown, alert_percents, now);
             return Ok(StoreStep::Go(admission));
@@ -762,16 +964,15 @@ pub fn on_store_answer(
             used,
         } => {
             // The refusal shown is the exceeded limit that resets last.
-            let mut used = used.into_iter();
+            let mut used = used.into_iter().take(n);
             let mut worst: Option<(&SharedHold, Standing)> = None;
-            for hold in &admission.shared {
+            let mut leases_seen: Vec<(&SharedHold, Vec<u64>)> = Vec::new();
+            for hold in admission.shared.iter().filter(|h| h.asked()) {
+                let mut seen = Vec::with_capacity(hold.counters.len());
                 for (i, c) in hold.counters.iter().enumerate() {
                     let now_used = u64::try_from(used.next().unwrap_or(0)).unwrap_or(0);
-                    let standing = Standing {
-                        limit: c.limit,
-                        used: now_used,
-                        resets_at_ms: c.resets_at_ms,
-                    };
+                    seen.push(now_used);
+                    let standing = standing_of(c, now_used);
                     // The admin gauge follows refusals too (nothing crossed).
                     let update = Update {
                         used_before: now_used,
@@ -792,10 +993,13 @@ pub fn on_store_answer(
                         worst = Some((hold, standing));
                     }
                 }
+                if matches!(hold.leasing, Leasing::Asking { .. }) {
+                    leases_seen.push((hold, seen));
+                }
             }
             match worst {
                 Some((hold, standing)) => {
-                    count_store_call(host, "reserve", "refused");
+                    count_store_call(host, kind, "refused");
                     let rejection = rejection(
                         schema,
                         &hold.rule.name,
@@ -803,6 +1007,11 @@ pub fn on_store_answer(
                         &asked_of(&hold.counters),
                         now,
                     );
+                    // Leases remember the store's counts, so requests that
+                    // cannot fit are refused here for a moment.
+                    for (hold, seen) in &leases_seen {
+                        lease::note_refusal(host, &hold.key, &hold.counters, seen, now);
+                    }
                     release_all(host, &mut admission, waiting.reserved_at_ms);
                     return Err(Box::new(rejection));
                 }
@@ -810,7 +1019,13 @@ pub fn on_store_answer(
             }
         }
     };
-    store_unavailable(host, who, &mut admission, &why, waiting.reserved_at_ms)?;
+    store_unavailable(
+        host,
+        who,
+        &mut admission,
+        (kind, &why),
+        waiting.reserved_at_ms,
+    )?;
     admission.headers = answer_headers(schema, &waiting.local_shown, alert_percents, now);
     Ok(StoreStep::Go(admission))
 }
@@ -995,9 +1210,40 @@ pub fn settle(
             report(host, alert_percents, &hold.rule, &hold.key, who, (i, u));
         }
     }
+    let Some(store_config) = config.store() else {
+        return;
+    };
+    // Leased holds settle in this proxy's lease; usage past it is sent in
+    // batches.
+    for hold in admission
+        .shared
+        .iter()
+        .filter(|h| matches!(h.leasing, Leasing::Taken { .. }))
+    {
+        let Some(policy) = hold.rule.lease.as_ref() else {
+            continue;
+        };
+        let amounts = match &hold.targets {
+            None => &actual,
+            Some(t) if outcome.served.is_some_and(|s| t.contains(&s)) => &actual,
+            Some(t) if t.iter().any(|&m| reached(m)) => &tried_only,
+            Some(_) => &untried,
+        };
+        let deltas: Vec<i64> = hold
+            .counters
+            .iter()
+            .map(|c| store::delta(c.reserved, amounts.of(c.limit.meter)))
+            .collect();
+        let owed = lease::settle(host, &hold.key, policy, &hold.counters, &deltas);
+        if !owed.is_empty() {
+            let owed: Vec<(&str, i64)> = owed.iter().map(|(k, d)| (k.as_str(), *d)).collect();
+            settle_shared(host, store_config, &owed, false, "settle");
+        }
+    }
     let deltas: Vec<(&str, i64)> = admission
         .shared
         .iter()
+        .filter(|h| h.leasing == Leasing::No)
         .flat_map(|hold| {
             let amounts = match &hold.targets {
                 None => &actual,
@@ -1014,36 +1260,37 @@ pub fn settle(
         })
         .filter(|(_, d)| *d != 0)
         .collect();
-    if let (Some(store), false) = (config.store(), deltas.is_empty()) {
-        settle_shared(host, store, &deltas, false);
+    if !deltas.is_empty() {
+        settle_shared(host, store_config, &deltas, false, "settle");
     }
 }
 
 /// Sends the settlement on behalf of the root context, so it lands even
 /// though the request is over; sent again whole if Redis lost the script.
-fn settle_shared(
+pub(crate) fn settle_shared(
     host: &mut dyn Host,
     store_config: &store::StoreConfig,
     deltas: &[(&str, i64)],
     whole_script: bool,
+    kind: &'static str,
 ) {
     let command = store::settle_command(deltas, whole_script);
     let owned: Vec<(String, i64)> = deltas.iter().map(|(k, d)| (k.to_string(), *d)).collect();
     let config = store_config.clone();
     let then: crate::host::DetachedHandler = Box::new(
         move |host, answer| match store::parse_reply(&answer, owned.len()) {
-            Reply::Done { .. } => count_store_call(host, "settle", "ok"),
+            Reply::Done { .. } => count_store_call(host, kind, "ok"),
             Reply::NoScript if !whole_script => {
                 let deltas: Vec<(&str, i64)> =
                     owned.iter().map(|(k, d)| (k.as_str(), *d)).collect();
-                settle_shared(host, &config, &deltas, true);
+                settle_shared(host, &config, &deltas, true, kind);
             }
             Reply::NoScript => {
-                count_store_call(host, "settle", "failed");
+                count_store_call(host, kind, "failed");
                 log::warn!("quota store: settle lost: Redis does not keep the script");
             }
             Reply::Failed(why) => {
-                count_store_call(host, "settle", "failed");
+                count_store_call(host, kind, "failed");
                 log::warn!(
                     "quota store: settle of {} counters lost: {why}",
                     owned.len()
@@ -1052,7 +1299,7 @@ fn settle_shared(
         },
     );
     if let Err(e) = host.call_out_detached(&store::callout(store_config, &command), then) {
-        count_store_call(host, "settle", "failed");
+        count_store_call(host, kind, "failed");
         log::warn!("quota store: settle not sent: {e}");
     }
 }

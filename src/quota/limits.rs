@@ -132,6 +132,9 @@ pub struct LimitRule {
     /// Counted in the shared store for every proxy (`shared: true`), with
     /// what to do when the store cannot answer; None: in this proxy only.
     pub shared: Option<FailureMode>,
+    /// A shared rule admitted from leases (`lease.rs`); None: exact mode,
+    /// one store call per request.
+    pub lease: Option<crate::quota::lease::LeasePolicy>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -372,6 +375,8 @@ pub struct Known<'a> {
     /// The store's default failure mode when `quotas.store` is configured;
     /// None: a rule cannot be shared.
     pub store: Option<FailureMode>,
+    /// `quotas.store.lease.proxies`: shared rules lease by default.
+    pub store_lease: Option<u64>,
 }
 
 /// Compiles `attribution`.
@@ -462,6 +467,7 @@ pub fn compile_quotas(
     let store = compile_store(raw.store.as_ref())?;
     let known = &Known {
         store: store.as_ref().map(|s| s.on_failure),
+        store_lease: store.as_ref().and_then(|s| s.lease_proxies),
         ..*known
     };
     let mut rules: Vec<Rc<LimitRule>> = Vec::with_capacity(raw.limits.len());
@@ -498,6 +504,7 @@ pub(crate) fn compile_rule(
     let mut downgrade = None;
     let mut shared = false;
     let mut on_store_failure = None;
+    let mut lease = None;
     for (field, value) in obj {
         let fat = format!("{at}.{field}");
         match field.as_str() {
@@ -513,6 +520,7 @@ pub(crate) fn compile_rule(
                 }
             }
             "on_store_failure" => on_store_failure = Some(FailureMode::parse(&fat, value)?),
+            "lease" => lease = Some((fat, value)),
             "name" => {
                 let n = value.as_str().filter(|n| {
                     !n.is_empty()
@@ -576,7 +584,7 @@ pub(crate) fn compile_rule(
                     return Err(ConfigError::new(
                         &fat,
                         format!(
-                            "unknown field (expected name, match, downgrade, shared, on_store_failure or a limit: {})",
+                            "unknown field (expected name, match, downgrade, shared, on_store_failure, lease or a limit: {})",
                             names.join(", ")
                         ),
                     ));
@@ -625,6 +633,25 @@ pub(crate) fn compile_rule(
             "applies only to a shared rule (set shared: true)",
         ));
     }
+    let lease = match lease {
+        // `lease: false` keeps a shared rule exact under a store-wide default.
+        Some((_, Value::Bool(false))) => None,
+        None => match known.store_lease.filter(|_| shared) {
+            Some(proxies) => Some(crate::quota::lease::compile(
+                &format!("{at}.lease"),
+                &serde_json::json!({ "proxies": proxies }),
+                &limits,
+            )?),
+            None => None,
+        },
+        Some((fat, _)) if !shared => {
+            return Err(ConfigError::new(
+                fat,
+                "applies only to a shared rule (set shared: true)",
+            ))
+        }
+        Some((fat, value)) => Some(crate::quota::lease::compile(&fat, value, &limits)?),
+    };
     let mut rule = LimitRule {
         name,
         matcher,
@@ -636,6 +663,7 @@ pub(crate) fn compile_rule(
             (true, Some(default)) => Some(on_store_failure.unwrap_or(default)),
             _ => None,
         },
+        lease,
     };
     if let Some(key) = rule.static_bucket() {
         rule.static_gauges = rule.limits.iter().map(|l| rule.gauge(&key, l)).collect();
@@ -742,6 +770,7 @@ mod tests {
             },
             virtual_key: &|k| k == "ci",
             identity: true,
+            store_lease: None,
             store: None,
         }
     }

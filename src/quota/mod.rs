@@ -4,6 +4,7 @@
 
 pub mod admission;
 pub mod buckets;
+pub mod lease;
 pub mod limits;
 pub mod pricing;
 pub mod store;

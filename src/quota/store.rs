@@ -26,7 +26,7 @@ use crate::quota::buckets::{window_end_ms, window_id, Limit, Meter, Window};
 /// The script, run with EVALSHA (EVAL when Redis does not have it yet).
 pub const SCRIPT: &str = include_str!("store.lua");
 /// SHA-1 of [`SCRIPT`], as Redis names it (checked by a test).
-pub const SCRIPT_SHA1: &str = "6873d3cc27a5d93181cc91a9b6efcf6d3667ea5f";
+pub const SCRIPT_SHA1: &str = "dac87d357645c8942ca2420ca3ead1e060830e39";
 /// How long a counter outlives its window: settles of requests that began
 /// before the window ended still find it, and proxies whose clocks run a
 /// little behind still share it.
@@ -65,6 +65,9 @@ pub struct StoreConfig {
     pub timeout_ms: u64,
     /// For shared rules that set no `on_store_failure`.
     pub on_failure: FailureMode,
+    /// `lease.proxies`: shared rules that set no `lease` lease with the
+    /// default sizes for this many proxies; None: they stay exact.
+    pub lease_proxies: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -77,6 +80,8 @@ struct RawStore {
     timeout_ms: Option<u64>,
     #[serde(default)]
     on_failure: Option<Value>,
+    #[serde(default)]
+    lease: Option<Value>,
 }
 
 /// Compiles `quotas.store`; None when it is absent.
@@ -114,11 +119,31 @@ pub fn compile_store(value: Option<&Value>) -> Result<Option<StoreConfig>, Confi
         None => FailureMode::Closed,
         Some(v) => FailureMode::parse(&format!("{at}.on_failure"), v)?,
     };
+    let lease_proxies = match &raw.lease {
+        None => None,
+        Some(v) => {
+            let obj = v.as_object().filter(|o| o.keys().all(|k| k == "proxies"));
+            let obj = obj.ok_or_else(|| {
+                ConfigError::new(
+                    format!("{at}.lease"),
+                    "must be {\"proxies\": P} (sizes are set per rule)",
+                )
+            })?;
+            let p = obj.get("proxies").and_then(Value::as_u64);
+            Some(p.filter(|p| (1..=10_000).contains(p)).ok_or_else(|| {
+                ConfigError::new(
+                    format!("{at}.lease.proxies"),
+                    "must be a whole number from 1 to 10000",
+                )
+            })?)
+        }
+    };
     Ok(Some(StoreConfig {
         cluster: raw.cluster,
         authority,
         timeout_ms,
         on_failure,
+        lease_proxies,
     }))
 }
 
@@ -133,7 +158,7 @@ pub struct Counter {
     pub resets_at_ms: u64,
 }
 
-fn meter_name(meter: Meter) -> &'static str {
+pub fn meter_name(meter: Meter) -> &'static str {
     match meter {
         Meter::Requests => "requests",
         Meter::Tokens => "tokens",
@@ -222,6 +247,25 @@ pub fn reserve_command(counters: &[Counter], whole_script: bool) -> String {
         args.push(c.limit.max.to_string());
         args.push(c.reserved.to_string());
         args.push((c.resets_at_ms / 1000 + KEY_MARGIN_S).to_string());
+    }
+    command(whole_script, &keys, &args)
+}
+
+/// A reservation of `counters` (all or nothing, as [`reserve_command`])
+/// that also leases up to `leases[i].0` more of counter i, at most its
+/// room divided by `leases[i].1` (see `lease.rs`). The reply has 2n
+/// numbers: each counter after, then the extras granted.
+pub fn lease_command(counters: &[Counter], leases: &[(u64, u64)], whole_script: bool) -> String {
+    let keys: Vec<&str> = counters.iter().map(|c| c.key.as_str()).collect();
+    let mut args = Vec::with_capacity(1 + 5 * counters.len());
+    args.push("lease".to_string());
+    for (i, c) in counters.iter().enumerate() {
+        let (extra, divisor) = leases.get(i).copied().unwrap_or((0, 1));
+        args.push(c.limit.max.to_string());
+        args.push(c.reserved.to_string());
+        args.push((c.resets_at_ms / 1000 + KEY_MARGIN_S).to_string());
+        args.push(extra.to_string());
+        args.push(divisor.max(1).to_string());
     }
     command(whole_script, &keys, &args)
 }
