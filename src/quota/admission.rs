@@ -745,14 +745,6 @@ fn release_all(host: &mut dyn Host, admission: &mut Admission, now: u64) {
     admission.waiting = None;
 }
 
-fn count_store_call(host: &mut dyn Host, kind: &str, outcome: &str) {
-    let name = metrics::labelled(
-        metrics::QUOTA_STORE_CALLS_TOTAL,
-        &[("kind", kind), ("outcome", outcome)],
-    );
-    host.count(&name, 1);
-}
-
 /// The store could not answer: each shared rule's `on_store_failure`
 /// decides. One closed rule refuses the request (503); when all are open it
 /// goes on under its local limits only.
@@ -769,7 +761,7 @@ fn store_unavailable(
         .find(|h| h.rule.shared == Some(FailureMode::Closed))
         .map(|h| h.rule.name.clone());
     if let Some(rule) = closed {
-        count_store_call(host, kind, "fail_closed");
+        store::count_call(host, kind, "fail_closed");
         log::warn!(
             "quota store: {why}; limit {rule:?} fails closed: caller {} refused",
             who.label()
@@ -790,7 +782,7 @@ fn store_unavailable(
             reason: "store_unavailable",
         }));
     }
-    count_store_call(host, kind, "fail_open");
+    store::count_call(host, kind, "fail_open");
     log::warn!(
         "quota store: {why}; shared limits fail open: caller {} admitted on local limits",
         who.label()
@@ -891,7 +883,7 @@ pub fn on_store_answer(
             admitted: true,
             used,
         } => {
-            count_store_call(host, kind, "ok");
+            store::count_call(host, kind, "ok");
             let mut shown = std::mem::take(&mut waiting.local_shown);
             let first = admission.chain.first().copied();
             let granted = used.get(n..).unwrap_or(&[]).to_vec();
@@ -999,7 +991,7 @@ pub fn on_store_answer(
             }
             match worst {
                 Some((hold, standing)) => {
-                    count_store_call(host, kind, "refused");
+                    store::count_call(host, kind, "refused");
                     let rejection = rejection(
                         schema,
                         &hold.rule.name,
@@ -1237,7 +1229,7 @@ pub fn settle(
         let owed = lease::settle(host, &hold.key, policy, &hold.counters, &deltas);
         if !owed.is_empty() {
             let owed: Vec<(&str, i64)> = owed.iter().map(|(k, d)| (k.as_str(), *d)).collect();
-            settle_shared(host, store_config, &owed, false, "settle");
+            store::settle(host, store_config, &owed, false, "settle");
         }
     }
     let deltas: Vec<(&str, i64)> = admission
@@ -1261,46 +1253,7 @@ pub fn settle(
         .filter(|(_, d)| *d != 0)
         .collect();
     if !deltas.is_empty() {
-        settle_shared(host, store_config, &deltas, false, "settle");
-    }
-}
-
-/// Sends the settlement on behalf of the root context, so it lands even
-/// though the request is over; sent again whole if Redis lost the script.
-pub(crate) fn settle_shared(
-    host: &mut dyn Host,
-    store_config: &store::StoreConfig,
-    deltas: &[(&str, i64)],
-    whole_script: bool,
-    kind: &'static str,
-) {
-    let command = store::settle_command(deltas, whole_script);
-    let owned: Vec<(String, i64)> = deltas.iter().map(|(k, d)| (k.to_string(), *d)).collect();
-    let config = store_config.clone();
-    let then: crate::host::DetachedHandler = Box::new(
-        move |host, answer| match store::parse_reply(&answer, owned.len()) {
-            Reply::Done { .. } => count_store_call(host, kind, "ok"),
-            Reply::NoScript if !whole_script => {
-                let deltas: Vec<(&str, i64)> =
-                    owned.iter().map(|(k, d)| (k.as_str(), *d)).collect();
-                settle_shared(host, &config, &deltas, true, kind);
-            }
-            Reply::NoScript => {
-                count_store_call(host, kind, "failed");
-                log::warn!("quota store: settle lost: Redis does not keep the script");
-            }
-            Reply::Failed(why) => {
-                count_store_call(host, kind, "failed");
-                log::warn!(
-                    "quota store: settle of {} counters lost: {why}",
-                    owned.len()
-                );
-            }
-        },
-    );
-    if let Err(e) = host.call_out_detached(&store::callout(store_config, &command), then) {
-        count_store_call(host, kind, "failed");
-        log::warn!("quota store: settle not sent: {e}");
+        store::settle(host, store_config, &deltas, false, "settle");
     }
 }
 

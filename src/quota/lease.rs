@@ -554,7 +554,7 @@ pub fn send_return(host: &mut dyn Host, store_config: &StoreConfig, back: &[(Str
         }
     }
     let deltas: Vec<(&str, i64)> = back.iter().map(|(k, d)| (k.as_str(), *d)).collect();
-    crate::quota::admission::settle_shared(host, store_config, &deltas, false, "return");
+    store::settle(host, store_config, &deltas, false, "return");
 }
 
 fn meter_of_key(key: &str) -> Option<&'static str> {

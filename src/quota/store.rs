@@ -20,7 +20,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::config::error::ConfigError;
-use crate::host::{Callout, CalloutAnswer, CalloutKind};
+use crate::host::{Callout, CalloutAnswer, CalloutKind, Host};
+use crate::metrics;
 use crate::quota::buckets::{window_end_ms, window_id, Limit, Meter, Window};
 
 /// The script, run with EVALSHA (EVAL when Redis does not have it yet).
@@ -353,6 +354,56 @@ pub fn parse_reply(answer: &CalloutAnswer, n: usize) -> Reply {
 pub fn delta(reserved: u64, actual: u64) -> i64 {
     let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     clamp(actual).saturating_sub(clamp(reserved))
+}
+
+/// Counts one call to the store by kind (reserve, settle, lease, return)
+/// and outcome, in `meshllm_quota_store_calls_total`.
+pub(crate) fn count_call(host: &mut dyn Host, kind: &str, outcome: &str) {
+    let name = metrics::labelled(
+        metrics::QUOTA_STORE_CALLS_TOTAL,
+        &[("kind", kind), ("outcome", outcome)],
+    );
+    host.count(&name, 1);
+}
+
+/// Sends the settlement on behalf of the root context, so it lands even
+/// though the request is over; sent again whole if Redis lost the script.
+pub(crate) fn settle(
+    host: &mut dyn Host,
+    store_config: &StoreConfig,
+    deltas: &[(&str, i64)],
+    whole_script: bool,
+    kind: &'static str,
+) {
+    let command = settle_command(deltas, whole_script);
+    let owned: Vec<(String, i64)> = deltas.iter().map(|(k, d)| (k.to_string(), *d)).collect();
+    let config = store_config.clone();
+    let then: crate::host::DetachedHandler =
+        Box::new(
+            move |host, answer| match parse_reply(&answer, owned.len()) {
+                Reply::Done { .. } => count_call(host, kind, "ok"),
+                Reply::NoScript if !whole_script => {
+                    let deltas: Vec<(&str, i64)> =
+                        owned.iter().map(|(k, d)| (k.as_str(), *d)).collect();
+                    settle(host, &config, &deltas, true, kind);
+                }
+                Reply::NoScript => {
+                    count_call(host, kind, "failed");
+                    log::warn!("quota store: settle lost: Redis does not keep the script");
+                }
+                Reply::Failed(why) => {
+                    count_call(host, kind, "failed");
+                    log::warn!(
+                        "quota store: settle of {} counters lost: {why}",
+                        owned.len()
+                    );
+                }
+            },
+        );
+    if let Err(e) = host.call_out_detached(&callout(store_config, &command), then) {
+        count_call(host, kind, "failed");
+        log::warn!("quota store: settle not sent: {e}");
+    }
 }
 
 #[cfg(test)]
