@@ -19,6 +19,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
 import urllib.request
@@ -64,6 +65,21 @@ NODE = {
 
 KB = 1024
 MB = 1024 * 1024
+WEBDIS_CONFIG = ROOT / "envoy" / "webdis.json"
+STORE_TARGETS = ("shared", "leased")
+
+
+def store_config(lease):
+    """meshllm's config with its quota rule counted in the shared store:
+    exact (a store round trip per request) or leased (one proxy, the default
+    lease of a tenth of the limit: nearly every request from the lease)."""
+    cfg = json.loads(json.dumps(PLUGIN_CONFIG))
+    rule = cfg["quotas"]["limits"][0]
+    rule["shared"] = True
+    if lease:
+        rule["lease"] = {"proxies": 1}
+    cfg["quotas"]["store"] = {"cluster": "quota_store", "timeout_ms": 1000, "on_failure": "closed"}
+    return cfg
 
 
 def free_port():
@@ -109,6 +125,37 @@ class Proc:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+def start_store(work, cpus):
+    """redis-server (no persistence) and webdis with the shipped config, on
+    free ports and the non-Envoy cores; (procs, webdis port)."""
+    redis_port, webdis_port = free_port(), free_port()
+    redis = Proc(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
+                  "--save", "", "--appendonly", "no"], os.path.join(work, "redis.log"), cpus=cpus)
+    cfg = json.loads(WEBDIS_CONFIG.read_text())
+    cfg.update({"redis_port": redis_port, "http_port": webdis_port, "daemonize": False,
+                "logfile": os.path.join(work, "webdis.log")})
+    cfg.pop("pidfile", None)
+    path = os.path.join(work, "webdis.json")
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    webdis = Proc(["webdis", path], os.path.join(work, "webdis.out"), cpus=cpus)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{webdis_port}/EVAL/return%201/0",
+                                        timeout=1) as r:
+                if r.status == 200:
+                    return [redis, webdis], webdis_port
+        except OSError:
+            pass
+        time.sleep(0.1)
+    for p in (webdis, redis):
+        p.stop()
+    logs = "".join(Path(work, n).read_text()[-1500:] for n in ("redis.log", "webdis.log")
+                   if Path(work, n).exists())
+    raise SystemExit("redis-server and webdis did not start:\n" + logs)
 
 
 def cpu_sets():
@@ -284,6 +331,28 @@ def run(profile, out_dir, label=""):
             envoy.wait_ready()
         memory_start = {name: envoy.rss_kib() for name, envoy in envoys.items()}
 
+        # The shared store's cost, only where its tools are installed.
+        store_envoys = {}
+        store_note = None
+        missing = [b for b in ("redis-server", "webdis") if not shutil.which(b)]
+        if missing:
+            store_note = f"not measured: {' and '.join(missing)} not on PATH (make test-tools)"
+            print(f"store targets {store_note}", file=sys.stderr)
+        else:
+            store_procs, webdis_port = start_store(work, client_cpus)
+            procs.extend(store_procs)
+            store_upstreams = dict(upstreams, quota_store=("127.0.0.1", webdis_port))
+            for name in STORE_TARGETS:
+                cfg = store_config(lease=name == "leased")
+                envoy = Envoy(name, render.render(
+                    cfg, wasm=str(WASM), port=free_port(), admin_port=free_port(),
+                    upstreams=store_upstreams, node=NODE), work, envoy_cpu, KEYS)
+                procs.append(envoy)
+                store_envoys[name] = envoy
+            for envoy in store_envoys.values():
+                envoy.wait_ready()
+        store_targets = {n: e.addr for n, e in store_envoys.items()}
+
         bench = Bench(profile, client_cpus)
         targets = {"direct": f"127.0.0.1:{mock_port}", "plain": plain.addr, "floor": floor.addr,
                    "meshllm": meshllm.addr}
@@ -295,10 +364,13 @@ def run(profile, out_dir, label=""):
         for kind, model in kinds:
             for size in (1 * KB, 100 * KB, 1 * MB):
                 n = profile.latency_requests[size]
-                rounds = interleaved(profile, targets, lambda t, addr: bench.tool(
+                # The store targets join the passthrough 1 KB rounds only.
+                with_store = kind == "passthrough" and size == KB
+                these = dict(targets, **store_targets) if with_store else targets
+                rounds = interleaved(profile, these, lambda t, addr: bench.tool(
                     "latency", addr, model, size, requests=n, warmup=max(5, n // 10)))
                 row = {"scenario": kind, "body_bytes": size, "requests": n}
-                for t in targets:
+                for t in these:
                     row[t] = {p: median_of(rounds[t], p) for p in ("p50_us", "p99_us")}
                 row["added_p50_us"] = round(row["meshllm"]["p50_us"] - row["plain"]["p50_us"], 1)
                 row["added_p99_us"] = round(row["meshllm"]["p99_us"] - row["plain"]["p99_us"], 1)
@@ -309,7 +381,7 @@ def run(profile, out_dir, label=""):
         throughput = []
         for kind, model in kinds:
             def load(t, addr):
-                envoy = envoys.get(t)
+                envoy = envoys.get(t) or store_envoys.get(t)
                 cpu_before = envoy.cpu_seconds() if envoy else 0
                 r = bench.tool("load", addr, model, 1 * KB, connections=profile.connections,
                                seconds=profile.load_seconds)
@@ -318,12 +390,13 @@ def run(profile, out_dir, label=""):
                         1e6 * (envoy.cpu_seconds() - cpu_before) / max(r["ok"], 1)
                 return r
 
-            rounds = interleaved(profile, targets, load)
+            these = dict(targets, **store_targets) if kind == "passthrough" else targets
+            rounds = interleaved(profile, these, load)
             row = {"scenario": kind, "body_bytes": 1 * KB, "connections": profile.connections}
-            for t in targets:
+            for t in these:
                 row[t] = {"rps": median_of(rounds[t], "rps"),
                           "failed": sum(r["failed"] for r in rounds[t])}
-                if t in envoys:
+                if t in envoys or t in store_envoys:
                     row[t]["cpu_us_per_request"] = median_of(rounds[t], "cpu_us_per_request")
             row["ratio_to_plain"] = round(row["meshllm"]["rps"] / max(row["plain"]["rps"], 1), 3)
             row["floor_ratio_to_plain"] = round(row["floor"]["rps"] / max(row["plain"]["rps"], 1), 3)
@@ -374,6 +447,7 @@ def run(profile, out_dir, label=""):
     finally:
         for p in reversed(procs):
             p.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -385,6 +459,7 @@ def run(profile, out_dir, label=""):
         "streaming": streaming,
         "memory": memory,
     }
+    result["store"] = store_cost(latency, throughput, list(store_targets), store_note)
     result["budget"] = budget(result)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -396,6 +471,28 @@ def run(profile, out_dir, label=""):
     print(md_path.read_text())
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
     return result
+
+
+def store_cost(latency, throughput, names, note):
+    """The shared store's cost for passthrough 1 KB: each store target's
+    figures and what it adds over meshllm with local quotas."""
+    if not names:
+        return {"note": note, "targets": {}}
+    lat = next(r for r in latency if r["scenario"] == "passthrough" and r["body_bytes"] == KB)
+    tput = next(r for r in throughput if r["scenario"] == "passthrough")
+    local = {**lat["meshllm"], **tput["meshllm"]}
+    out = {}
+    for name in names:
+        x = {**lat[name], **tput[name]}
+        x["added_p50_us"] = round(x["p50_us"] - local["p50_us"], 1)
+        x["added_p99_us"] = round(x["p99_us"] - local["p99_us"], 1)
+        x["added_cpu_us_per_request"] = round(x["cpu_us_per_request"] - local["cpu_us_per_request"], 1)
+        x["ratio_to_meshllm"] = round(x["rps"] / max(local["rps"], 1), 3)
+        out[name] = x
+    return {"note": "passthrough 1 KB; added = the target minus meshllm (local quotas); "
+                    "shared = the quota rule exact in the store (a webdis+Redis round trip "
+                    "per request), leased = the same rule with a lease for one proxy",
+            "meshllm": local, "targets": out}
 
 
 def method(profile, envoy_cpu, client_cpus):
@@ -522,7 +619,28 @@ def markdown(r):
           f"{mem[n]['warm_kib']} | {mem[n]['after_kib']} | {mem[n]['growth_kib']} |"
           for n in ("plain", "floor", "meshllm")],
         "",
+        "## The shared quota store's cost (passthrough 1 KB)",
+        "",
     ]
+    store = r["store"]
+    if not store["targets"]:
+        lines += [store["note"], ""]
+    else:
+        local = store["meshllm"]
+        lines += [
+            store["note"] + ".",
+            "",
+            "| target | p50 | added p50 | p99 | added p99 | requests/s | / meshllm | "
+            "Envoy CPU µs per request | added CPU µs | failed |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            f"| meshllm (local quotas) | {local['p50_us']} | | {local['p99_us']} | | "
+            f"{local['rps']} | | {local['cpu_us_per_request']} | | {local['failed']} |",
+            *[f"| {n} | {x['p50_us']} | **{x['added_p50_us']}** | {x['p99_us']} | "
+              f"{x['added_p99_us']} | {x['rps']} | {x['ratio_to_meshllm']} | "
+              f"{x['cpu_us_per_request']} | **{x['added_cpu_us_per_request']}** | {x['failed']} |"
+              for n, x in store["targets"].items()],
+            "",
+        ]
     return "\n".join(lines)
 
 

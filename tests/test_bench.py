@@ -5,6 +5,7 @@ measured by `make bench` and recorded in bench/README.md, never asserted in
 tests."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -57,3 +58,20 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
                     "## Streaming", "## Envoy memory"):
         assert heading in text
     assert r["machine"]["commit"] in text
+
+    # The shared store's targets, where redis-server and webdis are installed.
+    assert "## The shared quota store's cost" in text
+    if shutil.which("redis-server") and shutil.which("webdis"):
+        [lat] = [x for x in r["latency"] if (x["scenario"], x["body_bytes"]) == ("passthrough", 1024)]
+        [tput] = [x for x in r["throughput"] if x["scenario"] == "passthrough"]
+        assert set(r["store"]["targets"]) == {"shared", "leased"}
+        for t in ("shared", "leased"):
+            assert lat[t]["p50_us"] > 0 and lat[t]["p99_us"] >= lat[t]["p50_us"]
+            # The store fails closed: a request it did not answer would fail.
+            assert tput[t]["rps"] > 0 and tput[t]["failed"] == 0
+            assert tput[t]["cpu_us_per_request"] > 0
+            x = r["store"]["targets"][t]
+            assert x["added_p50_us"] == round(x["p50_us"] - lat["meshllm"]["p50_us"], 1)
+            assert f"| {t} |" in text
+    else:
+        assert r["store"]["targets"] == {} and "not on PATH" in r["store"]["note"]
