@@ -24,3 +24,7 @@ pub mod translate;
 // glue, but clippy checks it everywhere.
 #[cfg(any(target_arch = "wasm32", clippy))]
 mod glue;
+
+// The native adapter exists only in the native build (`--features native`).
+#[cfg(any(feature = "native", clippy))]
+pub mod native;
