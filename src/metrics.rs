@@ -69,6 +69,191 @@ pub const LABELS: &[&str] = &[
     "outcome",
 ];
 
+/// What kind of stat a metric is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// One metric and every label it may carry. The native build defines each
+/// family up front with these label names (Envoy allows definitions only
+/// while a filter config is created); a label a series does not carry is
+/// left empty there, which Prometheus reads as absent. The mock host checks
+/// every metric the tests emit against this table.
+#[derive(Debug)]
+pub struct Family {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub labels: &'static [&'static str],
+    /// Also carries the configured attribution tags as `tag_<name>`.
+    pub tags: bool,
+}
+
+const CALL: [&str; 6] = [
+    "caller_namespace",
+    "caller_service",
+    "gen_ai_operation_name",
+    "gen_ai_provider_name",
+    "gen_ai_request_model",
+    "gen_ai_response_model",
+];
+
+/// `CALL` followed by one more label.
+const fn call_and(extra: &'static str) -> [&'static str; 7] {
+    [CALL[0], CALL[1], CALL[2], CALL[3], CALL[4], CALL[5], extra]
+}
+
+const CALL_ERROR: [&str; 7] = call_and("error_type");
+const CALL_TOKEN_TYPE: [&str; 7] = call_and("gen_ai_token_type");
+const CALL_ROUTE_REASON: [&str; 7] = call_and("route_reason");
+const CALL_FALLBACK_FROM: [&str; 7] = call_and("fallback_from");
+const QUOTA_REFUSAL: [&str; 8] = [
+    CALL[0], CALL[1], CALL[2], CALL[3], CALL[4], CALL[5], "limit", "reason",
+];
+const KIND_OUTCOME: [&str; 2] = ["kind", "outcome"];
+
+pub const FAMILIES: &[Family] = &[
+    Family {
+        name: REQUESTS_TOTAL,
+        kind: Kind::Counter,
+        labels: &CALL_ERROR,
+        tags: true,
+    },
+    Family {
+        name: REQUEST_DURATION,
+        kind: Kind::Histogram,
+        labels: &CALL_ERROR,
+        tags: true,
+    },
+    Family {
+        name: TIME_TO_FIRST_TOKEN,
+        kind: Kind::Histogram,
+        labels: &CALL,
+        tags: true,
+    },
+    Family {
+        name: TIME_PER_OUTPUT_TOKEN,
+        kind: Kind::Histogram,
+        labels: &CALL,
+        tags: true,
+    },
+    Family {
+        name: TOKEN_USAGE,
+        kind: Kind::Histogram,
+        labels: &CALL_TOKEN_TYPE,
+        tags: true,
+    },
+    Family {
+        name: TOKENS_TOTAL,
+        kind: Kind::Counter,
+        labels: &CALL_TOKEN_TYPE,
+        tags: true,
+    },
+    Family {
+        name: COST_TOTAL,
+        kind: Kind::Counter,
+        labels: &CALL,
+        tags: true,
+    },
+    Family {
+        name: ATTEMPTS_TOTAL,
+        kind: Kind::Counter,
+        labels: &CALL_ERROR,
+        tags: true,
+    },
+    Family {
+        name: FALLBACKS_TOTAL,
+        kind: Kind::Counter,
+        labels: &CALL_FALLBACK_FROM,
+        tags: true,
+    },
+    Family {
+        name: ROUTE_DECISIONS_TOTAL,
+        kind: Kind::Counter,
+        labels: &CALL_ROUTE_REASON,
+        tags: true,
+    },
+    Family {
+        name: QUOTA_REJECTIONS_TOTAL,
+        kind: Kind::Counter,
+        labels: &QUOTA_REFUSAL,
+        tags: true,
+    },
+    Family {
+        name: BUDGET_USED_PERCENT,
+        kind: Kind::Gauge,
+        labels: &[
+            "caller_namespace",
+            "caller_service",
+            "limit",
+            "kind",
+            "scope",
+        ],
+        tags: false,
+    },
+    Family {
+        name: QUOTA_STORE_CALLS_TOTAL,
+        kind: Kind::Counter,
+        labels: &KIND_OUTCOME,
+        tags: false,
+    },
+    Family {
+        name: QUOTA_LEASE_UNITS_TOTAL,
+        kind: Kind::Counter,
+        labels: &KIND_OUTCOME,
+        tags: false,
+    },
+    Family {
+        name: QUOTA_LEASE_ADMISSIONS_TOTAL,
+        kind: Kind::Counter,
+        labels: &[],
+        tags: false,
+    },
+];
+
+/// The family of metric `name` (without labels).
+pub fn family(name: &str) -> Option<(usize, &'static Family)> {
+    FAMILIES.iter().enumerate().find(|(_, f)| f.name == name)
+}
+
+/// A metric name with its labels split off: `name;k=v;k=v` into `name`
+/// and the pairs (values never contain `;` or `=`, see `push_label`).
+pub fn split(name: &str) -> (&str, impl Iterator<Item = (&str, &str)>) {
+    let mut parts = name.split(';');
+    let base = parts.next().unwrap_or_default();
+    (base, parts.filter_map(|p| p.split_once('=')))
+}
+
+impl Labels {
+    /// The label pairs, in order.
+    pub fn pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        split(&self.0).1
+    }
+}
+
+/// Why a metric update does not fit the table, or None when it does.
+pub fn misfit(name: &str, kind: Kind) -> Option<String> {
+    let (base, pairs) = split(name);
+    let Some((_, family)) = family(base) else {
+        return Some(format!("{base} is not in metrics::FAMILIES"));
+    };
+    if family.kind != kind {
+        return Some(format!(
+            "{base} is a {:?}, updated as a {kind:?}",
+            family.kind
+        ));
+    }
+    for (label, _) in pairs {
+        let tag = family.tags && label.starts_with("tag_");
+        if !tag && !family.labels.contains(&label) {
+            return Some(format!("{base} has no label {label} in metrics::FAMILIES"));
+        }
+    }
+    None
+}
+
 /// A map keyed by metric names, such as the glue's metric ids.
 pub type NameMap<V> = HashMap<String, V, BuildHasherDefault<NameHasher>>;
 

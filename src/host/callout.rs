@@ -72,4 +72,5 @@ impl CalloutAnswer {
 /// What a detached call does with its answer, in the root context: the
 /// request that issued it may be gone by then, so only shared data,
 /// metrics and further detached calls are of use in the host it is given.
-pub type DetachedHandler = Box<dyn FnOnce(&mut dyn crate::host::Host, CalloutAnswer)>;
+/// `Send`: the native build runs it on Envoy's main thread.
+pub type DetachedHandler = Box<dyn FnOnce(&mut dyn crate::host::Host, CalloutAnswer) + Send>;

@@ -484,6 +484,7 @@ impl Host for MockHost {
         Ok(())
     }
     fn count(&mut self, name: &str, delta: u64) {
+        fits_table(name, crate::metrics::Kind::Counter);
         // Like the glue: a zero increment makes no host call.
         if delta > 0 {
             self.tally("metric", name.len());
@@ -491,10 +492,12 @@ impl Host for MockHost {
         *self.counters.entry(name.to_string()).or_default() += delta;
     }
     fn gauge(&mut self, name: &str, value: u64) {
+        fits_table(name, crate::metrics::Kind::Gauge);
         self.tally("metric", name.len());
         self.gauges.insert(name.to_string(), value);
     }
     fn histogram(&mut self, name: &str, value: u64) {
+        fits_table(name, crate::metrics::Kind::Histogram);
         self.tally("metric", name.len());
         self.histograms
             .entry(name.to_string())
@@ -632,5 +635,12 @@ mod tests {
         assert!(h.remove_request_header(":path").is_err());
         assert_eq!(h.req(":path").as_deref(), Some("/"));
         assert!(h.send_response(200, &[], b"").is_ok());
+    }
+}
+
+/// Every metric a test emits must be one the native build can define.
+fn fits_table(name: &str, kind: crate::metrics::Kind) {
+    if let Some(why) = crate::metrics::misfit(name, kind) {
+        panic!("metric update {name}: {why}");
     }
 }

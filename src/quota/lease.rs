@@ -30,8 +30,8 @@
 //!   unsent usage forward. A window that ended is dropped, not returned:
 //!   its counter no longer limits anything and expires.
 
-use std::cell::RefCell;
 use std::collections::BTreeSet;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -506,18 +506,22 @@ pub fn holds_unused(store: &dyn SharedData, bucket: &str) -> bool {
         .is_some_and(|s| s.slots.iter().any(|slot| slot.granted != slot.used))
 }
 
-thread_local! {
-    /// Buckets whose leases this worker took from, for [`return_idle`].
-    static HELD: RefCell<BTreeSet<String>> = const { RefCell::new(BTreeSet::new()) };
+/// Buckets whose leases were taken from, for [`return_idle`]. Per worker
+/// in the Wasm build (each VM has its own statics); per process in the
+/// native build, where the root's timer runs on the main thread.
+static HELD: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+fn held() -> MutexGuard<'static, BTreeSet<String>> {
+    HELD.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Notes that this worker holds a lease of `bucket`; the first time, arms
 /// the root context's timer that returns it once idle.
 pub fn remember(host: &mut dyn Host, bucket: &str) {
-    let new = HELD.with(|h| {
-        let mut h = h.borrow_mut();
+    let new = {
+        let mut h = held();
         !h.contains(bucket) && h.insert(bucket.to_string())
-    });
+    };
     if new {
         if let Err(e) = host.wake_root_in(IDLE_CHECK_MS) {
             log::warn!("quota lease: {bucket}: idle return not scheduled: {e}");
@@ -529,7 +533,7 @@ pub fn remember(host: &mut dyn Host, bucket: &str) {
 /// for [`IDLE_MS`]; true while some lease still holds unused units.
 pub fn return_idle(host: &mut dyn Host, store_config: &StoreConfig) -> bool {
     let now = host.now_unix_millis();
-    let buckets: Vec<String> = HELD.with(|h| h.borrow().iter().cloned().collect());
+    let buckets: Vec<String> = held().iter().cloned().collect();
     let mut holding = false;
     for bucket in buckets {
         let back = reclaim(host, &bucket, now, IDLE_MS);
@@ -537,7 +541,7 @@ pub fn return_idle(host: &mut dyn Host, store_config: &StoreConfig) -> bool {
         if holds_unused(host, &bucket) {
             holding = true;
         } else {
-            HELD.with(|h| h.borrow_mut().remove(&bucket));
+            held().remove(&bucket);
         }
     }
     holding
