@@ -4,6 +4,13 @@
 SHELL      := /bin/bash
 TARGET     := wasm32-wasip1
 WASM       := target/$(TARGET)/release/meshllm.wasm
+# The same gateway as an Envoy dynamic module (host cargo, no wasm toolchain).
+NATIVE     := target/native/libmeshllm.so
+# `make run MODE=native` loads the native module instead of the Wasm filter.
+MODE       ?= wasm
+ifeq ($(filter $(MODE),wasm native),)
+$(error MODE must be wasm or native, not '$(MODE)')
+endif
 VENV       := .venv
 PY         := $(VENV)/bin/python
 PORT       ?= 10000
@@ -11,7 +18,7 @@ PORT       ?= 10000
 # the route used where `rustup target add` cannot download.
 DEB_WASM_PKGS := rustc-web cargo-web rust-web-src lld-22 wasi-libc
 
-.PHONY: all build oci run test test-unit test-integration test-tools lint fmt deps venv wasm-toolchain envoy-config k8s bench bench-build clean
+.PHONY: all build build-wasm build-native oci run test test-unit test-integration test-tools lint fmt deps venv wasm-toolchain envoy-config k8s bench bench-build clean
 
 all: build
 
@@ -57,7 +64,9 @@ deps: wasm-toolchain venv test-tools
 
 # --- build ------------------------------------------------------------------
 
-build: wasm-toolchain
+build: build-wasm build-native
+
+build-wasm: wasm-toolchain
 	@if rustup target list --installed 2>/dev/null | grep -qx '$(TARGET)'; then \
 	  cargo build --release --target $(TARGET); \
 	else \
@@ -69,21 +78,27 @@ build: wasm-toolchain
 	fi
 	@ls -l $(WASM)
 
+build-native:
+	cargo build --profile native --features native --lib
+	@ls -l $(NATIVE)
+
 # The filter as an OCI image for Istio's WasmPlugin (`url: oci://...`), its
 # layout and archive in target/oci; see k8s/tools/README.md. Standard library
 # only, so plain python3 serves when there is no venv.
-oci: build
+oci: build-wasm
 	@py=$(PY); [ -x $$py ] || py=python3; \
 	$$py k8s/tools/oci.py --wasm $(WASM) --out-dir target/oci
 
 # --- run --------------------------------------------------------------------
 
-# Envoy with the filter on 127.0.0.1:$(PORT). Providers whose API key is set in
-# the environment are used for real; the others are answered by the demo
-# provider that this command starts beside Envoy. Envoy's admin interface is
+# Envoy with the filter on 127.0.0.1:$(PORT); MODE=native loads the native
+# module instead (MODE=wasm, the default: the Wasm filter). Providers whose
+# API key is set in the environment are used for real; the others are
+# answered by the demo provider that this command starts beside Envoy. Envoy's admin interface is
 # on ADMIN_PORT when set, else on 9901 or, when that is taken, a free port.
-run: build venv
-	$(PY) envoy/tools/run.py --port $(PORT) $(if $(ADMIN_PORT),--admin-port $(ADMIN_PORT)) --wasm $(WASM)
+run: build-$(MODE) venv
+	$(PY) envoy/tools/run.py --port $(PORT) $(if $(ADMIN_PORT),--admin-port $(ADMIN_PORT)) \
+	  --build $(MODE) $(if $(filter native,$(MODE)),--module $(NATIVE),--wasm $(WASM))
 
 # --- checks -----------------------------------------------------------------
 
@@ -104,8 +119,12 @@ test-unit:
 	cargo test
 	cargo test --manifest-path bench/Cargo.toml
 
+# The whole suite with the Wasm build, then the tests that load the gateway
+# into Envoy (marker `envoy`) once more with the native build: the same
+# assertions for both (tests marked wasm_only are skipped there).
 test-integration: build venv test-tools bench-build
-	$(PY) -m pytest -q tests
+	MESHLLM_BUILD=wasm $(PY) -m pytest -q tests
+	MESHLLM_BUILD=native $(PY) -m pytest -q -m envoy tests
 
 test: deps lint test-unit test-integration
 
@@ -119,7 +138,7 @@ bench: bench-build
 
 # The load generator and mock provider (native), and the empty filter that
 # measures the floor any Wasm filter costs (wasm32, as `build` does it).
-bench-build: build venv
+bench-build: build-wasm venv
 	cargo build --release --manifest-path bench/Cargo.toml
 	@if rustup target list --installed 2>/dev/null | grep -qx '$(TARGET)'; then \
 	  cargo build --release --target $(TARGET) --manifest-path bench/nullfilter/Cargo.toml; \

@@ -1,5 +1,12 @@
 """Fixtures: mock providers on loopback and a real Envoy running the built
-meshllm.wasm, on free ports, started and stopped by PID."""
+gateway, on free ports, started and stopped by PID.
+
+MESHLLM_BUILD picks the build every `Envoy(...)` loads: `wasm` (default,
+meshllm.wasm) or `native` (the dynamic module libmeshllm.so); the tests'
+assertions are the same for both. Tests that load the gateway into Envoy
+take the `wasm` fixture (the built artifact of the selected build, whatever
+its name) and are marked `envoy`: `make test` runs those once more with
+MESHLLM_BUILD=native. Tests marked `wasm_only("why")` are skipped there."""
 
 import copy
 import json
@@ -26,6 +33,16 @@ from mock_provider import MockProvider  # noqa: E402
 from run import envoy_binary, free_port  # noqa: E402,F401  (shared with `make run`)
 
 WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "meshllm.wasm"
+NATIVE = ROOT / render.NATIVE_DEFAULT
+
+BUILD = os.environ.get("MESHLLM_BUILD", "wasm")
+if BUILD not in render.BUILDS:
+    raise pytest.UsageError(f"MESHLLM_BUILD={BUILD!r}: one of {', '.join(render.BUILDS)}")
+# What Envoy loads in this run, and how it is built.
+ARTIFACT = NATIVE if BUILD == "native" else WASM
+BUILD_COMMAND = "make build"
+# Envoy's loggers for either build's own log lines.
+LOG_COMPONENTS = "wasm:info,dynamic_modules:info"
 EXAMPLE_CONFIG = ROOT / "envoy" / "meshllm.json"
 
 # Fake provider keys the gateway's Envoy gets in its environment.
@@ -81,6 +98,17 @@ def wait_for(predicate, timeout=10, interval=0.05):
     return predicate()
 
 
+# A metric the native module defines shows on /stats/prometheus under its
+# metrics namespace (`envoy_dynamicmodulescustom_<name>`, or without `envoy_`
+# where Envoy strips the namespace); the Wasm build's under none.
+NATIVE_METRIC_PREFIX = re.compile(rf"^(?:envoy_)?{re.escape(render.NATIVE_METRICS_NAMESPACE)}_")
+
+
+def metric_name(prometheus_name):
+    """A Prometheus metric name as the tests spell it, for either build."""
+    return NATIVE_METRIC_PREFIX.sub("", prometheus_name)
+
+
 class Envoy:
     """A real Envoy with the filter, configured from a plugin config dict."""
 
@@ -95,7 +123,9 @@ class Envoy:
         self.access_log = os.path.join(self.dir, "access.log")
         bootstrap = render.render(
             plugin_config,
+            build=BUILD,
             wasm=str(WASM),
+            module=str(NATIVE),
             port=self.port,
             admin_port=self.admin_port,
             upstreams=upstreams,
@@ -135,7 +165,7 @@ class Envoy:
                 # Access-log lines reach the file within 0.2 s, not 10 s.
                 "--file-flush-interval-msec", "200",
                 "-l", os.environ.get("ENVOY_LOG_LEVEL", "warning"),
-                "--component-log-level", "wasm:info",
+                "--component-log-level", LOG_COMPONENTS,
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -205,7 +235,7 @@ class Envoy:
         out = []
         for line in self.prometheus().splitlines():
             m = re.match(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)$", line)
-            if m and m.group(1) == name:
+            if m and metric_name(m.group(1)) == name:
                 labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
                 out.append((labels, float(m.group(3))))
         return out
@@ -258,11 +288,36 @@ def gateway_plugin_config(dead_port, max_request_bytes=262144):
     return cfg
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "envoy: loads the gateway into Envoy (takes the `wasm` fixture); run for "
+        "each build")
+    config.addinivalue_line(
+        "markers", "wasm_only(reason): only the Wasm build has this (Istio's WasmPlugin, OCI "
+        "packaging of the .wasm, the Wasm VM); skipped with MESHLLM_BUILD=native")
+
+
+def pytest_report_header(config):
+    return f"meshllm build: {BUILD} ({ARTIFACT.relative_to(ROOT)})"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "wasm" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.envoy)
+        only = item.get_closest_marker("wasm_only")
+        if only and BUILD != "wasm":
+            why = only.args[0] if only.args else only.kwargs.get("reason", "")
+            item.add_marker(pytest.mark.skip(reason=f"wasm only: {why}".rstrip(": ")))
+
+
 @pytest.fixture(scope="session")
 def wasm():
-    if not WASM.exists():
-        pytest.fail(f"{WASM} is missing: run `make build` first")
-    return WASM
+    """The built gateway of this run's build (MESHLLM_BUILD): meshllm.wasm,
+    or libmeshllm.so for native. A missing artifact fails, never skips."""
+    if not ARTIFACT.exists():
+        pytest.fail(f"{ARTIFACT} is missing (MESHLLM_BUILD={BUILD}): run `{BUILD_COMMAND}` first")
+    return ARTIFACT
 
 
 @pytest.fixture(scope="session")

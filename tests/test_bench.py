@@ -9,7 +9,12 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.wasm_only(
+    "bench/bench.py measures the Wasm build against the empty Wasm filter")
 
 TARGETS = ("direct", "plain", "floor", "meshllm")
 

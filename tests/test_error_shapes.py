@@ -460,6 +460,8 @@ def test_each_sdk_raises_its_own_error_with_the_message(envoy, caller, behaviour
 
 # --- an Istio sidecar configured from the generated manifests --------------------
 
+ISTIO_WASM = pytest.mark.wasm_only("Istio (1.30) runs the Wasm build, fetched by its agent")
+
 @pytest.fixture(scope="module")
 def sidecar(wasm, tmp_path_factory):
     import test_istio
@@ -490,6 +492,7 @@ def sidecar_call(proxy, caller, model):
                 headers=host, timeout=30)
 
 
+@ISTIO_WASM
 def test_sidecar_holds_answers_above_istios_default_buffer_limit(sidecar):
     # 3 MiB, translated: Istio's 1 MiB default would end it in Envoy's 500.
     sidecar["hostile"].behaviour = "hostile-big"
@@ -498,6 +501,7 @@ def test_sidecar_holds_answers_above_istios_default_buffer_limit(sidecar):
     assert len(json.loads(raw)["choices"][0]["message"]["content"]) == 3 * 1024 * 1024
 
 
+@ISTIO_WASM
 @pytest.mark.parametrize("caller,model", [("openai", "claude"), ("anthropic", "gemini"),
                                           ("gemini", "mini")])
 def test_sidecar_shapes_envoys_reply_to_a_premature_close(sidecar, caller, model):
@@ -507,6 +511,7 @@ def test_sidecar_shapes_envoys_reply_to_a_premature_close(sidecar, caller, model
     shaped(caller, 502, raw)
 
 
+@ISTIO_WASM
 @pytest.mark.parametrize("caller,model", [("anthropic", "claude"), ("gemini", "gemini")])
 def test_sidecar_reshapes_a_same_api_plain_text_error(sidecar, caller, model):
     sidecar["hostile"].behaviour = "hostile-fixture-503-plain-overloaded"

@@ -376,6 +376,7 @@ def test_invalid_config_is_refused_with_field_path(wasm):
         env.stop()
 
 
+@pytest.mark.wasm_only("envoy/envoy.yaml is the Wasm example (test_native_config checks native)")
 def test_shipped_envoy_yaml_is_current_and_valid(wasm):
     import render
     with open(ROOT / "envoy" / "meshllm.json") as f:

@@ -19,6 +19,9 @@ import yaml
 import istio_sim as sim
 from conftest import envoy_binary, free_port, http
 
+pytestmark = pytest.mark.wasm_only(
+    "the Istio simulation models WasmPlugin, the agent's Wasm fetch and ECDS")
+
 NS = "app"
 LABELS = {"app": "client", "version": "v1"}
 GW_LABELS = {"istio": "egressgateway", "app": "istio-egressgateway"}

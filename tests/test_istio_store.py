@@ -30,6 +30,9 @@ from test_shared_quota import need
 
 import manifests  # noqa: E402  (on sys.path through test_istio)
 
+pytestmark = pytest.mark.wasm_only(
+    "Istio (1.30) runs the Wasm build: the mesh's proxies load the .wasm")
+
 PASSWORD = "bridge-secret"
 ADMIN_PASSWORD = "test-admin"
 # The Redis ACL user k8s/README.md tells users to create. webdis 0.1.9

@@ -19,7 +19,7 @@ import pytest
 from google import genai
 from google.genai import types
 
-from conftest import CREDENTIAL_VARS, ROOT, WASM, envoy_binary, free_port, http, wait_for
+from conftest import ARTIFACT, BUILD, CREDENTIAL_VARS, ROOT, envoy_binary, free_port, http, wait_for
 
 BANNER_END = "Stop with Ctrl-C"
 HELLO = "Hello from the demo provider! You said: hello"
@@ -45,9 +45,10 @@ def command_line(pid):
 class Launcher:
     """envoy/tools/run.py as `make run` starts it, its output collected."""
 
-    def __init__(self, port, admin_port=None, wasm=WASM, env=None):
+    def __init__(self, port, admin_port=None, wasm=ARTIFACT, env=None):
+        """`wasm`: the built gateway of this run's build (MESHLLM_BUILD)."""
         args = [sys.executable, str(ROOT / "envoy" / "tools" / "run.py"), "--port", str(port),
-                "--wasm", str(wasm)]
+                "--build", BUILD, "--module" if BUILD == "native" else "--wasm", str(wasm)]
         if admin_port is not None:
             args += ["--admin-port", str(admin_port)]
         clean = {k: v for k, v in os.environ.items()
@@ -256,13 +257,15 @@ def test_taken_port_fails_with_a_message(wasm):
 
 
 def test_envoy_that_does_not_start_fails_the_launcher_with_its_log(wasm, tmp_path):
-    missing = tmp_path / "missing.wasm"
+    missing = tmp_path / ("missing.so" if BUILD == "native" else "missing.wasm")
     run = Launcher(free_port(), wasm=missing)
     assert run.wait_exit(timeout=90) == 1
     out = run.output()
     assert "meshllm: Envoy did not start: it exited with code 1" in out, out
     # The end of Envoy's own log says why.
-    assert f"Invalid path: {missing}" in out, out
+    why = {"wasm": f"Invalid path: {missing}",
+           "native": f"Unable to load dynamic module {missing}"}[BUILD]
+    assert why in out, out
 
 
 def test_envoy_dying_later_fails_the_launcher_and_stops_the_demo(wasm):

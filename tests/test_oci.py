@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.wasm_only("OCI packaging of the .wasm for Istio's WasmPlugin")
+
 ROOT = Path(__file__).resolve().parent.parent
 OCI_TOOL = ROOT / "k8s" / "tools" / "oci.py"
 

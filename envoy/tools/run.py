@@ -11,6 +11,9 @@ or not at all. ADMIN_PORT is Envoy's admin interface: 9901 when it is free,
 otherwise a free port (the banner shows it); a port asked for explicitly
 (ADMIN_PORT or --admin-port) is used as given or not at all.
 
+`--build native` (`make run MODE=native`) loads the native dynamic module
+(libmeshllm.so) instead of the Wasm filter; the rest is the same.
+
 Envoy runs with hot restart disabled, so it never contends with another
 Envoy on the machine (another `make run`, a test, your own) for a base id.
 Exits non-zero when Envoy does not start or stops on its own, with the end
@@ -242,7 +245,8 @@ def run(args, children, workdir):
         p["api_key_env"] = DEMO_KEY_VAR
 
     # Access-log lines (JSON, with the meshllm fields) go to Envoy's stdout.
-    bootstrap = render.render(cfg, wasm=os.path.abspath(args.wasm), port=args.port,
+    bootstrap = render.render(cfg, build=args.build, wasm=os.path.abspath(args.wasm),
+                              module=os.path.abspath(args.module), port=args.port,
                               admin_port=admin_port, access_log_path="/dev/stdout")
     # Envoy's listeners share a port with any other socket that allows port
     # reuse; this one must fail instead, so two launchers never split traffic.
@@ -254,7 +258,7 @@ def run(args, children, workdir):
 
     envoy = children.start(
         [envoy_binary(), "-c", config_path, "--disable-hot-restart", "-l", "warning",
-         "--component-log-level", "wasm:info"],
+         "--component-log-level", "wasm:info,dynamic_modules:info"],
         stderr=subprocess.PIPE, text=True, errors="replace",
         env={**os.environ, DEMO_KEY_VAR: "demo-key"})
     log = LogTail(envoy.stderr)
@@ -306,7 +310,12 @@ def main():
                     help=f"default: $ADMIN_PORT, else {DEFAULT_ADMIN_PORT} or a free port when "
                          f"{DEFAULT_ADMIN_PORT} is taken")
     ap.add_argument("--config", default=str(ROOT / "envoy" / "meshllm.json"))
-    ap.add_argument("--wasm", default=str(ROOT / render.WASM_DEFAULT))
+    ap.add_argument("--build", choices=render.BUILDS, default="wasm",
+                    help="the Wasm filter (default) or the native dynamic module")
+    ap.add_argument("--wasm", default=str(ROOT / render.WASM_DEFAULT),
+                    help="the Wasm filter (--build wasm)")
+    ap.add_argument("--module", default=str(ROOT / render.NATIVE_DEFAULT),
+                    help="the native module (--build native)")
     args = ap.parse_args()
 
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
