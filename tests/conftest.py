@@ -231,12 +231,16 @@ class Envoy:
         return body.decode()
 
     def series(self, name):
-        """Every series of metric `name` as (labels, value)."""
+        """Every series of metric `name` as (labels, value). A label with an
+        empty value is absent, as Prometheus reads it (the native build
+        defines each metric with all its labels and leaves unused ones
+        empty)."""
         out = []
         for line in self.prometheus().splitlines():
             m = re.match(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)$", line)
             if m and metric_name(m.group(1)) == name:
                 labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+                labels = {k: v for k, v in labels.items() if v != ""}
                 out.append((labels, float(m.group(3))))
         return out
 

@@ -59,6 +59,11 @@ METRIC_LABELS = [
 # dynamic module (rendered from this constant; Envoy's default).
 WASM_METRICS_NAMESPACE = "wasmcustom"
 NATIVE_METRICS_NAMESPACE = "dynamicmodulescustom"
+# Envoy 1.40 prints a module's stats as `envoy_<namespace>_<name>` unless
+# this runtime flag registers the namespace as a custom one (prefix cut, as
+# for `wasmcustom.`): with it both builds export the same metric names.
+NATIVE_RUNTIME = {"layers": [{"name": "meshllm", "static_layer": {
+    "envoy.reloadable_features.dynamic_modules_strip_custom_stat_prefix": True}}]}
 METRICS_NAMESPACES = {"wasm": WASM_METRICS_NAMESPACE, "native": NATIVE_METRICS_NAMESPACE}
 # Every metric the filter defines starts with one of these after its namespace.
 METRIC_BASE_PREFIXES = ["gen_ai.", "meshllm_"]
@@ -873,6 +878,7 @@ def render(
         # Histograms reach /stats/prometheus when Envoy merges them, once per
         # flush interval (5 s unless set).
         **({"stats_flush_interval": stats_flush_interval} if stats_flush_interval else {}),
+        **({"layered_runtime": NATIVE_RUNTIME} if build == "native" else {}),
         "static_resources": {
             "listeners": [listener],
             "clusters": clusters,

@@ -68,10 +68,9 @@ impl Stream {
         let filter = &mut self.filter;
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             let mut host = NativeHost::stream(EnvoyPtr(envoy), &config);
-            match filter.as_mut() {
-                Some(filter) => Some(step(filter, &mut host)),
-                None => None,
-            }
+            let result = filter.as_mut().map(|filter| step(filter, &mut host));
+            host.finish_callback();
+            result
         }));
         match outcome {
             Ok(Some(r)) => r,

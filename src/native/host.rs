@@ -36,6 +36,9 @@ pub struct NativeHost<'a> {
     config: &'a Arc<NativeConfig>,
     /// The clock, read once per callback.
     now_us: Cell<Option<u64>>,
+    /// A request header changed: Envoy must pick the route again (as
+    /// proxy-wasm has it do after every change), once, after the callback.
+    route_changed: bool,
 }
 
 impl<'a> NativeHost<'a> {
@@ -44,7 +47,20 @@ impl<'a> NativeHost<'a> {
             filter,
             config,
             now_us: Cell::new(None),
+            route_changed: false,
         }
+    }
+
+    /// After a callback of the listener half: lets a changed request header
+    /// re-select the route.
+    pub fn finish_callback(&mut self) {
+        if self.route_changed && !self.config.upstream {
+            if let Ok(filter) = self.filter() {
+                // SAFETY: the live stream of the current hook.
+                unsafe { abi::envoy_dynamic_module_callback_http_clear_route_cache(filter.0) }
+            }
+        }
+        self.route_changed = false;
     }
 
     pub fn root(config: &'a Arc<NativeConfig>) -> Self {
@@ -109,6 +125,7 @@ impl<'a> NativeHost<'a> {
 
     fn set_header(&mut self, kind: u32, name: &str, value: Option<&str>) -> HostResult {
         let filter = self.filter()?;
+        self.route_changed |= kind == abi::HEADER_TYPE_REQUEST_HEADER;
         let value = value.map_or(ModuleBuffer::NULL, |v| ModuleBuffer::from_bytes(v.as_bytes()));
         // SAFETY: live stream; Envoy copies the buffers. A null value removes.
         let done = unsafe {

@@ -110,6 +110,7 @@ const CALLBACKS: &[&str] = &[
     "envoy_dynamic_module_callback_http_filter_continue_decoding",
     "envoy_dynamic_module_callback_http_filter_continue_encoding",
     "envoy_dynamic_module_callback_http_filter_reset_stream",
+    "envoy_dynamic_module_callback_http_clear_route_cache",
     "envoy_dynamic_module_callback_http_filter_http_callout",
     "envoy_dynamic_module_callback_http_filter_config_http_callout",
     "envoy_dynamic_module_callback_http_filter_config_scheduler_new",
