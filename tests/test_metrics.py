@@ -14,7 +14,7 @@ from http.client import HTTPConnection
 
 import pytest
 
-from conftest import (BUILD, KEYS, ROOT, Envoy, free_port, gateway_plugin_config, http,
+from conftest import (KEYS, ROOT, Envoy, free_port, gateway_plugin_config, http,
                       metric_name, stop_process, wait_for)
 import render  # noqa: E402  (envoy/tools, on sys.path through conftest)
 
@@ -337,16 +337,6 @@ def test_labels_match_the_filter_and_the_shipped_stats_tags():
 # --- a real Prometheus server --------------------------------------------------
 
 
-# The native module's metrics carry its metrics namespace in their names;
-# a scrape drops it, so queries (and the dashboard) read the same names.
-NATIVE_RELABEL = {
-    "source_labels": ["__name__"],
-    "regex": f"(?:envoy_)?{render.NATIVE_METRICS_NAMESPACE}_(.*)",
-    "target_label": "__name__",
-    "replacement": "$1",
-}
-
-
 class Prometheus:
     """The Debian package's Prometheus, scraping one Envoy's admin port every
     second into a scratch directory; stopped by its PID."""
@@ -364,7 +354,6 @@ class Prometheus:
                     "job_name": "envoy",
                     "metrics_path": "/stats/prometheus",
                     "static_configs": [{"targets": [target_admin.split("//", 1)[1]]}],
-                    **({"metric_relabel_configs": [NATIVE_RELABEL]} if BUILD == "native" else {}),
                 }],
             }, f)
         self.log = open(os.path.join(self.dir, "prometheus.log"), "w")
@@ -493,10 +482,7 @@ def test_istio_stats_matcher_prefixes_keep_every_meshllm_metric(wasm, mocks):
     prefixes = proxy_config["proxyStatsMatcher"]["inclusionPrefixes"]
     assert prefixes == render.METRIC_PREFIXES
     assert annotations["sidecar.istio.io/bootstrapOverride"] == "meshllm-stats-bootstrap"
-    # An Envoy that keeps only those prefixes, as an Istio proxy would (the
-    # same prefixes under the native build's metrics namespace for it).
-    if BUILD != "wasm":
-        prefixes = render.metric_prefixes(BUILD)
+    # An Envoy that keeps only those prefixes, as an Istio proxy would.
     env = start(mocks, metrics_config(free_port()), stats_inclusion_prefixes=prefixes)
     try:
         assert call(env, "team-f/kept", {"model": "chain", "stream": True, "messages": [

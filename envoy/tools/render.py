@@ -74,8 +74,8 @@ def metric_prefixes(build="wasm"):
     return [f"{METRICS_NAMESPACES[build]}.{p}" for p in METRIC_BASE_PREFIXES]
 
 
-# What Istio proxies keep (k8s/observability): Istio runs the Wasm build.
-METRIC_PREFIXES = metric_prefixes("wasm")
+# What Istio proxies keep (k8s/observability): either build's stats.
+METRIC_PREFIXES = metric_prefixes("wasm") + metric_prefixes("native")
 
 # Histogram buckets: tokens per request, and milliseconds for latencies.
 TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576]
@@ -509,6 +509,22 @@ def meshllm_routes(plugin_config, route_timeout="600s"):
     ]
 
 
+def put_route_metadata(listener, metadata):
+    """The native build reads a namespace policy from the metadata of the
+    route the request matched (the module ABI has no listener metadata):
+    the same `filter_metadata.meshllm.policy` on every route of the
+    listener's virtual hosts, so it is there before the filter routes."""
+    for chain in listener["filter_chains"]:
+        for f in chain["filters"]:
+            config = f.get("typed_config", {}).get("route_config", {})
+            for vhost in config.get("virtual_hosts", []):
+                for route in vhost.get("routes", []):
+                    if metadata:
+                        route["metadata"] = metadata
+                    else:
+                        route.pop("metadata", None)
+
+
 def position_metadata_filter(max_attempts):
     """Turns the filter's position headers into load-balancer metadata, and
     the caller's API into the metadata `local_reply_config` reads. Each
@@ -869,6 +885,8 @@ def render(
     }
     if listener_metadata is not None:
         listener["metadata"] = listener_metadata
+        if build == "native":
+            put_route_metadata(listener, listener_metadata)
     bootstrap = {
         "node": node or {"id": "meshllm", "cluster": "meshllm"},
         "admin": {

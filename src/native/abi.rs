@@ -11,7 +11,12 @@
 //! * `bool` is C `_Bool`; `size_t` is `usize`.
 //! * "envoy_buffer"s are owned by Envoy (see NOTES.md for how long they live); "module_buffer"s
 //!   are owned by the module and only need to live for the duration of the call.
-#![allow(non_camel_case_types, non_upper_case_globals, dead_code, clippy::upper_case_acronyms)]
+#![allow(
+    non_camel_case_types,
+    non_upper_case_globals,
+    dead_code,
+    clippy::upper_case_acronyms
+)]
 
 use core::ffi::{c_char, c_void};
 
@@ -260,7 +265,9 @@ extern "C" {
         level: envoy_dynamic_module_type_log_level,
         message: envoy_dynamic_module_type_module_buffer,
     );
-    pub fn envoy_dynamic_module_callback_log_enabled(level: envoy_dynamic_module_type_log_level) -> bool;
+    pub fn envoy_dynamic_module_callback_log_enabled(
+        level: envoy_dynamic_module_type_log_level,
+    ) -> bool;
     /// Number of worker threads. Main thread only (e.g. in on_program_init or config_new).
     pub fn envoy_dynamic_module_callback_get_concurrency() -> u32;
     /// Main thread only.
@@ -738,51 +745,62 @@ extern "C" {
 //   const _: OnHttpFilterNew = envoy_dynamic_module_on_http_filter_new;
 
 pub type OnProgramInit = unsafe extern "C" fn() -> envoy_dynamic_module_type_abi_version_module_ptr;
-pub type OnHttpFilterConfigNew = unsafe extern "C" fn(
-    filter_config_envoy_ptr: envoy_dynamic_module_type_http_filter_config_envoy_ptr,
-    name: envoy_dynamic_module_type_envoy_buffer,
-    config: envoy_dynamic_module_type_envoy_buffer,
-) -> envoy_dynamic_module_type_http_filter_config_module_ptr;
-pub type OnHttpFilterConfigDestroy =
-    unsafe extern "C" fn(filter_config_ptr: envoy_dynamic_module_type_http_filter_config_module_ptr);
-pub type OnHttpFilterPerRouteConfigNew = unsafe extern "C" fn(
-    name: envoy_dynamic_module_type_envoy_buffer,
-    config: envoy_dynamic_module_type_envoy_buffer,
-) -> envoy_dynamic_module_type_http_filter_per_route_config_module_ptr;
-pub type OnHttpFilterPerRouteConfigDestroy =
-    unsafe extern "C" fn(filter_config_ptr: envoy_dynamic_module_type_http_filter_per_route_config_module_ptr);
+pub type OnHttpFilterConfigNew =
+    unsafe extern "C" fn(
+        filter_config_envoy_ptr: envoy_dynamic_module_type_http_filter_config_envoy_ptr,
+        name: envoy_dynamic_module_type_envoy_buffer,
+        config: envoy_dynamic_module_type_envoy_buffer,
+    ) -> envoy_dynamic_module_type_http_filter_config_module_ptr;
+pub type OnHttpFilterConfigDestroy = unsafe extern "C" fn(
+    filter_config_ptr: envoy_dynamic_module_type_http_filter_config_module_ptr,
+);
+pub type OnHttpFilterPerRouteConfigNew =
+    unsafe extern "C" fn(
+        name: envoy_dynamic_module_type_envoy_buffer,
+        config: envoy_dynamic_module_type_envoy_buffer,
+    ) -> envoy_dynamic_module_type_http_filter_per_route_config_module_ptr;
+pub type OnHttpFilterPerRouteConfigDestroy = unsafe extern "C" fn(
+    filter_config_ptr: envoy_dynamic_module_type_http_filter_per_route_config_module_ptr,
+);
 pub type OnHttpFilterNew = unsafe extern "C" fn(
     filter_config_ptr: envoy_dynamic_module_type_http_filter_config_module_ptr,
     filter_envoy_ptr: envoy_dynamic_module_type_http_filter_envoy_ptr,
-) -> envoy_dynamic_module_type_http_filter_module_ptr;
-pub type OnHttpFilterRequestHeaders = unsafe extern "C" fn(
-    filter_envoy_ptr: envoy_dynamic_module_type_http_filter_envoy_ptr,
-    filter_module_ptr: envoy_dynamic_module_type_http_filter_module_ptr,
-    end_of_stream: bool,
-) -> envoy_dynamic_module_type_on_http_filter_request_headers_status;
-pub type OnHttpFilterRequestBody = unsafe extern "C" fn(
-    filter_envoy_ptr: envoy_dynamic_module_type_http_filter_envoy_ptr,
-    filter_module_ptr: envoy_dynamic_module_type_http_filter_module_ptr,
-    end_of_stream: bool,
-) -> envoy_dynamic_module_type_on_http_filter_request_body_status;
-pub type OnHttpFilterRequestTrailers = unsafe extern "C" fn(
-    filter_envoy_ptr: envoy_dynamic_module_type_http_filter_envoy_ptr,
-    filter_module_ptr: envoy_dynamic_module_type_http_filter_module_ptr,
-) -> envoy_dynamic_module_type_on_http_filter_request_trailers_status;
-pub type OnHttpFilterResponseHeaders = unsafe extern "C" fn(
-    filter_envoy_ptr: envoy_dynamic_module_type_http_filter_envoy_ptr,
-    filter_module_ptr: envoy_dynamic_module_type_http_filter_module_ptr,
-    end_of_stream: bool,
-) -> envoy_dynamic_module_type_on_http_filter_response_headers_status;
-pub type OnHttpFilterResponseBody = unsafe extern "C" fn(
-    filter_envoy_ptr: envoy_dynamic_module_type_http_filter_envoy_ptr,
-    filter_module_ptr: envoy_dynamic_module_type_http_filter_module_ptr,
-    end_of_stream: bool,
-) -> envoy_dynamic_module_type_on_http_filter_response_body_status;
-pub type OnHttpFilterResponseTrailers = unsafe extern "C" fn(
-    filter_envoy_ptr: envoy_dynamic_module_type_http_filter_envoy_ptr,
-    filter_module_ptr: envoy_dynamic_module_type_http_filter_module_ptr,
-) -> envoy_dynamic_module_type_on_http_filter_response_trailers_status;
+)
+    -> envoy_dynamic_module_type_http_filter_module_ptr;
+pub type OnHttpFilterRequestHeaders =
+    unsafe extern "C" fn(
+        filter_envoy_ptr: envoy_dynamic_module_type_http_filter_envoy_ptr,
+        filter_module_ptr: envoy_dynamic_module_type_http_filter_module_ptr,
+        end_of_stream: bool,
+    ) -> envoy_dynamic_module_type_on_http_filter_request_headers_status;
+pub type OnHttpFilterRequestBody =
+    unsafe extern "C" fn(
+        filter_envoy_ptr: envoy_dynamic_module_type_http_filter_envoy_ptr,
+        filter_module_ptr: envoy_dynamic_module_type_http_filter_module_ptr,
+        end_of_stream: bool,
+    ) -> envoy_dynamic_module_type_on_http_filter_request_body_status;
+pub type OnHttpFilterRequestTrailers =
+    unsafe extern "C" fn(
+        filter_envoy_ptr: envoy_dynamic_module_type_http_filter_envoy_ptr,
+        filter_module_ptr: envoy_dynamic_module_type_http_filter_module_ptr,
+    ) -> envoy_dynamic_module_type_on_http_filter_request_trailers_status;
+pub type OnHttpFilterResponseHeaders =
+    unsafe extern "C" fn(
+        filter_envoy_ptr: envoy_dynamic_module_type_http_filter_envoy_ptr,
+        filter_module_ptr: envoy_dynamic_module_type_http_filter_module_ptr,
+        end_of_stream: bool,
+    ) -> envoy_dynamic_module_type_on_http_filter_response_headers_status;
+pub type OnHttpFilterResponseBody =
+    unsafe extern "C" fn(
+        filter_envoy_ptr: envoy_dynamic_module_type_http_filter_envoy_ptr,
+        filter_module_ptr: envoy_dynamic_module_type_http_filter_module_ptr,
+        end_of_stream: bool,
+    ) -> envoy_dynamic_module_type_on_http_filter_response_body_status;
+pub type OnHttpFilterResponseTrailers =
+    unsafe extern "C" fn(
+        filter_envoy_ptr: envoy_dynamic_module_type_http_filter_envoy_ptr,
+        filter_module_ptr: envoy_dynamic_module_type_http_filter_module_ptr,
+    ) -> envoy_dynamic_module_type_on_http_filter_response_trailers_status;
 pub type OnHttpFilterStreamComplete = unsafe extern "C" fn(
     filter_envoy_ptr: envoy_dynamic_module_type_http_filter_envoy_ptr,
     filter_module_ptr: envoy_dynamic_module_type_http_filter_module_ptr,
@@ -842,13 +860,14 @@ pub type OnHttpFilterDownstreamWatermark = unsafe extern "C" fn(
     filter_envoy_ptr: envoy_dynamic_module_type_http_filter_envoy_ptr,
     filter_module_ptr: envoy_dynamic_module_type_http_filter_module_ptr,
 );
-pub type OnHttpFilterLocalReply = unsafe extern "C" fn(
-    filter_envoy_ptr: envoy_dynamic_module_type_http_filter_envoy_ptr,
-    filter_module_ptr: envoy_dynamic_module_type_http_filter_module_ptr,
-    response_code: u32,
-    details: envoy_dynamic_module_type_envoy_buffer,
-    reset_imminent: bool,
-) -> envoy_dynamic_module_type_on_http_filter_local_reply_status;
+pub type OnHttpFilterLocalReply =
+    unsafe extern "C" fn(
+        filter_envoy_ptr: envoy_dynamic_module_type_http_filter_envoy_ptr,
+        filter_module_ptr: envoy_dynamic_module_type_http_filter_module_ptr,
+        response_code: u32,
+        details: envoy_dynamic_module_type_envoy_buffer,
+        reset_imminent: bool,
+    ) -> envoy_dynamic_module_type_on_http_filter_local_reply_status;
 pub type OnHttpFilterConfigScheduled = unsafe extern "C" fn(
     filter_config_envoy_ptr: envoy_dynamic_module_type_http_filter_config_envoy_ptr,
     filter_config_ptr: envoy_dynamic_module_type_http_filter_config_module_ptr,
@@ -902,14 +921,23 @@ pub type OnHttpFilterConfigHttpStreamReset = unsafe extern "C" fn(
 // --- small helpers (no allocation) ---------------------------------------------------------
 
 impl envoy_dynamic_module_type_module_buffer {
-    pub const NULL: Self = Self { ptr: core::ptr::null(), length: 0 };
+    pub const NULL: Self = Self {
+        ptr: core::ptr::null(),
+        length: 0,
+    };
     pub fn from_bytes(b: &[u8]) -> Self {
-        Self { ptr: b.as_ptr() as *const c_char, length: b.len() }
+        Self {
+            ptr: b.as_ptr() as *const c_char,
+            length: b.len(),
+        }
     }
 }
 
 impl envoy_dynamic_module_type_envoy_buffer {
-    pub const NULL: Self = Self { ptr: core::ptr::null(), length: 0 };
+    pub const NULL: Self = Self {
+        ptr: core::ptr::null(),
+        length: 0,
+    };
     /// # Safety
     /// The buffer must come from Envoy and still be valid (see NOTES.md (h)).
     pub unsafe fn as_bytes<'a>(&self) -> &'a [u8] {

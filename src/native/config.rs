@@ -60,7 +60,11 @@ impl NativeConfig {
             "configured {} providers and {} models ({})",
             config.providers.len(),
             config.models.len(),
-            if upstream { "upstream half" } else { "listener half" }
+            if upstream {
+                "upstream half"
+            } else {
+                "listener half"
+            }
         );
         let tags: Vec<String> = config.tags.iter().map(|t| t.name.clone()).collect();
         let metrics = Metrics::define(envoy, &tags);
@@ -79,6 +83,9 @@ impl NativeConfig {
             detached: Mutex::new(Detached::default()),
         });
         remember(&native, Rc::new(config));
+        if !upstream {
+            *metrics_home() = Arc::downgrade(&native);
+        }
         Some(native)
     }
 
@@ -142,7 +149,10 @@ impl NativeConfig {
                 Ok(id) => {
                     self.detached().pending.insert(id, then);
                 }
-                Err(e) => then(&mut super::host::NativeHost::root(self), CalloutAnswer::Failed(e.0)),
+                Err(e) => then(
+                    &mut super::host::NativeHost::root(self),
+                    CalloutAnswer::Failed(e.0),
+                ),
             }
         }
     }
@@ -167,6 +177,29 @@ impl Drop for NativeConfig {
                 )
             }
         }
+    }
+}
+
+/// The listener half's config whose metrics the upstream half updates too:
+/// an upstream filter's own metrics would live in its cluster's stats scope
+/// (`cluster.<name>.…`), under other names than the listener half's.
+static METRICS_HOME: Mutex<Weak<NativeConfig>> = Mutex::new(Weak::new());
+
+fn metrics_home() -> MutexGuard<'static, Weak<NativeConfig>> {
+    METRICS_HOME.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl NativeConfig {
+    /// The config whose Envoy object and metric ids carry this config's
+    /// metric updates: its own for a listener half, a listener half's for
+    /// an upstream half (its own while no listener half exists).
+    pub fn metrics_config(self: &Arc<Self>) -> Arc<NativeConfig> {
+        if self.upstream {
+            if let Some(home) = metrics_home().upgrade() {
+                return home;
+            }
+        }
+        Arc::clone(self)
     }
 }
 

@@ -35,6 +35,11 @@ fn guard<R>(what: &str, fallback: R, f: impl FnOnce() -> R) -> R {
 /// The module's side of one stream.
 struct Stream {
     config: Arc<NativeConfig>,
+    /// Envoy's side of the stream, for the end of an upstream attempt that
+    /// gets no `stream_complete`.
+    envoy: *mut c_void,
+    /// `on_done` ran.
+    done: bool,
     filter: Option<Filter>,
     /// Bytes of the request body seen so far (for trailers).
     request_body_size: usize,
@@ -45,6 +50,16 @@ struct Stream {
 }
 
 impl Stream {
+    /// Runs the filter's end of stream once.
+    fn complete(&mut self, envoy: *mut c_void) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        self.run(envoy, "the end of the stream", (), |f, host| {
+            f.on_done(host)
+        });
+    }
+
     /// # Safety
     /// `ptr` must be a pointer `on_http_filter_new` returned and not yet
     /// destroyed; Envoy calls a stream's hooks on one thread, one at a time.
@@ -260,7 +275,9 @@ fn tick(config: &Arc<NativeConfig>) {
     };
     let mut host = NativeHost::root(config);
     if crate::quota::lease::return_idle(&mut host, store) {
-        if let Err(e) = super::timer::wake(Arc::downgrade(config), crate::quota::lease::IDLE_CHECK_MS) {
+        if let Err(e) =
+            super::timer::wake(Arc::downgrade(config), crate::quota::lease::IDLE_CHECK_MS)
+        {
             log::warn!("quota lease: idle return not scheduled: {e}");
         }
     }
@@ -292,7 +309,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
     config_ptr: *const c_void,
-    _envoy: *mut c_void,
+    envoy: *mut c_void,
 ) -> *const c_void {
     guard("stream creation", std::ptr::null(), || {
         // SAFETY: Envoy passes the live config.
@@ -308,6 +325,8 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
         });
         let stream = Stream {
             config: Arc::clone(config),
+            envoy,
+            done: false,
             filter,
             request_body_size: 0,
             answering: false,
@@ -319,12 +338,17 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
 
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(stream: *const c_void) {
-    guard("stream destruction", (), || {
-        if !stream.is_null() {
-            // SAFETY: made by `Box::into_raw` in filter_new, destroyed once.
-            drop(unsafe { Box::from_raw(stream as *mut Stream) });
-        }
-    })
+    if stream.is_null() {
+        return;
+    }
+    // SAFETY: made by `Box::into_raw` in filter_new, destroyed once.
+    let mut stream = unsafe { Box::from_raw(stream as *mut Stream) };
+    // An upstream attempt that was reset, refused or timed out ends here
+    // without `stream_complete`: its end is recorded now, while Envoy's
+    // side of the stream still exists.
+    let envoy = stream.envoy;
+    stream.complete(envoy);
+    guard("stream destruction", (), || drop(stream));
 }
 
 #[no_mangle]
@@ -341,9 +365,12 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
         guard("an unconfigured reply", (), || unconfigured(envoy));
         return abi::HEADERS_STOP_ITERATION;
     }
-    stream.run(envoy, "request headers", abi::HEADERS_STOP_ITERATION, |f, host| {
-        headers_status(f.on_request_headers(host, end_of_stream))
-    })
+    stream.run(
+        envoy,
+        "request headers",
+        abi::HEADERS_STOP_ITERATION,
+        |f, host| headers_status(f.on_request_headers(host, end_of_stream)),
+    )
 }
 
 #[no_mangle]
@@ -356,21 +383,33 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
     let Some(stream) = (unsafe { Stream::from(stream) }) else {
         return abi::BODY_CONTINUE;
     };
-    stream.run(envoy, "the request body", abi::BODY_STOP_ITERATION_NO_BUFFER, |f, host| {
-        // SAFETY: the live stream of this hook.
-        let same =
-            unsafe { abi::envoy_dynamic_module_callback_http_received_buffered_request_body(envoy) };
-        let size = body_size(envoy, abi::BODY_BUFFERED_REQUEST, abi::BODY_RECEIVED_REQUEST, same);
-        body_status(f.on_request_body(host, size, end_of_stream))
-    })
-    .also(|_| {
-        stream.request_body_size = body_size(
+    stream
+        .run(
             envoy,
-            abi::BODY_BUFFERED_REQUEST,
-            abi::BODY_RECEIVED_REQUEST,
-            false,
+            "the request body",
+            abi::BODY_STOP_ITERATION_NO_BUFFER,
+            |f, host| {
+                // SAFETY: the live stream of this hook.
+                let same = unsafe {
+                    abi::envoy_dynamic_module_callback_http_received_buffered_request_body(envoy)
+                };
+                let size = body_size(
+                    envoy,
+                    abi::BODY_BUFFERED_REQUEST,
+                    abi::BODY_RECEIVED_REQUEST,
+                    same,
+                );
+                body_status(f.on_request_body(host, size, end_of_stream))
+            },
         )
-    })
+        .also(|_| {
+            stream.request_body_size = body_size(
+                envoy,
+                abi::BODY_BUFFERED_REQUEST,
+                abi::BODY_RECEIVED_REQUEST,
+                false,
+            )
+        })
 }
 
 #[no_mangle]
@@ -383,12 +422,15 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
         return abi::TRAILERS_CONTINUE;
     };
     let size = stream.request_body_size;
-    stream.run(envoy, "request trailers", abi::TRAILERS_STOP_ITERATION, |f, host| {
-        match f.on_request_trailers(host, size) {
+    stream.run(
+        envoy,
+        "request trailers",
+        abi::TRAILERS_STOP_ITERATION,
+        |f, host| match f.on_request_trailers(host, size) {
             Flow::Continue => abi::TRAILERS_CONTINUE,
             Flow::Pause => abi::TRAILERS_STOP_ITERATION,
-        }
-    })
+        },
+    )
 }
 
 #[no_mangle]
@@ -401,9 +443,12 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
     let Some(stream) = (unsafe { Stream::from(stream) }) else {
         return abi::HEADERS_CONTINUE;
     };
-    let status = stream.run(envoy, "response headers", abi::HEADERS_STOP_ITERATION, |f, host| {
-        headers_status(f.on_response_headers(host, end_of_stream))
-    });
+    let status = stream.run(
+        envoy,
+        "response headers",
+        abi::HEADERS_STOP_ITERATION,
+        |f, host| headers_status(f.on_response_headers(host, end_of_stream)),
+    );
     stream.answering = status == abi::HEADERS_CONTINUE;
     status
 }
@@ -420,13 +465,24 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
     };
     // Response headers held until now leave with this body.
     stream.answering = true;
-    stream.run(envoy, "the response body", abi::BODY_STOP_ITERATION_NO_BUFFER, |f, host| {
-        // SAFETY: the live stream of this hook.
-        let same =
-            unsafe { abi::envoy_dynamic_module_callback_http_received_buffered_response_body(envoy) };
-        let size = body_size(envoy, abi::BODY_BUFFERED_RESPONSE, abi::BODY_RECEIVED_RESPONSE, same);
-        body_status(f.on_response_body(host, size, end_of_stream))
-    })
+    stream.run(
+        envoy,
+        "the response body",
+        abi::BODY_STOP_ITERATION_NO_BUFFER,
+        |f, host| {
+            // SAFETY: the live stream of this hook.
+            let same = unsafe {
+                abi::envoy_dynamic_module_callback_http_received_buffered_response_body(envoy)
+            };
+            let size = body_size(
+                envoy,
+                abi::BODY_BUFFERED_RESPONSE,
+                abi::BODY_RECEIVED_RESPONSE,
+                same,
+            );
+            body_status(f.on_response_body(host, size, end_of_stream))
+        },
+    )
 }
 
 #[no_mangle]
@@ -446,7 +502,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
     let Some(stream) = (unsafe { Stream::from(stream) }) else {
         return;
     };
-    stream.run(envoy, "the end of the stream", (), |f, host| f.on_done(host));
+    stream.complete(envoy);
 }
 
 #[no_mangle]
@@ -575,7 +631,8 @@ const _: abi::OnHttpFilterScheduled = envoy_dynamic_module_on_http_filter_schedu
 const _: abi::OnHttpFilterConfigScheduled = envoy_dynamic_module_on_http_filter_config_scheduled;
 const _: abi::OnHttpFilterConfigHttpCalloutDone =
     envoy_dynamic_module_on_http_filter_config_http_callout_done;
-const _: abi::OnHttpFilterHttpStreamHeaders = envoy_dynamic_module_on_http_filter_http_stream_headers;
+const _: abi::OnHttpFilterHttpStreamHeaders =
+    envoy_dynamic_module_on_http_filter_http_stream_headers;
 const _: abi::OnHttpFilterHttpStreamData = envoy_dynamic_module_on_http_filter_http_stream_data;
 const _: abi::OnHttpFilterHttpStreamTrailers =
     envoy_dynamic_module_on_http_filter_http_stream_trailers;

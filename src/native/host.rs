@@ -6,9 +6,7 @@
 use std::cell::Cell;
 use std::sync::Arc;
 
-use crate::host::{
-    Callout, CalloutId, DetachedHandler, Host, HostError, HostResult, SharedData,
-};
+use crate::host::{Callout, CalloutId, DetachedHandler, Host, HostError, HostResult, SharedData};
 use crate::metrics::{Kind, Labels};
 
 use super::abi::{
@@ -51,20 +49,23 @@ impl<'a> NativeHost<'a> {
         }
     }
 
-    /// After a callback of the listener half: lets a changed request header
-    /// re-select the route.
-    pub fn finish_callback(&mut self) {
-        if self.route_changed && !self.config.upstream {
-            if let Ok(filter) = self.filter() {
-                // SAFETY: the live stream of the current hook.
-                unsafe { abi::envoy_dynamic_module_callback_http_clear_route_cache(filter.0) }
-            }
-        }
-        self.route_changed = false;
-    }
-
     pub fn root(config: &'a Arc<NativeConfig>) -> Self {
         Self::stream(EnvoyPtr(std::ptr::null_mut()), config)
+    }
+
+    /// Lets changed request headers re-select the route (listener half),
+    /// once per callback, before the request goes on: clearing the route
+    /// after the router took the request over would pull the route from
+    /// under it.
+    pub fn finish_callback(&mut self) {
+        if !self.route_changed || self.config.upstream {
+            return;
+        }
+        self.route_changed = false;
+        if let Ok(filter) = self.filter() {
+            // SAFETY: the live stream of the current hook.
+            unsafe { abi::envoy_dynamic_module_callback_http_clear_route_cache(filter.0) }
+        }
     }
 
     fn filter(&self) -> HostResult<EnvoyPtr> {
@@ -126,7 +127,9 @@ impl<'a> NativeHost<'a> {
     fn set_header(&mut self, kind: u32, name: &str, value: Option<&str>) -> HostResult {
         let filter = self.filter()?;
         self.route_changed |= kind == abi::HEADER_TYPE_REQUEST_HEADER;
-        let value = value.map_or(ModuleBuffer::NULL, |v| ModuleBuffer::from_bytes(v.as_bytes()));
+        let value = value.map_or(ModuleBuffer::NULL, |v| {
+            ModuleBuffer::from_bytes(v.as_bytes())
+        });
         // SAFETY: live stream; Envoy copies the buffers. A null value removes.
         let done = unsafe {
             abi::envoy_dynamic_module_callback_http_set_header(
@@ -156,7 +159,8 @@ impl<'a> NativeHost<'a> {
         for &kind in kinds {
             // SAFETY: live stream; the chunks are copied during the callback.
             unsafe {
-                let n = abi::envoy_dynamic_module_callback_http_get_body_chunks_size(filter.0, kind);
+                let n =
+                    abi::envoy_dynamic_module_callback_http_get_body_chunks_size(filter.0, kind);
                 if n == 0 {
                     continue;
                 }
@@ -181,7 +185,9 @@ impl<'a> NativeHost<'a> {
         // SAFETY: live stream.
         unsafe {
             if received == abi::BODY_RECEIVED_REQUEST {
-                abi::envoy_dynamic_module_callback_http_received_buffered_request_body(self.filter.0)
+                abi::envoy_dynamic_module_callback_http_received_buffered_request_body(
+                    self.filter.0,
+                )
             } else {
                 abi::envoy_dynamic_module_callback_http_received_buffered_response_body(
                     self.filter.0,
@@ -191,7 +197,13 @@ impl<'a> NativeHost<'a> {
     }
 
     /// Replaces the first `old_size` bytes of the body with `body`.
-    fn replace_body(&mut self, buffered: u32, received: u32, old_size: usize, body: &[u8]) -> HostResult {
+    fn replace_body(
+        &mut self,
+        buffered: u32,
+        received: u32,
+        old_size: usize,
+        body: &[u8],
+    ) -> HostResult {
         let filter = self.filter()?;
         // SAFETY: live stream; Envoy copies the appended bytes.
         unsafe {
@@ -206,11 +218,19 @@ impl<'a> NativeHost<'a> {
             } else {
                 Vec::new()
             };
-            let target = if in_buffer > 0 || same { buffered } else { received };
+            let target = if in_buffer > 0 || same {
+                buffered
+            } else {
+                received
+            };
             let ok = (in_buffer == 0
-                || abi::envoy_dynamic_module_callback_http_drain_body(filter.0, buffered, in_buffer))
+                || abi::envoy_dynamic_module_callback_http_drain_body(
+                    filter.0, buffered, in_buffer,
+                ))
                 && (in_chunk == 0
-                    || abi::envoy_dynamic_module_callback_http_drain_body(filter.0, received, in_chunk))
+                    || abi::envoy_dynamic_module_callback_http_drain_body(
+                        filter.0, received, in_chunk,
+                    ))
                 && abi::envoy_dynamic_module_callback_http_append_body(
                     filter.0,
                     target,
@@ -230,6 +250,8 @@ impl<'a> NativeHost<'a> {
         }
     }
 
+    /// A string attribute of the stream; an empty one counts as absent
+    /// (Envoy gives "" for what proxy-wasm reports as missing).
     fn attribute(&self, id: u32) -> Option<Vec<u8>> {
         let filter = self.filter().ok()?;
         let mut value = EnvoyBuffer::NULL;
@@ -240,6 +262,7 @@ impl<'a> NativeHost<'a> {
             )
             .then(|| value.as_bytes().to_vec())
         }
+        .filter(|v| !v.is_empty())
     }
 
     fn metadata_string(&self, source: u32, namespace: &str, key: &str) -> Option<Vec<u8>> {
@@ -264,9 +287,8 @@ impl<'a> NativeHost<'a> {
 
     fn update(&self, kind: Kind, name: &str, value: u64) {
         let (base, pairs) = crate::metrics::split(name);
-        self.config
-            .metrics
-            .update(self.config.envoy, kind, base, pairs, value);
+        let home = self.config.metrics_config();
+        home.metrics.update(home.envoy, kind, base, pairs, value);
     }
 
     fn update_labelled(
@@ -278,9 +300,8 @@ impl<'a> NativeHost<'a> {
         value: u64,
     ) {
         let pairs = labels.pairs().chain(extra.iter().copied());
-        self.config
-            .metrics
-            .update(self.config.envoy, kind, metric, pairs, value);
+        let home = self.config.metrics_config();
+        home.metrics.update(home.envoy, kind, metric, pairs, value);
     }
 }
 
@@ -310,7 +331,12 @@ impl Host for NativeHost<'_> {
         self.body(abi::BODY_BUFFERED_REQUEST, abi::BODY_RECEIVED_REQUEST, size)
     }
     fn replace_request_body(&mut self, old_size: usize, body: &[u8]) -> HostResult {
-        self.replace_body(abi::BODY_BUFFERED_REQUEST, abi::BODY_RECEIVED_REQUEST, old_size, body)
+        self.replace_body(
+            abi::BODY_BUFFERED_REQUEST,
+            abi::BODY_RECEIVED_REQUEST,
+            old_size,
+            body,
+        )
     }
     fn response_header(&self, name: &str) -> Option<String> {
         self.header(abi::HEADER_TYPE_RESPONSE_HEADER, name)
@@ -325,10 +351,19 @@ impl Host for NativeHost<'_> {
         self.set_header(abi::HEADER_TYPE_RESPONSE_HEADER, name, None)
     }
     fn response_body(&self, size: usize) -> HostResult<Vec<u8>> {
-        self.body(abi::BODY_BUFFERED_RESPONSE, abi::BODY_RECEIVED_RESPONSE, size)
+        self.body(
+            abi::BODY_BUFFERED_RESPONSE,
+            abi::BODY_RECEIVED_RESPONSE,
+            size,
+        )
     }
     fn replace_response_body(&mut self, old_size: usize, body: &[u8]) -> HostResult {
-        self.replace_body(abi::BODY_BUFFERED_RESPONSE, abi::BODY_RECEIVED_RESPONSE, old_size, body)
+        self.replace_body(
+            abi::BODY_BUFFERED_RESPONSE,
+            abi::BODY_RECEIVED_RESPONSE,
+            old_size,
+            body,
+        )
     }
     fn response_code_details(&self) -> Option<String> {
         self.attribute(abi::ATTR_RESPONSE_CODE_DETAILS)
@@ -381,6 +416,11 @@ impl Host for NativeHost<'_> {
                 self.metadata_string(abi::METADATA_SOURCE_HOST, namespace, key)
             }
             ["xds", "node", "metadata", rest @ ..] => super::node::metadata(rest),
+            // The module ABI has no listener metadata: a namespace policy
+            // rides on the routes instead (see render.py put_route_metadata).
+            ["xds", "listener_metadata", "filter_metadata", namespace, key] => {
+                self.metadata_string(abi::METADATA_SOURCE_ROUTE, namespace, key)
+            }
             _ => {
                 log::debug!("property {path:?} is not available in the native build");
                 None
@@ -418,10 +458,22 @@ impl Host for NativeHost<'_> {
     fn histogram(&mut self, name: &str, value: u64) {
         self.update(Kind::Histogram, name, value);
     }
-    fn count_labelled(&mut self, metric: &str, labels: &Labels, extra: &[(&str, &str)], delta: u64) {
+    fn count_labelled(
+        &mut self,
+        metric: &str,
+        labels: &Labels,
+        extra: &[(&str, &str)],
+        delta: u64,
+    ) {
         self.update_labelled(Kind::Counter, metric, labels, extra, delta);
     }
-    fn gauge_labelled(&mut self, metric: &str, labels: &Labels, extra: &[(&str, &str)], value: u64) {
+    fn gauge_labelled(
+        &mut self,
+        metric: &str,
+        labels: &Labels,
+        extra: &[(&str, &str)],
+        value: u64,
+    ) {
         self.update_labelled(Kind::Gauge, metric, labels, extra, value);
     }
     fn histogram_labelled(
@@ -439,7 +491,11 @@ impl Host for NativeHost<'_> {
         // Envoy numbers a stream's calls from 1; ours are 32-bit.
         CalloutId::try_from(id).map_err(|_| HostError(format!("callout id {id} is out of range")))
     }
-    fn call_out_detached(&mut self, call: &Callout, then: DetachedHandler) -> HostResult<CalloutId> {
+    fn call_out_detached(
+        &mut self,
+        call: &Callout,
+        then: DetachedHandler,
+    ) -> HostResult<CalloutId> {
         self.config.queue_detached(OwnedCallout::of(call)?, then);
         Ok(0)
     }
@@ -448,6 +504,7 @@ impl Host for NativeHost<'_> {
     }
     fn resume_request(&mut self) -> HostResult {
         let filter = self.filter()?;
+        self.finish_callback();
         // SAFETY: live stream, on its worker.
         unsafe { abi::envoy_dynamic_module_callback_http_filter_continue_decoding(filter.0) }
         Ok(())
@@ -471,7 +528,11 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(text: &[u8]) -> Option<Vec<u8>> {
-    let digit = |c: u8| char::from(c).to_digit(16).and_then(|d| u8::try_from(d).ok());
+    let digit = |c: u8| {
+        char::from(c)
+            .to_digit(16)
+            .and_then(|d| u8::try_from(d).ok())
+    };
     text.chunks(2)
         .map(|pair| match pair {
             [hi, lo] => Some(digit(*hi)? << 4 | digit(*lo)?),

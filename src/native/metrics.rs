@@ -66,9 +66,11 @@ impl Metrics {
         // buffers live for the call, and Envoy copies what it keeps.
         let result = unsafe {
             match kind {
-                Kind::Counter => abi::envoy_dynamic_module_callback_http_filter_config_increment_counter(
-                    config.0, defined.id, ptr, len, value,
-                ),
+                Kind::Counter => {
+                    abi::envoy_dynamic_module_callback_http_filter_config_increment_counter(
+                        config.0, defined.id, ptr, len, value,
+                    )
+                }
                 Kind::Gauge => abi::envoy_dynamic_module_callback_http_filter_config_set_gauge(
                     config.0, defined.id, ptr, len, value,
                 ),
@@ -106,9 +108,11 @@ fn define_family(config: EnvoyPtr, family: &Family, tags: &[String]) -> Option<D
             Kind::Gauge => abi::envoy_dynamic_module_callback_http_filter_config_define_gauge(
                 config.0, name, ptr, len, &mut id,
             ),
-            Kind::Histogram => abi::envoy_dynamic_module_callback_http_filter_config_define_histogram(
-                config.0, name, ptr, len, &mut id,
-            ),
+            Kind::Histogram => {
+                abi::envoy_dynamic_module_callback_http_filter_config_define_histogram(
+                    config.0, name, ptr, len, &mut id,
+                )
+            }
         }
     };
     if result != abi::METRICS_SUCCESS {

@@ -92,17 +92,23 @@ impl Attempt {
                 return None;
             }
         }
-        let connected = host.property(UPSTREAM_LOCAL_ADDRESS).is_some()
-            && host.property(UPSTREAM_TRANSPORT_FAILURE).is_none();
-        if !connected {
-            return Some(AttemptEnd::ConnectFailure);
-        }
         // An attempt that lasted the per-try timeout hit it. Envoy's timers
         // run on the event loop's cached clock and fire up to tens of ms
         // early by this half's reading: a tenth of the timeout is allowed.
         let elapsed_ms = host.now_unix_micros().saturating_sub(self.started_us) / 1000;
         let timeout_ms = self.config.failover.per_try_timeout_ms;
-        if elapsed_ms + timeout_ms / 10 >= timeout_ms {
+        let timed_out = elapsed_ms + timeout_ms / 10 >= timeout_ms;
+        let local = host.property(UPSTREAM_LOCAL_ADDRESS);
+        let failure = host.property(UPSTREAM_TRANSPORT_FAILURE);
+        // Without any connection state (the native build's upstream filter
+        // cannot see the attempt's connection) only the clock can tell.
+        if local.is_none() && failure.is_none() && timed_out {
+            return Some(AttemptEnd::Timeout);
+        }
+        if local.is_none() || failure.is_some() {
+            return Some(AttemptEnd::ConnectFailure);
+        }
+        if timed_out {
             Some(AttemptEnd::Timeout)
         } else {
             Some(AttemptEnd::Reset)
