@@ -134,11 +134,12 @@ envoy-config: venv
 	$(PY) envoy/tools/render.py envoy/meshllm.json > envoy/envoy.yaml
 	$(PY) envoy/tools/render.py --stats-bootstrap envoy/meshllm.json > k8s/observability/stats-bootstrap.json
 
-# The Istio manifests (k8s/base, k8s/overlays) from k8s/policy/mesh.json; tests
+# The Istio manifests (k8s/base, k8s/overlays, both builds) from k8s/policy/mesh.json; tests
 # check they are current. For your registry:
 #   $(PY) k8s/tools/manifests.py --module-url oci://REGISTRY/meshllm:TAG --sha256 DIGEST --out-dir DIR
 k8s: venv
 	$(PY) k8s/tools/manifests.py
+	$(PY) k8s/tools/manifests.py --build native
 
 clean:
 	cargo clean
