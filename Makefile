@@ -69,12 +69,16 @@ build: wasm-toolchain
 	fi
 	@ls -l $(WASM)
 
+# The native build (Envoy dynamic module), packed by `make oci` when built.
+NATIVE_SO := target/native/libmeshllm.so
 # The filter as an OCI image for Istio's WasmPlugin (`url: oci://...`), its
 # layout and archive in target/oci; see k8s/tools/README.md. Standard library
 # only, so plain python3 serves when there is no venv.
 oci: build
 	@py=$(PY); [ -x $$py ] || py=python3; \
-	$$py k8s/tools/oci.py --wasm $(WASM) --out-dir target/oci
+	$$py k8s/tools/oci.py --wasm $(WASM) --out-dir target/oci && \
+	if [ -f $(NATIVE_SO) ]; then $$py k8s/tools/oci.py --native $(NATIVE_SO) --out-dir target/oci; \
+	else echo "no $(NATIVE_SO): the native image is not packed (cargo build --profile native --features native --lib)"; fi
 
 # --- run --------------------------------------------------------------------
 
