@@ -20,8 +20,9 @@ gateway) and `hosts` (the provider hosts and the in-mesh alias).
 
 Two builds load that configuration: `wasm` (default; Istio's agent fetches
 the module, ECDS serves both halves' configs) and `native` (the Envoy dynamic
-module libmeshllm.so, from an image volume on the proxy's disk, loaded inline
-by the EnvoyFilter). Everything else in the manifests is the same.
+module libmeshllm.so on the proxy's disk, its configs served by ECDS like the Wasm one, so a module that cannot be
+loaded fails meshllm's routes only; an init container copies it from an image
+volume). Everything else in the manifests is the same.
 """
 
 import argparse
@@ -75,16 +76,32 @@ STRING_VALUE_TYPE = "type.googleapis.com/google.protobuf.StringValue"
 NATIVE_MODULE_NAME = "meshllm"
 NATIVE_MODULE_FILE = f"lib{NATIVE_MODULE_NAME}.so"
 SEARCH_PATH_ENV = "ENVOY_DYNAMIC_MODULES_SEARCH_PATH"
-# Where the module image is mounted in the istio-proxy container; k8s/tools/
+# Where istio-proxy finds the module: an emptyDir (exec allowed) mounted
+# read-only, which the init container COPY_CONTAINER fills from the module
+# image, mounted in it only (image volumes are typically noexec). k8s/tools/
 # oci.py --native puts the module at the image's root.
 NATIVE_MODULE_DIR = "/var/lib/meshllm"
 NATIVE_VOLUME = "meshllm-module"
+NATIVE_VOLUME_SIZE = "64Mi"
+NATIVE_IMAGE_DIR = "/var/lib/meshllm-image"
+NATIVE_IMAGE_VOLUME = "meshllm-module-image"
+COPY_CONTAINER = "meshllm-module"
+# The copy runs in Istio's proxy image (the default, Ubuntu-based variant
+# has cp; the distroless one does not). Istio's injector replaces `image:
+# auto` only in the containers its template injects (istio-proxy), so the
+# init container names its image: give your mesh's proxy image (--copy-image).
+COPY_IMAGE = "docker.io/istio/proxyv2:1.31.0"
+COPY_RESOURCES = {"requests": {"cpu": "10m", "memory": "16Mi"},
+                  "limits": {"cpu": "100m", "memory": "64Mi"}}
+# istio-proxy's user and group in Istio's injection templates.
+PROXY_UID = 1337
 # The checked-in native overlays' module image: never resolves, so a pod
 # given them as they are does not start (the kubelet cannot pull it).
 PLACEHOLDER_MODULE_IMAGE = "module-image-not-set.invalid/meshllm-native:0.1.0"
 # A native module's metrics: Envoy's stats under the dynamic modules'
 # default metrics namespace (Istio's proxyStatsMatcher must include them).
 NATIVE_METRIC_PREFIX = "dynamicmodulescustom."
+NATIVE_SIDECAR_ANNOTATION = "sidecar.istio.io/nativeSidecar"
 # What Istio's agent substitutes for a Wasm config whose module it cannot
 # fetch (deny-all RBAC, pkg/wasm/convert.go). The ECDS references accept it
 # as Istio's own WasmPlugin references do (extension/extensionfilter.go), so
@@ -177,18 +194,17 @@ def mode_policy(policy, mode):
     return doc
 
 
-def ecds_ref(name, disabled=False):
+def ecds_ref(name, type_urls, disabled=False):
     """An HTTP filter whose config Envoy asks istiod for by name (ECDS).
-    `disabled`: off unless a route enables it (typed_per_filter_config)."""
+    `type_urls`: the config types it accepts (a config of another type is
+    refused). `disabled`: off unless a route enables it
+    (typed_per_filter_config)."""
     ref = {
         "name": name,
         "config_discovery": {
             # Requests wait for the filter's config: never served without it.
             "config_source": {"ads": {}, "initial_fetch_timeout": "0s"},
-            # RBAC: the agent's fail-closed substitute when the module
-            # cannot be fetched; without it Envoy rejects the substitute and
-            # the filter has no config at all.
-            "type_urls": [WASM_TYPE, RBAC_TYPE],
+            "type_urls": list(type_urls),
         },
     }
     if disabled:
@@ -238,12 +254,21 @@ GATEWAY_UNAVAILABLE_MESSAGE = (
     "The egress gateway refused the request before meshllm ran, so it was not sent: "
     "meshllm's Wasm module could not be fetched or loaded (the gateway's log says why), "
     "or an AuthorizationPolicy on the gateway allows nothing for this caller.")
+# The native build's: Envoy refused the filter's config (the module could
+# not be loaded), so the filter has none on meshllm's routes.
+NATIVE_UNAVAILABLE_MESSAGE = (
+    "meshllm is not running in this proxy: its native module (libmeshllm.so) could not be "
+    "loaded (the istio-proxy container's log says why). The request was not sent.")
+NATIVE_GATEWAY_UNAVAILABLE_MESSAGE = (
+    "The egress gateway refused the request before meshllm ran, so it was not sent: "
+    "meshllm's native module (libmeshllm.so) could not be loaded (the gateway's log says why), "
+    "or an AuthorizationPolicy on the gateway allows nothing for this caller.")
 NO_GATEWAY_VHOST_MESSAGE = (
     "The meshllm egress gateway has no route for this host, so the request was not sent: "
     "the host's VirtualService in the meshllm namespace is missing")
 
 
-def unavailable_replies(gateway):
+def unavailable_replies(gateway, build):
     """The HCM's local_reply_config: when meshllm cannot run on one of its
     routes, the caller gets a 503 in its API's shape instead of Envoy's bare
     403 (the agent's deny-all substitute, pkg/wasm/convert.go: an RBAC
@@ -258,7 +283,7 @@ def unavailable_replies(gateway):
     # substitute is known by its reply's details.
     refused = ("response.code_details == 'rbac_access_denied_matched_policy[none]' || "
                "response.code_details == 'wasm_fail_stream'")
-    message = GATEWAY_UNAVAILABLE_MESSAGE if gateway else UNAVAILABLE_MESSAGE
+    message = build.gateway_unavailable_message if gateway else build.unavailable_message
     mappers = []
     for path, _, body in shaped_errors(503, message, "meshllm_unavailable"):
         mappers.append({
@@ -342,6 +367,12 @@ class WasmBuild:
 
     name = "wasm"
     suffix = ""
+    # RBAC: the agent's fail-closed substitute when the module cannot be
+    # fetched; without it Envoy rejects the substitute and the filter has no
+    # config at all.
+    type_urls = [WASM_TYPE, RBAC_TYPE]
+    unavailable_message = UNAVAILABLE_MESSAGE
+    gateway_unavailable_message = GATEWAY_UNAVAILABLE_MESSAGE
 
     def __init__(self, module_url=PLACEHOLDER_MODULE_URL, sha256=None):
         self.module_url = module_url
@@ -359,10 +390,10 @@ class WasmBuild:
         ]
 
     def listener_filter(self, doc):
-        return ecds_ref(render.LISTENER_NAME, disabled=True)
+        return ecds_ref(render.LISTENER_NAME, self.type_urls, disabled=True)
 
     def upstream_filter(self, doc):
-        return ecds_ref(render.UPSTREAM_NAME)
+        return ecds_ref(render.UPSTREAM_NAME, self.type_urls)
 
     def proxy_env(self):
         return []
@@ -371,6 +402,9 @@ class WasmBuild:
         return []
 
     def volume_mounts(self):
+        return []
+
+    def init_containers(self):
         return []
 
     def metric_prefixes(self):
@@ -378,46 +412,69 @@ class WasmBuild:
 
 
 class NativeBuild(WasmBuild):
-    """The Envoy dynamic module libmeshllm.so (Istio 1.31+), from the image
-    `module_image` mounted read-only into the istio-proxy container (a
-    Kubernetes image volume), loaded inline by the EnvoyFilter: no ECDS, no
-    agent download. The module reads the keys from the proxy's environment
-    itself, so no `host_env_keys`."""
+    """The Envoy dynamic module libmeshllm.so (Istio 1.31+). Both halves'
+    configs come by ECDS as for Wasm, so a module that cannot be loaded
+    fails those configs (meshllm's routes answer 503), never the listener or
+    the cluster. The module reaches the proxy's disk from the image
+    `module_image`: a Kubernetes image volume is mounted in an init
+    container (`copy_image`, which has `cp`) that copies the file into an
+    emptyDir, which istio-proxy mounts read-only (image volumes are
+    typically mounted noexec, where dlopen fails). The module reads the
+    keys from the proxy's environment itself, so no `host_env_keys`."""
 
     name = "native"
     suffix = "-native"
+    type_urls = [DYNAMIC_MODULE_TYPE]
+    unavailable_message = NATIVE_UNAVAILABLE_MESSAGE
+    gateway_unavailable_message = NATIVE_GATEWAY_UNAVAILABLE_MESSAGE
 
-    def __init__(self, module_image=PLACEHOLDER_MODULE_IMAGE):
+    def __init__(self, module_image=PLACEHOLDER_MODULE_IMAGE, copy_image=COPY_IMAGE):
         super().__init__()
         self.module_image = module_image
+        self.copy_image = copy_image
 
     def extension_configs(self, doc):
-        return []
-
-    def listener_filter(self, doc):
-        return {**native_filter(doc, render.LISTENER_NAME), "disabled": True}
-
-    def upstream_filter(self, doc):
-        return native_filter(doc, render.UPSTREAM_NAME)
+        return [native_filter(doc, name) for name in (render.LISTENER_NAME, render.UPSTREAM_NAME)]
 
     def proxy_env(self):
         return [{"name": SEARCH_PATH_ENV, "value": NATIVE_MODULE_DIR}]
 
     def volumes(self):
-        return [{"name": NATIVE_VOLUME,
-                 "image": {"reference": self.module_image, "pullPolicy": "IfNotPresent"}}]
+        return [{"name": NATIVE_IMAGE_VOLUME,
+                 "image": {"reference": self.module_image, "pullPolicy": "IfNotPresent"}},
+                {"name": NATIVE_VOLUME, "emptyDir": {"sizeLimit": NATIVE_VOLUME_SIZE}}]
 
     def volume_mounts(self):
         return [{"name": NATIVE_VOLUME, "mountPath": NATIVE_MODULE_DIR, "readOnly": True}]
+
+    def init_containers(self):
+        return [{
+            "name": COPY_CONTAINER,
+            "image": self.copy_image,
+            # No shell needed: the proxy image's cp.
+            "command": ["cp", f"{NATIVE_IMAGE_DIR}/{NATIVE_MODULE_FILE}",
+                        f"{NATIVE_MODULE_DIR}/{NATIVE_MODULE_FILE}"],
+            "resources": COPY_RESOURCES,
+            # As istio-proxy's user, so the proxy reads what it wrote.
+            "securityContext": {
+                "runAsNonRoot": True, "runAsUser": PROXY_UID, "runAsGroup": PROXY_UID,
+                "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                "capabilities": {"drop": ["ALL"]},
+            },
+            "volumeMounts": [
+                {"name": NATIVE_IMAGE_VOLUME, "mountPath": NATIVE_IMAGE_DIR, "readOnly": True},
+                {"name": NATIVE_VOLUME, "mountPath": NATIVE_MODULE_DIR},
+            ],
+        }]
 
     def metric_prefixes(self):
         return [NATIVE_METRIC_PREFIX]
 
 
 def native_filter(doc, filter_name):
-    """An HTTP filter running one half of the native module, with the same
-    configuration document the Wasm plugin gets. Named like the Wasm
-    filter's ECDS reference, so the same per-route config turns it on."""
+    """One half of the native module as an ECDS config, with the same
+    configuration document the Wasm plugin gets, under the Wasm config's
+    name (so the same references and per-route config use it)."""
     return {
         "name": filter_name,
         "typed_config": {
@@ -438,12 +495,17 @@ def stats_matcher(build):
 
 
 def pod_annotations(build):
-    """Istio's injector adds these volumes and mounts to the istio-proxy
-    container it injects (sidecar mode: the application's pod template)."""
-    if not build.volumes():
+    """Sidecar mode, the application's pod template: Istio's injector adds
+    these mounts to the istio-proxy container it injects (the volumes are
+    the pod's own: its init container mounts them too), and injects
+    istio-proxy as a regular container, started after the pod's init
+    containers: as a native sidecar (an init container) Istio puts it
+    before them (reorderPod in pkg/kube/inject/webhook.go, 1.31), so it
+    would start before the module is copied."""
+    if not build.volume_mounts():
         return {}
-    return {"sidecar.istio.io/userVolume": json.dumps(build.volumes(), separators=(",", ":")),
-            "sidecar.istio.io/userVolumeMount": json.dumps(build.volume_mounts(), separators=(",", ":"))}
+    return {"sidecar.istio.io/userVolumeMount": json.dumps(build.volume_mounts(), separators=(",", ":")),
+            NATIVE_SIDECAR_ANNOTATION: "false"}
 
 
 def handled_hosts(doc):
@@ -494,7 +556,7 @@ def config_patches(doc, context, build):
                      ".v3.HttpConnectionManager",
             # Module missing or broken (Istio's agent), then Envoy's own
             # replies past the filter (render.local_reply_config).
-            "local_reply_config": {"mappers": unavailable_replies(gateway=not sidecar)["mappers"]
+            "local_reply_config": {"mappers": unavailable_replies(not sidecar, build)["mappers"]
                                    + render.local_reply_config()["mappers"]}}}},
     })
     # Istio sets no buffer limit (Envoy's default is 1 MiB); the filter holds
@@ -936,6 +998,9 @@ def gateway_resources(policy, build):
                         "whenUnsatisfiable": "ScheduleAnyway",
                         "labelSelector": {"matchLabels": GATEWAY_LABELS},
                     }],
+                    # The gateway template injects istio-proxy as a
+                    # regular container: it starts after these.
+                    **({"initContainers": build.init_containers()} if build.init_containers() else {}),
                     "containers": [{
                         "name": "istio-proxy",
                         "image": "auto",
@@ -1085,9 +1150,9 @@ SIDECAR_EXAMPLE = os.path.join(K8S_DIR, "examples", "sidecar-app", "app.yaml")
 
 def sidecar_example(build):
     """examples/sidecar-app with what `build` needs on the pod: the module's
-    volume and mount for the injected istio-proxy (annotations), its search
-    path in the proxy's environment beside the keys, and its metrics in the
-    proxy's stats."""
+    volumes and the init container that copies it, the mount for the
+    injected istio-proxy (annotations), its search path in the proxy's
+    environment beside the keys, and its metrics in the proxy's stats."""
     with open(SIDECAR_EXAMPLE) as f:
         docs = [d for d in yaml.safe_load_all(f) if d]
     pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]
@@ -1096,6 +1161,8 @@ def sidecar_example(build):
     annotations["proxy.istio.io/config"] = stats_matcher(build)
     proxy = next(c for c in pod["spec"]["containers"] if c["name"] == "istio-proxy")
     proxy["env"] = proxy["env"] + build.proxy_env()
+    pod["spec"]["initContainers"] = pod["spec"].get("initContainers", []) + build.init_containers()
+    pod["spec"]["volumes"] = pod["spec"].get("volumes", []) + build.volumes()
     return docs
 
 
@@ -1155,8 +1222,9 @@ def files(policy, module_url=PLACEHOLDER_MODULE_URL, sha256=None, store=None, bu
         out["examples/sidecar-app-native/app.yaml"] = dump(
             sidecar_example(build),
             "# Generated by k8s/tools/manifests.py --build native from examples/sidecar-app/app.yaml;\n"
-            "# do not edit. The sidecar-mode example app with the native module's volume\n"
-            f"# (mounted at {NATIVE_MODULE_DIR} in istio-proxy) and search path. See k8s/README.md.\n")
+            "# do not edit. The sidecar-mode example app with the native module: an init\n"
+            "# container copies it from the module image into an emptyDir, which istio-proxy\n"
+            f"# mounts at {NATIVE_MODULE_DIR} (its search path). See k8s/README.md.\n")
         out["examples/sidecar-app-native/kustomization.yaml"] = kustomization(
             ["app.yaml"], ["Example: an application in sidecar mode, native build (Istio 1.31+)."])
     if store:
@@ -1188,6 +1256,10 @@ def main(argv=None):
     ap.add_argument("--module-image",
                     help="--build native: the image holding libmeshllm.so (make oci pushes it), "
                          "mounted as an image volume (required, except for the checked-in copy)")
+    ap.add_argument("--copy-image", default=COPY_IMAGE,
+                    help="--build native: the image of the init container that copies the module "
+                         "out of its image volume; your mesh's proxy image, not its distroless "
+                         f"variant (default {COPY_IMAGE})")
     ap.add_argument("--out-dir", default=K8S_DIR)
     ap.add_argument("--store", metavar="REDIS_HOST:PORT",
                     help="count shared quota rules in this Redis: installs the bridge (webdis) "
@@ -1214,10 +1286,10 @@ def main(argv=None):
         if args.module_image is None and not checked_in:
             ap.error("--module-image is required: the image holding libmeshllm.so "
                      "(make oci prints it)")
-        build = NativeBuild(args.module_image or PLACEHOLDER_MODULE_IMAGE)
+        build = NativeBuild(args.module_image or PLACEHOLDER_MODULE_IMAGE, args.copy_image)
     else:
-        if args.module_image:
-            ap.error("--module-image is for --build native")
+        if args.module_image or args.copy_image != COPY_IMAGE:
+            ap.error("--module-image and --copy-image are for --build native")
         if args.module_url is None and not checked_in:
             ap.error("--module-url is required: where your proxies fetch the module "
                      "(make oci prints it)")
