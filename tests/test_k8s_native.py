@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import kubernetes_validate
 import pytest
@@ -400,6 +401,7 @@ class EcdsEnvoy:
     module looked up in `search_path`."""
 
     def __init__(self, docs, search_path):
+        self.docs = docs
         self.dir = tempfile.mkdtemp(prefix="meshllm-native-ecds-")
         self.port, self.admin_port = free_port(), free_port()
         bootstrap = bootstrap_from(docs, ecds_dir=self.dir, port=self.port)
@@ -433,6 +435,18 @@ class EcdsEnvoy:
         with open(self.log_path) as f:
             return f.read()
 
+    def push(self, name, version, typed_config):
+        """A new ECDS response for `name`, as istiod's next push: written
+        beside the file, then moved over it (Envoy watches for the move)."""
+        path = os.path.join(self.dir, name + ".json")
+        write_ecds(path + ".new", name, typed_config)
+        with open(path + ".new") as f:
+            doc = json.load(f)
+        doc["version_info"] = version
+        with open(path + ".new", "w") as f:
+            json.dump(doc, f)
+        os.rename(path + ".new", path)
+
     def request(self, method, path, body=None, host="api.openai.com"):
         return http(method, self.url + path, body=body, headers={"host": host})
 
@@ -449,8 +463,8 @@ SEARCH_PATH_ENV = manifests.SEARCH_PATH_ENV
 def ecds_envoy(installs):
     started = []
 
-    def start(search_path):
-        envoy = EcdsEnvoy(installs[("sidecar", "native")], search_path)
+    def start(search_path, mode="sidecar"):
+        envoy = EcdsEnvoy(installs[(mode, "native")], search_path)
         started.append(envoy)
         assert wait_for(envoy.ready, timeout=30), envoy.log_text()[-3000:]
         return envoy
@@ -493,21 +507,24 @@ def unloadable(directory):
     return directory
 
 
-@pytest.mark.parametrize("modules", ["missing", "unloadable"])
-def test_ecds_fails_closed_without_the_module(ecds_envoy, tmp_path, modules):
+@pytest.mark.parametrize("mode,modules", [("sidecar", "missing"), ("sidecar", "unloadable"),
+                                          ("egress-gateway", "missing")])
+def test_ecds_fails_closed_without_the_module(ecds_envoy, tmp_path, mode, modules):
     """The module cannot be loaded: Envoy rejects the filter's ECDS config
     (not the listener: it serves), stays up, and meshllm's routes answer
     503 meshllm_unavailable in the caller's shape; nothing is sent. Other
     routes of the listener are unchanged."""
     directory = tmp_path / "empty" if modules == "missing" else unloadable(tmp_path / "bad")
     directory.mkdir(exist_ok=True)
-    envoy = ecds_envoy(directory)
+    envoy = ecds_envoy(directory, mode)
+    message = (manifests.NATIVE_UNAVAILABLE_MESSAGE if mode == "sidecar"
+               else manifests.NATIVE_GATEWAY_UNAVAILABLE_MESSAGE)
     for method, path, body, shaped in SHAPED_REQUESTS:
         status, headers, answer = envoy.request(method, path, body)
         assert status == 503, (path, answer)
         parsed = json.loads(answer)
         assert shaped(parsed), parsed
-        assert manifests.NATIVE_UNAVAILABLE_MESSAGE in answer.decode()
+        assert message in answer.decode()
     status, _, answer = envoy.request("GET", "/", host="other.shop")
     assert (status, answer) == (200, b"other")
     # Only the filter's config was refused; Envoy and its listener are up.
@@ -516,3 +533,30 @@ def test_ecds_fails_closed_without_the_module(ecds_envoy, tmp_path, modules):
     assert envoy.stat("listener_manager.lds.update_rejected") in (None, 0)
     assert envoy.proc.poll() is None and envoy.ready()
     assert "Failed to load dynamic module" in envoy.log_text()
+
+
+@needs_native_build
+def test_ecds_module_copied_after_envoy_started(ecds_envoy, tmp_path):
+    """The module arrives after Envoy rejected its config: nothing retries
+    it, and the same config sent again is not applied either (Envoy keeps
+    the filter without config though it counts the update a success); a
+    changed config loads the module. Why the copy must run before the proxy
+    starts (k8s/README.md)."""
+    directory = tmp_path / "modules"
+    directory.mkdir()
+    envoy = ecds_envoy(directory)
+    assert envoy.request("GET", "/v1/models")[0] == 503
+    shutil.copy(NATIVE_BUILD, directory / manifests.NATIVE_MODULE_FILE)
+    config = extension_configs(envoy.docs)["meshllm"]
+    success = "extension_config_discovery.http_filter.meshllm.update_success"
+    envoy.push("meshllm", "2", config)
+    assert wait_for(lambda: envoy.stat(success) == 1, timeout=10)
+    # Time for the workers to get it, had it been applied.
+    time.sleep(1)
+    assert envoy.request("GET", "/v1/models")[0] == 503
+    changed = copy.deepcopy(config)
+    changed["filter_config"]["value"] += " "
+    envoy.push("meshllm", "3", changed)
+    assert wait_for(lambda: envoy.stat(success) == 2, timeout=10)
+    status, _, body = envoy.request("GET", "/v1/models")
+    assert status == 200 and json.loads(body)["object"] == "list", body
