@@ -1171,7 +1171,8 @@ def overlay_files(policy, build, with_bridge):
     overlays/<mode>-native)."""
     sidecar, gateway = f"overlays/sidecar{build.suffix}", f"overlays/egress-gateway{build.suffix}"
     note = [] if build.name == "wasm" else [
-        f"Native build (Istio 1.31+): the dynamic module {NATIVE_MODULE_FILE} from an image volume."]
+        f"Native build (Istio 1.31+): the dynamic module {NATIVE_MODULE_FILE}, configs by ECDS,",
+        "copied from an image volume by an init container."]
     return {
         f"{sidecar}/envoyfilter.yaml": dump(sidecar_resources(policy, build)),
         f"{sidecar}/kustomization.yaml": kustomization(
