@@ -85,9 +85,11 @@ build-native:
 # The filter as an OCI image for Istio's WasmPlugin (`url: oci://...`), its
 # layout and archive in target/oci; see k8s/tools/README.md. Standard library
 # only, so plain python3 serves when there is no venv.
-oci: build-wasm
+oci: build
 	@py=$(PY); [ -x $$py ] || py=python3; \
-	$$py k8s/tools/oci.py --wasm $(WASM) --out-dir target/oci
+	$$py k8s/tools/oci.py --wasm $(WASM) --out-dir target/oci && \
+	if [ -f $(NATIVE) ]; then $$py k8s/tools/oci.py --native $(NATIVE) --out-dir target/oci; \
+	else echo "no $(NATIVE): the native image is not packed (cargo build --profile native --features native --lib)"; fi
 
 # --- run --------------------------------------------------------------------
 
@@ -153,11 +155,12 @@ envoy-config: venv
 	$(PY) envoy/tools/render.py envoy/meshllm.json > envoy/envoy.yaml
 	$(PY) envoy/tools/render.py --stats-bootstrap envoy/meshllm.json > k8s/observability/stats-bootstrap.json
 
-# The Istio manifests (k8s/base, k8s/overlays) from k8s/policy/mesh.json; tests
+# The Istio manifests (k8s/base, k8s/overlays, both builds) from k8s/policy/mesh.json; tests
 # check they are current. For your registry:
 #   $(PY) k8s/tools/manifests.py --module-url oci://REGISTRY/meshllm:TAG --sha256 DIGEST --out-dir DIR
 k8s: venv
 	$(PY) k8s/tools/manifests.py
+	$(PY) k8s/tools/manifests.py --build native
 
 clean:
 	cargo clean

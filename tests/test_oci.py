@@ -220,3 +220,66 @@ def test_refuses_to_replace_a_directory_that_is_not_a_layout(tmp_path, module):
     result = run_tool(module, out)
     assert result.returncode != 0
     assert (out / "meshllm" / "keep.txt").read_text() == "mine"
+
+
+# --- the native build (--native libmeshllm.so) for a Kubernetes image volume
+
+def fake_native_module(machine=0x3E):
+    """An ELF header (64-bit, little-endian, shared object, `machine`) and
+    some bytes: all the tool reads of the module."""
+    header = b"\x7fELF\x02\x01\x01" + b"\0" * 9 + (3).to_bytes(2, "little") + machine.to_bytes(2, "little")
+    return header + hashlib.sha256(b"native").digest() * 100
+
+
+def run_native(module, out_dir, *args):
+    path = out_dir.parent / "libmeshllm.so"
+    path.write_bytes(module)
+    return subprocess.run([sys.executable, str(OCI_TOOL), "--native", str(path), "--out-dir", str(out_dir),
+                           *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("machine, architecture", [(0x3E, "amd64"), (0xB7, "arm64")])
+def test_native_image_holds_only_the_module_at_its_root(tmp_path, machine, architecture):
+    module = fake_native_module(machine)
+    out = tmp_path / "oci"
+    result = run_native(module, out)
+    assert result.returncode == 0, result.stderr
+    layout = out / "meshllm-native"
+    manifest = the_manifest(layout)
+    assert manifest["mediaType"] == MANIFEST_MEDIA_TYPE
+    # A plain image any runtime mounts: its platform, one gzip tar layer.
+    config = json.loads(read_verified(layout, manifest["config"]))
+    assert (config["os"], config["architecture"]) == ("linux", architecture)
+    (layer,) = manifest["layers"]
+    assert layer["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip"
+    layer_tar = gzip.decompress(read_verified(layout, layer))
+    assert config["rootfs"]["diff_ids"] == ["sha256:" + hashlib.sha256(layer_tar).hexdigest()]
+    with tarfile.open(fileobj=io.BytesIO(layer_tar)) as tar:
+        (member,) = tar.getmembers()
+        # Where manifests.py --build native expects it under the mount.
+        assert member.name == "libmeshllm.so" and member.isfile()
+        assert tar.extractfile(member).read() == module
+    assert "module.wasm.image/variant" not in manifest["annotations"]
+    # The manifest digest on stdout; how to push and use it on stderr.
+    index = json.loads((layout / "index.json").read_text())
+    assert result.stdout.strip() == index["manifests"][0]["digest"]
+    assert "--build native --module-image" in result.stderr
+    assert (out / "meshllm-native.tar").exists()
+    # The Wasm image is not touched.
+    assert not (out / "meshllm").exists()
+
+
+def test_native_image_is_deterministic(tmp_path):
+    first, second = tmp_path / "a" / "oci", tmp_path / "b" / "oci"
+    for out in (first, second):
+        out.parent.mkdir()
+        assert run_native(fake_native_module(), out).returncode == 0
+    assert (first / "meshllm-native.tar").read_bytes() == (second / "meshllm-native.tar").read_bytes()
+
+
+@pytest.mark.parametrize("content", [b"\0asm\x01\0\0\0", b"\x7fELF\x01\x01\x01" + b"\0" * 20,
+                                     fake_native_module(machine=0x28)])
+def test_native_refuses_what_is_not_a_loadable_module(tmp_path, content):
+    result = run_native(content, tmp_path / "oci")
+    assert result.returncode != 0
+    assert not (tmp_path / "oci" / "meshllm-native").exists()

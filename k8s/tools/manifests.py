@@ -6,6 +6,8 @@
         --sha256 DIGEST --out-dir /tmp/meshllm-k8s  # the same for your registry
     python3 k8s/tools/manifests.py --module-url ... --store REDIS_HOST:PORT \\
         --policy k8s/examples/shared-quota/mesh.json --out-dir ...  # + the shared quota store
+    python3 k8s/tools/manifests.py --build native --module-image REGISTRY/meshllm-native:TAG \\
+        --out-dir /tmp/meshllm-k8s  # the native build (Istio 1.31+): overlays/*-native
     python3 k8s/tools/manifests.py namespace-policy --namespace shop shop.json
 
 The Envoy pieces inside the EnvoyFilters (the Wasm filter config, the position
@@ -15,6 +17,12 @@ tests run, so the manifests carry what is tested. The plugin configuration is
 k8s/policy/mesh.json with two things set per mode: `identity` (the proxy's
 own workload in sidecar mode, the caller's mTLS certificate at the egress
 gateway) and `hosts` (the provider hosts and the in-mesh alias).
+
+Two builds load that configuration: `wasm` (default; Istio's agent fetches
+the module, ECDS serves both halves' configs) and `native` (the Envoy dynamic
+module libmeshllm.so on the proxy's disk, its configs served by ECDS like the Wasm one, so a module that cannot be
+loaded fails meshllm's routes only; an init container copies it from an image
+volume). Everything else in the manifests is the same.
 """
 
 import argparse
@@ -58,6 +66,42 @@ PLACEHOLDER_MODULE_URL = "oci://module-url-not-set.invalid/meshllm:0.1.0"
 OPT_IN_LABEL = "meshllm.io/sidecar"
 OPT_IN_VALUE = "enabled"
 WASM_TYPE = render.WASM_TYPE
+# The native build: Envoy's dynamic-module HTTP filter (Istio 1.31+ proxies)
+# loads lib<name>.so from $ENVOY_DYNAMIC_MODULES_SEARCH_PATH. By name, not
+# by `module.local.filename`: that field is newer than the name lookup and
+# was not checked in the Envoy Istio 1.31 ships.
+DYNAMIC_MODULE_TYPE = ("type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3."
+                       "DynamicModuleFilter")
+STRING_VALUE_TYPE = "type.googleapis.com/google.protobuf.StringValue"
+NATIVE_MODULE_NAME = "meshllm"
+NATIVE_MODULE_FILE = f"lib{NATIVE_MODULE_NAME}.so"
+SEARCH_PATH_ENV = "ENVOY_DYNAMIC_MODULES_SEARCH_PATH"
+# Where istio-proxy finds the module: an emptyDir (exec allowed) mounted
+# read-only, which the init container COPY_CONTAINER fills from the module
+# image, mounted in it only (image volumes are typically noexec). k8s/tools/
+# oci.py --native puts the module at the image's root.
+NATIVE_MODULE_DIR = "/var/lib/meshllm"
+NATIVE_VOLUME = "meshllm-module"
+NATIVE_VOLUME_SIZE = "64Mi"
+NATIVE_IMAGE_DIR = "/var/lib/meshllm-image"
+NATIVE_IMAGE_VOLUME = "meshllm-module-image"
+COPY_CONTAINER = "meshllm-module"
+# The copy runs in Istio's proxy image (the default, Ubuntu-based variant
+# has cp; the distroless one does not). Istio's injector replaces `image:
+# auto` only in the containers its template injects (istio-proxy), so the
+# init container names its image: give your mesh's proxy image (--copy-image).
+COPY_IMAGE = "docker.io/istio/proxyv2:1.31.0"
+COPY_RESOURCES = {"requests": {"cpu": "10m", "memory": "16Mi"},
+                  "limits": {"cpu": "100m", "memory": "64Mi"}}
+# istio-proxy's user and group in Istio's injection templates.
+PROXY_UID = 1337
+# The checked-in native overlays' module image: never resolves, so a pod
+# given them as they are does not start (the kubelet cannot pull it).
+PLACEHOLDER_MODULE_IMAGE = "module-image-not-set.invalid/meshllm-native:0.1.0"
+# A native module's metrics: Envoy's stats under the dynamic modules'
+# default metrics namespace (Istio's proxyStatsMatcher must include them).
+NATIVE_METRIC_PREFIX = "dynamicmodulescustom."
+NATIVE_SIDECAR_ANNOTATION = "sidecar.istio.io/nativeSidecar"
 # What Istio's agent substitutes for a Wasm config whose module it cannot
 # fetch (deny-all RBAC, pkg/wasm/convert.go). The ECDS references accept it
 # as Istio's own WasmPlugin references do (extension/extensionfilter.go), so
@@ -150,18 +194,17 @@ def mode_policy(policy, mode):
     return doc
 
 
-def ecds_ref(name, disabled=False):
+def ecds_ref(name, type_urls, disabled=False):
     """An HTTP filter whose config Envoy asks istiod for by name (ECDS).
-    `disabled`: off unless a route enables it (typed_per_filter_config)."""
+    `type_urls`: the config types it accepts (a config of another type is
+    refused). `disabled`: off unless a route enables it
+    (typed_per_filter_config)."""
     ref = {
         "name": name,
         "config_discovery": {
             # Requests wait for the filter's config: never served without it.
             "config_source": {"ads": {}, "initial_fetch_timeout": "0s"},
-            # RBAC: the agent's fail-closed substitute when the module
-            # cannot be fetched; without it Envoy rejects the substitute and
-            # the filter has no config at all.
-            "type_urls": [WASM_TYPE, RBAC_TYPE],
+            "type_urls": list(type_urls),
         },
     }
     if disabled:
@@ -211,12 +254,21 @@ GATEWAY_UNAVAILABLE_MESSAGE = (
     "The egress gateway refused the request before meshllm ran, so it was not sent: "
     "meshllm's Wasm module could not be fetched or loaded (the gateway's log says why), "
     "or an AuthorizationPolicy on the gateway allows nothing for this caller.")
+# The native build's: Envoy refused the filter's config (the module could
+# not be loaded), so the filter has none on meshllm's routes.
+NATIVE_UNAVAILABLE_MESSAGE = (
+    "meshllm is not running in this proxy: its native module (libmeshllm.so) could not be "
+    "loaded (the istio-proxy container's log says why). The request was not sent.")
+NATIVE_GATEWAY_UNAVAILABLE_MESSAGE = (
+    "The egress gateway refused the request before meshllm ran, so it was not sent: "
+    "meshllm's native module (libmeshllm.so) could not be loaded (the gateway's log says why), "
+    "or an AuthorizationPolicy on the gateway allows nothing for this caller.")
 NO_GATEWAY_VHOST_MESSAGE = (
     "The meshllm egress gateway has no route for this host, so the request was not sent: "
     "the host's VirtualService in the meshllm namespace is missing")
 
 
-def unavailable_replies(gateway):
+def unavailable_replies(gateway, build):
     """The HCM's local_reply_config: when meshllm cannot run on one of its
     routes, the caller gets a 503 in its API's shape instead of Envoy's bare
     403 (the agent's deny-all substitute, pkg/wasm/convert.go: an RBAC
@@ -231,7 +283,7 @@ def unavailable_replies(gateway):
     # substitute is known by its reply's details.
     refused = ("response.code_details == 'rbac_access_denied_matched_policy[none]' || "
                "response.code_details == 'wasm_fail_stream'")
-    message = GATEWAY_UNAVAILABLE_MESSAGE if gateway else UNAVAILABLE_MESSAGE
+    message = build.gateway_unavailable_message if gateway else build.unavailable_message
     mappers = []
     for path, _, body in shaped_errors(503, message, "meshllm_unavailable"):
         mappers.append({
@@ -307,16 +359,153 @@ def host_not_in_mesh_routes(hosts):
     return routes
 
 
-def extension_configs(doc, module_url, sha256):
-    code = render.remote_code(module_url, sha256)
-    keys = render.env_keys(doc)
-    return [
-        {"name": render.LISTENER_NAME, "typed_config": render.wasm_config(doc, code, keys)},
-        {
-            "name": render.UPSTREAM_NAME,
-            "typed_config": render.wasm_config(doc, code, keys, upstream=True),
+class WasmBuild:
+    """The Wasm module, fetched by Istio's agent from `module_url` (ECDS
+    serves both halves' configs, so the agent can substitute its fail-closed
+    deny-all filter when the fetch fails). Keys reach the VM by
+    `host_env_keys`. Nothing on the pod."""
+
+    name = "wasm"
+    suffix = ""
+    # RBAC: the agent's fail-closed substitute when the module cannot be
+    # fetched; without it Envoy rejects the substitute and the filter has no
+    # config at all.
+    type_urls = [WASM_TYPE, RBAC_TYPE]
+    unavailable_message = UNAVAILABLE_MESSAGE
+    gateway_unavailable_message = GATEWAY_UNAVAILABLE_MESSAGE
+
+    def __init__(self, module_url=PLACEHOLDER_MODULE_URL, sha256=None):
+        self.module_url = module_url
+        self.sha256 = sha256
+
+    def extension_configs(self, doc):
+        code = render.remote_code(self.module_url, self.sha256)
+        keys = render.env_keys(doc)
+        return [
+            {"name": render.LISTENER_NAME, "typed_config": render.wasm_config(doc, code, keys)},
+            {
+                "name": render.UPSTREAM_NAME,
+                "typed_config": render.wasm_config(doc, code, keys, upstream=True),
+            },
+        ]
+
+    def listener_filter(self, doc):
+        return ecds_ref(render.LISTENER_NAME, self.type_urls, disabled=True)
+
+    def upstream_filter(self, doc):
+        return ecds_ref(render.UPSTREAM_NAME, self.type_urls)
+
+    def proxy_env(self):
+        return []
+
+    def volumes(self):
+        return []
+
+    def volume_mounts(self):
+        return []
+
+    def init_containers(self):
+        return []
+
+    def metric_prefixes(self):
+        return list(render.METRIC_PREFIXES)
+
+
+class NativeBuild(WasmBuild):
+    """The Envoy dynamic module libmeshllm.so (Istio 1.31+). Both halves'
+    configs come by ECDS as for Wasm, so a module that cannot be loaded
+    fails those configs (meshllm's routes answer 503), never the listener or
+    the cluster. The module reaches the proxy's disk from the image
+    `module_image`: a Kubernetes image volume is mounted in an init
+    container (`copy_image`, which has `cp`) that copies the file into an
+    emptyDir, which istio-proxy mounts read-only (image volumes are
+    typically mounted noexec, where dlopen fails). The module reads the
+    keys from the proxy's environment itself, so no `host_env_keys`."""
+
+    name = "native"
+    suffix = "-native"
+    type_urls = [DYNAMIC_MODULE_TYPE]
+    unavailable_message = NATIVE_UNAVAILABLE_MESSAGE
+    gateway_unavailable_message = NATIVE_GATEWAY_UNAVAILABLE_MESSAGE
+
+    def __init__(self, module_image=PLACEHOLDER_MODULE_IMAGE, copy_image=COPY_IMAGE):
+        super().__init__()
+        self.module_image = module_image
+        self.copy_image = copy_image
+
+    def extension_configs(self, doc):
+        return [native_filter(doc, name) for name in (render.LISTENER_NAME, render.UPSTREAM_NAME)]
+
+    def proxy_env(self):
+        return [{"name": SEARCH_PATH_ENV, "value": NATIVE_MODULE_DIR}]
+
+    def volumes(self):
+        return [{"name": NATIVE_IMAGE_VOLUME,
+                 "image": {"reference": self.module_image, "pullPolicy": "IfNotPresent"}},
+                {"name": NATIVE_VOLUME, "emptyDir": {"sizeLimit": NATIVE_VOLUME_SIZE}}]
+
+    def volume_mounts(self):
+        return [{"name": NATIVE_VOLUME, "mountPath": NATIVE_MODULE_DIR, "readOnly": True}]
+
+    def init_containers(self):
+        return [{
+            "name": COPY_CONTAINER,
+            "image": self.copy_image,
+            # No shell needed: the proxy image's cp.
+            "command": ["cp", f"{NATIVE_IMAGE_DIR}/{NATIVE_MODULE_FILE}",
+                        f"{NATIVE_MODULE_DIR}/{NATIVE_MODULE_FILE}"],
+            "resources": COPY_RESOURCES,
+            # As istio-proxy's user, so the proxy reads what it wrote.
+            "securityContext": {
+                "runAsNonRoot": True, "runAsUser": PROXY_UID, "runAsGroup": PROXY_UID,
+                "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                "capabilities": {"drop": ["ALL"]},
+            },
+            "volumeMounts": [
+                {"name": NATIVE_IMAGE_VOLUME, "mountPath": NATIVE_IMAGE_DIR, "readOnly": True},
+                {"name": NATIVE_VOLUME, "mountPath": NATIVE_MODULE_DIR},
+            ],
+        }]
+
+    def metric_prefixes(self):
+        return [NATIVE_METRIC_PREFIX]
+
+
+def native_filter(doc, filter_name):
+    """One half of the native module as an ECDS config, with the same
+    configuration document the Wasm plugin gets, under the Wasm config's
+    name (so the same references and per-route config use it)."""
+    return {
+        "name": filter_name,
+        "typed_config": {
+            "@type": DYNAMIC_MODULE_TYPE,
+            "dynamic_module_config": {"name": NATIVE_MODULE_NAME},
+            "filter_name": filter_name,
+            "filter_config": {"@type": STRING_VALUE_TYPE,
+                              "value": json.dumps(doc, separators=(",", ":"))},
         },
-    ]
+    }
+
+
+def stats_matcher(build):
+    """The proxy.istio.io/config annotation that keeps the module's metrics
+    in the proxy's stats (Istio drops other Envoy stats)."""
+    return yaml.safe_dump({"proxyStatsMatcher": {"inclusionPrefixes": build.metric_prefixes()}},
+                          default_flow_style=True, width=1000).strip()
+
+
+def pod_annotations(build):
+    """Sidecar mode, the application's pod template: Istio's injector adds
+    these mounts to the istio-proxy container it injects (the volumes are
+    the pod's own: its init container mounts them too), and injects
+    istio-proxy as a regular container, started after the pod's init
+    containers: as a native sidecar (an init container) Istio puts it
+    before them (reorderPod in pkg/kube/inject/webhook.go, 1.31), so it
+    would start before the module is copied."""
+    if not build.volume_mounts():
+        return {}
+    return {"sidecar.istio.io/userVolumeMount": json.dumps(build.volume_mounts(), separators=(",", ":")),
+            NATIVE_SIDECAR_ANNOTATION: "false"}
 
 
 def handled_hosts(doc):
@@ -329,7 +518,7 @@ def handled_vhosts(doc):
     return [f"{h}:{MESH_PORT}" for h in provider_hosts(doc) + [ALIAS_HOST]]
 
 
-def config_patches(doc, context, module_url, sha256):
+def config_patches(doc, context, build):
     """Every patch meshllm needs in one proxy, for `context` (SIDECAR_OUTBOUND
     or GATEWAY)."""
     failover = render.failover_settings(doc)
@@ -344,14 +533,14 @@ def config_patches(doc, context, module_url, sha256):
     buffer_limit = render.buffer_limit_bytes(doc)
     patches = [
         {"applyTo": "EXTENSION_CONFIG", "patch": {"operation": "ADD", "value": ext}}
-        for ext in extension_configs(doc, module_url, sha256)
+        for ext in build.extension_configs(doc)
     ]
     # Both listener filters are off unless a route turns them on: only
     # meshllm's routes do, so other traffic never enters the Wasm VM, and a
     # module that cannot be fetched or loaded fails those routes only.
     positions = {**render.position_metadata_filter(failover["max_attempts"]),
                  "name": POSITIONS_FILTER, "disabled": True}
-    for http_filter in (ecds_ref(render.LISTENER_NAME, disabled=True), positions):
+    for http_filter in (build.listener_filter(doc), positions):
         patches.append(
             {
                 "applyTo": "HTTP_FILTER",
@@ -367,7 +556,7 @@ def config_patches(doc, context, module_url, sha256):
                      ".v3.HttpConnectionManager",
             # Module missing or broken (Istio's agent), then Envoy's own
             # replies past the filter (render.local_reply_config).
-            "local_reply_config": {"mappers": unavailable_replies(gateway=not sidecar)["mappers"]
+            "local_reply_config": {"mappers": unavailable_replies(not sidecar, build)["mappers"]
                                    + render.local_reply_config()["mappers"]}}}},
     })
     # Istio sets no buffer limit (Envoy's default is 1 MiB); the filter holds
@@ -382,7 +571,7 @@ def config_patches(doc, context, module_url, sha256):
     })
     clusters = render.position_clusters(doc, {}, failover["max_attempts"])
     clusters[-1]["typed_extension_protocol_options"] = render.upstream_protocol_options(
-        render.upstream_http_filters(ecds_ref(render.UPSTREAM_NAME))
+        render.upstream_http_filters(build.upstream_filter(doc))
     )
     for c in clusters:
         c["per_connection_buffer_limit_bytes"] = buffer_limit
@@ -734,7 +923,7 @@ def base_resources(policy):
     return out
 
 
-def sidecar_resources(policy, module_url, sha256):
+def sidecar_resources(policy, build):
     doc = mode_policy(policy, "sidecar")
     return [resource(
         "networking.istio.io/v1alpha3", "EnvoyFilter", "meshllm", ROOT_NAMESPACE,
@@ -742,7 +931,7 @@ def sidecar_resources(policy, module_url, sha256):
             # In the root namespace with a selector: the labelled pods of
             # every namespace, and no others.
             "workloadSelector": {"labels": {OPT_IN_LABEL: OPT_IN_VALUE}},
-            "configPatches": config_patches(doc, "SIDECAR_OUTBOUND", module_url, sha256),
+            "configPatches": config_patches(doc, "SIDECAR_OUTBOUND", build),
         },
     )]
 
@@ -775,7 +964,7 @@ def egress_guard(policy):
                     {"configPatches": patches})
 
 
-def gateway_resources(policy, module_url, sha256):
+def gateway_resources(policy, build):
     doc = mode_policy(policy, "egress-gateway")
     keys = render.env_keys(doc)
     hosts = provider_hosts(doc) + [ALIAS_HOST]
@@ -798,9 +987,7 @@ def gateway_resources(policy, module_url, sha256):
                         # Istio's gateway injection fills in the proxy.
                         "inject.istio.io/templates": "gateway",
                         "sidecar.istio.io/bootstrapOverride": "meshllm-stats-bootstrap",
-                        "proxy.istio.io/config": yaml.safe_dump(
-                            {"proxyStatsMatcher": {"inclusionPrefixes": list(render.METRIC_PREFIXES)}},
-                            default_flow_style=True).strip(),
+                        "proxy.istio.io/config": stats_matcher(build),
                     },
                 },
                 "spec": {
@@ -811,6 +998,9 @@ def gateway_resources(policy, module_url, sha256):
                         "whenUnsatisfiable": "ScheduleAnyway",
                         "labelSelector": {"matchLabels": GATEWAY_LABELS},
                     }],
+                    # The gateway template injects istio-proxy as a
+                    # regular container: it starts after these.
+                    **({"initContainers": build.init_containers()} if build.init_containers() else {}),
                     "containers": [{
                         "name": "istio-proxy",
                         "image": "auto",
@@ -833,8 +1023,10 @@ def gateway_resources(policy, module_url, sha256):
                             {"name": k, "valueFrom": {"secretKeyRef": {
                                 "name": KEYS_SECRET, "key": k, "optional": True}}}
                             for k in keys
-                        ],
+                        ] + build.proxy_env(),
+                        **({"volumeMounts": build.volume_mounts()} if build.volume_mounts() else {}),
                     }],
+                    **({"volumes": build.volumes()} if build.volumes() else {}),
                 },
             },
         },
@@ -909,7 +1101,7 @@ def gateway_resources(policy, module_url, sha256):
         "networking.istio.io/v1alpha3", "EnvoyFilter", "meshllm", NAMESPACE,
         {
             "workloadSelector": {"labels": {"istio": GATEWAY}},
-            "configPatches": config_patches(doc, "GATEWAY", module_url, sha256),
+            "configPatches": config_patches(doc, "GATEWAY", build),
         },
     ))
     return out
@@ -953,11 +1145,64 @@ def namespace_policy_yaml(namespace, policy, source):
     return dump([namespace_policy(namespace, policy)], header)
 
 
-def files(policy, module_url=PLACEHOLDER_MODULE_URL, sha256=None, store=None):
+SIDECAR_EXAMPLE = os.path.join(K8S_DIR, "examples", "sidecar-app", "app.yaml")
+
+
+def sidecar_example(build):
+    """examples/sidecar-app with what `build` needs on the pod: the module's
+    volumes and the init container that copies it, the mount for the
+    injected istio-proxy (annotations), its search path in the proxy's
+    environment beside the keys, and its metrics in the proxy's stats."""
+    with open(SIDECAR_EXAMPLE) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]
+    annotations = pod["metadata"]["annotations"]
+    annotations.update(pod_annotations(build))
+    annotations["proxy.istio.io/config"] = stats_matcher(build)
+    proxy = next(c for c in pod["spec"]["containers"] if c["name"] == "istio-proxy")
+    proxy["env"] = proxy["env"] + build.proxy_env()
+    pod["spec"]["initContainers"] = pod["spec"].get("initContainers", []) + build.init_containers()
+    pod["spec"]["volumes"] = pod["spec"].get("volumes", []) + build.volumes()
+    return docs
+
+
+def overlay_files(policy, build, with_bridge):
+    """Both modes' overlays for one build (the native ones under
+    overlays/<mode>-native)."""
+    sidecar, gateway = f"overlays/sidecar{build.suffix}", f"overlays/egress-gateway{build.suffix}"
+    note = [] if build.name == "wasm" else [
+        f"Native build (Istio 1.31+): the dynamic module {NATIVE_MODULE_FILE}, configs by ECDS,",
+        "copied from an image volume by an init container."]
+    return {
+        f"{sidecar}/envoyfilter.yaml": dump(sidecar_resources(policy, build)),
+        f"{sidecar}/kustomization.yaml": kustomization(
+            ["../../base", "envoyfilter.yaml"] + with_bridge,
+            [f"Sidecar mode: the outbound port-80 listener of pods labelled {OPT_IN_LABEL}: {OPT_IN_VALUE}",
+             "runs meshllm on the LLM hosts' routes (EnvoyFilter in the root namespace).",
+             "See k8s/README.md.", *note]),
+        f"{gateway}/gateway.yaml": dump(gateway_resources(policy, build)),
+        f"{gateway}/guard.yaml": dump([egress_guard(mode_policy(policy, "egress-gateway"))]),
+        f"{gateway}/observability/kustomization.yaml": kustomization(
+            ["../../../observability"],
+            ["The observability ConfigMaps, in the gateway's namespace."],
+            namespace=NAMESPACE),
+        f"{gateway}/kustomization.yaml": kustomization(
+            ["../../base", "gateway.yaml", "guard.yaml", "observability"] + with_bridge,
+            ["Egress-gateway mode: sidecars send LLM calls to the meshllm-egress",
+             "gateway over mTLS; the filter runs there once for the mesh; every sidecar",
+             "refuses an LLM host it has no route to the gateway for (guard.yaml, in the",
+             "root namespace). See k8s/README.md.", *note]),
+    }
+
+
+def files(policy, module_url=PLACEHOLDER_MODULE_URL, sha256=None, store=None, build=None):
     """Every generated file, path relative to k8s/ → text. `store`
     (StoreOptions): the shared quota store's bridge in both overlays and
-    `quotas.store` in the plugin configuration; None: neither."""
+    `quotas.store` in the plugin configuration; None: neither. `build`: a
+    NativeBuild for the native overlays (and their example app) instead of
+    the Wasm ones at module_url."""
     policy = with_store(policy, store)
+    build = build or WasmBuild(module_url, sha256)
     with open(EXAMPLE_POLICY) as f:
         example = json.load(f)
     with_bridge = ["store.yaml"] if store else []
@@ -972,29 +1217,21 @@ def files(policy, module_url=PLACEHOLDER_MODULE_URL, sha256=None, store=None):
             ["resources.yaml"],
             ["Provider hosts (ServiceEntry + TLS-originating DestinationRule) and the",
              "in-mesh alias Service; both modes build on this."]),
-        "overlays/sidecar/envoyfilter.yaml": dump(sidecar_resources(policy, module_url, sha256)),
-        "overlays/sidecar/kustomization.yaml": kustomization(
-            ["../../base", "envoyfilter.yaml"] + with_bridge,
-            [f"Sidecar mode: the outbound port-80 listener of pods labelled {OPT_IN_LABEL}: {OPT_IN_VALUE}",
-             "runs meshllm on the LLM hosts' routes (EnvoyFilter in the root namespace).",
-             "See k8s/README.md."]),
-        "overlays/egress-gateway/gateway.yaml": dump(gateway_resources(policy, module_url, sha256)),
-        "overlays/egress-gateway/guard.yaml": dump([egress_guard(mode_policy(policy, "egress-gateway"))]),
-        "overlays/egress-gateway/observability/kustomization.yaml": kustomization(
-            ["../../../observability"],
-            ["The observability ConfigMaps, in the gateway's namespace."],
-            namespace=NAMESPACE),
-        "overlays/egress-gateway/kustomization.yaml": kustomization(
-            ["../../base", "gateway.yaml", "guard.yaml", "observability"] + with_bridge,
-            ["Egress-gateway mode: sidecars send LLM calls to the meshllm-egress",
-             "gateway over mTLS; the filter runs there once for the mesh; every sidecar",
-             "refuses an LLM host it has no route to the gateway for (guard.yaml, in the",
-             "root namespace). See k8s/README.md."]),
+        **overlay_files(policy, build, with_bridge),
     }
+    if build.name == "native":
+        out["examples/sidecar-app-native/app.yaml"] = dump(
+            sidecar_example(build),
+            "# Generated by k8s/tools/manifests.py --build native from examples/sidecar-app/app.yaml;\n"
+            "# do not edit. The sidecar-mode example app with the native module: an init\n"
+            "# container copies it from the module image into an emptyDir, which istio-proxy\n"
+            f"# mounts at {NATIVE_MODULE_DIR} (its search path). See k8s/README.md.\n")
+        out["examples/sidecar-app-native/kustomization.yaml"] = kustomization(
+            ["app.yaml"], ["Example: an application in sidecar mode, native build (Istio 1.31+)."])
     if store:
-        for mode, rel in (("sidecar", "overlays/sidecar/store.yaml"),
-                          ("egress-gateway", "overlays/egress-gateway/store.yaml")):
-            out[rel] = dump(store_resources(mode_policy(policy, mode), store, mode))
+        for mode in ("sidecar", "egress-gateway"):
+            out[f"overlays/{mode}{build.suffix}/store.yaml"] = dump(
+                store_resources(mode_policy(policy, mode), store, mode))
     return out
 
 
@@ -1014,6 +1251,16 @@ def main(argv=None):
                     help="where proxies fetch the module: oci://... or https://... "
                          "(required, except to regenerate the checked-in k8s/ copy)")
     ap.add_argument("--sha256", help="oci://: the manifest digest; https://: the module's sha256")
+    ap.add_argument("--build", choices=("wasm", "native"), default="wasm",
+                    help="wasm (default): overlays/sidecar and overlays/egress-gateway, Istio 1.28+; "
+                         "native: overlays/*-native, the Envoy dynamic module, Istio 1.31+")
+    ap.add_argument("--module-image",
+                    help="--build native: the image holding libmeshllm.so (make oci pushes it), "
+                         "mounted as an image volume (required, except for the checked-in copy)")
+    ap.add_argument("--copy-image", default=COPY_IMAGE,
+                    help="--build native: the image of the init container that copies the module "
+                         "out of its image volume; your mesh's proxy image, not its distroless "
+                         f"variant (default {COPY_IMAGE})")
     ap.add_argument("--out-dir", default=K8S_DIR)
     ap.add_argument("--store", metavar="REDIS_HOST:PORT",
                     help="count shared quota rules in this Redis: installs the bridge (webdis) "
@@ -1032,19 +1279,28 @@ def main(argv=None):
             policy = json.load(f)
         sys.stdout.write(namespace_policy_yaml(args.namespace, policy, os.path.basename(args.policy)))
         return
-    module_url = args.module_url
-    if module_url is None:
-        # Only `make k8s` may write the placeholder, and only into k8s/.
-        if os.path.abspath(args.out_dir) != os.path.abspath(K8S_DIR):
+    # Only `make k8s` may write the placeholders, and only into k8s/.
+    checked_in = os.path.abspath(args.out_dir) == os.path.abspath(K8S_DIR)
+    if args.build == "native":
+        if args.module_url or args.sha256:
+            ap.error("--build native takes --module-image, not --module-url/--sha256")
+        if args.module_image is None and not checked_in:
+            ap.error("--module-image is required: the image holding libmeshllm.so "
+                     "(make oci prints it)")
+        build = NativeBuild(args.module_image or PLACEHOLDER_MODULE_IMAGE, args.copy_image)
+    else:
+        if args.module_image or args.copy_image != COPY_IMAGE:
+            ap.error("--module-image and --copy-image are for --build native")
+        if args.module_url is None and not checked_in:
             ap.error("--module-url is required: where your proxies fetch the module "
                      "(make oci prints it)")
-        module_url = PLACEHOLDER_MODULE_URL
+        build = WasmBuild(args.module_url or PLACEHOLDER_MODULE_URL, args.sha256)
     store = None
     if args.store:
         namespaces = [n for n in (args.store_client_namespaces or "").split(",") if n]
         store = StoreOptions.parse(args.store, user=args.store_user, image=args.store_bridge_image,
                                    client_namespaces=namespaces or None)
-    for rel, text in files(load_policy(args.policy), module_url, args.sha256, store).items():
+    for rel, text in files(load_policy(args.policy), store=store, build=build).items():
         path = os.path.join(args.out_dir, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:

@@ -23,6 +23,12 @@ under --out-dir:
 
 The module's sha256 goes to stdout; push commands and the manifest digest
 (what WasmPlugin `sha256:` checks for an oci:// URL) go to stderr.
+
+With --native target/native/libmeshllm.so it packs the native build (the
+Envoy dynamic module) instead, as a plain OCI image for a Kubernetes image
+volume: one layer holding only `libmeshllm.so` at its root (mounted at
+/var/lib/meshllm by manifests.py --build native), the platform taken from
+the ELF header. Writes meshllm-native/ and meshllm-native.tar likewise.
 """
 
 import argparse
@@ -47,6 +53,11 @@ LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 # The file name Istio looks for in the layer (Solo's spec-compat.md).
 PLUGIN_FILE = "plugin.wasm"
 WASM_MAGIC = b"\0asm"
+# The native build's file in its image (the name Envoy looks up for a
+# dynamic module named `meshllm`) and the ELF machines it may be built for.
+NATIVE_FILE = "libmeshllm.so"
+ELF_MAGIC = b"\x7fELF"
+ELF_ARCHITECTURES = {0x3E: "amd64", 0xB7: "arm64"}
 
 
 def canonical_json(value):
@@ -107,14 +118,26 @@ def manifest_annotations(package, source):
     return {key: value for key, value in annotations.items() if value}
 
 
-def image_layout(module, tag, annotations):
+def elf_architecture(module):
+    """The OCI architecture of an ELF shared object (little-endian 64-bit)."""
+    if not module.startswith(ELF_MAGIC) or len(module) < 20 or module[4] != 2 or module[5] != 1:
+        raise ValueError("not a 64-bit little-endian ELF file")
+    machine = int.from_bytes(module[18:20], "little")
+    if machine not in ELF_ARCHITECTURES:
+        raise ValueError(f"ELF machine {machine:#x} is not one Envoy runs on here")
+    return ELF_ARCHITECTURES[machine]
+
+
+def image_layout(module, tag, annotations, file_name=PLUGIN_FILE, platform=("wasm", "wasi")):
     """Files of an OCI image layout, {relative path: bytes}, holding one
-    compat image tagged `tag` whose only layer is plugin.wasm = module."""
-    layer_tar = deterministic_tar({PLUGIN_FILE: module})
+    image tagged `tag` whose only layer is file_name = module (by default
+    the compat image Istio's agent reads: plugin.wasm)."""
+    layer_tar = deterministic_tar({file_name: module})
     layer = gzip.compress(layer_tar, compresslevel=9, mtime=0)
+    architecture, os_name = platform
     config = canonical_json({
-        "architecture": "wasm",
-        "os": "wasi",
+        "architecture": architecture,
+        "os": os_name,
         "rootfs": {"type": "layers", "diff_ids": [digest(layer_tar)]},
     })
     manifest = canonical_json({
@@ -171,14 +194,56 @@ or, serving {out_dir / (name + ".wasm")} over HTTPS:
 """
 
 
+def native_help(out_dir, name, tag, manifest_digest):
+    """How to push the native image and name it in the manifests."""
+    layout, archive = out_dir / name, out_dir / f"{name}.tar"
+    return f"""\
+OCI layout {layout} (tag {tag}), archive {archive}: {NATIVE_FILE} at the image's root
+
+Push with any of (REGISTRY like ghcr.io/you):
+  skopeo copy --preserve-digests oci-archive:{archive}:{tag} docker://$REGISTRY/{name}:{tag}
+  oras cp --from-oci-layout {layout}:{tag} $REGISTRY/{name}:{tag}
+  crane push {layout} $REGISTRY/{name}:{tag}
+
+Then (an image volume in the proxy's pod):
+  python3 k8s/tools/manifests.py --build native --module-image $REGISTRY/{name}@{manifest_digest} --out-dir DIR
+"""
+
+
+def pack_native(path, out_dir, tag, source):
+    """--native: the dynamic module as an image for an image volume."""
+    module = path.read_bytes()
+    try:
+        architecture = elf_architecture(module)
+    except ValueError as error:
+        sys.exit(f"{path}: {error}")
+    package = package_metadata()
+    name = f"{package['name']}-native"
+    annotations = manifest_annotations(package, source or package.get("repository"))
+    del annotations["module.wasm.image/variant"]
+    files = image_layout(module, tag or package["version"], annotations, NATIVE_FILE,
+                         (architecture, "linux"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_layout(out_dir / name, files)
+    (out_dir / f"{name}.tar").write_bytes(deterministic_tar(files))
+    manifest_digest = json.loads(files["index.json"])["manifests"][0]["digest"]
+    print(native_help(out_dir, name, tag or package["version"], manifest_digest), file=sys.stderr)
+    print(manifest_digest)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--wasm", type=Path, default=DEFAULT_WASM, help="module to package")
+    parser.add_argument("--native", type=Path, metavar="LIBMESHLLM_SO",
+                        help="pack this native build (libmeshllm.so) for an image volume instead")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     parser.add_argument("--tag", help="image tag (default: Cargo.toml's version)")
     parser.add_argument("--source", help="org.opencontainers.image.source URL "
                         "(default: Cargo.toml's repository, if any)")
     args = parser.parse_args()
+    if args.native:
+        pack_native(args.native, args.out_dir, args.tag, args.source)
+        return
 
     module = args.wasm.read_bytes()
     if not module.startswith(WASM_MAGIC):
