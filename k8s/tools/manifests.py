@@ -98,9 +98,6 @@ PROXY_UID = 1337
 # The checked-in native overlays' module image: never resolves, so a pod
 # given them as they are does not start (the kubelet cannot pull it).
 PLACEHOLDER_MODULE_IMAGE = "module-image-not-set.invalid/meshllm-native:0.1.0"
-# A native module's metrics: Envoy's stats under the dynamic modules'
-# default metrics namespace (Istio's proxyStatsMatcher must include them).
-NATIVE_METRIC_PREFIX = "dynamicmodulescustom."
 NATIVE_SIDECAR_ANNOTATION = "sidecar.istio.io/nativeSidecar"
 # What Istio's agent substitutes for a Wasm config whose module it cannot
 # fetch (deny-all RBAC, pkg/wasm/convert.go). The ECDS references accept it
@@ -408,7 +405,11 @@ class WasmBuild:
         return []
 
     def metric_prefixes(self):
-        return list(render.METRIC_PREFIXES)
+        return render.metric_prefixes("wasm")
+
+    def proxy_config(self):
+        """What the module needs in the proxy's ProxyConfig."""
+        return {"proxyStatsMatcher": {"inclusionPrefixes": self.metric_prefixes()}}
 
 
 class NativeBuild(WasmBuild):
@@ -468,7 +469,14 @@ class NativeBuild(WasmBuild):
         }]
 
     def metric_prefixes(self):
-        return [NATIVE_METRIC_PREFIX]
+        return render.metric_prefixes("native")
+
+    def proxy_config(self):
+        # The runtime flag that gives the module's stats the Wasm build's
+        # names (render.NATIVE_RUNTIME), through Istio's runtimeValues.
+        runtime = render.NATIVE_RUNTIME["layers"][0]["static_layer"]
+        return {**super().proxy_config(),
+                "runtimeValues": {k: str(v).lower() for k, v in runtime.items()}}
 
 
 def native_filter(doc, filter_name):
@@ -490,8 +498,7 @@ def native_filter(doc, filter_name):
 def stats_matcher(build):
     """The proxy.istio.io/config annotation that keeps the module's metrics
     in the proxy's stats (Istio drops other Envoy stats)."""
-    return yaml.safe_dump({"proxyStatsMatcher": {"inclusionPrefixes": build.metric_prefixes()}},
-                          default_flow_style=True, width=1000).strip()
+    return yaml.safe_dump(build.proxy_config(), default_flow_style=True, width=1000).strip()
 
 
 def pod_annotations(build):
