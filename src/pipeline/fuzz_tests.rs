@@ -704,15 +704,84 @@ fn properties(r: &mut Rng) -> Vec<(String, Bytes)> {
 // ---------------------------------------------------------------------------
 // Inputs: provider answers and callouts
 
-/// One answer body in a provider's wire format, with its content type.
-fn answer_corpus(r: &mut Rng) -> (&'static str, Vec<u8>) {
+/// Mutates the JSON of an answer, or of each of its SSE events: numbers
+/// (token counts, indexes) pushed to extremes, or random nodes replaced.
+fn mutate_events(r: &mut Rng, answer: &[u8]) -> Vec<u8> {
+    let extremes = r.chance(50);
+    let mutate = |r: &mut Rng, text: &[u8]| -> Option<Vec<u8>> {
+        let mut v: Value = serde_json::from_slice(text).ok()?;
+        if extremes {
+            extreme_numbers(r, &mut v);
+        } else {
+            mutate_value(r, &mut v);
+        }
+        Some(v.to_string().into_bytes())
+    };
+    if let Some(whole) = mutate(r, answer) {
+        return whole;
+    }
+    let mut out = Vec::with_capacity(answer.len());
+    for line in answer.split_inclusive(|b| *b == b'\n') {
+        let mutated = match line.strip_prefix(b"data: ") {
+            Some(data) if r.chance(40) => {
+                let data = data.strip_suffix(b"\n").unwrap_or(data);
+                mutate(r, data).map(|json| [b"data: ".as_slice(), &json, b"\n"].concat())
+            }
+            _ => None,
+        };
+        out.extend(mutated.as_deref().unwrap_or(line));
+    }
+    out
+}
+
+fn extreme_numbers(r: &mut Rng, v: &mut Value) {
+    match v {
+        Value::Number(_) if r.chance(50) => {
+            *v = r
+                .pick(&[
+                    json!(u64::MAX),
+                    json!(i64::MIN),
+                    json!(-1),
+                    json!(1e308),
+                    json!(-0.5),
+                    json!(u32::MAX),
+                ])
+                .clone();
+        }
+        Value::Array(items) => items.iter_mut().for_each(|item| extreme_numbers(r, item)),
+        Value::Object(fields) => fields
+            .values_mut()
+            .for_each(|field| extreme_numbers(r, field)),
+        _ => {}
+    }
+}
+
+/// One answer body, most often in the wire format of the provider that
+/// serves `model` (see `CONFIG_ROUTED`), with its content type.
+fn answer_corpus(r: &mut Rng, model: &str) -> (&'static str, Vec<u8>) {
+    let kind: &[usize] = match model {
+        "claude" => &[6, 7, 8, 22],
+        "flash" => &[9, 10, 11, 12, 13, 23],
+        "nova" => &[14, 15, 16, 17, 18, 19, 20],
+        "chain" | "" => &[],
+        _ => &[0, 1, 2, 3, 4, 5, 21, 24],
+    };
+    let index = if !kind.is_empty() && r.chance(70) {
+        *r.pick(kind)
+    } else {
+        r.below(26)
+    };
+    answer_by_index(r, index)
+}
+
+fn answer_by_index(r: &mut Rng, index: usize) -> (&'static str, Vec<u8>) {
     const JSON: &str = "application/json";
     const SSE: &str = "text/event-stream";
     const AWS: &str = "application/vnd.amazon.eventstream";
     let openai_json: &[u8] = br#"{"id":"chatcmpl-1","object":"chat.completion","created":1700000000,"model":"gpt-4.1","choices":[{"index":0,"message":{"role":"assistant","content":"hi","tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{}"}}]},"finish_reason":"stop"}],"usage":{"prompt_tokens":25,"completion_tokens":9,"total_tokens":34,"prompt_tokens_details":{"cached_tokens":3}}}"#;
     let embed_json: &[u8] = br#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.1,-0.2]}],"model":"text-embedding-3-small","usage":{"prompt_tokens":2,"total_tokens":2}}"#;
     let openai_sse: &[u8] = b"data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4.1\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"he\"},\"finish_reason\":null}]}\n\ndata: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4.1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"llo\"},\"finish_reason\":\"stop\"}]}\n\ndata: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4.1\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2,\"total_tokens\":7}}\n\ndata: [DONE]\n\n";
-    match r.below(26) {
+    match index {
         0 => (JSON, openai_json.to_vec()),
         1 => (JSON, embed_json.to_vec()),
         2 => (SSE, openai_sse.to_vec()),
@@ -908,8 +977,10 @@ enum Step {
         details: Option<String>,
         end_of_stream: bool,
     },
+    /// Appends `chunk`; `extra` inflates the size told.
     ResponseBody {
         chunk: Bytes,
+        extra: usize,
         end_of_stream: bool,
     },
     Callout {
@@ -1096,11 +1167,7 @@ fn gen_case(seed: u64) -> Case {
         let pieces = cuts(&mut r, body.len());
         let n = pieces.len();
         for (i, take) in pieces.into_iter().enumerate() {
-            let extra = if r.chance(3) {
-                *r.pick(&[1, 4096, 1 << 20, u32::MAX as usize])
-            } else {
-                0
-            };
+            let extra = inflated(&mut r);
             steps.push(Step::RequestBody {
                 take,
                 extra,
@@ -1120,11 +1187,11 @@ fn gen_case(seed: u64) -> Case {
         }
     }
     if r.chance(90) {
-        let (content_type, answer) = answer_corpus(&mut r);
-        let answer = if r.chance(50) {
-            mutate_body(&mut r, &answer)
-        } else {
-            answer
+        let (content_type, answer) = answer_corpus(&mut r, model);
+        let answer = match r.below(10) {
+            0..=2 => mutate_events(&mut r, &answer),
+            3..=6 => mutate_body(&mut r, &answer),
+            _ => answer,
         };
         let status = if r.chance(60) {
             "200".to_string()
@@ -1185,6 +1252,7 @@ fn gen_case(seed: u64) -> Case {
             for (i, take) in pieces.into_iter().enumerate() {
                 steps.push(Step::ResponseBody {
                     chunk: Bytes(answer[at..at + take].to_vec()),
+                    extra: inflated(&mut r),
                     end_of_stream: i + 1 == n && !ends_early,
                 });
                 at += take;
@@ -1200,8 +1268,8 @@ fn gen_case(seed: u64) -> Case {
         });
     }
 
-    if r.chance(35) {
-        for _ in 0..1 + r.below(3) {
+    if r.chance(50) {
+        for _ in 0..1 + r.below(4) {
             perturb(&mut r, &mut steps);
         }
     }
@@ -1218,6 +1286,16 @@ fn gen_case(seed: u64) -> Case {
         failing,
         shared,
         steps,
+    }
+}
+
+/// Now and then, more bytes than the buffer holds (sizes come from the
+/// proxy, not from the buffer the filter reads).
+fn inflated(r: &mut Rng) -> usize {
+    if r.chance(3) {
+        *r.pick(&[1, 4096, 1 << 20, u32::MAX as usize])
+    } else {
+        0
     }
 }
 
@@ -1267,6 +1345,7 @@ fn perturb(r: &mut Rng, steps: &mut Vec<Step>) {
                 },
                 Step::ResponseBody {
                     chunk: Bytes(Vec::new()),
+                    extra: 0,
                     end_of_stream: true,
                 },
                 Step::RequestHeaders {
@@ -1407,10 +1486,11 @@ fn run_case(configs: &[Rc<Config>], case: &Case) -> Result<Reached, String> {
             }
             Step::ResponseBody {
                 chunk,
+                extra,
                 end_of_stream,
             } => {
                 host.response_body.extend_from_slice(&chunk.0);
-                let size = host.response_body.len();
+                let size = host.response_body.len() + extra;
                 if f.on_response_body(&mut host, size, *end_of_stream) == Flow::Continue {
                     host.response_body.clear();
                 }
