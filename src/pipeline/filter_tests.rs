@@ -3843,3 +3843,54 @@ fn a_bodiless_error_is_left_to_envoys_retries_and_the_last_one_answered() {
     );
     assert_eq!(sent.header(ATTEMPTS_RESPONSE_HEADER), Some("1"));
 }
+
+#[test]
+fn a_provider_status_outside_http_s_error_classes_is_answered_as_502() {
+    // An HTTP/1 upstream may send any three digits; found by the fuzzer
+    // (`fuzz_tests.rs`), which saw a local reply with status 2000.
+    for status in [600, 999, 2000] {
+        // An error body over the limit.
+        let (mut f, mut host) = forwarded_with(
+            limited_multi(100),
+            "/v1beta/models/gpt:generateContent",
+            GEMINI_CALL,
+        );
+        host.respond(status, &[], &[b'x'; 150], Some("via_upstream"));
+        assert_eq!(f.on_response_headers(&mut host, false), Flow::Pause);
+        assert_eq!(f.on_response_body(&mut host, 150, false), Flow::Pause);
+        let sent = host.reply();
+        assert_eq!(sent.status, 502, "{status}");
+        assert_eq!(sent.json()["error"]["code"], 502, "{status}");
+        assert!(
+            sent.text().contains(&format!("HTTP {status}")),
+            "{}",
+            sent.text()
+        );
+
+        // A bodiless error.
+        let (mut f, mut host) =
+            forwarded_with(limited_multi(100), "/v1/messages", ANTHROPIC_TO_GPT);
+        host.respond(status, &[], b"", Some("via_upstream"));
+        assert_eq!(f.on_response_headers(&mut host, true), Flow::Pause);
+        let sent = host.reply();
+        assert_eq!(sent.status, 502, "{status}");
+        assert_eq!(sent.json()["type"], "error");
+
+        // A bodiless error that reaches the listener half of a chain as
+        // the upstream half left it (had it failed to set the status).
+        let cfg = config_from(ROUTED_CONFIG);
+        let body = chat_body(&quote("chain"));
+        let mut host = client_post("/v1/chat/completions", body.as_bytes());
+        let mut router = Filter::new(Rc::clone(&cfg), Role::Router);
+        router.on_request_headers(&mut host, false);
+        router.on_request_body(&mut host, body.len(), true);
+        host.respond(
+            status,
+            &[(ATTEMPTS_RESPONSE_HEADER, "1")],
+            b"",
+            Some("via_upstream"),
+        );
+        assert_eq!(router.on_response_headers(&mut host, true), Flow::Pause);
+        assert_eq!(host.reply().status, 502, "{status}");
+    }
+}

@@ -671,6 +671,13 @@ fn request_headers(r: &mut Rng, method: &str, path: &str, body: &[u8]) -> Vec<(S
         let value = header_value(r);
         push(name, &value);
     }
+    if r.chance(1) {
+        // A flood of headers, many of them the same.
+        for i in 0..500 {
+            let name = format!("x-flood-{}", i % 7);
+            push(&name, "v");
+        }
+    }
     if r.chance(10) {
         let name = r.text(12).to_ascii_lowercase();
         let value = header_value(r);
