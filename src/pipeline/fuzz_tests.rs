@@ -898,12 +898,37 @@ fn aws_frames(r: &mut Rng) -> Vec<u8> {
 }
 
 /// How a store or guardrail call ended.
-fn callout_answer(r: &mut Rng) -> CalloutAnswer {
+/// A `CalloutAnswer` whose bytes print as text in a reproduction.
+#[derive(Debug, Clone)]
+enum Answer {
+    Http { status: u16, body: Bytes },
+    Grpc { status: u32, message: Bytes },
+    Failed(String),
+}
+
+impl Answer {
+    fn to_callout(&self) -> CalloutAnswer {
+        match self {
+            Answer::Http { status, body } => CalloutAnswer::Http {
+                status: *status,
+                headers: Vec::new(),
+                body: body.0.clone(),
+            },
+            Answer::Grpc { status, message } => CalloutAnswer::Grpc {
+                status: *status,
+                message: message.0.clone(),
+            },
+            Answer::Failed(why) => CalloutAnswer::Failed(why.clone()),
+        }
+    }
+}
+
+fn callout_answer(r: &mut Rng) -> Answer {
     match r.below(6) {
-        0 => CalloutAnswer::Failed("timeout".into()),
-        1 => CalloutAnswer::Grpc {
+        0 => Answer::Failed("timeout".into()),
+        1 => Answer::Grpc {
             status: r.below(20) as u32,
-            message: r.some_bytes(20),
+            message: Bytes(r.some_bytes(20)),
         },
         _ => {
             let bodies: &[&str] = &[
@@ -927,10 +952,9 @@ fn callout_answer(r: &mut Rng) -> CalloutAnswer {
                 body = mutate_body(r, &body);
             }
             let status = *r.pick(&[200, 200, 200, 0, 204, 299, 404, 500, 503, 999]);
-            CalloutAnswer::Http {
+            Answer::Http {
                 status,
-                headers: Vec::new(),
-                body,
+                body: Bytes(body),
             }
         }
     }
@@ -992,11 +1016,11 @@ enum Step {
     },
     Callout {
         call: CallRef,
-        answer: CalloutAnswer,
+        answer: Answer,
     },
     /// Answers every outstanding detached call.
     Detached {
-        answer: CalloutAnswer,
+        answer: Answer,
     },
     Done,
     Fail(Vec<Op>),
@@ -1512,13 +1536,13 @@ fn run_case(configs: &[Rc<Config>], case: &Case) -> Result<Reached, String> {
                         .map_or(0, |c| c.id),
                     CallRef::Raw(id) => *id,
                 };
-                f.on_callout(&mut host, id, answer.clone());
+                f.on_callout(&mut host, id, answer.to_callout());
             }
             Step::Detached { answer } => {
                 let mut ids: Vec<u32> = host.detached.0.keys().copied().collect();
                 ids.sort_unstable();
                 for id in ids {
-                    host.answer_detached(id, answer.clone());
+                    host.answer_detached(id, answer.to_callout());
                 }
             }
             Step::Done => f.on_done(&mut host),
@@ -1587,35 +1611,156 @@ fn fuzz(base: u64, cases: u64) -> Reached {
     let configs = configs();
     let mut total = Reached::default();
     for i in 0..cases {
-        let seed = case_seed(base, i);
-        let case = gen_case(seed);
-        let result = catch_unwind(AssertUnwindSafe(|| run_case(&configs, &case)));
-        let failure = match result {
-            Ok(Ok(reached)) => {
-                total.add(&reached);
-                None
-            }
-            Ok(Err(broken)) => Some(format!("broke an invariant: {broken}")),
-            Err(payload) => {
-                let message = payload
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "(no message)".into());
-                Some(format!("panicked: {message}"))
-            }
-        };
-        if let Some(failure) = failure {
-            panic!(
-                "fuzz case {i} (seed {:#018x}; replay with MESHLLM_FUZZ_SEED={} \
-                 MESHLLM_FUZZ_CASES=1 cargo test --lib fuzz -- --ignored) {failure}\n\
-                 reproduction: {case:#?}",
-                case.seed,
-                base.wrapping_add(i)
-            );
-        }
+        let case = gen_case(case_seed(base, i));
+        let replay = format!(
+            "fuzz case {i} (replay with MESHLLM_FUZZ_SEED={} MESHLLM_FUZZ_CASES=1 \
+             cargo test --lib fuzz -- --ignored)",
+            base.wrapping_add(i)
+        );
+        total.add(&run_checked(&configs, &case, &replay));
     }
     total
+}
+
+/// Runs `case` under `catch_unwind`; a panic or a broken invariant fails
+/// the test with the case's inputs.
+fn run_checked(configs: &[Rc<Config>], case: &Case, what: &str) -> Reached {
+    let failure = match catch_unwind(AssertUnwindSafe(|| run_case(configs, case))) {
+        Ok(Ok(reached)) => return reached,
+        Ok(Err(broken)) => format!("broke an invariant: {broken}"),
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "(no message)".into());
+            format!("panicked: {message}")
+        }
+    };
+    panic!(
+        "{what}, seed {:#018x}, {failure}\nreproduction: {case:#?}",
+        case.seed
+    );
+}
+
+/// Values of the wrong type or size, put in every field in turn.
+fn sweep_values() -> Vec<Value> {
+    vec![
+        Value::Null,
+        json!(true),
+        json!(-1),
+        json!(u64::MAX),
+        json!(1e308),
+        json!(0.5),
+        json!(""),
+        json!("x".repeat(5000)),
+        json!([]),
+        json!({}),
+        json!([[[[{"a": [1]}]]]]),
+        json!({"type": "image", "source": {"type": "base64"}}),
+    ]
+}
+
+/// Every field of every request fixture, with every value of
+/// `sweep_values` (a `stride`th of the pairs, each field with other
+/// values), through the listener half and a
+/// provider's answer.
+fn sweep(stride: usize) -> u64 {
+    let configs = configs();
+    let requests: &[(&str, &str, &[u8])] = &[
+        ("/v1/chat/completions", "gpt", CHAT.as_bytes()),
+        ("/v1/chat/completions", "claude", CHAT_STREAM.as_bytes()),
+        ("/v1/chat/completions", "nova", CHAT.as_bytes()),
+        ("/v1/chat/completions", "flash", CHAT_STREAM.as_bytes()),
+        ("/v1/embeddings", "text-embedding-3-small", EMBED.as_bytes()),
+        ("/v1/messages", "gpt", MESSAGES.as_bytes()),
+        (
+            "/v1/messages",
+            "nova",
+            fixture!("anthropic/anthropic_caller_request_agent.json"),
+        ),
+        (
+            "/v1beta/models/claude:generateContent",
+            "claude",
+            GEMINI.as_bytes(),
+        ),
+        (
+            "/v1beta/models/gpt:streamGenerateContent?alt=sse",
+            "gpt",
+            fixture!("gemini/caller_request_tools.json"),
+        ),
+    ];
+    let mut runs = 0;
+    for (n, (path, model, base)) in requests.iter().enumerate() {
+        let mut r = Rng(n as u64);
+        let mut v: Value = serde_json::from_slice(base).unwrap_or(Value::Null);
+        if let Some(o) = v.as_object_mut().filter(|o| o.contains_key("model")) {
+            o.insert("model".into(), json!(model));
+        }
+        let mut pointers = Vec::new();
+        collect_pointers(&v, String::new(), &mut pointers);
+        for (p, pointer) in pointers.iter().enumerate().skip(1) {
+            for (k, value) in sweep_values().into_iter().enumerate() {
+                // Each field gets a different share of the values.
+                if (p + k) % stride != 0 {
+                    continue;
+                }
+                let mut body = v.clone();
+                if let Some(slot) = body.pointer_mut(pointer) {
+                    *slot = value;
+                }
+                let body = body.to_string().into_bytes();
+                let (content_type, answer) = answer_corpus(&mut r, model);
+                let case = Case {
+                    seed: 0,
+                    config: 0,
+                    side: Side::Standalone,
+                    plan_request: None,
+                    position: None,
+                    request_headers: [
+                        (":method", "POST"),
+                        (":path", path),
+                        (":authority", "gateway.local"),
+                        ("content-type", "application/json"),
+                        ("x-caller", "team/api"),
+                    ]
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), v.to_string()))
+                    .collect(),
+                    properties: Vec::new(),
+                    body: Bytes(body.clone()),
+                    failing: Vec::new(),
+                    shared: Faults::None,
+                    steps: vec![
+                        Step::RequestHeaders {
+                            end_of_stream: false,
+                        },
+                        Step::RequestBody {
+                            take: body.len(),
+                            extra: 0,
+                            end_of_stream: true,
+                        },
+                        Step::ResponseHeaders {
+                            status: "200".into(),
+                            headers: vec![("content-type".into(), content_type.into())],
+                            details: Some("via_upstream".into()),
+                            end_of_stream: false,
+                        },
+                        Step::ResponseBody {
+                            chunk: Bytes(answer),
+                            extra: 0,
+                            end_of_stream: true,
+                        },
+                        Step::Done,
+                    ],
+                };
+                let what = format!("sweep of {path} for {model}: {pointer}");
+                run_checked(&configs, &case, &what);
+                runs += 1;
+            }
+        }
+    }
+    runs
 }
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -1637,12 +1782,21 @@ fn fuzz_both_halves_with_hostile_inputs() {
 }
 
 #[test]
+fn fuzz_every_request_field_with_every_wrong_type() {
+    let started = Instant::now();
+    let runs = sweep(3);
+    eprintln!("fuzz sweep: {runs} requests in {:?}", started.elapsed());
+}
+
+#[test]
 #[ignore = "long run: MESHLLM_FUZZ_CASES=N (and MESHLLM_FUZZ_SEED) cargo test --lib fuzz -- --ignored"]
 fn fuzz_long_run() {
     let cases = env_u64("MESHLLM_FUZZ_CASES").unwrap_or(100_000);
     let base = env_u64("MESHLLM_FUZZ_SEED").unwrap_or(QUICK_BASE + QUICK_CASES);
     let started = Instant::now();
+    let swept = sweep(1);
     let reached = fuzz(base, cases);
+    eprintln!("fuzz sweep: {swept} requests");
     eprintln!(
         "fuzz: {cases} cases from seed base {base} in {:?}: {reached:?}",
         started.elapsed()
