@@ -7,11 +7,18 @@
 //! shared-data writes.
 //!
 //! No dependency: a splitmix64 generator, one seed per case, so a case is
-//! its seed. `cargo test --lib fuzz` runs a few thousand cases;
-//! `MESHLLM_FUZZ_CASES=N cargo test --lib fuzz -- --ignored` runs N more
-//! (`MESHLLM_FUZZ_SEED` picks the first seed, to replay one case with
-//! `MESHLLM_FUZZ_CASES=1`). A case that panics, or whose local reply breaks
-//! an invariant, fails the test with its seed and its inputs.
+//! its seed (for this version of the generator). `cargo test --lib fuzz`
+//! runs 5000 random cases and a sweep of wrong types through the request
+//! fixtures' fields; `MESHLLM_FUZZ_CASES=N cargo test --lib fuzz --
+//! --ignored` runs the whole sweep and N more cases (`MESHLLM_FUZZ_SEED`
+//! picks the first seed, to replay one case with `MESHLLM_FUZZ_CASES=1`).
+//! A case that panics, or whose local reply breaks an invariant (a status
+//! other than 200 or 400..=599, a body that is not JSON, a provider's key),
+//! fails the test with its seed and its inputs.
+//!
+//! Header values are strings here as in the `Host` trait: a non-UTF-8
+//! value reaches the filter as the glue's lossy conversion makes it, which
+//! is what the generator sends.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -1038,6 +1045,8 @@ struct Case {
     plan_request: Option<(Vec<(String, String)>, Bytes)>,
     /// Position property of the upstream half (None: absent).
     position: Option<String>,
+    /// The seed of byte mutations of the plan the listener half handed on.
+    plan_mutation: Option<u64>,
     request_headers: Vec<(String, String)>,
     properties: Vec<(String, Bytes)>,
     body: Bytes,
@@ -1166,6 +1175,7 @@ fn gen_case(seed: u64) -> Case {
     } else {
         (None, None)
     };
+    let plan_mutation = (side == Side::Upstream && r.chance(15)).then(|| r.next());
 
     let properties = properties(&mut r);
     let failing = if r.chance(20) {
@@ -1311,6 +1321,7 @@ fn gen_case(seed: u64) -> Case {
         side,
         plan_request,
         position,
+        plan_mutation,
         request_headers,
         properties,
         body: Bytes(body),
@@ -1469,6 +1480,14 @@ fn run_case(configs: &[Rc<Config>], case: &Case) -> Result<Reached, String> {
             planned.append(&mut host.request_headers);
             host.request_headers = planned;
             host.properties.extend(planner.properties);
+            if let (Some(seed), Some(plan)) =
+                (case.plan_mutation, host.properties.get_mut(PLAN_PROPERTY))
+            {
+                let mut r = Rng(seed);
+                for _ in 0..1 + r.below(3) {
+                    mutate_bytes(&mut r, plan);
+                }
+            }
             if let Some(position) = &case.position {
                 host.properties
                     .insert(POSITION_PROPERTY.into(), position.as_bytes().to_vec());
@@ -1717,6 +1736,7 @@ fn sweep(stride: usize) -> u64 {
                     side: Side::Standalone,
                     plan_request: None,
                     position: None,
+                    plan_mutation: None,
                     request_headers: [
                         (":method", "POST"),
                         (":path", path),
