@@ -8,7 +8,7 @@
 //!
 //! No dependency: a splitmix64 generator, one seed per case, so a case is
 //! its seed (for this version of the generator). `cargo test --lib fuzz`
-//! runs 5000 random cases and a sweep of wrong types through the request
+//! runs 4000 random cases and a sweep of wrong types through the request
 //! fixtures' fields; `MESHLLM_FUZZ_CASES=N cargo test --lib fuzz --
 //! --ignored` runs the whole sweep and N more cases (`MESHLLM_FUZZ_SEED`
 //! picks the first seed, to replay one case with `MESHLLM_FUZZ_CASES=1`).
@@ -1789,7 +1789,7 @@ fn env_u64(name: &str) -> Option<u64> {
 
 /// The fixed seeds of the quick run.
 const QUICK_BASE: u64 = 0x6d65_7368_6c6c_6d00;
-const QUICK_CASES: u64 = 5000;
+const QUICK_CASES: u64 = 4000;
 
 #[test]
 fn fuzz_both_halves_with_hostile_inputs() {
@@ -1804,7 +1804,7 @@ fn fuzz_both_halves_with_hostile_inputs() {
 #[test]
 fn fuzz_every_request_field_with_every_wrong_type() {
     let started = Instant::now();
-    let runs = sweep(3);
+    let runs = sweep(4);
     eprintln!("fuzz sweep: {runs} requests in {:?}", started.elapsed());
 }
 
