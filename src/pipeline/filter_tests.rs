@@ -2007,6 +2007,33 @@ fn attempt_half_refuses_a_garbled_plan() {
     assert!(String::from_utf8_lossy(&up.sent[0].body).contains("no routing plan"));
 }
 
+#[test]
+fn attempt_half_refuses_a_plan_naming_models_it_lacks() {
+    // Found by the fuzzer (`fuzz_tests.rs`): a mutated plan indexed past
+    // the configuration's models and panicked.
+    let cfg = config_from(ROUTED_CONFIG);
+    for (chain, position) in [(vec![117], "0"), (vec![117, 1], "1"), (vec![0, 117], "0")] {
+        let mut up = MockHost::new("POST", "/v1/chat/completions");
+        let plan = handoff::Plan {
+            caller: crate::core::schema::Schema::OpenAi,
+            embeddings: false,
+            gemini: None,
+            chain: chain.clone(),
+            reason: "ordered".into(),
+            anthropic: Vec::new(),
+            labels: ("ns".into(), "svc".into(), "chain".into()),
+        };
+        handoff::leave_plan(&mut up, &plan).unwrap();
+        up.properties
+            .insert(POSITION_PROPERTY.into(), position.as_bytes().to_vec());
+        let mut attempt = Filter::new(Rc::clone(&cfg), Role::Attempt);
+        assert_eq!(attempt.on_request_headers(&mut up, false), Flow::Pause);
+        let sent = up.reply();
+        assert_eq!(sent.status, 500, "{chain:?}");
+        assert!(sent.text().contains("no routing plan"), "{chain:?}");
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Quotas: admission in the listener half, usage from the upstream half.
 
