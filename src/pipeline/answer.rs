@@ -113,10 +113,10 @@ impl Answer {
             Some("via_upstream") | None
         );
         let error_type = host.response_header("x-amzn-errortype");
-        let caller_status = match (serving.exchange, via_upstream) {
+        let caller_status = reply_status(match (serving.exchange, via_upstream) {
             (Some(x), true) => exchange::caller_status(x, self.status, error_type.as_deref()),
             _ => self.status,
-        };
+        });
         let mode = ResponseMode::Error {
             status: self.status,
             via_upstream,
@@ -250,6 +250,17 @@ fn error_reply_body(serving: &Serving, mode: &ResponseMode, body: &[u8]) -> Opti
         secrets: &secrets,
     };
     exchange::translate_error(serving.caller, serving.exchange, &reply)
+}
+
+/// The status the caller gets for an error reply: its own, unless it is
+/// outside HTTP's error classes (an HTTP/1 upstream may send any three
+/// digits), which is a bad gateway.
+pub(super) fn reply_status(status: u16) -> u16 {
+    if (400..=599).contains(&status) {
+        status
+    } else {
+        502
+    }
 }
 
 /// An empty reply's rewrite; were there none, a plain one of the caller's

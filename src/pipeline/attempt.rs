@@ -34,7 +34,11 @@ impl Attempt {
     /// Finds this attempt's target from the plan and the host Envoy picked,
     /// and clears what an earlier attempt set.
     fn start(&mut self, host: &mut dyn Host) -> Result<(), Flow> {
-        let Some(plan) = handoff::plan(host) else {
+        // A plan naming models this configuration lacks (garbled, or left
+        // under another configuration) is no plan.
+        let models = self.config.models.len();
+        let plan = handoff::plan(host).filter(|p| p.chain.iter().all(|&m| m < models));
+        let Some(plan) = plan else {
             // Another service's request on a router this half also serves.
             let authority = host.request_header(":authority").unwrap_or_default();
             if !self.config.hosts.is_empty() && !self.config.handles_host(&authority) {

@@ -2007,6 +2007,33 @@ fn attempt_half_refuses_a_garbled_plan() {
     assert!(String::from_utf8_lossy(&up.sent[0].body).contains("no routing plan"));
 }
 
+#[test]
+fn attempt_half_refuses_a_plan_naming_models_it_lacks() {
+    // Found by the fuzzer (`fuzz_tests.rs`): a mutated plan indexed past
+    // the configuration's models and panicked.
+    let cfg = config_from(ROUTED_CONFIG);
+    for (chain, position) in [(vec![117], "0"), (vec![117, 1], "1"), (vec![0, 117], "0")] {
+        let mut up = MockHost::new("POST", "/v1/chat/completions");
+        let plan = handoff::Plan {
+            caller: crate::core::schema::Schema::OpenAi,
+            embeddings: false,
+            gemini: None,
+            chain: chain.clone(),
+            reason: "ordered".into(),
+            anthropic: Vec::new(),
+            labels: ("ns".into(), "svc".into(), "chain".into()),
+        };
+        handoff::leave_plan(&mut up, &plan).unwrap();
+        up.properties
+            .insert(POSITION_PROPERTY.into(), position.as_bytes().to_vec());
+        let mut attempt = Filter::new(Rc::clone(&cfg), Role::Attempt);
+        assert_eq!(attempt.on_request_headers(&mut up, false), Flow::Pause);
+        let sent = up.reply();
+        assert_eq!(sent.status, 500, "{chain:?}");
+        assert!(sent.text().contains("no routing plan"), "{chain:?}");
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Quotas: admission in the listener half, usage from the upstream half.
 
@@ -3842,4 +3869,55 @@ fn a_bodiless_error_is_left_to_envoys_retries_and_the_last_one_answered() {
         "Provider \"azure\" returned an error (503): no details given"
     );
     assert_eq!(sent.header(ATTEMPTS_RESPONSE_HEADER), Some("1"));
+}
+
+#[test]
+fn a_provider_status_outside_http_s_error_classes_is_answered_as_502() {
+    // An HTTP/1 upstream may send any three digits; found by the fuzzer
+    // (`fuzz_tests.rs`), which saw a local reply with status 2000.
+    for status in [600, 999, 2000] {
+        // An error body over the limit.
+        let (mut f, mut host) = forwarded_with(
+            limited_multi(100),
+            "/v1beta/models/gpt:generateContent",
+            GEMINI_CALL,
+        );
+        host.respond(status, &[], &[b'x'; 150], Some("via_upstream"));
+        assert_eq!(f.on_response_headers(&mut host, false), Flow::Pause);
+        assert_eq!(f.on_response_body(&mut host, 150, false), Flow::Pause);
+        let sent = host.reply();
+        assert_eq!(sent.status, 502, "{status}");
+        assert_eq!(sent.json()["error"]["code"], 502, "{status}");
+        assert!(
+            sent.text().contains(&format!("HTTP {status}")),
+            "{}",
+            sent.text()
+        );
+
+        // A bodiless error.
+        let (mut f, mut host) =
+            forwarded_with(limited_multi(100), "/v1/messages", ANTHROPIC_TO_GPT);
+        host.respond(status, &[], b"", Some("via_upstream"));
+        assert_eq!(f.on_response_headers(&mut host, true), Flow::Pause);
+        let sent = host.reply();
+        assert_eq!(sent.status, 502, "{status}");
+        assert_eq!(sent.json()["type"], "error");
+
+        // A bodiless error that reaches the listener half of a chain as
+        // the upstream half left it (had it failed to set the status).
+        let cfg = config_from(ROUTED_CONFIG);
+        let body = chat_body(&quote("chain"));
+        let mut host = client_post("/v1/chat/completions", body.as_bytes());
+        let mut router = Filter::new(Rc::clone(&cfg), Role::Router);
+        router.on_request_headers(&mut host, false);
+        router.on_request_body(&mut host, body.len(), true);
+        host.respond(
+            status,
+            &[(ATTEMPTS_RESPONSE_HEADER, "1")],
+            b"",
+            Some("via_upstream"),
+        );
+        assert_eq!(router.on_response_headers(&mut host, true), Flow::Pause);
+        assert_eq!(host.reply().status, 502, "{status}");
+    }
 }

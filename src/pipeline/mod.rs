@@ -125,3 +125,6 @@ mod shared_quota_tests;
 
 #[cfg(test)]
 mod lease_tests;
+
+#[cfg(test)]
+mod fuzz_tests;

@@ -5,7 +5,7 @@
 //! in size. The listener half also puts the caller's own headers on the
 //! answer and holds a chain's complete answers to its end.
 
-use super::answer::{bodiless, rewrites_body, ResponseMode, Serving, Step};
+use super::answer::{bodiless, reply_status, rewrites_body, ResponseMode, Serving, Step};
 use super::flow::Flow;
 use super::state::{Attempt, AttemptEnd, ClusterChoice, Forward, Phase, Place, Router};
 use crate::config::providers::Provider;
@@ -441,7 +441,7 @@ impl Router {
             Forward::Chain(chain) => chain.served.as_ref().map(|(p, _)| p.clone()),
             _ => None,
         };
-        let status = self.answer.status;
+        let status = reply_status(self.answer.status);
         let reply = ErrorReply {
             status,
             body: b"",
