@@ -108,8 +108,8 @@ lint:
 	cargo fmt --all -- --check
 	cargo fmt --manifest-path bench/Cargo.toml -- --check
 	cargo fmt --manifest-path bench/nullfilter/Cargo.toml -- --check
-	cargo clippy --all-targets -- -D warnings
-	cargo clippy --lib -- -D warnings -D clippy::unwrap_used -D clippy::expect_used -D clippy::panic
+	cargo clippy --all-targets --features native -- -D warnings
+	cargo clippy --lib --features native -- -D warnings -D clippy::unwrap_used -D clippy::expect_used -D clippy::panic
 	cargo clippy --manifest-path bench/Cargo.toml --all-targets -- -D warnings
 
 fmt:
@@ -118,7 +118,7 @@ fmt:
 	cargo fmt --manifest-path bench/nullfilter/Cargo.toml
 
 test-unit:
-	cargo test
+	cargo test --features native
 	cargo test --manifest-path bench/Cargo.toml
 
 # The whole suite with the Wasm build, then the tests that load the gateway

@@ -8,9 +8,10 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use crate::host::{HostResult, SharedData};
 
 /// Values and their CAS tokens. A token changes on every write.
-static SHARED: Mutex<Option<HashMap<String, (Vec<u8>, u32)>>> = Mutex::new(None);
+type Entries = HashMap<String, (Vec<u8>, u32)>;
+static SHARED: Mutex<Option<Entries>> = Mutex::new(None);
 
-fn map() -> MutexGuard<'static, Option<HashMap<String, (Vec<u8>, u32)>>> {
+fn map() -> MutexGuard<'static, Option<Entries>> {
     // A panic while the lock was held (caught at an entry point) leaves
     // the map as it was: each update replaces one value whole.
     SHARED.lock().unwrap_or_else(PoisonError::into_inner)

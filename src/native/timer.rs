@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use super::config::{NativeConfig, EVENT_TICK};
 
-static TIMER: Mutex<Option<Sender<(Instant, Weak<NativeConfig>)>>> = Mutex::new(None);
+/// A wake-up: when, and for which config.
+type Wake = (Instant, Weak<NativeConfig>);
+static TIMER: Mutex<Option<Sender<Wake>>> = Mutex::new(None);
 
 /// Asks for an `EVENT_TICK` of `config` in about `ms` milliseconds; nothing
 /// happens if the config is gone by then.
@@ -20,11 +22,11 @@ pub fn wake(config: Weak<NativeConfig>, ms: u64) -> Result<(), String> {
             return Ok(());
         }
     }
-    let (sender, receiver) = channel::<(Instant, Weak<NativeConfig>)>();
+    let (sender, receiver) = channel::<Wake>();
     std::thread::Builder::new()
         .name("meshllm-timer".into())
         .spawn(move || {
-            let mut due: Vec<(Instant, Weak<NativeConfig>)> = Vec::new();
+            let mut due: Vec<Wake> = Vec::new();
             loop {
                 let wait = due
                     .iter()
