@@ -115,18 +115,25 @@ def test_module_url_and_digest_reach_both_halves(tmp_path):
         assert all(r["http_uri"]["uri"] == url and r["sha256"] == digest for r in remotes)
 
 
-def test_namespace_policy_rides_on_the_listener(tmp_path, capsys):
+def test_namespace_policy_rides_on_the_listener_and_the_llm_routes(tmp_path, capsys):
     policy = {"allowed_models": ["gpt-4o-mini"]}
     path = tmp_path / "shop.json"
     path.write_text(json.dumps(policy))
     manifests.main(["namespace-policy", "--namespace", "shop", str(path)])
     (ef,) = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
     assert ef["metadata"] == {"name": "meshllm-policy", "namespace": "shop"}
-    (patch,) = ef["spec"]["configPatches"]
-    assert patch["applyTo"] == "LISTENER" and patch["patch"]["operation"] == "MERGE"
-    assert patch["match"]["context"] == "SIDECAR_OUTBOUND"
-    carried = patch["patch"]["value"]["metadata"]["filter_metadata"]["meshllm"]["policy"]
-    assert json.loads(carried) == policy
+    listener, *routes = ef["spec"]["configPatches"]
+    # The Wasm build reads the listener's metadata, the native build the
+    # matched route's: one EnvoyFilter serves both.
+    assert listener["applyTo"] == "LISTENER"
+    assert {r["applyTo"] for r in routes} == {"HTTP_ROUTE"}
+    vhosts = {r["match"]["routeConfiguration"]["vhost"]["name"] for r in routes}
+    assert vhosts == set(manifests.handled_vhosts(manifests.load_policy()))
+    for patch in [listener, *routes]:
+        assert patch["patch"]["operation"] == "MERGE"
+        assert patch["match"]["context"] == "SIDECAR_OUTBOUND"
+        carried = patch["patch"]["value"]["metadata"]["filter_metadata"]["meshllm"]["policy"]
+        assert json.loads(carried) == policy
 
 
 def test_mode_policy_refuses_a_conflicting_identity():
@@ -721,9 +728,11 @@ def roomy_overlay(mode):
             rule["tokens_per_minute"] = 10_000_000
     out = manifests.base_resources(policy)
     if mode == "sidecar":
-        out += manifests.sidecar_resources(policy, manifests.PLACEHOLDER_MODULE_URL, None)
+        out += manifests.sidecar_resources(
+            policy, manifests.WasmBuild(manifests.PLACEHOLDER_MODULE_URL, None))
     else:
-        out += manifests.gateway_resources(policy, manifests.PLACEHOLDER_MODULE_URL, None)
+        out += manifests.gateway_resources(
+            policy, manifests.WasmBuild(manifests.PLACEHOLDER_MODULE_URL, None))
     return sim.load_resources(manifests.dump(out))
 
 
