@@ -10,6 +10,11 @@ Each provider in the plugin config becomes one Envoy cluster (named by its
 `cluster`, default its `name`), addressed and TLS-configured from its
 `base_url`. `upstreams` (tests) can point a cluster at another address while
 the filter keeps sending the provider's real `:authority`.
+
+Two builds of the same gateway: the Wasm filter (`--build wasm`, the
+default) and the native Envoy dynamic module (`--build native`,
+`libmeshllm.so`). Only the two filters, the access-log fields and the stat
+prefixes differ between their bootstraps.
 """
 
 import argparse
@@ -21,6 +26,8 @@ import time
 from urllib.parse import urlsplit
 
 WASM_DEFAULT = "target/wasm32-wasip1/release/meshllm.wasm"
+NATIVE_DEFAULT = "target/native/libmeshllm.so"
+BUILDS = ("wasm", "native")
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 CLUSTER_HEADER = "x-meshllm-cluster"
 # Failover (mirrors src/config/routing.rs and src/pipeline/filter.rs).
@@ -47,9 +54,28 @@ METRIC_LABELS = [
     "limit", "reason", "kind", "scope", "outcome",
 ]
 
-# Every metric the filter defines starts with one of these (after Envoy's
-# `wasmcustom.` prefix for Wasm-defined stats).
-METRIC_PREFIXES = ["wasmcustom.gen_ai.", "wasmcustom.meshllm_"]
+# Envoy puts the stats a filter defines under a namespace of its own:
+# `wasmcustom.` for Wasm, the module config's `metrics_namespace` for a
+# dynamic module (rendered from this constant; Envoy's default).
+WASM_METRICS_NAMESPACE = "wasmcustom"
+NATIVE_METRICS_NAMESPACE = "dynamicmodulescustom"
+# Envoy 1.40 prints a module's stats as `envoy_<namespace>_<name>` unless
+# this runtime flag registers the namespace as a custom one (prefix cut, as
+# for `wasmcustom.`): with it both builds export the same metric names.
+NATIVE_RUNTIME = {"layers": [{"name": "meshllm", "static_layer": {
+    "envoy.reloadable_features.dynamic_modules_strip_custom_stat_prefix": True}}]}
+METRICS_NAMESPACES = {"wasm": WASM_METRICS_NAMESPACE, "native": NATIVE_METRICS_NAMESPACE}
+# Every metric the filter defines starts with one of these after its namespace.
+METRIC_BASE_PREFIXES = ["gen_ai.", "meshllm_"]
+
+
+def metric_prefixes(build="wasm"):
+    """The stat-name prefixes of every metric `build` defines."""
+    return [f"{METRICS_NAMESPACES[build]}.{p}" for p in METRIC_BASE_PREFIXES]
+
+
+# What Istio proxies keep (k8s/observability): Istio runs the Wasm build.
+METRIC_PREFIXES = metric_prefixes("wasm")
 
 # Histogram buckets: tokens per request, and milliseconds for latencies.
 TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576]
@@ -79,12 +105,15 @@ def stats_config(plugin_config=None, inclusion_prefixes=None):
     return {
         **matcher,
         "stats_tags": stats_tags(plugin_config),
+        # The same buckets under either build's namespace.
         "histogram_bucket_settings": [
-            {
-                "match": {"prefix": "wasmcustom.gen_ai.client.token.usage"},
-                "buckets": TOKEN_BUCKETS,
-            },
-            {"match": {"prefix": "wasmcustom.gen_ai.server."}, "buckets": LATENCY_MS_BUCKETS},
+            setting
+            for ns in (WASM_METRICS_NAMESPACE, NATIVE_METRICS_NAMESPACE)
+            for setting in (
+                {"match": {"prefix": f"{ns}.gen_ai.client.token.usage"},
+                 "buckets": list(TOKEN_BUCKETS)},
+                {"match": {"prefix": f"{ns}.gen_ai.server."}, "buckets": list(LATENCY_MS_BUCKETS)},
+            )
         ],
     }
 
@@ -96,47 +125,78 @@ def stats_bootstrap(plugin_config=None):
     return {"stats_config": stats_config(plugin_config)}
 
 
-# Access-log fields: Envoy's own, and those the filter leaves in filter
-# state (Envoy shows Wasm filter state under `wasm.`; absent fields are "-").
+# Access-log fields: Envoy's own, and those the filter leaves for the log.
+# The Wasm build leaves them in filter state (Envoy shows Wasm filter state
+# under `wasm.`), the native build in dynamic metadata under `meshllm`, each
+# key a field name; absent fields are "-" either way.
 FILTER_STATE_FIELDS = [
     "caller", "tags", "provider", "request_model", "response_model", "attempts",
     "route_reason", "input_tokens", "output_tokens", "cached_tokens",
     "tokens_estimated", "cost_micro_usd", "ttft_ms", "quota", "policy",
 ]
-# The caller's path: the filter keeps it before pointing a call at a
-# provider, whose path Envoy's :path holds from then on (Envoy 1.37+ COALESCE;
-# requests the filter did not forward keep the caller's :path).
-CALLER_PATH = "%COALESCE(" + json.dumps({"operators": [
-    {"command": "FILTER_STATE", "param": "wasm.meshllm.path:PLAIN"},
-    {"command": "REQ", "param": ":path"},
-]}, separators=(",", ":")) + ")%"
-ACCESS_LOG_FORMAT = {
-    "start_time": "%START_TIME%",
-    "method": "%REQ(:METHOD)%",
-    "path": CALLER_PATH,
-    "upstream_path": "%REQ(:PATH)%",
-    "status": "%RESPONSE_CODE%",
-    # Why Envoy ended the stream: UPE or UT on an answer cut after it began.
-    "response_flags": "%RESPONSE_FLAGS%",
-    "duration_ms": "%DURATION%",
-    "request_id": "%REQ(X-REQUEST-ID)%",
-    **{f: f"%FILTER_STATE(wasm.meshllm.{f}:PLAIN)%" for f in FILTER_STATE_FIELDS},
-}
-# The same fields as one text line (key=value, in this order).
-ACCESS_LOG_TEXT = (
-    f"[%START_TIME%] \"%REQ(:METHOD)% {CALLER_PATH}\" %RESPONSE_CODE% %DURATION%ms"
-    " upstream_path=%REQ(:PATH)% response_flags=%RESPONSE_FLAGS%"
-    + "".join(f" {f}=%FILTER_STATE(wasm.meshllm.{f}:PLAIN)%" for f in FILTER_STATE_FIELDS)
-    + "\n"
-)
+NATIVE_LOG_NAMESPACE = "meshllm"
 
 
-def access_log(path, fmt="json"):
+def log_field(field, build="wasm"):
+    """(command, param) of Envoy's format operator for a filter field."""
+    if build == "native":
+        return "DYNAMIC_METADATA", f"{NATIVE_LOG_NAMESPACE}:{field}"
+    return "FILTER_STATE", f"wasm.meshllm.{field}:PLAIN"
+
+
+def log_operator(field, build="wasm"):
+    command, param = log_field(field, build)
+    return f"%{command}({param})%"
+
+
+def caller_path(build="wasm"):
+    """The caller's path: the filter keeps it before pointing a call at a
+    provider, whose path Envoy's :path holds from then on (Envoy 1.37+
+    COALESCE; requests the filter did not forward keep the caller's :path)."""
+    command, param = log_field("path", build)
+    return "%COALESCE(" + json.dumps({"operators": [
+        {"command": command, "param": param},
+        {"command": "REQ", "param": ":path"},
+    ]}, separators=(",", ":")) + ")%"
+
+
+def access_log_format(build="wasm"):
+    """The JSON access-log line: the same keys for both builds."""
+    return {
+        "start_time": "%START_TIME%",
+        "method": "%REQ(:METHOD)%",
+        "path": caller_path(build),
+        "upstream_path": "%REQ(:PATH)%",
+        "status": "%RESPONSE_CODE%",
+        # Why Envoy ended the stream: UPE or UT on an answer cut after it began.
+        "response_flags": "%RESPONSE_FLAGS%",
+        "duration_ms": "%DURATION%",
+        "request_id": "%REQ(X-REQUEST-ID)%",
+        **{f: log_operator(f, build) for f in FILTER_STATE_FIELDS},
+    }
+
+
+def access_log_text(build="wasm"):
+    """The same fields as one text line (key=value, in this order)."""
+    return (
+        f"[%START_TIME%] \"%REQ(:METHOD)% {caller_path(build)}\" %RESPONSE_CODE% %DURATION%ms"
+        " upstream_path=%REQ(:PATH)% response_flags=%RESPONSE_FLAGS%"
+        + "".join(f" {f}={log_operator(f, build)}" for f in FILTER_STATE_FIELDS)
+        + "\n"
+    )
+
+
+CALLER_PATH = caller_path()
+ACCESS_LOG_FORMAT = access_log_format()
+ACCESS_LOG_TEXT = access_log_text()
+
+
+def access_log(path, fmt="json", build="wasm"):
     """A file access log with the meshllm fields, as JSON or text lines."""
     log_format = (
-        {"json_format": ACCESS_LOG_FORMAT}
+        {"json_format": access_log_format(build)}
         if fmt == "json"
-        else {"text_format_source": {"inline_string": ACCESS_LOG_TEXT}}
+        else {"text_format_source": {"inline_string": access_log_text(build)}}
     )
     return {
         "name": "envoy.access_loggers.file",
@@ -626,10 +686,51 @@ def wasm_filter(plugin_config, code, keys, upstream=False):
     }
 
 
-def upstream_http_filters(upstream_wasm):
+DYNAMIC_MODULE_TYPE = (
+    "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
+)
+
+
+def native_config(plugin_config, module, upstream=False):
+    """The dynamic-module filter's typed config: the same `.so` and policy
+    for both halves; the filter name tells the module which half it is, as
+    the root id does for Wasm. The module reads provider keys from the
+    process environment (no host_env_keys)."""
+    return {
+        "@type": DYNAMIC_MODULE_TYPE,
+        "dynamic_module_config": {
+            # By absolute path: no ENVOY_DYNAMIC_MODULES_SEARCH_PATH needed.
+            "module": {"local": {"filename": os.path.abspath(module)}},
+            "metrics_namespace": NATIVE_METRICS_NAMESPACE,
+        },
+        "filter_name": UPSTREAM_NAME if upstream else LISTENER_NAME,
+        "filter_config": {
+            "@type": "type.googleapis.com/google.protobuf.StringValue",
+            "value": json.dumps(plugin_config, separators=(",", ":")),
+        },
+    }
+
+
+def native_filter(plugin_config, module, upstream=False):
+    return {
+        "name": "envoy.filters.http.dynamic_modules",
+        "typed_config": native_config(plugin_config, module, upstream),
+    }
+
+
+def meshllm_filter(plugin_config, build, wasm, module, keys, upstream=False):
+    """One half of the gateway, in the build asked for."""
+    if build == "native":
+        return native_filter(plugin_config, module, upstream)
+    if build != "wasm":
+        raise ValueError(f"unknown build {build!r}: one of {', '.join(BUILDS)}")
+    return wasm_filter(plugin_config, local_code(wasm), keys, upstream)
+
+
+def upstream_http_filters(upstream_half):
     """An upstream filter chain: the upstream half, then the codec."""
     return [
-        upstream_wasm,
+        upstream_half,
         {
             "name": "envoy.filters.http.upstream_codec",
             "typed_config": {
@@ -654,7 +755,9 @@ def upstream_protocol_options(http_filters):
 def render(
     plugin_config,
     *,
+    build="wasm",
     wasm=WASM_DEFAULT,
+    module=NATIVE_DEFAULT,
     port=10000,
     admin_port=9901,
     address="127.0.0.1",
@@ -669,7 +772,8 @@ def render(
     downstream_tls=None,
     listener_metadata=None,
 ):
-    """The Envoy bootstrap (a dict) for `plugin_config` (a dict).
+    """The Envoy bootstrap (a dict) for `plugin_config` (a dict), with the
+    Wasm filter `wasm` or, for `build="native"`, the dynamic module `module`.
 
     `listener_metadata` becomes the listener's `metadata` (for example
     `{"filter_metadata": {"meshllm": {"policy": "<json>"}}}`, a namespace
@@ -693,11 +797,11 @@ def render(
     if failover["enabled"]:
         clusters.extend(position_clusters(plugin_config, upstreams, failover["max_attempts"]))
 
-    listener_filter = wasm_filter(plugin_config, local_code(wasm), keys)
+    listener_filter = meshllm_filter(plugin_config, build, wasm, module, keys)
     upstream_filters = []
     if failover["enabled"]:
         upstream_filters = upstream_http_filters(
-            wasm_filter(plugin_config, local_code(wasm), keys, upstream=True)
+            meshllm_filter(plugin_config, build, wasm, module, keys, upstream=True)
         )
         # The upstream half runs on the aggregate cluster only, so it sees
         # meshllm's attempts and nothing else.
@@ -743,7 +847,7 @@ def render(
         "local_reply_config": local_reply_config(),
     }
     if access_log_path:
-        hcm["access_log"] = [access_log(access_log_path, access_log_format)]
+        hcm["access_log"] = [access_log(access_log_path, access_log_format, build)]
     for name, (svc_host, svc_port) in (other_services or {}).items():
         clusters.append(cluster(f"svc_{name}", svc_host, svc_port, False))
     filter_chain = {
@@ -774,6 +878,7 @@ def render(
         # Histograms reach /stats/prometheus when Envoy merges them, once per
         # flush interval (5 s unless set).
         **({"stats_flush_interval": stats_flush_interval} if stats_flush_interval else {}),
+        **({"layered_runtime": NATIVE_RUNTIME} if build == "native" else {}),
         "static_resources": {
             "listeners": [listener],
             "clusters": clusters,
@@ -853,7 +958,11 @@ def to_yaml(doc):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("plugin_config", help="meshllm plugin config (JSON)")
-    ap.add_argument("--wasm", default=WASM_DEFAULT)
+    ap.add_argument("--build", choices=BUILDS, default="wasm",
+                    help="the Wasm filter or the native dynamic module (default wasm)")
+    ap.add_argument("--wasm", default=WASM_DEFAULT, help="the Wasm filter (--build wasm)")
+    ap.add_argument("--module", default=NATIVE_DEFAULT,
+                    help="the native module, loaded by absolute path (--build native)")
     ap.add_argument("--port", type=int, default=10000)
     ap.add_argument("--admin-port", type=int, default=9901)
     ap.add_argument("--json", action="store_true", help="emit JSON instead of YAML")
@@ -878,7 +987,9 @@ def main(argv=None):
     doc = render(
         cfg,
         upstreams=upstreams,
+        build=args.build,
         wasm=args.wasm,
+        module=args.module,
         port=args.port,
         admin_port=args.admin_port,
         access_log_path=args.access_log or None,
