@@ -40,7 +40,6 @@ NULL_WASM = ROOT / "bench" / "nullfilter" / "target" / "wasm32-wasip1" / "releas
 # module (bench/nativefloor, built by `make bench-build`).
 MODULE = ROOT / render.NATIVE_DEFAULT
 NATIVE_FLOOR = ROOT / "bench" / "nativefloor" / "target" / "release" / "libmeshllm_nativefloor.so"
-NATIVE_TARGETS = ("native_floor", "native")
 
 # The gateway as a sidecar runs it: the caller from the node metadata, an
 # alias rewritten to the provider's model, a quota every request is checked
@@ -69,7 +68,6 @@ NODE = {
     "metadata": {"NAMESPACE": "bench", "WORKLOAD_NAME": "client-v1",
                  "LABELS": {"app": "client", "service.istio.io/canonical-name": "client"}},
 }
-
 
 
 def node_env(node, work):
@@ -342,13 +340,13 @@ def machine():
     commit = subprocess.run(["git", "-C", str(WASM.parent), "describe", "--always", "--dirty"],
                             capture_output=True, text=True).stdout.strip()
     return {
-        "module_bytes": MODULE.stat().st_size if MODULE.exists() else None,
         "cpu": cpu,
         "cores": os.cpu_count(),
         "kernel": platform.release(),
         "envoy": envoy_version[-1] if envoy_version else "unknown",
         "commit": commit or "unknown",
         "wasm_bytes": WASM.stat().st_size,
+        "module_bytes": MODULE.stat().st_size if MODULE.exists() else None,
     }
 
 
