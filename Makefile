@@ -91,10 +91,10 @@ lint:
 	cargo fmt --all -- --check
 	cargo fmt --manifest-path bench/Cargo.toml -- --check
 	cargo fmt --manifest-path bench/nullfilter/Cargo.toml -- --check
-	cargo fmt --manifest-path bench/nativefloor/Cargo.toml -- --check
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --lib -- -D warnings -D clippy::unwrap_used -D clippy::expect_used -D clippy::panic
 	cargo clippy --manifest-path bench/Cargo.toml --all-targets -- -D warnings
+	cargo fmt --manifest-path bench/nativefloor/Cargo.toml -- --check
 	cargo clippy --manifest-path bench/nativefloor/Cargo.toml -- -D warnings
 
 fmt:
