@@ -111,11 +111,14 @@ lint:
 	cargo clippy --all-targets --features native -- -D warnings
 	cargo clippy --lib --features native -- -D warnings -D clippy::unwrap_used -D clippy::expect_used -D clippy::panic
 	cargo clippy --manifest-path bench/Cargo.toml --all-targets -- -D warnings
+	cargo fmt --manifest-path bench/nativefloor/Cargo.toml -- --check
+	cargo clippy --manifest-path bench/nativefloor/Cargo.toml -- -D warnings
 
 fmt:
 	cargo fmt --all
 	cargo fmt --manifest-path bench/Cargo.toml
 	cargo fmt --manifest-path bench/nullfilter/Cargo.toml
+	cargo fmt --manifest-path bench/nativefloor/Cargo.toml
 
 test-unit:
 	cargo test --features native
@@ -140,9 +143,11 @@ test: deps lint test-unit test-integration
 
 # --- benchmark --------------------------------------------------------------
 
-# Direct, plain Envoy, Envoy with an empty Wasm filter and Envoy with meshllm,
-# side by side; results in bench/results (see bench/README.md).
-# `make bench BENCH_ARGS=--quick` checks the harness in seconds.
+# Direct, plain Envoy, Envoy with an empty Wasm filter, Envoy with meshllm,
+# and the same two with the native build (an empty dynamic module, meshllm's
+# libmeshllm.so when built), side by side; results in bench/results (see
+# bench/README.md). `make bench BENCH_ARGS=--quick` checks the harness in
+# seconds; BENCH_ARGS="--module PATH" measures another native build.
 bench: bench-build
 	$(PY) bench/bench.py $(BENCH_ARGS)
 
@@ -156,6 +161,8 @@ bench-build: build-wasm venv
 	  cd bench/nullfilter && RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 RUSTFLAGS="-L /usr/lib/wasm32-wasi" \
 	  /usr/bin/cargo build --release --target $(TARGET) -Zbuild-std=std,panic_abort; \
 	fi
+	@# The empty native module, the native build's floor (host cargo).
+	cargo build --release --manifest-path bench/nativefloor/Cargo.toml
 
 # envoy/envoy.yaml and the Istio stats bootstrap are generated from
 # envoy/meshllm.json; tests check they are current.

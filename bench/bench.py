@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """meshllm's benchmark: direct to a mock provider, through plain Envoy (same
-listener, no filter) and through Envoy with meshllm, side by side in one run.
+listener, no filter) and through Envoy with meshllm, side by side in one run:
+the Wasm filter and the native dynamic module, each beside an empty filter of
+its kind (the floor).
 
 Envoy runs one worker pinned to the last core; the mock provider and the
-clients share the other cores. Scenarios alternate between the three targets
+clients share the other cores. Scenarios alternate between the targets
 round by round, so a slow moment of the machine hits them all; each figure
 is the median over rounds. Results go to bench/results/ as JSON and a
 markdown table, with the machine, the date and the method. See
@@ -34,6 +36,10 @@ from run import envoy_binary  # noqa: E402
 WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "meshllm.wasm"
 TOOL = ROOT / "bench" / "target" / "release" / "meshllm-bench"
 NULL_WASM = ROOT / "bench" / "nullfilter" / "target" / "wasm32-wasip1" / "release" / "meshllm_nullfilter.wasm"
+# The native build (an Envoy dynamic module, `--module`) and the empty native
+# module (bench/nativefloor, built by `make bench-build`).
+MODULE = ROOT / render.NATIVE_DEFAULT
+NATIVE_FLOOR = ROOT / "bench" / "nativefloor" / "target" / "release" / "libmeshllm_nativefloor.so"
 
 # The gateway as a sidecar runs it: the caller from the node metadata, an
 # alias rewritten to the provider's model, a quota every request is checked
@@ -62,6 +68,21 @@ NODE = {
     "metadata": {"NAMESPACE": "bench", "WORKLOAD_NAME": "client-v1",
                  "LABELS": {"app": "client", "service.istio.io/canonical-name": "client"}},
 }
+
+
+def node_env(node, work):
+    """The native build's view of `node`: the module ABI does not expose
+    Envoy's node, so the module reads what Istio's agent builds the node
+    from, the proxy's environment and the pod's labels file (src/native/node.rs).
+    The environment that gives the native Envoy the same caller as the Wasm one."""
+    meta = node["metadata"]
+    labels = os.path.join(work, "pod-labels")
+    with open(labels, "w") as f:
+        f.writelines(f'{k}="{v}"\n' for k, v in meta.get("LABELS", {}).items())
+    env = {f"ISTIO_META_{k}": v for k, v in meta.items() if isinstance(v, str)}
+    env.update({"POD_NAMESPACE": meta["NAMESPACE"], "MESHLLM_POD_LABELS_FILE": labels})
+    return env
+
 
 KB = 1024
 MB = 1024 * 1024
@@ -180,19 +201,42 @@ def plain_bootstrap(bootstrap, mock_port):
     return bootstrap
 
 
-def floor_bootstrap(bootstrap, mock_port):
-    """Plain Envoy plus the empty Wasm filter where meshllm's two halves run
+def floor_bootstrap(bootstrap, mock_port, native=False):
+    """Plain Envoy plus an empty filter where meshllm's two halves run
     (before the router, and on the upstream cluster): what any filter that
-    reads the body costs here, before it does anything."""
+    reads the body costs here, before it does anything. The empty Wasm
+    filter (bench/nullfilter), or with `native` the empty dynamic module
+    (bench/nativefloor)."""
     bootstrap = plain_bootstrap(bootstrap, mock_port)
     hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
         "typed_config"]
-    code = render.local_code(str(NULL_WASM))
-    hcm["http_filters"].insert(0, render.wasm_filter({}, code, []))
-    upstream = render.upstream_http_filters(render.wasm_filter({}, code, [], upstream=True))
+    if native:
+        def half(upstream):
+            return render.native_filter({}, str(NATIVE_FLOOR), upstream=upstream)
+    else:
+        code = render.local_code(str(NULL_WASM))
+
+        def half(upstream):
+            return render.wasm_filter({}, code, [], upstream=upstream)
+    hcm["http_filters"].insert(0, half(False))
+    upstream = render.upstream_http_filters(half(True))
     bootstrap["static_resources"]["clusters"][0]["typed_extension_protocol_options"] = \
         render.upstream_protocol_options(upstream)
     return bootstrap
+
+
+def native_availability(module, native_floor):
+    """(the native targets that can run, a note on those that cannot): each
+    needs its module on disk; a missing one is left out, not a failure."""
+    targets, missing = [], []
+    for name, path, how in (("native_floor", native_floor, "make bench-build"),
+                            ("native", module, "build the native module, or pass --module")):
+        if Path(path).exists():
+            targets.append(name)
+        else:
+            missing.append(f"{name} ({path} is missing: {how})")
+    note = f"not measured: {'; '.join(missing)}" if missing else None
+    return targets, note
 
 
 class Envoy:
@@ -302,6 +346,7 @@ def machine():
         "envoy": envoy_version[-1] if envoy_version else "unknown",
         "commit": commit or "unknown",
         "wasm_bytes": WASM.stat().st_size,
+        "module_bytes": MODULE.stat().st_size if MODULE.exists() else None,
     }
 
 
@@ -327,6 +372,23 @@ def run(profile, out_dir, label=""):
         meshllm = Envoy("meshllm", bootstrap(), work, envoy_cpu, KEYS)
         procs.append(meshllm)
         envoys = {"plain": plain, "floor": floor, "meshllm": meshllm}
+
+        # The native build beside them: the same gateway config as a dynamic
+        # module, and the empty module, where their modules are on disk.
+        native_targets, native_note = native_availability(MODULE, NATIVE_FLOOR)
+        if native_note:
+            print(f"native targets {native_note}", file=sys.stderr)
+        for name in native_targets:
+            if name == "native":
+                envoy = Envoy(name, render.render(
+                    PLUGIN_CONFIG, build="native", module=str(MODULE), port=free_port(),
+                    admin_port=free_port(), upstreams=upstreams, node=NODE), work, envoy_cpu,
+                    dict(KEYS, **node_env(NODE, work)))
+            else:
+                envoy = Envoy(name, floor_bootstrap(bootstrap(), mock_port, native=True), work,
+                              envoy_cpu, {})
+            procs.append(envoy)
+            envoys[name] = envoy
         for envoy in envoys.values():
             envoy.wait_ready()
         memory_start = {name: envoy.rss_kib() for name, envoy in envoys.items()}
@@ -355,7 +417,7 @@ def run(profile, out_dir, label=""):
 
         bench = Bench(profile, client_cpus)
         targets = {"direct": f"127.0.0.1:{mock_port}", "plain": plain.addr, "floor": floor.addr,
-                   "meshllm": meshllm.addr}
+                   "meshllm": meshllm.addr, **{n: envoys[n].addr for n in native_targets}}
         # (scenario, model meshllm routes, sizes): the alias `mini` is an
         # OpenAI model, `claude` an Anthropic one the request is translated for.
         kinds = [("passthrough", "mini"), ("translate", "claude")]
@@ -375,6 +437,14 @@ def run(profile, out_dir, label=""):
                 row["added_p50_us"] = round(row["meshllm"]["p50_us"] - row["plain"]["p50_us"], 1)
                 row["added_p99_us"] = round(row["meshllm"]["p99_us"] - row["plain"]["p99_us"], 1)
                 row["floor_added_p50_us"] = round(row["floor"]["p50_us"] - row["plain"]["p50_us"], 1)
+                if "native" in row:
+                    row["native_added_p50_us"] = round(
+                        row["native"]["p50_us"] - row["plain"]["p50_us"], 1)
+                    row["native_added_p99_us"] = round(
+                        row["native"]["p99_us"] - row["plain"]["p99_us"], 1)
+                if "native_floor" in row:
+                    row["native_floor_added_p50_us"] = round(
+                        row["native_floor"]["p50_us"] - row["plain"]["p50_us"], 1)
                 latency.append(row)
                 print(f"latency {kind} {size}: {row}", file=sys.stderr)
 
@@ -400,6 +470,8 @@ def run(profile, out_dir, label=""):
                     row[t]["cpu_us_per_request"] = median_of(rounds[t], "cpu_us_per_request")
             row["ratio_to_plain"] = round(row["meshllm"]["rps"] / max(row["plain"]["rps"], 1), 3)
             row["floor_ratio_to_plain"] = round(row["floor"]["rps"] / max(row["plain"]["rps"], 1), 3)
+            for t in native_targets:
+                row[f"{t}_ratio_to_plain"] = round(row[t]["rps"] / max(row["plain"]["rps"], 1), 3)
             throughput.append(row)
             print(f"throughput {kind}: {row}", file=sys.stderr)
 
@@ -424,6 +496,11 @@ def run(profile, out_dir, label=""):
                 row["meshllm"]["ttfb_p50_us"] - row["plain"]["ttfb_p50_us"], 1)
             row["added_event_delay_p50_us"] = round(
                 row["meshllm"]["event_delay_p50_us"] - row["plain"]["event_delay_p50_us"], 1)
+            if "native" in row:
+                row["native_added_ttfb_p50_us"] = round(
+                    row["native"]["ttfb_p50_us"] - row["plain"]["ttfb_p50_us"], 1)
+                row["native_added_event_delay_p50_us"] = round(
+                    row["native"]["event_delay_p50_us"] - row["plain"]["event_delay_p50_us"], 1)
             streaming.append(row)
             print(f"streaming {kind}: {row}", file=sys.stderr)
 
@@ -443,6 +520,8 @@ def run(profile, out_dir, label=""):
                             "after_kib": after, "growth_kib": after - warm,
                             "requests_after_warmup": 2 * half, "failed": failed}
         memory["filter_kib"] = memory["meshllm"]["after_kib"] - memory["plain"]["after_kib"]
+        if "native" in memory:
+            memory["native_kib"] = memory["native"]["after_kib"] - memory["plain"]["after_kib"]
         print(f"memory: {memory}", file=sys.stderr)
     finally:
         for p in reversed(procs):
@@ -460,7 +539,10 @@ def run(profile, out_dir, label=""):
         "memory": memory,
     }
     result["store"] = store_cost(latency, throughput, list(store_targets), store_note)
+    result["native"] = {"targets": native_targets, "note": native_note,
+                        "module": str(MODULE) if "native" in native_targets else None}
     result["budget"] = budget(result)
+    result["native_budget"] = native_budget(result)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     name = "-".join(p for p in (stamp, label, profile.name) if p)
@@ -505,8 +587,10 @@ def method(profile, envoy_cpu, client_cpus):
                    "(bench/nullfilter: pauses, reads the body) before the router and on the "
                    "upstream cluster, where meshllm's halves run; meshllm = the gateway config "
                    "in bench/bench.py (mesh_node identity, alias rewrite, quota, metrics, "
-                   "failover clusters)",
-        "latency": "one keep-alive connection, closed loop; added = meshllm minus plain",
+                   "failover clusters); native_floor = floor with an empty Envoy dynamic module "
+                   "(bench/nativefloor) in both places instead; native = meshllm's config with "
+                   "the native build (libmeshllm.so) in both halves",
+        "latency": "one keep-alive connection, closed loop; added = meshllm (or native) minus plain",
         "throughput": f"{profile.connections} keep-alive connections, closed loop, "
                       f"{profile.load_seconds} s per target and round",
         "streaming": f"{profile.stream_events} events {profile.stream_gap_us} us apart; "
@@ -546,20 +630,64 @@ def budget(result):
         ("RSS growth after warm-up", result["memory"]["meshllm"]["growth_kib"]
          - max(result["memory"]["plain"]["growth_kib"], 0), "<=", 1024, "KiB beyond plain's"),
     ]
+    return judged(items)
+
+
+def judged(items):
+    """Budget lines (name, value, op, limit, unit[, figures]) as met or not."""
     out = []
-    for name, value, op, limit, unit in items:
+    for name, value, op, limit, unit, *figures in items:
         ok = value <= limit if op == "<=" else value >= limit
-        out.append({"item": name, "value": value, "limit": f"{op} {limit}", "unit": unit, "met": ok})
+        line = {"item": name, "value": value, "limit": f"{op} {limit}", "unit": unit, "met": ok}
+        if figures:
+            line["figures"] = figures[0]
+        out.append(line)
     return out
+
+
+def native_budget(result):
+    """The native build's budget (issue 22), judged on this run's figures;
+    empty when the native build was not measured."""
+    if "native" not in result["native"]["targets"]:
+        return []
+    lat = next(r for r in result["latency"]
+               if r["scenario"] == "passthrough" and r["body_bytes"] == KB)
+    tput = {r["scenario"]: r for r in result["throughput"]}
+    mem = result["memory"]
+
+    def rps(kind):
+        return f"native {tput[kind]['native']['rps']} / plain {tput[kind]['plain']['rps']} requests/s"
+
+    growth = mem["native"]["growth_kib"] - max(mem["plain"]["growth_kib"], 0)
+    return judged([
+        ("native throughput, passthrough 1 KB", tput["passthrough"]["native_ratio_to_plain"],
+         ">=", 0.9, "x plain", rps("passthrough")),
+        ("native throughput, OpenAI to Anthropic 1 KB", tput["translate"]["native_ratio_to_plain"],
+         ">=", 0.8, "x plain", rps("translate")),
+        ("native added p50, passthrough 1 KB", lat["native_added_p50_us"], "<=", 20, "us",
+         f"native {lat['native']['p50_us']} / plain {lat['plain']['p50_us']} us"),
+        ("native RSS growth after warm-up", growth, "<=", 1024, "KiB beyond plain's",
+         f"native {mem['native']['warm_kib']} -> {mem['native']['after_kib']} KiB, plain "
+         f"{mem['plain']['warm_kib']} -> {mem['plain']['after_kib']} KiB over "
+         f"{mem['native']['requests_after_warmup']} requests"),
+    ])
+
+
+def label(target):
+    return target.replace("_", " ")
 
 
 def markdown(r):
     m = r["machine"]
+    # The native targets this run measured, as extra columns beside the Wasm ones.
+    nat = r["native"]["targets"]
+    envoys = ("plain", "floor", "meshllm", *nat)
+    native_bytes = f", {m['module_bytes']} bytes of native module" if "native" in nat else ""
     lines = [
         f"# meshllm benchmark, {r['date']} ({r['profile']})",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}; {m['envoy']}; "
-        f"meshllm {m['commit']} ({m['wasm_bytes']} bytes of Wasm).",
+        f"meshllm {m['commit']} ({m['wasm_bytes']} bytes of Wasm{native_bytes}).",
         "",
         "Method:",
         *[f"- {k}: {v}" for k, v in r["method"].items()],
@@ -571,43 +699,75 @@ def markdown(r):
         *[f"| {b['item']} | {b['value']} {b['unit']} | {b['limit']} | {'yes' if b['met'] else 'NO'} |"
           for b in r["budget"]],
         "",
+        "## Native budget (issue 22)",
+        "",
+    ]
+    if r["native_budget"]:
+        lines += [
+            "The native build (`native`), judged on the same run's plain Envoy.",
+            "",
+            "| item | this run | budget | met | figures |",
+            "| --- | ---: | --- | --- | --- |",
+            *[f"| {b['item']} | {b['value']} {b['unit']} | {b['limit']} | "
+              f"{'yes' if b['met'] else 'NO'} | {b['figures']} |" for b in r["native_budget"]],
+        ]
+    if r["native"]["note"]:
+        lines += [""] * bool(r["native_budget"]) + [f"Native targets {r['native']['note']}."]
+    lines += [
+        "",
         "## Latency at concurrency 1 (µs)",
         "",
-        "| scenario | body | direct p50 | plain p50 | floor p50 | meshllm p50 | added p50 | plain p99 | meshllm p99 | added p99 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| scenario | body | direct p50 | plain p50 | floor p50 | meshllm p50 | added p50 | plain p99 | meshllm p99 | added p99 |"
+        + "".join(f" {label(t)} p50 |" for t in nat)
+        + (" native added p50 | native p99 | native added p99 |" if "native" in nat else ""),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        + " ---: |" * (len(nat) + (3 if "native" in nat else 0)),
     ]
     for x in r["latency"]:
         lines.append(
             f"| {x['scenario']} | {size_name(x['body_bytes'])} | {x['direct']['p50_us']} | "
             f"{x['plain']['p50_us']} | {x['floor']['p50_us']} | {x['meshllm']['p50_us']} | "
             f"**{x['added_p50_us']}** | "
-            f"{x['plain']['p99_us']} | {x['meshllm']['p99_us']} | {x['added_p99_us']} |")
+            f"{x['plain']['p99_us']} | {x['meshllm']['p99_us']} | {x['added_p99_us']} |"
+            + "".join(f" {x[t]['p50_us']} |" for t in nat)
+            + (f" **{x['native_added_p50_us']}** | {x['native']['p99_us']} | "
+               f"{x['native_added_p99_us']} |" if "native" in nat else ""))
     lines += [
         "",
         "## Saturated throughput, one Envoy worker (requests/s, 1 KB)",
         "",
-        "| scenario | direct | plain | floor | meshllm | meshllm / plain | floor / plain | Envoy CPU µs per request: plain / floor / meshllm | failed |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| scenario | direct | plain | floor | meshllm | meshllm / plain | floor / plain |"
+        + "".join(f" {label(t)} | {label(t)} / plain |" for t in nat)
+        + f" Envoy CPU µs per request: {' / '.join(label(t) for t in envoys)} | failed |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: | ---: |" * len(nat),
     ]
     for x in r["throughput"]:
-        failed = sum(x[t]["failed"] for t in ("plain", "floor", "meshllm"))
-        cpu = " / ".join(str(x[t]["cpu_us_per_request"]) for t in ("plain", "floor", "meshllm"))
+        failed = sum(x[t]["failed"] for t in envoys)
+        cpu = " / ".join(str(x[t]["cpu_us_per_request"]) for t in envoys)
         lines.append(f"| {x['scenario']} | {x['direct']['rps']} | {x['plain']['rps']} | "
                      f"{x['floor']['rps']} | {x['meshllm']['rps']} | **{x['ratio_to_plain']}** | "
-                     f"{x['floor_ratio_to_plain']} | {cpu} | {failed} |")
+                     f"{x['floor_ratio_to_plain']} |"
+                     + "".join(f" {x[t]['rps']} | **{x[t + '_ratio_to_plain']}** |" for t in nat)
+                     + f" {cpu} | {failed} |")
     lines += [
         "",
         "## Streaming (µs)",
         "",
-        "| scenario | plain TTFB p50 | meshllm TTFB p50 | added | plain event delay p50 / p99 | meshllm event delay p50 / p99 | held back |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| scenario | plain TTFB p50 | meshllm TTFB p50 | added | plain event delay p50 / p99 | meshllm event delay p50 / p99 | held back |"
+        + (" native TTFB p50 | native added | native event delay p50 / p99 | native held back |"
+           if "native" in nat else ""),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" * 4 if "native" in nat else ""),
     ]
     for x in r["streaming"]:
         p, g = x["plain"], x["meshllm"]
+        n = x.get("native")
         lines.append(
             f"| {x['scenario']} | {p['ttfb_p50_us']} | {g['ttfb_p50_us']} | **{x['added_ttfb_p50_us']}** | "
             f"{p['event_delay_p50_us']} / {p['event_delay_p99_us']} | "
-            f"{g['event_delay_p50_us']} / {g['event_delay_p99_us']} | {g['held_back']} of {g['events']} |")
+            f"{g['event_delay_p50_us']} / {g['event_delay_p99_us']} | {g['held_back']} of {g['events']} |"
+            + (f" {n['ttfb_p50_us']} | **{x['native_added_ttfb_p50_us']}** | "
+               f"{n['event_delay_p50_us']} / {n['event_delay_p99_us']} | "
+               f"{n['held_back']} of {n['events']} |" if n else ""))
     mem = r["memory"]
     lines += [
         "",
@@ -615,9 +775,9 @@ def markdown(r):
         "",
         "| envoy | at start | after warm-up | after more requests | growth |",
         "| --- | ---: | ---: | ---: | ---: |",
-        *[f"| {n} (+{mem[n]['requests_after_warmup']} requests) | {mem[n]['start_kib']} | "
+        *[f"| {label(n)} (+{mem[n]['requests_after_warmup']} requests) | {mem[n]['start_kib']} | "
           f"{mem[n]['warm_kib']} | {mem[n]['after_kib']} | {mem[n]['growth_kib']} |"
-          for n in ("plain", "floor", "meshllm")],
+          for n in envoys],
         "",
         "## The shared quota store's cost (passthrough 1 KB)",
         "",
@@ -649,15 +809,19 @@ def size_name(n):
 
 
 def main(argv=None):
-    global WASM
+    global WASM, MODULE
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a short run that checks the harness")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--wasm", type=Path, default=WASM,
                     help="the meshllm build to measure (another commit's, for before/after)")
+    ap.add_argument("--module", type=Path, default=MODULE,
+                    help="the native build (libmeshllm.so) to measure; left out with a note "
+                         "when missing")
     ap.add_argument("--label", default="", help="a word for the result files' names")
     args = ap.parse_args(argv)
     WASM = args.wasm.resolve()
+    MODULE = args.module.resolve()
     for path, how in ((WASM, "make build"), (TOOL, "make bench-build"), (NULL_WASM, "make bench-build")):
         if not path.exists():
             raise SystemExit(f"{path} is missing: run `{how}` (or `make bench`)")

@@ -4,6 +4,7 @@ Only the harness is checked here (a short `--quick` run): timings are
 measured by `make bench` and recorded in bench/README.md, never asserted in
 tests."""
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -17,6 +18,14 @@ pytestmark = pytest.mark.wasm_only(
     "bench/bench.py measures the Wasm build against the empty Wasm filter")
 
 TARGETS = ("direct", "plain", "floor", "meshllm")
+
+# The native build's targets: the empty dynamic module (make bench-build) and
+# the gateway's module (target/native/libmeshllm.so), each where it is built.
+BENCH_SPEC = importlib.util.spec_from_file_location("bench", ROOT / "bench" / "bench.py")
+bench = importlib.util.module_from_spec(BENCH_SPEC)
+BENCH_SPEC.loader.exec_module(bench)
+NATIVE_BUILT = [t for t, path in (("native_floor", bench.NATIVE_FLOOR), ("native", bench.MODULE))
+                if path.exists()]
 
 
 def test_quick_run_writes_json_and_markdown(tmp_path):
@@ -80,3 +89,47 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
             assert f"| {t} |" in text
     else:
         assert r["store"]["targets"] == {} and "not on PATH" in r["store"]["note"]
+
+    # The native targets join every scenario beside the Wasm ones, or are left
+    # out with a note when their module is not built.
+    native = r["native"]["targets"]
+    assert native == NATIVE_BUILT
+    for row in r["latency"]:
+        for t in native:
+            assert row[t]["p50_us"] > 0 and row[t]["p99_us"] >= row[t]["p50_us"]
+    for row in r["throughput"]:
+        for t in native:
+            assert row[t]["rps"] > 0 and row[t]["failed"] == 0
+            assert row[t]["cpu_us_per_request"] > 0
+            assert row[f"{t}_ratio_to_plain"] == round(row[t]["rps"] / row["plain"]["rps"], 3)
+    for row in r["streaming"]:
+        for t in native:
+            assert row[t]["events"] == row["plain"]["events"]
+    for t in native:
+        mem = r["memory"][t]
+        assert mem["failed"] == 0 and mem["after_kib"] > 0 and mem["requests_after_warmup"] > 0
+        assert f"| {t.replace('_', ' ')} (+" in text
+    assert "## Native budget (issue 22)" in text
+    if "native" in native:
+        assert [b["item"] for b in r["native_budget"]] == [
+            "native throughput, passthrough 1 KB", "native throughput, OpenAI to Anthropic 1 KB",
+            "native added p50, passthrough 1 KB", "native RSS growth after warm-up"]
+        for b in r["native_budget"]:
+            assert isinstance(b["met"], bool) and b["figures"]
+            assert f"| {b['item']} | {b['value']} {b['unit']} |" in text
+        assert r["machine"]["module_bytes"] > 0
+    else:
+        assert r["native_budget"] == []
+    if len(native) < 2:
+        assert "not measured" in r["native"]["note"] and r["native"]["note"] in text
+    else:
+        assert r["native"]["note"] is None
+
+
+def test_a_missing_native_module_leaves_its_target_out_with_a_note(tmp_path):
+    built = tmp_path / "libbuilt.so"
+    built.write_bytes(b"")
+    targets, note = bench.native_availability(tmp_path / "libmissing.so", built)
+    assert targets == ["native_floor"]
+    assert note.startswith("not measured: native (") and "libmissing.so is missing" in note
+    assert bench.native_availability(built, built) == (["native_floor", "native"], None)
