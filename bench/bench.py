@@ -70,20 +70,6 @@ NODE = {
 }
 
 
-def node_env(node, work):
-    """The native build's view of `node`: the module ABI does not expose
-    Envoy's node, so the module reads what Istio's agent builds the node
-    from, the proxy's environment and the pod's labels file (src/native/node.rs).
-    The environment that gives the native Envoy the same caller as the Wasm one."""
-    meta = node["metadata"]
-    labels = os.path.join(work, "pod-labels")
-    with open(labels, "w") as f:
-        f.writelines(f'{k}="{v}"\n' for k, v in meta.get("LABELS", {}).items())
-    env = {f"ISTIO_META_{k}": v for k, v in meta.items() if isinstance(v, str)}
-    env.update({"POD_NAMESPACE": meta["NAMESPACE"], "MESHLLM_POD_LABELS_FILE": labels})
-    return env
-
-
 KB = 1024
 MB = 1024 * 1024
 WEBDIS_CONFIG = ROOT / "envoy" / "webdis.json"
@@ -383,7 +369,7 @@ def run(profile, out_dir, label=""):
                 envoy = Envoy(name, render.render(
                     PLUGIN_CONFIG, build="native", module=str(MODULE), port=free_port(),
                     admin_port=free_port(), upstreams=upstreams, node=NODE), work, envoy_cpu,
-                    dict(KEYS, **node_env(NODE, work)))
+                    dict(KEYS, **render.istio_agent_env(NODE, work)))
             else:
                 envoy = Envoy(name, floor_bootstrap(bootstrap(), mock_port, native=True), work,
                               envoy_cpu, {})

@@ -155,7 +155,7 @@ class Envoy:
         clean = {k: v for k, v in os.environ.items() if not CREDENTIAL_VARS.search(k)}
         clean.update(env or {})
         if BUILD == "native" and node:
-            clean.update(istio_agent_env(node, self.dir))
+            clean.update(render.istio_agent_env(node, self.dir))
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [
@@ -264,25 +264,6 @@ class Envoy:
         # Its config and logs go with it (MESHLLM_KEEP_ENVOY_DIRS=1 keeps them).
         if not os.environ.get("MESHLLM_KEEP_ENVOY_DIRS"):
             shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def istio_agent_env(node, directory):
-    """What Istio's agent gives the proxy process from which it writes the
-    node's metadata: the native build reads these (the module ABI has no
-    node), the Wasm build the node the agent wrote. Scalar metadata as
-    `ISTIO_META_<KEY>`, the namespace as `POD_NAMESPACE`, the labels as a
-    downward-API file."""
-    metadata = node.get("metadata", {})
-    env = {f"ISTIO_META_{k}": str(v) for k, v in metadata.items() if not isinstance(v, dict)}
-    if "NAMESPACE" in metadata:
-        env["POD_NAMESPACE"] = str(metadata["NAMESPACE"])
-    labels = metadata.get("LABELS")
-    if isinstance(labels, dict):
-        path = os.path.join(directory, "labels")
-        with open(path, "w") as f:
-            f.writelines(f'{k}="{v}"\n' for k, v in labels.items())
-        env["MESHLLM_POD_LABELS_FILE"] = path
-    return env
 
 
 def gateway_plugin_config(dead_port, max_request_bytes=262144):

@@ -509,6 +509,25 @@ def meshllm_routes(plugin_config, route_timeout="600s"):
     ]
 
 
+def istio_agent_env(node, directory):
+    """What Istio's agent gives the proxy process from which it writes the
+    node's metadata; the native build reads these (the module ABI has no
+    node), the Wasm build the node the agent wrote. Scalar metadata as
+    `ISTIO_META_<KEY>`, the namespace as `POD_NAMESPACE`, the labels as a
+    downward-API file in `directory`."""
+    metadata = node.get("metadata", {})
+    env = {f"ISTIO_META_{k}": str(v) for k, v in metadata.items() if not isinstance(v, dict)}
+    if "NAMESPACE" in metadata:
+        env["POD_NAMESPACE"] = str(metadata["NAMESPACE"])
+    labels = metadata.get("LABELS")
+    if isinstance(labels, dict):
+        path = os.path.join(directory, "labels")
+        with open(path, "w") as f:
+            f.writelines(f'{k}="{v}"\n' for k, v in labels.items())
+        env["MESHLLM_POD_LABELS_FILE"] = path
+    return env
+
+
 def put_route_metadata(listener, metadata):
     """The native build reads a namespace policy from the metadata of the
     route the request matched (the module ABI has no listener metadata):

@@ -185,10 +185,21 @@ fn body_status(flow: Flow) -> u32 {
     }
 }
 
-/// Bytes of the body so far: buffered, then this callback's chunk.
-fn body_size(envoy: *mut c_void, buffered: u32, received: u32, same: bool) -> usize {
+/// Bytes of the request's (or the response's) body so far: what this
+/// filter buffered, then this callback's chunk unless it is that buffer.
+fn body_so_far(envoy: *mut c_void, request: bool) -> usize {
+    let (buffered, received) = if request {
+        (abi::BODY_BUFFERED_REQUEST, abi::BODY_RECEIVED_REQUEST)
+    } else {
+        (abi::BODY_BUFFERED_RESPONSE, abi::BODY_RECEIVED_RESPONSE)
+    };
     // SAFETY: the live stream of the current hook.
     unsafe {
+        let same = if request {
+            abi::envoy_dynamic_module_callback_http_received_buffered_request_body(envoy)
+        } else {
+            abi::envoy_dynamic_module_callback_http_received_buffered_response_body(envoy)
+        };
         let size = |kind| abi::envoy_dynamic_module_callback_http_get_body_size(envoy, kind);
         size(buffered) + if same { 0 } else { size(received) }
     }
@@ -383,33 +394,14 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
     let Some(stream) = (unsafe { Stream::from(stream) }) else {
         return abi::BODY_CONTINUE;
     };
-    stream
-        .run(
-            envoy,
-            "the request body",
-            abi::BODY_STOP_ITERATION_NO_BUFFER,
-            |f, host| {
-                // SAFETY: the live stream of this hook.
-                let same = unsafe {
-                    abi::envoy_dynamic_module_callback_http_received_buffered_request_body(envoy)
-                };
-                let size = body_size(
-                    envoy,
-                    abi::BODY_BUFFERED_REQUEST,
-                    abi::BODY_RECEIVED_REQUEST,
-                    same,
-                );
-                body_status(f.on_request_body(host, size, end_of_stream))
-            },
-        )
-        .also(|_| {
-            stream.request_body_size = body_size(
-                envoy,
-                abi::BODY_BUFFERED_REQUEST,
-                abi::BODY_RECEIVED_REQUEST,
-                false,
-            )
-        })
+    let size = body_so_far(envoy, true);
+    stream.request_body_size = size;
+    stream.run(
+        envoy,
+        "the request body",
+        abi::BODY_STOP_ITERATION_NO_BUFFER,
+        |f, host| body_status(f.on_request_body(host, size, end_of_stream)),
+    )
 }
 
 #[no_mangle]
@@ -465,23 +457,12 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
     };
     // Response headers held until now leave with this body.
     stream.answering = true;
+    let size = body_so_far(envoy, false);
     stream.run(
         envoy,
         "the response body",
         abi::BODY_STOP_ITERATION_NO_BUFFER,
-        |f, host| {
-            // SAFETY: the live stream of this hook.
-            let same = unsafe {
-                abi::envoy_dynamic_module_callback_http_received_buffered_response_body(envoy)
-            };
-            let size = body_size(
-                envoy,
-                abi::BODY_BUFFERED_RESPONSE,
-                abi::BODY_RECEIVED_RESPONSE,
-                same,
-            );
-            body_status(f.on_response_body(host, size, end_of_stream))
-        },
+        |f, host| body_status(f.on_response_body(host, size, end_of_stream)),
     )
 }
 
@@ -602,16 +583,6 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buf
     _stream: *const c_void,
 ) {
 }
-
-/// `value.also(f)`: runs `f` for its effect and returns the value.
-trait Also: Sized {
-    fn also(self, f: impl FnOnce(&Self)) -> Self {
-        f(&self);
-        self
-    }
-}
-
-impl<T> Also for T {}
 
 // The exports match the ABI's hook types.
 const _: abi::OnProgramInit = envoy_dynamic_module_on_program_init;
