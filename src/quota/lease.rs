@@ -538,10 +538,15 @@ pub fn return_idle(host: &mut dyn Host, store_config: &StoreConfig) -> bool {
     for bucket in buckets {
         let back = reclaim(host, &bucket, now, IDLE_MS);
         send_return(host, store_config, &back);
+        // Checked and dropped under the lock `remember` takes after every
+        // grant: in the native build a worker may take from the lease while
+        // the main thread runs this, and a grant between the check and the
+        // removal would otherwise be left with no timer to return it.
+        let mut held = held();
         if holds_unused(host, &bucket) {
             holding = true;
         } else {
-            held().remove(&bucket);
+            held.remove(&bucket);
         }
     }
     holding
