@@ -11,7 +11,6 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 
 use crate::config::{compile, Config};
-use crate::core::api_error::ApiError;
 use crate::host::{
     Callout, CalloutAnswer, CalloutId, CalloutKind, DetachedHandler, Host, HostError, HostResult,
     SharedData,
@@ -401,12 +400,7 @@ impl Context for Unconfigured {}
 
 impl HttpContext for Unconfigured {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
-        let error = ApiError::new(
-            503,
-            "server_error",
-            Some("gateway_not_configured"),
-            "The gateway has no valid configuration; see the proxy's log.".into(),
-        );
+        let error = crate::pipeline::not_configured();
         let _ = ProxyHost::default().send_response(
             503,
             &[("content-type", "application/json")],

@@ -79,10 +79,9 @@ impl Stream {
         if self.broken {
             return stop;
         }
-        let config = Arc::clone(&self.config);
-        let filter = &mut self.filter;
+        let (config, filter) = (&self.config, &mut self.filter);
         let outcome = catch_unwind(AssertUnwindSafe(|| {
-            let mut host = NativeHost::stream(EnvoyPtr(envoy), &config);
+            let mut host = NativeHost::stream(EnvoyPtr(envoy), config);
             let result = filter.as_mut().map(|filter| step(filter, &mut host));
             host.finish_callback();
             result
@@ -150,13 +149,7 @@ fn reply(envoy: *mut c_void, status: u32, body: &[u8]) {
 /// Answers a request when this thread has no valid configuration, so it
 /// gets a clear error instead of passing through ungoverned.
 fn unconfigured(envoy: *mut c_void) {
-    let error = ApiError::new(
-        503,
-        "server_error",
-        Some("gateway_not_configured"),
-        "The gateway has no valid configuration; see the proxy's log.".into(),
-    );
-    reply(envoy, 503, &error.body());
+    reply(envoy, 503, &crate::pipeline::not_configured().body());
 }
 
 /// # Safety

@@ -34,6 +34,8 @@ pub struct NativeHost<'a> {
     config: &'a Arc<NativeConfig>,
     /// The clock, read once per callback.
     now_us: Cell<Option<u64>>,
+    /// The config whose metrics this callback updates, found once.
+    metrics_home: std::cell::OnceCell<Arc<NativeConfig>>,
     /// A request header changed: Envoy must pick the route again (as
     /// proxy-wasm has it do after every change), once, after the callback.
     route_changed: bool,
@@ -45,6 +47,7 @@ impl<'a> NativeHost<'a> {
             filter,
             config,
             now_us: Cell::new(None),
+            metrics_home: std::cell::OnceCell::new(),
             route_changed: false,
         }
     }
@@ -285,9 +288,14 @@ impl<'a> NativeHost<'a> {
         }
     }
 
+    fn metrics_home(&self) -> &Arc<NativeConfig> {
+        self.metrics_home
+            .get_or_init(|| self.config.metrics_config())
+    }
+
     fn update(&self, kind: Kind, name: &str, value: u64) {
         let (base, pairs) = crate::metrics::split(name);
-        let home = self.config.metrics_config();
+        let home = self.metrics_home();
         home.metrics.update(home.envoy, kind, base, pairs, value);
     }
 
@@ -300,7 +308,7 @@ impl<'a> NativeHost<'a> {
         value: u64,
     ) {
         let pairs = labels.pairs().chain(extra.iter().copied());
-        let home = self.config.metrics_config();
+        let home = self.metrics_home();
         home.metrics.update(home.envoy, kind, metric, pairs, value);
     }
 }

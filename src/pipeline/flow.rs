@@ -21,3 +21,14 @@ pub(super) fn internal(message: String) -> ApiError {
         format!("Gateway error: {message}."),
     )
 }
+
+/// The 503 every request gets while the proxy holds no valid configuration
+/// (the adapters answer it themselves: there is no filter to run).
+pub fn not_configured() -> ApiError {
+    ApiError::new(
+        503,
+        "server_error",
+        Some("gateway_not_configured"),
+        "The gateway has no valid configuration; see the proxy's log.".into(),
+    )
+}

@@ -45,7 +45,7 @@ pub use finish::{
     LOG_PATH, LOG_POLICY, LOG_PROVIDER, LOG_QUOTA, LOG_REQUEST_MODEL, LOG_RESPONSE_MODEL,
     LOG_ROUTE_REASON, LOG_TAGS, LOG_TOKENS_ESTIMATED, LOG_TTFT,
 };
-pub use flow::Flow;
+pub use flow::{not_configured, Flow};
 pub use route::{DOWNGRADE_RESPONSE_HEADER, MODELS_REQUEST_HEADER};
 pub use state::{Attempt, Router};
 
