@@ -111,6 +111,8 @@ def test_native_filters_carry_the_same_config_as_the_wasm_halves(name):
                                          (upstream, halves(wasm)[1], "meshllm.upstream")]:
         if half is None:
             continue
+        # The listener half is off unless the LLM host's route enables it.
+        assert half.pop("disabled", False) == (filter_name == "meshllm")
         assert half == {"name": DYNAMIC_FILTER, "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3."
                      "DynamicModuleFilter",
@@ -147,6 +149,10 @@ def test_only_the_filters_and_log_fields_differ_between_the_builds(name, fmt):
         (listener,) = b["static_resources"]["listeners"]
         hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
         hcm["access_log"][0]["typed_config"]["log_format"] = None
+        # The filters the LLM host's routes enable, by each build's names.
+        for vhost in hcm["route_config"]["virtual_hosts"]:
+            if "typed_per_filter_config" in vhost:
+                vhost["typed_per_filter_config"] = len(vhost["typed_per_filter_config"])
         return b
     # And the runtime flag that keeps the module's stats under the Wasm
     # build's names.

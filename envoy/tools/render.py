@@ -848,6 +848,13 @@ def render(
     store = (plugin_config.get("quotas") or {}).get("store")
     if store:
         clusters.append(store_cluster(store, *(upstreams.get(store["cluster"]) or STORE_DEFAULT)))
+    # Off unless a route turns them on, as in Istio: only the LLM host's
+    # routes do, so a pod's other traffic never enters the filter.
+    gateway_filters = [
+        {**listener_filter, "disabled": True},
+        {**position_metadata_filter(failover["max_attempts"] if failover["enabled"] else 0),
+         "disabled": True},
+    ]
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "meshllm",
@@ -870,15 +877,12 @@ def render(
                     "domains": ["*"],
                     # The upstream half learns which attempt it serves.
                     "include_request_attempt_count": failover["enabled"],
+                    "typed_per_filter_config": enable_filters(gateway_filters),
                     "routes": meshllm_routes(plugin_config, route_timeout),
                 }
             ],
         },
-        "http_filters": [
-            listener_filter,
-            position_metadata_filter(failover["max_attempts"] if failover["enabled"] else 0),
-            router_filter(),
-        ],
+        "http_filters": [*gateway_filters, router_filter()],
         "local_reply_config": local_reply_config(),
     }
     if access_log_path:
@@ -925,6 +929,13 @@ def render(
 
 
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
+FILTER_CONFIG_TYPE = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
+
+
+def enable_filters(filters):
+    """Per-route config that turns these (disabled) HTTP filters on: an
+    empty `config` runs a filter with its listener config."""
+    return {f["name"]: {"@type": FILTER_CONFIG_TYPE, "config": {}} for f in filters}
 
 
 def file_lds(bootstrap, lds_path):

@@ -104,7 +104,7 @@ NATIVE_SIDECAR_ANNOTATION = "sidecar.istio.io/nativeSidecar"
 # as Istio's own WasmPlugin references do (extension/extensionfilter.go), so
 # the substitute is applied instead of rejected.
 RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
-FILTER_CONFIG_TYPE = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
+FILTER_CONFIG_TYPE = render.FILTER_CONFIG_TYPE
 CEL_FILTER_TYPE = "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter"
 POSITIONS_FILTER = "meshllm.positions"
 # Istio's catch-all virtual hosts (pilot/pkg/networking/util/util.go:
@@ -212,8 +212,7 @@ def ecds_ref(name, type_urls, disabled=False):
 def enable_filters():
     """Per-route config that turns meshllm's (disabled) listener filters on
     (an empty `config` enables a filter with its listener config)."""
-    return {name: {"@type": FILTER_CONFIG_TYPE, "config": {}}
-            for name in (render.LISTENER_NAME, POSITIONS_FILTER)}
+    return render.enable_filters([{"name": n} for n in (render.LISTENER_NAME, POSITIONS_FILTER)])
 
 
 def openai_error(message, code, kind="server_error"):
