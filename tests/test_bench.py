@@ -66,10 +66,16 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
         assert mem["failed"] == 0 and mem["after_kib"] > 0 and mem["requests_after_warmup"] > 0
 
     assert [b["item"] for b in r["budget"]][:2] == [
-        "added p50, passthrough 1 KB", "added p50, OpenAI to Anthropic 1 KB"]
+        "Envoy CPU per request above the floor, passthrough 1 KB",
+        "Envoy CPU per request above the floor, OpenAI to Anthropic 1 KB"]
+    # A pod's other traffic through a sidecar with meshllm: measured beside
+    # plain, every request answered (by the mock, not the gateway).
+    side = r["sidecar_other"]
+    assert side["sidecar_other"]["failed"] == 0 and side["sidecar_other"]["rps"] > 0
+    assert side["sidecar_other"]["cpu_us_per_request"] > 0 and side["noise_cpu_us"] >= 1
     text = result_md.read_text()
     for heading in ("## Budget", "## Latency at concurrency 1", "## Saturated throughput",
-                    "## Streaming", "## Envoy memory"):
+                    "## Streaming", "## Envoy memory", "## A sidecar's other traffic"):
         assert heading in text
     assert r["machine"]["commit"] in text
 
