@@ -85,7 +85,10 @@ impl Router {
         let method = host.request_header(":method").unwrap_or_default();
         let path = host.request_header(":path").unwrap_or_default();
         self.req.caller = caller_of_path(&path);
-        let Some((endpoint, allowed)) = match_endpoint(&path) else {
+        let matched = match_endpoint(&path);
+        self.req.path = path;
+        let path = &self.req.path;
+        let Some((endpoint, allowed)) = matched else {
             let shown = path.split_once('?').map_or(path.as_str(), |(p, _)| p);
             return self.reject(
                 host,

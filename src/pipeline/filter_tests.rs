@@ -3479,18 +3479,22 @@ fn profile_request(
     (host.calls.take(), up.calls.take())
 }
 
-fn profile(name: &str, model: &str, body_size: usize, stream: bool, answer: ProfileAnswer) {
+/// Host calls per request of each half, by kind, over `iterations`
+/// requests (the listener half's, the upstream half's); the body it sent.
+fn host_calls(
+    model: &str,
+    body_size: usize,
+    stream: bool,
+    answer: &ProfileAnswer,
+    iterations: u64,
+) -> (Tally, Tally, Vec<u8>) {
     let cfg = Rc::new(testing::config(PROFILE_CONFIG));
     let mut shared = MockShared::default();
     crate::quota::admission::prepare_buckets(&cfg, &mut shared);
     let body = profile_body(model, body_size, stream);
-    let iterations: u64 = std::env::var("PROFILE_ITERATIONS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(if body_size > 100_000 { 20 } else { 1000 });
     let (mut listener, mut upstream) = (Tally::new(), Tally::new());
     for _ in 0..iterations {
-        let (l, u) = profile_request(&cfg, &mut shared, &body, &answer);
+        let (l, u) = profile_request(&cfg, &mut shared, &body, answer);
         for (total, half) in [(&mut listener, l), (&mut upstream, u)] {
             for (kind, (n, bytes)) in half {
                 let t = total.entry(kind).or_default();
@@ -3499,6 +3503,65 @@ fn profile(name: &str, model: &str, body_size: usize, stream: bool, answer: Prof
             }
         }
     }
+    for tally in [&mut listener, &mut upstream] {
+        for (n, bytes) in tally.values_mut() {
+            *n /= iterations;
+            *bytes /= iterations;
+        }
+    }
+    (listener, upstream, body)
+}
+
+fn total_calls(tally: &Tally) -> u64 {
+    tally.values().map(|(n, _)| n).sum()
+}
+
+/// The host calls one request makes, counted, not timed: the issue-23
+/// budget's one line a unit test can hold. Each call crosses the Wasm VM's
+/// boundary (or the module ABI); the ceilings are today's counts, so a
+/// change that adds calls fails here and must say why (bench/README.md).
+#[test]
+fn host_calls_per_request_stay_within_their_ceilings() {
+    for (name, model, stream, answer, ceiling) in [
+        ("passthrough", "default", false, openai_answer(), 69),
+        (
+            "OpenAI to Anthropic",
+            "claude",
+            false,
+            anthropic_answer(),
+            74,
+        ),
+        // 20 content events and 4 others: two calls per chunk.
+        (
+            "OpenAI to Anthropic, streamed",
+            "claude",
+            true,
+            anthropic_stream_answer(),
+            142,
+        ),
+    ] {
+        // Averaged over ten: the first request also reads what later ones
+        // find cached.
+        let (listener, upstream, _) = host_calls(model, 1024, stream, &answer, 10);
+        let total = total_calls(&listener);
+        assert!(
+            total <= ceiling,
+            "{name}: {total} host calls per request, ceiling {ceiling}: {listener:?}"
+        );
+        // A single target: the upstream half never runs.
+        assert_eq!(total_calls(&upstream), 0, "{name}: {upstream:?}");
+        // Request headers are checked from one listing, not one call each.
+        assert_eq!(listener["request_header_names"].0, 1, "{name}");
+        assert!(listener["request_header"].0 <= 3, "{name}: {listener:?}");
+    }
+}
+
+fn profile(name: &str, model: &str, body_size: usize, stream: bool, answer: ProfileAnswer) {
+    let iterations: u64 = std::env::var("PROFILE_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if body_size > 100_000 { 20 } else { 1000 });
+    let (listener, upstream, body) = host_calls(model, body_size, stream, &answer, iterations);
     eprintln!(
         "{name}: {} byte request, {iterations} iterations; host calls per request (bytes):",
         body.len()
@@ -3506,12 +3569,11 @@ fn profile(name: &str, model: &str, body_size: usize, stream: bool, answer: Prof
     for (half, tally) in [("listener", &listener), ("upstream", &upstream)] {
         let mut kinds: Vec<_> = tally.iter().collect();
         kinds.sort();
-        let total: u64 = kinds.iter().map(|(_, (n, _))| n).sum();
         let shown: Vec<String> = kinds
             .iter()
-            .map(|(k, (n, b))| format!("{k}={}({})", n / iterations, b / iterations))
+            .map(|(k, (n, b))| format!("{k}={n}({b})"))
             .collect();
-        eprintln!("  {half}: total={} {}", total / iterations, shown.join(" "));
+        eprintln!("  {half}: total={} {}", total_calls(tally), shown.join(" "));
     }
     assert!(listener.contains_key("set_property"));
 }

@@ -47,11 +47,9 @@ struct LogFields<'a> {
 }
 
 /// The path the caller asked for, for the access log.
-pub(super) fn keep_caller_path(host: &mut dyn Host) {
-    if let Some(path) = host.request_header(":path") {
-        if let Err(e) = host.set_property(&[LOG_PATH], path.as_bytes()) {
-            log::debug!("could not set access-log field {LOG_PATH}: {e}");
-        }
+pub(super) fn keep_caller_path(host: &mut dyn Host, path: &str) {
+    if let Err(e) = host.set_property(&[LOG_PATH], path.as_bytes()) {
+        log::debug!("could not set access-log field {LOG_PATH}: {e}");
     }
 }
 

@@ -83,7 +83,7 @@ impl Attempt {
             // again only for an Anthropic target.
             if route.schema != Schema::Anthropic {
                 for name in ANTHROPIC_HEADERS {
-                    if host.request_header(name).is_some() {
+                    if present.has(host, name) {
                         let _ = host.remove_request_header(name);
                     }
                 }

@@ -27,7 +27,7 @@ impl Router {
                 return self.reject(host, error);
             }
         };
-        keep_caller_path(host);
+        keep_caller_path(host, &self.req.path);
         let doc = match request::parse_body(&body) {
             Ok(doc) => doc,
             Err(e) => return self.reject(host, e),

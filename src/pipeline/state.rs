@@ -40,6 +40,8 @@ pub(super) enum Phase {
 pub(super) struct RequestState {
     /// The API the caller speaks; errors go back in its shape.
     pub caller: Schema,
+    /// The path the caller asked for (for the access log).
+    pub path: String,
     /// None for listings and unknown URLs, which are not LLM calls.
     pub operation: Option<Operation>,
     /// Gemini callers name the model and streaming in the URL.
@@ -88,6 +90,7 @@ impl Default for RequestState {
     fn default() -> Self {
         RequestState {
             caller: Schema::OpenAi,
+            path: String::new(),
             operation: None,
             gemini_call: None,
             streaming: false,
