@@ -52,12 +52,6 @@ fn host_error(what: &str, status: Status) -> HostError {
 /// How soon detached calls leave after being queued.
 const DETACHED_TICK_MS: u64 = 1;
 
-/// How long counter increments and gauge values wait in the VM before they
-/// reach Envoy's stats, all in one go: a request then makes no host call for
-/// them (histograms, whose every value counts, are still recorded at once).
-/// Prometheus scrapes every 15 s or more, so it cannot tell.
-pub const METRICS_FLUSH_MS: u64 = 250;
-
 struct Root {
     config: Option<Rc<Config>>,
     /// The upstream (cluster) half runs under a root id ending in ".upstream".
@@ -65,13 +59,6 @@ struct Root {
 }
 
 impl Context for Root {
-    // A root context going away (its config replaced) may hold the timer
-    // unflushed metrics wait for.
-    fn on_done(&mut self) -> bool {
-        flush_metrics();
-        true
-    }
-
     fn on_http_call_response(&mut self, token: u32, _: usize, body_size: usize, _: usize) {
         let answer = http_call_answer(body_size);
         run_detached(token, answer);
@@ -276,7 +263,6 @@ impl RootContext for Root {
     // an answer to the context that was active when the call was made, and
     // drops it once that context is gone).
     fn on_tick(&mut self) {
-        flush_metrics();
         // Leases this worker took from are checked for idling until none
         // holds unused units (then the timer stops); their returns join
         // the queue that leaves below.
@@ -435,8 +421,6 @@ thread_local! {
     /// Metric ids by name; each VM (worker thread) defines its own. Looked
     /// up on every metric update, so hashed with the cheap `NameHasher`.
     static METRICS: RefCell<NameMap<u32>> = RefCell::new(NameMap::default());
-    /// Counter and gauge updates waiting for the next flush.
-    static UNFLUSHED: RefCell<Unflushed> = RefCell::new(Unflushed::default());
 }
 
 /// The proxy as the filter sees it during one callback.
@@ -584,12 +568,6 @@ impl Host for ProxyHost {
         if DETACHED_QUEUE.with(|q| !q.borrow().is_empty()) {
             return Ok(());
         }
-        // Unflushed metrics wait for this timer too.
-        let ms = if UNFLUSHED.with(|u| u.borrow().since_us.is_some()) {
-            ms.min(METRICS_FLUSH_MS)
-        } else {
-            ms
-        };
         hostcalls::set_tick_period(std::time::Duration::from_millis(ms.max(1)))
             .map_err(|s| host_error("arm the root context's timer", s))
     }
@@ -605,13 +583,10 @@ impl Host for ProxyHost {
             return;
         }
         if let Some(id) = metric_id(MetricType::Counter, name) {
-            let now = self.now_unix_micros();
-            hold_metric(now, |u| {
-                match u.counters.iter_mut().find(|(i, _)| *i == id) {
-                    Some((_, total)) => *total = total.saturating_add(delta),
-                    None => u.counters.push((id, delta)),
-                }
-            });
+            let delta = i64::try_from(delta).unwrap_or(i64::MAX);
+            if let Err(s) = hostcalls::increment_metric(id, delta) {
+                log::warn!("could not update metric {name}: {s:?}");
+            }
         }
     }
     fn histogram(&mut self, name: &str, value: u64) {
@@ -623,63 +598,9 @@ impl Host for ProxyHost {
     }
     fn gauge(&mut self, name: &str, value: u64) {
         if let Some(id) = metric_id(MetricType::Gauge, name) {
-            let now = self.now_unix_micros();
-            hold_metric(now, |u| match u.gauges.iter_mut().find(|(i, _)| *i == id) {
-                Some((_, last)) => *last = value,
-                None => u.gauges.push((id, value)),
-            });
-        }
-    }
-}
-
-/// Counter increments and gauge values not yet handed to Envoy, by metric
-/// id (a request updates a handful, so a list beats a map).
-#[derive(Default)]
-struct Unflushed {
-    counters: Vec<(u32, u64)>,
-    gauges: Vec<(u32, u64)>,
-    /// When the oldest of them was held, in µs; None when there are none.
-    since_us: Option<u64>,
-}
-
-/// Holds one metric update for the next flush. The first held arms the
-/// root context's timer; one held longer than twice the period (its timer
-/// lost with a replaced root context) flushes everything at once.
-fn hold_metric(now_us: u64, update: impl FnOnce(&mut Unflushed)) {
-    let (first, overdue) = UNFLUSHED.with(|u| {
-        let mut u = u.borrow_mut();
-        update(&mut u);
-        let first = u.since_us.is_none();
-        let since = *u.since_us.get_or_insert(now_us);
-        (
-            first,
-            now_us.saturating_sub(since) > 2_000 * METRICS_FLUSH_MS,
-        )
-    });
-    if overdue {
-        flush_metrics();
-    } else if first && DETACHED_QUEUE.with(|q| q.borrow().is_empty()) {
-        // (A queued detached call has a shorter tick armed already.)
-        let period = std::time::Duration::from_millis(METRICS_FLUSH_MS);
-        if let Err(s) = hostcalls::set_tick_period(period) {
-            log::warn!("could not arm the timer for metrics, flushing now: {s:?}");
-            flush_metrics();
-        }
-    }
-}
-
-/// Hands every held metric update to Envoy.
-fn flush_metrics() {
-    let held = UNFLUSHED.with(|u| std::mem::take(&mut *u.borrow_mut()));
-    for (id, delta) in held.counters {
-        let delta = i64::try_from(delta).unwrap_or(i64::MAX);
-        if let Err(s) = hostcalls::increment_metric(id, delta) {
-            log::warn!("could not update counter {id}: {s:?}");
-        }
-    }
-    for (id, value) in held.gauges {
-        if let Err(s) = hostcalls::record_metric(id, value) {
-            log::warn!("could not update gauge {id}: {s:?}");
+            if let Err(s) = hostcalls::record_metric(id, value) {
+                log::warn!("could not update metric {name}: {s:?}");
+            }
         }
     }
 }

@@ -109,18 +109,6 @@ def metric_name(prometheus_name):
     return NATIVE_METRIC_PREFIX.sub("", prometheus_name)
 
 
-# The Wasm build hands counter and gauge updates to Envoy every 250 ms
-# (METRICS_FLUSH_MS in src/glue.rs); the native build at once.
-METRICS_FLUSH_S = 0.25
-
-
-def wait_metrics_flush():
-    """Waits until the filter's counter and gauge updates so far are in
-    Envoy's stats."""
-    if BUILD == "wasm":
-        time.sleep(METRICS_FLUSH_S + 0.1)
-
-
 class Envoy:
     """A real Envoy with the filter, configured from a plugin config dict."""
 
@@ -243,7 +231,6 @@ class Envoy:
             return []
 
     def prometheus(self):
-        wait_metrics_flush()
         _, _, body = http("GET", self.admin + "/stats/prometheus")
         return body.decode()
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 import istio_sim as sim
-from conftest import KEYS, ROOT, WASM, envoy_binary, free_port, http, wait_metrics_flush
+from conftest import KEYS, ROOT, WASM, envoy_binary, free_port, http
 
 sys.path.insert(0, str(ROOT / "k8s" / "tools"))
 import manifests  # noqa: E402
@@ -258,7 +258,6 @@ def chat_body(model, text="hello"):
 
 def caller_counts(proxy):
     """meshllm_requests_total by caller, from Envoy's raw stat names."""
-    wait_metrics_flush()
     _, _, body = http("GET", f"http://127.0.0.1:{proxy['admin']}/stats?filter=meshllm_requests_total")
     out = {}
     for line in body.decode().splitlines():

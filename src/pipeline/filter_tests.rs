@@ -3512,14 +3512,8 @@ fn host_calls(
     (listener, upstream, body)
 }
 
-/// Host calls at request time (counter and gauge updates the Wasm glue
-/// holds for its timer are not).
 fn total_calls(tally: &Tally) -> u64 {
-    tally
-        .iter()
-        .filter(|(kind, _)| **kind != "metric_held")
-        .map(|(_, (n, _))| n)
-        .sum()
+    tally.values().map(|(n, _)| n).sum()
 }
 
 /// The host calls one request makes, counted, not timed: the issue-23
@@ -3529,16 +3523,22 @@ fn total_calls(tally: &Tally) -> u64 {
 #[test]
 fn host_calls_per_request_stay_within_their_ceilings() {
     for (name, model, stream, answer, ceiling) in [
-        ("passthrough", "default", false, openai_answer(), 59),
+        ("passthrough", "default", false, openai_answer(), 69),
         (
             "OpenAI to Anthropic",
             "claude",
             false,
             anthropic_answer(),
-            64,
+            74,
         ),
         // 20 content events and 4 others: two calls per chunk.
-        ("streamed", "claude", true, anthropic_stream_answer(), 132),
+        (
+            "OpenAI to Anthropic, streamed",
+            "claude",
+            true,
+            anthropic_stream_answer(),
+            142,
+        ),
     ] {
         // Averaged over ten: the first request also reads what later ones
         // find cached.
@@ -3550,9 +3550,6 @@ fn host_calls_per_request_stay_within_their_ceilings() {
         );
         // A single target: the upstream half never runs.
         assert_eq!(total_calls(&upstream), 0, "{name}: {upstream:?}");
-        // Counters and gauges wait for the glue's timer: per request, only
-        // the histograms' values cross at once.
-        assert!(listener["metric"].0 <= 5, "{name}: {listener:?}");
         // Request headers are checked from one listing, not one call each.
         assert_eq!(listener["request_header_names"].0, 1, "{name}");
         assert!(listener["request_header"].0 <= 3, "{name}: {listener:?}");
