@@ -10,6 +10,7 @@ import subprocess
 import tempfile
 import time
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPConnection
 
 import pytest
@@ -136,6 +137,44 @@ def test_known_traffic_gives_exact_counters_histograms_and_log_lines(gw):
     assert [l["ttft_ms"] is not None for l in lines] == [False, False, False, True]
     assert gw.metric("meshllm_cost_micro_usd_total", **served, tag_tier="gold") == \
         sum(int(l["cost_micro_usd"]) for l in lines)
+
+
+def test_counters_are_exact_under_load_and_across_a_listener_swap(wasm, mocks):
+    """With 64 clients on 2 workers, and the listener (so the filter's root
+    contexts) replaced right after, every request is counted exactly once."""
+    env = start(mocks, metrics_config(free_port()), concurrency=2, dynamic_listener=True)
+    try:
+        mocks["openai"].take()
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "tally"}]}
+        rounds = 4
+
+        def client(i):
+            return [call(env, f"load/c{i % 4}", body)[0] for _ in range(rounds)]
+        with ThreadPoolExecutor(64) as pool:
+            statuses = [s for batch in pool.map(client, range(64)) for s in batch]
+        assert statuses == [200] * (64 * rounds)
+        # Replace the listener at once: the requests just served belong to
+        # root contexts being drained.
+        updates = env.set_listener_metadata({"filter_metadata": {"meshllm": {"note": "swap"}}})
+        assert wait_for(lambda: env.stat("listener_manager.lds.update_success") >= updates)
+        for i in range(8):
+            assert call(env, f"load/c{i % 4}", body)[0] == 200
+        total = 64 * rounds + 8
+        served = dict(caller_namespace="load", gen_ai_request_model="gpt-4o-mini",
+                      error_type=None)
+        assert wait_for(lambda: env.metric("meshllm_requests_total", **served) == total), \
+            env.metric("meshllm_requests_total", **served)
+        for i in range(4):
+            assert env.metric("meshllm_requests_total", **served,
+                              caller_service=f"c{i}") == total // 4
+        assert env.metric("meshllm_attempts_total", **served) == total
+        # Not one sent twice or lost at the provider either.
+        assert len(mocks["openai"].take()) == total
+        # And nothing more arrives later.
+        time.sleep(0.6)
+        assert env.metric("meshllm_requests_total", **served) == total
+    finally:
+        env.stop()
 
 
 def test_fallbacks_and_attempts_are_counted_by_provider(gw):
