@@ -32,6 +32,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--scenario", choices=("passthrough", "translate"), action="append")
+    ap.add_argument("--stream", action="store_true",
+                    help="measure streams (TTFB and per-event delay, 60 streams of 20 events "
+                         "per round) instead of CPU under load")
     args = ap.parse_args(argv)
     variants = {"base": args.base}
     for v in args.variant:
@@ -71,6 +74,10 @@ def main(argv=None):
         runner = bench.Bench(profile, client_cpus)
 
         for scenario in scenarios:
+            if args.stream:
+                stream_rounds(args, runner, profile, envoys, scenario, models[scenario])
+                continue
+
             def load(t, addr):
                 envoy = envoys[t]
                 before = envoy.cpu_seconds()
@@ -95,6 +102,23 @@ def main(argv=None):
         for p in reversed(procs):
             p.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def stream_rounds(args, runner, profile, envoys, scenario, model):
+    """Streams through every target, rounds interleaved: TTFB and the
+    delay of each event after the first (p50 per round, median of rounds)."""
+    rounds = bench.interleaved(profile, {t: e.addr for t, e in envoys.items()}, lambda t, addr:
+                               runner.tool("stream", addr, model, bench.KB, requests=60,
+                                           warmup=6, events=20, gap_us=1000))
+    print(f"\n{scenario} streams, {args.rounds} rounds of 60 streams of 20 events")
+    print("| target | TTFB p50 µs | event delay p50 µs | min-max | held back |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for t, rs in rounds.items():
+        delays = [r["event_delay"]["p50_us"] for r in rs]
+        print(f"| {t} | {statistics.median(r['ttfb']['p50_us'] for r in rs):.1f} | "
+              f"{statistics.median(delays):.1f} | {min(delays):.1f}-{max(delays):.1f} | "
+              f"{sum(r['held_back'] for r in rs)} |")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
