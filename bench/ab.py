@@ -33,8 +33,9 @@ def main(argv=None):
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--scenario", choices=("passthrough", "translate"), action="append")
     ap.add_argument("--stream", action="store_true",
-                    help="measure streams (TTFB and per-event delay, 60 streams of 20 events "
-                         "per round) instead of CPU under load")
+                    help="measure streams (TTFB and per-event delay, --streams streams of 20 "
+                         "events per round) instead of CPU under load")
+    ap.add_argument("--streams", type=int, default=60)
     args = ap.parse_args(argv)
     variants = {"base": args.base}
     for v in args.variant:
@@ -108,9 +109,11 @@ def stream_rounds(args, runner, profile, envoys, scenario, model):
     """Streams through every target, rounds interleaved: TTFB and the
     delay of each event after the first (p50 per round, median of rounds)."""
     rounds = bench.interleaved(profile, {t: e.addr for t, e in envoys.items()}, lambda t, addr:
-                               runner.tool("stream", addr, model, bench.KB, requests=60,
-                                           warmup=6, events=20, gap_us=1000))
-    print(f"\n{scenario} streams, {args.rounds} rounds of 60 streams of 20 events")
+                               runner.tool("stream", addr, model, bench.KB,
+                                           requests=args.streams,
+                                           warmup=max(1, args.streams // 10), events=20,
+                                           gap_us=1000))
+    print(f"\n{scenario} streams, {args.rounds} rounds of {args.streams} streams of 20 events")
     print("| target | TTFB p50 µs | event delay p50 µs | min-max | held back |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for t, rs in rounds.items():

@@ -140,3 +140,26 @@ def test_a_missing_native_module_leaves_its_target_out_with_a_note(tmp_path):
     assert targets == ["native_floor"]
     assert note.startswith("not measured: native (") and "libmissing.so is missing" in note
     assert bench.native_availability(built, built) == (["native_floor", "native"], None)
+
+
+@pytest.mark.parametrize("mode", [[], ["--stream", "--streams", "3"]], ids=["load", "stream"])
+def test_ab_runs_two_builds_side_by_side(mode):
+    """bench/ab.py (a change's A/B): every target answers, each build gets
+    its row. The same build twice, one short round."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "ab.py"), "--variant", f"again={bench.WASM}",
+         "--rounds", "1", "--seconds", "0.3", *mode],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    for scenario in ("passthrough", "translate"):
+        assert scenario in out.stdout
+    rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| ")]
+    targets = [r[1].strip() for r in rows if r[1].strip() not in ("target", "---")]
+    assert targets == ["plain", "floor", "base", "again"] * 2
+    for r in rows:
+        if r[1].strip() in ("plain", "floor", "base", "again"):
+            # CPU per request or TTFB, then (load) no failed request.
+            assert float(r[2]) > 0
+            if not mode:
+                assert r[6].strip() == "0"
