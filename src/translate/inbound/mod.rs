@@ -5,6 +5,7 @@
 
 pub mod anthropic;
 pub mod gemini;
+pub mod responses;
 
 pub use anthropic::Anthropic;
 pub use gemini::Gemini;

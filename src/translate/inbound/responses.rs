@@ -1,0 +1,650 @@
+//! OpenAI Responses API callers (`POST /v1/responses`) reaching providers
+//! other than OpenAI through the OpenAI Chat Completions pivot.
+//!
+//! * [`responses_request_to_chat`]: the caller's request body, rewritten for
+//!   `POST /v1/chat/completions`.
+//!
+//! Decisions worth knowing:
+//! * `instructions` becomes the first system message; `developer` turns are
+//!   system messages too (the pivot's providers know no developer role).
+//! * Input items map to chat turns: messages by role, `function_call`
+//!   items to the assistant's `tool_calls` (consecutive calls, and calls
+//!   right after the assistant's text, share one assistant turn), and
+//!   `function_call_output` items to `tool` messages. `reasoning` items from
+//!   earlier turns are dropped: they only mean something to OpenAI.
+//! * What only OpenAI's stateful service can do is a 400
+//!   `unsupported_parameter` naming the field: `previous_response_id`,
+//!   `conversation`, `background`, stored `prompt` templates, `store: true`
+//!   asked for explicitly, `item_reference` inputs and built-in tools (web
+//!   and file search, code interpreter, computer use, image generation,
+//!   MCP). An absent `store` (OpenAI's default is to store) is not refused:
+//!   the SDKs send nothing, and nothing is stored on this path.
+//! * Hints without effect on the answer here (`include`, `truncation`,
+//!   `service_tier`, `metadata`, `prompt_cache_key`) are dropped.
+
+use serde_json::{json, Map, Value};
+
+use crate::core::api_error::ApiError;
+use crate::translate::chat_input::{invalid_type, invalid_value, json_type, unsupported};
+
+/// What the filter needs to know about a translated request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponsesRequestInfo {
+    pub stream: bool,
+}
+
+/// The built-in (OpenAI-hosted) tool types, refused on this path.
+const HOSTED_TOOLS: &[&str] = &[
+    "web_search",
+    "web_search_preview",
+    "web_search_preview_2025_03_11",
+    "file_search",
+    "code_interpreter",
+    "computer_use_preview",
+    "image_generation",
+    "mcp",
+    "local_shell",
+    "shell",
+    "apply_patch",
+    "custom",
+];
+
+fn openai_only(param: &'static str, what: &str) -> ApiError {
+    unsupported(
+        param,
+        format!(
+            "{what} is only available on OpenAI models; this request was routed to another \
+             provider."
+        ),
+    )
+}
+
+fn bad_input(message: String) -> ApiError {
+    invalid_value("input", message)
+}
+
+/// One content part of an input message, as a pivot content part.
+fn content_part(part: &Value, at: &str) -> Result<Value, ApiError> {
+    let kind = part.get("type").and_then(Value::as_str).unwrap_or("");
+    match kind {
+        "input_text" | "output_text" | "text" => match part.get("text") {
+            Some(Value::String(text)) => Ok(json!({"type": "text", "text": text})),
+            other => Err(bad_input(format!(
+                "{at}.text must be a string, not {}.",
+                other.map_or("missing", json_type)
+            ))),
+        },
+        "refusal" => match part.get("refusal") {
+            Some(Value::String(text)) => Ok(json!({"type": "text", "text": text})),
+            _ => Err(bad_input(format!("{at}.refusal must be a string."))),
+        },
+        "input_image" => {
+            let url = match part.get("image_url") {
+                Some(Value::String(url)) => url,
+                _ if part.get("file_id").is_some() => {
+                    return Err(openai_only("input", "An image given by file_id"))
+                }
+                _ => return Err(bad_input(format!("{at}.image_url must be a string."))),
+            };
+            let mut image = Map::new();
+            image.insert("url".into(), Value::String(url.clone()));
+            if let Some(detail) = part.get("detail").and_then(Value::as_str) {
+                image.insert("detail".into(), Value::String(detail.into()));
+            }
+            Ok(json!({"type": "image_url", "image_url": image}))
+        }
+        "input_file" | "input_audio" => Err(unsupported(
+            "input",
+            format!("{at}: {kind} parts are not supported by this provider through this gateway."),
+        )),
+        other => Err(bad_input(format!(
+            "{at}.type {other:?} is not a known content part."
+        ))),
+    }
+}
+
+/// A message item's content: a string, or parts.
+fn message_content(content: Option<&Value>, at: &str) -> Result<Value, ApiError> {
+    match content {
+        Some(Value::String(s)) => Ok(Value::String(s.clone())),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| content_part(p, &format!("{at}.content[{i}]")))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Value::Array),
+        Some(other) => Err(bad_input(format!(
+            "{at}.content must be a string or an array of content parts, not {}.",
+            json_type(other)
+        ))),
+        None => Err(bad_input(format!("{at}.content is required."))),
+    }
+}
+
+/// Adds a tool call to the assistant turn `function_call` items join: the
+/// last turn when it is the assistant's, else a new one.
+fn push_tool_call(messages: &mut Vec<Value>, call: Value) {
+    let last_assistant = messages
+        .last_mut()
+        .filter(|m| m.get("role").and_then(Value::as_str) == Some("assistant"));
+    if let Some(Value::Object(turn)) = last_assistant {
+        match turn.get_mut("tool_calls") {
+            Some(Value::Array(calls)) => calls.push(call),
+            _ => {
+                turn.insert("tool_calls".into(), Value::Array(vec![call]));
+            }
+        }
+        return;
+    }
+    messages.push(json!({"role": "assistant", "content": null, "tool_calls": [call]}));
+}
+
+fn string_field<'a>(item: &'a Value, name: &str, at: &str) -> Result<&'a str, ApiError> {
+    item.get(name)
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad_input(format!("{at}.{name} must be a string.")))
+}
+
+/// One input item into the pivot's messages.
+fn input_item(item: &Value, i: usize, messages: &mut Vec<Value>) -> Result<(), ApiError> {
+    let at = format!("input[{i}]");
+    if !item.is_object() {
+        return Err(bad_input(format!(
+            "{at} must be an object, not {}.",
+            json_type(item)
+        )));
+    }
+    // An item without a type with a role is a message (EasyInputMessage).
+    let kind = item
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or(if item.get("role").is_some() {
+            "message"
+        } else {
+            ""
+        });
+    match kind {
+        "message" => {
+            let role = match string_field(item, "role", &at)? {
+                "user" => "user",
+                "assistant" => "assistant",
+                "system" | "developer" => "system",
+                other => {
+                    return Err(bad_input(format!(
+                        "{at}.role {other:?} is not one of user, assistant, system, developer."
+                    )))
+                }
+            };
+            let content = message_content(item.get("content"), &at)?;
+            messages.push(json!({"role": role, "content": content}));
+        }
+        "function_call" => {
+            let call_id = string_field(item, "call_id", &at)?;
+            let name = string_field(item, "name", &at)?;
+            let arguments = string_field(item, "arguments", &at)?;
+            let call = json!({
+                "id": call_id,
+                "type": "function",
+                "function": {"name": name, "arguments": arguments},
+            });
+            push_tool_call(messages, call);
+        }
+        "function_call_output" => {
+            let call_id = string_field(item, "call_id", &at)?;
+            let output = match item.get("output") {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(parts)) => parts
+                    .iter()
+                    .filter_map(|p| p.get("text").and_then(Value::as_str))
+                    .collect(),
+                _ => return Err(bad_input(format!("{at}.output must be a string."))),
+            };
+            messages.push(json!({"role": "tool", "tool_call_id": call_id, "content": output}));
+        }
+        // Earlier turns' reasoning: only OpenAI can read it back.
+        "reasoning" => {}
+        "item_reference" => return Err(openai_only("input", "An item_reference input")),
+        "" => return Err(bad_input(format!("{at}.type is required."))),
+        other => {
+            return Err(unsupported(
+                "input",
+                format!(
+                    "{at}: {other} items are not supported by this provider through this gateway."
+                ),
+            ))
+        }
+    }
+    Ok(())
+}
+
+/// A function tool in the pivot's nested shape.
+fn tool(tool: &Value, i: usize) -> Result<Value, ApiError> {
+    let kind = tool.get("type").and_then(Value::as_str).unwrap_or("");
+    if HOSTED_TOOLS.contains(&kind) {
+        return Err(openai_only("tools", &format!("The built-in tool {kind:?}")));
+    }
+    if kind != "function" {
+        return Err(invalid_value(
+            "tools",
+            format!("tools[{i}].type {kind:?} is not a known tool type."),
+        ));
+    }
+    let Some(name) = tool.get("name").and_then(Value::as_str) else {
+        return Err(invalid_value(
+            "tools",
+            format!("tools[{i}].name must be a string."),
+        ));
+    };
+    let mut function = Map::new();
+    function.insert("name".into(), Value::String(name.into()));
+    for key in ["description", "parameters", "strict"] {
+        if let Some(v) = tool.get(key).filter(|v| !v.is_null()) {
+            function.insert(key.into(), v.clone());
+        }
+    }
+    Ok(json!({"type": "function", "function": function}))
+}
+
+fn tool_choice(choice: &Value) -> Result<Value, ApiError> {
+    match choice {
+        Value::String(s) if matches!(s.as_str(), "auto" | "none" | "required") => {
+            Ok(choice.clone())
+        }
+        Value::Object(o) => match o.get("type").and_then(Value::as_str) {
+            Some("function") => match o.get("name").and_then(Value::as_str) {
+                Some(name) => Ok(json!({"type": "function", "function": {"name": name}})),
+                None => Err(invalid_value(
+                    "tool_choice",
+                    "tool_choice.name must be a string.".into(),
+                )),
+            },
+            Some(kind) if HOSTED_TOOLS.contains(&kind) => Err(openai_only(
+                "tool_choice",
+                &format!("The built-in tool {kind:?}"),
+            )),
+            _ => Err(unsupported(
+                "tool_choice",
+                "This tool_choice is not supported by this provider through this gateway.".into(),
+            )),
+        },
+        other => Err(invalid_type("tool_choice", "a string or an object", other)),
+    }
+}
+
+/// `text.format` as the pivot's `response_format` (None for plain text).
+fn response_format(text: &Value) -> Result<Option<Value>, ApiError> {
+    let Some(format) = text.get("format").filter(|f| !f.is_null()) else {
+        return Ok(None);
+    };
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(json!({"type": "json_object"}))),
+        Some("json_schema") => {
+            let mut schema = Map::new();
+            for key in ["name", "schema", "strict", "description"] {
+                if let Some(v) = format.get(key).filter(|v| !v.is_null()) {
+                    schema.insert(key.into(), v.clone());
+                }
+            }
+            if !schema.contains_key("name") || !schema.contains_key("schema") {
+                return Err(invalid_value(
+                    "text",
+                    "text.format of type json_schema needs a name and a schema.".into(),
+                ));
+            }
+            Ok(Some(json!({"type": "json_schema", "json_schema": schema})))
+        }
+        _ => Err(invalid_value(
+            "text",
+            "text.format.type must be one of text, json_object, json_schema.".into(),
+        )),
+    }
+}
+
+/// The caller's Responses request as a pivot (Chat Completions) request for
+/// `upstream_model`.
+pub fn responses_request_to_chat(
+    body: &[u8],
+    upstream_model: &str,
+) -> Result<(Vec<u8>, ResponsesRequestInfo), ApiError> {
+    let req = crate::translate::request_object(body)?;
+    let field = |name: &str| req.get(name).filter(|v| !v.is_null());
+
+    for (name, what) in [
+        (
+            "previous_response_id",
+            "previous_response_id (a stored conversation)",
+        ),
+        ("conversation", "conversation (a stored conversation)"),
+        ("prompt", "A stored prompt template"),
+    ] {
+        if field(name).is_some() {
+            return Err(openai_only(name, what));
+        }
+    }
+    if field("background") == Some(&Value::Bool(true)) {
+        return Err(openai_only("background", "Background mode"));
+    }
+    if field("store") == Some(&Value::Bool(true)) {
+        return Err(openai_only("store", "Storing responses (store: true)"));
+    }
+
+    let mut messages = Vec::new();
+    match field("instructions") {
+        None => {}
+        Some(Value::String(s)) => messages.push(json!({"role": "system", "content": s})),
+        Some(other) => return Err(invalid_type("instructions", "a string", other)),
+    }
+    match field("input") {
+        None => {
+            return Err(ApiError::invalid_request(
+                Some("missing_required_parameter"),
+                "Missing required parameter: 'input'.".into(),
+            )
+            .with_param("input"))
+        }
+        Some(Value::String(s)) => messages.push(json!({"role": "user", "content": s})),
+        Some(Value::Array(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                input_item(item, i, &mut messages)?;
+            }
+        }
+        Some(other) => return Err(invalid_type("input", "a string or an array", other)),
+    }
+
+    let mut chat = Map::new();
+    chat.insert("model".into(), Value::String(upstream_model.into()));
+    chat.insert("messages".into(), Value::Array(messages));
+
+    if let Some(tools) = field("tools") {
+        let Value::Array(tools) = tools else {
+            return Err(invalid_type("tools", "an array", tools));
+        };
+        if !tools.is_empty() {
+            let tools = tools
+                .iter()
+                .enumerate()
+                .map(|(i, t)| tool(t, i))
+                .collect::<Result<Vec<_>, _>>()?;
+            chat.insert("tools".into(), Value::Array(tools));
+        }
+    }
+    if let Some(choice) = field("tool_choice") {
+        chat.insert("tool_choice".into(), tool_choice(choice)?);
+    }
+    if let Some(parallel) = field("parallel_tool_calls") {
+        chat.insert("parallel_tool_calls".into(), parallel.clone());
+    }
+    match field("max_output_tokens") {
+        None => {}
+        Some(v) if v.as_u64().is_some_and(|n| n >= 1) => {
+            chat.insert("max_completion_tokens".into(), v.clone());
+        }
+        Some(other) => {
+            return Err(invalid_type(
+                "max_output_tokens",
+                "a positive integer",
+                other,
+            ))
+        }
+    }
+    for name in ["temperature", "top_p"] {
+        if let Some(v) = field(name) {
+            chat.insert(name.into(), v.clone());
+        }
+    }
+    if let Some(text) = field("text") {
+        if let Some(format) = response_format(text)? {
+            chat.insert("response_format".into(), format);
+        }
+    }
+    if let Some(effort) = field("reasoning").and_then(|r| r.get("effort")) {
+        if !effort.is_null() {
+            chat.insert("reasoning_effort".into(), effort.clone());
+        }
+    }
+    for (from, to) in [("user", "user"), ("safety_identifier", "user")] {
+        if let Some(v) = field(from) {
+            chat.insert(to.into(), v.clone());
+        }
+    }
+    let stream = match field("stream") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => return Err(invalid_type("stream", "a boolean", other)),
+    };
+    if stream {
+        chat.insert("stream".into(), Value::Bool(true));
+        // response.completed carries the usage.
+        chat.insert("stream_options".into(), json!({"include_usage": true}));
+    }
+    let body = serde_json::to_vec(&Value::Object(chat)).map_err(|e| {
+        ApiError::new(
+            500,
+            "server_error",
+            None,
+            format!("could not write the translated request: {e}"),
+        )
+    })?;
+    Ok((body, ResponsesRequestInfo { stream }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(req: Value) -> Value {
+        let body = serde_json::to_vec(&req).unwrap();
+        let (out, _) = responses_request_to_chat(&body, "claude-x").unwrap();
+        serde_json::from_slice(&out).unwrap()
+    }
+
+    fn refused(req: Value) -> ApiError {
+        let body = serde_json::to_vec(&req).unwrap();
+        responses_request_to_chat(&body, "claude-x").unwrap_err()
+    }
+
+    #[test]
+    fn a_string_input_with_instructions_is_a_system_and_a_user_turn() {
+        let out = chat(
+            json!({"model": "m", "instructions": "Be terse.", "input": "Hi",
+                              "max_output_tokens": 50, "temperature": 0.2}),
+        );
+        assert_eq!(
+            out,
+            json!({"model": "claude-x", "messages": [
+                {"role": "system", "content": "Be terse."},
+                {"role": "user", "content": "Hi"}],
+                "max_completion_tokens": 50, "temperature": 0.2})
+        );
+    }
+
+    #[test]
+    fn message_items_keep_their_roles_and_parts() {
+        let out = chat(json!({"model": "m", "input": [
+            {"role": "developer", "content": "Rules."},
+            {"type": "message", "role": "user", "content": [
+                {"type": "input_text", "text": "What is this?"},
+                {"type": "input_image", "image_url": "data:image/png;base64,AAAA", "detail": "low"}]},
+            {"role": "assistant", "content": [{"type": "output_text", "text": "A cat."}]},
+        ]}));
+        assert_eq!(
+            out["messages"],
+            json!([
+                {"role": "system", "content": "Rules."},
+                {"role": "user", "content": [
+                    {"type": "text", "text": "What is this?"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA",
+                                                        "detail": "low"}}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}])
+        );
+    }
+
+    #[test]
+    fn a_tool_round_trip_becomes_tool_calls_and_tool_messages() {
+        let out = chat(json!({"model": "m", "input": [
+            {"role": "user", "content": "Weather in Oslo and Rome?"},
+            {"type": "reasoning", "id": "rs_1", "summary": []},
+            {"type": "function_call", "call_id": "call_1", "name": "weather",
+             "arguments": "{\"city\":\"Oslo\"}"},
+            {"type": "function_call", "call_id": "call_2", "name": "weather",
+             "arguments": "{\"city\":\"Rome\"}"},
+            {"type": "function_call_output", "call_id": "call_1", "output": "4C"},
+            {"type": "function_call_output", "call_id": "call_2", "output": "19C"},
+        ], "tools": [{"type": "function", "name": "weather", "description": "Weather now",
+                      "parameters": {"type": "object"}, "strict": true}],
+           "tool_choice": {"type": "function", "name": "weather"}}));
+        assert_eq!(
+            out["messages"],
+            json!([
+                {"role": "user", "content": "Weather in Oslo and Rome?"},
+                {"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "weather", "arguments": "{\"city\":\"Oslo\"}"}},
+                    {"id": "call_2", "type": "function",
+                     "function": {"name": "weather", "arguments": "{\"city\":\"Rome\"}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "4C"},
+                {"role": "tool", "tool_call_id": "call_2", "content": "19C"}])
+        );
+        assert_eq!(
+            out["tools"],
+            json!([{"type": "function", "function": {"name": "weather",
+                    "description": "Weather now", "parameters": {"type": "object"},
+                    "strict": true}}])
+        );
+        assert_eq!(
+            out["tool_choice"],
+            json!({"type": "function", "function": {"name": "weather"}})
+        );
+    }
+
+    #[test]
+    fn a_call_after_the_assistants_text_joins_that_turn() {
+        let out = chat(json!({"model": "m", "input": [
+            {"role": "user", "content": "Go"},
+            {"role": "assistant", "content": "Checking."},
+            {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+        ]}));
+        assert_eq!(out["messages"][1]["content"], "Checking.");
+        assert_eq!(out["messages"][1]["tool_calls"][0]["id"], "c");
+        assert_eq!(out["messages"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn json_schema_output_reasoning_and_streaming_carry_over() {
+        let out = chat(json!({"model": "m", "input": "x", "stream": true,
+            "reasoning": {"effort": "high", "summary": "auto"},
+            "text": {"format": {"type": "json_schema", "name": "answer",
+                                "schema": {"type": "object"}, "strict": true}}}));
+        assert_eq!(
+            out["response_format"],
+            json!({"type": "json_schema", "json_schema": {"name": "answer",
+                   "schema": {"type": "object"}, "strict": true}})
+        );
+        assert_eq!(out["reasoning_effort"], "high");
+        assert_eq!(out["stream"], true);
+        assert_eq!(out["stream_options"], json!({"include_usage": true}));
+        let plain = chat(json!({"model": "m", "input": "x", "text": {"format": {"type": "text"}}}));
+        assert!(plain.get("response_format").is_none() && plain.get("stream").is_none());
+    }
+
+    #[test]
+    fn every_translation_reads_as_a_valid_pivot_request() {
+        use crate::translate::pivot::{ChatRequest, ReasoningEffort};
+        let out = chat(json!({"model": "m", "instructions": "i", "input": [
+            {"role": "user", "content": [{"type": "input_text", "text": "q"}]},
+            {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c", "output": [
+                {"type": "input_text", "text": "o"}]}],
+            "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+            "tool_choice": "required", "max_output_tokens": 64, "top_p": 0.5, "stream": true,
+            "reasoning": {"effort": "low"},
+            "text": {"format": {"type": "json_object"}}}));
+        let Value::Object(req) = &out else {
+            panic!("{out}")
+        };
+        let parsed = ChatRequest::parse(req).unwrap();
+        assert_eq!(parsed.max_tokens, Some(64));
+        assert_eq!(parsed.reasoning_effort, Some(ReasoningEffort::Low));
+        assert_eq!(out["messages"].as_array().map(Vec::len), Some(4));
+        assert_eq!(out["messages"][3]["content"], "o");
+    }
+
+    #[test]
+    fn what_only_openai_can_do_is_refused_naming_the_field() {
+        for (req, param) in [
+            (
+                json!({"input": "x", "previous_response_id": "resp_1"}),
+                "previous_response_id",
+            ),
+            (json!({"input": "x", "store": true}), "store"),
+            (json!({"input": "x", "background": true}), "background"),
+            (
+                json!({"input": "x", "conversation": "conv_1"}),
+                "conversation",
+            ),
+            (
+                json!({"input": "x", "tools": [{"type": "web_search"}]}),
+                "tools",
+            ),
+            (
+                json!({"input": [{"type": "item_reference", "id": "msg_1"}]}),
+                "input",
+            ),
+        ] {
+            let e = refused(req);
+            assert_eq!((e.status, e.param), (400, Some(param)), "{}", e.message);
+            assert!(
+                e.message.contains("only available on OpenAI"),
+                "{}",
+                e.message
+            );
+        }
+        // Not asking to store is fine.
+        assert_eq!(
+            chat(json!({"input": "x", "store": false}))["messages"][0]["content"],
+            "x"
+        );
+    }
+
+    #[test]
+    fn malformed_requests_say_what_is_wrong() {
+        for (req, param, says) in [
+            (json!({"model": "m"}), "input", "Missing required parameter"),
+            (
+                json!({"input": 3}),
+                "input",
+                "expected a string or an array",
+            ),
+            (
+                json!({"input": [{"role": "boss", "content": "x"}]}),
+                "input",
+                "input[0].role",
+            ),
+            (
+                json!({"input": [{"type": "function_call", "name": "f"}]}),
+                "input",
+                "input[0].call_id",
+            ),
+            (
+                json!({"input": "x", "max_output_tokens": 0}),
+                "max_output_tokens",
+                "positive",
+            ),
+            (
+                json!({"input": "x", "tools": [{"type": "function"}]}),
+                "tools",
+                "tools[0].name",
+            ),
+            (
+                json!({"input": "x", "text": {"format": {"type": "json_schema"}}}),
+                "text",
+                "needs a name and a schema",
+            ),
+        ] {
+            let e = refused(req);
+            assert_eq!((e.status, e.param), (400, Some(param)), "{}", e.message);
+            assert!(e.message.contains(says), "{} lacks {says:?}", e.message);
+        }
+    }
+}
