@@ -429,6 +429,146 @@ pub fn responses_request_to_chat(
     Ok((body, ResponsesRequestInfo { stream }))
 }
 
+// ---------------------------------------------------------------------------
+// Answers: pivot chat.completion -> Responses object
+// ---------------------------------------------------------------------------
+
+/// `prefix` + the pivot's id, unless it already starts with the prefix.
+fn prefixed(prefix: &str, id: &str) -> String {
+    if id.starts_with(prefix) {
+        id.to_string()
+    } else if id.is_empty() {
+        format!("{prefix}gateway")
+    } else {
+        format!("{prefix}{id}")
+    }
+}
+
+/// The pivot's usage in the Responses shape.
+fn usage(usage: Option<&Value>) -> Value {
+    let read = |p: &str| {
+        usage
+            .and_then(|u| u.pointer(p))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    };
+    let (input, output) = (read("/prompt_tokens"), read("/completion_tokens"));
+    json!({
+        "input_tokens": input,
+        "input_tokens_details": {
+            "cached_tokens": read("/prompt_tokens_details/cached_tokens"),
+            // OpenAI caches automatically and reports no writes.
+            "cache_write_tokens": 0,
+        },
+        "output_tokens": output,
+        "output_tokens_details": {
+            "reasoning_tokens": read("/completion_tokens_details/reasoning_tokens")
+        },
+        "total_tokens": input + output,
+    })
+}
+
+/// Why an answer stopped short, from the pivot's `finish_reason`.
+fn incomplete_reason(finish: Option<&str>) -> Option<&'static str> {
+    match finish {
+        Some("length") => Some("max_output_tokens"),
+        Some("content_filter") => Some("content_filter"),
+        _ => None,
+    }
+}
+
+/// The Responses object around `output` items.
+fn response_object(
+    id: &str,
+    created: u64,
+    model: &str,
+    output: Vec<Value>,
+    finish: Option<&str>,
+    usage_value: Option<&Value>,
+) -> Value {
+    let incomplete = incomplete_reason(finish);
+    json!({
+        "id": prefixed("resp_", id),
+        "object": "response",
+        "created_at": created,
+        "status": if incomplete.is_some() { "incomplete" } else { "completed" },
+        "error": null,
+        "incomplete_details": incomplete.map(|reason| json!({"reason": reason})),
+        "instructions": null,
+        "metadata": {},
+        "model": model,
+        "output": output,
+        "parallel_tool_calls": true,
+        "temperature": null,
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": null,
+        "usage": usage(usage_value),
+    })
+}
+
+/// A complete pivot answer (`chat.completion`) as a Responses object.
+pub fn chat_response_to_responses(pivot: &[u8]) -> Result<Vec<u8>, String> {
+    let v: Value = crate::core::json::from_slice_lossy(pivot)
+        .map_err(|e| format!("the OpenAI response is not valid JSON: {e}"))?;
+    let choice = v
+        .get("choices")
+        .and_then(Value::as_array)
+        .and_then(|c| c.first())
+        .ok_or("the OpenAI response has no choices")?;
+    let empty = Value::Object(Map::new());
+    let message = choice.get("message").unwrap_or(&empty);
+    fn text<'v>(m: &'v Value, k: &str) -> Option<&'v str> {
+        m.get(k).and_then(Value::as_str).filter(|t| !t.is_empty())
+    }
+    let id = v.get("id").and_then(Value::as_str).unwrap_or_default();
+    let mut output = Vec::new();
+    let reasoning = text(message, "reasoning_content").or_else(|| text(message, "reasoning"));
+    if let Some(reasoning) = reasoning {
+        output.push(json!({
+            "type": "reasoning", "id": prefixed("rs_", id),
+            "summary": [{"type": "summary_text", "text": reasoning}],
+        }));
+    }
+    let mut parts = Vec::new();
+    if let Some(t) = text(message, "content") {
+        parts.push(json!({"type": "output_text", "text": t, "annotations": []}));
+    }
+    if let Some(t) = text(message, "refusal") {
+        parts.push(json!({"type": "refusal", "refusal": t}));
+    }
+    if !parts.is_empty() {
+        output.push(json!({
+            "type": "message", "id": prefixed("msg_", id), "status": "completed",
+            "role": "assistant", "content": parts,
+        }));
+    }
+    for call in message
+        .get("tool_calls")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let call_id = call.get("id").and_then(Value::as_str).unwrap_or_default();
+        let function = call.get("function").unwrap_or(&empty);
+        let arguments = match function.get("arguments") {
+            Some(Value::String(a)) => a.clone(),
+            None | Some(Value::Null) => "{}".to_string(),
+            Some(other) => other.to_string(),
+        };
+        output.push(json!({
+            "type": "function_call", "id": prefixed("fc_", call_id), "call_id": call_id,
+            "name": function.get("name").and_then(Value::as_str).unwrap_or_default(),
+            "arguments": arguments, "status": "completed",
+        }));
+    }
+    let created = v.get("created").and_then(Value::as_u64).unwrap_or(0);
+    let model = v.get("model").and_then(Value::as_str).unwrap_or_default();
+    let finish = choice.get("finish_reason").and_then(Value::as_str);
+    let out = response_object(id, created, model, output, finish, v.get("usage"));
+    serde_json::to_vec(&out).map_err(|e| format!("could not serialize the answer: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -646,5 +786,71 @@ mod tests {
             assert_eq!((e.status, e.param), (400, Some(param)), "{}", e.message);
             assert!(e.message.contains(says), "{} lacks {says:?}", e.message);
         }
+    }
+
+    fn answer(pivot: Value) -> Value {
+        let out = chat_response_to_responses(&serde_json::to_vec(&pivot).unwrap()).unwrap();
+        serde_json::from_slice(&out).unwrap()
+    }
+
+    #[test]
+    fn a_text_answer_is_one_message_item_with_usage() {
+        let out = answer(json!({"id": "chatcmpl-9", "object": "chat.completion",
+            "created": 1700000000, "model": "claude-x",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": "Hello."}}],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15,
+                      "prompt_tokens_details": {"cached_tokens": 4}}}));
+        assert_eq!(out["id"], "resp_chatcmpl-9");
+        assert_eq!(
+            (out["object"].as_str(), out["status"].as_str()),
+            (Some("response"), Some("completed"))
+        );
+        assert_eq!(out["created_at"], 1700000000);
+        assert_eq!(
+            out["output"],
+            json!([{"type": "message", "id": "msg_chatcmpl-9", "status": "completed",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": "Hello.", "annotations": []}]}])
+        );
+        assert_eq!(
+            out["usage"],
+            json!({"input_tokens": 12,
+                   "input_tokens_details": {"cached_tokens": 4, "cache_write_tokens": 0},
+                   "output_tokens": 3, "output_tokens_details": {"reasoning_tokens": 0},
+                   "total_tokens": 15})
+        );
+        assert_eq!(out["incomplete_details"], Value::Null);
+    }
+
+    #[test]
+    fn tool_calls_and_reasoning_become_their_own_items() {
+        let out = answer(json!({"id": "x", "created": 1, "model": "m",
+            "choices": [{"finish_reason": "tool_calls", "message": {"role": "assistant",
+                "content": null, "reasoning_content": "Need the weather.",
+                "tool_calls": [{"id": "call_7", "type": "function",
+                    "function": {"name": "weather", "arguments": "{\"city\":\"Oslo\"}"}}]}}]}));
+        assert_eq!(out["output"][0]["type"], "reasoning");
+        assert_eq!(out["output"][0]["summary"][0]["text"], "Need the weather.");
+        assert_eq!(
+            out["output"][1],
+            json!({"type": "function_call", "id": "fc_call_7", "call_id": "call_7",
+                   "name": "weather", "arguments": "{\"city\":\"Oslo\"}",
+                   "status": "completed"})
+        );
+        assert_eq!(out["output"].as_array().map(Vec::len), Some(2));
+    }
+
+    #[test]
+    fn a_cut_answer_is_incomplete_and_garbage_is_an_error() {
+        let out = answer(json!({"id": "x", "choices": [{"finish_reason": "length",
+            "message": {"content": "Half"}}]}));
+        assert_eq!(out["status"], "incomplete");
+        assert_eq!(
+            out["incomplete_details"],
+            json!({"reason": "max_output_tokens"})
+        );
+        assert!(chat_response_to_responses(b"not json").is_err());
+        assert!(chat_response_to_responses(br#"{"choices": []}"#).is_err());
     }
 }
