@@ -25,7 +25,11 @@
 use serde_json::{json, Map, Value};
 
 use crate::core::api_error::ApiError;
+use crate::core::sse::{SseEvent, SseParser};
+use crate::core::usage::Usage;
 use crate::translate::chat_input::{invalid_type, invalid_value, json_type, unsupported};
+use crate::translate::stream::{EventMapping, EventStream, Flow};
+use crate::translate::StreamFault;
 
 /// What the filter needs to know about a translated request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -569,6 +573,401 @@ pub fn chat_response_to_responses(pivot: &[u8]) -> Result<Vec<u8>, String> {
     serde_json::to_vec(&out).map_err(|e| format!("could not serialize the answer: {e}"))
 }
 
+// ---------------------------------------------------------------------------
+// Streams: pivot chat.completion.chunk events -> Responses events
+// ---------------------------------------------------------------------------
+
+/// The pivot stream into Responses events (`response.created` first,
+/// `response.completed` or `response.incomplete` with the whole response
+/// and its usage last; `error` then `response.failed` when it breaks).
+pub type ChatStreamToResponses = EventStream<SseParser, ChunksToResponses>;
+
+/// An output item being streamed.
+enum Open {
+    Message {
+        text: String,
+    },
+    Reasoning {
+        text: String,
+    },
+    /// A tool call: the pivot's index, its call id, name and arguments.
+    Call {
+        index: u64,
+        call_id: String,
+        name: String,
+        arguments: String,
+    },
+}
+
+/// The per-event mapping of [`ChatStreamToResponses`].
+#[derive(Default)]
+pub struct ChunksToResponses {
+    /// The next event's `sequence_number`.
+    sequence: u64,
+    started: bool,
+    id: String,
+    model: String,
+    created: u64,
+    /// The item being written, with its output index and id.
+    open: Option<(usize, String, Open)>,
+    /// Items finished so far, for the final response.
+    done: Vec<Value>,
+    finish_reason: Option<String>,
+    usage: Option<Value>,
+}
+
+impl ChunksToResponses {
+    fn emit(&mut self, out: &mut Vec<u8>, kind: &str, mut event: Value) {
+        if let Value::Object(fields) = &mut event {
+            fields.insert("type".into(), Value::String(kind.into()));
+            fields.insert("sequence_number".into(), Value::from(self.sequence));
+        }
+        self.sequence += 1;
+        match serde_json::to_vec(&event) {
+            Ok(json) => {
+                out.extend_from_slice(b"event: ");
+                out.extend_from_slice(kind.as_bytes());
+                out.extend_from_slice(b"\ndata: ");
+                out.extend_from_slice(&json);
+                out.extend_from_slice(b"\n\n");
+            }
+            Err(e) => log::error!("could not serialize a Responses {kind} event: {e}"),
+        }
+    }
+
+    fn response(&self, status: &str) -> Value {
+        let finish = if status == "in_progress" {
+            None
+        } else {
+            self.finish_reason.as_deref()
+        };
+        let mut r = response_object(
+            &self.id,
+            self.created,
+            &self.model,
+            self.done.clone(),
+            finish,
+            self.usage.as_ref(),
+        );
+        if status != "completed" || r["status"] == "completed" {
+            r["status"] = Value::String(status.into());
+        }
+        if status == "in_progress" {
+            r["usage"] = Value::Null;
+        }
+        r
+    }
+
+    fn start(&mut self, chunk: &Value, out: &mut Vec<u8>) {
+        if self.started {
+            return;
+        }
+        self.started = true;
+        let text = |k: &str| {
+            chunk
+                .get(k)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        self.id = prefixed("resp_", &text("id"));
+        self.model = text("model");
+        self.created = chunk.get("created").and_then(Value::as_u64).unwrap_or(0);
+        let response = self.response("in_progress");
+        self.emit(out, "response.created", json!({"response": response}));
+        let response = self.response("in_progress");
+        self.emit(out, "response.in_progress", json!({"response": response}));
+    }
+
+    /// Opens an item of this kind unless it is the one open.
+    fn open(&mut self, item: Open, out: &mut Vec<u8>) {
+        let same = match (&self.open, &item) {
+            (Some((_, _, Open::Message { .. })), Open::Message { .. }) => true,
+            (Some((_, _, Open::Reasoning { .. })), Open::Reasoning { .. }) => true,
+            (Some((_, _, Open::Call { index: a, .. })), Open::Call { index: b, .. }) => a == b,
+            _ => false,
+        };
+        if same {
+            return;
+        }
+        self.close(out);
+        let index = self.done.len();
+        let base = self.id.trim_start_matches("resp_").to_string();
+        let (id, added) = match &item {
+            Open::Message { .. } => {
+                let id = format!("msg_{base}_{index}");
+                (
+                    id.clone(),
+                    json!({"type": "message", "id": id, "status": "in_progress",
+                                    "role": "assistant", "content": []}),
+                )
+            }
+            Open::Reasoning { .. } => {
+                let id = format!("rs_{base}_{index}");
+                (
+                    id.clone(),
+                    json!({"type": "reasoning", "id": id, "summary": []}),
+                )
+            }
+            Open::Call { call_id, name, .. } => {
+                let id = prefixed("fc_", call_id);
+                (
+                    id.clone(),
+                    json!({"type": "function_call", "id": id, "call_id": call_id,
+                                    "name": name, "arguments": "", "status": "in_progress"}),
+                )
+            }
+        };
+        self.emit(
+            out,
+            "response.output_item.added",
+            json!({"output_index": index, "item": added}),
+        );
+        match &item {
+            Open::Message { .. } => self.emit(
+                out,
+                "response.content_part.added",
+                json!({
+                "item_id": id, "output_index": index, "content_index": 0,
+                "part": {"type": "output_text", "text": "", "annotations": []}}),
+            ),
+            Open::Reasoning { .. } => self.emit(
+                out,
+                "response.reasoning_summary_part.added",
+                json!({
+                "item_id": id, "output_index": index, "summary_index": 0,
+                "part": {"type": "summary_text", "text": ""}}),
+            ),
+            Open::Call { .. } => {}
+        }
+        self.open = Some((index, id, item));
+    }
+
+    /// Finishes the open item, if any.
+    fn close(&mut self, out: &mut Vec<u8>) {
+        let Some((index, id, item)) = self.open.take() else {
+            return;
+        };
+        let done = match item {
+            Open::Message { text } => {
+                self.emit(
+                    out,
+                    "response.output_text.done",
+                    json!({
+                    "item_id": id, "output_index": index, "content_index": 0, "text": text,
+                    "logprobs": []}),
+                );
+                let part = json!({"type": "output_text", "text": text, "annotations": []});
+                self.emit(
+                    out,
+                    "response.content_part.done",
+                    json!({
+                    "item_id": id, "output_index": index, "content_index": 0, "part": part}),
+                );
+                json!({"type": "message", "id": id, "status": "completed", "role": "assistant",
+                       "content": [part]})
+            }
+            Open::Reasoning { text } => {
+                self.emit(
+                    out,
+                    "response.reasoning_summary_text.done",
+                    json!({
+                    "item_id": id, "output_index": index, "summary_index": 0, "text": text}),
+                );
+                let part = json!({"type": "summary_text", "text": text});
+                self.emit(
+                    out,
+                    "response.reasoning_summary_part.done",
+                    json!({
+                    "item_id": id, "output_index": index, "summary_index": 0, "part": part}),
+                );
+                json!({"type": "reasoning", "id": id, "summary": [part]})
+            }
+            Open::Call {
+                call_id,
+                name,
+                arguments,
+                ..
+            } => {
+                self.emit(
+                    out,
+                    "response.function_call_arguments.done",
+                    json!({
+                    "item_id": id, "output_index": index, "arguments": arguments}),
+                );
+                json!({"type": "function_call", "id": id, "call_id": call_id, "name": name,
+                       "arguments": arguments, "status": "completed"})
+            }
+        };
+        self.emit(
+            out,
+            "response.output_item.done",
+            json!({"output_index": index, "item": done}),
+        );
+        self.done.push(done);
+    }
+
+    fn delta(&mut self, delta: &Value, out: &mut Vec<u8>) {
+        let text = |k: &str| {
+            delta
+                .get(k)
+                .and_then(Value::as_str)
+                .filter(|t| !t.is_empty())
+        };
+        if let Some(t) = text("reasoning_content").or_else(|| text("reasoning")) {
+            let t = t.to_string();
+            self.open(
+                Open::Reasoning {
+                    text: String::new(),
+                },
+                out,
+            );
+            if let Some((index, id, Open::Reasoning { text })) = &mut self.open {
+                text.push_str(&t);
+                let event = json!({"item_id": id, "output_index": index, "summary_index": 0,
+                                   "delta": t});
+                self.emit(out, "response.reasoning_summary_text.delta", event);
+            }
+        }
+        if let Some(t) = text("content") {
+            let t = t.to_string();
+            self.open(
+                Open::Message {
+                    text: String::new(),
+                },
+                out,
+            );
+            if let Some((index, id, Open::Message { text })) = &mut self.open {
+                text.push_str(&t);
+                let event = json!({"item_id": id, "output_index": index, "content_index": 0,
+                                   "delta": t, "logprobs": []});
+                self.emit(out, "response.output_text.delta", event);
+            }
+        }
+        for call in delta
+            .get("tool_calls")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let index = call.get("index").and_then(Value::as_u64).unwrap_or(0);
+            let function = call.get("function");
+            let field = |k: &str| function.and_then(|f| f.get(k)).and_then(Value::as_str);
+            self.open(
+                Open::Call {
+                    index,
+                    call_id: call
+                        .get("id")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string(),
+                    name: field("name").unwrap_or_default().to_string(),
+                    arguments: String::new(),
+                },
+                out,
+            );
+            if let Some(piece) = field("arguments").filter(|a| !a.is_empty()) {
+                let piece = piece.to_string();
+                if let Some((index, id, Open::Call { arguments, .. })) = &mut self.open {
+                    arguments.push_str(&piece);
+                    let event = json!({"item_id": id, "output_index": index, "delta": piece});
+                    self.emit(out, "response.function_call_arguments.delta", event);
+                }
+            }
+        }
+    }
+
+    /// Closes what is open and writes the final event.
+    fn end(&mut self, out: &mut Vec<u8>) {
+        self.close(out);
+        let response = self.response("completed");
+        let kind = if response["status"] == "incomplete" {
+            "response.incomplete"
+        } else {
+            "response.completed"
+        };
+        self.emit(out, kind, json!({"response": response}));
+    }
+
+    fn fail(&mut self, code: &str, message: &str, out: &mut Vec<u8>) {
+        self.emit(
+            out,
+            "error",
+            json!({"code": code, "message": message, "param": null}),
+        );
+        let mut response = self.response("failed");
+        // A failed response's error code is one of a fixed set; the error
+        // event before it keeps the precise one.
+        let kind = if code.contains("rate_limit") {
+            "rate_limit_exceeded"
+        } else {
+            "server_error"
+        };
+        response["error"] = json!({"code": kind, "message": message});
+        self.emit(out, "response.failed", json!({"response": response}));
+    }
+}
+
+impl EventMapping for ChunksToResponses {
+    type Event = SseEvent;
+    const UPSTREAM: &'static str = "provider's";
+
+    fn on_event(&mut self, event: SseEvent, out: &mut Vec<u8>) -> Result<Flow, StreamFault> {
+        let data = event.data.trim();
+        if data == "[DONE]" {
+            self.start(&Value::Null, out);
+            self.end(out);
+            return Ok(Flow::Ended);
+        }
+        let Ok(v) = crate::core::json::from_str_lossy::<Value>(data) else {
+            return Err(StreamFault::Corrupt);
+        };
+        self.start(&v, out);
+        if let Some(error) = v.get("error").filter(|e| !e.is_null()) {
+            let message = error
+                .get("message")
+                .and_then(Value::as_str)
+                .or_else(|| error.as_str())
+                .unwrap_or("The provider reported an error in the stream.")
+                .to_string();
+            let code = error
+                .get("code")
+                .and_then(Value::as_str)
+                .unwrap_or("server_error");
+            let code = code.to_string();
+            self.fail(&code, &message, out);
+            return Ok(Flow::Ended);
+        }
+        if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+            self.usage = Some(u.clone());
+        }
+        let choice = v
+            .get("choices")
+            .and_then(Value::as_array)
+            .and_then(|c| c.first());
+        if let Some(choice) = choice {
+            if let Some(delta) = choice.get("delta") {
+                self.delta(delta, out);
+            }
+            if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
+                self.finish_reason = Some(reason.to_string());
+            }
+        }
+        Ok(Flow::Open)
+    }
+
+    fn write_error(&mut self, error: &ApiError, out: &mut Vec<u8>) {
+        self.start(&Value::Null, out);
+        self.fail(error.code.unwrap_or("server_error"), &error.message, out);
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        self.usage
+            .as_ref()
+            .and_then(crate::translate::openai_usage::parse_usage)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -852,5 +1251,180 @@ mod tests {
         );
         assert!(chat_response_to_responses(b"not json").is_err());
         assert!(chat_response_to_responses(br#"{"choices": []}"#).is_err());
+    }
+
+    use crate::translate::StreamTranslator;
+
+    fn chunk(v: Value) -> String {
+        format!("data: {v}\n\n")
+    }
+
+    /// The Responses events for these pivot SSE chunks: (type, data).
+    fn stream(chunks: &[String], finish: bool) -> Vec<(String, Value)> {
+        let mut s = ChatStreamToResponses::default();
+        let mut out = Vec::new();
+        for c in chunks {
+            s.push(c.as_bytes(), &mut out);
+        }
+        if finish {
+            s.finish(&mut out);
+        }
+        String::from_utf8(out)
+            .unwrap()
+            .split("\n\n")
+            .filter(|e| !e.is_empty())
+            .map(|e| {
+                let (head, data) = e.split_once("\ndata: ").unwrap();
+                let v: Value = serde_json::from_str(data).unwrap();
+                assert_eq!(head.trim_start_matches("event: "), v["type"]);
+                (v["type"].as_str().unwrap().to_string(), v)
+            })
+            .collect()
+    }
+
+    fn text_chunks() -> Vec<String> {
+        let head = json!({"id": "c1", "object": "chat.completion.chunk", "created": 7,
+                          "model": "claude-x"});
+        let with = |extra: Value| {
+            let mut v = head.clone();
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            chunk(v)
+        };
+        vec![
+            with(json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})),
+            with(json!({"choices": [{"index": 0, "delta": {"content": "Hel"}}]})),
+            with(json!({"choices": [{"index": 0, "delta": {"content": "lo."},
+                                     "finish_reason": "stop"}]})),
+            with(
+                json!({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2,
+                                                 "total_tokens": 7}}),
+            ),
+            "data: [DONE]\n\n".to_string(),
+        ]
+    }
+
+    #[test]
+    fn a_text_stream_is_the_sequence_the_sdk_expects() {
+        let events = stream(&text_chunks(), true);
+        let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "response.created",
+                "response.in_progress",
+                "response.output_item.added",
+                "response.content_part.added",
+                "response.output_text.delta",
+                "response.output_text.delta",
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.completed",
+            ]
+        );
+        let seq: Vec<u64> = events
+            .iter()
+            .map(|(_, v)| v["sequence_number"].as_u64().unwrap())
+            .collect();
+        assert_eq!(seq, (0..10).collect::<Vec<_>>());
+        let done = &events[9].1["response"];
+        assert_eq!(done["status"], "completed");
+        assert_eq!(done["id"], "resp_c1");
+        assert_eq!(done["output"][0]["content"][0]["text"], "Hello.");
+        assert_eq!(done["usage"]["total_tokens"], 7);
+        assert_eq!(events[0].1["response"]["status"], "in_progress");
+        assert_eq!(events[6].1["text"], "Hello.");
+    }
+
+    #[test]
+    fn streamed_tool_calls_are_function_call_items_with_argument_deltas() {
+        let c = |delta: Value, finish: Value| {
+            chunk(json!({"id": "c2", "model": "m",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}))
+        };
+        let chunks = vec![
+            c(json!({"content": "Let me check."}), Value::Null),
+            c(
+                json!({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                     "function": {"name": "weather", "arguments": ""}}]}),
+                Value::Null,
+            ),
+            c(
+                json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]}),
+                Value::Null,
+            ),
+            c(
+                json!({"tool_calls": [{"index": 0, "function": {"arguments": "\"Oslo\"}"}}]}),
+                Value::Null,
+            ),
+            c(
+                json!({"tool_calls": [{"index": 1, "id": "call_b", "type": "function",
+                     "function": {"name": "time", "arguments": "{}"}}]}),
+                json!("tool_calls"),
+            ),
+            "data: [DONE]\n\n".to_string(),
+        ];
+        let events = stream(&chunks, true);
+        let args: Vec<&str> = events
+            .iter()
+            .filter(|(k, _)| k == "response.function_call_arguments.delta")
+            .map(|(_, v)| v["delta"].as_str().unwrap())
+            .collect();
+        assert_eq!(args, ["{\"city\":", "\"Oslo\"}", "{}"]);
+        let (_, last) = events.last().unwrap();
+        assert_eq!(last["type"], "response.completed");
+        let output = &last["response"]["output"];
+        assert_eq!(output[0]["type"], "message");
+        assert_eq!(
+            output[1],
+            json!({"type": "function_call", "id": "fc_call_a", "call_id": "call_a",
+                   "name": "weather", "arguments": "{\"city\":\"Oslo\"}", "status": "completed"})
+        );
+        assert_eq!(output[2]["call_id"], "call_b");
+        let added: Vec<u64> = events
+            .iter()
+            .filter(|(k, _)| k == "response.output_item.added")
+            .map(|(_, v)| v["output_index"].as_u64().unwrap())
+            .collect();
+        assert_eq!(added, [0, 1, 2]);
+    }
+
+    #[test]
+    fn a_broken_stream_ends_with_error_and_response_failed_never_completed() {
+        // Cut before [DONE].
+        let chunks = text_chunks();
+        let events = stream(&chunks[..2], true);
+        let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(kinds[kinds.len() - 2..], ["error", "response.failed"]);
+        assert!(!kinds.contains(&"response.completed"));
+        assert_eq!(events.last().unwrap().1["response"]["status"], "failed");
+        // A corrupt event, and a provider's error in the stream.
+        let events = stream(&[chunks[1].clone(), "data: {nope\n\n".into()], false);
+        assert_eq!(events.last().unwrap().0, "response.failed");
+        let err = chunk(json!({"error": {"message": "overloaded", "code": "overloaded"}}));
+        let events = stream(&[chunks[1].clone(), err], false);
+        let (_, e) = &events[events.len() - 2];
+        assert_eq!(
+            (e["code"].as_str(), e["message"].as_str()),
+            (Some("overloaded"), Some("overloaded"))
+        );
+    }
+
+    #[test]
+    fn a_cut_off_answer_ends_incomplete() {
+        let chunks = vec![
+            chunk(json!({"id": "c3", "choices": [{"delta": {"content": "Hal"},
+                                                  "finish_reason": "length"}]})),
+            "data: [DONE]\n\n".to_string(),
+        ];
+        let events = stream(&chunks, true);
+        let (kind, last) = events.last().unwrap();
+        assert_eq!(kind, "response.incomplete");
+        assert_eq!(
+            last["response"]["incomplete_details"]["reason"],
+            "max_output_tokens"
+        );
     }
 }
