@@ -9,6 +9,7 @@ pub mod responses;
 
 pub use anthropic::Anthropic;
 pub use gemini::Gemini;
+pub use responses::Responses;
 
 use crate::core::api_error::ApiError;
 use crate::translate::StreamTranslator;

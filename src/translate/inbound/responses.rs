@@ -28,8 +28,9 @@ use crate::core::api_error::ApiError;
 use crate::core::sse::{SseEvent, SseParser};
 use crate::core::usage::Usage;
 use crate::translate::chat_input::{invalid_type, invalid_value, json_type, unsupported};
+use crate::translate::inbound::CallerTranslator;
 use crate::translate::stream::{EventMapping, EventStream, Flow};
-use crate::translate::StreamFault;
+use crate::translate::{StreamFault, StreamTranslator};
 
 /// What the filter needs to know about a translated request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -968,6 +969,33 @@ impl EventMapping for ChunksToResponses {
     }
 }
 
+/// The Responses API as a caller of the pivot. Its errors are OpenAI's
+/// envelope, so the pivot's pass unchanged.
+pub struct Responses;
+impl CallerTranslator for Responses {
+    fn request_to_pivot(
+        &self,
+        body: &[u8],
+        upstream_model: &str,
+        _stream: bool,
+    ) -> Result<Vec<u8>, ApiError> {
+        Ok(responses_request_to_chat(body, upstream_model)?.0)
+    }
+    fn answer_from_pivot(&self, pivot: &[u8]) -> Result<Vec<u8>, String> {
+        chat_response_to_responses(pivot)
+    }
+    fn error_body(&self, error: &ApiError) -> Vec<u8> {
+        error.body()
+    }
+    fn error_from_pivot(&self, _status: u16, pivot: &[u8]) -> Vec<u8> {
+        pivot.to_vec()
+    }
+    fn stream_from_pivot(&self, reads_pivot: bool) -> Box<dyn StreamTranslator> {
+        let t = ChatStreamToResponses::default();
+        Box::new(if reads_pivot { t.reading_pivot() } else { t })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1252,8 +1280,6 @@ mod tests {
         assert!(chat_response_to_responses(b"not json").is_err());
         assert!(chat_response_to_responses(br#"{"choices": []}"#).is_err());
     }
-
-    use crate::translate::StreamTranslator;
 
     fn chunk(v: Value) -> String {
         format!("data: {v}\n\n")
