@@ -12,4 +12,7 @@ pub enum Schema {
     Gemini,
     /// AWS Bedrock Converse.
     Converse,
+    /// OpenAI Responses (`POST /v1/responses`): a caller API; OpenAI and
+    /// Azure OpenAI serve it as themselves.
+    Responses,
 }

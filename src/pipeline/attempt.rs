@@ -125,7 +125,7 @@ impl Attempt {
         };
         let gemini = self.plan.as_ref().and_then(|p| p.gemini.clone());
         let prepared = request::parse_body(&body).and_then(|doc| {
-            let call = request::read_call(&doc, self.operation, gemini.as_ref())?;
+            let call = request::read_call(&doc, self.operation, self.caller, gemini.as_ref())?;
             self.prepare(host, &body, &doc, &call, None)
         });
         match prepared {

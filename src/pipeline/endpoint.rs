@@ -98,9 +98,10 @@ impl Router {
                     Some("unknown_url"),
                     format!(
                         "Unknown request URL: {method} {shown}. This gateway serves \
-                         POST /v1/chat/completions, POST /v1/embeddings, GET /v1/models, \
-                         POST /v1/messages and POST /v1beta/models/{{model}}:generateContent \
-                         (and :streamGenerateContent)."
+                         POST /v1/chat/completions, POST /v1/responses, POST /v1/embeddings, \
+                         GET /v1/models, POST /v1/messages and \
+                         POST /v1beta/models/{{model}}:generateContent (and \
+                         :streamGenerateContent)."
                     ),
                 ),
             );
@@ -245,6 +246,10 @@ fn match_endpoint(path: &str) -> Option<(Endpoint, &'static str)> {
             Endpoint::Call(Operation::ChatCompletions, Schema::Anthropic),
             "POST",
         )),
+        "/v1/responses" => Some((
+            Endpoint::Call(Operation::ChatCompletions, Schema::Responses),
+            "POST",
+        )),
         "/v1/models" | "/v1beta/models" => Some((Endpoint::Models, "GET")),
         _ => {
             let rest = path
@@ -282,6 +287,8 @@ fn caller_of_path(path: &str) -> Schema {
         Schema::Gemini
     } else if path.starts_with("/v1/messages") {
         Schema::Anthropic
+    } else if path.starts_with("/v1/responses") {
+        Schema::Responses
     } else {
         Schema::OpenAi
     }

@@ -27,7 +27,8 @@ pub fn api_name(caller: Schema) -> &'static str {
     match caller {
         Schema::Anthropic => "anthropic",
         Schema::Gemini => "gemini",
-        Schema::OpenAi | Schema::Converse => "openai",
+        // The Responses API's errors are OpenAI's envelope.
+        Schema::OpenAi | Schema::Converse | Schema::Responses => "openai",
     }
 }
 /// Response headers the serving half sets and the listener half reads.
@@ -154,11 +155,13 @@ impl Plan {
     /// None for anything `encode` did not write, garbage included.
     fn decode(bytes: &[u8]) -> Option<Plan> {
         let mut r = Reader::new(bytes);
-        const SCHEMAS: [Schema; 4] = [
+        // In declaration order: `encode` writes the discriminant.
+        const SCHEMAS: [Schema; 5] = [
             Schema::OpenAi,
             Schema::Anthropic,
             Schema::Gemini,
             Schema::Converse,
+            Schema::Responses,
         ];
         let caller = *SCHEMAS.get(r.usize()?)?;
         let embeddings = r.bool()?;
@@ -296,8 +299,14 @@ mod tests {
             assert_eq!(Plan::decode(&longer), None);
         }
         let mut unknown_schema = full.encode();
-        unknown_schema[0] = 4;
+        unknown_schema[0] = 5;
         assert_eq!(Plan::decode(&unknown_schema), None);
+        // Every schema a caller can speak round-trips.
+        let responses = Plan {
+            caller: Schema::Responses,
+            ..full.clone()
+        };
+        assert_eq!(Plan::decode(&responses.encode()), Some(responses));
         // The former JSON encoding is garbage now.
         assert_eq!(Plan::decode(br#"{"caller":"OpenAi","chain":[0]}"#), None);
 

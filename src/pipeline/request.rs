@@ -8,6 +8,7 @@ use crate::config::models::Operation;
 use crate::config::Config;
 use crate::core::api_error::ApiError;
 use crate::core::json::{Kind, TopLevel};
+use crate::core::schema::Schema;
 use crate::host::Host;
 
 /// A call that came without a body: the caller's 400.
@@ -83,6 +84,7 @@ pub(super) fn parse_body(body: &[u8]) -> Result<TopLevel<'_>, ApiError> {
 pub(super) fn read_call(
     doc: &TopLevel,
     op: Operation,
+    caller: Schema,
     gemini_call: Option<&(String, bool)>,
 ) -> Result<Call, ApiError> {
     if let Some((model, stream)) = gemini_call {
@@ -112,9 +114,11 @@ pub(super) fn read_call(
         .str_value(model_field)
         .ok_or_else(|| invalid_type("model", "a string", model_field.kind))?
         .into_owned();
-    let (required, want) = match op {
-        Operation::ChatCompletions => ("messages", Some(Kind::Array)),
-        Operation::Embeddings => ("input", None),
+    let (required, want) = match (op, caller) {
+        // A string or items: the translator checks which.
+        (Operation::ChatCompletions, Schema::Responses) => ("input", None),
+        (Operation::ChatCompletions, _) => ("messages", Some(Kind::Array)),
+        (Operation::Embeddings, _) => ("input", None),
     };
     let required_field = field(required)?.ok_or_else(|| {
         ApiError::invalid_request(

@@ -46,7 +46,7 @@ impl Router {
         doc: &TopLevel,
     ) -> Result<Routed, ApiError> {
         let op = self.req.operation.unwrap_or(Operation::ChatCompletions);
-        let call = read_call(doc, op, self.req.gemini_call.as_ref())?;
+        let call = read_call(doc, op, self.req.caller, self.req.gemini_call.as_ref())?;
         self.req.streaming = call.stream;
         let config = Rc::clone(&self.config);
         let applied = self.req.applied.clone();
@@ -319,6 +319,7 @@ fn max_output_tokens(doc: &TopLevel, caller: Schema, op: Operation) -> Option<u6
             v.get("maxOutputTokens")?.as_u64()
         }
         Schema::Anthropic => number("max_tokens"),
+        Schema::Responses => number("max_output_tokens"),
         Schema::OpenAi | Schema::Converse => {
             number("max_completion_tokens").or_else(|| number("max_tokens"))
         }

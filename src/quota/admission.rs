@@ -1467,7 +1467,9 @@ pub fn rate_limit_headers(
         let Some(s) = s else { continue };
         let wait = s.resets_at_ms.saturating_sub(now);
         let (names, reset) = match schema {
-            Schema::OpenAi | Schema::Converse => (&OPENAI, buckets::openai_duration(wait)),
+            Schema::OpenAi | Schema::Converse | Schema::Responses => {
+                (&OPENAI, buckets::openai_duration(wait))
+            }
             Schema::Anthropic => (&ANTHROPIC, rfc3339(s.resets_at_ms)),
             // Google's API sends no rate-limit headers; 429s carry retry-after.
             Schema::Gemini => continue,

@@ -764,6 +764,7 @@ fn read_prompt(caller: Schema, body: &Value) -> Prompt<'_> {
         Schema::Anthropic => read_anthropic(body),
         Schema::Gemini => read_gemini(body),
         Schema::Converse => read_converse(body),
+        Schema::Responses => read_responses(body),
     }
 }
 
@@ -814,6 +815,51 @@ fn read_openai(body: &Value) -> Prompt<'_> {
         .get("max_completion_tokens")
         .or_else(|| body.get("max_tokens"))
         .and_then(Value::as_u64);
+    p
+}
+
+/// A Responses request: `instructions`, then `input` as a string or items.
+fn read_responses(body: &Value) -> Prompt<'_> {
+    let mut p = Prompt::default();
+    p.system.extend(str_at(body, "instructions"));
+    match body.get("input") {
+        Some(Value::String(s)) => p.turns.push(Turn {
+            from_user: true,
+            texts: vec![s.as_str()],
+        }),
+        Some(Value::Array(items)) => {
+            for item in items {
+                let mut texts = Vec::new();
+                match item.get("content") {
+                    Some(Value::String(s)) => texts.push(s.as_str()),
+                    Some(Value::Array(parts)) => {
+                        for part in parts {
+                            match str_at(part, "type") {
+                                Some("input_image") => p.images = true,
+                                _ => texts.extend(str_at(part, "text")),
+                            }
+                        }
+                    }
+                    _ => texts.extend(str_at(item, "output").or_else(|| str_at(item, "arguments"))),
+                }
+                match str_at(item, "role") {
+                    Some("system" | "developer") => p.system.extend(texts),
+                    role => p.turns.push(Turn {
+                        from_user: role == Some("user"),
+                        texts,
+                    }),
+                }
+            }
+        }
+        _ => {}
+    }
+    p.tools = non_empty_array(body.get("tools"));
+    p.json_mode = body
+        .pointer("/text/format/type")
+        .and_then(Value::as_str)
+        .is_some_and(|t| matches!(t, "json_object" | "json_schema"));
+    p.effort_high = body.pointer("/reasoning/effort").and_then(Value::as_str) == Some("high");
+    p.max_output_tokens = body.get("max_output_tokens").and_then(Value::as_u64);
     p
 }
 

@@ -127,6 +127,7 @@ fn caller_translator(caller: Schema) -> Option<&'static dyn CallerTranslator> {
     match caller {
         Schema::Anthropic => Some(&inbound::Anthropic),
         Schema::Gemini => Some(&inbound::Gemini),
+        Schema::Responses => Some(&inbound::Responses),
         Schema::OpenAi | Schema::Converse => None,
     }
 }
@@ -138,7 +139,8 @@ fn provider_translator(provider: Schema) -> Option<&'static dyn ProviderTranslat
         Schema::Anthropic => Some(&outbound::Anthropic),
         Schema::Gemini => Some(&outbound::Gemini),
         Schema::Converse => Some(&outbound::Bedrock),
-        Schema::OpenAi => None,
+        // No provider speaks Responses here: OpenAI gets its chat pivot.
+        Schema::OpenAi | Schema::Responses => None,
     }
 }
 
@@ -289,7 +291,7 @@ fn in_callers_shape(caller: Schema, body: &[u8]) -> bool {
         Schema::Gemini => {
             error.get("code").is_some_and(Value::is_u64) && text("message") && text("status")
         }
-        Schema::OpenAi | Schema::Converse => false,
+        Schema::OpenAi | Schema::Converse | Schema::Responses => false,
     }
 }
 
@@ -344,7 +346,7 @@ fn events_translator(exchange: &Exchange, created: u64) -> Option<Box<dyn Stream
             Schema::OpenAi => Some(Box::new(OpenAiStreamUsage::hiding(
                 !exchange.caller_wants_usage,
             ))),
-            Schema::Converse => None,
+            Schema::Converse | Schema::Responses => None,
         };
     }
     // A non-OpenAI caller's translator needs usage from the pivot.
@@ -435,7 +437,7 @@ mod tests {
                     assert_eq!(e["code"], status, "{what}: {v}");
                 }
             }
-            Schema::OpenAi | Schema::Converse => {
+            Schema::OpenAi | Schema::Converse | Schema::Responses => {
                 let e = &v["error"];
                 assert!(message(e).is_some(), "{what}: {v}");
                 if rewritten {

@@ -246,6 +246,17 @@ pub fn usage_of_answer(schema: Schema, body: &[u8]) -> Option<Usage> {
                 reasoning_tokens: thoughts,
             }
         }
+        Schema::Responses => {
+            if !has(&["input_tokens"]) {
+                return None;
+            }
+            Usage {
+                input_tokens: n(&["input_tokens"]),
+                output_tokens: n(&["output_tokens"]),
+                cached_input_tokens: n(&["input_tokens_details", "cached_tokens"]),
+                reasoning_tokens: n(&["output_tokens_details", "reasoning_tokens"]),
+            }
+        }
         Schema::Converse => {
             if !has(&["inputTokens"]) {
                 return None;
