@@ -271,6 +271,8 @@ const CHAT_STREAM: &str = r#"{"model": "gpt", "messages": [{"role": "user", "con
 const EMBED: &str = r#"{"input": ["smart", "mini"], "model": "text-embedding-3-small", "encoding_format": "float"}"#;
 const MESSAGES: &str = r#"{"model": "claude", "max_tokens": 100, "system": "s", "messages": [{"role": "user", "content": "hi"}], "stream": false}"#;
 const GEMINI: &str = r#"{"contents": [{"role": "user", "parts": [{"text": "hi"}]}], "generationConfig": {"maxOutputTokens": 10}}"#;
+const RESPONSES: &str = r#"{"model": "gpt", "instructions": "i", "input": "hi", "max_output_tokens": 20, "stream": false}"#;
+const RESPONSES_TOOLS: &str = r#"{"model": "gpt", "input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}, {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}, {"type": "function_call_output", "call_id": "c", "output": "ok"}], "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}], "stream": true}"#;
 
 /// An API a request may speak, with a valid body for it.
 #[derive(Clone, Copy)]
@@ -279,6 +281,7 @@ enum Api {
     Embed,
     Messages,
     Gemini,
+    Responses,
     Models,
     Other,
 }
@@ -317,6 +320,7 @@ fn base_body(r: &mut Rng, api: Api, model: &str) -> Vec<u8> {
                 fixture!("gemini/caller_request_chat_history.json"),
             ])
             .to_vec(),
+        Api::Responses => set_model(r.pick(&[RESPONSES, RESPONSES_TOOLS]).as_bytes()),
         Api::Models => Vec::new(),
         Api::Other => r.pick(&[CHAT, "", "null"]).as_bytes().to_vec(),
     }
@@ -328,6 +332,7 @@ fn path_for(r: &mut Rng, api: Api, model: &str) -> String {
         Api::Chat => "/v1/chat/completions".into(),
         Api::Embed => "/v1/embeddings".into(),
         Api::Messages => "/v1/messages".into(),
+        Api::Responses => "/v1/responses".into(),
         Api::Gemini => {
             let prefix = r.pick(&["/v1beta/models/", "/v1/models/"]);
             let verb = r.pick(&[
@@ -1103,7 +1108,13 @@ fn gen_case(seed: u64) -> Case {
         Side::Upstream => *r.pick(&[0, 2]),
         _ => r.below(CONFIGS.len()),
     };
-    let planned_api = *r.pick(&[Api::Chat, Api::Chat, Api::Messages, Api::Gemini]);
+    let planned_api = *r.pick(&[
+        Api::Chat,
+        Api::Chat,
+        Api::Messages,
+        Api::Gemini,
+        Api::Responses,
+    ]);
     let api = *r.pick(&[
         Api::Chat,
         Api::Chat,
@@ -1113,6 +1124,7 @@ fn gen_case(seed: u64) -> Case {
         Api::Messages,
         Api::Gemini,
         Api::Gemini,
+        Api::Responses,
         Api::Models,
         Api::Other,
     ]);
