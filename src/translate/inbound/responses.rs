@@ -636,12 +636,12 @@ impl ChunksToResponses {
         }
     }
 
-    fn response(&self, status: &str) -> Value {
-        let finish = if status == "in_progress" {
-            None
-        } else {
-            self.finish_reason.as_deref()
-        };
+    /// The response so far. Its status follows the finish reason
+    /// (`completed` or `incomplete`) unless `status` says otherwise
+    /// (`in_progress` while streaming, `failed` when broken).
+    fn response(&self, status: Option<&str>) -> Value {
+        let streaming = status == Some("in_progress");
+        let finish = self.finish_reason.as_deref().filter(|_| !streaming);
         let mut r = response_object(
             &self.id,
             self.created,
@@ -650,10 +650,10 @@ impl ChunksToResponses {
             finish,
             self.usage.as_ref(),
         );
-        if status != "completed" || r["status"] == "completed" {
+        if let Some(status) = status {
             r["status"] = Value::String(status.into());
         }
-        if status == "in_progress" {
+        if streaming {
             r["usage"] = Value::Null;
         }
         r
@@ -674,9 +674,12 @@ impl ChunksToResponses {
         self.id = prefixed("resp_", &text("id"));
         self.model = text("model");
         self.created = chunk.get("created").and_then(Value::as_u64).unwrap_or(0);
-        let response = self.response("in_progress");
-        self.emit(out, "response.created", json!({"response": response}));
-        let response = self.response("in_progress");
+        let response = self.response(Some("in_progress"));
+        self.emit(
+            out,
+            "response.created",
+            json!({"response": response.clone()}),
+        );
         self.emit(out, "response.in_progress", json!({"response": response}));
     }
 
@@ -881,7 +884,7 @@ impl ChunksToResponses {
     /// Closes what is open and writes the final event.
     fn end(&mut self, out: &mut Vec<u8>) {
         self.close(out);
-        let response = self.response("completed");
+        let response = self.response(None);
         let kind = if response["status"] == "incomplete" {
             "response.incomplete"
         } else {
@@ -896,7 +899,7 @@ impl ChunksToResponses {
             "error",
             json!({"code": code, "message": message, "param": null}),
         );
-        let mut response = self.response("failed");
+        let mut response = self.response(Some("failed"));
         // A failed response's error code is one of a fixed set; the error
         // event before it keeps the precise one.
         let kind = if code.contains("rate_limit") {
