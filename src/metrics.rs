@@ -403,12 +403,11 @@ pub fn caller(namespace: &str, service: &str) -> Labels {
 pub fn call_labels(
     namespace: &str,
     service: &str,
-    embeddings: bool,
+    operation: &str,
     provider: &str,
     request_model: &str,
     response_model: &str,
 ) -> Labels {
-    let operation = if embeddings { "embeddings" } else { "chat" };
     Labels(labelled(
         "",
         &[
@@ -493,7 +492,14 @@ mod tests {
 
     #[test]
     fn call_labels_render_in_order_in_one_allocation() {
-        let labels = call_labels("shop", "chat", true, "openai", "default", "gpt-4o-mini");
+        let labels = call_labels(
+            "shop",
+            "chat",
+            "embeddings",
+            "openai",
+            "default",
+            "gpt-4o-mini",
+        );
         let name = labels.name(TOKENS_TOTAL, &[("gen_ai_token_type", "input")]);
         assert_eq!(
             name,

@@ -16,6 +16,7 @@ pub mod error;
 pub mod models;
 pub mod names;
 pub mod namespaces;
+pub mod operations;
 pub mod providers;
 pub mod routing;
 #[cfg(test)]
@@ -81,6 +82,10 @@ pub struct Config {
     pub namespaces: HashMap<String, Rc<NamespacePolicy>>,
     /// Namespace policies from listener metadata, compiled once per value.
     pub listener_policies: ListenerCache,
+    /// The provider that serves calls naming no model (files, batches,
+    /// stored responses): `default_provider`, else the first of kind
+    /// openai or azure_openai. An index into `providers`.
+    pub account_provider: Option<usize>,
 }
 
 impl Config {
@@ -217,6 +222,7 @@ const TOP_LEVEL_FIELDS: &[&str] = &[
     "hosts",
     "allowed_models",
     "namespaces",
+    "default_provider",
 ];
 
 /// Parses, validates and compiles a plugin configuration document.
@@ -284,6 +290,7 @@ pub fn compile(doc: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Compi
     };
     let quotas = compile_quotas(obj.get("quotas"), &tags, &known)?;
     let hosts = compile_hosts(obj.get("hosts"))?;
+    let account_provider = compile_account_provider(obj.get("default_provider"), &providers)?;
     let attempt_header_names = attempt_header_names(&providers);
     let (models_list_body, model_bodies) = model_listing(&models, &providers, &routes);
     let mut config = Config {
@@ -305,6 +312,7 @@ pub fn compile(doc: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Compi
         allowed_models: None,
         namespaces: HashMap::new(),
         listener_policies: ListenerCache::default(),
+        account_provider,
     };
     // Allow-lists and namespace aliases name the document's public names.
     if let Some(v) = obj.get("allowed_models") {
@@ -312,6 +320,32 @@ pub fn compile(doc: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Compi
     }
     config.namespaces = compile_namespaces(obj.get("namespaces"), &config)?;
     Ok(Compiled { config, warnings })
+}
+
+/// `default_provider`: a provider of kind openai or azure_openai, by name.
+fn compile_account_provider(
+    value: Option<&Value>,
+    providers: &[Provider],
+) -> Result<Option<usize>, ConfigError> {
+    use crate::providers::ProviderKind;
+    let serves = |p: &Provider| matches!(p.kind, ProviderKind::OpenAi | ProviderKind::AzureOpenAi);
+    let Some(value) = value else {
+        return Ok(providers.iter().position(serves));
+    };
+    let name = value
+        .as_str()
+        .ok_or_else(|| ConfigError::new("default_provider", "must be a provider's name"))?;
+    match providers.iter().position(|p| p.name == name) {
+        Some(i) if serves(&providers[i]) => Ok(Some(i)),
+        Some(_) => Err(ConfigError::new(
+            "default_provider",
+            format!("provider {name:?} is not of kind openai or azure_openai"),
+        )),
+        None => Err(ConfigError::new(
+            "default_provider",
+            format!("no provider is named {name:?}"),
+        )),
+    }
 }
 
 /// A size limit in bytes: `default` when absent, else 1 ..= `max`.
@@ -376,6 +410,7 @@ fn compile_hosts(value: Option<&Value>) -> Result<Vec<String>, ConfigError> {
 mod tests {
     use super::*;
     use crate::config::testing::{compile_error, compiled, test_env};
+    use crate::core::schema::Schema;
 
     const GOOD: &str = r#"{
       "providers": [
@@ -415,6 +450,9 @@ mod tests {
         assert_eq!(mini.upstream_model_json, "\"gpt-4o-mini\"");
         assert_eq!(mini.chat_path, "/v1/chat/completions");
         assert_eq!(mini.embeddings_path.as_deref(), Some("/v1/embeddings"));
+        assert_eq!(mini.responses_path.as_deref(), Some("/v1/responses"));
+        assert_eq!(mini.schema_for(Schema::Responses), Schema::Responses);
+        assert_eq!(mini.schema_for(Schema::OpenAi), Schema::OpenAi);
 
         let azure = cfg.route("gpt-4o").unwrap();
         assert_eq!(
@@ -426,8 +464,18 @@ mod tests {
             Some(("api-key", "az-test-secret".to_string()))
         );
 
+        // Azure's v1 Responses API names the deployment in the body.
+        assert_eq!(
+            azure.responses_path.as_deref(),
+            Some("/openai/v1/responses")
+        );
+        assert_eq!(azure.responses_model_json, "\"gpt4o-prod\"");
+
         let fast = cfg.route("fast").unwrap();
         assert_eq!(fast.upstream_model, "llama-3.1-8b-instant");
+        // OpenAI-compatible servers get the chat pivot.
+        assert_eq!(fast.responses_path, None);
+        assert_eq!(fast.schema_for(Schema::Responses), Schema::OpenAi);
         assert_eq!(fast.chat_path, "/openai/v1/chat/completions");
         assert_eq!(cfg.providers[2].authority, "api.groq.com");
         assert_eq!(

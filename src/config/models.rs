@@ -19,12 +19,7 @@ use crate::core::url::percent_encode;
 use crate::providers::{converse_path, ProviderKind};
 use crate::quota::pricing::default_prices;
 
-/// Which inbound API operation a request is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Operation {
-    ChatCompletions,
-    Embeddings,
-}
+pub use crate::config::operations::{Operation, Passed};
 
 #[derive(Debug, Clone)]
 pub struct ModelRoute {
@@ -44,6 +39,14 @@ pub struct ModelRoute {
     pub chat_stream_path: String,
     /// None when the provider has no embeddings API.
     pub embeddings_path: Option<String>,
+    /// Where OpenAI and Azure OpenAI serve the Responses API as themselves;
+    /// None for providers reached through the chat pivot.
+    pub responses_path: Option<String>,
+    /// The model name a Responses body carries upstream, as a JSON string
+    /// literal (Azure's v1 API names the deployment there).
+    pub responses_model_json: String,
+    /// The other endpoints the provider serves for this model, and where.
+    pub passed_paths: Vec<(Passed, String)>,
     /// Vertex AI's Anthropic models take the model from the URL and an
     /// `anthropic_version` in the body instead.
     pub vertex_anthropic: bool,
@@ -62,6 +65,22 @@ impl ModelRoute {
             Operation::ChatCompletions if stream => Some(&self.chat_stream_path),
             Operation::ChatCompletions => Some(&self.chat_path),
             Operation::Embeddings => self.embeddings_path.as_deref(),
+            Operation::Passed(p) => self
+                .passed_paths
+                .iter()
+                .find(|(q, _)| *q == p)
+                .map(|(_, path)| path.as_str()),
+            Operation::Account(_) => None,
+        }
+    }
+
+    /// The API this target speaks to `caller`: OpenAI and Azure OpenAI
+    /// serve Responses callers as themselves, the rest through the pivot.
+    pub fn schema_for(&self, caller: Schema) -> Schema {
+        if caller == Schema::Responses && self.responses_path.is_some() {
+            Schema::Responses
+        } else {
+            self.schema
         }
     }
 }
@@ -148,6 +167,8 @@ pub(crate) fn compile_models(
         }
         let p = &providers[provider];
         let base_path = &p.base_path;
+        let mut responses = None;
+        let mut passed_paths = Vec::new();
         let (chat_path, embeddings_path) = match kind {
             ProviderKind::AzureOpenAi => {
                 let deployment = raw
@@ -161,7 +182,23 @@ pub(crate) fn compile_models(
                     ));
                 }
                 let version = p.api_version.as_deref().unwrap_or_default();
+                // Azure's v1 API takes the deployment as the body's model.
+                responses = Some((
+                    format!("{base_path}/openai/v1/responses"),
+                    quote(&deployment),
+                ));
                 let prefix = format!("{base_path}/openai/deployments/{deployment}");
+                for p in [
+                    Passed::Completions,
+                    Passed::ImageGenerations,
+                    Passed::ImageEdits,
+                    Passed::Transcriptions,
+                    Passed::Translations,
+                    Passed::Speech,
+                ] {
+                    let rest = p.path().trim_start_matches("/v1");
+                    passed_paths.push((p, format!("{prefix}{rest}?api-version={version}")));
+                }
                 (
                     format!("{prefix}/chat/completions?api-version={version}"),
                     Some(format!("{prefix}/embeddings?api-version={version}")),
@@ -173,11 +210,29 @@ pub(crate) fn compile_models(
                     "only applies to providers of kind \"azure_openai\"",
                 ))
             }
-            ProviderKind::OpenAi | ProviderKind::OpenAiCompatible => (
-                format!("{base_path}/chat/completions"),
-                Some(format!("{base_path}/embeddings")),
-            ),
-            ProviderKind::Anthropic => (format!("{base_path}/messages"), None),
+            ProviderKind::OpenAi | ProviderKind::OpenAiCompatible => {
+                if kind == ProviderKind::OpenAi {
+                    responses = Some((format!("{base_path}/responses"), quote(&upstream_model)));
+                }
+                for p in Passed::ALL
+                    .into_iter()
+                    .filter(|p| p.caller() == Schema::OpenAi)
+                {
+                    let rest = p.path().trim_start_matches("/v1");
+                    passed_paths.push((p, format!("{base_path}{rest}")));
+                }
+                (
+                    format!("{base_path}/chat/completions"),
+                    Some(format!("{base_path}/embeddings")),
+                )
+            }
+            ProviderKind::Anthropic => {
+                passed_paths.push((
+                    Passed::CountTokens,
+                    format!("{base_path}/messages/count_tokens"),
+                ));
+                (format!("{base_path}/messages"), None)
+            }
             ProviderKind::Gemini | ProviderKind::VertexAi | ProviderKind::Bedrock => {
                 (String::new(), None)
             }
@@ -258,6 +313,10 @@ pub(crate) fn compile_models(
                 attributes.cached_input_price = p.cached_input;
             }
         }
+        let (responses_path, responses_model_json) = match responses {
+            Some((path, model)) => (Some(path), model),
+            None => (None, quote(&upstream_model)),
+        };
         models.push(ModelRoute {
             name: raw.name,
             aliases: raw.aliases,
@@ -268,6 +327,9 @@ pub(crate) fn compile_models(
             chat_path,
             chat_stream_path,
             embeddings_path,
+            responses_path,
+            responses_model_json,
+            passed_paths,
             vertex_anthropic,
             attributes,
         });

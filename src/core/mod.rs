@@ -5,6 +5,7 @@
 
 pub mod api_error;
 pub mod json;
+pub mod multipart;
 pub mod schema;
 pub mod sha256;
 pub mod sse;

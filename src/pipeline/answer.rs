@@ -77,14 +77,14 @@ impl Default for Answer {
 pub(super) struct Serving<'a> {
     pub config: &'a Config,
     pub caller: Schema,
-    pub target: Option<usize>,
+    /// The provider (an index into `Config::providers`) that answers.
+    pub provider: Option<usize>,
     pub exchange: Option<&'a Exchange>,
 }
 
 impl Serving<'_> {
     fn provider(&self) -> Option<&Provider> {
-        let route = &self.config.models[self.target?];
-        Some(&self.config.providers[route.provider])
+        self.config.providers.get(self.provider?)
     }
 }
 

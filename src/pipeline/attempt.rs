@@ -19,7 +19,6 @@ use super::request::{self, ReadsBody};
 use super::settle::attempt_labels;
 use super::state::{Attempt, AttemptEnd, Phase, RequestHeaders};
 use super::Half;
-use crate::config::models::Operation;
 use crate::config::Config;
 use crate::core::api_error::ApiError;
 use crate::core::schema::Schema;
@@ -106,11 +105,7 @@ impl Attempt {
             let error = internal(format!("could not reset the request headers: {e}"));
             return Err(self.reject(host, error));
         }
-        self.operation = if plan.embeddings {
-            Operation::Embeddings
-        } else {
-            Operation::ChatCompletions
-        };
+        self.operation = plan.operation;
         self.plan = Some(plan);
         Ok(())
     }
@@ -124,8 +119,9 @@ impl Attempt {
             }
         };
         let gemini = self.plan.as_ref().and_then(|p| p.gemini.clone());
-        let prepared = request::parse_body(&body).and_then(|doc| {
-            let call = request::read_call(&doc, self.operation, self.caller, gemini.as_ref())?;
+        let prepared = request::parse_body(&body, self.operation).and_then(|doc| {
+            let call =
+                request::read_call((&body, &doc), self.operation, self.caller, gemini.as_ref())?;
             self.prepare(host, &body, &doc, &call, None)
         });
         match prepared {

@@ -8,6 +8,7 @@ use super::flow::Flow;
 use super::request::{missing_body, model_not_found};
 use super::state::{Phase, Router};
 use crate::config::models::Operation;
+use crate::config::operations::{Account, Passed};
 use crate::core::api_error::ApiError;
 use crate::core::schema::Schema;
 use crate::host::Host;
@@ -61,6 +62,8 @@ enum Endpoint {
     Models,
     Model(String),
     Call(Operation, Schema),
+    /// Files, batches, stored responses: any of GET, POST and DELETE.
+    Account(Account),
     /// `models/{model}:generateContent` or `:streamGenerateContent`.
     Gemini(String, bool),
 }
@@ -101,10 +104,18 @@ impl Router {
                          POST /v1/chat/completions, POST /v1/responses, POST /v1/embeddings, \
                          GET /v1/models, POST /v1/messages and \
                          POST /v1beta/models/{{model}}:generateContent (and \
-                         :streamGenerateContent)."
+                         :streamGenerateContent), and passes OpenAI's completions, images, \
+                         audio, moderations, files and batches and Anthropic's \
+                         messages/count_tokens."
                     ),
                 ),
             );
+        };
+        let allowed = match &endpoint {
+            Endpoint::Account(_) if matches!(method.as_str(), "GET" | "POST" | "DELETE") => {
+                method.as_str()
+            }
+            _ => allowed,
         };
         if method != allowed {
             let error = ApiError::new(
@@ -130,6 +141,7 @@ impl Router {
                 self.req.caller = caller;
                 self.start_call(host, op, end_of_stream)
             }
+            Endpoint::Account(account) => self.account_call(host, account),
             Endpoint::Gemini(model, stream) => {
                 self.req.caller = Schema::Gemini;
                 let query = path.split_once('?').map_or("", |(_, q)| q);
@@ -251,6 +263,13 @@ fn match_endpoint(path: &str) -> Option<(Endpoint, &'static str)> {
             "POST",
         )),
         "/v1/models" | "/v1beta/models" => Some((Endpoint::Models, "GET")),
+        _ if Passed::from_path(path).is_some() => {
+            let p = Passed::from_path(path)?;
+            Some((Endpoint::Call(Operation::Passed(p), p.caller()), "POST"))
+        }
+        _ if Account::of_path(path).is_some() => {
+            Some((Endpoint::Account(Account::of_path(path)?), "GET"))
+        }
         _ => {
             let rest = path
                 .strip_prefix("/v1beta/models/")

@@ -305,7 +305,8 @@ fn unknown_single_model_is_404_model_not_found() {
 fn unknown_urls_are_404_unknown_url() {
     for (method, path, shown) in [
         ("GET", "/", "/"),
-        ("POST", "/v1/completions", "/v1/completions"),
+        ("POST", "/v1/completion", "/v1/completion"),
+        ("POST", "/v1/images/generate", "/v1/images/generate"),
         ("POST", "/v2/chat/completions", "/v2/chat/completions"),
         (
             "POST",
@@ -821,6 +822,97 @@ const ROUTES: &[Route] = &[
     },
 ];
 
+const PASSED_ROUTES: &[Route] = &[
+    // Responses callers reach OpenAI and Azure OpenAI as themselves.
+    Route {
+        path: "/v1/responses",
+        template: RESPONSES_TEMPLATE,
+        requested: "smart",
+        upstream_model: "gpt-4.1",
+        authority: "api.openai.com",
+        upstream_path: "/v1/responses",
+        cluster: "openai",
+        auth: Some(("authorization", "Bearer sk-test-openai")),
+        extra: &[],
+    },
+    // Azure's v1 API: the deployment is the body's model.
+    Route {
+        path: "/v1/responses",
+        template: RESPONSES_TEMPLATE,
+        requested: "azure-gpt-4o",
+        upstream_model: "gpt4o-prod",
+        authority: "res.openai.azure.com",
+        upstream_path: "/openai/v1/responses",
+        cluster: "azure",
+        auth: Some(("api-key", AZURE_KEY)),
+        extra: &[],
+    },
+    Route {
+        path: "/v1/completions",
+        template: COMPLETIONS_TEMPLATE,
+        requested: "fast",
+        upstream_model: "llama-3.1-8b-instant",
+        authority: "api.groq.com",
+        upstream_path: "/openai/v1/completions",
+        cluster: "groq",
+        auth: Some(("authorization", "Bearer gsk-test-groq")),
+        extra: &[
+            ("x-title", "meshllm"),
+            ("http-referer", "https://example.test"),
+        ],
+    },
+    Route {
+        path: "/v1/completions",
+        template: COMPLETIONS_TEMPLATE,
+        requested: "azure-gpt-4o",
+        upstream_model: "gpt-4o",
+        authority: "res.openai.azure.com",
+        upstream_path: "/openai/deployments/gpt4o-prod/completions?api-version=2024-10-21",
+        cluster: "azure",
+        auth: Some(("api-key", AZURE_KEY)),
+        extra: &[],
+    },
+    Route {
+        path: "/v1/images/generations",
+        template: IMAGE_TEMPLATE,
+        requested: "mini",
+        upstream_model: "gpt-4o-mini",
+        authority: "api.openai.com",
+        upstream_path: "/v1/images/generations",
+        cluster: "openai",
+        auth: Some(("authorization", "Bearer sk-test-openai")),
+        extra: &[],
+    },
+    Route {
+        path: "/v1/audio/speech",
+        template: SPEECH_TEMPLATE,
+        requested: "azure-gpt-4o",
+        upstream_model: "gpt-4o",
+        authority: "res.openai.azure.com",
+        upstream_path: "/openai/deployments/gpt4o-prod/audio/speech?api-version=2024-10-21",
+        cluster: "azure",
+        auth: Some(("api-key", AZURE_KEY)),
+        extra: &[],
+    },
+    Route {
+        path: "/v1/moderations",
+        template: MODERATION_TEMPLATE,
+        requested: "smart",
+        upstream_model: "gpt-4.1",
+        authority: "api.openai.com",
+        upstream_path: "/v1/moderations",
+        cluster: "openai",
+        auth: Some(("authorization", "Bearer sk-test-openai")),
+        extra: &[],
+    },
+];
+
+const RESPONSES_TEMPLATE: &str = r#"{"input": "smart or mini?", "model": {MODEL}, "store": true, "previous_response_id": "resp_1"}"#;
+const COMPLETIONS_TEMPLATE: &str = r#"{"prompt": "smart", "model": {MODEL}, "max_tokens": 5}"#;
+const IMAGE_TEMPLATE: &str = r#"{"prompt": "a mini cat", "model": {MODEL}, "n": 1}"#;
+const SPEECH_TEMPLATE: &str = r#"{"input": "mini", "model": {MODEL}, "voice": "alloy"}"#;
+const MODERATION_TEMPLATE: &str = r#"{"input": ["smart"], "model": {MODEL}}"#;
+
 const REMOVED_CLIENT_HEADERS: &[&str] = &[
     "authorization",
     "x-api-key",
@@ -830,7 +922,7 @@ const REMOVED_CLIENT_HEADERS: &[&str] = &[
 
 #[test]
 fn requests_are_pointed_at_their_provider() {
-    for r in ROUTES {
+    for r in ROUTES.iter().chain(PASSED_ROUTES) {
         let original = r.template.replace("{MODEL}", &quote(r.requested));
         let want_body = r.template.replace("{MODEL}", &quote(r.upstream_model));
         assert_ne!(original, want_body);
@@ -2016,7 +2108,7 @@ fn attempt_half_refuses_a_plan_naming_models_it_lacks() {
         let mut up = MockHost::new("POST", "/v1/chat/completions");
         let plan = handoff::Plan {
             caller: crate::core::schema::Schema::OpenAi,
-            embeddings: false,
+            operation: crate::config::models::Operation::ChatCompletions,
             gemini: None,
             chain: chain.clone(),
             reason: "ordered".into(),
@@ -3982,4 +4074,137 @@ fn a_provider_status_outside_http_s_error_classes_is_answered_as_502() {
         assert_eq!(router.on_response_headers(&mut host, true), Flow::Pause);
         assert_eq!(host.reply().status, 502, "{status}");
     }
+}
+
+// ---------------------------------------------------------------------------
+// Passed endpoints: form uploads and stored objects
+// ---------------------------------------------------------------------------
+
+const FORM: &str =
+    "--b0undary\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n{MODEL}\r\n\
+    --b0undary\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\
+    Content-Type: audio/wav\r\n\r\nRIFF mini \0 smart\r\n--b0undary--\r\n";
+
+#[test]
+fn a_form_upload_is_routed_by_its_model_field_and_keeps_its_type() {
+    let body = FORM.replace("{MODEL}", "mini");
+    let mut host = client_post("/v1/audio/transcriptions", body.as_bytes());
+    set_header(
+        &mut host.request_headers,
+        "content-type",
+        "multipart/form-data; boundary=b0undary",
+    );
+    let mut f = Filter::new(config(), Role::Standalone);
+    assert_eq!(f.on_request_headers(&mut host, false), Flow::Pause);
+    let flow = f.on_request_body(&mut host, body.len(), true);
+    assert_eq!(
+        flow,
+        Flow::Continue,
+        "{:?}",
+        host.sent.first().map(Sent::text)
+    );
+    assert_eq!(
+        host.req(":path").as_deref(),
+        Some("/v1/audio/transcriptions")
+    );
+    assert_eq!(
+        host.req("content-type").as_deref(),
+        Some("multipart/form-data; boundary=b0undary")
+    );
+    let want = FORM.replace("{MODEL}", "gpt-4o-mini");
+    assert_eq!(String::from_utf8_lossy(&host.request_body), want);
+    assert_eq!(host.req("content-length"), Some(want.len().to_string()));
+    assert_eq!(
+        host.req("authorization").as_deref(),
+        Some("Bearer sk-test-openai")
+    );
+
+    // Not a form, no model field, or a provider without the endpoint: 4xx.
+    for (body, status, code) in [
+        ("{\"model\":\"mini\"}".to_string(), 400, "invalid_form"),
+        (
+            FORM.replace("name=\"model\"", "name=\"language\""),
+            400,
+            "missing_required_parameter",
+        ),
+        (FORM.replace("{MODEL}", "local"), 200, ""),
+        (FORM.replace("{MODEL}", "nope"), 404, "model_not_found"),
+    ] {
+        let mut host = client_post("/v1/audio/transcriptions", body.as_bytes());
+        let mut f = Filter::new(config(), Role::Standalone);
+        f.on_request_headers(&mut host, false);
+        let flow = f.on_request_body(&mut host, body.len(), true);
+        if status == 200 {
+            assert_eq!(flow, Flow::Continue);
+            continue;
+        }
+        let sent = host.reply();
+        assert_eq!(sent.status, status, "{}", sent.text());
+        assert_eq!(error_fields(&sent.body).code.as_deref(), Some(code));
+    }
+}
+
+#[test]
+fn an_endpoint_the_provider_lacks_is_a_clear_400() {
+    let body = r#"{"model":"smart","messages":[{"role":"user","content":"hi"}]}"#;
+    let (_, host, _) = post("/v1/messages/count_tokens", body.as_bytes());
+    let sent = host.reply();
+    assert_eq!(sent.status, 400, "{}", sent.text());
+    // An Anthropic caller gets Anthropic's error shape.
+    let v: Value = serde_json::from_slice(&sent.body).unwrap();
+    assert_eq!(v["type"], "error");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("token counting API"),
+        "{v}"
+    );
+}
+
+#[test]
+fn stored_object_calls_go_to_the_account_provider_unbuffered() {
+    for (method, path, upstream) in [
+        (
+            "GET",
+            "/v1/files/file-1/content",
+            "/v1/files/file-1/content",
+        ),
+        ("DELETE", "/v1/responses/resp_1", "/v1/responses/resp_1"),
+        ("POST", "/v1/batches/b1/cancel", "/v1/batches/b1/cancel"),
+        ("GET", "/v1/batches?limit=2", "/v1/batches?limit=2"),
+    ] {
+        let mut host = MockHost::new(method, path)
+            .with_header("authorization", "Bearer client-secret")
+            .with_header("openai-organization", "org-client")
+            .with_header(CLUSTER_HEADER, "attacker_cluster");
+        let mut f = Filter::new(config(), Role::Standalone);
+        // Forwarded at the headers: an upload's body streams through.
+        assert_eq!(
+            f.on_request_headers(&mut host, method != "POST"),
+            Flow::Continue
+        );
+        assert!(host.sent.is_empty(), "{path}");
+        assert_eq!(host.req(":path").as_deref(), Some(upstream));
+        assert_eq!(host.req(":authority").as_deref(), Some("api.openai.com"));
+        assert_eq!(host.req(CLUSTER_HEADER).as_deref(), Some("openai"));
+        assert_eq!(
+            host.req("authorization").as_deref(),
+            Some("Bearer sk-test-openai")
+        );
+        assert_eq!(host.req("openai-organization"), None);
+        assert_eq!(host.req("content-length"), None);
+    }
+    // PUT is not one of theirs; without an OpenAI provider, a clear 404.
+    let (_, host, _) = bodiless("PUT", "/v1/files");
+    assert_eq!(host.reply().status, 405);
+    let only_groq = r#"{"providers":[{"name":"groq","kind":"openai_compatible",
+        "base_url":"https://api.groq.com/openai/v1"}],
+        "models":[{"name":"fast","provider":"groq"}]}"#;
+    let mut host = MockHost::new("GET", "/v1/files");
+    let mut f = Filter::new(config_from(only_groq), Role::Standalone);
+    assert_eq!(f.on_request_headers(&mut host, true), Flow::Pause);
+    let sent = host.reply();
+    assert_eq!(sent.status, 404);
+    assert!(sent.text().contains("default_provider"), "{}", sent.text());
 }

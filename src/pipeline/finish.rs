@@ -8,7 +8,6 @@ use std::rc::Rc;
 
 use super::flow::Flow;
 use super::state::{Forward, Phase, RequestState, Router};
-use crate::config::models::Operation;
 use crate::config::Config;
 use crate::core::api_error::ApiError;
 use crate::core::usage::Usage;
@@ -89,7 +88,11 @@ impl Router {
         let provider = match (&served, served_index.or(route)) {
             (Some((p, _)), _) => p.as_str(),
             (None, Some(m)) => config.providers[config.models[m].provider].name.as_str(),
-            (None, None) => "none",
+            (None, None) => self
+                .req
+                .account_provider
+                .and_then(|p| config.providers.get(p))
+                .map_or("none", |p| p.name.as_str()),
         };
         let response_model = match (&served, served_index) {
             (Some((_, m)), _) => m.as_str(),
@@ -102,10 +105,10 @@ impl Router {
         };
         let req = &self.req;
         let (ns, svc) = req.who.names();
-        let embeddings = op == Operation::Embeddings;
+        let operation = op.name();
         let request_model = req.request_model.as_deref().unwrap_or("none");
         let labels =
-            metrics::call_labels(ns, svc, embeddings, provider, request_model, response_model);
+            metrics::call_labels(ns, svc, operation, provider, request_model, response_model);
         let now = host.now_unix_micros();
         let error = metrics::error_type(req.status);
         let error_label: &[(&str, &str)] = match &error {
@@ -130,7 +133,7 @@ impl Router {
                     first_labels = metrics::call_labels(
                         ns,
                         svc,
-                        embeddings,
+                        operation,
                         first_provider,
                         request_model,
                         &first.upstream_model,

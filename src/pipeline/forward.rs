@@ -108,7 +108,7 @@ impl Router {
         let (ns, svc) = self.req.who.names();
         let plan = Plan {
             caller: self.req.caller,
-            embeddings: op == Operation::Embeddings,
+            operation: op,
             gemini: self.req.gemini_call.clone(),
             chain,
             reason: self.req.reason.clone().unwrap_or_default(),

@@ -6,6 +6,7 @@
 //! decided in between (the upstream host's position). One place owns each
 //! name and format, so the writer and the reader cannot drift apart.
 
+use crate::config::models::Operation;
 use crate::core::schema::Schema;
 use crate::core::usage::Usage;
 use crate::host::{Host, HostResult};
@@ -110,7 +111,7 @@ pub fn attempt_position(host: &dyn Host) -> Option<usize> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
     pub caller: Schema,
-    pub embeddings: bool,
+    pub operation: Operation,
     /// Gemini callers name the model and streaming in the URL.
     pub gemini: Option<(String, bool)>,
     /// Indices into `Config::models`, in attempt order.
@@ -129,7 +130,7 @@ impl Plan {
     fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();
         w.usize(self.caller as usize);
-        w.bool(self.embeddings);
+        w.usize(self.operation.code());
         w.bool(self.gemini.is_some());
         if let Some((model, stream)) = &self.gemini {
             w.str(model);
@@ -164,7 +165,7 @@ impl Plan {
             Schema::Responses,
         ];
         let caller = *SCHEMAS.get(r.usize()?)?;
-        let embeddings = r.bool()?;
+        let operation = Operation::from_code(r.usize()?)?;
         let gemini = match r.bool()? {
             true => Some((r.str()?.to_string(), r.bool()?)),
             false => None,
@@ -183,7 +184,7 @@ impl Plan {
         );
         r.is_done().then_some(Plan {
             caller,
-            embeddings,
+            operation,
             gemini,
             chain,
             reason,
@@ -268,7 +269,7 @@ mod tests {
     fn plans_round_trip_and_garbled_plans_are_refused() {
         let full = Plan {
             caller: Schema::Gemini,
-            embeddings: true,
+            operation: Operation::Embeddings,
             gemini: Some(("gemini-2.5-pro".into(), true)),
             chain: vec![3, 0, 200],
             reason: "budget:ops".into(),
@@ -280,7 +281,7 @@ mod tests {
         };
         let empty = Plan {
             caller: Schema::Converse,
-            embeddings: false,
+            operation: Operation::ChatCompletions,
             gemini: None,
             chain: vec![],
             reason: String::new(),

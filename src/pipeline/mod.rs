@@ -21,6 +21,7 @@ use std::rc::Rc;
 use crate::config::Config;
 use crate::host::{CalloutAnswer, CalloutId, Host};
 
+mod account;
 mod admit;
 mod answer;
 mod attempt;

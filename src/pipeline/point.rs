@@ -8,6 +8,7 @@ use std::rc::Rc;
 use super::flow::internal;
 use super::state::{Attempt, Call, ClusterChoice, Place, RequestHeaders};
 use super::translate::{self, Translated};
+use crate::config::models::Operation;
 use crate::config::providers::{AwsCredentials, Provider};
 use crate::core::api_error::ApiError;
 use crate::core::json::TopLevel;
@@ -74,8 +75,15 @@ impl Attempt {
         let provider = &self.config.providers[route.provider];
         let path = translated.path;
         let sent_body = translated.body.as_deref().unwrap_or(body);
-        point_at_provider(host, present, provider, path, sent_body.len(), self.place)
-            .map_err(rewrite)?;
+        point_at_provider(
+            host,
+            present,
+            provider,
+            path,
+            Some(sent_body.len()),
+            self.place,
+        )
+        .map_err(rewrite)?;
         if let Place::Inline(_) = self.place {
             host.set_request_header(CALLER_API_HEADER, handoff::api_name(self.caller))
                 .map_err(rewrite)?;
@@ -89,7 +97,8 @@ impl Attempt {
                 }
             }
         }
-        if translated.body.is_some() {
+        let form = matches!(self.operation, Operation::Passed(p) if p.is_form());
+        if translated.body.is_some() && !form {
             host.set_request_header("content-type", "application/json")
                 .map_err(rewrite)?;
         }
@@ -105,12 +114,15 @@ impl Attempt {
     }
 }
 
-fn point_at_provider(
+/// Points the request at `provider`: its authority, path, cluster and
+/// credential, the caller's credentials removed. `body_len`: the new
+/// body's length (None: the caller's body goes as it is).
+pub(super) fn point_at_provider(
     host: &mut dyn Host,
     present: &RequestHeaders,
     provider: &Provider,
     path: &str,
-    body_len: usize,
+    body_len: Option<usize>,
     place: Place,
 ) -> HostResult {
     for name in CLIENT_CREDENTIAL_HEADERS {
@@ -140,7 +152,9 @@ fn point_at_provider(
     for (name, value) in &provider.extra_headers {
         host.set_request_header(name, value)?;
     }
-    host.set_request_header("content-length", &body_len.to_string())?;
+    if let Some(len) = body_len {
+        host.set_request_header("content-length", &len.to_string())?;
+    }
     Ok(())
 }
 

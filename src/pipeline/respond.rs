@@ -10,7 +10,6 @@ use super::flow::Flow;
 use super::state::{Attempt, AttemptEnd, ClusterChoice, Forward, Phase, Place, Router};
 use crate::config::providers::Provider;
 use crate::core::api_error::ApiError;
-use crate::core::schema::Schema;
 use crate::host::Host;
 use crate::pipeline::handoff::{
     self, ATTEMPTS_RESPONSE_HEADER, MODEL_RESPONSE_HEADER, PROVIDER_RESPONSE_HEADER,
@@ -88,7 +87,7 @@ impl Attempt {
             let serving = Serving {
                 config: &self.config,
                 caller: self.caller,
-                target: self.target,
+                provider: self.route().map(|r| r.provider),
                 exchange: self.exchange.as_ref(),
             };
             return self
@@ -153,7 +152,7 @@ impl Attempt {
             }
             return Step::Go(flow);
         }
-        let provider_schema = self.route().map_or(Schema::OpenAi, |r| r.schema);
+        let provider_schema = self.provider_schema();
         if let ResponseMode::Watch(copy) = &mut self.answer.mode {
             // Complete answers are small; past this size usage is estimated.
             const MAX_WATCHED: usize = 1 << 20;
@@ -174,7 +173,7 @@ impl Attempt {
                 let serving = Serving {
                     config: &self.config,
                     caller: self.caller,
-                    target: self.target,
+                    provider: self.route().map(|r| r.provider),
                     exchange: self.exchange.as_ref(),
                 };
                 self.answer
@@ -203,7 +202,7 @@ impl Attempt {
             let serving = Serving {
                 config: &self.config,
                 caller: self.caller,
-                target: self.target,
+                provider: self.route().map(|r| r.provider),
                 exchange: self.exchange.as_ref(),
             };
             return self.answer.too_large(&serving);
@@ -219,7 +218,7 @@ impl Attempt {
                 return Step::Go(Flow::Continue);
             }
         };
-        let provider_schema = self.route().map_or(Schema::OpenAi, |r| r.schema);
+        let provider_schema = self.provider_schema();
         let usage = crate::translate::usage_of_answer(provider_schema, &body);
         self.note_usage(host, usage);
         let translated = match &self.exchange {
@@ -343,7 +342,7 @@ impl Router {
             let serving = Serving {
                 config: &self.config,
                 caller: self.req.caller,
-                target: self.req.route,
+                provider: self.answering_provider(),
                 exchange: None,
             };
             let step = self
@@ -395,7 +394,7 @@ impl Router {
         let serving = Serving {
             config: &self.config,
             caller: self.req.caller,
-            target: self.req.route,
+            provider: self.answering_provider(),
             exchange: None,
         };
         let step = match self.answer.mode {

@@ -8,7 +8,7 @@ use super::flow::internal;
 use super::request::{model_not_found, read_call};
 use super::state::{RequestState, Routed, Router};
 use crate::access::namespace_policy::Source;
-use crate::config::models::Operation;
+use crate::config::models::{Operation, Passed};
 use crate::config::routing::RoutePolicy;
 use crate::config::Config;
 use crate::core::api_error::ApiError;
@@ -46,7 +46,12 @@ impl Router {
         doc: &TopLevel,
     ) -> Result<Routed, ApiError> {
         let op = self.req.operation.unwrap_or(Operation::ChatCompletions);
-        let call = read_call(doc, op, self.req.caller, self.req.gemini_call.as_ref())?;
+        let call = read_call(
+            (body, doc),
+            op,
+            self.req.caller,
+            self.req.gemini_call.as_ref(),
+        )?;
         self.req.streaming = call.stream;
         let config = Rc::clone(&self.config);
         let applied = self.req.applied.clone();
@@ -131,6 +136,9 @@ fn choose_targets(
         let route = &config.models[m];
         !config.providers[route.provider].key_missing && route.path(op, false).is_some()
     });
+    if req.caller == Schema::Responses {
+        keep_openai_when_needed(config, &mut chain, request);
+    }
     if chain.is_empty() {
         // Explain why the first choice cannot serve.
         if let Some(m) = first {
@@ -139,6 +147,24 @@ fn choose_targets(
         return Err(model_not_found(model));
     }
     Ok((chain, reason, routes))
+}
+
+/// A Responses request that needs OpenAI (a stored conversation, a
+/// built-in tool, ...) keeps only the targets that serve Responses as
+/// themselves, when the chain has any; with none, the first target's
+/// translator refuses it by name.
+fn keep_openai_when_needed(config: &Config, chain: &mut Vec<usize>, request: Request) {
+    let native = |m: &usize| config.models[*m].responses_path.is_some();
+    let mixed = chain.iter().any(native) && !chain.iter().all(native);
+    if !mixed {
+        return;
+    }
+    let body = request
+        .parsed
+        .get_or_init(|| serde_json::from_slice(request.body).unwrap_or_default());
+    if crate::translate::inbound::responses::needs_openai(body) {
+        chain.retain(native);
+    }
 }
 
 /// The configured first target of a model or route name, to name the
@@ -292,6 +318,8 @@ pub(super) fn unusable(config: &Config, m: usize, op: Operation, model: &str) ->
     let what = match op {
         Operation::Embeddings => "embeddings API",
         Operation::ChatCompletions => "chat API",
+        Operation::Passed(p) => p.describe(),
+        Operation::Account(_) => "API for stored objects",
     };
     ApiError::invalid_request(
         Some("unsupported_operation"),
@@ -305,8 +333,11 @@ pub(super) fn unusable(config: &Config, m: usize, op: Operation, model: &str) ->
 
 /// The most output tokens the request asks for, in its caller's terms.
 fn max_output_tokens(doc: &TopLevel, caller: Schema, op: Operation) -> Option<u64> {
-    if op == Operation::Embeddings {
-        return Some(0);
+    match op {
+        Operation::ChatCompletions => {}
+        Operation::Passed(Passed::Completions) => {}
+        // No tokens written: embeddings, images, audio, moderations.
+        _ => return Some(0),
     }
     let number = |name: &str| {
         let f = doc.get(name).ok()??;

@@ -12,6 +12,7 @@ use super::flow::{internal, Flow};
 use super::request::{self, ReadsBody};
 use super::state::{Deferred, Phase, Routed, Router};
 use super::Half;
+use crate::config::models::Operation;
 use crate::config::Config;
 use crate::core::api_error::ApiError;
 use crate::core::json::TopLevel;
@@ -28,7 +29,10 @@ impl Router {
             }
         };
         keep_caller_path(host, &self.req.path);
-        let doc = match request::parse_body(&body) {
+        let doc = match request::parse_body(
+            &body,
+            self.req.operation.unwrap_or(Operation::ChatCompletions),
+        ) {
             Ok(doc) => doc,
             Err(e) => return self.reject(host, e),
         };
@@ -36,7 +40,12 @@ impl Router {
             Ok(r) => r,
             Err(e) => return self.reject(host, e),
         };
-        match self.admit(host, body.len(), &routed) {
+        // An upload's bytes (audio, images) are not prompt text.
+        let prompt_bytes = match self.req.operation {
+            Some(Operation::Passed(p)) if p.is_form() => 0,
+            _ => body.len(),
+        };
+        match self.admit(host, prompt_bytes, &routed) {
             Err(e) => self.reject(host, e),
             Ok(Admit::Chain(chain)) => self.forward_or_reject(host, &body, &doc, &routed, chain),
             Ok(Admit::Deferred(id, chain)) => {
@@ -145,7 +154,10 @@ impl Half for Router {
                     chain,
                     ..
                 } = deferred;
-                match request::parse_body(&body) {
+                match request::parse_body(
+                    &body,
+                    self.req.operation.unwrap_or(Operation::ChatCompletions),
+                ) {
                     Ok(doc) => self.forward_or_reject(host, &body, &doc, &routed, chain),
                     Err(e) => self.reject(host, e),
                 }

@@ -25,7 +25,7 @@ pub(super) fn attempt_labels(config: &Config, plan: &Plan, target: usize) -> met
     metrics::call_labels(
         ns,
         svc,
-        plan.embeddings,
+        plan.operation.name(),
         &config.providers[route.provider].name,
         model,
         &route.upstream_model,

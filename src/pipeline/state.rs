@@ -82,6 +82,8 @@ pub(super) struct RequestState {
     /// The request's header names as listed at the entrance, reused where
     /// client headers are removed later.
     pub entry_headers: Option<Vec<String>>,
+    /// A call on stored objects: the provider it went to.
+    pub account_provider: Option<usize>,
     /// The request was counted and settled.
     pub finished: bool,
 }
@@ -108,6 +110,7 @@ impl Default for RequestState {
             route: None,
             extra_models: None,
             entry_headers: None,
+            account_provider: None,
             finished: false,
         }
     }
@@ -225,6 +228,15 @@ impl Router {
         }
     }
 
+    /// The provider an answer without an inline attempt comes from: the
+    /// first target's, or a stored-object call's.
+    pub(super) fn answering_provider(&self) -> Option<usize> {
+        match self.req.route {
+            Some(m) => self.config.models.get(m).map(|r| r.provider),
+            None => self.req.account_provider,
+        }
+    }
+
     /// The request is served without the upstream half: failover is off,
     /// or one target remained.
     pub(super) fn serves_alone(&self) -> bool {
@@ -325,6 +337,15 @@ impl Attempt {
 
     pub(super) fn provider(&self) -> Option<&Provider> {
         self.route().map(|r| &self.config.providers[r.provider])
+    }
+
+    /// The API the provider answers in: the exchange's, else the target's.
+    pub(super) fn provider_schema(&self) -> Schema {
+        match (&self.exchange, self.route()) {
+            (Some(x), _) => x.provider,
+            (None, Some(r)) => r.schema,
+            (None, None) => Schema::OpenAi,
+        }
     }
 
     /// The attempt feeds the target's health record: every upstream one,

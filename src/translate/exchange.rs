@@ -14,7 +14,9 @@ use crate::providers::ProviderKind;
 use crate::translate::inbound::{self, CallerTranslator};
 use crate::translate::openai_usage::{self, OpenAiStreamUsage};
 use crate::translate::outbound::{self, ProviderTranslator, Upstream};
-use crate::translate::passthrough::{AnthropicStreamWatch, GeminiStreamWatch};
+use crate::translate::passthrough::{
+    AnthropicStreamWatch, GeminiStreamWatch, ResponsesStreamWatch,
+};
 use crate::translate::pivot::ChatRequest;
 use crate::translate::scrub::Scrubbed;
 use crate::translate::{request_object, Chain, StreamTranslator};
@@ -54,19 +56,26 @@ pub fn translate_request(
     route: &ModelRoute,
     provider: &Provider,
 ) -> Result<(Option<Vec<u8>>, Exchange), ApiError> {
+    let provider_schema = route.schema_for(inbound.caller);
     let mut exchange = Exchange {
         caller: inbound.caller,
-        provider: route.schema,
+        provider: provider_schema,
         stream: inbound.stream,
         caller_wants_usage: false,
         upstream_model: route.upstream_model.clone(),
     };
     let body = inbound.body;
-    if inbound.caller == route.schema {
+    if inbound.caller == provider_schema {
         // Every edit is made on the caller's bytes in one pass.
         let mut edits = Vec::new();
-        if let (Some(span), false) = (&inbound.model_span, inbound.model == route.upstream_model) {
-            edits.push((span.clone(), route.upstream_model_json.as_bytes().to_vec()));
+        let upstream_json = match provider_schema {
+            Schema::Responses => &route.responses_model_json,
+            _ => &route.upstream_model_json,
+        };
+        if let Some(span) = &inbound.model_span {
+            if upstream_json.as_bytes() != body.get(span.clone()).unwrap_or_default() {
+                edits.push((span.clone(), upstream_json.as_bytes().to_vec()));
+            }
         }
         if route.schema == Schema::OpenAi && inbound.stream {
             let (edit, asked) = openai_usage::request_usage(body, inbound.doc)?;
@@ -139,7 +148,7 @@ fn provider_translator(provider: Schema) -> Option<&'static dyn ProviderTranslat
         Schema::Anthropic => Some(&outbound::Anthropic),
         Schema::Gemini => Some(&outbound::Gemini),
         Schema::Converse => Some(&outbound::Bedrock),
-        // No provider speaks Responses here: OpenAI gets its chat pivot.
+        // OpenAI speaks the pivot, and Responses to Responses callers.
         Schema::OpenAi | Schema::Responses => None,
     }
 }
@@ -346,7 +355,8 @@ fn events_translator(exchange: &Exchange, created: u64) -> Option<Box<dyn Stream
             Schema::OpenAi => Some(Box::new(OpenAiStreamUsage::hiding(
                 !exchange.caller_wants_usage,
             ))),
-            Schema::Converse | Schema::Responses => None,
+            Schema::Responses => Some(Box::new(ResponsesStreamWatch::new())),
+            Schema::Converse => None,
         };
     }
     // A non-OpenAI caller's translator needs usage from the pivot.

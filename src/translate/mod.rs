@@ -209,6 +209,13 @@ pub fn usage_of_answer(schema: Schema, body: &[u8]) -> Option<Usage> {
     let n = |path: &[&str]| count(path).unwrap_or(0);
     let has = |path: &[&str]| count(path).is_some();
     let usage = match schema {
+        // Image and audio answers count as the Responses API does.
+        Schema::OpenAi if !has(&["prompt_tokens"]) && has(&["input_tokens"]) => Usage {
+            input_tokens: n(&["input_tokens"]),
+            output_tokens: n(&["output_tokens"]),
+            cached_input_tokens: n(&["input_tokens_details", "cached_tokens"]),
+            reasoning_tokens: 0,
+        },
         Schema::OpenAi => {
             if !has(&["prompt_tokens"]) {
                 return None;

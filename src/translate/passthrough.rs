@@ -1,5 +1,6 @@
 //! Streams whose caller and provider speak the same schema (OpenAI to
-//! OpenAI-shaped, Anthropic to Anthropic, Gemini to Gemini) pass event by
+//! OpenAI-shaped, Anthropic to Anthropic, Gemini to Gemini, Responses to
+//! OpenAI's Responses) pass event by
 //! event, each complete event byte for byte. The watchers here read them on
 //! the side, for the token counts and for two guarantees:
 //!
@@ -161,6 +162,7 @@ impl<S: StreamEnd> StreamTranslator for StreamWatch<S> {
 
 pub type AnthropicStreamWatch = StreamWatch<AnthropicStreamEnd>;
 pub type GeminiStreamWatch = StreamWatch<GeminiStreamEnd>;
+pub type ResponsesStreamWatch = StreamWatch<ResponsesStreamEnd>;
 
 /// Anthropic Messages events: complete at `message_stop`, failed at `error`.
 #[derive(Default)]
@@ -304,6 +306,108 @@ impl StreamEnd for GeminiStreamEnd {
     }
 }
 
+/// OpenAI Responses events, served by OpenAI as themselves: complete at
+/// `response.completed` or `response.incomplete`, failed at
+/// `response.failed` or `error`. A stream that breaks gets `error` then
+/// `response.failed`, numbered after the last event, as OpenAI ends one.
+#[derive(Default)]
+pub struct ResponsesStreamEnd {
+    ended: bool,
+    /// The last `sequence_number` seen.
+    sequence: Option<u64>,
+    /// The response as its opening events described it.
+    response: Option<Value>,
+    usage: Option<Usage>,
+}
+
+impl ResponsesStreamEnd {
+    fn emit(&mut self, kind: &str, mut event: Value, out: &mut Vec<u8>) {
+        let sequence = self.sequence.map_or(0, |s| s.saturating_add(1));
+        self.sequence = Some(sequence);
+        if let Value::Object(fields) = &mut event {
+            fields.insert("type".into(), Value::String(kind.into()));
+            fields.insert("sequence_number".into(), Value::from(sequence));
+        }
+        out.extend_from_slice(b"event: ");
+        out.extend_from_slice(kind.as_bytes());
+        out.extend_from_slice(b"\ndata: ");
+        out.extend_from_slice(event.to_string().as_bytes());
+        out.extend_from_slice(b"\n\n");
+    }
+}
+
+impl StreamEnd for ResponsesStreamEnd {
+    const PROVIDER: &'static str = "OpenAI";
+
+    fn on_event(&mut self, event: SseEvent) -> Verdict {
+        let Ok(v) = from_str_lossy::<Value>(&event.data) else {
+            return Verdict::Corrupt;
+        };
+        if let Some(s) = n(v.get("sequence_number")) {
+            self.sequence = Some(s);
+        }
+        let kind = v
+            .get("type")
+            .and_then(Value::as_str)
+            .or(event.event.as_deref())
+            .unwrap_or_default();
+        match kind {
+            "response.created" | "response.in_progress" => {
+                self.response = v.get("response").cloned();
+            }
+            "response.completed" | "response.incomplete" | "response.failed" => {
+                self.ended = true;
+                let usage = v.get("response").and_then(|r| r.get("usage"));
+                if let Some(u) = usage.filter(|u| u.get("input_tokens").is_some()) {
+                    let at = |p: &str| n(u.pointer(p)).unwrap_or(0);
+                    self.usage = Some(Usage {
+                        input_tokens: at("/input_tokens"),
+                        output_tokens: at("/output_tokens"),
+                        cached_input_tokens: at("/input_tokens_details/cached_tokens"),
+                        reasoning_tokens: at("/output_tokens_details/reasoning_tokens"),
+                    });
+                }
+            }
+            "error" => self.ended = true,
+            _ => {}
+        }
+        Verdict::Forward
+    }
+
+    fn fail(&mut self, error: &ApiError, out: &mut Vec<u8>) {
+        self.ended = true;
+        let code = error.code.unwrap_or("server_error");
+        self.emit(
+            "error",
+            serde_json::json!({"code": code, "message": error.message, "param": null}),
+            out,
+        );
+        let mut response = self.response.take().unwrap_or_else(
+            || serde_json::json!({"id": "", "object": "response", "created_at": 0, "output": []}),
+        );
+        response["status"] = Value::String("failed".into());
+        let kind = if code.contains("rate_limit") {
+            "rate_limit_exceeded"
+        } else {
+            "server_error"
+        };
+        response["error"] = serde_json::json!({"code": kind, "message": error.message});
+        self.emit(
+            "response.failed",
+            serde_json::json!({"response": response}),
+            out,
+        );
+    }
+
+    fn ended(&self) -> bool {
+        self.ended
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,6 +444,74 @@ mod tests {
                 reasoning_tokens: 0
             })
         );
+    }
+
+    const RESPONSES: &str = concat!(
+        "event: response.created\ndata: {\"type\":\"response.created\",\"sequence_number\":0,",
+        "\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"in_progress\",",
+        "\"output\":[]}}\n\n",
+        "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",",
+        "\"sequence_number\":1,\"delta\":\"Hi\"}\n\n",
+    );
+
+    fn events(text: &str) -> Vec<Value> {
+        text.split("\n\n")
+            .filter_map(|e| e.split_once("data: "))
+            .map(|(_, d)| serde_json::from_str(d).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_complete_responses_stream_passes_unchanged_with_its_usage() {
+        let full = format!(
+            "{RESPONSES}event: response.completed\ndata: {{\"type\":\"response.completed\",\
+             \"sequence_number\":2,\"response\":{{\"id\":\"resp_1\",\"usage\":{{\
+             \"input_tokens\":9,\"input_tokens_details\":{{\"cached_tokens\":4}},\
+             \"output_tokens\":6,\"output_tokens_details\":{{\"reasoning_tokens\":2}}}}}}}}\n\n"
+        );
+        let mut w = ResponsesStreamWatch::new();
+        assert_eq!(run(&mut w, &full), full);
+        assert_eq!(
+            w.usage(),
+            Some(Usage {
+                input_tokens: 9,
+                output_tokens: 6,
+                cached_input_tokens: 4,
+                reasoning_tokens: 2
+            })
+        );
+    }
+
+    #[test]
+    fn a_cut_responses_stream_ends_with_error_then_response_failed_in_sequence() {
+        let mut w = ResponsesStreamWatch::new();
+        let out = run(&mut w, RESPONSES);
+        assert!(out.starts_with(RESPONSES));
+        let tail = events(&out[RESPONSES.len()..]);
+        assert_eq!(tail.len(), 2, "{out}");
+        assert_eq!(tail[0]["type"], "error");
+        assert_eq!(tail[0]["sequence_number"], 2);
+        assert_eq!(tail[1]["type"], "response.failed");
+        assert_eq!(tail[1]["sequence_number"], 3);
+        assert_eq!(tail[1]["response"]["id"], "resp_1");
+        assert_eq!(tail[1]["response"]["status"], "failed");
+        assert_eq!(tail[1]["response"]["error"]["code"], "server_error");
+        assert!(out.contains("event: response.failed\n"));
+        let mut again = Vec::new();
+        w.finish(&mut again);
+        assert!(again.is_empty());
+    }
+
+    #[test]
+    fn a_corrupt_responses_event_ends_the_stream_there() {
+        let corrupt = format!("{RESPONSES}data: {{not json\n\ndata: {{\"type\":\"x\"}}\n\n");
+        let mut w = ResponsesStreamWatch::new();
+        let out = run(&mut w, &corrupt);
+        assert!(out.starts_with(RESPONSES));
+        let tail = events(&out[RESPONSES.len()..]);
+        let kinds: Vec<&str> = tail.iter().filter_map(|e| e["type"].as_str()).collect();
+        assert_eq!(kinds, ["error", "response.failed"]);
+        assert_eq!(tail[0]["code"], "invalid_provider_response");
     }
 
     #[test]

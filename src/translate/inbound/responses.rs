@@ -64,6 +64,45 @@ fn openai_only(param: &'static str, what: &str) -> ApiError {
     )
 }
 
+/// Whether a Responses request asks for what only OpenAI serves (the
+/// fields and items the pivot refuses with [`openai_only`], and file or
+/// audio inputs): a chain that mixes OpenAI and other targets then keeps
+/// only OpenAI's.
+pub fn needs_openai(req: &Value) -> bool {
+    let field = |name: &str| req.get(name).filter(|v| !v.is_null());
+    let stateful = ["previous_response_id", "conversation", "prompt"]
+        .iter()
+        .any(|name| field(name).is_some())
+        || field("background") == Some(&Value::Bool(true))
+        || field("store") == Some(&Value::Bool(true));
+    let hosted = |v: &Value| {
+        v.get("type")
+            .and_then(Value::as_str)
+            .is_some_and(|kind| HOSTED_TOOLS.contains(&kind))
+    };
+    let tools = field("tools")
+        .and_then(Value::as_array)
+        .is_some_and(|tools| tools.iter().any(hosted))
+        || field("tool_choice").is_some_and(hosted);
+    let part_needs_openai = |part: &Value| match part.get("type").and_then(Value::as_str) {
+        Some("input_image") => part.get("file_id").is_some(),
+        Some("input_file" | "input_audio") => true,
+        _ => false,
+    };
+    let inputs = field("input")
+        .and_then(Value::as_array)
+        .is_some_and(|items| {
+            items.iter().any(|item| {
+                item.get("type").and_then(Value::as_str) == Some("item_reference")
+                    || item
+                        .get("content")
+                        .and_then(Value::as_array)
+                        .is_some_and(|parts| parts.iter().any(part_needs_openai))
+            })
+        });
+    stateful || tools || inputs
+}
+
 fn bad_input(message: String) -> ApiError {
     invalid_value("input", message)
 }
@@ -1001,6 +1040,32 @@ impl CallerTranslator for Responses {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn what_only_openai_serves_is_recognised() {
+        for needs in [
+            json!({"input": "x", "previous_response_id": "resp_1"}),
+            json!({"input": "x", "store": true}),
+            json!({"input": "x", "background": true}),
+            json!({"input": "x", "conversation": "conv_1"}),
+            json!({"input": "x", "prompt": {"id": "pmpt_1"}}),
+            json!({"input": "x", "tools": [{"type": "web_search"}]}),
+            json!({"input": "x", "tool_choice": {"type": "file_search"}}),
+            json!({"input": [{"type": "item_reference", "id": "msg_1"}]}),
+            json!({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}),
+            json!({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]}),
+        ] {
+            assert!(needs_openai(&needs), "{needs}");
+        }
+        for plain in [
+            json!({"input": "x"}),
+            json!({"input": "x", "store": false, "previous_response_id": null}),
+            json!({"input": "x", "tools": [{"type": "function", "name": "f"}]}),
+            json!({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:x"}]}]}),
+        ] {
+            assert!(!needs_openai(&plain), "{plain}");
+        }
+    }
     use super::*;
 
     fn chat(req: Value) -> Value {
