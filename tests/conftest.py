@@ -292,6 +292,16 @@ def gateway_plugin_config(dead_port, max_request_bytes=262144):
         {"name": "gemini-cut", "provider": "gemini", "model": "mock-cut"},
         {"name": "bedrock-429", "provider": "bedrock", "model": "mock-429"},
         {"name": "bedrock-cut", "provider": "bedrock", "model": "mock-cut"},
+        {"name": "openai-cut", "provider": "openai", "model": "mock-cut"},
+        # OpenAI's other endpoints (tests/test_openai_surface.py).
+        {"name": "instruct", "provider": "openai", "model": "gpt-3.5-turbo-instruct"},
+        {"name": "whisper", "provider": "openai", "model": "whisper-1"},
+        {"name": "tts", "provider": "openai", "model": "tts-1"},
+        {"name": "image-editor", "provider": "openai", "model": "gpt-image-1"},
+        {"name": "dall-e-2", "provider": "openai"},
+        {"name": "omni-moderation-latest", "provider": "openai"},
+        {"name": "azure-instruct", "provider": "azure", "model": "gpt-35-instruct",
+         "deployment": "instruct-prod"},
     ]
     return cfg
 

@@ -246,7 +246,7 @@ def test_stream_passes_through_event_by_event(gateway, mocks):
         ("POST", "/v1/chat/completions", {"model": "gpt-5-nope", "messages": []}, 404, "model_not_found", "model"),
         ("GET", "/v1/chat/completions", None, 405, "method_not_allowed", None),
         ("POST", "/v1/models", b"{}", 405, "method_not_allowed", None),
-        ("GET", "/v1/files", None, 404, "unknown_url", None),
+        ("GET", "/v1/vector_stores", None, 404, "unknown_url", None),
         ("POST", "/v2/chat/completions", b"{}", 404, "unknown_url", None),
         ("POST", "/v1/chat/completions", {"model": "mistral-small", "messages": []}, 500, "provider_key_missing", None),
     ],

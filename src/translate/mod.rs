@@ -14,7 +14,8 @@
 //! | `inbound/anthropic`  | Anthropic Messages       | OpenAI (the pivot)                        |
 //! | `inbound/gemini`     | Gemini `generateContent` | OpenAI (the pivot)                        |
 //! | `openai_usage`       | OpenAI                   | OpenAI (usage read from streams)          |
-//! | `passthrough`        | Anthropic, Gemini        | the same schema (streams watched)         |
+//! | `inbound/responses`  | OpenAI Responses         | OpenAI (the pivot)                        |
+//! | `passthrough`        | Anthropic, Gemini, Responses | the same schema (streams watched)     |
 //!
 //! `inbound/` translators implement `inbound::CallerTranslator` and
 //! `outbound/` ones `outbound::ProviderTranslator`; `exchange` picks them
