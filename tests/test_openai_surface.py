@@ -5,6 +5,7 @@ completions, images, audio (multipart uploads), moderations, files and
 batches, and Anthropic's count_tokens. Every provider request is counted at
 the mocks: nothing lost, nothing sent twice, no client credential passed."""
 
+import asyncio
 import concurrent.futures
 import json
 
@@ -255,3 +256,73 @@ def test_64_concurrent_calls_across_the_endpoints_each_reach_the_provider_once(c
         assert len(bodies) == 16, name
         for i in range(16):
             assert sum(f"n{i}\"" in b or f"t{i}.wav" in b for b in bodies) == 1, (name, i)
+
+
+# ---- faults and limits ---------------------------------------------------------
+
+def test_a_provider_error_quoting_its_key_is_scrubbed_on_passed_endpoints(client, mocks):
+    for call in (lambda: client.completions.create(model="leak", prompt="x"),
+                 lambda: client.responses.create(model="leak", input="x")):
+        with pytest.raises(openai.AuthenticationError) as e:
+            call()
+        assert KEYS["OPENAI_API_KEY"] not in json.dumps(e.value.body)
+        assert KEYS["OPENAI_API_KEY"] not in e.value.response.text
+    assert len(mocks["openai"].take()) == 2
+
+
+def test_uploads_to_files_stream_through_and_held_uploads_are_bounded(client, mocks, gateway):
+    # The test gateway holds at most 256 KiB of a request body.
+    big = bytes(range(256)) * 4096 + b"\n"  # 1 MiB + 1
+    f = client.files.create(file=("big.jsonl", big, "application/jsonl"), purpose="batch")
+    assert f.bytes == len(big)
+    assert len(only(mocks["openai"], "/v1/files")["body"]) > len(big)
+    assert client.files.content(f.id).read() == big
+    mocks["openai"].take()
+    # A transcription is routed by a field of its form, so it is held: 413.
+    with pytest.raises(openai.APIStatusError) as e:
+        client.audio.transcriptions.create(model="whisper", file=("big.wav", big, "audio/wav"))
+    assert e.value.status_code == 413 and e.value.code == "request_too_large"
+    assert mocks["openai"].take() == []
+
+
+# ---- the OpenAI Agents SDK ----------------------------------------------------
+
+def test_an_agents_sdk_agent_with_a_tool_runs_on_anthropic(gateway, mocks):
+    """`openai-agents` speaks the Responses API; through the gateway its
+    one-tool agent runs on Claude: the tool call, its result, the answer."""
+    import agents  # openai-agents (tests/requirements.txt)
+    agents.set_tracing_disabled(True)  # traces would go to OpenAI
+    asked = []
+
+    @agents.function_tool
+    def weather(query: str, n: int) -> str:
+        """The weather for a place."""
+        asked.append(query)
+        return f"sunny in {query}"
+
+    def forecaster():
+        # A client per event loop: its connections belong to the loop.
+        model = agents.OpenAIResponsesModel(
+            model="claude-sonnet",
+            openai_client=openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=CLIENT_KEY,
+                                             max_retries=0, timeout=15))
+        return agents.Agent(name="forecaster", instructions="Use the tool.", tools=[weather],
+                            model=model)
+    result = agents.Runner.run_sync(forecaster(), "Oslo")
+    assert asked == ["Oslo"]
+    assert result.final_output == "Tools said: sunny in Oslo", result.final_output
+    sent = mocks["anthropic"].take()
+    assert [s["path"] for s in sent] == ["/v1/messages", "/v1/messages"]
+    second = json.loads(sent[1]["body"])
+    assert second["messages"][-1]["content"][0]["type"] == "tool_result"
+    assert CLIENT_KEY not in json.dumps(sent)
+
+    # Streamed, as agent UIs run it.
+    async def streamed():
+        run = agents.Runner.run_streamed(forecaster(), "Rome")
+        kinds = [event.type async for event in run.stream_events()]
+        return run.final_output, kinds
+    final, kinds = asyncio.run(streamed())
+    assert final == "Tools said: sunny in Rome" and asked == ["Oslo", "Rome"]
+    assert "raw_response_event" in kinds
+    assert len(mocks["anthropic"].take()) == 2
