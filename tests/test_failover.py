@@ -31,6 +31,8 @@ ROUTES = [
      "targets": ["gpt-4o", "claude-sonnet"]},
     {"name": "us-only", "regions": ["us"], "targets": ["text-only", "vertex-gemini"]},
     {"name": "eu-only", "regions": ["eu"], "targets": ["text-only", "vertex-gemini"]},
+    {"name": "resp-chain", "targets": ["m500-resp", "claude-sonnet"]},
+    {"name": "whisper-chain", "targets": ["m500-whisper", "whisper-groq"]},
     {"name": "smart", "strategy": "auto",
      "targets": [{"model": "gpt-4o-mini", "tier": "simple"}, {"model": "claude-sonnet", "tier": "hard"}]},
 ]
@@ -58,6 +60,9 @@ def failover(wasm, mocks):
         {"name": "fast", "provider": "groq", "model": "mock-fast"},
         {"name": "text-only", "provider": "groq", "model": "text-model",
          "capabilities": {"vision": False}},
+        {"name": "m500-resp", "provider": "openai", "model": "mock-500"},
+        {"name": "m500-whisper", "provider": "openai", "model": "mock-500"},
+        {"name": "whisper-groq", "provider": "groq", "model": "whisper-large-v3"},
     ]
     for m in cfg["models"]:
         if m["name"] == "gpt-4o":
@@ -359,3 +364,40 @@ def test_single_filter_mode_serves_and_translates_without_failover(single_filter
     assert status == 500 and "scripted 500" in body["error"]["message"]
     assert mocks["anthropic"].take() == []
     assert models_sent(mocks["openai"]) == ["gpt-4o-mini", "mock-500"]
+
+
+def test_a_responses_call_fails_over_from_openai_itself_to_anthropic_translated(failover, mocks):
+    """The first attempt is OpenAI's own /v1/responses, the second the
+    Anthropic translation, each prepared by the upstream half."""
+    import openai
+    client = openai.OpenAI(base_url=failover.url + "/v1", api_key="sk-client", max_retries=0)
+    for stream in (False, True):
+        if stream:
+            with client.responses.stream(model="resp-chain", input="fall over") as s:
+                kinds = [e.type for e in s]
+                resp = s.get_final_response()
+            assert kinds[-1] == "response.completed"
+        else:
+            resp = client.responses.create(model="resp-chain", input="fall over")
+        assert resp.output_text.endswith("You said: fall over"), resp.output_text
+        first = mocks["openai"].take()
+        assert [r["path"] for r in first] == ["/v1/responses"]
+        assert json.loads(first[0]["body"])["model"] == "mock-500"
+        assert [r["path"] for r in mocks["anthropic"].take()] == ["/v1/messages"]
+
+
+def test_a_multipart_upload_fails_over_with_its_model_field_rewritten(failover, mocks):
+    import openai
+    client = openai.OpenAI(base_url=failover.url + "/v1", api_key="sk-client", max_retries=0)
+    audio = b"RIFF" + bytes(range(256)) * 8
+    raw = client.audio.transcriptions.with_raw_response.create(
+        model="whisper-chain", file=("a.wav", audio, "audio/wav"))
+    assert raw.headers["x-meshllm-provider"] == "groq"
+    assert raw.headers["x-meshllm-attempts"] == "2"
+    assert str(len(audio)) in raw.parse().text
+    (first,) = mocks["openai"].take()
+    (second,) = mocks["groq"].take()
+    assert "\r\n\r\nmock-500\r\n" in first["body"]
+    assert "\r\n\r\nwhisper-large-v3\r\n" in second["body"]
+    assert second["path"] == "/openai/v1/audio/transcriptions"
+    assert second["headers"]["authorization"] == f"Bearer {KEYS['GROQ_API_KEY']}"

@@ -1,6 +1,8 @@
 """The OpenAI Responses API (`client.responses`) through a real Envoy, with
-the official SDK as the client, to every provider kind through the chat
-pivot: plain, streamed, and a tool call with its result sent back."""
+the official SDK as the client, to every provider kind (OpenAI as itself,
+the others through the chat pivot): plain, streamed, a tool call with its
+result sent back, JSON schema output. OpenAI's own Responses features are in
+test_openai_surface.py."""
 
 import json
 
@@ -108,3 +110,30 @@ def test_a_broken_stream_ends_failed_not_completed(client):
         kinds = [event.type for event in stream]
     assert "response.completed" not in kinds
     assert kinds[-1] == "response.failed" and "error" in kinds
+
+
+CITY = {"type": "json_schema", "name": "city", "strict": True,
+        "schema": {"type": "object", "properties": {"city_name": {"type": "string"}},
+                   "required": ["city_name"], "additionalProperties": False}}
+
+
+@pytest.mark.parametrize("model,mock,carried", [
+    ("gpt-4o-mini", "openai", lambda b: b["text"]["format"] == CITY),
+    ("llama-3.3-70b", "groq",
+     lambda b: b["response_format"]["json_schema"]["schema"] == CITY["schema"]),
+    ("gemini-flash", "gemini",
+     lambda b: b["generationConfig"]["responseJsonSchema"] == CITY["schema"]),
+])
+def test_json_schema_output_reaches_providers_that_have_it(client, mocks, model, mock, carried):
+    resp = client.responses.create(model=model, input="a city", text={"format": CITY})
+    assert resp.status == "completed"
+    (sent,) = mocks[mock].take()
+    assert carried(json.loads(sent["body"])), sent["body"]
+
+
+@pytest.mark.parametrize("model", ["claude-sonnet", "bedrock-claude"])
+def test_json_schema_output_elsewhere_is_a_400_naming_text(client, mocks, model):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=model, input="a city", text={"format": CITY})
+    assert e.value.param == "text" and "'text.format'" in e.value.message, e.value.message
+    assert all(m.take() == [] for m in mocks.values())

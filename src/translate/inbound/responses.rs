@@ -1027,7 +1027,7 @@ impl CallerTranslator for Responses {
         chat_response_to_responses(pivot)
     }
     fn error_body(&self, error: &ApiError) -> Vec<u8> {
-        error.body()
+        in_responses_terms(error).body()
     }
     fn error_from_pivot(&self, _status: u16, pivot: &[u8]) -> Vec<u8> {
         pivot.to_vec()
@@ -1038,8 +1038,56 @@ impl CallerTranslator for Responses {
     }
 }
 
+/// The pivot's parameter names a provider's refusal uses, and the
+/// Responses request's names for them.
+const PIVOT_PARAMS: &[(&str, &str)] = &[
+    ("response_format", "text"),
+    ("max_completion_tokens", "max_output_tokens"),
+    ("max_tokens", "max_output_tokens"),
+    ("messages", "input"),
+    ("reasoning_effort", "reasoning"),
+];
+
+/// An error about the translated request, named in the caller's terms: a
+/// Responses caller never sent `response_format` but `text.format`.
+fn in_responses_terms(error: &ApiError) -> ApiError {
+    let mut out = error.clone();
+    if let Some((_, theirs)) = PIVOT_PARAMS.iter().find(|(p, _)| Some(*p) == error.param) {
+        out.param = Some(theirs);
+        for (pivot, responses) in PIVOT_PARAMS {
+            let shown = if *pivot == "response_format" {
+                "text.format"
+            } else {
+                responses
+            };
+            out.message = out
+                .message
+                .replace(&format!("'{pivot}'"), &format!("'{shown}'"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_providers_refusal_names_the_responses_parameter() {
+        let refusal = ApiError::invalid_request(
+            Some("unsupported_parameter"),
+            "The Anthropic provider does not support 'response_format' of type json_schema.".into(),
+        )
+        .with_param("response_format");
+        let v: Value = serde_json::from_slice(&Responses.error_body(&refusal)).unwrap();
+        assert_eq!(v["error"]["param"], "text");
+        assert_eq!(
+            v["error"]["message"],
+            "The Anthropic provider does not support 'text.format' of type json_schema."
+        );
+        let other = ApiError::invalid_request(None, "x".into()).with_param("tools");
+        let v: Value = serde_json::from_slice(&Responses.error_body(&other)).unwrap();
+        assert_eq!(v["error"]["param"], "tools");
+    }
 
     #[test]
     fn what_only_openai_serves_is_recognised() {
