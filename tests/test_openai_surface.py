@@ -201,7 +201,9 @@ def test_files_and_batches_reach_the_default_provider(client, mocks, gateway):
     sent = only(mocks["openai"], "/v1/files")
     assert sent["headers"]["authorization"] == f"Bearer {KEYS['OPENAI_API_KEY']}"
     assert jsonl.decode() in sent["body"]
-    assert client.files.retrieve(f.id).filename == "in.jsonl"
+    got = client.files.with_raw_response.retrieve(f.id)
+    assert got.headers["x-meshllm-provider"] == "openai"
+    assert got.parse().filename == "in.jsonl"
     assert client.files.content(f.id).read() == jsonl
     batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
                                   completion_window="24h")

@@ -12,6 +12,7 @@ use crate::config::operations::{Account, Operation};
 use crate::config::providers::Provider;
 use crate::core::api_error::ApiError;
 use crate::host::Host;
+use crate::pipeline::handoff::PROVIDER_RESPONSE_HEADER;
 use crate::providers::ProviderKind;
 
 impl Router {
@@ -32,6 +33,10 @@ impl Router {
             return self.reject(host, no_account_provider(&self.req.path));
         };
         self.req.account_provider = Some(index);
+        // The answer names its provider, as every forwarded call's does.
+        self.req
+            .answer_headers
+            .push((PROVIDER_RESPONSE_HEADER.into(), provider.name.clone()));
         if provider.key_missing {
             let error = ApiError::new(
                 500,
