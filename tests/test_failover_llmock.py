@@ -83,8 +83,11 @@ def gateway(wasm, llmock):
              "base_url": "http://llmock.test/anthropic/v1", "api_key_env": "ANTHROPIC_API_KEY"},
             {"name": "lm-gemini", "kind": "gemini", "base_url": "http://llmock.test/gemini/v1beta",
              "api_key_env": "GEMINI_API_KEY"},
+            # OpenAI's own kind: Responses callers reach LLMock's /v1/responses.
+            {"name": "lm-openai-itself", "kind": "openai", "base_url": "http://llmock.test/v1",
+             "api_key_env": "OPENAI_API_KEY"},
         ],
-        "models": [],
+        "models": [{"name": "lm-responses", "provider": "lm-openai-itself", "model": "gpt-ok"}],
         "routes": [],
         "failover": {"max_attempts": 2, "per_try_timeout_ms": 5000},
     }
@@ -147,3 +150,39 @@ def test_third_party_failures_fail_over_once_under_load(llmock, gateway, route):
     assert 0 < sum(tried.values()) < REQUESTS, "the failing target never cooled down"
     assert sum(tried.values()) == sum(1 for *_, h, _ in results
                                       if h.get("x-meshllm-attempts") == "2")
+
+
+def test_a_third_party_responses_api_passes_through_watched_under_load(llmock, gateway):
+    """LLMock's own Responses events (written by others) pass event for
+    event to 64 concurrent SDK callers, plain and streamed, each answered
+    once, with the usage LLMock reported counted."""
+    import openai
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, _ = llmock
+    http("POST", url + "/_llmock/reset")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{gateway.port}/v1", api_key="sk-client",
+                           max_retries=0, timeout=30)
+
+    def one(i):
+        nonce = f"resp-{i}"
+        if i % 2:
+            with client.responses.stream(model="lm-responses", input=f"nonce:{nonce}") as s:
+                kinds = [e.type for e in s]
+                final = s.get_final_response()
+            assert kinds[0] == "response.created" and kinds[-1] == "response.completed", kinds
+        else:
+            final = client.responses.create(model="lm-responses", input=f"nonce:{nonce}")
+        assert f"nonce:{nonce}" in final.output_text, final.output_text
+        assert final.usage.input_tokens > 0
+        return final.usage.input_tokens + final.usage.output_tokens
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        tokens = sum(pool.map(one, range(128)))
+    counts = journal(url)
+    for i in range(128):
+        assert counts[("gpt-ok", f"resp-{i}")] == 1, i
+    counted = sum(v for labels, v in gateway.series("meshllm_tokens_total")
+                  if labels.get("gen_ai_request_model") == "lm-responses"
+                  and labels.get("gen_ai_token_type") in ("input", "output"))
+    assert counted == tokens
