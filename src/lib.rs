@@ -12,6 +12,7 @@
 pub mod access;
 pub mod config;
 pub mod core;
+pub mod guard;
 pub mod host;
 pub mod metrics;
 pub mod pipeline;

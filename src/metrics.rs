@@ -48,6 +48,8 @@ pub const QUOTA_STORE_CALLS_TOTAL: &str = "meshllm_quota_store_calls_total";
 pub const QUOTA_LEASE_UNITS_TOTAL: &str = "meshllm_quota_lease_units_total";
 /// Requests admitted from a lease, without a call to the store.
 pub const QUOTA_LEASE_ADMISSIONS_TOTAL: &str = "meshllm_quota_lease_admissions_total";
+/// Guardrail decisions, by rule, action and side (request or response).
+pub const GUARDRAIL_DECISIONS_TOTAL: &str = "meshllm_guardrail_decisions_total";
 
 /// Every label the filter puts in a metric name, besides `tag_<name>` for
 /// attribution tags. render.py turns each into an Envoy tag extractor.
@@ -67,6 +69,9 @@ pub const LABELS: &[&str] = &[
     "kind",
     "scope",
     "outcome",
+    "guardrail",
+    "action",
+    "stage",
 ];
 
 /// What kind of stat a metric is.
@@ -115,6 +120,18 @@ const QUOTA_REFUSAL: [&str; 8] = [
 const KIND_OUTCOME: [&str; 2] = ["kind", "outcome"];
 
 pub const FAMILIES: &[Family] = &[
+    Family {
+        name: GUARDRAIL_DECISIONS_TOTAL,
+        kind: Kind::Counter,
+        labels: &[
+            "caller_namespace",
+            "caller_service",
+            "guardrail",
+            "action",
+            "stage",
+        ],
+        tags: false,
+    },
     Family {
         name: REQUESTS_TOTAL,
         kind: Kind::Counter,

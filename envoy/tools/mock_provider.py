@@ -49,6 +49,8 @@ Behaviour is chosen by the upstream model name, so tests can script it:
   mock-reset      closes the connection without answering
   mock-stall      waits 5 s before answering (longer than a test per-try timeout)
   mock-slow       answers normally after 300 ms
+  mock-split      (OpenAI chat, streamed) five characters an event, so words
+                  and secrets are split across events
   mock-cut        (streamed) ends the HTTP response cleanly part-way, without
                   the closing event (Anthropic's message_stop, the Responses
                   API's response.completed after two deltas, legacy
@@ -448,8 +450,12 @@ class Handler(BaseHTTPRequestHandler):
             return f"data: {json.dumps(obj)}\n\n"
 
         pieces = text.split(" ")
+        pieces = [p if i == 0 else " " + p for i, p in enumerate(pieces)]
+        if model == "mock-split":
+            # Five characters an event: words (and secrets) split across events.
+            pieces = [text[i:i + 5] for i in range(0, len(text), 5)]
         events = [chunk({"role": "assistant", "content": ""})]
-        events += [chunk({"content": (p if i == 0 else " " + p)}) for i, p in enumerate(pieces)]
+        events += [chunk({"content": p}) for p in pieces]
         events.append(chunk({}, finish="stop"))
         if include_usage:
             events.append(chunk(None, choices=False, usage_value=usage))

@@ -51,7 +51,7 @@ METRIC_LABELS = [
     "gen_ai_operation_name", "gen_ai_provider_name",
     "gen_ai_request_model", "gen_ai_response_model",
     "gen_ai_token_type", "error_type", "route_reason", "fallback_from",
-    "limit", "reason", "kind", "scope", "outcome",
+    "limit", "reason", "kind", "scope", "outcome", "guardrail", "action", "stage",
 ]
 
 # Envoy puts the stats a filter defines under a namespace of its own:
@@ -132,7 +132,7 @@ def stats_bootstrap(plugin_config=None):
 FILTER_STATE_FIELDS = [
     "caller", "tags", "provider", "request_model", "response_model", "attempts",
     "route_reason", "input_tokens", "output_tokens", "cached_tokens",
-    "tokens_estimated", "cost_micro_usd", "ttft_ms", "quota", "policy",
+    "tokens_estimated", "cost_micro_usd", "ttft_ms", "quota", "policy", "guardrails",
 ]
 NATIVE_LOG_NAMESPACE = "meshllm"
 

@@ -72,6 +72,15 @@ impl Applied {
             .map_or(name, String::as_str)
     }
 
+    /// The guardrail rules this caller gets: its namespace's list, else
+    /// the configured default.
+    pub fn guardrails<'a>(&'a self, config: &'a Config) -> &'a [usize] {
+        match self.policy.as_ref().and_then(|p| p.guardrails.as_ref()) {
+            Some(list) => list,
+            None => &config.guardrails.default,
+        }
+    }
+
     /// What `name` denotes for this caller (namespace aliases included).
     pub fn target(&self, config: &Config, name: &str) -> Option<Target> {
         config.target(self.resolve(name))

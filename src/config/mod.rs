@@ -36,6 +36,7 @@ use crate::config::namespaces::{
 };
 use crate::config::providers::{attempt_header_names, compile_providers, Provider};
 use crate::config::routing::{compile_failover, compile_routes, Failover, RoutePolicy};
+use crate::guard::policy::{compile_guardrails, Guardrails};
 use crate::quota::limits::{compile_attribution, compile_quotas, Known, QuotaPolicy, Tag};
 
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 10 * 1024 * 1024;
@@ -86,6 +87,8 @@ pub struct Config {
     /// stored responses): `default_provider`, else the first of kind
     /// openai or azure_openai. An index into `providers`.
     pub account_provider: Option<usize>,
+    /// Guardrail rules, and those callers get by default.
+    pub guardrails: Guardrails,
 }
 
 impl Config {
@@ -200,6 +203,9 @@ impl Document for Config {
     fn store_lease(&self) -> Option<u64> {
         self.store().and_then(|s| s.lease_proxies)
     }
+    fn guardrail(&self, name: &str) -> Option<usize> {
+        self.guardrails.index(name)
+    }
 }
 
 #[derive(Debug)]
@@ -223,6 +229,7 @@ const TOP_LEVEL_FIELDS: &[&str] = &[
     "allowed_models",
     "namespaces",
     "default_provider",
+    "guardrails",
 ];
 
 /// Parses, validates and compiles a plugin configuration document.
@@ -291,6 +298,7 @@ pub fn compile(doc: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Compi
     let quotas = compile_quotas(obj.get("quotas"), &tags, &known)?;
     let hosts = compile_hosts(obj.get("hosts"))?;
     let account_provider = compile_account_provider(obj.get("default_provider"), &providers)?;
+    let guardrails = compile_guardrails(obj.get("guardrails"))?;
     let attempt_header_names = attempt_header_names(&providers);
     let (models_list_body, model_bodies) = model_listing(&models, &providers, &routes);
     let mut config = Config {
@@ -313,6 +321,7 @@ pub fn compile(doc: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Compi
         namespaces: HashMap::new(),
         listener_policies: ListenerCache::default(),
         account_provider,
+        guardrails,
     };
     // Allow-lists and namespace aliases name the document's public names.
     if let Some(v) = obj.get("allowed_models") {

@@ -31,6 +31,9 @@ pub struct NamespacePolicy {
     pub aliases: BTreeMap<String, String>,
     /// Rules added to the mesh's; named `<namespace>/<rule>`.
     pub rules: Vec<Rc<LimitRule>>,
+    /// The guardrail rules its callers get, replacing the default list;
+    /// None: the default list applies.
+    pub guardrails: Option<Vec<usize>>,
 }
 
 /// What a namespace policy is compiled against: the document's public
@@ -48,6 +51,8 @@ pub trait Document {
     fn store_failure(&self) -> Option<crate::quota::store::FailureMode>;
     /// `quotas.store.lease.proxies`; None: shared rules stay exact by default.
     fn store_lease(&self) -> Option<u64>;
+    /// A guardrail rule by name, as an index into the section's rules.
+    fn guardrail(&self, name: &str) -> Option<usize>;
 }
 
 /// How errors in a listener policy name their fields.
@@ -178,7 +183,13 @@ pub fn compile_namespaces(
     Ok(out)
 }
 
-const POLICY_FIELDS: &[&str] = &["allowed_models", "aliases", "services", "quotas"];
+const POLICY_FIELDS: &[&str] = &[
+    "allowed_models",
+    "aliases",
+    "services",
+    "quotas",
+    "guardrails",
+];
 
 /// One namespace policy at `at` (a `namespaces` entry or a listener's).
 pub fn compile_namespace(
@@ -247,12 +258,21 @@ pub fn compile_namespace(
         }
     }
     let rules = compile_rules(at, namespace, obj.get("quotas"), config, &aliases, &lookup)?;
+    let guardrails = obj
+        .get("guardrails")
+        .map(|v| {
+            crate::guard::policy::rule_list(&format!("{at}.guardrails"), v, &|n| {
+                config.guardrail(n)
+            })
+        })
+        .transpose()?;
     Ok(NamespacePolicy {
         namespace: namespace.to_string(),
         allowed,
         services,
         aliases,
         rules,
+        guardrails,
     })
 }
 

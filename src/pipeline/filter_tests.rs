@@ -4208,3 +4208,259 @@ fn stored_object_calls_go_to_the_account_provider_unbuffered() {
     assert_eq!(sent.status, 404);
     assert!(sent.text().contains("default_provider"), "{}", sent.text());
 }
+
+// ---------------------------------------------------------------------------
+// Guardrails on requests
+
+fn guard_config() -> Rc<Config> {
+    let mut doc: Value = serde_json::from_str(ROUTED_CONFIG).unwrap();
+    doc["identity"] = serde_json::json!({"source": "trusted_header", "header": "x-caller"});
+    doc["guardrails"] = serde_json::json!({
+        "rules": [
+            {"name": "pii", "pii": ["email"], "action": "redact"},
+            {"name": "watch", "keywords": ["falcon"], "action": "flag"},
+            {"name": "no-secrets", "secrets": true, "action": "block"},
+        ],
+        "default": ["pii", "no-secrets"]
+    });
+    doc["namespaces"] = serde_json::json!({"lab": {"guardrails": ["watch"]}});
+    config_from(&doc.to_string())
+}
+
+fn guard_counts(host: &MockHost) -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = host
+        .counters
+        .iter()
+        .filter(|(k, _)| k.starts_with(crate::metrics::GUARDRAIL_DECISIONS_TOTAL))
+        .map(|(k, v)| (k.clone(), *v))
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn guardrails_redact_before_the_body_leaves_and_block_in_the_callers_shape() {
+    let cfg = guard_config();
+    let mut host = MockHost::default();
+    let body = r#"{"model": "fast", "messages": [{"role": "user", "content": "mail bob@example.com about falcon"}]}"#;
+    let (_, flow) = ns_call(
+        &cfg,
+        Role::Standalone,
+        &mut host,
+        "/v1/chat/completions",
+        body,
+        "shop/web",
+    );
+    assert_eq!(
+        flow,
+        Flow::Continue,
+        "{:?}",
+        host.sent.first().map(Sent::text)
+    );
+    let sent: Value = serde_json::from_slice(&host.request_body).unwrap();
+    assert_eq!(
+        sent["messages"][0]["content"],
+        "mail [REDACTED:email] about falcon"
+    );
+    assert_eq!(
+        host.req("content-length"),
+        Some(host.request_body.len().to_string())
+    );
+    assert_eq!(
+        guard_counts(&host),
+        [(
+            format!(
+                "{};caller_namespace=shop;caller_service=web;guardrail=pii;action=redact;stage=request",
+                crate::metrics::GUARDRAIL_DECISIONS_TOTAL
+            ),
+            1
+        )]
+    );
+
+    // A secret in an Anthropic request: 400 in Anthropic's shape, nothing sent.
+    let body = ANTHROPIC_BODY
+        .replace("{MODEL}", "fast")
+        .replace("\"hi\"", "\"key sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv\"");
+    let (_, flow) = ns_call(
+        &cfg,
+        Role::Standalone,
+        &mut host,
+        "/v1/messages",
+        &body,
+        "shop/web",
+    );
+    assert_eq!(flow, Flow::Pause);
+    let reply = host.reply();
+    assert_eq!(reply.status, 400);
+    let v: Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(v["type"], "error");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("`no-secrets`"), "{message}");
+    assert!(
+        !reply.text().contains("sk-proj"),
+        "the refusal never quotes the content"
+    );
+    assert!(
+        host.request_body.is_empty()
+            || !String::from_utf8_lossy(&host.request_body).contains("[REDACTED")
+    );
+    let log = String::from_utf8(host.properties[LOG_GUARDRAILS].clone()).unwrap();
+    assert_eq!(log, "no-secrets:block:request:secret");
+}
+
+#[test]
+fn a_namespace_names_its_own_guardrails() {
+    let cfg = guard_config();
+    let mut host = MockHost::default();
+    // `lab` gets only the flagging rule: the email passes, the flag is counted.
+    let body =
+        r#"{"model": "fast", "messages": [{"role": "user", "content": "bob@example.com falcon"}]}"#;
+    let (mut f, flow) = ns_call(
+        &cfg,
+        Role::Standalone,
+        &mut host,
+        "/v1/chat/completions",
+        body,
+        "lab/app",
+    );
+    assert_eq!(flow, Flow::Continue);
+    assert!(
+        String::from_utf8_lossy(&host.request_body).contains("bob@example.com")
+            || host.request_body.is_empty()
+    );
+    f.on_done(&mut host);
+    let log = String::from_utf8(host.properties[LOG_GUARDRAILS].clone()).unwrap();
+    assert_eq!(log, "watch:flag:request:keyword");
+    // No rules fired: no log field, no metric.
+    let body = r#"{"model": "fast", "messages": [{"role": "user", "content": "hello"}]}"#;
+    let mut host = MockHost::default();
+    let (mut f, flow) = ns_call(
+        &cfg,
+        Role::Standalone,
+        &mut host,
+        "/v1/chat/completions",
+        body,
+        "shop/web",
+    );
+    assert_eq!(flow, Flow::Continue);
+    f.on_done(&mut host);
+    assert!(host.properties.contains_key(LOG_POLICY));
+    assert!(!host.properties.contains_key(LOG_GUARDRAILS));
+    assert!(guard_counts(&host).is_empty());
+}
+
+#[test]
+fn answer_guardrails_redact_or_withhold_a_complete_answer() {
+    let cfg = guard_config();
+    for (answer_text, status, want) in [
+        (
+            "write to alice@example.org",
+            200,
+            "write to [REDACTED:email]",
+        ),
+        (
+            "the key is sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv",
+            400,
+            "`no-secrets`",
+        ),
+        ("nothing to see", 200, "nothing to see"),
+    ] {
+        let mut host = MockHost::default();
+        let body = r#"{"model": "fast", "messages": [{"role": "user", "content": "hi"}]}"#;
+        let (mut f, flow) = ns_call(
+            &cfg,
+            Role::Standalone,
+            &mut host,
+            "/v1/chat/completions",
+            body,
+            "shop/web",
+        );
+        assert_eq!(flow, Flow::Continue);
+        let answer = serde_json::json!({"id": "x", "object": "chat.completion", "created": 1,
+            "model": "m", "choices": [{"index": 0, "finish_reason": "stop",
+            "message": {"role": "assistant", "content": answer_text}}]})
+        .to_string();
+        host.respond(
+            200,
+            &[
+                ("content-type", "application/json"),
+                ("content-length", &answer.len().to_string()),
+            ],
+            answer.as_bytes(),
+            Some("via_upstream"),
+        );
+        // Held: the answer is read whole before anything passes.
+        assert_eq!(f.on_response_headers(&mut host, false), Flow::Pause);
+        assert_eq!(host.resp("content-length"), None);
+        let size = host.response_body.len();
+        assert_eq!(f.on_response_body(&mut host, size, true), Flow::Continue);
+        f.on_done(&mut host);
+        assert_eq!(
+            host.resp(":status"),
+            Some(status.to_string()),
+            "{answer_text}"
+        );
+        let got = String::from_utf8_lossy(&host.response_body).into_owned();
+        assert!(got.contains(want), "{answer_text}: {got}");
+        assert!(!got.contains("sk-proj"), "{got}");
+    }
+}
+
+#[test]
+fn a_streamed_answer_is_screened_as_it_flows() {
+    let cfg = guard_config();
+    let mut host = MockHost::default();
+    let body =
+        r#"{"model": "fast", "stream": true, "messages": [{"role": "user", "content": "hi"}]}"#;
+    let (mut f, flow) = ns_call(
+        &cfg,
+        Role::Standalone,
+        &mut host,
+        "/v1/chat/completions",
+        body,
+        "shop/web",
+    );
+    assert_eq!(flow, Flow::Continue);
+    host.respond(
+        200,
+        &[("content-type", "text/event-stream")],
+        b"",
+        Some("via_upstream"),
+    );
+    assert_eq!(f.on_response_headers(&mut host, false), Flow::Continue);
+    let chunk = |t: &str| {
+        format!(
+            "data: {}\n\n",
+            serde_json::json!({"id": "c", "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": {"content": t}, "finish_reason": null}]})
+        )
+    };
+    let mut sent = String::new();
+    for (i, piece) in [
+        "write to ali",
+        "ce@example.org",
+        " today, and then some more words",
+    ]
+    .iter()
+    .enumerate()
+    {
+        host.response_body = chunk(piece).into_bytes();
+        let size = host.response_body.len();
+        assert_eq!(f.on_response_body(&mut host, size, false), Flow::Continue);
+        let out = String::from_utf8_lossy(&host.response_body).into_owned();
+        assert!(
+            !out.contains("ali") || i == 0 && !out.contains("ce@"),
+            "{out}"
+        );
+        assert!(!out.contains("ce@example"), "{out}");
+        sent.push_str(&out);
+    }
+    host.response_body = b"data: [DONE]\n\n".to_vec();
+    assert_eq!(f.on_response_body(&mut host, 14, true), Flow::Continue);
+    sent.push_str(&String::from_utf8_lossy(&host.response_body));
+    f.on_done(&mut host);
+    assert!(sent.contains("[REDACTED:email]"), "{sent}");
+    assert!(sent.ends_with("data: [DONE]\n\n"), "{sent}");
+    let log = String::from_utf8(host.properties[LOG_GUARDRAILS].clone()).unwrap();
+    assert_eq!(log, "pii:redact:response:email");
+}

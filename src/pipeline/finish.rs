@@ -33,6 +33,8 @@ pub const LOG_COST: &str = "meshllm.cost_micro_usd";
 pub const LOG_TTFT: &str = "meshllm.ttft_ms";
 pub const LOG_QUOTA: &str = "meshllm.quota";
 pub const LOG_POLICY: &str = "meshllm.policy";
+/// Guardrail decisions: `rule:action:side:found`, comma-separated.
+pub const LOG_GUARDRAILS: &str = "meshllm.guardrails";
 /// The caller's path, kept before the request is pointed at a provider:
 /// Envoy's `:path` is the provider's from then on.
 pub const LOG_PATH: &str = "meshllm.path";
@@ -57,6 +59,7 @@ impl Router {
         if self.req.finished || self.phase == Phase::Bypass {
             return;
         }
+        self.drain_stream_guard(host);
         self.req.finished = true;
         let alone = self.serves_alone();
         let config = Rc::clone(&self.config);
@@ -337,6 +340,9 @@ fn account(
     }
     if let Some(reason) = &req.reason {
         log.push((LOG_ROUTE_REASON, reason.clone()));
+    }
+    if !req.guard_log.is_empty() {
+        log.push((LOG_GUARDRAILS, req.guard_log.join(",")));
     }
     if let Some(ttft) = fields.ttft_us {
         log.push((LOG_TTFT, metrics::millis(ttft).to_string()));

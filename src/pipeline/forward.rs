@@ -50,6 +50,12 @@ impl Router {
             self.req.started_us,
             reason,
         );
+        let mut attempt = attempt;
+        if call.stream {
+            attempt.stream_guard = self.stream_guard();
+        } else {
+            attempt.answer_guard = self.req.answer_guard.clone();
+        }
         let entry_headers = self.req.entry_headers.take();
         self.forward = Forward::Inline(Box::new(attempt));
         let Forward::Inline(attempt) = &mut self.forward else {

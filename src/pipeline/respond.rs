@@ -7,16 +7,20 @@
 
 use super::answer::{bodiless, reply_status, rewrites_body, ResponseMode, Serving, Step};
 use super::flow::Flow;
+use super::guard::{blocked, Side};
 use super::state::{Attempt, AttemptEnd, ClusterChoice, Forward, Phase, Place, Router};
 use crate::config::providers::Provider;
+use crate::config::Config;
 use crate::core::api_error::ApiError;
+use crate::guard::screen::{screen_body, Screened};
 use crate::host::Host;
 use crate::pipeline::handoff::{
     self, ATTEMPTS_RESPONSE_HEADER, MODEL_RESPONSE_HEADER, PROVIDER_RESPONSE_HEADER,
     ROUTE_RESPONSE_HEADER,
 };
 use crate::translate::exchange::{self, ErrorReply};
-use crate::translate::StreamTranslator;
+use crate::translate::{Chain, StreamTranslator};
+use std::rc::Rc;
 
 /// Provider rate-limit headers describe the gateway's account with the
 /// provider, not the caller's limits: dropped when quotas are configured.
@@ -109,13 +113,23 @@ impl Attempt {
             // Provider error events may quote the key: the stream is redacted.
             let secrets = self.provider().map(Provider::secrets).unwrap_or_default();
             let created = host.now_unix_seconds();
-            if let Some(translator) = exchange::stream_translator(x, created, &secrets) {
+            let translator = exchange::stream_translator(x, created, &secrets);
+            // The caller's answer guardrails read what the caller would get.
+            let guarded: Option<Box<dyn StreamTranslator>> =
+                match (translator, self.stream_guard.take()) {
+                    (Some(t), Some(g)) => Some(Box::new(Chain::new(t, g))),
+                    (Some(t), None) => Some(t),
+                    (None, Some(g)) => Some(Box::new(g)),
+                    (None, None) => None,
+                };
+            if let Some(translator) = guarded {
                 rewrites_body(host, "text/event-stream");
                 self.answer.mode = ResponseMode::Stream(translator);
             }
             return Step::Go(Flow::Continue);
         }
-        if exchange::translates_response(x) {
+        // Answer guardrails read the answer whole, as a translation does.
+        if exchange::translates_response(x) || !self.answer_guard.is_empty() {
             rewrites_body(host, "application/json");
             self.answer.mode = ResponseMode::Translate;
             // Hold the headers: an answer that cannot be translated must not
@@ -250,12 +264,58 @@ impl Attempt {
                 Some(exchange::error_body(self.caller, &error))
             }
         };
+        let new_body = match self.screen_answer(new_body.as_deref().unwrap_or(&body)) {
+            ScreenedAnswer::AsIs => new_body,
+            ScreenedAnswer::Redacted(b) => Some(b),
+            ScreenedAnswer::Blocked(error) => {
+                self.answer.status = error.status;
+                let _ = host.set_response_header(":status", &error.status.to_string());
+                Some(exchange::error_body(self.caller, &error))
+            }
+        };
         if let Some(new_body) = new_body {
             if let Err(e) = host.replace_response_body(body_size, &new_body) {
                 log::warn!("could not rewrite a response body: {e}");
             }
         }
         Step::Go(Flow::Continue)
+    }
+
+    /// The caller's answer guardrails on a complete 2xx answer in its
+    /// shape; the decisions wait for the listener half to count them.
+    fn screen_answer(&mut self, body: &[u8]) -> ScreenedAnswer {
+        if self.answer_guard.is_empty() || !(200..300).contains(&self.answer.status) {
+            return ScreenedAnswer::AsIs;
+        }
+        let config = Rc::clone(&self.config);
+        let mut screened = screen_body(&config.guardrails.rules, &self.answer_guard, body);
+        self.guard_decisions = std::mem::take(&mut screened.decisions);
+        screened.verdict(&config)
+    }
+}
+
+/// A complete answer after the answer guardrails.
+pub(super) enum ScreenedAnswer {
+    AsIs,
+    Redacted(Vec<u8>),
+    /// Withheld: the caller gets this error instead.
+    Blocked(ApiError),
+}
+
+impl Screened {
+    pub(super) fn verdict(self, config: &Config) -> ScreenedAnswer {
+        if let Some(i) = self.blocked {
+            let name = config
+                .guardrails
+                .rules
+                .get(i)
+                .map_or("", |r| r.name.as_str());
+            return ScreenedAnswer::Blocked(blocked(name, Side::Response));
+        }
+        match self.body {
+            Some(b) => ScreenedAnswer::Redacted(b),
+            None => ScreenedAnswer::AsIs,
+        }
     }
 }
 
@@ -327,9 +387,19 @@ impl Router {
                 let status = self.answer.status;
                 if !self.req.streaming && (200..300).contains(&status) && !end_of_stream {
                     self.answer.mode = ResponseMode::Hold;
+                    if !self.req.answer_guard.is_empty() {
+                        // A redaction changes its length.
+                        let _ = host.remove_response_header("content-length");
+                    }
                     return Flow::Pause;
                 }
                 self.answer.mode = ResponseMode::PassThrough;
+                if self.req.streaming && (200..300).contains(&status) && !end_of_stream {
+                    if let Some(guard) = self.stream_guard() {
+                        rewrites_body(host, "text/event-stream");
+                        self.answer.mode = ResponseMode::Stream(Box::new(guard));
+                    }
+                }
                 if end_of_stream && status >= 400 {
                     // A provider's bodiless error, left for Envoy to retry:
                     // the last one is answered here, in the caller's shape.
@@ -389,6 +459,9 @@ impl Router {
         if let Forward::Inline(attempt) = &mut self.forward {
             let step = attempt.response_body(host, body_size, end_of_stream);
             self.req.status = attempt.answer.status;
+            let decisions = std::mem::take(&mut attempt.guard_decisions);
+            self.note_guard_decisions(host, Side::Response, &decisions);
+            self.drain_stream_guard(host);
             return self.take_step(host, step);
         }
         let serving = Serving {
@@ -413,15 +486,22 @@ impl Router {
                         self.answer.status = status;
                         let _ = host.set_response_header(":status", &status.to_string());
                     }
-                    Step::Go(Flow::Continue)
+                    self.screen_held_answer(host, body_size)
                 }
             }
             ResponseMode::Error { .. } => {
                 self.answer
                     .error_body(host, body_size, end_of_stream, &serving)
             }
+            ResponseMode::Stream(ref mut guard) => Step::Go(translate_stream_chunk(
+                host,
+                guard.as_mut(),
+                body_size,
+                end_of_stream,
+            )),
             _ => Step::Go(Flow::Continue),
         };
+        self.drain_stream_guard(host);
         self.req.status = self.answer.status;
         self.take_step(host, step)
     }
@@ -430,6 +510,38 @@ impl Router {
         match step {
             Step::Go(flow) => flow,
             Step::Replace(status, body) => self.replace_answer(host, status, &body),
+        }
+    }
+
+    /// A chain's complete answer, held here, after the caller's answer
+    /// guardrails.
+    fn screen_held_answer(&mut self, host: &mut dyn Host, body_size: usize) -> Step {
+        if self.req.answer_guard.is_empty() || !(200..300).contains(&self.answer.status) {
+            return Step::Go(Flow::Continue);
+        }
+        let body = match host.response_body(body_size) {
+            Ok(b) => b,
+            Err(e) => {
+                log::warn!("could not read an answer to screen: {e}");
+                return Step::Go(Flow::Continue);
+            }
+        };
+        let config = Rc::clone(&self.config);
+        let screened = screen_body(&config.guardrails.rules, &self.req.answer_guard, &body);
+        let decisions = screened.decisions.clone();
+        self.note_guard_decisions(host, Side::Response, &decisions);
+        match screened.verdict(&config) {
+            ScreenedAnswer::AsIs => Step::Go(Flow::Continue),
+            ScreenedAnswer::Redacted(new) => {
+                if let Err(e) = host.replace_response_body(body_size, &new) {
+                    log::warn!("could not rewrite a response body: {e}");
+                }
+                Step::Go(Flow::Continue)
+            }
+            ScreenedAnswer::Blocked(error) => {
+                let body = exchange::error_body(self.req.caller, &error);
+                Step::Replace(error.status, body)
+            }
         }
     }
 

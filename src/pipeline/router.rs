@@ -19,7 +19,7 @@ use crate::core::json::TopLevel;
 use crate::host::{CalloutAnswer, CalloutId, Host};
 
 impl Router {
-    /// The body is complete: route, admit, forward.
+    /// The body is complete: guard, route, admit, forward.
     fn route_admit_forward(&mut self, host: &mut dyn Host, body_size: usize) -> Flow {
         let body = match host.request_body(body_size) {
             Ok(b) => b,
@@ -29,6 +29,10 @@ impl Router {
             }
         };
         keep_caller_path(host, &self.req.path);
+        let body = match self.guard_request(host, body) {
+            Ok(b) => b,
+            Err(e) => return self.reject(host, e),
+        };
         let doc = match request::parse_body(
             &body,
             self.req.operation.unwrap_or(Operation::ChatCompletions),

@@ -84,6 +84,13 @@ pub(super) struct RequestState {
     pub entry_headers: Option<Vec<String>>,
     /// A call on stored objects: the provider it went to.
     pub account_provider: Option<usize>,
+    /// Guardrail decisions, as the access log shows them
+    /// (`rule:action:side:found`).
+    pub guard_log: Vec<String>,
+    /// The caller's guardrails on answers (rules with `on: response`).
+    pub answer_guard: Vec<usize>,
+    /// Where a streamed answer's guard leaves its decisions.
+    pub guard_sink: Option<crate::guard::stream::DecisionSink>,
     /// The request was counted and settled.
     pub finished: bool,
 }
@@ -111,6 +118,9 @@ impl Default for RequestState {
             extra_models: None,
             entry_headers: None,
             account_provider: None,
+            guard_log: Vec::new(),
+            answer_guard: Vec::new(),
+            guard_sink: None,
             finished: false,
         }
     }
@@ -284,6 +294,13 @@ pub struct Attempt {
     pub(super) answer: Answer,
     /// The token counts the provider reported.
     pub(super) usage: Option<Usage>,
+    /// Inline: the caller's guardrails on a complete answer (the answer is
+    /// then held whole).
+    pub(super) answer_guard: Vec<usize>,
+    /// What they decided, for the listener half to count and log.
+    pub(super) guard_decisions: Vec<crate::guard::screen::Decision>,
+    /// Inline: the caller's guardrails on a streamed answer.
+    pub(super) stream_guard: Option<crate::guard::stream::StreamGuard>,
 }
 
 impl Attempt {
@@ -305,6 +322,9 @@ impl Attempt {
             exchange: None,
             answer: Answer::default(),
             usage: None,
+            answer_guard: Vec::new(),
+            guard_decisions: Vec::new(),
+            stream_guard: None,
         }
     }
 
