@@ -43,7 +43,7 @@ def env(wasm, mocks):
     }
     cfg["models"].append({"name": "splitter", "provider": "openai", "model": "mock-split"})
     upstreams = {name: ("127.0.0.1", m.port) for name, m in mocks.items()}
-    gw = Envoy(cfg, upstreams=upstreams, env=KEYS)
+    gw = Envoy(cfg, upstreams=upstreams, env=KEYS, concurrency=2)
     try:
         gw.wait_ready()
         yield gw
@@ -192,3 +192,33 @@ def test_decisions_reach_the_access_log_without_content(env, mocks):
     assert lines[1]["guardrails"] == ("pii:redact:request:email,watch:flag:request:keyword,"
                                       "watch:flag:response:keyword"), "the mock echoes it"
     assert SECRET not in json.dumps(lines) and "jane.doe" not in json.dumps(lines)
+
+
+def test_64_concurrent_callers_never_see_a_secret_and_each_request_goes_once(env, mocks):
+    """Streamed and plain, on an Envoy with two workers: every answer is
+    masked, every request reached the provider exactly once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = oai(env, caller="echo/app")
+
+    def one(i):
+        secret = SECRET[:-4] + f"{i:04d}"
+        content = f"n{i}: {secret} done"
+        if i % 2:
+            chunks = client.chat.completions.create(
+                model="splitter", stream=True, messages=[{"role": "user", "content": content}])
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        else:
+            text = client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": content}]
+            ).choices[0].message.content
+        assert secret not in text and secret[:12] not in text, text
+        assert text.endswith(f"n{i}: [REDACTED:secret] done"), text
+        return i
+
+    with ThreadPoolExecutor(64) as pool:
+        assert sorted(pool.map(one, range(128))) == list(range(128))
+    sent = mocks["openai"].take()
+    assert len(sent) == 128
+    for i in range(128):
+        assert sum(f'"n{i}: ' in s["body"] for s in sent) == 1, i
