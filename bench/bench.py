@@ -61,6 +61,16 @@ PLUGIN_CONFIG = {
     ]},
     "max_request_bytes": 4 * 1024 * 1024,
 }
+# The `guarded` target: meshllm's config with every built-in guardrail on
+# requests and answers (what the bench's prose prompt never trips, so the
+# figure is the screening itself: reading every string, finding nothing).
+GUARDRAILS = {"rules": [
+    {"name": "pii", "pii": True, "action": "redact"},
+    {"name": "secrets", "secrets": True, "action": "block"},
+    {"name": "deny", "keywords": ["project falcon", "internal only"],
+     "regexes": ["(?i)confidential\\s+\\d+"], "action": "block"},
+    {"name": "injection", "prompt_injection": {"threshold": 0.5}, "action": "block"},
+]}
 KEYS = {"OPENAI_API_KEY": "sk-bench", "ANTHROPIC_API_KEY": "sk-ant-bench"}
 NODE = {
     "id": "sidecar~10.0.0.9~client.bench~bench.svc.cluster.local",
@@ -387,6 +397,10 @@ def run(profile, out_dir, label=""):
                               envoy_cpu, {})
         procs.append(sidecar_plain)
         envoys = {"plain": plain, "floor": floor, "meshllm": meshllm}
+        guarded = Envoy("guarded", render.render(
+            dict(PLUGIN_CONFIG, guardrails=GUARDRAILS), wasm=str(WASM), port=free_port(),
+            admin_port=free_port(), upstreams=upstreams, node=NODE), work, envoy_cpu, KEYS)
+        procs.append(guarded)
 
         # The native build beside them: the same gateway config as a dynamic
         # module, and the empty module, where their modules are on disk.
@@ -404,7 +418,7 @@ def run(profile, out_dir, label=""):
                               envoy_cpu, {})
             procs.append(envoy)
             envoys[name] = envoy
-        for envoy in [*envoys.values(), sidecar_other, sidecar_plain]:
+        for envoy in [*envoys.values(), sidecar_other, sidecar_plain, guarded]:
             envoy.wait_ready()
         memory_start = {name: envoy.rss_kib() for name, envoy in envoys.items()}
 
@@ -444,9 +458,12 @@ def run(profile, out_dir, label=""):
         for kind, model in kinds:
             for size in (1 * KB, 100 * KB, 1 * MB):
                 n = profile.latency_requests[size]
-                # The extra targets join the passthrough 1 KB rounds only.
+                # The extra targets join the passthrough 1 KB rounds only,
+                # the guarded one passthrough 1 KB and 100 KB.
                 with_extra = kind == "passthrough" and size == KB
-                these = dict(targets, **extra_targets) if with_extra else targets
+                these = dict(targets, **extra_targets) if with_extra else dict(targets)
+                if kind == "passthrough" and size in (KB, 100 * KB):
+                    these["guarded"] = guarded.addr
                 rounds = interleaved(profile, these, lambda t, addr: bench.tool(
                     "latency", addr, model, size, requests=n, warmup=max(5, n // 10)))
                 row = {"scenario": kind, "body_bytes": size, "requests": n}
@@ -463,6 +480,9 @@ def run(profile, out_dir, label=""):
                 if "native_floor" in row:
                     row["native_floor_added_p50_us"] = round(
                         row["native_floor"]["p50_us"] - row["plain"]["p50_us"], 1)
+                if "guarded" in row:
+                    row["guardrails_added_p50_us"] = round(
+                        row["guarded"]["p50_us"] - row["meshllm"]["p50_us"], 1)
                 latency.append(row)
                 print(f"latency {kind} {size}: {row}", file=sys.stderr)
 
@@ -561,6 +581,11 @@ def run(profile, out_dir, label=""):
     }
     result["store"] = store_cost(latency, throughput, list(store_targets), store_note)
     result["sidecar_other"] = sidecar_cost(latency, throughput)
+    result["guardrails"] = {
+        f"{size_name(r['body_bytes'])}": {"guarded_p50_us": r["guarded"]["p50_us"],
+                                          "meshllm_p50_us": r["meshllm"]["p50_us"],
+                                          "added_p50_us": r["guardrails_added_p50_us"]}
+        for r in latency if "guarded" in r}
     result["native"] = {"targets": native_targets, "note": native_note,
                         "module": str(MODULE) if "native" in native_targets else None}
     result["budget"] = budget(result)
@@ -632,7 +657,8 @@ def method(profile, envoy_cpu, client_cpus):
                    "the native build (libmeshllm.so) in both halves; sidecar_other = meshllm's "
                    "bootstrap serving a host that is not an LLM host (a pod's other traffic "
                    "through its sidecar), sidecar_plain = the same without meshllm's filters; "
-                   "passthrough 1 KB only",
+                   "passthrough 1 KB only; guarded = meshllm's config with every built-in "
+                   "guardrail on (bench/bench.py GUARDRAILS), passthrough 1 KB and 100 KB",
         "latency": "one keep-alive connection, closed loop; added = meshllm (or native) minus plain",
         "throughput": f"{profile.connections} keep-alive connections, closed loop, "
                       f"{profile.load_seconds} s per target and round",
@@ -853,6 +879,13 @@ def markdown(r):
         "sidecar_plain = the same routes and clusters without meshllm's filters. sidecar_other "
         f"over it: p50 {side['added_p50_us']} µs, CPU {side['added_cpu_us_per_request']} µs "
         f"per request, throughput {side['ratio']}×.",
+        "",
+        "## Guardrails (passthrough, every built-in rule on, nothing found)",
+        "",
+        "| prompt | meshllm p50 | guarded p50 | added by the guardrails |",
+        "| --- | ---: | ---: | ---: |",
+        *[f"| {size} | {g['meshllm_p50_us']} | {g['guarded_p50_us']} | **{g['added_p50_us']}** |"
+          for size, g in r["guardrails"].items()],
         "",
     ]
     store = r["store"]

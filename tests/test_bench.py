@@ -74,9 +74,16 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
     for t in ("sidecar_other", "sidecar_plain"):
         assert side[t]["failed"] == 0 and side[t]["rps"] > 0 and side[t]["cpu_us_per_request"] > 0
     assert side["noise_cpu_us"] >= 1
+    # The guardrails' cost at two prompt sizes, the guarded target answering.
+    assert set(r["guardrails"]) == {"1 KB", "100 KB"}
+    for size in (1024, 100 * 1024):
+        row = next(x for x in r["latency"] if x["scenario"] == "passthrough"
+                   and x["body_bytes"] == size)
+        assert row["guarded"]["p50_us"] > 0
     text = result_md.read_text()
     for heading in ("## Budget", "## Latency at concurrency 1", "## Saturated throughput",
-                    "## Streaming", "## Envoy memory", "## A sidecar's other traffic"):
+                    "## Streaming", "## Envoy memory", "## A sidecar's other traffic",
+                    "## Guardrails"):
         assert heading in text
     assert r["machine"]["commit"] in text
 

@@ -166,6 +166,24 @@ mod tests {
     }
 
     #[test]
+    fn the_benchmarks_prose_trips_no_built_in_rule() {
+        // bench/ measures the guardrails on this text: finding nothing.
+        let g = compile_guardrails(Some(&json!({"rules": [
+            {"name": "pii", "pii": true, "action": "redact"},
+            {"name": "secrets", "secrets": true, "action": "block"},
+            {"name": "injection", "prompt_injection": {}, "action": "block"},
+        ]})))
+        .unwrap();
+        let line = "The quick brown fox jumps over the lazy dog; \\\"quoted\\\" text.\\n";
+        let body = format!(
+            r#"{{"model":"mini","messages":[{{"role":"system","content":"You are terse."}},{{"role":"user","content":"{}"}}]}}"#,
+            line.repeat(1500)
+        );
+        let s = screen_body(&g.rules, &[0, 1, 2], body.as_bytes());
+        assert!(s.decisions.is_empty(), "{:?}", s.decisions);
+    }
+
+    #[test]
     fn injections_and_topics() {
         let g = rules();
         let s = screen_body(
