@@ -199,3 +199,39 @@ mod tests {
         assert!(s.decisions.is_empty());
     }
 }
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use crate::guard::policy::compile_guardrails;
+    use serde_json::json;
+
+    #[test]
+    #[ignore]
+    fn time_rules_on_100kb() {
+        let g = compile_guardrails(Some(&json!({"rules": [
+            {"name": "pii", "pii": true, "action": "redact"},
+            {"name": "secrets", "secrets": true, "action": "block"},
+            {"name": "deny", "keywords": ["project falcon", "internal only"], "regexes": ["(?i)confidential\\s+\\d+"], "action": "block"},
+            {"name": "injection", "prompt_injection": {}, "action": "block"},
+        ]})))
+        .unwrap();
+        let line = "The quick brown fox jumps over the lazy dog; \\\"quoted\\\" text.\\n";
+        let body = format!(
+            r#"{{"model":"mini","messages":[{{"role":"user","content":"{}"}}]}}"#,
+            line.repeat(1600)
+        );
+        let text = crate::guard::json_text::text_values(body.as_bytes());
+        let t = std::time::Instant::now();
+        let _ = crate::guard::json_text::text_values(body.as_bytes());
+        eprintln!("text_values {:?}", t.elapsed());
+        for i in 0..4 {
+            let t = std::time::Instant::now();
+            let s = screen_body(&g.rules, &[i], body.as_bytes());
+            eprintln!("rule {i}: {:?} {:?}", t.elapsed(), s.decisions);
+        }
+        let t = std::time::Instant::now();
+        let s = crate::guard::detect::injection(&text[1].text);
+        eprintln!("injection {:?} {}", t.elapsed(), s.score);
+    }
+}
