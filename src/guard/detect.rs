@@ -829,18 +829,28 @@ fn is_iban_byte(byte: u8) -> bool {
 }
 
 fn scan_ibans(bytes: &[u8], out: &mut Vec<Finding>) {
+    scan_each(bytes, Pii::Iban, out, iban_at);
+}
+
+/// Tries `found_at` at every position, skipping past each match.
+fn scan_each(
+    bytes: &[u8],
+    what: Pii,
+    out: &mut Vec<Finding>,
+    found_at: impl Fn(&[u8], usize) -> Option<usize>,
+) {
     let mut pos = 0;
     while pos < bytes.len() {
-        match iban_at(bytes, pos) {
-            Some(end) => {
+        match found_at(bytes, pos) {
+            Some(end) if end > pos => {
                 out.push(Finding {
                     start: pos,
                     end,
-                    what: Pii::Iban.name(),
+                    what: what.name(),
                 });
                 pos = end;
             }
-            None => pos += 1,
+            _ => pos += 1,
         }
     }
 }
@@ -897,28 +907,15 @@ fn iban_checksum_ok(chars: &[u8]) -> bool {
 // Each has a fixed shape and either a checksum or exclusion rules.
 
 fn scan_national_ids(bytes: &[u8], out: &mut Vec<Finding>) {
-    let mut pos = 0;
-    while pos < bytes.len() {
-        let found = if is_word_byte(byte_before(bytes, pos)) {
-            None
-        } else {
-            us_ssn_at(bytes, pos)
-                .or_else(|| uk_nino_at(bytes, pos))
-                .or_else(|| spanish_id_at(bytes, pos))
-                .or_else(|| codice_fiscale_at(bytes, pos))
-        };
-        match found {
-            Some(end) => {
-                out.push(Finding {
-                    start: pos,
-                    end,
-                    what: Pii::NationalId.name(),
-                });
-                pos = end;
-            }
-            None => pos += 1,
+    scan_each(bytes, Pii::NationalId, out, |bytes, pos| {
+        if is_word_byte(byte_before(bytes, pos)) {
+            return None;
         }
-    }
+        us_ssn_at(bytes, pos)
+            .or_else(|| uk_nino_at(bytes, pos))
+            .or_else(|| spanish_id_at(bytes, pos))
+            .or_else(|| codice_fiscale_at(bytes, pos))
+    });
 }
 
 /// An id must end where a word would.
@@ -1068,26 +1065,13 @@ fn codice_fiscale_at(bytes: &[u8], start: usize) -> Option<usize> {
 // IP addresses.
 
 fn scan_ip_addresses(bytes: &[u8], out: &mut Vec<Finding>) {
-    let mut pos = 0;
-    while pos < bytes.len() {
+    scan_each(bytes, Pii::IpAddress, out, |bytes, pos| {
         let before = byte_before(bytes, pos);
-        let found = if is_word_byte(before) || matches!(before, b'.' | b':') {
-            None
-        } else {
-            ipv4_standalone_at(bytes, pos).or_else(|| ipv6_at(bytes, pos))
-        };
-        match found {
-            Some(end) => {
-                out.push(Finding {
-                    start: pos,
-                    end,
-                    what: Pii::IpAddress.name(),
-                });
-                pos = end;
-            }
-            None => pos += 1,
+        if is_word_byte(before) || matches!(before, b'.' | b':') {
+            return None;
         }
-    }
+        ipv4_standalone_at(bytes, pos).or_else(|| ipv6_at(bytes, pos))
+    });
 }
 
 /// A dotted quad that is not part of a longer dotted number ("1.2.3.4.5").
