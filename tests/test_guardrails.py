@@ -6,7 +6,9 @@ metrics and access logs, the blocked content in neither. The mocks count
 what reached the providers."""
 
 import json
+import os
 import time
+from urllib.request import Request, urlopen
 
 import anthropic
 import openai
@@ -222,3 +224,108 @@ def test_64_concurrent_callers_never_see_a_secret_and_each_request_goes_once(env
     assert len(sent) == 128
     for i in range(128):
         assert sum(f'"n{i}: ' in s["body"] for s in sent) == 1, i
+
+
+# ---- an external guardrail --------------------------------------------------------
+
+class Classifier:
+    """tests/classifier.py in a process of its own, stopped by PID."""
+
+    def __init__(self):
+        import subprocess
+        import sys
+        here = os.path.dirname(os.path.abspath(__file__))
+        self.proc = subprocess.Popen([sys.executable, os.path.join(here, "classifier.py")],
+                                     stdout=subprocess.PIPE, text=True)
+        self.port = int(self.proc.stdout.readline())
+
+    @property
+    def asked(self):
+        return json.loads(urlopen(f"http://127.0.0.1:{self.port}/asked", timeout=10).read())
+
+    def clear(self):
+        urlopen(Request(f"http://127.0.0.1:{self.port}/asked", method="DELETE"), timeout=10)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def classified(wasm, mocks):
+    clf = Classifier()
+    cfg = gateway_plugin_config(free_port())
+    cfg["identity"] = {"source": "trusted_header", "header": "x-caller"}
+    ext = {"url": "http://classifier.test/v1/check", "cluster": "classifier", "timeout_ms": 1000}
+    cfg["guardrails"] = {"rules": [
+        {"name": "clf-block", "action": "block", "external": ext},
+        {"name": "clf-open", "action": "block", "external": dict(ext, on_failure="open")},
+        {"name": "clf-redact", "action": "redact", "external": ext},
+    ], "default": ["clf-block"]}
+    cfg["namespaces"] = {"open": {"guardrails": ["clf-open"]},
+                         "mask": {"guardrails": ["clf-redact"]}}
+    upstreams = {name: ("127.0.0.1", m.port) for name, m in mocks.items()}
+    upstreams["classifier"] = ("127.0.0.1", clf.port)
+    gw = Envoy(cfg, upstreams=upstreams, env=KEYS, concurrency=2)
+    try:
+        gw.wait_ready()
+        yield gw, clf
+    finally:
+        gw.stop()
+        clf.stop()
+
+
+def ask(env, text, caller="shop/web", model="gpt-4o-mini"):
+    return oai(env, caller).chat.completions.create(
+        model=model, messages=[{"role": "user", "content": text}])
+
+
+def test_the_classifier_is_asked_and_its_verdict_applies(classified, mocks):
+    env, clf = classified
+    clf.clear()
+    assert ask(env, "a kind question").choices[0].message.content
+    assert "a kind question" in sent_text(mocks["openai"])
+    assert clf.asked[-1]["caller"] == {"namespace": "shop", "service": "web"}
+    assert "a kind question" in clf.asked[-1]["texts"]
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(env, "something toxic")
+    assert e.value.code == "content_policy_violation" and "`clf-block`" in e.value.message
+    claude = anthropic.Anthropic(base_url=env.url, api_key="sk-client", max_retries=0,
+                                 default_headers={"x-caller": "shop/web"})
+    with pytest.raises(anthropic.BadRequestError):
+        claude.messages.create(model="claude-sonnet", max_tokens=20,
+                               messages=[{"role": "user", "content": "toxic again"}])
+    assert all(m.take() == [] for m in mocks.values())
+    ask(env, "please mask-me now", caller="mask/app")
+    body = sent_text(mocks["openai"])
+    assert "[MASKED]" in body and "mask-me" not in body
+
+
+@pytest.mark.parametrize("trouble", ["slow", "crash"])
+def test_no_answer_fails_closed_or_open_as_configured(classified, mocks, trouble):
+    env, _ = classified
+    with pytest.raises(openai.InternalServerError) as e:
+        ask(env, f"{trouble} please")
+    assert e.value.status_code == 503 and e.value.code == "guardrail_unavailable"
+    assert mocks["openai"].take() == []
+    assert ask(env, f"{trouble} please", caller="open/app").choices[0].message.content
+    assert len(mocks["openai"].take()) == 1
+    outcome = env.metric("meshllm_guardrail_decisions_total", guardrail="clf-open",
+                         action="fail_open")
+    assert outcome >= 1
+
+
+def test_64_concurrent_callers_each_asked_once(classified, mocks):
+    from concurrent.futures import ThreadPoolExecutor
+    env, clf = classified
+    clf.clear()
+    with ThreadPoolExecutor(64) as pool:
+        list(pool.map(lambda i: ask(env, f"question n{i}."), range(128)))
+    texts = [" ".join(a["texts"]) for a in clf.asked]
+    for i in range(128):
+        assert sum(f"n{i}." in t for t in texts) == 1, i
+    assert len(mocks["openai"].take()) == 128

@@ -339,6 +339,28 @@ def store_cluster(store, host, port):
     return c
 
 
+def guardrail_clusters(plugin_config, upstreams):
+    """A cluster for each external guardrail (its `url`'s host; `upstreams`
+    may map the cluster name elsewhere, as tests do)."""
+    out = []
+    for rule in (plugin_config.get("guardrails") or {}).get("rules", []):
+        ext = rule.get("external")
+        if not ext:
+            continue
+        name = ext.get("cluster") or f"guardrail-{rule['name']}"
+        if any(c["name"] == name for c in out):
+            continue
+        if name in upstreams:
+            host, port = upstreams[name]
+            tls = False
+        else:
+            parts = urlsplit(ext["url"])
+            tls = parts.scheme == "https"
+            host, port = parts.hostname, parts.port or (443 if tls else 80)
+        out.append(cluster(name, host, port, tls, connect_timeout="1s"))
+    return out
+
+
 def failover_settings(plugin_config):
     settings = dict(FAILOVER_DEFAULTS)
     settings.update(plugin_config.get("failover", {}))
@@ -848,6 +870,7 @@ def render(
     store = (plugin_config.get("quotas") or {}).get("store")
     if store:
         clusters.append(store_cluster(store, *(upstreams.get(store["cluster"]) or STORE_DEFAULT)))
+    clusters.extend(guardrail_clusters(plugin_config, upstreams))
     # Off unless a route turns them on, as in Istio: only the LLM host's
     # routes do, so a pod's other traffic never enters the filter.
     gateway_filters = [

@@ -693,9 +693,9 @@ mod tests {
             n += 1;
         }
         assert_eq!(
-            n, 21,
+            n, 22,
             "one example per documented provider, the routing, the two quota examples, the \
-             shared quota example and the namespace policy example"
+             shared quota example, the namespace policy example and the guardrails example"
         );
         let shipped = compiled(include_str!("../../envoy/meshllm.json"));
         assert_eq!(shipped.config.providers.len(), 10);

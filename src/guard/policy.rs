@@ -44,6 +44,21 @@ pub enum Check {
         denied: Vec<(String, Matcher)>,
         allowed: Vec<(String, Matcher)>,
     },
+    /// A team's own classifier, asked over HTTP.
+    External(External),
+}
+
+/// An external guardrail: where it is and what to do without an answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct External {
+    /// The Envoy cluster that reaches it.
+    pub cluster: String,
+    pub authority: String,
+    pub path: String,
+    pub timeout_ms: u64,
+    /// Without an answer in time (or with an unreadable one) the request
+    /// goes on (`true`) or is refused with 503 (`false`).
+    pub fail_open: bool,
 }
 
 impl fmt::Debug for Check {
@@ -51,6 +66,7 @@ impl fmt::Debug for Check {
         match self {
             Check::Match(_) => write!(f, "Match"),
             Check::Injection { threshold } => write!(f, "Injection({threshold})"),
+            Check::External(e) => write!(f, "External({} {})", e.cluster, e.path),
             Check::Topics { denied, allowed } => {
                 let names = |t: &[(String, Matcher)]| {
                     t.iter()
@@ -109,6 +125,7 @@ const RULE_FIELDS: &[&str] = &[
     "prompt_injection",
     "denied_topics",
     "allowed_topics",
+    "external",
 ];
 
 fn unknown(at: &str, key: &str, known: &[&str]) -> ConfigError {
@@ -227,15 +244,22 @@ fn compile_rule(at: &str, value: &Value) -> Result<GuardRule, ConfigError> {
         matching.iter().any(|k| obj.contains_key(*k)),
         obj.contains_key("prompt_injection"),
         obj.contains_key("denied_topics") || obj.contains_key("allowed_topics"),
+        obj.contains_key("external"),
     ];
     if kinds.iter().filter(|k| **k).count() != 1 {
         return Err(ConfigError::new(
             at,
             "needs exactly one kind of check: pii/secrets/keywords/regexes, prompt_injection, \
-             or denied_topics/allowed_topics",
+             denied_topics/allowed_topics, or external",
         ));
     }
-    let check = if kinds[0] {
+    let check = if kinds[3] {
+        Check::External(compile_external(
+            &format!("{at}.external"),
+            &name,
+            obj.get("external").unwrap_or(&Value::Null),
+        )?)
+    } else if kinds[0] {
         Check::Match(compile_matcher(at, obj)?)
     } else if kinds[1] {
         Check::Injection {
@@ -250,7 +274,7 @@ fn compile_rule(at: &str, value: &Value) -> Result<GuardRule, ConfigError> {
             allowed: compile_topics(&format!("{at}.allowed_topics"), obj.get("allowed_topics"))?,
         }
     };
-    if action == Action::Redact && !matches!(check, Check::Match(_)) {
+    if action == Action::Redact && !matches!(check, Check::Match(_) | Check::External(_)) {
         return Err(ConfigError::new(
             format!("{at}.action"),
             "redact applies to pii, secrets, keywords and regexes only (what else would be \
@@ -262,6 +286,12 @@ fn compile_rule(at: &str, value: &Value) -> Result<GuardRule, ConfigError> {
     let (on_request, on_response) = match obj.get("on") {
         None if matches!(check, Check::Match(_)) => (true, true),
         None => (true, false),
+        Some(_) if matches!(check, Check::External(_)) => {
+            return Err(ConfigError::new(
+                format!("{at}.on"),
+                "an external guardrail screens requests only",
+            ))
+        }
         Some(v) => {
             let sides = strings(&format!("{at}.on"), v)?;
             let mut sides_seen = (false, false);
@@ -359,6 +389,75 @@ fn compile_threshold(at: &str, value: &Value) -> Result<f64, ConfigError> {
         }),
     }
 }
+
+const EXTERNAL_FIELDS: &[&str] = &["url", "cluster", "timeout_ms", "on_failure"];
+
+fn compile_external(at: &str, rule: &str, value: &Value) -> Result<External, ConfigError> {
+    let obj = value
+        .as_object()
+        .ok_or_else(|| ConfigError::new(at, "must be an object with the classifier's url"))?;
+    if let Some(key) = obj.keys().find(|k| !EXTERNAL_FIELDS.contains(&k.as_str())) {
+        return Err(unknown(at, key, EXTERNAL_FIELDS));
+    }
+    let url = obj
+        .get("url")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ConfigError::new(format!("{at}.url"), "is required"))?;
+    let parsed = crate::config::providers::BaseUrl::parse(url)
+        .map_err(|e| ConfigError::new(format!("{at}.url"), e))?;
+    let default_port = if parsed.tls { 443 } else { 80 };
+    let authority = if parsed.port == default_port {
+        parsed.host.clone()
+    } else {
+        format!("{}:{}", parsed.host, parsed.port)
+    };
+    let cluster = match obj.get("cluster") {
+        None => format!("guardrail-{rule}"),
+        Some(Value::String(c)) if !c.is_empty() => c.clone(),
+        Some(_) => {
+            return Err(ConfigError::new(
+                format!("{at}.cluster"),
+                "must be a cluster name",
+            ))
+        }
+    };
+    let timeout_ms = match obj.get("timeout_ms") {
+        None => DEFAULT_EXTERNAL_TIMEOUT_MS,
+        Some(v) => v
+            .as_u64()
+            .filter(|t| (1..=60_000).contains(t))
+            .ok_or_else(|| {
+                ConfigError::new(
+                    format!("{at}.timeout_ms"),
+                    "must be a whole number from 1 to 60000",
+                )
+            })?,
+    };
+    let fail_open = match obj.get("on_failure").map(|v| v.as_str()) {
+        None | Some(Some("closed")) => false,
+        Some(Some("open")) => true,
+        Some(_) => {
+            return Err(ConfigError::new(
+                format!("{at}.on_failure"),
+                "must be open or closed",
+            ))
+        }
+    };
+    Ok(External {
+        cluster,
+        authority,
+        path: if parsed.path.is_empty() {
+            "/".into()
+        } else {
+            parsed.path
+        },
+        timeout_ms,
+        fail_open,
+    })
+}
+
+/// How long a request waits for an external guardrail by default.
+pub const DEFAULT_EXTERNAL_TIMEOUT_MS: u64 = 500;
 
 /// The score at which a prompt counts as an injection attempt by default.
 pub const DEFAULT_INJECTION_THRESHOLD: f64 = 0.5;

@@ -4464,3 +4464,123 @@ fn a_streamed_answer_is_screened_as_it_flows() {
     let log = String::from_utf8(host.properties[LOG_GUARDRAILS].clone()).unwrap();
     assert_eq!(log, "pii:redact:response:email");
 }
+
+fn external_config(on_failure: &str, action: &str) -> Rc<Config> {
+    let mut doc: Value = serde_json::from_str(ROUTED_CONFIG).unwrap();
+    doc["identity"] = serde_json::json!({"source": "trusted_header", "header": "x-caller"});
+    doc["guardrails"] = serde_json::json!({"rules": [
+        {"name": "pii", "pii": ["email"], "action": "redact"},
+        {"name": "classifier", "action": action, "external": {
+            "url": "http://classifier.local:8080/v1/check", "timeout_ms": 300,
+            "on_failure": on_failure}},
+    ]});
+    config_from(&doc.to_string())
+}
+
+fn http_answer(status: u16, body: &str) -> CalloutAnswer {
+    CalloutAnswer::Http {
+        status,
+        headers: Vec::new(),
+        body: body.as_bytes().to_vec(),
+    }
+}
+
+#[test]
+fn an_external_guardrail_is_asked_after_the_built_in_rules_and_its_verdict_applies() {
+    let body = r#"{"model": "fast", "messages": [{"role": "user", "content": "bob@example.com says hi"}]}"#;
+    for (action, answer, want) in [
+        ("block", http_answer(200, r#"{"flagged": false}"#), 200),
+        (
+            "block",
+            http_answer(200, r#"{"flagged": true, "reason": "toxic"}"#),
+            400,
+        ),
+        ("flag", http_answer(200, r#"{"flagged": true}"#), 200),
+        (
+            "redact",
+            http_answer(
+                200,
+                r#"{"flagged": true, "texts": ["fast", "user", "[masked] says hi"]}"#,
+            ),
+            200,
+        ),
+        ("redact", http_answer(200, r#"{"flagged": true}"#), 400),
+    ] {
+        let cfg = external_config("closed", action);
+        let mut host = MockHost::default();
+        let (mut f, flow) = ns_call(
+            &cfg,
+            Role::Standalone,
+            &mut host,
+            "/v1/chat/completions",
+            body,
+            "shop/web",
+        );
+        assert_eq!(flow, Flow::Pause, "waits for the classifier");
+        let call = host.callouts.last().unwrap().clone();
+        assert_eq!(call.cluster, "guardrail-classifier");
+        assert_eq!(call.target, "/v1/check");
+        assert_eq!(call.timeout_ms, 300);
+        let asked: Value = serde_json::from_slice(&call.body).unwrap();
+        // The built-in rule ran first: the classifier sees the redacted text.
+        assert_eq!(asked["texts"][2], "[REDACTED:email] says hi");
+        assert_eq!(asked["caller"]["namespace"], "shop");
+        f.on_callout(&mut host, call.id, answer.clone());
+        if want == 200 {
+            assert_eq!(host.resumed_requests, 1, "{action} {answer:?}");
+            assert!(host.sent.is_empty());
+            let sent: Value = serde_json::from_slice(&host.request_body).unwrap();
+            let text = sent["messages"][0]["content"].as_str().unwrap();
+            let expect = if action == "redact" {
+                "[masked] says hi"
+            } else {
+                "[REDACTED:email] says hi"
+            };
+            assert_eq!(text, expect);
+        } else {
+            assert_eq!(host.resumed_requests, 0);
+            let reply = host.reply();
+            assert_eq!(reply.status, 400);
+            assert!(reply.text().contains("`classifier`"), "{}", reply.text());
+        }
+        f.on_done(&mut host);
+    }
+}
+
+#[test]
+fn an_external_guardrail_without_an_answer_fails_open_or_closed_as_configured() {
+    let body = r#"{"model": "fast", "messages": [{"role": "user", "content": "hi"}]}"#;
+    for (mode, answer, want) in [
+        ("closed", CalloutAnswer::Failed("timeout".into()), 503),
+        ("closed", http_answer(500, "boom"), 503),
+        ("open", CalloutAnswer::Failed("timeout".into()), 200),
+        ("open", http_answer(200, "not json"), 200),
+    ] {
+        let cfg = external_config(mode, "block");
+        let mut host = MockHost::default();
+        let (mut f, flow) = ns_call(
+            &cfg,
+            Role::Standalone,
+            &mut host,
+            "/v1/chat/completions",
+            body,
+            "shop/web",
+        );
+        assert_eq!(flow, Flow::Pause);
+        let id = host.callouts.last().unwrap().id;
+        f.on_callout(&mut host, id, answer);
+        if want == 200 {
+            assert_eq!(host.resumed_requests, 1);
+        } else {
+            let reply = host.reply();
+            assert_eq!(reply.status, 503);
+            assert_eq!(
+                error_fields(&reply.body).code.as_deref(),
+                Some("guardrail_unavailable")
+            );
+        }
+        f.on_done(&mut host);
+        let log = String::from_utf8(host.properties[LOG_GUARDRAILS].clone()).unwrap();
+        assert_eq!(log, format!("classifier:fail_{mode}:request:unavailable"));
+    }
+}

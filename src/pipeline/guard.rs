@@ -10,9 +10,12 @@ use super::flow::internal;
 use super::state::Router;
 use crate::config::models::Operation;
 use crate::core::api_error::ApiError;
+use crate::guard::external::{self, Verdict};
+use crate::guard::json_text::{rewrite, text_values};
+use crate::guard::policy::{Action, Check};
 use crate::guard::screen::{screen_body, Decision};
 use crate::guard::stream::{DecisionSink, StreamGuard};
-use crate::host::Host;
+use crate::host::{Callout, CalloutAnswer, CalloutId, CalloutKind, Host};
 use crate::metrics;
 
 /// Which side of the exchange a decision was made on.
@@ -31,14 +34,218 @@ impl Side {
     }
 }
 
+/// What the guard stage decided.
+pub(super) enum Guarded {
+    /// Go on with this body (redacted, or as it came).
+    Go(Vec<u8>),
+    /// Waiting for an external guardrail's answer.
+    Wait(GuardWait),
+}
+
+/// A request waiting for an external guardrail.
+pub(super) struct GuardWait {
+    pub id: CalloutId,
+    pub body: Vec<u8>,
+    /// The rule asked, and the external rules still to ask after it.
+    pub rule: usize,
+    pub next: Vec<usize>,
+    /// How many texts it was sent.
+    pub sent: usize,
+}
+
 impl Router {
     /// The guard stage: the body to go on with (redacted, or as it came),
-    /// or the refusal of a blocking rule.
+    /// a wait for an external guardrail, or the refusal of a blocking rule.
     pub(super) fn guard_request(
         &mut self,
         host: &mut dyn Host,
         body: Vec<u8>,
-    ) -> Result<Vec<u8>, ApiError> {
+    ) -> Result<Guarded, ApiError> {
+        let body = self.guard_built_in(host, body)?;
+        let config = Rc::clone(&self.config);
+        let all = &config.guardrails.rules;
+        let externals: Vec<usize> = self
+            .req
+            .applied
+            .guardrails(&config)
+            .iter()
+            .copied()
+            .filter(|&i| {
+                all.get(i)
+                    .is_some_and(|r| matches!(r.check, Check::External(_)))
+            })
+            .collect();
+        let form = matches!(self.req.operation, Some(Operation::Passed(p)) if p.is_form());
+        if externals.is_empty() || form {
+            return Ok(Guarded::Go(body));
+        }
+        self.ask_external(host, body, externals)
+    }
+
+    /// Asks the first of `externals` about the body's texts.
+    fn ask_external(
+        &mut self,
+        host: &mut dyn Host,
+        body: Vec<u8>,
+        mut externals: Vec<usize>,
+    ) -> Result<Guarded, ApiError> {
+        let config = Rc::clone(&self.config);
+        let Some(rule) = (!externals.is_empty()).then(|| externals.remove(0)) else {
+            return Ok(Guarded::Go(body));
+        };
+        let Some((name, external)) =
+            config
+                .guardrails
+                .rules
+                .get(rule)
+                .and_then(|r| match &r.check {
+                    Check::External(e) => Some((r.name.as_str(), e)),
+                    _ => None,
+                })
+        else {
+            return self.ask_external(host, body, externals);
+        };
+        let texts: Vec<String> = text_values(&body).into_iter().map(|v| v.text).collect();
+        let ask = external::ask(name, self.req.who.names(), &texts);
+        let call = Callout {
+            cluster: &external.cluster,
+            kind: CalloutKind::Http {
+                method: "POST",
+                path: &external.path,
+                authority: &external.authority,
+                headers: &[("content-type", "application/json")],
+                body: &ask,
+            },
+            timeout_ms: external.timeout_ms,
+        };
+        match host.call_out(&call) {
+            Ok(id) => Ok(Guarded::Wait(GuardWait {
+                id,
+                body,
+                rule,
+                next: externals,
+                sent: texts.len(),
+            })),
+            Err(e) => {
+                let why = format!("the call could not be made: {e}");
+                self.external_failed(host, rule, &why)?;
+                self.ask_external(host, body, externals)
+            }
+        }
+    }
+
+    /// An external guardrail's answer: go on (with the next one, if any),
+    /// redact, or refuse.
+    pub(super) fn guard_answered(
+        &mut self,
+        host: &mut dyn Host,
+        wait: GuardWait,
+        answer: &CalloutAnswer,
+    ) -> Result<Guarded, ApiError> {
+        let config = Rc::clone(&self.config);
+        let Some(rule) = config.guardrails.rules.get(wait.rule) else {
+            return self.ask_external(host, wait.body, wait.next);
+        };
+        let mut body = wait.body;
+        match external::read(answer, wait.sent) {
+            Err(why) => self.external_failed(host, wait.rule, &why)?,
+            Ok(Verdict::Pass) => {}
+            Ok(Verdict::Flagged { texts }) => {
+                let decision = Decision {
+                    rule: wait.rule,
+                    action: rule.action,
+                    found: vec!["external".into()],
+                };
+                let redacted = match (rule.action, texts) {
+                    (Action::Flag, _) => None,
+                    (Action::Redact, Some(texts)) => Some(texts),
+                    // Flagged for redaction without the texts to send: the
+                    // request cannot go as it is.
+                    (Action::Redact, None) | (Action::Block, _) => {
+                        let blocked_decision = Decision {
+                            action: Action::Block,
+                            ..decision
+                        };
+                        self.note_guard_decisions(host, Side::Request, &[blocked_decision]);
+                        return Err(blocked(&rule.name, Side::Request));
+                    }
+                };
+                self.note_guard_decisions(host, Side::Request, &[decision]);
+                if let Some(texts) = redacted {
+                    let edits: Vec<_> = text_values(&body)
+                        .into_iter()
+                        .zip(texts)
+                        .filter(|(v, t)| v.text != *t)
+                        .map(|(v, t)| (v.span, t))
+                        .collect();
+                    if !edits.is_empty() {
+                        let new = rewrite(&body, &edits);
+                        host.replace_request_body(body.len(), &new)
+                            .and_then(|()| {
+                                host.set_request_header("content-length", &new.len().to_string())
+                            })
+                            .map_err(|e| {
+                                internal(format!("could not rewrite the request body: {e}"))
+                            })?;
+                        body = new;
+                    }
+                }
+            }
+        }
+        self.ask_external(host, body, wait.next)
+    }
+
+    /// No usable answer: counted and logged; the request goes on when the
+    /// rule fails open, else it is refused with 503.
+    fn external_failed(
+        &mut self,
+        host: &mut dyn Host,
+        rule: usize,
+        why: &str,
+    ) -> Result<(), ApiError> {
+        let Some(r) = self.config.guardrails.rules.get(rule) else {
+            return Ok(());
+        };
+        let (name, fail_open) = match &r.check {
+            Check::External(e) => (r.name.clone(), e.fail_open),
+            _ => return Ok(()),
+        };
+        log::warn!("external guardrail {name}: no answer ({why})");
+        let outcome = if fail_open {
+            "fail_open"
+        } else {
+            "fail_closed"
+        };
+        let (ns, svc) = self.req.who.names();
+        host.count_labelled(
+            metrics::GUARDRAIL_DECISIONS_TOTAL,
+            &metrics::caller(ns, svc),
+            &[
+                ("guardrail", &name),
+                ("action", outcome),
+                ("stage", "request"),
+            ],
+            1,
+        );
+        self.req
+            .guard_log
+            .push(format!("{name}:{outcome}:request:unavailable"));
+        if fail_open {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            503,
+            "server_error",
+            Some("guardrail_unavailable"),
+            format!(
+                "The gateway's guardrail `{name}` did not answer, and requests do not pass \
+                 without it."
+            ),
+        ))
+    }
+
+    /// The built-in rules on the request.
+    fn guard_built_in(&mut self, host: &mut dyn Host, body: Vec<u8>) -> Result<Vec<u8>, ApiError> {
         let config = Rc::clone(&self.config);
         let all = &config.guardrails.rules;
         // Answers are screened where they are text: chat in every API.

@@ -9,6 +9,7 @@
 use super::admit::Admit;
 use super::finish::keep_caller_path;
 use super::flow::{internal, Flow};
+use super::guard::Guarded;
 use super::request::{self, ReadsBody};
 use super::state::{Deferred, Phase, Routed, Router};
 use super::Half;
@@ -29,10 +30,19 @@ impl Router {
             }
         };
         keep_caller_path(host, &self.req.path);
-        let body = match self.guard_request(host, body) {
-            Ok(b) => b,
-            Err(e) => return self.reject(host, e),
-        };
+        match self.guard_request(host, body) {
+            Ok(Guarded::Go(body)) => self.route_admit_forward_body(host, body),
+            Ok(Guarded::Wait(wait)) => {
+                self.guard_wait = Some(wait);
+                self.phase = Phase::Deferred;
+                Flow::Pause
+            }
+            Err(e) => self.reject(host, e),
+        }
+    }
+
+    /// Route, admit, forward, with the body the guard stage let go.
+    fn route_admit_forward_body(&mut self, host: &mut dyn Host, body: Vec<u8>) -> Flow {
         let doc = match request::parse_body(
             &body,
             self.req.operation.unwrap_or(Operation::ChatCompletions),
@@ -133,6 +143,27 @@ impl Half for Router {
     /// The answer to a call a stage deferred on: the remaining stages run,
     /// and the paused request goes on (or is answered).
     fn on_callout(&mut self, host: &mut dyn Host, id: CalloutId, answer: CalloutAnswer) {
+        let guarding =
+            self.phase == Phase::Deferred && self.guard_wait.as_ref().is_some_and(|w| w.id == id);
+        if let Some(wait) = self.guard_wait.take_if(|_| guarding) {
+            let flow = match self.guard_answered(host, wait, &answer) {
+                Ok(Guarded::Go(body)) => {
+                    self.phase = Phase::ReadingBody;
+                    self.route_admit_forward_body(host, body)
+                }
+                Ok(Guarded::Wait(next)) => {
+                    self.guard_wait = Some(next);
+                    return;
+                }
+                Err(e) => self.reject(host, e),
+            };
+            if flow == Flow::Continue {
+                if let Err(e) = host.resume_request() {
+                    log::error!("could not resume a request after call {id}: {e}");
+                }
+            }
+            return;
+        }
         let waiting =
             self.phase == Phase::Deferred && self.deferred.as_ref().is_some_and(|d| d.id == id);
         let Some(deferred) = self.deferred.take_if(|_| waiting) else {

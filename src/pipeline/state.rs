@@ -223,6 +223,8 @@ pub struct Router {
     /// own reply.
     pub(super) answer: Answer,
     pub(super) deferred: Option<Deferred>,
+    /// Waiting for an external guardrail.
+    pub(super) guard_wait: Option<super::guard::GuardWait>,
 }
 
 impl Router {
@@ -235,6 +237,7 @@ impl Router {
             forward: Forward::Not,
             answer: Answer::default(),
             deferred: None,
+            guard_wait: None,
         }
     }
 
