@@ -328,3 +328,27 @@ def test_an_agents_sdk_agent_with_a_tool_runs_on_anthropic(gateway, mocks):
     assert final == "Tools said: sunny in Rome" and asked == ["Oslo", "Rome"]
     assert "raw_response_event" in kinds
     assert len(mocks["anthropic"].take()) == 2
+
+
+def test_an_openai_compatible_server_that_serves_responses_gets_them_as_they_are(wasm, mocks):
+    """`responses_api: true` on an OpenAI-compatible provider (vLLM, Groq,
+    OpenRouter serve /v1/responses): the caller's request goes as it is."""
+    from conftest import Envoy, free_port, gateway_plugin_config
+    cfg = gateway_plugin_config(free_port())
+    for p in cfg["providers"]:
+        if p["name"] == "groq":
+            p["responses_api"] = True
+    upstreams = {name: ("127.0.0.1", m.port) for name, m in mocks.items()}
+    env = Envoy(cfg, upstreams=upstreams, env=KEYS)
+    try:
+        env.wait_ready()
+        client = openai.OpenAI(base_url=env.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+        resp = client.responses.create(model="llama-3.3-70b", input="as it is", store=False)
+        assert resp.output_text.endswith("as it is")
+        sent = only(mocks["groq"], "/openai/v1/responses")
+        assert json.loads(sent["body"])["model"] == "llama-3.3-70b-versatile"
+        with client.responses.stream(model="llama-3.3-70b", input="streamed") as s:
+            assert [e.type for e in s][-1] == "response.completed"
+        only(mocks["groq"], "/openai/v1/responses")
+    finally:
+        env.stop()

@@ -701,3 +701,34 @@ mod tests {
         assert_eq!(shipped.config.providers.len(), 10);
     }
 }
+
+#[cfg(test)]
+mod responses_api_tests {
+    use crate::config::testing::{compile_error, compiled};
+    use crate::core::schema::Schema;
+
+    #[test]
+    fn an_openai_compatible_server_may_serve_responses_itself() {
+        let c = compiled(
+            r#"{"providers":[
+                {"name":"vllm","kind":"openai_compatible","base_url":"http://vllm.local/v1",
+                 "responses_api":true},
+                {"name":"az","kind":"azure_openai","base_url":"https://x.openai.azure.com",
+                 "api_version":"2024-10-21","responses_api":false}],
+               "models":[{"name":"m","provider":"vllm"},{"name":"a","provider":"az"}]}"#,
+        );
+        let m = c.config.route("m").unwrap();
+        assert_eq!(m.responses_path.as_deref(), Some("/v1/responses"));
+        assert_eq!(m.schema_for(Schema::Responses), Schema::Responses);
+        // An Azure resource without the v1 API gets the pivot.
+        assert_eq!(c.config.route("a").unwrap().responses_path, None);
+        let e = compile_error(
+            r#"{"providers":[{"name":"a","kind":"anthropic","responses_api":true}],
+               "models":[{"name":"m","provider":"a"}]}"#,
+        );
+        assert!(
+            e.starts_with("providers[0].responses_api: only applies"),
+            "{e}"
+        );
+    }
+}

@@ -183,10 +183,12 @@ pub(crate) fn compile_models(
                 }
                 let version = p.api_version.as_deref().unwrap_or_default();
                 // Azure's v1 API takes the deployment as the body's model.
-                responses = Some((
-                    format!("{base_path}/openai/v1/responses"),
-                    quote(&deployment),
-                ));
+                if p.responses_api {
+                    responses = Some((
+                        format!("{base_path}/openai/v1/responses"),
+                        quote(&deployment),
+                    ));
+                }
                 let prefix = format!("{base_path}/openai/deployments/{deployment}");
                 for p in [
                     Passed::Completions,
@@ -211,7 +213,7 @@ pub(crate) fn compile_models(
                 ))
             }
             ProviderKind::OpenAi | ProviderKind::OpenAiCompatible => {
-                if kind == ProviderKind::OpenAi {
+                if p.responses_api {
                     responses = Some((format!("{base_path}/responses"), quote(&upstream_model)));
                 }
                 for p in Passed::ALL

@@ -44,6 +44,10 @@ pub struct Provider {
     pub region: Option<String>,
     /// Bedrock without an API key: SigV4 credentials read from the environment.
     pub aws_credentials: Option<AwsCredentials>,
+    /// Serves `POST /responses` itself, so Responses callers reach it as
+    /// they are: OpenAI and Azure OpenAI by default, an OpenAI-compatible
+    /// server when its config says so.
+    pub responses_api: bool,
 }
 
 /// AWS credentials for SigV4, read once from the proxy's environment.
@@ -102,6 +106,8 @@ struct RawProvider {
     aws_secret_access_key_env: Option<String>,
     #[serde(default)]
     aws_session_token_env: Option<String>,
+    #[serde(default)]
+    responses_api: Option<bool>,
 }
 
 /// A parsed `base_url`.
@@ -366,6 +372,18 @@ pub(crate) fn compile_providers(
         } else if raw.default_max_tokens.is_some() {
             return Err(anthropic_only("default_max_tokens"));
         }
+        let responses_api = match (kind, raw.responses_api) {
+            (ProviderKind::OpenAi | ProviderKind::AzureOpenAi, r) => r.unwrap_or(true),
+            (ProviderKind::OpenAiCompatible, r) => r.unwrap_or(false),
+            (_, None) => false,
+            (_, Some(_)) => {
+                return Err(ConfigError::new(
+                    format!("{at}.responses_api"),
+                    "only applies to providers of kind openai, azure_openai and \
+                     openai_compatible",
+                ))
+            }
+        };
         extra_headers.sort();
         providers.push(Provider {
             name: raw.name,
@@ -383,6 +401,7 @@ pub(crate) fn compile_providers(
             project,
             region,
             aws_credentials,
+            responses_api,
         });
     }
     Ok(providers)
