@@ -26,7 +26,9 @@ use crate::guard::detect::{redact, Finding};
 use crate::guard::json_text::{rewrite, text_values};
 use crate::guard::policy::{Action, Check, GuardRule};
 use crate::guard::screen::Decision;
-use crate::translate::passthrough::{ResponsesStreamEnd, StreamEnd};
+use crate::translate::passthrough::{
+    AnthropicStreamEnd, GeminiStreamEnd, ResponsesStreamEnd, StreamEnd,
+};
 use crate::translate::StreamTranslator;
 
 /// Decisions a stream's guard made, read by the pipeline as they come.
@@ -327,18 +329,11 @@ impl StreamGuard {
             Some("content_policy_violation"),
             format!("The rest of the answer was withheld by the gateway's guardrail `{name}`."),
         );
+        // The same error events the stream watchers end broken streams with.
         match self.caller {
             Schema::Responses => self.responses.fail(&error, out),
-            Schema::Anthropic => {
-                out.extend_from_slice(b"event: error\ndata: ");
-                out.extend_from_slice(&crate::translate::inbound::anthropic::error_body(&error));
-                out.extend_from_slice(b"\n\n");
-            }
-            Schema::Gemini => {
-                out.extend_from_slice(b"data: ");
-                out.extend_from_slice(&crate::translate::inbound::gemini::error_body(&error));
-                out.extend_from_slice(b"\n\n");
-            }
+            Schema::Anthropic => AnthropicStreamEnd::default().fail(&error, out),
+            Schema::Gemini => GeminiStreamEnd::default().fail(&error, out),
             Schema::OpenAi | Schema::Converse => {
                 out.extend_from_slice(b"data: ");
                 out.extend_from_slice(&error.body());

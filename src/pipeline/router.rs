@@ -9,7 +9,7 @@
 use super::admit::Admit;
 use super::finish::keep_caller_path;
 use super::flow::{internal, Flow};
-use super::guard::Guarded;
+use super::guard::{GuardWait, Guarded};
 use super::request::{self, ReadsBody};
 use super::state::{Deferred, Phase, Routed, Router};
 use super::Half;
@@ -94,6 +94,65 @@ impl Router {
     }
 }
 
+impl Router {
+    /// An external guardrail answered: the next one is asked (None: still
+    /// waiting), or the remaining stages run.
+    fn guard_callout(
+        &mut self,
+        host: &mut dyn Host,
+        wait: GuardWait,
+        answer: &CalloutAnswer,
+    ) -> Option<Flow> {
+        Some(match self.guard_answered(host, wait, answer) {
+            Ok(Guarded::Go(body)) => {
+                self.phase = Phase::ReadingBody;
+                self.route_admit_forward_body(host, body)
+            }
+            Ok(Guarded::Wait(next)) => {
+                self.guard_wait = Some(next);
+                return None;
+            }
+            Err(e) => self.reject(host, e),
+        })
+    }
+
+    /// The quota store answered: asked again (None: still waiting), or the
+    /// request is forwarded or refused.
+    fn admit_callout(
+        &mut self,
+        host: &mut dyn Host,
+        deferred: Deferred,
+        answer: &CalloutAnswer,
+    ) -> Option<Flow> {
+        Some(match self.admit_answered(host, deferred.id, answer) {
+            Err(e) => self.reject(host, e),
+            Ok(Some(again)) => {
+                // Asked again (the store had lost its script): still paused.
+                self.deferred = Some(Deferred {
+                    id: again,
+                    ..deferred
+                });
+                return None;
+            }
+            Ok(None) => {
+                let Deferred {
+                    body,
+                    routed,
+                    chain,
+                    ..
+                } = deferred;
+                match request::parse_body(
+                    &body,
+                    self.req.operation.unwrap_or(Operation::ChatCompletions),
+                ) {
+                    Ok(doc) => self.forward_or_reject(host, &body, &doc, &routed, chain),
+                    Err(e) => self.reject(host, e),
+                }
+            }
+        })
+    }
+}
+
 impl ReadsBody for Router {
     fn phase(&self) -> Phase {
         self.phase
@@ -143,63 +202,20 @@ impl Half for Router {
     /// The answer to a call a stage deferred on: the remaining stages run,
     /// and the paused request goes on (or is answered).
     fn on_callout(&mut self, host: &mut dyn Host, id: CalloutId, answer: CalloutAnswer) {
-        let guarding =
-            self.phase == Phase::Deferred && self.guard_wait.as_ref().is_some_and(|w| w.id == id);
-        if let Some(wait) = self.guard_wait.take_if(|_| guarding) {
-            let flow = match self.guard_answered(host, wait, &answer) {
-                Ok(Guarded::Go(body)) => {
-                    self.phase = Phase::ReadingBody;
-                    self.route_admit_forward_body(host, body)
-                }
-                Ok(Guarded::Wait(next)) => {
-                    self.guard_wait = Some(next);
-                    return;
-                }
-                Err(e) => self.reject(host, e),
-            };
-            if flow == Flow::Continue {
-                if let Err(e) = host.resume_request() {
-                    log::error!("could not resume a request after call {id}: {e}");
-                }
-            }
-            return;
-        }
-        let waiting =
-            self.phase == Phase::Deferred && self.deferred.as_ref().is_some_and(|d| d.id == id);
-        let Some(deferred) = self.deferred.take_if(|_| waiting) else {
+        let deferred = self.phase == Phase::Deferred;
+        let flow = if let Some(wait) = self.guard_wait.take_if(|w| deferred && w.id == id) {
+            self.guard_callout(host, wait, &answer)
+        } else if let Some(waiting) = self.deferred.take_if(|d| deferred && d.id == id) {
+            self.admit_callout(host, waiting, &answer)
+        } else {
             log::warn!(
                 "an answer came for call {id}, which this request does not wait for: {answer:?}"
             );
             return;
         };
-        let flow = match self.admit_answered(host, id, &answer) {
-            Err(e) => self.reject(host, e),
-            Ok(Some(again)) => {
-                // Asked again (the store had lost its script): still paused.
-                self.deferred = Some(Deferred {
-                    id: again,
-                    ..deferred
-                });
-                return;
-            }
-            Ok(None) => {
-                let Deferred {
-                    body,
-                    routed,
-                    chain,
-                    ..
-                } = deferred;
-                match request::parse_body(
-                    &body,
-                    self.req.operation.unwrap_or(Operation::ChatCompletions),
-                ) {
-                    Ok(doc) => self.forward_or_reject(host, &body, &doc, &routed, chain),
-                    Err(e) => self.reject(host, e),
-                }
-            }
-        };
-        // A reply of the filter's own ends the request; nothing to resume.
-        if flow == Flow::Continue {
+        // Still waiting, or a reply of the filter's own ended the request:
+        // nothing to resume.
+        if flow == Some(Flow::Continue) {
             if let Err(e) = host.resume_request() {
                 log::error!("could not resume a request after call {id}: {e}");
             }

@@ -21,7 +21,9 @@ use crate::core::api_error::ApiError;
 use crate::core::json::from_str_lossy;
 use crate::core::sse::{SseEvent, SseParser};
 use crate::core::usage::Usage;
-use crate::translate::inbound::{anthropic as anthropic_caller, gemini as gemini_caller};
+use crate::translate::inbound::{
+    anthropic as anthropic_caller, gemini as gemini_caller, responses as responses_caller,
+};
 use crate::translate::stream::interrupted;
 use crate::translate::{StreamFault, StreamTranslator};
 
@@ -321,18 +323,10 @@ pub struct ResponsesStreamEnd {
 }
 
 impl ResponsesStreamEnd {
-    fn emit(&mut self, kind: &str, mut event: Value, out: &mut Vec<u8>) {
+    fn emit(&mut self, kind: &str, event: Value, out: &mut Vec<u8>) {
         let sequence = self.sequence.map_or(0, |s| s.saturating_add(1));
         self.sequence = Some(sequence);
-        if let Value::Object(fields) = &mut event {
-            fields.insert("type".into(), Value::String(kind.into()));
-            fields.insert("sequence_number".into(), Value::from(sequence));
-        }
-        out.extend_from_slice(b"event: ");
-        out.extend_from_slice(kind.as_bytes());
-        out.extend_from_slice(b"\ndata: ");
-        out.extend_from_slice(event.to_string().as_bytes());
-        out.extend_from_slice(b"\n\n");
+        responses_caller::write_event(out, kind, sequence, event);
     }
 }
 

@@ -639,6 +639,24 @@ enum Open {
     },
 }
 
+/// Appends one Responses stream event: `kind` as its `type`, numbered.
+pub fn write_event(out: &mut Vec<u8>, kind: &str, sequence: u64, mut event: Value) {
+    if let Value::Object(fields) = &mut event {
+        fields.insert("type".into(), Value::String(kind.into()));
+        fields.insert("sequence_number".into(), Value::from(sequence));
+    }
+    match serde_json::to_vec(&event) {
+        Ok(json) => {
+            out.extend_from_slice(b"event: ");
+            out.extend_from_slice(kind.as_bytes());
+            out.extend_from_slice(b"\ndata: ");
+            out.extend_from_slice(&json);
+            out.extend_from_slice(b"\n\n");
+        }
+        Err(e) => log::error!("could not serialize a Responses {kind} event: {e}"),
+    }
+}
+
 /// The per-event mapping of [`ChatStreamToResponses`].
 #[derive(Default)]
 pub struct ChunksToResponses {
@@ -657,22 +675,9 @@ pub struct ChunksToResponses {
 }
 
 impl ChunksToResponses {
-    fn emit(&mut self, out: &mut Vec<u8>, kind: &str, mut event: Value) {
-        if let Value::Object(fields) = &mut event {
-            fields.insert("type".into(), Value::String(kind.into()));
-            fields.insert("sequence_number".into(), Value::from(self.sequence));
-        }
+    fn emit(&mut self, out: &mut Vec<u8>, kind: &str, event: Value) {
+        write_event(out, kind, self.sequence, event);
         self.sequence += 1;
-        match serde_json::to_vec(&event) {
-            Ok(json) => {
-                out.extend_from_slice(b"event: ");
-                out.extend_from_slice(kind.as_bytes());
-                out.extend_from_slice(b"\ndata: ");
-                out.extend_from_slice(&json);
-                out.extend_from_slice(b"\n\n");
-            }
-            Err(e) => log::error!("could not serialize a Responses {kind} event: {e}"),
-        }
     }
 
     /// The response so far. Its status follows the finish reason
