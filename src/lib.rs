@@ -10,6 +10,7 @@
 )]
 
 pub mod access;
+pub mod cache;
 pub mod config;
 pub mod core;
 pub mod guard;

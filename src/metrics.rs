@@ -50,6 +50,11 @@ pub const QUOTA_LEASE_UNITS_TOTAL: &str = "meshllm_quota_lease_units_total";
 pub const QUOTA_LEASE_ADMISSIONS_TOTAL: &str = "meshllm_quota_lease_admissions_total";
 /// Guardrail decisions, by rule, action and side (request or response).
 pub const GUARDRAIL_DECISIONS_TOTAL: &str = "meshllm_guardrail_decisions_total";
+/// Requests the response cache looked at, by `outcome` (hit, miss,
+/// refresh: not looked up on the caller's `no-cache`; bypass: not cacheable).
+pub const CACHE_LOOKUPS_TOTAL: &str = "meshllm_cache_lookups_total";
+/// Answers the response cache kept.
+pub const CACHE_STORES_TOTAL: &str = "meshllm_cache_stores_total";
 
 /// Every label the filter puts in a metric name, besides `tag_<name>` for
 /// attribution tags. render.py turns each into an Envoy tag extractor.
@@ -114,12 +119,25 @@ const CALL_ERROR: [&str; 7] = call_and("error_type");
 const CALL_TOKEN_TYPE: [&str; 7] = call_and("gen_ai_token_type");
 const CALL_ROUTE_REASON: [&str; 7] = call_and("route_reason");
 const CALL_FALLBACK_FROM: [&str; 7] = call_and("fallback_from");
+const CALL_OUTCOME: [&str; 7] = call_and("outcome");
 const QUOTA_REFUSAL: [&str; 8] = [
     CALL[0], CALL[1], CALL[2], CALL[3], CALL[4], CALL[5], "limit", "reason",
 ];
 const KIND_OUTCOME: [&str; 2] = ["kind", "outcome"];
 
 pub const FAMILIES: &[Family] = &[
+    Family {
+        name: CACHE_LOOKUPS_TOTAL,
+        kind: Kind::Counter,
+        labels: &CALL_OUTCOME,
+        tags: false,
+    },
+    Family {
+        name: CACHE_STORES_TOTAL,
+        kind: Kind::Counter,
+        labels: &CALL,
+        tags: false,
+    },
     Family {
         name: GUARDRAIL_DECISIONS_TOTAL,
         kind: Kind::Counter,

@@ -132,7 +132,7 @@ def stats_bootstrap(plugin_config=None):
 FILTER_STATE_FIELDS = [
     "caller", "tags", "provider", "request_model", "response_model", "attempts",
     "route_reason", "input_tokens", "output_tokens", "cached_tokens",
-    "tokens_estimated", "cost_micro_usd", "ttft_ms", "quota", "policy", "guardrails",
+    "tokens_estimated", "cost_micro_usd", "ttft_ms", "quota", "policy", "guardrails", "cache",
 ]
 NATIVE_LOG_NAMESPACE = "meshllm"
 

@@ -81,6 +81,12 @@ impl Applied {
         }
     }
 
+    /// Whether the caller's namespace turns the cache on or off; None:
+    /// `cache.default` decides.
+    pub fn cache(&self) -> Option<bool> {
+        self.policy.as_ref().and_then(|p| p.cache)
+    }
+
     /// What `name` denotes for this caller (namespace aliases included).
     pub fn target(&self, config: &Config, name: &str) -> Option<Target> {
         config.target(self.resolve(name))

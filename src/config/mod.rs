@@ -28,6 +28,7 @@ use std::rc::Rc;
 use serde_json::{Map, Value};
 
 use crate::access::identity::{compile_identity, IdentityPolicy};
+use crate::cache::policy::{compile_cache, CacheConfig};
 use crate::config::error::ConfigError;
 use crate::config::models::{compile_models, model_listing, ModelRoute};
 use crate::config::names::Target;
@@ -89,6 +90,8 @@ pub struct Config {
     pub account_provider: Option<usize>,
     /// Guardrail rules, and those callers get by default.
     pub guardrails: Guardrails,
+    /// `cache`: None when answers are never cached.
+    pub cache: Option<CacheConfig>,
 }
 
 impl Config {
@@ -230,6 +233,7 @@ const TOP_LEVEL_FIELDS: &[&str] = &[
     "namespaces",
     "default_provider",
     "guardrails",
+    "cache",
 ];
 
 /// Parses, validates and compiles a plugin configuration document.
@@ -299,6 +303,7 @@ pub fn compile(doc: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Compi
     let hosts = compile_hosts(obj.get("hosts"))?;
     let account_provider = compile_account_provider(obj.get("default_provider"), &providers)?;
     let guardrails = compile_guardrails(obj.get("guardrails"))?;
+    let cache = compile_cache(obj.get("cache"), &|n| is_model(n).is_some())?;
     let attempt_header_names = attempt_header_names(&providers);
     let (models_list_body, model_bodies) = model_listing(&models, &providers, &routes);
     let mut config = Config {
@@ -322,6 +327,7 @@ pub fn compile(doc: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Compi
         listener_policies: ListenerCache::default(),
         account_provider,
         guardrails,
+        cache,
     };
     // Allow-lists and namespace aliases name the document's public names.
     if let Some(v) = obj.get("allowed_models") {

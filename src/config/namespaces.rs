@@ -34,6 +34,8 @@ pub struct NamespacePolicy {
     /// The guardrail rules its callers get, replacing the default list;
     /// None: the default list applies.
     pub guardrails: Option<Vec<usize>>,
+    /// Whether its callers' answers are cached; None: `cache.default`.
+    pub cache: Option<bool>,
 }
 
 /// What a namespace policy is compiled against: the document's public
@@ -189,6 +191,7 @@ const POLICY_FIELDS: &[&str] = &[
     "services",
     "quotas",
     "guardrails",
+    "cache",
 ];
 
 /// One namespace policy at `at` (a `namespaces` entry or a listener's).
@@ -266,6 +269,13 @@ pub fn compile_namespace(
             })
         })
         .transpose()?;
+    let cache = obj
+        .get("cache")
+        .map(|v| {
+            v.as_bool()
+                .ok_or_else(|| ConfigError::new(format!("{at}.cache"), "must be true or false"))
+        })
+        .transpose()?;
     Ok(NamespacePolicy {
         namespace: namespace.to_string(),
         allowed,
@@ -273,6 +283,7 @@ pub fn compile_namespace(
         aliases,
         rules,
         guardrails,
+        cache,
     })
 }
 

@@ -4584,3 +4584,370 @@ fn an_external_guardrail_without_an_answer_fails_open_or_closed_as_configured() 
         assert_eq!(log, format!("classifier:fail_{mode}:request:unavailable"));
     }
 }
+
+// ---------------------------------------------------------------------------
+// The response cache
+// ---------------------------------------------------------------------------
+
+fn cache_config(cache: Value) -> Rc<Config> {
+    let mut doc: Value = serde_json::from_str(ROUTED_CONFIG).unwrap();
+    doc["identity"] = serde_json::json!({"source": "trusted_header", "header": "x-caller"});
+    doc["cache"] = cache;
+    doc["namespaces"] = serde_json::json!({"lab": {"cache": false}});
+    config_from(&doc.to_string())
+}
+
+const CACHED_CHAT: &str =
+    r#"{"model": "fast", "temperature": 0, "messages": [{"role": "user", "content": "hi"}]}"#;
+
+/// Sends `body` as `caller`; a forwarded request gets `answer` (a stream
+/// when the content type says so). Returns the flow of the request.
+fn cached_call(
+    cfg: &Rc<Config>,
+    host: &mut MockHost,
+    path: &str,
+    body: &str,
+    caller: &str,
+    answer: &[u8],
+    content_type: &str,
+) -> Flow {
+    let (mut f, flow) = ns_call(cfg, Role::Standalone, host, path, body, caller);
+    if flow == Flow::Continue {
+        host.respond(
+            200,
+            &[("content-type", content_type)],
+            answer,
+            Some("via_upstream"),
+        );
+        f.on_response_headers(host, false);
+        if content_type == "text/event-stream" {
+            // Streamed in two chunks, as they pass.
+            let cut = answer.len() / 2;
+            let whole = host.response_body.clone();
+            host.response_body = whole[..cut].to_vec();
+            f.on_response_body(host, cut, false);
+            host.response_body = whole[cut..].to_vec();
+            f.on_response_body(host, whole.len() - cut, true);
+        } else {
+            f.on_response_body(host, answer.len(), true);
+        }
+    }
+    f.on_done(host);
+    flow
+}
+
+fn cache_counts(host: &MockHost) -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = host
+        .counters
+        .iter()
+        .filter(|(k, _)| k.starts_with("meshllm_cache_"))
+        .map(|(k, v)| {
+            let outcome = k
+                .split(';')
+                .find(|p| p.starts_with("outcome="))
+                .unwrap_or("");
+            let ns = k
+                .split(';')
+                .find(|p| p.starts_with("caller_namespace="))
+                .unwrap_or("");
+            (
+                format!("{}:{ns}:{outcome}", k.split(';').next().unwrap_or("")),
+                *v,
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+const OPENAI_ANSWER: &[u8] = br#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"llama-3.1-8b-instant","choices":[{"index":0,"message":{"role":"assistant","content":"hello"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+
+#[test]
+fn cache_answers_the_same_request_of_the_same_namespace_from_memory() {
+    let cfg = cache_config(serde_json::json!({}));
+    let mut host = MockHost::default();
+    let path = "/v1/chat/completions";
+    let json = "application/json";
+    // A miss goes to the provider and is kept.
+    let flow = cached_call(
+        &cfg,
+        &mut host,
+        path,
+        CACHED_CHAT,
+        "shop/web",
+        OPENAI_ANSWER,
+        json,
+    );
+    assert_eq!(flow, Flow::Continue);
+    assert_eq!(host.resp(CACHE_RESPONSE_HEADER).as_deref(), Some("miss"));
+    assert_eq!(host.properties[LOG_CACHE], b"stored");
+    // The same request, reordered and from another service of the
+    // namespace: answered here, with what the provider said.
+    let again = r#"{"messages": [{"content": "hi", "role": "user"}], "temperature": 0.0, "model": "fast", "user": "u2"}"#;
+    let flow = cached_call(&cfg, &mut host, path, again, "shop/api", b"", json);
+    assert_eq!(flow, Flow::Pause);
+    let reply = host.reply();
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body, OPENAI_ANSWER);
+    assert_eq!(reply.header(CACHE_RESPONSE_HEADER), Some("hit"));
+    assert_eq!(reply.header("content-type"), Some(json));
+    assert_eq!(reply.header(PROVIDER_RESPONSE_HEADER), Some("groq"));
+    assert_eq!(host.properties[LOG_CACHE], b"hit");
+    // A hit costs no tokens.
+    assert_eq!(host.properties[LOG_INPUT_TOKENS], b"0");
+    // Another namespace never sees it; `lab` has the cache off.
+    let flow = cached_call(
+        &cfg,
+        &mut host,
+        path,
+        CACHED_CHAT,
+        "other/web",
+        OPENAI_ANSWER,
+        json,
+    );
+    assert_eq!(flow, Flow::Continue);
+    let flow = cached_call(
+        &cfg,
+        &mut host,
+        path,
+        CACHED_CHAT,
+        "lab/web",
+        OPENAI_ANSWER,
+        json,
+    );
+    assert_eq!(flow, Flow::Continue);
+    assert_eq!(host.resp(CACHE_RESPONSE_HEADER), None);
+    assert!(!host.properties.contains_key(LOG_CACHE));
+    assert_eq!(
+        cache_counts(&host),
+        vec![
+            (
+                "meshllm_cache_lookups_total:caller_namespace=other:outcome=miss".into(),
+                1
+            ),
+            (
+                "meshllm_cache_lookups_total:caller_namespace=shop:outcome=hit".into(),
+                1
+            ),
+            (
+                "meshllm_cache_lookups_total:caller_namespace=shop:outcome=miss".into(),
+                1
+            ),
+            (
+                "meshllm_cache_stores_total:caller_namespace=other:".into(),
+                1
+            ),
+            (
+                "meshllm_cache_stores_total:caller_namespace=shop:".into(),
+                1
+            ),
+        ]
+    );
+}
+
+#[test]
+fn cache_replays_a_stream_as_the_stream_the_first_caller_got() {
+    let cfg = cache_config(serde_json::json!({}));
+    let mut host = MockHost::default();
+    let path = "/v1/chat/completions";
+    let sse = "text/event-stream";
+    let body = r#"{"model": "fast", "temperature": 0, "stream": true, "messages": [{"role": "user", "content": "hi"}]}"#;
+    let stream = b"data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hel\"}}]}\n\ndata: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n";
+    assert_eq!(
+        cached_call(&cfg, &mut host, path, body, "shop/web", stream, sse),
+        Flow::Continue
+    );
+    assert_eq!(host.properties[LOG_CACHE], b"stored");
+    assert_eq!(
+        cached_call(&cfg, &mut host, path, body, "shop/web", b"", sse),
+        Flow::Pause
+    );
+    let reply = host.reply();
+    assert_eq!(reply.header("content-type"), Some(sse));
+    assert_eq!(reply.body, stream.to_vec());
+    // The same request unstreamed is another answer.
+    let whole = body.replace("\"stream\": true", "\"stream\": false");
+    assert_eq!(
+        cached_call(
+            &cfg,
+            &mut host,
+            path,
+            &whole,
+            "shop/web",
+            OPENAI_ANSWER,
+            "application/json"
+        ),
+        Flow::Continue
+    );
+    // A stream cut before its end is not kept.
+    let cut_body = body.replace("hi", "cut");
+    let cut = &stream[..stream.len() - 16];
+    cached_call(&cfg, &mut host, path, &cut_body, "shop/web", cut, sse);
+    assert_eq!(host.properties[LOG_CACHE], b"miss");
+    assert_eq!(
+        cached_call(&cfg, &mut host, path, &cut_body, "shop/web", stream, sse),
+        Flow::Continue
+    );
+}
+
+#[test]
+fn cache_honours_no_store_no_cache_sampling_errors_and_size() {
+    let cfg = cache_config(serde_json::json!({"max_entry_bytes": 400}));
+    let mut host = MockHost::default();
+    let path = "/v1/chat/completions";
+    let json = "application/json";
+    // Sampled: not cached.
+    let sampled = CACHED_CHAT.replace("\"temperature\": 0", "\"temperature\": 0.7");
+    cached_call(
+        &cfg,
+        &mut host,
+        path,
+        &sampled,
+        "shop/web",
+        OPENAI_ANSWER,
+        json,
+    );
+    assert_eq!(host.properties[LOG_CACHE], b"bypass:sampled");
+    assert_eq!(host.resp(CACHE_RESPONSE_HEADER).as_deref(), Some("bypass"));
+    // An error answer is not kept.
+    let (mut f, flow) = ns_call(
+        &cfg,
+        Role::Standalone,
+        &mut host,
+        path,
+        CACHED_CHAT,
+        "shop/web",
+    );
+    assert_eq!(flow, Flow::Continue);
+    let err = br#"{"error":{"message":"overloaded","type":"server_error"}}"#;
+    host.respond(503, &[("content-type", json)], err, Some("via_upstream"));
+    f.on_response_headers(&mut host, false);
+    f.on_response_body(&mut host, err.len(), true);
+    f.on_done(&mut host);
+    assert_eq!(host.properties[LOG_CACHE], b"miss");
+    // Too large to keep.
+    let big = format!(
+        r#"{{"id":"x","choices":[{{"message":{{"content":"{}"}}}}]}}"#,
+        "a".repeat(500)
+    );
+    cached_call(
+        &cfg,
+        &mut host,
+        path,
+        CACHED_CHAT,
+        "shop/web",
+        big.as_bytes(),
+        json,
+    );
+    assert_eq!(host.properties[LOG_CACHE], b"miss");
+    // no-store: neither read nor kept.
+    let flow = {
+        let (mut f, flow) =
+            ns_call_with(&cfg, &mut host, path, CACHED_CHAT, "shop/web", "no-store");
+        answer_json(&mut f, &mut host, OPENAI_ANSWER);
+        flow
+    };
+    assert_eq!(flow, Flow::Continue);
+    assert_eq!(host.properties[LOG_CACHE], b"bypass:no-store");
+    // no-cache: not read, but the fresh answer is kept ...
+    let (mut f, flow) = ns_call_with(&cfg, &mut host, path, CACHED_CHAT, "shop/web", "no-cache");
+    assert_eq!(flow, Flow::Continue);
+    answer_json(&mut f, &mut host, OPENAI_ANSWER);
+    assert_eq!(host.properties[LOG_CACHE], b"refresh:stored");
+    // ... for the next caller.
+    assert_eq!(
+        cached_call(&cfg, &mut host, path, CACHED_CHAT, "shop/web", b"", json),
+        Flow::Pause
+    );
+    assert_eq!(host.reply().body, OPENAI_ANSWER);
+    // A request offering tools is a tool turn: not cached by default.
+    let tools = CACHED_CHAT.replace(
+        "\"temperature\"",
+        "\"tools\": [{\"type\": \"function\", \"function\": {\"name\": \"f\"}}], \"temperature\"",
+    );
+    cached_call(
+        &cfg,
+        &mut host,
+        path,
+        &tools,
+        "shop/web",
+        OPENAI_ANSWER,
+        json,
+    );
+    assert_eq!(host.properties[LOG_CACHE], b"bypass:tools");
+}
+
+fn ns_call_with(
+    cfg: &Rc<Config>,
+    host: &mut MockHost,
+    path: &str,
+    body: &str,
+    caller: &str,
+    cache_control: &str,
+) -> (Filter, Flow) {
+    let mut fresh = client_post(path, body.as_bytes())
+        .with_header("x-caller", caller)
+        .with_header("cache-control", cache_control);
+    fresh.shared = std::mem::take(&mut host.shared);
+    fresh.counters = std::mem::take(&mut host.counters);
+    *host = fresh;
+    let mut f = Filter::new(Rc::clone(cfg), Role::Standalone);
+    assert_eq!(f.on_request_headers(host, false), Flow::Pause);
+    let flow = f.on_request_body(host, body.len(), true);
+    (f, flow)
+}
+
+fn answer_json(f: &mut Filter, host: &mut MockHost, answer: &[u8]) {
+    host.respond(
+        200,
+        &[("content-type", "application/json")],
+        answer,
+        Some("via_upstream"),
+    );
+    f.on_response_headers(host, false);
+    f.on_response_body(host, answer.len(), true);
+    f.on_done(host);
+}
+
+#[test]
+fn cache_keeps_a_translated_answer_in_the_callers_shape() {
+    let cfg = cache_config(serde_json::json!({}));
+    let mut host = MockHost::default();
+    // An Anthropic caller of an OpenAI-shaped model: what is kept is the
+    // translation the caller got.
+    let body = r#"{"model": "fast", "max_tokens": 10, "temperature": 0, "messages": [{"role": "user", "content": "hi"}]}"#;
+    let (mut f, flow) = ns_call(
+        &cfg,
+        Role::Standalone,
+        &mut host,
+        "/v1/messages",
+        body,
+        "shop/web",
+    );
+    assert_eq!(flow, Flow::Continue);
+    host.respond(
+        200,
+        &[("content-type", "application/json")],
+        OPENAI_ANSWER,
+        Some("via_upstream"),
+    );
+    f.on_response_headers(&mut host, false);
+    assert_eq!(
+        f.on_response_body(&mut host, OPENAI_ANSWER.len(), true),
+        Flow::Continue
+    );
+    f.on_done(&mut host);
+    let translated = host.response_body.clone();
+    assert!(String::from_utf8_lossy(&translated).contains("\"type\":\"message\""));
+    assert_eq!(host.properties[LOG_CACHE], b"stored");
+    let (_, flow) = ns_call(
+        &cfg,
+        Role::Standalone,
+        &mut host,
+        "/v1/messages",
+        body,
+        "shop/web",
+    );
+    assert_eq!(flow, Flow::Pause);
+    assert_eq!(host.reply().body, translated);
+}

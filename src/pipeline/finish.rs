@@ -6,8 +6,9 @@
 
 use std::rc::Rc;
 
+use super::cache::{cache_settle, LOG_CACHE};
 use super::flow::Flow;
-use super::state::{Forward, Phase, RequestState, Router};
+use super::state::{CacheUse, Forward, Phase, RequestState, Router};
 use crate::config::Config;
 use crate::core::api_error::ApiError;
 use crate::core::usage::Usage;
@@ -45,6 +46,8 @@ struct LogFields<'a> {
     response_model: &'a str,
     attempts: u32,
     ttft_us: Option<u64>,
+    /// The response cache's part (`cache.rs`).
+    cache: Option<String>,
 }
 
 /// The path the caller asked for, for the access log.
@@ -73,8 +76,15 @@ impl Router {
                 chain.attempts,
             ),
             Forward::Inline(attempt) => (None, route.zip(attempt.final_usage()), 0),
-            Forward::Not => (None, None, 0),
+            Forward::Not => match &self.req.cache {
+                CacheUse::Hit { provider, model } => {
+                    (Some((provider.clone(), model.clone())), None, 0)
+                }
+                _ => (None, None, 0),
+            },
         };
+        let hit = matches!(self.req.cache, CacheUse::Hit { .. });
+        let cache_use = std::mem::replace(&mut self.req.cache, CacheUse::Off);
         let served_index = match (&reported, &served, &self.forward) {
             (Some((t, _)), _, _) => Some(*t),
             (None, Some((p, upstream)), Forward::Chain(chain)) => {
@@ -106,12 +116,22 @@ impl Router {
             // Listings and unknown URLs are not LLM calls.
             return;
         };
-        let req = &self.req;
-        let (ns, svc) = req.who.names();
+        let (ns, svc) = self.req.who.names();
         let operation = op.name();
-        let request_model = req.request_model.as_deref().unwrap_or("none");
+        let request_model = self.req.request_model.as_deref().unwrap_or("none");
         let labels =
             metrics::call_labels(ns, svc, operation, provider, request_model, response_model);
+        let (provider, response_model) = (provider.to_string(), response_model.to_string());
+        let req = &self.req;
+        let cache = cache_settle(
+            cache_use,
+            &config,
+            req,
+            host,
+            &labels,
+            &provider,
+            &response_model,
+        );
         let now = host.now_unix_micros();
         let error = metrics::error_type(req.status);
         let error_label: &[(&str, &str)] = match &error {
@@ -130,7 +150,7 @@ impl Router {
             // Usually the first target answered: its labels are built.
             let first_labels;
             let route_labels =
-                if first_provider == provider && first.upstream_model == response_model {
+                if *first_provider == provider && first.upstream_model == response_model {
                     &labels
                 } else {
                     first_labels = metrics::call_labels(
@@ -176,7 +196,12 @@ impl Router {
             return;
         }
         let outcome = admission::Outcome {
-            usage: reported.map(|(_, u)| u),
+            // A hit costs no provider tokens; it still counts as a request.
+            usage: if hit {
+                Some(Usage::default())
+            } else {
+                reported.map(|(_, u)| u)
+            },
             served: served_index,
             // The upstream half numbers the attempt that answered; a lone
             // target is tried once.
@@ -217,14 +242,15 @@ impl Router {
             _ => None,
         };
         let fields = LogFields {
-            provider,
-            response_model,
+            provider: &provider,
+            response_model: &response_model,
             attempts: if alone {
                 u32::from(forwarded)
             } else {
                 chain_attempts
             },
             ttft_us,
+            cache,
         };
         account(&config, req, host, &labels, &charge, &fields);
         self.req.admission = None;
@@ -247,13 +273,25 @@ impl Router {
         extra: &[(&str, &str)],
         body: &[u8],
     ) -> Flow {
+        self.reply_as(host, status, "application/json", extra, body)
+    }
+
+    /// A reply of the filter's own, of this content type.
+    pub(super) fn reply_as(
+        &mut self,
+        host: &mut dyn Host,
+        status: u16,
+        content_type: &str,
+        extra: &[(&str, &str)],
+        body: &[u8],
+    ) -> Flow {
         // Nothing more will happen to this request: account for it now,
         // while access logs can still see the fields.
         self.req.status = status;
         self.phase = Phase::Answered;
         self.finish(host);
         let mut headers: Vec<(&str, &str)> = Vec::with_capacity(extra.len() + 1);
-        headers.push(("content-type", "application/json"));
+        headers.push(("content-type", content_type));
         headers.extend_from_slice(extra);
         if let Err(e) = host.send_response(status, &headers, body) {
             log::error!("could not send a local reply: {e}");
@@ -343,6 +381,9 @@ fn account(
     }
     if !req.guard_log.is_empty() {
         log.push((LOG_GUARDRAILS, req.guard_log.join(",")));
+    }
+    if let Some(cache) = &fields.cache {
+        log.push((LOG_CACHE, cache.clone()));
     }
     if let Some(ttft) = fields.ttft_us {
         log.push((LOG_TTFT, metrics::millis(ttft).to_string()));

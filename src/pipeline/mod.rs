@@ -25,6 +25,7 @@ mod account;
 mod admit;
 mod answer;
 mod attempt;
+mod cache;
 mod endpoint;
 mod finish;
 mod flow;
@@ -42,6 +43,7 @@ mod state;
 mod translate;
 pub mod wire;
 
+pub use cache::{CACHE_RESPONSE_HEADER, LOG_CACHE};
 pub use finish::{
     LOG_ATTEMPTS, LOG_CACHED_TOKENS, LOG_CALLER, LOG_COST, LOG_GUARDRAILS, LOG_INPUT_TOKENS,
     LOG_OUTPUT_TOKENS, LOG_PATH, LOG_POLICY, LOG_PROVIDER, LOG_QUOTA, LOG_REQUEST_MODEL,

@@ -462,7 +462,7 @@ impl Router {
             let decisions = std::mem::take(&mut attempt.guard_decisions);
             self.note_guard_decisions(host, Side::Response, &decisions);
             self.drain_stream_guard(host);
-            return self.take_step(host, step);
+            return self.copy_and_take_step(host, step, end_of_stream);
         }
         let serving = Serving {
             config: &self.config,
@@ -503,6 +503,18 @@ impl Router {
         };
         self.drain_stream_guard(host);
         self.req.status = self.answer.status;
+        self.copy_and_take_step(host, step, end_of_stream)
+    }
+
+    /// The response cache copies what passes (a held chunk passes later,
+    /// whole; a replaced answer is not the provider's).
+    fn copy_and_take_step(&mut self, host: &mut dyn Host, step: Step, end_of_stream: bool) -> Flow {
+        let passed = match step {
+            Step::Go(Flow::Continue) => true,
+            Step::Go(_) => return self.take_step(host, step),
+            Step::Replace(..) => false,
+        };
+        self.cache_copy(host, passed, end_of_stream);
         self.take_step(host, step)
     }
 

@@ -84,6 +84,9 @@ impl Router {
         routed: &Routed,
         chain: Vec<usize>,
     ) -> Flow {
+        if let Some(hit) = self.cache_lookup(host, body, routed) {
+            return hit;
+        }
         match self.forward(host, body, doc, &routed.call, chain) {
             Ok(()) => {
                 self.phase = Phase::Forwarded;

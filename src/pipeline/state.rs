@@ -91,8 +91,35 @@ pub(super) struct RequestState {
     pub answer_guard: Vec<usize>,
     /// Where a streamed answer's guard leaves its decisions.
     pub guard_sink: Option<crate::guard::stream::DecisionSink>,
+    /// What the response cache does for this request.
+    pub cache: CacheUse,
     /// The request was counted and settled.
     pub finished: bool,
+}
+
+/// What the response cache does for one request (see `cache.rs`).
+pub(super) enum CacheUse {
+    /// Not cached: no cache, or not for this caller, model or operation.
+    Off,
+    /// Cacheable in principle, but not this request.
+    Bypass(crate::cache::key::Bypass),
+    /// Answered from the cache by the answer of this provider and model.
+    Hit { provider: String, model: String },
+    /// Sent on; its answer is kept if it comes back whole.
+    Fill(Fill),
+}
+
+/// An answer on its way to the caller, copied to be kept.
+pub(super) struct Fill {
+    pub key: [u8; 32],
+    /// Looked up and not found (false: `Cache-Control: no-cache`).
+    pub looked_up: bool,
+    /// The bytes the caller got so far.
+    pub copy: Vec<u8>,
+    /// Past `max_entry_bytes`, replaced by the filter, or unreadable.
+    pub spoiled: bool,
+    /// The last byte passed.
+    pub ended: bool,
 }
 
 impl Default for RequestState {
@@ -121,6 +148,7 @@ impl Default for RequestState {
             guard_log: Vec::new(),
             answer_guard: Vec::new(),
             guard_sink: None,
+            cache: CacheUse::Off,
             finished: false,
         }
     }
