@@ -457,3 +457,17 @@ def test_shared_example_is_the_mesh_policy_with_shared_quotas():
     mesh = json.loads((K8S_ROOT / "policy" / "mesh.json").read_text())
     shared = json.loads(SHARED_POLICY.read_text())
     assert {k: v for k, v in shared.items() if k != "quotas"} == {k: v for k, v in mesh.items() if k != "quotas"}
+
+
+def test_a_shared_cache_opens_the_bridge_to_its_commands_only(tmp_path):
+    policy = json.loads(SHARED_POLICY.read_text())
+    policy["cache"] = {"shared": True}
+    path = tmp_path / "cached.json"
+    path.write_text(json.dumps(policy))
+    generate(tmp_path / "out", "--policy", str(path), "--store", REDIS)
+    docs = render(tmp_path / "out" / "overlays" / "egress-gateway")
+    (rule,) = one(docs, "AuthorizationPolicy")["spec"]["rules"]
+    paths = rule["to"][0]["operation"]["paths"]
+    assert paths == ["/EVALSHA/*", "/EVAL/*", "/GET/*", "/SET/*", "/APPEND/*", "/RENAME/*"]
+    config = json.loads(one(docs, "ConfigMap", "meshllm-quota-store-config")["data"]["webdis.json"])
+    assert config["acl"][1]["enabled"] == [p.strip("/*") for p in paths] + ["PING"]

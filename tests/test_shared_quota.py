@@ -62,8 +62,9 @@ def need(binary):
 # The ACL envoy/README.md recommends: the user webdis connects as (here
 # `default`) reaches only the gateway's keys with the script's commands;
 # the test reads Redis as an admin.
-GATEWAY_ACL = ["default", "on", "nopass", "~meshllm/quota/*", "-@all", "+eval", "+evalsha",
-               "+get", "+incrby", "+set", "+exists", "+expireat"]
+GATEWAY_ACL = ["default", "on", "nopass", "~meshllm/quota/*", "~meshllm/cache/*", "-@all",
+               "+eval", "+evalsha", "+get", "+incrby", "+set", "+exists", "+expireat",
+               "+append", "+rename"]
 ADMIN_PASSWORD = "test-admin"
 
 

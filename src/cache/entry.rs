@@ -28,6 +28,8 @@ struct Header {
     ct: String,
     p: String,
     m: String,
+    /// The body's length: a value cut short in a store is not an answer.
+    n: usize,
 }
 
 impl Entry {
@@ -39,6 +41,7 @@ impl Entry {
             ct: self.content_type.clone(),
             p: self.provider.clone(),
             m: self.model.clone(),
+            n: self.body.len(),
         };
         let mut out = serde_json::to_vec(&header).unwrap_or_default();
         out.push(b'\n');
@@ -57,13 +60,17 @@ impl Entry {
         for (i, byte) in key.iter_mut().enumerate() {
             *byte = u8::from_str_radix(header.k.get(2 * i..2 * i + 2)?, 16).ok()?;
         }
+        let body = &bytes[nl + 1..];
+        if body.len() != header.n {
+            return None;
+        }
         Some(Entry {
             key,
             expires_ms: header.exp,
             content_type: header.ct,
             provider: header.p,
             model: header.m,
-            body: bytes[nl + 1..].to_vec(),
+            body: body.to_vec(),
         })
     }
 }
@@ -118,7 +125,9 @@ mod tests {
             model: "gpt-4o".into(),
             body: b"data: x\n\nwith\nnewlines".to_vec(),
         };
-        assert_eq!(Entry::decode(&e.encode()), Some(e));
+        let bytes = e.encode();
+        assert_eq!(Entry::decode(&bytes), Some(e));
+        assert_eq!(Entry::decode(&bytes[..bytes.len() - 1]), None, "cut short");
         assert_eq!(Entry::decode(b"garbage"), None);
         assert_eq!(Entry::decode(b"{\"k\":\"zz\"}\nbody"), None);
     }

@@ -28,7 +28,8 @@ const IGNORED_FIELDS: &[&str] = &[
 pub enum Bypass {
     /// The caller said `Cache-Control: no-store`.
     NoStore,
-    /// Sampled above temperature 0 (or at the provider's default).
+    /// Sampled above temperature 0 (or at the provider's default), for a
+    /// model not in `sampled`.
     Sampled,
     /// It offers tools, and `tool_turns` is off.
     Tools,
@@ -78,7 +79,7 @@ pub fn key(config: &CacheConfig, req: &Request) -> Result<[u8; 32], Bypass> {
         if !config.tool_turns && offers_tools(&body) {
             return Err(Bypass::Tools);
         }
-        if !config.sampled && !greedy(req.caller, &body) {
+        if !config.caches_sampled(req.model) && !greedy(req.caller, &body) {
             return Err(Bypass::Sampled);
         }
     }
@@ -247,7 +248,7 @@ mod tests {
             key(&c, &req(Schema::Responses, &no_tools, "ns")),
             Err(Bypass::Api)
         );
-        let open = config(json!({"sampled": true, "tool_turns": true}));
+        let open = config(json!({"sampled": ["gpt"], "tool_turns": true}));
         assert!(key(&open, &req(Schema::OpenAi, &sampled, "ns")).is_ok());
         assert!(key(&open, &req(Schema::OpenAi, &tools, "ns")).is_ok());
         // Embeddings are deterministic whatever they say.

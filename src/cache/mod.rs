@@ -12,3 +12,4 @@ pub mod entry;
 pub mod key;
 pub mod local;
 pub mod policy;
+pub mod shared;

@@ -36,8 +36,13 @@ pub struct CacheConfig {
     pub scope: Scope,
     /// Cache requests that offer tools (their answers may call them).
     pub tool_turns: bool,
-    /// Cache requests sampled at a temperature above 0 (or not set).
-    pub sampled: bool,
+    /// Public names whose requests are cached however they are sampled
+    /// (a temperature above 0, or none: Anthropic's API has no sampling
+    /// parameters since its 2026-10-21 version); `*` is every model.
+    pub sampled: Vec<String>,
+    /// Also keep answers in the quota store's Redis (`quotas.store`),
+    /// shared by every proxy.
+    pub shared: bool,
 }
 
 pub const DEFAULT_TTL_S: u64 = 300;
@@ -65,7 +70,9 @@ struct RawCache {
     #[serde(default)]
     tool_turns: bool,
     #[serde(default)]
-    sampled: bool,
+    sampled: Option<Value>,
+    #[serde(default)]
+    shared: bool,
 }
 
 /// Compiles `cache`; `is_model` says whether a public name exists.
@@ -109,6 +116,31 @@ pub fn compile_cache(
             ));
         }
     }
+    let sampled = match raw.sampled {
+        None | Some(Value::Bool(false)) => Vec::new(),
+        Some(Value::Bool(true)) => vec!["*".to_string()],
+        Some(Value::Array(list)) => {
+            let mut out = Vec::with_capacity(list.len());
+            for (i, v) in list.iter().enumerate() {
+                match v.as_str() {
+                    Some(name) if is_model(name) => out.push(name.to_string()),
+                    _ => {
+                        return Err(ConfigError::new(
+                            format!("cache.sampled[{i}]"),
+                            format!("{v} is not a model or route of this configuration"),
+                        ))
+                    }
+                }
+            }
+            out
+        }
+        Some(_) => {
+            return Err(ConfigError::new(
+                "cache.sampled",
+                "must be true, false or a list of model names",
+            ))
+        }
+    };
     Ok(Some(CacheConfig {
         default: raw.default.unwrap_or(true),
         models: raw.models,
@@ -117,7 +149,8 @@ pub fn compile_cache(
         max_entry_bytes,
         scope: raw.scope.unwrap_or(Scope::Namespace),
         tool_turns: raw.tool_turns,
-        sampled: raw.sampled,
+        sampled,
+        shared: raw.shared,
     }))
 }
 
@@ -127,6 +160,11 @@ impl CacheConfig {
     pub fn covers(&self, namespace: Option<bool>, model: &str) -> bool {
         namespace.unwrap_or(self.default)
             && (self.models.is_empty() || self.models.iter().any(|m| m == model))
+    }
+
+    /// Whether requests for `model` are cached however they are sampled.
+    pub fn caches_sampled(&self, model: &str) -> bool {
+        self.sampled.iter().any(|m| m == "*" || m == model)
     }
 }
 
@@ -146,7 +184,7 @@ mod tests {
         assert_eq!(c.scope, Scope::Namespace);
         assert!(c.covers(None, "anything"));
         assert!(!c.covers(Some(false), "anything"));
-        assert!(!c.tool_turns && !c.sampled);
+        assert!(!c.tool_turns && !c.caches_sampled("gpt"));
         assert_eq!(compile_cache(None, &|_| true).unwrap(), None);
     }
 
@@ -158,6 +196,10 @@ mod tests {
         assert!(!c.covers(None, "gpt"));
         assert!(c.covers(Some(true), "gpt"));
         assert!(!c.covers(Some(true), "fast"));
+        let c = compile(json!({"sampled": ["fast"]})).unwrap().unwrap();
+        assert!(c.caches_sampled("fast") && !c.caches_sampled("gpt"));
+        let c = compile(json!({"sampled": true})).unwrap().unwrap();
+        assert!(c.caches_sampled("gpt"));
     }
 
     #[test]
@@ -170,6 +212,8 @@ mod tests {
                 "cache.max_entry_bytes",
             ),
             (json!({"models": ["gpt", "nope"]}), "cache.models[1]"),
+            (json!({"sampled": ["gpt", 3]}), "cache.sampled[1]"),
+            (json!({"sampled": "yes"}), "cache.sampled"),
             (json!({"scope": "planet"}), "cache"),
             (json!({"tll_s": 3}), "cache"),
             (json!([]), "cache"),

@@ -304,6 +304,14 @@ pub fn compile(doc: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Compi
     let account_provider = compile_account_provider(obj.get("default_provider"), &providers)?;
     let guardrails = compile_guardrails(obj.get("guardrails"))?;
     let cache = compile_cache(obj.get("cache"), &|n| is_model(n).is_some())?;
+    if cache.as_ref().is_some_and(|c| c.shared)
+        && quotas.as_ref().and_then(|q| q.store.as_ref()).is_none()
+    {
+        return Err(ConfigError::new(
+            "cache.shared",
+            "needs the shared store of `quotas.store`, where answers are shared",
+        ));
+    }
     let attempt_header_names = attempt_header_names(&providers);
     let (models_list_body, model_bodies) = model_listing(&models, &providers, &routes);
     let mut config = Config {

@@ -1,48 +1,127 @@
 //! Cache stage, listener half. After admission (a hit still counts as a
-//! request for quotas) a cacheable request is looked up and, on a hit,
-//! answered with the kept bytes: a stream replayed as the stream its
-//! first caller got. On a miss the answer is copied as it passes and kept
-//! when `finish` sees it came back whole. What is cacheable and the key
-//! are `cache/key.rs`; the store is `cache/local.rs`.
+//! request for quotas) a cacheable request is looked up in the proxy's
+//! memory, then (with `cache.shared`) in the shared store while the
+//! request waits; on a hit it is answered with the kept bytes: a stream
+//! replayed as the stream its first caller got. On a miss the answer is
+//! copied as it passes and kept when `finish` sees it came back whole.
+//! What is cacheable and the key are `cache/key.rs`; the stores are
+//! `cache/local.rs` and `cache/shared.rs`.
 
 use super::flow::Flow;
-use super::state::{CacheUse, Fill, RequestState, Routed, Router};
+use super::state::{CacheUse, Deferred, Fill, Phase, RequestState, Routed, Router};
 use crate::cache::entry::{whole_answer, Entry};
 use crate::cache::key::{self, Bypass};
-use crate::cache::local;
 use crate::cache::policy::Scope;
+use crate::cache::{local, shared};
 use crate::config::models::Operation;
 use crate::config::Config;
-use crate::host::Host;
+use crate::core::json::TopLevel;
+use crate::host::{CalloutAnswer, CalloutId, Host};
 use crate::metrics;
 
 /// Says on every cacheable answer whether it came from the cache.
 pub const CACHE_RESPONSE_HEADER: &str = "x-meshllm-cache";
-/// Access-log field: `hit`, `miss`, `stored` (a miss, kept), `refresh`
-/// (the caller's `no-cache`), `refresh:stored`, or `bypass:<why>`.
+/// Access-log field: `hit`, `hit:shared` (from the shared store), `miss`,
+/// `stored` (a miss, kept), `refresh` (the caller's `no-cache`),
+/// `refresh:stored`, or `bypass:<why>`.
 pub const LOG_CACHE: &str = "meshllm.cache";
+
+/// What the lookup found.
+pub(super) enum Looked {
+    /// Answered from the cache: the flow to return.
+    Hit(Flow),
+    /// Not kept (or not cacheable): forward.
+    Miss,
+    /// The shared store was asked: wait for its answer.
+    Ask(CalloutId),
+}
 
 /// Reads an answer chunk whatever its size after a rewrite (hosts return
 /// at most what there is).
 const WHOLE_CHUNK: usize = i32::MAX as usize;
 
 impl Router {
-    /// Looks the request up; a hit is answered here (the flow returned).
-    pub(super) fn cache_lookup(
+    /// Forwards the request unless the cache answers it, or must be
+    /// asked first: then the request waits (see `cache_answered`).
+    pub(super) fn forward_unless_cached(
         &mut self,
         host: &mut dyn Host,
         body: &[u8],
+        doc: &TopLevel,
         routed: &Routed,
-    ) -> Option<Flow> {
-        let config = self.config.cache.as_ref()?;
+        chain: Vec<usize>,
+    ) -> Result<Flow, (CalloutId, Vec<usize>)> {
+        match self.cache_lookup(host, body, routed) {
+            Looked::Hit(flow) => Ok(flow),
+            Looked::Miss => Ok(self.forward_or_reject(host, body, doc, routed, chain)),
+            Looked::Ask(id) => Err((id, chain)),
+        }
+    }
+
+    /// Parks a request while the shared store is asked.
+    pub(super) fn wait_for_cache(&mut self, waiting: Deferred) -> Flow {
+        self.cache_wait = Some(waiting);
+        self.phase = Phase::Deferred;
+        Flow::Pause
+    }
+
+    /// The shared store answered: replay what it kept, or forward.
+    pub(super) fn cache_answered(
+        &mut self,
+        host: &mut dyn Host,
+        waiting: Deferred,
+        answer: &CalloutAnswer,
+    ) -> Flow {
+        self.phase = Phase::ReadingBody;
+        let found = match (&self.req.cache, self.config.cache.as_ref()) {
+            (CacheUse::Fill(fill), Some(config)) => {
+                let found = shared::read(answer, &fill.key, host.now_unix_millis());
+                // Kept here too: the next lookup on this proxy is local.
+                if let Some(entry) = &found {
+                    local::put(host, entry, config.max_entries);
+                }
+                found
+            }
+            _ => None,
+        };
+        let outcome = match answer {
+            CalloutAnswer::Http {
+                status: 200 | 404, ..
+            } => "ok",
+            _ => "failed",
+        };
+        shared::count(host, "cache_lookup", outcome);
+        if let Some(entry) = found {
+            return self.replay(host, entry, true);
+        }
+        let Deferred {
+            body,
+            routed,
+            chain,
+            ..
+        } = waiting;
+        match super::request::parse_body(
+            &body,
+            self.req.operation.unwrap_or(Operation::ChatCompletions),
+        ) {
+            Ok(doc) => self.forward_or_reject(host, &body, &doc, &routed, chain),
+            Err(e) => self.reject(host, e),
+        }
+    }
+
+    /// Looks the request up; a hit is answered here.
+    fn cache_lookup(&mut self, host: &mut dyn Host, body: &[u8], routed: &Routed) -> Looked {
+        let Some(config) = self.config.cache.as_ref() else {
+            return Looked::Miss;
+        };
         let embeddings = match self.req.operation {
             Some(Operation::ChatCompletions) => false,
             Some(Operation::Embeddings) => true,
-            _ => return None,
+            _ => return Looked::Miss,
         };
         let model = self.req.applied.resolve(&routed.call.model);
         if !config.covers(self.req.applied.cache(), model) {
-            return None;
+            return Looked::Miss;
         }
         let (no_store, no_cache) = cache_control(host.request_header("cache-control"));
         let (ns, svc) = self.req.who.names();
@@ -74,7 +153,7 @@ impl Router {
                 self.req
                     .answer_headers
                     .push((CACHE_RESPONSE_HEADER.into(), "bypass".into()));
-                return None;
+                return Looked::Miss;
             }
         };
         let now = host.now_unix_millis();
@@ -82,7 +161,7 @@ impl Router {
             .then(|| local::get(host, &key, config.max_entries, now))
             .flatten();
         if let Some(entry) = kept {
-            return Some(self.replay(host, entry));
+            return Looked::Hit(self.replay(host, entry, false));
         }
         self.req
             .answer_headers
@@ -94,16 +173,30 @@ impl Router {
             spoiled: false,
             ended: false,
         });
-        None
+        let store = self.config.quotas.as_ref().and_then(|q| q.store.as_ref());
+        let (Some(store), true, false) = (store, config.shared, no_cache) else {
+            return Looked::Miss;
+        };
+        let command = shared::lookup_command(&key);
+        match host.call_out(&crate::quota::store::callout(store, &command)) {
+            Ok(id) => Looked::Ask(id),
+            Err(e) => {
+                // The cache never stops a request: it goes to the provider.
+                shared::count(host, "cache_lookup", "failed");
+                log::warn!("cache: the shared store was not asked: {e}");
+                Looked::Miss
+            }
+        }
     }
 
     /// Answers with a kept answer, as the first caller got it.
-    fn replay(&mut self, host: &mut dyn Host, entry: Entry) -> Flow {
+    fn replay(&mut self, host: &mut dyn Host, entry: Entry, shared: bool) -> Flow {
         self.req.first_byte_us = Some(host.now_unix_micros());
         self.req.response_bytes = entry.body.len() as u64;
         self.req.cache = CacheUse::Hit {
             provider: entry.provider.clone(),
             model: entry.model.clone(),
+            shared,
         };
         let mut headers = vec![
             (CACHE_RESPONSE_HEADER.to_string(), "hit".to_string()),
@@ -116,6 +209,10 @@ impl Router {
                 entry.model,
             ),
         ];
+        // A miss was announced before the shared store was asked.
+        self.req
+            .answer_headers
+            .retain(|(name, _)| name != CACHE_RESPONSE_HEADER);
         headers.append(&mut self.req.answer_headers);
         let headers: Vec<(&str, &str)> = headers
             .iter()
@@ -158,7 +255,7 @@ impl Router {
 /// `cache` field.
 pub(super) fn cache_settle(
     cache: CacheUse,
-    config: &Config,
+    cfg: &Config,
     req: &RequestState,
     host: &mut dyn Host,
     labels: &metrics::Labels,
@@ -178,6 +275,7 @@ pub(super) fn cache_settle(
             );
             return Some(format!("bypass:{}", why.name()));
         }
+        CacheUse::Hit { shared: true, .. } => outcome = "hit:shared",
         CacheUse::Hit { .. } => outcome = "hit",
         CacheUse::Fill(fill) => {
             outcome = if fill.looked_up { "miss" } else { "refresh" };
@@ -185,7 +283,7 @@ pub(super) fn cache_settle(
                 && !fill.spoiled
                 && (200..300).contains(&req.status)
                 && whole_answer(req.caller, req.streaming, &fill.copy);
-            if let (true, Some(config)) = (whole, config.cache.as_ref()) {
+            if let (true, Some(config)) = (whole, cfg.cache.as_ref()) {
                 let entry = Entry {
                     key: fill.key,
                     expires_ms: host.now_unix_millis() + config.ttl_s * 1000,
@@ -199,6 +297,14 @@ pub(super) fn cache_settle(
                     body: fill.copy,
                 };
                 local::put(host, &entry, config.max_entries);
+                let store = cfg.quotas.as_ref().and_then(|q| q.store.as_ref());
+                if let (true, Some(store)) = (config.shared, store) {
+                    // Unique to this write: two proxies writing the same
+                    // answer never append to each other's pieces.
+                    let writer = format!("{}-{}", host.now_unix_micros(), req.started_us);
+                    let commands = shared::write_commands(&entry, config.ttl_s, &writer);
+                    shared::write(host, store, commands);
+                }
                 host.count_labelled(metrics::CACHE_STORES_TOTAL, labels, &[], 1);
                 stored = true;
             }
@@ -207,7 +313,7 @@ pub(super) fn cache_settle(
     host.count_labelled(
         metrics::CACHE_LOOKUPS_TOTAL,
         labels,
-        &[("outcome", outcome)],
+        &[("outcome", outcome.split(':').next().unwrap_or(outcome))],
         1,
     );
     Some(match (outcome, stored) {

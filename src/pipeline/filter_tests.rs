@@ -12,6 +12,7 @@ use crate::config::testing::{
 };
 use crate::config::Config;
 use crate::host::mock::{set_header, MockHost, MockShared, Op, Sent, SETTERS};
+use crate::host::CalloutAnswer;
 use crate::pipeline::handoff::FAILOVER_CLUSTER;
 use crate::pipeline::handoff::{
     ANSWER_STATUS_PROPERTY, ATTEMPTS_RESPONSE_HEADER, CALLER_API_HEADER, CLUSTER_HEADER,
@@ -4950,4 +4951,116 @@ fn cache_keeps_a_translated_answer_in_the_callers_shape() {
     );
     assert_eq!(flow, Flow::Pause);
     assert_eq!(host.reply().body, translated);
+}
+
+#[test]
+fn cache_shares_answers_through_the_store_and_never_waits_on_a_broken_one() {
+    let mut doc: Value = serde_json::from_str(ROUTED_CONFIG).unwrap();
+    doc["identity"] = serde_json::json!({"source": "trusted_header", "header": "x-caller"});
+    doc["quotas"] = serde_json::json!({"store": {"cluster": "quota_store"}, "limits": []});
+    doc["cache"] = serde_json::json!({"shared": true, "ttl_s": 30});
+    let cfg = config_from(&doc.to_string());
+    let path = "/v1/chat/completions";
+    // Proxy A misses locally, asks the store (404: not there), forwards.
+    let mut a = MockHost::default();
+    let (mut f, flow) = ns_call(
+        &cfg,
+        Role::Standalone,
+        &mut a,
+        path,
+        CACHED_CHAT,
+        "shop/web",
+    );
+    assert_eq!(flow, Flow::Pause);
+    let ask = a.callouts.last().unwrap().clone();
+    assert_eq!(ask.cluster, "quota_store");
+    assert!(ask.target.starts_with("/GET/meshllm%2Fcache%2F") && ask.target.ends_with(".txt"));
+    let not_found = CalloutAnswer::Http {
+        status: 404,
+        headers: vec![],
+        body: vec![],
+    };
+    f.on_callout(&mut a, ask.id, not_found);
+    assert_eq!(a.resumed_requests, 1, "forwarded");
+    answer_json(&mut f, &mut a, OPENAI_ANSWER);
+    // Kept locally and written to the store, detached, with the TTL.
+    let write = a.callouts.last().unwrap().clone();
+    assert!(write.detached && write.target.starts_with("/SET/meshllm%2Fcache%2F"));
+    assert!(write.target.ends_with("/EX/30"));
+    // Proxy B (its own memory) finds it in the store and replays it.
+    let mut b = MockHost::default();
+    let (mut g, flow) = ns_call(
+        &cfg,
+        Role::Standalone,
+        &mut b,
+        path,
+        CACHED_CHAT,
+        "shop/api",
+    );
+    assert_eq!(flow, Flow::Pause);
+    let ask_b = b.callouts.last().unwrap().clone();
+    assert_eq!(ask_b.target, ask.target, "one key for one request");
+    let value: Vec<u8> = {
+        // What Redis would hold: the SET's value, percent-decoded.
+        let seg = write.target.split('/').nth(3).unwrap();
+        let mut out = Vec::new();
+        let bytes = seg.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%' {
+                out.push(u8::from_str_radix(&seg[i + 1..i + 3], 16).unwrap());
+                i += 3;
+            } else {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+        out
+    };
+    let found = CalloutAnswer::Http {
+        status: 200,
+        headers: vec![],
+        body: value,
+    };
+    g.on_callout(&mut b, ask_b.id, found);
+    let reply = b.reply();
+    assert_eq!(reply.body, OPENAI_ANSWER);
+    let said: Vec<&str> = reply
+        .headers
+        .iter()
+        .filter(|(n, _)| n == CACHE_RESPONSE_HEADER)
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(said, ["hit"]);
+    g.on_done(&mut b);
+    assert_eq!(b.properties[LOG_CACHE], b"hit:shared");
+    // B keeps it locally: its next lookup asks nobody.
+    let (_, flow) = ns_call(
+        &cfg,
+        Role::Standalone,
+        &mut b,
+        path,
+        CACHED_CHAT,
+        "shop/api",
+    );
+    assert_eq!(flow, Flow::Pause);
+    assert_eq!(b.reply().header(CACHE_RESPONSE_HEADER), Some("hit"));
+    assert!(b.callouts.is_empty());
+    // A store that fails (timeout) or answers garbage: the request goes on.
+    for answer in [
+        CalloutAnswer::Failed("timeout".into()),
+        CalloutAnswer::Http {
+            status: 200,
+            headers: vec![],
+            body: b"garbage".to_vec(),
+        },
+    ] {
+        let mut c = MockHost::default();
+        let (mut h, flow) = ns_call(&cfg, Role::Standalone, &mut c, path, CACHED_CHAT, "other/x");
+        assert_eq!(flow, Flow::Pause);
+        let id = c.callouts.last().unwrap().id;
+        h.on_callout(&mut c, id, answer);
+        assert_eq!(c.resumed_requests, 1);
+        assert!(c.sent.is_empty());
+    }
 }

@@ -77,9 +77,9 @@ impl Router {
             ),
             Forward::Inline(attempt) => (None, route.zip(attempt.final_usage()), 0),
             Forward::Not => match &self.req.cache {
-                CacheUse::Hit { provider, model } => {
-                    (Some((provider.clone(), model.clone())), None, 0)
-                }
+                CacheUse::Hit {
+                    provider, model, ..
+                } => (Some((provider.clone(), model.clone())), None, 0),
                 _ => (None, None, 0),
             },
         };

@@ -61,7 +61,20 @@ impl Router {
         };
         match self.admit(host, prompt_bytes, &routed) {
             Err(e) => self.reject(host, e),
-            Ok(Admit::Chain(chain)) => self.forward_or_reject(host, &body, &doc, &routed, chain),
+            Ok(Admit::Chain(chain)) => {
+                match self.forward_unless_cached(host, &body, &doc, &routed, chain) {
+                    Ok(flow) => flow,
+                    Err((id, chain)) => {
+                        drop(doc);
+                        self.wait_for_cache(Deferred {
+                            id,
+                            body,
+                            routed,
+                            chain,
+                        })
+                    }
+                }
+            }
             Ok(Admit::Deferred(id, chain)) => {
                 drop(doc);
                 self.deferred = Some(Deferred {
@@ -76,7 +89,7 @@ impl Router {
         }
     }
 
-    fn forward_or_reject(
+    pub(super) fn forward_or_reject(
         &mut self,
         host: &mut dyn Host,
         body: &[u8],
@@ -84,9 +97,6 @@ impl Router {
         routed: &Routed,
         chain: Vec<usize>,
     ) -> Flow {
-        if let Some(hit) = self.cache_lookup(host, body, routed) {
-            return hit;
-        }
         match self.forward(host, body, doc, &routed.call, chain) {
             Ok(()) => {
                 self.phase = Phase::Forwarded;
@@ -144,12 +154,24 @@ impl Router {
                     chain,
                     ..
                 } = deferred;
-                match request::parse_body(
+                let doc = match request::parse_body(
                     &body,
                     self.req.operation.unwrap_or(Operation::ChatCompletions),
                 ) {
-                    Ok(doc) => self.forward_or_reject(host, &body, &doc, &routed, chain),
-                    Err(e) => self.reject(host, e),
+                    Ok(doc) => doc,
+                    Err(e) => return Some(self.reject(host, e)),
+                };
+                match self.forward_unless_cached(host, &body, &doc, &routed, chain) {
+                    Ok(flow) => flow,
+                    Err((id, chain)) => {
+                        drop(doc);
+                        self.wait_for_cache(Deferred {
+                            id,
+                            body,
+                            routed,
+                            chain,
+                        })
+                    }
                 }
             }
         })
@@ -210,6 +232,8 @@ impl Half for Router {
             self.guard_callout(host, wait, &answer)
         } else if let Some(waiting) = self.deferred.take_if(|d| deferred && d.id == id) {
             self.admit_callout(host, waiting, &answer)
+        } else if let Some(waiting) = self.cache_wait.take_if(|d| deferred && d.id == id) {
+            Some(self.cache_answered(host, waiting, &answer))
         } else {
             log::warn!(
                 "an answer came for call {id}, which this request does not wait for: {answer:?}"

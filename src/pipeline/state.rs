@@ -103,8 +103,13 @@ pub(super) enum CacheUse {
     Off,
     /// Cacheable in principle, but not this request.
     Bypass(crate::cache::key::Bypass),
-    /// Answered from the cache by the answer of this provider and model.
-    Hit { provider: String, model: String },
+    /// Answered from the cache by the answer of this provider and model
+    /// (`shared`: found in the shared store).
+    Hit {
+        provider: String,
+        model: String,
+        shared: bool,
+    },
     /// Sent on; its answer is kept if it comes back whole.
     Fill(Fill),
 }
@@ -230,7 +235,8 @@ pub(super) struct Chain {
     pub attempts: u32,
 }
 
-/// A request waiting in the admit stage for a call's answer.
+/// A request waiting in the admit stage (the quota store) or the cache
+/// stage (the shared cache) for a call's answer.
 pub(super) struct Deferred {
     pub id: CalloutId,
     pub body: Vec<u8>,
@@ -253,6 +259,8 @@ pub struct Router {
     pub(super) deferred: Option<Deferred>,
     /// Waiting for an external guardrail.
     pub(super) guard_wait: Option<super::guard::GuardWait>,
+    /// Waiting for the shared cache.
+    pub(super) cache_wait: Option<Deferred>,
 }
 
 impl Router {
@@ -266,6 +274,7 @@ impl Router {
             answer: Answer::default(),
             deferred: None,
             guard_wait: None,
+            cache_wait: None,
         }
     }
 

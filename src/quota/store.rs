@@ -206,8 +206,13 @@ pub fn counters(
 
 /// Everything non-alphanumeric percent-encoded: webdis splits arguments on
 /// `/` and reads a `.` as an output format.
-fn encode_arg(out: &mut String, arg: &str) {
-    for b in arg.bytes() {
+pub(crate) fn encode_arg(out: &mut String, arg: &str) {
+    encode_arg_bytes(out, arg.as_bytes());
+}
+
+/// [`encode_arg`] of any bytes.
+pub(crate) fn encode_arg_bytes(out: &mut String, arg: &[u8]) {
+    for &b in arg {
         if b.is_ascii_alphanumeric() {
             out.push(char::from(b));
         } else {
