@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import statistics
@@ -71,6 +72,10 @@ GUARDRAILS = {"rules": [
      "regexes": ["(?i)confidential\\s+\\d+"], "action": "block"},
     {"name": "injection", "prompt_injection": {"threshold": 0.5}, "action": "block"},
 ]}
+# The `cached` target: meshllm's config with the response cache on for every
+# request (the bench's prompts set no temperature, hence `sampled`); the
+# client repeats one request, so every one after the first is a hit.
+CACHE = {"sampled": True, "ttl_s": 3600, "max_entry_bytes": 8 * 1024 * 1024}
 KEYS = {"OPENAI_API_KEY": "sk-bench", "ANTHROPIC_API_KEY": "sk-ant-bench"}
 NODE = {
     "id": "sidecar~10.0.0.9~client.bench~bench.svc.cluster.local",
@@ -316,6 +321,20 @@ class Bench:
         return json.loads(out.stdout)
 
 
+def cache_outcomes(envoy):
+    """The cache's lookups by outcome, from the Envoy's own metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{envoy.admin_port}/stats/prometheus",
+                                timeout=5) as r:
+        text = r.read().decode()
+    out = {"hit": 0, "miss": 0}
+    for line in text.splitlines():
+        m = re.match(r'^meshllm_cache_lookups_total\{(.*)\}\s+(\S+)$', line)
+        outcome = m and re.search(r'outcome="(\w+)"', m.group(1))
+        if outcome:
+            out[outcome.group(1)] = out.get(outcome.group(1), 0) + int(float(m.group(2)))
+    return out
+
+
 def interleaved(profile, targets, measure):
     """`measure(target, addr)` for every target, round after round, so a slow
     moment of the machine falls on all of them; results by target."""
@@ -401,6 +420,10 @@ def run(profile, out_dir, label=""):
             dict(PLUGIN_CONFIG, guardrails=GUARDRAILS), wasm=str(WASM), port=free_port(),
             admin_port=free_port(), upstreams=upstreams, node=NODE), work, envoy_cpu, KEYS)
         procs.append(guarded)
+        cached = Envoy("cached", render.render(
+            dict(PLUGIN_CONFIG, cache=CACHE), wasm=str(WASM), port=free_port(),
+            admin_port=free_port(), upstreams=upstreams, node=NODE), work, envoy_cpu, KEYS)
+        procs.append(cached)
 
         # The native build beside them: the same gateway config as a dynamic
         # module, and the empty module, where their modules are on disk.
@@ -418,7 +441,7 @@ def run(profile, out_dir, label=""):
                               envoy_cpu, {})
             procs.append(envoy)
             envoys[name] = envoy
-        for envoy in [*envoys.values(), sidecar_other, sidecar_plain, guarded]:
+        for envoy in [*envoys.values(), sidecar_other, sidecar_plain, guarded, cached]:
             envoy.wait_ready()
         memory_start = {name: envoy.rss_kib() for name, envoy in envoys.items()}
 
@@ -459,11 +482,12 @@ def run(profile, out_dir, label=""):
             for size in (1 * KB, 100 * KB, 1 * MB):
                 n = profile.latency_requests[size]
                 # The extra targets join the passthrough 1 KB rounds only,
-                # the guarded one passthrough 1 KB and 100 KB.
+                # the guarded and cached ones passthrough 1 KB and 100 KB.
                 with_extra = kind == "passthrough" and size == KB
                 these = dict(targets, **extra_targets) if with_extra else dict(targets)
                 if kind == "passthrough" and size in (KB, 100 * KB):
                     these["guarded"] = guarded.addr
+                    these["cached"] = cached.addr
                 rounds = interleaved(profile, these, lambda t, addr: bench.tool(
                     "latency", addr, model, size, requests=n, warmup=max(5, n // 10)))
                 row = {"scenario": kind, "body_bytes": size, "requests": n}
@@ -483,8 +507,13 @@ def run(profile, out_dir, label=""):
                 if "guarded" in row:
                     row["guardrails_added_p50_us"] = round(
                         row["guarded"]["p50_us"] - row["meshllm"]["p50_us"], 1)
+                if "cached" in row:
+                    row["cache_hit_vs_plain_p50_us"] = round(
+                        row["cached"]["p50_us"] - row["plain"]["p50_us"], 1)
                 latency.append(row)
                 print(f"latency {kind} {size}: {row}", file=sys.stderr)
+
+        cache_hits = cache_outcomes(cached)
 
         throughput = []
         for kind, model in kinds:
@@ -586,6 +615,14 @@ def run(profile, out_dir, label=""):
                                           "meshllm_p50_us": r["meshllm"]["p50_us"],
                                           "added_p50_us": r["guardrails_added_p50_us"]}
         for r in latency if "guarded" in r}
+    result["cache"] = {
+        f"{size_name(r['body_bytes'])}": {"cached_p50_us": r["cached"]["p50_us"],
+                                          "meshllm_p50_us": r["meshllm"]["p50_us"],
+                                          "plain_p50_us": r["plain"]["p50_us"],
+                                          "direct_p50_us": r["direct"]["p50_us"],
+                                          "hit_vs_plain_p50_us": r["cache_hit_vs_plain_p50_us"]}
+        for r in latency if "cached" in r}
+    result["cache_hits"] = cache_hits
     result["native"] = {"targets": native_targets, "note": native_note,
                         "module": str(MODULE) if "native" in native_targets else None}
     result["budget"] = budget(result)
@@ -658,7 +695,10 @@ def method(profile, envoy_cpu, client_cpus):
                    "bootstrap serving a host that is not an LLM host (a pod's other traffic "
                    "through its sidecar), sidecar_plain = the same without meshllm's filters; "
                    "passthrough 1 KB only; guarded = meshllm's config with every built-in "
-                   "guardrail on (bench/bench.py GUARDRAILS), passthrough 1 KB and 100 KB",
+                   "guardrail on (bench/bench.py GUARDRAILS), passthrough 1 KB and 100 KB; "
+                   "cached = meshllm's config with the response cache on (bench/bench.py "
+                   "CACHE), the same request repeated: every request after the first a hit "
+                   "answered by the proxy, passthrough 1 KB and 100 KB",
         "latency": "one keep-alive connection, closed loop; added = meshllm (or native) minus plain",
         "throughput": f"{profile.connections} keep-alive connections, closed loop, "
                       f"{profile.load_seconds} s per target and round",
@@ -886,6 +926,18 @@ def markdown(r):
         "| --- | ---: | ---: | ---: |",
         *[f"| {size} | {g['meshllm_p50_us']} | {g['guarded_p50_us']} | **{g['added_p50_us']}** |"
           for size, g in r["guardrails"].items()],
+        "",
+        "## A cache hit (passthrough, the same request repeated)",
+        "",
+        "| prompt | direct p50 | plain p50 | meshllm p50 (miss path) | cached p50 (hit) "
+        "| hit vs plain |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        *[f"| {size} | {c['direct_p50_us']} | {c['plain_p50_us']} | {c['meshllm_p50_us']} "
+          f"| {c['cached_p50_us']} | **{c['hit_vs_plain_p50_us']}** |"
+          for size, c in r["cache"].items()],
+        "",
+        f"Hits counted by the cached Envoy: {r['cache_hits']['hit']} of "
+        f"{r['cache_hits']['hit'] + r['cache_hits']['miss']} lookups.",
         "",
     ]
     store = r["store"]

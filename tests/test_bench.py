@@ -80,10 +80,14 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
         row = next(x for x in r["latency"] if x["scenario"] == "passthrough"
                    and x["body_bytes"] == size)
         assert row["guarded"]["p50_us"] > 0
+    # A cache hit at two prompt sizes: the cached target answered every
+    # repeat itself (one miss per prompt size, the rest hits).
+    assert set(r["cache"]) == {"1 KB", "100 KB"}
+    assert r["cache_hits"]["miss"] == 2 and r["cache_hits"]["hit"] > 10
     text = result_md.read_text()
     for heading in ("## Budget", "## Latency at concurrency 1", "## Saturated throughput",
                     "## Streaming", "## Envoy memory", "## A sidecar's other traffic",
-                    "## Guardrails"):
+                    "## Guardrails", "## A cache hit"):
         assert heading in text
     assert r["machine"]["commit"] in text
 

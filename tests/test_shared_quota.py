@@ -209,8 +209,18 @@ def test_script_reserves_all_or_nothing_and_settles(stack):
 def test_bridge_runs_only_the_gateways_commands(stack):
     status, _ = stack["webdis"].call("FLUSHALL")
     assert status == 403
-    status, _ = stack["webdis"].call("GET", "meshllm/quota/v1/x")
-    assert status == 403
+    for command in (("KEYS", "*"), ("DEL", "meshllm/quota/v1/x"), ("CONFIG", "GET", "*")):
+        status, _ = stack["webdis"].call(*command)
+        assert status == 403, command
+    # The response cache's commands pass the bridge, and Redis's ACL keeps
+    # them to the gateway's keys.
+    stack["redis"].cli("SET", "other", "1")
+    for command in (("GET", "other"), ("SET", "other", "2"), ("APPEND", "other", "x"),
+                    ("RENAME", "meshllm/cache/a", "other")):
+        status, body = stack["webdis"].call(*command)
+        assert status == 200 and b"[false," in body, (command, body)
+    assert stack["redis"].cli("GET", "other") == "1"
+    stack["redis"].cli("DEL", "other")
     # EVAL runs scripts, but Redis's ACL keeps them to the gateway's keys
     # and commands.
     for script in ("return redis.call('FLUSHALL')", "return redis.call('SET', 'other', '1')"):

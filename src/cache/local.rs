@@ -4,6 +4,11 @@
 //! names, and a newer answer for another key in the same slot replaces
 //! it. Memory stays bounded by `max_entries × max_entry_bytes` without
 //! any bookkeeping shared between workers; expiry is checked on read.
+//!
+//! Each slot has a small tag (the key and expiry) beside the entry, so a
+//! miss reads a few bytes, not another request's answer. The entry holds
+//! its key too: a reader that meets a tag and an entry of two different
+//! writes takes it for a miss.
 
 use crate::cache::entry::Entry;
 use crate::host::SharedData;
@@ -18,9 +23,23 @@ pub fn slot(key: &[u8; 32], max_entries: u64) -> String {
     )
 }
 
+/// A slot's tag: its key, then when it expires (big-endian ms).
+fn tag(key: &[u8; 32], expires_ms: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(40);
+    out.extend_from_slice(key);
+    out.extend_from_slice(&expires_ms.to_be_bytes());
+    out
+}
+
 /// The live answer kept for `key`, if any.
 pub fn get(store: &dyn SharedData, key: &[u8; 32], max_entries: u64, now_ms: u64) -> Option<Entry> {
-    let (bytes, _) = store.shared_get(&slot(key, max_entries))?;
+    let name = slot(key, max_entries);
+    let (found, _) = store.shared_get(&format!("{name}.tag"))?;
+    let expires = u64::from_be_bytes(found.get(32..40)?.try_into().ok()?);
+    if found.get(..32)? != key.as_slice() || expires <= now_ms {
+        return None;
+    }
+    let (bytes, _) = store.shared_get(&name)?;
     let entry = Entry::decode(&bytes)?;
     (entry.key == *key && entry.expires_ms > now_ms).then_some(entry)
 }
@@ -28,7 +47,16 @@ pub fn get(store: &dyn SharedData, key: &[u8; 32], max_entries: u64, now_ms: u64
 /// Keeps an answer (the last writer of a slot wins).
 pub fn put(store: &mut dyn SharedData, entry: &Entry, max_entries: u64) {
     let name = slot(&entry.key, max_entries);
-    if let Err(e) = store.shared_set(&name, &entry.encode(), None) {
+    let written = store
+        .shared_set(&name, &entry.encode(), None)
+        .and_then(|_| {
+            store.shared_set(
+                &format!("{name}.tag"),
+                &tag(&entry.key, entry.expires_ms),
+                None,
+            )
+        });
+    if let Err(e) = written {
         log::warn!("could not keep an answer in the cache: {e}");
     }
 }
@@ -79,5 +107,22 @@ mod tests {
         let slots: std::collections::HashSet<String> =
             (0..=255u8).map(|i| slot(&[i; 32], 4)).collect();
         assert!(slots.len() <= 4);
+    }
+
+    #[test]
+    fn a_miss_reads_only_the_tag_and_mixed_writes_are_misses() {
+        let mut host = MockShared::default();
+        let mut a = [0u8; 32];
+        a[7] = 1;
+        let mut b = a;
+        b[7] = 3; // same slot of 2
+        put(&mut host, &entry(a, 10), 2);
+        // Another writer's entry under a's tag: a miss, not a's answer.
+        let name = slot(&a, 2);
+        host.write(&name, &entry(b, 10).encode());
+        assert_eq!(get(&host, &a, 2, 0), None);
+        assert_eq!(get(&host, &b, 2, 0), None, "b's tag is not there yet");
+        host.write(&format!("{name}.tag"), &tag(&b, 10));
+        assert!(get(&host, &b, 2, 0).is_some());
     }
 }

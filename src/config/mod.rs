@@ -698,6 +698,27 @@ mod tests {
     }
 
     #[test]
+    fn cache_errors_name_their_field() {
+        let base = r#"{"providers": [{"name": "o", "kind": "openai", "api_key_env": "OPENAI_API_KEY"}],
+            "models": [{"name": "m", "provider": "o"}], "identity": {"source": "mesh_node"}"#;
+        for (extra, path) in [
+            (r#""cache": {"shared": true}"#, "cache.shared"),
+            (r#""cache": {"models": ["nope"]}"#, "cache.models[0]"),
+            (
+                r#""namespaces": {"shop": {"cache": "yes"}}"#,
+                "namespaces.shop.cache",
+            ),
+        ] {
+            let doc = format!("{base}, {extra}}}");
+            let e = compile(doc.as_bytes(), &test_env).err().unwrap();
+            assert_eq!(e.path, path, "{e}");
+        }
+        let doc =
+            format!(r#"{base}, "cache": {{}}, "namespaces": {{"shop": {{"cache": false}}}}}}"#);
+        assert!(compile(doc.as_bytes(), &test_env).is_ok());
+    }
+
+    #[test]
     fn documented_examples_compile() {
         let reference = include_str!("../../envoy/README.md");
         let mut n = 0;
@@ -707,9 +728,10 @@ mod tests {
             n += 1;
         }
         assert_eq!(
-            n, 22,
+            n, 23,
             "one example per documented provider, the routing, the two quota examples, the \
-             shared quota example, the namespace policy example and the guardrails example"
+             shared quota example, the namespace policy example, the guardrails example and the \
+             cache example"
         );
         let shipped = compiled(include_str!("../../envoy/meshllm.json"));
         assert_eq!(shipped.config.providers.len(), 10);
