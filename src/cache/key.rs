@@ -280,3 +280,50 @@ mod tests {
         assert!(h.starts_with("abab"));
     }
 }
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use crate::cache::policy::compile_cache;
+
+    #[test]
+    #[ignore]
+    fn time_key_on_100kb() {
+        let c = compile_cache(Some(&serde_json::json!({"sampled": true})), &|_| true)
+            .unwrap()
+            .unwrap();
+        let text = "The quick brown fox jumps over the lazy dog. ".repeat(2300);
+        let body = serde_json::to_vec(&serde_json::json!({"model": "m",
+            "messages": [{"role": "user", "content": text}]}))
+        .unwrap();
+        let r = Request {
+            caller: Schema::OpenAi,
+            embeddings: false,
+            model: "m",
+            stream: false,
+            scope: "ns",
+            answer_guard: &[],
+            body: &body,
+        };
+        let n = 50;
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(key(&c, &r).unwrap());
+        }
+        let all = t.elapsed() / n;
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            std::hint::black_box(serde_json::to_vec(&v).unwrap());
+        }
+        let json = t.elapsed() / n;
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            let mut h = Sha256::new();
+            h.update(&body);
+            std::hint::black_box(h.finish());
+        }
+        let sha = t.elapsed() / n;
+        println!("{} bytes: key {all:?}, parse+write {json:?}, sha256 {sha:?}", body.len());
+    }
+}
