@@ -324,6 +324,9 @@ mod timing {
             std::hint::black_box(h.finish());
         }
         let sha = t.elapsed() / n;
-        println!("{} bytes: key {all:?}, parse+write {json:?}, sha256 {sha:?}", body.len());
+        println!(
+            "{} bytes: key {all:?}, parse+write {json:?}, sha256 {sha:?}",
+            body.len()
+        );
     }
 }

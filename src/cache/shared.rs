@@ -107,6 +107,27 @@ pub fn count(host: &mut dyn Host, kind: &str, outcome: &str) {
     );
 }
 
+/// A command's argument as webdis reads it (for tests: what Redis holds).
+#[cfg(test)]
+pub fn decode_arg(segment: &str) -> Vec<u8> {
+    let b = segment.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        match (b[i], segment.get(i + 1..i + 3)) {
+            (b'%', Some(hex)) => {
+                out.push(u8::from_str_radix(hex, 16).unwrap_or(0));
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,19 +144,7 @@ mod tests {
     }
 
     fn decode(segment: &str) -> Vec<u8> {
-        let b = segment.as_bytes();
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < b.len() {
-            if b[i] == b'%' {
-                out.push(u8::from_str_radix(&segment[i + 1..i + 3], 16).unwrap());
-                i += 3;
-            } else {
-                out.push(b[i]);
-                i += 1;
-            }
-        }
-        out
+        decode_arg(segment)
     }
 
     #[test]

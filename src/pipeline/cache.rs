@@ -15,7 +15,6 @@ use crate::cache::policy::Scope;
 use crate::cache::{local, shared};
 use crate::config::models::Operation;
 use crate::config::Config;
-use crate::core::json::TopLevel;
 use crate::host::{CalloutAnswer, CalloutId, Host};
 use crate::metrics;
 
@@ -41,20 +40,40 @@ pub(super) enum Looked {
 const WHOLE_CHUNK: usize = i32::MAX as usize;
 
 impl Router {
-    /// Forwards the request unless the cache answers it, or must be
-    /// asked first: then the request waits (see `cache_answered`).
-    pub(super) fn forward_unless_cached(
+    /// Forwards a request that waited for a call (its body is parsed
+    /// again), unless the cache, asked first with `look_up`, answers it.
+    pub(super) fn forward_after_wait(
         &mut self,
         host: &mut dyn Host,
-        body: &[u8],
-        doc: &TopLevel,
-        routed: &Routed,
-        chain: Vec<usize>,
-    ) -> Result<Flow, (CalloutId, Vec<usize>)> {
-        match self.cache_lookup(host, body, routed) {
-            Looked::Hit(flow) => Ok(flow),
-            Looked::Miss => Ok(self.forward_or_reject(host, body, doc, routed, chain)),
-            Looked::Ask(id) => Err((id, chain)),
+        waiting: Deferred,
+        look_up: bool,
+    ) -> Flow {
+        let Deferred {
+            body,
+            routed,
+            chain,
+            ..
+        } = waiting;
+        if look_up {
+            match self.cache_lookup(host, &body, &routed) {
+                Looked::Miss => {}
+                Looked::Hit(flow) => return flow,
+                Looked::Ask(id) => {
+                    return self.wait_for_cache(Deferred {
+                        id,
+                        body,
+                        routed,
+                        chain,
+                    })
+                }
+            }
+        }
+        match super::request::parse_body(
+            &body,
+            self.req.operation.unwrap_or(Operation::ChatCompletions),
+        ) {
+            Ok(doc) => self.forward_or_reject(host, &body, &doc, &routed, chain),
+            Err(e) => self.reject(host, e),
         }
     }
 
@@ -94,23 +113,16 @@ impl Router {
         if let Some(entry) = found {
             return self.replay(host, entry, true);
         }
-        let Deferred {
-            body,
-            routed,
-            chain,
-            ..
-        } = waiting;
-        match super::request::parse_body(
-            &body,
-            self.req.operation.unwrap_or(Operation::ChatCompletions),
-        ) {
-            Ok(doc) => self.forward_or_reject(host, &body, &doc, &routed, chain),
-            Err(e) => self.reject(host, e),
-        }
+        self.forward_after_wait(host, waiting, false)
     }
 
     /// Looks the request up; a hit is answered here.
-    fn cache_lookup(&mut self, host: &mut dyn Host, body: &[u8], routed: &Routed) -> Looked {
+    pub(super) fn cache_lookup(
+        &mut self,
+        host: &mut dyn Host,
+        body: &[u8],
+        routed: &Routed,
+    ) -> Looked {
         let Some(config) = self.config.cache.as_ref() else {
             return Looked::Miss;
         };

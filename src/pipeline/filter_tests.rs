@@ -2971,7 +2971,23 @@ fn ns_call(
     body: &str,
     caller: &str,
 ) -> (Filter, Flow) {
+    ns_call_with(cfg, role, host, path, body, caller, &[])
+}
+
+/// [`ns_call`] with more request headers.
+fn ns_call_with(
+    cfg: &Rc<Config>,
+    role: Role,
+    host: &mut MockHost,
+    path: &str,
+    body: &str,
+    caller: &str,
+    headers: &[(&str, &str)],
+) -> (Filter, Flow) {
     let mut fresh = client_post(path, body.as_bytes()).with_header("x-caller", caller);
+    for (name, value) in headers {
+        fresh = fresh.with_header(name, value);
+    }
     fresh.shared = std::mem::take(&mut host.shared);
     let listener = listener_key();
     if let Some(policy) = host.properties.remove(&listener) {
@@ -4843,15 +4859,30 @@ fn cache_honours_no_store_no_cache_sampling_errors_and_size() {
     assert_eq!(host.properties[LOG_CACHE], b"miss");
     // no-store: neither read nor kept.
     let flow = {
-        let (mut f, flow) =
-            ns_call_with(&cfg, &mut host, path, CACHED_CHAT, "shop/web", "no-store");
+        let (mut f, flow) = ns_call_with(
+            &cfg,
+            Role::Standalone,
+            &mut host,
+            path,
+            CACHED_CHAT,
+            "shop/web",
+            &[("cache-control", "no-store")],
+        );
         answer_json(&mut f, &mut host, OPENAI_ANSWER);
         flow
     };
     assert_eq!(flow, Flow::Continue);
     assert_eq!(host.properties[LOG_CACHE], b"bypass:no-store");
     // no-cache: not read, but the fresh answer is kept ...
-    let (mut f, flow) = ns_call_with(&cfg, &mut host, path, CACHED_CHAT, "shop/web", "no-cache");
+    let (mut f, flow) = ns_call_with(
+        &cfg,
+        Role::Standalone,
+        &mut host,
+        path,
+        CACHED_CHAT,
+        "shop/web",
+        &[("cache-control", "no-cache")],
+    );
     assert_eq!(flow, Flow::Continue);
     answer_json(&mut f, &mut host, OPENAI_ANSWER);
     assert_eq!(host.properties[LOG_CACHE], b"refresh:stored");
@@ -4876,26 +4907,6 @@ fn cache_honours_no_store_no_cache_sampling_errors_and_size() {
         json,
     );
     assert_eq!(host.properties[LOG_CACHE], b"bypass:tools");
-}
-
-fn ns_call_with(
-    cfg: &Rc<Config>,
-    host: &mut MockHost,
-    path: &str,
-    body: &str,
-    caller: &str,
-    cache_control: &str,
-) -> (Filter, Flow) {
-    let mut fresh = client_post(path, body.as_bytes())
-        .with_header("x-caller", caller)
-        .with_header("cache-control", cache_control);
-    fresh.shared = std::mem::take(&mut host.shared);
-    fresh.counters = std::mem::take(&mut host.counters);
-    *host = fresh;
-    let mut f = Filter::new(Rc::clone(cfg), Role::Standalone);
-    assert_eq!(f.on_request_headers(host, false), Flow::Pause);
-    let flow = f.on_request_body(host, body.len(), true);
-    (f, flow)
 }
 
 fn answer_json(f: &mut Filter, host: &mut MockHost, answer: &[u8]) {
@@ -4961,16 +4972,12 @@ fn cache_shares_answers_through_the_store_and_never_waits_on_a_broken_one() {
     doc["cache"] = serde_json::json!({"shared": true, "ttl_s": 30});
     let cfg = config_from(&doc.to_string());
     let path = "/v1/chat/completions";
+    let call = |host: &mut MockHost, caller: &str| {
+        ns_call(&cfg, Role::Standalone, host, path, CACHED_CHAT, caller)
+    };
     // Proxy A misses locally, asks the store (404: not there), forwards.
     let mut a = MockHost::default();
-    let (mut f, flow) = ns_call(
-        &cfg,
-        Role::Standalone,
-        &mut a,
-        path,
-        CACHED_CHAT,
-        "shop/web",
-    );
+    let (mut f, flow) = call(&mut a, "shop/web");
     assert_eq!(flow, Flow::Pause);
     let ask = a.callouts.last().unwrap().clone();
     assert_eq!(ask.cluster, "quota_store");
@@ -4989,34 +4996,12 @@ fn cache_shares_answers_through_the_store_and_never_waits_on_a_broken_one() {
     assert!(write.target.ends_with("/EX/30"));
     // Proxy B (its own memory) finds it in the store and replays it.
     let mut b = MockHost::default();
-    let (mut g, flow) = ns_call(
-        &cfg,
-        Role::Standalone,
-        &mut b,
-        path,
-        CACHED_CHAT,
-        "shop/api",
-    );
+    let (mut g, flow) = call(&mut b, "shop/api");
     assert_eq!(flow, Flow::Pause);
     let ask_b = b.callouts.last().unwrap().clone();
     assert_eq!(ask_b.target, ask.target, "one key for one request");
-    let value: Vec<u8> = {
-        // What Redis would hold: the SET's value, percent-decoded.
-        let seg = write.target.split('/').nth(3).unwrap();
-        let mut out = Vec::new();
-        let bytes = seg.as_bytes();
-        let mut i = 0;
-        while i < bytes.len() {
-            if bytes[i] == b'%' {
-                out.push(u8::from_str_radix(&seg[i + 1..i + 3], 16).unwrap());
-                i += 3;
-            } else {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-        out
-    };
+    // What Redis would hold: the SET's value, percent-decoded.
+    let value = crate::cache::shared::decode_arg(write.target.split('/').nth(3).unwrap());
     let found = CalloutAnswer::Http {
         status: 200,
         headers: vec![],
@@ -5056,7 +5041,7 @@ fn cache_shares_answers_through_the_store_and_never_waits_on_a_broken_one() {
         },
     ] {
         let mut c = MockHost::default();
-        let (mut h, flow) = ns_call(&cfg, Role::Standalone, &mut c, path, CACHED_CHAT, "other/x");
+        let (mut h, flow) = call(&mut c, "other/x");
         assert_eq!(flow, Flow::Pause);
         let id = c.callouts.last().unwrap().id;
         h.on_callout(&mut c, id, answer);

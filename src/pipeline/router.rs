@@ -7,6 +7,7 @@
 //! [`Attempt`]: super::Attempt
 
 use super::admit::Admit;
+use super::cache::Looked;
 use super::finish::keep_caller_path;
 use super::flow::{internal, Flow};
 use super::guard::{GuardWait, Guarded};
@@ -61,20 +62,19 @@ impl Router {
         };
         match self.admit(host, prompt_bytes, &routed) {
             Err(e) => self.reject(host, e),
-            Ok(Admit::Chain(chain)) => {
-                match self.forward_unless_cached(host, &body, &doc, &routed, chain) {
-                    Ok(flow) => flow,
-                    Err((id, chain)) => {
-                        drop(doc);
-                        self.wait_for_cache(Deferred {
-                            id,
-                            body,
-                            routed,
-                            chain,
-                        })
-                    }
+            Ok(Admit::Chain(chain)) => match self.cache_lookup(host, &body, &routed) {
+                Looked::Miss => self.forward_or_reject(host, &body, &doc, &routed, chain),
+                Looked::Hit(flow) => flow,
+                Looked::Ask(id) => {
+                    drop(doc);
+                    self.wait_for_cache(Deferred {
+                        id,
+                        body,
+                        routed,
+                        chain,
+                    })
                 }
-            }
+            },
             Ok(Admit::Deferred(id, chain)) => {
                 drop(doc);
                 self.deferred = Some(Deferred {
@@ -147,33 +147,7 @@ impl Router {
                 });
                 return None;
             }
-            Ok(None) => {
-                let Deferred {
-                    body,
-                    routed,
-                    chain,
-                    ..
-                } = deferred;
-                let doc = match request::parse_body(
-                    &body,
-                    self.req.operation.unwrap_or(Operation::ChatCompletions),
-                ) {
-                    Ok(doc) => doc,
-                    Err(e) => return Some(self.reject(host, e)),
-                };
-                match self.forward_unless_cached(host, &body, &doc, &routed, chain) {
-                    Ok(flow) => flow,
-                    Err((id, chain)) => {
-                        drop(doc);
-                        self.wait_for_cache(Deferred {
-                            id,
-                            body,
-                            routed,
-                            chain,
-                        })
-                    }
-                }
-            }
+            Ok(None) => self.forward_after_wait(host, deferred, true),
         })
     }
 }
