@@ -265,9 +265,14 @@ def classified(wasm, mocks):
         {"name": "clf-block", "action": "block", "external": ext},
         {"name": "clf-open", "action": "block", "external": dict(ext, on_failure="open")},
         {"name": "clf-redact", "action": "redact", "external": ext},
+        # Answers only (the mocks echo the prompt into the answer).
+        {"name": "clf-answers", "action": "block", "on": ["response"], "external": ext},
+        {"name": "clf-answers-mask", "action": "redact", "on": ["response"], "external": ext},
     ], "default": ["clf-block"]}
     cfg["namespaces"] = {"open": {"guardrails": ["clf-open"]},
-                         "mask": {"guardrails": ["clf-redact"]}}
+                         "mask": {"guardrails": ["clf-redact"]},
+                         "answers": {"guardrails": ["clf-answers"]},
+                         "answers-mask": {"guardrails": ["clf-answers-mask"]}}
     upstreams = {name: ("127.0.0.1", m.port) for name, m in mocks.items()}
     upstreams["classifier"] = ("127.0.0.1", clf.port)
     gw = Envoy(cfg, upstreams=upstreams, env=KEYS, concurrency=2)
@@ -328,4 +333,59 @@ def test_64_concurrent_callers_each_asked_once(classified, mocks):
     texts = [" ".join(a["texts"]) for a in clf.asked]
     for i in range(128):
         assert sum(f"n{i}." in t for t in texts) == 1, i
+    assert len(mocks["openai"].take()) == 128
+
+
+def test_the_classifier_reads_complete_answers_before_the_caller(classified, mocks):
+    env, clf = classified
+    clf.clear()
+    # Passes: asked once, about the answer, which arrives whole.
+    text = ask(env, "a kind answer please", caller="answers/app").choices[0].message.content
+    assert "a kind answer please" in text
+    assert len(mocks["openai"].take()) == 1
+    [asked] = clf.asked
+    assert asked["stage"] == "response" and asked["rule"] == "clf-answers"
+    assert any("a kind answer please" in t for t in asked["texts"])
+    # Flagged: the answer is withheld in the caller's shape, plain and
+    # through a failover chain, for OpenAI and Anthropic callers.
+    for model in ("gpt-4o-mini", "smart"):
+        with pytest.raises(openai.BadRequestError) as e:
+            ask(env, "say something toxic", caller="answers/app", model=model)
+        assert e.value.code == "content_policy_violation" and "`clf-answers`" in e.value.message
+        assert "toxic" not in e.value.response.text
+    claude = anthropic.Anthropic(base_url=env.url, api_key="sk-client", max_retries=0,
+                                 default_headers={"x-caller": "answers/app"})
+    with pytest.raises(anthropic.BadRequestError) as a:
+        claude.messages.create(model="claude-sonnet", max_tokens=50,
+                               messages=[{"role": "user", "content": "toxic reply"}])
+    assert a.value.body["type"] == "error"
+    assert sum(len(m.take()) for m in mocks.values()) == 3, "the requests went"
+    # Redacted with the texts the classifier returns.
+    text = ask(env, "please mask-me in the answer", caller="answers-mask/app") \
+        .choices[0].message.content
+    assert "[MASKED]" in text and "mask-me" not in text
+    assert "mask-me" in sent_text(mocks["openai"]), "the request was not screened"
+    # No answer in time: withheld with 503 (the rule fails closed).
+    with pytest.raises(openai.InternalServerError) as e:
+        ask(env, "a slow answer", caller="answers/app")
+    assert e.value.status_code == 503 and e.value.code == "guardrail_unavailable"
+    assert len(mocks["openai"].take()) == 1
+    assert env.metric("meshllm_guardrail_decisions_total", guardrail="clf-answers",
+                      action="fail_closed", stage="response") >= 1
+
+
+def test_64_concurrent_answers_each_read_once(classified, mocks):
+    from concurrent.futures import ThreadPoolExecutor
+    env, clf = classified
+    clf.clear()
+    with ThreadPoolExecutor(64) as pool:
+        answers = list(pool.map(
+            lambda i: ask(env, f"answer m{i}.", caller="answers/app").choices[0].message.content,
+            range(128)))
+    for i, text in enumerate(answers):
+        assert f"answer m{i}." in text
+    texts = [" ".join(a["texts"]) for a in clf.asked]
+    assert all(a["stage"] == "response" for a in clf.asked)
+    for i in range(128):
+        assert sum(f"m{i}." in t for t in texts) == 1, i
     assert len(mocks["openai"].take()) == 128

@@ -4,7 +4,8 @@
 //!
 //! The gateway POSTs JSON:
 //! `{"stage": "request", "rule": "<name>", "caller": {"namespace", "service"},
-//!   "texts": ["...", ...]}` — every text value of the request, in order.
+//!   "texts": ["...", ...]}` — every text value of the request, in order
+//! (`"stage": "response"`: of a complete answer, in the caller's shape).
 //! The classifier answers 200 with `{"flagged": false}` (let it pass) or
 //! `{"flagged": true, "reason": "..."}`; for a rule whose action is
 //! `redact` it adds `"texts"`, the same values in the same order as they
@@ -25,10 +26,16 @@ pub enum Verdict {
     },
 }
 
-/// The request body of a classifier call.
-pub fn ask(rule: &str, (namespace, service): (&str, &str), texts: &[String]) -> Vec<u8> {
+/// The request body of a classifier call; `stage`: `request` or
+/// `response` (the answer's texts).
+pub fn ask(
+    stage: &str,
+    rule: &str,
+    (namespace, service): (&str, &str),
+    texts: &[String],
+) -> Vec<u8> {
     json!({
-        "stage": "request",
+        "stage": stage,
         "rule": rule,
         "caller": {"namespace": namespace, "service": service},
         "texts": texts,
@@ -86,7 +93,7 @@ mod tests {
     #[test]
     fn asks_with_every_text_and_reads_the_verdicts() {
         let body: Value =
-            serde_json::from_slice(&ask("c", ("shop", "web"), &["a".into()])).unwrap();
+            serde_json::from_slice(&ask("request", "c", ("shop", "web"), &["a".into()])).unwrap();
         assert_eq!(body["texts"], json!(["a"]));
         assert_eq!(body["caller"]["namespace"], "shop");
         assert_eq!(

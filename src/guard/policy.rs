@@ -286,12 +286,6 @@ fn compile_rule(at: &str, value: &Value) -> Result<GuardRule, ConfigError> {
     let (on_request, on_response) = match obj.get("on") {
         None if matches!(check, Check::Match(_)) => (true, true),
         None => (true, false),
-        Some(_) if matches!(check, Check::External(_)) => {
-            return Err(ConfigError::new(
-                format!("{at}.on"),
-                "an external guardrail screens requests only",
-            ))
-        }
         Some(v) => {
             let sides = strings(&format!("{at}.on"), v)?;
             let mut sides_seen = (false, false);

@@ -5049,3 +5049,95 @@ fn cache_shares_answers_through_the_store_and_never_waits_on_a_broken_one() {
         assert!(c.sent.is_empty());
     }
 }
+
+#[test]
+fn an_external_guardrail_reads_a_complete_answer_before_the_caller_does() {
+    let mut doc: Value = serde_json::from_str(ROUTED_CONFIG).unwrap();
+    doc["identity"] = serde_json::json!({"source": "trusted_header", "header": "x-caller"});
+    let body = r#"{"model": "fast", "messages": [{"role": "user", "content": "hi"}]}"#;
+    let answer = br#"{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"the secret plan"},"finish_reason":"stop"}]}"#;
+    for (role, on_failure, verdict, want) in [
+        (
+            Role::Standalone,
+            "closed",
+            http_answer(200, r#"{"flagged": false}"#),
+            200,
+        ),
+        (
+            Role::Router,
+            "closed",
+            http_answer(200, r#"{"flagged": true}"#),
+            400,
+        ),
+        (
+            Role::Standalone,
+            "closed",
+            CalloutAnswer::Failed("timeout".into()),
+            503,
+        ),
+        (
+            Role::Standalone,
+            "open",
+            CalloutAnswer::Failed("timeout".into()),
+            200,
+        ),
+    ] {
+        doc["guardrails"] = serde_json::json!({"rules": [
+            {"name": "answers", "action": "block", "on": ["response"], "external": {
+                "url": "http://classifier.local:8080/v1/check", "on_failure": on_failure}},
+        ]});
+        let cfg = config_from(&doc.to_string());
+        let mut host = MockHost::default();
+        let (mut f, flow) = ns_call(
+            &cfg,
+            role,
+            &mut host,
+            "/v1/chat/completions",
+            body,
+            "shop/web",
+        );
+        assert_eq!(flow, Flow::Continue, "the request is not asked about");
+        assert!(host.callouts.is_empty());
+        host.respond(
+            200,
+            &[("content-type", "application/json")],
+            answer,
+            Some("via_upstream"),
+        );
+        assert_eq!(f.on_response_headers(&mut host, false), Flow::Pause, "held");
+        assert_eq!(
+            f.on_response_body(&mut host, answer.len(), true),
+            Flow::Pause,
+            "held while the classifier reads it"
+        );
+        assert!(
+            !host.properties.contains_key(LOG_POLICY),
+            "not finished yet"
+        );
+        let call = host.callouts.last().unwrap().clone();
+        let asked: Value = serde_json::from_slice(&call.body).unwrap();
+        assert_eq!(asked["stage"], "response");
+        assert!(asked["texts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t == "the secret plan"));
+        f.on_callout(&mut host, call.id, verdict.clone());
+        if want == 200 {
+            assert_eq!(host.resumed_responses, 1, "{verdict:?}");
+            assert!(host.sent.is_empty());
+            assert_eq!(host.response_body, answer.to_vec());
+        } else {
+            assert_eq!(host.resumed_responses, 0);
+            let reply = host.reply();
+            assert_eq!(reply.status, want, "{verdict:?}");
+            assert!(reply.text().contains("`answers`"), "{}", reply.text());
+            assert!(!reply.text().contains("secret plan"));
+        }
+        assert!(
+            host.properties.contains_key(LOG_POLICY),
+            "finished once decided"
+        );
+        f.on_done(&mut host);
+    }
+}

@@ -1,12 +1,14 @@
 //! Guard stage, listener half: the caller's guardrail rules screen its
 //! request before anything else reads the body (routing, quotas, the
 //! providers), so what a rule redacts never leaves the pod and what it
-//! blocks costs nothing. Every decision is counted and logged by rule and
-//! action, never with the content that fired it.
+//! blocks costs nothing. External rules on answers read a complete answer
+//! while the listener holds it (the respond stage asks). Every decision is
+//! counted and logged by rule and action, never with the content that
+//! fired it.
 
 use std::rc::Rc;
 
-use super::flow::internal;
+use super::flow::{internal, Flow};
 use super::state::Router;
 use crate::config::models::Operation;
 use crate::core::api_error::ApiError;
@@ -17,6 +19,7 @@ use crate::guard::screen::{screen_body, Decision};
 use crate::guard::stream::{DecisionSink, StreamGuard};
 use crate::host::{Callout, CalloutAnswer, CalloutId, CalloutKind, Host};
 use crate::metrics;
+use crate::translate::exchange;
 
 /// Which side of the exchange a decision was made on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +45,7 @@ pub(super) enum Guarded {
     Wait(GuardWait),
 }
 
-/// A request waiting for an external guardrail.
+/// A request (or a held answer) waiting for an external guardrail.
 pub(super) struct GuardWait {
     pub id: CalloutId,
     pub body: Vec<u8>,
@@ -72,14 +75,82 @@ impl Router {
             .copied()
             .filter(|&i| {
                 all.get(i)
-                    .is_some_and(|r| matches!(r.check, Check::External(_)))
+                    .is_some_and(|r| r.on_request && matches!(r.check, Check::External(_)))
             })
             .collect();
         let form = matches!(self.req.operation, Some(Operation::Passed(p)) if p.is_form());
         if externals.is_empty() || form {
             return Ok(Guarded::Go(body));
         }
-        self.ask_external(host, body, externals)
+        self.ask_external(host, body, externals, Side::Request)
+    }
+
+    /// A complete answer, held whole in the caller's shape: its external
+    /// guardrails are asked. Some: the flow while they are (or the refusal
+    /// that replaced the answer); None: the answer goes on.
+    pub(super) fn guard_held_answer(&mut self, host: &mut dyn Host) -> Option<Flow> {
+        let externals = self.answer_externals();
+        if externals.is_empty() {
+            return None;
+        }
+        let body = match host.response_body(i32::MAX as usize) {
+            Ok(b) => b,
+            Err(e) => {
+                log::warn!("could not read an answer for its external guardrails: {e}");
+                return None;
+            }
+        };
+        match self.ask_external(host, body, externals, Side::Response) {
+            Ok(Guarded::Go(_)) => None,
+            Ok(Guarded::Wait(wait)) => {
+                self.answer_wait = Some(wait);
+                Some(Flow::Pause)
+            }
+            Err(error) => Some(self.withhold_answer(host, &error)),
+        }
+    }
+
+    /// An external guardrail read the held answer: the next one is asked,
+    /// or the answer goes on (as it is, or redacted), or is withheld.
+    pub(super) fn answer_guard_answered(
+        &mut self,
+        host: &mut dyn Host,
+        wait: GuardWait,
+        answer: &CalloutAnswer,
+    ) {
+        match self.guard_answered(host, wait, answer, Side::Response) {
+            Ok(Guarded::Wait(next)) => self.answer_wait = Some(next),
+            Ok(Guarded::Go(_)) => {
+                // The answer's last chunk passes now.
+                self.cache_copy(host, true, true);
+                self.finish(host);
+                if let Err(e) = host.resume_response() {
+                    log::error!("could not resume an answer after its guardrails: {e}");
+                }
+            }
+            Err(error) => {
+                self.withhold_answer(host, &error);
+            }
+        }
+    }
+
+    fn withhold_answer(&mut self, host: &mut dyn Host, error: &ApiError) -> Flow {
+        let body = exchange::error_body(self.req.caller, error);
+        self.replace_answer(host, error.status, &body)
+    }
+
+    /// The caller's external rules on answers.
+    fn answer_externals(&self) -> Vec<usize> {
+        let all = &self.config.guardrails.rules;
+        self.req
+            .answer_guard
+            .iter()
+            .copied()
+            .filter(|&i| {
+                all.get(i)
+                    .is_some_and(|r| matches!(r.check, Check::External(_)))
+            })
+            .collect()
     }
 
     /// Asks the first of `externals` about the body's texts.
@@ -88,6 +159,7 @@ impl Router {
         host: &mut dyn Host,
         body: Vec<u8>,
         mut externals: Vec<usize>,
+        side: Side,
     ) -> Result<Guarded, ApiError> {
         let config = Rc::clone(&self.config);
         let Some(rule) = (!externals.is_empty()).then(|| externals.remove(0)) else {
@@ -103,10 +175,10 @@ impl Router {
                     _ => None,
                 })
         else {
-            return self.ask_external(host, body, externals);
+            return self.ask_external(host, body, externals, side);
         };
         let texts: Vec<String> = text_values(&body).into_iter().map(|v| v.text).collect();
-        let ask = external::ask(name, self.req.who.names(), &texts);
+        let ask = external::ask(side.name(), name, self.req.who.names(), &texts);
         let call = Callout {
             cluster: &external.cluster,
             kind: CalloutKind::Http {
@@ -128,8 +200,8 @@ impl Router {
             })),
             Err(e) => {
                 let why = format!("the call could not be made: {e}");
-                self.external_failed(host, rule, &why)?;
-                self.ask_external(host, body, externals)
+                self.external_failed(host, rule, &why, side)?;
+                self.ask_external(host, body, externals, side)
             }
         }
     }
@@ -141,14 +213,15 @@ impl Router {
         host: &mut dyn Host,
         wait: GuardWait,
         answer: &CalloutAnswer,
+        side: Side,
     ) -> Result<Guarded, ApiError> {
         let config = Rc::clone(&self.config);
         let Some(rule) = config.guardrails.rules.get(wait.rule) else {
-            return self.ask_external(host, wait.body, wait.next);
+            return self.ask_external(host, wait.body, wait.next, side);
         };
         let mut body = wait.body;
         match external::read(answer, wait.sent) {
-            Err(why) => self.external_failed(host, wait.rule, &why)?,
+            Err(why) => self.external_failed(host, wait.rule, &why, side)?,
             Ok(Verdict::Pass) => {}
             Ok(Verdict::Flagged { texts }) => {
                 let decision = Decision {
@@ -166,11 +239,11 @@ impl Router {
                             action: Action::Block,
                             ..decision
                         };
-                        self.note_guard_decisions(host, Side::Request, &[blocked_decision]);
-                        return Err(blocked(&rule.name, Side::Request));
+                        self.note_guard_decisions(host, side, &[blocked_decision]);
+                        return Err(blocked(&rule.name, side));
                     }
                 };
-                self.note_guard_decisions(host, Side::Request, &[decision]);
+                self.note_guard_decisions(host, side, &[decision]);
                 if let Some(texts) = redacted {
                     let edits: Vec<_> = text_values(&body)
                         .into_iter()
@@ -180,19 +253,28 @@ impl Router {
                         .collect();
                     if !edits.is_empty() {
                         let new = rewrite(&body, &edits);
-                        host.replace_request_body(body.len(), &new)
-                            .and_then(|()| {
-                                host.set_request_header("content-length", &new.len().to_string())
-                            })
-                            .map_err(|e| {
-                                internal(format!("could not rewrite the request body: {e}"))
-                            })?;
+                        let rewritten = match side {
+                            Side::Request => {
+                                host.replace_request_body(body.len(), &new).and_then(|()| {
+                                    host.set_request_header(
+                                        "content-length",
+                                        &new.len().to_string(),
+                                    )
+                                })
+                            }
+                            // The held answer's length was dropped when it
+                            // was held for its guardrails.
+                            Side::Response => host.replace_response_body(body.len(), &new),
+                        };
+                        rewritten.map_err(|e| {
+                            internal(format!("could not rewrite the {}: {e}", side.name()))
+                        })?;
                         body = new;
                     }
                 }
             }
         }
-        self.ask_external(host, body, wait.next)
+        self.ask_external(host, body, wait.next, side)
     }
 
     /// No usable answer: counted and logged; the request goes on when the
@@ -202,6 +284,7 @@ impl Router {
         host: &mut dyn Host,
         rule: usize,
         why: &str,
+        side: Side,
     ) -> Result<(), ApiError> {
         let Some(r) = self.config.guardrails.rules.get(rule) else {
             return Ok(());
@@ -223,22 +306,26 @@ impl Router {
             &[
                 ("guardrail", &name),
                 ("action", outcome),
-                ("stage", "request"),
+                ("stage", side.name()),
             ],
             1,
         );
         self.req
             .guard_log
-            .push(format!("{name}:{outcome}:request:unavailable"));
+            .push(format!("{name}:{outcome}:{}:unavailable", side.name()));
         if fail_open {
             return Ok(());
         }
+        let what = match side {
+            Side::Request => "requests",
+            Side::Response => "answers",
+        };
         Err(ApiError::new(
             503,
             "server_error",
             Some("guardrail_unavailable"),
             format!(
-                "The gateway's guardrail `{name}` did not answer, and requests do not pass \
+                "The gateway's guardrail `{name}` did not answer, and {what} do not pass \
                  without it."
             ),
         ))

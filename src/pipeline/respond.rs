@@ -351,7 +351,8 @@ impl Router {
             return Flow::Continue;
         }
         let flow = self.router_body(host, body_size, end_of_stream);
-        if end_of_stream {
+        // An answer its external guardrails are reading finishes after them.
+        if end_of_stream && self.answer_wait.is_none() {
             self.finish(host);
         }
         flow
@@ -457,13 +458,15 @@ impl Router {
             }
         }
         if let Forward::Inline(attempt) = &mut self.forward {
+            let held = matches!(attempt.answer.mode, ResponseMode::Translate);
             let step = attempt.response_body(host, body_size, end_of_stream);
             self.req.status = attempt.answer.status;
             let decisions = std::mem::take(&mut attempt.guard_decisions);
             self.note_guard_decisions(host, Side::Response, &decisions);
             self.drain_stream_guard(host);
-            return self.copy_and_take_step(host, step, end_of_stream);
+            return self.after_answer_step(host, step, held, end_of_stream);
         }
+        let held = matches!(self.answer.mode, ResponseMode::Hold);
         let serving = Serving {
             config: &self.config,
             caller: self.req.caller,
@@ -503,6 +506,24 @@ impl Router {
         };
         self.drain_stream_guard(host);
         self.req.status = self.answer.status;
+        self.after_answer_step(host, step, held, end_of_stream)
+    }
+
+    /// A complete answer held whole is read by its external guardrails
+    /// before it goes on; any other chunk goes on at once.
+    fn after_answer_step(
+        &mut self,
+        host: &mut dyn Host,
+        step: Step,
+        held: bool,
+        end_of_stream: bool,
+    ) -> Flow {
+        let whole = held && end_of_stream && matches!(step, Step::Go(Flow::Continue));
+        if whole && (200..300).contains(&self.req.status) {
+            if let Some(flow) = self.guard_held_answer(host) {
+                return flow;
+            }
+        }
         self.copy_and_take_step(host, step, end_of_stream)
     }
 
@@ -582,7 +603,7 @@ impl Router {
     /// reply of its own. Envoy sends it to the caller at once and drops
     /// the rest of the provider's answer. What the caller needs of the
     /// held headers stays.
-    fn replace_answer(&mut self, host: &mut dyn Host, status: u16, body: &[u8]) -> Flow {
+    pub(super) fn replace_answer(&mut self, host: &mut dyn Host, status: u16, body: &[u8]) -> Flow {
         let mut kept = self.answer.kept_headers(host, true);
         kept.extend(self.req.answer_headers.iter().cloned());
         // Counted as the forwarded call it was, before `reply` marks it answered.

@@ -10,7 +10,7 @@ use super::admit::Admit;
 use super::cache::Looked;
 use super::finish::keep_caller_path;
 use super::flow::{internal, Flow};
-use super::guard::{GuardWait, Guarded};
+use super::guard::{GuardWait, Guarded, Side};
 use super::request::{self, ReadsBody};
 use super::state::{Deferred, Phase, Routed, Router};
 use super::Half;
@@ -116,17 +116,19 @@ impl Router {
         wait: GuardWait,
         answer: &CalloutAnswer,
     ) -> Option<Flow> {
-        Some(match self.guard_answered(host, wait, answer) {
-            Ok(Guarded::Go(body)) => {
-                self.phase = Phase::ReadingBody;
-                self.route_admit_forward_body(host, body)
-            }
-            Ok(Guarded::Wait(next)) => {
-                self.guard_wait = Some(next);
-                return None;
-            }
-            Err(e) => self.reject(host, e),
-        })
+        Some(
+            match self.guard_answered(host, wait, answer, Side::Request) {
+                Ok(Guarded::Go(body)) => {
+                    self.phase = Phase::ReadingBody;
+                    self.route_admit_forward_body(host, body)
+                }
+                Ok(Guarded::Wait(next)) => {
+                    self.guard_wait = Some(next);
+                    return None;
+                }
+                Err(e) => self.reject(host, e),
+            },
+        )
     }
 
     /// The quota store answered: asked again (None: still waiting), or the
@@ -208,6 +210,10 @@ impl Half for Router {
             self.admit_callout(host, waiting, &answer)
         } else if let Some(waiting) = self.cache_wait.take_if(|d| deferred && d.id == id) {
             Some(self.cache_answered(host, waiting, &answer))
+        } else if let Some(wait) = self.answer_wait.take_if(|w| w.id == id) {
+            // The answer resumes (or is replaced) there.
+            self.answer_guard_answered(host, wait, &answer);
+            return;
         } else {
             log::warn!(
                 "an answer came for call {id}, which this request does not wait for: {answer:?}"

@@ -261,6 +261,8 @@ pub struct Router {
     pub(super) guard_wait: Option<super::guard::GuardWait>,
     /// Waiting for the shared cache.
     pub(super) cache_wait: Option<Deferred>,
+    /// A complete answer held while an external guardrail reads it.
+    pub(super) answer_wait: Option<super::guard::GuardWait>,
 }
 
 impl Router {
@@ -275,6 +277,7 @@ impl Router {
             deferred: None,
             guard_wait: None,
             cache_wait: None,
+            answer_wait: None,
         }
     }
 
