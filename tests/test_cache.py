@@ -70,6 +70,11 @@ def test_a_repeated_request_is_answered_from_the_cache(env, mocks):
     assert again.id == first.id and again.choices[0].message.content == \
         first.choices[0].message.content
     assert reached(mocks["openai"]) == 1
+    raw = oai(env).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", temperature=0,
+        messages=[{"role": "user", "content": "cache me once"}])
+    assert raw.headers.get(HIT) == "hit" and raw.headers.get("age", "").isdigit()
+    assert raw.headers.get("x-meshllm-provider") == "openai"
     # Another namespace asks the provider itself; `lab` has the cache off.
     other, state = chat(env, "cache me once", caller="other/web")
     assert state == "miss" and other.id == first.id  # the mock's ids are content hashes

@@ -210,8 +210,13 @@ impl Router {
             model: entry.model.clone(),
             shared,
         };
+        // HTTP's `Age`: how long ago the provider gave this answer.
+        let ttl_ms = self.config.cache.as_ref().map_or(0, |c| c.ttl_s * 1000);
+        let stored_ms = entry.expires_ms.saturating_sub(ttl_ms);
+        let age_s = host.now_unix_millis().saturating_sub(stored_ms) / 1000;
         let mut headers = vec![
             (CACHE_RESPONSE_HEADER.to_string(), "hit".to_string()),
+            ("age".to_string(), age_s.to_string()),
             (
                 crate::pipeline::handoff::PROVIDER_RESPONSE_HEADER.into(),
                 entry.provider,

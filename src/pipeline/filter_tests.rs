@@ -4707,6 +4707,7 @@ fn cache_answers_the_same_request_of_the_same_namespace_from_memory() {
     assert_eq!(reply.status, 200);
     assert_eq!(reply.body, OPENAI_ANSWER);
     assert_eq!(reply.header(CACHE_RESPONSE_HEADER), Some("hit"));
+    assert_eq!(reply.header("age"), Some("0"));
     assert_eq!(reply.header("content-type"), Some(json));
     assert_eq!(reply.header(PROVIDER_RESPONSE_HEADER), Some("groq"));
     assert_eq!(host.properties[LOG_CACHE], b"hit");
