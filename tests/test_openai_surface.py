@@ -163,6 +163,23 @@ def test_images_generate_and_edit_with_a_multipart_upload(client, mocks):
     assert CLIENT_KEY not in json.dumps(sent[0])
 
 
+def test_image_variations_and_audio_translations_are_forms_too(client, mocks, gateway):
+    var = client.images.create_variation(model="dall-e-2", image=("cat.png", PNG, "image/png"), n=2)
+    assert len(var.data) == 2 and var.data[0].b64_json
+    sent = only(mocks["openai"], "/v1/images/variations")
+    assert "\r\n\r\ndall-e-2\r\n" in sent["body"] and 'filename="cat.png"' in sent["body"]
+    # No model: OpenAI's default for variations, as routed.
+    client.images.create_variation(image=("cat.png", PNG, "image/png"))
+    only(mocks["openai"], "/v1/images/variations")
+    text = client.audio.translations.create(model="whisper", file=("talk.wav", WAV, "audio/wav"))
+    assert str(len(WAV)) in text.text, "the upload arrived whole"
+    sent = only(mocks["openai"], "/v1/audio/translations")
+    assert "\r\n\r\nwhisper-1\r\n" in sent["body"] and "whisper\r\n" not in sent["body"]
+    assert CLIENT_KEY not in json.dumps(sent)
+    assert gateway.metric("meshllm_requests_total", gen_ai_request_model="whisper",
+                          error_type=None) >= 1
+
+
 def test_audio_transcription_upload_and_speech(client, mocks, gateway):
     text = client.audio.transcriptions.create(model="whisper", file=("talk.wav", WAV, "audio/wav"))
     assert str(len(WAV)) in text.text, "the upload arrived whole"

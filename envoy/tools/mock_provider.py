@@ -24,6 +24,7 @@ The rest of OpenAI's API, shaped so the official SDK parses it:
                             or not
   .../images/generations    one tiny PNG per image (b64_json, or a data: url),
   .../images/edits          with revised_prompt and usage; edits are multipart
+  .../images/variations     multipart: one tiny PNG per image asked for
   .../audio/transcriptions  multipart: "transcribed <N> bytes of <filename>",
   .../audio/translations    as json, verbose_json, text, srt or vtt
   .../audio/speech          audio bytes (b"ID3" + the input for mp3)
@@ -117,7 +118,8 @@ def new_id(prefix):
 PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="
 
 # Paths whose requests are multipart/form-data uploads.
-MULTIPART_PATHS = ("/images/edits", "/audio/transcriptions", "/audio/translations", "/files")
+MULTIPART_PATHS = ("/images/edits", "/images/variations", "/audio/transcriptions",
+                   "/audio/translations", "/files")
 
 
 def header_param(value, header, param):
@@ -366,6 +368,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.images(req)
         if path.endswith("/images/edits"):
             return self.images(req, files, edit=True)
+        if path.endswith("/images/variations"):
+            return self.image_variations(req, files)
         if path.endswith("/audio/transcriptions"):
             return self.transcription(req, files, "transcribe")
         if path.endswith("/audio/translations"):
@@ -714,6 +718,17 @@ class Handler(BaseHTTPRequestHandler):
                              "data": [{**item, "revised_prompt": prompt} for _ in range(n)],
                              "output_format": req.get("output_format") or "png",
                              "size": req.get("size") or "1024x1024", "usage": usage})
+
+    def image_variations(self, req, files):
+        if not [f for f in files if f["name"] == "image"]:
+            return self.openai_error(400, "Missing required parameter: 'image'.", "image",
+                                     "missing_required_parameter")
+        try:
+            n = min(10, max(1, int(req.get("n") or 1)))
+        except ValueError:
+            return self.openai_error(400, f"Invalid value for 'n': {req.get('n')}.", "n", "invalid_value")
+        self.send_json(200, {"created": int(time.time()),
+                             "data": [{"b64_json": PNG_B64} for _ in range(n)]})
 
     def transcription(self, req, files, task):
         audio = [f for f in files if f["name"] == "file"]

@@ -99,7 +99,9 @@ impl Passed {
             Passed::Completions | Passed::ImageGenerations | Passed::ImageEdits => "prompt",
             Passed::Speech | Passed::Moderations => "input",
             Passed::CountTokens => "messages",
-            Passed::ImageVariations | Passed::Transcriptions | Passed::Translations => "file",
+            // A variation's upload is its `image`; audio's is its `file`.
+            Passed::ImageVariations => "image",
+            Passed::Transcriptions | Passed::Translations => "file",
         }
     }
 
