@@ -44,6 +44,9 @@ FAULTS = {p: ["corrupt"] for p in PROVIDERS}
 FAULTS["bedrock"] = ["corrupt", "bad_frame"]
 
 
+RESPONSES_STEMS = ["responses_corrupt", "responses_giant_15mib", "responses_giant_17mib"]
+
+
 def corpus_file(stem):
     ext = ".bin" if stem.startswith("bedrock") else ".sse"
     return CORPUS / (stem + ext)
@@ -157,7 +160,9 @@ def faults_gateway(wasm, scripted):
             {"name": "bedrock", "kind": "bedrock", "region": "us-east-1"},
         ],
         # The model name is the corpus file the provider plays.
-        "models": [{"name": s, "provider": s.split("_")[0], "model": s} for s in stems()],
+        "models": [{"name": s, "provider": s.split("_")[0], "model": s} for s in stems()]
+        # OpenAI serving Responses callers as themselves (the stream watched).
+        + [{"name": s, "provider": "openai", "model": s} for s in RESPONSES_STEMS],
     }
     env = {"HOSTILE_KEY": KEY, "AWS_ACCESS_KEY_ID": "AKIDHOSTILE",
            "AWS_SECRET_ACCESS_KEY": KEY}
@@ -448,3 +453,35 @@ def test_each_sdk_completes_a_stream_with_a_lone_surrogate(faults_gateway):
     last = gemini_stream(faults_gateway, "gemini_lone_surrogate", got)
     assert last.candidates[0].finish_reason == types.FinishReason.STOP
     assert "".join(got).startswith("Hello end ")
+
+
+# --- OpenAI's own Responses streams, watched on their way to Responses callers ---
+
+def responses_stream(gateway, model):
+    status, body = http("POST", gateway.url + "/v1/responses", {
+        "model": model, "input": "hi", "stream": True}, timeout=60)[::2]
+    assert status == 200, model
+    events = [(name, loads(data)) for name, data in sse(body)]
+    assert all(isinstance(v, dict) and v.get("type") == name for name, v in events), model
+    kinds = [name for name, _ in events]
+    text = "".join(v["delta"] for name, v in events if name == "response.output_text.delta")
+    numbers = [v["sequence_number"] for _, v in events]
+    assert numbers == sorted(set(numbers)), f"{model}: sequence numbers {numbers[-4:]}"
+    return kinds, text, events
+
+
+def test_a_responses_stream_ends_with_error_and_failed_at_a_corrupt_event(faults_gateway):
+    kinds, text, events = responses_stream(faults_gateway, "responses_corrupt")
+    assert text == "Before the fault.", "nothing of the cut event or after it"
+    assert kinds[-2:] == ["error", "response.failed"] and "response.completed" not in kinds
+    assert events[-2][1]["code"] == "invalid_provider_response"
+
+
+def test_a_giant_responses_event_passes_under_the_limit_and_ends_the_stream_over_it(
+        faults_gateway):
+    kinds, text, _ = responses_stream(faults_gateway, "responses_giant_15mib")
+    assert text == "Before the giant." + "x" * (15 * MIB) + " After the giant."
+    assert kinds[-1] == "response.completed" and "error" not in kinds
+    kinds, text, _ = responses_stream(faults_gateway, "responses_giant_17mib")
+    assert text == "Before the giant."
+    assert kinds[-2:] == ["error", "response.failed"] and "response.completed" not in kinds
