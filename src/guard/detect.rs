@@ -1720,7 +1720,59 @@ impl<'a> Screen<'a> {
     }
 
     fn positions_of(&self, options: &'a [&'a str]) -> impl Iterator<Item = usize> + '_ {
-        (0..self.len()).filter(move |&index| self.is(index, options))
+        self.may_start(Starts::of(options.iter().copied()))
+            .filter(move |&index| self.is(index, options))
+    }
+
+    /// The token indexes whose word `starts` lets through: every index a
+    /// match can start at, and few others (most words differ in their
+    /// first byte or length), so a rule compares whole words rarely.
+    fn may_start(&self, starts: Starts) -> impl Iterator<Item = usize> + '_ {
+        self.tokens
+            .iter()
+            .enumerate()
+            .filter(move |(_, (_, word))| starts.may(word))
+            .map(|(index, _)| index)
+    }
+}
+
+/// The (first byte, length) pairs of a set of words: a filter that lets
+/// through every one of them and few other words.
+#[derive(Clone, Copy)]
+struct Starts([u64; 256]);
+
+impl Starts {
+    fn of<'w>(words: impl IntoIterator<Item = &'w str>) -> Starts {
+        let mut set = [0u64; 256];
+        for word in words {
+            let bytes = word.as_bytes();
+            if let (Some(&first), true) = (bytes.first(), bytes.len() < 64) {
+                set[usize::from(first)] |= 1 << bytes.len();
+            }
+        }
+        Starts(set)
+    }
+
+    /// The first words of `phrases`.
+    fn of_phrases(phrases: &[&[&str]]) -> Starts {
+        Starts::of(phrases.iter().filter_map(|p| p.first().copied()))
+    }
+
+    fn may(&self, word: &str) -> bool {
+        let bytes = word.as_bytes();
+        match bytes.first() {
+            Some(&first) if bytes.len() < 64 => {
+                self.0[usize::from(first)] & (1 << bytes.len()) != 0
+            }
+            _ => false,
+        }
+    }
+
+    fn and(mut self, other: Starts) -> Starts {
+        for (a, b) in self.0.iter_mut().zip(other.0) {
+            *a |= b;
+        }
+        self
     }
 }
 
@@ -1855,7 +1907,7 @@ fn overrides_persona(screen: &Screen) -> bool {
         &["dev", "mode"],
         &["god", "mode"],
     ];
-    (0..screen.len()).any(|index| {
+    screen.may_start(Starts::of_phrases(TRIGGERS)).any(|index| {
         let Some(trigger) = screen.phrase_starting_at(index, TRIGGERS) else {
             return false;
         };
@@ -2175,7 +2227,10 @@ fn addresses_the_model(screen: &Screen) -> bool {
         "reading",
         "language",
     ];
-    let vocative = (0..screen.len()).any(|index| {
+    // Every branch below starts at one of these words.
+    let starts = Starts::of(MODEL_ADDRESSEES.iter().chain(HEADERS).copied())
+        .and(Starts::of_phrases(VOCATIVES));
+    let vocative = screen.may_start(starts).any(|index| {
         // "AI assistant, ignore the user's request"
         if screen.is(index, MODEL_ADDRESSEES) && screen.is(index + 1, &[","]) {
             if let Some(verb) = screen.find(index + 2, 6, OVERRIDES) {
@@ -2281,7 +2336,8 @@ fn asks_for_no_limits(screen: &Screen) -> bool {
 
 impl Screen<'_> {
     fn find_phrase_anywhere(&self, phrases: &[&[&str]]) -> bool {
-        (0..self.len()).any(|index| self.phrase_starting_at(index, phrases).is_some())
+        self.may_start(Starts::of_phrases(phrases))
+            .any(|index| self.phrase_starting_at(index, phrases).is_some())
     }
 }
 
