@@ -702,10 +702,9 @@ class Handler(BaseHTTPRequestHandler):
         if edit and not images:
             return self.openai_error(400, "Missing required parameter: 'image'.", "image",
                                      "missing_required_parameter")
-        try:
-            n = min(10, max(1, int(req.get("n") or 1)))
-        except ValueError:
-            return self.openai_error(400, f"Invalid value for 'n': {req.get('n')}.", "n", "invalid_value")
+        n = self.image_count(req)
+        if n is None:
+            return
         if req.get("response_format") == "url":
             item = {"url": "data:image/png;base64," + PNG_B64}
         else:
@@ -723,12 +722,18 @@ class Handler(BaseHTTPRequestHandler):
         if not [f for f in files if f["name"] == "image"]:
             return self.openai_error(400, "Missing required parameter: 'image'.", "image",
                                      "missing_required_parameter")
+        n = self.image_count(req)
+        if n is not None:
+            self.send_json(200, {"created": int(time.time()),
+                                 "data": [{"b64_json": PNG_B64} for _ in range(n)]})
+
+    def image_count(self, req):
+        """`n`, 1 to 10; None once a 400 for a bad one was sent."""
         try:
-            n = min(10, max(1, int(req.get("n") or 1)))
+            return min(10, max(1, int(req.get("n") or 1)))
         except ValueError:
-            return self.openai_error(400, f"Invalid value for 'n': {req.get('n')}.", "n", "invalid_value")
-        self.send_json(200, {"created": int(time.time()),
-                             "data": [{"b64_json": PNG_B64} for _ in range(n)]})
+            self.openai_error(400, f"Invalid value for 'n': {req.get('n')}.", "n", "invalid_value")
+            return None
 
     def transcription(self, req, files, task):
         audio = [f for f in files if f["name"] == "file"]

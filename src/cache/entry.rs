@@ -36,7 +36,7 @@ impl Entry {
     /// One line of JSON saying what it is, then the answer's bytes.
     pub fn encode(&self) -> Vec<u8> {
         let header = Header {
-            k: crate::cache::key::hex(&self.key),
+            k: crate::core::sha256::hex(&self.key),
             exp: self.expires_ms,
             ct: self.content_type.clone(),
             p: self.provider.clone(),

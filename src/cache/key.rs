@@ -126,11 +126,6 @@ fn whole_numbers(v: &mut Value) {
     }
 }
 
-/// Lowercase hex of a key.
-pub fn hex(key: &[u8; 32]) -> String {
-    key.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn offers_tools(body: &Map<String, Value>) -> bool {
     ["tools", "functions"].iter().any(|f| match body.get(*f) {
         Some(Value::Array(a)) => !a.is_empty(),
@@ -271,13 +266,6 @@ mod tests {
         assert!(key(&c, &req(Schema::Anthropic, a, "ns")).is_ok());
         let b = br#"{"messages":[],"inferenceConfig":{"temperature":0}}"#;
         assert!(key(&c, &req(Schema::Converse, b, "ns")).is_ok());
-    }
-
-    #[test]
-    fn hex_is_64_lowercase_digits() {
-        let h = hex(&[0xab; 32]);
-        assert_eq!(h.len(), 64);
-        assert!(h.starts_with("abab"));
     }
 }
 

@@ -11,10 +11,9 @@
 //! miss. Redis expires it with the cache's TTL.
 
 use crate::cache::entry::Entry;
-use crate::cache::key::hex;
+use crate::core::sha256::hex;
 use crate::host::{CalloutAnswer, Host};
-use crate::metrics;
-use crate::quota::store::{callout, encode_arg_bytes, StoreConfig};
+use crate::quota::store::{callout, count_call, encode_arg_bytes, StoreConfig};
 
 /// Raw bytes per write call: at most three times that once
 /// percent-encoded, well inside webdis's limit on a path.
@@ -78,7 +77,7 @@ pub fn write_commands(entry: &Entry, ttl_s: u64, writer: &str) -> Vec<String> {
 /// succeeded, on behalf of the proxy (the request may be over).
 pub fn write(host: &mut dyn Host, store: &StoreConfig, mut commands: Vec<String>) {
     if commands.is_empty() {
-        count(host, "cache_write", "ok");
+        count_call(host, "cache_write", "ok");
         return;
     }
     let first = commands.remove(0);
@@ -87,45 +86,14 @@ pub fn write(host: &mut dyn Host, store: &StoreConfig, mut commands: Vec<String>
         if answer.ok_body().is_some() {
             write(host, &config, commands);
         } else {
-            count(host, "cache_write", "failed");
+            count_call(host, "cache_write", "failed");
             log::warn!("cache: an answer was not shared: the store said {answer:?}");
         }
     });
     if let Err(e) = host.call_out_detached(&callout(store, &first), then) {
-        count(host, "cache_write", "failed");
+        count_call(host, "cache_write", "failed");
         log::warn!("cache: an answer was not shared: {e}");
     }
-}
-
-/// Counts a call to the store, as the quota store's calls are counted.
-pub fn count(host: &mut dyn Host, kind: &str, outcome: &str) {
-    host.count_labelled(
-        metrics::QUOTA_STORE_CALLS_TOTAL,
-        &metrics::Labels::default(),
-        &[("kind", kind), ("outcome", outcome)],
-        1,
-    );
-}
-
-/// A command's argument as webdis reads it (for tests: what Redis holds).
-#[cfg(test)]
-pub fn decode_arg(segment: &str) -> Vec<u8> {
-    let b = segment.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        match (b[i], segment.get(i + 1..i + 3)) {
-            (b'%', Some(hex)) => {
-                out.push(u8::from_str_radix(hex, 16).unwrap_or(0));
-                i += 3;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -143,9 +111,7 @@ mod tests {
         }
     }
 
-    fn decode(segment: &str) -> Vec<u8> {
-        decode_arg(segment)
-    }
+    use crate::core::url::percent_decode as decode;
 
     #[test]
     fn a_small_answer_is_one_set_with_the_ttl() {

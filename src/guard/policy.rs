@@ -111,6 +111,20 @@ impl Guardrails {
     pub fn index(&self, name: &str) -> Option<usize> {
         self.by_name.get(name).copied()
     }
+
+    /// The rules of `list` (indices into `rules`) that `keep` keeps.
+    pub fn select(&self, list: &[usize], keep: impl Fn(&GuardRule) -> bool) -> Vec<usize> {
+        list.iter()
+            .copied()
+            .filter(|&i| self.rules.get(i).is_some_and(&keep))
+            .collect()
+    }
+}
+
+impl GuardRule {
+    pub fn is_external(&self) -> bool {
+        matches!(self.check, Check::External(_))
+    }
 }
 
 const SECTION_FIELDS: &[&str] = &["rules", "default"];

@@ -15,6 +15,10 @@ use crate::pipeline::handoff::{
 use crate::translate::exchange::{self, ErrorReply, Exchange};
 use crate::translate::StreamTranslator;
 
+/// The size to read a body buffer whole with, whatever a rewrite made of
+/// it (hosts return at most what there is).
+pub(super) const WHOLE_BUFFER: usize = i32::MAX as usize;
+
 /// What the response side does with the answer.
 pub(super) enum ResponseMode {
     /// Forward untouched (streams chunk by chunk).

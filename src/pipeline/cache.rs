@@ -7,6 +7,7 @@
 //! What is cacheable and the key are `cache/key.rs`; the stores are
 //! `cache/local.rs` and `cache/shared.rs`.
 
+use super::answer::WHOLE_BUFFER;
 use super::flow::Flow;
 use super::state::{CacheUse, Deferred, Fill, Phase, RequestState, Routed, Router};
 use crate::cache::entry::{whole_answer, Entry};
@@ -34,10 +35,6 @@ pub(super) enum Looked {
     /// The shared store was asked: wait for its answer.
     Ask(CalloutId),
 }
-
-/// Reads an answer chunk whatever its size after a rewrite (hosts return
-/// at most what there is).
-const WHOLE_CHUNK: usize = i32::MAX as usize;
 
 impl Router {
     /// Forwards a request that waited for a call (its body is parsed
@@ -109,7 +106,7 @@ impl Router {
             } => "ok",
             _ => "failed",
         };
-        shared::count(host, "cache_lookup", outcome);
+        crate::quota::store::count_call(host, "cache_lookup", outcome);
         if let Some(entry) = found {
             return self.replay(host, entry, true);
         }
@@ -194,7 +191,7 @@ impl Router {
             Ok(id) => Looked::Ask(id),
             Err(e) => {
                 // The cache never stops a request: it goes to the provider.
-                shared::count(host, "cache_lookup", "failed");
+                crate::quota::store::count_call(host, "cache_lookup", "failed");
                 log::warn!("cache: the shared store was not asked: {e}");
                 Looked::Miss
             }
@@ -253,7 +250,7 @@ impl Router {
             return;
         }
         if let Some(chunk) = host
-            .response_body(WHOLE_CHUNK)
+            .response_body(WHOLE_BUFFER)
             .ok()
             .filter(|c| !c.is_empty())
         {

@@ -5002,7 +5002,7 @@ fn cache_shares_answers_through_the_store_and_never_waits_on_a_broken_one() {
     let ask_b = b.callouts.last().unwrap().clone();
     assert_eq!(ask_b.target, ask.target, "one key for one request");
     // What Redis would hold: the SET's value, percent-decoded.
-    let value = crate::cache::shared::decode_arg(write.target.split('/').nth(3).unwrap());
+    let value = crate::core::url::percent_decode(write.target.split('/').nth(3).unwrap());
     let found = CalloutAnswer::Http {
         status: 200,
         headers: vec![],

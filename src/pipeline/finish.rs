@@ -67,6 +67,8 @@ impl Router {
         let alone = self.serves_alone();
         let config = Rc::clone(&self.config);
         let route = self.req.route;
+        let cache_use = std::mem::replace(&mut self.req.cache, CacheUse::Off);
+        let hit = matches!(cache_use, CacheUse::Hit { .. });
         // The target that answered: the upstream half says so with its
         // usage; otherwise the provider and model it named.
         let (served, reported, chain_attempts) = match &mut self.forward {
@@ -76,15 +78,13 @@ impl Router {
                 chain.attempts,
             ),
             Forward::Inline(attempt) => (None, route.zip(attempt.final_usage()), 0),
-            Forward::Not => match &self.req.cache {
+            Forward::Not => match &cache_use {
                 CacheUse::Hit {
                     provider, model, ..
                 } => (Some((provider.clone(), model.clone())), None, 0),
                 _ => (None, None, 0),
             },
         };
-        let hit = matches!(self.req.cache, CacheUse::Hit { .. });
-        let cache_use = std::mem::replace(&mut self.req.cache, CacheUse::Off);
         let served_index = match (&reported, &served, &self.forward) {
             (Some((t, _)), _, _) => Some(*t),
             (None, Some((p, upstream)), Forward::Chain(chain)) => {
@@ -121,7 +121,6 @@ impl Router {
         let request_model = self.req.request_model.as_deref().unwrap_or("none");
         let labels =
             metrics::call_labels(ns, svc, operation, provider, request_model, response_model);
-        let (provider, response_model) = (provider.to_string(), response_model.to_string());
         let req = &self.req;
         let cache = cache_settle(
             cache_use,
@@ -129,8 +128,8 @@ impl Router {
             req,
             host,
             &labels,
-            &provider,
-            &response_model,
+            provider,
+            response_model,
         );
         let now = host.now_unix_micros();
         let error = metrics::error_type(req.status);
@@ -150,7 +149,7 @@ impl Router {
             // Usually the first target answered: its labels are built.
             let first_labels;
             let route_labels =
-                if *first_provider == provider && first.upstream_model == response_model {
+                if first_provider == provider && first.upstream_model == response_model {
                     &labels
                 } else {
                     first_labels = metrics::call_labels(
@@ -242,8 +241,8 @@ impl Router {
             _ => None,
         };
         let fields = LogFields {
-            provider: &provider,
-            response_model: &response_model,
+            provider,
+            response_model,
             attempts: if alone {
                 u32::from(forwarded)
             } else {

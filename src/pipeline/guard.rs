@@ -8,13 +8,14 @@
 
 use std::rc::Rc;
 
+use super::answer::WHOLE_BUFFER;
 use super::flow::{internal, Flow};
 use super::state::Router;
 use crate::config::models::Operation;
 use crate::core::api_error::ApiError;
 use crate::guard::external::{self, Verdict};
 use crate::guard::json_text::{rewrite, text_values};
-use crate::guard::policy::{Action, Check};
+use crate::guard::policy::{Action, Check, GuardRule};
 use crate::guard::screen::{screen_body, Decision};
 use crate::guard::stream::{DecisionSink, StreamGuard};
 use crate::host::{Callout, CalloutAnswer, CalloutId, CalloutKind, Host};
@@ -66,18 +67,11 @@ impl Router {
     ) -> Result<Guarded, ApiError> {
         let body = self.guard_built_in(host, body)?;
         let config = Rc::clone(&self.config);
-        let all = &config.guardrails.rules;
-        let externals: Vec<usize> = self
-            .req
-            .applied
-            .guardrails(&config)
-            .iter()
-            .copied()
-            .filter(|&i| {
-                all.get(i)
-                    .is_some_and(|r| r.on_request && matches!(r.check, Check::External(_)))
-            })
-            .collect();
+        let externals = config
+            .guardrails
+            .select(self.req.applied.guardrails(&config), |r| {
+                r.on_request && r.is_external()
+            });
         let form = matches!(self.req.operation, Some(Operation::Passed(p)) if p.is_form());
         if externals.is_empty() || form {
             return Ok(Guarded::Go(body));
@@ -93,7 +87,7 @@ impl Router {
         if externals.is_empty() {
             return None;
         }
-        let body = match host.response_body(i32::MAX as usize) {
+        let body = match host.response_body(WHOLE_BUFFER) {
             Ok(b) => b,
             Err(e) => {
                 log::warn!("could not read an answer for its external guardrails: {e}");
@@ -141,16 +135,9 @@ impl Router {
 
     /// The caller's external rules on answers.
     fn answer_externals(&self) -> Vec<usize> {
-        let all = &self.config.guardrails.rules;
-        self.req
-            .answer_guard
-            .iter()
-            .copied()
-            .filter(|&i| {
-                all.get(i)
-                    .is_some_and(|r| matches!(r.check, Check::External(_)))
-            })
-            .collect()
+        self.config
+            .guardrails
+            .select(&self.req.answer_guard, GuardRule::is_external)
     }
 
     /// Asks the first of `externals` about the body's texts.
@@ -336,24 +323,11 @@ impl Router {
         let config = Rc::clone(&self.config);
         let all = &config.guardrails.rules;
         // Answers are screened where they are text: chat in every API.
+        let caller_rules = self.req.applied.guardrails(&config);
         if self.req.operation == Some(Operation::ChatCompletions) {
-            self.req.answer_guard = self
-                .req
-                .applied
-                .guardrails(&config)
-                .iter()
-                .copied()
-                .filter(|&i| all.get(i).is_some_and(|r| r.on_response))
-                .collect();
+            self.req.answer_guard = config.guardrails.select(caller_rules, |r| r.on_response);
         }
-        let rules: Vec<usize> = self
-            .req
-            .applied
-            .guardrails(&config)
-            .iter()
-            .copied()
-            .filter(|&i| all.get(i).is_some_and(|r| r.on_request))
-            .collect();
+        let rules = config.guardrails.select(caller_rules, |r| r.on_request);
         // Uploads (audio, images) are not text.
         let form = matches!(self.req.operation, Some(Operation::Passed(p)) if p.is_form());
         if rules.is_empty() || form {

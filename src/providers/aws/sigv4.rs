@@ -9,7 +9,7 @@
 //! Bedrock paths never hold those.
 
 use crate::core::sha256::{hex, hmac_sha256, sha256};
-use crate::core::url::percent_encode_into;
+use crate::core::url::{percent_decode, percent_encode_into};
 
 /// Long-term or temporary (STS) AWS credentials.
 #[derive(Clone, PartialEq, Eq)]
@@ -204,36 +204,6 @@ fn canonical_uri(path: &str) -> String {
             out.push('/');
         }
         percent_encode_into(segment.as_bytes(), &mut out);
-    }
-    out
-}
-
-fn hex_value(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
-}
-
-/// `%XX` sequences decoded; anything else (a stray `%` too) kept as is.
-fn percent_decode(s: &str) -> Vec<u8> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        if b == b'%' {
-            let hi = bytes.get(i + 1).copied().and_then(hex_value);
-            let lo = bytes.get(i + 2).copied().and_then(hex_value);
-            if let (Some(hi), Some(lo)) = (hi, lo) {
-                out.push(hi << 4 | lo);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b);
-        i += 1;
     }
     out
 }
